@@ -1,0 +1,60 @@
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from catalog.yaml_io import import_file
+
+REPO = Path(__file__).resolve().parent.parent
+EXAMPLE_CATALOG = REPO / "catalog" / "examples" / "catalog.yaml"
+LOCAL_CLUSTER_SCRIPT = REPO / "scripts" / "local-cluster"
+LOCAL_CLUSTER_DIR = Path(os.environ.get("LOCAL_CLUSTER_DIR", REPO / "var" / "local-cluster"))
+
+
+@pytest.fixture(autouse=True)
+def _plain_static_files(settings: Any) -> None:
+    """Tests render pages without running collectstatic first, so no manifest is needed."""
+    settings.STORAGES = {
+        **settings.STORAGES,
+        "staticfiles": {"BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"},
+    }
+
+
+@pytest.fixture
+def owner(django_user_model: Any) -> Any:
+    return django_user_model.objects.create_user("ada", "ada@example.edu", "correct horse battery")
+
+
+@pytest.fixture
+def other_user(django_user_model: Any) -> Any:
+    return django_user_model.objects.create_user("grace", "grace@example.edu", "correct horse battery")
+
+
+@pytest.fixture
+def example_catalog(db: None) -> Path:
+    import_file(str(EXAMPLE_CATALOG))
+    return EXAMPLE_CATALOG
+
+
+@pytest.fixture(scope="session")
+def local_cluster() -> dict[str, Any]:
+    """The real local Slurm cluster; started here when it is not running (needs root, as in make test)."""
+    status = subprocess.run([LOCAL_CLUSTER_SCRIPT, "status"], capture_output=True, text=True)
+    if status.returncode != 0:
+        up = subprocess.run([LOCAL_CLUSTER_SCRIPT, "up"], capture_output=True, text=True, timeout=600)
+        if up.returncode != 0:
+            pytest.fail(f"scripts/local-cluster up failed:\n{up.stdout}\n{up.stderr}")
+    info: dict[str, Any] = json.loads((LOCAL_CLUSTER_DIR / "cluster.json").read_text())
+    return info
+
+
+@pytest.fixture
+def local_catalog(db: None, local_cluster: dict[str, Any]) -> dict[str, Any]:
+    """The local cluster's own catalog entry (host key pinned) imported into the test database."""
+    import_file(local_cluster["catalog"])
+    return local_cluster

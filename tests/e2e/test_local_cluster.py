@@ -1,0 +1,170 @@
+"""The local test cluster is a real Slurm cluster behind a real sshd: check what later issues rely on."""
+
+from __future__ import annotations
+
+import re
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import paramiko
+import pytest
+import yaml
+
+from catalog.models import Cluster, NodeGroup
+
+pytestmark = [pytest.mark.e2e, pytest.mark.django_db]
+
+EXAMPLE_CATALOG = Path(__file__).resolve().parents[2] / "catalog" / "examples" / "catalog.yaml"
+
+
+def connect(cluster: Cluster, user: str, key_path: str) -> paramiko.SSHClient:
+    """Connect the way the portal must: only the catalog's pinned host key is trusted, nothing is added."""
+    client = paramiko.SSHClient()
+    for line in cluster.host_key.splitlines():
+        entry = paramiko.hostkeys.HostKeyEntry.from_line(line)
+        assert entry is not None
+        for name in entry.hostnames:
+            client.get_host_keys().add(name, entry.key.get_name(), entry.key)
+    client.set_missing_host_key_policy(paramiko.RejectPolicy())
+    client.connect(
+        cluster.login_host,
+        port=cluster.ssh_port,
+        username=user,
+        key_filename=key_path,
+        look_for_keys=False,
+        allow_agent=False,
+        timeout=10,
+    )
+    return client
+
+
+def run(client: paramiko.SSHClient, command: str, timeout: float = 30) -> tuple[int, str, str]:
+    _, stdout, stderr = client.exec_command(command, timeout=timeout)
+    code = stdout.channel.recv_exit_status()
+    return code, stdout.read().decode(), stderr.read().decode()
+
+
+@pytest.fixture
+def ssh(local_catalog: dict[str, Any]) -> Iterator[paramiko.SSHClient]:
+    cluster = Cluster.objects.get(slug="local")
+    client = connect(cluster, local_catalog["user"], local_catalog["private_key"])
+    yield client
+    client.close()
+
+
+def wait_for_job(client: paramiko.SSHClient, job_id: str, timeout: float = 60) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        code, out, _ = run(client, f"scontrol show job {job_id} -o")
+        match = re.search(r"JobState=(\w+)", out)
+        if code == 0 and match and match.group(1) in {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}:
+            return match.group(1)
+        time.sleep(0.5)
+    raise AssertionError(f"job {job_id} did not finish in {timeout} s")
+
+
+def test_paramiko_with_the_pinned_key_sees_both_partitions_and_gpu_types(ssh: paramiko.SSHClient) -> None:
+    code, out, err = run(ssh, "sinfo -h -o '%P %G'")
+    assert code == 0, err
+    partitions = {line.split()[0].rstrip("*") for line in out.splitlines()}
+    gpu_types = set(re.findall(r"gpu:(\w+):\d", out))
+    assert partitions == {"gpu", "gpu_devel"}
+    assert gpu_types == {"a100", "h100"}
+
+
+def test_a_different_host_key_is_rejected(local_catalog: dict[str, Any]) -> None:
+    cluster = Cluster.objects.get(slug="local")
+    impostor = paramiko.Ed25519Key.generate() if hasattr(paramiko.Ed25519Key, "generate") else None
+    if impostor is None:
+        # paramiko cannot generate ed25519 keys; an RSA key under the same name is just as wrong.
+        impostor = paramiko.RSAKey.generate(2048)
+    cluster.host_key = f"[127.0.0.1]:{cluster.ssh_port} {impostor.get_name()} {impostor.get_base64()}"
+    with pytest.raises((paramiko.BadHostKeyException, paramiko.SSHException)):
+        connect(cluster, local_catalog["user"], local_catalog["private_key"]).close()
+
+
+def test_an_unpinned_host_is_refused_not_added(local_catalog: dict[str, Any]) -> None:
+    cluster = Cluster.objects.get(slug="local")
+    cluster.host_key = ""
+    with pytest.raises(paramiko.SSHException, match="not found in known_hosts"):
+        connect(cluster, local_catalog["user"], local_catalog["private_key"]).close()
+
+
+def test_jobs_run_as_the_unprivileged_cluster_user_with_gpus_assigned(
+    ssh: paramiko.SSHClient, local_catalog: dict[str, Any]
+) -> None:
+    tag = uuid.uuid4().hex[:8]
+    code, out, err = run(
+        ssh,
+        f"sbatch --parsable -J t-{tag} -p gpu --gres=gpu:h100:2 -o t-{tag}.out "
+        "--wrap='echo user=$(id -un) uid=$(id -u) gpus=$CUDA_VISIBLE_DEVICES node=$SLURMD_NODENAME'",
+    )
+    assert code == 0, err
+    job_id = out.strip()
+    assert wait_for_job(ssh, job_id) == "COMPLETED"
+    code, out, _ = run(ssh, f"cat t-{tag}.out && rm -f t-{tag}.out")
+    assert f"user={local_catalog['user']}" in out
+    assert "uid=0" not in out
+    assert "gpus=0,1" in out
+    assert "node=node3" in out  # the only node with h100s
+    code, out, _ = run(ssh, f"grep -h 'JobId={job_id} ' {local_catalog['jobcomp_log']}")
+    assert "JobState=COMPLETED" in out  # finished jobs are on record for the portal to look up
+
+
+def test_impossible_requests_are_rejected_at_submit(ssh: paramiko.SSHClient) -> None:
+    code, _, err = run(ssh, "sbatch -p gpu --gres=gpu:a100:3 --wrap=true")
+    assert code != 0
+    assert "Requested node configuration is not available" in err
+    code, _, err = run(ssh, "sbatch -p gpu_devel --gres=gpu:h100:1 -t 03:00:00 --wrap=true")
+    assert code != 0  # above the devel partition's 2 h limit
+    assert "time limit" in err.lower()
+
+
+def test_test_only_gives_a_start_estimate(ssh: paramiko.SSHClient) -> None:
+    code, _, err = run(ssh, "sbatch --test-only -p gpu --gres=gpu:a100:1 --constraint=a100-80g --wrap=true")
+    assert code == 0, err
+    assert re.search(r"Job \d+ to start at \d{4}-\d\d-\d\dT\d\d:\d\d:\d\d using \d+ processors on nodes node[12] "
+                     r"in partition gpu", err), err
+
+
+def test_multi_node_jobs_run_one_task_per_node(ssh: paramiko.SSHClient) -> None:
+    tag = uuid.uuid4().hex[:8]
+    code, out, err = run(
+        ssh,
+        f"sbatch --parsable -J m-{tag} -p gpu -N2 --ntasks=2 --ntasks-per-node=1 --gres=gpu:a100:1 -o m-{tag}.out "
+        "--wrap='srun bash -c \"echo task=\\$SLURM_PROCID node=\\$SLURMD_NODENAME\"'",
+    )
+    assert code == 0, err
+    assert wait_for_job(ssh, out.strip()) == "COMPLETED"
+    _, out, _ = run(ssh, f"cat m-{tag}.out && rm -f m-{tag}.out")
+    nodes = set(re.findall(r"node=(node\d)", out))
+    assert len(nodes) == 2, out
+
+
+def test_the_catalog_entry_matches_what_slurm_reports(ssh: paramiko.SSHClient) -> None:
+    _, out, _ = run(ssh, "sinfo -h -N -o '%N %P %G %c %m'")
+    slurm: dict[tuple[str, str], set[str]] = {}
+    for line in out.splitlines():
+        node, partition, gres, _cpus, _mem = line.split()
+        gres_type, count = re.match(r"gpu:(\w+):(\d+)", gres).groups()  # type: ignore[union-attr]
+        slurm.setdefault((partition.rstrip("*"), f"{gres_type}x{count}"), set()).add(node)
+    catalog = {
+        (g.partition.name, f"{g.gpu_type.gres_type}x{g.gpus_per_node}"): g.node_count
+        for g in NodeGroup.objects.filter(partition__cluster__slug="local").select_related("partition", "gpu_type")
+    }
+    assert {key: len(nodes) for key, nodes in slurm.items()} == catalog
+
+
+def test_the_example_catalog_local_entry_matches_the_scripts_own(local_cluster: dict[str, Any]) -> None:
+    written = yaml.safe_load(Path(local_cluster["catalog"]).read_text())
+    example = yaml.safe_load(EXAMPLE_CATALOG.read_text())
+    ours = written["clusters"][0]
+    theirs = next(c for c in example["clusters"] if c["slug"] == "local")
+    assert ours.pop("host_key").startswith("[127.0.0.1]:2222 ssh-ed25519 ")
+    assert ours == theirs
+    example_gpus = {g["name"]: g for g in example["gpu_types"]}
+    for gpu in written["gpu_types"]:
+        assert example_gpus[gpu["name"]] == gpu

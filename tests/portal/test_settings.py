@@ -1,0 +1,55 @@
+"""Settings are read in a fresh interpreter per case, as a real process start would read them."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+PROBE = (
+    "import json, django; from django.conf import settings; django.setup(); "
+    "print(json.dumps({'engine': settings.DATABASES['default']['ENGINE'], "
+    "'name': str(settings.DATABASES['default']['NAME']), 'broker': settings.CELERY_BROKER_URL, "
+    "'debug': settings.DEBUG}))"
+)
+
+
+def run_settings(tmp_path: Path, **env: str) -> subprocess.CompletedProcess[str]:
+    environ = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "REDIS_URL", "DJANGO_DEBUG")}
+    environ.update({"DJANGO_SETTINGS_MODULE": "portal.settings", "PORTAL_VAR_DIR": str(tmp_path / "var"), **env})
+    return subprocess.run([sys.executable, "-c", PROBE], cwd=REPO, env=environ, capture_output=True, text=True)
+
+
+def test_embedded_defaults_need_no_server(tmp_path: Path) -> None:
+    result = run_settings(tmp_path)
+    assert result.returncode == 0, result.stderr
+    values = json.loads(result.stdout)
+    assert values["engine"] == "django.db.backends.sqlite3"
+    assert values["name"].startswith(str(tmp_path / "var"))
+    assert values["broker"] == "filesystem://"
+    assert values["debug"] is False
+    assert (tmp_path / "var" / "broker" / "queue").is_dir()
+    assert oct((tmp_path / "var" / "secret_key").stat().st_mode & 0o777) == "0o600"
+
+
+def test_database_and_redis_urls_switch_to_postgres_and_redis(tmp_path: Path) -> None:
+    result = run_settings(
+        tmp_path, DATABASE_URL="postgres://portal:pw@db.example:5432/portal", REDIS_URL="redis://cache:6379/0"
+    )
+    assert result.returncode == 0, result.stderr
+    values = json.loads(result.stdout)
+    assert values["engine"] == "django.db.backends.postgresql"
+    assert values["name"] == "portal"
+    assert values["broker"] == "redis://cache:6379/0"
+
+
+def test_bad_values_stop_the_process_with_the_variable_named(tmp_path: Path) -> None:
+    result = run_settings(tmp_path, DJANGO_DEBUG="sometimes")
+    assert result.returncode != 0
+    assert "DJANGO_DEBUG='sometimes' is not a boolean" in result.stderr
+    result = run_settings(tmp_path, DATABASE_URL="nosuchdb://x/y")
+    assert result.returncode != 0
+    assert "DATABASE_URL cannot be used" in result.stderr
