@@ -32,7 +32,15 @@ class ClusterRuntimeInline(admin.TabularInline):
 
 @admin.register(Cluster)
 class ClusterAdmin(admin.ModelAdmin):
-    list_display = ["name", "slug", "login_host", "ssh_port", "node_access", "host_key_pinned", "partition_count"]
+    list_display = [
+        "name",
+        "slug",
+        "login_host",
+        "ssh_port",
+        "node_access",
+        "host_key_pinned",
+        "partition_count",
+    ]
     list_filter = ["node_access"]
     search_fields = ["name", "slug", "login_host", "notes"]
     prepopulated_fields = {"slug": ["name"]}
@@ -72,7 +80,15 @@ class PartitionAdmin(admin.ModelAdmin):
 
 @admin.register(GPUType)
 class GPUTypeAdmin(admin.ModelAdmin):
-    list_display = ["name", "display_name", "gres_type", "memory_gib", "reserved_gib", "compute_capability", "vendor"]
+    list_display = [
+        "name",
+        "display_name",
+        "gres_type",
+        "memory_gib",
+        "reserved_gib",
+        "compute_capability",
+        "vendor",
+    ]
     list_filter = ["vendor"]
     search_fields = ["name", "display_name", "gres_type"]
 
@@ -108,7 +124,16 @@ class ModelVariantInline(admin.TabularInline):
 
 @admin.register(ModelCard)
 class ModelCardAdmin(admin.ModelAdmin):
-    list_display = ["name", "family", "params_b", "layers", "kv_heads", "max_context", "license", "variant_count"]
+    list_display = [
+        "name",
+        "family",
+        "params_b",
+        "layers",
+        "kv_heads",
+        "max_context",
+        "license",
+        "variant_count",
+    ]
     list_filter = ["family", "license"]
     search_fields = ["name", "family", "tags", "description"]
     inlines = [ModelVariantInline]

@@ -97,7 +97,10 @@ class GPUType(models.Model):
     )
     compute_capability = models.CharField(max_length=10, blank=True, validators=[v.compute_capability])
     bandwidth_gbs = models.FloatField(
-        null=True, blank=True, validators=[MinValueValidator(1)], help_text="Memory bandwidth in GB/s (optional)."
+        null=True,
+        blank=True,
+        validators=[MinValueValidator(1)],
+        help_text="Memory bandwidth in GB/s (optional).",
     )
     vendor = models.CharField(max_length=10, choices=Vendor.choices, default=Vendor.NVIDIA)
 
@@ -212,7 +215,10 @@ class ClusterRuntime(models.Model):
     cluster = models.ForeignKey(Cluster, on_delete=models.CASCADE, related_name="runtimes")
     runtime = models.ForeignKey(Runtime, on_delete=models.PROTECT, related_name="installs")
     modules = models.CharField(
-        max_length=500, blank=True, validators=[v.module_list], help_text="Module names to load, space-separated."
+        max_length=500,
+        blank=True,
+        validators=[v.module_list],
+        help_text="Module names to load, space-separated.",
     )
     binary = models.CharField(
         max_length=300,
@@ -311,9 +317,7 @@ class ModelVariant(models.Model):
                 {"quantization": f"Unknown quantisation {self.quantization!r}; known: {', '.join(QUANTS)}."}
             ) from None
         if self.format and self.format not in QUANTS[self.quantization].formats:
-            raise ValidationError(
-                {"format": f"{self.quantization} does not come as {self.get_format_display()}."}
-            )
+            raise ValidationError({"format": f"{self.quantization} does not come as {self.get_format_display()}."})
 
 
 class VariantLocation(models.Model):

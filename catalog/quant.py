@@ -69,7 +69,14 @@ QUANTS: dict[str, Quant] = {
 }
 
 _BY_FOLDED = {name.casefold(): name for name in QUANTS}
-_ALIASES = {"f32": "fp32", "f16": "fp16", "float16": "fp16", "bfloat16": "bf16", "float32": "fp32", "gptq": "GPTQ-INT4"}
+_ALIASES = {
+    "f32": "fp32",
+    "f16": "fp16",
+    "float16": "fp16",
+    "bfloat16": "bf16",
+    "float32": "fp32",
+    "gptq": "GPTQ-INT4",
+}
 
 
 def canonical_quant(name: str) -> str:

@@ -8,11 +8,10 @@ from django.core.exceptions import ValidationError
 from django.core.validators import RegexValidator
 
 slug_name = RegexValidator(
-    r"^[a-z0-9][a-z0-9_.-]*\Z", "Use lowercase letters, digits, '.', '_' and '-', starting with a letter or digit."
+    r"^[a-z0-9][a-z0-9_.-]*\Z",
+    "Use lowercase letters, digits, '.', '_' and '-', starting with a letter or digit.",
 )
-slurm_name = RegexValidator(
-    r"^[A-Za-z0-9][A-Za-z0-9_.-]*\Z", "Slurm names use letters, digits, '.', '_' and '-' only."
-)
+slurm_name = RegexValidator(r"^[A-Za-z0-9][A-Za-z0-9_.-]*\Z", "Slurm names use letters, digits, '.', '_' and '-' only.")
 slurm_account = RegexValidator(r"^[A-Za-z0-9_.-]*\Z", "Slurm accounts use letters, digits, '.', '_' and '-' only.")
 hostname = RegexValidator(
     r"^(?=.{1,253}\Z)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\Z",
@@ -22,19 +21,23 @@ model_name = RegexValidator(
     r"^[A-Za-z0-9][A-Za-z0-9_.+-]*\Z", "Model names use letters, digits, '.', '_', '+' and '-' (no spaces)."
 )
 absolute_path = RegexValidator(
-    r"^/[A-Za-z0-9_.+@/-]*\Z", "Use an absolute path of letters, digits and '_ . + @ / -' (no spaces or quotes)."
+    r"^/[A-Za-z0-9_.+@/-]*\Z",
+    "Use an absolute path of letters, digits and '_ . + @ / -' (no spaces or quotes).",
 )
 command_or_path = RegexValidator(
-    r"^[A-Za-z0-9_.+@/-]+\Z", "Use a command name or path of letters, digits and '_ . + @ / -' (no spaces or quotes)."
+    r"^[A-Za-z0-9_.+@/-]+\Z",
+    "Use a command name or path of letters, digits and '_ . + @ / -' (no spaces or quotes).",
 )
 ollama_tag = RegexValidator(
-    r"^[a-z0-9][a-z0-9._/-]*(?::[A-Za-z0-9][A-Za-z0-9._-]*)?\Z", "Use an ollama tag such as llama3.1:8b-instruct-q4_K_M."
+    r"^[a-z0-9][a-z0-9._/-]*(?::[A-Za-z0-9][A-Za-z0-9._-]*)?\Z",
+    "Use an ollama tag such as llama3.1:8b-instruct-q4_K_M.",
 )
 module_name = RegexValidator(
     r"^[A-Za-z0-9][A-Za-z0-9_.+/-]*\Z", "Module names use letters, digits and '_ . + / -' only."
 )
 compute_capability = RegexValidator(
-    r"^(?:\d{1,2}\.\d{1,2}|gfx[0-9a-f]{3,5})\Z", "Use a CUDA compute capability such as 8.0, or an AMD gfx target."
+    r"^(?:\d{1,2}\.\d{1,2}|gfx[0-9a-f]{3,5})\Z",
+    "Use a CUDA compute capability such as 8.0, or an AMD gfx target.",
 )
 tag = RegexValidator(r"^[a-z0-9][a-z0-9-]*\Z", "Tags use lowercase letters, digits and '-'.")
 

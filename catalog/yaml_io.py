@@ -11,6 +11,7 @@ line and the path of the field), and rolls back if there is any.
 
 from __future__ import annotations
 
+import contextlib
 import io
 from collections import defaultdict
 from collections.abc import Iterator
@@ -62,8 +63,13 @@ def _to_python(loader: yaml.SafeLoader, node: yaml.Node, path: Path, lines: dict
                 errors.append((line, path, f"keys must be text, got {key!r}"))
                 continue
             if key in result:
-                errors.append((line, (*path, key), f"key {key!r} appears twice in this mapping (first at line "
-                               f"{lines[(*path, key)]})"))
+                errors.append(
+                    (
+                        line,
+                        (*path, key),
+                        f"key {key!r} appears twice in this mapping (first at line {lines[(*path, key)]})",
+                    )
+                )
                 continue
             lines[(*path, key)] = line
             result[key] = _to_python(loader, value_node, (*path, key), lines, errors)
@@ -435,15 +441,17 @@ class _Importer:
         for path, item in self.section("gpu_types"):
             attrs, _ = self.read(item, path, GPU_FIELDS, "gpu_types")
             name = attrs.pop("name", None)
-            if name is not None and not self.duplicate(("gpu", name), path, f"GPU type {name!r}"):
-                if self.upsert(GPUType, {"name": name}, attrs, path, GPU_FIELDS, name) is None:
-                    self.failed.add(("gpu", name))
+            if name is None or self.duplicate(("gpu", name), path, f"GPU type {name!r}"):
+                continue
+            if self.upsert(GPUType, {"name": name}, attrs, path, GPU_FIELDS, name) is None:
+                self.failed.add(("gpu", name))
         for path, item in self.section("runtimes"):
             attrs, _ = self.read(item, path, RUNTIME_FIELDS, "runtimes")
             kind = attrs.pop("kind", None)
-            if kind is not None and not self.duplicate(("rt", kind), path, f"runtime {kind!r}"):
-                if self.upsert(Runtime, {"kind": kind}, attrs, path, RUNTIME_FIELDS, kind) is None:
-                    self.failed.add(("rt", kind))
+            if kind is None or self.duplicate(("rt", kind), path, f"runtime {kind!r}"):
+                continue
+            if self.upsert(Runtime, {"kind": kind}, attrs, path, RUNTIME_FIELDS, kind) is None:
+                self.failed.add(("rt", kind))
         for path, item in self.section("clusters"):
             self.cluster(path, item)
         for path, item in self.section("models"):
@@ -510,10 +518,8 @@ class _Importer:
             quant = v_attrs.pop("quantization", None)
             if quant is None:
                 continue
-            try:
+            with contextlib.suppress(KeyError):  # an unknown name is reported by full_clean() with the known ones
                 quant = canonical_quant(quant)
-            except KeyError:
-                pass  # full_clean() reports it with the list of known names
             if self.duplicate(("variant", name, quant), v_path, f"variant {quant!r}"):
                 continue
             lookup = {"model": card, "quantization": quant}
@@ -661,8 +667,14 @@ _Dumper.add_representer(str, _str_representer)
 def _type_name(value: Any) -> str:
     if value is None:
         return "nothing"
-    return {bool: "true/false", int: "a whole number", float: "a number", str: "text", list: "a list",
-            dict: "a mapping"}.get(type(value), type(value).__name__)
+    return {
+        bool: "true/false",
+        int: "a whole number",
+        float: "a number",
+        str: "text",
+        list: "a list",
+        dict: "a mapping",
+    }.get(type(value), type(value).__name__)
 
 
 def _convert(f: F, raw: Any) -> tuple[bool, Any]:
@@ -692,7 +704,9 @@ def _convert(f: F, raw: Any) -> tuple[bool, Any]:
 
 def _model_default(spec: tuple[F, ...], f: F) -> Any:
     assert f.target is not None
-    return _SPEC_MODELS[spec]._meta.get_field(f.target).get_default()
+    model_field = _SPEC_MODELS[spec]._meta.get_field(f.target)
+    assert isinstance(model_field, models.Field)
+    return model_field.get_default()
 
 
 def _group_path(spec: tuple[F, ...], key: str) -> Path:

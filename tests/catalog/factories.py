@@ -6,9 +6,7 @@ from typing import Any
 
 from catalog.models import Cluster, GPUType, ModelCard, ModelVariant, Partition, Runtime
 
-HOST_KEY = (
-    "login.example.edu ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl"
-)
+HOST_KEY = "login.example.edu ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl"
 
 
 def cluster(**over: Any) -> Cluster:
@@ -17,7 +15,12 @@ def cluster(**over: Any) -> Cluster:
 
 
 def gpu(**over: Any) -> GPUType:
-    values: dict[str, Any] = {"name": "a100-80g", "display_name": "A100 80GB", "memory_gib": 80, "reserved_gib": 0.5}
+    values: dict[str, Any] = {
+        "name": "a100-80g",
+        "display_name": "A100 80GB",
+        "memory_gib": 80,
+        "reserved_gib": 0.5,
+    }
     return GPUType(**{**values, **over})
 
 

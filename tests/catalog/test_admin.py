@@ -18,7 +18,17 @@ from catalog.models import (
     VariantLocation,
 )
 
-CATALOG_MODELS = [Cluster, Partition, GPUType, NodeGroup, Runtime, ClusterRuntime, ModelCard, ModelVariant, VariantLocation]
+CATALOG_MODELS = [
+    Cluster,
+    Partition,
+    GPUType,
+    NodeGroup,
+    Runtime,
+    ClusterRuntime,
+    ModelCard,
+    ModelVariant,
+    VariantLocation,
+]
 
 pytestmark = pytest.mark.django_db
 
@@ -49,13 +59,17 @@ def test_a_researcher_is_refused_the_admin(client: Client, owner, example_catalo
 
 
 def test_changelists_filter_by_their_list_filters(admin_client: Client, example_catalog: Path) -> None:
-    response = admin_client.get(admin_url(NodeGroup, "changelist"), {"gpu_type__id__exact": GPUType.objects.get(name="h200").pk})
+    response = admin_client.get(
+        admin_url(NodeGroup, "changelist"), {"gpu_type__id__exact": GPUType.objects.get(name="h200").pk}
+    )
     assert response.status_code == 200
     assert "bouchet/gpu_h200" in response.content.decode()
     assert "grace/gpu" not in response.content.decode()
 
 
-def test_admin_creates_a_cluster_with_partitions_and_runtimes_inline(admin_client: Client, example_catalog: Path) -> None:
+def test_admin_creates_a_cluster_with_partitions_and_runtimes_inline(
+    admin_client: Client, example_catalog: Path
+) -> None:
     llama = Runtime.objects.get(kind="llama.cpp")
     data = {
         "name": "New cluster",
@@ -88,10 +102,18 @@ def test_admin_creates_a_cluster_with_partitions_and_runtimes_inline(admin_clien
 
 def test_admin_form_shows_validation_errors_and_keeps_input(admin_client: Client, example_catalog: Path) -> None:
     data = {
-        "name": "Bad", "slug": "bad", "login_host": "login;id", "ssh_port": "22", "node_access": "tunnel",
-        "partitions-TOTAL_FORMS": "1", "partitions-INITIAL_FORMS": "0",
-        "partitions-0-name": "gpu", "partitions-0-max_walltime_min": "10", "partitions-0-default_walltime_min": "60",
-        "runtimes-TOTAL_FORMS": "0", "runtimes-INITIAL_FORMS": "0",
+        "name": "Bad",
+        "slug": "bad",
+        "login_host": "login;id",
+        "ssh_port": "22",
+        "node_access": "tunnel",
+        "partitions-TOTAL_FORMS": "1",
+        "partitions-INITIAL_FORMS": "0",
+        "partitions-0-name": "gpu",
+        "partitions-0-max_walltime_min": "10",
+        "partitions-0-default_walltime_min": "60",
+        "runtimes-TOTAL_FORMS": "0",
+        "runtimes-INITIAL_FORMS": "0",
     }
     response = admin_client.post(admin_url(Cluster, "add"), data)
     assert response.status_code == 200

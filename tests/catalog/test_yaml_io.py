@@ -62,7 +62,7 @@ BASE = textwrap.dedent(
 
 def catalog_rows() -> dict[str, int]:
     models = [GPUType, Cluster, Partition, NodeGroup, ModelCard, ModelVariant, VariantLocation]
-    return {m.__name__: m.objects.count() for m in models}
+    return {m.__name__: m._default_manager.count() for m in models}
 
 
 def errors_for(text: str) -> list[tuple[int, str, str]]:
@@ -74,7 +74,12 @@ def errors_for(text: str) -> list[tuple[int, str, str]]:
 def test_a_valid_file_creates_everything_it_names() -> None:
     report = import_catalog(BASE, "cat.yaml")
     assert catalog_rows() == {
-        "GPUType": 1, "Cluster": 1, "Partition": 1, "NodeGroup": 1, "ModelCard": 1, "ModelVariant": 1,
+        "GPUType": 1,
+        "Cluster": 1,
+        "Partition": 1,
+        "NodeGroup": 1,
+        "ModelCard": 1,
+        "ModelVariant": 1,
         "VariantLocation": 1,
     }
     assert report.created["clusters"] == ["lab"]
@@ -138,11 +143,26 @@ def test_example_catalog_describes_the_required_sites_and_models(example_catalog
     reflection = ModelCard.objects.get(name="Reflection-Llama-3.1-70B")
     assert set(reflection.variants.values_list("quantization", flat=True)) == {"Q4_K_S", "Q6_K_L"}
     names = set(ModelCard.objects.values_list("name", flat=True))
-    for expected in ("Llama-3.1-8B-Instruct", "Llama-3.1-70B-Instruct", "Llama-3.3-70B-Instruct", "Mistral-7B-v0.3",
-                     "Mistral-7B-Instruct-v0.3", "Llama-2-7b-chat", "Llama-2-13b-chat", "Falcon-7B-Instruct", "GPT-2"):
+    for expected in (
+        "Llama-3.1-8B-Instruct",
+        "Llama-3.1-70B-Instruct",
+        "Llama-3.3-70B-Instruct",
+        "Mistral-7B-v0.3",
+        "Mistral-7B-Instruct-v0.3",
+        "Llama-2-7b-chat",
+        "Llama-2-13b-chat",
+        "Falcon-7B-Instruct",
+        "GPT-2",
+    ):
         assert expected in names
     l70 = ModelCard.objects.get(name="Llama-3.1-70B-Instruct")
-    assert (l70.layers, l70.hidden_size, l70.attention_heads, l70.kv_heads, l70.head_dim) == (80, 8192, 64, 8, 128)
+    assert (l70.layers, l70.hidden_size, l70.attention_heads, l70.kv_heads, l70.head_dim) == (
+        80,
+        8192,
+        64,
+        8,
+        128,
+    )
 
 
 # --- every class of bad input: named by line and path, and nothing changes ----------------------------------
@@ -167,14 +187,32 @@ def test_unknown_keys_are_rejected_with_the_keys_that_would_work() -> None:
 @pytest.mark.parametrize(
     ("old", "new", "path", "fragment"),
     [
-        ("memory_gib: 24", "memory_gib: twenty-four", "gpu_types[0].memory_gib", "must be a number, got text"),
-        ("max_walltime_min: 600", "max_walltime_min: 10.5", "clusters[0].partitions[0].max_walltime_min",
-         "must be a whole number"),
-        ("nodes: 2", "nodes: true", "clusters[0].partitions[0].node_groups[0].nodes", "must be a whole number"),
+        (
+            "memory_gib: 24",
+            "memory_gib: twenty-four",
+            "gpu_types[0].memory_gib",
+            "must be a number, got text",
+        ),
+        (
+            "max_walltime_min: 600",
+            "max_walltime_min: 10.5",
+            "clusters[0].partitions[0].max_walltime_min",
+            "must be a whole number",
+        ),
+        (
+            "nodes: 2",
+            "nodes: true",
+            "clusters[0].partitions[0].node_groups[0].nodes",
+            "must be a whole number",
+        ),
         ("tags: [test]", "tags: test", "models[0].tags", "must be a list of text items"),
-        ("    runtimes:\n      - runtime: llama.cpp\n        binary: /opt/llama.cpp/bin/llama-server\n"
-         "        rpc_binary: /opt/llama.cpp/bin/rpc-server\n", "    runtimes: llama.cpp\n", "clusters[0].runtimes",
-         "must be a list"),
+        (
+            "    runtimes:\n      - runtime: llama.cpp\n        binary: /opt/llama.cpp/bin/llama-server\n"
+            "        rpc_binary: /opt/llama.cpp/bin/rpc-server\n",
+            "    runtimes: llama.cpp\n",
+            "clusters[0].runtimes",
+            "must be a list",
+        ),
         ("display_name: RTX 4090", "display_name: [a, b]", "gpu_types[0].display_name", "must be text"),
     ],
 )
@@ -216,7 +254,10 @@ def test_duplicate_entries_and_duplicate_keys() -> None:
     assert errors[0][:2] == (7, "gpu_types[0].memory_gib")
     assert "appears twice" in errors[0][2]
     errors = errors_for(
-        BASE.replace("      - quant: f16\n", "      - quant: fp16\n        format: gguf\n        size_gib: 1\n      - quant: f16\n")
+        BASE.replace(
+            "      - quant: f16\n",
+            "      - quant: fp16\n        format: gguf\n        size_gib: 1\n      - quant: f16\n",
+        )
     )
     assert any("duplicate variant 'fp16'" in e[2] for e in errors)
 

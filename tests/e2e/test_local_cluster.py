@@ -126,8 +126,11 @@ def test_impossible_requests_are_rejected_at_submit(ssh: paramiko.SSHClient) -> 
 def test_test_only_gives_a_start_estimate(ssh: paramiko.SSHClient) -> None:
     code, _, err = run(ssh, "sbatch --test-only -p gpu --gres=gpu:a100:1 --constraint=a100-80g --wrap=true")
     assert code == 0, err
-    assert re.search(r"Job \d+ to start at \d{4}-\d\d-\d\dT\d\d:\d\d:\d\d using \d+ processors on nodes node[12] "
-                     r"in partition gpu", err), err
+    assert re.search(
+        r"Job \d+ to start at \d{4}-\d\d-\d\dT\d\d:\d\d:\d\d using \d+ processors on nodes node[12] "
+        r"in partition gpu",
+        err,
+    ), err
 
 
 def test_multi_node_jobs_run_one_task_per_node(ssh: paramiko.SSHClient) -> None:

@@ -16,7 +16,18 @@ def test_a_worker_runs_a_task_sent_through_the_filesystem_broker(tmp_path: Path)
     env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "DATABASE_URL")}
     env.update({"PORTAL_VAR_DIR": str(tmp_path / "var"), "DJANGO_SETTINGS_MODULE": "portal.settings"})
     worker = subprocess.Popen(
-        [sys.executable, "-m", "celery", "-A", "portal", "worker", "--pool=solo", "--loglevel=INFO", "-n", "t@%h"],
+        [
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "portal",
+            "worker",
+            "--pool=solo",
+            "--loglevel=INFO",
+            "-n",
+            "t@%h",
+        ],
         cwd=REPO,
         env=env,
         stdout=subprocess.PIPE,
@@ -24,10 +35,7 @@ def test_a_worker_runs_a_task_sent_through_the_filesystem_broker(tmp_path: Path)
         text=True,
     )
     try:
-        send = (
-            "import django; django.setup(); from portal.celery import ping; "
-            "r = ping.delay(); print(r.id)"
-        )
+        send = "import django; django.setup(); from portal.celery import ping; r = ping.delay(); print(r.id)"
         sent = subprocess.run([sys.executable, "-c", send], cwd=REPO, env=env, capture_output=True, text=True)
         assert sent.returncode == 0, sent.stderr
         task_id = sent.stdout.strip()

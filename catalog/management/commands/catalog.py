@@ -33,9 +33,7 @@ class Command(BaseCommand):
             for error in exc.errors:
                 self.stderr.write(str(error))
             count = len(exc.errors)
-            raise CommandError(
-                f"{filename}: {count} error{'s' if count != 1 else ''}; nothing was changed."
-            ) from None
+            raise CommandError(f"{filename}: {count} error{'s' if count != 1 else ''}; nothing was changed.") from None
         for line in report.lines():
             self.stdout.write(line)
         if dry_run:

@@ -1,0 +1,45 @@
+# The two commands of README.md: `make demo` and `make test`. Both install what they need.
+SHELL := /bin/bash
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: venv demo test test-fast lint format bench cluster-up cluster-down cluster-status clean
+
+venv:
+	scripts/bootstrap-python
+
+demo: venv
+	scripts/demo
+
+# The whole suite, e2e (real Slurm over SSH) included.
+test: venv
+	scripts/local-cluster up
+	$(BIN)/pytest
+
+# Unit tests only, for a quick loop while editing (no cluster needed).
+test-fast: venv
+	$(BIN)/pytest -m "not e2e and not browser"
+
+lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy .
+
+format: venv
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+bench: venv
+	@ls bench/*.py >/dev/null 2>&1 && for b in bench/*.py; do $(BIN)/python $$b; done || echo "no benchmarks yet"
+
+cluster-up:
+	scripts/local-cluster up
+
+cluster-down:
+	scripts/local-cluster down
+
+cluster-status:
+	scripts/local-cluster status
+
+clean:
+	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache .hypothesis
