@@ -3,7 +3,7 @@ SHELL := /bin/bash
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: venv demo test test-fast lint format bench cluster-up cluster-down cluster-status clean
+.PHONY: venv demo test test-fast lint format bench services-up services-down cluster-up cluster-down cluster-status clean
 
 venv:
 	scripts/bootstrap-python
@@ -11,10 +11,13 @@ venv:
 demo: venv
 	scripts/demo
 
-# The whole suite, e2e (real Slurm over SSH) included.
+# The whole suite, e2e (real Slurm over SSH, real PostgreSQL and Redis) included; then the database-bound
+# catalog tests once more with PostgreSQL as the database and Redis as the broker, as in production.
 test: venv
 	scripts/local-cluster up
+	scripts/local-services up
 	$(BIN)/pytest
+	set -a && . var/local-services/env && set +a && $(BIN)/pytest -p no:cacheprovider tests/catalog
 
 # Unit tests only, for a quick loop while editing (no cluster needed).
 test-fast: venv
@@ -31,6 +34,12 @@ format: venv
 
 bench: venv
 	@ls bench/*.py >/dev/null 2>&1 && for b in bench/*.py; do $(BIN)/python $$b; done || echo "no benchmarks yet"
+
+services-up:
+	scripts/local-services up
+
+services-down:
+	scripts/local-services down
 
 cluster-up:
 	scripts/local-cluster up

@@ -58,3 +58,17 @@ def local_catalog(db: None, local_cluster: dict[str, Any]) -> dict[str, Any]:
     """The local cluster's own catalog entry (host key pinned) imported into the test database."""
     import_file(local_cluster["catalog"])
     return local_cluster
+
+
+LOCAL_SERVICES_SCRIPT = REPO / "scripts" / "local-services"
+
+
+@pytest.fixture(scope="session")
+def local_services() -> dict[str, str]:
+    """Real PostgreSQL and Redis on loopback (scripts/local-services); started here when not running."""
+    if subprocess.run([LOCAL_SERVICES_SCRIPT, "status"], capture_output=True).returncode != 0:
+        up = subprocess.run([LOCAL_SERVICES_SCRIPT, "up"], capture_output=True, text=True, timeout=600)
+        if up.returncode != 0:
+            pytest.fail(f"scripts/local-services up failed:\n{up.stdout}\n{up.stderr}")
+    out = subprocess.run([LOCAL_SERVICES_SCRIPT, "env"], capture_output=True, text=True, check=True).stdout
+    return dict(line.split("=", 1) for line in out.split())
