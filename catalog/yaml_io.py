@@ -327,6 +327,7 @@ class _Importer:
                 if f.required:
                     self.error(path if f.key not in value else fpath, f"{f.key!r} is required")
                     self.bad_fields.add(fpath)
+                    self.bad_fields.update((*fpath, sub.key) for sub in f.group)
                 elif f.kind == "list":
                     children[f.key] = []
                 elif f.kind == "group":
@@ -336,6 +337,8 @@ class _Importer:
                 continue
             raw = value[f.key]
             if f.kind == "group":
+                if not isinstance(raw, dict):
+                    self.bad_fields.update((*fpath, sub.key) for sub in f.group)
                 sub_attrs, _ = self.read(raw, fpath, f.group, f.key)
                 attrs.update(sub_attrs)
             elif f.kind == "list":

@@ -267,6 +267,16 @@ def test_missing_required_keys_point_at_their_entry() -> None:
     assert errors == [(11, "clusters[0]", "'login_host' is required")]
 
 
+def test_a_missing_or_malformed_architecture_block_is_one_error_not_one_per_field() -> None:
+    arch = "    architecture: {layers: 2, hidden_size: 64, attention_heads: 4, kv_heads: 2, head_dim: 16, vocab_size: 260, max_context: 2048}\n"
+    assert arch in BASE
+    assert errors_for(BASE.replace(arch, "")) == [(28, "models[0]", "'architecture' is required")]
+    errors = errors_for(BASE.replace(arch, "    architecture: big\n"))
+    assert [(e[0], e[1]) for e in errors] == [(31, "models[0].architecture")]
+    errors = errors_for(BASE.replace("kv_heads: 2,", ""))
+    assert [(e[0], e[1], e[2]) for e in errors] == [(31, "models[0].architecture", "'kv_heads' is required")]
+
+
 def test_unsupported_version_empty_file_and_wrong_top_level() -> None:
     assert "unsupported format version" in errors_for("version: 2\n")[0][2]
     assert "the file is empty" in errors_for("")[0][2]
