@@ -9,56 +9,49 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import paramiko
 import pytest
 import yaml
 
 from catalog.models import Cluster, NodeGroup
+from jobs import ssh as portal_ssh
+from jobs.ssh import SSHPool, SSHTarget
 
 pytestmark = [pytest.mark.e2e, pytest.mark.django_db]
 
 EXAMPLE_CATALOG = Path(__file__).resolve().parents[2] / "catalog" / "examples" / "catalog.yaml"
 
 
-def connect(cluster: Cluster, user: str, key_path: str) -> paramiko.SSHClient:
-    """Connect the way the portal must: only the catalog's pinned host key is trusted, nothing is added."""
-    client = paramiko.SSHClient()
-    for line in cluster.host_key.splitlines():
-        entry = paramiko.hostkeys.HostKeyEntry.from_line(line)
-        assert entry is not None
-        for name in entry.hostnames:
-            client.get_host_keys().add(name, entry.key.get_name(), entry.key)
-    client.set_missing_host_key_policy(paramiko.RejectPolicy())
-    client.connect(
-        cluster.login_host,
+def target_for(cluster: Cluster, local: dict[str, Any]) -> SSHTarget:
+    """Reach the cluster the way the portal does: only the catalog's pinned host key is trusted."""
+    return SSHTarget(
+        host=cluster.login_host,
         port=cluster.ssh_port,
-        username=user,
-        key_filename=key_path,
-        look_for_keys=False,
-        allow_agent=False,
-        timeout=10,
+        username=local["user"],
+        host_keys=cluster.host_key,
+        private_key=Path(local["private_key"]).read_text(),
     )
-    return client
 
 
-def run(client: paramiko.SSHClient, command: str, timeout: float = 30) -> tuple[int, str, str]:
-    _, stdout, stderr = client.exec_command(command, timeout=timeout)
-    code = stdout.channel.recv_exit_status()
-    return code, stdout.read().decode(), stderr.read().decode()
+class Shell:
+    def __init__(self, pool: SSHPool, target: SSHTarget) -> None:
+        self.pool, self.target = pool, target
+
+    def __call__(self, command: str) -> tuple[int, str, str]:
+        result = self.pool.run(self.target, command, timeout_s=30)
+        return result.exit_code, result.stdout, result.stderr
 
 
 @pytest.fixture
-def ssh(local_catalog: dict[str, Any]) -> Iterator[paramiko.SSHClient]:
-    cluster = Cluster.objects.get(slug="local")
-    client = connect(cluster, local_catalog["user"], local_catalog["private_key"])
-    yield client
-    client.close()
+def ssh(local_catalog: dict[str, Any]) -> Iterator[Shell]:
+    pool = SSHPool()
+    yield Shell(pool, target_for(Cluster.objects.get(slug="local"), local_catalog))
+    pool.close_all()
 
 
-def wait_for_job(client: paramiko.SSHClient, job_id: str, timeout: float = 60) -> str:
+def wait_for_job(run: Shell, job_id: str, timeout: float = 60) -> str:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        code, out, _ = run(client, f"scontrol show job {job_id} -o")
+        code, out, _ = run(f"scontrol show job {job_id} -o")
         match = re.search(r"JobState=(\w+)", out)
         if code == 0 and match and match.group(1) in {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}:
             return match.group(1)
@@ -66,8 +59,8 @@ def wait_for_job(client: paramiko.SSHClient, job_id: str, timeout: float = 60) -
     raise AssertionError(f"job {job_id} did not finish in {timeout} s")
 
 
-def test_paramiko_with_the_pinned_key_sees_both_partitions_and_gpu_types(ssh: paramiko.SSHClient) -> None:
-    code, out, err = run(ssh, "sinfo -h -o '%P %G'")
+def test_paramiko_with_the_pinned_key_sees_both_partitions_and_gpu_types(ssh: Shell) -> None:
+    code, out, err = ssh("sinfo -h -o '%P %G'")
     assert code == 0, err
     partitions = {line.split()[0].rstrip("*") for line in out.splitlines()}
     gpu_types = set(re.findall(r"gpu:(\w+):\d", out))
@@ -77,54 +70,50 @@ def test_paramiko_with_the_pinned_key_sees_both_partitions_and_gpu_types(ssh: pa
 
 def test_a_different_host_key_is_rejected(local_catalog: dict[str, Any]) -> None:
     cluster = Cluster.objects.get(slug="local")
-    impostor = paramiko.Ed25519Key.generate() if hasattr(paramiko.Ed25519Key, "generate") else None
-    if impostor is None:
-        # paramiko cannot generate ed25519 keys; an RSA key under the same name is just as wrong.
-        impostor = paramiko.RSAKey.generate(2048)
-    cluster.host_key = f"[127.0.0.1]:{cluster.ssh_port} {impostor.get_name()} {impostor.get_base64()}"
-    with pytest.raises((paramiko.BadHostKeyException, paramiko.SSHException)):
-        connect(cluster, local_catalog["user"], local_catalog["private_key"]).close()
+    _, impostor = portal_ssh.generate_keypair("impostor")
+    cluster.host_key = f"[127.0.0.1]:{cluster.ssh_port} {impostor}"
+    with pytest.raises(portal_ssh.HostKeyMismatch):
+        SSHPool().run(target_for(cluster, local_catalog), "sinfo")
 
 
 def test_an_unpinned_host_is_refused_not_added(local_catalog: dict[str, Any]) -> None:
     cluster = Cluster.objects.get(slug="local")
     cluster.host_key = ""
-    with pytest.raises(paramiko.SSHException, match="not found in known_hosts"):
-        connect(cluster, local_catalog["user"], local_catalog["private_key"]).close()
+    with pytest.raises(portal_ssh.HostKeyNotPinned):
+        SSHPool().run(target_for(cluster, local_catalog), "sinfo")
 
 
 def test_jobs_run_as_the_unprivileged_cluster_user_with_gpus_assigned(
-    ssh: paramiko.SSHClient, local_catalog: dict[str, Any]
+    ssh: Shell, local_catalog: dict[str, Any]
 ) -> None:
     tag = uuid.uuid4().hex[:8]
-    code, out, err = run(
-        ssh,
+    code, out, err = ssh(
         f"sbatch --parsable -J t-{tag} -p gpu --gres=gpu:h100:2 -o t-{tag}.out "
         "--wrap='echo user=$(id -un) uid=$(id -u) gpus=$CUDA_VISIBLE_DEVICES node=$SLURMD_NODENAME'",
     )
     assert code == 0, err
     job_id = out.strip()
     assert wait_for_job(ssh, job_id) == "COMPLETED"
-    code, out, _ = run(ssh, f"cat t-{tag}.out && rm -f t-{tag}.out")
+    code, out, _ = ssh(f"cat t-{tag}.out && rm -f t-{tag}.out")
     assert f"user={local_catalog['user']}" in out
     assert "uid=0" not in out
     assert "gpus=0,1" in out
     assert "node=node3" in out  # the only node with h100s
-    code, out, _ = run(ssh, f"grep -h 'JobId={job_id} ' {local_catalog['jobcomp_log']}")
+    code, out, _ = ssh(f"grep -h 'JobId={job_id} ' {local_catalog['jobcomp_log']}")
     assert "JobState=COMPLETED" in out  # finished jobs are on record for the portal to look up
 
 
-def test_impossible_requests_are_rejected_at_submit(ssh: paramiko.SSHClient) -> None:
-    code, _, err = run(ssh, "sbatch -p gpu --gres=gpu:a100:3 --wrap=true")
+def test_impossible_requests_are_rejected_at_submit(ssh: Shell) -> None:
+    code, _, err = ssh("sbatch -p gpu --gres=gpu:a100:3 --wrap=true")
     assert code != 0
     assert "Requested node configuration is not available" in err
-    code, _, err = run(ssh, "sbatch -p gpu_devel --gres=gpu:h100:1 -t 03:00:00 --wrap=true")
+    code, _, err = ssh("sbatch -p gpu_devel --gres=gpu:h100:1 -t 03:00:00 --wrap=true")
     assert code != 0  # above the devel partition's 2 h limit
     assert "time limit" in err.lower()
 
 
-def test_test_only_gives_a_start_estimate(ssh: paramiko.SSHClient) -> None:
-    code, _, err = run(ssh, "sbatch --test-only -p gpu --gres=gpu:a100:1 --constraint=a100-80g --wrap=true")
+def test_test_only_gives_a_start_estimate(ssh: Shell) -> None:
+    code, _, err = ssh("sbatch --test-only -p gpu --gres=gpu:a100:1 --constraint=a100-80g --wrap=true")
     assert code == 0, err
     assert re.search(
         r"Job \d+ to start at \d{4}-\d\d-\d\dT\d\d:\d\d:\d\d using \d+ processors on nodes node[12] "
@@ -133,22 +122,21 @@ def test_test_only_gives_a_start_estimate(ssh: paramiko.SSHClient) -> None:
     ), err
 
 
-def test_multi_node_jobs_run_one_task_per_node(ssh: paramiko.SSHClient) -> None:
+def test_multi_node_jobs_run_one_task_per_node(ssh: Shell) -> None:
     tag = uuid.uuid4().hex[:8]
-    code, out, err = run(
-        ssh,
+    code, out, err = ssh(
         f"sbatch --parsable -J m-{tag} -p gpu -N2 --ntasks=2 --ntasks-per-node=1 --gres=gpu:a100:1 -o m-{tag}.out "
         "--wrap='srun bash -c \"echo task=\\$SLURM_PROCID node=\\$SLURMD_NODENAME\"'",
     )
     assert code == 0, err
     assert wait_for_job(ssh, out.strip()) == "COMPLETED"
-    _, out, _ = run(ssh, f"cat m-{tag}.out && rm -f m-{tag}.out")
+    _, out, _ = ssh(f"cat m-{tag}.out && rm -f m-{tag}.out")
     nodes = set(re.findall(r"node=(node\d)", out))
     assert len(nodes) == 2, out
 
 
-def test_the_catalog_entry_matches_what_slurm_reports(ssh: paramiko.SSHClient) -> None:
-    _, out, _ = run(ssh, "sinfo -h -N -o '%N %P %G %c %m'")
+def test_the_catalog_entry_matches_what_slurm_reports(ssh: Shell) -> None:
+    _, out, _ = ssh("sinfo -h -N -o '%N %P %G %c %m'")
     slurm: dict[tuple[str, str], set[str]] = {}
     for line in out.splitlines():
         node, partition, gres, _cpus, _mem = line.split()
