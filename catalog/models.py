@@ -172,10 +172,6 @@ class NodeGroup(models.Model):
     def __str__(self) -> str:
         return f"{self.partition}: {self.node_count} x {self.gpus_per_node} {self.gpu_type.name}"
 
-    @property
-    def total_gpus(self) -> int:
-        return self.node_count * self.gpus_per_node
-
 
 class Runtime(models.Model):
     class Kind(models.TextChoices):
@@ -198,15 +194,6 @@ class Runtime(models.Model):
 
     def __str__(self) -> str:
         return self.display_name
-
-    @property
-    def formats(self) -> tuple[str, ...]:
-        """Model file formats this runtime can serve."""
-        return {
-            self.Kind.LLAMA_CPP: ("gguf",),
-            self.Kind.OLLAMA: ("gguf", "ollama"),
-            self.Kind.VLLM: ("safetensors", "gguf"),
-        }[self.Kind(self.kind)]
 
 
 class ClusterRuntime(models.Model):
