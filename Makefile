@@ -16,8 +16,8 @@ demo: venv
 test: venv
 	scripts/local-cluster up
 	scripts/local-services up
-	$(BIN)/pytest
-	set -a && . var/local-services/env && set +a && $(BIN)/pytest -p no:cacheprovider tests/catalog
+	PORTAL_VAR_DIR=$(CURDIR)/var/test $(BIN)/pytest
+	set -a && . var/local-services/env && set +a && PORTAL_VAR_DIR=$(CURDIR)/var/test $(BIN)/pytest -p no:cacheprovider tests/catalog
 
 # Unit tests only, for a quick loop while editing (no cluster needed).
 test-fast: venv

@@ -27,7 +27,7 @@ class PartitionInline(admin.TabularInline):
 class ClusterRuntimeInline(admin.TabularInline):
     model = ClusterRuntime
     extra = 0
-    fields = ["runtime", "modules", "binary", "rpc_binary", "extra_flags"]
+    fields = ["runtime", "modules", "binary", "rpc_binary", "model_dir", "extra_flags"]
 
 
 @admin.register(Cluster)

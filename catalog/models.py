@@ -218,6 +218,12 @@ class ClusterRuntime(models.Model):
         validators=[v.command_or_path],
         help_text="llama.cpp only: ggml-rpc-server, for models split across nodes.",
     )
+    model_dir = models.CharField(
+        max_length=500,
+        blank=True,
+        validators=[v.absolute_path],
+        help_text="ollama only: the shared model directory (OLLAMA_MODELS) where tags are looked up and pulled.",
+    )
     extra_flags = models.CharField(max_length=500, blank=True, validators=[v.shell_flags])
 
     class Meta:
@@ -232,6 +238,8 @@ class ClusterRuntime(models.Model):
         super().clean()
         if self.rpc_binary and self.runtime_id and self.runtime.kind != Runtime.Kind.LLAMA_CPP:
             raise ValidationError({"rpc_binary": "Only llama.cpp uses an RPC server binary."})
+        if self.model_dir and self.runtime_id and self.runtime.kind != Runtime.Kind.OLLAMA:
+            raise ValidationError({"model_dir": "Only ollama uses a shared model directory."})
 
 
 class ModelCard(models.Model):

@@ -160,6 +160,7 @@ CLUSTER_RUNTIME_FIELDS = (
     F("modules", "strlist", joiner=" "),
     F("binary", "str", required=True),
     F("rpc_binary", "str"),
+    F("model_dir", "str"),
     F("extra_flags", "str"),
 )
 CLUSTER_FIELDS = (

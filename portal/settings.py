@@ -6,6 +6,7 @@ REDIS_URL switches to PostgreSQL and Redis with the same code path.
 
 from __future__ import annotations
 
+import base64
 from pathlib import Path
 
 import dj_database_url
@@ -89,7 +90,9 @@ else:
     DATABASES = {
         "default": {
             "ENGINE": "django.db.backends.sqlite3",
-            "NAME": str(VAR_DIR / "portal.sqlite3"),
+            "NAME": env_str("PORTAL_SQLITE_PATH", str(VAR_DIR / "portal.sqlite3")),
+            # A file, not memory, so end-to-end tests can share the test database with a real Celery worker.
+            "TEST": {"NAME": str(VAR_DIR / "test.sqlite3")},
             # SQLite serialises writers; a busy timeout lets the web process and a Celery worker share the file.
             "OPTIONS": {"timeout": 20, "transaction_mode": "IMMEDIATE"},
         }
@@ -124,6 +127,27 @@ STORAGES = {
 
 LOGIN_URL = "admin:login"
 
+# Fernet keys for secrets stored in the database (SSH private keys, session API keys); the first encrypts.
+PORTAL_ENCRYPTION_KEYS = env_list("PORTAL_ENCRYPTION_KEYS", [])
+for _key in PORTAL_ENCRYPTION_KEYS:
+    try:
+        if len(base64.urlsafe_b64decode(_key.encode())) != 32:
+            raise ValueError
+    except ValueError:
+        raise ImproperlyConfiguredEnv(
+            "PORTAL_ENCRYPTION_KEYS must be comma-separated Fernet keys (32 url-safe base64 bytes each); make one with "
+            "python -c 'from cryptography.fernet import Fernet; print(Fernet.generate_key().decode())'"
+        ) from None
+
+# --- Sessions ---------------------------------------------------------------------------------------------
+# How often beat polls each (cluster, account) and how long a submit may stay claimed before another worker
+# takes it over (a worker killed mid-submit leaves its session in "submitting").
+PORTAL_POLL_INTERVAL_S = env_int("PORTAL_POLL_INTERVAL_S", 5, minimum=1)
+PORTAL_SUBMIT_STALE_S = env_int("PORTAL_SUBMIT_STALE_S", 240, minimum=1)
+# A job that squeue, sacct and scontrol all stop knowing is declared lost after this long.
+PORTAL_JOB_LOST_AFTER_S = env_int("PORTAL_JOB_LOST_AFTER_S", 900, minimum=1)
+PORTAL_LOG_TAIL_BYTES = env_int("PORTAL_LOG_TAIL_BYTES", 65536, minimum=1024)
+
 SESSION_COOKIE_SECURE = env_bool("PORTAL_SECURE_COOKIES", False)
 CSRF_COOKIE_SECURE = SESSION_COOKIE_SECURE
 SESSION_COOKIE_HTTPONLY = True
@@ -138,7 +162,7 @@ if REDIS_URL:
 else:
     # kombu's filesystem transport: a queue is a folder of message files, so a worker needs no broker server.
     _broker_dir = VAR_DIR / "broker"
-    for _sub in ("queue", "processed"):
+    for _sub in ("queue", "processed", "control"):
         (_broker_dir / _sub).mkdir(parents=True, exist_ok=True)
     CELERY_BROKER_URL = "filesystem://"
     CELERY_RESULT_BACKEND = None
@@ -146,7 +170,10 @@ else:
         "data_folder_in": str(_broker_dir / "queue"),
         "data_folder_out": str(_broker_dir / "queue"),
         "processed_folder": str(_broker_dir / "processed"),
+        # Broadcast (remote control) messages; kombu's default is ./control in the working directory.
+        "control_folder": str(_broker_dir / "control"),
         "store_processed": False,
+        "polling_interval": 0.5,
     }
 CELERY_TASK_SERIALIZER = "json"
 CELERY_RESULT_SERIALIZER = "json"
@@ -158,7 +185,9 @@ CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_TASK_SOFT_TIME_LIMIT = env_int("PORTAL_TASK_SOFT_TIME_LIMIT_S", 120, minimum=1)
 CELERY_TASK_TIME_LIMIT = env_int("PORTAL_TASK_TIME_LIMIT_S", 180, minimum=1)
 CELERY_BEAT_SCHEDULE_FILENAME = str(VAR_DIR / "celerybeat-schedule")
-CELERY_BEAT_SCHEDULE: dict[str, dict[str, object]] = {}
+CELERY_BEAT_SCHEDULE: dict[str, dict[str, object]] = {
+    "poll-clusters": {"task": "jobs.poll_clusters", "schedule": float(PORTAL_POLL_INTERVAL_S)},
+}
 CELERY_TIMEZONE = TIME_ZONE
 
 LOGGING = {

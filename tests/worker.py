@@ -55,3 +55,39 @@ def clean_env(var_dir: Path, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "DATABASE_URL")}
     env.update({"PORTAL_VAR_DIR": str(var_dir), "DJANGO_SETTINGS_MODULE": "portal.settings", **extra})
     return env
+
+
+class Worker:
+    """A real `celery worker -B` (beat embedded) process against the test database, logging to a file."""
+
+    def __init__(self, env: Mapping[str, str], log_path: Path) -> None:
+        self.env, self.log_path = dict(env), log_path
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        schedule = self.log_path.with_suffix(".beat")
+        with self.log_path.open("ab") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "celery", "-A", "portal", "worker", "-B", "-s", str(schedule),
+                 "--pool=threads", "--concurrency=4", "--loglevel=INFO", "-n", f"e2e-{time.monotonic_ns()}@%h"],
+                cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            )  # fmt: skip
+
+    def kill(self) -> None:
+        """SIGKILL the whole process group: no warm shutdown, no acknowledgements, as a crashed host would."""
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(timeout=10)
+        self.process = None
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        self.process = None
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""

@@ -1,0 +1,127 @@
+# ---- common.sh: shared by every runtime's job script (rendered after the quoted values above) ----------------
+# The session directory holds: job.sh (this script), api_key (0600), job.log (Slurm output), connection.json
+# (written only once the server answers its health check with the model loaded), error (why it stopped).
+set -uo pipefail
+umask 077
+SESSION_DIR="$HOME/.hpc-llm-portal/sessions/$SESSION_ID"
+cd "$SESSION_DIR" || exit 1
+CHILDREN=()
+
+log() { printf '[%s] portal: %s\n' "$(date '+%F %T')" "$*"; }
+
+# Record why the session stops (the portal shows it as the end reason), then exit non-zero so Slurm says FAILED.
+fail() {
+  log "error: $*"
+  printf '%s\n' "$*" >"$SESSION_DIR/error"
+  exit 1
+}
+
+cleanup() {
+  local rc=$?
+  trap - EXIT TERM INT HUP
+  rm -f "$SESSION_DIR/connection.json"
+  local pid
+  for pid in "${CHILDREN[@]}"; do kill -TERM "$pid" 2>/dev/null; done
+  for _ in $(seq 20); do
+    local alive=0
+    for pid in "${CHILDREN[@]}"; do kill -0 "$pid" 2>/dev/null && alive=1; done
+    [ "$alive" = 0 ] && break
+    sleep 0.5
+  done
+  for pid in "${CHILDREN[@]}"; do kill -KILL "$pid" 2>/dev/null; done
+  log "stopped (exit $rc)"
+  exit "$rc"
+}
+
+start_traps() {
+  trap cleanup EXIT
+  trap 'log "signal received, stopping"; exit 143' TERM INT HUP
+}
+
+load_modules() {
+  [ "${#MODULES[@]}" -gt 0 ] || return 0
+  # Batch shells are not login shells; Lmod/Environment Modules define `module` in the profile.
+  type module >/dev/null 2>&1 || source /etc/profile >/dev/null 2>&1 || true
+  type module >/dev/null 2>&1 || fail "the module command is not available on $(hostname) (needed for: ${MODULES[*]})"
+  module load "${MODULES[@]}" || fail "module load ${MODULES[*]} failed"
+}
+
+# The address Slurm uses for this node (NodeAddr): what the login host and the portal can reach.
+node_addr() {
+  local node="${SLURMD_NODENAME:-$(hostname -s)}" addr
+  addr="$(scontrol show node "$node" 2>/dev/null | sed -n 's/.*NodeAddr=\([^ ]*\).*/\1/p' | head -n 1)"
+  [ -n "$addr" ] || addr="$(hostname -f 2>/dev/null || hostname)"
+  [[ "$addr" =~ ^[A-Za-z0-9][A-Za-z0-9.:-]*$ ]] || fail "unexpected node address '$addr'"
+  printf '%s\n' "$addr"
+}
+
+port_open() { # HOST PORT: something accepts connections there
+  timeout 2 bash -c 'exec 3<>"/dev/tcp/$0/$1"' "$1" "$2" 2>/dev/null
+}
+
+free_port() { # HOST: a port in 20000-52767 that nothing on HOST listens on
+  local port
+  for _ in $(seq 100); do
+    port=$((20000 + RANDOM))
+    port_open "$1" "$port" || { printf '%s\n' "$port"; return 0; }
+  done
+  fail "found no free port on $1"
+}
+
+# METHOD HOST PORT PATH [BODY] [TIMEOUT_S]: print the HTTP status code, 000 when nothing answers. Plain bash, so
+# compute nodes need neither curl nor python for the health check.
+http_status() {
+  local method=$1 host=$2 port=$3 path=$4 body=${5:-} wait_s=${6:-10} code=000
+  if { exec 3<>"/dev/tcp/$host/$port"; } 2>/dev/null; then
+    printf '%s %s HTTP/1.0\r\nHost: %s:%s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s' \
+      "$method" "$path" "$host" "$port" "${#body}" "$body" >&3
+    IFS=' ' read -r -t "$wait_s" _ code _ <&3 || code=000
+    exec 3<&- 3>&-
+  fi
+  printf '%s\n' "${code:-000}"
+}
+
+# PID HOST PORT PATH: wait until the server answers 200 on PATH; fail with its last log lines if it exits first.
+wait_ready() {
+  local pid=$1 host=$2 port=$3 path=$4 deadline=$((SECONDS + READY_TIMEOUT_S))
+  while [ "$SECONDS" -lt "$deadline" ]; do
+    if ! kill -0 "$pid" 2>/dev/null; then
+      wait "$pid"
+      fail "$(server_error "the server exited with code $? before it was ready")"
+    fi
+    [ "$(http_status GET "$host" "$port" "$path")" = 200 ] && return 0
+    sleep 2
+  done
+  fail "the server was not ready after ${READY_TIMEOUT_S}s"
+}
+
+# The server's own words about what went wrong: error-looking lines from the end of the log, else the last lines.
+server_error() {
+  local lines
+  lines="$(tail -n 200 "$SESSION_DIR/job.log" 2>/dev/null | grep -v ' portal: ' |
+    grep -iE 'error|fail|cannot|unable|no such|not found|denied|invalid|exception' | tail -n 4)"
+  [ -n "$lines" ] || lines="$(tail -n 200 "$SESSION_DIR/job.log" 2>/dev/null | grep -v ' portal: ' | tail -n 4)"
+  printf '%s: %s\n' "$1" "$(printf '%s' "$lines" | tr '\n' ' ' | cut -c 1-900)"
+}
+
+# HOST PORT: tell the portal where the server is. Written atomically, 0600, and only after the health check.
+write_connection() {
+  local tmp="$SESSION_DIR/.connection.json.tmp"
+  printf '{"host": "%s", "port": %d, "node": "%s", "job_id": "%s"}\n' \
+    "$1" "$2" "${SLURMD_NODENAME:-$(hostname -s)}" "${SLURM_JOB_ID:-}" >"$tmp"
+  chmod 0600 "$tmp"
+  mv -f "$tmp" "$SESSION_DIR/connection.json"
+  log "ready at $1:$2"
+}
+
+# Wait for the server (or any child) to end; its exit code becomes the job's.
+serve_until_end() {
+  local pid=$1 rc
+  wait "$pid"
+  rc=$?
+  rm -f "$SESSION_DIR/connection.json"
+  [ "$rc" = 0 ] || fail "$(server_error "the server stopped with code $rc")"
+  log "the server exited"
+  exit 0
+}
+

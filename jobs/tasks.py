@@ -1,0 +1,330 @@
+"""Celery tasks that move sessions through their life: submit, poll, cancel, and the log.
+
+Tasks take ids and load fresh rows. Submit claims its session with a conditional UPDATE; every state change goes
+through models.transition(), which is itself conditional. A failing SSH connection or scheduler command never
+ends a session: it leaves it `unknown` until the scheduler answers again.
+"""
+
+from __future__ import annotations
+
+import logging
+import shlex
+from datetime import timedelta
+from typing import Any
+
+from celery import shared_task
+from celery.exceptions import MaxRetriesExceededError
+from django.conf import settings
+from django.db.models import F, Q
+from django.utils import timezone
+
+from jobs import remote, render, slurm, ssh
+from jobs.models import END_STATES, POLLED_STATES, ClusterAccount, Session, State, transition
+from jobs.services import job_spec
+
+log = logging.getLogger(__name__)
+
+SUBMIT_MAX_RETRIES = 8
+
+
+def _backoff_s(retries: int) -> int:
+    return min(5 * 2**retries, 300)
+
+
+def _claim_submit(session_id: str, task_id: str | None) -> bool:
+    """Take the submit: a pending session, or a submitting one whose claim is ours (a retry or redelivery of
+    this same task) or stale (its worker died). The remote lock and job_id file make a double submit harmless
+    anyway; the claim keeps two workers from doing the work twice."""
+    now = timezone.now()
+    stale = now - timedelta(seconds=settings.PORTAL_SUBMIT_STALE_S)
+    mine = Q(submit_claim=task_id) if task_id else Q(pk__in=[])
+    claimable = Q(state=State.PENDING) | Q(state=State.SUBMITTING) & (mine | Q(submit_claimed_at__lt=stale))
+    row = Session.objects.filter(pk=session_id).filter(claimable, cancel_requested_at__isnull=True)
+    previous = row.values_list("state", flat=True).first()
+    if previous is None:
+        return False
+    claimed = row.filter(state=previous).update(
+        submit_claim=task_id or "", submit_claimed_at=now, submit_attempts=F("submit_attempts") + 1
+    )
+    if claimed and previous == State.PENDING:
+        transition(session_id, State.SUBMITTING, cause="a worker is submitting the job", allowed_from={State.PENDING})
+    return bool(claimed)
+
+
+def _fail(session_id: str, reason: str, allowed: set[State] | None = None) -> None:
+    transition(session_id, State.FAILED, cause=reason, allowed_from=allowed, end_reason=reason)
+
+
+@shared_task(bind=True, name="jobs.submit_session", max_retries=SUBMIT_MAX_RETRIES, acks_late=True)
+def submit_session(self: Any, session_id: str) -> str:
+    """Stage the session directory and sbatch the job, at most once per session.
+
+    1. Claim the session (conditional UPDATE). 2. Render the script. 3. One SSH command: lock, reuse a job
+    already submitted for this session (job_id file, or squeue by name), else unpack and sbatch.
+    4. queued with the job id, or failed with Slurm's message, or retry on a transient error.
+    """
+    if not _claim_submit(session_id, self.request.id):
+        return "not claimed"
+    session = Session.objects.select_related(
+        "account__cluster", "cluster", "partition", "gpu_type", "variant__model", "runtime"
+    ).get(pk=session_id)
+    try:
+        spec = job_spec(session)
+        script = render.render(spec)
+    except (render.RenderError, ValueError) as exc:
+        _fail(session_id, f"cannot write the job script: {exc}", {State.SUBMITTING})
+        return "failed"
+    except Exception as exc:  # a catalog entry deleted under us
+        _fail(session_id, f"the catalog no longer describes this session: {exc}", {State.SUBMITTING})
+        return "failed"
+    payload = remote.submit_payload(script, session.api_key, render.extra_files(spec.runtime))
+    command = remote.submit_command(session_id, payload.sha256)
+    try:
+        result = ssh.pool.run(session.account.ssh_target(), command, stdin=payload.stdin, timeout_s=120)
+    except ssh.SSHError as exc:
+        if not exc.transient:
+            _fail(session_id, f"cannot log in to {session.cluster.name}: {exc}", {State.SUBMITTING})
+            return "failed"
+        return _retry(self, session_id, f"SSH: {exc}")
+    if result.exit_code == 0:
+        try:
+            outcome = remote.parse_submit(result.stdout)
+        except slurm.SlurmParseError as exc:
+            return _retry(self, session_id, str(exc))
+        cause = f"found job {outcome.job_id} submitted earlier" if outcome.existing else "sbatch accepted the job"
+        moved = transition(
+            session_id,
+            State.QUEUED,
+            cause=f"{cause} (job {outcome.job_id})",
+            allowed_from={State.SUBMITTING},
+            job_id=outcome.job_id,
+            submit_claim="",
+        )
+        if moved and Session.objects.filter(pk=session_id, cancel_requested_at__isnull=False).exists():
+            cancel_session.delay(session_id)
+        return outcome.job_id
+    message = slurm.sbatch_error(result.stderr) if result.stderr.strip() else f"exit code {result.exit_code}"
+    if result.exit_code == 64 and not remote.sbatch_is_transient(result.stderr):
+        _fail(session_id, f"Slurm refused the job: {message}", {State.SUBMITTING})
+        return "failed"
+    return _retry(self, session_id, message)
+
+
+def _retry(task: Any, session_id: str, message: str) -> str:
+    log.warning("submit of %s will be retried: %s", session_id, message)
+    try:
+        raise task.retry(countdown=_backoff_s(task.request.retries))
+    except MaxRetriesExceededError:
+        _fail(session_id, f"could not submit after {SUBMIT_MAX_RETRIES + 1} attempts: {message}", {State.SUBMITTING})
+        return "failed"
+
+
+@shared_task(name="jobs.poll_clusters", ignore_result=True)
+def poll_clusters() -> int:
+    """Beat: one poll per (cluster, account) with live sessions, and a new submit for sessions whose submit was
+    lost (a worker killed mid-submit, or a web process that died before enqueueing)."""
+    stale = timezone.now() - timedelta(seconds=settings.PORTAL_SUBMIT_STALE_S)
+    lost = Session.objects.filter(
+        Q(state=State.PENDING, created_at__lt=stale) | Q(state=State.SUBMITTING, submit_claimed_at__lt=stale),
+        cancel_requested_at__isnull=True,
+    ).values_list("pk", flat=True)
+    for session_id in lost:
+        submit_session.delay(str(session_id))
+    accounts = Session.objects.filter(state__in=POLLED_STATES).exclude(job_id="").values_list("account_id", flat=True)
+    account_ids = sorted(set(accounts))
+    for account_id in account_ids:
+        poll_account.apply_async((account_id,), expires=settings.PORTAL_POLL_INTERVAL_S * 2)
+    return len(account_ids)
+
+
+@shared_task(name="jobs.poll_account", ignore_result=True)
+def poll_account(account_id: int) -> dict[str, int]:
+    """One SSH command for all live sessions of one account; apply what Slurm says to each."""
+    account = ClusterAccount.objects.select_related("cluster").get(pk=account_id)
+    sessions = list(
+        Session.objects.filter(account=account, state__in=POLLED_STATES).exclude(job_id="").order_by("created_at")
+    )
+    if not sessions:
+        return {"sessions": 0}
+    command = remote.poll_command([(str(s.pk), s.job_id) for s in sessions])
+    try:
+        result = ssh.pool.run(account.ssh_target(), command, timeout_s=60)
+    except ssh.SSHError as exc:
+        _mark_unknown(sessions, f"cannot reach {account.cluster.name}: {exc}")
+        return {"sessions": len(sessions), "unknown": len(sessions)}
+    polled = remote.parse_poll(result.stdout)
+    if not polled.squeue_ok or not polled.complete:
+        detail = polled.squeue_error or result.stderr.strip()[:300] or f"exit code {result.exit_code}"
+        _mark_unknown(sessions, f"squeue failed on {account.cluster.name}: {detail}")
+        return {"sessions": len(sessions), "unknown": len(sessions)}
+    changed = 0
+    for session in sessions:
+        changed += apply_poll(session, polled)
+    return {"sessions": len(sessions), "changed": changed}
+
+
+def _mark_unknown(sessions: list[Session], cause: str) -> None:
+    for session in sessions:
+        transition(session.pk, State.UNKNOWN, cause=cause, allowed_from={State.QUEUED, State.STARTING, State.RUNNING})
+
+
+_END_FOR_SLURM = {
+    "COMPLETED": State.COMPLETED,
+    "CANCELLED": State.CANCELLED,
+    "TIMEOUT": State.TIMEOUT,
+    "DEADLINE": State.TIMEOUT,
+}
+
+
+def apply_poll(session: Session, polled: remote.PollResult) -> int:
+    """Move one session to what the poll says; return 1 if its state changed."""
+    now = timezone.now()
+    sid = str(session.pk)
+    before = session.state
+    queued = polled.queued.get(session.job_id)
+    if queued is not None:
+        Session.objects.filter(pk=sid).update(last_seen_at=now)
+        nodes = queued.node_list if queued.node_list not in {"", "(null)"} else ""
+        if queued.state in slurm.PENDING_STATES:
+            estimate = _aware(queued.start_time)
+            transition(
+                sid,
+                State.QUEUED,
+                cause=f"Slurm: pending ({queued.reason or 'no reason given'})",
+                allowed_from={State.QUEUED, State.UNKNOWN},
+                slurm_reason=queued.reason,
+                estimated_start=estimate,
+            )
+        elif queued.state in slurm.ACTIVE_STATES:
+            connection = polled.connections.get(sid)
+            if connection is not None and _valid_connection(connection):
+                # A model that loads between two polls still passed through "starting": record it.
+                transition(
+                    sid,
+                    State.STARTING,
+                    cause=f"Slurm: running on {nodes or 'its nodes'}",
+                    allowed_from={State.QUEUED},
+                    node_list=nodes,
+                )
+                transition(
+                    sid,
+                    State.RUNNING,
+                    cause=f"the server answers its health check on {connection['host']}:{connection['port']}",
+                    allowed_from={State.QUEUED, State.STARTING, State.UNKNOWN, State.RUNNING},
+                    host=str(connection["host"]),
+                    port=int(str(connection["port"])),
+                    node_list=nodes,
+                    slurm_reason="",
+                )
+            elif queued.state != "COMPLETING":
+                started = _aware(queued.start_time)
+                fields: dict[str, Any] = {"node_list": nodes, "slurm_reason": ""}
+                if started and session.started_at is None:
+                    fields["started_at"] = started
+                transition(
+                    sid,
+                    State.STARTING,
+                    cause=f"Slurm: running on {nodes or 'its nodes'}, the model is loading",
+                    allowed_from={State.QUEUED, State.UNKNOWN, State.STARTING},
+                    **fields,
+                )
+        return int(_state(sid) != before)
+    record = polled.finished.get(session.job_id)
+    if record is not None:
+        slurm_state = record.get("JobState", "").split()[0] if record.get("JobState") else ""
+        if slurm_state in slurm.FINISHED_STATES:
+            _end(session, slurm_state, record, polled.errors.get(sid, ""))
+        return int(_state(sid) != before)
+    if session.job_id in polled.asked_gone:
+        # squeue, sacct and scontrol all answered and none knows the job: purged without a record.
+        seen = session.last_seen_at or session.submitted_at or session.created_at
+        if now - seen > timedelta(seconds=settings.PORTAL_JOB_LOST_AFTER_S):
+            reason = polled.errors.get(sid) or "Slurm no longer knows this job and kept no record of how it ended"
+            _fail(sid, reason)
+    return int(_state(sid) != before)
+
+
+def _end(session: Session, slurm_state: str, record: dict[str, str], error: str) -> None:
+    sid = str(session.pk)
+    target = _END_FOR_SLURM.get(slurm_state, State.FAILED)
+    if target == State.COMPLETED and error:
+        target = State.FAILED
+    if target == State.CANCELLED:
+        reason = "cancelled" + (" from the portal" if session.cancel_requested_at else " (scancel outside the portal)")
+    elif target == State.TIMEOUT:
+        reason = f"the job reached its time limit of {session.walltime_min} min"
+    elif target == State.COMPLETED:
+        reason = "the server exited"
+    else:
+        slurm_reason = record.get("Reason", "")
+        reason = error or f"Slurm: {slurm_state} (exit code {record.get('ExitCode', '?')}" + (
+            f", {slurm_reason})" if slurm_reason and slurm_reason != "None" else ")"
+        )
+    ended = _aware(slurm.parse_time(record.get("EndTime", "")))
+    transition(
+        sid,
+        target,
+        cause=f"Slurm: {slurm_state}; {reason}",
+        end_reason=reason,
+        **({"ended_at": ended} if ended else {}),
+    )
+
+
+def _valid_connection(data: dict[str, object]) -> bool:
+    host, port = data.get("host"), data.get("port")
+    return (
+        isinstance(host, str)
+        and bool(host)
+        and all(c.isalnum() or c in ".:-" for c in host)
+        and isinstance(port, int)
+        and 0 < port < 65536
+    )
+
+
+def _aware(value: Any) -> Any:
+    if value is None:
+        return None
+    return timezone.make_aware(value) if timezone.is_naive(value) else value
+
+
+def _state(session_id: str) -> str | None:
+    return Session.objects.filter(pk=session_id).values_list("state", flat=True).first()
+
+
+@shared_task(bind=True, name="jobs.cancel_session", max_retries=40, acks_late=True)
+def cancel_session(self: Any, session_id: str) -> str:
+    """scancel the session's job, then confirm through polls until Slurm says it has ended."""
+    session = Session.objects.select_related("account__cluster").get(pk=session_id)
+    if session.state in END_STATES:
+        return session.state
+    if session.state == State.PENDING:
+        transition(session_id, State.CANCELLED, cause="cancelled before submission", allowed_from={State.PENDING})
+        return State.CANCELLED
+    if not session.job_id:  # still submitting: the submit task enqueues us again once it has a job id
+        raise self.retry(countdown=3)
+    target = session.account.ssh_target()
+    try:
+        result = ssh.pool.run(target, f"scancel {shlex.quote(session.job_id)}", timeout_s=30)
+        if result.exit_code != 0 and "Invalid job id" not in result.stderr:
+            log.warning("scancel %s failed: %s", session.job_id, result.stderr.strip())
+        poll_account(session.account_id)
+    except ssh.SSHError as exc:
+        log.warning("cancel of %s will be retried: %s", session_id, exc)
+    session.refresh_from_db(fields=["state"])
+    if session.state in END_STATES:
+        return session.state
+    raise self.retry(countdown=3)
+
+
+def fetch_log(session: Session, max_bytes: int | None = None) -> str:
+    """The tail of the job's output (job.log), at most max_bytes; raises ssh.SSHError when the cluster is away."""
+    limit = max_bytes or settings.PORTAL_LOG_TAIL_BYTES
+    path = f"$HOME/.hpc-llm-portal/sessions/{session.pk}/job.log"
+    command = f'tail -c {int(limit)} "{path}" 2>/dev/null || true'
+    result = ssh.pool.run(session.account.ssh_target(), command, timeout_s=30, max_output_bytes=limit + 1024)
+    return result.stdout
+
+
+@shared_task(name="jobs.fetch_log")
+def fetch_log_task(session_id: str) -> str:
+    return fetch_log(Session.objects.select_related("account__cluster").get(pk=session_id))

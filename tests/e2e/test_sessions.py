@@ -1,0 +1,174 @@
+"""Sessions end to end: real Slurm over real SSH, a real llama-server and ggml-rpc-server, the tiny GGUF model.
+
+Tasks run in this process (submit_session.apply, poll_account as beat would call it); tests/e2e/test_worker.py
+runs them in a real Celery worker.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+from django.core.exceptions import ValidationError
+
+from catalog.models import Cluster, VariantLocation
+from jobs import backend, ssh
+from jobs.models import ClusterAccount, Session, State
+from jobs.services import launch, request_cancel
+from jobs.tasks import cancel_session, submit_session
+from tests.conftest import LOCAL_CLUSTER_SCRIPT
+from tests.e2e.sessions import LAUNCH, cancel_all_jobs, drive, local_account, shell
+
+pytestmark = [pytest.mark.e2e, pytest.mark.django_db]
+
+
+@pytest.fixture
+def account(local_catalog: dict[str, Any], owner: Any) -> Iterator[ClusterAccount]:
+    yield local_account(owner, local_catalog)
+    cancel_all_jobs()
+    ssh.pool.close_all()
+    backend.close_forwards()
+
+
+def start(owner: Any, django_capture_on_commit_callbacks: Any, **changes: Any) -> Session:
+    with django_capture_on_commit_callbacks(execute=False):
+        session = launch(owner, {**LAUNCH, **changes})
+    submit_session.apply(args=(str(session.pk),))
+    session.refresh_from_db()
+    return session
+
+
+def states(session: Session) -> list[str]:
+    return [session.events.first().to_state, *(e.to_state for e in session.events.all()[1:])]  # type: ignore[union-attr]
+
+
+def test_a_one_gpu_session_runs_and_its_server_demands_the_key(
+    account: ClusterAccount, owner: Any, django_capture_on_commit_callbacks: Any, local_catalog: dict[str, Any]
+) -> None:
+    session = start(owner, django_capture_on_commit_callbacks)
+    assert session.state == State.QUEUED and session.job_id
+    session = drive(session, lambda s: s.state in {State.RUNNING} or s.is_ended)
+    assert session.state == State.RUNNING, session.end_reason
+    assert states(session) == ["pending", "submitting", "queued", "starting", "running"]
+    assert session.node_list.startswith("node") and session.port
+
+    url = backend.base_url(session)
+    assert httpx.get(f"{url}/health", timeout=10).status_code == 200
+    models = httpx.get(f"{url}/v1/models", headers={"Authorization": f"Bearer {session.api_key}"}, timeout=10)
+    assert models.status_code == 200
+    assert models.json()["data"][0]["id"] == session.served_model_name
+    assert httpx.get(f"{url}/v1/models", timeout=10).status_code == 401
+    wrong = httpx.get(f"{url}/v1/models", headers={"Authorization": "Bearer sk-not-this-one"}, timeout=10)
+    assert wrong.status_code == 401
+
+    # The session directory is private, the key file too, and the key is not on any command line.
+    listing = shell(
+        local_catalog,
+        f"stat -c '%a %n' ~/.hpc-llm-portal/sessions/{session.pk} "
+        f"~/.hpc-llm-portal/sessions/{session.pk}/api_key "
+        f"~/.hpc-llm-portal/sessions/{session.pk}/connection.json",
+    ).stdout
+    assert [line.split()[0] for line in listing.splitlines()] == ["700", "600", "600"]
+    ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    assert session.api_key not in ps and "llama-server" in ps
+
+    request_cancel(session, "test")
+    cancel_session.apply(args=(str(session.pk),))
+    session.refresh_from_db()
+    assert session.state == State.CANCELLED
+    assert session.end_reason == "cancelled from the portal"
+    gone = shell(local_catalog, f"test -e ~/.hpc-llm-portal/sessions/{session.pk}/connection.json; echo $?")
+    assert gone.stdout.strip() == "1"
+
+
+def test_the_portal_reaches_the_server_through_an_ssh_tunnel_too(
+    account: ClusterAccount, owner: Any, django_capture_on_commit_callbacks: Any
+) -> None:
+    Cluster.objects.filter(slug="local").update(node_access=Cluster.NodeAccess.TUNNEL)
+    session = drive(start(owner, django_capture_on_commit_callbacks), lambda s: s.state == State.RUNNING or s.is_ended)
+    url = backend.base_url(session)
+    assert url.startswith("http://127.0.0.1:") and url != session.base_url
+    key = {"Authorization": f"Bearer {session.api_key}"}
+    assert httpx.get(f"{url}/v1/models", headers=key, timeout=10).status_code == 200
+    assert httpx.get(f"{url}/v1/models", timeout=10).status_code == 401
+
+
+def test_a_two_node_rpc_session_answers_a_chat_completion(
+    account: ClusterAccount, owner: Any, django_capture_on_commit_callbacks: Any, local_catalog: dict[str, Any]
+) -> None:
+    session = start(owner, django_capture_on_commit_callbacks, nodes=2)
+    session = drive(session, lambda s: s.state == State.RUNNING or s.is_ended, timeout_s=180)
+    assert session.state == State.RUNNING, session.end_reason
+    assert session.node_list in {"node[1-2]", "node[2-3]", "node[1,3]"}
+    log = shell(local_catalog, f"cat ~/.hpc-llm-portal/sessions/{session.pk}/job.log").stdout
+    assert "ggml-rpc-server on node" in log
+    # llama-server connected to the RPC server to place the model's layers on it.
+    assert log.split("starting llama-server", 1)[1].count("Accepted client connection") >= 2
+    rpc_files = shell(local_catalog, f"cat ~/.hpc-llm-portal/sessions/{session.pk}/rpc-*.addr").stdout.split()
+    assert len(rpc_files) == 1
+    reply = httpx.post(
+        f"{backend.base_url(session)}/v1/chat/completions",
+        headers={"Authorization": f"Bearer {session.api_key}"},
+        json={"model": session.served_model_name, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8},
+        timeout=60,
+    )
+    assert reply.status_code == 200, reply.text
+    body = reply.json()
+    assert body["choices"][0]["message"]["role"] == "assistant"
+    assert body["usage"]["completion_tokens"] > 0
+
+
+def test_a_bad_model_path_fails_with_the_servers_error(
+    account: ClusterAccount, owner: Any, django_capture_on_commit_callbacks: Any
+) -> None:
+    VariantLocation.objects.filter(cluster__slug="local").update(path="/nonexistent/models/missing.gguf")
+    session = drive(start(owner, django_capture_on_commit_callbacks), lambda s: s.is_ended, timeout_s=120)
+    assert session.state == State.FAILED
+    assert "/nonexistent/models/missing.gguf" in session.end_reason
+    assert "before it was ready" in session.end_reason
+
+
+def test_more_gpus_than_a_node_has_fails_at_submit_with_slurms_message(
+    account: ClusterAccount, owner: Any, django_capture_on_commit_callbacks: Any
+) -> None:
+    session = start(owner, django_capture_on_commit_callbacks, gpus=3)
+    assert session.state == State.FAILED
+    assert "Requested node configuration is not available" in session.end_reason
+    assert not session.job_id
+
+
+def test_a_user_without_an_account_cannot_submit(local_catalog: dict[str, Any], other_user: Any) -> None:
+    with pytest.raises(ValidationError, match="no account on Local test cluster"):
+        launch(other_user, LAUNCH)
+
+
+def test_a_one_minute_walltime_ends_in_timeout(
+    account: ClusterAccount, owner: Any, django_capture_on_commit_callbacks: Any
+) -> None:
+    session = start(owner, django_capture_on_commit_callbacks, walltime=1)
+    session = drive(session, lambda s: s.is_ended, timeout_s=240, every_s=3)
+    assert session.state == State.TIMEOUT, session.end_reason
+    assert "time limit of 1 min" in session.end_reason
+
+
+def test_an_ssh_outage_ends_nothing_and_sessions_come_back(
+    account: ClusterAccount, owner: Any, django_capture_on_commit_callbacks: Any
+) -> None:
+    running = drive(start(owner, django_capture_on_commit_callbacks), lambda s: s.state == State.RUNNING or s.is_ended)
+    assert running.state == State.RUNNING
+    subprocess.run([LOCAL_CLUSTER_SCRIPT, "stop-sshd"], check=True, capture_output=True)
+    try:
+        for _ in range(3):
+            drive(running, lambda s: True)
+            running.refresh_from_db()
+            assert running.state == State.UNKNOWN
+        causes = [e.cause for e in running.events.filter(to_state=State.UNKNOWN)]
+        assert causes and "cannot reach Local test cluster" in causes[0]
+    finally:
+        subprocess.run([LOCAL_CLUSTER_SCRIPT, "start-sshd"], check=True, capture_output=True)
+    running = drive(running, lambda s: s.state != State.UNKNOWN)
+    assert running.state == State.RUNNING
+    assert running.ended_at is None
