@@ -63,10 +63,15 @@ live=$(squeue -h -u "$(id -un)" -o '@FORMAT@' 2>&1)
 rc=$?
 echo "@@squeue $rc"
 printf '%s\n' "$live"
+declare -A listed=()
+if [ "$rc" -eq 0 ]; then
+  while IFS='|' read -r jid _; do [ -n "$jid" ] && listed[$jid]=1; done <<<"$live"
+fi
 gone=()
 for pair in "$@"; do
   sid=${pair%%:*} jid=${pair#*:}
-  if [ -n "$jid" ] && [ "$rc" -eq 0 ] && ! printf '%s\n' "$live" | grep -q "^$jid|"; then gone+=("$jid"); fi
+  # Builtins only in this loop: a thousand sessions must not mean a thousand processes.
+  if [ -n "$jid" ] && [ "$rc" -eq 0 ] && [ -z "${listed[$jid]+x}" ]; then gone+=("$jid"); fi
   d="$base/$sid"
   if [ -f "$d/connection.json" ]; then echo "@@connection $sid"; head -c 4096 "$d/connection.json"; echo; fi
   if [ -f "$d/error" ]; then echo "@@error $sid"; head -c 2000 "$d/error" | tr -d '@'; echo; fi

@@ -157,9 +157,10 @@ def poll_account(account_id: int) -> dict[str, int]:
         detail = polled.squeue_error or result.stderr.strip()[:300] or f"exit code {result.exit_code}"
         _mark_unknown(sessions, f"squeue failed on {account.cluster.name}: {detail}")
         return {"sessions": len(sessions), "unknown": len(sessions)}
-    changed = 0
-    for session in sessions:
-        changed += apply_poll(session, polled)
+    seen = [s.pk for s in sessions if s.job_id in polled.queued]
+    if seen:
+        Session.objects.filter(pk__in=seen).update(last_seen_at=timezone.now())
+    changed = sum(apply_poll(session, polled) for session in sessions)
     return {"sessions": len(sessions), "changed": changed}
 
 
@@ -177,74 +178,88 @@ _END_FOR_SLURM = {
 
 
 def apply_poll(session: Session, polled: remote.PollResult) -> int:
-    """Move one session to what the poll says; return 1 if its state changed."""
-    now = timezone.now()
+    """Move one session to what the poll says; return 1 if it changed. Writes nothing when nothing changed, so a
+    cycle over a thousand waiting sessions costs a thousand comparisons, not a thousand UPDATEs."""
     sid = str(session.pk)
-    before = session.state
     queued = polled.queued.get(session.job_id)
     if queued is not None:
-        Session.objects.filter(pk=sid).update(last_seen_at=now)
         nodes = queued.node_list if queued.node_list not in {"", "(null)"} else ""
         if queued.state in slurm.PENDING_STATES:
             estimate = _aware(queued.start_time)
-            transition(
-                sid,
+            if (session.state, session.slurm_reason, session.estimated_start) == (
                 State.QUEUED,
-                cause=f"Slurm: pending ({queued.reason or 'no reason given'})",
-                allowed_from={State.QUEUED, State.UNKNOWN},
-                slurm_reason=queued.reason,
-                estimated_start=estimate,
-            )
-        elif queued.state in slurm.ACTIVE_STATES:
-            connection = polled.connections.get(sid)
-            if connection is not None and _valid_connection(connection):
-                # A model that loads between two polls still passed through "starting": record it.
+                queued.reason,
+                estimate,
+            ):
+                return 0
+            return int(
                 transition(
                     sid,
-                    State.STARTING,
-                    cause=f"Slurm: running on {nodes or 'its nodes'}",
-                    allowed_from={State.QUEUED},
-                    node_list=nodes,
+                    State.QUEUED,
+                    cause=f"Slurm: pending ({queued.reason or 'no reason given'})",
+                    allowed_from={State.QUEUED, State.UNKNOWN},
+                    slurm_reason=queued.reason,
+                    estimated_start=estimate,
                 )
+            )
+        if queued.state not in slurm.ACTIVE_STATES:
+            return 0
+        connection = polled.connections.get(sid)
+        if connection is not None and _valid_connection(connection):
+            host, port = str(connection["host"]), int(str(connection["port"]))
+            if (session.state, session.host, session.port, session.node_list) == (State.RUNNING, host, port, nodes):
+                return 0
+            # A model that loads between two polls still passed through "starting": record it.
+            transition(
+                sid,
+                State.STARTING,
+                cause=f"Slurm: running on {nodes or 'its nodes'}",
+                allowed_from={State.QUEUED},
+                node_list=nodes,
+            )
+            return int(
                 transition(
                     sid,
                     State.RUNNING,
-                    cause=f"the server answers its health check on {connection['host']}:{connection['port']}",
+                    cause=f"the server answers its health check on {host}:{port}",
                     allowed_from={State.QUEUED, State.STARTING, State.UNKNOWN, State.RUNNING},
-                    host=str(connection["host"]),
-                    port=int(str(connection["port"])),
+                    host=host,
+                    port=port,
                     node_list=nodes,
                     slurm_reason="",
                 )
-            elif queued.state != "COMPLETING":
-                started = _aware(queued.start_time)
-                fields: dict[str, Any] = {"node_list": nodes, "slurm_reason": ""}
-                if started and session.started_at is None:
-                    fields["started_at"] = started
-                transition(
-                    sid,
-                    State.STARTING,
-                    cause=f"Slurm: running on {nodes or 'its nodes'}, the model is loading",
-                    allowed_from={State.QUEUED, State.UNKNOWN, State.STARTING},
-                    **fields,
-                )
-        return int(_state(sid) != before)
+            )
+        if queued.state == "COMPLETING" or (session.state, session.node_list) == (State.STARTING, nodes):
+            return 0
+        fields: dict[str, Any] = {"node_list": nodes, "slurm_reason": ""}
+        started = _aware(queued.start_time)
+        if started and session.started_at is None:
+            fields["started_at"] = started
+        return int(
+            transition(
+                sid,
+                State.STARTING,
+                cause=f"Slurm: running on {nodes or 'its nodes'}, the model is loading",
+                allowed_from={State.QUEUED, State.UNKNOWN, State.STARTING},
+                **fields,
+            )
+        )
     record = polled.finished.get(session.job_id)
     if record is not None:
         slurm_state = record.get("JobState", "").split()[0] if record.get("JobState") else ""
         if slurm_state in slurm.FINISHED_STATES:
-            _end(session, slurm_state, record, polled.errors.get(sid, ""))
-        return int(_state(sid) != before)
+            return int(_end(session, slurm_state, record, polled.errors.get(sid, "")))
+        return 0
     if session.job_id in polled.asked_gone:
         # squeue, sacct and scontrol all answered and none knows the job: purged without a record.
         seen = session.last_seen_at or session.submitted_at or session.created_at
-        if now - seen > timedelta(seconds=settings.PORTAL_JOB_LOST_AFTER_S):
+        if timezone.now() - seen > timedelta(seconds=settings.PORTAL_JOB_LOST_AFTER_S):
             reason = polled.errors.get(sid) or "Slurm no longer knows this job and kept no record of how it ended"
-            _fail(sid, reason)
-    return int(_state(sid) != before)
+            return int(transition(sid, State.FAILED, cause=reason, end_reason=reason))
+    return 0
 
 
-def _end(session: Session, slurm_state: str, record: dict[str, str], error: str) -> None:
+def _end(session: Session, slurm_state: str, record: dict[str, str], error: str) -> bool:
     sid = str(session.pk)
     target = _END_FOR_SLURM.get(slurm_state, State.FAILED)
     if target == State.COMPLETED and error:
@@ -261,7 +276,7 @@ def _end(session: Session, slurm_state: str, record: dict[str, str], error: str)
             f", {slurm_reason})" if slurm_reason and slurm_reason != "None" else ")"
         )
     ended = _aware(slurm.parse_time(record.get("EndTime", "")))
-    transition(
+    return transition(
         sid,
         target,
         cause=f"Slurm: {slurm_state}; {reason}",
@@ -285,10 +300,6 @@ def _aware(value: Any) -> Any:
     if value is None:
         return None
     return timezone.make_aware(value) if timezone.is_naive(value) else value
-
-
-def _state(session_id: str) -> str | None:
-    return Session.objects.filter(pk=session_id).values_list("state", flat=True).first()
 
 
 @shared_task(bind=True, name="jobs.cancel_session", max_retries=40, acks_late=True)

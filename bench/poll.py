@@ -1,0 +1,158 @@
+"""Poll cycle cost for 10 / 100 / 1,000 active sessions on the local cluster. A benchmark, not a test.
+
+    .venv/bin/python bench/poll.py [--sizes 10,100,1000] [--repeat 3]
+
+Needs the local cluster (scripts/local-cluster up, as root). It submits held jobs (sbatch --hold, so they stay
+PENDING and use nothing) named like portal jobs, creates one queued session per job in a scratch database, and
+times poll_account: the portal's one SSH command per (cluster, account) plus applying the result. The baseline,
+measured in the same run, is the naive design: one `squeue -j` per session over the same pooled connection.
+Target: one command per cycle, and 1,000 sessions in under 2 s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+SCRATCH = Path(tempfile.mkdtemp(prefix="hpcllm-bench-"))
+os.environ.update(
+    DJANGO_SETTINGS_MODULE="portal.settings",
+    PORTAL_VAR_DIR=str(SCRATCH),
+    PORTAL_LOG_LEVEL="WARNING",
+)
+os.environ.pop("DATABASE_URL", None)
+
+import django  # noqa: E402
+
+django.setup()
+
+from django.core.management import call_command  # noqa: E402
+
+from catalog.models import Cluster, GPUType, ModelVariant, Partition, Runtime  # noqa: E402
+from catalog.yaml_io import import_file  # noqa: E402
+from jobs import ssh  # noqa: E402
+from jobs.models import ClusterAccount, Session, State  # noqa: E402
+from jobs.tasks import poll_account  # noqa: E402
+
+CLUSTER_DIR = Path(os.environ.get("LOCAL_CLUSTER_DIR", REPO / "var" / "local-cluster"))
+
+
+class CountingPool(ssh.SSHPool):
+    def __init__(self) -> None:
+        super().__init__()
+        self.commands = 0
+
+    def run(self, target: ssh.SSHTarget, command: str, **kwargs: object) -> ssh.CommandResult:  # type: ignore[override]
+        self.commands += 1
+        return super().run(target, command, **kwargs)  # type: ignore[arg-type]
+
+
+def setup() -> ClusterAccount:
+    call_command("migrate", verbosity=0)
+    import_file(str(CLUSTER_DIR / "catalog.yaml"))
+    from django.contrib.auth import get_user_model
+
+    user = get_user_model().objects.create_user("bench")
+    account = ClusterAccount(cluster=Cluster.objects.get(slug="local"), user=user, kind="personal", username="llmuser")
+    account.set_private_key((CLUSTER_DIR / "id_ed25519").read_text())
+    account.save()
+    return account
+
+
+def submit_held(pool: ssh.SSHPool, account: ClusterAccount, names: list[str]) -> list[str]:
+    """One SSH command submitting len(names) held jobs; returns their ids in order."""
+    script = "for n in " + " ".join(shlex.quote(n) for n in names) + "; do "
+    script += "sbatch --hold --parsable -J \"$n\" -p gpu -t 5 --mem=64M -o /dev/null --wrap 'sleep 1' || exit 1; done"
+    result = pool.run(account.ssh_target(), script, timeout_s=900)
+    if result.exit_code != 0:
+        raise SystemExit(f"sbatch failed: {result.stderr}")
+    return [line.split(";")[0] for line in result.stdout.split()]
+
+
+def make_sessions(account: ClusterAccount, n: int, pool: ssh.SSHPool) -> list[Session]:
+    ids = [uuid.uuid4() for _ in range(n)]
+    job_ids = submit_held(pool, account, [f"hpcllm-{i}" for i in ids])
+    common = {
+        "owner": account.user,
+        "account": account,
+        "cluster": account.cluster,
+        "partition": Partition.objects.get(cluster=account.cluster, name="gpu"),
+        "gpu_type": GPUType.objects.get(name="a100-80g"),
+        "variant": ModelVariant.objects.get(model__name="tiny-llama"),
+        "runtime": Runtime.objects.get(kind="llama.cpp"),
+        "gpus_per_node": 1,
+        "cpus_per_node": 1,
+        "memory_gib": 1,
+        "walltime_min": 5,
+        "context_length": 1024,
+        "state": State.QUEUED,
+        "api_key_encrypted": "unused",
+    }
+    return Session.objects.bulk_create(
+        [Session(id=i, job_id=j, **common) for i, j in zip(ids, job_ids, strict=True)], batch_size=500
+    )
+
+
+def cancel(pool: ssh.SSHPool, account: ClusterAccount, job_ids: list[str]) -> None:
+    for start in range(0, len(job_ids), 500):
+        pool.run(account.ssh_target(), "scancel " + " ".join(job_ids[start : start + 500]) + " 2>/dev/null; true")
+
+
+def naive_cycle(pool: CountingPool, account: ClusterAccount, sessions: list[Session]) -> float:
+    target = account.ssh_target()
+    start = time.perf_counter()
+    for session in sessions:
+        pool.run(target, f"squeue -h -j {session.job_id} -o '%i|%T|%r'")
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--sizes", default="10,100,1000")
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--naive-max", type=int, default=100, help="sessions the naive baseline polls per size")
+    args = parser.parse_args()
+    account = setup()
+    counting = CountingPool()
+    ssh.pool = counting  # poll_account reads the module attribute
+    import jobs.tasks
+
+    jobs.tasks.ssh.pool = counting
+    print(
+        f"{'sessions':>8} {'cmds/cycle':>10} {'cycle s (median)':>16} {'naive cmds':>10} {'naive s':>9} {'speed-up':>8}"
+    )
+    try:
+        for n in [int(x) for x in args.sizes.split(",")]:
+            Session.objects.all().delete()
+            sessions = make_sessions(account, n, counting)
+            poll_account(account.pk)  # first cycle records "pending (JobHeldUser)"; time the steady state
+            times = []
+            for _ in range(args.repeat):
+                counting.commands = 0
+                start = time.perf_counter()
+                poll_account(account.pk)
+                times.append(time.perf_counter() - start)
+                per_cycle = counting.commands
+            cycle = statistics.median(times)
+            sample = sessions[: min(n, args.naive_max)]
+            naive = naive_cycle(counting, account, sample) * n / len(sample)
+            queued = Session.objects.filter(state=State.QUEUED, slurm_reason="JobHeldUser").count()
+            assert queued == n, f"only {queued} of {n} sessions were read back as held"
+            print(f"{n:>8} {per_cycle:>10} {cycle:>16.3f} {n:>10} {naive:>9.2f} {naive / cycle:>7.1f}x")
+            cancel(counting, account, [s.job_id for s in sessions])
+    finally:
+        cancel(counting, account, list(Session.objects.values_list("job_id", flat=True)))
+    print("naive s: extrapolated from up to --naive-max sessions, one squeue per session over a pooled connection")
+
+
+if __name__ == "__main__":
+    main()
