@@ -51,7 +51,7 @@ class CountingPool(ssh.SSHPool):
         super().__init__()
         self.commands = 0
 
-    def run(self, target: ssh.SSHTarget, command: str, **kwargs: object) -> ssh.CommandResult:  # type: ignore[override]
+    def run(self, target: ssh.SSHTarget, command: str, **kwargs: object) -> ssh.CommandResult:
         self.commands += 1
         return super().run(target, command, **kwargs)  # type: ignore[arg-type]
 

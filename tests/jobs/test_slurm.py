@@ -219,7 +219,9 @@ def test_real_outputs_of_the_local_cluster_parse(local_cluster: dict[str, Any]) 
         finally:
             pool.run(target, f"scancel {job_id}")
         for _ in range(40):
-            record = slurm.parse_job_records(pool.run(target, f"cat {local_cluster['jobcomp_log']}").stdout)
+            record = slurm.parse_job_records(
+                pool.run(target, f"grep 'JobId={job_id} ' {local_cluster['jobcomp_log']}").stdout
+            )
             if job_id in record:
                 break
             time.sleep(0.25)

@@ -1,0 +1,246 @@
+"""Session bookkeeping without a cluster: accounts, encryption at rest, validation, state changes and polls."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from django.core.exceptions import ValidationError
+from django.db import connection
+from django.utils import timezone
+
+from catalog.models import Cluster
+from jobs import crypto, remote, ssh, tasks
+from jobs.models import ClusterAccount, Session, State, transition
+from jobs.services import LaunchForm, launch, request_cancel
+from jobs.slurm import QueuedJob
+
+LAUNCH = {
+    "cluster": "local",
+    "partition": "gpu",
+    "gpu": "a100-80g",
+    "gpus": 1,
+    "model": "tiny-llama",
+    "quant": "F16",
+    "runtime": "llama.cpp",
+    "context": 1024,
+    "walltime": 30,
+}
+HOST_KEY = "[127.0.0.1]:2222 ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl"
+
+
+@pytest.fixture
+def account(example_catalog: Path, owner: Any) -> ClusterAccount:
+    Cluster.objects.filter(slug="local").update(host_key=HOST_KEY)
+    account = ClusterAccount(cluster=Cluster.objects.get(slug="local"), user=owner, username="ada")
+    account.save()
+    return account
+
+
+@pytest.fixture
+def session(account: ClusterAccount, owner: Any, django_capture_on_commit_callbacks: Any) -> Session:
+    with django_capture_on_commit_callbacks(execute=False):
+        return launch(owner, LAUNCH)
+
+
+def raw_column(table: str, column: str, pk: Any) -> str:
+    with connection.cursor() as cursor:
+        cursor.execute(f"SELECT {column} FROM {table} WHERE id = %s", [pk if isinstance(pk, int) else pk.hex])
+        return str(cursor.fetchone()[0])
+
+
+def test_a_new_account_gets_a_key_pair_whose_private_half_is_encrypted_at_rest(account: ClusterAccount) -> None:
+    assert account.public_key.startswith("ssh-ed25519 ") and "ada@local" in account.public_key
+    stored = raw_column("jobs_clusteraccount", "private_key_encrypted", account.pk)
+    assert "PRIVATE KEY" not in stored
+    assert "BEGIN OPENSSH PRIVATE KEY" in account.ssh_target().private_key
+
+
+def test_the_session_key_is_encrypted_at_rest_and_unique(session: Session, owner: Any) -> None:
+    stored = raw_column("jobs_session", "api_key_encrypted", session.pk)
+    assert session.api_key.startswith("sk-hpcllm-") and session.api_key not in stored
+    other = Session.objects.get(pk=session.pk)
+    other.pk = None
+    other.api_key_encrypted = ""
+    other.save()
+    assert other.api_key != session.api_key
+
+
+def test_secrets_encrypted_under_a_lost_key_say_so(settings: Any) -> None:
+    token = crypto.encrypt("secret")
+    settings.PORTAL_ENCRYPTION_KEYS = ["x" * 43 + "="]
+    with pytest.raises(crypto.DecryptionError, match="PORTAL_ENCRYPTION_KEYS"):
+        crypto.decrypt(token)
+
+
+def test_rotated_keys_still_decrypt_old_values(settings: Any) -> None:
+    from cryptography.fernet import Fernet
+
+    old, new = Fernet.generate_key().decode(), Fernet.generate_key().decode()
+    settings.PORTAL_ENCRYPTION_KEYS = [old]
+    token = crypto.encrypt("secret")
+    settings.PORTAL_ENCRYPTION_KEYS = [new, old]
+    assert crypto.decrypt(token) == "secret"
+
+
+def test_a_service_account_serves_its_members_only(example_catalog: Path, owner: Any, other_user: Any) -> None:
+    cluster = Cluster.objects.get(slug="local")
+    lab = ClusterAccount(cluster=cluster, kind="service", label="NLP lab", username="nlplab")
+    lab.save()
+    lab.members.add(owner)
+    assert ClusterAccount.for_user(owner, cluster) == lab
+    assert ClusterAccount.for_user(other_user, cluster) is None
+
+
+@pytest.mark.parametrize(
+    "change, field, message",
+    [
+        ({"partition": "nope"}, "partition", "has no partition 'nope'"),
+        ({"gpu": "h200"}, "gpu", "offers no 'h200'"),
+        ({"walltime": 5000}, "walltime", "at most 1440 minutes"),
+        ({"model": "GPT-2", "quant": "fp32"}, "model", "not available on Local test cluster"),
+        ({"runtime": "vllm"}, "runtime", "does not offer vllm"),
+        ({"context": 100000}, "context", "at most 4096"),
+        ({"gpus": 0}, "gpus", "greater than or equal to 1"),
+        ({"cluster": "mars"}, "cluster", "no cluster 'mars'"),
+    ],
+)
+def test_bad_requests_are_refused_with_the_field_and_reason(
+    account: ClusterAccount, owner: Any, change: dict[str, Any], field: str, message: str
+) -> None:
+    form = LaunchForm({**LAUNCH, **change}, user=owner)
+    assert not form.is_valid()
+    assert message in " ".join(form.errors[field])
+
+
+def test_a_cluster_without_a_pinned_host_key_takes_no_sessions(account: ClusterAccount, owner: Any) -> None:
+    Cluster.objects.filter(slug="local").update(host_key="")
+    with pytest.raises(ValidationError, match="no pinned SSH host key"):
+        launch(owner, LAUNCH)
+
+
+def test_launch_records_the_request_and_submits_after_commit(
+    account: ClusterAccount, owner: Any, django_capture_on_commit_callbacks: Any
+) -> None:
+    with django_capture_on_commit_callbacks(execute=False) as callbacks:
+        session = launch(owner, LAUNCH)
+    assert session.state == State.PENDING and len(callbacks) == 1
+    assert (session.cpus_per_node, session.memory_gib) == (2, 2)  # half of a 2-GPU node's 4 CPUs and 4 GiB
+    assert [e.to_state for e in session.events.all()] == ["pending"]
+
+
+def test_transitions_are_conditional_and_recorded(session: Session) -> None:
+    assert transition(session.pk, State.SUBMITTING, cause="claim", allowed_from={State.PENDING})
+    assert not transition(session.pk, State.SUBMITTING, cause="again", allowed_from={State.PENDING})
+    assert transition(session.pk, State.FAILED, cause="boom", end_reason="boom")
+    assert not transition(session.pk, State.RUNNING, cause="too late")
+    session.refresh_from_db()
+    assert session.state == State.FAILED and session.ended_at is not None
+    assert [(e.from_state, e.to_state) for e in session.events.all()][1:] == [
+        ("pending", "submitting"),
+        ("submitting", "failed"),
+    ]
+
+
+def test_a_fresh_submit_claim_keeps_other_workers_out_but_a_stale_one_is_taken_over(
+    session: Session, settings: Any
+) -> None:
+    assert tasks._claim_submit(str(session.pk), "task-1")
+    assert not tasks._claim_submit(str(session.pk), "task-2")
+    assert tasks._claim_submit(str(session.pk), "task-1")  # a retry or redelivery of the same task
+    Session.objects.filter(pk=session.pk).update(submit_claimed_at=timezone.now() - timedelta(hours=1))
+    assert tasks._claim_submit(str(session.pk), "task-2")
+    assert Session.objects.get(pk=session.pk).submit_attempts == 3
+
+
+def test_cancelling_before_submission_ends_at_once(session: Session) -> None:
+    request_cancel(session, "changed my mind")
+    session.refresh_from_db()
+    assert session.state == State.CANCELLED
+    assert not tasks._claim_submit(str(session.pk), "late-task")
+
+
+def queued_job(job_id: str, state: str, reason: str = "", nodes: str = "node1") -> QueuedJob:
+    return QueuedJob(job_id, "hpcllm-x", state, reason, datetime(2026, 11, 21, 12, 0), nodes, 0, 60, "gpu", 1)
+
+
+def submitted(session: Session, job_id: str = "42") -> Session:
+    transition(session.pk, State.QUEUED, cause="test", job_id=job_id)
+    return Session.objects.get(pk=session.pk)
+
+
+def poll(**fields: Any) -> remote.PollResult:
+    return remote.PollResult(squeue_ok=True, complete=True, **fields)
+
+
+def test_polls_move_a_session_from_queued_to_running(session: Session) -> None:
+    s = submitted(session)
+    assert tasks.apply_poll(s, poll(queued={"42": queued_job("42", "PENDING", "Priority")}))
+    s.refresh_from_db()
+    assert (s.state, s.slurm_reason) == (State.QUEUED, "Priority")
+    assert not tasks.apply_poll(s, poll(queued={"42": queued_job("42", "PENDING", "Priority")}))  # no change, no write
+    connection_file = {"host": "10.0.0.5", "port": 30123, "node": "node1"}
+    assert tasks.apply_poll(
+        s, poll(queued={"42": queued_job("42", "RUNNING")}, connections={str(s.pk): connection_file})
+    )
+    s.refresh_from_db()
+    assert (s.state, s.host, s.port, s.node_list) == (State.RUNNING, "10.0.0.5", 30123, "node1")
+    assert [e.to_state for e in s.events.all()][-2:] == ["starting", "running"]
+
+
+@pytest.mark.parametrize(
+    "slurm_state, error, expected, reason",
+    [
+        ("CANCELLED", "", State.CANCELLED, "cancelled (scancel outside the portal)"),
+        ("TIMEOUT", "", State.TIMEOUT, "time limit of 30 min"),
+        ("COMPLETED", "", State.COMPLETED, "the server exited"),
+        ("FAILED", "the server exited with code 1 before it was ready: bad magic", State.FAILED, "bad magic"),
+        ("NODE_FAIL", "", State.FAILED, "Slurm: NODE_FAIL (exit code 0:0, NodeDown)"),
+    ],
+)
+def test_finished_jobs_end_their_sessions_with_a_reason(
+    session: Session, slurm_state: str, error: str, expected: State, reason: str
+) -> None:
+    s = submitted(session)
+    record = {"JobState": slurm_state, "ExitCode": "0:0", "Reason": "NodeDown" if slurm_state == "NODE_FAIL" else ""}
+    tasks.apply_poll(s, poll(finished={"42": record}, asked_gone={"42"}, errors={str(s.pk): error} if error else {}))
+    s.refresh_from_db()
+    assert s.state == expected and reason in s.end_reason
+
+
+def test_a_job_nobody_knows_ends_only_after_the_grace_period(session: Session, settings: Any) -> None:
+    s = submitted(session)
+    settings.PORTAL_JOB_LOST_AFTER_S = 600
+    assert not tasks.apply_poll(s, poll(asked_gone={"42"}))
+    Session.objects.filter(pk=s.pk).update(last_seen_at=timezone.now() - timedelta(hours=1))
+    s.refresh_from_db()
+    assert tasks.apply_poll(s, poll(asked_gone={"42"}))
+    s.refresh_from_db()
+    assert s.state == State.FAILED and "no longer knows" in s.end_reason
+
+
+def test_an_unreachable_cluster_makes_sessions_unknown_never_ended(
+    session: Session, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    s = submitted(session)
+
+    def refuse(*args: Any, **kwargs: Any) -> ssh.CommandResult:
+        raise ssh.ConnectionRefused(None, "connection refused")
+
+    monkeypatch.setattr(ssh.pool, "run", refuse)
+    for _ in range(3):
+        tasks.poll_account(s.account_id)
+    s.refresh_from_db()
+    assert s.state == State.UNKNOWN and s.ended_at is None
+
+    def squeue_down(*args: Any, **kwargs: Any) -> ssh.CommandResult:
+        return ssh.CommandResult(0, "@@squeue 1\nUnable to contact slurm controller\n@@end\n", "")
+
+    monkeypatch.setattr(ssh.pool, "run", squeue_down)
+    transition(s.pk, State.QUEUED, cause="the cluster answered again")
+    tasks.poll_account(s.account_id)
+    s.refresh_from_db()
+    assert s.state == State.UNKNOWN
+    assert "Unable to contact slurm controller" in s.events.last().cause  # type: ignore[union-attr]
