@@ -40,8 +40,10 @@ def test_poll_reports_live_jobs_and_asks_sacct_and_scontrol_only_about_the_other
     env = fake_bin(
         tmp_path,
         squeue=f"echo '101|hpcllm-{A}|RUNNING|None|2026-11-21T12:00:00|node1|1:00|59:00|gpu|1'",
-        sacct='echo "102|hpcllm-x|CANCELLED by 1000|0:15|2026-11-21T11:00:00|2026-11-21T11:05:00|node2|None"; echo "$@" >"$HOME/sacct-args"',
-        scontrol='[ "$4" = 103 ] && { echo "slurm_load_jobs error: Invalid job id specified" >&2; exit 1; }; echo "JobId=$4 JobName=x JobState=TIMEOUT Reason=TimeLimit ExitCode=0:0"',
+        sacct='echo "$@" >"$HOME/sacct-args"\n'
+        'echo "102|hpcllm-x|CANCELLED by 1000|0:15|2026-11-21T11:00:00|2026-11-21T11:05:00|node2|None"',
+        scontrol='[ "$4" = 103 ] && { echo "slurm_load_jobs error: Invalid job id specified" >&2; exit 1; }\n'
+        'echo "JobId=$4 JobName=x JobState=TIMEOUT Reason=TimeLimit ExitCode=0:0"',
     )
     session_dir = Path(env["HOME"]) / ".hpc-llm-portal" / "sessions" / A
     session_dir.mkdir(parents=True)
