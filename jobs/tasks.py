@@ -161,7 +161,24 @@ def poll_account(account_id: int) -> dict[str, int]:
     if seen:
         Session.objects.filter(pk__in=seen).update(last_seen_at=timezone.now())
     changed = sum(apply_poll(session, polled) for session in sessions)
+    _repeat_lost_cancels(account, sessions, polled)
     return {"sessions": len(sessions), "changed": changed}
+
+
+def _repeat_lost_cancels(account: ClusterAccount, sessions: list[Session], polled: remote.PollResult) -> None:
+    """A cancel whose task gave up (the cluster was away for minutes) is not forgotten: scancel again."""
+    overdue = timezone.now() - timedelta(seconds=60)
+    job_ids = [
+        s.job_id
+        for s in sessions
+        if s.cancel_requested_at and s.cancel_requested_at < overdue and s.job_id in polled.queued
+    ]
+    if job_ids:
+        log.warning("repeating scancel for %s on %s", job_ids, account.cluster.slug)
+        try:
+            ssh.pool.run(account.ssh_target(), "scancel " + " ".join(shlex.quote(j) for j in job_ids), timeout_s=30)
+        except ssh.SSHError as exc:
+            log.warning("scancel failed: %s", exc)
 
 
 def _mark_unknown(sessions: list[Session], cause: str) -> None:

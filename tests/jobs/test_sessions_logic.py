@@ -112,7 +112,7 @@ def test_bad_requests_are_refused_with_the_field_and_reason(
 ) -> None:
     form = LaunchForm({**LAUNCH, **change}, user=owner)
     assert not form.is_valid()
-    assert message in " ".join(form.errors[field])
+    assert message in " ".join(str(e) for e in form.errors[field])
 
 
 def test_a_cluster_without_a_pinned_host_key_takes_no_sessions(account: ClusterAccount, owner: Any) -> None:
@@ -244,3 +244,17 @@ def test_an_unreachable_cluster_makes_sessions_unknown_never_ended(
     s.refresh_from_db()
     assert s.state == State.UNKNOWN
     assert "Unable to contact slurm controller" in s.events.last().cause  # type: ignore[union-attr]
+
+
+def test_a_cancel_that_gave_up_is_repeated_by_the_poll(session: Session, monkeypatch: pytest.MonkeyPatch) -> None:
+    s = submitted(session)
+    Session.objects.filter(pk=s.pk).update(cancel_requested_at=timezone.now() - timedelta(minutes=5))
+    commands: list[str] = []
+
+    def cluster(target: Any, command: str, **kwargs: Any) -> ssh.CommandResult:
+        commands.append(command)
+        return ssh.CommandResult(0, "@@squeue 0\n42|hpcllm-x|RUNNING|None|N/A|node1|1:00|1:00|gpu|1\n@@end\n", "")
+
+    monkeypatch.setattr(ssh.pool, "run", cluster)
+    tasks.poll_account(s.account_id)
+    assert commands[1:] == ["scancel 42"]
