@@ -93,7 +93,8 @@ class GPUType(models.Model):
     reserved_gib = models.FloatField(
         default=0.5,
         validators=[MinValueValidator(0)],
-        help_text="Memory the driver and CUDA/ROCm context keep back, not usable by the model.",
+        help_text="Memory not usable by the model's buffers: the driver and CUDA/ROCm context (about 0.4 GiB), a "
+        "display on workstations, other processes. The estimator compares its buffers with the size less this.",
     )
     compute_capability = models.CharField(max_length=10, blank=True, validators=[v.compute_capability])
     bandwidth_gbs = models.FloatField(

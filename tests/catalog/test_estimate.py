@@ -1,0 +1,178 @@
+"""The vRAM estimator against published figures, the lab's plans, rules of thumb and its own invariants."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from hypothesis import given
+from hypothesis import strategies as st
+
+from catalog.estimate import (
+    GIB,
+    Architecture,
+    EstimateError,
+    Request,
+    estimate,
+    fit,
+    kv_cache_bytes,
+    kv_cells,
+    smallest_layout,
+)
+from tests.conftest import EXAMPLE_CATALOG, REPO
+
+REFERENCE = REPO.parent / "shared" / "reference" / "vram-public.csv"
+
+
+def reference_rows() -> list[dict[str, str]]:
+    lines = [line for line in REFERENCE.read_text().splitlines() if line and not line.startswith("#")]
+    return list(csv.DictReader(lines))
+
+
+def arch_of(row: dict[str, str]) -> Architecture:
+    return Architecture(
+        float(row["params_b"]), int(row["layers"]), int(row["hidden"]), int(row["heads"]),
+        int(row["kv_heads"]), int(row["head_dim"]), int(row["vocab"]),
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("row", reference_rows(), ids=lambda r: r["id"])
+def test_every_published_figure_is_matched_within_ten_percent(row: dict[str, str]) -> None:
+    est = estimate(
+        Request(
+            arch=arch_of(row),
+            quant=row["quant"],
+            runtime=row["runtime"],
+            context=max(int(row["context"]), 1),
+            parallel=int(row["parallel"]),
+            flash_attn=row["flash_attn"] == "yes",
+            gpus_per_node=int(row["gpus"]),
+        )
+    )
+    figure = {
+        "total_nvidia_smi": est.total_gib,
+        "total_runtime": est.total_gib - est.overhead_gib,
+        "weights": est.weights_gib,
+        "kv": est.kv_cache_gib,
+    }[row["what"]]
+    assert figure == pytest.approx(float(row["gib"]), rel=0.10)
+
+
+def example() -> dict[str, Any]:
+    return yaml.safe_load(EXAMPLE_CATALOG.read_text())
+
+
+def card(name: str) -> tuple[Architecture, dict[str, float]]:
+    model = next(m for m in example()["models"] if m["name"] == name)
+    a = model["architecture"]
+    arch = Architecture(
+        model["params_b"], a["layers"], a["hidden_size"], a["attention_heads"], a["kv_heads"], a["head_dim"],
+        a["vocab_size"], a["max_context"],
+    )  # fmt: skip
+    return arch, {v["quant"]: v["size_gib"] for v in model["variants"]}
+
+
+@pytest.mark.parametrize("quant, machines", [("Q4_K_S", 2), ("Q6_K_L", 3)])
+def test_the_labs_published_plans_are_reproduced(quant: str, machines: int) -> None:
+    """Reflection-Llama-3.1-70B over 24 GB workstations (about 22 GB usable), llama-server -c 8192 -ngl 99."""
+    arch, sizes = card("Reflection-Llama-3.1-70B")
+    gpu = next(g for g in example()["gpu_types"] if g["name"] == "rtx4090")
+    usable = gpu["memory_gib"] - gpu["reserved_gib"]
+    request = Request(arch, quant, "llama.cpp", 8192, flash_attn=False, file_size_gib=sizes[quant])
+    layout = smallest_layout(request, usable, gpus_per_node=1, max_nodes=4)
+    assert layout is not None
+    assert (layout.gpus_per_node, layout.nodes) == (1, machines)
+    assert 0 < layout.fit.headroom_gib < 3
+
+
+def test_seven_billion_parameters_at_16_bit_land_in_the_rule_of_thumb_range() -> None:
+    arch = Architecture(6.74, 32, 4096, 32, 32, 128, 32000, 4096)
+    for runtime in ("transformers", "llama.cpp", "vllm"):
+        total_gb = estimate(Request(arch, "fp16", runtime, 2048)).total_gib * GIB / 1e9
+        assert 10 <= total_gb <= 16, runtime
+    big = Architecture(70.55, 80, 8192, 64, 8, 128, 128256)
+    assert estimate(Request(big, "fp16", "transformers", 2048)).total_gib * GIB / 1e9 >= 80
+
+
+def test_the_kv_cache_follows_llama_cpps_formula_and_padding() -> None:
+    tiny = Architecture(0.0001, 2, 64, 4, 2, 16, 259)
+    assert kv_cells("llama.cpp", 2048) == 2048 and kv_cells("llama.cpp", 1000) == 1024
+    assert kv_cache_bytes(tiny, 2048) == 2 * 2048 * 32 * 2 * 2 == 524288
+    assert kv_cache_bytes(tiny, 1024, "q8_0") == 2 * 1024 * 32 * 2 * 34 / 32
+
+
+def test_ollama_keeps_a_reserve_and_vllm_its_utilisation_share() -> None:
+    arch, _ = card("Llama-3.1-8B-Instruct")
+    ollama = estimate(Request(arch, "Q4_K_M", "ollama", 8192))
+    assert ollama.reserve_gib > 0.4
+    assert fit(ollama, ollama.max_gpu_gib - ollama.context_gib + 0.1).fits is False
+    vllm = estimate(Request(arch, "bf16", "vllm", 8192))
+    needed = vllm.max_gpu_gib - vllm.context_gib
+    assert fit(vllm, needed / 0.9 + 0.01).fits and not fit(vllm, needed + 0.01).fits
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"kv_type": "q8_0", "flash_attn": False}, "needs flash attention"),
+        ({"context": 10**7}, "above the model's maximum"),
+        ({"quant": "Q9_K"}, "unknown quantisation"),
+        ({"runtime": "vllm"}, "loads safetensors"),
+        ({"runtime": "ollama", "nodes": 2}, "single node"),
+        ({"runtime": "tgi"}, "unknown runtime"),
+        ({"kv_type": "q3"}, "unknown KV cache type"),
+    ],
+)
+def test_impossible_combinations_are_refused_with_a_reason(change: dict[str, Any], message: str) -> None:
+    arch, _ = card("Llama-3.1-8B-Instruct")
+    with pytest.raises(EstimateError, match=message):
+        estimate(Request(**{"arch": arch, "quant": "Q4_K_M", "runtime": "llama.cpp", "context": 8192, **change}))
+
+
+def test_a_quantised_kv_cache_with_flash_attention_is_smaller() -> None:
+    arch, _ = card("Llama-3.1-8B-Instruct")
+    f16 = estimate(Request(arch, "Q4_K_M", "llama.cpp", 32768, flash_attn=True))
+    q8 = estimate(Request(arch, "Q4_K_M", "llama.cpp", 32768, kv_type="q8_0", flash_attn=True))
+    assert q8.kv_cache_gib == pytest.approx(f16.kv_cache_gib * 17 / 32)
+
+
+def test_without_flash_attention_llama_cpps_compute_buffer_grows_with_context() -> None:
+    arch, _ = card("Llama-3.1-8B-Instruct")
+    short, long = (estimate(Request(arch, "Q4_K_M", "llama.cpp", c, flash_attn=False)) for c in (4096, 32768))
+    assert long.compute_gib > 4 * short.compute_gib
+    flash = [estimate(Request(arch, "Q4_K_M", "llama.cpp", c, flash_attn=True)).compute_gib for c in (4096, 32768)]
+    assert flash[0] == flash[1]
+
+
+@given(
+    context=st.integers(256, 131072),
+    gpus=st.integers(1, 8),
+    runtime=st.sampled_from(["llama.cpp", "ollama"]),
+    quant=st.sampled_from(["Q4_K_M", "Q8_0", "fp16", "Q2_K"]),
+)
+def test_more_gpus_never_need_more_memory_per_gpu_and_parts_add_up(
+    context: int, gpus: int, runtime: str, quant: str
+) -> None:
+    arch = Architecture(70.55, 80, 8192, 64, 8, 128, 128256, 131072)
+    one = estimate(Request(arch, quant, runtime, context))
+    many = estimate(Request(arch, quant, runtime, context, gpus_per_node=gpus))
+    assert many.max_gpu_gib <= one.max_gpu_gib + 0.1
+    on_gpus = sum(many.per_gpu_gib) + many.host_gib
+    assert on_gpus == pytest.approx(many.total_gib, rel=1e-9)
+    longer = estimate(Request(arch, quant, runtime, min(context * 2, 131072), gpus_per_node=gpus))
+    assert longer.total_gib >= many.total_gib
+
+
+def test_the_file_size_wins_when_known() -> None:
+    arch, sizes = card("Reflection-Llama-3.1-70B")
+    assert (
+        estimate(Request(arch, "Q6_K_L", "llama.cpp", 8192, file_size_gib=sizes["Q6_K_L"])).weights_gib
+        == sizes["Q6_K_L"]
+    )
+
+
+def test_reference_file_is_present() -> None:
+    assert Path(REFERENCE).exists() and len(reference_rows()) >= 5
