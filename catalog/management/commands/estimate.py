@@ -1,0 +1,143 @@
+"""`manage.py estimate`: GPU memory for a model from the catalog or from explicit architecture numbers."""
+
+from __future__ import annotations
+
+import json
+import math
+from argparse import ArgumentParser
+from dataclasses import replace
+from typing import Any
+
+from django.core.management.base import BaseCommand, CommandError
+
+from catalog.estimate import RUNTIMES, Architecture, EstimateError, Request, estimate, fit, smallest_layout
+from catalog.models import GPUType, ModelCard, ModelVariant
+from catalog.plans import architecture
+from catalog.quant import canonical_quant
+
+
+class Command(BaseCommand):
+    help = "Estimate GPU memory (weights, KV cache, compute, overhead; per GPU) and whether it fits a GPU."
+
+    def add_arguments(self, parser: ArgumentParser) -> None:
+        parser.add_argument("--model", help="a model card name from the catalog")
+        parser.add_argument("--quant", help="quantisation (default: the model's smallest variant)")
+        for name in ("--layers", "--hidden", "--heads", "--kv-heads", "--head-dim", "--vocab"):
+            parser.add_argument(name, type=int)
+        parser.add_argument("--params-b", type=float)
+        parser.add_argument("--file-gib", type=float, help="the weights file's size, if known")
+        parser.add_argument("--runtime", required=True, choices=RUNTIMES)
+        parser.add_argument("--context", type=int, required=True)
+        parser.add_argument("--parallel", type=int, default=1)
+        parser.add_argument("--kv-type", default="f16")
+        parser.add_argument("--flash-attn", choices=["on", "off"])
+        parser.add_argument("--gpus", type=int, default=1, help="GPUs in all")
+        parser.add_argument("--gpus-per-node", type=int, help="default: the catalog's for --gpu, else 1")
+        gpu = parser.add_mutually_exclusive_group()
+        gpu.add_argument("--gpu", help="a GPU type from the catalog")
+        gpu.add_argument("--gpu-gib", type=float, help="an ad-hoc GPU with this many GiB usable")
+        parser.add_argument("--json", action="store_true")
+
+    def handle(self, *args: Any, **o: Any) -> None:
+        request, usable, per_node = self._request(o)
+        try:
+            est = estimate(request)
+        except EstimateError as exc:
+            raise CommandError(str(exc)) from None
+        result: dict[str, Any] = {
+            "weights_gib": round(est.weights_gib, 3),
+            "kv_cache_gib": round(est.kv_cache_gib, 3),
+            "compute_gib": round(est.compute_gib, 3),
+            "overhead_gib": round(est.overhead_gib, 3),
+            "total_gib": round(est.total_gib, 3),
+            "per_gpu_gib": [round(g, 3) for g in est.per_gpu_gib],
+            "host_gib": round(est.host_gib, 3),
+            "notes": est.notes,
+        }
+        if usable is not None:
+            verdict = fit(est, usable)
+            layout = smallest_layout(request, usable, per_node, max_nodes=64)
+            result.update(
+                usable_gib=round(usable, 3),
+                fits=verdict.fits,
+                headroom_gib=round(verdict.headroom_gib, 3),
+                min_gpus=layout.gpus if layout else None,
+                min_nodes=layout.nodes if layout else None,
+            )
+        if o["json"]:
+            self.stdout.write(json.dumps(result, indent=2))
+        else:
+            self._table(result)
+
+    def _request(self, o: dict[str, Any]) -> tuple[Request, float | None, int]:
+        file_gib = o["file_gib"]
+        if o["model"]:
+            card = ModelCard.objects.filter(name=o["model"]).first()
+            if card is None:
+                raise CommandError(f"there is no model {o['model']!r} in the catalog")
+            arch = architecture(card)
+            variants = ModelVariant.objects.filter(model=card)
+            if o["quant"]:
+                try:
+                    quant = canonical_quant(o["quant"])
+                except KeyError:
+                    raise CommandError(f"unknown quantisation {o['quant']!r}") from None
+                variant = variants.filter(quantization=quant).first()
+            else:
+                variant = variants.order_by("size_gib").first()
+                quant = variant.quantization if variant else "fp16"
+            if variant is not None and variant.format == "gguf" and file_gib is None:
+                file_gib = variant.size_gib
+        else:
+            needed = ["params_b", "layers", "hidden", "heads", "kv_heads", "head_dim", "vocab", "quant"]
+            missing = [f"--{n.replace('_', '-')}" for n in needed if o[n] is None]
+            if missing:
+                raise CommandError(f"give --model NAME, or all of: {', '.join(missing)}")
+            arch = Architecture(
+                o["params_b"], o["layers"], o["hidden"], o["heads"], o["kv_heads"], o["head_dim"], o["vocab"]
+            )
+            quant = o["quant"]
+        usable: float | None = o["gpu_gib"]
+        per_node = o["gpus_per_node"]
+        if o["gpu"]:
+            gpu = GPUType.objects.filter(name=o["gpu"]).first()
+            if gpu is None:
+                raise CommandError(f"there is no GPU type {o['gpu']!r} in the catalog")
+            usable = gpu.usable_gib
+            if per_node is None:
+                per_node = max(gpu.node_groups.values_list("gpus_per_node", flat=True), default=1)
+        per_node = per_node or 1
+        gpus = o["gpus"]
+        if gpus < 1 or per_node < 1:
+            raise CommandError("--gpus and --gpus-per-node must be positive")
+        nodes = math.ceil(gpus / per_node)
+        flash = None if o["flash_attn"] is None else o["flash_attn"] == "on"
+        request = Request(
+            arch=arch,
+            quant=quant,
+            runtime=o["runtime"],
+            context=o["context"],
+            parallel=o["parallel"],
+            kv_type=o["kv_type"],
+            flash_attn=flash,
+            file_size_gib=file_gib,
+        )
+        return replace(request, gpus_per_node=min(gpus, per_node), nodes=nodes), usable, per_node
+
+    def _table(self, r: dict[str, Any]) -> None:
+        for key in ("weights_gib", "kv_cache_gib", "compute_gib", "overhead_gib", "total_gib"):
+            self.stdout.write(f"{key.removesuffix('_gib').replace('_', ' '):>12}: {r[key]:8.2f} GiB")
+        self.stdout.write(f"{'per GPU':>12}: " + ", ".join(f"{g:.2f}" for g in r["per_gpu_gib"]) + " GiB")
+        if r["host_gib"]:
+            self.stdout.write(f"{'host':>12}: {r['host_gib']:8.2f} GiB (input embedding, kept in RAM)")
+        if "fits" in r:
+            verdict = "fits" if r["fits"] else "does NOT fit"
+            self.stdout.write(
+                f"{'verdict':>12}: {verdict} in {r['usable_gib']:.2f} GiB (headroom {r['headroom_gib']:.2f})"
+            )
+            if r["min_gpus"]:
+                self.stdout.write(f"{'smallest':>12}: {r['min_gpus']} GPU(s) on {r['min_nodes']} node(s)")
+            else:
+                self.stdout.write(f"{'smallest':>12}: no layout of this GPU fits")
+        for note in r["notes"]:
+            self.stdout.write(f"{'':>12}  {note}")

@@ -1,0 +1,116 @@
+"""Every way the catalog offers to run a model variant: (cluster, partition, GPU type, GPUs per node, nodes) with the
+smallest layout that fits each node group, its per-GPU use and headroom."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from catalog.estimate import Architecture, Estimate, EstimateError, Fit, Request, estimate, fit, smallest_layout
+from catalog.models import ClusterRuntime, ModelCard, ModelVariant, NodeGroup, VariantLocation
+
+
+@dataclass(frozen=True)
+class Option:
+    node_group: NodeGroup
+    gpus_per_node: int
+    nodes: int
+    estimate: Estimate
+    fit: Fit
+
+    @property
+    def gpus(self) -> int:
+        return self.gpus_per_node * self.nodes
+
+    @property
+    def label(self) -> str:
+        group = self.node_group
+        where = f"{group.partition.cluster.slug}/{group.partition.name}"
+        shape = f"{self.gpus_per_node} x {group.gpu_type.name}"
+        return f"{where}: {shape}" + (f" x {self.nodes} nodes" if self.nodes > 1 else "")
+
+
+def architecture(card: ModelCard) -> Architecture:
+    return Architecture(
+        params_b=card.params_b,
+        layers=card.layers,
+        hidden_size=card.hidden_size,
+        attention_heads=card.attention_heads,
+        kv_heads=card.kv_heads,
+        head_dim=card.head_dim,
+        vocab_size=card.vocab_size,
+        max_context=card.max_context,
+    )
+
+
+def request_for(
+    variant: ModelVariant,
+    runtime: str,
+    context: int,
+    parallel: int = 1,
+    kv_type: str = "f16",
+    flash_attn: bool | None = None,
+) -> Request:
+    """The estimator's request for a catalog variant; the file size stands in for bits per weight when known."""
+    known_size = variant.size_gib if variant.format == ModelVariant.Format.GGUF else None
+    return Request(
+        arch=architecture(variant.model),
+        quant=variant.quantization,
+        runtime=runtime,
+        context=context,
+        parallel=parallel,
+        kv_type=kv_type,
+        flash_attn=flash_attn,
+        file_size_gib=known_size,
+    )
+
+
+def plans(request: Request, variant: ModelVariant | None = None, available_only: bool = True) -> list[Option]:
+    """One option per node group: its smallest fitting layout, or its largest layout marked as not fitting.
+
+    With a variant and available_only, only clusters that hold the variant and offer the runtime count. Order:
+    fitting options first, fewest GPUs, then most headroom."""
+    estimate(request)  # raise EstimateError for an impossible request before looking at any GPU
+    groups = NodeGroup.objects.select_related("partition__cluster", "gpu_type")
+    if variant is not None and available_only:
+        clusters = set(VariantLocation.objects.filter(variant=variant).values_list("cluster_id", flat=True))
+        offering = ClusterRuntime.objects.filter(runtime__kind=_catalog_runtime(request.runtime))
+        clusters &= set(offering.values_list("cluster_id", flat=True))
+        groups = groups.filter(partition__cluster_id__in=clusters)
+    options: list[Option] = []
+    for group in groups:
+        usable = group.gpu_type.usable_gib
+        try:
+            layout = smallest_layout(request, usable, group.gpus_per_node, group.node_count)
+        except EstimateError:
+            continue
+        if layout is not None:
+            options.append(Option(group, layout.gpus_per_node, layout.nodes, layout.estimate, layout.fit))
+            continue
+        nodes = group.node_count if request.runtime in ("llama.cpp", "vllm") else 1
+        try:
+            est = estimate(_with_layout(request, group.gpus_per_node, nodes))
+        except EstimateError:
+            continue
+        options.append(Option(group, group.gpus_per_node, nodes, est, fit(est, usable)))
+    return sorted(options, key=lambda o: (not o.fit.fits, o.gpus, -o.fit.headroom_gib, o.label))
+
+
+def smallest_per_gpu_type(options: list[Option]) -> list[Option]:
+    """The first fitting option of each GPU type (options come sorted smallest first)."""
+    seen: set[str] = set()
+    chosen = []
+    for option in options:
+        if option.fit.fits and option.node_group.gpu_type.name not in seen:
+            seen.add(option.node_group.gpu_type.name)
+            chosen.append(option)
+    return chosen
+
+
+def _with_layout(request: Request, gpus_per_node: int, nodes: int) -> Request:
+    from dataclasses import replace
+
+    return replace(request, gpus_per_node=gpus_per_node, nodes=nodes)
+
+
+def _catalog_runtime(runtime: str) -> str:
+    return runtime  # the catalog's Runtime.kind values are the estimator's names (transformers has no Runtime)
