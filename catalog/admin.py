@@ -1,8 +1,12 @@
 from __future__ import annotations
 
-from django.contrib import admin
+from django import forms
+from django.contrib import admin, messages
+from django.core.exceptions import ValidationError
 from django.db.models import Count, QuerySet
-from django.http import HttpRequest
+from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
+from django.template.response import TemplateResponse
+from django.urls import URLPattern, path, reverse
 
 from catalog.models import (
     Cluster,
@@ -151,12 +155,63 @@ class ModelCardAdmin(admin.ModelAdmin):
         ),
     ]
 
+    change_list_template = "admin/catalog/modelcard/change_list.html"
+
     def get_queryset(self, request: HttpRequest) -> QuerySet[ModelCard]:
         return super().get_queryset(request).annotate(n_variants=Count("variants"))
+
+    def get_urls(self) -> list[URLPattern]:
+        view = self.admin_site.admin_view(self.add_from_file)
+        return [path("add-from-file/", view, name="catalog_modelcard_add_from_file"), *super().get_urls()]
+
+    def add_from_file(self, request: HttpRequest) -> HttpResponse:
+        """Read a GGUF header or an HF config.json (here, or on a cluster as the admin's account) into the catalog."""
+        if not self.has_add_permission(request):
+            return HttpResponseRedirect(reverse("admin:catalog_modelcard_changelist"))
+        form = AddFromFileForm(request.POST or None)
+        if request.method == "POST" and form.is_valid():
+            from catalog.add_model import SSHReader, add, inspect
+            from jobs.models import ClusterAccount
+            from jobs.ssh import SSHError
+
+            cluster = form.cleaned_data["cluster"]
+            try:
+                reader = None
+                if cluster is not None:
+                    account = ClusterAccount.for_user(request.user, cluster)
+                    if account is None:
+                        raise ValidationError(f"You have no cluster account on {cluster.name} to read it with.")
+                    reader = SSHReader(account.ssh_target())
+                found = inspect(form.cleaned_data["path"], reader)
+                added = add(found, form.cleaned_data["path"], cluster, form.cleaned_data["name"] or None)
+            except (ValidationError, SSHError) as exc:
+                form.add_error("path", "; ".join(getattr(exc, "messages", [str(exc)])))
+            else:
+                what = ", ".join(added.created) or "updated"
+                messages.success(
+                    request, f"{added.card.name} {added.variant.quantization} from {found.source}: {what}."
+                )
+                return HttpResponseRedirect(reverse("admin:catalog_modelcard_change", args=[added.card.pk]))
+        context = {**self.admin_site.each_context(request), "title": "Add a model from a file", "form": form,
+                   "opts": self.model._meta}  # fmt: skip
+        return TemplateResponse(request, "admin/catalog/modelcard/add_from_file.html", context)
 
     @admin.display(description="variants", ordering="n_variants")
     def variant_count(self, obj: ModelCard) -> int:
         return obj.n_variants  # type: ignore[attr-defined]
+
+
+class AddFromFileForm(forms.Form):
+    path = forms.CharField(
+        max_length=500, help_text="Absolute path of a .gguf file, or of a directory with config.json (Hugging Face)."
+    )
+    cluster = forms.ModelChoiceField(
+        Cluster.objects.all(),
+        required=False,
+        help_text="Read the path on this cluster (as your cluster account) and record it as the model's location. "
+        "Empty: read it on the portal host.",
+    )
+    name = forms.CharField(max_length=120, required=False, help_text="Model card name (default: from the file).")
 
 
 class VariantLocationInline(admin.TabularInline):

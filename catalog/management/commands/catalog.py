@@ -4,9 +4,12 @@ import sys
 from argparse import ArgumentParser
 from typing import Any
 
+from django.core.exceptions import ValidationError
 from django.core.management.base import BaseCommand, CommandError
 
+from catalog.models import Cluster
 from catalog.yaml_io import CatalogImportError, export_catalog, import_file
+from jobs.ssh import SSHError
 
 
 class Command(BaseCommand):
@@ -19,12 +22,54 @@ class Command(BaseCommand):
         imp.add_argument("--dry-run", action="store_true", help="Check and report, then roll everything back.")
         exp = sub.add_parser("export", help="Write the whole catalog as YAML (to stdout without FILE).")
         exp.add_argument("file", nargs="?")
+        add = sub.add_parser("add-model", help="Create a model card and variant from a GGUF file or an HF directory.")
+        add.add_argument("path", help="absolute path of a .gguf file or a directory with config.json")
+        add.add_argument("--cluster", help="read the path on this cluster over SSH and record it as the location")
+        add.add_argument("--user", help="with --cluster: the portal user whose cluster account reads it")
+        add.add_argument("--name", help="the model card's name (default: from the file)")
+        add.add_argument("--dry-run", action="store_true", help="show what was read, change nothing")
 
     def handle(self, *args: Any, **options: Any) -> None:
         if options["action"] == "import":
             self._import(options["file"], options["dry_run"])
+        elif options["action"] == "add-model":
+            self._add_model(options)
         else:
             self._export(options["file"])
+
+    def _add_model(self, o: dict[str, Any]) -> None:
+        from catalog.add_model import SSHReader, add, inspect
+
+        cluster, reader = None, None
+        try:
+            if o["cluster"]:
+                from jobs.models import ClusterAccount
+                from jobs.services import find_user
+
+                cluster = Cluster.objects.filter(slug=o["cluster"]).first()
+                if cluster is None:
+                    raise CommandError(f"there is no cluster {o['cluster']!r}")
+                if not o["user"]:
+                    raise CommandError("--cluster needs --user: whose cluster account reads the file")
+                account = ClusterAccount.for_user(find_user(o["user"]), cluster)
+                if account is None:
+                    raise CommandError(f"{o['user']} has no account on {cluster.name}")
+                reader = SSHReader(account.ssh_target())
+            found = inspect(o["path"], reader)
+            self.stdout.write(f"read {found.source}")
+            for key, value in vars(found).items():
+                if key != "source":
+                    self.stdout.write(f"  {key}: {value}")
+            if o["dry_run"]:
+                self.stdout.write(self.style.WARNING("Dry run: the catalog was not changed."))
+                return
+            added = add(found, o["path"], cluster, o["name"])
+        except ValidationError as exc:
+            raise CommandError("; ".join(exc.messages)) from None
+        except SSHError as exc:
+            raise CommandError(str(exc)) from None
+        what = ", ".join(added.created) or "nothing new (updated)"
+        self.stdout.write(self.style.SUCCESS(f"{added.card.name} {added.variant.quantization}: {what}"))
 
     def _import(self, filename: str, dry_run: bool) -> None:
         try:

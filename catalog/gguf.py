@@ -1,0 +1,181 @@
+"""Read what the catalog needs from a GGUF file's header: architecture numbers, parameter count, file type.
+
+Only the header is read (key/value metadata and tensor descriptions, usually a few MB even for 70B files), so a
+prefix of the file is enough; `read_header(prefix)` raises NeedMoreBytes when the prefix ends inside the header.
+The value types and layout follow the GGUF spec (ggml docs/gguf.md); the `gguf` package supplies the enums.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+from dataclasses import dataclass
+from typing import Any
+
+from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType, LlamaFileType
+
+MAGIC = b"GGUF"
+_SCALARS = {
+    GGUFValueType.UINT8: "<B",
+    GGUFValueType.INT8: "<b",
+    GGUFValueType.UINT16: "<H",
+    GGUFValueType.INT16: "<h",
+    GGUFValueType.UINT32: "<I",
+    GGUFValueType.INT32: "<i",
+    GGUFValueType.FLOAT32: "<f",
+    GGUFValueType.BOOL: "<?",
+    GGUFValueType.UINT64: "<Q",
+    GGUFValueType.INT64: "<q",
+    GGUFValueType.FLOAT64: "<d",
+}
+# Arrays longer than this are skipped, not kept (tokenizer vocabularies); their length is still recorded.
+_KEEP_ARRAY = 64
+
+
+class GGUFError(ValueError):
+    """Not a GGUF file, or a header this reader cannot make sense of."""
+
+
+class NeedMoreBytes(GGUFError):
+    """The prefix ends inside the header; read more of the file."""
+
+
+@dataclass(frozen=True)
+class GGUFInfo:
+    architecture: str
+    name: str
+    params: int
+    layers: int
+    hidden_size: int
+    attention_heads: int
+    kv_heads: int
+    head_dim: int
+    vocab_size: int
+    max_context: int
+    file_type: str  # the catalog's quantisation name, e.g. Q4_K_M
+    tensor_bytes: int
+    metadata: dict[str, Any]
+
+
+class _Cursor:
+    def __init__(self, data: bytes) -> None:
+        self.data, self.pos = data, 0
+
+    def take(self, n: int) -> bytes:
+        if self.pos + n > len(self.data):
+            raise NeedMoreBytes(f"the header continues past byte {len(self.data)}")
+        chunk = self.data[self.pos : self.pos + n]
+        self.pos += n
+        return chunk
+
+    def unpack(self, fmt: str) -> Any:
+        return struct.unpack(fmt, self.take(struct.calcsize(fmt)))[0]
+
+    def string(self) -> str:
+        length = self.unpack("<Q")
+        if length > 1 << 24:
+            raise GGUFError(f"implausible string length {length} at byte {self.pos}")
+        return self.take(length).decode("utf-8", errors="replace")
+
+    def value(self, kind: int) -> Any:
+        try:
+            vtype = GGUFValueType(kind)
+        except ValueError:
+            raise GGUFError(f"unknown value type {kind} at byte {self.pos}") from None
+        if vtype == GGUFValueType.STRING:
+            return self.string()
+        if vtype == GGUFValueType.ARRAY:
+            item_type, count = self.unpack("<I"), self.unpack("<Q")
+            items = [self.value(item_type) for _ in range(count)]
+            return items if count <= _KEEP_ARRAY else _Skipped(count)
+        return self.unpack(_SCALARS[vtype])
+
+
+@dataclass(frozen=True)
+class _Skipped:
+    length: int
+
+
+def read_header(prefix: bytes) -> GGUFInfo:
+    cursor = _Cursor(prefix)
+    if cursor.take(4) != MAGIC:
+        raise GGUFError("not a GGUF file (the first bytes are not 'GGUF')")
+    version = cursor.unpack("<I")
+    if version not in (2, 3):
+        raise GGUFError(f"GGUF version {version} is not supported (2 and 3 are)")
+    tensor_count, kv_count = cursor.unpack("<Q"), cursor.unpack("<Q")
+    metadata: dict[str, Any] = {}
+    for _ in range(kv_count):
+        key = cursor.string()
+        metadata[key] = cursor.value(cursor.unpack("<I"))
+    params = tensor_bytes = 0
+    for _ in range(tensor_count):
+        cursor.string()
+        dims = [cursor.unpack("<Q") for _ in range(cursor.unpack("<I"))]
+        ggml_type, _offset = cursor.unpack("<I"), cursor.unpack("<Q")
+        elements = math.prod(dims)
+        params += elements
+        try:
+            block, size = GGML_QUANT_SIZES[GGMLQuantizationType(ggml_type)]
+        except (ValueError, KeyError):
+            raise GGUFError(f"unknown tensor type {ggml_type}") from None
+        tensor_bytes += elements // block * size
+    return _info(metadata, params, tensor_bytes)
+
+
+def _info(meta: dict[str, Any], params: int, tensor_bytes: int) -> GGUFInfo:
+    arch = meta.get("general.architecture")
+    if not isinstance(arch, str):
+        raise GGUFError("the header has no general.architecture")
+
+    def need(key: str) -> int:
+        value = meta.get(f"{arch}.{key}")
+        if not isinstance(value, int):
+            raise GGUFError(f"the header has no {arch}.{key}")
+        return value
+
+    hidden, heads = need("embedding_length"), need("attention.head_count")
+    kv_heads = meta.get(f"{arch}.attention.head_count_kv", heads)
+    head_dim = meta.get(f"{arch}.attention.key_length", hidden // heads if heads else 0)
+    tokens = meta.get("tokenizer.ggml.tokens")
+    vocab = meta.get(f"{arch}.vocab_size") or (tokens.length if isinstance(tokens, _Skipped) else len(tokens or []))
+    return GGUFInfo(
+        architecture=arch,
+        name=str(meta.get("general.name") or ""),
+        params=params,
+        layers=need("block_count"),
+        hidden_size=hidden,
+        attention_heads=heads,
+        kv_heads=int(kv_heads) if isinstance(kv_heads, int) else heads,
+        head_dim=int(head_dim),
+        vocab_size=int(vocab),
+        max_context=need("context_length"),
+        file_type=file_type_name(meta.get("general.file_type")),
+        tensor_bytes=tensor_bytes,
+        metadata={k: v for k, v in meta.items() if not isinstance(v, _Skipped)},
+    )
+
+
+def file_type_name(value: object) -> str:
+    """general.file_type (llama_ftype) as the catalog spells quantisations: MOSTLY_Q4_K_M -> Q4_K_M, F16 -> fp16."""
+    if not isinstance(value, int):
+        return ""
+    try:
+        name = LlamaFileType(value).name.removeprefix("MOSTLY_")
+    except ValueError:
+        return ""
+    return {"F16": "fp16", "BF16": "bf16", "ALL_F32": "fp32", "F32": "fp32"}.get(name, name)
+
+
+def read_file(path: str, first_bytes: int = 4 << 20, limit: int = 256 << 20) -> GGUFInfo:
+    """A local file: read a growing prefix until the header is complete."""
+    size = first_bytes
+    while True:
+        with open(path, "rb") as fh:
+            prefix = fh.read(size)
+        try:
+            return read_header(prefix)
+        except NeedMoreBytes:
+            if len(prefix) < size or size >= limit:
+                raise GGUFError(f"{path}: the header is truncated or larger than {limit >> 20} MiB") from None
+            size *= 4

@@ -1,0 +1,140 @@
+"""Read a Hugging Face checkpoint's config.json (and its safetensors index or headers) into catalog numbers.
+
+Parameter count: exact from safetensors headers when given (the sum of tensor shapes), else from the index's
+metadata.total_size divided by the bytes per parameter of the dtype, else from the architecture (embeddings +
+per-layer attention and MLP matrices), which is within a few percent for Llama-style models.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from dataclasses import dataclass
+from typing import Any
+
+
+class HFConfigError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class HFInfo:
+    architecture: str
+    params: int
+    params_source: str  # "safetensors", "index" or "architecture"
+    layers: int
+    hidden_size: int
+    attention_heads: int
+    kv_heads: int
+    head_dim: int
+    vocab_size: int
+    max_context: int
+    quant: str  # the catalog's name: bf16, fp16, fp32, AWQ, GPTQ-INT4, BNB-NF4, fp8, ...
+
+
+_DTYPE_QUANT = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32", "half": "fp16", "float": "fp32"}
+_DTYPE_BYTES = {"bf16": 2.0, "fp16": 2.0, "fp32": 4.0, "fp8": 1.0}
+_SAFETENSORS_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
+                      "F8_E4M3": 1, "F8_E5M2": 1, "BOOL": 1}  # fmt: skip
+
+
+def _quant(config: dict[str, Any]) -> str:
+    q = config.get("quantization_config") or {}
+    method = str(q.get("quant_method", "")).lower()
+    bits = q.get("bits") or q.get("w_bit")
+    if method == "awq":
+        return "AWQ"
+    if method == "gptq":
+        return "GPTQ-INT8" if bits == 8 else "GPTQ-INT4"
+    if method == "bitsandbytes":
+        return "BNB-INT8" if q.get("load_in_8bit") else "BNB-NF4"
+    if method in ("fp8", "compressed-tensors") and "8" in json.dumps(q):
+        return "fp8"
+    dtype = str(config.get("torch_dtype") or config.get("dtype") or "bfloat16").replace("torch.", "")
+    return _DTYPE_QUANT.get(dtype, "bf16")
+
+
+def read_config(
+    config_text: str, index_text: str | None = None, safetensors_headers: list[bytes] | None = None
+) -> HFInfo:
+    try:
+        config = json.loads(config_text)
+    except json.JSONDecodeError as exc:
+        raise HFConfigError(f"config.json is not JSON: {exc}") from None
+    if not isinstance(config, dict):
+        raise HFConfigError("config.json is not an object")
+    config = {**config.get("text_config", {}), **config} if "text_config" in config else config
+
+    def need(*keys: str) -> int:
+        for key in keys:
+            value = config.get(key)
+            if isinstance(value, int) and value > 0:
+                return value
+        raise HFConfigError(f"config.json has no {' / '.join(keys)}")
+
+    layers = need("num_hidden_layers", "n_layer", "num_layers")
+    hidden = need("hidden_size", "n_embd", "d_model")
+    heads = need("num_attention_heads", "n_head")
+    kv_heads = config.get("num_key_value_heads") or config.get("num_kv_heads") or heads
+    if config.get("multi_query"):
+        kv_heads = 1
+    head_dim = config.get("head_dim") or hidden // heads
+    vocab = need("vocab_size")
+    context = need("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
+    quant = _quant(config)
+    intermediate = config.get("intermediate_size") or config.get("n_inner") or 4 * hidden
+    params, source = _params(config, quant, safetensors_headers, index_text)
+    if not params:
+        # Embeddings (tied or not), per layer Q/O (hidden^2 each), K/V (hidden x kv width) and a gated or plain MLP.
+        kv_width = int(kv_heads) * int(head_dim)
+        gated = 3 if config.get("hidden_act", "silu") in ("silu", "swiglu", "gelu_pytorch_tanh") else 2
+        per_layer = 2 * hidden * heads * head_dim + 2 * hidden * kv_width + gated * hidden * intermediate
+        embeddings = vocab * hidden * (1 if config.get("tie_word_embeddings") else 2)
+        params, source = layers * per_layer + embeddings, "architecture"
+    architectures = config.get("architectures") or [config.get("model_type", "")]
+    return HFInfo(
+        architecture=str(architectures[0]),
+        params=int(params),
+        params_source=source,
+        layers=layers,
+        hidden_size=hidden,
+        attention_heads=heads,
+        kv_heads=int(kv_heads),
+        head_dim=int(head_dim),
+        vocab_size=vocab,
+        max_context=context,
+        quant=quant,
+    )
+
+
+def _params(config: dict[str, Any], quant: str, headers: list[bytes] | None, index_text: str | None) -> tuple[int, str]:
+    if headers:
+        total = 0
+        for header in headers:
+            for name, tensor in safetensors_header(header).items():
+                if name != "__metadata__":
+                    total += math.prod(tensor["shape"])
+        if quant in ("AWQ", "GPTQ-INT4", "GPTQ-INT8"):
+            return 0, ""  # packed int32 tensors do not count parameters; fall back to the architecture
+        return total, "safetensors"
+    if index_text and quant in _DTYPE_BYTES:
+        try:
+            size = json.loads(index_text)["metadata"]["total_size"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise HFConfigError("the safetensors index has no metadata.total_size") from None
+        return int(size / _DTYPE_BYTES[quant]), "index"
+    return 0, ""
+
+
+def safetensors_header(data: bytes) -> dict[str, Any]:
+    """The JSON header of a safetensors file from its first bytes: 8-byte little-endian length, then JSON."""
+    if len(data) < 8:
+        raise HFConfigError("too short for a safetensors header")
+    (length,) = struct.unpack("<Q", data[:8])
+    if length > 100 << 20 or len(data) < 8 + length:
+        raise HFConfigError("the safetensors header is truncated or implausibly large")
+    header = json.loads(data[8 : 8 + length])
+    if not isinstance(header, dict):
+        raise HFConfigError("the safetensors header is not an object")
+    return header
