@@ -277,3 +277,23 @@ def transition(
                 session_id=session_id, at=now, from_state=current, to_state=to, cause=cause[:500]
             )
     return True
+
+
+class PartitionState(models.Model):
+    """What a cluster's scheduler said about one partition and GPU type at the last refresh (a cache)."""
+
+    partition = models.ForeignKey(Partition, on_delete=models.CASCADE, related_name="states")
+    gres_type = models.CharField(max_length=50, help_text="The GPU type as Slurm names it in GRES.")
+    total_gpus = models.PositiveIntegerField(default=0)
+    idle_gpus = models.PositiveIntegerField(default=0, help_text="On nodes that take jobs, not allocated.")
+    idle_nodes_with_all_gpus = models.PositiveIntegerField(default=0)
+    unavailable_gpus = models.PositiveIntegerField(default=0, help_text="On nodes down, drained or in maintenance.")
+    pending_jobs = models.PositiveIntegerField(default=0, help_text="In the partition, of any GPU type.")
+    pending_gpus = models.PositiveIntegerField(default=0, help_text="Asked for by pending jobs, of this type.")
+    refreshed_at = models.DateTimeField()
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["partition", "gres_type"], name="one_state_per_partition_gpu")]
+
+    def __str__(self) -> str:
+        return f"{self.partition} {self.gres_type}: {self.idle_gpus}/{self.total_gpus} idle"

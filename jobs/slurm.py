@@ -264,3 +264,84 @@ def expand_hostlist(text: str) -> list[str]:
                 raise SlurmParseError(f"not a Slurm hostlist: {text!r}")
             position += 1
     return hosts
+
+
+# Per node and partition: configured and allocated GRES. -O fields end with "|" so values may contain commas.
+SINFO_GRES_OPTIONS = "NodeList:|,Partition:|,StateCompact:|,Features:|,Gres:|,GresUsed:|"
+PENDING_DEMAND_FORMAT = "%P|%b|%D"
+# Nodes in these states take no new jobs; their GPUs are neither idle nor soon available.
+UNAVAILABLE_NODE_STATES = ("down", "drain", "drng", "fail", "maint", "boot", "powered", "power", "inval", "futr")
+_GPU_GRES = re.compile(r"(?:^|[,\s])(?:gres[:/])?gpu(?::(?P<type>[^:(,\s]+))?:(?P<count>\d+)")
+
+
+@dataclass(frozen=True)
+class NodeGres:
+    node: str
+    partition: str
+    state: str
+    features: frozenset[str]
+    gpus: dict[str, int]  # GRES type -> configured count
+    gpus_used: dict[str, int]
+
+    @property
+    def available(self) -> bool:
+        return not self.state.rstrip("*~#!%$@^-").startswith(UNAVAILABLE_NODE_STATES)
+
+
+def gpu_counts(text: str) -> dict[str, int]:
+    """GPU GRES by type from 'gpu:a100:2', 'gpu:a100:2(IDX:0-1),gpu:h100:1' or 'gres:gpu:a100:2'; untyped -> ''."""
+    counts: dict[str, int] = {}
+    for match in _GPU_GRES.finditer(text):
+        kind = match.group("type") or ""
+        if kind.isdigit():  # "gpu:4" has no type; the regex took the count for one
+            kind = ""
+        counts[kind] = counts.get(kind, 0) + int(match.group("count"))
+    return counts
+
+
+def parse_sinfo_gres(text: str) -> tuple[list[NodeGres], list[str]]:
+    nodes: list[NodeGres] = []
+    bad: list[str] = []
+    for line in text.split("\n"):
+        if not line.strip():
+            continue
+        parts = line.split("|")
+        if len(parts) < 6:
+            bad.append(line)
+            continue
+        node, partition, state, features, gres, used = (p.strip() for p in parts[:6])
+        nodes.append(
+            NodeGres(
+                node=node,
+                partition=partition.rstrip("*"),
+                state=state,
+                features=frozenset(f for f in features.split(",") if f and f != "(null)"),
+                gpus=gpu_counts(gres),
+                gpus_used=gpu_counts(used),
+            )
+        )
+    return nodes, bad
+
+
+@dataclass(frozen=True)
+class PendingDemand:
+    jobs: int
+    gpus: dict[str, int]  # GRES type -> GPUs the pending jobs ask for in all
+
+
+def parse_pending_demand(text: str) -> dict[str, PendingDemand]:
+    """Pending jobs and the GPUs they ask for, per partition, from squeue -t PENDING -o PENDING_DEMAND_FORMAT."""
+    jobs: dict[str, int] = {}
+    gpus: dict[str, dict[str, int]] = {}
+    for line in text.split("\n"):
+        parts = line.strip().split("|")
+        if len(parts) != 3 or not parts[2].isdigit():
+            continue
+        nodes = int(parts[2])
+        # A job may name several partitions; it waits in each of them.
+        for partition in parts[0].split(","):
+            jobs[partition] = jobs.get(partition, 0) + 1
+            for kind, count in gpu_counts(parts[1]).items():
+                per = gpus.setdefault(partition, {})
+                per[kind] = per.get(kind, 0) + count * nodes
+    return {p: PendingDemand(jobs=n, gpus=gpus.get(p, {})) for p, n in jobs.items()}

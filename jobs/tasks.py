@@ -356,3 +356,19 @@ def fetch_log(session: Session, max_bytes: int | None = None) -> str:
 @shared_task(name="jobs.fetch_log")
 def fetch_log_task(session_id: str) -> str:
     return fetch_log(Session.objects.select_related("account__cluster").get(pk=session_id))
+
+
+@shared_task(name="jobs.refresh_partitions", ignore_result=True)
+def refresh_partitions() -> int:
+    """Beat: idle GPUs and pending demand of every cluster someone has an account on, one SSH command each."""
+    from catalog.models import Cluster
+    from jobs.queue import QueueError, refresh_cluster
+
+    refreshed = 0
+    for cluster in Cluster.objects.filter(accounts__isnull=False).exclude(host_key="").distinct():
+        try:
+            refresh_cluster(cluster)
+            refreshed += 1
+        except (QueueError, ssh.SSHError) as exc:
+            log.warning("partition state of %s not refreshed: %s", cluster.slug, exc)
+    return refreshed

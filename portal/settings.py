@@ -146,6 +146,7 @@ PORTAL_POLL_INTERVAL_S = env_int("PORTAL_POLL_INTERVAL_S", 5, minimum=1)
 PORTAL_SUBMIT_STALE_S = env_int("PORTAL_SUBMIT_STALE_S", 240, minimum=1)
 # A job that squeue, sacct and scontrol all stop knowing is declared lost after this long.
 PORTAL_JOB_LOST_AFTER_S = env_int("PORTAL_JOB_LOST_AFTER_S", 900, minimum=1)
+PORTAL_QUEUE_REFRESH_S = env_int("PORTAL_QUEUE_REFRESH_S", 60, minimum=5)
 PORTAL_LOG_TAIL_BYTES = env_int("PORTAL_LOG_TAIL_BYTES", 65536, minimum=1024)
 
 SESSION_COOKIE_SECURE = env_bool("PORTAL_SECURE_COOKIES", False)
@@ -175,6 +176,12 @@ else:
         "store_processed": False,
         "polling_interval": 0.5,
     }
+# Short-lived facts (Slurm's --test-only estimates): shared through Redis when there is one.
+CACHES = {
+    "default": {"BACKEND": "django.core.cache.backends.redis.RedisCache", "LOCATION": REDIS_URL}
+    if REDIS_URL
+    else {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}
+}
 CELERY_TASK_SERIALIZER = "json"
 CELERY_RESULT_SERIALIZER = "json"
 CELERY_ACCEPT_CONTENT = ["json"]
@@ -187,6 +194,7 @@ CELERY_TASK_TIME_LIMIT = env_int("PORTAL_TASK_TIME_LIMIT_S", 180, minimum=1)
 CELERY_BEAT_SCHEDULE_FILENAME = str(VAR_DIR / "celerybeat-schedule")
 CELERY_BEAT_SCHEDULE: dict[str, dict[str, object]] = {
     "poll-clusters": {"task": "jobs.poll_clusters", "schedule": float(PORTAL_POLL_INTERVAL_S)},
+    "refresh-partitions": {"task": "jobs.refresh_partitions", "schedule": float(PORTAL_QUEUE_REFRESH_S)},
 }
 CELERY_TIMEZONE = TIME_ZONE
 
