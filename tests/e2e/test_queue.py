@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -60,7 +61,7 @@ def test_with_the_a100s_busy_the_h100_option_is_idle_and_sooner(busy_a100: list[
     assert a100.slurm is not None and a100.slurm.start is not None
     assert h100.slurm is not None and h100.slurm.start is not None
     assert h100.slurm.start < a100.slurm.start
-    assert a100.slurm.start > timezone.now() + timezone.timedelta(minutes=5)  # after the busy jobs' time limit
+    assert a100.slurm.start > timezone.now() + timedelta(minutes=5)  # after the busy jobs' time limit
     best = next(v for v in views.values() if v.recommended)
     assert best.option.node_group.gpu_type.name == "h100"
     assert any("idle now" in reason for reason in best.reasons)
