@@ -176,3 +176,12 @@ def test_the_file_size_wins_when_known() -> None:
 
 def test_reference_file_is_present() -> None:
     assert Path(REFERENCE).exists() and len(reference_rows()) >= 5
+
+
+def test_the_estimator_imports_without_django() -> None:
+    import subprocess
+    import sys
+
+    code = "import sys, catalog.estimate; assert not [m for m in sys.modules if m.startswith('django')]"
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, env={"PATH": "/usr/bin:/bin"}, capture_output=True)
+    assert result.returncode == 0, result.stderr.decode()

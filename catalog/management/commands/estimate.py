@@ -31,6 +31,7 @@ class Command(BaseCommand):
         parser.add_argument("--parallel", type=int, default=1)
         parser.add_argument("--kv-type", default="f16")
         parser.add_argument("--flash-attn", choices=["on", "off"])
+        parser.add_argument("--ubatch", type=int, help="micro-batch size (llama.cpp -ub; default 512)")
         parser.add_argument("--gpus", type=int, default=1, help="GPUs in all")
         parser.add_argument("--gpus-per-node", type=int, help="default: the catalog's for --gpu, else 1")
         gpu = parser.add_mutually_exclusive_group()
@@ -120,6 +121,7 @@ class Command(BaseCommand):
             parallel=o["parallel"],
             kv_type=o["kv_type"],
             flash_attn=flash,
+            n_ubatch=o["ubatch"],
             file_size_gib=file_gib,
         )
         return replace(request, gpus_per_node=min(gpus, per_node), nodes=nodes), usable, per_node
