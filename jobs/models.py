@@ -190,10 +190,17 @@ class Session(models.Model):
     submit_attempts = models.PositiveIntegerField(default=0)
     last_seen_at = models.DateTimeField(null=True, blank=True)
     cancel_requested_at = models.DateTimeField(null=True, blank=True)
+    # The launch form's one-time token: a double submit finds the session the first one created.
+    request_token = models.CharField(max_length=64, blank=True, editable=False)
 
     class Meta:
         ordering = ["-created_at"]
         indexes = [models.Index(fields=["cluster", "account", "state"], name="session_poll_idx")]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["owner", "request_token"], condition=~Q(request_token=""), name="one_session_per_launch_form"
+            )
+        ]
 
     def __str__(self) -> str:
         return f"{self.id} ({self.state})"

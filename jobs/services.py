@@ -9,7 +9,7 @@ from typing import Any
 from django import forms
 from django.contrib.auth import get_user_model
 from django.core.exceptions import ValidationError
-from django.db import transaction
+from django.db import IntegrityError, transaction
 from django.utils import timezone
 
 from catalog.models import Cluster, ClusterRuntime, GPUType, ModelVariant, Partition, Runtime, VariantLocation
@@ -122,14 +122,29 @@ def _check_runtime_fits(
         raise ValidationError({"runtime": "vLLM serves safetensors directories here, not GGUF or ollama tags."})
 
 
-def launch(user: Any, data: dict[str, Any]) -> Session:
-    """Validate a request (LaunchForm), create the session and enqueue its submit once the row is committed."""
-    from jobs.tasks import submit_session
-
+def launch(user: Any, data: dict[str, Any], request_token: str = "") -> Session:
+    """Validate a request (LaunchForm), create the session and enqueue its submit once the row is committed.
+    A request_token seen before for this user returns that session instead of a second one."""
+    if request_token:
+        earlier = Session.objects.filter(owner=user, request_token=request_token).first()
+        if earlier is not None:
+            return earlier
     form = LaunchForm(data, user=user)
     if not form.is_valid():
-        raise ValidationError(form.errors.get_json_data())
+        raise ValidationError({f: [e["message"] for e in errs] for f, errs in form.errors.get_json_data().items()})
     d = form.cleaned_data
+    try:
+        session = _create(user, d, request_token)
+    except IntegrityError:
+        if not request_token:
+            raise
+        return Session.objects.get(owner=user, request_token=request_token)  # the other submit won the race
+    return session
+
+
+def _create(user: Any, d: dict[str, Any], request_token: str) -> Session:
+    from jobs.tasks import submit_session
+
     with transaction.atomic():
         session = Session.objects.create(
             owner=user,
@@ -146,6 +161,7 @@ def launch(user: Any, data: dict[str, Any]) -> Session:
             runtime=d["runtime_obj"],
             context_length=d["context"],
             parallel=d["parallel"],
+            request_token=request_token,
         )
         session.events.create(to_state=State.PENDING, cause=f"requested by {user.get_username()}")
         transaction.on_commit(lambda: submit_session.delay(str(session.pk)))

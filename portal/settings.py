@@ -125,7 +125,12 @@ STORAGES = {
     },
 }
 
-LOGIN_URL = "admin:login"
+LOGIN_URL = "login"
+LOGIN_REDIRECT_URL = "jobs:sessions"
+LOGOUT_REDIRECT_URL = "login"
+# Single sign-on: add "mozilla_django_oidc.auth.OIDCAuthenticationBackend" (OIDC) or
+# "django_auth_ldap.backend.LDAPBackend" (LDAP) here and configure that package; docs/admin-guide.md shows how.
+AUTHENTICATION_BACKENDS = ["django.contrib.auth.backends.ModelBackend"]
 
 # Fernet keys for secrets stored in the database (SSH private keys, session API keys); the first encrypts.
 PORTAL_ENCRYPTION_KEYS = env_list("PORTAL_ENCRYPTION_KEYS", [])
@@ -146,6 +151,8 @@ PORTAL_POLL_INTERVAL_S = env_int("PORTAL_POLL_INTERVAL_S", 5, minimum=1)
 PORTAL_SUBMIT_STALE_S = env_int("PORTAL_SUBMIT_STALE_S", 240, minimum=1)
 # A job that squeue, sacct and scontrol all stop knowing is declared lost after this long.
 PORTAL_JOB_LOST_AFTER_S = env_int("PORTAL_JOB_LOST_AFTER_S", 900, minimum=1)
+# The wizard asks Slurm (sbatch --test-only, cached a minute) for a start estimate of each fitting option.
+PORTAL_WIZARD_ASKS_SLURM = env_bool("PORTAL_WIZARD_ASKS_SLURM", True)
 PORTAL_QUEUE_REFRESH_S = env_int("PORTAL_QUEUE_REFRESH_S", 60, minimum=5)
 PORTAL_LOG_TAIL_BYTES = env_int("PORTAL_LOG_TAIL_BYTES", 65536, minimum=1024)
 
