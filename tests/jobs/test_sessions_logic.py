@@ -28,15 +28,6 @@ LAUNCH = {
     "context": 1024,
     "walltime": 30,
 }
-HOST_KEY = "[127.0.0.1]:2222 ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl"
-
-
-@pytest.fixture
-def account(example_catalog: Path, owner: Any) -> ClusterAccount:
-    Cluster.objects.filter(slug="local").update(host_key=HOST_KEY)
-    account = ClusterAccount(cluster=Cluster.objects.get(slug="local"), user=owner, username="ada")
-    account.save()
-    return account
 
 
 @pytest.fixture

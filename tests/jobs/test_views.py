@@ -11,20 +11,12 @@ from django.test import Client
 from catalog.models import Cluster
 from jobs.models import ClusterAccount, Session, State, transition
 from jobs.services import launch
+from tests.jobs.conftest import HOST_KEY
 
-HOST_KEY = "[127.0.0.1]:2222 ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl"
 LAUNCH = {
     "cluster": "local", "partition": "gpu", "gpu": "a100-80g", "gpus": "1", "nodes": "1", "model": "tiny-llama",
     "quant": "fp16", "runtime": "llama.cpp", "context": "1024", "walltime": "30",
 }  # fmt: skip
-
-
-@pytest.fixture
-def account(example_catalog: Path, owner: Any) -> ClusterAccount:
-    Cluster.objects.filter(slug="local").update(host_key=HOST_KEY)
-    account = ClusterAccount(cluster=Cluster.objects.get(slug="local"), user=owner, username="ada")
-    account.save()
-    return account
 
 
 @pytest.fixture(autouse=True)
