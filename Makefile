@@ -16,6 +16,7 @@ demo: venv
 test: venv
 	scripts/local-cluster up
 	scripts/local-services up
+	scripts/browser-deps
 	PORTAL_VAR_DIR=$(CURDIR)/var/test $(BIN)/pytest
 	set -a && . var/local-services/env && set +a && PORTAL_VAR_DIR=$(CURDIR)/var/test $(BIN)/pytest -p no:cacheprovider tests/catalog
 

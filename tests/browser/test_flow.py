@@ -1,0 +1,132 @@
+"""The researcher's whole flow in a real browser (Playwright driving Debian's Chromium, headless) against a live
+portal, a real Celery worker and the local cluster: sign in, wizard, estimate, launch, running, cancel, ended.
+Screenshots of every step go to var/test-artifacts/browser/."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from django.contrib.auth import get_user_model
+from playwright.sync_api import Browser, Page, expect, sync_playwright
+
+from jobs import ssh
+from jobs.models import Session
+from tests.conftest import REPO
+from tests.e2e.sessions import cancel_all_jobs, local_account
+from tests.e2e.test_worker import worker_env
+from tests.worker import Worker
+
+pytestmark = [pytest.mark.browser, pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
+CHROMIUM = "/usr/bin/chromium"
+ARTIFACTS = REPO / "var" / "test-artifacts" / "browser"
+PASSWORD = "a long demo password"
+os.environ.setdefault("DJANGO_ALLOW_ASYNC_UNSAFE", "true")  # Playwright's sync API runs an event loop
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    if not Path(CHROMIUM).exists():
+        pytest.fail(f"{CHROMIUM} is missing: scripts/browser-deps installs Debian's chromium")
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
+        yield b
+        b.close()
+
+
+@pytest.fixture
+def portal(live_server: Any, local_catalog: dict[str, Any], tmp_path: Path, settings: Any) -> Iterator[str]:
+    settings.PORTAL_WIZARD_ASKS_SLURM = True
+    user = get_user_model().objects.create_user("researcher", "r@example.edu", PASSWORD)
+    local_account(user, local_catalog)
+    worker = Worker(worker_env(), tmp_path / "worker.log")
+    worker.start()
+    yield live_server.url
+    worker.stop()
+    cancel_all_jobs()
+    ssh.pool.close_all()
+
+
+def shot(page: Page, name: str) -> None:
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
+
+
+def sign_in(page: Page, url: str) -> None:
+    page.goto(f"{url}/sessions/")
+    page.get_by_label("Username").fill("researcher")
+    page.get_by_label("Password").fill(PASSWORD)
+    page.get_by_role("button", name="Sign in").click()
+    expect(page.get_by_role("heading", name="My sessions")).to_be_visible()
+
+
+def test_sign_in_launch_run_and_cancel_with_javascript(browser: Browser, portal: str) -> None:
+    shutil.rmtree(ARTIFACTS / "js", ignore_errors=True)
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    page.on("dialog", lambda dialog: dialog.accept())
+    sign_in(page, portal)
+    shot(page, "js/1-signed-in-empty")
+    expect(page.get_by_text("No sessions yet")).to_be_visible()
+
+    page.get_by_role("link", name="Launch", exact=True).click()
+    page.get_by_label("Model", exact=True).select_option("tiny-llama")
+    heading = page.locator("#estimate-h")
+    expect(heading).to_contain_text("GPU memory")
+    shot(page, "js/2-estimate")
+    kv_before = page.locator(".legend li", has_text="KV cache").inner_text()
+    page.locator("#id_context").fill("1024")
+    expect(page.locator(".legend li", has_text="KV cache")).not_to_have_text(kv_before)
+    shot(page, "js/3-estimate-longer-context")
+
+    recommended = page.locator("tr.recommended")
+    expect(recommended).to_contain_text("Recommended")
+    shot(page, "js/4-options")
+    recommended.get_by_role("button", name="Launch").click()
+    expect(page.get_by_role("heading", name="My sessions")).to_be_visible()
+    card = page.locator("li.session").first
+    expect(card.locator(".badge")).to_have_attribute("data-state", re.compile("pending|submitting|queued|starting"))
+    shot(page, "js/5-submitted")
+    expect(card.locator(".badge")).to_have_attribute("data-state", "running", timeout=60_000)
+    shot(page, "js/6-running")
+    assert Session.objects.count() == 1
+
+    card.get_by_role("button", name="Cancel").click()
+    expect(card.locator(".badge")).to_have_attribute("data-state", "cancelled", timeout=60_000)
+    expect(card).to_contain_text("Cancelled: cancelled from the portal")
+    shot(page, "js/7-cancelled")
+
+
+def test_the_same_flow_works_without_javascript(browser: Browser, portal: str) -> None:
+    context = browser.new_context(java_script_enabled=False, viewport={"width": 390, "height": 844})  # phone width
+    page = context.new_page()
+    sign_in(page, portal)
+    page.goto(f"{portal}/launch/")
+    page.get_by_label("Model", exact=True).select_option("tiny-llama")
+    page.get_by_role("button", name="Update estimate and options").click()
+    expect(page.locator("#estimate-h")).to_contain_text("GPU memory")
+    shot(page, "nojs/1-estimate")
+    page.locator("tr.recommended").get_by_role("button", name="Launch").click()
+    expect(page.get_by_role("heading", name="My sessions")).to_be_visible()
+    card = page.locator("li.session").first
+    for _ in range(60):
+        if card.locator(".badge").get_attribute("data-state") == "running":
+            break
+        page.wait_for_timeout(1000)
+        page.reload()
+        card = page.locator("li.session").first
+    expect(card.locator(".badge")).to_have_attribute("data-state", "running")
+    shot(page, "nojs/2-running")
+    card.get_by_role("button", name="Cancel").click()  # a plain POST; no confirmation without JavaScript
+    for _ in range(60):
+        page.reload()
+        if page.locator("li.session .badge").first.get_attribute("data-state") == "cancelled":
+            break
+        page.wait_for_timeout(1000)
+    expect(page.locator("li.session .badge").first).to_have_attribute("data-state", "cancelled")
+    shot(page, "nojs/3-cancelled")
+    context.close()
