@@ -9,7 +9,7 @@ register = template.Library()
 def gib(value: float | None) -> str:
     """GiB with sensible precision; small sizes in MiB or KiB so a tiny model does not read '0.00 GiB'."""
     if value is None:
-        return "–"
+        return "-"
     if value >= 10:
         return f"{value:.1f} GiB"
     if value >= 1:
