@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import secrets
 import uuid
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from django.conf import settings
@@ -190,6 +190,9 @@ class Session(models.Model):
     submit_attempts = models.PositiveIntegerField(default=0)
     last_seen_at = models.DateTimeField(null=True, blank=True)
     cancel_requested_at = models.DateTimeField(null=True, blank=True)
+    notify_email = models.BooleanField(default=False, help_text="Email the owner when it runs and before it ends.")
+    start_notified_at = models.DateTimeField(null=True, blank=True)
+    expiry_warned_at = models.DateTimeField(null=True, blank=True)
     # The launch form's one-time token: a double submit finds the session the first one created.
     request_token = models.CharField(max_length=64, blank=True, editable=False)
 
@@ -221,6 +224,16 @@ class Session(models.Model):
     @property
     def base_url(self) -> str:
         return f"http://{self.host}:{self.port}" if self.host and self.port else ""
+
+    @property
+    def ends_at(self) -> datetime | None:
+        """When Slurm's time limit stops the job (from the real start)."""
+        return self.started_at + timedelta(minutes=self.walltime_min) if self.started_at else None
+
+    @property
+    def time_left_min(self) -> int | None:
+        ends = self.ends_at
+        return max(0, int((ends - timezone.now()).total_seconds() // 60)) if ends else None
 
     @property
     def served_model_name(self) -> str:

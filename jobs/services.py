@@ -34,6 +34,7 @@ class LaunchForm(forms.Form):
     walltime = forms.IntegerField(min_value=1, max_value=60 * 24 * 30)
     cpus = forms.IntegerField(min_value=1, max_value=1024, required=False)
     memory_gib = forms.IntegerField(min_value=1, max_value=16384, required=False)
+    notify = forms.BooleanField(required=False)
 
     def __init__(self, *args: Any, user: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -161,6 +162,7 @@ def _create(user: Any, d: dict[str, Any], request_token: str) -> Session:
             runtime=d["runtime_obj"],
             context_length=d["context"],
             parallel=d["parallel"],
+            notify_email=bool(d.get("notify")),
             request_token=request_token,
         )
         session.events.create(to_state=State.PENDING, cause=f"requested by {user.get_username()}")

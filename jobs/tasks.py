@@ -18,7 +18,7 @@ from django.conf import settings
 from django.db.models import F, Q
 from django.utils import timezone
 
-from jobs import remote, render, slurm, ssh
+from jobs import notify, remote, render, slurm, ssh
 from jobs.models import END_STATES, POLLED_STATES, ClusterAccount, Session, State, transition
 from jobs.services import job_spec
 
@@ -134,6 +134,7 @@ def poll_clusters() -> int:
     account_ids = sorted(set(accounts))
     for account_id in account_ids:
         poll_account.apply_async((account_id,), expires=settings.PORTAL_POLL_INTERVAL_S * 2)
+    notify.warn_expiring()
     return len(account_ids)
 
 
@@ -234,18 +235,19 @@ def apply_poll(session: Session, polled: remote.PollResult) -> int:
                 allowed_from={State.QUEUED},
                 node_list=nodes,
             )
-            return int(
-                transition(
-                    sid,
-                    State.RUNNING,
-                    cause=f"the server answers its health check on {host}:{port}",
-                    allowed_from={State.QUEUED, State.STARTING, State.UNKNOWN, State.RUNNING},
-                    host=host,
-                    port=port,
-                    node_list=nodes,
-                    slurm_reason="",
-                )
+            moved = transition(
+                sid,
+                State.RUNNING,
+                cause=f"the server answers its health check on {host}:{port}",
+                allowed_from={State.QUEUED, State.STARTING, State.UNKNOWN, State.RUNNING},
+                host=host,
+                port=port,
+                node_list=nodes,
+                slurm_reason="",
             )
+            if moved and session.notify_email:
+                notify.session_running(sid)
+            return int(moved)
         if queued.state == "COMPLETING" or (session.state, session.node_list) == (State.STARTING, nodes):
             return 0
         fields: dict[str, Any] = {"node_list": nodes, "slurm_reason": ""}

@@ -22,7 +22,9 @@ from jobs.models import END_STATES, ClusterAccount, Session
 from jobs.services import launch, request_cancel
 from jobs.tasks import fetch_log
 
-LAUNCH_FIELDS = ("cluster", "partition", "gpu", "gpus", "nodes", "model", "quant", "runtime", "context", "walltime")
+LAUNCH_FIELDS = (
+    "cluster", "partition", "gpu", "gpus", "nodes", "model", "quant", "runtime", "context", "walltime", "notify",
+)  # fmt: skip
 
 
 def get_session_for(request: HttpRequest, pk: Any) -> Session:

@@ -16,7 +16,7 @@ from catalog.plans import plans, request_for
 from jobs.models import ClusterAccount
 from jobs.queue import QueueView, queue_views
 
-REMEMBERED = ("model", "quant", "runtime", "context", "walltime", "purpose")
+REMEMBERED = ("model", "quant", "runtime", "context", "walltime", "purpose", "notify")
 RUNTIMES_FOR_FORMAT = {"gguf": ["llama.cpp", "ollama"], "ollama": ["ollama"], "safetensors": ["vllm"]}
 DEFAULT_CONTEXT = 4096
 DEFAULT_WALLTIME_MIN = 120
@@ -61,6 +61,7 @@ class WizardState:
     context: int = DEFAULT_CONTEXT
     walltime: int = DEFAULT_WALLTIME_MIN
     purpose: str = "chat"
+    notify: bool = False
     estimate: Estimate | None = None
     segments: list[Segment] = field(default_factory=list)
     bars: list[GPUBar] = field(default_factory=list)
@@ -123,6 +124,7 @@ def build(user: Any, params: Any, errors: list[str] | None = None) -> WizardStat
     )
     state.walltime = _int(params.get("walltime"), DEFAULT_WALLTIME_MIN, 1, 60 * 24 * 14)
     state.purpose = "batch" if params.get("purpose") == "batch" else "chat"
+    state.notify = params.get("notify") in ("on", "1", "true", True)
     if not state.runtime:
         state.errors.append(f"No cluster offers a runtime for {state.variant} yet.")
         return state

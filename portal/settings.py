@@ -156,6 +156,16 @@ PORTAL_WIZARD_ASKS_SLURM = env_bool("PORTAL_WIZARD_ASKS_SLURM", True)
 PORTAL_QUEUE_REFRESH_S = env_int("PORTAL_QUEUE_REFRESH_S", 60, minimum=5)
 PORTAL_LOG_TAIL_BYTES = env_int("PORTAL_LOG_TAIL_BYTES", 65536, minimum=1024)
 
+# Email for session notifications; EMAIL_URL-style settings come from the environment.
+PORTAL_BASE_URL = env_str("PORTAL_BASE_URL", "http://127.0.0.1:8000")
+EMAIL_HOST = env_str("EMAIL_HOST", "localhost")
+EMAIL_PORT = env_int("EMAIL_PORT", 25, minimum=1)
+EMAIL_HOST_USER = env_str("EMAIL_HOST_USER", "")
+EMAIL_HOST_PASSWORD = env_secret("EMAIL_HOST_PASSWORD") or ""
+EMAIL_USE_TLS = env_bool("EMAIL_USE_TLS", False)
+DEFAULT_FROM_EMAIL = env_str("DEFAULT_FROM_EMAIL", "hpc-llm-portal@localhost")
+EMAIL_TIMEOUT = 10
+
 SESSION_COOKIE_SECURE = env_bool("PORTAL_SECURE_COOKIES", False)
 CSRF_COOKIE_SECURE = SESSION_COOKIE_SECURE
 SESSION_COOKIE_HTTPONLY = True

@@ -1,0 +1,59 @@
+"""Emails when a session runs and before its time is up: sent once each, only when asked for."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+import pytest
+from django.core import mail
+from django.utils import timezone
+
+from jobs import notify, remote, tasks
+from jobs.models import ClusterAccount, Session, State, transition
+from jobs.services import launch
+from jobs.slurm import QueuedJob
+from tests.jobs.test_sessions_logic import LAUNCH
+
+
+@pytest.fixture
+def session(account: ClusterAccount, owner: Any, django_capture_on_commit_callbacks: Any) -> Session:
+    with django_capture_on_commit_callbacks(execute=False):
+        s = launch(owner, {**LAUNCH, "notify": True})
+    transition(s.pk, State.QUEUED, cause="test", job_id="42")
+    return Session.objects.get(pk=s.pk)
+
+
+def running_poll(s: Session) -> remote.PollResult:
+    job = QueuedJob("42", "x", "RUNNING", "", None, "node1", 0, 60, "gpu", 1)
+    return remote.PollResult(
+        squeue_ok=True, complete=True, queued={"42": job}, connections={str(s.pk): {"host": "10.0.0.1", "port": 5000}}
+    )
+
+
+def test_the_owner_gets_one_email_when_the_session_runs(session: Session) -> None:
+    assert session.notify_email
+    tasks.apply_poll(session, running_poll(session))
+    session.refresh_from_db()
+    tasks.apply_poll(session, running_poll(session))
+    assert len(mail.outbox) == 1
+    assert "tiny-llama is running on Local test cluster" in mail.outbox[0].subject
+    assert mail.outbox[0].to == ["ada@example.edu"]
+
+
+def test_no_email_unless_asked(account: ClusterAccount, owner: Any, django_capture_on_commit_callbacks: Any) -> None:
+    with django_capture_on_commit_callbacks(execute=False):
+        s = launch(owner, LAUNCH)
+    transition(s.pk, State.QUEUED, cause="test", job_id="42")
+    s.refresh_from_db()
+    tasks.apply_poll(s, running_poll(s))
+    assert mail.outbox == []
+
+
+def test_a_warning_goes_out_once_fifteen_minutes_before_the_time_limit(session: Session) -> None:
+    transition(session.pk, State.RUNNING, cause="test", started_at=timezone.now() - timedelta(minutes=10))
+    assert notify.warn_expiring() == 0  # 20 minutes left
+    Session.objects.filter(pk=session.pk).update(started_at=timezone.now() - timedelta(minutes=16))
+    assert notify.warn_expiring() == 1
+    assert notify.warn_expiring() == 0
+    assert "stops in 14 minutes" in mail.outbox[-1].subject or "stops in 13 minutes" in mail.outbox[-1].subject
