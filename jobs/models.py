@@ -171,6 +171,7 @@ class Session(models.Model):
     state = models.CharField(max_length=12, choices=State.choices, default=State.PENDING, db_index=True)
     slurm_reason = models.CharField(max_length=200, blank=True, help_text="Slurm's reason while the job waits.")
     estimated_start = models.DateTimeField(null=True, blank=True)
+    queue_position = models.PositiveIntegerField(null=True, blank=True, help_text="Place among pending jobs.")
     job_id = models.CharField(max_length=32, blank=True)
     node_list = models.CharField(max_length=500, blank=True)
     host = models.CharField(max_length=253, blank=True)

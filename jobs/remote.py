@@ -63,6 +63,9 @@ live=$(squeue -h -u "$(id -un)" -o '@FORMAT@' 2>&1)
 rc=$?
 echo "@@squeue $rc"
 printf '%s\n' "$live"
+# Every pending job by priority, for the sessions' places in their partitions' queues.
+echo "@@order"
+squeue -h -t PENDING --sort=-p,i -o '%P|%i' 2>/dev/null
 declare -A listed=()
 if [ "$rc" -eq 0 ]; then
   while IFS='|' read -r jid _; do [ -n "$jid" ] && listed[$jid]=1; done <<<"$live"
@@ -166,7 +169,12 @@ class PollResult:
     asked_gone: set[str] = field(default_factory=set)  # job ids sacct/scontrol were asked about successfully
     connections: dict[str, dict[str, object]] = field(default_factory=dict)  # session id -> connection.json
     errors: dict[str, str] = field(default_factory=dict)  # session id -> error file
+    pending_order: dict[str, list[str]] = field(default_factory=dict)  # partition -> pending job ids by priority
     complete: bool = False
+
+    def queue_position(self, partition: str, job_id: str) -> int | None:
+        order = self.pending_order.get(partition, [])
+        return order.index(job_id) + 1 if job_id in order else None
 
 
 _SACCT_FIELDS = ("JobID", "JobName", "JobState", "ExitCode", "StartTime", "EndTime", "NodeList", "Reason")
@@ -219,6 +227,11 @@ def parse_poll(text: str) -> PollResult:
                 result.connections[args[0]] = data
         elif kind == "error" and args and _UUID.match(args[0]):
             result.errors[args[0]] = content
+        elif kind == "order":
+            for line in content.splitlines():
+                partition, _, job_id = line.strip().partition("|")
+                if job_id:
+                    result.pending_order.setdefault(partition, []).append(job_id)
         elif kind == "end":
             result.complete = True
     return result

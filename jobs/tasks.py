@@ -204,11 +204,9 @@ def apply_poll(session: Session, polled: remote.PollResult) -> int:
         nodes = queued.node_list if queued.node_list not in {"", "(null)"} else ""
         if queued.state in slurm.PENDING_STATES:
             estimate = _aware(queued.start_time)
-            if (session.state, session.slurm_reason, session.estimated_start) == (
-                State.QUEUED,
-                queued.reason,
-                estimate,
-            ):
+            position = polled.queue_position(queued.partition, queued.job_id)
+            now_seen = (State.QUEUED, queued.reason, estimate, position)
+            if (session.state, session.slurm_reason, session.estimated_start, session.queue_position) == now_seen:
                 return 0
             return int(
                 transition(
@@ -218,6 +216,7 @@ def apply_poll(session: Session, polled: remote.PollResult) -> int:
                     allowed_from={State.QUEUED, State.UNKNOWN},
                     slurm_reason=queued.reason,
                     estimated_start=estimate,
+                    queue_position=position,
                 )
             )
         if queued.state not in slurm.ACTIVE_STATES:

@@ -146,3 +146,16 @@ def test_submit_output_without_a_job_id_is_an_error() -> None:
 def test_parse_poll_never_raises_on_garbage(text: str) -> None:
     result = remote.parse_poll(text)
     assert isinstance(result.queued, dict)
+
+
+def test_poll_reads_each_pending_jobs_place_in_its_partitions_queue(tmp_path: Path) -> None:
+    env = fake_bin(
+        tmp_path,
+        squeue=(
+            'if [[ "$*" == *PENDING* ]]; then printf "gpu|7\\ngpu|101\\ndevel|9\\n"; '
+            f"else echo '101|hpcllm-{A}|PENDING|Priority|N/A|(null)|0:00|1:00:00|gpu|1'; fi"
+        ),
+    )
+    result = remote.parse_poll(run(remote.poll_command([(A, "101")]), env).stdout)
+    assert result.complete and result.queue_position("gpu", "101") == 2
+    assert result.queue_position("devel", "101") is None

@@ -249,3 +249,12 @@ def test_a_cancel_that_gave_up_is_repeated_by_the_poll(session: Session, monkeyp
     monkeypatch.setattr(ssh.pool, "run", cluster)
     tasks.poll_account(s.account_id)
     assert commands[1:] == ["scancel 42"]
+
+
+def test_a_queued_session_knows_its_place_in_the_queue(session: Session) -> None:
+    s = submitted(session)
+    polled = poll(queued={"42": queued_job("42", "PENDING", "Priority")}, pending_order={"gpu": ["7", "42"]})
+    assert tasks.apply_poll(s, polled)
+    s.refresh_from_db()
+    assert s.queue_position == 2
+    assert not tasks.apply_poll(s, polled)
