@@ -173,8 +173,9 @@ class PollResult:
     complete: bool = False
 
     def queue_position(self, partition: str, job_id: str) -> int | None:
-        order = self.pending_order.get(partition, [])
-        return order.index(job_id) + 1 if job_id in order else None
+        if not hasattr(self, "_positions"):
+            self._positions = {(p, j): i for p, jobs in self.pending_order.items() for i, j in enumerate(jobs, start=1)}
+        return self._positions.get((partition, job_id))
 
 
 _SACCT_FIELDS = ("JobID", "JobName", "JobState", "ExitCode", "StartTime", "EndTime", "NodeList", "Reason")
