@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import uuid
+from queue import Empty
 from time import monotonic
 from typing import Any
 
@@ -25,7 +26,7 @@ log = logging.getLogger(__name__)
 
 
 class Channel(filesystem.Channel):
-    def _put(self, queue: str, payload: Any, **kwargs: Any) -> None:
+    def _put(self, queue: str, payload: Any, **kwargs: Any) -> None:  # type: ignore[override]
         name = f"{round(monotonic() * 1000)}_{uuid.uuid4()}.{queue}.msg"
         final = os.path.join(self.data_folder_out, name)
         # The leading dot keeps the reader's "<id>.<queue>.msg" match off the file until it is complete.
@@ -37,12 +38,12 @@ class Channel(filesystem.Channel):
         except OSError as exc:
             raise ChannelError(f"Cannot add file {final!r} to directory") from exc
 
-    def _get(self, queue: str) -> Any:
+    def _get(self, queue: str, timeout: float | None = None) -> Any:
         try:
             return super()._get(queue)
         except json.JSONDecodeError:
             log.error("a message of queue %s could not be decoded and was dropped", queue)
-            raise filesystem.Empty() from None
+            raise Empty() from None
 
 
 class Transport(filesystem.Transport):

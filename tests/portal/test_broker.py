@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -54,6 +55,7 @@ def test_a_reader_in_the_middle_of_a_write_sees_no_torn_message(
     """Run a worker's read while the message is being serialised: kombu's own transport has created the empty file
     by then (the reader gets undecodable bytes); ours has not written anything visible yet."""
     import json
+    import queue
 
     from kombu import Connection
     from kombu.transport import filesystem
@@ -64,7 +66,7 @@ def test_a_reader_in_the_middle_of_a_write_sees_no_torn_message(
     options = {"data_folder_in": str(tmp_path), "data_folder_out": str(tmp_path)}
     seen: list[str] = []
     with Connection("filesystem://", transport=transport, transport_options=options) as conn:
-        channel = conn.default_channel
+        channel: Any = conn.default_channel
 
         def dumps_while_reading(payload: object) -> str:
             try:
@@ -72,7 +74,7 @@ def test_a_reader_in_the_middle_of_a_write_sees_no_torn_message(
                 seen.append("message")
             except json.JSONDecodeError:
                 seen.append("torn")
-            except filesystem.Empty:
+            except queue.Empty:
                 seen.append("nothing")
             return kombu_json.dumps(payload)
 
