@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import secrets
 import uuid
 from datetime import datetime, timedelta
@@ -192,6 +193,13 @@ class Session(models.Model):
     last_seen_at = models.DateTimeField(null=True, blank=True)
     cancel_requested_at = models.DateTimeField(null=True, blank=True)
     notify_email = models.BooleanField(default=False, help_text="Email the owner when it runs and before it ends.")
+    alias = models.CharField(
+        max_length=40,
+        blank=True,
+        validators=[RegexValidator(r"^[A-Za-z0-9][A-Za-z0-9_.-]*\Z")],
+        help_text="A short name scripts may use as the model instead of the uuid.",
+    )
+    last_activity_at = models.DateTimeField(null=True, blank=True)
     start_notified_at = models.DateTimeField(null=True, blank=True)
     expiry_warned_at = models.DateTimeField(null=True, blank=True)
     # The launch form's one-time token: a double submit finds the session the first one created.
@@ -318,3 +326,48 @@ class PartitionState(models.Model):
 
     def __str__(self) -> str:
         return f"{self.partition} {self.gres_type}: {self.idle_gpus}/{self.total_gpus} idle"
+
+
+def _token_digest(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+class ApiToken(models.Model):
+    """A personal token for scripts (the openai client's api_key). Only its SHA-256 is stored; it is shown once."""
+
+    PREFIX = "hpcllm_"
+
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="api_tokens")
+    name = models.CharField(max_length=100)
+    digest = models.CharField(max_length=64, unique=True, editable=False)
+    hint = models.CharField(
+        max_length=16, editable=False, help_text="The token's first characters, to tell tokens apart."
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+    last_used_at = models.DateTimeField(null=True, blank=True)
+    revoked_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.hint}…)"
+
+    @classmethod
+    def issue(cls, user: Any, name: str) -> tuple[ApiToken, str]:
+        """A new token; the plain text is returned once and never stored."""
+        token = cls.PREFIX + secrets.token_urlsafe(32)
+        row = cls.objects.create(user=user, name=name, digest=_token_digest(token), hint=token[: len(cls.PREFIX) + 6])
+        return row, token
+
+    @classmethod
+    def authenticate(cls, token: str) -> ApiToken | None:
+        if not token.startswith(cls.PREFIX):
+            return None
+        row = cls.objects.select_related("user").filter(digest=_token_digest(token), revoked_at__isnull=True).first()
+        if row is None or not row.user.is_active:
+            return None
+        # Throttled: one write a minute is enough to show "last used".
+        if row.last_used_at is None or timezone.now() - row.last_used_at > timedelta(minutes=1):
+            cls.objects.filter(pk=row.pk).update(last_used_at=timezone.now())
+        return row

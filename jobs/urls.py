@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from django.urls import path
 
-from jobs import views
+from jobs import proxy, views
 
 app_name = "jobs"
 urlpatterns = [
@@ -14,6 +14,8 @@ urlpatterns = [
     path("sessions/<uuid:pk>/delete", views.session_delete, name="delete"),
     path("sessions/<uuid:pk>/relaunch", views.session_relaunch, name="relaunch"),
     path("sessions/<uuid:pk>/log", views.session_log, name="log"),
+    path("sessions/<uuid:pk>/v1/<path:path>", proxy.session_proxy, name="session-proxy"),
+    path("api/v1/<path:path>", proxy.api_proxy, name="api"),
     path("clusters/accounts/", views.cluster_accounts, name="accounts"),
     path("clusters/accounts/<int:pk>/test", views.account_test, name="account-test"),
 ]

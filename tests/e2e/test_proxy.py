@@ -1,0 +1,180 @@
+"""The proxy and the API against a real llama-server session on the local cluster: streaming, the openai client,
+tokens, and who may use which route."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from io import StringIO
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from asgiref.sync import async_to_sync
+from django.core.management import call_command
+from django.test import AsyncClient
+
+from jobs import backend, ssh
+from jobs.models import ApiToken, Session, State
+from tests.e2e.sessions import LAUNCH, cancel_all_jobs, drive, local_account
+from tests.e2e.test_worker import worker_env
+from tests.worker import REPO
+
+pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
+CHAT = {"messages": [{"role": "user", "content": "hello"}], "max_tokens": 8}
+
+
+@pytest.fixture
+def running(local_catalog: dict[str, Any], owner: Any, django_capture_on_commit_callbacks: Any) -> Iterator[Session]:
+    from jobs.services import launch
+    from jobs.tasks import submit_session
+
+    local_account(owner, local_catalog)
+    with django_capture_on_commit_callbacks(execute=False):
+        session = launch(owner, LAUNCH)
+    submit_session.apply(args=(str(session.pk),))
+    session = drive(Session.objects.get(pk=session.pk), lambda s: s.state == State.RUNNING or s.is_ended)
+    assert session.state == State.RUNNING, session.end_reason
+    Session.objects.filter(pk=session.pk).update(alias="tiny")
+    yield Session.objects.get(pk=session.pk)
+    cancel_all_jobs()
+    ssh.pool.close_all()
+    backend.close_forwards()
+
+
+def sse_chunks(body: bytes) -> list[dict[str, Any]]:
+    events = []
+    for line in body.decode().splitlines():
+        if line.startswith("data: ") and line != "data: [DONE]":
+            events.append(json.loads(line[6:]))
+    return events
+
+
+def test_the_browser_route_streams_a_chat_for_the_owner(running: Session, owner: Any) -> None:
+    async def chat() -> tuple[int, str, bytes]:
+        client = AsyncClient()
+        await client.aforce_login(owner)
+        reply = await client.post(
+            f"/sessions/{running.pk}/v1/chat/completions", {**CHAT, "stream": True}, content_type="application/json"
+        )
+        body = b"".join([chunk async for chunk in reply.streaming_content])  # type: ignore[attr-defined]
+        return reply.status_code, reply["Content-Type"], body
+
+    status, content_type, body = async_to_sync(chat)()
+    assert status == 200 and content_type.startswith("text/event-stream")
+    chunks = sse_chunks(body)
+    assert len(chunks) >= 2 and "choices" in chunks[0]
+    assert running.api_key.encode() not in body
+    assert Session.objects.get(pk=running.pk).last_activity_at is not None
+
+
+def test_who_may_use_which_route(running: Session, owner: Any, other_user: Any, admin_user: Any) -> None:
+    async_to_sync(_matrix)(running, owner, other_user, admin_user)
+
+
+async def _matrix(running: Session, owner: Any, other_user: Any, admin_user: Any) -> None:
+    _, token = await _issue(owner)
+    _, other_token = await _issue(other_user)
+    routes: list[tuple[str, dict[str, Any] | None]] = [
+        (f"/sessions/{running.pk}/v1/models", None),
+        (f"/sessions/{running.pk}/v1/chat/completions", CHAT),
+    ]
+    expected = {"owner": 200, "other": 404, "anonymous": 401, "admin": 200}
+    for who, user in (("owner", owner), ("other", other_user), ("anonymous", None), ("admin", admin_user)):
+        client = AsyncClient()
+        if user is not None:
+            await client.aforce_login(user)
+        for url, data in routes:
+            if data:
+                reply = await client.post(url, data, content_type="application/json")
+            else:
+                reply = await client.get(url)
+            assert reply.status_code == expected[who], (who, url, reply.status_code)
+    api = AsyncClient()
+    cases = (("owner", token, 200), ("other", other_token, 404), ("none", "", 401), ("bad", "hpcllm_x", 401))
+    for who, key, status in cases:
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        reply = await api.post("/api/v1/chat/completions", {**CHAT, "model": str(running.pk)},
+                               content_type="application/json", headers=headers)  # fmt: skip
+        assert reply.status_code == status, (who, reply.status_code)
+    auth = {"Authorization": f"Bearer {token}"}
+    refused = await api.post("/api/v1/slots/0", {}, content_type="application/json", headers=auth)
+    assert refused.status_code == 404  # only the OpenAI routes are forwarded
+
+
+async def _issue(user: Any) -> tuple[ApiToken, str]:
+    from asgiref.sync import sync_to_async
+
+    return await sync_to_async(ApiToken.issue)(user, "test")
+
+
+def test_the_backend_refuses_requests_without_the_session_key(running: Session) -> None:
+    url = backend.base_url(running)
+    assert httpx.post(f"{url}/v1/chat/completions", json=CHAT, timeout=10).status_code == 401
+
+
+def test_a_stopped_session_answers_409_with_its_state(running: Session, owner: Any) -> None:
+    Session.objects.filter(pk=running.pk).update(state=State.QUEUED)
+    from django.test import Client
+
+    client = Client()
+    client.force_login(owner)
+    reply = client.get(f"/sessions/{running.pk}/v1/models")
+    assert reply.status_code == 409 and reply.json()["error"]["code"] == "queued"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+def portal_server(running: Session, tmp_path: Path) -> Iterator[str]:
+    """uvicorn serving the portal (ASGI) against this test's database."""
+    port = free_port()
+    log = (tmp_path / "uvicorn.log").open("wb")
+    server = subprocess.Popen(
+        [sys.executable, "-m", "uvicorn", "portal.asgi:application", "--port", str(port), "--lifespan", "off"],
+        cwd=REPO, env=worker_env(), stdout=log, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(100):
+        try:
+            httpx.get(f"{url}/healthz", timeout=1)
+            break
+        except httpx.TransportError:
+            time.sleep(0.1)
+    yield url
+    server.terminate()
+    server.wait(timeout=10)
+
+
+def test_the_openai_client_streams_through_the_api_and_a_revoked_token_is_refused(
+    portal_server: str, running: Session, owner: Any
+) -> None:
+    import openai
+
+    out = StringIO()
+    call_command("apitoken", "create", owner.get_username(), "--name", "laptop", stdout=out)
+    token = out.getvalue().strip()
+    client = openai.OpenAI(base_url=f"{portal_server}/api/v1", api_key=token, max_retries=0)
+    assert [m.id for m in client.models.list()] == ["tiny"]
+    stream = client.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "hello"}], max_tokens=8, stream=True
+    )
+    pieces = [chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices]
+    assert len(pieces) >= 2
+    whole = client.chat.completions.create(
+        model=str(running.pk), messages=[{"role": "user", "content": "hello"}], max_tokens=8
+    )
+    assert whole.choices[0].message.role == "assistant" and whole.usage and whole.usage.completion_tokens > 0
+    token_id = ApiToken.objects.get(user=owner, name="laptop").pk
+    call_command("apitoken", "revoke", str(token_id), stdout=StringIO())
+    with pytest.raises(openai.AuthenticationError):
+        client.models.list()
