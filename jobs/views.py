@@ -13,12 +13,13 @@ from django.db.models import QuerySet
 from django.http import Http404, HttpRequest, HttpResponse, HttpResponseRedirect
 from django.shortcuts import render
 from django.urls import reverse
+from django.utils import timezone
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 from django_htmx.http import HttpResponseClientRedirect
 
 from catalog.models import Cluster
 from jobs import ssh, wizard
-from jobs.models import END_STATES, ClusterAccount, Session
+from jobs.models import END_STATES, ApiToken, ClusterAccount, Session
 from jobs.services import launch, request_cancel
 from jobs.tasks import fetch_log
 
@@ -192,3 +193,25 @@ def _messages(exc: ValidationError) -> list[str]:
                     out.append(message if field == "__all__" else f"{field}: {message}")
         return out
     return list(exc.messages)
+
+
+@login_required
+@require_http_methods(["GET", "POST"])
+def api_tokens(request: HttpRequest) -> HttpResponse:
+    """Create (shown once), list and revoke personal API tokens."""
+    created = ""
+    if request.method == "POST":
+        if "revoke" in request.POST:
+            ApiToken.objects.filter(pk=request.POST.get("revoke") or 0, user_id=request.user.pk or 0).update(
+                revoked_at=timezone.now()
+            )
+            messages.info(request, "Token revoked: scripts using it are refused from now on.")
+            return HttpResponseRedirect(reverse("jobs:tokens"))
+        name = (request.POST.get("name") or "").strip()[:100]
+        if not name:
+            messages.error(request, "Give the token a name, e.g. the machine or script that uses it.")
+        else:
+            _, created = ApiToken.issue(request.user, name)
+    tokens = ApiToken.objects.filter(user_id=request.user.pk or 0)
+    base = request.build_absolute_uri(reverse("jobs:api", args=["x"])).removesuffix("/x")
+    return render(request, "jobs/tokens.html", {"tokens": tokens, "created": created, "base": base})

@@ -1,0 +1,136 @@
+// Streaming chat over the portal's proxy. Model text is only ever inserted as textContent while streaming; the
+// server returns the finished reply as sanitised HTML (Markdown through nh3).
+(function () {
+  "use strict";
+  var form = document.getElementById("chat-form");
+  if (!form) return;
+  var list = document.getElementById("messages");
+  var input = document.getElementById("id_message");
+  var send = document.getElementById("send"), stop = document.getElementById("stop");
+  var regenerate = document.getElementById("regenerate"), edit = document.getElementById("edit");
+  var csrf = form.querySelector("input[name=csrfmiddlewaretoken]").value;
+  var controller = null;
+
+  function history() {
+    var out = [];
+    var system = document.getElementById("id_system_prompt").value.trim();
+    if (system) out.push({ role: "system", content: system });
+    list.querySelectorAll("li").forEach(function (li) {
+      var role = li.className.indexOf("msg-user") >= 0 ? "user" : "assistant";
+      out.push({ role: role, content: li.dataset.raw || li.querySelector(".body").textContent });
+    });
+    return out;
+  }
+
+  function bubble(role, text) {
+    var li = document.createElement("li");
+    li.className = "msg-" + role;
+    var who = document.createElement("div"); who.className = "who"; who.textContent = role === "user" ? "You" : "Model";
+    var body = document.createElement("div"); body.className = "body md"; body.textContent = text;
+    li.appendChild(who); li.appendChild(body); li.dataset.raw = text;
+    list.appendChild(li);
+    return li;
+  }
+
+  function busy(on) {
+    send.disabled = on; stop.hidden = !on;
+    regenerate.hidden = on || !list.querySelector("li.msg-assistant");
+    edit.hidden = on || !list.querySelector("li.msg-user");
+  }
+
+  async function ask(userText) {
+    var messages = history();
+    if (userText) { messages.push({ role: "user", content: userText }); bubble("user", userText); }
+    var reply = bubble("assistant", "");
+    var body = reply.querySelector(".body");
+    var text = "", started = performance.now(), first = null, usage = null;
+    controller = new AbortController();
+    busy(true);
+    try {
+      var response = await fetch(form.dataset.api, {
+        method: "POST", signal: controller.signal,
+        headers: { "Content-Type": "application/json", "X-CSRFToken": csrf },
+        body: JSON.stringify({
+          model: form.dataset.model, messages: messages, stream: true, stream_options: { include_usage: true },
+          temperature: parseFloat(document.getElementById("id_temperature").value),
+          top_p: parseFloat(document.getElementById("id_top_p").value),
+          max_tokens: parseInt(document.getElementById("id_max_tokens").value, 10),
+        }),
+      });
+      if (!response.ok) { var err = await response.json(); throw new Error(err.error ? err.error.message : response.statusText); }
+      var reader = response.body.getReader(), decoder = new TextDecoder(), buffer = "";
+      for (;;) {
+        var chunk = await reader.read();
+        if (chunk.done) break;
+        buffer += decoder.decode(chunk.value, { stream: true });
+        var lines = buffer.split("\n"); buffer = lines.pop();
+        lines.forEach(function (line) {
+          if (line.indexOf("data: ") !== 0 || line === "data: [DONE]") return;
+          var event = JSON.parse(line.slice(6));
+          if (event.usage) usage = event.usage;
+          var delta = event.choices && event.choices[0] && event.choices[0].delta;
+          if (delta && delta.content) {
+            if (first === null) first = performance.now();
+            text += delta.content; body.textContent = text;
+          }
+        });
+      }
+    } catch (e) {
+      if (e.name !== "AbortError") { body.textContent = text + "\n\n(" + e.message + ")"; }
+    }
+    var ended = performance.now();
+    var stats = { ttft_ms: first === null ? null : Math.round(first - started) };
+    if (usage) { stats.prompt_tokens = usage.prompt_tokens; stats.completion_tokens = usage.completion_tokens; }
+    if (usage && first !== null && ended > first) stats.tokens_per_s = usage.completion_tokens / ((ended - first) / 1000);
+    reply.dataset.raw = text;
+    var saved = await fetch(form.dataset.save, {
+      method: "POST", headers: { "Content-Type": "application/json", "X-CSRFToken": csrf },
+      body: JSON.stringify({ user: userText || "", assistant: text, stats: stats,
+                             system_prompt: document.getElementById("id_system_prompt").value }),
+    });
+    if (saved.ok) {
+      var data = await saved.json();
+      reply.dataset.id = data.id;
+      body.innerHTML = data.html;  // sanitised on the server
+      var line = document.createElement("div"); line.className = "stats small muted";
+      line.textContent = (stats.ttft_ms !== null ? "first token " + stats.ttft_ms + " ms · " : "") +
+        (stats.tokens_per_s ? stats.tokens_per_s.toFixed(1) + " tokens/s · " : "") + (stats.completion_tokens || 0) + " tokens";
+      reply.appendChild(line);
+    }
+    controller = null;
+    busy(false);
+  }
+
+  async function forgetFrom(li) {
+    if (!li || !li.dataset.id) { if (li) li.remove(); return; }
+    var data = new FormData(); data.append("from", li.dataset.id);
+    await fetch(form.dataset.truncate, { method: "POST", headers: { "X-CSRFToken": csrf }, body: data });
+    var node = li; while (node) { var next = node.nextElementSibling; node.remove(); node = next; }
+  }
+
+  form.addEventListener("submit", function (e) {
+    e.preventDefault();
+    var text = input.value.trim();
+    if (!text || controller) return;
+    input.value = "";
+    ask(text);
+  });
+  input.addEventListener("keydown", function (e) {
+    if (e.key === "Enter" && !e.shiftKey) { e.preventDefault(); form.requestSubmit(); }
+  });
+  stop.addEventListener("click", function () { if (controller) controller.abort(); });
+  regenerate.addEventListener("click", async function () {
+    var last = list.querySelector("li.msg-assistant:last-of-type");
+    await forgetFrom(last);
+    ask(null);
+  });
+  edit.addEventListener("click", async function () {
+    var users = list.querySelectorAll("li.msg-user"), last = users[users.length - 1];
+    if (!last) return;
+    input.value = last.dataset.raw || last.querySelector(".body").textContent;
+    await forgetFrom(last);
+    input.focus();
+    busy(false);
+  });
+  busy(false);
+})();
