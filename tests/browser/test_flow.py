@@ -20,7 +20,7 @@ from jobs.models import Session
 from tests.conftest import REPO
 from tests.e2e.sessions import cancel_all_jobs, local_account
 from tests.e2e.test_worker import worker_env
-from tests.worker import Worker
+from tests.worker import PortalServer, Worker
 
 pytestmark = [pytest.mark.browser, pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
 CHROMIUM = "/usr/bin/chromium"
@@ -40,13 +40,15 @@ def browser() -> Iterator[Browser]:
 
 
 @pytest.fixture
-def portal(live_server: Any, local_catalog: dict[str, Any], tmp_path: Path, settings: Any) -> Iterator[str]:
-    settings.PORTAL_WIZARD_ASKS_SLURM = True
+def portal(local_catalog: dict[str, Any], tmp_path: Path) -> Iterator[str]:
+    """uvicorn (ASGI, streaming as in production) and a Celery worker with beat, on the test database."""
     user = get_user_model().objects.create_user("researcher", "r@example.edu", PASSWORD)
     local_account(user, local_catalog)
     worker = Worker(worker_env(), tmp_path / "worker.log")
     worker.start()
-    yield live_server.url
+    server = PortalServer(worker_env(), tmp_path / "uvicorn.log")
+    yield server.start()
+    server.stop()
     worker.stop()
     cancel_all_jobs()
     ssh.pool.close_all()
@@ -95,10 +97,35 @@ def test_sign_in_launch_run_and_cancel_with_javascript(browser: Browser, portal:
     shot(page, "js/6-running")
     assert Session.objects.count() == 1
 
+    # Chat: streamed reply with its timings, Stop, and the conversation is still there after a reload.
+    card.get_by_role("link", name="Open chat").click()
+    page.get_by_role("button", name="New chat").click()
+    page.locator("#id_message").fill("Say something")
+    page.locator("#id_message").press("Enter")
+    reply = page.locator("li.msg-assistant").last
+    expect(reply.locator(".stats")).to_contain_text("tokens", timeout=30_000)
+    expect(reply.locator(".stats")).to_contain_text("first token")
+    shot(page, "js/7-chat")
+    page.get_by_text("System prompt and sampling").click()
+    page.locator("#id_max_tokens").fill("100000")
+    page.locator("#id_message").fill("A very long answer, please")
+    page.locator("#id_message").press("Enter")
+    expect(page.get_by_role("button", name="Stop")).to_be_visible()
+    page.get_by_role("button", name="Stop").click()
+    expect(page.get_by_role("button", name="Send")).to_be_enabled(timeout=30_000)
+    page.reload()
+    expect(page.locator("li.msg-user")).to_have_count(2)
+    expect(page.locator("li.msg-assistant")).to_have_count(2)
+    exported = page.request.get(portal + (page.get_by_role("link", name="Export JSON").get_attribute("href") or ""))
+    assert [m["role"] for m in exported.json()["messages"]] == ["user", "assistant", "user", "assistant"]
+    shot(page, "js/8-chat-after-reload")
+    page.goto(f"{portal}/sessions/")
+    card = page.locator("li.session").first
+
     card.get_by_role("button", name="Cancel").click()
     expect(card.locator(".badge")).to_have_attribute("data-state", "cancelled", timeout=60_000)
     expect(card).to_contain_text("Cancelled: cancelled from the portal")
-    shot(page, "js/7-cancelled")
+    shot(page, "js/9-cancelled")
 
 
 def test_the_same_flow_works_without_javascript(browser: Browser, portal: str) -> None:

@@ -4,10 +4,6 @@ tokens, and who may use which route."""
 from __future__ import annotations
 
 import json
-import socket
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from io import StringIO
 from pathlib import Path
@@ -23,7 +19,7 @@ from jobs import backend, ssh
 from jobs.models import ApiToken, Session, State
 from tests.e2e.sessions import LAUNCH, cancel_all_jobs, drive, local_account
 from tests.e2e.test_worker import worker_env
-from tests.worker import REPO
+from tests.worker import PortalServer
 
 pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
 CHAT = {"messages": [{"role": "user", "content": "hello"}], "max_tokens": 8}
@@ -128,31 +124,11 @@ def test_a_stopped_session_answers_409_with_its_state(running: Session, owner: A
     assert reply.status_code == 409 and reply.json()["error"]["code"] == "queued"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture
 def portal_server(running: Session, tmp_path: Path) -> Iterator[str]:
-    """uvicorn serving the portal (ASGI) against this test's database."""
-    port = free_port()
-    log = (tmp_path / "uvicorn.log").open("wb")
-    server = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "portal.asgi:application", "--port", str(port), "--lifespan", "off"],
-        cwd=REPO, env=worker_env(), stdout=log, stderr=subprocess.STDOUT,
-    )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(100):
-        try:
-            httpx.get(f"{url}/healthz", timeout=1)
-            break
-        except httpx.TransportError:
-            time.sleep(0.1)
-    yield url
-    server.terminate()
-    server.wait(timeout=10)
+    server = PortalServer(worker_env(), tmp_path / "uvicorn.log")
+    yield server.start()
+    server.stop()
 
 
 def test_the_openai_client_streams_through_the_api_and_a_revoked_token_is_refused(
