@@ -200,6 +200,10 @@ class Session(models.Model):
         help_text="A short name scripts may use as the model instead of the uuid.",
     )
     last_activity_at = models.DateTimeField(null=True, blank=True)
+    idle_cancel_min = models.PositiveIntegerField(
+        null=True, blank=True, help_text="Cancel the session after this many minutes without a request."
+    )
+    cancel_reason = models.CharField(max_length=200, blank=True)
     start_notified_at = models.DateTimeField(null=True, blank=True)
     expiry_warned_at = models.DateTimeField(null=True, blank=True)
     # The launch form's one-time token: a double submit finds the session the first one created.

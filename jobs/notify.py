@@ -63,3 +63,14 @@ def warn_expiring() -> int:
         )
         sent += 1
     return sent
+
+
+def session_idle_cancelled(session_id: str) -> None:
+    session = Session.objects.select_related("owner", "variant__model").get(pk=session_id)
+    if session.notify_email:
+        _send(
+            session,
+            f"{session.variant.model.name} was cancelled after {session.idle_cancel_min} idle minutes",
+            f"Your session {session.pk} had no requests for {session.idle_cancel_min} minutes and was cancelled, "
+            "as you asked at launch. Its chats are kept; relaunch it from My sessions.\n",
+        )

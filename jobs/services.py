@@ -35,6 +35,7 @@ class LaunchForm(forms.Form):
     cpus = forms.IntegerField(min_value=1, max_value=1024, required=False)
     memory_gib = forms.IntegerField(min_value=1, max_value=16384, required=False)
     notify = forms.BooleanField(required=False)
+    idle_cancel = forms.IntegerField(min_value=5, max_value=60 * 24 * 14, required=False)
 
     def __init__(self, *args: Any, user: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -163,6 +164,7 @@ def _create(user: Any, d: dict[str, Any], request_token: str) -> Session:
             context_length=d["context"],
             parallel=d["parallel"],
             notify_email=bool(d.get("notify")),
+            idle_cancel_min=d.get("idle_cancel"),
             request_token=request_token,
         )
         session.events.create(to_state=State.PENDING, cause=f"requested by {user.get_username()}")
@@ -216,7 +218,9 @@ def request_cancel(session: Session, cause: str) -> None:
     """Ask for the end of a session: at once when nothing was submitted, else through scancel in a task."""
     from jobs.tasks import cancel_session
 
-    Session.objects.filter(pk=session.pk, cancel_requested_at__isnull=True).update(cancel_requested_at=timezone.now())
+    Session.objects.filter(pk=session.pk, cancel_requested_at__isnull=True).update(
+        cancel_requested_at=timezone.now(), cancel_reason=cause[:200]
+    )
     if transition(session.pk, State.CANCELLED, cause=f"{cause} (before submission)", allowed_from={State.PENDING}):
         return
     transaction.on_commit(lambda: cancel_session.delay(str(session.pk)))

@@ -135,7 +135,25 @@ def poll_clusters() -> int:
     for account_id in account_ids:
         poll_account.apply_async((account_id,), expires=settings.PORTAL_POLL_INTERVAL_S * 2)
     notify.warn_expiring()
+    cancel_idle()
     return len(account_ids)
+
+
+def cancel_idle() -> int:
+    """Running sessions whose owner asked for it and that saw no request for that many minutes."""
+    from jobs.services import request_cancel
+
+    now = timezone.now()
+    cancelled = 0
+    running = Session.objects.filter(state=State.RUNNING, idle_cancel_min__isnull=False, cancel_requested_at=None)
+    for session in running:
+        last = session.last_activity_at or session.ready_at or session.state_changed_at
+        assert session.idle_cancel_min is not None
+        if now - last >= timedelta(minutes=session.idle_cancel_min):
+            request_cancel(session, f"idle for {session.idle_cancel_min} minutes: cancelled automatically")
+            notify.session_idle_cancelled(str(session.pk))
+            cancelled += 1
+    return cancelled
 
 
 @shared_task(name="jobs.poll_account", ignore_result=True)
@@ -283,7 +301,10 @@ def _end(session: Session, slurm_state: str, record: dict[str, str], error: str)
     if target == State.COMPLETED and error:
         target = State.FAILED
     if target == State.CANCELLED:
-        reason = "cancelled" + (" from the portal" if session.cancel_requested_at else " (scancel outside the portal)")
+        if session.cancel_requested_at:
+            reason = session.cancel_reason if session.cancel_reason.startswith("idle") else "cancelled from the portal"
+        else:
+            reason = "cancelled (scancel outside the portal)"
     elif target == State.TIMEOUT:
         reason = f"the job reached its time limit of {session.walltime_min} min"
     elif target == State.COMPLETED:

@@ -25,6 +25,7 @@ from jobs.tasks import fetch_log
 
 LAUNCH_FIELDS = (
     "cluster", "partition", "gpu", "gpus", "nodes", "model", "quant", "runtime", "context", "walltime", "notify",
+    "idle_cancel",
 )  # fmt: skip
 
 

@@ -16,7 +16,7 @@ from catalog.plans import plans, request_for
 from jobs.models import ClusterAccount
 from jobs.queue import QueueView, queue_views
 
-REMEMBERED = ("model", "quant", "runtime", "context", "walltime", "purpose", "notify")
+REMEMBERED = ("model", "quant", "runtime", "context", "walltime", "purpose", "notify", "idle_cancel")
 RUNTIMES_FOR_FORMAT = {"gguf": ["llama.cpp", "ollama"], "ollama": ["ollama"], "safetensors": ["vllm"]}
 DEFAULT_CONTEXT = 4096
 DEFAULT_WALLTIME_MIN = 120
@@ -62,6 +62,7 @@ class WizardState:
     walltime: int = DEFAULT_WALLTIME_MIN
     purpose: str = "chat"
     notify: bool = False
+    idle_cancel: int | None = None
     estimate: Estimate | None = None
     segments: list[Segment] = field(default_factory=list)
     bars: list[GPUBar] = field(default_factory=list)
@@ -125,6 +126,7 @@ def build(user: Any, params: Any, errors: list[str] | None = None) -> WizardStat
     state.walltime = _int(params.get("walltime"), DEFAULT_WALLTIME_MIN, 1, 60 * 24 * 14)
     state.purpose = "batch" if params.get("purpose") == "batch" else "chat"
     state.notify = params.get("notify") in ("on", "1", "true", True)
+    state.idle_cancel = _int(params.get("idle_cancel"), 0, 0, 60 * 24 * 14) or None
     if not state.runtime:
         state.errors.append(f"No cluster offers a runtime for {state.variant} yet.")
         return state

@@ -57,3 +57,23 @@ def test_a_warning_goes_out_once_fifteen_minutes_before_the_time_limit(session: 
     assert notify.warn_expiring() == 1
     assert notify.warn_expiring() == 0
     assert "stops in 14 minutes" in mail.outbox[-1].subject or "stops in 13 minutes" in mail.outbox[-1].subject
+
+
+def test_an_idle_session_is_cancelled_as_asked_and_says_why(
+    account: ClusterAccount, owner: Any, django_capture_on_commit_callbacks: Any
+) -> None:
+    with django_capture_on_commit_callbacks(execute=False):
+        s = launch(owner, {**LAUNCH, "idle_cancel": 30, "notify": True})
+    transition(s.pk, State.RUNNING, cause="test", job_id="42", ready_at=timezone.now() - timedelta(minutes=10))
+    with django_capture_on_commit_callbacks(execute=False):
+        assert tasks.cancel_idle() == 0  # 10 minutes idle of 30
+        Session.objects.filter(pk=s.pk).update(last_activity_at=timezone.now() - timedelta(minutes=31))
+        assert tasks.cancel_idle() == 1
+        assert tasks.cancel_idle() == 0  # asked once
+    s.refresh_from_db()
+    assert s.cancel_requested_at is not None and s.cancel_reason.startswith("idle for 30 minutes")
+    assert "cancelled after 30 idle minutes" in mail.outbox[-1].subject
+    record = {"JobState": "CANCELLED", "ExitCode": "0:15"}
+    tasks.apply_poll(s, remote.PollResult(squeue_ok=True, complete=True, finished={"42": record}, asked_gone={"42"}))
+    s.refresh_from_db()
+    assert s.state == State.CANCELLED and s.end_reason.startswith("idle for 30 minutes")
