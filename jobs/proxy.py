@@ -80,14 +80,19 @@ def _note_activity(session: Session) -> None:
         Session.objects.filter(pk=session.pk).update(last_activity_at=now)
 
 
+def _prepare(session: Session) -> tuple[str, str]:
+    """The synchronous part of forwarding, in one thread hop: where the server is, its key, the activity mark."""
+    _note_activity(session)
+    return _target(session), session.api_key
+
+
 async def _forward(request: HttpRequest, session: Session, path: str, body: bytes) -> HttpResponseBase:
     if session.state != State.RUNNING:
         return openai_error(409, f"session {session.pk} is {session.state}, not running", "session_not_running",
                             session.state)  # fmt: skip
-    base = await sync_to_async(_target)(session)
+    base, key = await sync_to_async(_prepare)(session)
     headers = {k: v for k, v in request.headers.items() if k.lower() in FORWARDED_HEADERS}
-    headers["authorization"] = f"Bearer {session.api_key}"
-    await sync_to_async(_note_activity)(session)
+    headers["authorization"] = f"Bearer {key}"
     client = _client()
     upstream_request = client.build_request(request.method or "GET", f"{base}/v1/{path}", content=body, headers=headers)
     try:
@@ -170,6 +175,14 @@ def _token_user(request: HttpRequest) -> Any:
     return row.user if row else None
 
 
+def _api_lookup(request: HttpRequest, model: Any) -> tuple[Any, Session | None]:
+    """Token and session in one thread hop."""
+    user = _token_user(request)
+    if user is None or not isinstance(model, str) or not model:
+        return user, None
+    return user, _owned_session(user, model)
+
+
 def _running_models(user: Any) -> list[dict[str, Any]]:
     sessions = Session.objects.filter(owner=user, state=State.RUNNING).select_related("variant__model")
     return [
@@ -182,22 +195,21 @@ def _running_models(user: Any) -> list[dict[str, Any]]:
 @csrf_exempt  # scripts authenticate with a bearer token, not a cookie, so there is nothing to forge
 async def api_proxy(request: HttpRequest, path: str) -> HttpResponseBase:
     """The scripts' route: /api/v1/<path> with a personal token; `model` names the session (uuid or alias)."""
-    user = await sync_to_async(_token_user)(request)
-    if user is None:
-        return openai_error(401, "a valid personal API token is needed (Authorization: Bearer hpcllm_…)",
-                            "authentication_error", "invalid_api_key")  # fmt: skip
     if refused := _check_route(request, path):
         return refused
-    if path.strip("/") == "models":
-        return JsonResponse({"object": "list", "data": await sync_to_async(_running_models)(user)})
     try:
-        payload = json.loads(request.body or b"{}")
+        payload = json.loads(request.body or b"{}") if path.strip("/") != "models" else {}
     except json.JSONDecodeError:
         return openai_error(400, "the request body is not JSON", "invalid_request_error")
     model = payload.get("model") if isinstance(payload, dict) else None
+    user, session = await sync_to_async(_api_lookup)(request, model)
+    if user is None:
+        return openai_error(401, "a valid personal API token is needed (Authorization: Bearer hpcllm_…)",
+                            "authentication_error", "invalid_api_key")  # fmt: skip
+    if path.strip("/") == "models":
+        return JsonResponse({"object": "list", "data": await sync_to_async(_running_models)(user)})
     if not isinstance(model, str) or not model:
         return openai_error(400, "name the session as the model (its uuid or alias)", "invalid_request_error")
-    session = await sync_to_async(_owned_session)(user, model)
     if session is None:
         return openai_error(404, f"you have no session {model!r}", "invalid_request_error", "model_not_found")
     body = _rewrite_model(request.body, session) or b""
