@@ -119,6 +119,14 @@ class ClusterAccount(models.Model):
         )
 
     @classmethod
+    def usable_by(cls, user: Any, cluster: Cluster) -> list[ClusterAccount]:
+        """Every account the user may submit through on the cluster: their own first, then shared ones."""
+        accounts = ClusterAccount.objects.filter(cluster=cluster)
+        own = list(accounts.filter(kind=cls.Kind.PERSONAL, user=user))
+        shared = list(accounts.filter(kind=cls.Kind.SERVICE, members=user).order_by("pk"))
+        return own + shared
+
+    @classmethod
     def for_user(cls, user: Any, cluster: Cluster) -> ClusterAccount | None:
         """The account a user submits through on a cluster: their own first, else a service account they are in."""
         own = cls.objects.filter(cluster=cluster, kind=cls.Kind.PERSONAL, user=user).first()

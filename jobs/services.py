@@ -35,6 +35,7 @@ class LaunchForm(forms.Form):
     cpus = forms.IntegerField(min_value=1, max_value=1024, required=False)
     memory_gib = forms.IntegerField(min_value=1, max_value=16384, required=False)
     notify = forms.BooleanField(required=False)
+    account = forms.IntegerField(required=False, help_text="Which of your accounts on the cluster (default: your own).")
     idle_cancel = forms.IntegerField(min_value=5, max_value=60 * 24 * 14, required=False)
 
     def __init__(self, *args: Any, user: Any, **kwargs: Any) -> None:
@@ -50,9 +51,13 @@ class LaunchForm(forms.Form):
             raise ValidationError({"cluster": f"There is no cluster {data['cluster']!r}."})
         if not cluster.host_key.strip():
             raise ValidationError({"cluster": f"{cluster.name} has no pinned SSH host key yet; ask an admin."})
-        account = ClusterAccount.for_user(self.user, cluster)
-        if account is None:
+        usable = ClusterAccount.usable_by(self.user, cluster)
+        if not usable:
             raise ValidationError({"cluster": f"You have no account on {cluster.name}; ask an admin to add one."})
+        chosen = next((a for a in usable if a.pk == data["account"]), None) if data.get("account") else usable[0]
+        if chosen is None:
+            raise ValidationError({"account": f"That is not one of your accounts on {cluster.name}."})
+        account = chosen
         partition = Partition.objects.filter(cluster=cluster, name=data["partition"]).first()
         if partition is None:
             raise ValidationError({"partition": f"{cluster.name} has no partition {data['partition']!r}."})

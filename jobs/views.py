@@ -25,7 +25,7 @@ from jobs.tasks import fetch_log
 
 LAUNCH_FIELDS = (
     "cluster", "partition", "gpu", "gpus", "nodes", "model", "quant", "runtime", "context", "walltime", "notify",
-    "idle_cancel",
+    "idle_cancel", "account",
 )  # fmt: skip
 
 

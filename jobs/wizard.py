@@ -45,6 +45,7 @@ class OptionRow:
     view: QueueView
     selectable: bool
     why_not: str = ""
+    accounts: list[ClusterAccount] = field(default_factory=list)
 
 
 @dataclass
@@ -148,10 +149,14 @@ def build(user: Any, params: Any, errors: list[str] | None = None) -> WizardStat
     options = plans(request, state.variant)
     views = queue_views(options, state.walltime, account_for=account_for, ask_slurm=settings.PORTAL_WIZARD_ASKS_SLURM)
     views.sort(key=lambda v: (not v.recommended, not v.option.fit.fits, v.option.gpus, -v.option.fit.headroom_gib))
+    usable: dict[int, list[ClusterAccount]] = {}
     for view in views:
-        has_account = account_for(view.option.node_group.partition.cluster) is not None
+        cluster = view.option.node_group.partition.cluster
+        if cluster.pk not in usable:
+            usable[cluster.pk] = ClusterAccount.usable_by(user, cluster)
+        has_account = bool(usable[cluster.pk])
         if view.option.fit.fits:
-            state.fitting.append(OptionRow(view, selectable=has_account))
+            state.fitting.append(OptionRow(view, selectable=has_account, accounts=usable[cluster.pk]))
         else:
             state.not_fitting.append(OptionRow(view, selectable=False, why_not=_why_not(view, state)))
     return state

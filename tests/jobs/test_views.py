@@ -161,3 +161,21 @@ def test_the_accounts_page_shows_the_key_and_the_command(owner_client: Client, a
 def test_another_users_account_cannot_be_tested(client: Client, other_user: Any, account: ClusterAccount) -> None:
     client.force_login(other_user)
     assert client.post(f"/clusters/accounts/{account.pk}/test").status_code == 404
+
+
+def test_a_researcher_with_several_accounts_chooses_one(
+    owner_client: Client, account: ClusterAccount, owner: Any, other_user: Any,
+    django_capture_on_commit_callbacks: Any,
+) -> None:  # fmt: skip
+    lab = ClusterAccount(cluster=account.cluster, kind="service", label="NLP lab", username="nlplab")
+    lab.save()
+    lab.members.add(owner)
+    page = owner_client.get("/launch/", {"model": "tiny-llama", "context": "1024"}).content.decode()
+    assert "nlplab (NLP lab)" in page and 'name="account"' in page
+    with django_capture_on_commit_callbacks(execute=False):
+        owner_client.post("/launch/", {**LAUNCH, "account": str(lab.pk), "token": "a"})
+    assert Session.objects.get().account == lab
+    mine = ClusterAccount(cluster=account.cluster, user=other_user, username="grace")
+    mine.save()
+    refused = owner_client.post("/launch/", {**LAUNCH, "account": str(mine.pk), "token": "b"})
+    assert "That is not one of your accounts" in refused.content.decode()
