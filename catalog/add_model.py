@@ -107,6 +107,20 @@ def inspect(path: str, reader: Reader | None = None) -> Found:
         raise ValidationError(f"{path}: {exc}") from None
 
 
+# Architecture numbers GGUFInfo, HFInfo, Found and ModelCard all name the same way.
+ARCH_FIELDS = ("layers", "hidden_size", "attention_heads", "kv_heads", "head_dim", "vocab_size", "max_context")
+
+
+def _found(info: gguf.GGUFInfo | hfconfig.HFInfo, **rest: object) -> Found:
+    arch = {field: getattr(info, field) for field in ARCH_FIELDS}
+    return Found(
+        family=_family(info.architecture),
+        params_b=max(round(info.params / 1e9, 6), 0.0001),
+        **arch,
+        **rest,  # type: ignore[arg-type]
+    )
+
+
 def _inspect_gguf(path: str, reader: Reader) -> Found:
     size, n = reader.size(path), 4 << 20
     while True:
@@ -121,21 +135,13 @@ def _inspect_gguf(path: str, reader: Reader) -> Found:
         raise gguf.GGUFError("the header does not say its file type (general.file_type)")
     stem = Path(path).name.removesuffix(".gguf")
     name = _clean_name(re.sub(rf"[-._]{re.escape(info.file_type)}$", "", stem, flags=re.IGNORECASE) or info.name)
-    return Found(
+    return _found(
+        info,
         name=name,
-        family=_family(info.architecture),
-        params_b=max(round(info.params / 1e9, 6), 0.0001),
-        layers=info.layers,
-        hidden_size=info.hidden_size,
-        attention_heads=info.attention_heads,
-        kv_heads=info.kv_heads,
-        head_dim=info.head_dim,
-        vocab_size=info.vocab_size,
-        max_context=info.max_context,
         quant=info.file_type,
         format=ModelVariant.Format.GGUF,
         size_gib=round(size / GIB, 4) or 0.0001,
-        source=f"GGUF v3 header ({info.architecture}, {info.params:,} parameters)",
+        source=f"GGUF v{info.version} header ({info.architecture}, {info.params:,} parameters)",
     )
 
 
@@ -157,17 +163,9 @@ def _inspect_hf(path: str, reader: Reader) -> Found:
             headers.append(reader.prefix(f"{path}/{shard}", 8 + min(length, 100 << 20)))
     info = hfconfig.read_config(config, index, headers)
     size = sum(reader.size(f"{path}/{shard}") for shard in shards)
-    return Found(
+    return _found(
+        info,
         name=_clean_name(Path(path).name),
-        family=_family(info.architecture),
-        params_b=max(round(info.params / 1e9, 6), 0.0001),
-        layers=info.layers,
-        hidden_size=info.hidden_size,
-        attention_heads=info.attention_heads,
-        kv_heads=info.kv_heads,
-        head_dim=info.head_dim,
-        vocab_size=info.vocab_size,
-        max_context=info.max_context,
         quant=info.quant,
         format=ModelVariant.Format.SAFETENSORS,
         size_gib=round(size / GIB, 4) or round(info.params * 2 / GIB, 4),
@@ -202,8 +200,7 @@ def add(found: Found, path: str, cluster: Cluster | None = None, name: str | Non
     card = ModelCard.objects.filter(name=name or found.name).first() or ModelCard(name=name or found.name)
     if card.pk is None:
         created.append(f"model card {card.name}")
-    for field in ("family", "params_b", "layers", "hidden_size", "attention_heads", "kv_heads", "head_dim",
-                  "vocab_size", "max_context"):  # fmt: skip
+    for field in ("family", "params_b", *ARCH_FIELDS):
         setattr(card, field, getattr(found, field))
     card.full_clean()
     card.save()

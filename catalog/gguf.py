@@ -42,6 +42,7 @@ class NeedMoreBytes(GGUFError):
 
 @dataclass(frozen=True)
 class GGUFInfo:
+    version: int
     architecture: str
     name: str
     params: int
@@ -120,10 +121,10 @@ def read_header(prefix: bytes) -> GGUFInfo:
         except (ValueError, KeyError):
             raise GGUFError(f"unknown tensor type {ggml_type}") from None
         tensor_bytes += elements // block * size
-    return _info(metadata, params, tensor_bytes)
+    return _info(version, metadata, params, tensor_bytes)
 
 
-def _info(meta: dict[str, Any], params: int, tensor_bytes: int) -> GGUFInfo:
+def _info(version: int, meta: dict[str, Any], params: int, tensor_bytes: int) -> GGUFInfo:
     arch = meta.get("general.architecture")
     if not isinstance(arch, str):
         raise GGUFError("the header has no general.architecture")
@@ -140,6 +141,7 @@ def _info(meta: dict[str, Any], params: int, tensor_bytes: int) -> GGUFInfo:
     tokens = meta.get("tokenizer.ggml.tokens")
     vocab = meta.get(f"{arch}.vocab_size") or (tokens.length if isinstance(tokens, _Skipped) else len(tokens or []))
     return GGUFInfo(
+        version=version,
         architecture=arch,
         name=str(meta.get("general.name") or ""),
         params=params,

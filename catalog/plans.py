@@ -3,7 +3,7 @@ smallest layout that fits each node group, its per-GPU use and headroom."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from catalog.estimate import Architecture, Estimate, EstimateError, Fit, Request, estimate, fit, smallest_layout
 from catalog.models import ClusterRuntime, ModelCard, ModelVariant, NodeGroup, VariantLocation
@@ -73,7 +73,7 @@ def plans(request: Request, variant: ModelVariant | None = None, available_only:
     groups = NodeGroup.objects.select_related("partition__cluster", "gpu_type")
     if variant is not None and available_only:
         clusters = set(VariantLocation.objects.filter(variant=variant).values_list("cluster_id", flat=True))
-        offering = ClusterRuntime.objects.filter(runtime__kind=_catalog_runtime(request.runtime))
+        offering = ClusterRuntime.objects.filter(runtime__kind=request.runtime)
         clusters &= set(offering.values_list("cluster_id", flat=True))
         groups = groups.filter(partition__cluster_id__in=clusters)
     options: list[Option] = []
@@ -88,7 +88,7 @@ def plans(request: Request, variant: ModelVariant | None = None, available_only:
             continue
         nodes = group.node_count if request.runtime in ("llama.cpp", "vllm") else 1
         try:
-            est = estimate(_with_layout(request, group.gpus_per_node, nodes))
+            est = estimate(replace(request, gpus_per_node=group.gpus_per_node, nodes=nodes))
         except EstimateError:
             continue
         options.append(Option(group, group.gpus_per_node, nodes, est, fit(est, usable)))
@@ -104,13 +104,3 @@ def smallest_per_gpu_type(options: list[Option]) -> list[Option]:
             seen.add(option.node_group.gpu_type.name)
             chosen.append(option)
     return chosen
-
-
-def _with_layout(request: Request, gpus_per_node: int, nodes: int) -> Request:
-    from dataclasses import replace
-
-    return replace(request, gpus_per_node=gpus_per_node, nodes=nodes)
-
-
-def _catalog_runtime(runtime: str) -> str:
-    return runtime  # the catalog's Runtime.kind values are the estimator's names (transformers has no Runtime)

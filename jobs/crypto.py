@@ -48,11 +48,3 @@ def decrypt(token: str) -> str:
         raise DecryptionError(
             "cannot decrypt a stored secret: PORTAL_ENCRYPTION_KEYS (or SECRET_KEY) changed without keeping the old key"
         ) from None
-
-
-def valid_key(key: str) -> bool:
-    try:
-        Fernet(key.encode())
-    except (ValueError, TypeError):
-        return False
-    return True

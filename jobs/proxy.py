@@ -7,6 +7,7 @@ cookies and Authorization header are not forwarded. Errors come back in OpenAI's
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections.abc import AsyncIterator
@@ -15,6 +16,7 @@ from typing import Any
 
 import httpx
 from asgiref.sync import sync_to_async
+from django.core.exceptions import ValidationError
 from django.http import HttpRequest, HttpResponseBase, JsonResponse, StreamingHttpResponse
 from django.utils import timezone
 from django.views.decorators.csrf import csrf_exempt
@@ -37,8 +39,6 @@ _clients: dict[int, httpx.AsyncClient] = {}
 
 def _client() -> httpx.AsyncClient:
     """One pooled client per event loop (uvicorn runs one loop per worker process)."""
-    import asyncio
-
     loop = id(asyncio.get_running_loop())
     client = _clients.get(loop)
     if client is None or client.is_closed:
@@ -57,7 +57,7 @@ def _owned_session(user: Any, key: str) -> Session | None:
     sessions = Session.objects.select_related("cluster", "account__cluster", "variant__model")
     try:
         found = sessions.filter(pk=key).first()
-    except Exception:  # not a uuid
+    except (ValidationError, ValueError):  # not a uuid: maybe an alias
         found = None
     if found is None:
         found = (

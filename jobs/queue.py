@@ -145,15 +145,27 @@ class History:
     p90_s: float | None
 
 
-def history(partition: Partition, gpu_type: GPUType) -> History:
-    """Submit-to-start waits of past sessions here (last 30 days)."""
+def histories(places: set[tuple[int, int]]) -> dict[tuple[int, int], History]:
+    """Submit-to-start waits of past sessions (last 30 days) for each (partition id, GPU type id), in one query."""
     since = timezone.now() - HISTORY_WINDOW
     rows = Session.objects.filter(
-        partition=partition, gpu_type=gpu_type, submitted_at__gte=since, started_at__isnull=False
-    ).values_list("submitted_at", "started_at")
-    waits = sorted(
-        max((started - submitted).total_seconds(), 0.0) for submitted, started in rows if submitted and started
-    )
+        partition_id__in={p for p, _ in places},
+        gpu_type_id__in={g for _, g in places},
+        submitted_at__gte=since,
+        started_at__isnull=False,
+    ).values_list("partition_id", "gpu_type_id", "submitted_at", "started_at")
+    waits: dict[tuple[int, int], list[float]] = {place: [] for place in places}
+    for partition_id, gpu_type_id, submitted, started in rows:
+        if (partition_id, gpu_type_id) in waits and submitted and started:
+            waits[partition_id, gpu_type_id].append(max((started - submitted).total_seconds(), 0.0))
+    return {place: _summary(sorted(values)) for place, values in waits.items()}
+
+
+def history(partition: Partition, gpu_type: GPUType) -> History:
+    return histories({(partition.pk, gpu_type.pk)})[partition.pk, gpu_type.pk]
+
+
+def _summary(waits: list[float]) -> History:
     if len(waits) < HISTORY_MIN_SAMPLES:
         return History(len(waits), None, None)
     p90 = statistics.quantiles(waits, n=10, method="inclusive")[-1]
@@ -224,6 +236,7 @@ def queue_views(
         (s.partition_id, s.gres_type): s for s in PartitionState.objects.filter(
             partition__in={o.node_group.partition_id for o in options})
     }  # fmt: skip
+    waits = histories({(o.node_group.partition_id, o.node_group.gpu_type_id) for o in options})
     views = []
     for option in options:
         group = option.node_group
@@ -235,7 +248,7 @@ def queue_views(
                 estimate = slurm_estimate(option, walltime_min, account)
             except ssh.SSHError as exc:
                 estimate = SlurmEstimate(None, f"cannot ask {group.partition.cluster.name}: {exc}")
-        views.append(QueueView(option, state, estimate, history(group.partition, group.gpu_type), walltime_min))
+        views.append(QueueView(option, state, estimate, waits[group.partition_id, group.gpu_type_id], walltime_min))
     recommend(views)
     return views
 

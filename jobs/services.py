@@ -219,12 +219,13 @@ def job_spec(session: Session) -> render.JobSpec:
     )
 
 
-def request_cancel(session: Session, cause: str) -> None:
-    """Ask for the end of a session: at once when nothing was submitted, else through scancel in a task."""
+def request_cancel(session: Session, cause: str, end_reason: str = "cancelled from the portal") -> None:
+    """Ask for the end of a session: at once when nothing was submitted, else through scancel in a task.
+    `cause` goes into the session's history; `end_reason` is what the card says once Slurm confirms."""
     from jobs.tasks import cancel_session
 
     Session.objects.filter(pk=session.pk, cancel_requested_at__isnull=True).update(
-        cancel_requested_at=timezone.now(), cancel_reason=cause[:200]
+        cancel_requested_at=timezone.now(), cancel_reason=end_reason[:200]
     )
     if transition(session.pk, State.CANCELLED, cause=f"{cause} (before submission)", allowed_from={State.PENDING}):
         return
@@ -278,9 +279,8 @@ def find_session(text: str) -> Session:
     text = text.strip().lower()
     if not _UUID_PREFIX.match(text):
         raise ValidationError(f"{text!r} is not a session id.")
-    matches = list(Session.objects.filter(id__startswith=text)[:2]) if len(text) < 36 else []
-    if len(text) == 36:
-        matches = list(Session.objects.filter(pk=text))
+    lookup = {"pk": text} if len(text) == 36 else {"id__startswith": text}
+    matches = list(Session.objects.filter(**lookup)[:2])
     if len(matches) != 1:
         raise ValidationError(f"No single session matches {text!r}.")
     return matches[0]

@@ -150,7 +150,8 @@ def cancel_idle() -> int:
         last = session.last_activity_at or session.ready_at or session.state_changed_at
         assert session.idle_cancel_min is not None
         if now - last >= timedelta(minutes=session.idle_cancel_min):
-            request_cancel(session, f"idle for {session.idle_cancel_min} minutes: cancelled automatically")
+            why = f"idle for {session.idle_cancel_min} minutes: cancelled automatically"
+            request_cancel(session, why, end_reason=why)
             notify.session_idle_cancelled(str(session.pk))
             cancelled += 1
     return cancelled
@@ -302,7 +303,7 @@ def _end(session: Session, slurm_state: str, record: dict[str, str], error: str)
         target = State.FAILED
     if target == State.CANCELLED:
         if session.cancel_requested_at:
-            reason = session.cancel_reason if session.cancel_reason.startswith("idle") else "cancelled from the portal"
+            reason = session.cancel_reason or "cancelled from the portal"
         else:
             reason = "cancelled (scancel outside the portal)"
     elif target == State.TIMEOUT:

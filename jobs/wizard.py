@@ -139,24 +139,23 @@ def build(user: Any, params: Any, errors: list[str] | None = None) -> WizardStat
         state.errors.append(str(exc))
         return state
     _draw(state)
-    accounts: dict[int, ClusterAccount | None] = {}
+    usable: dict[int, list[ClusterAccount]] = {}
+
+    def accounts_on(cluster: Any) -> list[ClusterAccount]:
+        if cluster.pk not in usable:
+            usable[cluster.pk] = ClusterAccount.usable_by(user, cluster)
+        return usable[cluster.pk]
 
     def account_for(cluster: Any) -> ClusterAccount | None:
-        if cluster.pk not in accounts:
-            accounts[cluster.pk] = ClusterAccount.for_user(user, cluster)
-        return accounts[cluster.pk]
+        return next(iter(accounts_on(cluster)), None)
 
     options = plans(request, state.variant)
     views = queue_views(options, state.walltime, account_for=account_for, ask_slurm=settings.PORTAL_WIZARD_ASKS_SLURM)
     views.sort(key=lambda v: (not v.recommended, not v.option.fit.fits, v.option.gpus, -v.option.fit.headroom_gib))
-    usable: dict[int, list[ClusterAccount]] = {}
     for view in views:
-        cluster = view.option.node_group.partition.cluster
-        if cluster.pk not in usable:
-            usable[cluster.pk] = ClusterAccount.usable_by(user, cluster)
-        has_account = bool(usable[cluster.pk])
+        accounts = accounts_on(view.option.node_group.partition.cluster)
         if view.option.fit.fits:
-            state.fitting.append(OptionRow(view, selectable=has_account, accounts=usable[cluster.pk]))
+            state.fitting.append(OptionRow(view, selectable=bool(accounts), accounts=accounts))
         else:
             state.not_fitting.append(OptionRow(view, selectable=False, why_not=_why_not(view, state)))
     return state

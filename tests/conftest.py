@@ -13,6 +13,18 @@ from catalog.yaml_io import import_file
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLE_CATALOG = REPO / "catalog" / "examples" / "catalog.yaml"
 LOCAL_CLUSTER_SCRIPT = REPO / "scripts" / "local-cluster"
+# One 1-GPU tiny-llama session on the local cluster, as launch() takes it; tests change only what they are about.
+LAUNCH = {
+    "cluster": "local",
+    "partition": "gpu",
+    "gpu": "a100-80g",
+    "gpus": 1,
+    "model": "tiny-llama",
+    "quant": "F16",
+    "runtime": "llama.cpp",
+    "context": 1024,
+    "walltime": 30,
+}
 LOCAL_CLUSTER_DIR = Path(os.environ.get("LOCAL_CLUSTER_DIR", REPO / "var" / "local-cluster"))
 
 

@@ -12,18 +12,6 @@ from jobs import ssh
 from jobs.models import ClusterAccount, Session
 from jobs.tasks import poll_account
 
-LAUNCH = {
-    "cluster": "local",
-    "partition": "gpu",
-    "gpu": "a100-80g",
-    "gpus": 1,
-    "model": "tiny-llama",
-    "quant": "F16",
-    "runtime": "llama.cpp",
-    "context": 1024,
-    "walltime": 30,
-}
-
 
 def local_account(user: Any, local: dict[str, Any]) -> ClusterAccount:
     from catalog.models import Cluster

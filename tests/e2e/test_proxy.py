@@ -17,7 +17,8 @@ from django.test import AsyncClient
 
 from jobs import backend, ssh
 from jobs.models import ApiToken, Session, State
-from tests.e2e.sessions import LAUNCH, cancel_all_jobs, drive, local_account
+from tests.conftest import LAUNCH
+from tests.e2e.sessions import cancel_all_jobs, drive, local_account
 from tests.e2e.test_worker import worker_env
 from tests.worker import PortalServer
 

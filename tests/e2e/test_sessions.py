@@ -19,8 +19,8 @@ from jobs import backend, ssh
 from jobs.models import ClusterAccount, Session, State
 from jobs.services import launch, request_cancel
 from jobs.tasks import cancel_session, submit_session
-from tests.conftest import LOCAL_CLUSTER_SCRIPT
-from tests.e2e.sessions import LAUNCH, cancel_all_jobs, drive, local_account, shell
+from tests.conftest import LAUNCH, LOCAL_CLUSTER_SCRIPT
+from tests.e2e.sessions import cancel_all_jobs, drive, local_account, shell
 
 pytestmark = [pytest.mark.e2e, pytest.mark.django_db]
 

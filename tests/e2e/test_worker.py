@@ -20,7 +20,8 @@ from jobs import ssh
 from jobs.models import END_STATES, ClusterAccount, Session, State
 from jobs.services import launch
 from jobs.slurm import job_name
-from tests.e2e.sessions import LAUNCH, cancel_all_jobs, jobs_named, local_account
+from tests.conftest import LAUNCH
+from tests.e2e.sessions import cancel_all_jobs, jobs_named, local_account
 from tests.worker import REPO, Worker
 
 pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]

@@ -12,7 +12,7 @@ from django.test import Client
 from jobs.chat import render_markdown
 from jobs.models import ApiToken, ChatMessage, ClusterAccount, Conversation, Session, State, transition
 from jobs.services import launch
-from tests.jobs.test_sessions_logic import LAUNCH
+from tests.conftest import LAUNCH
 
 HOSTILE = [
     "<script>alert(1)</script>",

@@ -13,7 +13,7 @@ from jobs import notify, remote, tasks
 from jobs.models import ClusterAccount, Session, State, transition
 from jobs.services import launch
 from jobs.slurm import QueuedJob
-from tests.jobs.test_sessions_logic import LAUNCH
+from tests.conftest import LAUNCH
 
 
 @pytest.fixture

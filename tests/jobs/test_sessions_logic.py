@@ -16,18 +16,7 @@ from jobs import crypto, remote, ssh, tasks
 from jobs.models import ClusterAccount, Session, State, transition
 from jobs.services import LaunchForm, launch, request_cancel
 from jobs.slurm import QueuedJob
-
-LAUNCH = {
-    "cluster": "local",
-    "partition": "gpu",
-    "gpu": "a100-80g",
-    "gpus": 1,
-    "model": "tiny-llama",
-    "quant": "F16",
-    "runtime": "llama.cpp",
-    "context": 1024,
-    "walltime": 30,
-}
+from tests.conftest import LAUNCH
 
 
 @pytest.fixture
