@@ -1,12 +1,21 @@
-"""Streaming through the portal's proxy against going direct (and through nginx when it is installed). A benchmark.
+"""Streaming through the portal's proxy against going direct and through nginx. A benchmark, not a test.
 
-    .venv/bin/python bench/proxy.py [--tokens 2000] [--requests 30] [--concurrency 50,100,200,500]
+    .venv/bin/python bench/proxy.py [--tokens 20000] [--requests 30] [--ttft-requests 200] [--concurrency 50,...,500]
 
-A local backend streams OpenAI-style chunks as fast as it can. The same requests go (1) straight to it, (2) through
-the portal (uvicorn, the /api/v1 proxy with a personal token, a scratch SQLite database) and (3) through nginx as a
-plain reverse proxy, if `nginx` is on PATH. Printed: tokens/s and its ratio to direct, time to first token (p50, p99)
-and what each path adds, and the most concurrent streams held without an error.
-Targets: >= 0.97 of direct throughput, <= 3 ms added TTFT at p50, 500 concurrent streams.
+Three paths to the same server, measured in one run: (1) straight to it, (2) through the portal (uvicorn as
+scripts/serve runs it, the /api/v1 proxy with a personal token, a scratch SQLite database) and (3) through nginx as a
+plain reverse proxy (`apt-get install nginx-light`; left out with a note when it is missing). Two servers:
+
+- a local OpenAI-style server (keep-alive, one chunk per token like llama-server). It streams as fast as it can for
+  the throughput figure, and paced (first token at once, then one a millisecond) for time to first token: an
+  unpaced stream keeps both cores of a small machine busy, and then the first token of the next request waits for CPU
+  rather than for the proxy;
+- the real llama-server (built by scripts/build-llama-cpp) with a tiny random model, when the build is there.
+
+Printed per server and path: stream throughput (tokens/s from the first token to the last), end-to-end tokens/s
+(request to last token), time to first token p50/p99 and what each path adds; then the most concurrent streams the
+portal held open at once without an error (streams of 500 tokens at 50 tokens/s, a GPU's pace, so they overlap).
+Targets: >= 0.97 of direct stream throughput, <= 3 ms added TTFT at p50, 500 concurrent streams.
 """
 
 from __future__ import annotations
@@ -22,12 +31,16 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 
 REPO = Path(__file__).resolve().parent.parent
 SCRATCH = Path(tempfile.mkdtemp(prefix="hpcllm-bench-proxy-"))
+LLAMA_BIN = Path("/var/cache/hpc-llm-portal/llama.cpp/0.3.36/bin")
+TTFT_TOKENS = 32
+PACE_S = 0.001
 
 
 def free_port() -> int:
@@ -36,41 +49,62 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-async def backend(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, tokens: int) -> None:
-    """A minimal OpenAI-compatible streaming server: one response per connection, chunked SSE."""
+async def backend(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """A minimal OpenAI-compatible streaming server with keep-alive.
+
+    The request's max_tokens sets the reply's length, and its `bench_pace_s` the pause between tokens (0: as fast as
+    the socket takes them). Each token is one HTTP chunk, as llama-server sends them.
+    """
+    chunk = {"choices": [{"index": 0, "delta": {"content": "tok "}}]}
+    event = f"data: {json.dumps(chunk)}\n\n".encode()
+    framed = b"%x\r\n%s\r\n" % (len(event), event)
+    done = b"data: [DONE]\n\n"
     try:
-        head = await reader.readuntil(b"\r\n\r\n")
-        length = 0
-        for line in head.split(b"\r\n"):
-            if line.lower().startswith(b"content-length:"):
-                length = int(line.split(b":")[1])
-        if length:
-            await reader.readexactly(length)
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nConnection: close\r\n\r\n")
-        chunk = {"choices": [{"index": 0, "delta": {"content": "tok "}}]}
-        line = f"data: {json.dumps(chunk)}\n\n".encode()
-        for i in range(tokens):
-            writer.write(line)
-            if i % 64 == 0:
-                await writer.drain()
-        writer.write(b"data: [DONE]\n\n")
-        await writer.drain()
+        while True:
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = 0
+            for line in head.split(b"\r\n"):
+                if line.lower().startswith(b"content-length:"):
+                    length = int(line.split(b":")[1])
+            body = json.loads(await reader.readexactly(length)) if length else {}
+            tokens, pace = int(body.get("max_tokens", 16)), float(body.get("bench_pace_s", 0))
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n")
+            for i in range(tokens):
+                writer.write(framed)
+                if pace:
+                    await writer.drain()
+                    await asyncio.sleep(pace)
+                elif i % 64 == 0:
+                    await writer.drain()
+            writer.write(b"%x\r\n%s\r\n0\r\n\r\n" % (len(done), done))
+            await writer.drain()
     except (ConnectionError, asyncio.IncompleteReadError):
         pass
     finally:
         writer.close()
 
 
-def start_backend(port: int, tokens: int) -> subprocess.Popen[bytes]:
+def start_backend(port: int) -> subprocess.Popen[bytes]:
     code = (
         f"import asyncio, sys; sys.path.insert(0, {str(REPO)!r}); from bench.proxy import backend\n"
         "async def main():\n"
-        f"    server = await asyncio.start_server(lambda r, w: backend(r, w, {tokens}), '127.0.0.1', {port}, "
-        "backlog=2048)\n"
+        f"    server = await asyncio.start_server(backend, '127.0.0.1', {port}, backlog=4096)\n"
         "    await server.serve_forever()\n"
         "asyncio.run(main())\n"
     )
     return subprocess.Popen([sys.executable, "-c", code])
+
+
+def start_llama_server(port: int, key_file: Path) -> subprocess.Popen[bytes] | None:
+    if not (LLAMA_BIN / "llama-server").exists():
+        return None
+    model = SCRATCH / "tiny.gguf"
+    subprocess.run([sys.executable, str(REPO / "scripts/tiny-gguf"), str(model)], check=True, capture_output=True)
+    return subprocess.Popen(
+        [str(LLAMA_BIN / "llama-server"), "-m", str(model), "--host", "127.0.0.1", "--port", str(port),
+         "--api-key-file", str(key_file), "-c", "2048", "--parallel", "1", "--no-webui", "--threads", "1"],
+        env={**os.environ, "LD_LIBRARY_PATH": str(LLAMA_BIN)}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
 
 
 def portal_env() -> dict[str, str]:
@@ -79,10 +113,10 @@ def portal_env() -> dict[str, str]:
     return env
 
 
-def prepare_portal(backend_port: int) -> str:
-    """Scratch database with a running session pointing at the backend and a token for it; returns the token."""
+def prepare_portal(ports: dict[str, int]) -> tuple[str, dict[str, str]]:
+    """A scratch database with one running session per server and a token; returns the token and the session keys."""
     script = f"""
-import django; django.setup()
+import django, json; django.setup()
 from django.core.management import call_command
 call_command("migrate", verbosity=0)
 from catalog.yaml_io import import_file
@@ -95,130 +129,235 @@ Cluster.objects.filter(slug="local").update(host_key=KEY, node_access="direct")
 user = get_user_model().objects.create_user("bench")
 cluster = Cluster.objects.get(slug="local")
 account = ClusterAccount(cluster=cluster, user=user, username="bench"); account.save()
-partition = Partition.objects.get(cluster=cluster, name="gpu")
-Session.objects.create(owner=user, account=account, cluster=cluster, partition=partition,
-    gpu_type=GPUType.objects.get(name="a100-80g"), gpus_per_node=1, cpus_per_node=1, memory_gib=1, walltime_min=60,
-    variant=ModelVariant.objects.get(model__name="tiny-llama"), runtime=Runtime.objects.get(kind="llama.cpp"),
-    context_length=1024, state="running", host="127.0.0.1", port={backend_port}, alias="bench")
-print(ApiToken.issue(user, "bench")[1])
+keys = {{}}
+for alias, port in {ports!r}.items():
+    session = Session.objects.create(owner=user, account=account, cluster=cluster,
+        partition=Partition.objects.get(cluster=cluster, name="gpu"), gpu_type=GPUType.objects.get(name="a100-80g"),
+        gpus_per_node=1, cpus_per_node=1, memory_gib=1, walltime_min=60,
+        variant=ModelVariant.objects.get(model__name="tiny-llama"), runtime=Runtime.objects.get(kind="llama.cpp"),
+        context_length=1024, state="running", host="127.0.0.1", port=port, alias=alias)
+    keys[alias] = session.api_key
+print(json.dumps({{"token": ApiToken.issue(user, "bench")[1], "keys": keys}}))
 """
     out = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=portal_env(), capture_output=True, text=True)
     if out.returncode:
         raise SystemExit(out.stderr)
-    return out.stdout.strip().splitlines()[-1]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    return result["token"], result["keys"]
 
 
 def start_portal(port: int) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
         [sys.executable, "-m", "uvicorn", "portal.asgi:application", "--port", str(port), "--lifespan", "off",
-         "--log-level", "warning", "--backlog", "2048"],
+         "--log-level", "warning", "--backlog", "4096"],
         cwd=REPO, env=portal_env(),
     )  # fmt: skip
 
 
-def start_nginx(port: int, backend_port: int) -> subprocess.Popen[bytes] | None:
+def start_nginx(port: int, upstreams: dict[str, int]) -> subprocess.Popen[bytes] | None:
     nginx = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
     if nginx is None:
         return None
+    locations = "".join(
+        f"location /{name}/ {{ proxy_pass http://127.0.0.1:{upstream}/; proxy_http_version 1.1; "
+        'proxy_set_header Connection ""; proxy_buffering off; }\n'
+        for name, upstream in upstreams.items()
+    )
     conf = SCRATCH / "nginx.conf"
     conf.write_text(f"""
 daemon off; pid {SCRATCH}/nginx.pid; error_log {SCRATCH}/nginx-error.log; worker_processes 2;
 events {{ worker_connections 4096; }}
 http {{ access_log off; client_body_temp_path {SCRATCH}/nginx-body;
   server {{ listen 127.0.0.1:{port};
-    location / {{ proxy_pass http://127.0.0.1:{backend_port}; proxy_http_version 1.1; proxy_buffering off; }} }} }}
+{locations} }} }}
 """)
     return subprocess.Popen([nginx, "-c", str(conf)])
 
 
-async def one(client: httpx.AsyncClient, url: str, headers: dict[str, str]) -> tuple[float, float, int]:
-    body = {"model": "bench", "messages": [{"role": "user", "content": "x"}], "stream": True}
+@dataclass
+class Stream:
+    ttft: float  # request sent to first token
+    total: float  # request sent to last token
+    tokens: int
+
+    @property
+    def streaming(self) -> float:
+        return self.total - self.ttft
+
+
+async def one(client: httpx.AsyncClient, url: str, headers: dict[str, str], body: dict[str, object]) -> Stream:
     start = time.perf_counter()
-    first = None
+    first = last = None
     count = 0
     async with client.stream("POST", url, json=body, headers=headers) as response:
         response.raise_for_status()
         async for line in response.aiter_lines():
             if line.startswith("data: {"):
+                last = time.perf_counter()
                 count += 1
                 if first is None:
-                    first = time.perf_counter()
-    end = time.perf_counter()
-    return (first or end) - start, end - start, count
+                    first = last
+    end = last or time.perf_counter()
+    return Stream((first or end) - start, end - start, count)
 
 
-async def measure(url: str, headers: dict[str, str], requests: int) -> dict[str, float]:
-    async with httpx.AsyncClient(timeout=60) as client:
-        await one(client, url, headers)  # warm up connections and caches
-        results = [await one(client, url, headers) for _ in range(requests)]
-    ttfts = sorted(r[0] for r in results)
-    return {
-        "tokens_per_s": sum(r[2] for r in results) / sum(r[1] for r in results),
-        "ttft_p50_ms": statistics.median(ttfts) * 1000,
-        "ttft_p99_ms": ttfts[min(len(ttfts) - 1, int(len(ttfts) * 0.99))] * 1000,
-    }
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(len(ordered) * q))]
 
 
-async def concurrent(url: str, headers: dict[str, str], n: int) -> int:
+async def measure(
+    paths: dict[str, tuple[str, dict[str, str]]], body: dict[str, object], requests: int
+) -> dict[str, dict[str, float]]:
+    """Each path in turn, request by request, so that drift on a shared machine falls on all of them alike."""
+    clients = {name: httpx.AsyncClient(timeout=120) for name in paths}
+    streams: dict[str, list[Stream]] = {name: [] for name in paths}
+    try:
+        for round_ in range(3 + requests):  # three rounds warm up connections, caches and the first lookups
+            for name, (url, headers) in paths.items():
+                stream = await one(clients[name], url, headers, body)
+                if round_ >= 3:
+                    streams[name].append(stream)
+    finally:
+        for client in clients.values():
+            await client.aclose()
+    results = {}
+    for name, measured in streams.items():
+        ttfts = [s.ttft for s in measured]
+        results[name] = {
+            "stream": sum(s.tokens - 1 for s in measured) / max(1e-9, sum(s.streaming for s in measured)),
+            "end_to_end": sum(s.tokens for s in measured) / sum(s.total for s in measured),
+            "ttft_p50_ms": statistics.median(ttfts) * 1000,
+            "ttft_p99_ms": percentile(ttfts, 0.99) * 1000,
+        }
+    return results
+
+
+async def concurrent(url: str, headers: dict[str, str], n: int) -> tuple[int, int]:
+    """n paced streams at once; returns (errors, the most that were open at the same moment)."""
+    body = {"model": "fast", "max_tokens": 500, "bench_pace_s": 0.02, "stream": True}
+    open_now = peak = 0
+
+    async def tracked(client: httpx.AsyncClient) -> None:
+        nonlocal open_now, peak
+        async with client.stream("POST", url, json=body, headers=headers) as response:
+            response.raise_for_status()
+            lines = response.aiter_lines()
+            async for line in lines:
+                if line.startswith("data: {"):
+                    break
+            open_now += 1
+            peak = max(peak, open_now)
+            try:
+                async for _ in lines:
+                    pass
+            finally:
+                open_now -= 1
+
     limits = httpx.Limits(max_connections=n + 10)
     async with httpx.AsyncClient(timeout=120, limits=limits) as client:
-        results = await asyncio.gather(*(one(client, url, headers) for _ in range(n)), return_exceptions=True)
-    return sum(1 for r in results if isinstance(r, BaseException))
+        results = await asyncio.gather(*(tracked(client) for _ in range(n)), return_exceptions=True)
+    return sum(1 for r in results if isinstance(r, BaseException)), peak
 
 
-def wait_up(url: str) -> None:
-    for _ in range(200):
+def wait_up(url: str, headers: dict[str, str] | None = None) -> None:
+    for _ in range(600):
         try:
-            httpx.get(url, timeout=1)
-            return
+            if httpx.get(url, timeout=1, headers=headers).status_code == 200:
+                return
         except httpx.TransportError:
-            time.sleep(0.05)
+            pass
+        time.sleep(0.05)
     raise SystemExit(f"{url} did not come up")
+
+
+def table(title: str, results: dict[str, dict[str, float]]) -> None:
+    base = results["direct"]
+    print(f"\n{title}")
+    header = ("path", "stream tok/s", "ratio", "e2e tok/s", "ratio", "TTFT p50 ms", "added", "TTFT p99 ms", "added")
+    print("{:<7} {:>12} {:>6} {:>10} {:>6} {:>11} {:>6} {:>11} {:>6}".format(*header))
+    for name, r in results.items():
+        print(
+            f"{name:<7} {r['stream']:>12.0f} {r['stream'] / base['stream']:>6.3f} {r['end_to_end']:>10.0f} "
+            f"{r['end_to_end'] / base['end_to_end']:>6.3f} {r['ttft_p50_ms']:>11.2f} "
+            f"{r['ttft_p50_ms'] - base['ttft_p50_ms']:>6.2f} {r['ttft_p99_ms']:>11.2f} "
+            f"{r['ttft_p99_ms'] - base['ttft_p99_ms']:>6.2f}"
+        )
+
+
+def run_paths(
+    paths: dict[str, tuple[str, dict[str, str]]], body: dict[str, object], n: int
+) -> dict[str, dict[str, float]]:
+    return asyncio.run(measure(paths, body, n))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--tokens", type=int, default=2000)
-    parser.add_argument("--requests", type=int, default=30)
+    parser.add_argument("--tokens", type=int, default=20000, help="tokens per fast stream (throughput)")
+    parser.add_argument("--requests", type=int, default=30, help="fast streams per path")
+    parser.add_argument("--ttft-requests", type=int, default=500, help="paced streams per path (TTFT)")
+    parser.add_argument("--llama-tokens", type=int, default=256, help="tokens per llama-server reply")
     parser.add_argument("--concurrency", default="50,100,200,500")
     args = parser.parse_args()
-    backend_port, portal_port, nginx_port = free_port(), free_port(), free_port()
-    processes = [start_backend(backend_port, args.tokens)]
-    token = prepare_portal(backend_port)
-    processes.append(start_portal(portal_port))
-    nginx = start_nginx(nginx_port, backend_port)
+    ports = {name: free_port() for name in ("fast", "llama", "portal", "nginx")}
+    key_file = SCRATCH / "llama-key"
+    token, keys = prepare_portal({"fast": ports["fast"], "llama": ports["llama"]})
+    key_file.write_text(keys["llama"])
+    processes = [start_backend(ports["fast"]), start_portal(ports["portal"])]
+    llama = start_llama_server(ports["llama"], key_file)
+    if llama:
+        processes.append(llama)
+    nginx = start_nginx(ports["nginx"], {"fast": ports["fast"], "llama": ports["llama"]})
     if nginx:
         processes.append(nginx)
     try:
-        wait_up(f"http://127.0.0.1:{portal_port}/healthz")
-        paths = {
-            "direct": (f"http://127.0.0.1:{backend_port}/v1/chat/completions", {}),
-            "portal": (f"http://127.0.0.1:{portal_port}/api/v1/chat/completions", {"Authorization": f"Bearer {token}"}),
-        }
-        if nginx:
-            time.sleep(0.5)
-            paths["nginx"] = (f"http://127.0.0.1:{nginx_port}/v1/chat/completions", {})
-        else:
-            print("nginx not installed (apt-get install nginx-light): measuring direct and portal only")
-        results = {name: asyncio.run(measure(url, headers, args.requests)) for name, (url, headers) in paths.items()}
-        base = results["direct"]
-        header = ("path", "tokens/s", "ratio", "TTFT p50 ms", "added", "TTFT p99 ms", "added")
-        print("{:<8} {:>12} {:>6} {:>12} {:>7} {:>12} {:>7}".format(*header))
-        for name, r in results.items():
-            print(
-                f"{name:<8} {r['tokens_per_s']:>12.0f} {r['tokens_per_s'] / base['tokens_per_s']:>6.3f} "
-                f"{r['ttft_p50_ms']:>12.2f} {r['ttft_p50_ms'] - base['ttft_p50_ms']:>7.2f} "
-                f"{r['ttft_p99_ms']:>12.2f} {r['ttft_p99_ms'] - base['ttft_p99_ms']:>7.2f}"
+        wait_up(f"http://127.0.0.1:{ports['portal']}/healthz")
+        portal = f"http://127.0.0.1:{ports['portal']}/api/v1/chat/completions"
+        auth = {"Authorization": f"Bearer {token}"}
+
+        def paths(server: str, headers: dict[str, str]) -> dict[str, tuple[str, dict[str, str]]]:
+            found = {
+                "direct": (f"http://127.0.0.1:{ports[server]}/v1/chat/completions", headers),
+                "portal": (portal, auth),
+            }
+            if nginx:
+                found["nginx"] = (f"http://127.0.0.1:{ports['nginx']}/{server}/v1/chat/completions", headers)
+            return found
+
+        if not nginx:
+            print("nginx is not installed (apt-get install nginx-light): direct and portal only")
+        message = [{"role": "user", "content": "Say something."}]
+        fast = {"model": "fast", "messages": message, "stream": True}
+        table(
+            f"local server, as fast as it streams ({args.tokens} tokens, {args.requests} requests per path)",
+            run_paths(paths("fast", {}), {**fast, "max_tokens": args.tokens}, args.requests),
+        )
+        table(
+            f"local server, paced: first token at once, then one per {PACE_S * 1000:g} ms "
+            f"({TTFT_TOKENS} tokens, {args.ttft_requests} requests per path)",
+            run_paths(paths("fast", {}), {**fast, "max_tokens": TTFT_TOKENS, "bench_pace_s": PACE_S},
+                      args.ttft_requests),
+        )  # fmt: skip
+        if llama:
+            key = {"Authorization": f"Bearer {keys['llama']}"}
+            wait_up(f"http://127.0.0.1:{ports['llama']}/health", key)
+            body = {"model": "llama", "messages": message, "stream": True, "max_tokens": args.llama_tokens,
+                    "temperature": 0, "ignore_eos": True}  # fmt: skip
+            table(
+                f"llama-server, tiny model ({args.llama_tokens} tokens, {args.requests} requests per path)",
+                run_paths(paths("llama", key), body, args.requests),
             )
-        url, headers = paths["portal"]
+        else:
+            print(f"\nllama-server is not built ({LLAMA_BIN}): run scripts/build-llama-cpp to measure it too")
+        print()
         held = 0
         for n in [int(x) for x in args.concurrency.split(",")]:
-            errors = asyncio.run(concurrent(url, headers, n))
-            print(f"portal: {n} concurrent streams, {errors} errors")
+            errors, peak = asyncio.run(concurrent(portal, auth, n))
+            print(f"portal: {n} concurrent paced streams, {errors} errors, {peak} open at once")
             if errors:
                 break
-            held = n
-        print(f"most concurrent streams held through the portal without an error: {held}")
+            held = peak
+        print(f"most concurrent streams held open through the portal without an error: {held}")
     finally:
         for process in processes:
             process.terminate()

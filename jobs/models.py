@@ -154,6 +154,11 @@ POLLED_STATES = frozenset({State.QUEUED, State.STARTING, State.RUNNING, State.UN
 LIVE_STATES = frozenset(set(State) - END_STATES)
 
 
+def served_model_name(model: str, quantization: str) -> str:
+    """The name a session's server answers to (the job spec passes it to the runtime)."""
+    return f"{model}-{quantization}"
+
+
 def new_api_key() -> str:
     return "sk-hpcllm-" + secrets.token_urlsafe(32)
 
@@ -258,7 +263,7 @@ class Session(models.Model):
 
     @property
     def served_model_name(self) -> str:
-        return f"{self.variant.model.name}-{self.variant.quantization}"
+        return served_model_name(self.variant.model.name, self.variant.quantization)
 
 
 class SessionEvent(models.Model):
@@ -340,7 +345,7 @@ class PartitionState(models.Model):
         return f"{self.partition} {self.gres_type}: {self.idle_gpus}/{self.total_gpus} idle"
 
 
-def _token_digest(token: str) -> str:
+def token_digest(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
@@ -369,20 +374,8 @@ class ApiToken(models.Model):
     def issue(cls, user: Any, name: str) -> tuple[ApiToken, str]:
         """A new token; the plain text is returned once and never stored."""
         token = cls.PREFIX + secrets.token_urlsafe(32)
-        row = cls.objects.create(user=user, name=name, digest=_token_digest(token), hint=token[: len(cls.PREFIX) + 6])
+        row = cls.objects.create(user=user, name=name, digest=token_digest(token), hint=token[: len(cls.PREFIX) + 6])
         return row, token
-
-    @classmethod
-    def authenticate(cls, token: str) -> ApiToken | None:
-        if not token.startswith(cls.PREFIX):
-            return None
-        row = cls.objects.select_related("user").filter(digest=_token_digest(token), revoked_at__isnull=True).first()
-        if row is None or not row.user.is_active:
-            return None
-        # Throttled: one write a minute is enough to show "last used".
-        if row.last_used_at is None or timezone.now() - row.last_used_at > timedelta(minutes=1):
-            cls.objects.filter(pk=row.pk).update(last_used_at=timezone.now())
-        return row
 
 
 class Conversation(models.Model):

@@ -10,19 +10,20 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import AsyncIterator
-from datetime import timedelta
-from typing import Any
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
 
 import httpx
-from asgiref.sync import sync_to_async
-from django.core.exceptions import ValidationError
+from django import db
+from django.db.utils import InterfaceError, OperationalError
 from django.http import HttpRequest, HttpResponseBase, JsonResponse, StreamingHttpResponse
-from django.utils import timezone
 from django.views.decorators.csrf import csrf_exempt
 
-from jobs import backend
-from jobs.models import ApiToken, Session, State
+from jobs import relay as relay_module
+from jobs import targets
+from jobs.models import Session, State
+from jobs.targets import Target
 
 log = logging.getLogger(__name__)
 
@@ -32,9 +33,12 @@ ALLOWED = {"chat/completions": {"POST"}, "completions": {"POST"}, "embeddings": 
 FORWARDED_HEADERS = ("content-type", "accept")
 CONNECT_TIMEOUT_S = 10.0
 READ_TIMEOUT_S = 600.0  # a long prompt on a big model can take minutes before the first token
-ACTIVITY_EVERY = timedelta(seconds=30)
 
 _clients: dict[int, httpx.AsyncClient] = {}
+# Lookups before each forwarded request run here; the threads live as long as the process, and so do their
+# database connections.
+_db_threads = ThreadPoolExecutor(max_workers=4, thread_name_prefix="proxy-db")
+T = TypeVar("T")
 
 
 def _client() -> httpx.AsyncClient:
@@ -52,55 +56,39 @@ def openai_error(status: int, message: str, kind: str, code: str | None = None) 
     return JsonResponse({"error": {"message": message, "type": kind, "param": None, "code": code}}, status=status)
 
 
-def _owned_session(user: Any, key: str) -> Session | None:
-    """The user's session by uuid or alias (the newest live one with that alias); admins may use any by uuid."""
-    sessions = Session.objects.select_related("cluster", "account__cluster", "variant__model")
-    try:
-        found = sessions.filter(pk=key).first()
-    except (ValidationError, ValueError):  # not a uuid: maybe an alias
-        found = None
-    if found is None:
-        found = (
-            sessions.filter(owner=user, alias=key)
-            .exclude(state__in=["completed", "cancelled", "failed", "timeout"])
-            .first()
-        )
-    if found is None or (found.owner_id != user.pk and not user.is_staff):
-        return None
-    return found
+async def _db(function: Callable[..., T], *args: Any) -> T:
+    """Run a lookup on the proxy's own threads, whose database connections persist between requests.
+
+    Django's per-request thread would open a new connection for every forwarded request, and asgiref's context
+    handling is not needed by a function that only reads the database. A connection that went bad (the database
+    restarted) is closed and the lookup tried once more.
+    """
+
+    def attempt() -> T:
+        try:
+            return function(*args)
+        except (OperationalError, InterfaceError):
+            db.connection.close()
+            return function(*args)
+
+    return await asyncio.get_running_loop().run_in_executor(_db_threads, attempt)
 
 
-def _target(session: Session) -> str:
-    return backend.base_url(session)
-
-
-def _note_activity(session: Session) -> None:
-    now = timezone.now()
-    if session.last_activity_at is None or now - session.last_activity_at > ACTIVITY_EVERY:
-        Session.objects.filter(pk=session.pk).update(last_activity_at=now)
-
-
-def _prepare(session: Session) -> tuple[str, str]:
-    """The synchronous part of forwarding, in one thread hop: where the server is, its key, the activity mark."""
-    _note_activity(session)
-    return _target(session), session.api_key
-
-
-async def _forward(request: HttpRequest, session: Session, path: str, body: bytes) -> HttpResponseBase:
-    if session.state != State.RUNNING:
-        return openai_error(409, f"session {session.pk} is {session.state}, not running", "session_not_running",
-                            session.state)  # fmt: skip
-    base, key = await sync_to_async(_prepare)(session)
+async def _forward(request: HttpRequest, target: Target, path: str, body: bytes) -> HttpResponseBase:
+    if target.state != State.RUNNING or not target.base:
+        return openai_error(409, f"session {target.pk} is {target.state}, not running", "session_not_running",
+                            target.state)  # fmt: skip
     headers = {k: v for k, v in request.headers.items() if k.lower() in FORWARDED_HEADERS}
-    headers["authorization"] = f"Bearer {key}"
+    headers["authorization"] = f"Bearer {target.key}"
     client = _client()
-    upstream_request = client.build_request(request.method or "GET", f"{base}/v1/{path}", content=body, headers=headers)
+    upstream_request = client.build_request(request.method or "GET", f"{target.base}/v1/{path}", content=body,
+                                            headers=headers)  # fmt: skip
     try:
         upstream = await client.send(upstream_request, stream=True)
     except httpx.TimeoutException:
-        return openai_error(504, f"the model server on {session.node_list} did not answer in time", "upstream_timeout")
+        return openai_error(504, f"the model server on {target.node_list} did not answer in time", "upstream_timeout")
     except httpx.HTTPError as exc:
-        return openai_error(502, f"cannot reach the model server on {session.node_list}: {exc}", "upstream_error")
+        return openai_error(502, f"cannot reach the model server on {target.node_list}: {exc}", "upstream_error")
     content_type = upstream.headers.get("content-type", "application/json")
     if upstream.status_code >= 400 and "json" not in content_type:
         text = (await upstream.aread()).decode(errors="replace")[:500]
@@ -109,10 +97,10 @@ async def _forward(request: HttpRequest, session: Session, path: str, body: byte
 
     async def relay() -> AsyncIterator[bytes]:
         try:
-            async for chunk in upstream.aiter_raw():
+            async for chunk in relay_module.coalesced(upstream.aiter_raw()):
                 yield chunk
         except httpx.HTTPError as exc:
-            log.warning("stream from %s broke: %s", session.pk, exc)
+            log.warning("stream from %s broke: %s", target.pk, exc)
             error = {"error": {"message": f"the stream broke: {exc}", "type": "upstream_error"}}
             yield f"data: {json.dumps(error)}\n\n".encode()
         finally:
@@ -125,7 +113,7 @@ async def _forward(request: HttpRequest, session: Session, path: str, body: byte
     return response
 
 
-def _rewrite_model(body: bytes, session: Session) -> bytes | None:
+def _rewrite_model(body: bytes, target: Target) -> bytes | None:
     """Scripts name the session as the model; the server knows its own model name."""
     if not body:
         return body
@@ -133,8 +121,12 @@ def _rewrite_model(body: bytes, session: Session) -> bytes | None:
         payload = json.loads(body)
     except json.JSONDecodeError:
         return None
+    return _with_model(payload, target)
+
+
+def _with_model(payload: Any, target: Target) -> bytes:
     if isinstance(payload, dict):
-        payload["model"] = session.served_model_name
+        payload["model"] = target.served_model
     return json.dumps(payload).encode()
 
 
@@ -155,36 +147,28 @@ async def session_proxy(request: HttpRequest, pk: Any, path: str) -> HttpRespons
         return openai_error(401, "sign in first", "authentication_error")
     if refused := _check_route(request, path):
         return refused
-    session = await sync_to_async(_owned_session)(user, str(pk))
-    if session is None:
+    target = await _db(targets.target, targets.Holder(user.pk, user.is_staff), str(pk))
+    if target is None:
         return openai_error(404, "no such session", "invalid_request_error")
     body = request.body
     if path.strip("/") != "models":
-        rewritten = _rewrite_model(body, session)
+        rewritten = _rewrite_model(body, target)
         if rewritten is None:
             return openai_error(400, "the request body is not JSON", "invalid_request_error")
         body = rewritten
-    return await _forward(request, session, path.strip("/"), body)
+    return await _forward(request, target, path.strip("/"), body)
 
 
-def _token_user(request: HttpRequest) -> Any:
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not token:
-        return None
-    row = ApiToken.authenticate(token.strip())
-    return row.user if row else None
+def _api_lookup(token: str, model: Any) -> tuple[targets.Holder | None, Target | None]:
+    """Token and session in one thread hop: the token's holder, and the session named as the model."""
+    holder = targets.holder(token)
+    if holder is None or not isinstance(model, str) or not model:
+        return holder, None
+    return holder, targets.target(holder, model)
 
 
-def _api_lookup(request: HttpRequest, model: Any) -> tuple[Any, Session | None]:
-    """Token and session in one thread hop."""
-    user = _token_user(request)
-    if user is None or not isinstance(model, str) or not model:
-        return user, None
-    return user, _owned_session(user, model)
-
-
-def _running_models(user: Any) -> list[dict[str, Any]]:
-    sessions = Session.objects.filter(owner=user, state=State.RUNNING).select_related("variant__model")
+def _running_models(user_pk: int) -> list[dict[str, Any]]:
+    sessions = Session.objects.filter(owner_id=user_pk, state=State.RUNNING).select_related("variant__model")
     return [
         {"id": s.alias or str(s.pk), "object": "model", "created": int(s.created_at.timestamp()),
          "owned_by": "hpc-llm-portal", "session": str(s.pk), "served_model": s.served_model_name}
@@ -195,22 +179,30 @@ def _running_models(user: Any) -> list[dict[str, Any]]:
 @csrf_exempt  # scripts authenticate with a bearer token, not a cookie, so there is nothing to forge
 async def api_proxy(request: HttpRequest, path: str) -> HttpResponseBase:
     """The scripts' route: /api/v1/<path> with a personal token; `model` names the session (uuid or alias)."""
+    request.get_host()  # ALLOWED_HOSTS applies here too, although portal.asgi skips the cookie middleware
     if refused := _check_route(request, path):
         return refused
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        return _no_token()
     try:
         payload = json.loads(request.body or b"{}") if path.strip("/") != "models" else {}
     except json.JSONDecodeError:
         return openai_error(400, "the request body is not JSON", "invalid_request_error")
     model = payload.get("model") if isinstance(payload, dict) else None
-    user, session = await sync_to_async(_api_lookup)(request, model)
-    if user is None:
-        return openai_error(401, "a valid personal API token is needed (Authorization: Bearer hpcllm_…)",
-                            "authentication_error", "invalid_api_key")  # fmt: skip
+    holder, target = await _db(_api_lookup, token.strip(), model)
+    if holder is None:
+        return _no_token()
     if path.strip("/") == "models":
-        return JsonResponse({"object": "list", "data": await sync_to_async(_running_models)(user)})
+        return JsonResponse({"object": "list", "data": await _db(_running_models, holder.user_pk)})
     if not isinstance(model, str) or not model:
         return openai_error(400, "name the session as the model (its uuid or alias)", "invalid_request_error")
-    if session is None:
+    if target is None:
         return openai_error(404, f"you have no session {model!r}", "invalid_request_error", "model_not_found")
-    body = _rewrite_model(request.body, session) or b""
-    return await _forward(request, session, path.strip("/"), body)
+    body = _with_model(payload, target) if request.body else b""
+    return await _forward(request, target, path.strip("/"), body)
+
+
+def _no_token() -> JsonResponse:
+    return openai_error(401, "a valid personal API token is needed (Authorization: Bearer hpcllm_…)",
+                        "authentication_error", "invalid_api_key")  # fmt: skip

@@ -4,6 +4,7 @@ tokens, and who may use which route."""
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from io import StringIO
 from pathlib import Path
@@ -17,6 +18,7 @@ from django.test import AsyncClient
 
 from jobs import backend, ssh
 from jobs.models import ApiToken, Session, State
+from jobs.tasks import fetch_log
 from tests.conftest import LAUNCH
 from tests.e2e.sessions import cancel_all_jobs, drive, local_account
 from tests.e2e.test_worker import worker_env
@@ -155,3 +157,22 @@ def test_the_openai_client_streams_through_the_api_and_a_revoked_token_is_refuse
     call_command("apitoken", "revoke", str(token_id), stdout=StringIO())
     with pytest.raises(openai.AuthenticationError):
         client.models.list()
+
+
+def test_a_client_that_goes_away_cancels_the_generation(portal_server: str, running: Session, owner: Any) -> None:
+    """llama-server logs "cancel task" only for a request whose HTTP connection closed before the reply was done."""
+    _, token = ApiToken.issue(owner, "script")
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "hello"}], "stream": True, "ignore_eos": True}
+    with httpx.Client(base_url=portal_server, headers={"Authorization": f"Bearer {token}"}, timeout=60) as client:
+        whole = client.post("/api/v1/chat/completions", json={**body, "max_tokens": 8})
+        assert whole.status_code == 200 and "[DONE]" in whole.text
+        assert "cancel task" not in fetch_log(running)  # a reply read to the end is not cancelled
+        with client.stream("POST", "/api/v1/chat/completions", json={**body, "max_tokens": 900}) as response:
+            assert response.status_code == 200
+            first = next(line for line in response.iter_lines() if line.startswith("data: {"))
+            assert json.loads(first[6:])["choices"]
+        # leaving the block mid-reply closes the connection to the portal
+    deadline = time.monotonic() + 20
+    while "cancel task" not in (log := fetch_log(running)) and time.monotonic() < deadline:
+        time.sleep(0.3)
+    assert "cancel task" in log, log[-2000:]
