@@ -107,6 +107,28 @@ def start_llama_server(port: int, key_file: Path) -> subprocess.Popen[bytes] | N
     )  # fmt: skip
 
 
+def split_cpus() -> set[int]:
+    """This process (the client) and the servers on one half of the CPUs, the proxies on the other (returned).
+
+    In production the portal does not share a CPU with the model server or with its clients; on one small machine
+    they would otherwise take CPU from each other, and the proxy's cost would show up as a slower llama-server.
+    """
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        print("one CPU: client, servers and proxies share it")
+        return set(cpus)
+    load, proxies = set(cpus[: len(cpus) // 2]), set(cpus[len(cpus) // 2 :])
+    os.sched_setaffinity(0, load)  # the servers started from here inherit it
+    print(f"CPUs {sorted(load)}: this client and the servers; CPUs {sorted(proxies)}: the portal and nginx")
+    return proxies
+
+
+def pin(process: subprocess.Popen[bytes] | None, cpus: set[int]) -> subprocess.Popen[bytes] | None:
+    if process is not None:
+        os.sched_setaffinity(process.pid, cpus)
+    return process
+
+
 def portal_env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "REDIS_URL")}
     env.update(DJANGO_SETTINGS_MODULE="portal.settings", PORTAL_VAR_DIR=str(SCRATCH), PORTAL_LOG_LEVEL="WARNING")
@@ -299,15 +321,17 @@ def main() -> None:
     parser.add_argument("--llama-tokens", type=int, default=256, help="tokens per llama-server reply")
     parser.add_argument("--concurrency", default="50,100,200,500")
     args = parser.parse_args()
+    proxy_cpus = split_cpus()
     ports = {name: free_port() for name in ("fast", "llama", "portal", "nginx")}
     key_file = SCRATCH / "llama-key"
     token, keys = prepare_portal({"fast": ports["fast"], "llama": ports["llama"]})
     key_file.write_text(keys["llama"])
     processes = [start_backend(ports["fast"]), start_portal(ports["portal"])]
+    pin(processes[-1], proxy_cpus)
     llama = start_llama_server(ports["llama"], key_file)
     if llama:
         processes.append(llama)
-    nginx = start_nginx(ports["nginx"], {"fast": ports["fast"], "llama": ports["llama"]})
+    nginx = pin(start_nginx(ports["nginx"], {"fast": ports["fast"], "llama": ports["llama"]}), proxy_cpus)
     if nginx:
         processes.append(nginx)
     try:

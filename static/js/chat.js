@@ -22,6 +22,28 @@
     return out;
   }
 
+  // A Copy button on each code block of a finished reply (the page without JavaScript simply has none).
+  function copyButtons(root) {
+    root.querySelectorAll(".md pre").forEach(function (pre) {
+      if (pre.querySelector(".copy")) return;
+      var button = document.createElement("button");
+      button.type = "button"; button.className = "copy secondary small"; button.textContent = "Copy";
+      button.setAttribute("aria-label", "Copy this code");
+      button.addEventListener("click", function () {
+        var code = pre.querySelector("code") || pre;
+        var done = function (label) { button.textContent = label; setTimeout(function () { button.textContent = "Copy"; }, 1500); };
+        if (navigator.clipboard && window.isSecureContext) {
+          navigator.clipboard.writeText(code.textContent).then(function () { done("Copied"); }, function () { done("Copy failed"); });
+        } else {
+          var range = document.createRange(); range.selectNodeContents(code);
+          var selection = window.getSelection(); selection.removeAllRanges(); selection.addRange(range);
+          done(document.execCommand("copy") ? "Copied" : "Press Ctrl+C");
+        }
+      });
+      pre.appendChild(button);
+    });
+  }
+
   function bubble(role, text) {
     var li = document.createElement("li");
     li.className = "msg-" + role;
@@ -92,6 +114,7 @@
       var data = await saved.json();
       reply.dataset.id = data.id;
       body.innerHTML = data.html;  // sanitised on the server
+      copyButtons(reply);
       var line = document.createElement("div"); line.className = "stats small muted";
       line.textContent = (stats.ttft_ms !== null ? "first token " + stats.ttft_ms + " ms · " : "") +
         (stats.tokens_per_s ? stats.tokens_per_s.toFixed(1) + " tokens/s · " : "") + (stats.completion_tokens || 0) + " tokens";
@@ -132,5 +155,6 @@
     input.focus();
     busy(false);
   });
+  copyButtons(list);
   busy(false);
 })();

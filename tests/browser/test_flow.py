@@ -16,7 +16,7 @@ from django.contrib.auth import get_user_model
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 
 from jobs import ssh
-from jobs.models import Session
+from jobs.models import ChatMessage, Conversation, Session
 from tests.conftest import REPO
 from tests.e2e.sessions import cancel_all_jobs, local_account
 from tests.e2e.test_worker import worker_env
@@ -119,6 +119,19 @@ def test_sign_in_launch_run_and_cancel_with_javascript(browser: Browser, portal:
     exported = page.request.get(portal + (page.get_by_role("link", name="Export JSON").get_attribute("href") or ""))
     assert [m["role"] for m in exported.json()["messages"]] == ["user", "assistant", "user", "assistant"]
     shot(page, "js/8-chat-after-reload")
+    # Code blocks in a reply get a Copy button that copies the code, and the raw text stays the conversation's history.
+    conversation = Conversation.objects.get()
+    ChatMessage.objects.create(
+        conversation=conversation, role="assistant", content="Try:\n\n```python\nprint('hi')\n```"
+    )
+    page.context.grant_permissions(["clipboard-read", "clipboard-write"])
+    page.reload()
+    code = page.locator("li.msg-assistant").last.locator("pre")
+    code.get_by_role("button", name="Copy this code").click()
+    expect(code.get_by_role("button", name="Copy this code")).to_have_text("Copied")
+    assert page.evaluate("navigator.clipboard.readText()") == "print('hi')\n"
+    assert page.locator("li.msg-assistant").last.get_attribute("data-raw") == "Try:\n\n```python\nprint('hi')\n```"
+    shot(page, "js/8b-code-copy")
     page.goto(f"{portal}/sessions/")
     card = page.locator("li.session").first
 
