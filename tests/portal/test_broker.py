@@ -22,7 +22,8 @@ def test_messages_are_never_seen_half_written(tmp_path: Path) -> None:
 
     from kombu import Connection
 
-    options = {"data_folder_in": str(tmp_path), "data_folder_out": str(tmp_path), "polling_interval": 0.01}
+    options = {"data_folder_in": str(tmp_path), "data_folder_out": str(tmp_path), "polling_interval": 0.01,
+               "control_folder": str(tmp_path / "control")}  # fmt: skip
     body = "x" * 200_000
     sent = 300
 
@@ -63,7 +64,7 @@ def test_a_reader_in_the_middle_of_a_write_sees_no_torn_message(
 
     import portal.broker
 
-    options = {"data_folder_in": str(tmp_path), "data_folder_out": str(tmp_path)}
+    options = {"data_folder_in": str(tmp_path), "data_folder_out": str(tmp_path), "control_folder": str(tmp_path / "c")}
     seen: list[str] = []
     with Connection("filesystem://", transport=transport, transport_options=options) as conn:
         channel: Any = conn.default_channel
