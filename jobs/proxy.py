@@ -59,9 +59,9 @@ def openai_error(status: int, message: str, kind: str, code: str | None = None) 
 async def _db(function: Callable[..., T], *args: Any) -> T:
     """Run a lookup on the proxy's own threads, whose database connections persist between requests.
 
-    Django's per-request thread would open a new connection for every forwarded request, and asgiref's context
-    handling is not needed by a function that only reads the database. A connection that went bad (the database
-    restarted) is closed and the lookup tried once more.
+    Django's per-request thread would open a new connection for every forwarded request, and the lookups need none
+    of asgiref's context handling. A connection that went bad (the database restarted) is closed and the lookup tried
+    once more; its only writes are idempotent timestamps.
     """
 
     def attempt() -> T:
