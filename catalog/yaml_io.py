@@ -62,6 +62,9 @@ def _to_python(loader: yaml.SafeLoader, node: yaml.Node, path: Path, lines: dict
             if not isinstance(key, str):
                 errors.append((line, path, f"keys must be text, got {key!r}"))
                 continue
+            if "\x00" in key:
+                errors.append((line, path, f"key {key!r} contains a NUL character (\\0)"))
+                continue
             if key in result:
                 errors.append(
                     (
@@ -80,7 +83,11 @@ def _to_python(loader: yaml.SafeLoader, node: yaml.Node, path: Path, lines: dict
             lines[(*path, index)] = item.start_mark.line + 1
             items.append(_to_python(loader, item, (*path, index), lines, errors))
         return items
-    return loader.construct_object(node, deep=True)
+    value = loader.construct_object(node, deep=True)
+    if isinstance(value, str) and "\x00" in value:
+        # PostgreSQL cannot store it in a text column; SQLite would keep a value no tool shows whole.
+        errors.append((node.start_mark.line + 1, path, "contains a NUL character (\\0), which text cannot hold"))
+    return value
 
 
 def read_yaml(text: str) -> tuple[Located | None, list[tuple[int, Path, str]]]:

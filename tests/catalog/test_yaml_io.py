@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 from django.core.management import CommandError, call_command
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from catalog.models import Cluster, GPUType, ModelCard, ModelVariant, NodeGroup, Partition, VariantLocation
@@ -174,6 +174,17 @@ def test_invalid_yaml_names_the_line() -> None:
     line, _, message = errors[0]
     assert line == 4
     assert message.startswith("invalid YAML")
+
+
+def test_a_nul_character_in_a_value_or_key_is_a_located_error() -> None:
+    """PostgreSQL refuses NUL in text; the file says where it is instead of the database failing mid-import."""
+    errors = errors_for(BASE.replace("    name: Lab\n", '    name: "La\\0b"\n    "co\\0lour": blue\n'))
+    assert [(path, "NUL" in message) for _, path, message in errors] == [
+        ("clusters[0].name", True),
+        ("clusters[0]", True),
+    ]
+    assert all(line > 1 for line, _, _ in errors)
+    assert sum(catalog_rows().values()) == 0
 
 
 def test_unknown_keys_are_rejected_with_the_keys_that_would_work() -> None:
@@ -360,6 +371,7 @@ LEAVES = list(_leaf_paths(yaml.safe_load(BASE)))
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(replacements=st.lists(st.tuples(st.sampled_from(LEAVES), SCALARS), min_size=1, max_size=3))
+@example(replacements=[(("gpu_types", 0, "name"), "\x00")])  # once a database error on PostgreSQL
 def test_any_value_anywhere_imports_cleanly_or_fails_with_located_errors(replacements) -> None:
     data = yaml.safe_load(BASE)
     for path, value in replacements:
