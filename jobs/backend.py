@@ -74,12 +74,16 @@ def base_url(session: Session) -> str:
         return ""
     if session.cluster.node_access != session.cluster.NodeAccess.TUNNEL:
         return f"http://{session.host}:{session.port}"
-    target = session.account.ssh_target()
-    key = (target.pool_key, session.host, session.port)
+    return forwarded_url(session.account.ssh_target(), session.host, session.port)
+
+
+def forwarded_url(target: ssh.SSHTarget, host: str, port: int) -> str:
+    """The local end of the forward to host:port through the login host, opened on first use and then kept."""
+    key = (target.pool_key, host, port)
     with _lock:
         forward = _forwards.get(key)
         if forward is None:
-            forward = _forwards[key] = LocalForward(target, session.host, session.port)
+            forward = _forwards[key] = LocalForward(target, host, port)
     return f"http://127.0.0.1:{forward.local_port}"
 
 

@@ -110,12 +110,20 @@ class ClusterAccount(models.Model):
         self.public_key = f"{key.get_name()} {key.get_base64()} hpc-llm-portal {self.username}@{self.cluster.slug}"
 
     def ssh_target(self) -> SSHTarget:
+        return self.target_of(
+            self.cluster.login_host, self.cluster.ssh_port, self.cluster.host_key, self.username,
+            self.private_key_encrypted,
+        )  # fmt: skip
+
+    @staticmethod
+    def target_of(login_host: str, ssh_port: int, host_key: str, username: str, key_encrypted: str) -> SSHTarget:
+        """The SSH target from the stored columns (the proxy reads them without loading the account)."""
         return SSHTarget(
-            host=self.cluster.login_host,
-            port=self.cluster.ssh_port,
-            username=self.username,
-            host_keys=self.cluster.host_key,
-            private_key=crypto.decrypt(self.private_key_encrypted),
+            host=login_host,
+            port=ssh_port,
+            username=username,
+            host_keys=host_key,
+            private_key=crypto.decrypt(key_encrypted),
         )
 
     @classmethod

@@ -22,7 +22,7 @@ from django.utils.dateparse import parse_datetime
 
 from catalog.models import Cluster, ModelCard, ModelVariant
 from jobs import backend, crypto
-from jobs.models import END_STATES, ApiToken, Session, State, served_model_name, token_digest
+from jobs.models import END_STATES, ApiToken, ClusterAccount, Session, State, served_model_name, token_digest
 
 ACTIVITY_EVERY = timedelta(seconds=30)  # last activity feeds idle auto-cancel, which counts in minutes
 TOKEN_USED_EVERY = timedelta(minutes=1)  # "last used" on the tokens page
@@ -69,9 +69,12 @@ def _sql(vendor: str) -> dict[str, str]:
         f"SELECT s.{_col(Session, 'id')}, s.{_col(Session, 'owner')}, s.{_col(Session, 'state')}, "
         f"s.{_col(Session, 'host')}, s.{_col(Session, 'port')}, s.{_col(Session, 'api_key_encrypted')}, "
         f"s.{_col(Session, 'node_list')}, s.{_col(Session, 'last_activity_at')}, c.{_col(Cluster, 'node_access')}, "
-        f"m.{_col(ModelCard, 'name')}, v.{_col(ModelVariant, 'quantization')} "
+        f"m.{_col(ModelCard, 'name')}, v.{_col(ModelVariant, 'quantization')}, "
+        f"c.{_col(Cluster, 'login_host')}, c.{_col(Cluster, 'ssh_port')}, c.{_col(Cluster, 'host_key')}, "
+        f"a.{_col(ClusterAccount, 'username')}, a.{_col(ClusterAccount, 'private_key_encrypted')} "
         f"FROM {_q(session)} s "
         f"JOIN {_q(Cluster._meta.db_table)} c ON c.{_col(Cluster, 'id')} = s.{_col(Session, 'cluster')} "
+        f"JOIN {_q(ClusterAccount._meta.db_table)} a ON a.{_col(ClusterAccount, 'id')} = s.{_col(Session, 'account')} "
         f"JOIN {_q(ModelVariant._meta.db_table)} v ON v.{_col(ModelVariant, 'id')} = s.{_col(Session, 'variant')} "
         f"JOIN {_q(ModelCard._meta.db_table)} m ON m.{_col(ModelCard, 'id')} = v.{_col(ModelVariant, 'model')} "
     )
@@ -140,19 +143,20 @@ def target(user: Holder, key: str) -> Target | None:
         row = _fetch_one("by_alias", [user.user_pk, key, *sorted(END_STATES)])
     if row is None:
         return None
-    pk_value, owner_pk, state, host, port, key_encrypted, node_list, last_activity, access, model, quantization = row
+    pk_value, owner_pk, state, host, port, key_encrypted, node_list, last_activity, access, model, quantization = row[
+        :11
+    ]
     if int(owner_pk) != user.user_pk and not user.is_staff:
         return None
-    session_pk = uuid.UUID(str(pk_value))
     base = secret = ""
     if state == State.RUNNING and host and port:
-        if access == Cluster.NodeAccess.TUNNEL:  # the forward is kept per process, so this runs rarely
-            base = backend.base_url(Session.objects.select_related("cluster", "account__cluster").get(pk=session_pk))
+        if access == Cluster.NodeAccess.TUNNEL:
+            base = backend.forwarded_url(ClusterAccount.target_of(*row[11:]), host, port)
         else:
             base = f"http://{host}:{port}"
         secret = crypto.decrypt(key_encrypted)
         now = timezone.now()
         last_activity = _aware(last_activity)
         if last_activity is None or now - last_activity > ACTIVITY_EVERY:
-            _execute("touch_session", [_db_datetime(now), Session._meta.pk.get_db_prep_value(session_pk, connection)])
-    return Target(str(session_pk), state, base, secret, served_model_name(model, quantization), node_list)
+            _execute("touch_session", [_db_datetime(now), pk_value])
+    return Target(str(uuid.UUID(str(pk_value))), state, base, secret, served_model_name(model, quantization), node_list)

@@ -16,7 +16,8 @@ from asgiref.sync import async_to_sync
 from django.core.management import call_command
 from django.test import AsyncClient
 
-from jobs import backend, ssh
+from catalog.models import Cluster
+from jobs import backend, ssh, targets
 from jobs.models import ApiToken, Session, State
 from jobs.tasks import fetch_log
 from tests.conftest import LAUNCH
@@ -44,6 +45,24 @@ def running(local_catalog: dict[str, Any], owner: Any, django_capture_on_commit_
     cancel_all_jobs()
     ssh.pool.close_all()
     backend.close_forwards()
+
+
+def test_the_api_reaches_a_tunnel_clusters_server_through_the_forward(running: Session, owner: Any) -> None:
+    Cluster.objects.filter(pk=running.cluster_id).update(node_access=Cluster.NodeAccess.TUNNEL)
+    found = targets.target(targets.Holder(owner.pk, is_staff=False), "tiny")
+    assert found is not None and found.base.startswith("http://127.0.0.1:")
+    assert found.base != f"http://{running.host}:{running.port}"
+    _, token = ApiToken.issue(owner, "script")
+
+    async def chat() -> tuple[int, bytes]:
+        reply = await AsyncClient().post(
+            "/api/v1/chat/completions", {**CHAT, "model": "tiny"}, content_type="application/json",
+            headers={"authorization": f"Bearer {token}"},
+        )  # fmt: skip
+        return reply.status_code, b"".join([chunk async for chunk in reply.streaming_content])  # type: ignore[attr-defined]
+
+    status, body = async_to_sync(chat)()
+    assert status == 200 and json.loads(body)["choices"][0]["message"]["role"] == "assistant"
 
 
 def sse_chunks(body: bytes) -> list[dict[str, Any]]:
