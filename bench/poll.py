@@ -37,11 +37,11 @@ django.setup()
 
 from django.core.management import call_command  # noqa: E402
 
-from catalog.models import Cluster, GPUType, ModelVariant, Partition, Runtime  # noqa: E402
+from catalog.models import Cluster, ClusterAccount, GPUType, ModelVariant, Partition, Runtime  # noqa: E402
 from catalog.yaml_io import import_file  # noqa: E402
-from jobs import ssh  # noqa: E402
-from jobs.models import ClusterAccount, Session, State  # noqa: E402
+from jobs.models import LLMSession, State  # noqa: E402
 from jobs.tasks import poll_account  # noqa: E402
+from portal import ssh  # noqa: E402
 
 CLUSTER_DIR = Path(os.environ.get("LOCAL_CLUSTER_DIR", REPO / "var" / "local-cluster"))
 
@@ -78,7 +78,7 @@ def submit_held(pool: ssh.SSHPool, account: ClusterAccount, names: list[str]) ->
     return [line.split(";")[0] for line in result.stdout.split()]
 
 
-def make_sessions(account: ClusterAccount, n: int, pool: ssh.SSHPool) -> list[Session]:
+def make_sessions(account: ClusterAccount, n: int, pool: ssh.SSHPool) -> list[LLMSession]:
     ids = [uuid.uuid4() for _ in range(n)]
     job_ids = submit_held(pool, account, [f"hpcllm-{i}" for i in ids])
     common = {
@@ -97,8 +97,8 @@ def make_sessions(account: ClusterAccount, n: int, pool: ssh.SSHPool) -> list[Se
         "state": State.QUEUED,
         "api_key_encrypted": "unused",
     }
-    return Session.objects.bulk_create(
-        [Session(id=i, job_id=j, **common) for i, j in zip(ids, job_ids, strict=True)], batch_size=500
+    return LLMSession.objects.bulk_create(
+        [LLMSession(id=i, job_id=j, **common) for i, j in zip(ids, job_ids, strict=True)], batch_size=500
     )
 
 
@@ -107,7 +107,7 @@ def cancel(pool: ssh.SSHPool, account: ClusterAccount, job_ids: list[str]) -> No
         pool.run(account.ssh_target(), "scancel " + " ".join(job_ids[start : start + 500]) + " 2>/dev/null; true")
 
 
-def naive_cycle(pool: CountingPool, account: ClusterAccount, sessions: list[Session]) -> float:
+def naive_cycle(pool: CountingPool, account: ClusterAccount, sessions: list[LLMSession]) -> float:
     target = account.ssh_target()
     start = time.perf_counter()
     for session in sessions:
@@ -123,16 +123,13 @@ def main() -> None:
     args = parser.parse_args()
     account = setup()
     counting = CountingPool()
-    ssh.pool = counting  # poll_account reads the module attribute
-    import jobs.tasks
-
-    jobs.tasks.ssh.pool = counting
+    ssh.pool = counting  # the poll reads the module attribute
     print(
         f"{'sessions':>8} {'cmds/cycle':>10} {'cycle s (median)':>16} {'naive cmds':>10} {'naive s':>9} {'speed-up':>8}"
     )
     try:
         for n in [int(x) for x in args.sizes.split(",")]:
-            Session.objects.all().delete()
+            LLMSession.objects.all().delete()
             sessions = make_sessions(account, n, counting)
             poll_account(account.pk)  # first cycle records "pending (JobHeldUser)"; time the steady state
             times = []
@@ -145,12 +142,12 @@ def main() -> None:
             cycle = statistics.median(times)
             sample = sessions[: min(n, args.naive_max)]
             naive = naive_cycle(counting, account, sample) * n / len(sample)
-            queued = Session.objects.filter(state=State.QUEUED, slurm_reason="JobHeldUser").count()
+            queued = LLMSession.objects.filter(state=State.QUEUED, slurm_reason="JobHeldUser").count()
             assert queued == n, f"only {queued} of {n} sessions were read back as held"
             print(f"{n:>8} {per_cycle:>10} {cycle:>16.3f} {n:>10} {naive:>9.2f} {naive / cycle:>7.1f}x")
             cancel(counting, account, [s.job_id for s in sessions])
     finally:
-        cancel(counting, account, list(Session.objects.values_list("job_id", flat=True)))
+        cancel(counting, account, list(LLMSession.objects.values_list("job_id", flat=True)))
     print("naive s: extrapolated from up to --naive-max sessions, one squeue per session over a pooled connection")
 
 

@@ -153,7 +153,7 @@ cluster = Cluster.objects.get(slug="local")
 account = ClusterAccount(cluster=cluster, user=user, username="bench"); account.save()
 keys = {{}}
 for alias, port in {ports!r}.items():
-    session = Session.objects.create(owner=user, account=account, cluster=cluster,
+    session = LLMSession.objects.create(owner=user, account=account, cluster=cluster,
         partition=Partition.objects.get(cluster=cluster, name="gpu"), gpu_type=GPUType.objects.get(name="a100-80g"),
         gpus_per_node=1, cpus_per_node=1, memory_gib=1, walltime_min=60,
         variant=ModelVariant.objects.get(model__name="tiny-llama"), runtime=Runtime.objects.get(kind="llama.cpp"),

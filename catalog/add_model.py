@@ -14,12 +14,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from django.contrib.auth.models import AbstractBaseUser, AnonymousUser
 from django.core.exceptions import ValidationError
 from django.db import transaction
 
 from catalog import gguf, hfconfig
-from catalog.models import Cluster, ModelCard, ModelVariant, VariantLocation
+from catalog.architecture import Architecture
+from catalog.models import Cluster, ClusterAccount, ModelCard, ModelVariant, VariantLocation
 from catalog.validators import absolute_path
+from portal import ssh
 
 GIB = 1024**3
 
@@ -47,15 +50,13 @@ class LocalReader:
 
 
 class SSHReader:
-    """Reads over a pooled SSH connection (jobs.ssh) as a cluster account; paths are allow-listed and quoted."""
+    """Reads over a pooled SSH connection (portal.ssh) as a cluster account; paths are allow-listed and quoted."""
 
-    def __init__(self, target: object) -> None:
-        from jobs import ssh
-
-        self.ssh, self.target = ssh, target
+    def __init__(self, target: ssh.SSHTarget) -> None:
+        self.target = target
 
     def _run(self, command: str, max_bytes: int = 1 << 20) -> str:
-        result = self.ssh.pool.run(self.target, command, timeout_s=120, max_output_bytes=max_bytes)  # type: ignore[arg-type]
+        result = ssh.pool.run(self.target, command, timeout_s=120, max_output_bytes=max_bytes)
         if result.exit_code != 0 or result.truncated:
             raise OSError(result.stderr.strip() or f"{command} failed")
         return result.stdout
@@ -75,18 +76,19 @@ class SSHReader:
         return sorted(self._run(f"ls -1A {shlex.quote(path)}").split("\n")[:-1])
 
 
+def cluster_reader(user: AbstractBaseUser | AnonymousUser, cluster: Cluster) -> SSHReader:
+    """A cluster's files, read as the user's own account there."""
+    account = ClusterAccount.for_user(user, cluster)
+    if account is None:
+        raise ValidationError(f"{user} has no cluster account on {cluster.name} to read it with.")
+    return SSHReader(account.ssh_target())
+
+
 @dataclass(frozen=True)
 class Found:
     name: str
     family: str
-    params_b: float
-    layers: int
-    hidden_size: int
-    attention_heads: int
-    kv_heads: int
-    head_dim: int
-    vocab_size: int
-    max_context: int
+    arch: Architecture
     quant: str
     format: str
     size_gib: float
@@ -107,20 +109,6 @@ def inspect(path: str, reader: Reader | None = None) -> Found:
         raise ValidationError(f"{path}: {exc}") from None
 
 
-# Architecture numbers GGUFInfo, HFInfo, Found and ModelCard all name the same way.
-ARCH_FIELDS = ("layers", "hidden_size", "attention_heads", "kv_heads", "head_dim", "vocab_size", "max_context")
-
-
-def _found(info: gguf.GGUFInfo | hfconfig.HFInfo, **rest: object) -> Found:
-    arch = {field: getattr(info, field) for field in ARCH_FIELDS}
-    return Found(
-        family=_family(info.architecture),
-        params_b=max(round(info.params / 1e9, 6), 0.0001),
-        **arch,
-        **rest,  # type: ignore[arg-type]
-    )
-
-
 def _inspect_gguf(path: str, reader: Reader) -> Found:
     size, n = reader.size(path), 4 << 20
     while True:
@@ -135,13 +123,14 @@ def _inspect_gguf(path: str, reader: Reader) -> Found:
         raise gguf.GGUFError("the header does not say its file type (general.file_type)")
     stem = Path(path).name.removesuffix(".gguf")
     name = _clean_name(re.sub(rf"[-._]{re.escape(info.file_type)}$", "", stem, flags=re.IGNORECASE) or info.name)
-    return _found(
-        info,
+    return Found(
         name=name,
+        family=_family(info.arch_name),
+        arch=info.arch,
         quant=info.file_type,
         format=ModelVariant.Format.GGUF,
         size_gib=round(size / GIB, 4) or 0.0001,
-        source=f"GGUF v{info.version} header ({info.architecture}, {info.params:,} parameters)",
+        source=f"GGUF v{info.version} header ({info.arch_name}, {info.params:,} parameters)",
     )
 
 
@@ -163,13 +152,14 @@ def _inspect_hf(path: str, reader: Reader) -> Found:
             headers.append(reader.prefix(f"{path}/{shard}", 8 + min(length, 100 << 20)))
     info = hfconfig.read_config(config, index, headers)
     size = sum(reader.size(f"{path}/{shard}") for shard in shards)
-    return _found(
-        info,
+    return Found(
         name=_clean_name(Path(path).name),
+        family=_family(info.arch_name),
+        arch=info.arch,
         quant=info.quant,
         format=ModelVariant.Format.SAFETENSORS,
         size_gib=round(size / GIB, 4) or round(info.params * 2 / GIB, 4),
-        source=f"config.json ({info.architecture}; parameters from {info.params_source})",
+        source=f"config.json ({info.arch_name}; parameters from {info.params_source})",
     )
 
 
@@ -200,8 +190,8 @@ def add(found: Found, path: str, cluster: Cluster | None = None, name: str | Non
     card = ModelCard.objects.filter(name=name or found.name).first() or ModelCard(name=name or found.name)
     if card.pk is None:
         created.append(f"model card {card.name}")
-    for field in ("family", "params_b", *ARCH_FIELDS):
-        setattr(card, field, getattr(found, field))
+    card.family = found.family
+    card.set_architecture(found.arch)
     card.full_clean()
     card.save()
     variant = ModelVariant.objects.filter(model=card, quantization=found.quant).first()

@@ -8,8 +8,11 @@ from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
 from django.template.response import TemplateResponse
 from django.urls import URLPattern, path, reverse
 
+from catalog import architecture
+from catalog.add_model import add, cluster_reader, inspect
 from catalog.models import (
     Cluster,
+    ClusterAccount,
     ClusterRuntime,
     GPUType,
     ModelCard,
@@ -19,6 +22,7 @@ from catalog.models import (
     Runtime,
     VariantLocation,
 )
+from portal import ssh
 
 
 class PartitionInline(admin.TabularInline):
@@ -142,16 +146,10 @@ class ModelCardAdmin(admin.ModelAdmin):
     search_fields = ["name", "family", "tags", "description"]
     inlines = [ModelVariantInline]
     fieldsets = [
-        (None, {"fields": ["name", "family", "params_b", "license", "tags", "description"]}),
+        (None, {"fields": ["name", "family", architecture.SIZE_FIELD, "license", "tags", "description"]}),
         (
             "Architecture",
-            {
-                "fields": [
-                    ("layers", "hidden_size"),
-                    ("attention_heads", "kv_heads", "head_dim"),
-                    ("vocab_size", "max_context"),
-                ]
-            },
+            {"fields": [architecture.SHAPE_FIELDS[i : i + 3] for i in range(0, len(architecture.SHAPE_FIELDS), 3)]},
         ),
     ]
 
@@ -170,21 +168,12 @@ class ModelCardAdmin(admin.ModelAdmin):
             return HttpResponseRedirect(reverse("admin:catalog_modelcard_changelist"))
         form = AddFromFileForm(request.POST or None)
         if request.method == "POST" and form.is_valid():
-            from catalog.add_model import SSHReader, add, inspect
-            from jobs.models import ClusterAccount
-            from jobs.ssh import SSHError
-
             cluster = form.cleaned_data["cluster"]
             try:
-                reader = None
-                if cluster is not None:
-                    account = ClusterAccount.for_user(request.user, cluster)
-                    if account is None:
-                        raise ValidationError(f"You have no cluster account on {cluster.name} to read it with.")
-                    reader = SSHReader(account.ssh_target())
+                reader = cluster_reader(request.user, cluster) if cluster else None
                 found = inspect(form.cleaned_data["path"], reader)
                 added = add(found, form.cleaned_data["path"], cluster, form.cleaned_data["name"] or None)
-            except (ValidationError, SSHError) as exc:
+            except (ValidationError, ssh.SSHError) as exc:
                 form.add_error("path", "; ".join(getattr(exc, "messages", [str(exc)])))
             else:
                 what = ", ".join(added.created) or "updated"
@@ -235,3 +224,36 @@ class VariantLocationAdmin(admin.ModelAdmin):
     list_filter = ["cluster"]
     search_fields = ["variant__model__name", "path", "ollama_tag"]
     list_select_related = ["variant__model", "cluster"]
+
+
+class ClusterAccountForm(forms.ModelForm):
+    private_key = forms.CharField(
+        widget=forms.Textarea(attrs={"rows": 4}),
+        required=False,
+        strip=False,
+        help_text="Service accounts: paste the account's unencrypted private key (stored encrypted). Leave empty "
+        "to keep the current key, or, for a new account, to have the portal generate a key pair.",
+    )
+
+    class Meta:
+        model = ClusterAccount
+        fields = ["cluster", "kind", "user", "label", "members", "username", "slurm_account"]
+
+    def save(self, commit: bool = True) -> ClusterAccount:
+        account: ClusterAccount = super().save(commit=False)
+        if self.cleaned_data.get("private_key", "").strip():
+            account.set_private_key(self.cleaned_data["private_key"].strip() + "\n")
+        if commit:
+            account.save()
+            self.save_m2m()
+        return account
+
+
+@admin.register(ClusterAccount)
+class ClusterAccountAdmin(admin.ModelAdmin):
+    form = ClusterAccountForm
+    list_display = ["username", "cluster", "kind", "user", "label", "slurm_account"]
+    list_filter = ["cluster", "kind"]
+    search_fields = ["username", "user__username", "label"]
+    filter_horizontal = ["members"]
+    readonly_fields = ["public_key", "created_at"]

@@ -13,12 +13,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field, replace
 
+from catalog.architecture import Architecture
 from catalog.quant import QUANTS, canonical_quant
+from catalog.runtime_rules import RUNTIMES
 
 GIB = 1024**3
-
-RUNTIMES = ("llama.cpp", "ollama", "vllm", "transformers")
-MULTI_NODE_RUNTIMES = ("llama.cpp", "vllm")  # llama.cpp over ggml-rpc-server, vLLM pipeline parallel over Ray
 
 # Bytes per cached element of each KV cache type: ggml block layouts (ggml/src/ggml-common.h), e.g. block_q8_0 is
 # 32 values in 2 (f16 scale) + 32 bytes = 34 bytes, block_q4_0 is 32 values in 2 + 16 bytes = 18 bytes.
@@ -56,23 +55,6 @@ FFN_FACTOR = 3.5
 
 class EstimateError(ValueError):
     """An impossible or unsupported combination; the message says which and why."""
-
-
-@dataclass(frozen=True)
-class Architecture:
-    params_b: float
-    layers: int
-    hidden_size: int
-    attention_heads: int
-    kv_heads: int
-    head_dim: int
-    vocab_size: int
-    max_context: int | None = None
-
-    @property
-    def kv_width(self) -> int:
-        """Elements of K (or V) per token per layer: KV heads x head dim (GQA shares them across query heads)."""
-        return self.kv_heads * self.head_dim
 
 
 @dataclass(frozen=True)
@@ -161,21 +143,20 @@ def weights_bytes(arch: Architecture, quant: str, file_size_gib: float | None = 
 
 
 def _validate(req: Request) -> str:
-    if req.runtime not in RUNTIMES:
+    rules = RUNTIMES.get(req.runtime)
+    if rules is None:
         raise EstimateError(f"unknown runtime {req.runtime!r}; one of {', '.join(RUNTIMES)}")
     try:
         quant = canonical_quant(req.quant)
     except KeyError:
         raise EstimateError(f"unknown quantisation {req.quant!r}; known: {', '.join(QUANTS)}") from None
     formats = QUANTS[quant].formats
-    if req.runtime in ("llama.cpp", "ollama") and "gguf" not in formats:
-        raise EstimateError(f"{req.runtime} runs GGUF files; {quant} is a safetensors quantisation")
-    if req.runtime in ("vllm", "transformers") and "safetensors" not in formats:
-        raise EstimateError(f"{req.runtime} loads safetensors checkpoints; {quant} is a GGUF quantisation")
+    if not set(rules.formats) & set(formats):
+        raise EstimateError(f"{req.runtime} {rules.serves_text}; {quant} comes as {' or '.join(formats)}")
     if req.kv_type not in KV_TYPE_BYTES:
         raise EstimateError(f"unknown KV cache type {req.kv_type!r}; one of {', '.join(KV_TYPE_BYTES)}")
     if req.kv_type not in ("f16", "bf16", "f32"):
-        if req.runtime in ("vllm", "transformers"):
+        if not rules.kv_quant:
             raise EstimateError(f"{req.kv_type} KV cache is a llama.cpp option; {req.runtime} uses f16/bf16 or fp8")
         block = 1 if req.kv_type in ("f32", "f16", "bf16") else 32
         if req.arch.head_dim % block:
@@ -188,7 +169,7 @@ def _validate(req: Request) -> str:
         raise EstimateError("context, parallel slots, GPUs and nodes must be positive")
     if req.arch.max_context and req.context > req.arch.max_context:
         raise EstimateError(f"context {req.context} is above the model's maximum of {req.arch.max_context}")
-    if req.nodes > 1 and req.runtime not in MULTI_NODE_RUNTIMES:
+    if req.nodes > 1 and not rules.multi_node:
         raise EstimateError(f"{req.runtime} runs on a single node")
     if req.arch.kv_heads > req.arch.attention_heads or req.arch.attention_heads % req.arch.kv_heads:
         raise EstimateError("attention heads must be a multiple of KV heads")
@@ -326,7 +307,8 @@ def smallest_layout(
     """The fewest GPUs that fit: 1..gpus_per_node on one node, then whole nodes where the runtime spans nodes.
     vLLM's tensor parallel size must divide the attention heads, so such counts are skipped."""
     candidates = [(g, 1) for g in range(max(1, min_gpus), gpus_per_node + 1)]
-    if req.runtime in MULTI_NODE_RUNTIMES:
+    rules = RUNTIMES.get(req.runtime)
+    if rules is not None and rules.multi_node:
         candidates += [(gpus_per_node, n) for n in range(2, max_nodes + 1)]
     for per_node, nodes in candidates:
         if req.runtime == "vllm" and req.arch.attention_heads % per_node:

@@ -14,6 +14,8 @@ from typing import Any
 
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType, LlamaFileType
 
+from catalog.architecture import Architecture
+
 MAGIC = b"GGUF"
 _SCALARS = {
     GGUFValueType.UINT8: "<B",
@@ -43,16 +45,10 @@ class NeedMoreBytes(GGUFError):
 @dataclass(frozen=True)
 class GGUFInfo:
     version: int
-    architecture: str
+    arch_name: str  # general.architecture, e.g. llama
     name: str
     params: int
-    layers: int
-    hidden_size: int
-    attention_heads: int
-    kv_heads: int
-    head_dim: int
-    vocab_size: int
-    max_context: int
+    arch: Architecture
     file_type: str  # the catalog's quantisation name, e.g. Q4_K_M
     tensor_bytes: int
     metadata: dict[str, Any]
@@ -142,16 +138,19 @@ def _info(version: int, meta: dict[str, Any], params: int, tensor_bytes: int) ->
     vocab = meta.get(f"{arch}.vocab_size") or (tokens.length if isinstance(tokens, _Skipped) else len(tokens or []))
     return GGUFInfo(
         version=version,
-        architecture=arch,
+        arch_name=arch,
         name=str(meta.get("general.name") or ""),
         params=params,
-        layers=need("block_count"),
-        hidden_size=hidden,
-        attention_heads=heads,
-        kv_heads=int(kv_heads) if isinstance(kv_heads, int) else heads,
-        head_dim=int(head_dim),
-        vocab_size=int(vocab),
-        max_context=need("context_length"),
+        arch=Architecture(
+            params_b=Architecture.params_b_of(params),
+            layers=need("block_count"),
+            hidden_size=hidden,
+            attention_heads=heads,
+            kv_heads=int(kv_heads) if isinstance(kv_heads, int) else heads,
+            head_dim=int(head_dim),
+            vocab_size=int(vocab),
+            max_context=need("context_length"),
+        ),
         file_type=file_type_name(meta.get("general.file_type")),
         tensor_bytes=tensor_bytes,
         metadata={k: v for k, v in meta.items() if not isinstance(v, _Skipped)},

@@ -13,6 +13,8 @@ import struct
 from dataclasses import dataclass
 from typing import Any
 
+from catalog.architecture import Architecture
+
 
 class HFConfigError(ValueError):
     pass
@@ -20,16 +22,10 @@ class HFConfigError(ValueError):
 
 @dataclass(frozen=True)
 class HFInfo:
-    architecture: str
+    arch_name: str  # the first of config.json's architectures, e.g. LlamaForCausalLM
     params: int
     params_source: str  # "safetensors", "index" or "architecture"
-    layers: int
-    hidden_size: int
-    attention_heads: int
-    kv_heads: int
-    head_dim: int
-    vocab_size: int
-    max_context: int
+    arch: Architecture
     quant: str  # the catalog's name: bf16, fp16, fp32, AWQ, GPTQ-INT4, BNB-NF4, fp8, ...
 
 
@@ -94,16 +90,19 @@ def read_config(
         params, source = layers * per_layer + embeddings, "architecture"
     architectures = config.get("architectures") or [config.get("model_type", "")]
     return HFInfo(
-        architecture=str(architectures[0]),
+        arch_name=str(architectures[0]),
         params=int(params),
         params_source=source,
-        layers=layers,
-        hidden_size=hidden,
-        attention_heads=heads,
-        kv_heads=int(kv_heads),
-        head_dim=int(head_dim),
-        vocab_size=vocab,
-        max_context=context,
+        arch=Architecture(
+            params_b=Architecture.params_b_of(int(params)),
+            layers=layers,
+            hidden_size=hidden,
+            attention_heads=heads,
+            kv_heads=int(kv_heads),
+            head_dim=int(head_dim),
+            vocab_size=vocab,
+            max_context=context,
+        ),
         quant=quant,
     )
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from catalog.estimate import Architecture, Estimate, EstimateError, Fit, Request, estimate, fit, smallest_layout
-from catalog.models import ClusterRuntime, ModelCard, ModelVariant, NodeGroup, VariantLocation
+from catalog.estimate import Estimate, EstimateError, Fit, Request, estimate, fit, smallest_layout
+from catalog.models import ClusterRuntime, ModelVariant, NodeGroup, VariantLocation
+from catalog.runtime_rules import rules_for
 
 
 @dataclass(frozen=True)
@@ -29,19 +30,6 @@ class Option:
         return f"{where}: {shape}" + (f" x {self.nodes} nodes" if self.nodes > 1 else "")
 
 
-def architecture(card: ModelCard) -> Architecture:
-    return Architecture(
-        params_b=card.params_b,
-        layers=card.layers,
-        hidden_size=card.hidden_size,
-        attention_heads=card.attention_heads,
-        kv_heads=card.kv_heads,
-        head_dim=card.head_dim,
-        vocab_size=card.vocab_size,
-        max_context=card.max_context,
-    )
-
-
 def request_for(
     variant: ModelVariant,
     runtime: str,
@@ -53,7 +41,7 @@ def request_for(
     """The estimator's request for a catalog variant; the file size stands in for bits per weight when known."""
     known_size = variant.size_gib if variant.format == ModelVariant.Format.GGUF else None
     return Request(
-        arch=architecture(variant.model),
+        arch=variant.model.architecture,
         quant=variant.quantization,
         runtime=runtime,
         context=context,
@@ -86,7 +74,7 @@ def plans(request: Request, variant: ModelVariant | None = None, available_only:
         if layout is not None:
             options.append(Option(group, layout.gpus_per_node, layout.nodes, layout.estimate, layout.fit))
             continue
-        nodes = group.node_count if request.runtime in ("llama.cpp", "vllm") else 1
+        nodes = group.node_count if rules_for(request.runtime).multi_node else 1
         try:
             est = estimate(replace(request, gpus_per_node=group.gpus_per_node, nodes=nodes))
         except EstimateError:

@@ -22,6 +22,7 @@ import yaml
 from django.core.exceptions import NON_FIELD_ERRORS, ValidationError
 from django.db import models, transaction
 
+from catalog import architecture
 from catalog.models import (
     Cluster,
     ClusterRuntime,
@@ -182,14 +183,9 @@ CLUSTER_FIELDS = (
     F("partitions", "list"),
     F("runtimes", "list"),
 )
-ARCH_FIELDS = (
-    F("layers", "int", required=True),
-    F("hidden_size", "int", required=True),
-    F("attention_heads", "int", required=True),
-    F("kv_heads", "int", required=True),
-    F("head_dim", "int", required=True),
-    F("vocab_size", "int", required=True),
-    F("max_context", "int", required=True),
+# A model's shape, from the one definition of its architecture; the size (params_b) stands with the name.
+ARCH_FIELDS = tuple(
+    F(name, architecture.field_type(name).__name__, required=True) for name in architecture.SHAPE_FIELDS
 )
 LOCATION_FIELDS = (
     F("cluster", "ref", required=True),
@@ -205,7 +201,7 @@ VARIANT_FIELDS = (
 MODEL_FIELDS = (
     F("name", "str", required=True),
     F("family", "str", required=True),
-    F("params_b", "float", required=True),
+    F(architecture.SIZE_FIELD, architecture.field_type(architecture.SIZE_FIELD).__name__, required=True),
     F("architecture", "group", required=True, group=ARCH_FIELDS),
     F("license", "str"),
     F("tags", "strlist"),

@@ -1,26 +1,24 @@
-"""Celery tasks that move sessions through their life: submit, poll, cancel, and the log.
+"""The Celery tasks: thin wrappers that take ids, call the plain functions that do the work (jobs/sessions/lifecycle.py,
+jobs/cluster/), and decide what follows: a retry with backoff for transient errors, a cancel after a submit.
 
-Tasks take ids and load fresh rows. Submit claims its session with a conditional UPDATE; every state change goes
-through models.transition(), which is itself conditional. A failing SSH connection or scheduler command never
-ends a session: it leaves it `unknown` until the scheduler answers again.
+Beat runs poll_clusters (every PORTAL_POLL_INTERVAL_S) and refresh_partitions (every PORTAL_QUEUE_REFRESH_S).
+Task names are explicit, so moving code never strands a queued message.
 """
 
 from __future__ import annotations
 
 import logging
-import shlex
-from datetime import timedelta
 from typing import Any
 
-from celery import shared_task
+from celery import Task, shared_task
 from celery.exceptions import MaxRetriesExceededError
 from django.conf import settings
-from django.db.models import F, Q
-from django.utils import timezone
 
-from jobs import notify, remote, render, slurm, ssh
-from jobs.models import END_STATES, POLLED_STATES, ClusterAccount, Session, State, transition
-from jobs.services import job_spec
+from catalog.models import Cluster
+from jobs.cluster import capacity, logs
+from jobs.models import LLMSession, State
+from jobs.sessions import lifecycle, notify
+from portal import ssh
 
 log = logging.getLogger(__name__)
 
@@ -31,107 +29,31 @@ def _backoff_s(retries: int) -> int:
     return min(5 * 2**retries, 300)
 
 
-def _claim_submit(session_id: str, task_id: str | None) -> bool:
-    """Take the submit: a pending session, or a submitting one whose claim is ours (a retry or redelivery of
-    this same task) or stale (its worker died). The remote lock and job_id file make a double submit harmless
-    anyway; the claim keeps two workers from doing the work twice."""
-    now = timezone.now()
-    stale = now - timedelta(seconds=settings.PORTAL_SUBMIT_STALE_S)
-    mine = Q(submit_claim=task_id) if task_id else Q(pk__in=[])
-    claimable = Q(state=State.PENDING) | Q(state=State.SUBMITTING) & (mine | Q(submit_claimed_at__lt=stale))
-    row = Session.objects.filter(pk=session_id).filter(claimable, cancel_requested_at__isnull=True)
-    previous = row.values_list("state", flat=True).first()
-    if previous is None:
-        return False
-    claimed = row.filter(state=previous).update(
-        submit_claim=task_id or "", submit_claimed_at=now, submit_attempts=F("submit_attempts") + 1
-    )
-    if claimed and previous == State.PENDING:
-        transition(session_id, State.SUBMITTING, cause="a worker is submitting the job", allowed_from={State.PENDING})
-    return bool(claimed)
-
-
-def _fail(session_id: str, reason: str, allowed: set[State] | None = None) -> None:
-    transition(session_id, State.FAILED, cause=reason, allowed_from=allowed, end_reason=reason)
-
-
 @shared_task(bind=True, name="jobs.submit_session", max_retries=SUBMIT_MAX_RETRIES, acks_late=True)
-def submit_session(self: Any, session_id: str) -> str:
-    """Stage the session directory and sbatch the job, at most once per session.
-
-    1. Claim the session (conditional UPDATE). 2. Render the script. 3. One SSH command: lock, reuse a job
-    already submitted for this session (job_id file, or squeue by name), else unpack and sbatch.
-    4. queued with the job id, or failed with Slurm's message, or retry on a transient error.
-    """
-    if not _claim_submit(session_id, self.request.id):
-        return "not claimed"
-    session = Session.objects.select_related(
-        "account__cluster", "cluster", "partition", "gpu_type", "variant__model", "runtime"
-    ).get(pk=session_id)
-    try:
-        spec = job_spec(session)
-        script = render.render(spec)
-    except (render.RenderError, ValueError) as exc:
-        _fail(session_id, f"cannot write the job script: {exc}", {State.SUBMITTING})
-        return "failed"
-    except Exception as exc:  # a catalog entry deleted under us
-        _fail(session_id, f"the catalog no longer describes this session: {exc}", {State.SUBMITTING})
-        return "failed"
-    payload = remote.submit_payload(script, session.api_key, render.extra_files(spec.runtime))
-    command = remote.submit_command(session_id, payload.sha256)
-    try:
-        result = ssh.pool.run(session.account.ssh_target(), command, stdin=payload.stdin, timeout_s=120)
-    except ssh.SSHError as exc:
-        if not exc.transient:
-            _fail(session_id, f"cannot log in to {session.cluster.name}: {exc}", {State.SUBMITTING})
-            return "failed"
-        return _retry(self, session_id, f"SSH: {exc}")
-    if result.exit_code == 0:
+def submit_session(self: Task[Any, Any], session_id: str) -> str:
+    """Submit a session's job (lifecycle.submit); retry transient failures with backoff, then give up with the
+    reason. A cancel asked for during the submit follows once the job id is known."""
+    submitted = lifecycle.submit(session_id, self.request.id)
+    if submitted.retry:
+        log.warning("submit of %s will be retried: %s", session_id, submitted.message)
         try:
-            outcome = remote.parse_submit(result.stdout)
-        except slurm.SlurmParseError as exc:
-            return _retry(self, session_id, str(exc))
-        cause = f"found job {outcome.job_id} submitted earlier" if outcome.existing else "sbatch accepted the job"
-        moved = transition(
-            session_id,
-            State.QUEUED,
-            cause=f"{cause} (job {outcome.job_id})",
-            allowed_from={State.SUBMITTING},
-            job_id=outcome.job_id,
-            submit_claim="",
-        )
-        if moved and Session.objects.filter(pk=session_id, cancel_requested_at__isnull=False).exists():
-            cancel_session.delay(session_id)
-        return outcome.job_id
-    message = slurm.sbatch_error(result.stderr) if result.stderr.strip() else f"exit code {result.exit_code}"
-    if result.exit_code == 64 and not remote.sbatch_is_transient(result.stderr):
-        _fail(session_id, f"Slurm refused the job: {message}", {State.SUBMITTING})
-        return "failed"
-    return _retry(self, session_id, message)
-
-
-def _retry(task: Any, session_id: str, message: str) -> str:
-    log.warning("submit of %s will be retried: %s", session_id, message)
-    try:
-        raise task.retry(countdown=_backoff_s(task.request.retries))
-    except MaxRetriesExceededError:
-        _fail(session_id, f"could not submit after {SUBMIT_MAX_RETRIES + 1} attempts: {message}", {State.SUBMITTING})
-        return "failed"
+            raise self.retry(countdown=_backoff_s(self.request.retries))
+        except MaxRetriesExceededError:
+            why = f"could not submit after {SUBMIT_MAX_RETRIES + 1} attempts: {submitted.message}"
+            lifecycle.fail(session_id, why, {State.SUBMITTING})
+            return "failed"
+    if submitted.cancel_now:
+        cancel_session.delay(session_id)
+    return submitted.outcome
 
 
 @shared_task(name="jobs.poll_clusters", ignore_result=True)
 def poll_clusters() -> int:
-    """Beat: one poll per (cluster, account) with live sessions, and a new submit for sessions whose submit was
-    lost (a worker killed mid-submit, or a web process that died before enqueueing)."""
-    stale = timezone.now() - timedelta(seconds=settings.PORTAL_SUBMIT_STALE_S)
-    lost = Session.objects.filter(
-        Q(state=State.PENDING, created_at__lt=stale) | Q(state=State.SUBMITTING, submit_claimed_at__lt=stale),
-        cancel_requested_at__isnull=True,
-    ).values_list("pk", flat=True)
-    for session_id in lost:
-        submit_session.delay(str(session_id))
-    accounts = Session.objects.filter(state__in=POLLED_STATES).exclude(job_id="").values_list("account_id", flat=True)
-    account_ids = sorted(set(accounts))
+    """Beat: one poll per (cluster, account) with live sessions; a new submit for sessions whose submit was lost;
+    expiry warnings; idle auto-cancel."""
+    for session_id in lifecycle.lost_submits():
+        submit_session.delay(session_id)
+    account_ids = lifecycle.accounts_to_poll()
     for account_id in account_ids:
         poll_account.apply_async((account_id,), expires=settings.PORTAL_POLL_INTERVAL_S * 2)
     notify.warn_expiring()
@@ -140,258 +62,44 @@ def poll_clusters() -> int:
 
 
 def cancel_idle() -> int:
-    """Running sessions whose owner asked for it and that saw no request for that many minutes."""
-    from jobs.services import request_cancel
-
-    now = timezone.now()
-    cancelled = 0
-    running = Session.objects.filter(state=State.RUNNING, idle_cancel_min__isnull=False, cancel_requested_at=None)
-    for session in running:
-        last = session.last_activity_at or session.ready_at or session.state_changed_at
-        assert session.idle_cancel_min is not None
-        if now - last >= timedelta(minutes=session.idle_cancel_min):
-            why = f"idle for {session.idle_cancel_min} minutes: cancelled automatically"
-            request_cancel(session, why, end_reason=why)
-            notify.session_idle_cancelled(str(session.pk))
-            cancelled += 1
-    return cancelled
+    """Cancel the running sessions that were idle as long as their owners allowed, and tell the owners."""
+    idle = lifecycle.idle_sessions()
+    for session in idle:
+        why = f"idle for {session.idle_cancel_min} minutes: cancelled automatically"
+        if lifecycle.mark_cancel(session.pk, why, end_reason=why):
+            cancel_session.delay(str(session.pk))
+        notify.session_idle_cancelled(str(session.pk))
+    return len(idle)
 
 
 @shared_task(name="jobs.poll_account", ignore_result=True)
 def poll_account(account_id: int) -> dict[str, int]:
-    """One SSH command for all live sessions of one account; apply what Slurm says to each."""
-    account = ClusterAccount.objects.select_related("cluster").get(pk=account_id)
-    sessions = list(
-        Session.objects.filter(account=account, state__in=POLLED_STATES).exclude(job_id="").order_by("created_at")
-    )
-    if not sessions:
-        return {"sessions": 0}
-    command = remote.poll_command([(str(s.pk), s.job_id) for s in sessions])
-    try:
-        result = ssh.pool.run(account.ssh_target(), command, timeout_s=60)
-    except ssh.SSHError as exc:
-        _mark_unknown(sessions, f"cannot reach {account.cluster.name}: {exc}")
-        return {"sessions": len(sessions), "unknown": len(sessions)}
-    polled = remote.parse_poll(result.stdout)
-    if not polled.squeue_ok or not polled.complete:
-        detail = polled.squeue_error or result.stderr.strip()[:300] or f"exit code {result.exit_code}"
-        _mark_unknown(sessions, f"squeue failed on {account.cluster.name}: {detail}")
-        return {"sessions": len(sessions), "unknown": len(sessions)}
-    seen = [s.pk for s in sessions if s.job_id in polled.queued]
-    if seen:
-        Session.objects.filter(pk__in=seen).update(last_seen_at=timezone.now())
-    changed = sum(apply_poll(session, polled) for session in sessions)
-    _repeat_lost_cancels(account, sessions, polled)
-    return {"sessions": len(sessions), "changed": changed}
-
-
-def _repeat_lost_cancels(account: ClusterAccount, sessions: list[Session], polled: remote.PollResult) -> None:
-    """A cancel whose task gave up (the cluster was away for minutes) is not forgotten: scancel again."""
-    overdue = timezone.now() - timedelta(seconds=60)
-    job_ids = [
-        s.job_id
-        for s in sessions
-        if s.cancel_requested_at and s.cancel_requested_at < overdue and s.job_id in polled.queued
-    ]
-    if job_ids:
-        log.warning("repeating scancel for %s on %s", job_ids, account.cluster.slug)
-        try:
-            ssh.pool.run(account.ssh_target(), "scancel " + " ".join(shlex.quote(j) for j in job_ids), timeout_s=30)
-        except ssh.SSHError as exc:
-            log.warning("scancel failed: %s", exc)
-
-
-def _mark_unknown(sessions: list[Session], cause: str) -> None:
-    for session in sessions:
-        transition(session.pk, State.UNKNOWN, cause=cause, allowed_from={State.QUEUED, State.STARTING, State.RUNNING})
-
-
-_END_FOR_SLURM = {
-    "COMPLETED": State.COMPLETED,
-    "CANCELLED": State.CANCELLED,
-    "TIMEOUT": State.TIMEOUT,
-    "DEADLINE": State.TIMEOUT,
-}
-
-
-def apply_poll(session: Session, polled: remote.PollResult) -> int:
-    """Move one session to what the poll says; return 1 if it changed. Writes nothing when nothing changed, so a
-    cycle over a thousand waiting sessions costs a thousand comparisons, not a thousand UPDATEs."""
-    sid = str(session.pk)
-    queued = polled.queued.get(session.job_id)
-    if queued is not None:
-        nodes = queued.node_list if queued.node_list not in {"", "(null)"} else ""
-        if queued.state in slurm.PENDING_STATES:
-            estimate = _aware(queued.start_time)
-            position = polled.queue_position(queued.partition, queued.job_id)
-            now_seen = (State.QUEUED, queued.reason, estimate, position)
-            if (session.state, session.slurm_reason, session.estimated_start, session.queue_position) == now_seen:
-                return 0
-            return int(
-                transition(
-                    sid,
-                    State.QUEUED,
-                    cause=f"Slurm: pending ({queued.reason or 'no reason given'})",
-                    allowed_from={State.QUEUED, State.UNKNOWN},
-                    slurm_reason=queued.reason,
-                    estimated_start=estimate,
-                    queue_position=position,
-                )
-            )
-        if queued.state not in slurm.ACTIVE_STATES:
-            return 0
-        connection = polled.connections.get(sid)
-        if connection is not None and _valid_connection(connection):
-            host, port = str(connection["host"]), int(str(connection["port"]))
-            if (session.state, session.host, session.port, session.node_list) == (State.RUNNING, host, port, nodes):
-                return 0
-            # A model that loads between two polls still passed through "starting": record it.
-            transition(
-                sid,
-                State.STARTING,
-                cause=f"Slurm: running on {nodes or 'its nodes'}",
-                allowed_from={State.QUEUED},
-                node_list=nodes,
-            )
-            moved = transition(
-                sid,
-                State.RUNNING,
-                cause=f"the server answers its health check on {host}:{port}",
-                allowed_from={State.QUEUED, State.STARTING, State.UNKNOWN, State.RUNNING},
-                host=host,
-                port=port,
-                node_list=nodes,
-                slurm_reason="",
-            )
-            if moved and session.notify_email:
-                notify.session_running(sid)
-            return int(moved)
-        if queued.state == "COMPLETING" or (session.state, session.node_list) == (State.STARTING, nodes):
-            return 0
-        fields: dict[str, Any] = {"node_list": nodes, "slurm_reason": ""}
-        started = _aware(queued.start_time)
-        if started and session.started_at is None:
-            fields["started_at"] = started
-        return int(
-            transition(
-                sid,
-                State.STARTING,
-                cause=f"Slurm: running on {nodes or 'its nodes'}, the model is loading",
-                allowed_from={State.QUEUED, State.UNKNOWN, State.STARTING},
-                **fields,
-            )
-        )
-    record = polled.finished.get(session.job_id)
-    if record is not None:
-        slurm_state = record.get("JobState", "").split()[0] if record.get("JobState") else ""
-        if slurm_state in slurm.FINISHED_STATES:
-            return int(_end(session, slurm_state, record, polled.errors.get(sid, "")))
-        return 0
-    if session.job_id in polled.asked_gone:
-        # squeue, sacct and scontrol all answered and none knows the job: purged without a record.
-        seen = session.last_seen_at or session.submitted_at or session.created_at
-        if timezone.now() - seen > timedelta(seconds=settings.PORTAL_JOB_LOST_AFTER_S):
-            reason = polled.errors.get(sid) or "Slurm no longer knows this job and kept no record of how it ended"
-            return int(transition(sid, State.FAILED, cause=reason, end_reason=reason))
-    return 0
-
-
-def _end(session: Session, slurm_state: str, record: dict[str, str], error: str) -> bool:
-    sid = str(session.pk)
-    target = _END_FOR_SLURM.get(slurm_state, State.FAILED)
-    if target == State.COMPLETED and error:
-        target = State.FAILED
-    if target == State.CANCELLED:
-        if session.cancel_requested_at:
-            reason = session.cancel_reason or "cancelled from the portal"
-        else:
-            reason = "cancelled (scancel outside the portal)"
-    elif target == State.TIMEOUT:
-        reason = f"the job reached its time limit of {session.walltime_min} min"
-    elif target == State.COMPLETED:
-        reason = "the server exited"
-    else:
-        slurm_reason = record.get("Reason", "")
-        reason = error or f"Slurm: {slurm_state} (exit code {record.get('ExitCode', '?')}" + (
-            f", {slurm_reason})" if slurm_reason and slurm_reason != "None" else ")"
-        )
-    ended = _aware(slurm.parse_time(record.get("EndTime", "")))
-    return transition(
-        sid,
-        target,
-        cause=f"Slurm: {slurm_state}; {reason}",
-        end_reason=reason,
-        **({"ended_at": ended} if ended else {}),
-    )
-
-
-def _valid_connection(data: dict[str, object]) -> bool:
-    host, port = data.get("host"), data.get("port")
-    return (
-        isinstance(host, str)
-        and bool(host)
-        and all(c.isalnum() or c in ".:-" for c in host)
-        and isinstance(port, int)
-        and 0 < port < 65536
-    )
-
-
-def _aware(value: Any) -> Any:
-    if value is None:
-        return None
-    return timezone.make_aware(value) if timezone.is_naive(value) else value
+    return lifecycle.poll(account_id)
 
 
 @shared_task(bind=True, name="jobs.cancel_session", max_retries=40, acks_late=True)
-def cancel_session(self: Any, session_id: str) -> str:
+def cancel_session(self: Task[Any, Any], session_id: str) -> str:
     """scancel the session's job, then confirm through polls until Slurm says it has ended."""
-    session = Session.objects.select_related("account__cluster").get(pk=session_id)
-    if session.state in END_STATES:
-        return session.state
-    if session.state == State.PENDING:
-        transition(session_id, State.CANCELLED, cause="cancelled before submission", allowed_from={State.PENDING})
-        return State.CANCELLED
-    if not session.job_id:  # still submitting: the submit task enqueues us again once it has a job id
+    ended = lifecycle.cancel(session_id)
+    if ended is None:
         raise self.retry(countdown=3)
-    target = session.account.ssh_target()
-    try:
-        result = ssh.pool.run(target, f"scancel {shlex.quote(session.job_id)}", timeout_s=30)
-        if result.exit_code != 0 and "Invalid job id" not in result.stderr:
-            log.warning("scancel %s failed: %s", session.job_id, result.stderr.strip())
-        poll_account(session.account_id)
-    except ssh.SSHError as exc:
-        log.warning("cancel of %s will be retried: %s", session_id, exc)
-    session.refresh_from_db(fields=["state"])
-    if session.state in END_STATES:
-        return session.state
-    raise self.retry(countdown=3)
+    return ended
 
 
-def fetch_log(session: Session, max_bytes: int | None = None) -> str:
-    """The tail of the job's output (job.log), at most max_bytes; raises ssh.SSHError when the cluster is away."""
-    limit = max_bytes or settings.PORTAL_LOG_TAIL_BYTES
-    path = f"$HOME/.hpc-llm-portal/sessions/{session.pk}/job.log"
-    command = f'tail -c {int(limit)} "{path}" 2>/dev/null || true'
-    result = ssh.pool.run(session.account.ssh_target(), command, timeout_s=30, max_output_bytes=limit + 1024)
-    return result.stdout
-
-
-@shared_task(name="jobs.fetch_log")
-def fetch_log_task(session_id: str) -> str:
-    return fetch_log(Session.objects.select_related("account__cluster").get(pk=session_id))
+@shared_task(name="jobs.fetch_log", ignore_result=True)
+def fetch_log(session_id: str) -> None:
+    """Fetch a job's log tail into the cache, where its page reads it."""
+    logs.refresh(LLMSession.objects.select_related("account__cluster").get(pk=session_id))
 
 
 @shared_task(name="jobs.refresh_partitions", ignore_result=True)
 def refresh_partitions() -> int:
     """Beat: idle GPUs and pending demand of every cluster someone has an account on, one SSH command each."""
-    from catalog.models import Cluster
-    from jobs.queue import QueueError, refresh_cluster
-
     refreshed = 0
     for cluster in Cluster.objects.filter(accounts__isnull=False).exclude(host_key="").distinct():
         try:
-            refresh_cluster(cluster)
+            capacity.refresh_cluster(cluster)
             refreshed += 1
-        except (QueueError, ssh.SSHError) as exc:
+        except (capacity.QueueError, ssh.SSHError) as exc:
             log.warning("partition state of %s not refreshed: %s", cluster.slug, exc)
     return refreshed

@@ -1,29 +1,33 @@
+"""Every route of the jobs app; the views live with their concern (sessions/views.py, use/views.py, use/proxy.py)."""
+
 from __future__ import annotations
 
 from django.urls import path
 
-from jobs import chat_views, proxy, views
+from jobs.sessions import views as sessions
+from jobs.use import proxy
+from jobs.use import views as use
 
 app_name = "jobs"
 urlpatterns = [
-    path("launch/", views.launch_view, name="launch"),
-    path("sessions/", views.session_list, name="sessions"),
-    path("sessions/<uuid:pk>/", views.session_detail, name="session"),
-    path("sessions/<uuid:pk>/card", views.session_card, name="card"),
-    path("sessions/<uuid:pk>/cancel", views.session_cancel, name="cancel"),
-    path("sessions/<uuid:pk>/delete", views.session_delete, name="delete"),
-    path("sessions/<uuid:pk>/relaunch", views.session_relaunch, name="relaunch"),
-    path("sessions/<uuid:pk>/log", views.session_log, name="log"),
+    path("launch/", sessions.launch_view, name="launch"),
+    path("sessions/", sessions.session_list, name="sessions"),
+    path("sessions/<uuid:pk>/", sessions.session_detail, name="session"),
+    path("sessions/<uuid:pk>/card", sessions.session_card, name="card"),
+    path("sessions/<uuid:pk>/cancel", sessions.session_cancel, name="cancel"),
+    path("sessions/<uuid:pk>/delete", sessions.session_delete, name="delete"),
+    path("sessions/<uuid:pk>/relaunch", sessions.session_relaunch, name="relaunch"),
+    path("sessions/<uuid:pk>/log", sessions.session_log, name="log"),
+    path("clusters/accounts/", sessions.cluster_accounts, name="accounts"),
+    path("clusters/accounts/<int:pk>/test", sessions.account_test, name="account-test"),
     path("sessions/<uuid:pk>/v1/<path:path>", proxy.session_proxy, name="session-proxy"),
-    path("sessions/<uuid:pk>/chat/", chat_views.chat, name="chat"),
-    path("sessions/<uuid:pk>/chat/new", chat_views.new_conversation, name="chat-new"),
-    path("sessions/<uuid:pk>/chat/<int:conversation_id>/save", chat_views.save_exchange, name="chat-save"),
-    path("sessions/<uuid:pk>/chat/<int:conversation_id>/truncate", chat_views.truncate, name="chat-truncate"),
-    path("sessions/<uuid:pk>/chat/<int:conversation_id>/send", chat_views.send_without_js, name="chat-send"),
-    path("sessions/<uuid:pk>/chat/<int:conversation_id>/manage", chat_views.manage_conversation, name="chat-manage"),
-    path("sessions/<uuid:pk>/chat/<int:conversation_id>/export", chat_views.export, name="chat-export"),
+    path("sessions/<uuid:pk>/chat/", use.chat, name="chat"),
+    path("sessions/<uuid:pk>/chat/new", use.new_conversation, name="chat-new"),
+    path("sessions/<uuid:pk>/chat/<int:conversation_id>/save", use.save_exchange, name="chat-save"),
+    path("sessions/<uuid:pk>/chat/<int:conversation_id>/truncate", use.truncate, name="chat-truncate"),
+    path("sessions/<uuid:pk>/chat/<int:conversation_id>/send", use.send_without_js, name="chat-send"),
+    path("sessions/<uuid:pk>/chat/<int:conversation_id>/manage", use.manage_conversation, name="chat-manage"),
+    path("sessions/<uuid:pk>/chat/<int:conversation_id>/export", use.export, name="chat-export"),
     path("api/v1/<path:path>", proxy.api_proxy, name="api"),
-    path("clusters/accounts/", views.cluster_accounts, name="accounts"),
-    path("tokens/", views.api_tokens, name="tokens"),
-    path("clusters/accounts/<int:pk>/test", views.account_test, name="account-test"),
+    path("tokens/", use.api_tokens, name="tokens"),
 ]

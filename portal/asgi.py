@@ -27,7 +27,7 @@ class BareHandler(ASGIHandler):
     """Django's ASGI handler with no middleware: URL resolution, the view, and Django's exception handling."""
 
     # Django gives each request a thread of its own for its thread-sensitive work, started and joined per request.
-    # Here that work is only the request signals' connection housekeeping (the view's lookups run on jobs.proxy's
+    # Here that work is only the request signals' connection housekeeping (the view's lookups run on jobs.use.proxy's
     # threads), so API requests share one long-lived context and thread instead: about 0.6 ms less per request.
     _shared_context = ThreadSensitiveContext()
 

@@ -194,11 +194,16 @@ else:
         "store_processed": False,
         "polling_interval": 0.5,
     }
-# Short-lived facts (Slurm's --test-only estimates): shared through Redis when there is one.
+# Short-lived facts shared by the web processes and the workers (Slurm's --test-only estimates, job logs the worker
+# fetched): in Redis when there is one, else in files under var/cache/ that every process on this host reads.
 CACHES = {
     "default": {"BACKEND": "django.core.cache.backends.redis.RedisCache", "LOCATION": REDIS_URL}
     if REDIS_URL
-    else {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}
+    else {
+        "BACKEND": "django.core.cache.backends.filebased.FileBasedCache",
+        "LOCATION": str(VAR_DIR / "cache"),
+        "OPTIONS": {"MAX_ENTRIES": 5000},
+    }
 }
 CELERY_TASK_SERIALIZER = "json"
 CELERY_RESULT_SERIALIZER = "json"

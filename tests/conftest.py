@@ -7,7 +7,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from django.core.cache import cache
 
+from catalog.models import Cluster, ClusterAccount
 from catalog.yaml_io import import_file
 
 REPO = Path(__file__).resolve().parent.parent
@@ -25,6 +27,8 @@ LAUNCH = {
     "context": 1024,
     "walltime": 30,
 }
+# A pinned host key for the example catalog's local cluster where no cluster runs (unit tests).
+HOST_KEY = "[127.0.0.1]:2222 ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl"
 LOCAL_CLUSTER_DIR = Path(os.environ.get("LOCAL_CLUSTER_DIR", REPO / "var" / "local-cluster"))
 
 
@@ -35,6 +39,12 @@ def _plain_static_files(settings: Any) -> None:
         **settings.STORAGES,
         "staticfiles": {"BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"},
     }
+
+
+@pytest.fixture(autouse=True)
+def _empty_cache() -> None:
+    """The cache is shared by processes (files, or Redis): no test sees what another left there."""
+    cache.clear()
 
 
 @pytest.fixture
@@ -51,6 +61,15 @@ def other_user(django_user_model: Any) -> Any:
 def example_catalog(db: None) -> Path:
     import_file(str(EXAMPLE_CATALOG))
     return EXAMPLE_CATALOG
+
+
+@pytest.fixture
+def account(example_catalog: Path, owner: Any) -> ClusterAccount:
+    """The owner's personal account on the example catalog's local cluster (a fake pinned key: no cluster needed)."""
+    Cluster.objects.filter(slug="local").update(host_key=HOST_KEY)
+    account = ClusterAccount(cluster=Cluster.objects.get(slug="local"), user=owner, username="ada")
+    account.save()
+    return account
 
 
 @pytest.fixture(scope="session")

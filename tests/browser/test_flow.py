@@ -15,8 +15,8 @@ import pytest
 from django.contrib.auth import get_user_model
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 
-from jobs import ssh
-from jobs.models import ChatMessage, Conversation, Session
+from jobs.models import ChatMessage, Conversation, LLMSession
+from portal import ssh
 from tests.conftest import REPO
 from tests.e2e.sessions import cancel_all_jobs, local_account
 from tests.e2e.test_worker import worker_env
@@ -83,7 +83,10 @@ def test_sign_in_launch_run_and_cancel_with_javascript(browser: Browser, portal:
     kv_before = page.locator(".legend li", has_text="KV cache").inner_text()
     page.locator("#id_context").fill("1024")
     expect(page.locator(".legend li", has_text="KV cache")).not_to_have_text(kv_before)
-    shot(page, "js/3-estimate-longer-context")
+    shot(page, "js/3-estimate-shorter-context")
+    # Back to the model's whole context: the long reply below has room to be stopped mid-stream.
+    page.locator("#id_context").fill("4096")
+    expect(page.locator(".legend li", has_text="KV cache")).to_have_text(kv_before)
 
     recommended = page.locator("tr.recommended")
     expect(recommended).to_contain_text("Recommended")
@@ -95,7 +98,7 @@ def test_sign_in_launch_run_and_cancel_with_javascript(browser: Browser, portal:
     shot(page, "js/5-submitted")
     expect(card.locator(".badge")).to_have_attribute("data-state", "running", timeout=60_000)
     shot(page, "js/6-running")
-    assert Session.objects.count() == 1
+    assert LLMSession.objects.count() == 1
 
     # Chat: streamed reply with its timings, Stop, and the conversation is still there after a reload.
     card.get_by_role("link", name="Open chat").click()
@@ -162,6 +165,7 @@ def test_the_same_flow_works_without_javascript(browser: Browser, portal: str) -
     expect(card.locator(".badge")).to_have_attribute("data-state", "running")
     shot(page, "nojs/2-running")
     card.get_by_role("button", name="Cancel").click()  # a plain POST; no confirmation without JavaScript
+    expect(page.get_by_text("Cancelling: the job is being stopped.")).to_be_visible()  # the POST's redirect landed
     for _ in range(60):
         page.reload()
         if page.locator("li.session .badge").first.get_attribute("data-state") == "cancelled":

@@ -62,10 +62,16 @@ def test_a_gguf_header_fills_the_architecture_and_the_quantisation(tmp_path: Pat
     write_gguf(path, gguf_pkg.LlamaFileType.MOSTLY_Q4_K_M)
     found = inspect(str(path))
     assert (found.name, found.family, found.quant, found.format) == ("Test-Model", "llama", "Q4_K_M", "gguf")
-    assert (found.layers, found.hidden_size, found.attention_heads, found.kv_heads, found.head_dim) == (3, 64, 8, 2, 8)
-    assert (found.vocab_size, found.max_context) == (300, 8192)  # the long token list is counted, not kept
+    assert (
+        found.arch.layers,
+        found.arch.hidden_size,
+        found.arch.attention_heads,
+        found.arch.kv_heads,
+        found.arch.head_dim,
+    ) == (3, 64, 8, 2, 8)
+    assert (found.arch.vocab_size, found.arch.max_context) == (300, 8192)  # the long token list is counted, not kept
     assert f"{300 * 64 + 64 * 64:,} parameters" in found.source
-    assert found.params_b == 0.0001  # the catalog's smallest model size
+    assert found.arch.params_b == 0.0001  # the catalog's smallest model size
     assert found.size_gib == round(path.stat().st_size / 2**30, 4)
 
 
@@ -73,7 +79,13 @@ def test_the_tiny_model_the_local_cluster_serves_reads_back(tmp_path: Path) -> N
     path = tmp_path / "tiny.gguf"
     subprocess.run([sys.executable, str(REPO / "scripts" / "tiny-gguf"), str(path)], check=True, capture_output=True)
     info = gguf.read_file(str(path))
-    assert (info.layers, info.hidden_size, info.attention_heads, info.kv_heads, info.vocab_size) == (2, 64, 4, 2, 259)
+    assert (
+        info.arch.layers,
+        info.arch.hidden_size,
+        info.arch.attention_heads,
+        info.arch.kv_heads,
+        info.arch.vocab_size,
+    ) == (2, 64, 4, 2, 259)
     assert info.file_type == "fp16"
 
 
@@ -104,8 +116,8 @@ def test_a_hugging_face_directory_gives_the_card_and_the_parameter_count(tmp_pat
     found = inspect(str(hf_dir(tmp_path, LLAMA_31_8B, LLAMA_31_8B_TOTAL_SIZE)))
     assert (found.name, found.family, found.quant, found.format) == ("Meta-Llama-3.1-8B-Instruct", "llama", "bf16",
                                                                      "safetensors")  # fmt: skip
-    assert (found.layers, found.kv_heads, found.head_dim, found.max_context) == (32, 8, 128, 131072)
-    assert found.params_b == pytest.approx(8.03, abs=0.01)
+    assert (found.arch.layers, found.arch.kv_heads, found.arch.head_dim, found.arch.max_context) == (32, 8, 128, 131072)
+    assert found.arch.params_b == pytest.approx(8.03, abs=0.01)
 
 
 def test_the_architecture_alone_counts_parameters_closely() -> None:
@@ -113,7 +125,7 @@ def test_the_architecture_alone_counts_parameters_closely() -> None:
     assert info.params_source == "architecture"
     assert info.params / 1e9 == pytest.approx(8.03, rel=0.02)
     gpt2 = hfconfig.read_config(json.dumps(GPT2))
-    assert (gpt2.layers, gpt2.hidden_size, gpt2.kv_heads, gpt2.max_context) == (12, 768, 12, 1024)
+    assert (gpt2.arch.layers, gpt2.arch.hidden_size, gpt2.arch.kv_heads, gpt2.arch.max_context) == (12, 768, 12, 1024)
 
 
 def test_quantised_checkpoints_are_named_as_the_catalog_names_them() -> None:

@@ -65,9 +65,9 @@ def test_the_estimate_command_prints_the_documented_json(example_catalog: Path) 
 def test_the_estimate_command_takes_explicit_numbers_and_an_ad_hoc_gpu(db: None) -> None:
     out = StringIO()
     call_command(
-        "estimate", "--params-b", "6.74", "--layers", "32", "--hidden", "4096", "--heads", "32", "--kv-heads", "32",
-        "--head-dim", "128", "--vocab", "32000", "--quant", "fp16", "--runtime", "transformers", "--context", "2048",
-        "--gpu-gib", "16", "--json", stdout=out,
+        "estimate", "--params-b", "6.74", "--layers", "32", "--hidden-size", "4096", "--attention-heads", "32",
+        "--kv-heads", "32", "--head-dim", "128", "--vocab-size", "32000", "--quant", "fp16",
+        "--runtime", "transformers", "--context", "2048", "--gpu-gib", "16", "--json", stdout=out,
     )  # fmt: skip
     data = json.loads(out.getvalue())
     assert data["fits"] is True and data["min_gpus"] == 1

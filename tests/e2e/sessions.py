@@ -8,9 +8,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from jobs import ssh
-from jobs.models import ClusterAccount, Session
+from catalog.models import ClusterAccount
+from jobs.models import LLMSession
 from jobs.tasks import poll_account
+from portal import ssh
 
 
 def local_account(user: Any, local: dict[str, Any]) -> ClusterAccount:
@@ -35,7 +36,9 @@ def shell(local: dict[str, Any], command: str) -> ssh.CommandResult:
     return ssh.SSHPool().run(target, command)
 
 
-def drive(session: Session, done: Callable[[Session], bool], timeout_s: float = 120, every_s: float = 0.5) -> Session:
+def drive(
+    session: LLMSession, done: Callable[[LLMSession], bool], timeout_s: float = 120, every_s: float = 0.5
+) -> LLMSession:
     """Poll the session's account as beat would, until done(session) or the timeout."""
     deadline = time.monotonic() + timeout_s
     while True:

@@ -9,7 +9,7 @@ import pytest
 from django.core.management import CommandError, call_command
 
 from catalog.models import VariantLocation
-from jobs import ssh
+from portal import ssh
 from tests.e2e.sessions import local_account
 
 pytestmark = [pytest.mark.e2e, pytest.mark.django_db]

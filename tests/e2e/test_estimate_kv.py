@@ -14,7 +14,8 @@ from typing import Any
 
 import pytest
 
-from catalog.estimate import Architecture, kv_cache_bytes, kv_cells
+from catalog.architecture import Architecture
+from catalog.estimate import kv_cache_bytes, kv_cells
 from tests.conftest import REPO
 from tests.e2e.sessions import shell
 
@@ -48,10 +49,11 @@ def models() -> Iterator[Path]:
 
 
 def reported_kv(local: dict[str, Any], binary: str, model: Path, context: int, flags: str) -> tuple[str, int]:
-    """Start llama-server in a Slurm job on the local cluster, read its 'llama_kv_cache: size = X MiB' line."""
+    """Start llama-server in a Slurm job on the local cluster, read its 'llama_kv_cache: size = X MiB' line.
+    Its port is below Linux's ephemeral range (32768 on), where the test's own connections could hold it."""
     script = (
         f"log=$(mktemp); {shlex.quote(binary)} -m {shlex.quote(str(model))} -c {context} {flags} -lv 4 "
-        '--host 127.0.0.1 --port $((20000 + RANDOM)) >"$log" 2>&1 & pid=$!; '
+        '--host 127.0.0.1 --port $((20000 + RANDOM % 12000)) >"$log" 2>&1 & pid=$!; '
         'for _ in $(seq 200); do grep -m1 "llama_kv_cache: size" "$log" && break; sleep 0.1; done; '
         'kill $pid; grep -m3 " E " "$log" >&2; rm -f "$log"'
     )

@@ -13,8 +13,8 @@ import pytest
 import yaml
 
 from catalog.models import Cluster, NodeGroup
-from jobs import ssh as portal_ssh
-from jobs.ssh import SSHPool, SSHTarget
+from portal import ssh as portal_ssh
+from portal.ssh import SSHPool, SSHTarget
 
 pytestmark = [pytest.mark.e2e, pytest.mark.django_db]
 

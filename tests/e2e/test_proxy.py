@@ -17,9 +17,11 @@ from django.core.management import call_command
 from django.test import AsyncClient
 
 from catalog.models import Cluster
-from jobs import backend, ssh, targets
-from jobs.models import ApiToken, Session, State
-from jobs.tasks import fetch_log
+from jobs.cluster import backend
+from jobs.cluster.logs import fetch as fetch_log
+from jobs.models import ApiToken, LLMSession, State
+from jobs.use import targets
+from portal import ssh
 from tests.conftest import LAUNCH
 from tests.e2e.sessions import cancel_all_jobs, drive, local_account
 from tests.e2e.test_worker import worker_env
@@ -30,24 +32,24 @@ CHAT = {"messages": [{"role": "user", "content": "hello"}], "max_tokens": 8}
 
 
 @pytest.fixture
-def running(local_catalog: dict[str, Any], owner: Any, django_capture_on_commit_callbacks: Any) -> Iterator[Session]:
-    from jobs.services import launch
+def running(local_catalog: dict[str, Any], owner: Any, django_capture_on_commit_callbacks: Any) -> Iterator[LLMSession]:
+    from jobs.sessions.actions import launch
     from jobs.tasks import submit_session
 
     local_account(owner, local_catalog)
     with django_capture_on_commit_callbacks(execute=False):
         session = launch(owner, LAUNCH)
     submit_session.apply(args=(str(session.pk),))
-    session = drive(Session.objects.get(pk=session.pk), lambda s: s.state == State.RUNNING or s.is_ended)
+    session = drive(LLMSession.objects.get(pk=session.pk), lambda s: s.state == State.RUNNING or s.is_ended)
     assert session.state == State.RUNNING, session.end_reason
-    Session.objects.filter(pk=session.pk).update(alias="tiny")
-    yield Session.objects.get(pk=session.pk)
+    LLMSession.objects.filter(pk=session.pk).update(alias="tiny")
+    yield LLMSession.objects.get(pk=session.pk)
     cancel_all_jobs()
     ssh.pool.close_all()
     backend.close_forwards()
 
 
-def test_the_api_reaches_a_tunnel_clusters_server_through_the_forward(running: Session, owner: Any) -> None:
+def test_the_api_reaches_a_tunnel_clusters_server_through_the_forward(running: LLMSession, owner: Any) -> None:
     Cluster.objects.filter(pk=running.cluster_id).update(node_access=Cluster.NodeAccess.TUNNEL)
     found = targets.target(targets.Holder(owner.pk, is_staff=False), "tiny")
     assert found is not None and found.base.startswith("http://127.0.0.1:")
@@ -73,7 +75,7 @@ def sse_chunks(body: bytes) -> list[dict[str, Any]]:
     return events
 
 
-def test_the_browser_route_streams_a_chat_for_the_owner(running: Session, owner: Any) -> None:
+def test_the_browser_route_streams_a_chat_for_the_owner(running: LLMSession, owner: Any) -> None:
     async def chat() -> tuple[int, str, bytes]:
         client = AsyncClient()
         await client.aforce_login(owner)
@@ -88,14 +90,14 @@ def test_the_browser_route_streams_a_chat_for_the_owner(running: Session, owner:
     chunks = sse_chunks(body)
     assert len(chunks) >= 2 and "choices" in chunks[0]
     assert running.api_key.encode() not in body
-    assert Session.objects.get(pk=running.pk).last_activity_at is not None
+    assert LLMSession.objects.get(pk=running.pk).last_activity_at is not None
 
 
-def test_who_may_use_which_route(running: Session, owner: Any, other_user: Any, admin_user: Any) -> None:
+def test_who_may_use_which_route(running: LLMSession, owner: Any, other_user: Any, admin_user: Any) -> None:
     async_to_sync(_matrix)(running, owner, other_user, admin_user)
 
 
-async def _matrix(running: Session, owner: Any, other_user: Any, admin_user: Any) -> None:
+async def _matrix(running: LLMSession, owner: Any, other_user: Any, admin_user: Any) -> None:
     _, token = await _issue(owner)
     _, other_token = await _issue(other_user)
     routes: list[tuple[str, dict[str, Any] | None]] = [
@@ -131,13 +133,13 @@ async def _issue(user: Any) -> tuple[ApiToken, str]:
     return await sync_to_async(ApiToken.issue)(user, "test")
 
 
-def test_the_backend_refuses_requests_without_the_session_key(running: Session) -> None:
+def test_the_backend_refuses_requests_without_the_session_key(running: LLMSession) -> None:
     url = backend.base_url(running)
     assert httpx.post(f"{url}/v1/chat/completions", json=CHAT, timeout=10).status_code == 401
 
 
-def test_a_stopped_session_answers_409_with_its_state(running: Session, owner: Any) -> None:
-    Session.objects.filter(pk=running.pk).update(state=State.QUEUED)
+def test_a_stopped_session_answers_409_with_its_state(running: LLMSession, owner: Any) -> None:
+    LLMSession.objects.filter(pk=running.pk).update(state=State.QUEUED)
     from django.test import Client
 
     client = Client()
@@ -147,14 +149,14 @@ def test_a_stopped_session_answers_409_with_its_state(running: Session, owner: A
 
 
 @pytest.fixture
-def portal_server(running: Session, tmp_path: Path) -> Iterator[str]:
+def portal_server(running: LLMSession, tmp_path: Path) -> Iterator[str]:
     server = PortalServer(worker_env(), tmp_path / "uvicorn.log")
     yield server.start()
     server.stop()
 
 
 def test_the_openai_client_streams_through_the_api_and_a_revoked_token_is_refused(
-    portal_server: str, running: Session, owner: Any
+    portal_server: str, running: LLMSession, owner: Any
 ) -> None:
     import openai
 
@@ -178,7 +180,7 @@ def test_the_openai_client_streams_through_the_api_and_a_revoked_token_is_refuse
         client.models.list()
 
 
-def test_a_client_that_goes_away_cancels_the_generation(portal_server: str, running: Session, owner: Any) -> None:
+def test_a_client_that_goes_away_cancels_the_generation(portal_server: str, running: LLMSession, owner: Any) -> None:
     """llama-server logs "cancel task" only for a request whose HTTP connection closed before the reply was done."""
     _, token = ApiToken.issue(owner, "script")
     body = {"model": "tiny", "messages": [{"role": "user", "content": "hello"}], "stream": True, "ignore_eos": True}

@@ -11,12 +11,12 @@ from typing import Any
 import pytest
 from django.utils import timezone
 
-from catalog.models import Cluster, ModelVariant
+from catalog.models import Cluster, ClusterAccount, ModelVariant
 from catalog.plans import plans, request_for
-from jobs import ssh
-from jobs.models import ClusterAccount, PartitionState
-from jobs.queue import queue_views, refresh_cluster
+from jobs.cluster.capacity import queue_views, refresh_cluster
+from jobs.models import PartitionState
 from jobs.tasks import refresh_partitions
+from portal import ssh
 from tests.e2e.sessions import local_account, shell
 
 pytestmark = [pytest.mark.e2e, pytest.mark.django_db]

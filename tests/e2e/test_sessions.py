@@ -14,11 +14,12 @@ import httpx
 import pytest
 from django.core.exceptions import ValidationError
 
-from catalog.models import Cluster, VariantLocation
-from jobs import backend, ssh
-from jobs.models import ClusterAccount, Session, State
-from jobs.services import launch, request_cancel
+from catalog.models import Cluster, ClusterAccount, VariantLocation
+from jobs.cluster import backend
+from jobs.models import LLMSession, State
+from jobs.sessions.actions import launch, request_cancel
 from jobs.tasks import cancel_session, submit_session
+from portal import ssh
 from tests.conftest import LAUNCH, LOCAL_CLUSTER_SCRIPT
 from tests.e2e.sessions import cancel_all_jobs, drive, local_account, shell
 
@@ -33,7 +34,7 @@ def account(local_catalog: dict[str, Any], owner: Any) -> Iterator[ClusterAccoun
     backend.close_forwards()
 
 
-def start(owner: Any, django_capture_on_commit_callbacks: Any, **changes: Any) -> Session:
+def start(owner: Any, django_capture_on_commit_callbacks: Any, **changes: Any) -> LLMSession:
     with django_capture_on_commit_callbacks(execute=False):
         session = launch(owner, {**LAUNCH, **changes})
     submit_session.apply(args=(str(session.pk),))
@@ -41,7 +42,7 @@ def start(owner: Any, django_capture_on_commit_callbacks: Any, **changes: Any) -
     return session
 
 
-def states(session: Session) -> list[str]:
+def states(session: LLMSession) -> list[str]:
     return [session.events.first().to_state, *(e.to_state for e in session.events.all()[1:])]  # type: ignore[union-attr]
 
 
@@ -90,7 +91,7 @@ def test_the_portal_reaches_the_server_through_an_ssh_tunnel_too(
     Cluster.objects.filter(slug="local").update(node_access=Cluster.NodeAccess.TUNNEL)
     session = drive(start(owner, django_capture_on_commit_callbacks), lambda s: s.state == State.RUNNING or s.is_ended)
     url = backend.base_url(session)
-    assert url.startswith("http://127.0.0.1:") and url != session.base_url
+    assert url.startswith("http://127.0.0.1:") and url != f"http://{session.host}:{session.port}"
     key = {"Authorization": f"Bearer {session.api_key}"}
     assert httpx.get(f"{url}/v1/models", headers=key, timeout=10).status_code == 200
     assert httpx.get(f"{url}/v1/models", timeout=10).status_code == 401

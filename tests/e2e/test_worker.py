@@ -16,10 +16,11 @@ import pytest
 from django.conf import settings
 from django.db import connection
 
-from jobs import ssh
-from jobs.models import END_STATES, ClusterAccount, Session, State
-from jobs.services import launch
-from jobs.slurm import job_name
+from catalog.models import ClusterAccount
+from jobs.cluster.slurm import job_name
+from jobs.models import END_STATES, LLMSession, State
+from jobs.sessions.actions import launch
+from portal import ssh
 from tests.conftest import LAUNCH
 from tests.e2e.sessions import cancel_all_jobs, jobs_named, local_account
 from tests.worker import REPO, Worker
@@ -81,7 +82,7 @@ def test_the_command_line_launches_waits_and_cancels(worker: Worker, account: Cl
     started = manage(*launch_args(), "--wait", "running", "--json", env=env)
     assert started.returncode == 0, started.stderr + worker.log()[-3000:]
     shown = json.loads(started.stdout)
-    assert shown["state"] == "running" and shown["job_id"] and shown["node"].startswith("node")
+    assert shown["state"] == "running" and shown["job_id"] and shown["node_list"].startswith("node")
 
     listed = json.loads(manage("sessions", "list", "--user", "ada", "--json", env=env).stdout)
     assert [s["uuid"] for s in listed] == [shown["uuid"]]
@@ -108,11 +109,11 @@ def submit_window_s(owner: Any) -> float:
     """How long an undisturbed submit on this machine holds its claim: from "submitting" to "queued"."""
     session = launch(owner, LAUNCH)
     deadline = time.monotonic() + 60
-    while Session.objects.get(pk=session.pk).state in {State.PENDING, State.SUBMITTING}:
+    while LLMSession.objects.get(pk=session.pk).state in {State.PENDING, State.SUBMITTING}:
         assert time.monotonic() < deadline
         time.sleep(0.05)
     events = {e.to_state: e.at for e in session.events.all()}
-    subprocess.run(["scancel", Session.objects.get(pk=session.pk).job_id], check=True)
+    subprocess.run(["scancel", LLMSession.objects.get(pk=session.pk).job_id], check=True)
     return (events[State.QUEUED] - events[State.SUBMITTING]).total_seconds()
 
 
@@ -126,18 +127,18 @@ def test_a_worker_killed_mid_submit_leaves_exactly_one_job(worker: Worker, accou
     for trial in range(trials):
         session = launch(owner, LAUNCH)
         deadline = time.monotonic() + 60
-        while Session.objects.get(pk=session.pk).state == State.PENDING:
+        while LLMSession.objects.get(pk=session.pk).state == State.PENDING:
             assert time.monotonic() < deadline, f"trial {trial}: no worker took the submit\n{worker.log()[-3000:]}"
             time.sleep(0.05)
         # Kill somewhere inside the submit's window (SSH login, staging, sbatch, the UPDATE).
         time.sleep(rng.uniform(0, 0.7 * window_s))
         worker.kill()
-        if Session.objects.get(pk=session.pk).state == State.SUBMITTING:
+        if LLMSession.objects.get(pk=session.pk).state == State.SUBMITTING:
             killed_while_submitting += 1
             submitted_before_kill += bool(jobs_named(job_name(str(session.pk))))
         worker.start()
         deadline = time.monotonic() + 90
-        while (state := Session.objects.get(pk=session.pk).state) in {State.PENDING, State.SUBMITTING}:
+        while (state := LLMSession.objects.get(pk=session.pk).state) in {State.PENDING, State.SUBMITTING}:
             assert time.monotonic() < deadline, f"trial {trial}: stuck in {state}\n{worker.log()[-3000:]}"
             time.sleep(0.2)
         session.refresh_from_db()

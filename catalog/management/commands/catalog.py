@@ -7,9 +7,12 @@ from typing import Any
 from django.core.exceptions import ValidationError
 from django.core.management.base import BaseCommand, CommandError
 
+from catalog.add_model import add, cluster_reader, inspect
 from catalog.models import Cluster
 from catalog.yaml_io import CatalogImportError, export_catalog, import_file
-from jobs.ssh import SSHError
+from portal.errors import text_of
+from portal.ssh import SSHError
+from portal.users import find_user
 
 
 class Command(BaseCommand):
@@ -38,34 +41,25 @@ class Command(BaseCommand):
             self._export(options["file"])
 
     def _add_model(self, o: dict[str, Any]) -> None:
-        from catalog.add_model import SSHReader, add, inspect
-
-        cluster, reader = None, None
+        cluster = None
         try:
             if o["cluster"]:
-                from jobs.models import ClusterAccount
-                from jobs.services import find_user
-
                 cluster = Cluster.objects.filter(slug=o["cluster"]).first()
                 if cluster is None:
                     raise CommandError(f"there is no cluster {o['cluster']!r}")
                 if not o["user"]:
                     raise CommandError("--cluster needs --user: whose cluster account reads the file")
-                account = ClusterAccount.for_user(find_user(o["user"]), cluster)
-                if account is None:
-                    raise CommandError(f"{o['user']} has no account on {cluster.name}")
-                reader = SSHReader(account.ssh_target())
-            found = inspect(o["path"], reader)
+            found = inspect(o["path"], cluster_reader(find_user(o["user"]), cluster) if cluster else None)
             self.stdout.write(f"read {found.source}")
-            for key, value in vars(found).items():
-                if key != "source":
+            for key, value in {**vars(found), **vars(found.arch)}.items():
+                if key not in ("source", "arch"):
                     self.stdout.write(f"  {key}: {value}")
             if o["dry_run"]:
                 self.stdout.write(self.style.WARNING("Dry run: the catalog was not changed."))
                 return
             added = add(found, o["path"], cluster, o["name"])
         except ValidationError as exc:
-            raise CommandError("; ".join(exc.messages)) from None
+            raise CommandError(text_of(exc)) from None
         except SSHError as exc:
             raise CommandError(str(exc)) from None
         what = ", ".join(added.created) or "nothing new (updated)"

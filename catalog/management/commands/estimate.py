@@ -10,10 +10,16 @@ from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError
 
-from catalog.estimate import RUNTIMES, Architecture, EstimateError, Request, estimate, fit, smallest_layout
+from catalog import architecture
+from catalog.architecture import Architecture
+from catalog.estimate import EstimateError, Request, estimate, fit, smallest_layout
 from catalog.models import GPUType, ModelCard, ModelVariant
-from catalog.plans import architecture
 from catalog.quant import canonical_quant
+from catalog.runtime_rules import RUNTIMES
+
+
+def _flag(field: str) -> str:
+    return "--" + field.replace("_", "-")
 
 
 class Command(BaseCommand):
@@ -22,11 +28,10 @@ class Command(BaseCommand):
     def add_arguments(self, parser: ArgumentParser) -> None:
         parser.add_argument("--model", help="a model card name from the catalog")
         parser.add_argument("--quant", help="quantisation (default: the model's smallest variant)")
-        for name in ("--layers", "--hidden", "--heads", "--kv-heads", "--head-dim", "--vocab"):
-            parser.add_argument(name, type=int)
-        parser.add_argument("--params-b", type=float)
+        for field in architecture.FIELDS:  # the architecture, for a model that is not in the catalog
+            parser.add_argument(_flag(field), type=architecture.field_type(field))
         parser.add_argument("--file-gib", type=float, help="the weights file's size, if known")
-        parser.add_argument("--runtime", required=True, choices=RUNTIMES)
+        parser.add_argument("--runtime", required=True, choices=list(RUNTIMES))
         parser.add_argument("--context", type=int, required=True)
         parser.add_argument("--parallel", type=int, default=1)
         parser.add_argument("--kv-type", default="f16")
@@ -76,7 +81,7 @@ class Command(BaseCommand):
             card = ModelCard.objects.filter(name=o["model"]).first()
             if card is None:
                 raise CommandError(f"there is no model {o['model']!r} in the catalog")
-            arch = architecture(card)
+            arch = card.architecture
             variants = ModelVariant.objects.filter(model=card)
             if o["quant"]:
                 try:
@@ -90,13 +95,10 @@ class Command(BaseCommand):
             if variant is not None and variant.format == "gguf" and file_gib is None:
                 file_gib = variant.size_gib
         else:
-            needed = ["params_b", "layers", "hidden", "heads", "kv_heads", "head_dim", "vocab", "quant"]
-            missing = [f"--{n.replace('_', '-')}" for n in needed if o[n] is None]
+            missing = [_flag(name) for name in [*architecture.REQUIRED_FIELDS, "quant"] if o[name] is None]
             if missing:
                 raise CommandError(f"give --model NAME, or all of: {', '.join(missing)}")
-            arch = Architecture(
-                o["params_b"], o["layers"], o["hidden"], o["heads"], o["kv_heads"], o["head_dim"], o["vocab"]
-            )
+            arch = Architecture(**{name: o[name] for name in architecture.FIELDS})
             quant = o["quant"]
         usable: float | None = o["gpu_gib"]
         per_node = o["gpus_per_node"]

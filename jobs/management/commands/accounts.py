@@ -9,9 +9,9 @@ from typing import Any
 from django.core.exceptions import ValidationError
 from django.core.management.base import BaseCommand, CommandError
 
-from catalog.models import Cluster
-from jobs.models import ClusterAccount
-from jobs.services import find_user, form_errors_text
+from catalog.models import Cluster, ClusterAccount
+from portal.errors import text_of
+from portal.users import find_user
 
 
 class Command(BaseCommand):
@@ -30,7 +30,8 @@ class Command(BaseCommand):
     def handle(self, *args: Any, **o: Any) -> None:
         if o["action"] == "list":
             for account in ClusterAccount.objects.select_related("cluster", "user"):
-                self.stdout.write(f"{account}  slurm account: {account.effective_slurm_account or '-'}")
+                slurm_account = account.effective_slurm_account or "-"
+                self.stdout.write(f"{account.pk:>5}  {account}  slurm account: {slurm_account}")
             return
         user = find_user(o["user"])
         cluster = Cluster.objects.filter(slug=o["cluster"]).first()
@@ -45,6 +46,6 @@ class Command(BaseCommand):
                 account.set_private_key(o["private_key_file"].read_text())
             account.full_clean(exclude=["public_key", "private_key_encrypted"])
         except (ValidationError, OSError) as exc:
-            raise CommandError(form_errors_text(exc) if isinstance(exc, ValidationError) else str(exc)) from None
+            raise CommandError(text_of(exc) if isinstance(exc, ValidationError) else str(exc)) from None
         account.save()
         self.stdout.write(account.public_key)

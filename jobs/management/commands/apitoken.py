@@ -10,7 +10,7 @@ from django.core.management.base import BaseCommand, CommandError
 from django.utils import timezone
 
 from jobs.models import ApiToken
-from jobs.services import find_user
+from portal.users import find_user
 
 
 class Command(BaseCommand):

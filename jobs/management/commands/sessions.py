@@ -1,7 +1,8 @@
 """`manage.py sessions launch|list|show|cancel|log|script`: the admin's command line for smoke-testing a cluster.
 
-launch goes through services.launch(), the same validation and tasks as the web; a Celery worker (and beat, for
-polling) must run for a session to move.
+launch takes the launch form's fields as flags (jobs/sessions/forms.py) and goes through actions.launch(), the same
+validation and tasks as the web; a Celery worker (and beat, for polling) must run for a session to move. --json
+prints a session as the same fields, so its output can be launched again.
 """
 
 from __future__ import annotations
@@ -9,17 +10,57 @@ from __future__ import annotations
 import json
 import time
 from argparse import ArgumentParser
+from collections.abc import Callable
 from typing import Any
 
+from django import forms
 from django.core.exceptions import ValidationError
 from django.core.management.base import BaseCommand, CommandError
 
-from jobs import render, ssh
-from jobs.models import END_STATES, Session, State
-from jobs.services import describe, find_session, find_user, form_errors_text, job_spec, launch, request_cancel
-from jobs.tasks import fetch_log
+from jobs.cluster import jobscript, logs
+from jobs.models import END_STATES, LLMSession, State
+from jobs.sessions import actions
+from jobs.sessions.access import find_session, with_relations
+from jobs.sessions.forms import LaunchForm, values_of
+from jobs.sessions.lifecycle import job_spec
+from portal import ssh
+from portal.errors import text_of
+from portal.users import find_user
 
 ORDER = [State.PENDING, State.SUBMITTING, State.QUEUED, State.STARTING, State.RUNNING]
+# What a session's report adds to its launch fields: where it is in its life.
+LIFE = ("state", "job_id", "node_list", "host", "port", "slurm_reason", "estimated_start", "end_reason",
+        "created_at", "submitted_at", "started_at", "ready_at", "ended_at")  # fmt: skip
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def add_launch_flags(parser: ArgumentParser) -> None:
+    """One flag per launch form field, with the field's type, choices, help and requiredness."""
+    for name, field in LaunchForm.base_fields.items():
+        help_text = " ".join(str(part) for part in (field.label or "", field.help_text) if part)
+        if isinstance(field, forms.BooleanField):
+            parser.add_argument(_flag(name), action="store_true", help=help_text)
+            continue
+        kwargs: dict[str, Any] = {"required": field.required, "help": help_text or None}
+        if isinstance(field, forms.ChoiceField):
+            kwargs["choices"] = [str(value) for value, _ in field.choices if value != ""]  # type: ignore[union-attr]
+        elif isinstance(field, forms.IntegerField):
+            kwargs["type"] = int
+        parser.add_argument(_flag(name), **kwargs)
+
+
+def describe(session: LLMSession) -> dict[str, Any]:
+    """A session as --json prints it: its launch fields (as `launch` takes them), its owner, and its life."""
+    life = {name: getattr(session, name) for name in LIFE}
+    return {
+        "uuid": str(session.pk),
+        "owner": session.owner.get_username(),
+        **values_of(session, LaunchForm),
+        **{name: value.isoformat() if hasattr(value, "isoformat") else value or None for name, value in life.items()},
+    }
 
 
 class Command(BaseCommand):
@@ -27,21 +68,9 @@ class Command(BaseCommand):
 
     def add_arguments(self, parser: ArgumentParser) -> None:
         sub = parser.add_subparsers(dest="action", required=True)
-        p = sub.add_parser("launch", help="start a session (same path as the web wizard)")
-        p.add_argument("--user", required=True)
-        p.add_argument("--cluster", required=True)
-        p.add_argument("--partition", required=True)
-        p.add_argument("--gpu", required=True)
-        p.add_argument("--gpus", type=int, required=True)
-        p.add_argument("--nodes", type=int, default=1)
-        p.add_argument("--model", required=True)
-        p.add_argument("--quant", required=True)
-        p.add_argument("--runtime", required=True, choices=["llama.cpp", "ollama", "vllm"])
-        p.add_argument("--context", type=int, required=True)
-        p.add_argument("--parallel", type=int)
-        p.add_argument("--cpus", type=int)
-        p.add_argument("--memory-gib", type=int)
-        p.add_argument("--walltime", type=int, required=True, help="minutes")
+        p = sub.add_parser("launch", help="start a session (same fields and checks as the web wizard)")
+        p.add_argument("--user", required=True, help="the portal user who owns the session")
+        add_launch_flags(p)
         p.add_argument("--wait", choices=["queued", "starting", "running"], help="wait until this state (or an end)")
         p.add_argument("--timeout", type=int, default=900, help="seconds to --wait")
         p.add_argument("--json", action="store_true")
@@ -66,42 +95,25 @@ class Command(BaseCommand):
         try:
             getattr(self, f"_{options['action']}")(options)
         except ValidationError as exc:
-            raise CommandError(form_errors_text(exc)) from None
+            raise CommandError(text_of(exc)) from None
 
     def _launch(self, o: dict[str, Any]) -> None:
         user = find_user(o["user"])
-        data = {
-            "cluster": o["cluster"],
-            "partition": o["partition"],
-            "gpu": o["gpu"],
-            "gpus": o["gpus"],
-            "nodes": o["nodes"],
-            "model": o["model"],
-            "quant": o["quant"],
-            "runtime": o["runtime"],
-            "context": o["context"],
-            "parallel": o["parallel"],
-            "walltime": o["walltime"],
-            "cpus": o["cpus"],
-            "memory_gib": o["memory_gib"],
-        }
-        session = launch(user, {k: v for k, v in data.items() if v is not None})
+        data = {name: o[name] for name in LaunchForm.base_fields if o[name] is not None}
+        session = actions.launch(user, data)
         if not o["json"]:
             self.stdout.write(f"session {session.pk} created; submitting")
         if o["wait"]:
+            wanted = ORDER.index(State(o["wait"]))
             session = self._wait(
                 session,
-                lambda s: (
-                    s.is_ended or ORDER.index(State(s.state)) >= ORDER.index(State(o["wait"]))
-                    if s.state in ORDER
-                    else s.is_ended
-                ),
+                lambda s: s.is_ended or (s.state in ORDER and ORDER.index(State(s.state)) >= wanted),
                 o["timeout"],
             )
         self._print(session, o["json"])
         self._exit_for(session)
 
-    def _wait(self, session: Session, done: Any, timeout_s: int) -> Session:
+    def _wait(self, session: LLMSession, done: Callable[[LLMSession], bool], timeout_s: int) -> LLMSession:
         deadline = time.monotonic() + timeout_s
         while True:
             session.refresh_from_db()
@@ -113,9 +125,7 @@ class Command(BaseCommand):
             time.sleep(1)
 
     def _list(self, o: dict[str, Any]) -> None:
-        sessions = Session.objects.select_related(
-            "owner", "cluster", "partition", "gpu_type", "variant__model", "runtime"
-        )
+        sessions = with_relations()
         if o["user"]:
             sessions = sessions.filter(owner=find_user(o["user"]))
         if not o["all"]:
@@ -127,18 +137,17 @@ class Command(BaseCommand):
         for r in rows:
             self.stdout.write(
                 f"{r['uuid']}  {r['state']:<10} {r['owner']:<12} {r['cluster']}/{r['partition']} "
-                f"{r['model']} {r['quant']} ({r['runtime']}) job {r['job_id'] or '-'} {r['node'] or ''}"
+                f"{r['model']} {r['quant']} ({r['runtime']}) job {r['job_id'] or '-'} {r['node_list'] or ''}"
             )
 
     def _show(self, o: dict[str, Any]) -> None:
-        session = find_session(o["uuid"])
-        self._print(session, o["json"], events=True)
+        self._print(find_session(o["uuid"]), o["json"], events=True)
 
     def _cancel(self, o: dict[str, Any]) -> None:
         session = find_session(o["uuid"])
         if session.is_ended:
             raise CommandError(f"session {session.pk} has already ended ({session.state})")
-        request_cancel(session, "cancelled from the command line")
+        actions.request_cancel(session, "cancelled from the command line")
         if o["wait"]:
             session = self._wait(session, lambda s: s.is_ended, o["timeout"])
         else:
@@ -146,16 +155,15 @@ class Command(BaseCommand):
         self._print(session, o["json"])
 
     def _log(self, o: dict[str, Any]) -> None:
-        session = find_session(o["uuid"])
         try:
-            self.stdout.write(fetch_log(session))
+            self.stdout.write(logs.fetch(find_session(o["uuid"])))
         except ssh.SSHError as exc:
             raise CommandError(str(exc)) from None
 
     def _script(self, o: dict[str, Any]) -> None:
-        self.stdout.write(render.render(job_spec(find_session(o["uuid"]))))
+        self.stdout.write(jobscript.render(job_spec(find_session(o["uuid"]))))
 
-    def _print(self, session: Session, as_json: bool, events: bool = False) -> None:
+    def _print(self, session: LLMSession, as_json: bool, events: bool = False) -> None:
         data = describe(session)
         if events:
             data["events"] = [
@@ -169,9 +177,9 @@ class Command(BaseCommand):
             if key == "events":
                 for e in value:
                     self.stdout.write(f"  {e['at']}  {e['from'] or '-'} -> {e['to']}: {e['cause']}")
-            elif value is not None:
+            elif value is not None and value != "":
                 self.stdout.write(f"{key:>16}: {value}")
 
-    def _exit_for(self, session: Session) -> None:
+    def _exit_for(self, session: LLMSession) -> None:
         if session.state in {State.FAILED, State.TIMEOUT}:
             raise CommandError(f"session {session.pk} {session.state}: {session.end_reason}")

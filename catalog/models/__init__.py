@@ -1,0 +1,20 @@
+"""The catalog's models, by concern: clusters and their hardware, runtimes, model cards, and the accounts the portal
+logs in to clusters with."""
+
+from catalog.models.accounts import ClusterAccount
+from catalog.models.cards import ModelCard, ModelVariant, VariantLocation
+from catalog.models.clusters import Cluster, GPUType, NodeGroup, Partition
+from catalog.models.runtimes import ClusterRuntime, Runtime
+
+__all__ = [
+    "Cluster",
+    "ClusterAccount",
+    "ClusterRuntime",
+    "GPUType",
+    "ModelCard",
+    "ModelVariant",
+    "NodeGroup",
+    "Partition",
+    "Runtime",
+    "VariantLocation",
+]

@@ -1,0 +1,141 @@
+"""How the portal logs in to a cluster for a user (a personal key pair) or for a lab (a shared service account).
+
+Accounts sit with the clusters they open: the catalog reads model files over them and jobs submit through them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.conf import settings
+from django.core.exceptions import ValidationError
+from django.core.validators import RegexValidator
+from django.db import models
+from django.db.models import Q
+
+from catalog import validators as v
+from catalog.models.clusters import Cluster
+from portal import crypto
+from portal.ssh import SSHTarget, generate_keypair, load_private_key
+
+unix_username = RegexValidator(
+    r"^[A-Za-z_][A-Za-z0-9_.-]{0,31}\Z", "A cluster user name: letters, digits, '_', '.' and '-' (at most 32)."
+)
+
+
+class ClusterAccount(models.Model):
+    """How the portal logs in to a cluster for one user (personal key pair) or for a lab (service account)."""
+
+    class Kind(models.TextChoices):
+        PERSONAL = "personal", "Personal (the portal's key pair in the user's authorized_keys)"
+        SERVICE = "service", "Service account shared by its members"
+
+    cluster = models.ForeignKey(Cluster, on_delete=models.CASCADE, related_name="accounts")
+    kind = models.CharField(max_length=10, choices=Kind.choices, default=Kind.PERSONAL)
+    user = models.ForeignKey(
+        settings.AUTH_USER_MODEL,
+        on_delete=models.CASCADE,
+        null=True,
+        blank=True,
+        related_name="cluster_accounts",
+        help_text="The portal user this personal account belongs to (empty for a service account).",
+    )
+    label = models.CharField(max_length=100, blank=True, help_text="A service account's name, e.g. 'NLP lab'.")
+    members = models.ManyToManyField(
+        settings.AUTH_USER_MODEL,
+        blank=True,
+        related_name="shared_cluster_accounts",
+        help_text="Portal users who may submit through this service account.",
+    )
+    username = models.CharField("cluster user name", max_length=32, validators=[unix_username])
+    slurm_account = models.CharField(
+        max_length=64,
+        blank=True,
+        validators=[v.slurm_account],
+        help_text="Slurm --account for this user's jobs; empty uses the cluster's default account.",
+    )
+    public_key = models.TextField(editable=False, help_text="Goes into ~/.ssh/authorized_keys on the cluster.")
+    private_key_encrypted = models.TextField(editable=False)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["cluster__name", "username"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["cluster", "user"], condition=Q(kind="personal"), name="one_personal_account_per_cluster"
+            ),
+            models.CheckConstraint(
+                condition=Q(kind="personal", user__isnull=False) | Q(kind="service", user__isnull=True),
+                name="personal_accounts_have_a_user",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        who = self.label or (self.user.get_username() if self.user else "?")
+        return f"{self.username}@{self.cluster.slug} ({who})"
+
+    def save(self, *args: Any, **kwargs: Any) -> None:
+        if not self.private_key_encrypted:
+            self.generate_key()
+        super().save(*args, **kwargs)
+
+    def clean(self) -> None:
+        super().clean()
+        if self.kind == self.Kind.PERSONAL and not self.user_id:
+            raise ValidationError({"user": "A personal account belongs to a portal user."})
+        if self.kind == self.Kind.SERVICE:
+            if self.user_id:
+                raise ValidationError({"user": "A service account is shared through its members, not one user."})
+            if not self.label:
+                raise ValidationError({"label": "Name the service account, e.g. after the lab that shares it."})
+
+    @property
+    def effective_slurm_account(self) -> str:
+        return self.slurm_account or self.cluster.default_account
+
+    def generate_key(self) -> None:
+        private, public = generate_keypair(f"hpc-llm-portal {self.username}@{self.cluster.slug}")
+        self.private_key_encrypted = crypto.encrypt(private)
+        self.public_key = public
+
+    def set_private_key(self, text: str) -> None:
+        """Use an existing key (service accounts). The public half is derived, so the two always match."""
+        try:
+            key = load_private_key(text)
+        except ValueError as exc:
+            raise ValidationError({"private_key": str(exc)}) from None
+        self.private_key_encrypted = crypto.encrypt(text)
+        self.public_key = f"{key.get_name()} {key.get_base64()} hpc-llm-portal {self.username}@{self.cluster.slug}"
+
+    def ssh_target(self) -> SSHTarget:
+        return self.target_of(
+            self.cluster.login_host, self.cluster.ssh_port, self.cluster.host_key, self.username,
+            self.private_key_encrypted,
+        )  # fmt: skip
+
+    @staticmethod
+    def target_of(login_host: str, ssh_port: int, host_key: str, username: str, key_encrypted: str) -> SSHTarget:
+        """The SSH target from the stored columns (the proxy reads them without loading the account)."""
+        return SSHTarget(
+            host=login_host,
+            port=ssh_port,
+            username=username,
+            host_keys=host_key,
+            private_key=crypto.decrypt(key_encrypted),
+        )
+
+    @classmethod
+    def usable_by(cls, user: Any, cluster: Cluster) -> list[ClusterAccount]:
+        """Every account the user may submit through on the cluster: their own first, then shared ones."""
+        accounts = ClusterAccount.objects.filter(cluster=cluster)
+        own = list(accounts.filter(kind=cls.Kind.PERSONAL, user=user))
+        shared = list(accounts.filter(kind=cls.Kind.SERVICE, members=user).order_by("pk"))
+        return own + shared
+
+    @classmethod
+    def for_user(cls, user: Any, cluster: Cluster) -> ClusterAccount | None:
+        """The account a user submits through on a cluster: their own first, else a service account they are in."""
+        own = cls.objects.filter(cluster=cluster, kind=cls.Kind.PERSONAL, user=user).first()
+        if own is not None:
+            return own
+        return cls.objects.filter(cluster=cluster, kind=cls.Kind.SERVICE, members=user).order_by("pk").first()

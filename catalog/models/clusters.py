@@ -1,0 +1,180 @@
+"""Clusters and what they offer: login hosts, partitions, node groups and their GPU types."""
+
+from __future__ import annotations
+
+import paramiko
+from django.core.exceptions import ValidationError
+from django.core.validators import MaxValueValidator, MinValueValidator
+from django.db import models
+
+from catalog import validators as v
+
+
+class Cluster(models.Model):
+    class NodeAccess(models.TextChoices):
+        DIRECT = "direct", "Direct (the portal can reach compute nodes)"
+        TUNNEL = "tunnel", "SSH tunnel through the login host"
+
+    name = models.CharField(max_length=100, unique=True)
+    slug = models.SlugField(max_length=50, unique=True, validators=[v.slug_name])
+    login_host = models.CharField(max_length=253, validators=[v.hostname])
+    ssh_port = models.PositiveIntegerField(default=22, validators=[MinValueValidator(1), MaxValueValidator(65535)])
+    host_key = models.TextField(
+        blank=True,
+        help_text="Pinned known_hosts line(s) for the login host, e.g. from ssh-keyscan after checking the "
+        "fingerprint with the site. The portal refuses to connect while this is empty.",
+    )
+    node_access = models.CharField(max_length=10, choices=NodeAccess.choices, default=NodeAccess.TUNNEL)
+    default_account = models.CharField(max_length=64, blank=True, validators=[v.slurm_account])
+    notes = models.TextField(blank=True)
+
+    class Meta:
+        ordering = ["name"]
+
+    def __str__(self) -> str:
+        return self.name
+
+    def clean(self) -> None:
+        super().clean()
+        if self.host_key.strip():
+            self._check_host_key()
+
+    def _check_host_key(self) -> None:
+        expected = {self.login_host} if self.ssh_port == 22 else {f"[{self.login_host}]:{self.ssh_port}"}
+        for number, line in enumerate(self.host_key.splitlines(), start=1):
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            try:
+                entry = paramiko.hostkeys.HostKeyEntry.from_line(line)
+            except (paramiko.SSHException, paramiko.hostkeys.InvalidHostKey, ValueError, TypeError) as exc:
+                raise ValidationError({"host_key": f"Line {number} is not a valid known_hosts line: {exc}"}) from None
+            if entry is None:
+                raise ValidationError(
+                    {"host_key": f"Line {number} is not a known_hosts line ('host key-type base64-key')."}
+                )
+            hashed = any(name.startswith("|1|") for name in entry.hostnames)
+            if not hashed and not expected & set(entry.hostnames):
+                raise ValidationError(
+                    {
+                        "host_key": f"Line {number} is for {', '.join(entry.hostnames)}, not "
+                        f"{' or '.join(sorted(expected))} (the login host and SSH port above)."
+                    }
+                )
+
+
+class GPUType(models.Model):
+    class Vendor(models.TextChoices):
+        NVIDIA = "nvidia", "NVIDIA"
+        AMD = "amd", "AMD"
+        INTEL = "intel", "Intel"
+
+    name = models.CharField(
+        max_length=50,
+        unique=True,
+        validators=[v.slug_name],
+        help_text="The catalog's key for this GPU, e.g. a100-80g.",
+    )
+    gres_type = models.CharField(
+        max_length=50,
+        blank=True,
+        validators=[v.slurm_name],
+        help_text="The GPU type as Slurm knows it in GRES (gpu:TYPE:N); defaults to the name.",
+    )
+    constraint = models.CharField(
+        max_length=50,
+        blank=True,
+        validators=[v.slurm_name],
+        help_text="Slurm feature to add as --constraint when the GRES type alone is ambiguous (e.g. a100-80g).",
+    )
+    display_name = models.CharField(max_length=100)
+    memory_gib = models.FloatField(validators=[MinValueValidator(0.25), MaxValueValidator(1024)])
+    reserved_gib = models.FloatField(
+        default=0.5,
+        validators=[MinValueValidator(0)],
+        help_text="Memory not usable by the model's buffers: the driver and CUDA/ROCm context (about 0.4 GiB), a "
+        "display on workstations, other processes. The estimator compares its buffers with the size less this.",
+    )
+    compute_capability = models.CharField(max_length=10, blank=True, validators=[v.compute_capability])
+    bandwidth_gbs = models.FloatField(
+        null=True,
+        blank=True,
+        validators=[MinValueValidator(1)],
+        help_text="Memory bandwidth in GB/s (optional).",
+    )
+    vendor = models.CharField(max_length=10, choices=Vendor.choices, default=Vendor.NVIDIA)
+
+    class Meta:
+        ordering = ["-memory_gib", "name"]
+        verbose_name = "GPU type"
+
+    def __str__(self) -> str:
+        return f"{self.display_name} ({self.memory_gib:g} GiB)"
+
+    @property
+    def usable_gib(self) -> float:
+        return self.memory_gib - self.reserved_gib
+
+    def clean(self) -> None:
+        super().clean()
+        if not self.gres_type:
+            self.gres_type = self.name
+        if self.memory_gib is not None and self.reserved_gib is not None and self.reserved_gib >= self.memory_gib:
+            raise ValidationError({"reserved_gib": "The reserve must be smaller than the GPU's memory."})
+
+
+class Partition(models.Model):
+    cluster = models.ForeignKey(Cluster, on_delete=models.CASCADE, related_name="partitions")
+    name = models.CharField(max_length=64, validators=[v.slurm_name])
+    max_walltime_min = models.PositiveIntegerField(validators=[MinValueValidator(1)])
+    default_walltime_min = models.PositiveIntegerField(default=60, validators=[MinValueValidator(1)])
+    is_debug = models.BooleanField(
+        default=False, help_text="A debug/devel partition: short limits, meant for quick tests."
+    )
+
+    class Meta:
+        ordering = ["cluster__name", "name"]
+        constraints = [models.UniqueConstraint(fields=["cluster", "name"], name="partition_unique_per_cluster")]
+
+    def __str__(self) -> str:
+        return f"{self.cluster.slug}/{self.name}"
+
+    def clean(self) -> None:
+        super().clean()
+        if (
+            self.max_walltime_min is not None
+            and self.default_walltime_min is not None
+            and self.default_walltime_min > self.max_walltime_min
+        ):
+            raise ValidationError(
+                {"default_walltime_min": f"The default must not exceed the maximum ({self.max_walltime_min} min)."}
+            )
+
+
+class NodeGroup(models.Model):
+    """A set of identical GPU nodes a partition offers."""
+
+    partition = models.ForeignKey(Partition, on_delete=models.CASCADE, related_name="node_groups")
+    gpu_type = models.ForeignKey(GPUType, on_delete=models.PROTECT, related_name="node_groups")
+    gpus_per_node = models.PositiveIntegerField(validators=[MinValueValidator(1), MaxValueValidator(64)])
+    node_count = models.PositiveIntegerField(validators=[MinValueValidator(1)])
+    cpus_per_node = models.PositiveIntegerField(validators=[MinValueValidator(1)])
+    ram_gib = models.FloatField(validators=[MinValueValidator(1)])
+
+    class Meta:
+        ordering = ["partition", "gpu_type__name", "gpus_per_node"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["partition", "gpu_type", "gpus_per_node"], name="nodegroup_unique_shape_per_partition"
+            )
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.partition}: {self.node_count} x {self.gpus_per_node} {self.gpu_type.name}"
+
+    def share_for(self, gpus_per_node: int) -> tuple[int, int]:
+        """CPUs and GiB of memory per node that go with this many of a node's GPUs: the same share of the node."""
+        used = min(gpus_per_node, self.gpus_per_node)
+        return max(1, self.cpus_per_node * used // self.gpus_per_node), max(
+            1, int(self.ram_gib * used / self.gpus_per_node)
+        )

@@ -1,0 +1,106 @@
+"""The rules of each model server runtime in one table: what it serves, whether it spans nodes, what its job needs.
+
+Plain Python (no Django): the estimator reads it as well as the catalog's validation, the launch form, the wizard,
+plans and the job scripts. A new runtime starts with its row here, then its job script in jobs/cluster/scripts/ and
+its memory model in catalog/estimate.py (docs/architecture.md).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class RuntimeRules:
+    kind: str  # the catalog's key (Runtime.kind) and the estimator's runtime name
+    label: str
+    formats: tuple[str, ...]  # the model formats it serves (ModelVariant.format)
+    serves_text: str  # the same in words, for error messages
+    # How it spans nodes; empty: one node only.
+    across_nodes: str = ""
+    # What its job needs. No job script: the estimator knows the runtime, but the portal cannot launch it yet.
+    job_script: str = ""
+    job_files: tuple[str, ...] = ()  # helpers staged next to job.sh
+    # --exclusive=user: the server listens where other users' jobs on the node could reach it (ollama's loopback).
+    exclusive_user: bool = False
+    rpc_binary: bool = False  # across nodes it needs the cluster's ggml-rpc-server (ClusterRuntime.rpc_binary)
+    model_dir: bool = False  # it finds models in a shared directory (ClusterRuntime.model_dir)
+    needs_ollama_tag: bool = False  # it finds a variant by the ollama tag of its location on the cluster
+    kv_quant: bool = False  # a quantised KV cache (q8_0, q4_0, ...) is one of its options
+
+    @property
+    def multi_node(self) -> bool:
+        return bool(self.across_nodes)
+
+    @property
+    def launchable(self) -> bool:
+        return bool(self.job_script)
+
+    def serves(self, fmt: str, ollama_tag: bool = True) -> bool:
+        """Whether it serves a variant of this format (where the variant has, or lacks, an ollama tag)."""
+        return fmt in self.formats and (ollama_tag or not self.needs_ollama_tag)
+
+
+RUNTIMES: dict[str, RuntimeRules] = {
+    rules.kind: rules
+    for rules in (
+        RuntimeRules(
+            "llama.cpp",
+            "llama.cpp llama-server",
+            formats=("gguf",),
+            serves_text="runs GGUF files",
+            across_nodes="ggml-rpc-server on the other nodes",
+            job_script="llama.cpp.sh",
+            rpc_binary=True,
+            kv_quant=True,
+        ),
+        RuntimeRules(
+            "ollama",
+            "ollama",
+            formats=("gguf", "ollama"),
+            serves_text="runs GGUF files",
+            job_script="ollama.sh",
+            job_files=("keyproxy.py",),
+            exclusive_user=True,
+            model_dir=True,
+            needs_ollama_tag=True,
+            kv_quant=True,
+        ),
+        RuntimeRules(
+            "vllm",
+            "vLLM",
+            formats=("safetensors",),
+            serves_text="loads safetensors checkpoints",
+            across_nodes="pipeline parallel over Ray",
+            job_script="vllm.sh",
+        ),
+        RuntimeRules(
+            "transformers",
+            "Hugging Face transformers",
+            formats=("safetensors",),
+            serves_text="loads safetensors checkpoints",
+        ),
+    )
+}
+
+# The runtimes the portal can start, in the table's order; Runtime.kind's choices.
+LAUNCHABLE: tuple[str, ...] = tuple(kind for kind, rules in RUNTIMES.items() if rules.launchable)
+CHOICES: list[tuple[str, str]] = [(kind, RUNTIMES[kind].label) for kind in LAUNCHABLE]
+
+
+def rules_for(kind: str) -> RuntimeRules:
+    """The rules of a runtime; a KeyError that names the known ones."""
+    try:
+        return RUNTIMES[kind]
+    except KeyError:
+        raise KeyError(f"unknown runtime {kind!r}; one of {', '.join(RUNTIMES)}") from None
+
+
+def kinds_with(flag: str) -> list[str]:
+    """The runtimes whose rules set a flag (e.g. 'rpc_binary'), for messages that name them."""
+    return [kind for kind, rules in RUNTIMES.items() if getattr(rules, flag)]
+
+
+def runtimes_for(fmt: str, ollama_tag: bool = True) -> list[str]:
+    """The launchable runtimes that serve a variant of this format, in the table's order."""
+    return [kind for kind in LAUNCHABLE if RUNTIMES[kind].serves(fmt, ollama_tag)]

@@ -1,0 +1,155 @@
+"""Render a session's sbatch script from the per-runtime templates in jobs/cluster/scripts/. Plain Python, no Django.
+
+A rendered script is: #SBATCH lines (allow-listed values only, since sbatch reads them itself), one shell-quoted
+assignment per value, then the static common.sh and <runtime>.sh, which only ever use "$VARIABLES". No value is
+pasted into template text, so nothing a user or admin types can become shell syntax.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from catalog.runtime_rules import RUNTIMES, RuntimeRules
+from jobs.cluster.slurm import job_name
+
+SCRIPTS_DIR = Path(__file__).resolve().parent / "scripts"
+
+_SLURM_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")
+_ACCOUNT = re.compile(r"[A-Za-z0-9_.-]{0,64}\Z")
+_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\Z")
+
+
+class RenderError(ValueError):
+    """A value cannot go into a job script (it should have been stopped by validation earlier)."""
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    session_id: str
+    runtime: str
+    partition: str
+    account: str
+    nodes: int
+    gpus_per_node: int
+    gres_type: str
+    constraint: str
+    cpus_per_node: int
+    memory_gib: int
+    walltime_min: int
+    binary: str
+    served_name: str
+    context_length: int
+    parallel: int
+    model_path: str = ""
+    ollama_tag: str = ""
+    model_dir: str = ""
+    rpc_binary: str = ""
+    modules: tuple[str, ...] = ()
+    default_flags: tuple[str, ...] = ()
+    extra_flags: tuple[str, ...] = ()
+    gpu_layers: int = 999
+    gpu_memory_utilization: float = 0.90
+    ready_timeout_s: int = 1800
+    exclusive_user: bool = field(default=False)
+
+
+def _check(pattern: re.Pattern[str], value: str, what: str) -> str:
+    if not pattern.match(value):
+        raise RenderError(f"{what} {value!r} cannot go into an #SBATCH line")
+    return value
+
+
+def _positive(value: int, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise RenderError(f"{what} must be a positive integer, not {value!r}")
+    return value
+
+
+def sbatch_directives(spec: JobSpec) -> list[str]:
+    session_id = _check(_UUID, spec.session_id, "session id")
+    lines = [
+        f"--job-name={job_name(session_id)}",
+        f"--partition={_check(_SLURM_NAME, spec.partition, 'partition')}",
+    ]
+    if spec.account:
+        lines.append(f"--account={_check(_ACCOUNT, spec.account, 'account')}")
+    lines += [
+        f"--nodes={_positive(spec.nodes, 'nodes')}",
+        "--ntasks-per-node=1",
+        f"--cpus-per-task={_positive(spec.cpus_per_node, 'CPUs per node')}",
+        f"--mem={_positive(spec.memory_gib, 'memory')}G",
+        f"--gres=gpu:{_check(_SLURM_NAME, spec.gres_type, 'GPU type')}:{_positive(spec.gpus_per_node, 'GPUs')}",
+    ]
+    if spec.constraint:
+        lines.append(f"--constraint={_check(_SLURM_NAME, spec.constraint, 'constraint')}")
+    lines += [f"--time={_positive(spec.walltime_min, 'walltime')}", "--output=job.log", "--open-mode=append"]
+    if spec.exclusive_user or _rules(spec.runtime).exclusive_user:
+        lines.append("--exclusive=user")
+    return [f"#SBATCH {line}" for line in lines]
+
+
+def _array(values: tuple[str, ...]) -> str:
+    return "(" + " ".join(shlex.quote(v) for v in values) + ")"
+
+
+def assignments(spec: JobSpec) -> list[str]:
+    scalars: dict[str, str | int] = {
+        "SESSION_ID": spec.session_id,
+        "RUNTIME": spec.runtime,
+        "SERVER_BIN": spec.binary,
+        "RPC_BIN": spec.rpc_binary,
+        "MODEL_PATH": spec.model_path,
+        "OLLAMA_TAG": spec.ollama_tag,
+        "MODEL_DIR": spec.model_dir,
+        "SERVED_NAME": spec.served_name,
+        "NODES": _positive(spec.nodes, "nodes"),
+        "GPUS_PER_NODE": _positive(spec.gpus_per_node, "GPUs"),
+        "CONTEXT": _positive(spec.context_length, "context length"),
+        "PARALLEL": _positive(spec.parallel, "parallel slots"),
+        "GPU_LAYERS": _positive(spec.gpu_layers, "GPU layers"),
+        "GPU_MEMORY_UTILIZATION": f"{spec.gpu_memory_utilization:.2f}",
+        "READY_TIMEOUT_S": _positive(spec.ready_timeout_s, "ready timeout"),
+    }
+    lines = [f"{name}={shlex.quote(str(value))}" for name, value in scalars.items()]
+    lines += [
+        f"MODULES={_array(spec.modules)}",
+        f"DEFAULT_FLAGS={_array(spec.default_flags)}",
+        f"EXTRA_FLAGS={_array(spec.extra_flags)}",
+    ]
+    for line in lines:
+        if "\n" in line or "\x00" in line:
+            raise RenderError("values must not contain newlines or NUL bytes")
+    return lines
+
+
+def _rules(runtime: str) -> RuntimeRules:
+    rules = RUNTIMES.get(runtime)
+    if rules is None or not rules.launchable:
+        raise RenderError(f"unknown runtime {runtime!r}")
+    return rules
+
+
+def render(spec: JobSpec) -> str:
+    rules = _rules(spec.runtime)
+    if spec.nodes > 1 and not rules.multi_node:
+        raise RenderError(f"{spec.runtime} runs on one node")
+    if spec.nodes > 1 and rules.rpc_binary and not spec.rpc_binary:
+        raise RenderError(f"a {spec.runtime} session over several nodes needs the cluster's ggml-rpc-server binary")
+    header = [
+        "#!/bin/bash",
+        *sbatch_directives(spec),
+        f"# Rendered by HPC LLM Portal for session {spec.session_id}; templates: jobs/cluster/scripts/.",
+        "# Every value below is validated and shell-quoted; the code after it only reads these variables.",
+        *assignments(spec),
+        "",
+    ]
+    body = (SCRIPTS_DIR / "common.sh").read_text() + (SCRIPTS_DIR / rules.job_script).read_text()
+    return "\n".join(header) + body
+
+
+def extra_files(runtime: str) -> dict[str, str]:
+    """The helpers staged next to job.sh in the session directory (ollama's key proxy)."""
+    return {name: (SCRIPTS_DIR / name).read_text() for name in _rules(runtime).job_files}

@@ -1,0 +1,238 @@
+"""The shell side of submit and poll: the commands the portal runs on a login host, and readers for their output.
+
+Plain Python, no Django. Each operation is one SSH command: submit stages the session directory and calls sbatch
+under a lock; poll asks squeue, sacct and scontrol about all of an account's sessions and reads their
+connection files in a single round trip.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import re
+import shlex
+import tarfile
+from dataclasses import dataclass, field
+
+from jobs.cluster import slurm
+
+SESSIONS_DIR = "$HOME/.hpc-llm-portal/sessions"
+_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\Z")
+_JOB_ID = re.compile(r"[0-9]+(?:_[0-9]+)?\Z")
+
+# Exit codes of the submit script that mean "try again later".
+SUBMIT_RETRY = 75
+
+# Runs on the login host as: bash -c SCRIPT submit UUID SHA256 <tar on stdin>.
+# The lock and the job_id file make a repeated submit (a retry, a second worker) return the first job instead
+# of creating another; the name lookup covers an sbatch that created the job but lost its reply.
+SUBMIT_SCRIPT = r"""
+set -u
+umask 077
+sid=$1 sum=$2 name="hpcllm-$1"
+d="$HOME/.hpc-llm-portal/sessions/$sid"
+mkdir -p "$d" && chmod 700 "$HOME/.hpc-llm-portal" "$HOME/.hpc-llm-portal/sessions" "$d" ||
+  { echo "cannot create $d" >&2; exit 3; }
+exec 9>"$d/.submit.lock"
+flock -w 60 9 || { echo "another submit of this session is still running" >&2; exit 75; }
+if [ -s "$d/job_id" ]; then echo "existing $(cat "$d/job_id")"; cat >/dev/null; exit 0; fi
+found=$(squeue -h -u "$(id -un)" -n "$name" -o %i 2>/dev/null | head -n 1)
+if [ -n "$found" ]; then echo "$found" >"$d/job_id"; echo "existing $found"; cat >/dev/null; exit 0; fi
+cat >"$d/.upload.tar"
+echo "$sum  $d/.upload.tar" | sha256sum -c --status || { echo "the upload was incomplete" >&2; exit 75; }
+tar -xf "$d/.upload.tar" -C "$d" && rm -f "$d/.upload.tar" || { echo "cannot unpack into $d" >&2; exit 3; }
+chmod 600 "$d/api_key"
+cd "$d" || exit 3
+sbatch --parsable job.sh >.sbatch.out 2>.sbatch.err
+rc=$?
+if [ "$rc" -eq 0 ]; then
+  cut -d';' -f1 .sbatch.out >job_id
+  echo "submitted $(cat job_id)"
+  exit 0
+fi
+cat .sbatch.err >&2
+exit 64
+"""
+
+# Runs as: bash -c SCRIPT poll UUID:JOBID ... ; prints @@-delimited sections (see parse_poll).
+POLL_SCRIPT = r"""
+set -u
+base="$HOME/.hpc-llm-portal/sessions"
+live=$(squeue -h -u "$(id -un)" -o '@FORMAT@' 2>&1)
+rc=$?
+echo "@@squeue $rc"
+printf '%s\n' "$live"
+# Every pending job by priority, for the sessions' places in their partitions' queues.
+echo "@@order"
+squeue -h -t PENDING --sort=-p,i -o '%P|%i' 2>/dev/null
+declare -A listed=()
+if [ "$rc" -eq 0 ]; then
+  while IFS='|' read -r jid _; do [ -n "$jid" ] && listed[$jid]=1; done <<<"$live"
+fi
+gone=()
+for pair in "$@"; do
+  sid=${pair%%:*} jid=${pair#*:}
+  # Builtins only in this loop: a thousand sessions must not mean a thousand processes.
+  if [ -n "$jid" ] && [ "$rc" -eq 0 ] && [ -z "${listed[$jid]+x}" ]; then gone+=("$jid"); fi
+  d="$base/$sid"
+  if [ -f "$d/connection.json" ]; then echo "@@connection $sid"; head -c 4096 "$d/connection.json"; echo; fi
+  if [ -f "$d/error" ]; then echo "@@error $sid"; head -c 2000 "$d/error" | tr -d '@'; echo; fi
+done
+if [ "${#gone[@]}" -gt 0 ]; then
+  ids=$(IFS=,; echo "${gone[*]}")
+  out=$(sacct -n -P -X -j "$ids" -o JobID,JobName,State,ExitCode,Start,End,NodeList,Reason 2>&1)
+  echo "@@sacct $?"
+  printf '%s\n' "$out"
+  for jid in "${gone[@]}"; do
+    out=$(scontrol -o show job "$jid" 2>&1)
+    echo "@@scontrol $? $jid"
+    printf '%s\n' "$out"
+  done
+fi
+echo "@@end"
+""".replace("@FORMAT@", slurm.SQUEUE_FORMAT)
+
+
+@dataclass(frozen=True)
+class SubmitPayload:
+    stdin: bytes
+    sha256: str
+
+
+def submit_payload(job_script: str, api_key: str, extra_files: dict[str, str]) -> SubmitPayload:
+    """A tar of the session directory's files: job.sh (0700), api_key (0600) and the runtime's helpers."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        files = {"job.sh": (job_script, 0o700), "api_key": (api_key + "\n", 0o600)}
+        files.update({name: (text, 0o600) for name, text in extra_files.items()})
+        for name, (text, mode) in files.items():
+            data = text.encode()
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            info.mode = mode
+            tar.addfile(info, io.BytesIO(data))
+    data = buffer.getvalue()
+    return SubmitPayload(stdin=data, sha256=hashlib.sha256(data).hexdigest())
+
+
+def submit_command(session_id: str, sha256: str) -> str:
+    if not _UUID.match(session_id) or not re.fullmatch(r"[0-9a-f]{64}", sha256):
+        raise ValueError("bad session id or checksum")
+    return shlex.join(["bash", "-c", SUBMIT_SCRIPT, "submit", session_id, sha256])
+
+
+@dataclass(frozen=True)
+class SubmitOutcome:
+    job_id: str
+    existing: bool
+
+
+def parse_submit(stdout: str) -> SubmitOutcome:
+    for line in stdout.splitlines():
+        word, _, value = line.strip().partition(" ")
+        if word in {"submitted", "existing"}:
+            return SubmitOutcome(job_id=slurm.parse_sbatch_parsable(value), existing=word == "existing")
+    raise slurm.SlurmParseError(f"no job id in the submit output: {stdout.strip()[:200]!r}")
+
+
+# sbatch failures that say nothing about the request itself: the controller is busy, down or unreachable.
+_TRANSIENT_SBATCH = re.compile(
+    r"Unable to contact slurm controller|Socket timed out|Connection refused|temporarily unable|"
+    r"Resource temporarily unavailable|Zero Bytes were transmitted|backup controller|communication",
+    re.IGNORECASE,
+)
+
+
+def sbatch_is_transient(stderr: str) -> bool:
+    return bool(_TRANSIENT_SBATCH.search(stderr))
+
+
+def poll_command(pairs: list[tuple[str, str]]) -> str:
+    args = []
+    for session_id, job_id in pairs:
+        if not _UUID.match(session_id) or (job_id and not _JOB_ID.match(job_id)):
+            raise ValueError(f"bad session or job id: {session_id!r} {job_id!r}")
+        args.append(f"{session_id}:{job_id}")
+    return shlex.join(["bash", "-c", POLL_SCRIPT, "poll", *args])
+
+
+@dataclass
+class PollResult:
+    """What one poll learned. squeue_ok False means the scheduler could not be asked: nothing may end."""
+
+    squeue_ok: bool = False
+    squeue_error: str = ""
+    queued: dict[str, slurm.QueuedJob] = field(default_factory=dict)  # by job id
+    unreadable: list[str] = field(default_factory=list)
+    finished: dict[str, dict[str, str]] = field(default_factory=dict)  # job id -> record (sacct or scontrol)
+    asked_gone: set[str] = field(default_factory=set)  # job ids sacct/scontrol were asked about successfully
+    connections: dict[str, dict[str, object]] = field(default_factory=dict)  # session id -> connection.json
+    errors: dict[str, str] = field(default_factory=dict)  # session id -> error file
+    pending_order: dict[str, list[str]] = field(default_factory=dict)  # partition -> pending job ids by priority
+    complete: bool = False
+
+    def queue_position(self, partition: str, job_id: str) -> int | None:
+        if not hasattr(self, "_positions"):
+            self._positions = {(p, j): i for p, jobs in self.pending_order.items() for i, j in enumerate(jobs, start=1)}
+        return self._positions.get((partition, job_id))
+
+
+_SACCT_FIELDS = ("JobID", "JobName", "JobState", "ExitCode", "StartTime", "EndTime", "NodeList", "Reason")
+
+
+def parse_poll(text: str) -> PollResult:
+    """Read the poll script's sections. A section that failed counts as not asked, never as 'job gone'."""
+    result = PollResult()
+    sections: list[tuple[list[str], list[str]]] = []
+    for line in text.split("\n"):
+        if line.startswith("@@"):
+            sections.append((line[2:].split(), []))
+        elif sections:
+            sections[-1][1].append(line)
+    for words, body in sections:
+        kind, args = words[0] if words else "", words[1:]
+        content = "\n".join(body).strip()
+        if kind == "squeue":
+            result.squeue_ok = args == ["0"]
+            if result.squeue_ok:
+                jobs, bad = slurm.parse_squeue(content)
+                result.queued = {job.job_id: job for job in jobs}
+                result.unreadable = bad
+            else:
+                result.squeue_error = content[:500]
+        elif kind == "sacct" and args == ["0"]:
+            for line in content.splitlines():
+                values = line.split("|")
+                if len(values) == len(_SACCT_FIELDS) and _JOB_ID.match(values[0]):
+                    record = dict(zip(_SACCT_FIELDS, values, strict=True))
+                    record["JobState"] = record["JobState"].split()[0] if record["JobState"] else ""
+                    result.finished.setdefault(values[0], record)
+                    result.asked_gone.add(values[0])
+        elif kind == "scontrol" and len(args) == 2:
+            rc, job_id = args
+            if rc == "0":
+                records = slurm.parse_job_records(content)
+                if job_id in records:
+                    # scontrol is authoritative for jobs the controller still holds; sacct may lag behind it.
+                    result.finished[job_id] = records[job_id]
+                result.asked_gone.add(job_id)
+            elif "Invalid job id" in content:
+                result.asked_gone.add(job_id)
+        elif kind == "connection" and args and _UUID.match(args[0]):
+            try:
+                data = json.loads(content)
+            except json.JSONDecodeError:
+                continue  # written atomically; a torn read means the next poll sees it whole
+            if isinstance(data, dict):
+                result.connections[args[0]] = data
+        elif kind == "error" and args and _UUID.match(args[0]):
+            result.errors[args[0]] = content
+        elif kind == "order":
+            for line in content.splitlines():
+                partition, _, job_id = line.strip().partition("|")
+                if job_id:
+                    result.pending_order.setdefault(partition, []).append(job_id)
+        elif kind == "end":
+            result.complete = True
+    return result

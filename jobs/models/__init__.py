@@ -1,0 +1,33 @@
+"""The jobs app's models, by concern: sessions and their events, partition state, API tokens, chat."""
+
+from jobs.models.capacity import PartitionState
+from jobs.models.chat import ChatMessage, Conversation
+from jobs.models.sessions import (
+    END_STATES,
+    LIVE_STATES,
+    POLLED_STATES,
+    LLMSession,
+    Purpose,
+    SessionEvent,
+    State,
+    served_model_name,
+    transition,
+)
+from jobs.models.tokens import ApiToken, token_digest
+
+__all__ = [
+    "END_STATES",
+    "LIVE_STATES",
+    "POLLED_STATES",
+    "ApiToken",
+    "ChatMessage",
+    "Conversation",
+    "LLMSession",
+    "PartitionState",
+    "Purpose",
+    "SessionEvent",
+    "State",
+    "served_model_name",
+    "token_digest",
+    "transition",
+]

@@ -1,0 +1,45 @@
+"""Conversations with a session's model, kept after the session ends."""
+
+from __future__ import annotations
+
+from django.db import models
+
+from jobs.models.sessions import LLMSession
+
+
+class Conversation(models.Model):
+    """A chat with a session's model, kept after the session ends."""
+
+    session = models.ForeignKey(LLMSession, on_delete=models.CASCADE, related_name="conversations")
+    title = models.CharField(max_length=200, default="New chat")
+    system_prompt = models.TextField(blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["-updated_at"]
+
+    def __str__(self) -> str:
+        return self.title
+
+
+class ChatMessage(models.Model):
+    class Role(models.TextChoices):
+        USER = "user", "You"
+        ASSISTANT = "assistant", "Model"
+
+    conversation = models.ForeignKey(Conversation, on_delete=models.CASCADE, related_name="messages")
+    role = models.CharField(max_length=10, choices=Role.choices)
+    content = models.TextField()
+    created_at = models.DateTimeField(auto_now_add=True)
+    # Per reply: what researchers otherwise measure by hand.
+    ttft_ms = models.PositiveIntegerField(null=True, blank=True)
+    tokens_per_s = models.FloatField(null=True, blank=True)
+    prompt_tokens = models.PositiveIntegerField(null=True, blank=True)
+    completion_tokens = models.PositiveIntegerField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["created_at", "pk"]
+
+    def __str__(self) -> str:
+        return f"{self.role}: {self.content[:40]}"

@@ -1,0 +1,52 @@
+"""What people do to sessions, the one path for pages, the API, the admin and `manage.py sessions`: launch one,
+cancel one, ask for its log. Each writes the database and enqueues the worker's part once the write commits."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.contrib.auth.models import AbstractBaseUser
+from django.db import IntegrityError, transaction
+
+from jobs import tasks
+from jobs.cluster import logs
+from jobs.models import LLMSession, State
+from jobs.sessions import lifecycle
+from jobs.sessions.forms import LaunchForm, form_errors
+
+
+def launch(user: AbstractBaseUser, data: Any, request_token: str = "") -> LLMSession:
+    """Validate a request (LaunchForm), create the session and enqueue its submit once the row is committed.
+    A request_token seen before for this user returns that session instead of a second one."""
+    if request_token:
+        earlier = LLMSession.objects.filter(owner=user, request_token=request_token).first()
+        if earlier is not None:
+            return earlier
+    form = LaunchForm(data, user=user)
+    if not form.is_valid():
+        raise form_errors(form)
+    try:
+        with transaction.atomic():
+            session = LLMSession.objects.create(owner=user, request_token=request_token, **form.session_columns())
+            session.events.create(to_state=State.PENDING, cause=f"requested by {user.get_username()}")
+            transaction.on_commit(lambda: tasks.submit_session.delay(str(session.pk)))
+    except IntegrityError:
+        if not request_token:
+            raise
+        return LLMSession.objects.get(owner=user, request_token=request_token)  # the other submit won the race
+    return session
+
+
+def request_cancel(session: LLMSession, cause: str, end_reason: str = "cancelled from the portal") -> None:
+    """Ask for the end of a session: at once when nothing was submitted, else through scancel in a task.
+    `cause` goes into the session's history; `end_reason` is what the card says once Slurm confirms."""
+    if lifecycle.mark_cancel(session.pk, cause, end_reason):
+        transaction.on_commit(lambda: tasks.cancel_session.delay(str(session.pk)))
+
+
+def job_log(session: LLMSession) -> logs.LogTail | None:
+    """The cached tail of the job's log for a page, asking the worker for a fresh one when it is due."""
+    tail = logs.cached(session.pk)
+    if logs.claim_refresh(session, tail):
+        transaction.on_commit(lambda: tasks.fetch_log.delay(str(session.pk)))
+    return tail

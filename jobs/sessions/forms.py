@@ -1,0 +1,291 @@
+"""What a researcher asks for when launching a session: the one definition of a launch.
+
+`ChoicesForm` is what the wizard's first step asks: the model, its runtime, and how the session should run.
+`LaunchForm` adds where it runs: the option the researcher picks (cluster, partition, GPUs, account) and the
+node resources. Every field says where a session keeps its value (`kept`): a column of LLMSession, whose limits,
+label and help text the field takes, or the path to a catalog object's key. From that one declaration:
+
+- the wizard's GET step validates ChoicesForm and renders its fields; each option's launch form carries every
+  LaunchForm field as a hidden input (`LaunchForm.hidden`);
+- the launch POST, `manage.py sessions launch` (whose flags are the fields) and actions.launch() validate
+  LaunchForm, and `session_columns()` turns it into the session's columns;
+- relaunch, the wizard's remembered choices and `sessions show --json` read a session back (`values_of`).
+
+A new launch field: declare it here, add its column to LLMSession, make the migration. Nothing else changes.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+from django import forms
+from django.contrib.auth.models import AbstractBaseUser, AnonymousUser
+from django.core import validators
+from django.core.exceptions import ValidationError
+from django.db import models
+from django.utils.html import format_html
+from django.utils.safestring import SafeString
+
+from catalog import runtime_rules
+from catalog.models import (
+    Cluster,
+    ClusterAccount,
+    ClusterRuntime,
+    GPUType,
+    ModelCard,
+    ModelVariant,
+    Partition,
+    VariantLocation,
+)
+from catalog.quant import canonical_quant
+from jobs.models import LLMSession, Purpose
+
+DEFAULT_CONTEXT = 4096  # tokens, or the model's maximum when that is less
+
+_RANGE_VALIDATORS = (validators.MinValueValidator, validators.MaxValueValidator, validators.MaxLengthValidator)
+
+
+def kept(path: str, field: forms.Field | None = None, **overrides: Any) -> forms.Field:
+    """A launch field and where a session keeps its value.
+
+    `path` is a column of LLMSession, or a dotted path from the session to a catalog object's key
+    ("cluster.slug"). Without `field`, the field is made from the column: its type, limits, label, help text,
+    default and choices; `overrides` change any of them.
+    """
+    if field is None:
+        column = LLMSession._meta.get_field(path)
+        assert isinstance(column, models.Field)
+        limits: dict[str, Any] = {}
+        for validator in column.validators:
+            if isinstance(validator, validators.MinValueValidator):
+                limits["min_value"] = max(validator.limit_value, limits.get("min_value", validator.limit_value))
+            elif isinstance(validator, validators.MaxValueValidator):
+                limits["max_value"] = min(validator.limit_value, limits.get("max_value", validator.limit_value))
+        others = [v for v in column.validators if not isinstance(v, _RANGE_VALIDATORS)]
+        field = column.formfield(**limits, validators=others, **overrides)
+        assert field is not None
+    field.kept_as = path  # type: ignore[attr-defined]
+    return field
+
+
+def kept_as(field: forms.Field) -> str:
+    return str(getattr(field, "kept_as", ""))
+
+
+def values_of(session: LLMSession, form_class: type[forms.Form]) -> dict[str, Any]:
+    """The session's value of every field of the form, read back through where each field is kept."""
+    return {
+        name: functools.reduce(getattr, kept_as(field).split("."), session)
+        for name, field in form_class.base_fields.items()
+    }
+
+
+class ContextInput(forms.NumberInput):
+    """The context length as a number with a slider beside it over the model's range."""
+
+    def render(self, name: str, value: Any, attrs: dict[str, Any] | None = None, renderer: Any = None) -> SafeString:
+        number = super().render(name, value, attrs, renderer)
+        field_id = (attrs or {}).get("id") or self.attrs.get("id") or f"id_{name}"
+        slider = format_html(
+            '<input id="{}_range" type="range" min="{}" max="{}" step="{}" value="{}" aria-label="Context length '
+            'slider" oninput="document.getElementById(\'{}\').value=this.value">',
+            field_id,
+            self.attrs.get("min", ""),
+            self.attrs.get("max", ""),
+            self.attrs.get("step", ""),
+            "" if value is None else value,
+            field_id,
+        )
+        return number + slider
+
+
+def _error(field: str, message: str) -> ValidationError:
+    return ValidationError({field: message})
+
+
+class ChoicesForm(forms.Form):
+    """The model, its runtime, and how the session runs: the wizard's first step."""
+
+    model = kept("variant.model.name", forms.CharField(max_length=120, label="Model"))
+    quant = kept(
+        "variant.quantization",
+        forms.CharField(max_length=20, required=False, label="Quantisation", help_text="default: the smallest"),
+    )
+    runtime = kept(
+        "runtime.kind",
+        forms.ChoiceField(
+            choices=runtime_rules.CHOICES, required=False, label="Runtime", help_text="default: the first offered"
+        ),
+    )
+    context = kept("context_length", required=False, initial=None, widget=ContextInput(attrs={"step": 256}))
+    purpose = kept("purpose", required=False)
+    walltime = kept("walltime_min", required=False)
+    idle_cancel = kept("idle_cancel_min")
+    notify = kept("notify_email")
+    alias = kept("alias")
+
+    card: ModelCard
+    variant: ModelVariant
+
+    def clean(self) -> dict[str, Any]:
+        data = super().clean() or {}
+        if not self.errors:
+            self._choose_model(data)
+            self._check_runtime_serves(data)
+        return data
+
+    def _choose_model(self, data: dict[str, Any]) -> None:
+        """The card and variant (the smallest without a quantisation), the context (a default, the model's limit),
+        the runtime (the first one offered for the variant), and the purpose's parallel slots."""
+        card = ModelCard.objects.filter(name=data["model"]).first()
+        if card is None:
+            raise _error("model", f"There is no model {data['model']!r} in the catalog.")
+        variants = ModelVariant.objects.filter(model=card).select_related("model")
+        if data.get("quant"):
+            try:
+                data["quant"] = canonical_quant(data["quant"])
+            except KeyError:
+                raise _error("quant", f"Unknown quantisation {data['quant']!r}.") from None
+            variant = variants.filter(quantization=data["quant"]).first()
+        else:
+            variant = variants.order_by("size_gib").first()
+        if variant is None:
+            raise _error("model", f"There is no {card.name} {data.get('quant') or 'variant'} in the catalog.")
+        self.card, self.variant = card, variant
+        data["quant"] = variant.quantization
+        data["context"] = data.get("context") or min(DEFAULT_CONTEXT, card.max_context)
+        if data["context"] > card.max_context:
+            raise _error("context", f"{card.name} supports at most {card.max_context}.")
+        if not data.get("runtime"):
+            offered = available_runtimes(variant)
+            if not offered:
+                raise _error("runtime", f"No cluster offers a runtime for {variant} yet.")
+            data["runtime"] = offered[0]
+        data["purpose"] = data.get("purpose") or Purpose.CHAT
+        data["walltime"] = data.get("walltime") or self.fields["walltime"].initial
+        data["parallel"] = data.get("parallel") or Purpose(data["purpose"]).parallel
+
+    def _check_runtime_serves(self, data: dict[str, Any]) -> None:
+        rules = runtime_rules.rules_for(data["runtime"])
+        if not rules.serves(self.variant.format):
+            raise _error(
+                "runtime", f"{rules.kind} {rules.serves_text}; {self.variant} is a {self.variant.format} model."
+            )
+
+
+class LaunchForm(ChoicesForm):
+    """A whole launch: the choices, where the session runs, and its node resources. Capacity (free GPUs and nodes)
+    is Slurm's to judge at submit."""
+
+    cluster = kept("cluster.slug", forms.SlugField())
+    partition = kept("partition.name", forms.CharField(max_length=64))
+    gpu = kept("gpu_type.name", forms.CharField(max_length=50, label="GPU type"))
+    gpus = kept("gpus_per_node", label="GPUs per node")
+    nodes = kept("nodes", required=False)
+    account = kept(
+        "account.pk",
+        forms.IntegerField(required=False, help_text="which of your accounts on the cluster (default: your own)"),
+    )
+    parallel = kept("parallel", required=False, initial=None)
+    cpus = kept("cpus_per_node", required=False, label="CPUs per node", help_text="default: the GPUs' share")
+    memory_gib = kept("memory_gib", required=False, label="memory per node (GiB)", help_text="default: the GPUs' share")
+
+    # The catalog objects clean() found, by the session column that holds them.
+    objects: dict[str, models.Model]
+
+    def __init__(self, *args: Any, user: AbstractBaseUser | AnonymousUser, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.user = user
+        self.objects = {}
+
+    def clean(self) -> dict[str, Any]:
+        data = forms.Form.clean(self) or {}
+        if self.errors:
+            return data
+        cluster = Cluster.objects.filter(slug=data["cluster"]).first()
+        if cluster is None:
+            raise _error("cluster", f"There is no cluster {data['cluster']!r}.")
+        if not cluster.host_key.strip():
+            raise _error("cluster", f"{cluster.name} has no pinned SSH host key yet; ask an admin.")
+        usable = ClusterAccount.usable_by(self.user, cluster)
+        if not usable:
+            raise _error("cluster", f"You have no account on {cluster.name}; ask an admin to add one.")
+        account = next((a for a in usable if a.pk == data["account"]), None) if data.get("account") else usable[0]
+        if account is None:
+            raise _error("account", f"That is not one of your accounts on {cluster.name}.")
+        partition = Partition.objects.filter(cluster=cluster, name=data["partition"]).first()
+        if partition is None:
+            raise _error("partition", f"{cluster.name} has no partition {data['partition']!r}.")
+        gpu = GPUType.objects.filter(name=data["gpu"]).first()
+        group = partition.node_groups.filter(gpu_type=gpu).order_by("-gpus_per_node").first() if gpu else None
+        if gpu is None or group is None:
+            raise _error("gpu", f"Partition {partition.name} offers no {data['gpu']!r} GPUs.")
+        self._choose_model(data)
+        if data["walltime"] > partition.max_walltime_min:
+            raise _error("walltime", f"{partition.name} allows at most {partition.max_walltime_min} minutes.")
+        location = VariantLocation.objects.filter(variant=self.variant, cluster=cluster).first()
+        if location is None:
+            raise _error("model", f"{self.variant} is not available on {cluster.name}.")
+        install = ClusterRuntime.objects.select_related("runtime").filter(
+            cluster=cluster, runtime__kind=data["runtime"]
+        )
+        cluster_runtime = install.first()
+        if cluster_runtime is None:
+            raise _error("runtime", f"{cluster.name} does not offer {data['runtime']}.")
+        self._check_runtime_serves(data)
+        data["nodes"] = data.get("nodes") or 1
+        _check_runtime_fits(cluster_runtime, location, data["nodes"])
+        cpus, memory_gib = group.share_for(data["gpus"])
+        data["cpus"] = data.get("cpus") or cpus
+        data["memory_gib"] = data.get("memory_gib") or memory_gib
+        self.objects = {
+            "cluster": cluster,
+            "account": account,
+            "partition": partition,
+            "gpu_type": gpu,
+            "variant": self.variant,
+            "runtime": cluster_runtime.runtime,
+        }
+        return data
+
+    def session_columns(self) -> dict[str, Any]:
+        """What the session keeps: each plain field under its column, and the catalog objects clean() found."""
+        columns = dict(self.objects)
+        for name, field in self.fields.items():
+            path = kept_as(field)
+            if "." not in path:
+                columns[path] = self.cleaned_data.get(name)
+        return columns
+
+    @classmethod
+    def hidden(cls, values: dict[str, Any], user: AbstractBaseUser | AnonymousUser) -> LaunchForm:
+        """A form that carries these values as hidden inputs (each option's Launch button in the wizard)."""
+        form = cls(initial=values, user=user, auto_id=False)  # one per option on a page: no ids to collide
+        for field in form.fields.values():
+            field.widget = forms.HiddenInput()
+        return form
+
+
+def _check_runtime_fits(cluster_runtime: ClusterRuntime, location: VariantLocation, nodes: int) -> None:
+    rules = cluster_runtime.runtime.rules
+    if rules.needs_ollama_tag and not location.ollama_tag:
+        raise _error("runtime", f"{location.variant} has no ollama tag on this cluster.")
+    if nodes > 1 and not rules.multi_node:
+        raise _error("nodes", f"{rules.kind} runs on a single node.")
+    if nodes > 1 and rules.rpc_binary and not cluster_runtime.rpc_binary:
+        raise _error("nodes", f"This cluster has no ggml-rpc-server for {rules.kind} across nodes.")
+
+
+def available_runtimes(variant: ModelVariant) -> list[str]:
+    """The runtimes that serve this variant on some cluster that holds it, in the rules table's order."""
+    locations = VariantLocation.objects.filter(variant=variant)
+    clusters = set(locations.values_list("cluster_id", flat=True))
+    offered = set(ClusterRuntime.objects.filter(cluster_id__in=clusters).values_list("runtime__kind", flat=True))
+    tagged = locations.exclude(ollama_tag="").exists()
+    return [kind for kind in runtime_rules.runtimes_for(variant.format, tagged) if kind in offered]
+
+
+def form_errors(form: forms.Form) -> ValidationError:
+    """A form's errors as one ValidationError, as actions.launch() raises them."""
+    return ValidationError(form.errors.as_data())

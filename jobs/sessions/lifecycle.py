@@ -1,0 +1,405 @@
+"""A session's life on the cluster, as plain functions the Celery tasks (jobs/tasks.py) call: submit, poll, cancel.
+
+Nothing here enqueues work or knows Celery; a function returns what happened and the task decides what follows
+(a retry, a cancel after a submit). Every state change goes through models.transition(), a conditional UPDATE, and
+the submit is claimed by one too. A failing SSH connection or scheduler command never ends a session: it leaves it
+`unknown` until the scheduler answers again.
+"""
+
+from __future__ import annotations
+
+import logging
+import shlex
+import uuid
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+from django.conf import settings
+from django.db.models import F, Q
+from django.utils import timezone
+
+from catalog.models import ClusterAccount, ClusterRuntime, VariantLocation
+from jobs.cluster import jobscript, remote, slurm
+from jobs.models import END_STATES, POLLED_STATES, LLMSession, State, transition
+from jobs.sessions import notify
+from portal import ssh
+
+log = logging.getLogger(__name__)
+
+CANCEL_REPEAT_AFTER = timedelta(seconds=60)
+
+
+def job_spec(session: LLMSession) -> jobscript.JobSpec:
+    """The job script's values for a session, from the session and the catalog."""
+    cluster_runtime = ClusterRuntime.objects.get(cluster=session.cluster, runtime=session.runtime)
+    location = VariantLocation.objects.get(variant=session.variant, cluster=session.cluster)
+    gpu = session.gpu_type
+    return jobscript.JobSpec(
+        session_id=str(session.pk),
+        runtime=session.runtime.kind,
+        partition=session.partition.name,
+        account=session.account.effective_slurm_account,
+        nodes=session.nodes,
+        gpus_per_node=session.gpus_per_node,
+        gres_type=gpu.gres_type or gpu.name,
+        constraint=gpu.constraint,
+        cpus_per_node=session.cpus_per_node,
+        memory_gib=session.memory_gib,
+        walltime_min=session.walltime_min,
+        binary=cluster_runtime.binary,
+        rpc_binary=cluster_runtime.rpc_binary,
+        model_dir=cluster_runtime.model_dir,
+        served_name=session.served_model_name,
+        context_length=session.context_length,
+        parallel=session.parallel,
+        model_path=location.path,
+        ollama_tag=location.ollama_tag,
+        modules=tuple(cluster_runtime.modules.split()),
+        default_flags=tuple(shlex.split(session.runtime.default_flags)),
+        extra_flags=tuple(shlex.split(cluster_runtime.extra_flags)),
+    )
+
+
+# --- submit ---------------------------------------------------------------------------------------------------
+
+
+def claim_submit(session_id: str, claim: str | None) -> bool:
+    """Take the submit: a pending session, or a submitting one whose claim is ours (a retry or redelivery of
+    this same task) or stale (its worker died). The remote lock and job_id file make a double submit harmless
+    anyway; the claim keeps two workers from doing the work twice."""
+    now = timezone.now()
+    stale = now - timedelta(seconds=settings.PORTAL_SUBMIT_STALE_S)
+    mine = Q(submit_claim=claim) if claim else Q(pk__in=[])
+    claimable = Q(state=State.PENDING) | Q(state=State.SUBMITTING) & (mine | Q(submit_claimed_at__lt=stale))
+    row = LLMSession.objects.filter(pk=session_id).filter(claimable, cancel_requested_at__isnull=True)
+    previous = row.values_list("state", flat=True).first()
+    if previous is None:
+        return False
+    claimed = row.filter(state=previous).update(
+        submit_claim=claim or "", submit_claimed_at=now, submit_attempts=F("submit_attempts") + 1
+    )
+    if claimed and previous == State.PENDING:
+        transition(session_id, State.SUBMITTING, cause="a worker is submitting the job", allowed_from={State.PENDING})
+    return bool(claimed)
+
+
+def fail(session_id: str, reason: str, allowed: set[State] | None = None) -> None:
+    transition(session_id, State.FAILED, cause=reason, allowed_from=allowed, end_reason=reason)
+
+
+@dataclass(frozen=True)
+class Submitted:
+    outcome: str  # "not claimed", "failed", "retry", or the Slurm job id
+    message: str = ""  # why, for a retry
+    cancel_now: bool = False  # a cancel was asked for while the job was being submitted
+
+    @property
+    def retry(self) -> bool:
+        return self.outcome == "retry"
+
+
+def submit(session_id: str, claim: str | None) -> Submitted:
+    """Stage the session directory and sbatch the job, at most once per session.
+
+    1. Claim the session (conditional UPDATE). 2. Render the script. 3. One SSH command: lock, reuse a job
+    already submitted for this session (job_id file, or squeue by name), else unpack and sbatch.
+    4. queued with the job id, or failed with Slurm's message, or "retry" on a transient error.
+    """
+    if not claim_submit(session_id, claim):
+        return Submitted("not claimed")
+    session = LLMSession.objects.select_related(
+        "account__cluster", "cluster", "partition", "gpu_type", "variant__model", "runtime"
+    ).get(pk=session_id)
+    try:
+        spec = job_spec(session)
+        script = jobscript.render(spec)
+    except (jobscript.RenderError, ValueError) as exc:
+        fail(session_id, f"cannot write the job script: {exc}", {State.SUBMITTING})
+        return Submitted("failed")
+    except Exception as exc:  # a catalog entry deleted under us
+        fail(session_id, f"the catalog no longer describes this session: {exc}", {State.SUBMITTING})
+        return Submitted("failed")
+    payload = remote.submit_payload(script, session.api_key, jobscript.extra_files(spec.runtime))
+    command = remote.submit_command(session_id, payload.sha256)
+    try:
+        result = ssh.pool.run(session.account.ssh_target(), command, stdin=payload.stdin, timeout_s=120)
+    except ssh.SSHError as exc:
+        if not exc.transient:
+            fail(session_id, f"cannot log in to {session.cluster.name}: {exc}", {State.SUBMITTING})
+            return Submitted("failed")
+        return Submitted("retry", f"SSH: {exc}")
+    if result.exit_code == 0:
+        try:
+            outcome = remote.parse_submit(result.stdout)
+        except slurm.SlurmParseError as exc:
+            return Submitted("retry", str(exc))
+        cause = f"found job {outcome.job_id} submitted earlier" if outcome.existing else "sbatch accepted the job"
+        moved = transition(
+            session_id,
+            State.QUEUED,
+            cause=f"{cause} (job {outcome.job_id})",
+            allowed_from={State.SUBMITTING},
+            job_id=outcome.job_id,
+            submit_claim="",
+        )
+        cancel_now = moved and LLMSession.objects.filter(pk=session_id, cancel_requested_at__isnull=False).exists()
+        return Submitted(outcome.job_id, cancel_now=cancel_now)
+    message = slurm.sbatch_error(result.stderr) if result.stderr.strip() else f"exit code {result.exit_code}"
+    if result.exit_code == 64 and not remote.sbatch_is_transient(result.stderr):
+        fail(session_id, f"Slurm refused the job: {message}", {State.SUBMITTING})
+        return Submitted("failed")
+    return Submitted("retry", message)
+
+
+def lost_submits() -> list[str]:
+    """Sessions whose submit was lost: a worker killed mid-submit, or a web process that died before enqueueing."""
+    stale = timezone.now() - timedelta(seconds=settings.PORTAL_SUBMIT_STALE_S)
+    lost = LLMSession.objects.filter(
+        Q(state=State.PENDING, created_at__lt=stale) | Q(state=State.SUBMITTING, submit_claimed_at__lt=stale),
+        cancel_requested_at__isnull=True,
+    ).values_list("pk", flat=True)
+    return [str(pk) for pk in lost]
+
+
+# --- cancel ---------------------------------------------------------------------------------------------------
+
+
+def mark_cancel(session_id: uuid.UUID | str, cause: str, end_reason: str) -> bool:
+    """Record that a session should end; True when its job must still be cancelled with scancel (False when it
+    was never submitted and has ended here at once). `cause` goes into the history, `end_reason` onto the card."""
+    LLMSession.objects.filter(pk=session_id, cancel_requested_at__isnull=True).update(
+        cancel_requested_at=timezone.now(), cancel_reason=end_reason[:200]
+    )
+    return not transition(
+        session_id, State.CANCELLED, cause=f"{cause} (before submission)", allowed_from={State.PENDING}
+    )
+
+
+def idle_sessions() -> list[LLMSession]:
+    """Running sessions whose owner asked for an idle cancel and that saw no request for that many minutes."""
+    now = timezone.now()
+    running = LLMSession.objects.filter(state=State.RUNNING, idle_cancel_min__isnull=False, cancel_requested_at=None)
+    idle = []
+    for session in running:
+        last = session.last_activity_at or session.ready_at or session.state_changed_at
+        assert session.idle_cancel_min is not None
+        if now - last >= timedelta(minutes=session.idle_cancel_min):
+            idle.append(session)
+    return idle
+
+
+def cancel(session_id: str) -> str | None:
+    """scancel the session's job and poll its account once; the end state once Slurm confirms it, else None
+    (the task tries again)."""
+    session = LLMSession.objects.select_related("account__cluster").get(pk=session_id)
+    if session.state in END_STATES:
+        return session.state
+    if session.state == State.PENDING:
+        transition(session_id, State.CANCELLED, cause="cancelled before submission", allowed_from={State.PENDING})
+        return State.CANCELLED
+    if not session.job_id:  # still submitting: the submit task asks for the cancel again once it has a job id
+        return None
+    target = session.account.ssh_target()
+    try:
+        result = ssh.pool.run(target, f"scancel {shlex.quote(session.job_id)}", timeout_s=30)
+        if result.exit_code != 0 and "Invalid job id" not in result.stderr:
+            log.warning("scancel %s failed: %s", session.job_id, result.stderr.strip())
+        poll(session.account_id)
+    except ssh.SSHError as exc:
+        log.warning("cancel of %s will be retried: %s", session_id, exc)
+    session.refresh_from_db(fields=["state"])
+    return session.state if session.state in END_STATES else None
+
+
+# --- poll -----------------------------------------------------------------------------------------------------
+
+
+def accounts_to_poll() -> list[int]:
+    """The accounts with sessions whose jobs Slurm should be asked about."""
+    polled = LLMSession.objects.filter(state__in=POLLED_STATES).exclude(job_id="")
+    return sorted(set(polled.values_list("account_id", flat=True)))
+
+
+def poll(account_id: int) -> dict[str, int]:
+    """One SSH command for all live sessions of one account; apply what Slurm says to each."""
+    account = ClusterAccount.objects.select_related("cluster").get(pk=account_id)
+    sessions = list(
+        LLMSession.objects.filter(account=account, state__in=POLLED_STATES).exclude(job_id="").order_by("created_at")
+    )
+    if not sessions:
+        return {"sessions": 0}
+    command = remote.poll_command([(str(s.pk), s.job_id) for s in sessions])
+    try:
+        result = ssh.pool.run(account.ssh_target(), command, timeout_s=60)
+    except ssh.SSHError as exc:
+        _mark_unknown(sessions, f"cannot reach {account.cluster.name}: {exc}")
+        return {"sessions": len(sessions), "unknown": len(sessions)}
+    polled = remote.parse_poll(result.stdout)
+    if not polled.squeue_ok or not polled.complete:
+        detail = polled.squeue_error or result.stderr.strip()[:300] or f"exit code {result.exit_code}"
+        _mark_unknown(sessions, f"squeue failed on {account.cluster.name}: {detail}")
+        return {"sessions": len(sessions), "unknown": len(sessions)}
+    seen = [s.pk for s in sessions if s.job_id in polled.queued]
+    if seen:
+        LLMSession.objects.filter(pk__in=seen).update(last_seen_at=timezone.now())
+    changed = sum(apply_poll(session, polled) for session in sessions)
+    _repeat_lost_cancels(account, sessions, polled)
+    return {"sessions": len(sessions), "changed": changed}
+
+
+def _repeat_lost_cancels(account: ClusterAccount, sessions: list[LLMSession], polled: remote.PollResult) -> None:
+    """A cancel whose task gave up (the cluster was away for minutes) is not forgotten: scancel again."""
+    overdue = timezone.now() - CANCEL_REPEAT_AFTER
+    job_ids = [
+        s.job_id
+        for s in sessions
+        if s.cancel_requested_at and s.cancel_requested_at < overdue and s.job_id in polled.queued
+    ]
+    if job_ids:
+        log.warning("repeating scancel for %s on %s", job_ids, account.cluster.slug)
+        try:
+            ssh.pool.run(account.ssh_target(), "scancel " + " ".join(shlex.quote(j) for j in job_ids), timeout_s=30)
+        except ssh.SSHError as exc:
+            log.warning("scancel failed: %s", exc)
+
+
+def _mark_unknown(sessions: list[LLMSession], cause: str) -> None:
+    for session in sessions:
+        transition(session.pk, State.UNKNOWN, cause=cause, allowed_from={State.QUEUED, State.STARTING, State.RUNNING})
+
+
+_END_FOR_SLURM = {
+    "COMPLETED": State.COMPLETED,
+    "CANCELLED": State.CANCELLED,
+    "TIMEOUT": State.TIMEOUT,
+    "DEADLINE": State.TIMEOUT,
+}
+
+
+def apply_poll(session: LLMSession, polled: remote.PollResult) -> int:
+    """Move one session to what the poll says; return 1 if it changed. Writes nothing when nothing changed, so a
+    cycle over a thousand waiting sessions costs a thousand comparisons, not a thousand UPDATEs."""
+    sid = str(session.pk)
+    queued = polled.queued.get(session.job_id)
+    if queued is not None:
+        nodes = queued.node_list if queued.node_list not in {"", "(null)"} else ""
+        if queued.state in slurm.PENDING_STATES:
+            estimate = _aware(queued.start_time)
+            position = polled.queue_position(queued.partition, queued.job_id)
+            now_seen = (State.QUEUED, queued.reason, estimate, position)
+            if (session.state, session.slurm_reason, session.estimated_start, session.queue_position) == now_seen:
+                return 0
+            return int(
+                transition(
+                    sid,
+                    State.QUEUED,
+                    cause=f"Slurm: pending ({queued.reason or 'no reason given'})",
+                    allowed_from={State.QUEUED, State.UNKNOWN},
+                    slurm_reason=queued.reason,
+                    estimated_start=estimate,
+                    queue_position=position,
+                )
+            )
+        if queued.state not in slurm.ACTIVE_STATES:
+            return 0
+        connection = polled.connections.get(sid)
+        if connection is not None and _valid_connection(connection):
+            host, port = str(connection["host"]), int(str(connection["port"]))
+            if (session.state, session.host, session.port, session.node_list) == (State.RUNNING, host, port, nodes):
+                return 0
+            # A model that loads between two polls still passed through "starting": record it.
+            transition(
+                sid,
+                State.STARTING,
+                cause=f"Slurm: running on {nodes or 'its nodes'}",
+                allowed_from={State.QUEUED},
+                node_list=nodes,
+            )
+            moved = transition(
+                sid,
+                State.RUNNING,
+                cause=f"the server answers its health check on {host}:{port}",
+                allowed_from={State.QUEUED, State.STARTING, State.UNKNOWN, State.RUNNING},
+                host=host,
+                port=port,
+                node_list=nodes,
+                slurm_reason="",
+            )
+            if moved and session.notify_email:
+                notify.session_running(sid)
+            return int(moved)
+        if queued.state == "COMPLETING" or (session.state, session.node_list) == (State.STARTING, nodes):
+            return 0
+        fields: dict[str, Any] = {"node_list": nodes, "slurm_reason": ""}
+        started = _aware(queued.start_time)
+        if started and session.started_at is None:
+            fields["started_at"] = started
+        return int(
+            transition(
+                sid,
+                State.STARTING,
+                cause=f"Slurm: running on {nodes or 'its nodes'}, the model is loading",
+                allowed_from={State.QUEUED, State.UNKNOWN, State.STARTING},
+                **fields,
+            )
+        )
+    record = polled.finished.get(session.job_id)
+    if record is not None:
+        slurm_state = record.get("JobState", "").split()[0] if record.get("JobState") else ""
+        if slurm_state in slurm.FINISHED_STATES:
+            return int(_end(session, slurm_state, record, polled.errors.get(sid, "")))
+        return 0
+    if session.job_id in polled.asked_gone:
+        # squeue, sacct and scontrol all answered and none knows the job: purged without a record.
+        seen = session.last_seen_at or session.submitted_at or session.created_at
+        if timezone.now() - seen > timedelta(seconds=settings.PORTAL_JOB_LOST_AFTER_S):
+            reason = polled.errors.get(sid) or "Slurm no longer knows this job and kept no record of how it ended"
+            return int(transition(sid, State.FAILED, cause=reason, end_reason=reason))
+    return 0
+
+
+def _end(session: LLMSession, slurm_state: str, record: dict[str, str], error: str) -> bool:
+    sid = str(session.pk)
+    target = _END_FOR_SLURM.get(slurm_state, State.FAILED)
+    if target == State.COMPLETED and error:
+        target = State.FAILED
+    if target == State.CANCELLED:
+        if session.cancel_requested_at:
+            reason = session.cancel_reason or "cancelled from the portal"
+        else:
+            reason = "cancelled (scancel outside the portal)"
+    elif target == State.TIMEOUT:
+        reason = f"the job reached its time limit of {session.walltime_min} min"
+    elif target == State.COMPLETED:
+        reason = "the server exited"
+    else:
+        slurm_reason = record.get("Reason", "")
+        reason = error or f"Slurm: {slurm_state} (exit code {record.get('ExitCode', '?')}" + (
+            f", {slurm_reason})" if slurm_reason and slurm_reason != "None" else ")"
+        )
+    ended = _aware(slurm.parse_time(record.get("EndTime", "")))
+    return transition(
+        sid,
+        target,
+        cause=f"Slurm: {slurm_state}; {reason}",
+        end_reason=reason,
+        **({"ended_at": ended} if ended else {}),
+    )
+
+
+def _valid_connection(data: dict[str, object]) -> bool:
+    host, port = data.get("host"), data.get("port")
+    return (
+        isinstance(host, str)
+        and bool(host)
+        and all(c.isalnum() or c in ".:-" for c in host)
+        and isinstance(port, int)
+        and 0 < port < 65536
+    )
+
+
+def _aware(value: Any) -> Any:
+    if value is None:
+        return None
+    return timezone.make_aware(value) if timezone.is_naive(value) else value

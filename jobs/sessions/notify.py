@@ -1,0 +1,76 @@
+"""Emails to a session's owner: when it runs, and shortly before its time limit. Each is sent at most once: the
+session row is claimed with a conditional UPDATE before the mail goes out."""
+
+from __future__ import annotations
+
+import logging
+from datetime import timedelta
+
+from django.conf import settings
+from django.core.mail import send_mail
+from django.utils import timezone
+
+from jobs.models import LLMSession, State
+
+log = logging.getLogger(__name__)
+EXPIRY_WARNING = timedelta(minutes=15)
+
+
+def _send(session: LLMSession, subject: str, body: str) -> None:
+    if not session.owner.email:
+        return
+    try:
+        send_mail(subject, body, settings.DEFAULT_FROM_EMAIL, [session.owner.email])
+    except OSError as exc:  # a mail server that is down must not break polling
+        log.warning("could not email %s about %s: %s", session.owner.email, session.pk, exc)
+
+
+def session_running(session_id: str) -> bool:
+    claimed = LLMSession.objects.filter(pk=session_id, notify_email=True, start_notified_at__isnull=True).update(
+        start_notified_at=timezone.now()
+    )
+    if not claimed:
+        return False
+    session = LLMSession.objects.select_related("owner", "variant__model", "cluster").get(pk=session_id)
+    url = f"{settings.PORTAL_BASE_URL}/sessions/{session.pk}/"
+    _send(
+        session,
+        f"{session.variant.model.name} is running on {session.cluster.name}",
+        f"Your session {session.pk} is running on {session.node_list} with {session.walltime_min} minutes "
+        f"of walltime.\n\n{url}\n",
+    )
+    return True
+
+
+def warn_expiring() -> int:
+    """Running sessions with notifications on whose time limit is less than 15 minutes away."""
+    now = timezone.now()
+    running = LLMSession.objects.filter(
+        state=State.RUNNING, notify_email=True, expiry_warned_at__isnull=True, started_at__isnull=False
+    )
+    due = [
+        s for s in running.select_related("owner", "variant__model") if s.ends_at and s.ends_at - now <= EXPIRY_WARNING
+    ]
+    sent = 0
+    for session in due:
+        if not LLMSession.objects.filter(pk=session.pk, expiry_warned_at__isnull=True).update(expiry_warned_at=now):
+            continue
+        _send(
+            session,
+            f"{session.variant.model.name} stops in {session.time_left_min} minutes",
+            f"Your session {session.pk} reaches its time limit at {timezone.localtime(session.ends_at):%H:%M}. "
+            "Save what you need; relaunch it from My sessions to go on.\n",
+        )
+        sent += 1
+    return sent
+
+
+def session_idle_cancelled(session_id: str) -> None:
+    session = LLMSession.objects.select_related("owner", "variant__model").get(pk=session_id)
+    if session.notify_email:
+        _send(
+            session,
+            f"{session.variant.model.name} was cancelled after {session.idle_cancel_min} idle minutes",
+            f"Your session {session.pk} had no requests for {session.idle_cancel_min} minutes and was cancelled, "
+            "as you asked at launch. Its chats are kept; relaunch it from My sessions.\n",
+        )

@@ -1,0 +1,152 @@
+"""The researcher's session pages: the launch wizard, My Sessions (cards, cancel, relaunch, log, delete), and the
+cluster accounts they launch with."""
+
+from __future__ import annotations
+
+import secrets
+from typing import Any
+from urllib.parse import urlencode
+
+from django.contrib import messages
+from django.contrib.auth.decorators import login_required
+from django.core.exceptions import ValidationError
+from django.http import Http404, HttpResponse, HttpResponseRedirect
+from django.urls import reverse
+from django.views.decorators.http import require_GET, require_http_methods, require_POST
+from django_htmx.http import HttpResponseClientRedirect
+
+from catalog.models import Cluster, ClusterAccount
+from jobs.cluster import logs
+from jobs.models import END_STATES
+from jobs.sessions import actions, wizard
+from jobs.sessions.access import get_session_for, with_relations
+from jobs.sessions.forms import ChoicesForm, values_of
+from portal import ssh
+from portal.errors import messages_of
+from portal.htmx import HtmxHttpRequest, render_page
+
+# The wizard's choices, remembered between launches under this key of the browser session.
+LAST_LAUNCH = "last_launch"
+
+
+@login_required
+@require_http_methods(["GET", "POST"])
+def launch_view(request: HtmxHttpRequest) -> HttpResponse:
+    """The wizard. GET shows (and, when htmx asks, re-renders) the choices, estimate and options; POST launches."""
+    if request.method == "POST":
+        token = request.POST.get("token", "")
+        try:
+            session = actions.launch(request.user, request.POST, token)
+        except ValidationError as exc:
+            state = wizard.build(request.user, request.POST, errors=messages_of(exc))
+            return render_page(request, "jobs/launch.html", {"w": state, "token": token})
+        request.session[LAST_LAUNCH] = {name: request.POST.get(name, "") for name in ChoicesForm.base_fields}
+        messages.success(request, "Session created: submitting it to Slurm.")
+        return HttpResponseRedirect(reverse("jobs:sessions") + f"#s-{session.pk}")
+    params: dict[str, Any] = dict(request.GET.items()) or dict(request.session.get(LAST_LAUNCH, {}))
+    state = wizard.build(request.user, params)
+    return render_page(request, "jobs/launch.html", {"w": state, "token": secrets.token_urlsafe(16)}, "wizard")
+
+
+@login_required
+@require_GET
+def session_list(request: HtmxHttpRequest) -> HttpResponse:
+    sessions = list(with_relations().filter(owner_id=request.user.pk)[:100])
+    context = {"sessions": sessions, "live": any(not s.is_ended for s in sessions)}
+    return render_page(request, "jobs/session_list.html", context, "cards")
+
+
+@login_required
+@require_GET
+def session_card(request: HtmxHttpRequest, pk: Any) -> HttpResponse:
+    return render_page(request, "jobs/session_list.html", {"s": get_session_for(request, pk)}, "card")
+
+
+@login_required
+@require_GET
+def session_detail(request: HtmxHttpRequest, pk: Any) -> HttpResponse:
+    session = get_session_for(request, pk)
+    return render_page(request, "jobs/session_detail.html", {"s": session, "events": session.events.all()})
+
+
+@login_required
+@require_POST
+def session_cancel(request: HtmxHttpRequest, pk: Any) -> HttpResponse:
+    session = get_session_for(request, pk)
+    if not session.is_ended:
+        actions.request_cancel(session, f"cancelled by {request.user.get_username()} in the browser")
+        messages.info(request, "Cancelling: the job is being stopped.")
+    if request.htmx:
+        session.refresh_from_db()
+        return render_page(request, "jobs/session_list.html", {"s": session}, "card")
+    return HttpResponseRedirect(reverse("jobs:sessions"))
+
+
+@login_required
+@require_POST
+def session_delete(request: HtmxHttpRequest, pk: Any) -> HttpResponse:
+    session = get_session_for(request, pk)
+    if session.state not in END_STATES:
+        messages.error(request, "Only ended sessions can be deleted; cancel it first.")
+    else:
+        session.delete()
+        messages.info(request, "Session deleted.")
+    if request.htmx:
+        return HttpResponseClientRedirect(reverse("jobs:sessions"))
+    return HttpResponseRedirect(reverse("jobs:sessions"))
+
+
+@login_required
+@require_GET
+def session_relaunch(request: HtmxHttpRequest, pk: Any) -> HttpResponse:
+    """The wizard again, with this session's choices."""
+    values = values_of(get_session_for(request, pk), ChoicesForm)
+    query = urlencode({name: value for name, value in values.items() if value not in (None, "")})
+    return HttpResponseRedirect(reverse("jobs:launch") + "?" + query)
+
+
+@login_required
+@require_GET
+def session_log(request: HtmxHttpRequest, pk: Any) -> HttpResponse:
+    """The job's log as the worker last fetched it; the page keeps asking while the session runs or it is coming."""
+    session = get_session_for(request, pk)
+    tail = actions.job_log(session)
+    context = {"s": session, "tail": tail, "polling": not logs.is_final(session, tail)}
+    return render_page(request, "jobs/session_log.html", context, "log")
+
+
+@login_required
+@require_GET
+def cluster_accounts(request: HtmxHttpRequest) -> HttpResponse:
+    me = request.user.pk
+    accounts = {a.cluster_id: a for a in ClusterAccount.objects.filter(user_id=me).select_related("cluster")}
+    shared = ClusterAccount.objects.filter(members__pk=me).select_related("cluster")
+    for account in shared:
+        accounts.setdefault(account.cluster_id, account)
+    rows = [(cluster, accounts.get(cluster.pk)) for cluster in Cluster.objects.order_by("name")]
+    return render_page(request, "jobs/accounts.html", {"rows": rows})
+
+
+@login_required
+@require_POST
+def account_test(request: HtmxHttpRequest, pk: int) -> HttpResponse:
+    """Log in as the account and ask Slurm something harmless; report success or the precise error."""
+    account = ClusterAccount.objects.select_related("cluster").filter(pk=pk).first()
+    me = request.user.pk
+    if account is None or not (account.user_id == me or account.members.filter(pk=me).exists()):
+        raise Http404("no such account")
+    try:
+        result = ssh.pool.run(account.ssh_target(), "sinfo -h -o %P", timeout_s=20)
+        if result.ok:
+            partitions = " ".join(result.stdout.split())
+            outcome, ok = f"Connected as {account.username}; Slurm answers (partitions: {partitions}).", True
+        else:
+            outcome, ok = f"Logged in, but sinfo failed: {result.stderr.strip()[:300]}", False
+    except ssh.SSHError as exc:
+        outcome, ok = str(exc), False
+    if request.htmx:
+        return render_page(
+            request, "jobs/accounts.html", {"account": account, "outcome": outcome, "ok": ok}, "test-result"
+        )
+    (messages.success if ok else messages.error)(request, outcome)
+    return HttpResponseRedirect(reverse("jobs:accounts"))

@@ -1,0 +1,248 @@
+"""What the launch wizard shows for the choices so far: models, variants, runtimes, the estimate against each GPU
+type, and every option with its queue facts. Choices are read and checked by the launch form (forms.ChoicesForm),
+so the wizard accepts exactly what a launch accepts. Views render it; nothing here writes."""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Any
+
+from django import forms
+from django.conf import settings
+from django.contrib.auth.models import AbstractBaseUser, AnonymousUser
+from django.db.models import Q, QuerySet
+from django.template.defaultfilters import floatformat
+
+from catalog import runtime_rules
+from catalog.estimate import Estimate, EstimateError, estimate, fit
+from catalog.models import Cluster, ClusterAccount, GPUType, ModelCard, ModelVariant
+from catalog.plans import plans, request_for
+from jobs.cluster.capacity import QueueView, queue_views
+from jobs.sessions.forms import ChoicesForm, LaunchForm, available_runtimes
+
+# The model list's filters: wizard-only, not part of a launch.
+FILTERS = ("q", "tag", "license", "max_params_b")
+
+
+@dataclass(frozen=True)
+class Segment:
+    label: str
+    gib: float
+    percent: float
+    css: str
+    offset: float  # percent of the bar before this segment
+
+
+@dataclass(frozen=True)
+class GPUBar:
+    gpu: GPUType
+    usable_gib: float
+    marker_percent: float
+    fits_one: bool
+
+
+@dataclass
+class OptionRow:
+    view: QueueView
+    selectable: bool
+    why_not: str = ""
+    accounts: list[ClusterAccount] = field(default_factory=list)
+    form: LaunchForm | None = None  # the option's launch: every field hidden, but the account when there are several
+
+
+@dataclass
+class WizardState:
+    form: ChoicesForm  # step 1 as the researcher filled it in, with its errors
+    filters: dict[str, str]
+    cards: list[ModelCard]
+    tags: list[str]
+    licenses: list[str]
+    card: ModelCard | None = None
+    variant: ModelVariant | None = None
+    values: dict[str, Any] = field(default_factory=dict)  # the choices as a launch takes them, defaults filled in
+    estimate: Estimate | None = None
+    segments: list[Segment] = field(default_factory=list)
+    bars: list[GPUBar] = field(default_factory=list)
+    fitting: list[OptionRow] = field(default_factory=list)
+    not_fitting: list[OptionRow] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+    @property
+    def ready(self) -> bool:
+        return self.estimate is not None
+
+
+def _cards(filters: dict[str, str]) -> QuerySet[ModelCard]:
+    cards = ModelCard.objects.filter(variants__isnull=False).distinct()
+    if filters["q"]:
+        text = filters["q"]
+        cards = cards.filter(Q(name__icontains=text) | Q(family__icontains=text) | Q(description__icontains=text))
+    if filters["tag"]:
+        cards = cards.filter(tags__icontains=filters["tag"])
+    if filters["license"]:
+        cards = cards.filter(license=filters["license"])
+    if filters["max_params_b"]:
+        with contextlib.suppress(ValueError):
+            cards = cards.filter(params_b__lte=float(filters["max_params_b"]))
+    return cards.order_by("family", "params_b", "name")
+
+
+def build(user: AbstractBaseUser | AnonymousUser, params: Any, errors: list[str] | None = None) -> WizardState:
+    """The wizard for these GET (or refused POST) parameters: step 1 checked by ChoicesForm, then the estimate
+    and the options for the choices it accepts (a field it refuses falls back to its default and says why)."""
+    data = {name: params.get(name) for name in params if name not in FILTERS}
+    filters = {name: str(params.get(name) or "") for name in FILTERS}
+    all_cards = list(ModelCard.objects.all())
+    cards = list(_cards(filters))
+    card = next((c for c in all_cards if c.name == data.get("model")), None)
+    state = WizardState(
+        form=ChoicesForm(data if card else None),
+        filters=filters,
+        cards=cards,
+        tags=sorted({t for c in all_cards for t in c.tag_list}),
+        licenses=sorted({c.license for c in all_cards if c.license}),
+        card=card,
+        errors=list(errors or []),
+    )
+    _offer_models(state.form, cards, card)
+    if card is None:
+        return state
+    variants = list(card.variants.order_by("size_gib"))
+    # The quantisation and runtime menus change with the model: a choice the new model does not offer falls back
+    # to the first one it does, as the menus show.
+    variant = next((v for v in variants if v.quantization == data.get("quant")), variants[0] if variants else None)
+    runtimes = available_runtimes(variant) if variant else []
+    if data.get("runtime") not in runtimes:
+        data.pop("runtime", None)
+    data["quant"] = variant.quantization if variant else data.get("quant")
+    state.form = ChoicesForm(data)
+    _offer_models(state.form, cards, card)
+    _offer_variants(state.form, card, variants, runtimes)
+    if not state.form.is_valid():
+        # The page shows each error beside its field; the estimate goes on with that field's default.
+        fallback = ChoicesForm({k: v for k, v in data.items() if k not in state.form.errors})
+        if not fallback.is_valid():
+            return state
+        state.values, state.variant = fallback.cleaned_data, fallback.variant
+    else:
+        state.values, state.variant = state.form.cleaned_data, state.form.variant
+    _estimate_and_options(state, user)
+    return state
+
+
+def _offer_models(form: ChoicesForm, cards: list[ModelCard], chosen: ModelCard | None) -> None:
+    shown = cards if chosen is None or chosen in cards else [*cards, chosen]
+    choices = [("", f"choose a model ({len(cards)} match)")]
+    choices += [(c.name, f"{c.name} · {floatformat(c.params_b, -2)}B · {c.license or 'licence?'}") for c in shown]
+    form.fields["model"].widget = forms.Select(choices=choices, attrs={"required": True})
+
+
+def _offer_variants(form: ChoicesForm, card: ModelCard, variants: list[ModelVariant], runtimes: list[str]) -> None:
+    form.fields["quant"].widget = forms.Select(
+        choices=[
+            (v.quantization, f"{v.quantization} · {v.get_format_display()} · {v.size_gib:.1f} GiB") for v in variants
+        ]
+    )
+    labels = dict(runtime_rules.CHOICES)
+    form.fields["runtime"].widget = forms.Select(choices=[(r, labels[r]) for r in runtimes] or [("", "none available")])
+    context = form.fields["context"]
+    context.widget.attrs["max"] = card.max_context
+    context.help_text = f"up to {card.max_context}"
+
+
+def _estimate_and_options(state: WizardState, user: AbstractBaseUser | AnonymousUser) -> None:
+    values, variant = state.values, state.variant
+    assert variant is not None
+    request = request_for(variant, values["runtime"], values["context"], parallel=values["parallel"])
+    try:
+        state.estimate = estimate(request)
+    except EstimateError as exc:
+        state.errors.append(str(exc))
+        return
+    _draw(state)
+    usable: dict[int, list[ClusterAccount]] = {}
+
+    def accounts_on(cluster: Cluster) -> list[ClusterAccount]:
+        if cluster.pk not in usable:
+            usable[cluster.pk] = ClusterAccount.usable_by(user, cluster)
+        return usable[cluster.pk]
+
+    def account_for(cluster: Cluster) -> ClusterAccount | None:
+        return next(iter(accounts_on(cluster)), None)
+
+    options = plans(request, variant)
+    views = queue_views(
+        options, values["walltime"], account_for=account_for, ask_slurm=settings.PORTAL_WIZARD_ASKS_SLURM
+    )
+    views.sort(key=lambda v: (not v.recommended, not v.option.fit.fits, v.option.gpus, -v.option.fit.headroom_gib))
+    choices = {name: values.get(name) for name in ChoicesForm.base_fields}
+    for view in views:
+        partition = view.option.node_group.partition
+        accounts = accounts_on(partition.cluster)
+        if view.option.fit.fits:
+            # The launch's own limit, shown where it applies rather than after a refused Launch.
+            too_long = values["walltime"] > partition.max_walltime_min
+            why_not = f"{partition.name} allows at most {partition.max_walltime_min} minutes" if too_long else ""
+            form = _launch_form(view, choices, accounts, user) if accounts and not too_long else None
+            row = OptionRow(view, selectable=form is not None, why_not=why_not, accounts=accounts, form=form)
+            state.fitting.append(row)
+        else:
+            state.not_fitting.append(OptionRow(view, selectable=False, why_not=_why_not(view, state)))
+
+
+def _launch_form(
+    view: QueueView, choices: dict[str, Any], accounts: list[ClusterAccount], user: AbstractBaseUser | AnonymousUser
+) -> LaunchForm:
+    option = view.option
+    group = option.node_group
+    where = {
+        "cluster": group.partition.cluster.slug,
+        "partition": group.partition.name,
+        "gpu": group.gpu_type.name,
+        "gpus": option.gpus_per_node,
+        "nodes": option.nodes,
+        "account": accounts[0].pk,
+    }
+    form = LaunchForm.hidden({**choices, **where}, user)
+    if len(accounts) > 1:
+        form.fields["account"].widget = forms.Select(choices=[(a.pk, _account_label(a)) for a in accounts])
+        form.fields["account"].label = "Account"
+    return form
+
+
+def _account_label(account: ClusterAccount) -> str:
+    label = account.username + (f" ({account.label})" if account.label else "")
+    slurm_account = account.effective_slurm_account
+    return label + (f", Slurm account {slurm_account}" if slurm_account else "")
+
+
+def _draw(state: WizardState) -> None:
+    """The memory bar on one GPU: segments scaled to the larger of the need and the biggest GPU, GPU markers."""
+    est = state.estimate
+    assert est is not None
+    gpus = list(GPUType.objects.filter(node_groups__isnull=False).distinct().order_by("-memory_gib"))
+    scale = max([est.max_gpu_gib] + [g.usable_gib for g in gpus]) or 1.0
+    parts = [
+        ("weights", est.weights_gib - est.host_gib, "seg-weights"),
+        ("KV cache", est.kv_cache_gib, "seg-kv"),
+        ("compute", est.compute_gib, "seg-compute"),
+        ("overhead", est.overhead_gib, "seg-overhead"),
+    ]
+    offset = 0.0
+    for label, gib, css in parts:
+        state.segments.append(Segment(label, gib, 100 * gib / scale, css, offset))
+        offset += 100 * gib / scale
+    state.bars = [GPUBar(g, g.usable_gib, 100 * g.usable_gib / scale, fit(est, g.usable_gib).fits) for g in gpus]
+
+
+def _why_not(view: QueueView, state: WizardState) -> str:
+    option = view.option
+    group = option.node_group
+    needed = option.fit.needed_gib
+    shape = f"{option.gpus_per_node} x {group.gpu_type.name}" + (
+        f" on {option.nodes} nodes" if option.nodes > 1 else ""
+    )
+    alternatives = [bar for bar in state.bars if bar.fits_one]
+    hint = f"; 1 x {alternatives[0].gpu.name} would do" if alternatives else ""
+    return f"needs {needed:.1f} GiB per GPU even as {shape}, {group.gpu_type.usable_gib:.1f} GiB usable{hint}"

@@ -1,0 +1,208 @@
+"""The streaming proxy from the browser (session cookie) and scripts (personal token) to a session's model server.
+
+Async views under ASGI: a stream holds no worker thread. The target is only ever the session record's host and port
+(through the cluster's SSH tunnel when it has one); the backend key is added here and never shown; the caller's
+cookies and Authorization header are not forwarded. Errors come back in OpenAI's error shape.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+import httpx
+from django import db
+from django.db.utils import InterfaceError, OperationalError
+from django.http import HttpRequest, HttpResponseBase, JsonResponse, StreamingHttpResponse
+from django.views.decorators.csrf import csrf_exempt
+
+from jobs.models import LLMSession, State
+from jobs.use import relay as relay_module
+from jobs.use import targets
+from jobs.use.targets import Target
+
+log = logging.getLogger(__name__)
+
+# OpenAI-compatible routes that are forwarded; anything else is refused (no open proxy to the server's admin or
+# slot endpoints).
+ALLOWED = {"chat/completions": {"POST"}, "completions": {"POST"}, "embeddings": {"POST"}, "models": {"GET"}}
+FORWARDED_HEADERS = ("content-type", "accept")
+CONNECT_TIMEOUT_S = 10.0
+READ_TIMEOUT_S = 600.0  # a long prompt on a big model can take minutes before the first token
+
+_clients: dict[int, httpx.AsyncClient] = {}
+# Lookups before each forwarded request run here; the threads live as long as the process, and so do their
+# database connections.
+_db_threads = ThreadPoolExecutor(max_workers=4, thread_name_prefix="proxy-db")
+T = TypeVar("T")
+
+
+def _client() -> httpx.AsyncClient:
+    """One pooled client per event loop (uvicorn runs one loop per worker process)."""
+    loop = id(asyncio.get_running_loop())
+    client = _clients.get(loop)
+    if client is None or client.is_closed:
+        limits = httpx.Limits(max_connections=1000, max_keepalive_connections=100)
+        timeout = httpx.Timeout(READ_TIMEOUT_S, connect=CONNECT_TIMEOUT_S)
+        client = _clients[loop] = httpx.AsyncClient(limits=limits, timeout=timeout, trust_env=False)
+    return client
+
+
+def openai_error(status: int, message: str, kind: str, code: str | None = None) -> JsonResponse:
+    return JsonResponse({"error": {"message": message, "type": kind, "param": None, "code": code}}, status=status)
+
+
+async def _db(function: Callable[..., T], *args: Any) -> T:
+    """Run a lookup on the proxy's own threads, whose database connections persist between requests.
+
+    Django's per-request thread would open a new connection for every forwarded request, and the lookups need none
+    of asgiref's context handling. A connection that went bad (the database restarted) is closed and the lookup tried
+    once more; its only writes are idempotent timestamps.
+    """
+
+    def attempt() -> T:
+        try:
+            return function(*args)
+        except (OperationalError, InterfaceError):
+            db.connection.close()
+            return function(*args)
+
+    return await asyncio.get_running_loop().run_in_executor(_db_threads, attempt)
+
+
+async def _forward(request: HttpRequest, target: Target, path: str, body: bytes) -> HttpResponseBase:
+    if target.state != State.RUNNING or not target.base:
+        return openai_error(409, f"session {target.pk} is {target.state}, not running", "session_not_running",
+                            target.state)  # fmt: skip
+    headers = {k: v for k, v in request.headers.items() if k.lower() in FORWARDED_HEADERS}
+    headers["authorization"] = f"Bearer {target.key}"
+    client = _client()
+    upstream_request = client.build_request(request.method or "GET", f"{target.base}/v1/{path}", content=body,
+                                            headers=headers)  # fmt: skip
+    try:
+        upstream = await client.send(upstream_request, stream=True)
+    except httpx.TimeoutException:
+        return openai_error(504, f"the model server on {target.node_list} did not answer in time", "upstream_timeout")
+    except httpx.HTTPError as exc:
+        return openai_error(502, f"cannot reach the model server on {target.node_list}: {exc}", "upstream_error")
+    content_type = upstream.headers.get("content-type", "application/json")
+    if upstream.status_code >= 400 and "json" not in content_type:
+        text = (await upstream.aread()).decode(errors="replace")[:500]
+        await upstream.aclose()
+        return openai_error(upstream.status_code, f"the model server answered: {text}", "upstream_error")
+
+    async def relay() -> AsyncIterator[bytes]:
+        try:
+            async for chunk in relay_module.coalesced(upstream.aiter_raw()):
+                yield chunk
+        except httpx.HTTPError as exc:
+            log.warning("stream from %s broke: %s", target.pk, exc)
+            error = {"error": {"message": f"the stream broke: {exc}", "type": "upstream_error"}}
+            yield f"data: {json.dumps(error)}\n\n".encode()
+        finally:
+            # Also reached when the client goes away: Django cancels this generator and the upstream is closed.
+            await upstream.aclose()
+
+    response = StreamingHttpResponse(relay(), status=upstream.status_code, content_type=content_type)
+    response["Cache-Control"] = "no-cache"
+    response["X-Accel-Buffering"] = "no"  # nginx in front must not buffer server-sent events
+    return response
+
+
+def _rewrite_model(body: bytes, target: Target) -> bytes | None:
+    """Scripts name the session as the model; the server knows its own model name."""
+    if not body:
+        return body
+    try:
+        payload = json.loads(body)
+    except json.JSONDecodeError:
+        return None
+    return _with_model(payload, target)
+
+
+def _with_model(payload: Any, target: Target) -> bytes:
+    if isinstance(payload, dict):
+        payload["model"] = target.served_model
+    return json.dumps(payload).encode()
+
+
+def _check_route(request: HttpRequest, path: str) -> JsonResponse | None:
+    methods = ALLOWED.get(path.strip("/"))
+    if methods is None:
+        return openai_error(404, f"/{path} is not forwarded; use chat/completions, completions, embeddings or models",
+                            "invalid_request_error")  # fmt: skip
+    if request.method not in methods:
+        return openai_error(405, f"{request.method} is not allowed on /{path}", "invalid_request_error")
+    return None
+
+
+async def session_proxy(request: HttpRequest, pk: Any, path: str) -> HttpResponseBase:
+    """The browser's route: /sessions/<uuid>/v1/<path>, signed in with the session cookie (CSRF applies)."""
+    user = await request.auser()
+    if not user.is_authenticated:
+        return openai_error(401, "sign in first", "authentication_error")
+    if refused := _check_route(request, path):
+        return refused
+    target = await _db(targets.target, targets.Holder(user.pk, user.is_staff), str(pk))
+    if target is None:
+        return openai_error(404, "no such session", "invalid_request_error")
+    body = request.body
+    if path.strip("/") != "models":
+        rewritten = _rewrite_model(body, target)
+        if rewritten is None:
+            return openai_error(400, "the request body is not JSON", "invalid_request_error")
+        body = rewritten
+    return await _forward(request, target, path.strip("/"), body)
+
+
+def _api_lookup(token: str, model: Any) -> tuple[targets.Holder | None, Target | None]:
+    """Token and session in one thread hop: the token's holder, and the session named as the model."""
+    holder = targets.holder(token)
+    if holder is None or not isinstance(model, str) or not model:
+        return holder, None
+    return holder, targets.target(holder, model)
+
+
+def _running_models(user_pk: int) -> list[dict[str, Any]]:
+    sessions = LLMSession.objects.filter(owner_id=user_pk, state=State.RUNNING).select_related("variant__model")
+    return [
+        {"id": s.alias or str(s.pk), "object": "model", "created": int(s.created_at.timestamp()),
+         "owned_by": "hpc-llm-portal", "session": str(s.pk), "served_model": s.served_model_name}
+        for s in sessions
+    ]  # fmt: skip
+
+
+@csrf_exempt  # scripts authenticate with a bearer token, not a cookie, so there is nothing to forge
+async def api_proxy(request: HttpRequest, path: str) -> HttpResponseBase:
+    """The scripts' route: /api/v1/<path> with a personal token; `model` names the session (uuid or alias)."""
+    request.get_host()  # ALLOWED_HOSTS applies here too, although portal.asgi skips the cookie middleware
+    if refused := _check_route(request, path):
+        return refused
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        return _no_token()
+    try:
+        payload = json.loads(request.body or b"{}") if path.strip("/") != "models" else {}
+    except json.JSONDecodeError:
+        return openai_error(400, "the request body is not JSON", "invalid_request_error")
+    model = payload.get("model") if isinstance(payload, dict) else None
+    holder, target = await _db(_api_lookup, token.strip(), model)
+    if holder is None:
+        return _no_token()
+    if path.strip("/") == "models":
+        return JsonResponse({"object": "list", "data": await _db(_running_models, holder.user_pk)})
+    if not isinstance(model, str) or not model:
+        return openai_error(400, "name the session as the model (its uuid or alias)", "invalid_request_error")
+    if target is None:
+        return openai_error(404, f"you have no session {model!r}", "invalid_request_error", "model_not_found")
+    body = _with_model(payload, target) if request.body else b""
+    return await _forward(request, target, path.strip("/"), body)
+
+
+def _no_token() -> JsonResponse:
+    return openai_error(401, "a valid personal API token is needed (Authorization: Bearer hpcllm_…)",
+                        "authentication_error", "invalid_api_key")  # fmt: skip

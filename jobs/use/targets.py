@@ -1,0 +1,166 @@
+"""The proxy's per-request lookup: whose token this is, and which session's server a request may reach.
+
+It runs before every forwarded request, so it is two plain SQL statements on a kept connection rather than ORM
+querysets: Django compiles a queryset on every call, which costs about a millisecond here (bench/proxy.py), while
+the statements themselves take tens of microseconds. Table and column names come from the models' metadata and
+every value is a bound parameter. The rules are the same as the pages': a session is reached by its owner, and by
+staff through its uuid; an alias names the owner's newest live session.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from functools import cache
+from typing import Any
+
+from django.contrib.auth import get_user_model
+from django.db import connection
+from django.utils import timezone
+from django.utils.dateparse import parse_datetime
+
+from catalog.models import Cluster, ClusterAccount, ModelCard, ModelVariant
+from jobs.cluster import backend
+from jobs.models import END_STATES, ApiToken, LLMSession, State, served_model_name, token_digest
+from portal import crypto
+
+ACTIVITY_EVERY = timedelta(seconds=30)  # last activity feeds idle auto-cancel, which counts in minutes
+TOKEN_USED_EVERY = timedelta(minutes=1)  # "last used" on the tokens page
+
+
+@dataclass(frozen=True)
+class Holder:
+    user_pk: int
+    is_staff: bool
+
+
+@dataclass(frozen=True)
+class Target:
+    """What forwarding needs of a session."""
+
+    pk: str
+    state: str
+    base: str  # empty unless running
+    key: str  # the backend key; empty unless running
+    served_model: str
+    node_list: str
+
+
+def _q(name: str) -> str:
+    return connection.ops.quote_name(name)
+
+
+def _col(model: Any, field: str) -> str:
+    return _q(model._meta.get_field(field).column)
+
+
+@cache
+def _sql(vendor: str) -> dict[str, str]:
+    user = get_user_model()
+    token, session = ApiToken._meta.db_table, LLMSession._meta.db_table
+
+    def s(field: str) -> str:  # a session column, as the statements alias the table
+        return f"s.{_col(LLMSession, field)}"
+
+    holder = (
+        f"SELECT t.{_col(ApiToken, 'id')}, t.{_col(ApiToken, 'user')}, u.{_col(user, 'is_staff')}, "
+        f"t.{_col(ApiToken, 'last_used_at')} FROM {_q(token)} t JOIN {_q(user._meta.db_table)} u "
+        f"ON u.{_col(user, 'id')} = t.{_col(ApiToken, 'user')} "
+        f"WHERE t.{_col(ApiToken, 'digest')} = %s AND t.{_col(ApiToken, 'revoked_at')} IS NULL "
+        f"AND u.{_col(user, 'is_active')} = %s"
+    )
+    target = (
+        f"SELECT {s('id')}, {s('owner')}, {s('state')}, {s('host')}, {s('port')}, {s('api_key_encrypted')}, "
+        f"{s('node_list')}, {s('last_activity_at')}, c.{_col(Cluster, 'node_access')}, "
+        f"m.{_col(ModelCard, 'name')}, v.{_col(ModelVariant, 'quantization')}, "
+        f"c.{_col(Cluster, 'login_host')}, c.{_col(Cluster, 'ssh_port')}, c.{_col(Cluster, 'host_key')}, "
+        f"a.{_col(ClusterAccount, 'username')}, a.{_col(ClusterAccount, 'private_key_encrypted')} "
+        f"FROM {_q(session)} s "
+        f"JOIN {_q(Cluster._meta.db_table)} c ON c.{_col(Cluster, 'id')} = {s('cluster')} "
+        f"JOIN {_q(ClusterAccount._meta.db_table)} a ON a.{_col(ClusterAccount, 'id')} = {s('account')} "
+        f"JOIN {_q(ModelVariant._meta.db_table)} v ON v.{_col(ModelVariant, 'id')} = {s('variant')} "
+        f"JOIN {_q(ModelCard._meta.db_table)} m ON m.{_col(ModelCard, 'id')} = v.{_col(ModelVariant, 'model')} "
+    )
+    end_states = ", ".join(["%s"] * len(END_STATES))
+    return {
+        "holder": holder,
+        "by_pk": target + f"WHERE {s('id')} = %s",
+        "by_alias": target + f"WHERE {s('owner')} = %s AND {s('alias')} = %s "
+        f"AND {s('state')} NOT IN ({end_states}) ORDER BY {s('created_at')} DESC LIMIT 1",
+        "touch_token": f"UPDATE {_q(token)} SET {_col(ApiToken, 'last_used_at')} = %s "
+        f"WHERE {_col(ApiToken, 'id')} = %s",
+        "touch_session": f"UPDATE {_q(session)} SET {_col(LLMSession, 'last_activity_at')} = %s "
+        f"WHERE {_col(LLMSession, 'id')} = %s",
+    }
+
+
+def _fetch_one(statement: str, params: list[Any]) -> tuple[Any, ...] | None:
+    with connection.cursor() as cursor:
+        cursor.execute(_sql(connection.vendor)[statement], params)
+        return cursor.fetchone()
+
+
+def _execute(statement: str, params: list[Any]) -> None:
+    with connection.cursor() as cursor:
+        cursor.execute(_sql(connection.vendor)[statement], params)
+
+
+def _aware(value: Any) -> datetime | None:
+    """A datetime column as Django would return it (SQLite hands back text in UTC)."""
+    if isinstance(value, str):
+        value = parse_datetime(value)
+    if value is not None and timezone.is_naive(value):
+        value = value.replace(tzinfo=UTC)
+    return value
+
+
+def _db_datetime(value: datetime) -> Any:
+    return connection.ops.adapt_datetimefield_value(value)
+
+
+def holder(token: str) -> Holder | None:
+    """The active user a personal API token belongs to, unless it is revoked; notes its use once a minute."""
+    if not token.startswith(ApiToken.PREFIX):
+        return None
+    row = _fetch_one("holder", [token_digest(token), True])
+    if row is None:
+        return None
+    token_pk, user_pk, is_staff, last_used = row
+    now = timezone.now()
+    last_used = _aware(last_used)
+    if last_used is None or now - last_used > TOKEN_USED_EVERY:
+        _execute("touch_token", [_db_datetime(now), token_pk])
+    return Holder(int(user_pk), bool(is_staff))
+
+
+def target(user: Holder, key: str) -> Target | None:
+    """The session `key` (uuid or alias) names for this user, or None when there is none they may use."""
+    row = None
+    try:
+        pk = uuid.UUID(key)
+    except ValueError:
+        pass
+    else:
+        row = _fetch_one("by_pk", [LLMSession._meta.pk.get_db_prep_value(pk, connection)])
+    if row is None:
+        row = _fetch_one("by_alias", [user.user_pk, key, *sorted(END_STATES)])
+    if row is None:
+        return None
+    pk_value, owner_pk, state, host, port, key_encrypted, node_list, last_activity, access, model, quantization = row[
+        :11
+    ]
+    if int(owner_pk) != user.user_pk and not user.is_staff:
+        return None
+    base = secret = ""
+    if state == State.RUNNING and host and port:
+        if access == Cluster.NodeAccess.TUNNEL:
+            base = backend.forwarded_url(ClusterAccount.target_of(*row[11:]), host, port)
+        else:
+            base = f"http://{host}:{port}"
+        secret = crypto.decrypt(key_encrypted)
+        now = timezone.now()
+        last_activity = _aware(last_activity)
+        if last_activity is None or now - last_activity > ACTIVITY_EVERY:
+            _execute("touch_session", [_db_datetime(now), pk_value])
+    return Target(str(uuid.UUID(str(pk_value))), state, base, secret, served_model_name(model, quantization), node_list)

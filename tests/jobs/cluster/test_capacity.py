@@ -1,0 +1,151 @@
+"""Queue facts: parsers for sinfo GRES, pending demand and --test-only; history percentiles; the recommendation."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from django.utils import timezone
+from hypothesis import given
+from hypothesis import strategies as st
+
+from catalog.models import ClusterAccount, ModelVariant
+from catalog.plans import plans, request_for
+from jobs.cluster import slurm
+from jobs.cluster.capacity import SlurmEstimate, history, probe_args, queue_views, recommend
+from jobs.models import LLMSession, PartitionState
+
+names = st.from_regex(r"[a-z][a-z0-9_-]{0,12}", fullmatch=True)
+
+
+@given(
+    job=st.integers(1, 10**9),
+    start=st.datetimes(min_value=datetime(2000, 1, 1), max_value=datetime(2099, 1, 1)).map(
+        lambda d: d.replace(microsecond=0)
+    ),
+    cpus=st.integers(1, 10**5),
+    nodes=st.lists(names, min_size=1, max_size=3).map(",".join),
+    partition=st.one_of(st.none(), names),
+    prefix=st.sampled_from(["sbatch: ", ""]),
+)
+def test_test_only_lines_round_trip(
+    job: int, start: datetime, cpus: int, nodes: str, partition: str | None, prefix: str
+) -> None:
+    plural = "s" if cpus > 1 else ""
+    where = f" in partition {partition}" if partition else ""
+    when = f"{start:%Y-%m-%dT%H:%M:%S}"
+    line = f"{prefix}Job {job} to start at {when} using {cpus} processor{plural} on nodes {nodes}{where}"
+    parsed = slurm.parse_test_only("some warning\n" + line + "\n")
+    assert (parsed.job_id, parsed.start, parsed.processors, parsed.node_list) == (str(job), start, cpus, nodes)
+    assert parsed.partition == (partition or "")
+
+
+def test_sinfo_gres_lines_count_gpus_by_type_and_skip_unavailable_nodes() -> None:
+    text = (
+        "node1|gpu*|mix|a100,a100-80g|gpu:a100:2|gpu:a100:1(IDX:0)|\n"
+        "node2|gpu*|drain|a100,a100-80g|gpu:a100:2(S:0-1)|gpu:a100:0(IDX:N/A)|\n"
+        "node3|gpu|idle|(null)|gpu:4|gpu:0|\n"
+        "garbage\n"
+    )
+    nodes, bad = slurm.parse_sinfo_gres(text)
+    assert bad == ["garbage"]
+    assert [(n.node, n.partition, n.available, n.gpus, n.gpus_used) for n in nodes] == [
+        ("node1", "gpu", True, {"a100": 2}, {"a100": 1}),
+        ("node2", "gpu", False, {"a100": 2}, {"a100": 0}),
+        ("node3", "gpu", True, {"": 4}, {"": 0}),
+    ]
+    assert nodes[0].features == {"a100", "a100-80g"} and nodes[2].features == frozenset()
+
+
+def test_pending_demand_multiplies_gpus_per_node_by_nodes() -> None:
+    demand = slurm.parse_pending_demand("gpu|gres:gpu:a100:2|3\ngpu,devel|gres/gpu:h100:1|1\ngpu|N/A|1\n")
+    assert demand["gpu"].jobs == 3 and demand["gpu"].gpus == {"a100": 6, "h100": 1}
+    assert demand["devel"].jobs == 1
+
+
+def past_session(account: ClusterAccount, variant: ModelVariant, wait_s: int) -> None:
+    partition = account.cluster.partitions.get(name="gpu")
+    gpu = partition.node_groups.first().gpu_type  # type: ignore[union-attr]
+    submitted = timezone.now() - timedelta(hours=1)
+    assert account.user is not None
+    LLMSession.objects.create(
+        owner=account.user, account=account, cluster=account.cluster, partition=partition, gpu_type=gpu,
+        gpus_per_node=1, cpus_per_node=1, memory_gib=1, walltime_min=30, variant=variant,
+        runtime_id=1, context_length=1024, submitted_at=submitted, started_at=submitted + timedelta(seconds=wait_s),
+    )  # fmt: skip
+
+
+@pytest.fixture
+def local_setup(example_catalog: Path, owner: Any) -> tuple[ClusterAccount, ModelVariant]:
+    from catalog.models import Cluster
+
+    account = ClusterAccount(cluster=Cluster.objects.get(slug="local"), user=owner, username="ada")
+    account.save()
+    return account, ModelVariant.objects.get(model__name="tiny-llama")
+
+
+def test_history_gives_median_and_90th_percentile_once_there_are_enough_sessions(
+    local_setup: tuple[ClusterAccount, ModelVariant],
+) -> None:
+    account, variant = local_setup
+    partition = account.cluster.partitions.get(name="gpu")
+    gpu = partition.node_groups.first().gpu_type  # type: ignore[union-attr]
+    past_session(account, variant, 60)
+    past_session(account, variant, 120)
+    assert history(partition, gpu).median_s is None  # two are not enough to say anything
+    for wait in (180, 240, 3000):
+        past_session(account, variant, wait)
+    seen = history(partition, gpu)
+    assert (seen.samples, seen.median_s) == (5, 180)
+    assert seen.p90_s == pytest.approx(1896)  # interpolated between 240 and 3000
+
+
+def test_idle_gpus_beat_a_bigger_margin_and_the_reasons_say_so(
+    local_setup: tuple[ClusterAccount, ModelVariant],
+) -> None:
+    _account, variant = local_setup
+    options = plans(request_for(variant, "llama.cpp", 1024), variant)
+    assert {o.node_group.gpu_type.name for o in options} == {"a100-80g", "h100"}
+    now = timezone.now()
+    for option in options:
+        group = option.node_group
+        busy = group.gpu_type.name == "a100-80g"
+        PartitionState.objects.get_or_create(
+            partition=group.partition, gres_type=group.gpu_type.gres_type,
+            defaults={"total_gpus": 4 if busy else 2, "idle_gpus": 0 if busy else 2, "refreshed_at": now},
+        )  # fmt: skip
+    views = queue_views(options, 30, account_for=None)
+    best = next(v for v in views if v.recommended)
+    assert best.option.node_group.gpu_type.name == "h100" and best.idle_now
+    assert any("idle now" in reason for reason in best.reasons)
+    a100 = next(v for v in views if v.option.node_group.gpu_type.name == "a100-80g")
+    assert not a100.idle_now and a100.likely_start is None
+    assert "0 of 4 GPUs idle" in a100.describe()[0]
+
+
+def test_slurms_estimate_decides_when_nothing_is_idle(local_setup: tuple[ClusterAccount, ModelVariant]) -> None:
+    _account, variant = local_setup
+    options = plans(request_for(variant, "llama.cpp", 1024), variant)
+    views = queue_views(options, 30)
+    soon = timezone.now() + timedelta(minutes=5)
+    for view in views:
+        late = view.option.node_group.partition.name == "gpu"
+        view.slurm = SlurmEstimate(soon + timedelta(hours=2) if late else soon, "")
+        view.recommended, view.reasons = False, []
+    best = recommend(views)
+    assert best is not None and best.option.node_group.partition.name == "gpu_devel"
+    assert any(line.startswith("Slurm estimates") for line in best.describe())
+
+
+def test_the_test_only_request_is_the_options_exact_request(local_setup: tuple[ClusterAccount, ModelVariant]) -> None:
+    _, variant = local_setup
+    option = next(
+        o for o in plans(request_for(variant, "llama.cpp", 1024), variant) if o.node_group.gpu_type.name == "a100-80g"
+    )
+    args = probe_args(option, 45, "lab")
+    assert args == [
+        "--partition=gpu", "--account=lab", "--nodes=1", "--ntasks-per-node=1", "--cpus-per-task=2", "--mem=2G",
+        "--gres=gpu:a100:1", "--constraint=a100-80g", "--time=45",
+    ]  # fmt: skip

@@ -1,0 +1,144 @@
+"""Job scripts: valid bash for every runtime, and hostile values either refused or inert."""
+
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+import uuid
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from jobs.cluster.jobscript import JobSpec, RenderError, extra_files, render
+
+SID = "0f8e6c2a-1b2c-4d3e-8f90-123456789abc"
+
+
+def spec(**changes: object) -> JobSpec:
+    base = JobSpec(
+        session_id=SID,
+        runtime="llama.cpp",
+        partition="gpu",
+        account="lab",
+        nodes=1,
+        gpus_per_node=1,
+        gres_type="a100",
+        constraint="a100-80g",
+        cpus_per_node=4,
+        memory_gib=16,
+        walltime_min=60,
+        binary="/opt/llama.cpp/bin/llama-server",
+        rpc_binary="/opt/llama.cpp/bin/ggml-rpc-server",
+        served_name="Llama-3.1-8B-Instruct-Q4_K_M",
+        context_length=8192,
+        parallel=2,
+        model_path="/data/models/llama.gguf",
+        ollama_tag="llama3.1:8b",
+        modules=("cuda/12.1", "llama.cpp"),
+        default_flags=("--metrics",),
+        extra_flags=("--flash-attn", "on"),
+    )
+    return dataclasses.replace(base, **changes)  # type: ignore[arg-type]
+
+
+def bash_n(script: str, tmp_path: Path) -> subprocess.CompletedProcess[str]:
+    path = tmp_path / f"job-{uuid.uuid4().hex}.sh"
+    path.write_text(script)
+    return subprocess.run(["bash", "-n", str(path)], capture_output=True, text=True)
+
+
+@pytest.mark.parametrize(
+    "runtime, nodes",
+    [("llama.cpp", 1), ("llama.cpp", 3), ("ollama", 1), ("vllm", 1), ("vllm", 2)],
+)
+def test_every_runtime_renders_a_script_bash_accepts(runtime: str, nodes: int, tmp_path: Path) -> None:
+    script = render(spec(runtime=runtime, nodes=nodes))
+    result = bash_n(script, tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert script.startswith("#!/bin/bash\n#SBATCH --job-name=hpcllm-" + SID)
+    assert "#SBATCH --gres=gpu:a100:1" in script
+    assert f"#SBATCH --nodes={nodes}" in script
+
+
+def test_the_api_key_never_reaches_a_command_line() -> None:
+    for runtime in ("llama.cpp", "vllm", "ollama"):
+        script = render(spec(runtime=runtime))
+        assert "--api-key " not in script and "--api-key=" not in script
+    assert "--api-key-file" in render(spec())
+    assert "VLLM_API_KEY" in render(spec(runtime="vllm"))
+
+
+def test_ollama_asks_for_the_node_to_itself_and_ships_the_key_proxy() -> None:
+    script = render(spec(runtime="ollama"))
+    assert "#SBATCH --exclusive=user" in script
+    assert 'OLLAMA_HOST="127.0.0.1:' in script
+    assert "keyproxy.py" in extra_files("ollama")
+
+
+def test_sbatch_lines_refuse_values_sbatch_would_misread() -> None:
+    for field, value in [
+        ("partition", "gpu\n#SBATCH --uid=0"),
+        ("partition", "gpu --exclusive"),
+        ("account", "lab;rm"),
+        ("gres_type", "a100:8"),
+        ("constraint", "a100|h100"),
+        ("session_id", "../../etc"),
+    ]:
+        with pytest.raises(RenderError):
+            render(spec(**{field: value}))
+
+
+def test_counts_must_be_positive_integers() -> None:
+    for field in ("nodes", "gpus_per_node", "context_length", "parallel", "walltime_min", "memory_gib"):
+        with pytest.raises(RenderError):
+            render(spec(**{field: 0}))
+
+
+def test_multi_node_llama_needs_the_rpc_server_and_ollama_stays_on_one_node() -> None:
+    with pytest.raises(RenderError, match="ggml-rpc-server"):
+        render(spec(nodes=2, rpc_binary=""))
+    with pytest.raises(RenderError, match="one node"):
+        render(spec(runtime="ollama", nodes=2))
+
+
+hostile = st.lists(
+    st.sampled_from([*"ab$`'\"\\;|&()<>{}*?!# \t\n~=-", "$(touch PWNED)", "`touch PWNED`", "'; touch PWNED; '"]),
+    min_size=1,
+    max_size=12,
+).map("".join)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    field=st.sampled_from(["binary", "model_path", "served_name", "ollama_tag", "model_dir", "rpc_binary"]),
+    value=hostile,
+    flags=st.lists(hostile, max_size=3),
+    module=hostile,
+)
+def test_hostile_values_arrive_quoted_and_are_never_executed(
+    field: str, value: str, flags: list[str], module: str, tmp_path: Path
+) -> None:
+    """Render with hostile values, then run only the header (the assignments) in bash and read the variables back."""
+    try:
+        script = render(spec(**{field: value}, extra_flags=tuple(flags), modules=(module,)))
+    except RenderError:
+        assert "\n" in value or any("\n" in f for f in flags) or "\n" in module or "\x00" in value
+        return
+    assert bash_n(script, tmp_path).returncode == 0
+    header = script.split("# ---- common.sh", 1)[0]
+    var = {
+        "binary": "SERVER_BIN",
+        "model_path": "MODEL_PATH",
+        "served_name": "SERVED_NAME",
+        "ollama_tag": "OLLAMA_TAG",
+        "model_dir": "MODEL_DIR",
+        "rpc_binary": "RPC_BIN",
+    }[field]
+    probe = header + f'\nprintf "%s\\0" "${var}" "${{EXTRA_FLAGS[@]}}" "${{MODULES[@]}}"\n'
+    result = subprocess.run(["bash", "-c", probe], capture_output=True, cwd=tmp_path, timeout=10)
+    assert result.returncode == 0, result.stderr
+    values = result.stdout.decode().split("\0")[:-1]
+    assert values == [value, *flags, module]
+    assert not (tmp_path / "PWNED").exists()

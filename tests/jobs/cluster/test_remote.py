@@ -1,0 +1,161 @@
+"""The submit and poll commands' shell side, run here in bash with fake squeue/sacct/scontrol on PATH."""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import tarfile
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from jobs.cluster import remote
+from jobs.cluster.slurm import SlurmParseError
+
+A = "0f8e6c2a-1b2c-4d3e-8f90-123456789abc"
+B = "1f8e6c2a-1b2c-4d3e-8f90-123456789abc"
+C = "2f8e6c2a-1b2c-4d3e-8f90-123456789abc"
+
+
+def fake_bin(tmp_path: Path, **scripts: str) -> dict[str, str]:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    for name, body in scripts.items():
+        path = bin_dir / name
+        path.write_text("#!/bin/bash\n" + body + "\n")
+        path.chmod(0o755)
+    home = tmp_path / "home"
+    home.mkdir(exist_ok=True)
+    return {"PATH": f"{bin_dir}:{os.environ['PATH']}", "HOME": str(home)}
+
+
+def run(command: str, env: dict[str, str], stdin: bytes = b"") -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["bash", "-c", command], input=stdin.decode(), capture_output=True, text=True, env=env)
+
+
+def test_poll_reports_live_jobs_and_asks_sacct_and_scontrol_only_about_the_others(tmp_path: Path) -> None:
+    env = fake_bin(
+        tmp_path,
+        squeue=f"echo '101|hpcllm-{A}|RUNNING|None|2026-11-21T12:00:00|node1|1:00|59:00|gpu|1'",
+        sacct='echo "$@" >"$HOME/sacct-args"\n'
+        'echo "102|hpcllm-x|CANCELLED by 1000|0:15|2026-11-21T11:00:00|2026-11-21T11:05:00|node2|None"',
+        scontrol='[ "$4" = 103 ] && { echo "slurm_load_jobs error: Invalid job id specified" >&2; exit 1; }\n'
+        'echo "JobId=$4 JobName=x JobState=TIMEOUT Reason=TimeLimit ExitCode=0:0"',
+    )
+    session_dir = Path(env["HOME"]) / ".hpc-llm-portal" / "sessions" / A
+    session_dir.mkdir(parents=True)
+    (session_dir / "connection.json").write_text('{"host": "127.0.0.1", "port": 4242, "node": "node1"}')
+    out = run(remote.poll_command([(A, "101"), (B, "102"), (C, "103")]), env)
+    assert out.returncode == 0, out.stderr
+    result = remote.parse_poll(out.stdout)
+    assert result.complete and result.squeue_ok
+    assert list(result.queued) == ["101"] and result.queued["101"].state == "RUNNING"
+    assert result.connections[A]["port"] == 4242
+    assert "-j 102,103" in (Path(env["HOME"]) / "sacct-args").read_text()
+    assert result.finished["102"]["JobState"] == "TIMEOUT"  # scontrol wins over sacct for jobs it still holds
+    assert result.asked_gone == {"102", "103"}
+
+
+def test_a_failing_squeue_is_reported_not_read_as_every_job_gone(tmp_path: Path) -> None:
+    env = fake_bin(
+        tmp_path,
+        squeue="echo 'slurm_load_jobs error: Unable to contact slurm controller (connect failure)'; exit 1",
+        sacct="echo should-not-run; exit 99",
+        scontrol="echo should-not-run; exit 99",
+    )
+    result = remote.parse_poll(run(remote.poll_command([(A, "101")]), env).stdout)
+    assert not result.squeue_ok
+    assert "Unable to contact slurm controller" in result.squeue_error
+    assert not result.finished and not result.asked_gone
+
+
+def test_a_truncated_poll_output_is_not_complete() -> None:
+    assert not remote.parse_poll("@@squeue 0\n101|n|RUNNING|None|N/A|node1|1:00|1:00|gpu|1\n").complete
+
+
+def test_submit_stages_the_files_privately_and_submits_once(tmp_path: Path) -> None:
+    env = fake_bin(tmp_path, squeue="true", sbatch='echo $((RANDOM + 1000)); echo "$PWD" >>"$HOME/sbatch-calls"')
+    payload = remote.submit_payload("#!/bin/bash\necho hi\n", "sk-secret", {"keyproxy.py": "print(1)\n"})
+    first = run(remote.submit_command(A, payload.sha256), env, payload.stdin)
+    assert first.returncode == 0, first.stderr
+    outcome = remote.parse_submit(first.stdout)
+    assert not outcome.existing
+    again = remote.parse_submit(run(remote.submit_command(A, payload.sha256), env, payload.stdin).stdout)
+    assert again.existing and again.job_id == outcome.job_id
+    assert len((Path(env["HOME"]) / "sbatch-calls").read_text().splitlines()) == 1
+    d = Path(env["HOME"]) / ".hpc-llm-portal" / "sessions" / A
+    assert oct(d.stat().st_mode & 0o777) == "0o700"
+    assert oct((d / "api_key").stat().st_mode & 0o777) == "0o600"
+    assert (d / "api_key").read_text() == "sk-secret\n"
+    assert (d / "keyproxy.py").exists()
+
+
+def test_submit_finds_a_job_sbatch_created_before_its_reply_was_lost(tmp_path: Path) -> None:
+    env = fake_bin(tmp_path, squeue="echo 777", sbatch="echo SHOULD-NOT-RUN >&2; exit 1")
+    payload = remote.submit_payload("#!/bin/bash\n", "k", {})
+    out = remote.parse_submit(run(remote.submit_command(A, payload.sha256), env, payload.stdin).stdout)
+    assert out.existing and out.job_id == "777"
+
+
+def test_a_torn_upload_is_never_submitted(tmp_path: Path) -> None:
+    env = fake_bin(tmp_path, squeue="true", sbatch='echo 1; touch "$HOME/submitted"')
+    payload = remote.submit_payload("#!/bin/bash\n" + "echo x\n" * 1000, "k", {})
+    out = run(remote.submit_command(A, payload.sha256), env, payload.stdin[: len(payload.stdin) // 2])
+    assert out.returncode == remote.SUBMIT_RETRY
+    assert not (Path(env["HOME"]) / "submitted").exists()
+
+
+def test_sbatchs_refusal_comes_back_with_its_message(tmp_path: Path) -> None:
+    env = fake_bin(
+        tmp_path,
+        squeue="true",
+        sbatch='echo "sbatch: error: Batch job submission failed: Invalid partition name specified" >&2; exit 1',
+    )
+    payload = remote.submit_payload("#!/bin/bash\n", "k", {})
+    out = run(remote.submit_command(A, payload.sha256), env, payload.stdin)
+    assert out.returncode == 64 and "Invalid partition name specified" in out.stderr
+    assert not remote.sbatch_is_transient(out.stderr)
+    assert remote.sbatch_is_transient("sbatch: error: Batch job submission failed: Socket timed out on send/recv")
+
+
+def test_the_payload_is_a_tar_with_the_right_modes() -> None:
+    payload = remote.submit_payload("script", "key", {})
+    with tarfile.open(fileobj=io.BytesIO(payload.stdin)) as tar:
+        modes = {m.name: m.mode for m in tar.getmembers()}
+    assert modes == {"job.sh": 0o700, "api_key": 0o600}
+
+
+def test_ids_that_reach_the_command_line_are_checked() -> None:
+    with pytest.raises(ValueError):
+        remote.poll_command([("not-a-uuid; rm -rf ~", "1")])
+    with pytest.raises(ValueError):
+        remote.poll_command([(A, "1;reboot")])
+    with pytest.raises(ValueError):
+        remote.submit_command(A, "abc")
+
+
+def test_submit_output_without_a_job_id_is_an_error() -> None:
+    with pytest.raises(SlurmParseError):
+        remote.parse_submit("something else\n")
+
+
+@given(st.text(max_size=400))
+def test_parse_poll_never_raises_on_garbage(text: str) -> None:
+    result = remote.parse_poll(text)
+    assert isinstance(result.queued, dict)
+
+
+def test_poll_reads_each_pending_jobs_place_in_its_partitions_queue(tmp_path: Path) -> None:
+    env = fake_bin(
+        tmp_path,
+        squeue=(
+            'if [[ "$*" == *PENDING* ]]; then printf "gpu|7\\ngpu|101\\ndevel|9\\n"; '
+            f"else echo '101|hpcllm-{A}|PENDING|Priority|N/A|(null)|0:00|1:00:00|gpu|1'; fi"
+        ),
+    )
+    result = remote.parse_poll(run(remote.poll_command([(A, "101")]), env).stdout)
+    assert result.complete and result.queue_position("gpu", "101") == 2
+    assert result.queue_position("devel", "101") is None

@@ -1,0 +1,181 @@
+"""The launch form: one definition for the wizard, the POST, relaunch, the command line and --json."""
+
+from __future__ import annotations
+
+import html
+import json
+import re
+from argparse import ArgumentParser
+from io import StringIO
+from typing import Any
+
+import pytest
+from django.core.exceptions import ValidationError
+from django.core.management import call_command
+from django.test import Client
+
+from catalog import runtime_rules
+from catalog.models import Cluster, ClusterAccount
+from jobs.cluster import jobscript
+from jobs.management.commands.sessions import add_launch_flags
+from jobs.models import LLMSession, Purpose, State
+from jobs.sessions.actions import launch
+from jobs.sessions.forms import ChoicesForm, LaunchForm, values_of
+from jobs.sessions.lifecycle import job_spec
+from tests.conftest import LAUNCH
+
+
+@pytest.mark.parametrize(
+    "change, field, message",
+    [
+        ({"partition": "nope"}, "partition", "has no partition 'nope'"),
+        ({"gpu": "h200"}, "gpu", "offers no 'h200'"),
+        ({"walltime": 5000}, "walltime", "at most 1440 minutes"),
+        ({"model": "GPT-2", "quant": "fp32"}, "model", "not available on Local test cluster"),
+        ({"runtime": "vllm"}, "runtime", "does not offer vllm"),
+        ({"context": 100000}, "context", "at most 4096"),
+        ({"gpus": 0}, "gpus", "greater than or equal to 1"),
+        ({"cluster": "mars"}, "cluster", "no cluster 'mars'"),
+    ],
+)
+def test_bad_requests_are_refused_with_the_field_and_reason(
+    account: ClusterAccount, owner: Any, change: dict[str, Any], field: str, message: str
+) -> None:
+    form = LaunchForm({**LAUNCH, **change}, user=owner)
+    assert not form.is_valid()
+    assert message in " ".join(str(e) for e in form.errors[field])
+
+
+def test_a_cluster_without_a_pinned_host_key_takes_no_sessions(account: ClusterAccount, owner: Any) -> None:
+    Cluster.objects.filter(slug="local").update(host_key="")
+    with pytest.raises(ValidationError, match="no pinned SSH host key"):
+        launch(owner, LAUNCH)
+
+
+def test_launch_records_the_request_and_submits_after_commit(
+    account: ClusterAccount, owner: Any, django_capture_on_commit_callbacks: Any
+) -> None:
+    with django_capture_on_commit_callbacks(execute=False) as callbacks:
+        session = launch(owner, LAUNCH)
+    assert session.state == State.PENDING and len(callbacks) == 1
+    assert (session.cpus_per_node, session.memory_gib) == (2, 2)  # half of a 2-GPU node's 4 CPUs and 4 GiB
+    assert [e.to_state for e in session.events.all()] == ["pending"]
+
+
+@pytest.fixture
+def owner_client(client: Client, owner: Any, settings: Any) -> Client:
+    settings.PORTAL_WIZARD_ASKS_SLURM = False  # unit tests never reach a cluster
+    client.force_login(owner)
+    return client
+
+
+def recommended_launch(page: str) -> str:
+    """The recommended option's Launch form on a wizard page."""
+    row = page[page.index('class="recommended"') :]
+    return row[row.index('<form method="post"') : row.index("</form>")]
+
+
+def submitted(form: str) -> dict[str, str]:
+    """What a browser submits for a form of hidden inputs (an input without a value sends nothing)."""
+    return {
+        name: html.unescape(value)
+        for name, value in re.findall(r'<input type="hidden" name="([^"]+)" value="([^"]*)"', form)
+    }
+
+
+def test_a_batch_purpose_reaches_the_job_as_four_parallel_slots_and_is_remembered(
+    owner_client: Client, account: ClusterAccount, django_capture_on_commit_callbacks: Any
+) -> None:
+    page = owner_client.get("/launch/", {"model": "tiny-llama", "context": "1024", "purpose": "batch"}).content.decode()
+    assert "batch prompts (4 at a time)" in page
+    posted = submitted(recommended_launch(page))
+    assert posted["purpose"] == "batch"
+    with django_capture_on_commit_callbacks(execute=False):
+        assert owner_client.post("/launch/", {**posted, "token": "t"}).status_code == 302
+    session = LLMSession.objects.get()
+    assert (session.purpose, session.parallel) == (Purpose.BATCH, 4)
+    assert "PARALLEL=4" in jobscript.render(job_spec(session)).splitlines()
+    assert '<option value="batch" selected>' in owner_client.get("/launch/").content.decode()  # remembered
+    assert "purpose=batch" in owner_client.get(f"/sessions/{session.pk}/relaunch")["Location"]
+
+
+def test_each_option_carries_every_launch_field(owner_client: Client, account: ClusterAccount) -> None:
+    page = owner_client.get("/launch/", {"model": "tiny-llama", "context": "1024"}).content.decode()
+    names = set(re.findall(r'name="([^"]+)"', recommended_launch(page)))
+    assert set(LaunchForm.base_fields) <= names
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("context", "200"),  # below the smallest context
+        ("context", "512"),
+        ("context", "9000"),  # above the model's maximum
+        ("walltime", "50000"),  # above 30 days
+        ("walltime", "60"),
+        ("idle_cancel", "2"),  # below 5 minutes
+        ("idle_cancel", "30"),
+        ("alias", "no spaces please"),
+        ("alias", "mistral-7b"),
+        ("purpose", "training"),
+    ],
+)
+def test_the_wizard_refuses_exactly_what_a_launch_refuses(
+    owner_client: Client, account: ClusterAccount, owner: Any, field: str, value: str
+) -> None:
+    form = LaunchForm({**LAUNCH, field: value}, user=owner)
+    launch_refuses = not form.is_valid()
+    page = owner_client.get("/launch/", {"model": "tiny-llama", field: value}).content.decode()
+    assert ('class="error small"' in page) == launch_refuses, page
+    for message in form.errors.get(field, []):
+        assert html.escape(message) in page
+
+
+def test_an_option_whose_partition_allows_less_walltime_is_not_offered(
+    owner_client: Client, account: ClusterAccount
+) -> None:
+    page = owner_client.get("/launch/", {"model": "tiny-llama", "context": "1024", "walltime": "2000"}).content.decode()
+    assert "Launch</button>" not in page  # every local partition allows at most 1440 minutes
+    assert "gpu allows at most 1440 minutes" in page
+
+
+def test_the_command_line_takes_every_launch_field_and_prints_them_back(
+    account: ClusterAccount, owner: Any, django_capture_on_commit_callbacks: Any
+) -> None:
+    lab = ClusterAccount(cluster=account.cluster, kind="service", label="NLP lab", username="nlplab")
+    lab.save()
+    lab.members.add(owner)
+    out = StringIO()
+    flags = ["--cluster", "local", "--partition", "gpu", "--gpu", "a100-80g", "--gpus", "1", "--model", "tiny-llama",
+             "--quant", "F16", "--runtime", "llama.cpp", "--context", "1024", "--walltime", "30", "--purpose", "batch",
+             "--notify", "--idle-cancel", "45", "--account", str(lab.pk), "--alias", "tiny"]  # fmt: skip
+    with django_capture_on_commit_callbacks(execute=False):
+        call_command("sessions", "launch", "--user", "ada", *flags, "--json", stdout=out)
+    session = LLMSession.objects.get()
+    assert (session.purpose, session.parallel, session.notify_email) == (Purpose.BATCH, 4, True)
+    assert (session.idle_cancel_min, session.account, session.alias) == (45, lab, "tiny")
+    printed = json.loads(out.getvalue())
+    assert set(LaunchForm.base_fields) <= set(printed)
+    with django_capture_on_commit_callbacks(execute=False):
+        again = launch(owner, {name: printed[name] for name in LaunchForm.base_fields if printed[name] is not None})
+    assert values_of(again, LaunchForm) == values_of(session, LaunchForm)
+
+
+def test_every_launch_field_is_a_command_line_flag_with_the_forms_choices() -> None:
+    parser = ArgumentParser()
+    add_launch_flags(parser)
+    flags = {action.dest: action for action in parser._actions}
+    assert set(LaunchForm.base_fields) <= set(flags)
+    assert list(flags["runtime"].choices or []) == list(runtime_rules.LAUNCHABLE)
+    assert list(flags["purpose"].choices or []) == list(Purpose.values)
+
+
+def test_relaunch_brings_back_every_choice(owner_client: Client, owner: Any, account: ClusterAccount,
+                                         django_capture_on_commit_callbacks: Any) -> None:  # fmt: skip
+    with django_capture_on_commit_callbacks(execute=False):
+        session = launch(owner, {**LAUNCH, "purpose": "batch", "notify": True, "idle_cancel": 45, "alias": "tiny"})
+    location = owner_client.get(f"/sessions/{session.pk}/relaunch")["Location"]
+    page = owner_client.get(location).content.decode()
+    for name, value in values_of(session, ChoicesForm).items():
+        assert f"{name}=" in location or value in (None, "", False), name
+    assert 'value="45"' in page and 'value="tiny"' in page and "checked" in page

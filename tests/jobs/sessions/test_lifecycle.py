@@ -1,0 +1,183 @@
+"""Session bookkeeping without a cluster: accounts, encryption at rest, validation, state changes and polls."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+from typing import Any
+
+import pytest
+from django.db import connection
+from django.utils import timezone
+
+from catalog.models import ClusterAccount
+from jobs.cluster import remote
+from jobs.cluster.slurm import QueuedJob
+from jobs.models import LLMSession, State, transition
+from jobs.sessions import lifecycle
+from jobs.sessions.actions import launch, request_cancel
+from portal import ssh
+from tests.conftest import LAUNCH
+
+
+@pytest.fixture
+def session(account: ClusterAccount, owner: Any, django_capture_on_commit_callbacks: Any) -> LLMSession:
+    with django_capture_on_commit_callbacks(execute=False):
+        return launch(owner, LAUNCH)
+
+
+def raw_column(table: str, column: str, pk: Any) -> str:
+    with connection.cursor() as cursor:
+        cursor.execute(f"SELECT {column} FROM {table} WHERE id = %s", [pk if isinstance(pk, int) else pk.hex])
+        return str(cursor.fetchone()[0])
+
+
+def test_the_session_key_is_encrypted_at_rest_and_unique(session: LLMSession, owner: Any) -> None:
+    stored = raw_column(LLMSession._meta.db_table, "api_key_encrypted", session.pk)
+    assert session.api_key.startswith("sk-hpcllm-") and session.api_key not in stored
+    other = LLMSession.objects.get(pk=session.pk)
+    other.pk = None
+    other.api_key_encrypted = ""
+    other.save()
+    assert other.api_key != session.api_key
+
+
+def test_transitions_are_conditional_and_recorded(session: LLMSession) -> None:
+    assert transition(session.pk, State.SUBMITTING, cause="claim", allowed_from={State.PENDING})
+    assert not transition(session.pk, State.SUBMITTING, cause="again", allowed_from={State.PENDING})
+    assert transition(session.pk, State.FAILED, cause="boom", end_reason="boom")
+    assert not transition(session.pk, State.RUNNING, cause="too late")
+    session.refresh_from_db()
+    assert session.state == State.FAILED and session.ended_at is not None
+    assert [(e.from_state, e.to_state) for e in session.events.all()][1:] == [
+        ("pending", "submitting"),
+        ("submitting", "failed"),
+    ]
+
+
+def test_a_fresh_submit_claim_keeps_other_workers_out_but_a_stale_one_is_taken_over(
+    session: LLMSession, settings: Any
+) -> None:
+    assert lifecycle.claim_submit(str(session.pk), "task-1")
+    assert not lifecycle.claim_submit(str(session.pk), "task-2")
+    assert lifecycle.claim_submit(str(session.pk), "task-1")  # a retry or redelivery of the same task
+    LLMSession.objects.filter(pk=session.pk).update(submit_claimed_at=timezone.now() - timedelta(hours=1))
+    assert lifecycle.claim_submit(str(session.pk), "task-2")
+    assert LLMSession.objects.get(pk=session.pk).submit_attempts == 3
+
+
+def test_cancelling_before_submission_ends_at_once(session: LLMSession) -> None:
+    request_cancel(session, "changed my mind")
+    session.refresh_from_db()
+    assert session.state == State.CANCELLED
+    assert not lifecycle.claim_submit(str(session.pk), "late-task")
+
+
+def queued_job(job_id: str, state: str, reason: str = "", nodes: str = "node1") -> QueuedJob:
+    return QueuedJob(job_id, "hpcllm-x", state, reason, datetime(2026, 11, 21, 12, 0), nodes, 0, 60, "gpu", 1)
+
+
+def submitted(session: LLMSession, job_id: str = "42") -> LLMSession:
+    transition(session.pk, State.QUEUED, cause="test", job_id=job_id)
+    return LLMSession.objects.get(pk=session.pk)
+
+
+def poll(**fields: Any) -> remote.PollResult:
+    return remote.PollResult(squeue_ok=True, complete=True, **fields)
+
+
+def test_polls_move_a_session_from_queued_to_running(session: LLMSession) -> None:
+    s = submitted(session)
+    assert lifecycle.apply_poll(s, poll(queued={"42": queued_job("42", "PENDING", "Priority")}))
+    s.refresh_from_db()
+    assert (s.state, s.slurm_reason) == (State.QUEUED, "Priority")
+    assert not lifecycle.apply_poll(
+        s, poll(queued={"42": queued_job("42", "PENDING", "Priority")})
+    )  # no change, no write
+    connection_file = {"host": "10.0.0.5", "port": 30123, "node": "node1"}
+    assert lifecycle.apply_poll(
+        s, poll(queued={"42": queued_job("42", "RUNNING")}, connections={str(s.pk): connection_file})
+    )
+    s.refresh_from_db()
+    assert (s.state, s.host, s.port, s.node_list) == (State.RUNNING, "10.0.0.5", 30123, "node1")
+    assert [e.to_state for e in s.events.all()][-2:] == ["starting", "running"]
+
+
+@pytest.mark.parametrize(
+    "slurm_state, error, expected, reason",
+    [
+        ("CANCELLED", "", State.CANCELLED, "cancelled (scancel outside the portal)"),
+        ("TIMEOUT", "", State.TIMEOUT, "time limit of 30 min"),
+        ("COMPLETED", "", State.COMPLETED, "the server exited"),
+        ("FAILED", "the server exited with code 1 before it was ready: bad magic", State.FAILED, "bad magic"),
+        ("NODE_FAIL", "", State.FAILED, "Slurm: NODE_FAIL (exit code 0:0, NodeDown)"),
+    ],
+)
+def test_finished_jobs_end_their_sessions_with_a_reason(
+    session: LLMSession, slurm_state: str, error: str, expected: State, reason: str
+) -> None:
+    s = submitted(session)
+    record = {"JobState": slurm_state, "ExitCode": "0:0", "Reason": "NodeDown" if slurm_state == "NODE_FAIL" else ""}
+    lifecycle.apply_poll(
+        s, poll(finished={"42": record}, asked_gone={"42"}, errors={str(s.pk): error} if error else {})
+    )
+    s.refresh_from_db()
+    assert s.state == expected and reason in s.end_reason
+
+
+def test_a_job_nobody_knows_ends_only_after_the_grace_period(session: LLMSession, settings: Any) -> None:
+    s = submitted(session)
+    settings.PORTAL_JOB_LOST_AFTER_S = 600
+    assert not lifecycle.apply_poll(s, poll(asked_gone={"42"}))
+    LLMSession.objects.filter(pk=s.pk).update(last_seen_at=timezone.now() - timedelta(hours=1))
+    s.refresh_from_db()
+    assert lifecycle.apply_poll(s, poll(asked_gone={"42"}))
+    s.refresh_from_db()
+    assert s.state == State.FAILED and "no longer knows" in s.end_reason
+
+
+def test_an_unreachable_cluster_makes_sessions_unknown_never_ended(
+    session: LLMSession, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    s = submitted(session)
+
+    def refuse(*args: Any, **kwargs: Any) -> ssh.CommandResult:
+        raise ssh.ConnectionRefused(None, "connection refused")
+
+    monkeypatch.setattr(ssh.pool, "run", refuse)
+    for _ in range(3):
+        lifecycle.poll(s.account_id)
+    s.refresh_from_db()
+    assert s.state == State.UNKNOWN and s.ended_at is None
+
+    def squeue_down(*args: Any, **kwargs: Any) -> ssh.CommandResult:
+        return ssh.CommandResult(0, "@@squeue 1\nUnable to contact slurm controller\n@@end\n", "")
+
+    monkeypatch.setattr(ssh.pool, "run", squeue_down)
+    transition(s.pk, State.QUEUED, cause="the cluster answered again")
+    lifecycle.poll(s.account_id)
+    s.refresh_from_db()
+    assert s.state == State.UNKNOWN
+    assert "Unable to contact slurm controller" in s.events.last().cause  # type: ignore[union-attr]
+
+
+def test_a_cancel_that_gave_up_is_repeated_by_the_poll(session: LLMSession, monkeypatch: pytest.MonkeyPatch) -> None:
+    s = submitted(session)
+    LLMSession.objects.filter(pk=s.pk).update(cancel_requested_at=timezone.now() - timedelta(minutes=5))
+    commands: list[str] = []
+
+    def cluster(target: Any, command: str, **kwargs: Any) -> ssh.CommandResult:
+        commands.append(command)
+        return ssh.CommandResult(0, "@@squeue 0\n42|hpcllm-x|RUNNING|None|N/A|node1|1:00|1:00|gpu|1\n@@end\n", "")
+
+    monkeypatch.setattr(ssh.pool, "run", cluster)
+    lifecycle.poll(s.account_id)
+    assert commands[1:] == ["scancel 42"]
+
+
+def test_a_queued_session_knows_its_place_in_the_queue(session: LLMSession) -> None:
+    s = submitted(session)
+    polled = poll(queued={"42": queued_job("42", "PENDING", "Priority")}, pending_order={"gpu": ["7", "42"]})
+    assert lifecycle.apply_poll(s, polled)
+    s.refresh_from_db()
+    assert s.queue_position == 2
+    assert not lifecycle.apply_poll(s, polled)

@@ -1,0 +1,183 @@
+"""The researcher's pages with Django's test client: sign-in, wizard, sessions, access rules and query counts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+from django.test import Client
+
+from catalog.models import Cluster, ClusterAccount
+from jobs.models import LLMSession, State, transition
+from jobs.sessions.actions import launch
+from tests.conftest import HOST_KEY
+
+LAUNCH = {
+    "cluster": "local", "partition": "gpu", "gpu": "a100-80g", "gpus": "1", "nodes": "1", "model": "tiny-llama",
+    "quant": "fp16", "runtime": "llama.cpp", "context": "1024", "walltime": "30",
+}  # fmt: skip
+
+
+@pytest.fixture(autouse=True)
+def _no_ssh(settings: Any) -> None:
+    """Unit tests never touch the network; the wizard's Slurm estimates are tested in tests/e2e."""
+    settings.PORTAL_WIZARD_ASKS_SLURM = False
+
+
+@pytest.fixture
+def owner_client(client: Client, owner: Any) -> Client:
+    client.force_login(owner)
+    return client
+
+
+@pytest.fixture
+def session(account: ClusterAccount, owner: Any, django_capture_on_commit_callbacks: Any) -> LLMSession:
+    with django_capture_on_commit_callbacks(execute=False):
+        return launch(owner, LAUNCH)
+
+
+def test_pages_need_a_signed_in_user(client: Client, db: None) -> None:
+    for url in ("/launch/", "/sessions/", "/clusters/accounts/"):
+        reply = client.get(url)
+        assert reply.status_code == 302 and reply["Location"].startswith("/accounts/login/")
+
+
+def test_sign_in_with_a_password_lands_on_my_sessions(client: Client, owner: Any) -> None:
+    page = client.get("/accounts/login/")
+    assert b'autocomplete="current-password"' in page.content
+    bad = client.post("/accounts/login/", {"username": "ada", "password": "wrong"})
+    assert bad.status_code == 200 and b'value="ada"' in bad.content  # what was typed is kept
+    good = client.post("/accounts/login/", {"username": "ada", "password": "correct horse battery"})
+    assert good.status_code == 302 and good["Location"] == "/sessions/"
+
+
+def test_the_wizard_shows_the_estimate_and_the_options_with_the_recommended_first(
+    owner_client: Client, account: ClusterAccount
+) -> None:
+    page = owner_client.get(
+        "/launch/", {"model": "tiny-llama", "quant": "fp16", "runtime": "llama.cpp", "context": "2048"}
+    )
+    text = page.content.decode()
+    assert "GPU memory:" in text and "<svg" in text and "KV cache" in text
+    assert text.index("Recommended") < text.index("Launch</button>")
+    assert 'name="cluster" value="local"' in text
+    longer = owner_client.get("/launch/", {"model": "tiny-llama", "quant": "fp16", "context": "4096"},
+                              headers={"HX-Request": "true"})  # fmt: skip
+    assert longer.status_code == 200 and "<html" not in longer.content.decode()
+    assert 'value="4096"' in longer.content.decode()
+
+
+def test_clusters_without_an_account_are_shown_but_not_selectable(owner_client: Client, example_catalog: Path) -> None:
+    Cluster.objects.filter(slug="local").update(host_key=HOST_KEY)
+    text = owner_client.get("/launch/", {"model": "tiny-llama", "context": "1024"}).content.decode()
+    assert "Set up an account" in text and "Launch</button>" not in text
+
+
+def test_launching_twice_with_one_form_creates_one_session(
+    owner_client: Client, account: ClusterAccount, django_capture_on_commit_callbacks: Any
+) -> None:
+    with django_capture_on_commit_callbacks(execute=False):
+        first = owner_client.post("/launch/", {**LAUNCH, "token": "form-1"})
+        second = owner_client.post("/launch/", {**LAUNCH, "token": "form-1"})
+    assert first.status_code == second.status_code == 302
+    assert LLMSession.objects.count() == 1
+    remembered = owner_client.get("/launch/").content.decode()
+    assert 'value="30"' in remembered  # the last walltime comes back
+
+
+def test_a_refused_launch_keeps_what_was_typed_and_says_why(owner_client: Client, account: ClusterAccount) -> None:
+    reply = owner_client.post("/launch/", {**LAUNCH, "walltime": "2000", "token": "t"})
+    text = reply.content.decode()
+    assert reply.status_code == 200 and "walltime: gpu allows at most 1440 minutes" in text
+    assert LLMSession.objects.count() == 0
+
+
+def test_my_sessions_lists_cards_and_polls_only_while_something_can_change(
+    owner_client: Client, session: LLMSession, django_assert_num_queries: Any
+) -> None:
+    with django_assert_num_queries(3):  # the auth session, the user, the sessions with their relations
+        page = owner_client.get("/sessions/")
+    text = page.content.decode()
+    assert f'id="s-{session.pk}"' in text and 'hx-trigger="every 3s"' in text
+    transition(session.pk, State.FAILED, cause="test", end_reason="Slurm refused the job: nope")
+    text = owner_client.get("/sessions/").content.decode()
+    assert 'hx-trigger="every 3s"' not in text and "Slurm refused the job: nope" in text
+
+
+def test_the_query_count_does_not_grow_with_the_number_of_sessions(
+    owner_client: Client, session: LLMSession, owner: Any, django_assert_num_queries: Any,
+    django_capture_on_commit_callbacks: Any,
+) -> None:  # fmt: skip
+    with django_capture_on_commit_callbacks(execute=False):
+        for _ in range(5):
+            launch(owner, LAUNCH)
+    with django_assert_num_queries(3):
+        owner_client.get("/sessions/")
+
+
+def test_cancel_before_submission_ends_the_session(owner_client: Client, session: LLMSession) -> None:
+    reply = owner_client.post(f"/sessions/{session.pk}/cancel")
+    assert reply.status_code == 302
+    session.refresh_from_db()
+    assert session.state == State.CANCELLED
+
+
+def test_relaunch_prefills_the_wizard(owner_client: Client, session: LLMSession) -> None:
+    reply = owner_client.get(f"/sessions/{session.pk}/relaunch")
+    assert reply.status_code == 302 and "model=tiny-llama" in reply["Location"] and "context=1024" in reply["Location"]
+
+
+def test_only_ended_sessions_can_be_deleted(owner_client: Client, session: LLMSession) -> None:
+    owner_client.post(f"/sessions/{session.pk}/delete")
+    assert LLMSession.objects.filter(pk=session.pk).exists()
+    transition(session.pk, State.CANCELLED, cause="test")
+    owner_client.post(f"/sessions/{session.pk}/delete")
+    assert not LLMSession.objects.filter(pk=session.pk).exists()
+
+
+def test_other_users_get_404_for_everything_about_a_session(
+    client: Client, other_user: Any, session: LLMSession
+) -> None:
+    client.force_login(other_user)
+    base = f"/sessions/{session.pk}"
+    for url in (f"{base}/", f"{base}/card", f"{base}/relaunch", f"{base}/log"):
+        assert client.get(url).status_code == 404, url
+    for url in (f"{base}/cancel", f"{base}/delete"):
+        assert client.post(url).status_code == 404, url
+    session.refresh_from_db()
+    assert session.state == State.PENDING
+    assert str(session.pk) not in client.get("/sessions/").content.decode()
+
+
+def test_admins_may_look_at_any_session(admin_client: Client, session: LLMSession) -> None:
+    assert admin_client.get(f"/sessions/{session.pk}/").status_code == 200
+
+
+def test_the_accounts_page_shows_the_key_and_the_command(owner_client: Client, account: ClusterAccount) -> None:
+    text = owner_client.get("/clusters/accounts/").content.decode()
+    assert account.public_key in text and "authorized_keys" in text and "Test connection" in text
+    assert "You have no account here yet" in text  # the other clusters
+
+
+def test_another_users_account_cannot_be_tested(client: Client, other_user: Any, account: ClusterAccount) -> None:
+    client.force_login(other_user)
+    assert client.post(f"/clusters/accounts/{account.pk}/test").status_code == 404
+
+
+def test_a_researcher_with_several_accounts_chooses_one(
+    owner_client: Client, account: ClusterAccount, owner: Any, other_user: Any,
+    django_capture_on_commit_callbacks: Any,
+) -> None:  # fmt: skip
+    lab = ClusterAccount(cluster=account.cluster, kind="service", label="NLP lab", username="nlplab")
+    lab.save()
+    lab.members.add(owner)
+    page = owner_client.get("/launch/", {"model": "tiny-llama", "context": "1024"}).content.decode()
+    assert "nlplab (NLP lab)" in page and 'name="account"' in page
+    with django_capture_on_commit_callbacks(execute=False):
+        owner_client.post("/launch/", {**LAUNCH, "account": str(lab.pk), "token": "a"})
+    assert LLMSession.objects.get().account == lab
+    mine = ClusterAccount(cluster=account.cluster, user=other_user, username="grace")
+    mine.save()
+    refused = owner_client.post("/launch/", {**LAUNCH, "account": str(mine.pk), "token": "b"})
+    assert "That is not one of your accounts" in refused.content.decode()

@@ -1,0 +1,97 @@
+"""The layout docs/architecture.md draws, checked on the code: imports run one way and never in a circle, and no
+module is named like the standard library."""
+
+from __future__ import annotations
+
+import ast
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+APPS = ("portal", "catalog", "jobs")
+# The project's wiring sits above both apps; the rest of portal is infrastructure they share.
+WIRING = {"portal.urls", "portal.asgi", "portal.wsgi", "portal.celery"}
+# Who may import whom, as package prefixes: a module under the key may not import one under any listed prefix.
+FORBIDDEN = {
+    "portal": ("catalog", "jobs"),
+    "catalog": ("jobs",),
+    "jobs.models": ("jobs.cluster", "jobs.sessions", "jobs.use", "jobs.tasks"),
+    "jobs.cluster": ("jobs.sessions", "jobs.use", "jobs.tasks"),
+    "jobs.sessions": ("jobs.use",),
+}
+# Only these modules enqueue Celery tasks by importing jobs.tasks (besides the URL and command entry points).
+ENQUEUE = {"jobs.sessions.actions"}
+
+
+def modules() -> dict[str, Path]:
+    found = {}
+    for app in APPS:
+        for path in (REPO / app).rglob("*.py"):
+            if "migrations" in path.parts:
+                continue
+            rel = path.relative_to(REPO).with_suffix("")
+            parts = rel.parts[:-1] if rel.name == "__init__" else rel.parts
+            found[".".join(parts)] = path
+    return found
+
+
+def imports() -> dict[str, set[str]]:
+    """Each project module and the project modules it imports, lazily or not."""
+    known = modules()
+    graph: dict[str, set[str]] = {}
+    for name, path in known.items():
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        targets: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    parts = package.split(".")
+                    base = ".".join(parts[: len(parts) - node.level + 1] + ([base] if base else []))
+                names = [base] + [f"{base}.{alias.name}" for alias in node.names]
+            else:
+                continue
+            for target in names:
+                while target and target not in known:
+                    target = target.rpartition(".")[0]
+                if target and target != name:
+                    targets.add(target)
+        graph[name] = targets
+    return graph
+
+
+GRAPH = imports()
+
+
+@pytest.mark.parametrize("module", sorted(GRAPH))
+def test_imports_run_one_way(module: str) -> None:
+    for prefix, forbidden in FORBIDDEN.items():
+        if (module == prefix or module.startswith(prefix + ".")) and module not in WIRING:
+            wrong = [t for t in GRAPH[module] if any(t == f or t.startswith(f + ".") for f in forbidden)]
+            assert not wrong, f"{module} imports {wrong}"
+    if "jobs.tasks" in GRAPH[module]:
+        assert module in ENQUEUE or module.startswith(("jobs.management", "jobs.urls")), module
+
+
+def test_no_import_cycles() -> None:
+    """No module reaches itself through its imports (a package's own __init__ aside)."""
+    cycles = []
+    for start in GRAPH:
+        seen, stack = set(), [start]
+        while stack:
+            for target in GRAPH[stack.pop()]:
+                if target == start and not start.startswith(f"{target}."):
+                    cycles.append(start)
+                if target not in seen and not start.startswith(f"{target}."):
+                    seen.add(target)
+                    stack.append(target)
+    assert not cycles, f"import cycles through: {sorted(set(cycles))}"
+
+
+def test_no_module_is_named_like_the_standard_library() -> None:
+    clashes = [m for m in GRAPH if "." in m and m.rpartition(".")[2] in sys.stdlib_module_names]
+    assert not clashes
