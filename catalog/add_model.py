@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from django.contrib.auth.models import AbstractBaseUser, AnonymousUser
+from django.contrib.auth.models import User
 from django.core.exceptions import ValidationError
 from django.db import transaction
 
@@ -76,7 +76,7 @@ class SSHReader:
         return sorted(self._run(f"ls -1A {shlex.quote(path)}").split("\n")[:-1])
 
 
-def cluster_reader(user: AbstractBaseUser | AnonymousUser, cluster: Cluster) -> SSHReader:
+def cluster_reader(user: User, cluster: Cluster) -> SSHReader:
     """A cluster's files, read as the user's own account there."""
     account = ClusterAccount.for_user(user, cluster)
     if account is None:

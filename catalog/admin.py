@@ -2,6 +2,7 @@ from __future__ import annotations
 
 from django import forms
 from django.contrib import admin, messages
+from django.contrib.auth.models import User
 from django.core.exceptions import ValidationError
 from django.db.models import Count, QuerySet
 from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
@@ -25,21 +26,21 @@ from catalog.models import (
 from portal import ssh
 
 
-class PartitionInline(admin.TabularInline):
+class PartitionInline(admin.TabularInline[Partition, Cluster]):
     model = Partition
     extra = 0
     fields = ["name", "max_walltime_min", "default_walltime_min", "is_debug"]
     show_change_link = True
 
 
-class ClusterRuntimeInline(admin.TabularInline):
+class ClusterRuntimeInline(admin.TabularInline[ClusterRuntime, Cluster]):
     model = ClusterRuntime
     extra = 0
     fields = ["runtime", "modules", "binary", "rpc_binary", "model_dir", "extra_flags"]
 
 
 @admin.register(Cluster)
-class ClusterAdmin(admin.ModelAdmin):
+class ClusterAdmin(admin.ModelAdmin[Cluster]):
     list_display = [
         "name",
         "slug",
@@ -68,17 +69,17 @@ class ClusterAdmin(admin.ModelAdmin):
 
     @admin.display(description="partitions", ordering="n_partitions")
     def partition_count(self, obj: Cluster) -> int:
-        return obj.n_partitions  # type: ignore[attr-defined]
+        return int(getattr(obj, "n_partitions", 0))  # annotated by get_queryset
 
 
-class NodeGroupInline(admin.TabularInline):
+class NodeGroupInline(admin.TabularInline[NodeGroup, Partition]):
     model = NodeGroup
     extra = 0
     fields = ["gpu_type", "gpus_per_node", "node_count", "cpus_per_node", "ram_gib"]
 
 
 @admin.register(Partition)
-class PartitionAdmin(admin.ModelAdmin):
+class PartitionAdmin(admin.ModelAdmin[Partition]):
     list_display = ["name", "cluster", "max_walltime_min", "default_walltime_min", "is_debug"]
     list_filter = ["cluster", "is_debug"]
     search_fields = ["name", "cluster__name", "cluster__slug"]
@@ -87,7 +88,7 @@ class PartitionAdmin(admin.ModelAdmin):
 
 
 @admin.register(GPUType)
-class GPUTypeAdmin(admin.ModelAdmin):
+class GPUTypeAdmin(admin.ModelAdmin[GPUType]):
     list_display = [
         "name",
         "display_name",
@@ -102,7 +103,7 @@ class GPUTypeAdmin(admin.ModelAdmin):
 
 
 @admin.register(NodeGroup)
-class NodeGroupAdmin(admin.ModelAdmin):
+class NodeGroupAdmin(admin.ModelAdmin[NodeGroup]):
     list_display = ["partition", "gpu_type", "gpus_per_node", "node_count", "cpus_per_node", "ram_gib"]
     list_filter = ["gpu_type", "partition__cluster"]
     search_fields = ["partition__name", "partition__cluster__slug", "gpu_type__name"]
@@ -110,20 +111,20 @@ class NodeGroupAdmin(admin.ModelAdmin):
 
 
 @admin.register(Runtime)
-class RuntimeAdmin(admin.ModelAdmin):
+class RuntimeAdmin(admin.ModelAdmin[Runtime]):
     list_display = ["kind", "display_name", "default_flags"]
     search_fields = ["kind", "display_name"]
 
 
 @admin.register(ClusterRuntime)
-class ClusterRuntimeAdmin(admin.ModelAdmin):
+class ClusterRuntimeAdmin(admin.ModelAdmin[ClusterRuntime]):
     list_display = ["runtime", "cluster", "modules", "binary", "rpc_binary"]
     list_filter = ["runtime", "cluster"]
     search_fields = ["cluster__slug", "modules", "binary"]
     list_select_related = ["runtime", "cluster"]
 
 
-class ModelVariantInline(admin.TabularInline):
+class ModelVariantInline(admin.TabularInline[ModelVariant, ModelCard]):
     model = ModelVariant
     extra = 0
     fields = ["quantization", "format", "size_gib"]
@@ -131,7 +132,7 @@ class ModelVariantInline(admin.TabularInline):
 
 
 @admin.register(ModelCard)
-class ModelCardAdmin(admin.ModelAdmin):
+class ModelCardAdmin(admin.ModelAdmin[ModelCard]):
     list_display = [
         "name",
         "family",
@@ -169,6 +170,7 @@ class ModelCardAdmin(admin.ModelAdmin):
         form = AddFromFileForm(request.POST or None)
         if request.method == "POST" and form.is_valid():
             cluster = form.cleaned_data["cluster"]
+            assert isinstance(request.user, User)  # admin_view let only signed-in staff through
             try:
                 reader = cluster_reader(request.user, cluster) if cluster else None
                 found = inspect(form.cleaned_data["path"], reader)
@@ -187,7 +189,7 @@ class ModelCardAdmin(admin.ModelAdmin):
 
     @admin.display(description="variants", ordering="n_variants")
     def variant_count(self, obj: ModelCard) -> int:
-        return obj.n_variants  # type: ignore[attr-defined]
+        return int(getattr(obj, "n_variants", 0))  # annotated by get_queryset
 
 
 class AddFromFileForm(forms.Form):
@@ -203,14 +205,14 @@ class AddFromFileForm(forms.Form):
     name = forms.CharField(max_length=120, required=False, help_text="Model card name (default: from the file).")
 
 
-class VariantLocationInline(admin.TabularInline):
+class VariantLocationInline(admin.TabularInline[VariantLocation, ModelVariant]):
     model = VariantLocation
     extra = 0
     fields = ["cluster", "path", "ollama_tag"]
 
 
 @admin.register(ModelVariant)
-class ModelVariantAdmin(admin.ModelAdmin):
+class ModelVariantAdmin(admin.ModelAdmin[ModelVariant]):
     list_display = ["model", "quantization", "format", "size_gib"]
     list_filter = ["format", "quantization", "model__family"]
     search_fields = ["model__name", "quantization"]
@@ -219,14 +221,14 @@ class ModelVariantAdmin(admin.ModelAdmin):
 
 
 @admin.register(VariantLocation)
-class VariantLocationAdmin(admin.ModelAdmin):
+class VariantLocationAdmin(admin.ModelAdmin[VariantLocation]):
     list_display = ["variant", "cluster", "path", "ollama_tag"]
     list_filter = ["cluster"]
     search_fields = ["variant__model__name", "path", "ollama_tag"]
     list_select_related = ["variant__model", "cluster"]
 
 
-class ClusterAccountForm(forms.ModelForm):
+class ClusterAccountForm(forms.ModelForm[ClusterAccount]):
     private_key = forms.CharField(
         widget=forms.Textarea(attrs={"rows": 4}),
         required=False,
@@ -250,7 +252,7 @@ class ClusterAccountForm(forms.ModelForm):
 
 
 @admin.register(ClusterAccount)
-class ClusterAccountAdmin(admin.ModelAdmin):
+class ClusterAccountAdmin(admin.ModelAdmin[ClusterAccount]):
     form = ClusterAccountForm
     list_display = ["username", "cluster", "kind", "user", "label", "slurm_account"]
     list_filter = ["cluster", "kind"]

@@ -5,22 +5,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from catalog.estimate import Estimate, EstimateError, Fit, Request, estimate, fit, smallest_layout
+from catalog.estimate import EstimateError, Layout, Request, estimate, fit, smallest_layout
 from catalog.models import ClusterRuntime, ModelVariant, NodeGroup, VariantLocation
 from catalog.runtime_rules import rules_for
 
 
 @dataclass(frozen=True)
-class Option:
-    node_group: NodeGroup
-    gpus_per_node: int
-    nodes: int
-    estimate: Estimate
-    fit: Fit
+class Option(Layout):
+    """A layout (GPUs per node, nodes, its estimate and fit) on one node group of the catalog."""
 
-    @property
-    def gpus(self) -> int:
-        return self.gpus_per_node * self.nodes
+    node_group: NodeGroup
 
     @property
     def label(self) -> str:
@@ -72,14 +66,14 @@ def plans(request: Request, variant: ModelVariant | None = None, available_only:
         except EstimateError:
             continue
         if layout is not None:
-            options.append(Option(group, layout.gpus_per_node, layout.nodes, layout.estimate, layout.fit))
+            options.append(Option(layout.gpus_per_node, layout.nodes, layout.estimate, layout.fit, node_group=group))
             continue
         nodes = group.node_count if rules_for(request.runtime).multi_node else 1
         try:
             est = estimate(replace(request, gpus_per_node=group.gpus_per_node, nodes=nodes))
         except EstimateError:
             continue
-        options.append(Option(group, group.gpus_per_node, nodes, est, fit(est, usable)))
+        options.append(Option(group.gpus_per_node, nodes, est, fit(est, usable), node_group=group))
     return sorted(options, key=lambda o: (not o.fit.fits, o.gpus, -o.fit.headroom_gib, o.label))
 
 

@@ -52,7 +52,9 @@ class Located:
     lines: dict[Path, int]
 
 
-def _to_python(loader: yaml.SafeLoader, node: yaml.Node, path: Path, lines: dict[Path, int], errors: list) -> Any:
+def _to_python(
+    loader: yaml.SafeLoader, node: yaml.Node, path: Path, lines: dict[Path, int], errors: list[tuple[int, Path, str]]
+) -> Any:
     lines.setdefault(path, node.start_mark.line + 1)
     if isinstance(node, yaml.MappingNode):
         loader.flatten_mapping(node)  # resolves YAML merge keys (<<) like the safe loader does
@@ -298,7 +300,7 @@ class _Importer:
         self.errors: list[CatalogError] = []
         self.report = ImportReport()
         self.touched: dict[type[models.Model], set[int]] = defaultdict(set)
-        self.seen: dict[tuple, Path] = {}
+        self.seen: dict[tuple[object, ...], Path] = {}
         # Fields already reported by read(), so full_clean() does not report them again as blank; and natural
         # keys of objects that failed, so references to them are not reported as unknown.
         self.bad_fields: set[Path] = set()
@@ -366,7 +368,7 @@ class _Importer:
                     attrs[f.target] = converted
         return attrs, children
 
-    def duplicate(self, key: tuple, path: Path, label: str) -> bool:
+    def duplicate(self, key: tuple[object, ...], path: Path, label: str) -> bool:
         if key in self.seen:
             self.error(path, f"duplicate {label}: already defined at line {self.line_of(self.seen[key])}")
             return True

@@ -1,7 +1,5 @@
 from __future__ import annotations
 
-from typing import Any
-
 from django.contrib import admin, messages
 from django.db.models import QuerySet
 from django.http import HttpRequest
@@ -10,18 +8,18 @@ from jobs.models import LLMSession, SessionEvent
 from jobs.sessions.actions import request_cancel
 
 
-class SessionEventInline(admin.TabularInline):
+class SessionEventInline(admin.TabularInline[SessionEvent, LLMSession]):
     model = SessionEvent
     extra = 0
     can_delete = False
     readonly_fields = ["at", "from_state", "to_state", "cause"]
 
-    def has_add_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+    def has_add_permission(self, request: HttpRequest, obj: LLMSession | None = None) -> bool:
         return False
 
 
 @admin.register(LLMSession)
-class SessionAdmin(admin.ModelAdmin):
+class SessionAdmin(admin.ModelAdmin[LLMSession]):
     list_display = [
         "id",
         "owner",

@@ -26,7 +26,7 @@ SUBMIT_MAX_RETRIES = 8
 
 
 def _backoff_s(retries: int) -> int:
-    return min(5 * 2**retries, 300)
+    return min(5 << retries, 300)
 
 
 @shared_task(bind=True, name="jobs.submit_session", max_retries=SUBMIT_MAX_RETRIES, acks_late=True)

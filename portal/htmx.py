@@ -18,7 +18,7 @@ class HtmxHttpRequest(HttpRequest):
     """A request to a signed-in page (login_required), as django-htmx's middleware leaves it."""
 
     htmx: HtmxDetails
-    user: User  # type: ignore[assignment]
+    user: User
 
 
 def render_page(request: HtmxHttpRequest, template: str, context: dict[str, Any], partial: str = "") -> HttpResponse:

@@ -38,6 +38,8 @@ class StaticFilesMiddleware(WhiteNoiseMiddleware):
         else:
             static_file = self.files.get(request.path_info)
         if static_file is not None:
-            return await sync_to_async(self.serve, thread_sensitive=False)(static_file, request)
+            served: HttpResponseBase = await sync_to_async(self.serve, thread_sensitive=False)(static_file, request)
+            return served
         get_response: Callable[[HttpRequest], Awaitable[HttpResponseBase]] = self.get_response
-        return await get_response(request)
+        response: HttpResponseBase = await get_response(request)
+        return response

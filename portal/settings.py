@@ -8,10 +8,15 @@ from __future__ import annotations
 
 import base64
 from pathlib import Path
+from typing import Any
 
 import dj_database_url
+import django_stubs_ext
 
 from portal.env import ImproperlyConfiguredEnv, env_bool, env_int, env_list, env_secret, env_str
+
+# Lets the admin's classes name their model (ModelAdmin[Cluster]) at run time, as the type checker sees them.
+django_stubs_ext.monkeypatch()
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 VAR_DIR = Path(env_str("PORTAL_VAR_DIR", str(BASE_DIR / "var")))
@@ -196,7 +201,7 @@ else:
     }
 # Short-lived facts shared by the web processes and the workers (Slurm's --test-only estimates, job logs the worker
 # fetched): in Redis when there is one, else in files under var/cache/ that every process on this host reads.
-CACHES = {
+CACHES: dict[str, dict[str, Any]] = {
     "default": {"BACKEND": "django.core.cache.backends.redis.RedisCache", "LOCATION": REDIS_URL}
     if REDIS_URL
     else {

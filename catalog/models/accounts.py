@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 from django.conf import settings
+from django.contrib.auth.models import User
 from django.core.exceptions import ValidationError
 from django.core.validators import RegexValidator
 from django.db import models
@@ -125,7 +126,7 @@ class ClusterAccount(models.Model):
         )
 
     @classmethod
-    def usable_by(cls, user: Any, cluster: Cluster) -> list[ClusterAccount]:
+    def usable_by(cls, user: User, cluster: Cluster) -> list[ClusterAccount]:
         """Every account the user may submit through on the cluster: their own first, then shared ones."""
         accounts = ClusterAccount.objects.filter(cluster=cluster)
         own = list(accounts.filter(kind=cls.Kind.PERSONAL, user=user))
@@ -133,7 +134,7 @@ class ClusterAccount(models.Model):
         return own + shared
 
     @classmethod
-    def for_user(cls, user: Any, cluster: Cluster) -> ClusterAccount | None:
+    def for_user(cls, user: User, cluster: Cluster) -> ClusterAccount | None:
         """The account a user submits through on a cluster: their own first, else a service account they are in."""
         own = cls.objects.filter(cluster=cluster, kind=cls.Kind.PERSONAL, user=user).first()
         if own is not None:

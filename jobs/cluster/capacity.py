@@ -7,9 +7,9 @@ import hashlib
 import math
 import shlex
 import statistics
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any
 
 from django.core.cache import cache
 from django.db import transaction
@@ -229,7 +229,10 @@ def _minutes(seconds: float) -> str:
 
 
 def queue_views(
-    options: list[Option], walltime_min: int, account_for: Any = None, ask_slurm: bool = True
+    options: list[Option],
+    walltime_min: int,
+    account_for: Callable[[Cluster], ClusterAccount | None] | None = None,
+    ask_slurm: bool = True,
 ) -> list[QueueView]:
     """Attach queue facts to fitting options and mark the recommended one. account_for(cluster) gives the user's
     account there (for --test-only with their own priority); without one, Slurm is not asked for that option."""

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import secrets
-from typing import Any
 
 from django.conf import settings
+from django.contrib.auth.models import User
 from django.db import models
 
 
@@ -36,7 +36,7 @@ class ApiToken(models.Model):
         return f"{self.name} ({self.hint}…)"
 
     @classmethod
-    def issue(cls, user: Any, name: str) -> tuple[ApiToken, str]:
+    def issue(cls, user: User, name: str) -> tuple[ApiToken, str]:
         """A new token; the plain text is returned once and never stored."""
         token = cls.PREFIX + secrets.token_urlsafe(32)
         row = cls.objects.create(user=user, name=name, digest=token_digest(token), hint=token[: len(cls.PREFIX) + 6])

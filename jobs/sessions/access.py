@@ -4,7 +4,7 @@ command line's lookup by uuid prefix. (The API proxy applies the same rule in SQ
 from __future__ import annotations
 
 import re
-from typing import Any
+from uuid import UUID
 
 from django.core.exceptions import ValidationError
 from django.db.models import QuerySet
@@ -22,7 +22,7 @@ def with_relations() -> QuerySet[LLMSession]:
     )
 
 
-def get_session_for(request: HttpRequest, pk: Any) -> LLMSession:
+def get_session_for(request: HttpRequest, pk: UUID | str) -> LLMSession:
     """The session if the request's user owns it (or is staff); 404 otherwise, so others cannot even probe ids."""
     try:
         session = with_relations().get(pk=pk)

@@ -3,9 +3,10 @@ cancel one, ask for its log. Each writes the database and enqueues the worker's 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
-from django.contrib.auth.models import AbstractBaseUser
+from django.contrib.auth.models import User
 from django.db import IntegrityError, transaction
 
 from jobs import tasks
@@ -15,7 +16,7 @@ from jobs.sessions import lifecycle
 from jobs.sessions.forms import LaunchForm, form_errors
 
 
-def launch(user: AbstractBaseUser, data: Any, request_token: str = "") -> LLMSession:
+def launch(user: User, data: Mapping[str, Any], request_token: str = "") -> LLMSession:
     """Validate a request (LaunchForm), create the session and enqueue its submit once the row is committed.
     A request_token seen before for this user returns that session instead of a second one."""
     if request_token:

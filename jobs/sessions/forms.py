@@ -20,7 +20,7 @@ import functools
 from typing import Any
 
 from django import forms
-from django.contrib.auth.models import AbstractBaseUser, AnonymousUser
+from django.contrib.auth.models import User
 from django.core import validators
 from django.core.exceptions import ValidationError
 from django.db import models
@@ -194,7 +194,7 @@ class LaunchForm(ChoicesForm):
     # The catalog objects clean() found, by the session column that holds them.
     objects: dict[str, models.Model]
 
-    def __init__(self, *args: Any, user: AbstractBaseUser | AnonymousUser, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, user: User, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.user = user
         self.objects = {}
@@ -251,7 +251,7 @@ class LaunchForm(ChoicesForm):
 
     def session_columns(self) -> dict[str, Any]:
         """What the session keeps: each plain field under its column, and the catalog objects clean() found."""
-        columns = dict(self.objects)
+        columns: dict[str, Any] = dict(self.objects)
         for name, field in self.fields.items():
             path = kept_as(field)
             if "." not in path:
@@ -259,7 +259,7 @@ class LaunchForm(ChoicesForm):
         return columns
 
     @classmethod
-    def hidden(cls, values: dict[str, Any], user: AbstractBaseUser | AnonymousUser) -> LaunchForm:
+    def hidden(cls, values: dict[str, Any], user: User) -> LaunchForm:
         """A form that carries these values as hidden inputs (each option's Launch button in the wizard)."""
         form = cls(initial=values, user=user, auto_id=False)  # one per option on a page: no ids to collide
         for field in form.fields.values():

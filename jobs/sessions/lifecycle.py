@@ -12,7 +12,7 @@ import logging
 import shlex
 import uuid
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from django.conf import settings
@@ -378,14 +378,11 @@ def _end(session: LLMSession, slurm_state: str, record: dict[str, str], error: s
         reason = error or f"Slurm: {slurm_state} (exit code {record.get('ExitCode', '?')}" + (
             f", {slurm_reason})" if slurm_reason and slurm_reason != "None" else ")"
         )
+    fields: dict[str, Any] = {"end_reason": reason}
     ended = _aware(slurm.parse_time(record.get("EndTime", "")))
-    return transition(
-        sid,
-        target,
-        cause=f"Slurm: {slurm_state}; {reason}",
-        end_reason=reason,
-        **({"ended_at": ended} if ended else {}),
-    )
+    if ended:
+        fields["ended_at"] = ended
+    return transition(sid, target, cause=f"Slurm: {slurm_state}; {reason}", **fields)
 
 
 def _valid_connection(data: dict[str, object]) -> bool:
@@ -399,7 +396,7 @@ def _valid_connection(data: dict[str, object]) -> bool:
     )
 
 
-def _aware(value: Any) -> Any:
+def _aware(value: datetime | None) -> datetime | None:
     if value is None:
         return None
     return timezone.make_aware(value) if timezone.is_naive(value) else value

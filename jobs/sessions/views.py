@@ -6,6 +6,7 @@ from __future__ import annotations
 import secrets
 from typing import Any
 from urllib.parse import urlencode
+from uuid import UUID
 
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
@@ -58,20 +59,20 @@ def session_list(request: HtmxHttpRequest) -> HttpResponse:
 
 @login_required
 @require_GET
-def session_card(request: HtmxHttpRequest, pk: Any) -> HttpResponse:
+def session_card(request: HtmxHttpRequest, pk: UUID) -> HttpResponse:
     return render_page(request, "jobs/session_list.html", {"s": get_session_for(request, pk)}, "card")
 
 
 @login_required
 @require_GET
-def session_detail(request: HtmxHttpRequest, pk: Any) -> HttpResponse:
+def session_detail(request: HtmxHttpRequest, pk: UUID) -> HttpResponse:
     session = get_session_for(request, pk)
     return render_page(request, "jobs/session_detail.html", {"s": session, "events": session.events.all()})
 
 
 @login_required
 @require_POST
-def session_cancel(request: HtmxHttpRequest, pk: Any) -> HttpResponse:
+def session_cancel(request: HtmxHttpRequest, pk: UUID) -> HttpResponse:
     session = get_session_for(request, pk)
     if not session.is_ended:
         actions.request_cancel(session, f"cancelled by {request.user.get_username()} in the browser")
@@ -84,7 +85,7 @@ def session_cancel(request: HtmxHttpRequest, pk: Any) -> HttpResponse:
 
 @login_required
 @require_POST
-def session_delete(request: HtmxHttpRequest, pk: Any) -> HttpResponse:
+def session_delete(request: HtmxHttpRequest, pk: UUID) -> HttpResponse:
     session = get_session_for(request, pk)
     if session.state not in END_STATES:
         messages.error(request, "Only ended sessions can be deleted; cancel it first.")
@@ -98,7 +99,7 @@ def session_delete(request: HtmxHttpRequest, pk: Any) -> HttpResponse:
 
 @login_required
 @require_GET
-def session_relaunch(request: HtmxHttpRequest, pk: Any) -> HttpResponse:
+def session_relaunch(request: HtmxHttpRequest, pk: UUID) -> HttpResponse:
     """The wizard again, with this session's choices."""
     values = values_of(get_session_for(request, pk), ChoicesForm)
     query = urlencode({name: value for name, value in values.items() if value not in (None, "")})
@@ -107,7 +108,7 @@ def session_relaunch(request: HtmxHttpRequest, pk: Any) -> HttpResponse:
 
 @login_required
 @require_GET
-def session_log(request: HtmxHttpRequest, pk: Any) -> HttpResponse:
+def session_log(request: HtmxHttpRequest, pk: UUID) -> HttpResponse:
     """The job's log as the worker last fetched it; the page keeps asking while the session runs or it is coming."""
     session = get_session_for(request, pk)
     tail = actions.job_log(session)

@@ -5,12 +5,13 @@ so the wizard accepts exactly what a launch accepts. Views render it; nothing he
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from django import forms
 from django.conf import settings
-from django.contrib.auth.models import AbstractBaseUser, AnonymousUser
+from django.contrib.auth.models import User
 from django.db.models import Q, QuerySet
 from django.template.defaultfilters import floatformat
 
@@ -88,7 +89,7 @@ def _cards(filters: dict[str, str]) -> QuerySet[ModelCard]:
     return cards.order_by("family", "params_b", "name")
 
 
-def build(user: AbstractBaseUser | AnonymousUser, params: Any, errors: list[str] | None = None) -> WizardState:
+def build(user: User, params: Mapping[str, Any], errors: list[str] | None = None) -> WizardState:
     """The wizard for these GET (or refused POST) parameters: step 1 checked by ChoicesForm, then the estimate
     and the options for the choices it accepts (a field it refuses falls back to its default and says why)."""
     data = {name: params.get(name) for name in params if name not in FILTERS}
@@ -151,7 +152,7 @@ def _offer_variants(form: ChoicesForm, card: ModelCard, variants: list[ModelVari
     context.help_text = f"up to {card.max_context}"
 
 
-def _estimate_and_options(state: WizardState, user: AbstractBaseUser | AnonymousUser) -> None:
+def _estimate_and_options(state: WizardState, user: User) -> None:
     values, variant = state.values, state.variant
     assert variant is not None
     request = request_for(variant, values["runtime"], values["context"], parallel=values["parallel"])
@@ -191,9 +192,7 @@ def _estimate_and_options(state: WizardState, user: AbstractBaseUser | Anonymous
             state.not_fitting.append(OptionRow(view, selectable=False, why_not=_why_not(view, state)))
 
 
-def _launch_form(
-    view: QueueView, choices: dict[str, Any], accounts: list[ClusterAccount], user: AbstractBaseUser | AnonymousUser
-) -> LaunchForm:
+def _launch_form(view: QueueView, choices: dict[str, Any], accounts: list[ClusterAccount], user: User) -> LaunchForm:
     option = view.option
     group = option.node_group
     where = {

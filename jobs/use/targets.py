@@ -16,7 +16,7 @@ from functools import cache
 from typing import Any
 
 from django.contrib.auth import get_user_model
-from django.db import connection
+from django.db import connection, models
 from django.utils import timezone
 from django.utils.dateparse import parse_datetime
 
@@ -51,8 +51,10 @@ def _q(name: str) -> str:
     return connection.ops.quote_name(name)
 
 
-def _col(model: Any, field: str) -> str:
-    return _q(model._meta.get_field(field).column)
+def _col(model: type[models.Model], field: str) -> str:
+    column = model._meta.get_field(field)
+    assert isinstance(column, models.Field)
+    return _q(column.column)
 
 
 @cache
@@ -98,7 +100,8 @@ def _sql(vendor: str) -> dict[str, str]:
 def _fetch_one(statement: str, params: list[Any]) -> tuple[Any, ...] | None:
     with connection.cursor() as cursor:
         cursor.execute(_sql(connection.vendor)[statement], params)
-        return cursor.fetchone()
+        row: tuple[Any, ...] | None = cursor.fetchone()
+        return row
 
 
 def _execute(statement: str, params: list[Any]) -> None:
@@ -108,11 +111,10 @@ def _execute(statement: str, params: list[Any]) -> None:
 
 def _aware(value: Any) -> datetime | None:
     """A datetime column as Django would return it (SQLite hands back text in UTC)."""
-    if isinstance(value, str):
-        value = parse_datetime(value)
-    if value is not None and timezone.is_naive(value):
-        value = value.replace(tzinfo=UTC)
-    return value
+    moment = parse_datetime(value) if isinstance(value, str) else value
+    if not isinstance(moment, datetime):
+        return None
+    return moment.replace(tzinfo=UTC) if timezone.is_naive(moment) else moment
 
 
 def _db_datetime(value: datetime) -> Any:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from typing import Any
+from uuid import UUID
 
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
@@ -19,7 +20,7 @@ from jobs.use import chat as rules
 from portal.htmx import HtmxHttpRequest, render_page
 
 
-def _conversation(session: LLMSession, conversation_id: Any) -> Conversation:
+def _conversation(session: LLMSession, conversation_id: int) -> Conversation:
     conversation = Conversation.objects.filter(session=session, pk=conversation_id).first()
     if conversation is None:
         raise Http404("no such conversation")
@@ -40,7 +41,7 @@ def _number(value: Any, default: float, low: float, high: float) -> float:
 
 @login_required
 @require_GET
-def chat(request: HtmxHttpRequest, pk: Any) -> HttpResponse:
+def chat(request: HtmxHttpRequest, pk: UUID) -> HttpResponse:
     session = get_session_for(request, pk)
     conversations = list(session.conversations.all())
     current = next((c for c in conversations if str(c.pk) == request.GET.get("c")), None) or (
@@ -53,7 +54,7 @@ def chat(request: HtmxHttpRequest, pk: Any) -> HttpResponse:
 
 @login_required
 @require_POST
-def new_conversation(request: HtmxHttpRequest, pk: Any) -> HttpResponse:
+def new_conversation(request: HtmxHttpRequest, pk: UUID) -> HttpResponse:
     session = get_session_for(request, pk)
     conversation = Conversation.objects.create(session=session, system_prompt=request.POST.get("system_prompt", ""))
     if request.headers.get("accept", "").startswith("application/json"):
@@ -63,7 +64,7 @@ def new_conversation(request: HtmxHttpRequest, pk: Any) -> HttpResponse:
 
 @login_required
 @require_POST
-def save_exchange(request: HtmxHttpRequest, pk: Any, conversation_id: int) -> JsonResponse:
+def save_exchange(request: HtmxHttpRequest, pk: UUID, conversation_id: int) -> JsonResponse:
     """After the browser streamed a reply: store the question and the answer with its timings; return safe HTML."""
     conversation = _conversation(get_session_for(request, pk), conversation_id)
     try:
@@ -81,7 +82,7 @@ def save_exchange(request: HtmxHttpRequest, pk: Any, conversation_id: int) -> Js
 
 @login_required
 @require_POST
-def truncate(request: HtmxHttpRequest, pk: Any, conversation_id: int) -> JsonResponse:
+def truncate(request: HtmxHttpRequest, pk: UUID, conversation_id: int) -> JsonResponse:
     """Regenerate / edit-and-resend: forget the messages from this one on."""
     conversation = _conversation(get_session_for(request, pk), conversation_id)
     start = conversation.messages.filter(pk=request.POST.get("from") or 0).first()
@@ -92,7 +93,7 @@ def truncate(request: HtmxHttpRequest, pk: Any, conversation_id: int) -> JsonRes
 
 @login_required
 @require_POST
-def send_without_js(request: HtmxHttpRequest, pk: Any, conversation_id: int) -> HttpResponse:
+def send_without_js(request: HtmxHttpRequest, pk: UUID, conversation_id: int) -> HttpResponse:
     """The plain-form send: ask the model without streaming, store both messages, show the page again."""
     session = get_session_for(request, pk)
     conversation = _conversation(session, conversation_id)
@@ -105,7 +106,7 @@ def send_without_js(request: HtmxHttpRequest, pk: Any, conversation_id: int) -> 
 
 @login_required
 @require_POST
-def manage_conversation(request: HtmxHttpRequest, pk: Any, conversation_id: int) -> HttpResponse:
+def manage_conversation(request: HtmxHttpRequest, pk: UUID, conversation_id: int) -> HttpResponse:
     session = get_session_for(request, pk)
     conversation = _conversation(session, conversation_id)
     if "delete" in request.POST:
@@ -120,7 +121,7 @@ def manage_conversation(request: HtmxHttpRequest, pk: Any, conversation_id: int)
 
 @login_required
 @require_GET
-def export(request: HtmxHttpRequest, pk: Any, conversation_id: int) -> HttpResponse:
+def export(request: HtmxHttpRequest, pk: UUID, conversation_id: int) -> HttpResponse:
     session = get_session_for(request, pk)
     conversation = _conversation(session, conversation_id)
     name = f"chat-{conversation.pk}"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from catalog.architecture import Architecture
 from catalog.models import Cluster, GPUType, ModelCard, ModelVariant, Partition, Runtime
 
 HOST_KEY = "login.example.edu ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl"
@@ -29,20 +30,15 @@ def partition(cluster_obj: Cluster, **over: Any) -> Partition:
     return Partition(**{**values, **over})
 
 
+LLAMA_31_8B = Architecture(8.03, 32, 4096, 32, 8, 128, 128256, 131072)
+
+
 def model_card(**over: Any) -> ModelCard:
-    values: dict[str, Any] = {
-        "name": "Llama-3.1-8B",
-        "family": "llama",
-        "params_b": 8.03,
-        "layers": 32,
-        "hidden_size": 4096,
-        "attention_heads": 32,
-        "kv_heads": 8,
-        "head_dim": 128,
-        "vocab_size": 128256,
-        "max_context": 131072,
-    }
-    return ModelCard(**{**values, **over})
+    card = ModelCard(name="Llama-3.1-8B", family="llama")
+    card.set_architecture(LLAMA_31_8B)
+    for name, value in over.items():
+        setattr(card, name, value)
+    return card
 
 
 def variant(card: ModelCard, **over: Any) -> ModelVariant:

@@ -11,9 +11,9 @@ import yaml
 from hypothesis import given
 from hypothesis import strategies as st
 
+from catalog.architecture import Architecture
 from catalog.estimate import (
     GIB,
-    Architecture,
     EstimateError,
     Request,
     estimate,

@@ -85,6 +85,17 @@ def test_a_one_gpu_session_runs_and_its_server_demands_the_key(
     assert gone.stdout.strip() == "1"
 
 
+def test_a_batch_session_serves_four_requests_at_once(
+    account: ClusterAccount, owner: Any, django_capture_on_commit_callbacks: Any
+) -> None:
+    session = start(owner, django_capture_on_commit_callbacks, purpose="batch")
+    session = drive(session, lambda s: s.state == State.RUNNING or s.is_ended)
+    assert session.state == State.RUNNING, session.end_reason
+    key = {"Authorization": f"Bearer {session.api_key}"}
+    props = httpx.get(f"{backend.base_url(session)}/props", headers=key, timeout=10).json()
+    assert props["total_slots"] == 4
+
+
 def test_the_portal_reaches_the_server_through_an_ssh_tunnel_too(
     account: ClusterAccount, owner: Any, django_capture_on_commit_callbacks: Any
 ) -> None:

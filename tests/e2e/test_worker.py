@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 from django.conf import settings
 from django.db import connection
+from django.test import Client
 
 from catalog.models import ClusterAccount
 from jobs.cluster.slurm import job_name
@@ -77,7 +78,9 @@ def launch_args(**changes: Any) -> list[str]:
     return args
 
 
-def test_the_command_line_launches_waits_and_cancels(worker: Worker, account: ClusterAccount) -> None:
+def test_the_command_line_launches_waits_and_cancels(
+    worker: Worker, account: ClusterAccount, client: Client, owner: Any
+) -> None:
     env = worker_env()
     started = manage(*launch_args(), "--wait", "running", "--json", env=env)
     assert started.returncode == 0, started.stderr + worker.log()[-3000:]
@@ -90,6 +93,12 @@ def test_the_command_line_launches_waits_and_cancels(worker: Worker, account: Cl
     assert [e["to"] for e in detail["events"]] == ["pending", "submitting", "queued", "starting", "running"]
     log = manage("sessions", "log", shown["uuid"], env=env)
     assert "ready at" in log.stdout
+    # The log page shows what the worker fetched into the shared cache; the page itself runs no SSH command.
+    client.force_login(owner)
+    deadline = time.monotonic() + 60
+    while "ready at" not in (page := client.get(f"/sessions/{shown['uuid']}/log").content.decode()):
+        assert time.monotonic() < deadline, page + worker.log()[-3000:]
+        time.sleep(1)
 
     cancelled = manage("sessions", "cancel", shown["uuid"], "--wait", "--json", env=env)
     assert cancelled.returncode == 0, cancelled.stderr

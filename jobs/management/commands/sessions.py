@@ -11,7 +11,7 @@ import json
 import time
 from argparse import ArgumentParser
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 from django import forms
 from django.core.exceptions import ValidationError
@@ -46,7 +46,8 @@ def add_launch_flags(parser: ArgumentParser) -> None:
             continue
         kwargs: dict[str, Any] = {"required": field.required, "help": help_text or None}
         if isinstance(field, forms.ChoiceField):
-            kwargs["choices"] = [str(value) for value, _ in field.choices if value != ""]  # type: ignore[union-attr]
+            choices = cast("list[tuple[object, str]]", field.choices)
+            kwargs["choices"] = [str(value) for value, _ in choices if value != ""]
         elif isinstance(field, forms.IntegerField):
             kwargs["type"] = int
         parser.add_argument(_flag(name), **kwargs)

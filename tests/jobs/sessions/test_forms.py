@@ -128,7 +128,7 @@ def test_the_wizard_refuses_exactly_what_a_launch_refuses(
     page = owner_client.get("/launch/", {"model": "tiny-llama", field: value}).content.decode()
     assert ('class="error small"' in page) == launch_refuses, page
     for message in form.errors.get(field, []):
-        assert html.escape(message) in page
+        assert html.escape(str(message)) in page
 
 
 def test_an_option_whose_partition_allows_less_walltime_is_not_offered(
