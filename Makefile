@@ -12,14 +12,14 @@ demo: venv
 	scripts/demo
 
 # The whole suite, e2e (real Slurm over SSH, real PostgreSQL and Redis) included; then the database-bound
-# catalog tests and the proxy's plain-SQL lookups once more with PostgreSQL as the database and Redis as the broker,
-# as in production.
+# catalog tests, the proxy's plain-SQL lookups and the migrations once more with PostgreSQL as the database and
+# Redis as the broker and cache, as in production.
 test: venv
 	scripts/local-cluster up
 	scripts/local-services up
 	scripts/browser-deps
 	PORTAL_VAR_DIR=$(CURDIR)/var/test $(BIN)/pytest
-	set -a && . var/local-services/env && set +a && PORTAL_VAR_DIR=$(CURDIR)/var/test $(BIN)/pytest -p no:cacheprovider tests/catalog tests/jobs/use/test_targets.py
+	set -a && . var/local-services/env && set +a && PORTAL_VAR_DIR=$(CURDIR)/var/test $(BIN)/pytest -p no:cacheprovider tests/catalog tests/jobs/use/test_targets.py tests/test_migrations.py
 
 # Unit tests only, for a quick loop while editing (no cluster needed).
 test-fast: venv

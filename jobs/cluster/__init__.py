@@ -2,8 +2,8 @@
 
 slurm.py (Slurm's text formats), jobscript.py with scripts/ (a session's sbatch script), remote.py (the submit and
 poll shell commands and their output) are plain Python without Django. capacity.py (partition state, --test-only,
-wait history, the recommended option), logs.py (job logs through the cache) and backend.py (the way to a node's
-server, direct or through SSH) use the models and portal.ssh.
+wait history, the recommended option), logs.py (job logs through the cache), login.py (an account's connection
+test) and backend.py (the way to a node's server, direct or through SSH) use the models and portal.ssh.
 
 May import: jobs.models, catalog, portal. Never jobs.sessions, jobs.use or jobs.tasks.
 """

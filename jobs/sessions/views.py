@@ -17,12 +17,11 @@ from django.views.decorators.http import require_GET, require_http_methods, requ
 from django_htmx.http import HttpResponseClientRedirect
 
 from catalog.models import Cluster, ClusterAccount
-from jobs.cluster import logs
+from jobs.cluster import login, logs
 from jobs.models import END_STATES
 from jobs.sessions import actions, wizard
 from jobs.sessions.access import get_session_for, with_relations
 from jobs.sessions.forms import ChoicesForm, values_of
-from portal import ssh
 from portal.errors import messages_of
 from portal.htmx import HtmxHttpRequest, render_page
 
@@ -136,18 +135,9 @@ def account_test(request: HtmxHttpRequest, pk: int) -> HttpResponse:
     me = request.user.pk
     if account is None or not (account.user_id == me or account.members.filter(pk=me).exists()):
         raise Http404("no such account")
-    try:
-        result = ssh.pool.run(account.ssh_target(), "sinfo -h -o %P", timeout_s=20)
-        if result.ok:
-            partitions = " ".join(result.stdout.split())
-            outcome, ok = f"Connected as {account.username}; Slurm answers (partitions: {partitions}).", True
-        else:
-            outcome, ok = f"Logged in, but sinfo failed: {result.stderr.strip()[:300]}", False
-    except ssh.SSHError as exc:
-        outcome, ok = str(exc), False
+    result = login.check(account)
     if request.htmx:
-        return render_page(
-            request, "jobs/accounts.html", {"account": account, "outcome": outcome, "ok": ok}, "test-result"
-        )
-    (messages.success if ok else messages.error)(request, outcome)
+        context = {"account": account, "outcome": result.message, "ok": result.ok}
+        return render_page(request, "jobs/accounts.html", context, "test-result")
+    (messages.success if result.ok else messages.error)(request, result.message)
     return HttpResponseRedirect(reverse("jobs:accounts"))

@@ -13,6 +13,7 @@ from typing import Any
 import httpx
 import pytest
 from django.core.exceptions import ValidationError
+from django.test import Client
 
 from catalog.models import Cluster, ClusterAccount, VariantLocation
 from jobs.cluster import backend
@@ -83,6 +84,16 @@ def test_a_one_gpu_session_runs_and_its_server_demands_the_key(
     assert session.end_reason == "cancelled from the portal"
     gone = shell(local_catalog, f"test -e ~/.hpc-llm-portal/sessions/{session.pk}/connection.json; echo $?")
     assert gone.stdout.strip() == "1"
+
+
+def test_the_accounts_page_tests_a_login_for_real(account: ClusterAccount, owner: Any, client: Client) -> None:
+    client.force_login(owner)
+    reply = client.post(f"/clusters/accounts/{account.pk}/test", headers={"HX-Request": "true"}).content.decode()
+    assert f"Connected as {account.username}" in reply and "gpu_devel" in reply
+    stranger = ClusterAccount.objects.create(cluster=account.cluster, kind="service", label="lab", username="llmuser")
+    stranger.members.add(owner)  # a new key pair, not in the cluster's authorized_keys
+    refused = client.post(f"/clusters/accounts/{stranger.pk}/test", headers={"HX-Request": "true"}).content.decode()
+    assert "Connected" not in refused and "the server rejected the key" in refused and "authorized_keys" in refused
 
 
 def test_a_batch_session_serves_four_requests_at_once(
