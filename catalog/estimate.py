@@ -119,12 +119,11 @@ class Layout:
 
 
 def kv_cells(runtime: str, context: int, parallel: int = 1) -> int:
-    """How many tokens of KV the runtime allocates. llama.cpp/ollama: -c is the whole cache, shared by the slots,
-    padded to 256; ollama multiplies its num_ctx by OLLAMA_NUM_PARALLEL; vLLM and transformers hold
-    `parallel` full-length requests (vLLM in 16-token blocks)."""
-    if runtime == "llama.cpp":
-        return math.ceil(context / LLAMA_CPP_CTX_PAD) * LLAMA_CPP_CTX_PAD
-    if runtime == "ollama":
+    """How many tokens of KV the runtime allocates for `parallel` requests of `context` tokens each.
+    llama.cpp's -c is the whole cache, split evenly over its slots (n_ctx_slot = n_ctx / n_parallel), so a job
+    passes -c context x parallel; ollama multiplies its num_ctx by OLLAMA_NUM_PARALLEL; both pad to 256 cells.
+    vLLM and transformers hold `parallel` full-length requests (vLLM in 16-token blocks)."""
+    if runtime in ("llama.cpp", "ollama"):
         return math.ceil(context * parallel / LLAMA_CPP_CTX_PAD) * LLAMA_CPP_CTX_PAD
     if runtime == "vllm":
         return math.ceil(context / VLLM_BLOCK_TOKENS) * VLLM_BLOCK_TOKENS * parallel
@@ -305,13 +304,13 @@ def smallest_layout(
     req: Request, usable_gib: float, gpus_per_node: int, max_nodes: int = 1, min_gpus: int = 1
 ) -> Layout | None:
     """The fewest GPUs that fit: 1..gpus_per_node on one node, then whole nodes where the runtime spans nodes.
-    vLLM's tensor parallel size must divide the attention heads, so such counts are skipped."""
+    Where tensor parallel splits the attention heads (vLLM), counts that do not divide them are skipped."""
     candidates = [(g, 1) for g in range(max(1, min_gpus), gpus_per_node + 1)]
     rules = RUNTIMES.get(req.runtime)
     if rules is not None and rules.multi_node:
         candidates += [(gpus_per_node, n) for n in range(2, max_nodes + 1)]
     for per_node, nodes in candidates:
-        if req.runtime == "vllm" and req.arch.attention_heads % per_node:
+        if rules is not None and rules.splits_heads and req.arch.attention_heads % per_node:
             continue
         est = estimate(replace(req, gpus_per_node=per_node, nodes=nodes))
         result = fit(est, usable_gib)

@@ -27,6 +27,8 @@ class RuntimeRules:
     model_dir: bool = False  # it finds models in a shared directory (ClusterRuntime.model_dir)
     needs_ollama_tag: bool = False  # it finds a variant by the ollama tag of its location on the cluster
     kv_quant: bool = False  # a quantised KV cache (q8_0, q4_0, ...) is one of its options
+    # Tensor parallel over a node's GPUs splits the attention heads: the GPUs per node must divide them (vLLM).
+    splits_heads: bool = False
 
     @property
     def multi_node(self) -> bool:
@@ -73,6 +75,7 @@ RUNTIMES: dict[str, RuntimeRules] = {
             serves_text="loads safetensors checkpoints",
             across_nodes="pipeline parallel over Ray",
             job_script="vllm.sh",
+            splits_heads=True,
         ),
         RuntimeRules(
             "transformers",

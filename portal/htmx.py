@@ -24,5 +24,10 @@ class HtmxHttpRequest(HttpRequest):
 def render_page(request: HtmxHttpRequest, template: str, context: dict[str, Any], partial: str = "") -> HttpResponse:
     """The whole page, or only its `partial` when htmx asks for it."""
     if partial and request.htmx:
-        return render(request, f"{template}#{partial}", context)
+        return render_partial(request, template, partial, context)
     return render(request, template, context)
+
+
+def render_partial(request: HttpRequest, template: str, partial: str, context: dict[str, Any]) -> HttpResponse:
+    """One named partial of a page on its own (a URL that only ever serves that part, such as one session's card)."""
+    return render(request, f"{template}#{partial}", context)

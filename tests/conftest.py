@@ -42,9 +42,11 @@ def _plain_static_files(settings: Any) -> None:
 
 
 @pytest.fixture(autouse=True)
-def _empty_cache() -> None:
-    """The cache is shared by processes (files, or Redis): no test sees what another left there."""
-    cache.clear()
+def _empty_cache(settings: Any) -> None:
+    """The cache is shared by processes: no test sees what another left there. A Redis cache is left alone, since
+    clearing it would flush the broker's database too (no test that runs on Redis uses the cache)."""
+    if "redis" not in settings.CACHES["default"]["BACKEND"]:
+        cache.clear()
 
 
 @pytest.fixture

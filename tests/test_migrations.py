@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from django.core.management import call_command
 from django.db import connection
 from django.db.migrations.executor import MigrationExecutor
 
@@ -15,28 +16,33 @@ pytestmark = pytest.mark.django_db(transaction=True)
 BEFORE = [("catalog", "0003_gputype_reserve_help"), ("jobs", "0008_idle_cancel")]
 
 
-def migrate(targets: list[tuple[str, str]]) -> Any:
-    """Migrate the test database to these nodes; the historical apps as they are there."""
-    executor = MigrationExecutor(connection)
-    executor.migrate(targets)
-    executor.loader.build_graph()
-    return executor.loader.project_state(targets).apps
+def apps_at(nodes: list[tuple[str, str]]) -> Any:
+    return MigrationExecutor(connection).loader.project_state(nodes).apps
+
+
+def migrate_back() -> Any:
+    """`manage.py migrate catalog 0003` as an admin would run it: jobs 0009 and later go with it."""
+    call_command("migrate", "catalog", "0003_gputype_reserve_help", verbosity=0)
+    return apps_at(BEFORE)
 
 
 @pytest.fixture
 def latest() -> Iterator[list[tuple[str, str]]]:
     nodes = MigrationExecutor(connection).loader.graph.leaf_nodes()
     yield nodes
-    migrate(nodes)  # whatever a test did, the next one finds the current schema
+    call_command("migrate", verbosity=0)  # whatever a test did, the next one finds the current schema
+
+
+def migrate_forward(nodes: list[tuple[str, str]]) -> Any:
+    call_command("migrate", verbosity=0)
+    return apps_at(nodes)
 
 
 def test_accounts_and_sessions_survive_the_move(latest: list[tuple[str, str]]) -> None:
-    old = migrate(BEFORE)
+    old = migrate_back()
     user = old.get_model("auth", "User").objects.create(username="ada")
-    permission = old.get_model("auth", "Permission").objects.get(
-        content_type__app_label="jobs", codename="change_clusteraccount"
-    )
-    user.user_permissions.add(permission)
+    permissions = old.get_model("auth", "Permission").objects.filter(content_type__app_label="jobs")
+    user.user_permissions.add(*permissions.filter(codename__in=["change_clusteraccount", "view_session"]))
     cluster = old.get_model("catalog", "Cluster").objects.create(name="Grace", slug="grace", login_host="grace.example")
     partition = old.get_model("catalog", "Partition").objects.create(cluster=cluster, name="gpu", max_walltime_min=60)
     gpu = old.get_model("catalog", "GPUType").objects.create(name="a100", display_name="A100", memory_gib=80)
@@ -60,15 +66,19 @@ def test_accounts_and_sessions_survive_the_move(latest: list[tuple[str, str]]) -
     )  # fmt: skip
     session.events.create(to_state="running", cause="test")
 
-    new = migrate(latest)
+    new = migrate_forward(latest)
     moved = new.get_model("catalog", "ClusterAccount").objects.get()
     assert (moved.username, moved.label, moved.private_key_encrypted) == ("nlplab", "NLP lab", "sealed")
     assert list(moved.members.values_list("username", flat=True)) == ["ada"]
     kept = new.get_model("jobs", "LLMSession").objects.get()
     assert (kept.pk, kept.job_id, kept.account_id, kept.purpose) == (session.pk, "42", moved.pk, "chat")
     assert kept.events.count() == 1
-    assert new.get_model("auth", "User").objects.get().user_permissions.get().content_type.app_label == "catalog"
+    granted = new.get_model("auth", "User").objects.get().user_permissions.select_related("content_type")
+    assert sorted((p.content_type.app_label, p.codename) for p in granted) == [
+        ("catalog", "change_clusteraccount"),
+        ("jobs", "view_llmsession"),
+    ]
 
-    back = migrate(BEFORE)
+    back = migrate_back()
     assert back.get_model("jobs", "ClusterAccount").objects.get().members.count() == 1
     assert back.get_model("jobs", "Session").objects.get().account_id == moved.pk

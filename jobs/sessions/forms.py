@@ -39,7 +39,7 @@ from catalog.models import (
     VariantLocation,
 )
 from catalog.quant import canonical_quant
-from jobs.models import LLMSession, Purpose
+from jobs.models import LIVE_STATES, LLMSession, Purpose
 
 DEFAULT_CONTEXT = 4096  # tokens, or the model's maximum when that is less
 
@@ -89,13 +89,12 @@ class ContextInput(forms.NumberInput):
         field_id = (attrs or {}).get("id") or self.attrs.get("id") or f"id_{name}"
         slider = format_html(
             '<input id="{}_range" type="range" min="{}" max="{}" step="{}" value="{}" aria-label="Context length '
-            'slider" oninput="document.getElementById(\'{}\').value=this.value">',
+            'slider" oninput="this.previousElementSibling.value=this.value">',
             field_id,
             self.attrs.get("min", ""),
             self.attrs.get("max", ""),
             self.attrs.get("step", ""),
             "" if value is None else value,
-            field_id,
         )
         return number + slider
 
@@ -128,16 +127,36 @@ class ChoicesForm(forms.Form):
     card: ModelCard
     variant: ModelVariant
 
+    def __init__(self, *args: Any, user: User | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.user = user
+
     def clean(self) -> dict[str, Any]:
         data = super().clean() or {}
         if not self.errors:
             self._choose_model(data)
             self._check_runtime_serves(data)
+            self._check_alias(data)
         return data
 
-    def _choose_model(self, data: dict[str, Any]) -> None:
+    def _check_alias(self, data: dict[str, Any]) -> None:
+        """An alias names one live session: scripts that use it must not be switched to another model unawares."""
+        if not data.get("alias") or self.user is None:
+            return
+        holder = LLMSession.objects.filter(owner=self.user, alias=data["alias"], state__in=LIVE_STATES).first()
+        if holder is not None:
+            raise _error(
+                "alias",
+                f"Your {holder.state} session {str(holder.pk)[:8]} answers to {data['alias']!r}; choose another "
+                "alias, or cancel that session first.",
+            )
+
+    def _choose_model(
+        self, data: dict[str, Any], cluster: Cluster | None = None, partition: Partition | None = None
+    ) -> None:
         """The card and variant (the smallest without a quantisation), the context (a default, the model's limit),
-        the runtime (the first one offered for the variant), and the purpose's parallel slots."""
+        the runtime (the first one offered for the variant), the walltime, and the purpose's parallel slots. Once
+        the cluster and partition are known, the defaults are what they offer."""
         card = ModelCard.objects.filter(name=data["model"]).first()
         if card is None:
             raise _error("model", f"There is no model {data['model']!r} in the catalog.")
@@ -149,7 +168,8 @@ class ChoicesForm(forms.Form):
                 raise _error("quant", f"Unknown quantisation {data['quant']!r}.") from None
             variant = variants.filter(quantization=data["quant"]).first()
         else:
-            variant = variants.order_by("size_gib").first()
+            located = variants.filter(locations__cluster=cluster) if cluster else variants
+            variant = located.order_by("size_gib").first() or variants.order_by("size_gib").first()
         if variant is None:
             raise _error("model", f"There is no {card.name} {data.get('quant') or 'variant'} in the catalog.")
         self.card, self.variant = card, variant
@@ -158,12 +178,13 @@ class ChoicesForm(forms.Form):
         if data["context"] > card.max_context:
             raise _error("context", f"{card.name} supports at most {card.max_context}.")
         if not data.get("runtime"):
-            offered = available_runtimes(variant)
+            offered = available_runtimes(variant, cluster)
             if not offered:
                 raise _error("runtime", f"No cluster offers a runtime for {variant} yet.")
             data["runtime"] = offered[0]
         data["purpose"] = data.get("purpose") or Purpose.CHAT
-        data["walltime"] = data.get("walltime") or self.fields["walltime"].initial
+        default_walltime = partition.default_walltime_min if partition else self.fields["walltime"].initial
+        data["walltime"] = data.get("walltime") or default_walltime
         data["parallel"] = data.get("parallel") or Purpose(data["purpose"]).parallel
 
     def _check_runtime_serves(self, data: dict[str, Any]) -> None:
@@ -195,8 +216,7 @@ class LaunchForm(ChoicesForm):
     objects: dict[str, models.Model]
 
     def __init__(self, *args: Any, user: User, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.user = user
+        super().__init__(*args, user=user, **kwargs)
         self.objects = {}
 
     def clean(self) -> dict[str, Any]:
@@ -208,6 +228,7 @@ class LaunchForm(ChoicesForm):
             raise _error("cluster", f"There is no cluster {data['cluster']!r}.")
         if not cluster.host_key.strip():
             raise _error("cluster", f"{cluster.name} has no pinned SSH host key yet; ask an admin.")
+        assert self.user is not None  # a LaunchForm is always somebody's
         usable = ClusterAccount.usable_by(self.user, cluster)
         if not usable:
             raise _error("cluster", f"You have no account on {cluster.name}; ask an admin to add one.")
@@ -221,7 +242,7 @@ class LaunchForm(ChoicesForm):
         group = partition.node_groups.filter(gpu_type=gpu).order_by("-gpus_per_node").first() if gpu else None
         if gpu is None or group is None:
             raise _error("gpu", f"Partition {partition.name} offers no {data['gpu']!r} GPUs.")
-        self._choose_model(data)
+        self._choose_model(data, cluster, partition)
         if data["walltime"] > partition.max_walltime_min:
             raise _error("walltime", f"{partition.name} allows at most {partition.max_walltime_min} minutes.")
         location = VariantLocation.objects.filter(variant=self.variant, cluster=cluster).first()
@@ -234,8 +255,9 @@ class LaunchForm(ChoicesForm):
         if cluster_runtime is None:
             raise _error("runtime", f"{cluster.name} does not offer {data['runtime']}.")
         self._check_runtime_serves(data)
+        self._check_alias(data)
         data["nodes"] = data.get("nodes") or 1
-        _check_runtime_fits(cluster_runtime, location, data["nodes"])
+        _check_runtime_fits(cluster_runtime, location, data["nodes"], data["gpus"])
         cpus, memory_gib = group.share_for(data["gpus"])
         data["cpus"] = data.get("cpus") or cpus
         data["memory_gib"] = data.get("memory_gib") or memory_gib
@@ -267,8 +289,13 @@ class LaunchForm(ChoicesForm):
         return form
 
 
-def _check_runtime_fits(cluster_runtime: ClusterRuntime, location: VariantLocation, nodes: int) -> None:
+def _check_runtime_fits(cluster_runtime: ClusterRuntime, location: VariantLocation, nodes: int, gpus: int) -> None:
     rules = cluster_runtime.runtime.rules
+    heads = location.variant.model.attention_heads
+    if rules.splits_heads and heads % gpus:
+        raise _error(
+            "gpus", f"{rules.kind} splits the {heads} attention heads over the GPUs: {gpus} does not divide them."
+        )
     if rules.needs_ollama_tag and not location.ollama_tag:
         raise _error("runtime", f"{location.variant} has no ollama tag on this cluster.")
     if nodes > 1 and not rules.multi_node:
@@ -277,9 +304,10 @@ def _check_runtime_fits(cluster_runtime: ClusterRuntime, location: VariantLocati
         raise _error("nodes", f"This cluster has no ggml-rpc-server for {rules.kind} across nodes.")
 
 
-def available_runtimes(variant: ModelVariant) -> list[str]:
-    """The runtimes that serve this variant on some cluster that holds it, in the rules table's order."""
-    locations = VariantLocation.objects.filter(variant=variant)
+def available_runtimes(variant: ModelVariant, cluster: Cluster | None = None) -> list[str]:
+    """The runtimes that serve this variant on some cluster that holds it (or on this one), in the rules table's
+    order."""
+    locations = VariantLocation.objects.filter(variant=variant, **({"cluster": cluster} if cluster else {}))
     clusters = set(locations.values_list("cluster_id", flat=True))
     offered = set(ClusterRuntime.objects.filter(cluster_id__in=clusters).values_list("runtime__kind", flat=True))
     tagged = locations.exclude(ollama_tag="").exists()

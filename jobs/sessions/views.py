@@ -23,7 +23,7 @@ from jobs.sessions import actions, wizard
 from jobs.sessions.access import get_session_for, with_relations
 from jobs.sessions.forms import ChoicesForm, values_of
 from portal.errors import messages_of
-from portal.htmx import HtmxHttpRequest, render_page
+from portal.htmx import HtmxHttpRequest, render_page, render_partial
 
 # The wizard's choices, remembered between launches under this key of the browser session.
 LAST_LAUNCH = "last_launch"
@@ -59,7 +59,7 @@ def session_list(request: HtmxHttpRequest) -> HttpResponse:
 @login_required
 @require_GET
 def session_card(request: HtmxHttpRequest, pk: UUID) -> HttpResponse:
-    return render_page(request, "jobs/session_list.html", {"s": get_session_for(request, pk)}, "card")
+    return render_partial(request, "jobs/session_list.html", "card", {"s": get_session_for(request, pk)})
 
 
 @login_required

@@ -98,7 +98,7 @@ def build(user: User, params: Mapping[str, Any], errors: list[str] | None = None
     cards = list(_cards(filters))
     card = next((c for c in all_cards if c.name == data.get("model")), None)
     state = WizardState(
-        form=ChoicesForm(data if card else None),
+        form=ChoicesForm(data if card else None, user=user),
         filters=filters,
         cards=cards,
         tags=sorted({t for c in all_cards for t in c.tag_list}),
@@ -117,12 +117,12 @@ def build(user: User, params: Mapping[str, Any], errors: list[str] | None = None
     if data.get("runtime") not in runtimes:
         data.pop("runtime", None)
     data["quant"] = variant.quantization if variant else data.get("quant")
-    state.form = ChoicesForm(data)
+    state.form = ChoicesForm(data, user=user)
     _offer_models(state.form, cards, card)
     _offer_variants(state.form, card, variants, runtimes)
     if not state.form.is_valid():
         # The page shows each error beside its field; the estimate goes on with that field's default.
-        fallback = ChoicesForm({k: v for k, v in data.items() if k not in state.form.errors})
+        fallback = ChoicesForm({k: v for k, v in data.items() if k not in state.form.errors}, user=user)
         if not fallback.is_valid():
             return state
         state.values, state.variant = fallback.cleaned_data, fallback.variant
@@ -182,10 +182,12 @@ def _estimate_and_options(state: WizardState, user: User) -> None:
         partition = view.option.node_group.partition
         accounts = accounts_on(partition.cluster)
         if view.option.fit.fits:
-            # The launch's own limit, shown where it applies rather than after a refused Launch.
+            # The launch's own limits, shown where they apply rather than after a refused Launch.
             too_long = values["walltime"] > partition.max_walltime_min
             why_not = f"{partition.name} allows at most {partition.max_walltime_min} minutes" if too_long else ""
-            form = _launch_form(view, choices, accounts, user) if accounts and not too_long else None
+            if state.form.errors:  # the options are for the defaults the estimate fell back on, not a launch
+                why_not = "correct the choices above to launch"
+            form = _launch_form(view, choices, accounts, user) if accounts and not why_not else None
             row = OptionRow(view, selectable=form is not None, why_not=why_not, accounts=accounts, form=form)
             state.fitting.append(row)
         else:

@@ -105,6 +105,7 @@ def test_a_batch_session_serves_four_requests_at_once(
     key = {"Authorization": f"Bearer {session.api_key}"}
     props = httpx.get(f"{backend.base_url(session)}/props", headers=key, timeout=10).json()
     assert props["total_slots"] == 4
+    assert props["default_generation_settings"]["n_ctx"] == session.context_length  # each request, whole context
 
 
 def test_the_portal_reaches_the_server_through_an_ssh_tunnel_too(

@@ -56,8 +56,9 @@ if [ "$NODES" -gt 1 ]; then
 fi
 
 PORT="$(free_port "$ADDR")"
-log "starting llama-server on $ADDR:$PORT (model $MODEL_PATH, context $CONTEXT, $PARALLEL slot(s))"
-"$SERVER_BIN" "${DEFAULT_FLAGS[@]}" -m "$MODEL_PATH" -a "$SERVED_NAME" -c "$CONTEXT" -ngl "$GPU_LAYERS" \
+# -c is the whole KV cache, split evenly over the slots: each request gets CONTEXT tokens.
+log "starting llama-server on $ADDR:$PORT (model $MODEL_PATH, $PARALLEL slot(s) of $CONTEXT tokens)"
+"$SERVER_BIN" "${DEFAULT_FLAGS[@]}" -m "$MODEL_PATH" -a "$SERVED_NAME" -c "$((CONTEXT * PARALLEL))" -ngl "$GPU_LAYERS" \
   --parallel "$PARALLEL" --host "$ADDR" --port "$PORT" --api-key-file "$SESSION_DIR/api_key" --no-webui \
   "${RPC_ARGS[@]}" "${EXTRA_FLAGS[@]}" &
 SERVER_PID=$!

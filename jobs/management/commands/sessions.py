@@ -40,7 +40,9 @@ def _flag(name: str) -> str:
 def add_launch_flags(parser: ArgumentParser) -> None:
     """One flag per launch form field, with the field's type, choices, help and requiredness."""
     for name, field in LaunchForm.base_fields.items():
-        help_text = " ".join(str(part) for part in (field.label or "", field.help_text) if part)
+        limits = [getattr(field, "min_value", None), getattr(field, "max_value", None)]
+        bounds = f"{limits[0]} to {limits[1]}" if None not in limits else ""
+        help_text = "; ".join(str(part) for part in (field.label or "", bounds, field.help_text) if part)
         if isinstance(field, forms.BooleanField):
             parser.add_argument(_flag(name), action="store_true", help=help_text)
             continue

@@ -7,6 +7,7 @@ import json
 import re
 from argparse import ArgumentParser
 from io import StringIO
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -19,10 +20,11 @@ from catalog.models import Cluster, ClusterAccount
 from jobs.cluster import jobscript
 from jobs.management.commands.sessions import add_launch_flags
 from jobs.models import LLMSession, Purpose, State
-from jobs.sessions.actions import launch
+from jobs.sessions import wizard
+from jobs.sessions.actions import launch, request_cancel
 from jobs.sessions.forms import ChoicesForm, LaunchForm, values_of
 from jobs.sessions.lifecycle import job_spec
-from tests.conftest import LAUNCH
+from tests.conftest import HOST_KEY, LAUNCH
 
 
 @pytest.mark.parametrize(
@@ -84,8 +86,11 @@ def submitted(form: str) -> dict[str, str]:
 
 
 def test_a_batch_purpose_reaches_the_job_as_four_parallel_slots_and_is_remembered(
-    owner_client: Client, account: ClusterAccount, django_capture_on_commit_callbacks: Any
+    owner_client: Client, owner: Any, account: ClusterAccount, django_capture_on_commit_callbacks: Any
 ) -> None:
+    chat = wizard.build(owner, {"model": "tiny-llama", "context": "1024"}).estimate
+    batch = wizard.build(owner, {"model": "tiny-llama", "context": "1024", "purpose": "batch"}).estimate
+    assert chat and batch and batch.kv_cache_gib == pytest.approx(4 * chat.kv_cache_gib)  # 4 requests of 1024 tokens
     page = owner_client.get("/launch/", {"model": "tiny-llama", "context": "1024", "purpose": "batch"}).content.decode()
     assert "batch prompts (4 at a time)" in page
     posted = submitted(recommended_launch(page))
@@ -156,6 +161,7 @@ def test_the_command_line_takes_every_launch_field_and_prints_them_back(
     assert (session.idle_cancel_min, session.account, session.alias) == (45, lab, "tiny")
     printed = json.loads(out.getvalue())
     assert set(LaunchForm.base_fields) <= set(printed)
+    request_cancel(session, "free the alias")  # an alias names one live session
     with django_capture_on_commit_callbacks(execute=False):
         again = launch(owner, {name: printed[name] for name in LaunchForm.base_fields if printed[name] is not None})
     assert values_of(again, LaunchForm) == values_of(session, LaunchForm)
@@ -179,3 +185,47 @@ def test_relaunch_brings_back_every_choice(owner_client: Client, owner: Any, acc
     for name, value in values_of(session, ChoicesForm).items():
         assert f"{name}=" in location or value in (None, "", False), name
     assert 'value="45"' in page and 'value="tiny"' in page and "checked" in page
+
+
+def test_a_launch_that_names_only_the_model_and_where_takes_that_places_defaults(
+    account: ClusterAccount, owner: Any
+) -> None:
+    partition = account.cluster.partitions.get(name="gpu_devel")
+    where = {"cluster": "local", "partition": "gpu_devel", "gpu": "h100", "gpus": 1, "model": "tiny-llama"}
+    form = LaunchForm(where, user=owner)
+    assert form.is_valid(), form.errors
+    columns = form.session_columns()
+    assert columns["walltime_min"] == partition.default_walltime_min
+    assert (columns["runtime"].kind, columns["variant"].quantization) == ("llama.cpp", "fp16")
+    assert (columns["context_length"], columns["purpose"], columns["parallel"]) == (4096, Purpose.CHAT, 1)
+
+
+def test_an_alias_names_one_live_session(
+    account: ClusterAccount, owner: Any, django_capture_on_commit_callbacks: Any
+) -> None:
+    with django_capture_on_commit_callbacks(execute=False):
+        first = launch(owner, {**LAUNCH, "alias": "tiny"})
+    taken = LaunchForm({**LAUNCH, "alias": "tiny"}, user=owner)
+    assert not taken.is_valid() and "answers to 'tiny'" in " ".join(map(str, taken.errors["alias"]))
+    assert not ChoicesForm({"model": "tiny-llama", "alias": "tiny"}, user=owner).is_valid()  # the wizard says so too
+    request_cancel(first, "test")
+    assert LaunchForm({**LAUNCH, "alias": "tiny"}, user=owner).is_valid()  # free again once it has ended
+
+
+def test_a_refused_choice_offers_no_launch_with_the_default_in_its_place(
+    owner_client: Client, account: ClusterAccount
+) -> None:
+    page = owner_client.get("/launch/", {"model": "tiny-llama", "idle_cancel": "2"}).content.decode()
+    assert "GPU memory" in page  # the estimate goes on with the default
+    assert "Launch</button>" not in page and "correct the choices above to launch" in page
+
+
+def test_vllm_gets_only_gpu_counts_that_divide_the_attention_heads(example_catalog: Path, owner: Any) -> None:
+    cluster = Cluster.objects.get(slug="mccleary")
+    Cluster.objects.filter(pk=cluster.pk).update(host_key=f"{cluster.login_host} {HOST_KEY.split(' ', 1)[1]}")
+    ClusterAccount.objects.create(cluster=cluster, user=owner, username="ada")
+    request = {"cluster": "mccleary", "partition": "gpu", "gpu": "a100-80g", "model": "Llama-3.1-8B-Instruct",
+               "quant": "bf16", "runtime": "vllm", "context": 4096}  # fmt: skip
+    assert LaunchForm({**request, "gpus": 2}, user=owner).is_valid()
+    odd = LaunchForm({**request, "gpus": 3}, user=owner)
+    assert not odd.is_valid() and "32 attention heads" in " ".join(map(str, odd.errors["gpus"]))
