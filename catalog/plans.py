@@ -12,9 +12,10 @@ from catalog.runtime_rules import rules_for
 
 @dataclass(frozen=True)
 class Option(Layout):
-    """A layout (GPUs per node, nodes, its estimate and fit) on one node group of the catalog."""
+    """A layout (GPUs per node, nodes, its estimate and fit) of a runtime on one node group of the catalog."""
 
     node_group: NodeGroup
+    runtime: str
 
     @property
     def label(self) -> str:
@@ -66,14 +67,16 @@ def plans(request: Request, variant: ModelVariant | None = None, available_only:
         except EstimateError:
             continue
         if layout is not None:
-            options.append(Option(layout.gpus_per_node, layout.nodes, layout.estimate, layout.fit, node_group=group))
+            options.append(
+                Option(layout.gpus_per_node, layout.nodes, layout.estimate, layout.fit, group, request.runtime)
+            )
             continue
         nodes = group.node_count if rules_for(request.runtime).multi_node else 1
         try:
             est = estimate(replace(request, gpus_per_node=group.gpus_per_node, nodes=nodes))
         except EstimateError:
             continue
-        options.append(Option(group.gpus_per_node, nodes, est, fit(est, usable), node_group=group))
+        options.append(Option(group.gpus_per_node, nodes, est, fit(est, usable), group, request.runtime))
     return sorted(options, key=lambda o: (not o.fit.fits, o.gpus, -o.fit.headroom_gib, o.label))
 
 

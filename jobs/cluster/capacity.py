@@ -95,7 +95,7 @@ def probe_args(option: Option, walltime_min: int, account: str) -> list[str]:
     cpus, memory_gib = group.share_for(option.gpus_per_node)
     spec = jobscript.JobSpec(
         session_id="00000000-0000-4000-8000-000000000000",
-        runtime="llama.cpp",
+        runtime=option.runtime,  # its job's own #SBATCH lines (ollama's --exclusive=user changes where it fits)
         partition=group.partition.name,
         account=account,
         nodes=option.nodes,

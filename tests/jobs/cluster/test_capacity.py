@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -149,3 +150,4 @@ def test_the_test_only_request_is_the_options_exact_request(local_setup: tuple[C
         "--partition=gpu", "--account=lab", "--nodes=1", "--ntasks-per-node=1", "--cpus-per-task=2", "--mem=2G",
         "--gres=gpu:a100:1", "--constraint=a100-80g", "--time=45",
     ]  # fmt: skip
+    assert "--exclusive=user" in probe_args(dataclasses.replace(option, runtime="ollama"), 45, "lab")  # as its job
