@@ -1,4 +1,8 @@
-"""The jobs app's models, by concern: sessions and their events, partition state, API tokens, chat."""
+"""The jobs app's models, by concern: sessions and their events (sessions.py), partition state (capacity.py), API
+tokens (tokens.py), chat (chat.py).
+
+May import: catalog, portal. Never the rest of jobs.
+"""
 
 from jobs.models.capacity import PartitionState
 from jobs.models.chat import ChatMessage, Conversation
