@@ -7,10 +7,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from django.contrib.auth.models import Group
 from django.core.cache import cache
 
 from catalog.models import Cluster, ClusterAccount
 from catalog.yaml_io import import_file
+from jobs.apps import SUPPORT_GROUP
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLE_CATALOG = REPO / "catalog" / "examples" / "catalog.yaml"
@@ -57,6 +59,21 @@ def owner(django_user_model: Any) -> Any:
 @pytest.fixture
 def other_user(django_user_model: Any) -> Any:
     return django_user_model.objects.create_user("grace", "grace@example.edu", "correct horse battery")
+
+
+@pytest.fixture
+def staff_user(django_user_model: Any) -> Any:
+    """Staff who may open the admin, without the permission to see others' sessions."""
+    return django_user_model.objects.create_user("hopper", "hopper@example.edu", "correct horse battery", is_staff=True)
+
+
+@pytest.fixture
+def support_user(django_user_model: Any) -> Any:
+    """Staff an admin put in the "Session support" group: they see and use every user's sessions."""
+    user = django_user_model.objects.create_user("lovelace", "lovelace@example.edu", "correct horse battery",
+                                                 is_staff=True)  # fmt: skip
+    user.groups.add(Group.objects.get(name=SUPPORT_GROUP))
+    return user
 
 
 @pytest.fixture

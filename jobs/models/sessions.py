@@ -45,6 +45,7 @@ def new_api_key() -> str:
     return "sk-hpcllm-" + secrets.token_urlsafe(32)
 
 
+SEE_ALL_SESSIONS = ("jobs", "see_all_sessions")  # (app label, codename) of the support permission
 BATCH_PARALLEL = 4  # requests a batch session serves at once
 
 
@@ -144,6 +145,9 @@ class LLMSession(models.Model):
     class Meta:
         verbose_name = "session"
         ordering = ["-created_at"]
+        # Support staff are given this (through the "Session support" group); being staff alone, or being able to
+        # open the admin, shows nobody else's sessions.
+        permissions = [("see_all_sessions", "Can see and use every user's sessions (support)")]
         indexes = [models.Index(fields=["cluster", "account", "state"], name="session_poll_idx")]
         constraints = [
             models.UniqueConstraint(

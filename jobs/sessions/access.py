@@ -1,16 +1,18 @@
-"""Who may see a session, and finding one: the ownership rule every page that touches a session uses, and the
-command line's lookup by uuid prefix. (The API proxy applies the same rule in SQL: jobs/use/targets.py.)"""
+"""Who may see a session, and finding one: the ownership rule every page that touches a session uses (its owner, and
+support staff with the explicit permission), and the command line's lookup by uuid prefix. The API proxy applies the
+same rule in SQL: jobs/use/targets.py."""
 
 from __future__ import annotations
 
 import re
 from uuid import UUID
 
+from django.contrib.auth.models import AnonymousUser, User
 from django.core.exceptions import ValidationError
 from django.db.models import QuerySet
 from django.http import Http404, HttpRequest
 
-from jobs.models import LLMSession
+from jobs.models import SEE_ALL_SESSIONS, LLMSession
 
 _UUID_PREFIX = re.compile(r"[0-9a-f-]{4,36}\Z")
 
@@ -22,13 +24,19 @@ def with_relations() -> QuerySet[LLMSession]:
     )
 
 
+def sees_all(user: User | AnonymousUser) -> bool:
+    """Support staff: those given the explicit permission (superusers have every permission)."""
+    return user.has_perm(".".join(SEE_ALL_SESSIONS))
+
+
 def get_session_for(request: HttpRequest, pk: UUID | str) -> LLMSession:
-    """The session if the request's user owns it (or is staff); 404 otherwise, so others cannot even probe ids."""
+    """The session if the request's user owns it or sees all sessions; 404 otherwise, so others cannot even probe
+    ids."""
     try:
         session = with_relations().get(pk=pk)
     except (LLMSession.DoesNotExist, ValidationError, ValueError):
         raise Http404("no such session") from None
-    if session.owner_id != request.user.pk and not request.user.is_staff:
+    if session.owner_id != request.user.pk and not sees_all(request.user):
         raise Http404("no such session")
     return session
 

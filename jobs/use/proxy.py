@@ -147,7 +147,7 @@ async def session_proxy(request: HttpRequest, pk: Any, path: str) -> HttpRespons
         return openai_error(401, "sign in first", "authentication_error")
     if refused := _check_route(request, path):
         return refused
-    target = await _db(targets.target, targets.Holder(user.pk, user.is_staff), str(pk))
+    target = await _db(targets.target, targets.Holder(user.pk), str(pk))
     if target is None:
         return openai_error(404, "no such session", "invalid_request_error")
     body = request.body

@@ -4,7 +4,8 @@ It runs before every forwarded request, so it is two plain SQL statements on a k
 querysets: Django compiles a queryset on every call, which costs about a millisecond here (bench/proxy.py), while
 the statements themselves take tens of microseconds. Table and column names come from the models' metadata and
 every value is a bound parameter. The rules are the same as the pages': a session is reached by its owner, and by
-staff through its uuid; an alias names the owner's newest live session.
+support staff (the explicit permission, sessions.access.sees_all) through its uuid; an alias names the owner's
+newest live session.
 """
 
 from __future__ import annotations
@@ -16,13 +17,15 @@ from functools import cache
 from typing import Any
 
 from django.contrib.auth import get_user_model
+from django.contrib.auth.models import Group, Permission
+from django.contrib.contenttypes.models import ContentType
 from django.db import connection, models
 from django.utils import timezone
 from django.utils.dateparse import parse_datetime
 
 from catalog.models import Cluster, ClusterAccount, ModelCard, ModelVariant
 from jobs.cluster import backend
-from jobs.models import END_STATES, ApiToken, LLMSession, State, served_model_name, token_digest
+from jobs.models import END_STATES, SEE_ALL_SESSIONS, ApiToken, LLMSession, State, served_model_name, token_digest
 from portal import crypto
 
 ACTIVITY_EVERY = timedelta(seconds=30)  # last activity feeds idle auto-cancel, which counts in minutes
@@ -32,7 +35,7 @@ TOKEN_USED_EVERY = timedelta(minutes=1)  # "last used" on the tokens page
 @dataclass(frozen=True)
 class Holder:
     user_pk: int
-    is_staff: bool
+    sees_all: bool | None = None  # None: not asked yet (asked only when the session is someone else's)
 
 
 @dataclass(frozen=True)
@@ -66,7 +69,7 @@ def _sql(vendor: str) -> dict[str, str]:
         return f"s.{_col(LLMSession, field)}"
 
     holder = (
-        f"SELECT t.{_col(ApiToken, 'id')}, t.{_col(ApiToken, 'user')}, u.{_col(user, 'is_staff')}, "
+        f"SELECT t.{_col(ApiToken, 'id')}, t.{_col(ApiToken, 'user')}, {_sees_all_sql(user)}, "
         f"t.{_col(ApiToken, 'last_used_at')} FROM {_q(token)} t JOIN {_q(user._meta.db_table)} u "
         f"ON u.{_col(user, 'id')} = t.{_col(ApiToken, 'user')} "
         f"WHERE t.{_col(ApiToken, 'digest')} = %s AND t.{_col(ApiToken, 'revoked_at')} IS NULL "
@@ -87,6 +90,8 @@ def _sql(vendor: str) -> dict[str, str]:
     end_states = ", ".join(["%s"] * len(END_STATES))
     return {
         "holder": holder,
+        "sees_all": f"SELECT {_sees_all_sql(user)} FROM {_q(user._meta.db_table)} u "
+        f"WHERE u.{_col(user, 'id')} = %s AND u.{_col(user, 'is_active')} = %s",
         "by_pk": target + f"WHERE {s('id')} = %s",
         "by_alias": target + f"WHERE {s('owner')} = %s AND {s('alias')} = %s "
         f"AND {s('state')} NOT IN ({end_states}) ORDER BY {s('created_at')} DESC LIMIT 1",
@@ -95,6 +100,44 @@ def _sql(vendor: str) -> dict[str, str]:
         "touch_session": f"UPDATE {_q(session)} SET {_col(LLMSession, 'last_activity_at')} = %s "
         f"WHERE {_col(LLMSession, 'id')} = %s",
     }
+
+
+def _sees_all_sql(user: type[models.Model]) -> str:
+    """Whether user `u` holds the support permission, as has_perm() decides it: a superuser, or the permission given
+    to the user or to one of their groups. Its parameters: SEE_ALL_PARAMS."""
+    user_perms, user_groups = _through(user, "user_permissions"), _through(user, "groups")
+    group_perms = _through(Group, "permissions")
+    permission, content_type = _col(Permission, "content_type"), _col(ContentType, "id")
+    named = (
+        f"JOIN {_q(Permission._meta.db_table)} p ON p.{_col(Permission, 'id')} = {{link}} "
+        f"JOIN {_q(ContentType._meta.db_table)} ct ON ct.{content_type} = p.{permission} "
+        f"WHERE p.{_col(Permission, 'codename')} = %s AND ct.{_col(ContentType, 'app_label')} = %s"
+    )
+    direct = (
+        f"SELECT 1 FROM {_q(user_perms._meta.db_table)} up "
+        + named.format(link=f"up.{_col(user_perms, 'permission')}")
+        + f" AND up.{_col(user_perms, 'user')} = u.{_col(user, 'id')}"
+    )
+    grouped = (
+        f"SELECT 1 FROM {_q(user_groups._meta.db_table)} ug JOIN {_q(group_perms._meta.db_table)} gp "
+        f"ON gp.{_col(group_perms, 'group')} = ug.{_col(user_groups, 'group')} "
+        + named.format(link=f"gp.{_col(group_perms, 'permission')}")
+        + f" AND ug.{_col(user_groups, 'user')} = u.{_col(user, 'id')}"
+    )
+    return f"(u.{_col(user, 'is_superuser')} = %s OR EXISTS ({direct}) OR EXISTS ({grouped}))"
+
+
+def _through(model: type[models.Model], name: str) -> type[models.Model]:
+    """The table behind a many-to-many field."""
+    field = model._meta.get_field(name)
+    assert isinstance(field, models.ManyToManyField)
+    through = field.remote_field.through
+    assert through is not None and not isinstance(through, str)
+    return through
+
+
+# The parameters of _sees_all_sql, in order.
+SEE_ALL_PARAMS = [True, SEE_ALL_SESSIONS[1], SEE_ALL_SESSIONS[0], SEE_ALL_SESSIONS[1], SEE_ALL_SESSIONS[0]]
 
 
 def _fetch_one(statement: str, params: list[Any]) -> tuple[Any, ...] | None:
@@ -125,15 +168,21 @@ def holder(token: str) -> Holder | None:
     """The active user a personal API token belongs to, unless it is revoked; notes its use once a minute."""
     if not token.startswith(ApiToken.PREFIX):
         return None
-    row = _fetch_one("holder", [token_digest(token), True])
+    row = _fetch_one("holder", [*SEE_ALL_PARAMS, token_digest(token), True])
     if row is None:
         return None
-    token_pk, user_pk, is_staff, last_used = row
+    token_pk, user_pk, sees_all, last_used = row
     now = timezone.now()
     last_used = _aware(last_used)
     if last_used is None or now - last_used > TOKEN_USED_EVERY:
         _execute("touch_token", [_db_datetime(now), token_pk])
-    return Holder(int(user_pk), bool(is_staff))
+    return Holder(int(user_pk), bool(sees_all))
+
+
+def sees_all(user_pk: int) -> bool:
+    """The support permission of an active user (the pages' rule, sessions.access.sees_all, in one statement)."""
+    row = _fetch_one("sees_all", [*SEE_ALL_PARAMS, user_pk, True])
+    return bool(row and row[0])
 
 
 def target(user: Holder, key: str) -> Target | None:
@@ -152,7 +201,7 @@ def target(user: Holder, key: str) -> Target | None:
     pk_value, owner_pk, state, host, port, key_encrypted, node_list, last_activity, access, model, quantization = row[
         :11
     ]
-    if int(owner_pk) != user.user_pk and not user.is_staff:
+    if int(owner_pk) != user.user_pk and not (user.sees_all if user.sees_all is not None else sees_all(user.user_pk)):
         return None
     base = secret = ""
     if state == State.RUNNING and host and port:

@@ -51,7 +51,7 @@ def running(local_catalog: dict[str, Any], owner: Any, django_capture_on_commit_
 
 def test_the_api_reaches_a_tunnel_clusters_server_through_the_forward(running: LLMSession, owner: Any) -> None:
     Cluster.objects.filter(pk=running.cluster_id).update(node_access=Cluster.NodeAccess.TUNNEL)
-    found = targets.target(targets.Holder(owner.pk, is_staff=False), "tiny")
+    found = targets.target(targets.Holder(owner.pk, sees_all=False), "tiny")
     assert found is not None and found.base.startswith("http://127.0.0.1:")
     assert found.base != f"http://{running.host}:{running.port}"
     _, token = ApiToken.issue(owner, "script")
@@ -93,19 +93,27 @@ def test_the_browser_route_streams_a_chat_for_the_owner(running: LLMSession, own
     assert LLMSession.objects.get(pk=running.pk).last_activity_at is not None
 
 
-def test_who_may_use_which_route(running: LLMSession, owner: Any, other_user: Any, admin_user: Any) -> None:
-    async_to_sync(_matrix)(running, owner, other_user, admin_user)
+def test_who_may_use_which_route(
+    running: LLMSession, owner: Any, other_user: Any, admin_user: Any, staff_user: Any, support_user: Any
+) -> None:
+    async_to_sync(_matrix)(running, owner, other_user, admin_user, staff_user, support_user)
 
 
-async def _matrix(running: LLMSession, owner: Any, other_user: Any, admin_user: Any) -> None:
+async def _matrix(
+    running: LLMSession, owner: Any, other_user: Any, admin_user: Any, staff_user: Any, support_user: Any
+) -> None:
     _, token = await _issue(owner)
     _, other_token = await _issue(other_user)
+    _, staff_token = await _issue(staff_user)
+    _, support_token = await _issue(support_user)
     routes: list[tuple[str, dict[str, Any] | None]] = [
         (f"/sessions/{running.pk}/v1/models", None),
         (f"/sessions/{running.pk}/v1/chat/completions", CHAT),
     ]
-    expected = {"owner": 200, "other": 404, "anonymous": 401, "admin": 200}
-    for who, user in (("owner", owner), ("other", other_user), ("anonymous", None), ("admin", admin_user)):
+    expected = {"owner": 200, "other": 404, "anonymous": 401, "admin": 200, "staff": 404, "support": 200}
+    users = {"owner": owner, "other": other_user, "anonymous": None, "admin": admin_user, "staff": staff_user,
+             "support": support_user}  # fmt: skip
+    for who, user in users.items():
         client = AsyncClient()
         if user is not None:
             await client.aforce_login(user)
@@ -116,7 +124,8 @@ async def _matrix(running: LLMSession, owner: Any, other_user: Any, admin_user: 
                 reply = await client.get(url)
             assert reply.status_code == expected[who], (who, url, reply.status_code)
     api = AsyncClient()
-    cases = (("owner", token, 200), ("other", other_token, 404), ("none", "", 401), ("bad", "hpcllm_x", 401))
+    cases = (("owner", token, 200), ("other", other_token, 404), ("none", "", 401), ("bad", "hpcllm_x", 401),
+             ("staff", staff_token, 404), ("support", support_token, 200))  # fmt: skip
     for who, key, status in cases:
         headers = {"Authorization": f"Bearer {key}"} if key else {}
         reply = await api.post("/api/v1/chat/completions", {**CHAT, "model": str(running.pk)},

@@ -136,10 +136,11 @@ def test_only_ended_sessions_can_be_deleted(owner_client: Client, session: LLMSe
     assert not LLMSession.objects.filter(pk=session.pk).exists()
 
 
-def test_other_users_get_404_for_everything_about_a_session(
-    client: Client, other_user: Any, session: LLMSession
+@pytest.mark.parametrize("who", ["other_user", "staff_user"])
+def test_others_even_staff_get_404_for_everything_about_a_session(
+    client: Client, who: str, session: LLMSession, request: pytest.FixtureRequest
 ) -> None:
-    client.force_login(other_user)
+    client.force_login(request.getfixturevalue(who))
     base = f"/sessions/{session.pk}"
     for url in (f"{base}/", f"{base}/card", f"{base}/relaunch", f"{base}/log"):
         assert client.get(url).status_code == 404, url
@@ -150,8 +151,15 @@ def test_other_users_get_404_for_everything_about_a_session(
     assert str(session.pk) not in client.get("/sessions/").content.decode()
 
 
-def test_admins_may_look_at_any_session(admin_client: Client, session: LLMSession) -> None:
-    assert admin_client.get(f"/sessions/{session.pk}/").status_code == 200
+@pytest.mark.parametrize("who", ["support_user", "admin_user"])
+def test_support_staff_may_look_at_any_session(
+    client: Client, who: str, session: LLMSession, request: pytest.FixtureRequest
+) -> None:
+    client.force_login(request.getfixturevalue(who))
+    base = f"/sessions/{session.pk}"
+    for url in (f"{base}/", f"{base}/card", f"{base}/log", f"{base}/chat/"):
+        assert client.get(url).status_code == 200, url
+    assert str(session.pk) not in client.get("/sessions/").content.decode()  # My sessions stays their own
 
 
 def test_the_accounts_page_shows_the_key_and_the_command(owner_client: Client, account: ClusterAccount) -> None:

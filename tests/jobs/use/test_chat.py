@@ -110,7 +110,7 @@ def test_api_tokens_are_shown_once_stored_hashed_and_revocable(client: Client, o
     token_row = ApiToken.objects.get(user=owner)
     token = page.split('id="new-token" readonly value="')[1].split('"')[0]
     assert token.startswith("hpcllm_") and token not in token_row.digest
-    assert targets.holder(token) == targets.Holder(owner.pk, is_staff=False)
+    assert targets.holder(token) == targets.Holder(owner.pk, sees_all=False)
     assert token not in client.get("/tokens/").content.decode()  # only once
     other = Client()
     other.force_login(other_user)

@@ -7,6 +7,7 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
+from django.contrib.auth.models import Permission
 from django.utils import timezone
 
 from catalog.models import ClusterAccount
@@ -34,12 +35,12 @@ def start(account: ClusterAccount, django_capture_on_commit_callbacks: Any) -> A
 
 
 def holder_of(user: Any) -> targets.Holder:
-    return targets.Holder(user.pk, user.is_staff)
+    return targets.Holder(user.pk)  # as the browser's route builds it: the permission is looked up when needed
 
 
 def test_a_token_names_its_active_holder_until_revoked(owner: Any) -> None:
     row, token = ApiToken.issue(owner, "laptop")
-    assert targets.holder(token) == targets.Holder(owner.pk, is_staff=False)
+    assert targets.holder(token) == targets.Holder(owner.pk, sees_all=False)
     assert targets.holder(token + "x") is None
     assert targets.holder("sk-" + token) is None
     owner.is_active = False
@@ -78,12 +79,27 @@ def test_the_owner_reaches_a_running_session_by_uuid_and_alias(start: Any, owner
         )
 
 
-def test_others_do_not_and_staff_only_by_uuid(start: Any, owner: Any, other_user: Any, admin_user: Any) -> None:
+def test_others_do_not_and_support_staff_only_by_uuid(
+    start: Any, owner: Any, other_user: Any, admin_user: Any, staff_user: Any, support_user: Any
+) -> None:
     session = start(owner, alias="mistral")
-    assert targets.target(holder_of(other_user), str(session.pk)) is None
-    assert targets.target(holder_of(other_user), "mistral") is None
-    assert targets.target(holder_of(admin_user), str(session.pk)) is not None
-    assert targets.target(holder_of(admin_user), "mistral") is None  # aliases are per user
+    for nobody in (other_user, staff_user):  # being staff is not enough
+        assert targets.target(holder_of(nobody), str(session.pk)) is None
+        assert targets.target(holder_of(nobody), "mistral") is None
+    for support in (support_user, admin_user):  # the permission, through the group or as a superuser
+        assert targets.target(holder_of(support), str(session.pk)) is not None
+        assert targets.target(holder_of(support), "mistral") is None  # aliases are per user
+
+
+def test_a_tokens_holder_carries_the_support_permission(owner: Any, staff_user: Any, support_user: Any) -> None:
+    """The API's lookup decides the permission in its one statement, as has_perm() does."""
+    for user, expected in ((owner, False), (staff_user, False), (support_user, True)):
+        _, token = ApiToken.issue(user, "script")
+        assert targets.holder(token) == targets.Holder(user.pk, sees_all=expected)
+    support_user.groups.clear()
+    support_user.user_permissions.add(Permission.objects.get(codename="see_all_sessions"))  # given directly
+    _, token = ApiToken.issue(support_user, "direct")
+    assert targets.holder(token) == targets.Holder(support_user.pk, sees_all=True)
     assert targets.target(holder_of(owner), str(uuid.uuid4())) is None
     assert targets.target(holder_of(owner), "no-such-alias") is None
 
