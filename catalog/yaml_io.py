@@ -52,9 +52,20 @@ class Located:
     lines: dict[Path, int]
 
 
+# A catalog file of every site we know is a few thousand values. YAML aliases (*name) repeat a node wherever they
+# appear, so a small file can stand for billions of values ("billion laughs"); reading stops at this many.
+MAX_VALUES = 200_000
+
+
+class _TooLarge(Exception):
+    pass
+
+
 def _to_python(
     loader: yaml.SafeLoader, node: yaml.Node, path: Path, lines: dict[Path, int], errors: list[tuple[int, Path, str]]
 ) -> Any:
+    if len(lines) > MAX_VALUES:
+        raise _TooLarge
     lines.setdefault(path, node.start_mark.line + 1)
     if isinstance(node, yaml.MappingNode):
         loader.flatten_mapping(node)  # resolves YAML merge keys (<<) like the safe loader does
@@ -110,6 +121,11 @@ def read_yaml(text: str) -> tuple[Located | None, list[tuple[int, Path, str]]]:
         return None, [(line, (), f"invalid YAML: {message}")]
     except yaml.YAMLError as exc:
         return None, [(1, (), f"invalid YAML: {exc}")]
+    except _TooLarge:
+        return None, [(1, (), f"the file stands for more than {MAX_VALUES:,} values once its YAML aliases (*name) "
+                              "are expanded; write the entries out instead")]  # fmt: skip
+    except RecursionError:
+        return None, [(1, (), "the file nests mappings and lists too deeply to be a catalog")]
     finally:
         loader.dispose()
     return Located(data, lines), errors

@@ -85,7 +85,11 @@ def save_exchange(request: HtmxHttpRequest, pk: UUID, conversation_id: int) -> J
 def truncate(request: HtmxHttpRequest, pk: UUID, conversation_id: int) -> JsonResponse:
     """Regenerate / edit-and-resend: forget the messages from this one on."""
     conversation = _conversation(get_session_for(request, pk), conversation_id)
-    start = conversation.messages.filter(pk=request.POST.get("from") or 0).first()
+    try:
+        first = int(request.POST.get("from", ""))
+    except ValueError:
+        return JsonResponse({"error": "expected from= the id of the first message to forget"}, status=400)
+    start = conversation.messages.filter(pk=first).first()
     if start is not None:
         conversation.messages.filter(created_at__gte=start.created_at, pk__gte=start.pk).delete()
     return JsonResponse({"ok": True})

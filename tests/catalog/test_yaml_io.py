@@ -388,3 +388,18 @@ def test_any_value_anywhere_imports_cleanly_or_fails_with_located_errors(replace
         assert exc.errors
         assert all(e.line >= 1 and e.message for e in exc.errors)
         assert sum(catalog_rows().values()) == 0
+
+
+def test_aliases_that_expand_beyond_the_bound_are_refused(db: None) -> None:
+    """A 'billion laughs' file: ten kilobytes of YAML standing for ten billion values."""
+    lines = ["a: &a [x, x, x, x, x, x, x, x, x, x]"]
+    for i in range(1, 10):
+        name, previous = chr(97 + i), chr(96 + i)
+        lines.append(f"{name}: &{name} [" + ", ".join([f"*{previous}"] * 10) + "]")
+    with pytest.raises(CatalogImportError, match="YAML aliases"):
+        import_catalog("\n".join(lines), "bomb.yaml")
+
+
+def test_nesting_too_deep_for_a_catalog_is_refused(db: None) -> None:
+    with pytest.raises(CatalogImportError, match="too deeply"):
+        import_catalog("gpu_types: " + "[" * 5000 + "]" * 5000, "deep.yaml")

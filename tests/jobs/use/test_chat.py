@@ -92,6 +92,18 @@ def test_regenerate_forgets_the_last_reply(client: Client, owner: Any, session: 
     assert [m.role for m in conversation.messages.all()] == ["user"]
 
 
+@pytest.mark.parametrize("value", ["abc", "", "1.5", "1e9999"])
+def test_a_malformed_truncate_is_a_clear_400_and_forgets_nothing(
+    client: Client, owner: Any, session: LLMSession, value: str
+) -> None:
+    client.force_login(owner)
+    conversation = Conversation.objects.create(session=session)
+    ChatMessage.objects.create(conversation=conversation, role="user", content="q")
+    reply = client.post(f"/sessions/{session.pk}/chat/{conversation.pk}/truncate", {"from": value})
+    assert reply.status_code == 400 and "first message" in reply.json()["error"]
+    assert conversation.messages.count() == 1
+
+
 def test_other_users_cannot_read_or_write_a_chat(client: Client, other_user: Any, session: LLMSession) -> None:
     conversation = Conversation.objects.create(session=session)
     client.force_login(other_user)
