@@ -7,6 +7,7 @@ REDIS_URL switches to PostgreSQL and Redis with the same code path.
 from __future__ import annotations
 
 import base64
+import os
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,18 @@ django_stubs_ext.monkeypatch()
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 VAR_DIR = Path(env_str("PORTAL_VAR_DIR", str(BASE_DIR / "var")))
-VAR_DIR.mkdir(parents=True, exist_ok=True)
+
+
+def _private_dir(path: Path) -> Path:
+    """A directory only the portal's user may enter: var/ holds the database, the secret key, queued messages and
+    cached job logs."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if path.stat().st_uid == os.getuid():
+        path.chmod(0o700)
+    return path
+
+
+_private_dir(VAR_DIR)
 
 DEBUG = env_bool("DJANGO_DEBUG", False)
 
@@ -36,11 +48,15 @@ if _secret is None:
         _key_file.write_text(secrets.token_urlsafe(50))
     _secret = _key_file.read_text().strip()
 SECRET_KEY: str = _secret
+# Earlier keys after a change of DJANGO_SECRET_KEY: sessions and signed values stay valid, and secrets stored under a
+# key derived from them still decrypt (portal/crypto.py).
+SECRET_KEY_FALLBACKS = env_list("DJANGO_SECRET_KEY_FALLBACKS", [])
 
 ALLOWED_HOSTS = env_list("DJANGO_ALLOWED_HOSTS", ["localhost", "127.0.0.1", "[::1]", "testserver"])
 CSRF_TRUSTED_ORIGINS = env_list("DJANGO_CSRF_TRUSTED_ORIGINS", [])
 
 INSTALLED_APPS = [
+    "portal",  # its management commands (reencrypt)
     "django.contrib.admin",
     "django.contrib.auth",
     "django.contrib.contenttypes",
@@ -92,10 +108,14 @@ if _database_url:
     except ValueError as exc:
         raise ImproperlyConfiguredEnv(f"DATABASE_URL cannot be used: {exc}") from None
 else:
+    _sqlite = Path(env_str("PORTAL_SQLITE_PATH", str(VAR_DIR / "portal.sqlite3")))
+    if not _sqlite.exists():  # SQLite would create it world-readable (0644); its journals copy these bits
+        _private_dir(_sqlite.parent)
+        os.close(os.open(_sqlite, os.O_CREAT | os.O_WRONLY, 0o600))
     DATABASES = {
         "default": {
             "ENGINE": "django.db.backends.sqlite3",
-            "NAME": env_str("PORTAL_SQLITE_PATH", str(VAR_DIR / "portal.sqlite3")),
+            "NAME": str(_sqlite),
             # A file, not memory, so end-to-end tests can share the test database with a real Celery worker.
             "TEST": {"NAME": str(VAR_DIR / "test.sqlite3")},
             # SQLite serialises writers; a busy timeout lets the web process and a Celery worker share the file.
@@ -171,8 +191,18 @@ EMAIL_USE_TLS = env_bool("EMAIL_USE_TLS", False)
 DEFAULT_FROM_EMAIL = env_str("DEFAULT_FROM_EMAIL", "hpc-llm-portal@localhost")
 EMAIL_TIMEOUT = 10
 
-SESSION_COOKIE_SECURE = env_bool("PORTAL_SECURE_COOKIES", False)
+# Production behind a TLS-terminating proxy that sets X-Forwarded-Proto (docs/admin-guide.md): HTTPS only, HSTS,
+# secure cookies. `manage.py check --deploy` is clean with PORTAL_HTTPS=1 and the guide's other settings.
+PORTAL_HTTPS = env_bool("PORTAL_HTTPS", False)
+SESSION_COOKIE_SECURE = env_bool("PORTAL_SECURE_COOKIES", PORTAL_HTTPS)
 CSRF_COOKIE_SECURE = SESSION_COOKIE_SECURE
+if PORTAL_HTTPS:
+    SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+    SECURE_SSL_REDIRECT = True
+    SECURE_REDIRECT_EXEMPT = [r"^healthz$"]  # load balancers probe over plain HTTP
+    SECURE_HSTS_SECONDS = env_int("PORTAL_HSTS_SECONDS", 365 * 24 * 3600, minimum=0)
+    SECURE_HSTS_INCLUDE_SUBDOMAINS = env_bool("PORTAL_HSTS_INCLUDE_SUBDOMAINS", True)
+    SECURE_HSTS_PRELOAD = env_bool("PORTAL_HSTS_PRELOAD", True)
 SESSION_COOKIE_HTTPONLY = True
 X_FRAME_OPTIONS = "DENY"
 
@@ -186,7 +216,7 @@ else:
     # kombu's filesystem transport: a queue is a folder of message files, so a worker needs no broker server.
     _broker_dir = VAR_DIR / "broker"
     for _sub in ("queue", "processed", "control"):
-        (_broker_dir / _sub).mkdir(parents=True, exist_ok=True)
+        _private_dir(_broker_dir / _sub)
     CELERY_BROKER_URL = "filesystem://"
     CELERY_BROKER_TRANSPORT = "portal.broker:Transport"  # kombu's, with atomic message writes
     CELERY_RESULT_BACKEND = None

@@ -13,6 +13,7 @@ from django.core.exceptions import ValidationError
 from django.core.validators import RegexValidator
 from django.db import models
 from django.db.models import Q
+from django.views.decorators.debug import sensitive_variables
 
 from catalog import validators as v
 from catalog.models.clusters import Cluster
@@ -56,7 +57,7 @@ class ClusterAccount(models.Model):
         help_text="Slurm --account for this user's jobs; empty uses the cluster's default account.",
     )
     public_key = models.TextField(editable=False, help_text="Goes into ~/.ssh/authorized_keys on the cluster.")
-    private_key_encrypted = models.TextField(editable=False)
+    private_key_encrypted = crypto.SealedTextField(editable=False)
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:
@@ -94,11 +95,13 @@ class ClusterAccount(models.Model):
     def effective_slurm_account(self) -> str:
         return self.slurm_account or self.cluster.default_account
 
+    @sensitive_variables("private")
     def generate_key(self) -> None:
         private, public = generate_keypair(f"hpc-llm-portal {self.username}@{self.cluster.slug}")
         self.private_key_encrypted = crypto.encrypt(private)
         self.public_key = public
 
+    @sensitive_variables("text", "key")
     def set_private_key(self, text: str) -> None:
         """Use an existing key (service accounts). The public half is derived, so the two always match."""
         try:

@@ -4,14 +4,17 @@ from django.db import migrations
 
 
 class Migration(migrations.Migration):
-
     dependencies = [
-        ('jobs', '0011_launch_purpose_and_limits'),
+        ("jobs", "0011_launch_purpose_and_limits"),
     ]
 
     operations = [
         migrations.AlterModelOptions(
-            name='llmsession',
-            options={'ordering': ['-created_at'], 'permissions': [('see_all_sessions', "Can see and use every user's sessions (support)")], 'verbose_name': 'session'},
+            name="llmsession",
+            options={
+                "ordering": ["-created_at"],
+                "permissions": [("see_all_sessions", "Can see and use every user's sessions (support)")],
+                "verbose_name": "session",
+            },
         ),
     ]

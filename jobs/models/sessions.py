@@ -104,7 +104,7 @@ class LLMSession(models.Model):
     node_list = models.CharField(max_length=500, blank=True)
     host = models.CharField(max_length=253, blank=True)
     port = models.PositiveIntegerField(null=True, blank=True)
-    api_key_encrypted = models.TextField(editable=False)
+    api_key_encrypted = crypto.SealedTextField(editable=False)
     end_reason = models.TextField(blank=True)
 
     created_at = models.DateTimeField(auto_now_add=True)

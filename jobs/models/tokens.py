@@ -8,6 +8,7 @@ import secrets
 from django.conf import settings
 from django.contrib.auth.models import User
 from django.db import models
+from django.views.decorators.debug import sensitive_variables
 
 
 def token_digest(token: str) -> str:
@@ -36,6 +37,7 @@ class ApiToken(models.Model):
         return f"{self.name} ({self.hint}…)"
 
     @classmethod
+    @sensitive_variables("token")
     def issue(cls, user: User, name: str) -> tuple[ApiToken, str]:
         """A new token; the plain text is returned once and never stored."""
         token = cls.PREFIX + secrets.token_urlsafe(32)

@@ -18,6 +18,7 @@ from typing import Any
 from django.conf import settings
 from django.db.models import F, Q
 from django.utils import timezone
+from django.views.decorators.debug import sensitive_variables
 
 from catalog.models import ClusterAccount, ClusterRuntime, VariantLocation
 from jobs.cluster import jobscript, remote, slurm
@@ -99,6 +100,7 @@ class Submitted:
         return self.outcome == "retry"
 
 
+@sensitive_variables("payload")
 def submit(session_id: str, claim: str | None) -> Submitted:
     """Stage the session directory and sbatch the job, at most once per session.
 

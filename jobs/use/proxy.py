@@ -19,6 +19,7 @@ from django import db
 from django.db.utils import InterfaceError, OperationalError
 from django.http import HttpRequest, HttpResponseBase, JsonResponse, StreamingHttpResponse
 from django.views.decorators.csrf import csrf_exempt
+from django.views.decorators.debug import sensitive_variables
 
 from jobs.models import LLMSession, State
 from jobs.use import relay as relay_module
@@ -74,6 +75,7 @@ async def _db(function: Callable[..., T], *args: Any) -> T:
     return await asyncio.get_running_loop().run_in_executor(_db_threads, attempt)
 
 
+@sensitive_variables("headers", "upstream_request")
 async def _forward(request: HttpRequest, target: Target, path: str, body: bytes) -> HttpResponseBase:
     if target.state != State.RUNNING or not target.base:
         return openai_error(409, f"session {target.pk} is {target.state}, not running", "session_not_running",
@@ -159,6 +161,7 @@ async def session_proxy(request: HttpRequest, pk: Any, path: str) -> HttpRespons
     return await _forward(request, target, path.strip("/"), body)
 
 
+@sensitive_variables("token")
 def _api_lookup(token: str, model: Any) -> tuple[targets.Holder | None, Target | None]:
     """Token and session in one thread hop: the token's holder, and the session named as the model."""
     holder = targets.holder(token)
@@ -177,6 +180,7 @@ def _running_models(user_pk: int) -> list[dict[str, Any]]:
 
 
 @csrf_exempt  # scripts authenticate with a bearer token, not a cookie, so there is nothing to forge
+@sensitive_variables("token", "scheme")
 async def api_proxy(request: HttpRequest, path: str) -> HttpResponseBase:
     """The scripts' route: /api/v1/<path> with a personal token; `model` names the session (uuid or alias)."""
     request.get_host()  # ALLOWED_HOSTS applies here too, although portal.asgi skips the cookie middleware

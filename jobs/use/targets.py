@@ -11,7 +11,7 @@ newest live session.
 from __future__ import annotations
 
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from functools import cache
 from typing import Any
@@ -22,6 +22,7 @@ from django.contrib.contenttypes.models import ContentType
 from django.db import connection, models
 from django.utils import timezone
 from django.utils.dateparse import parse_datetime
+from django.views.decorators.debug import sensitive_variables
 
 from catalog.models import Cluster, ClusterAccount, ModelCard, ModelVariant
 from jobs.cluster import backend
@@ -45,7 +46,7 @@ class Target:
     pk: str
     state: str
     base: str  # empty unless running
-    key: str  # the backend key; empty unless running
+    key: str = field(repr=False)  # the backend key; empty unless running
     served_model: str
     node_list: str
 
@@ -164,6 +165,7 @@ def _db_datetime(value: datetime) -> Any:
     return connection.ops.adapt_datetimefield_value(value)
 
 
+@sensitive_variables("token")
 def holder(token: str) -> Holder | None:
     """The active user a personal API token belongs to, unless it is revoked; notes its use once a minute."""
     if not token.startswith(ApiToken.PREFIX):
@@ -185,6 +187,7 @@ def sees_all(user_pk: int) -> bool:
     return bool(row and row[0])
 
 
+@sensitive_variables("secret")
 def target(user: Holder, key: str) -> Target | None:
     """The session `key` (uuid or alias) names for this user, or None when there is none they may use."""
     row = None

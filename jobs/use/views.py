@@ -12,6 +12,7 @@ from django.contrib.auth.decorators import login_required
 from django.http import Http404, HttpResponse, HttpResponseRedirect, JsonResponse
 from django.urls import reverse
 from django.utils import timezone
+from django.views.decorators.debug import sensitive_variables
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
 from jobs.models import ApiToken, Conversation, LLMSession, State
@@ -142,6 +143,7 @@ def export(request: HtmxHttpRequest, pk: UUID, conversation_id: int) -> HttpResp
 
 @login_required
 @require_http_methods(["GET", "POST"])
+@sensitive_variables("created")
 def api_tokens(request: HtmxHttpRequest) -> HttpResponse:
     """Create (shown once), list and revoke personal API tokens."""
     created = ""

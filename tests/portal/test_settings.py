@@ -53,3 +53,33 @@ def test_bad_values_stop_the_process_with_the_variable_named(tmp_path: Path) -> 
     result = run_settings(tmp_path, DATABASE_URL="nosuchdb://x/y")
     assert result.returncode != 0
     assert "DATABASE_URL cannot be used" in result.stderr
+
+
+def test_the_var_folder_and_the_database_are_the_portals_alone(tmp_path: Path) -> None:
+    result = run_settings(tmp_path)
+    assert result.returncode == 0, result.stderr
+    var = tmp_path / "var"
+    modes = {path: oct(path.stat().st_mode & 0o777) for path in (var, var / "broker" / "queue", var / "portal.sqlite3")}
+    assert modes == {var: "0o700", var / "broker" / "queue": "0o700", var / "portal.sqlite3": "0o600"}
+
+
+def check_deploy(tmp_path: Path, **env: str) -> subprocess.CompletedProcess[str]:
+    environ = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "REDIS_URL", "DJANGO_DEBUG")}
+    environ.update({"DJANGO_SETTINGS_MODULE": "portal.settings", "PORTAL_VAR_DIR": str(tmp_path / "var"), **env})
+    command = [sys.executable, "manage.py", "check", "--deploy", "--fail-level", "WARNING"]
+    return subprocess.run(command, cwd=REPO, env=environ, capture_output=True, text=True)
+
+
+# The production settings docs/admin-guide.md lists (a key of Django's recommended length, the site's name).
+PRODUCTION = {
+    "DJANGO_SECRET_KEY": "k" * 20 + "Q7r#e9!vXz2@pL5$wN8^tB1&yH4*mC6(jF0)sD3-gK",
+    "DJANGO_ALLOWED_HOSTS": "llm.example.edu",
+    "PORTAL_HTTPS": "1",
+}
+
+
+def test_check_deploy_is_clean_with_the_documented_production_settings(tmp_path: Path) -> None:
+    clean = check_deploy(tmp_path, **PRODUCTION)
+    assert clean.returncode == 0, clean.stdout + clean.stderr
+    plain_http = check_deploy(tmp_path, **{**PRODUCTION, "PORTAL_HTTPS": "0"})
+    assert plain_http.returncode != 0 and "SECURE_SSL_REDIRECT" in plain_http.stdout + plain_http.stderr
