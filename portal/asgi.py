@@ -20,6 +20,8 @@ from asgiref.sync import SyncToAsync, ThreadSensitiveContext  # noqa: E402
 from django.core.handlers.asgi import ASGIHandler  # noqa: E402  (after django.setup())
 from django.core.handlers.exception import convert_exception_to_response  # noqa: E402
 
+from jobs.use import guard  # noqa: E402
+
 API_PREFIX = "/api/v1/"
 
 
@@ -48,7 +50,10 @@ api_application = BareHandler()
 
 
 async def application(scope: Any, receive: Any, send: Any) -> None:
-    if scope["type"] == "http" and scope["path"].startswith(API_PREFIX):
-        await api_application(scope, receive, send)
+    if scope["type"] != "http":
+        await django_application(scope, receive, send)
+    elif guard.guards(scope["path"]):  # the routes to model servers: authenticated, then a bounded body
+        app = api_application if scope["path"].startswith(API_PREFIX) else django_application
+        await guard.guard(app, scope, receive, send)
     else:
         await django_application(scope, receive, send)

@@ -8,15 +8,14 @@ cookies and Authorization header are not forwarded. Errors come back in OpenAI's
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
-from collections.abc import AsyncIterator, Callable
-from concurrent.futures import ThreadPoolExecutor
-from typing import Any, TypeVar
+from collections.abc import AsyncIterator, Callable, Coroutine
+from typing import Any
 
 import httpx
-from django import db
-from django.db.utils import InterfaceError, OperationalError
+from django.core.serializers.json import DjangoJSONEncoder
 from django.http import HttpRequest, HttpResponseBase, JsonResponse, StreamingHttpResponse
 from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.debug import sensitive_variables
@@ -24,6 +23,8 @@ from django.views.decorators.debug import sensitive_variables
 from jobs.models import LLMSession, State
 from jobs.use import relay as relay_module
 from jobs.use import targets
+from jobs.use.guard import BODY, HOLDER
+from jobs.use.headers import RELAYED_TYPES, data_only
 from jobs.use.targets import Target
 
 log = logging.getLogger(__name__)
@@ -36,10 +37,6 @@ CONNECT_TIMEOUT_S = 10.0
 READ_TIMEOUT_S = 600.0  # a long prompt on a big model can take minutes before the first token
 
 _clients: dict[int, httpx.AsyncClient] = {}
-# Lookups before each forwarded request run here; the threads live as long as the process, and so do their
-# database connections.
-_db_threads = ThreadPoolExecutor(max_workers=4, thread_name_prefix="proxy-db")
-T = TypeVar("T")
 
 
 def _client() -> httpx.AsyncClient:
@@ -53,26 +50,16 @@ def _client() -> httpx.AsyncClient:
     return client
 
 
+class _InertJSON(DjangoJSONEncoder):
+    """JSON whose text holds no markup characters: an error may quote what a model server said."""
+
+    def encode(self, o: Any) -> str:
+        return super().encode(o).replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+
+
 def openai_error(status: int, message: str, kind: str, code: str | None = None) -> JsonResponse:
-    return JsonResponse({"error": {"message": message, "type": kind, "param": None, "code": code}}, status=status)
-
-
-async def _db(function: Callable[..., T], *args: Any) -> T:
-    """Run a lookup on the proxy's own threads, whose database connections persist between requests.
-
-    Django's per-request thread would open a new connection for every forwarded request, and the lookups need none
-    of asgiref's context handling. A connection that went bad (the database restarted) is closed and the lookup tried
-    once more; its only writes are idempotent timestamps.
-    """
-
-    def attempt() -> T:
-        try:
-            return function(*args)
-        except (OperationalError, InterfaceError):
-            db.connection.close()
-            return function(*args)
-
-    return await asyncio.get_running_loop().run_in_executor(_db_threads, attempt)
+    error = {"error": {"message": message, "type": kind, "param": None, "code": code}}
+    return JsonResponse(error, status=status, encoder=_InertJSON)
 
 
 @sensitive_variables("headers", "upstream_request")
@@ -92,10 +79,15 @@ async def _forward(request: HttpRequest, target: Target, path: str, body: bytes)
     except httpx.HTTPError as exc:
         return openai_error(502, f"cannot reach the model server on {target.node_list}: {exc}", "upstream_error")
     content_type = upstream.headers.get("content-type", "application/json")
-    if upstream.status_code >= 400 and "json" not in content_type:
-        text = (await upstream.aread()).decode(errors="replace")[:500]
+    media_type = content_type.partition(";")[0].strip().lower()
+    if media_type not in RELAYED_TYPES:
+        # Only data is relayed: an error's text comes back inside a JSON error, anything else not at all.
+        text = (await upstream.aread()).decode(errors="replace")[:500] if upstream.status_code >= 400 else ""
         await upstream.aclose()
-        return openai_error(upstream.status_code, f"the model server answered: {text}", "upstream_error")
+        if text:
+            return openai_error(upstream.status_code, f"the model server answered: {text}", "upstream_error")
+        return openai_error(502, f"the model server answered with {media_type or 'no content type'}, which the "
+                            "portal does not relay (only JSON and event streams)", "upstream_error")  # fmt: skip
 
     async def relay() -> AsyncIterator[bytes]:
         try:
@@ -110,7 +102,6 @@ async def _forward(request: HttpRequest, target: Target, path: str, body: bytes)
             await upstream.aclose()
 
     response = StreamingHttpResponse(relay(), status=upstream.status_code, content_type=content_type)
-    response["Cache-Control"] = "no-cache"
     response["X-Accel-Buffering"] = "no"  # nginx in front must not buffer server-sent events
     return response
 
@@ -142,6 +133,26 @@ def _check_route(request: HttpRequest, path: str) -> JsonResponse | None:
     return None
 
 
+def _body(request: HttpRequest) -> bytes:
+    """What the door read (guard.py), or, where the request did not come through it (Django's test client), Django's
+    own reading."""
+    body = request.scope.get(BODY) if hasattr(request, "scope") else None
+    return body if isinstance(body, bytes) else request.body
+
+
+def _relayed(
+    view: Callable[..., Coroutine[Any, Any, HttpResponseBase]],
+) -> Callable[..., Coroutine[Any, Any, HttpResponseBase]]:
+    """Every answer of the proxy's routes, the portal's own errors included, carries the data-only headers."""
+
+    @functools.wraps(view)
+    async def wrapper(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponseBase:
+        return data_only(await view(request, *args, **kwargs))
+
+    return wrapper
+
+
+@_relayed
 async def session_proxy(request: HttpRequest, pk: Any, path: str) -> HttpResponseBase:
     """The browser's route: /sessions/<uuid>/v1/<path>, signed in with the session cookie (CSRF applies)."""
     user = await request.auser()
@@ -149,10 +160,10 @@ async def session_proxy(request: HttpRequest, pk: Any, path: str) -> HttpRespons
         return openai_error(401, "sign in first", "authentication_error")
     if refused := _check_route(request, path):
         return refused
-    target = await _db(targets.target, targets.Holder(user.pk), str(pk))
+    target = await targets.run(targets.target, targets.Holder(user.pk), str(pk))
     if target is None:
         return openai_error(404, "no such session", "invalid_request_error")
-    body = request.body
+    body = _body(request)
     if path.strip("/") != "models":
         rewritten = _rewrite_model(body, target)
         if rewritten is None:
@@ -165,9 +176,11 @@ async def session_proxy(request: HttpRequest, pk: Any, path: str) -> HttpRespons
 def _api_lookup(token: str, model: Any) -> tuple[targets.Holder | None, Target | None]:
     """Token and session in one thread hop: the token's holder, and the session named as the model."""
     holder = targets.holder(token)
-    if holder is None or not isinstance(model, str) or not model:
-        return holder, None
-    return holder, targets.target(holder, model)
+    return holder, _target_named(holder, model) if holder is not None else None
+
+
+def _target_named(holder: targets.Holder, model: Any) -> Target | None:
+    return targets.target(holder, model) if isinstance(model, str) and model else None
 
 
 def _running_models(user_pk: int) -> list[dict[str, Any]]:
@@ -180,6 +193,7 @@ def _running_models(user_pk: int) -> list[dict[str, Any]]:
 
 
 @csrf_exempt  # scripts authenticate with a bearer token, not a cookie, so there is nothing to forge
+@_relayed
 @sensitive_variables("token", "scheme")
 async def api_proxy(request: HttpRequest, path: str) -> HttpResponseBase:
     """The scripts' route: /api/v1/<path> with a personal token; `model` names the session (uuid or alias)."""
@@ -189,21 +203,27 @@ async def api_proxy(request: HttpRequest, path: str) -> HttpResponseBase:
     scheme, _, token = request.headers.get("authorization", "").partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
         return _no_token()
+    body = _body(request)
     try:
-        payload = json.loads(request.body or b"{}") if path.strip("/") != "models" else {}
+        payload = json.loads(body or b"{}") if path.strip("/") != "models" else {}
     except json.JSONDecodeError:
         return openai_error(400, "the request body is not JSON", "invalid_request_error")
     model = payload.get("model") if isinstance(payload, dict) else None
-    holder, target = await _db(_api_lookup, token.strip(), model)
+    known = request.scope.get(HOLDER) if hasattr(request, "scope") else None
+    holder: targets.Holder | None
+    if isinstance(known, targets.Holder):  # the door looked the token up already
+        holder, target = known, await targets.run(_target_named, known, model)
+    else:
+        holder, target = await targets.run(_api_lookup, token.strip(), model)
     if holder is None:
         return _no_token()
     if path.strip("/") == "models":
-        return JsonResponse({"object": "list", "data": await _db(_running_models, holder.user_pk)})
+        return JsonResponse({"object": "list", "data": await targets.run(_running_models, holder.user_pk)})
     if not isinstance(model, str) or not model:
         return openai_error(400, "name the session as the model (its uuid or alias)", "invalid_request_error")
     if target is None:
         return openai_error(404, f"you have no session {model!r}", "invalid_request_error", "model_not_found")
-    body = _with_model(payload, target) if request.body else b""
+    body = _with_model(payload, target) if body else b""
     return await _forward(request, target, path.strip("/"), body)
 
 

@@ -10,16 +10,21 @@ newest live session.
 
 from __future__ import annotations
 
+import asyncio
 import uuid
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from functools import cache
-from typing import Any
+from typing import Any, TypeVar
 
+from django import db
 from django.contrib.auth import get_user_model
 from django.contrib.auth.models import Group, Permission
 from django.contrib.contenttypes.models import ContentType
 from django.db import connection, models
+from django.db.utils import InterfaceError, OperationalError
 from django.utils import timezone
 from django.utils.dateparse import parse_datetime
 from django.views.decorators.debug import sensitive_variables
@@ -49,6 +54,30 @@ class Target:
     key: str = field(repr=False)  # the backend key; empty unless running
     served_model: str
     node_list: str
+
+
+# Lookups before each forwarded request run here; the threads live as long as the process, and so do their
+# database connections.
+_threads = ThreadPoolExecutor(max_workers=4, thread_name_prefix="proxy-db")
+T = TypeVar("T")
+
+
+async def run(function: Callable[..., T], *args: Any) -> T:
+    """Run a lookup on the proxy's own threads, whose database connections persist between requests.
+
+    Django's per-request thread would open a new connection for every forwarded request, and the lookups need none
+    of asgiref's context handling. A connection that went bad (the database restarted) is closed and the lookup tried
+    once more; its only writes are idempotent timestamps.
+    """
+
+    def attempt() -> T:
+        try:
+            return function(*args)
+        except (OperationalError, InterfaceError):
+            db.connection.close()
+            return function(*args)
+
+    return await asyncio.get_running_loop().run_in_executor(_threads, attempt)
 
 
 def _q(name: str) -> str:

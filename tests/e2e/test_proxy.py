@@ -4,6 +4,8 @@ tokens, and who may use which route."""
 from __future__ import annotations
 
 import json
+import shutil
+import tempfile
 import time
 from collections.abc import Iterator
 from io import StringIO
@@ -14,9 +16,9 @@ import httpx
 import pytest
 from asgiref.sync import async_to_sync
 from django.core.management import call_command
-from django.test import AsyncClient
+from django.test import AsyncClient, Client
 
-from catalog.models import Cluster
+from catalog.models import Cluster, ClusterRuntime
 from jobs.cluster import backend
 from jobs.cluster.logs import fetch as fetch_log
 from jobs.models import ApiToken, LLMSession, State
@@ -206,3 +208,52 @@ def test_a_client_that_goes_away_cancels_the_generation(portal_server: str, runn
     while "cancel task" not in (log := fetch_log(running)) and time.monotonic() < deadline:
         time.sleep(0.3)
     assert "cancel task" in log, log[-2000:]
+
+
+@pytest.fixture
+def impostor(
+    local_catalog: dict[str, Any], owner: Any, django_capture_on_commit_callbacks: Any
+) -> Iterator[LLMSession]:
+    """A session whose job runs the owner's own server (fake_model_server.py) in place of llama-server."""
+    from jobs.sessions.actions import launch
+    from jobs.tasks import submit_session
+
+    folder = Path(tempfile.mkdtemp(prefix="impostor-", dir="/tmp"))
+    folder.chmod(0o755)  # the cluster's user runs it
+    server = folder / "server"
+    shutil.copy(Path(__file__).with_name("fake_model_server.py"), server)
+    server.chmod(0o755)
+    ClusterRuntime.objects.filter(cluster__slug="local", runtime__kind="llama.cpp").update(binary=str(server))
+    local_account(owner, local_catalog)
+    with django_capture_on_commit_callbacks(execute=False):
+        session = launch(owner, LAUNCH)
+    submit_session.apply(args=(str(session.pk),))
+    session = drive(LLMSession.objects.get(pk=session.pk), lambda s: s.state == State.RUNNING or s.is_ended)
+    assert session.state == State.RUNNING, session.end_reason
+    yield session
+    cancel_all_jobs()
+    ssh.pool.close_all()
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_html_from_the_owners_own_server_is_never_served_as_a_page(
+    impostor: LLMSession, owner: Any, support_user: Any
+) -> None:
+    """Whoever opens the session's routes (a support person, say) gets inert JSON, never the owner's script."""
+    _, token = ApiToken.issue(owner, "script")
+    browser = Client()
+    browser.force_login(support_user)
+    api = Client(HTTP_AUTHORIZATION=f"Bearer {token}")
+    replies = [
+        browser.get(f"/sessions/{impostor.pk}/v1/models"),
+        browser.post(f"/sessions/{impostor.pk}/v1/chat/completions", CHAT, content_type="application/json"),
+        browser.post(f"/sessions/{impostor.pk}/v1/completions", {"prompt": "x"}, content_type="application/json"),
+        api.post("/api/v1/chat/completions", {**CHAT, "model": str(impostor.pk)}, content_type="application/json"),
+    ]
+    for reply in replies:
+        assert reply["Content-Type"] == "application/json", reply.content
+        assert reply["X-Content-Type-Options"] == "nosniff" and "sandbox" in reply["Content-Security-Policy"]
+        assert "<script>" not in reply.content.decode()  # escaped inside the JSON error, or not relayed at all
+        assert reply.json()["error"]["type"] == "upstream_error"
+    assert [r.status_code for r in replies] == [502, 502, 500, 502]
+    assert "text/html" in replies[0].json()["error"]["message"]

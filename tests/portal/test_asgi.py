@@ -27,7 +27,9 @@ def test_the_api_answers_without_the_cookie_middleware(owner: Any) -> None:
     _, token = ApiToken.issue(owner, "script")
     reply = get("/api/v1/models", authorization=f"Bearer {token}")
     assert reply.status_code == 200 and reply.json() == {"object": "list", "data": []}
-    assert "set-cookie" not in reply.headers and "x-frame-options" not in reply.headers
+    assert "set-cookie" not in reply.headers and "vary" not in reply.headers  # no session or auth middleware ran
+    assert reply.headers["x-content-type-options"] == "nosniff"  # the proxy's own data-only headers
+    assert "sandbox" in reply.headers["content-security-policy"]
     assert get("/api/v1/models").status_code == 401
 
 
