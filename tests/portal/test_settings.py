@@ -64,7 +64,9 @@ def test_the_var_folder_and_the_database_are_the_portals_alone(tmp_path: Path) -
 
 
 def check_deploy(tmp_path: Path, **env: str) -> subprocess.CompletedProcess[str]:
-    environ = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "REDIS_URL", "DJANGO_DEBUG")}
+    """A production host's environment: none of this test run's own settings (pytest-django's async flag among them)."""
+    inherited = ("DATABASE_URL", "REDIS_URL")
+    environ = {k: v for k, v in os.environ.items() if not k.startswith(("DJANGO_", "PORTAL_")) and k not in inherited}
     environ.update({"DJANGO_SETTINGS_MODULE": "portal.settings", "PORTAL_VAR_DIR": str(tmp_path / "var"), **env})
     command = [sys.executable, "manage.py", "check", "--deploy", "--fail-level", "WARNING"]
     return subprocess.run(command, cwd=REPO, env=environ, capture_output=True, text=True)
