@@ -58,6 +58,7 @@ class ClusterAdmin(admin.ModelAdmin[Cluster]):
         (None, {"fields": ["name", "slug", "notes"]}),
         ("Login host", {"fields": ["login_host", "ssh_port", "host_key", "node_access"]}),
         ("Slurm", {"fields": ["default_account"]}),
+        ("Per-user limits", {"fields": ["max_sessions_per_user", "max_gpus_per_user"]}),
     ]
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[Cluster]:

@@ -197,6 +197,8 @@ CLUSTER_FIELDS = (
     F("host_key", "str"),
     F("node_access", "str"),
     F("default_account", "str"),
+    F("max_sessions_per_user", "int"),
+    F("max_gpus_per_user", "int"),
     F("notes", "str"),
     F("partitions", "list"),
     F("runtimes", "list"),

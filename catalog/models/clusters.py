@@ -26,6 +26,18 @@ class Cluster(models.Model):
     )
     node_access = models.CharField(max_length=10, choices=NodeAccess.choices, default=NodeAccess.TUNNEL)
     default_account = models.CharField(max_length=64, blank=True, validators=[v.slurm_account])
+    max_sessions_per_user = models.PositiveIntegerField(
+        null=True,
+        blank=True,
+        validators=[MinValueValidator(1)],
+        help_text="Live sessions one user may have on this cluster; empty: the site's PORTAL_MAX_SESSIONS_PER_USER.",
+    )
+    max_gpus_per_user = models.PositiveIntegerField(
+        null=True,
+        blank=True,
+        validators=[MinValueValidator(1)],
+        help_text="GPUs one user's live sessions may hold on this cluster; empty: the site's PORTAL_MAX_GPUS_PER_USER.",
+    )
     notes = models.TextField(blank=True)
 
     class Meta:

@@ -12,7 +12,7 @@ from django.db import IntegrityError, transaction
 from jobs import tasks
 from jobs.cluster import logs
 from jobs.models import LLMSession, State
-from jobs.sessions import lifecycle
+from jobs.sessions import lifecycle, limits
 from jobs.sessions.forms import LaunchForm, form_errors
 
 
@@ -26,9 +26,13 @@ def launch(user: User, data: Mapping[str, Any], request_token: str = "") -> LLMS
     form = LaunchForm(data, user=user)
     if not form.is_valid():
         raise form_errors(form)
+    columns = form.session_columns()
     try:
         with transaction.atomic():
-            session = LLMSession.objects.create(owner=user, request_token=request_token, **form.session_columns())
+            # Checked again under a lock on the user: two launches at once cannot both take the last place.
+            User.objects.select_for_update().filter(pk=user.pk).first()
+            limits.check(user, columns["cluster"], columns["gpus_per_node"] * columns["nodes"])
+            session = LLMSession.objects.create(owner=user, request_token=request_token, **columns)
             session.events.create(to_state=State.PENDING, cause=f"requested by {user.get_username()}")
             transaction.on_commit(lambda: tasks.submit_session.delay(str(session.pk)))
     except IntegrityError:

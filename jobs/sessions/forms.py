@@ -40,6 +40,7 @@ from catalog.models import (
 )
 from catalog.quant import canonical_quant
 from jobs.models import LIVE_STATES, LLMSession, Purpose
+from jobs.sessions import limits
 
 DEFAULT_CONTEXT = 4096  # tokens, or the model's maximum when that is less
 
@@ -258,6 +259,7 @@ class LaunchForm(ChoicesForm):
         self._check_alias(data)
         data["nodes"] = data.get("nodes") or 1
         _check_runtime_fits(cluster_runtime, location, data["nodes"], data["gpus"])
+        limits.check(self.user, cluster, data["gpus"] * data["nodes"])
         cpus, memory_gib = group.share_for(data["gpus"])
         data["cpus"] = data.get("cpus") or cpus
         data["memory_gib"] = data.get("memory_gib") or memory_gib

@@ -229,3 +229,22 @@ def test_vllm_gets_only_gpu_counts_that_divide_the_attention_heads(example_catal
     assert LaunchForm({**request, "gpus": 2}, user=owner).is_valid()
     odd = LaunchForm({**request, "gpus": 3}, user=owner)
     assert not odd.is_valid() and "32 attention heads" in " ".join(map(str, odd.errors["gpus"]))
+
+
+def test_a_user_gets_no_more_live_sessions_or_gpus_than_the_cluster_allows(
+    account: ClusterAccount, owner: Any, settings: Any, django_capture_on_commit_callbacks: Any
+) -> None:
+    settings.PORTAL_MAX_SESSIONS_PER_USER, settings.PORTAL_MAX_GPUS_PER_USER = 2, 3  # the site's defaults
+    with django_capture_on_commit_callbacks(execute=False):
+        first = launch(owner, {**LAUNCH, "gpus": 2})
+        launch(owner, LAUNCH)
+    third = LaunchForm(LAUNCH, user=owner)
+    assert not third.is_valid() and "You have 2 live sessions on Local test cluster" in str(third.errors["cluster"])
+    request_cancel(first, "make room")
+    assert LaunchForm(LAUNCH, user=owner).is_valid()
+    too_many = LaunchForm({**LAUNCH, "gpus": 2, "nodes": 2}, user=owner)
+    assert not too_many.is_valid() and "at most 3 there" in str(too_many.errors["gpus"])
+    Cluster.objects.filter(slug="local").update(max_sessions_per_user=1, max_gpus_per_user=16)  # the cluster's own
+    assert "the most one user may have there" in str(LaunchForm(LAUNCH, user=owner).errors["cluster"])
+    with pytest.raises(ValidationError, match="the most one user may have"):  # and launch() checks it again
+        launch(owner, LAUNCH)

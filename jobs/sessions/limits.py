@@ -1,0 +1,32 @@
+"""What one user may hold on a cluster at a time: live sessions and the GPUs they hold. The cluster's own limits
+(catalog) win over the site's defaults (settings); neither set means no limit."""
+
+from __future__ import annotations
+
+from django.conf import settings
+from django.contrib.auth.models import User
+from django.core.exceptions import ValidationError
+from django.db.models import F, Sum
+
+from catalog.models import Cluster
+from jobs.models import LIVE_STATES, LLMSession
+
+
+def check(user: User, cluster: Cluster, gpus: int) -> None:
+    """Refuse, with the limit and what is in use, a launch that would take the user past a limit."""
+    live = LLMSession.objects.filter(owner=user, cluster=cluster, state__in=LIVE_STATES)
+    max_sessions = cluster.max_sessions_per_user or settings.PORTAL_MAX_SESSIONS_PER_USER
+    if max_sessions:
+        count = live.count()
+        if count >= max_sessions:
+            sessions = f"{count} live session{'s' if count != 1 else ''}"
+            message = f"You have {sessions} on {cluster.name}, the most one user may have there; cancel one first."
+            raise ValidationError({"cluster": message})
+    max_gpus = cluster.max_gpus_per_user or settings.PORTAL_MAX_GPUS_PER_USER
+    if max_gpus:
+        in_use = live.aggregate(gpus=Sum(F("gpus_per_node") * F("nodes")))["gpus"] or 0
+        if in_use + gpus > max_gpus:
+            more = f"{gpus} more GPU{'s' if gpus != 1 else ''}"
+            total = f"{in_use + gpus} in use on {cluster.name}"
+            message = f"{more} would make {total}; one user may hold at most {max_gpus} there."
+            raise ValidationError({"gpus": message})
