@@ -183,6 +183,8 @@ PORTAL_LOG_TAIL_BYTES = env_int("PORTAL_LOG_TAIL_BYTES", 65536, minimum=1024)
 # What one user may hold on a cluster at a time, unless the cluster's own limits say otherwise; 0: no limit.
 PORTAL_MAX_SESSIONS_PER_USER = env_int("PORTAL_MAX_SESSIONS_PER_USER", 0, minimum=0)
 PORTAL_MAX_GPUS_PER_USER = env_int("PORTAL_MAX_GPUS_PER_USER", 0, minimum=0)
+# How many requests one API token may make a minute (0: no limit); past it the API answers 429 with Retry-After.
+PORTAL_API_REQUESTS_PER_MINUTE = env_int("PORTAL_API_REQUESTS_PER_MINUTE", 600, minimum=0)
 # The largest request body the proxy and the API take (a long chat history, a batch of texts to embed). Django's own
 # limit for request bodies is the same, so the browser's route and the API agree.
 PORTAL_MAX_REQUEST_BYTES = env_int("PORTAL_MAX_REQUEST_BYTES", 8 << 20, minimum=1024)

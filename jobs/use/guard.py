@@ -7,7 +7,9 @@ uploads. Here, for those routes:
 1. the host is checked against ALLOWED_HOSTS;
 2. the caller is authenticated from the headers alone: a personal API token (/api/v1/), or the signed-in session
    cookie (/sessions/<uuid>/v1/);
-3. only then is the body read, and at most PORTAL_MAX_REQUEST_BYTES of it, whether it declared its length or is
+3. a token is held to PORTAL_API_REQUESTS_PER_MINUTE (counted in the shared cache: exact with Redis, close with the
+   file cache, whose increments are not atomic across processes);
+4. only then is the body read, and at most PORTAL_MAX_REQUEST_BYTES of it, whether it declared its length or is
    chunked.
 
 The body and the token's holder then travel to the view in the ASGI scope (BODY, HOLDER), and Django gets an empty
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from importlib import import_module
 from types import SimpleNamespace
@@ -25,6 +28,7 @@ from typing import Any
 
 from django.conf import settings
 from django.contrib import auth
+from django.core.cache import cache
 from django.http.cookie import parse_cookie
 from django.http.request import split_domain_port, validate_host
 from django.views.decorators.debug import sensitive_variables
@@ -61,10 +65,15 @@ async def guard(app: App, scope: Scope, receive: Receive, send: Send) -> None:
         return
     extra: dict[str, Any] = {}
     if API.match(scope["path"]):
-        holder = await targets.run(_token_holder, headers.get("authorization", ""))
+        holder, wait_s = await targets.run(_token_holder, headers.get("authorization", ""))
         if holder is None:
             await _reply(send, 401, "a valid personal API token is needed (Authorization: Bearer hpcllm_…)",
                          "authentication_error", "invalid_api_key")  # fmt: skip
+            return
+        if wait_s:
+            limit_text = f"{settings.PORTAL_API_REQUESTS_PER_MINUTE} requests a minute"
+            await _reply(send, 429, f"this token made more than {limit_text}; try again in {wait_s} s",
+                         "requests", "rate_limit_exceeded", retry_after=wait_s)  # fmt: skip
             return
         extra[HOLDER] = holder
     elif not await targets.run(_signed_in, headers.get("cookie", "")):
@@ -99,11 +108,28 @@ def _host_allowed(host: str) -> bool:
 
 
 @sensitive_variables("authorization", "token")
-def _token_holder(authorization: str) -> targets.Holder | None:
+def _token_holder(authorization: str) -> tuple[targets.Holder | None, int]:
+    """The token's holder, and how many seconds it must wait when it made too many requests this minute (0: none)."""
     scheme, _, token = authorization.partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
-        return None
-    return targets.holder(token.strip())
+        return None, 0
+    holder = targets.holder(token.strip())
+    if holder is None or holder.token_pk is None:
+        return holder, 0
+    return holder, _rate_wait_s(holder.token_pk)
+
+
+def _rate_wait_s(token_pk: int) -> int:
+    limit = settings.PORTAL_API_REQUESTS_PER_MINUTE
+    if not limit:
+        return 0
+    now = time.time()
+    key = f"api-rate:{token_pk}:{int(now // 60)}"
+    try:
+        count = 1 if cache.add(key, 1, 120) else cache.incr(key)
+    except ValueError:  # the window's counter expired between the two calls
+        count = 1
+    return 0 if count <= limit else 60 - int(now % 60)
 
 
 @sensitive_variables("cookie")
@@ -116,9 +142,13 @@ def _signed_in(cookie: str) -> bool:
     return bool(auth.get_user(SimpleNamespace(session=store)).is_authenticated)  # type: ignore[arg-type]
 
 
-async def _reply(send: Send, status: int, message: str, kind: str, code: str | None = None) -> None:
+async def _reply(
+    send: Send, status: int, message: str, kind: str, code: str | None = None, retry_after: int = 0
+) -> None:
     body = json.dumps({"error": {"message": message, "type": kind, "param": None, "code": code}}).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    if retry_after:
+        headers.append((b"retry-after", str(retry_after).encode()))
     headers += [(name.lower().encode(), value.encode()) for name, value in DATA_ONLY.items()]
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})

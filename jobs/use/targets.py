@@ -42,6 +42,7 @@ TOKEN_USED_EVERY = timedelta(minutes=1)  # "last used" on the tokens page
 class Holder:
     user_pk: int
     sees_all: bool | None = None  # None: not asked yet (asked only when the session is someone else's)
+    token_pk: int | None = field(default=None, compare=False)  # the API token it came with
 
 
 @dataclass(frozen=True)
@@ -207,7 +208,7 @@ def holder(token: str) -> Holder | None:
     last_used = _aware(last_used)
     if last_used is None or now - last_used > TOKEN_USED_EVERY:
         _execute("touch_token", [_db_datetime(now), token_pk])
-    return Holder(int(user_pk), bool(sees_all))
+    return Holder(int(user_pk), bool(sees_all), int(token_pk))
 
 
 def sees_all(user_pk: int) -> bool:

@@ -11,6 +11,7 @@ import pytest
 from django.test import Client
 
 from jobs.models import ApiToken
+from jobs.use import guard
 from portal.asgi import application
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -97,3 +98,16 @@ def test_a_signed_in_browser_is_let_through(owner: Any) -> None:
     call = Call("/sessions/00000000-0000-4000-8000-000000000000/v1/chat/completions", [b"{}"], cookie=cookie)
     status, _, body = call.run()
     assert call.read == 1 and status in (403, 404), body  # past the door: CSRF or the session lookup answers
+
+
+def test_a_token_is_held_to_its_requests_a_minute(
+    owner: Any, other_user: Any, settings: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings.PORTAL_API_REQUESTS_PER_MINUTE = 3
+    monkeypatch.setattr(guard.time, "time", lambda: 1_800_000_015.0)  # one minute's window, 45 s left in it
+    token, other = token_of(owner), token_of(other_user)
+    statuses = [Call("/api/v1/models", [b""], "GET", authorization=f"Bearer {token}").run() for _ in range(4)]
+    assert [status for status, _, _ in statuses] == [200, 200, 200, 429]
+    _, headers, body = statuses[-1]
+    assert body["error"]["code"] == "rate_limit_exceeded" and headers["retry-after"] == "45"
+    assert Call("/api/v1/models", [b""], "GET", authorization=f"Bearer {other}").run()[0] == 200  # per token
