@@ -8,15 +8,18 @@ the login host sees it. Either way callers get a plain base URL, and the server 
 from __future__ import annotations
 
 import contextlib
+import logging
 import select
 import socket
 import threading
-from typing import TYPE_CHECKING
+import time
 
+from django.db import close_old_connections
+
+from jobs.models import LLMSession, State
 from portal import ssh
 
-if TYPE_CHECKING:
-    from jobs.models import LLMSession
+log = logging.getLogger(__name__)
 
 
 class LocalForward:
@@ -61,11 +64,18 @@ class LocalForward:
     def close(self) -> None:
         self._closed.set()
         with contextlib.suppress(OSError):
+            # Closing alone would leave the port listening while the accepting thread still holds the socket.
+            self._listener.shutdown(socket.SHUT_RDWR)
+        with contextlib.suppress(OSError):
             self._listener.close()
 
 
-_forwards: dict[tuple[tuple[str, int, str, str], str, int], LocalForward] = {}
+# Forwards by (SSH target, host, port), with the session each serves; a session's forward closes once the session no
+# longer runs, so no local port keeps leading into the cluster for an address some later job may take.
+_forwards: dict[tuple[tuple[str, int, str, str], str, int], tuple[LocalForward, str]] = {}
 _lock = threading.Lock()
+SWEEP_EVERY_S = 30
+_sweeper: threading.Thread | None = None
 
 
 def base_url(session: LLMSession) -> str:
@@ -74,22 +84,55 @@ def base_url(session: LLMSession) -> str:
         return ""
     if session.cluster.node_access != session.cluster.NodeAccess.TUNNEL:
         return f"http://{session.host}:{session.port}"
-    return forwarded_url(session.account.ssh_target(), session.host, session.port)
+    return forwarded_url(session.account.ssh_target(), session.host, session.port, str(session.pk))
 
 
-def forwarded_url(target: ssh.SSHTarget, host: str, port: int) -> str:
-    """The local end of the forward to host:port through the login host, opened on first use and then kept."""
+def forwarded_url(target: ssh.SSHTarget, host: str, port: int, session_pk: str) -> str:
+    """The local end of the forward to host:port through the login host, opened on first use and then kept while
+    the session runs."""
+    global _sweeper
     key = (target.pool_key, host, port)
     with _lock:
-        forward = _forwards.get(key)
-        if forward is None:
-            forward = _forwards[key] = LocalForward(target, host, port)
-    return f"http://127.0.0.1:{forward.local_port}"
+        known = _forwards.get(key)
+        if known is None or known[1] != session_pk:
+            if known is not None:
+                known[0].close()  # the address now belongs to another session
+            known = _forwards[key] = (LocalForward(target, host, port), session_pk)
+        if _sweeper is None:
+            _sweeper = threading.Thread(target=_sweep_forever, name="forward-sweeper", daemon=True)
+            _sweeper.start()
+    return f"http://127.0.0.1:{known[0].local_port}"
+
+
+def sweep() -> int:
+    """Close the forwards of sessions that no longer run; how many were closed."""
+    with _lock:
+        serving = {session_pk for _, session_pk in _forwards.values()}
+    running = {
+        str(pk) for pk in LLMSession.objects.filter(pk__in=serving, state=State.RUNNING).values_list("pk", flat=True)
+    }
+    with _lock:
+        gone = [key for key, (_, session_pk) in _forwards.items() if session_pk not in running]
+        closing = [_forwards.pop(key)[0] for key in gone]
+    for forward in closing:
+        forward.close()
+    return len(closing)
+
+
+def _sweep_forever() -> None:
+    while True:
+        time.sleep(SWEEP_EVERY_S)
+        try:
+            sweep()
+        except Exception:  # a database hiccup: try again at the next sweep
+            log.warning("could not sweep the SSH forwards", exc_info=True)
+        finally:
+            close_old_connections()
 
 
 def close_forwards() -> None:
     with _lock:
-        forwards = list(_forwards.values())
+        forwards = [forward for forward, _ in _forwards.values()]
         _forwards.clear()
     for forward in forwards:
         forward.close()

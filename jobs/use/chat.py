@@ -12,6 +12,7 @@ import nh3
 
 from jobs.cluster import backend
 from jobs.models import ChatMessage, Conversation, LLMSession
+from jobs.use import targets
 
 # What Markdown produces for prose, lists, tables and code; no attributes but links (made safe by nh3) and code
 # language classes. Script, style, event handlers and javascript: URLs never pass.
@@ -90,7 +91,9 @@ def save_exchange(
 
 def ask(session: LLMSession, conversation: Conversation, question: str, max_tokens: int, temperature: float) -> None:
     """The plain-form send: the question, the model's whole reply (not streamed), both kept. A server that does not
-    answer leaves its error as the reply, so nothing the researcher typed is lost."""
+    answer leaves its error as the reply, so nothing the researcher typed is lost. Both ends of the wait count as use
+    of the session (idle auto-cancel)."""
+    targets.touch(str(session.pk))
     ChatMessage.objects.create(conversation=conversation, role=ChatMessage.Role.USER, content=question)
     payload = {
         "model": session.served_model_name,
@@ -118,6 +121,7 @@ def ask(session: LLMSession, conversation: Conversation, question: str, max_toke
     )
     _name_after(conversation, question)
     conversation.save()
+    targets.touch(str(session.pk))
 
 
 def export_markdown(conversation: Conversation, served_model: str) -> str:

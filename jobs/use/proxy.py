@@ -99,6 +99,8 @@ async def _forward(request: HttpRequest, target: Target, path: str, body: bytes)
             yield f"data: {json.dumps(error)}\n\n".encode()
         finally:
             # Also reached when the client goes away: Django cancels this generator and the upstream is closed.
+            # A stream counts as use until its last byte, however long it ran (idle auto-cancel).
+            targets.touch_later(target.pk)
             await upstream.aclose()
 
     response = StreamingHttpResponse(relay(), status=upstream.status_code, content_type=content_type)

@@ -211,6 +211,20 @@ def holder(token: str) -> Holder | None:
     return Holder(int(user_pk), bool(sees_all), int(token_pk))
 
 
+def touch(session_pk: str) -> None:
+    """The session was used just now (idle auto-cancel counts from its last use)."""
+    _execute(
+        "touch_session",
+        [_db_datetime(timezone.now()), LLMSession._meta.pk.get_db_prep_value(uuid.UUID(session_pk), connection)],
+    )
+
+
+def touch_later(session_pk: str) -> None:
+    """touch() on the lookup threads without waiting for it: from where nothing may be awaited any more (the end of
+    a stream, also one the client abandoned)."""
+    _threads.submit(touch, session_pk)
+
+
 def sees_all(user_pk: int) -> bool:
     """The support permission of an active user (the pages' rule, sessions.access.sees_all, in one statement)."""
     row = _fetch_one("sees_all", [*SEE_ALL_PARAMS, user_pk, True])
@@ -239,7 +253,7 @@ def target(user: Holder, key: str) -> Target | None:
     base = secret = ""
     if state == State.RUNNING and host and port:
         if access == Cluster.NodeAccess.TUNNEL:
-            base = backend.forwarded_url(ClusterAccount.target_of(*row[11:]), host, port)
+            base = backend.forwarded_url(ClusterAccount.target_of(*row[11:]), host, port, str(uuid.UUID(str(pk_value))))
         else:
             base = f"http://{host}:{port}"
         secret = crypto.decrypt(key_encrypted)

@@ -8,6 +8,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Iterator
+from datetime import datetime
 from io import StringIO
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ import pytest
 from asgiref.sync import async_to_sync
 from django.core.management import call_command
 from django.test import AsyncClient, Client
+from django.utils import timezone
 
 from catalog.models import Cluster, ClusterRuntime
 from jobs.cluster import backend
@@ -93,6 +95,28 @@ def test_the_browser_route_streams_a_chat_for_the_owner(running: LLMSession, own
     assert len(chunks) >= 2 and "choices" in chunks[0]
     assert running.api_key.encode() not in body
     assert LLMSession.objects.get(pk=running.pk).last_activity_at is not None
+
+
+def test_a_stream_counts_as_use_until_its_last_byte(running: LLMSession, owner: Any) -> None:
+    """Idle auto-cancel counts from a request's end, not its start: a reply streamed for a long time is use."""
+    _, token = ApiToken.issue(owner, "script")
+
+    async def stream() -> datetime:
+        reply = await AsyncClient().post(
+            "/api/v1/chat/completions", {**CHAT, "model": "tiny", "stream": True, "max_tokens": 400},
+            content_type="application/json", headers={"Authorization": f"Bearer {token}"},
+        )  # fmt: skip
+        first_byte = None
+        async for _ in reply.streaming_content:  # type: ignore[attr-defined]
+            first_byte = first_byte or timezone.now()  # after the request's start was noted
+        assert first_byte is not None
+        return first_byte
+
+    first_byte = async_to_sync(stream)()
+    deadline = time.monotonic() + 10
+    while (seen := LLMSession.objects.get(pk=running.pk).last_activity_at) is None or seen <= first_byte:
+        assert time.monotonic() < deadline, (seen, first_byte)  # noted by the proxy's threads as the stream ended
+        time.sleep(0.1)
 
 
 def test_who_may_use_which_route(

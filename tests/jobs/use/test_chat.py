@@ -130,3 +130,14 @@ def test_api_tokens_are_shown_once_stored_hashed_and_revocable(client: Client, o
     assert targets.holder(token) is not None  # someone else cannot revoke it
     client.post("/tokens/", {"revoke": token_row.pk})
     assert targets.holder(token) is None
+
+
+def test_the_plain_form_send_counts_as_use_of_the_session(client: Client, owner: Any, session: LLMSession) -> None:
+    """Idle auto-cancel counts every request: the no-JavaScript send too, also when the server does not answer."""
+    transition(session.pk, State.RUNNING, cause="test", host="127.0.0.1", port=1)  # nothing listens there
+    client.force_login(owner)
+    conversation = Conversation.objects.create(session=session)
+    client.post(f"/sessions/{session.pk}/chat/{conversation.pk}/send", {"message": "hello"})
+    session.refresh_from_db()
+    assert session.last_activity_at is not None
+    assert "did not answer" in conversation.messages.last().content  # type: ignore[union-attr]
