@@ -178,6 +178,8 @@ PORTAL_SUBMIT_STALE_S = env_int("PORTAL_SUBMIT_STALE_S", 240, minimum=1)
 PORTAL_JOB_LOST_AFTER_S = env_int("PORTAL_JOB_LOST_AFTER_S", 900, minimum=1)
 # The wizard asks Slurm (sbatch --test-only, cached a minute) for a start estimate of each fitting option.
 PORTAL_WIZARD_ASKS_SLURM = env_bool("PORTAL_WIZARD_ASKS_SLURM", True)
+# New --test-only questions one user's wizard may send a minute (0: no limit); cached answers do not count.
+PORTAL_WIZARD_SLURM_PER_MINUTE = env_int("PORTAL_WIZARD_SLURM_PER_MINUTE", 20, minimum=0)
 PORTAL_QUEUE_REFRESH_S = env_int("PORTAL_QUEUE_REFRESH_S", 60, minimum=5)
 PORTAL_LOG_TAIL_BYTES = env_int("PORTAL_LOG_TAIL_BYTES", 65536, minimum=1024)
 # What one user may hold on a cluster at a time, unless the cluster's own limits say otherwise; 0: no limit.

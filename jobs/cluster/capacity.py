@@ -11,6 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
+from django.conf import settings
 from django.core.cache import cache
 from django.db import transaction
 from django.utils import timezone
@@ -19,7 +20,7 @@ from catalog.models import Cluster, ClusterAccount, GPUType, Partition
 from catalog.plans import Option
 from jobs.cluster import jobscript, slurm
 from jobs.models import LLMSession, PartitionState
-from portal import ssh
+from portal import rates, ssh
 
 TEST_ONLY_CACHE_S = 60
 HISTORY_MIN_SAMPLES = 3
@@ -121,13 +122,33 @@ class SlurmEstimate:
     message: str  # Slurm's words when it gives no estimate
 
 
-def slurm_estimate(option: Option, walltime_min: int, account: ClusterAccount) -> SlurmEstimate:
-    """`sbatch --test-only` with the option's exact request, as the user's account; cached for a minute."""
-    args = probe_args(option, walltime_min, account.effective_slurm_account)
+def probe_walltime(walltime_min: int, partition_max_min: int) -> int:
+    """The walltime the probe asks with: rounded up to 15 minutes (to 30 past an hour, 60 past four hours, 240 past a
+    day). Slurm's backfill places a job by its time limit only that coarsely, and the rounding keeps every walltime
+    typed in the wizard from being its own cache entry and SSH command."""
+    step = 15 if walltime_min <= 60 else 30 if walltime_min <= 240 else 60 if walltime_min <= 1440 else 240
+    return min(-(-walltime_min // step) * step, max(partition_max_min, 1))
+
+
+def _may_ask(asker: int | None) -> bool:
+    """A user's wizard asks Slurm at most PORTAL_WIZARD_SLURM_PER_MINUTE new questions a minute (cache hits are
+    free); past it, options show the portal's own facts without Slurm's estimate."""
+    return asker is None or not rates.wait_s(f"slurm-questions:{asker}", settings.PORTAL_WIZARD_SLURM_PER_MINUTE)
+
+
+def slurm_estimate(
+    option: Option, walltime_min: int, account: ClusterAccount, asker: int | None = None
+) -> SlurmEstimate:
+    """`sbatch --test-only` with the option's request, as the user's account; cached for a minute, at most so many
+    new questions a minute per asking user."""
+    walltime = probe_walltime(walltime_min, option.node_group.partition.max_walltime_min)
+    args = probe_args(option, walltime, account.effective_slurm_account)
     key = "test-only:" + hashlib.sha256(f"{account.pk}:{' '.join(args)}".encode()).hexdigest()
     cached = cache.get(key)
     if cached is not None:
         return SlurmEstimate(cached[0], cached[1])
+    if not _may_ask(asker):
+        return SlurmEstimate(None, "not asked: you asked Slurm for many estimates this minute; try again shortly")
     command = shlex.join(["sbatch", "--test-only", *args, "--wrap=true"])
     result = ssh.pool.run(account.ssh_target(), command, timeout_s=30)
     try:
@@ -233,6 +254,7 @@ def queue_views(
     walltime_min: int,
     account_for: Callable[[Cluster], ClusterAccount | None] | None = None,
     ask_slurm: bool = True,
+    asker: int | None = None,
 ) -> list[QueueView]:
     """Attach queue facts to fitting options and mark the recommended one. account_for(cluster) gives the user's
     account there (for --test-only with their own priority); without one, Slurm is not asked for that option."""
@@ -249,7 +271,7 @@ def queue_views(
         account = account_for(group.partition.cluster) if account_for and ask_slurm and option.fit.fits else None
         if account is not None:
             try:
-                estimate = slurm_estimate(option, walltime_min, account)
+                estimate = slurm_estimate(option, walltime_min, account, asker)
             except ssh.SSHError as exc:
                 estimate = SlurmEstimate(None, f"cannot ask {group.partition.cluster.name}: {exc}")
         views.append(QueueView(option, state, estimate, waits[group.partition_id, group.gpu_type_id], walltime_min))

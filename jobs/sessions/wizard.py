@@ -174,7 +174,11 @@ def _estimate_and_options(state: WizardState, user: User) -> None:
 
     options = plans(request, variant)
     views = queue_views(
-        options, values["walltime"], account_for=account_for, ask_slurm=settings.PORTAL_WIZARD_ASKS_SLURM
+        options,
+        values["walltime"],
+        account_for=account_for,
+        ask_slurm=settings.PORTAL_WIZARD_ASKS_SLURM,
+        asker=user.pk,
     )
     views.sort(key=lambda v: (not v.recommended, not v.option.fit.fits, v.option.gpus, -v.option.fit.headroom_gib))
     choices = {name: values.get(name) for name in ChoicesForm.base_fields}

@@ -7,8 +7,7 @@ uploads. Here, for those routes:
 1. the host is checked against ALLOWED_HOSTS;
 2. the caller is authenticated from the headers alone: a personal API token (/api/v1/), or the signed-in session
    cookie (/sessions/<uuid>/v1/);
-3. a token is held to PORTAL_API_REQUESTS_PER_MINUTE (counted in the shared cache: exact with Redis, close with the
-   file cache, whose increments are not atomic across processes);
+3. a token is held to PORTAL_API_REQUESTS_PER_MINUTE (portal/rates.py);
 4. only then is the body read, and at most PORTAL_MAX_REQUEST_BYTES of it, whether it declared its length or is
    chunked.
 
@@ -20,7 +19,6 @@ from __future__ import annotations
 
 import json
 import re
-import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from importlib import import_module
 from types import SimpleNamespace
@@ -28,13 +26,13 @@ from typing import Any
 
 from django.conf import settings
 from django.contrib import auth
-from django.core.cache import cache
 from django.http.cookie import parse_cookie
 from django.http.request import split_domain_port, validate_host
 from django.views.decorators.debug import sensitive_variables
 
 from jobs.use import targets
 from jobs.use.headers import DATA_ONLY
+from portal import rates
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -116,25 +114,7 @@ def _token_holder(authorization: str) -> tuple[targets.Holder | None, int]:
     holder = targets.holder(token.strip())
     if holder is None or holder.token_pk is None:
         return holder, 0
-    return holder, _rate_wait_s(holder.token_pk)
-
-
-def clock() -> float:
-    """The time the rate windows are counted in (seconds; tests hold it still)."""
-    return time.time()
-
-
-def _rate_wait_s(token_pk: int) -> int:
-    limit = settings.PORTAL_API_REQUESTS_PER_MINUTE
-    if not limit:
-        return 0
-    now = clock()
-    key = f"api-rate:{token_pk}:{int(now // 60)}"
-    try:
-        count = 1 if cache.add(key, 1, 120) else cache.incr(key)
-    except ValueError:  # the window's counter expired between the two calls
-        count = 1
-    return 0 if count <= limit else 60 - int(now % 60)
+    return holder, rates.wait_s(f"api-token:{holder.token_pk}", settings.PORTAL_API_REQUESTS_PER_MINUTE)
 
 
 @sensitive_variables("cookie")

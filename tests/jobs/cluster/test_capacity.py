@@ -15,8 +15,9 @@ from hypothesis import strategies as st
 from catalog.models import ClusterAccount, ModelVariant
 from catalog.plans import plans, request_for
 from jobs.cluster import slurm
-from jobs.cluster.capacity import SlurmEstimate, history, probe_args, queue_views, recommend
+from jobs.cluster.capacity import SlurmEstimate, history, probe_args, probe_walltime, queue_views, recommend
 from jobs.models import LLMSession, PartitionState
+from portal import rates, ssh
 
 names = st.from_regex(r"[a-z][a-z0-9_-]{0,12}", fullmatch=True)
 
@@ -151,3 +152,47 @@ def test_the_test_only_request_is_the_options_exact_request(local_setup: tuple[C
         "--gres=gpu:a100:1", "--constraint=a100-80g", "--time=45",
     ]  # fmt: skip
     assert "--exclusive=user" in probe_args(dataclasses.replace(option, runtime="ollama"), 45, "lab")  # as its job
+
+
+@pytest.fixture
+def counted_sbatch(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """A login host that answers every --test-only with an estimate and counts the commands it was sent."""
+    commands: list[str] = []
+
+    def run(target: ssh.SSHTarget, command: str, **kwargs: Any) -> ssh.CommandResult:
+        commands.append(command)
+        return ssh.CommandResult(0, "", "sbatch: Job 7 to start at 2030-01-01T10:00:00 using 1 processors on nodes n1")
+
+    monkeypatch.setattr(ssh.pool, "run", run)
+    return commands
+
+
+@pytest.mark.parametrize(("walltime", "asked"), [(1, 15), (16, 30), (59, 60), (61, 90), (300, 300), (1500, 1440)])
+def test_the_probe_rounds_the_walltime_up_to_a_few_steps(walltime: int, asked: int) -> None:
+    assert probe_walltime(walltime, partition_max_min=1440) == asked
+
+
+def test_varying_the_walltime_does_not_get_past_the_cache(
+    local_setup: tuple[ClusterAccount, ModelVariant], counted_sbatch: list[str]
+) -> None:
+    account, variant = local_setup
+    options = [o for o in plans(request_for(variant, "llama.cpp", 1024), variant) if o.fit.fits]
+    for walltime in (31, 37, 44, 45):  # one 45-minute probe per option, asked once
+        queue_views(options, walltime, account_for=lambda cluster: account, asker=account.pk)
+    assert len(counted_sbatch) == len(options) and all("--time=45" in c for c in counted_sbatch)
+
+
+def test_a_users_wizard_asks_slurm_only_so_often(
+    local_setup: tuple[ClusterAccount, ModelVariant], counted_sbatch: list[str], settings: Any,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    account, variant = local_setup
+    settings.PORTAL_WIZARD_SLURM_PER_MINUTE = 3
+    monkeypatch.setattr(rates, "clock", lambda: 1_800_000_015.0)  # all in one minute's window
+    options = [o for o in plans(request_for(variant, "llama.cpp", 1024), variant) if o.fit.fits][:1]
+    views = [
+        queue_views(options, walltime, account_for=lambda c: account, asker=7)[0] for walltime in (30, 60, 90, 120)
+    ]
+    assert len(counted_sbatch) == 3
+    assert views[-1].slurm is not None and "not asked" in views[-1].slurm.message
+    assert queue_views(options, 60, account_for=lambda c: account, asker=7)[0].slurm.start  # type: ignore[union-attr]

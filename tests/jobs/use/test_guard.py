@@ -11,7 +11,7 @@ import pytest
 from django.test import Client
 
 from jobs.models import ApiToken
-from jobs.use import guard
+from portal import rates
 from portal.asgi import application
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -104,7 +104,7 @@ def test_a_token_is_held_to_its_requests_a_minute(
     owner: Any, other_user: Any, settings: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     settings.PORTAL_API_REQUESTS_PER_MINUTE = 3
-    monkeypatch.setattr(guard, "clock", lambda: 1_800_000_015.0)  # one minute's window, 45 s left in it
+    monkeypatch.setattr(rates, "clock", lambda: 1_800_000_015.0)  # one minute's window, 45 s left in it
     token, other = token_of(owner), token_of(other_user)
     statuses = [Call("/api/v1/models", [b""], "GET", authorization=f"Bearer {token}").run() for _ in range(4)]
     assert [status for status, _, _ in statuses] == [200, 200, 200, 429]
