@@ -53,6 +53,8 @@ def poll_clusters() -> int:
     expiry warnings; idle auto-cancel."""
     for session_id in lifecycle.lost_submits():
         submit_session.delay(session_id)
+    for session_id in lifecycle.lost_cancels():
+        cancel_session.delay(session_id)
     account_ids = lifecycle.accounts_to_poll()
     for account_id in account_ids:
         poll_account.apply_async((account_id,), expires=settings.PORTAL_POLL_INTERVAL_S * 2)

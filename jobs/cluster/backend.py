@@ -14,9 +14,10 @@ import socket
 import threading
 import time
 
+import httpx
 from django.db import close_old_connections
 
-from jobs.models import LLMSession, State
+from jobs.models import SERVING_STATES, LLMSession
 from portal import ssh
 
 log = logging.getLogger(__name__)
@@ -104,12 +105,25 @@ def forwarded_url(target: ssh.SSHTarget, host: str, port: int, session_pk: str) 
     return f"http://127.0.0.1:{known[0].local_port}"
 
 
+def answers(session: LLMSession, timeout_s: float = 3.0) -> bool:
+    """Whether the session's server answers its health check now (as the job checked before it said running)."""
+    url = base_url(session)
+    if not url:
+        return False
+    try:
+        reply = httpx.get(f"{url}/health", headers={"Authorization": f"Bearer {session.api_key}"}, timeout=timeout_s)
+    except httpx.HTTPError:
+        return False
+    return reply.status_code == 200
+
+
 def sweep() -> int:
     """Close the forwards of sessions that no longer run; how many were closed."""
     with _lock:
         serving = {session_pk for _, session_pk in _forwards.values()}
     running = {
-        str(pk) for pk in LLMSession.objects.filter(pk__in=serving, state=State.RUNNING).values_list("pk", flat=True)
+        str(pk)
+        for pk in LLMSession.objects.filter(pk__in=serving, state__in=SERVING_STATES).values_list("pk", flat=True)
     }
     with _lock:
         gone = [key for key, (_, session_pk) in _forwards.items() if session_pk not in running]

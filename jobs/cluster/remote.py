@@ -26,7 +26,8 @@ SUBMIT_RETRY = 75
 
 # Runs on the login host as: bash -c SCRIPT submit UUID SHA256 <tar on stdin>.
 # The lock and the job_id file make a repeated submit (a retry, a second worker) return the first job instead
-# of creating another; the name lookup covers an sbatch that created the job but lost its reply.
+# of creating another; the name lookup covers an sbatch that created the job but lost its reply. A cancel leaves a
+# `cancelled` mark under the same lock (CANCEL_SCRIPT), so a submit that comes after it never calls sbatch.
 SUBMIT_SCRIPT = r"""
 set -u
 umask 077
@@ -36,6 +37,7 @@ mkdir -p "$d" && chmod 700 "$HOME/.hpc-llm-portal" "$HOME/.hpc-llm-portal/sessio
   { echo "cannot create $d" >&2; exit 3; }
 exec 9>"$d/.submit.lock"
 flock -w 60 9 || { echo "another submit of this session is still running" >&2; exit 75; }
+if [ -e "$d/cancelled" ]; then echo "cancelled"; cat >/dev/null; exit 0; fi
 if [ -s "$d/job_id" ]; then echo "existing $(cat "$d/job_id")"; cat >/dev/null; exit 0; fi
 found=$(squeue -h -u "$(id -un)" -n "$name" -o %i 2>/dev/null | head -n 1)
 if [ -n "$found" ]; then echo "$found" >"$d/job_id"; echo "existing $found"; cat >/dev/null; exit 0; fi
@@ -55,6 +57,23 @@ cat .sbatch.err >&2
 exit 64
 """
 
+# Runs as: bash -c SCRIPT cancel UUID [JOBID]. Under the submit lock: mark the session cancelled (a submit after this
+# one never submits), then scancel its job by id when the portal knows it, and by name for one whose sbatch reply
+# was lost or that a submit in flight created just before the mark.
+CANCEL_SCRIPT = r"""
+set -u
+umask 077
+sid=$1 jid=${2:-} name="hpcllm-$1"
+d="$HOME/.hpc-llm-portal/sessions/$sid"
+mkdir -p "$d" && chmod 700 "$d" || { echo "cannot create $d" >&2; exit 3; }
+exec 9>"$d/.submit.lock"
+flock -w 60 9 || { echo "a submit of this session still holds its lock" >&2; exit 75; }
+: >"$d/cancelled"
+if [ -n "$jid" ]; then scancel "$jid" 2>&1; fi
+scancel --name "$name" --user "$(id -un)" 2>&1 || { echo "scancel failed" >&2; exit 75; }
+echo "marked"
+"""
+
 # Runs as: bash -c SCRIPT poll UUID:JOBID ... ; prints @@-delimited sections (see parse_poll).
 POLL_SCRIPT = r"""
 set -u
@@ -62,10 +81,23 @@ base="$HOME/.hpc-llm-portal/sessions"
 live=$(squeue -h -u "$(id -un)" -o '@FORMAT@' 2>&1)
 rc=$?
 echo "@@squeue $rc"
-printf '%s\n' "$live"
-# Every pending job by priority, for the sessions' places in their partitions' queues.
+if [ "$rc" -eq 0 ]; then
+  # The portal's own jobs only: the user's other work (an array of thousands) must not swell the answer.
+  live=$(printf '%s\n' "$live" | awk -F'|' '$2 ~ /^hpcllm-/')
+  printf '%s\n' "$live"
+else
+  printf '%s\n' "$live" | head -c 2000
+  echo
+fi
+# Each of our pending jobs' place in its partition's queue (by priority), counted here: the cluster's whole queue
+# would not fit in the answer on a busy site.
+mine=$(printf '%s\n' "$live" | awk -F'|' '$3 == "PENDING" { print $1 }' | tr '\n' ' ')
 echo "@@order"
-squeue -h -t PENDING --sort=-p,i -o '%P|%i' 2>/dev/null
+if [ -n "${mine// }" ]; then
+  squeue -h -t PENDING --sort=-p,i -o '%P|%i' 2>/dev/null | awk -F'|' -v mine="$mine" '
+    BEGIN { n = split(mine, ids, " "); for (i = 1; i <= n; i++) wanted[ids[i]] = 1 }
+    { place[$1]++ } ($2 in wanted) { print $1 "|" $2 "|" place[$1] }'
+fi
 declare -A listed=()
 if [ "$rc" -eq 0 ]; then
   while IFS='|' read -r jid _; do [ -n "$jid" ] && listed[$jid]=1; done <<<"$live"
@@ -124,13 +156,16 @@ def submit_command(session_id: str, sha256: str) -> str:
 
 @dataclass(frozen=True)
 class SubmitOutcome:
-    job_id: str
+    job_id: str  # empty when the session was cancelled before sbatch
     existing: bool
+    cancelled: bool = False
 
 
 def parse_submit(stdout: str) -> SubmitOutcome:
     for line in stdout.splitlines():
         word, _, value = line.strip().partition(" ")
+        if word == "cancelled":
+            return SubmitOutcome(job_id="", existing=False, cancelled=True)
         if word in {"submitted", "existing"}:
             return SubmitOutcome(job_id=slurm.parse_sbatch_parsable(value), existing=word == "existing")
     raise slurm.SlurmParseError(f"no job id in the submit output: {stdout.strip()[:200]!r}")
@@ -146,6 +181,12 @@ _TRANSIENT_SBATCH = re.compile(
 
 def sbatch_is_transient(stderr: str) -> bool:
     return bool(_TRANSIENT_SBATCH.search(stderr))
+
+
+def cancel_command(session_id: str, job_id: str) -> str:
+    if not _UUID.match(session_id) or (job_id and not _JOB_ID.match(job_id)):
+        raise ValueError(f"bad session or job id: {session_id!r} {job_id!r}")
+    return shlex.join(["bash", "-c", CANCEL_SCRIPT, "cancel", session_id, job_id])
 
 
 def poll_command(pairs: list[tuple[str, str]]) -> str:
@@ -169,13 +210,11 @@ class PollResult:
     asked_gone: set[str] = field(default_factory=set)  # job ids sacct/scontrol were asked about successfully
     connections: dict[str, dict[str, object]] = field(default_factory=dict)  # session id -> connection.json
     errors: dict[str, str] = field(default_factory=dict)  # session id -> error file
-    pending_order: dict[str, list[str]] = field(default_factory=dict)  # partition -> pending job ids by priority
+    positions: dict[tuple[str, str], int] = field(default_factory=dict)  # (partition, job id) -> place in its queue
     complete: bool = False
 
     def queue_position(self, partition: str, job_id: str) -> int | None:
-        if not hasattr(self, "_positions"):
-            self._positions = {(p, j): i for p, jobs in self.pending_order.items() for i, j in enumerate(jobs, start=1)}
-        return self._positions.get((partition, job_id))
+        return self.positions.get((partition, job_id))
 
 
 _SACCT_FIELDS = ("JobID", "JobName", "JobState", "ExitCode", "StartTime", "EndTime", "NodeList", "Reason")
@@ -230,9 +269,9 @@ def parse_poll(text: str) -> PollResult:
             result.errors[args[0]] = content
         elif kind == "order":
             for line in content.splitlines():
-                partition, _, job_id = line.strip().partition("|")
-                if job_id:
-                    result.pending_order.setdefault(partition, []).append(job_id)
+                partition, job_id, place = [*line.strip().split("|"), "", ""][:3]
+                if job_id and place.isdigit():
+                    result.positions[partition, job_id] = int(place)
         elif kind == "end":
             result.complete = True
     return result

@@ -34,6 +34,9 @@ END_STATES = frozenset({State.COMPLETED, State.CANCELLED, State.FAILED, State.TI
 # States whose job the poller asks Slurm about.
 POLLED_STATES = frozenset({State.QUEUED, State.STARTING, State.RUNNING, State.UNKNOWN})
 LIVE_STATES = frozenset(set(State) - END_STATES)
+# States in which a session's server may be used: running, or unknown after running while the scheduler cannot be
+# asked but the server still answered (the poll clears the address when it does not).
+SERVING_STATES = frozenset({State.RUNNING, State.UNKNOWN})
 
 
 def served_model_name(model: str, quantization: str) -> str:
@@ -170,6 +173,11 @@ class LLMSession(models.Model):
     @property
     def is_ended(self) -> bool:
         return self.state in END_STATES
+
+    @property
+    def serving(self) -> bool:
+        """Its server may be used now (the chat, the API)."""
+        return self.state in SERVING_STATES and bool(self.host and self.port)
 
     @property
     def ends_at(self) -> datetime | None:

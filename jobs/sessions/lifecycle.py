@@ -21,7 +21,7 @@ from django.utils import timezone
 from django.views.decorators.debug import sensitive_variables
 
 from catalog.models import ClusterAccount, ClusterRuntime, VariantLocation
-from jobs.cluster import jobscript, remote, slurm
+from jobs.cluster import backend, jobscript, remote, slurm
 from jobs.models import END_STATES, POLLED_STATES, LLMSession, State, transition
 from jobs.sessions import notify
 from portal import ssh
@@ -136,6 +136,10 @@ def submit(session_id: str, claim: str | None) -> Submitted:
             outcome = remote.parse_submit(result.stdout)
         except slurm.SlurmParseError as exc:
             return Submitted("retry", str(exc))
+        if outcome.cancelled:  # a cancel marked the session on the cluster first: sbatch was never called
+            why = "cancelled while it was being submitted; no job was created"
+            transition(session_id, State.CANCELLED, cause=why, allowed_from={State.SUBMITTING}, end_reason=why)
+            return Submitted("cancelled")
         cause = f"found job {outcome.job_id} submitted earlier" if outcome.existing else "sbatch accepted the job"
         moved = transition(
             session_id,
@@ -192,26 +196,49 @@ def idle_sessions() -> list[LLMSession]:
 
 
 def cancel(session_id: str) -> str | None:
-    """scancel the session's job and poll its account once; the end state once Slurm confirms it, else None
-    (the task tries again)."""
+    """End a session's job: mark the session cancelled on the cluster and scancel its job, by id and by name (one
+    command, under the submit lock; see remote.CANCEL_SCRIPT), then poll its account once. The end state once it
+    has ended, else None (the task tries again).
+
+    A session still being submitted ends here at once: after the mark no submit can create a job, and any job one
+    created before it (whose reply may have been lost) was cancelled by name."""
     session = LLMSession.objects.select_related("account__cluster").get(pk=session_id)
     if session.state in END_STATES:
         return session.state
     if session.state == State.PENDING:
         transition(session_id, State.CANCELLED, cause="cancelled before submission", allowed_from={State.PENDING})
         return State.CANCELLED
-    if not session.job_id:  # still submitting: the submit task asks for the cancel again once it has a job id
-        return None
-    target = session.account.ssh_target()
     try:
-        result = ssh.pool.run(target, f"scancel {shlex.quote(session.job_id)}", timeout_s=30)
-        if result.exit_code != 0 and "Invalid job id" not in result.stderr:
-            log.warning("scancel %s failed: %s", session.job_id, result.stderr.strip())
-        poll(session.account_id)
+        result = ssh.pool.run(
+            session.account.ssh_target(), remote.cancel_command(session_id, session.job_id), timeout_s=90
+        )
     except ssh.SSHError as exc:
         log.warning("cancel of %s will be retried: %s", session_id, exc)
+        return None
+    if result.exit_code != 0 or "marked" not in result.stdout:
+        log.warning("cancel of %s will be retried: %s", session_id, result.stderr.strip()[:300])
+        return None
+    why = session.cancel_reason or "cancelled from the portal"
+    submitting = {State.SUBMITTING}
+    cause = f"{why} while it was being submitted"
+    if not session.job_id and transition(
+        session_id, State.CANCELLED, cause=cause, allowed_from=submitting, end_reason=why
+    ):
+        return State.CANCELLED
+    try:
+        poll(session.account_id)
+    except ssh.SSHError as exc:
+        log.warning("the poll after cancelling %s failed: %s", session_id, exc)
     session.refresh_from_db(fields=["state"])
     return session.state if session.state in END_STATES else None
+
+
+def lost_cancels() -> list[str]:
+    """Sessions a cancel was asked for over a minute ago that never got a job id (their cancel task gave up while
+    the cluster was away): ask again, or they would stay submitting for ever."""
+    overdue = timezone.now() - CANCEL_REPEAT_AFTER
+    stuck = LLMSession.objects.filter(state=State.SUBMITTING, job_id="", cancel_requested_at__lt=overdue)
+    return [str(pk) for pk in stuck.values_list("pk", flat=True)]
 
 
 # --- poll -----------------------------------------------------------------------------------------------------
@@ -267,8 +294,18 @@ def _repeat_lost_cancels(account: ClusterAccount, sessions: list[LLMSession], po
 
 
 def _mark_unknown(sessions: list[LLMSession], cause: str) -> None:
+    """The scheduler cannot be asked: nothing ends. A running session whose server still answers keeps serving its
+    chat and API while unknown; one whose server does not is no longer sent requests."""
     for session in sessions:
-        transition(session.pk, State.UNKNOWN, cause=cause, allowed_from={State.QUEUED, State.STARTING, State.RUNNING})
+        if session.state == State.RUNNING:
+            if backend.answers(session):
+                why = f"{cause}; its server still answers, so its chat and API go on"
+                transition(session.pk, State.UNKNOWN, cause=why, allowed_from={State.RUNNING})
+            else:
+                why = f"{cause}; its server does not answer either"
+                transition(session.pk, State.UNKNOWN, cause=why, allowed_from={State.RUNNING}, host="", port=None)
+            continue
+        transition(session.pk, State.UNKNOWN, cause=cause, allowed_from={State.QUEUED, State.STARTING})
 
 
 _END_FOR_SLURM = {

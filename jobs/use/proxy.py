@@ -20,7 +20,7 @@ from django.http import HttpRequest, HttpResponseBase, JsonResponse, StreamingHt
 from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.debug import sensitive_variables
 
-from jobs.models import LLMSession, State
+from jobs.models import SERVING_STATES, LLMSession
 from jobs.use import relay as relay_module
 from jobs.use import targets
 from jobs.use.guard import BODY, HOLDER
@@ -64,7 +64,7 @@ def openai_error(status: int, message: str, kind: str, code: str | None = None) 
 
 @sensitive_variables("headers", "upstream_request")
 async def _forward(request: HttpRequest, target: Target, path: str, body: bytes) -> HttpResponseBase:
-    if target.state != State.RUNNING or not target.base:
+    if not target.base:
         return openai_error(409, f"session {target.pk} is {target.state}, not running", "session_not_running",
                             target.state)  # fmt: skip
     headers = {k: v for k, v in request.headers.items() if k.lower() in FORWARDED_HEADERS}
@@ -186,7 +186,8 @@ def _target_named(holder: targets.Holder, model: Any) -> Target | None:
 
 
 def _running_models(user_pk: int) -> list[dict[str, Any]]:
-    sessions = LLMSession.objects.filter(owner_id=user_pk, state=State.RUNNING).select_related("variant__model")
+    serving = LLMSession.objects.filter(owner_id=user_pk, state__in=SERVING_STATES).exclude(host="")
+    sessions = serving.select_related("variant__model")
     return [
         {"id": s.alias or str(s.pk), "object": "model", "created": int(s.created_at.timestamp()),
          "owned_by": "hpc-llm-portal", "session": str(s.pk), "served_model": s.served_model_name}

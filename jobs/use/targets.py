@@ -31,7 +31,15 @@ from django.views.decorators.debug import sensitive_variables
 
 from catalog.models import Cluster, ClusterAccount, ModelCard, ModelVariant
 from jobs.cluster import backend
-from jobs.models import END_STATES, SEE_ALL_SESSIONS, ApiToken, LLMSession, State, served_model_name, token_digest
+from jobs.models import (
+    END_STATES,
+    SEE_ALL_SESSIONS,
+    SERVING_STATES,
+    ApiToken,
+    LLMSession,
+    served_model_name,
+    token_digest,
+)
 from portal import crypto
 
 ACTIVITY_EVERY = timedelta(seconds=30)  # last activity feeds idle auto-cancel, which counts in minutes
@@ -251,7 +259,7 @@ def target(user: Holder, key: str) -> Target | None:
     if int(owner_pk) != user.user_pk and not (user.sees_all if user.sees_all is not None else sees_all(user.user_pk)):
         return None
     base = secret = ""
-    if state == State.RUNNING and host and port:
+    if state in SERVING_STATES and host and port:
         if access == Cluster.NodeAccess.TUNNEL:
             base = backend.forwarded_url(ClusterAccount.target_of(*row[11:]), host, port, str(uuid.UUID(str(pk_value))))
         else:

@@ -15,7 +15,7 @@ from django.utils import timezone
 from django.views.decorators.debug import sensitive_variables
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
-from jobs.models import ApiToken, Conversation, LLMSession, State
+from jobs.models import ApiToken, Conversation, LLMSession
 from jobs.sessions.access import get_session_for
 from jobs.use import chat as rules
 from portal.htmx import HtmxHttpRequest, render_page
@@ -103,7 +103,7 @@ def send_without_js(request: HtmxHttpRequest, pk: UUID, conversation_id: int) ->
     session = get_session_for(request, pk)
     conversation = _conversation(session, conversation_id)
     text = (request.POST.get("message") or "").strip()
-    if text and session.state == State.RUNNING:
+    if text and session.serving:
         max_tokens = int(_number(request.POST.get("max_tokens"), 512, 1, 32768))
         rules.ask(session, conversation, text, max_tokens, _number(request.POST.get("temperature"), 0.7, 0, 2))
     return HttpResponseRedirect(_chat_url(session, conversation))

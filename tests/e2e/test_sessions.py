@@ -7,6 +7,7 @@ runs them in a real Celery worker.
 from __future__ import annotations
 
 import subprocess
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -16,13 +17,14 @@ from django.core.exceptions import ValidationError
 from django.test import Client
 
 from catalog.models import Cluster, ClusterAccount, VariantLocation
-from jobs.cluster import backend
-from jobs.models import LLMSession, State
+from jobs.cluster import backend, remote
+from jobs.models import Conversation, LLMSession, State
+from jobs.sessions import lifecycle
 from jobs.sessions.actions import launch, request_cancel
 from jobs.tasks import cancel_session, submit_session
 from portal import ssh
 from tests.conftest import LAUNCH, LOCAL_CLUSTER_SCRIPT
-from tests.e2e.sessions import cancel_all_jobs, drive, local_account, shell
+from tests.e2e.sessions import cancel_all_jobs, drive, jobs_named, local_account, shell
 
 pytestmark = [pytest.mark.e2e, pytest.mark.django_db]
 
@@ -41,6 +43,12 @@ def start(owner: Any, django_capture_on_commit_callbacks: Any, **changes: Any) -
     submit_session.apply(args=(str(session.pk),))
     session.refresh_from_db()
     return session
+
+
+def squeue_states(name: str) -> list[str]:
+    """The states squeue shows for jobs of this name (empty once none is pending or running)."""
+    out = subprocess.run(["squeue", "-h", "-n", name, "-o", "%T"], capture_output=True, text=True).stdout
+    return out.split()
 
 
 def states(session: LLMSession) -> list[str]:
@@ -179,7 +187,7 @@ def test_a_one_minute_walltime_ends_in_timeout(
 
 
 def test_an_ssh_outage_ends_nothing_and_sessions_come_back(
-    account: ClusterAccount, owner: Any, django_capture_on_commit_callbacks: Any
+    account: ClusterAccount, owner: Any, django_capture_on_commit_callbacks: Any, client: Client
 ) -> None:
     running = drive(start(owner, django_capture_on_commit_callbacks), lambda s: s.state == State.RUNNING or s.is_ended)
     assert running.state == State.RUNNING
@@ -191,8 +199,51 @@ def test_an_ssh_outage_ends_nothing_and_sessions_come_back(
             assert running.state == State.UNKNOWN
         causes = [e.cause for e in running.events.filter(to_state=State.UNKNOWN)]
         assert causes and "cannot reach Local test cluster" in causes[0]
+        # The scheduler cannot be asked, but the server answers: its chat goes on through the portal.
+        assert running.serving and "still answers" in causes[0]
+        client.force_login(owner)
+        conversation = Conversation.objects.create(session=running)
+        client.post(f"/sessions/{running.pk}/chat/{conversation.pk}/send", {"message": "hello", "max_tokens": "8"})
+        reply = conversation.messages.get(role="assistant").content
+        assert reply and "did not answer" not in reply
     finally:
         subprocess.run([LOCAL_CLUSTER_SCRIPT, "start-sshd"], check=True, capture_output=True)
     running = drive(running, lambda s: s.state != State.UNKNOWN)
     assert running.state == State.RUNNING
     assert running.ended_at is None
+
+
+def test_a_cancel_during_a_submit_leaves_no_job(
+    account: ClusterAccount, owner: Any, django_capture_on_commit_callbacks: Any, client: Client
+) -> None:
+    """The cancel wins: the submit retry that comes after it creates no job, and the session can be deleted."""
+    with django_capture_on_commit_callbacks(execute=False):
+        session = launch(owner, LAUNCH)
+    assert lifecycle.claim_submit(str(session.pk), "first-attempt")  # a submit is under way, retrying
+    request_cancel(session, "test")
+    assert cancel_session.apply(args=(str(session.pk),)).get() == State.CANCELLED
+    payload = remote.submit_payload("#!/bin/bash\nsleep 600\n", session.api_key, {})
+    late = ssh.pool.run(
+        account.ssh_target(), remote.submit_command(str(session.pk), payload.sha256), stdin=payload.stdin
+    )  # fmt: skip  (the submit that was in flight arrives now)
+    assert remote.parse_submit(late.stdout).cancelled
+    assert jobs_named(f"hpcllm-{session.pk}") == []
+    client.force_login(owner)
+    client.post(f"/sessions/{session.pk}/delete")
+    assert not LLMSession.objects.filter(pk=session.pk).exists()
+
+
+def test_a_job_whose_sbatch_reply_was_lost_is_found_and_cancelled(
+    account: ClusterAccount, owner: Any, django_capture_on_commit_callbacks: Any
+) -> None:
+    session = start(owner, django_capture_on_commit_callbacks)
+    name = f"hpcllm-{session.pk}"
+    assert session.job_id and jobs_named(name)
+    # As if sbatch had created the job but its reply never reached the portal.
+    LLMSession.objects.filter(pk=session.pk).update(state=State.SUBMITTING, job_id="")
+    request_cancel(LLMSession.objects.get(pk=session.pk), "test")
+    assert cancel_session.apply(args=(str(session.pk),)).get() == State.CANCELLED
+    deadline = time.monotonic() + 30
+    while squeue_states(name):
+        assert time.monotonic() < deadline, squeue_states(name)
+        time.sleep(0.5)

@@ -159,3 +159,40 @@ def test_poll_reads_each_pending_jobs_place_in_its_partitions_queue(tmp_path: Pa
     result = remote.parse_poll(run(remote.poll_command([(A, "101")]), env).stdout)
     assert result.complete and result.queue_position("gpu", "101") == 2
     assert result.queue_position("devel", "101") is None
+
+
+def test_a_poll_of_a_busy_cluster_stays_small(tmp_path: Path) -> None:
+    """200,000 pending jobs on the cluster and 50,000 of the user's own outside the portal: the answer still holds
+    only the portal's jobs and their places, far below the SSH read limit."""
+    env = fake_bin(
+        tmp_path,
+        squeue=(
+            'if [[ "$*" == *PENDING* ]]; then seq 1 200000 | sed "s/^/gpu|/"; else '
+            "seq 1000000 1050000 | sed 's/$/|array|PENDING|Priority|N/A|(null)|0:00|1:00:00|gpu|1/'; "
+            f"echo '150000|hpcllm-{A}|PENDING|Priority|N/A|(null)|0:00|1:00:00|gpu|1'; fi"
+        ),
+    )
+    out = run(remote.poll_command([(A, "150000")]), env)
+    result = remote.parse_poll(out.stdout)
+    assert len(out.stdout) < 4096 and result.complete and result.squeue_ok
+    assert list(result.queued) == ["150000"] and result.queue_position("gpu", "150000") == 150000
+
+
+def test_a_cancel_marks_the_session_so_no_later_submit_calls_sbatch(tmp_path: Path) -> None:
+    env = fake_bin(tmp_path, scancel='echo "$@" >>"$HOME/scancel-calls"', squeue="true",
+                   sbatch='echo 1; touch "$HOME/submitted"')  # fmt: skip
+    cancelled = run(remote.cancel_command(A, ""), env)
+    assert cancelled.returncode == 0 and "marked" in cancelled.stdout
+    calls = (Path(env["HOME"]) / "scancel-calls").read_text()
+    assert f"--name hpcllm-{A}" in calls  # a job whose sbatch reply was lost is found by its name
+    payload = remote.submit_payload("#!/bin/bash\n", "k", {})
+    out = run(remote.submit_command(A, payload.sha256), env, payload.stdin)
+    assert out.returncode == 0 and remote.parse_submit(out.stdout).cancelled
+    assert not (Path(env["HOME"]) / "submitted").exists()
+
+
+def test_a_cancel_with_a_job_id_cancels_it_by_id_and_by_name(tmp_path: Path) -> None:
+    env = fake_bin(tmp_path, scancel='echo "$@" >>"$HOME/scancel-calls"')
+    assert run(remote.cancel_command(A, "4242"), env).returncode == 0
+    me = subprocess.run(["id", "-un"], capture_output=True, text=True).stdout.strip()
+    assert (Path(env["HOME"]) / "scancel-calls").read_text().splitlines() == ["4242", f"--name hpcllm-{A} --user {me}"]

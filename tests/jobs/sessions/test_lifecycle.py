@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Iterator
 from datetime import datetime, timedelta
+from http.server import BaseHTTPRequestHandler, HTTPServer
 from typing import Any
 
 import pytest
@@ -15,6 +18,7 @@ from jobs.cluster.slurm import QueuedJob
 from jobs.models import LLMSession, State, transition
 from jobs.sessions import lifecycle
 from jobs.sessions.actions import launch, request_cancel
+from jobs.use import targets
 from portal import ssh
 from tests.conftest import LAUNCH
 
@@ -176,8 +180,50 @@ def test_a_cancel_that_gave_up_is_repeated_by_the_poll(session: LLMSession, monk
 
 def test_a_queued_session_knows_its_place_in_the_queue(session: LLMSession) -> None:
     s = submitted(session)
-    polled = poll(queued={"42": queued_job("42", "PENDING", "Priority")}, pending_order={"gpu": ["7", "42"]})
+    polled = poll(queued={"42": queued_job("42", "PENDING", "Priority")}, positions={("gpu", "42"): 2})
     assert lifecycle.apply_poll(s, polled)
     s.refresh_from_db()
     assert s.queue_position == 2
     assert not lifecycle.apply_poll(s, polled)
+
+
+@pytest.fixture
+def health_server() -> Iterator[int]:
+    """A model server that answers its health check, on a free local port."""
+
+    class Health(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200 if self.path == "/health" else 404)
+            self.end_headers()
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Health)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield server.server_address[1]
+    server.shutdown()
+
+
+def test_a_scheduler_that_does_not_answer_does_not_cut_a_working_chat(
+    session: LLMSession, monkeypatch: pytest.MonkeyPatch, health_server: int, owner: Any
+) -> None:
+    answering = submitted(session)
+    transition(answering.pk, State.RUNNING, cause="test", host="127.0.0.1", port=health_server)
+
+    def squeue_down(*args: Any, **kwargs: Any) -> ssh.CommandResult:
+        return ssh.CommandResult(0, "@@squeue 1\nUnable to contact slurm controller\n@@end\n", "")
+
+    monkeypatch.setattr(ssh.pool, "run", squeue_down)
+    lifecycle.poll(answering.account_id)
+    answering.refresh_from_db()
+    assert answering.state == State.UNKNOWN and answering.serving and answering.ended_at is None
+    assert "still answers" in answering.events.last().cause  # type: ignore[union-attr]
+    found = targets.target(targets.Holder(owner.pk), str(answering.pk))
+    assert found is not None and found.base == f"http://127.0.0.1:{health_server}"  # the proxy still forwards
+
+    transition(answering.pk, State.RUNNING, cause="back", host="127.0.0.1", port=1)  # a server that went away
+    lifecycle.poll(answering.account_id)
+    answering.refresh_from_db()
+    assert answering.state == State.UNKNOWN and not answering.serving
+    assert targets.target(targets.Holder(owner.pk), str(answering.pk)).base == ""
