@@ -98,6 +98,14 @@ if [ -n "${mine// }" ]; then
     BEGIN { n = split(mine, ids, " "); for (i = 1; i <= n; i++) wanted[ids[i]] = 1 }
     { place[$1]++ } ($2 in wanted) { print $1 "|" $2 "|" place[$1] }'
 fi
+# The addresses of the nodes our running jobs hold: a job may only say it serves on one of its own nodes.
+nodes=$(printf '%s\n' "$live" | awk -F'|' '$3 != "PENDING" && $6 != "" && $6 != "(null)" { print $6 }' | paste -sd, -)
+if [ -n "$nodes" ]; then
+  out=$(scontrol -o show node "$nodes" 2>&1)
+  echo "@@nodes $?"
+  printf '%s\n' "$out" | head -c 200000
+  echo
+fi
 declare -A listed=()
 if [ "$rc" -eq 0 ]; then
   while IFS='|' read -r jid _; do [ -n "$jid" ] && listed[$jid]=1; done <<<"$live"
@@ -211,10 +219,22 @@ class PollResult:
     connections: dict[str, dict[str, object]] = field(default_factory=dict)  # session id -> connection.json
     errors: dict[str, str] = field(default_factory=dict)  # session id -> error file
     positions: dict[tuple[str, str], int] = field(default_factory=dict)  # (partition, job id) -> place in its queue
+    # Node name -> the names it answers to: itself, Slurm's NodeAddr and NodeHostName.
+    node_names: dict[str, set[str]] = field(default_factory=dict)
     complete: bool = False
 
     def queue_position(self, partition: str, job_id: str) -> int | None:
         return self.positions.get((partition, job_id))
+
+    def addresses_of(self, node_list: str) -> set[str] | None:
+        """Every address the nodes of a hostlist answer to, as Slurm reports them; None when Slurm did not say."""
+        try:
+            nodes = slurm.expand_hostlist(node_list)
+        except slurm.SlurmParseError:
+            return None
+        if not nodes or any(node not in self.node_names for node in nodes):
+            return None
+        return set().union(*(self.node_names[node] for node in nodes))
 
 
 _SACCT_FIELDS = ("JobID", "JobName", "JobState", "ExitCode", "StartTime", "EndTime", "NodeList", "Reason")
@@ -272,6 +292,13 @@ def parse_poll(text: str) -> PollResult:
                 partition, job_id, place = [*line.strip().split("|"), "", ""][:3]
                 if job_id and place.isdigit():
                     result.positions[partition, job_id] = int(place)
+        elif kind == "nodes" and args == ["0"]:
+            for line in content.splitlines():
+                record = slurm.parse_key_values(line)
+                name = record.get("NodeName", "")
+                if name:
+                    names = {name, record.get("NodeAddr", ""), record.get("NodeHostName", "")}
+                    result.node_names[name] = {n for n in names if n and n != "(null)"}
         elif kind == "end":
             result.complete = True
     return result

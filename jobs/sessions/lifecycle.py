@@ -9,6 +9,7 @@ the submit is claimed by one too. A failing SSH connection or scheduler command 
 from __future__ import annotations
 
 import logging
+import re
 import shlex
 import uuid
 from dataclasses import dataclass
@@ -22,9 +23,9 @@ from django.views.decorators.debug import sensitive_variables
 
 from catalog.models import ClusterAccount, ClusterRuntime, VariantLocation
 from jobs.cluster import backend, jobscript, remote, slurm
-from jobs.models import END_STATES, POLLED_STATES, LLMSession, State, transition
+from jobs.models import END_STATES, POLLED_STATES, LLMSession, SessionEvent, State, transition
 from jobs.sessions import notify
-from portal import ssh
+from portal import crypto, ssh
 
 log = logging.getLogger(__name__)
 
@@ -329,57 +330,39 @@ def apply_poll(session: LLMSession, polled: remote.PollResult) -> int:
             now_seen = (State.QUEUED, queued.reason, estimate, position)
             if (session.state, session.slurm_reason, session.estimated_start, session.queue_position) == now_seen:
                 return 0
-            return int(
-                transition(
-                    sid,
-                    State.QUEUED,
-                    cause=f"Slurm: pending ({queued.reason or 'no reason given'})",
-                    allowed_from={State.QUEUED, State.UNKNOWN},
-                    slurm_reason=queued.reason,
-                    estimated_start=estimate,
-                    queue_position=position,
-                )
-            )
+            fields: dict[str, Any] = {"slurm_reason": queued.reason, "estimated_start": estimate}
+            fields["queue_position"] = position
+            cause = f"Slurm: pending ({queued.reason or 'no reason given'})"
+            if session.state in (State.STARTING, State.RUNNING) or session.host:
+                # Requeued (preempted, or a node failed): the old address is no one's to send to any more.
+                cause = f"Slurm requeued the job: it waits to start again ({queued.reason or 'no reason given'})"
+                fields.update(host="", port=None, node_list="")
+            allowed = {State.QUEUED, State.UNKNOWN, State.STARTING, State.RUNNING}
+            return int(transition(sid, State.QUEUED, cause=cause, allowed_from=allowed, **fields))
         if queued.state not in slurm.ACTIVE_STATES:
             return 0
         connection = polled.connections.get(sid)
-        if connection is not None and _valid_connection(connection):
-            host, port = str(connection["host"]), int(str(connection["port"]))
-            if (session.state, session.host, session.port, session.node_list) == (State.RUNNING, host, port, nodes):
-                return 0
-            # A model that loads between two polls still passed through "starting": record it.
-            transition(
-                sid,
-                State.STARTING,
-                cause=f"Slurm: running on {nodes or 'its nodes'}",
-                allowed_from={State.QUEUED},
-                node_list=nodes,
-            )
-            moved = transition(
-                sid,
-                State.RUNNING,
-                cause=f"the server answers its health check on {host}:{port}",
-                allowed_from={State.QUEUED, State.STARTING, State.UNKNOWN, State.RUNNING},
-                host=host,
-                port=port,
-                node_list=nodes,
-                slurm_reason="",
-            )
-            if moved and session.notify_email:
-                notify.session_running(sid)
-            return int(moved)
-        if queued.state == "COMPLETING" or (session.state, session.node_list) == (State.STARTING, nodes):
+        if connection is not None:
+            return _serve_at(session, connection, nodes, polled)
+        if queued.state == "COMPLETING" or (session.state, session.node_list, session.host) == (
+            State.STARTING,
+            nodes,
+            "",
+        ):
             return 0
-        fields: dict[str, Any] = {"node_list": nodes, "slurm_reason": ""}
+        fields = {"node_list": nodes, "slurm_reason": "", "host": "", "port": None}
         started = _aware(queued.start_time)
         if started and session.started_at is None:
             fields["started_at"] = started
+        cause = f"Slurm: running on {nodes or 'its nodes'}, the model is loading"
+        if session.host:  # it served, and its connection file is gone: the server restarted or stopped
+            cause = "the server no longer says where it listens (it restarted or stopped): no requests until it does"
         return int(
             transition(
                 sid,
                 State.STARTING,
-                cause=f"Slurm: running on {nodes or 'its nodes'}, the model is loading",
-                allowed_from={State.QUEUED, State.UNKNOWN, State.STARTING},
+                cause=cause,
+                allowed_from={State.QUEUED, State.UNKNOWN, State.STARTING, State.RUNNING},
                 **fields,
             )
         )
@@ -396,6 +379,67 @@ def apply_poll(session: LLMSession, polled: remote.PollResult) -> int:
             reason = polled.errors.get(sid) or "Slurm no longer knows this job and kept no record of how it ended"
             return int(transition(sid, State.FAILED, cause=reason, end_reason=reason))
     return 0
+
+
+def _serve_at(session: LLMSession, connection: dict[str, object], nodes: str, polled: remote.PollResult) -> int:
+    """The job says its server answers at an address: checked against the job's own nodes (no request ever goes
+    elsewhere in the site's network), with a key of its own after a restart. Returns 1 if the session changed."""
+    sid = str(session.pk)
+    host, port, key = connection.get("host"), connection.get("port"), connection.get("key") or ""
+    allowed = polled.addresses_of(nodes)
+    if allowed is None:  # Slurm did not say which addresses the job's nodes have: decide at the next poll
+        return 0
+    refusal = ""
+    if not (isinstance(host, str) and host in allowed):
+        refusal = f"refused the address {host!r} the job reported: not one of its nodes ({', '.join(sorted(allowed))})"
+    elif not (isinstance(port, int) and not isinstance(port, bool) and 1024 <= port <= 65535):
+        refusal = f"refused the port {port!r} the job reported: not one from 1024 to 65535"
+    elif not (isinstance(key, str) and (not key or _API_KEY.fullmatch(key))):
+        refusal = "refused the key the job reported: not one the portal makes"
+    if refusal:
+        _note(session, refusal)
+        if session.host:  # it was being sent requests: not any more
+            transition(
+                sid, State.STARTING, cause=refusal, allowed_from={State.RUNNING, State.UNKNOWN}, host="", port=None
+            )
+            return 1
+        return 0
+    assert isinstance(host, str) and isinstance(port, int) and isinstance(key, str)
+    fresh_key = bool(key) and key != session.api_key
+    if (session.state, session.host, session.port, session.node_list) == (State.RUNNING, host, port, nodes):
+        if not fresh_key:
+            return 0
+    elif session.state == State.RUNNING and session.host:
+        _note(session, f"the server moved from {session.host}:{session.port} to {host}:{port}")
+    # A model that loads between two polls still passed through "starting": record it.
+    transition(sid, State.STARTING, cause=f"Slurm: running on {nodes}", allowed_from={State.QUEUED}, node_list=nodes)
+    fields: dict[str, Any] = {"host": host, "port": port, "node_list": nodes, "slurm_reason": ""}
+    if fresh_key:
+        fields["api_key_encrypted"] = crypto.encrypt(key)
+    moved = transition(
+        sid,
+        State.RUNNING,
+        cause=f"the server answers its health check on {host}:{port}" + (" with a new key" if fresh_key else ""),
+        allowed_from={State.QUEUED, State.STARTING, State.UNKNOWN, State.RUNNING},
+        **fields,
+    )
+    if fresh_key and session.state == State.RUNNING:
+        LLMSession.objects.filter(pk=sid).update(**fields)  # same state, so transition() wrote nothing
+    if moved and session.notify_email:
+        notify.session_running(sid)
+    return int(moved)
+
+
+_API_KEY = re.compile(r"sk-hpcllm-[A-Za-z0-9_-]{20,100}")
+
+
+def _note(session: LLMSession, cause: str) -> None:
+    """An event for what did not change the state (a refused or moved address), recorded once in a row."""
+    last = session.events.order_by("-at", "-pk").first()
+    if last is None or last.cause != cause[:500]:
+        SessionEvent.objects.create(
+            session=session, from_state=session.state, to_state=session.state, cause=cause[:500]
+        )
 
 
 def _end(session: LLMSession, slurm_state: str, record: dict[str, str], error: str) -> bool:
@@ -422,17 +466,6 @@ def _end(session: LLMSession, slurm_state: str, record: dict[str, str], error: s
     if ended:
         fields["ended_at"] = ended
     return transition(sid, target, cause=f"Slurm: {slurm_state}; {reason}", **fields)
-
-
-def _valid_connection(data: dict[str, object]) -> bool:
-    host, port = data.get("host"), data.get("port")
-    return (
-        isinstance(host, str)
-        and bool(host)
-        and all(c.isalnum() or c in ".:-" for c in host)
-        and isinstance(port, int)
-        and 0 < port < 65536
-    )
 
 
 def _aware(value: datetime | None) -> datetime | None:

@@ -6,6 +6,15 @@ umask 077
 SESSION_DIR="$HOME/.hpc-llm-portal/sessions/$SESSION_ID"
 cd "$SESSION_DIR" || exit 1
 CHILDREN=()
+# A run that ended without its trap (its node failed) may have left its address behind: never offer it again.
+rm -f "$SESSION_DIR/connection.json"
+RESTARTS="${SLURM_RESTART_COUNT:-0}"
+if [ "$RESTARTS" -gt 0 ]; then
+  # Started again after a requeue (preempted, or a node failed). A new key, so whatever answers at the old address
+  # never learns the one the portal uses from now on; connection.json hands it to the portal.
+  printf 'sk-hpcllm-%s' "$(head -c 48 /dev/urandom | base64 | tr -dc 'A-Za-z0-9' | cut -c 1-43)" >"$SESSION_DIR/.api_key.new"
+  chmod 600 "$SESSION_DIR/.api_key.new" && mv -f "$SESSION_DIR/.api_key.new" "$SESSION_DIR/api_key" || exit 1
+fi
 
 log() { printf '[%s] portal: %s\n' "$(date '+%F %T')" "$*"; }
 
@@ -106,9 +115,11 @@ server_error() {
 
 # HOST PORT: tell the portal where the server is. Written atomically, 0600, and only after the health check.
 write_connection() {
-  local tmp="$SESSION_DIR/.connection.json.tmp"
-  printf '{"host": "%s", "port": %d, "node": "%s", "job_id": "%s"}\n' \
-    "$1" "$2" "${SLURMD_NODENAME:-$(hostname -s)}" "${SLURM_JOB_ID:-}" >"$tmp"
+  local tmp="$SESSION_DIR/.connection.json.tmp" key=""
+  # After a restart the key is new (see above); the first run's is the one the portal staged.
+  [ "$RESTARTS" -gt 0 ] && key="$(cat "$SESSION_DIR/api_key")"
+  printf '{"host": "%s", "port": %d, "node": "%s", "job_id": "%s", "restarts": %d, "key": "%s"}\n' \
+    "$1" "$2" "${SLURMD_NODENAME:-$(hostname -s)}" "${SLURM_JOB_ID:-}" "$RESTARTS" "$key" >"$tmp"
   chmod 0600 "$tmp"
   mv -f "$tmp" "$SESSION_DIR/connection.json"
   log "ready at $1:$2"

@@ -85,8 +85,12 @@ def submitted(session: LLMSession, job_id: str = "42") -> LLMSession:
     return LLMSession.objects.get(pk=session.pk)
 
 
+# What `scontrol show node` said of the nodes: their names, addresses and host names.
+NODES = {"node1": {"node1", "10.0.0.5"}, "node2": {"node2", "10.0.0.6"}}
+
+
 def poll(**fields: Any) -> remote.PollResult:
-    return remote.PollResult(squeue_ok=True, complete=True, **fields)
+    return remote.PollResult(squeue_ok=True, complete=True, **{"node_names": NODES, **fields})
 
 
 def test_polls_move_a_session_from_queued_to_running(session: LLMSession) -> None:
@@ -227,3 +231,82 @@ def test_a_scheduler_that_does_not_answer_does_not_cut_a_working_chat(
     answering.refresh_from_db()
     assert answering.state == State.UNKNOWN and not answering.serving
     assert targets.target(targets.Holder(owner.pk), str(answering.pk)).base == ""
+
+
+def running_on(s: LLMSession, connection: dict[str, Any], nodes: str = "node1") -> remote.PollResult:
+    return poll(queued={"42": queued_job("42", "RUNNING", nodes=nodes)}, connections={str(s.pk): connection})
+
+
+@pytest.mark.parametrize(
+    "connection, why",
+    [
+        ({"host": "169.254.169.254", "port": 80}, "not one of its nodes"),  # the cloud's metadata service
+        ({"host": "10.0.0.6", "port": 30123}, "not one of its nodes"),  # another job's node
+        ({"host": "10.0.0.5", "port": 22}, "not one from 1024 to 65535"),
+        ({"host": "10.0.0.5", "port": "30123"}, "not one from 1024 to 65535"),
+        ({"host": "10.0.0.5", "port": 30123, "key": "guess; rm -rf ~"}, "not one the portal makes"),
+    ],
+)
+def test_an_address_outside_the_jobs_nodes_is_refused_and_recorded(
+    session: LLMSession, connection: dict[str, Any], why: str
+) -> None:
+    s = submitted(session)
+    lifecycle.apply_poll(s, running_on(s, connection))
+    lifecycle.apply_poll(s, running_on(s, connection))  # the same refusal is recorded once
+    s.refresh_from_db()
+    assert s.state != State.RUNNING and not s.serving
+    refusals = [e.cause for e in s.events.all() if "refused" in e.cause]
+    assert len(refusals) == 1 and why in refusals[0]
+
+
+def test_a_running_server_that_reports_a_foreign_address_is_sent_nothing_more(session: LLMSession) -> None:
+    s = submitted(session)
+    lifecycle.apply_poll(s, running_on(s, {"host": "10.0.0.5", "port": 30123}))
+    s.refresh_from_db()
+    assert s.serving
+    lifecycle.apply_poll(s, running_on(s, {"host": "192.168.1.1", "port": 443}))  # the owner rewrote connection.json
+    s.refresh_from_db()
+    assert (s.state, s.host, s.port) == (State.STARTING, "", None)
+
+
+def test_a_server_that_moves_within_its_job_is_followed_and_recorded(session: LLMSession) -> None:
+    s = submitted(session)
+    lifecycle.apply_poll(s, running_on(s, {"host": "10.0.0.5", "port": 30123}, nodes="node[1-2]"))
+    s.refresh_from_db()
+    lifecycle.apply_poll(s, running_on(s, {"host": "10.0.0.6", "port": 30999}, nodes="node[1-2]"))
+    s.refresh_from_db()
+    assert (s.state, s.host, s.port) == (State.RUNNING, "10.0.0.6", 30999)
+    assert "moved from 10.0.0.5:30123 to 10.0.0.6:30999" in s.events.last().cause  # type: ignore[union-attr]
+
+
+def test_unknown_node_addresses_mean_no_decision_yet(session: LLMSession) -> None:
+    s = submitted(session)
+    unsaid = remote.PollResult(squeue_ok=True, complete=True, queued={"42": queued_job("42", "RUNNING")},
+                               connections={str(s.pk): {"host": "10.0.0.5", "port": 30123}})  # fmt: skip
+    assert not lifecycle.apply_poll(s, unsaid)
+    s.refresh_from_db()
+    assert s.state == State.QUEUED
+
+
+def test_a_requeued_job_goes_back_to_queued_and_comes_back_with_a_new_key(session: LLMSession) -> None:
+    s = submitted(session)
+    lifecycle.apply_poll(s, running_on(s, {"host": "10.0.0.5", "port": 30123}))
+    s.refresh_from_db()
+    old_key = s.api_key
+    lifecycle.apply_poll(s, poll(queued={"42": queued_job("42", "PENDING", "BeginTime", nodes="")}))
+    s.refresh_from_db()
+    assert (s.state, s.host, s.port, s.serving) == (State.QUEUED, "", None, False)
+    assert "requeued" in s.events.last().cause  # type: ignore[union-attr]
+    new_key = "sk-hpcllm-" + "n" * 43
+    lifecycle.apply_poll(s, running_on(s, {"host": "10.0.0.6", "port": 31000, "restarts": 1, "key": new_key}, "node2"))
+    s.refresh_from_db()
+    assert (s.state, s.host, s.api_key) == (State.RUNNING, "10.0.0.6", new_key) and new_key != old_key
+    assert new_key not in " ".join(e.cause for e in s.events.all())
+
+
+def test_a_server_whose_connection_file_is_gone_gets_no_more_requests(session: LLMSession) -> None:
+    s = submitted(session)
+    lifecycle.apply_poll(s, running_on(s, {"host": "10.0.0.5", "port": 30123}))
+    lifecycle.apply_poll(s, poll(queued={"42": queued_job("42", "RUNNING")}))  # restarted between two polls
+    s.refresh_from_db()
+    assert (s.state, s.serving) == (State.STARTING, False)

@@ -30,7 +30,11 @@ def session(account: ClusterAccount, owner: Any, django_capture_on_commit_callba
 def running_poll(s: LLMSession) -> remote.PollResult:
     job = QueuedJob("42", "x", "RUNNING", "", None, "node1", 0, 60, "gpu", 1)
     return remote.PollResult(
-        squeue_ok=True, complete=True, queued={"42": job}, connections={str(s.pk): {"host": "10.0.0.1", "port": 5000}}
+        squeue_ok=True,
+        complete=True,
+        queued={"42": job},
+        connections={str(s.pk): {"host": "10.0.0.1", "port": 5000}},
+        node_names={"node1": {"node1", "10.0.0.1"}},
     )
 
 
