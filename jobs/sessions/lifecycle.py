@@ -397,12 +397,12 @@ def _serve_at(session: LLMSession, connection: dict[str, object], nodes: str, po
     elif not (isinstance(key, str) and (not key or _API_KEY.fullmatch(key))):
         refusal = "refused the key the job reported: not one the portal makes"
     if refusal:
-        _note(session, refusal)
-        if session.host:  # it was being sent requests: not any more
+        if session.host:  # it was being sent requests: not any more (the transition records why)
             transition(
                 sid, State.STARTING, cause=refusal, allowed_from={State.RUNNING, State.UNKNOWN}, host="", port=None
             )
             return 1
+        _note(session, refusal)
         return 0
     assert isinstance(host, str) and isinstance(port, int) and isinstance(key, str)
     fresh_key = bool(key) and key != session.api_key

@@ -6,7 +6,9 @@ runs them in a real Celery worker.
 
 from __future__ import annotations
 
+import http.server
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -18,7 +20,7 @@ from django.test import Client
 
 from catalog.models import Cluster, ClusterAccount, VariantLocation
 from jobs.cluster import backend, remote
-from jobs.models import Conversation, LLMSession, State
+from jobs.models import ApiToken, Conversation, LLMSession, State
 from jobs.sessions import lifecycle
 from jobs.sessions.actions import launch, request_cancel
 from jobs.tasks import cancel_session, submit_session
@@ -247,3 +249,97 @@ def test_a_job_whose_sbatch_reply_was_lost_is_found_and_cancelled(
     while squeue_states(name):
         assert time.monotonic() < deadline, squeue_states(name)
         time.sleep(0.5)
+
+
+class Listener:
+    """Something else answering at an address the portal once used; it records every request it gets."""
+
+    def __init__(self, host: str, port: int) -> None:
+        heard = self.heard = []  # type: list[str]
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                heard.append(self.path)
+                self.send_error(418)
+
+            do_POST = do_GET
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer((host, port), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def proxy_replies(session: LLMSession, owner: Any) -> list[int]:
+    """The browser route and the API, both asked for a completion of this session."""
+    browser = Client()
+    browser.force_login(owner)
+    _, token = ApiToken.issue(owner, "script")
+    api = Client(HTTP_AUTHORIZATION=f"Bearer {token}")
+    body = {"messages": [{"role": "user", "content": "hello"}], "max_tokens": 4}
+    json = "application/json"
+    return [
+        browser.post(f"/sessions/{session.pk}/v1/chat/completions", body, content_type=json).status_code,
+        api.post("/api/v1/chat/completions", {**body, "model": str(session.pk)}, content_type=json).status_code,
+    ]
+
+
+@pytest.mark.django_db(transaction=True)  # the proxy looks sessions up on its own threads
+def test_a_requeued_job_gets_no_requests_at_its_old_address_and_starts_again_with_a_new_key(
+    account: ClusterAccount, owner: Any, django_capture_on_commit_callbacks: Any
+) -> None:
+    session = drive(start(owner, django_capture_on_commit_callbacks), lambda s: s.state == State.RUNNING or s.is_ended)
+    assert session.state == State.RUNNING, session.end_reason
+    old_key, old_host, old_port = session.api_key, session.host, session.port
+    assert old_port is not None
+    subprocess.run(["scontrol", "requeue", session.job_id], check=True, capture_output=True)  # as a preemption would
+    session = drive(session, lambda s: s.state != State.RUNNING)
+    session = drive(session, lambda s: s.state == State.QUEUED or s.is_ended)
+    assert session.state == State.QUEUED and (session.host, session.port) == ("", None)
+    assert "requeued" in session.events.filter(to_state=State.QUEUED).last().cause  # type: ignore[union-attr]
+
+    # Whatever answers at the old address now never hears from the portal: not the key, not a chat.
+    listener = Listener(old_host, old_port)
+    try:
+        assert proxy_replies(session, owner) == [409, 409]
+        assert listener.heard == []
+    finally:
+        listener.close()
+
+    subprocess.run(["scontrol", "update", f"jobid={session.job_id}", "StartTime=now"], check=True, capture_output=True)
+    session = drive(session, lambda s: s.state == State.RUNNING or s.is_ended, timeout_s=180)
+    assert session.state == State.RUNNING, session.end_reason
+    assert session.api_key != old_key and "new key" in session.events.last().cause  # type: ignore[union-attr]
+    url = backend.base_url(session)
+    with_old = httpx.get(f"{url}/v1/models", headers={"Authorization": f"Bearer {old_key}"}, timeout=10)
+    with_new = httpx.get(f"{url}/v1/models", headers={"Authorization": f"Bearer {session.api_key}"}, timeout=10)
+    assert (with_old.status_code, with_new.status_code) == (401, 200)
+    assert proxy_replies(session, owner) == [200, 200]
+
+
+@pytest.mark.django_db(transaction=True)  # the proxy looks sessions up on its own threads
+def test_an_address_outside_the_jobs_nodes_is_refused_and_recorded(
+    account: ClusterAccount, owner: Any, django_capture_on_commit_callbacks: Any, local_catalog: dict[str, Any]
+) -> None:
+    session = drive(start(owner, django_capture_on_commit_callbacks), lambda s: s.state == State.RUNNING or s.is_ended)
+    assert session.state == State.RUNNING, session.end_reason
+    connection = f"~/.hpc-llm-portal/sessions/{session.pk}/connection.json"
+    # The owner rewrites the file in their home to point the portal at the site's metadata service.
+    rewrite = 's/"host": "[^"]*"/"host": "169.254.169.254"/'
+    shell(local_catalog, f"cp {connection} {connection}.real && sed -i '{rewrite}' {connection}")
+    session = drive(session, lambda s: s.state != State.RUNNING)
+    assert session.state == State.STARTING and not session.serving
+    refusals = [e.cause for e in session.events.all() if "169.254.169.254" in e.cause]
+    assert len(refusals) == 1 and "not one of its nodes" in refusals[0]
+    drive(session, lambda s: True)  # asked again, it is not recorded twice
+    assert sum("169.254.169.254" in e.cause for e in session.events.all()) == 1
+    assert proxy_replies(session, owner) == [409, 409]
+
+    shell(local_catalog, f"mv -f {connection}.real {connection}")
+    session = drive(session, lambda s: s.state == State.RUNNING or s.is_ended)
+    assert session.state == State.RUNNING and proxy_replies(session, owner) == [200, 200]
