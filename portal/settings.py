@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import os
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +69,7 @@ INSTALLED_APPS = [
     "template_partials",
     "catalog",
     "jobs",
+    "axes",  # failed sign-ins, counted for the sign-in throttle below
 ]
 
 MIDDLEWARE = [
@@ -80,6 +82,8 @@ MIDDLEWARE = [
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
     "django_htmx.middleware.HtmxMiddleware",
+    # Last, as axes asks: it only turns a sign-in its backend refused into the lockout page, on the way out.
+    "axes.middleware.AxesMiddleware",
 ]
 
 ROOT_URLCONF = "portal.urls"
@@ -154,8 +158,42 @@ LOGIN_URL = "login"
 LOGIN_REDIRECT_URL = "jobs:sessions"
 LOGOUT_REDIRECT_URL = "login"
 # Single sign-on: add "mozilla_django_oidc.auth.OIDCAuthenticationBackend" (OIDC) or
-# "django_auth_ldap.backend.LDAPBackend" (LDAP) here and configure that package; docs/admin-guide.md shows how.
-AUTHENTICATION_BACKENDS = ["django.contrib.auth.backends.ModelBackend"]
+# "django_auth_ldap.backend.LDAPBackend" (LDAP) here, after axes's backend, and configure that package;
+# docs/admin-guide.md shows how.
+AUTHENTICATION_BACKENDS = [
+    # First, so a locked-out sign-in is refused before any backend checks its password (with LDAP, before the
+    # directory counts a failure of its own and perhaps locks the account out of the cluster too).
+    "axes.backends.AxesStandaloneBackend",
+    "django.contrib.auth.backends.ModelBackend",
+]
+
+# --- Sign-in throttling (django-axes, portal/lockout.py; docs/admin-guide.md) -------------------------------
+# Failed sign-ins at /accounts/login/ and /admin/login/ are counted in the database. PORTAL_LOGIN_FAILURE_LIMIT of them
+# lock out further sign-ins, the right password included, until PORTAL_LOGIN_COOLOFF_MINUTES after the last one; the
+# failure that reaches the limit is already answered with the lockout page (429). Signed-in browsers and API tokens
+# are not affected: they do not sign in.
+PORTAL_LOGIN_FAILURE_LIMIT = env_int("PORTAL_LOGIN_FAILURE_LIMIT", 5, minimum=1)
+PORTAL_LOGIN_COOLOFF_MINUTES = env_int("PORTAL_LOGIN_COOLOFF_MINUTES", 15, minimum=1)
+AXES_FAILURE_LIMIT = PORTAL_LOGIN_FAILURE_LIMIT
+AXES_COOLOFF_TIME = timedelta(minutes=PORTAL_LOGIN_COOLOFF_MINUTES)
+# Two counters, either of which locks (docs/admin-guide.md weighs them): a user name's, from any address, so one
+# account gets LIMIT guesses per cool-off however many addresses the guesser holds (IPv6 makes them cheap); and an
+# address's, for any name, so one address can neither spray a password over every account nor lock out more than one
+# account per cool-off. (Name, address) pairs alone would spare users lockouts others cause, but let guesses grow with
+# the attacker's addresses. The address is the one the web server saw (portal/lockout.py's client_address).
+AXES_LOCKOUT_PARAMETERS = ["username", "ip_address"]
+AXES_CLIENT_IP_CALLABLE = "portal.lockout.client_address"
+AXES_USERNAME_CALLABLE = "portal.lockout.username_key"
+# A success clears the user's own failures (portal.lockout.AttemptsHandler: not, as axes's reset would, every failure
+# from the same address, which would let anyone with an account reset their address's count at will).
+AXES_HANDLER = "portal.lockout.AttemptsHandler"
+AXES_RESET_ON_SUCCESS = True
+# Attempts while locked out are refused unchecked and not counted, so the lockout ends at the time the page states
+# rather than moving on each time the user tries again.
+AXES_RESET_COOL_OFF_ON_FAILURE_DURING_LOCKOUT = False
+AXES_LOCKOUT_CALLABLE = "portal.lockout.locked_out"
+# No row per successful sign-in kept forever (who, from where, with which browser): the throttle does not need it.
+AXES_DISABLE_ACCESS_LOG = True
 
 # Fernet keys for secrets stored in the database (SSH private keys, session API keys); the first encrypts.
 PORTAL_ENCRYPTION_KEYS = env_list("PORTAL_ENCRYPTION_KEYS", [])
@@ -273,4 +311,6 @@ LOGGING = {
     "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}},
     "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
     "root": {"handlers": ["console"], "level": env_str("PORTAL_LOG_LEVEL", "INFO")},
+    # axes says something at INFO on every sign-in and command start; its failures and lockouts are warnings.
+    "loggers": {"axes": {"level": "WARNING"}},
 }
