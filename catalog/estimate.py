@@ -169,7 +169,7 @@ def _validate(req: Request) -> str:
     if req.arch.max_context and req.context > req.arch.max_context:
         raise EstimateError(f"context {req.context} is above the model's maximum of {req.arch.max_context}")
     if req.nodes > 1 and not rules.multi_node:
-        raise EstimateError(f"{req.runtime} runs on a single node")
+        raise EstimateError(rules.one_node_only())
     if req.arch.kv_heads > req.arch.attention_heads or req.arch.attention_heads % req.arch.kv_heads:
         raise EstimateError("attention heads must be a multiple of KV heads")
     return quant

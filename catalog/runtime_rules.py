@@ -16,12 +16,14 @@ class RuntimeRules:
     label: str
     formats: tuple[str, ...]  # the model formats it serves (ModelVariant.format)
     serves_text: str  # the same in words, for error messages
-    # How it spans nodes; empty: one node only.
+    # How it spans nodes; empty: one node only, and why where it could but the portal will not.
     across_nodes: str = ""
+    one_node_because: str = ""
     # What its job needs. No job script: the estimator knows the runtime, but the portal cannot launch it yet.
     job_script: str = ""
     job_files: tuple[str, ...] = ()  # helpers staged next to job.sh
-    # --exclusive=user: the server listens where other users' jobs on the node could reach it (ollama's loopback).
+    # --exclusive=user: a server listens on the node's loopback, where other users' jobs on the node could reach it
+    # (ollama's; ggml-rpc-server's behind its relay, see exclusive_on).
     exclusive_user: bool = False
     rpc_binary: bool = False  # across nodes it needs the cluster's ggml-rpc-server (ClusterRuntime.rpc_binary)
     model_dir: bool = False  # it finds models in a shared directory (ClusterRuntime.model_dir)
@@ -33,6 +35,14 @@ class RuntimeRules:
     @property
     def multi_node(self) -> bool:
         return bool(self.across_nodes)
+
+    def exclusive_on(self, nodes: int) -> bool:
+        """Whether a job on this many nodes holds them with --exclusive=user."""
+        return self.exclusive_user or (nodes > 1 and self.rpc_binary)
+
+    def one_node_only(self) -> str:
+        """The message for a request of several nodes."""
+        return f"{self.label} runs on a single node" + (f": {self.one_node_because}" if self.one_node_because else "")
 
     @property
     def launchable(self) -> bool:
@@ -51,8 +61,9 @@ RUNTIMES: dict[str, RuntimeRules] = {
             "llama.cpp llama-server",
             formats=("gguf",),
             serves_text="runs GGUF files",
-            across_nodes="ggml-rpc-server on the other nodes",
+            across_nodes="ggml-rpc-server on the other nodes, behind the portal's authenticated relay",
             job_script="llama.cpp.sh",
+            job_files=("rpcrelay.py",),
             rpc_binary=True,
             kv_quant=True,
         ),
@@ -73,8 +84,15 @@ RUNTIMES: dict[str, RuntimeRules] = {
             "vLLM",
             formats=("safetensors",),
             serves_text="loads safetensors checkpoints",
-            across_nodes="pipeline parallel over Ray",
+            # Across nodes vLLM needs Ray or torch.distributed between them; neither authenticates what the nodes
+            # send each other, and both unpickle it: anyone on the cluster network could run code as the user.
+            one_node_because=(
+                "across nodes vLLM's workers (Ray or torch.distributed) accept unauthenticated connections from "
+                "anyone on the cluster network and would run their code as you; choose a node with enough GPUs, "
+                "or a GGUF variant with llama.cpp, which the portal can split over nodes safely"
+            ),
             job_script="vllm.sh",
+            job_files=("keyproxy.py",),
             splits_heads=True,
         ),
         RuntimeRules(

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 import shlex
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from catalog.runtime_rules import RUNTIMES, RuntimeRules
@@ -53,7 +53,6 @@ class JobSpec:
     gpu_layers: int = 999
     gpu_memory_utilization: float = 0.90
     ready_timeout_s: int = 1800
-    exclusive_user: bool = field(default=False)
 
 
 def _check(pattern: re.Pattern[str], value: str, what: str) -> str:
@@ -86,7 +85,7 @@ def sbatch_directives(spec: JobSpec) -> list[str]:
     if spec.constraint:
         lines.append(f"--constraint={_check(_SLURM_NAME, spec.constraint, 'constraint')}")
     lines += [f"--time={_positive(spec.walltime_min, 'walltime')}", "--output=job.log", "--open-mode=append"]
-    if spec.exclusive_user or _rules(spec.runtime).exclusive_user:
+    if _rules(spec.runtime).exclusive_on(spec.nodes):
         lines.append("--exclusive=user")
     return [f"#SBATCH {line}" for line in lines]
 
@@ -135,7 +134,7 @@ def _rules(runtime: str) -> RuntimeRules:
 def render(spec: JobSpec) -> str:
     rules = _rules(spec.runtime)
     if spec.nodes > 1 and not rules.multi_node:
-        raise RenderError(f"{spec.runtime} runs on one node")
+        raise RenderError(rules.one_node_only())
     if spec.nodes > 1 and rules.rpc_binary and not spec.rpc_binary:
         raise RenderError(f"a {spec.runtime} session over several nodes needs the cluster's ggml-rpc-server binary")
     header = [
@@ -151,5 +150,5 @@ def render(spec: JobSpec) -> str:
 
 
 def extra_files(runtime: str) -> dict[str, str]:
-    """The helpers staged next to job.sh in the session directory (ollama's key proxy)."""
+    """The helpers staged next to job.sh in the session directory (the key proxy, the RPC relay)."""
     return {name: (SCRIPTS_DIR / name).read_text() for name in _rules(runtime).job_files}

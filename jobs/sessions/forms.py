@@ -301,7 +301,7 @@ def _check_runtime_fits(cluster_runtime: ClusterRuntime, location: VariantLocati
     if rules.needs_ollama_tag and not location.ollama_tag:
         raise _error("runtime", f"{location.variant} has no ollama tag on this cluster.")
     if nodes > 1 and not rules.multi_node:
-        raise _error("nodes", f"{rules.kind} runs on a single node.")
+        raise _error("nodes", rules.one_node_only() + ".")
     if nodes > 1 and rules.rpc_binary and not cluster_runtime.rpc_binary:
         raise _error("nodes", f"This cluster has no ggml-rpc-server for {rules.kind} across nodes.")
 

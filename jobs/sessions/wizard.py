@@ -250,4 +250,8 @@ def _why_not(view: QueueView, state: WizardState) -> str:
     )
     alternatives = [bar for bar in state.bars if bar.fits_one]
     hint = f"; 1 x {alternatives[0].gpu.name} would do" if alternatives else ""
-    return f"needs {needed:.1f} GiB per GPU even as {shape}, {group.gpu_type.usable_gib:.1f} GiB usable{hint}"
+    rules = runtime_rules.rules_for(option.runtime)
+    if group.node_count > 1 and rules.one_node_because:  # more nodes would fit, but the portal will not span them
+        hint += f"; {rules.one_node_only()}"
+    budget = needed + option.fit.headroom_gib  # what the runtime may use of the card (vLLM takes a fraction)
+    return f"needs {needed:.1f} GiB per GPU even as {shape}, {budget:.1f} GiB usable{hint}"

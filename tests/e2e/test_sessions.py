@@ -7,6 +7,7 @@ runs them in a real Celery worker.
 from __future__ import annotations
 
 import http.server
+import socket
 import subprocess
 import threading
 import time
@@ -143,6 +144,24 @@ def test_a_two_node_rpc_session_answers_a_chat_completion(
     assert log.split("starting llama-server", 1)[1].count("Accepted client connection") >= 2
     rpc_files = shell(local_catalog, f"cat ~/.hpc-llm-portal/sessions/{session.pk}/rpc-*.addr").stdout.split()
     assert len(rpc_files) == 1
+    # ggml-rpc-server itself listens on loopback; what the job advertises is its relay, which wants the key first.
+    assert "ggml-rpc-server on node" in log and "its relay at" in log
+    ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    assert any("ggml-rpc-server -H 127.0.0.1 -p" in line for line in ps.splitlines())
+    host, port = rpc_files[0].rsplit(":", 1)
+    assert f"-p {port}" not in ps
+    with socket.create_connection((host, int(port)), timeout=10) as intruder:
+        assert intruder.recv(200).startswith(b"HPCLLM-RPC1 ")
+        intruder.sendall(b"\x00" * 130)  # a handshake's worth of bytes without the key (a ggml HELLO is zeros)
+        intruder.settimeout(10)
+        try:
+            answer = intruder.recv(65536)
+        except ConnectionResetError:  # closed with our bytes unread
+            answer = b""
+        assert answer == b""  # closed, nothing from ggml-rpc-server
+    log = shell(local_catalog, f"cat ~/.hpc-llm-portal/sessions/{session.pk}/job.log").stdout
+    assert "rpcrelay: refused a connection" in log
+    # ...and the session is not disturbed by it.
     reply = httpx.post(
         f"{backend.base_url(session)}/v1/chat/completions",
         headers={"Authorization": f"Bearer {session.api_key}"},

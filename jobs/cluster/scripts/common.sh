@@ -6,6 +6,7 @@ umask 077
 SESSION_DIR="$HOME/.hpc-llm-portal/sessions/$SESSION_ID"
 cd "$SESSION_DIR" || exit 1
 CHILDREN=()
+CLEANUP_PATHS=() # node-local files of this run, removed when it stops
 # A run that ended without its trap (its node failed) may have left its address behind: never offer it again.
 rm -f "$SESSION_DIR/connection.json"
 RESTARTS="${SLURM_RESTART_COUNT:-0}"
@@ -38,6 +39,7 @@ cleanup() {
     sleep 0.5
   done
   for pid in "${CHILDREN[@]}"; do kill -KILL "$pid" 2>/dev/null; done
+  [ "${#CLEANUP_PATHS[@]}" -eq 0 ] || rm -rf "${CLEANUP_PATHS[@]}"
   log "stopped (exit $rc)"
   exit "$rc"
 }

@@ -1,9 +1,17 @@
-"""A key-checking reverse proxy for servers without an API key (ollama). Python standard library only.
+"""A key-checking reverse proxy in front of a model server that must not be reached without the session's key
+(ollama has no key at all; vLLM's key guards only /v1). Python standard library only: compute nodes need nothing else.
 
-Listens on the node's address and forwards a request to 127.0.0.1:UPSTREAM only when it carries
-"Authorization: Bearer <key>" with the session's key (compared in constant time). One request per connection:
-the upstream is told "Connection: close", so bytes after the first request can never reach it unchecked.
-GET /health answers 200 without a key while the upstream accepts connections (the job's readiness check).
+Listens on the node's address and forwards a request to the server, which listens only where the user alone can
+reach it (a Unix socket in the 0700 session directory, or 127.0.0.1 on a node the job holds with --exclusive=user),
+only when it carries "Authorization: Bearer <key>" with the session's key (compared in constant time); the key goes
+no further. Exactly one request per connection: its body is forwarded by its Content-Length and nothing after it, so
+bytes after the first request can never reach the server unchecked. GET /health answers without a key: 200 when the
+server answers 200 on its own health path (the job's readiness check), else 503.
+
+Limits, so nobody on the network can tie it up: the request head must arrive within --head-timeout seconds and its
+body without a pause longer than --read-timeout; at most --max-connections at once (the next get 503 at once);
+bodies above --max-body-bytes get 413. A client that goes away mid-answer closes the server's connection, so the
+server stops generating.
 """
 
 from __future__ import annotations
@@ -15,6 +23,7 @@ import hmac
 from pathlib import Path
 
 MAX_HEAD_BYTES = 64 * 1024
+CHUNK = 256 * 1024
 
 
 def _response(status: str, body: bytes) -> bytes:
@@ -24,89 +33,173 @@ def _response(status: str, body: bytes) -> bytes:
     ).encode() + body
 
 
-async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    try:
-        while chunk := await reader.read(65536):
-            writer.write(chunk)
-            await writer.drain()
-    except (ConnectionError, asyncio.IncompleteReadError):
-        pass
-    finally:
-        with contextlib.suppress(OSError, RuntimeError):
-            writer.write_eof()
+class Refused(Exception):
+    """The request cannot go on: the answer to send, then close."""
+
+    def __init__(self, status: str, message: str) -> None:
+        super().__init__(message)
+        self.answer = _response(status, b'{"error": "%s"}' % message.encode())
 
 
 class Proxy:
-    def __init__(self, upstream_port: int, key: str) -> None:
-        self.upstream_port = upstream_port
+    def __init__(self, upstream: str, key: str, args: argparse.Namespace) -> None:
+        self.upstream = upstream  # "unix:/path" or "127.0.0.1:port"
         self.key = key.encode()
+        self.health_path = args.health_path
+        self.head_timeout = args.head_timeout
+        self.read_timeout = args.read_timeout
+        self.max_body = args.max_body_bytes
+        self.max_connections = args.max_connections
+        self.active = 0
+
+    async def open_upstream(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        if self.upstream.startswith("unix:"):
+            return await asyncio.open_unix_connection(self.upstream[5:], limit=CHUNK)
+        host, _, port = self.upstream.rpartition(":")
+        return await asyncio.open_connection(host, int(port), limit=CHUNK)
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self.active >= self.max_connections:
+            writer.write(_response("503 Service Unavailable", b'{"error": "too many connections"}'))
+            with contextlib.suppress(OSError):
+                writer.close()
+            return
+        self.active += 1
         try:
             await self._handle(reader, writer)
-        except (ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError):
+        except Refused as refused:
+            writer.write(refused.answer)
+        except asyncio.TimeoutError:  # before OSError, of which it is a kind
+            writer.write(_response("408 Request Timeout", b'{"error": "request too slow"}'))
+        except (ConnectionError, OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError):
             pass
         finally:
-            writer.close()
+            self.active -= 1
+            with contextlib.suppress(OSError, RuntimeError):
+                writer.close()
 
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        head = await reader.readuntil(b"\r\n\r\n")
+    async def _head(self, reader: asyncio.StreamReader) -> tuple[str, str, list[tuple[str, str]], bytes, int]:
+        """The request line's method and target, the headers to forward, the bearer token, the body's length."""
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), self.head_timeout)
         lines = head.decode("latin-1").split("\r\n")
-        request_line, header_lines = lines[0], [line for line in lines[1:] if line]
-        parts = request_line.split(" ")
-        if len(parts) != 3 or not parts[2].startswith("HTTP/"):
-            writer.write(_response("400 Bad Request", b'{"error": "bad request"}'))
-            return
-        method, path = parts[0], parts[1]
+        parts = lines[0].split(" ")
+        if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
+            raise Refused("400 Bad Request", "bad request line")
         headers: list[tuple[str, str]] = []
-        token = b""
-        for line in header_lines:
+        token, length = b"", 0
+        for line in lines[1:]:
+            if not line:
+                continue
             name, sep, value = line.partition(":")
-            if not sep:
-                writer.write(_response("400 Bad Request", b'{"error": "bad header"}'))
-                return
-            if name.strip().lower() == "authorization":
-                scheme, _, credential = value.strip().partition(" ")
+            name, value = name.strip(), value.strip()
+            lower = name.lower()
+            if not sep or not name or any(c in name for c in " \t"):
+                raise Refused("400 Bad Request", "bad header")
+            if lower == "authorization":
+                scheme, _, credential = value.partition(" ")
                 if scheme.lower() == "bearer":
                     token = credential.strip().encode()
                 continue  # the key stops here
-            if name.strip().lower() in {"connection", "keep-alive", "proxy-connection"}:
+            if lower == "transfer-encoding":
+                # Only a Content-Length says where one request ends; the portal always sends one.
+                raise Refused("411 Length Required", "send the body with a Content-Length")
+            if lower == "content-length":
+                if not value.isdigit() or (length and int(value) != length):
+                    raise Refused("400 Bad Request", "bad Content-Length")
+                length = int(value)
+            if lower in {"connection", "keep-alive", "proxy-connection", "upgrade"}:
                 continue
-            headers.append((name.strip(), value.strip()))
-        if method == "GET" and path == "/health":
+            headers.append((name, value))
+        return parts[0], parts[1], headers, token, length
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        method, target, headers, token, length = await self._head(reader)
+        if method == "GET" and target == "/health":
             await self._health(writer)
             return
         if not hmac.compare_digest(token, self.key):
-            writer.write(_response("401 Unauthorized", b'{"error": "invalid API key"}'))
-            return
-        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.upstream_port)
-        out = [request_line, *(f"{name}: {value}" for name, value in headers), "Connection: close", "", ""]
-        up_writer.write("\r\n".join(out).encode("latin-1"))
-        await up_writer.drain()
-        await asyncio.gather(_pipe(reader, up_writer), _pipe(up_reader, writer))
-        up_writer.close()
+            raise Refused("401 Unauthorized", "invalid API key")
+        if length > self.max_body:
+            raise Refused("413 Content Too Large", "request body too large")
+        # The whole body first (only a key holder gets this far, so only the portal can make it hold memory): the
+        # server never sees half a request, and a slow client never ties it up.
+        body = bytearray()
+        while len(body) < length:
+            chunk = await asyncio.wait_for(reader.read(min(length - len(body), CHUNK)), self.read_timeout)
+            if not chunk:
+                return  # the client went away before its body was whole: the server gets no request
+            body += chunk
+        try:
+            up_reader, up_writer = await self.open_upstream()
+        except OSError as exc:
+            raise Refused("502 Bad Gateway", "the model server does not accept connections") from exc
+        try:
+            out = [f"{method} {target} HTTP/1.1", *(f"{n}: {v}" for n, v in headers), "Connection: close", "", ""]
+            up_writer.write("\r\n".join(out).encode("latin-1") + body)
+            await up_writer.drain()
+            # The answer goes back as it comes. Whatever the client sends now is not forwarded; its end (it went
+            # away) ends the answer, and closing the server's connection makes it stop generating.
+            relay = asyncio.ensure_future(_copy(up_reader, writer))
+            gone = asyncio.ensure_future(_until_closed(reader))
+            await asyncio.wait({relay, gone}, return_when=asyncio.FIRST_COMPLETED)
+            for task in (relay, gone):
+                task.cancel()
+        finally:
+            with contextlib.suppress(OSError, RuntimeError):
+                up_writer.close()
 
     async def _health(self, writer: asyncio.StreamWriter) -> None:
-        try:
-            _, up_writer = await asyncio.open_connection("127.0.0.1", self.upstream_port)
-        except OSError:
-            writer.write(_response("503 Service Unavailable", b'{"status": "upstream down"}'))
-            return
-        up_writer.close()
-        writer.write(_response("200 OK", b'{"status": "ok"}'))
+        status = "503 Service Unavailable"
+        with contextlib.suppress(OSError, asyncio.TimeoutError, asyncio.IncompleteReadError, ValueError):
+            up_reader, up_writer = await asyncio.wait_for(self.open_upstream(), 5)
+            try:
+                request = f"GET {self.health_path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+                up_writer.write(request.encode())
+                line = await asyncio.wait_for(up_reader.readline(), 10)
+                if line.split(b" ")[1:2] == [b"200"]:
+                    status = "200 OK"
+            finally:
+                up_writer.close()
+        body = b'{"status": "ok"}' if status == "200 OK" else b'{"status": "not ready"}'
+        writer.write(_response(status, body))
 
 
-async def main() -> None:
+async def _copy(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    with contextlib.suppress(ConnectionError, OSError):
+        while chunk := await reader.read(CHUNK):
+            writer.write(chunk)
+            await writer.drain()
+
+
+async def _until_closed(reader: asyncio.StreamReader) -> None:
+    with contextlib.suppress(ConnectionError, OSError):
+        while await reader.read(CHUNK):
+            pass
+
+
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--listen", required=True)
     parser.add_argument("--port", type=int, required=True)
-    parser.add_argument("--upstream-port", type=int, required=True)
+    upstream = parser.add_mutually_exclusive_group(required=True)
+    upstream.add_argument("--upstream-port", type=int, help="the server listens on 127.0.0.1:PORT")
+    upstream.add_argument("--upstream-socket", type=Path, help="the server listens on this Unix socket")
     parser.add_argument("--key-file", type=Path, required=True)
-    args = parser.parse_args()
+    parser.add_argument("--health-path", default="/health", help="the server's own readiness path")
+    parser.add_argument("--head-timeout", type=float, default=30.0)
+    parser.add_argument("--read-timeout", type=float, default=60.0)
+    parser.add_argument("--max-connections", type=int, default=128)
+    parser.add_argument("--max-body-bytes", type=int, default=64 * 1024 * 1024)
+    return parser.parse_args()
+
+
+async def main() -> None:
+    args = parse_args()
     key = args.key_file.read_text().strip()
     if not key:
         raise SystemExit("keyproxy: the key file is empty")
-    proxy = Proxy(args.upstream_port, key)
+    upstream = f"unix:{args.upstream_socket}" if args.upstream_socket else f"127.0.0.1:{args.upstream_port}"
+    proxy = Proxy(upstream, key, args)
     server = await asyncio.start_server(proxy.handle, args.listen, args.port, limit=MAX_HEAD_BYTES)
     async with server:
         await server.serve_forever()

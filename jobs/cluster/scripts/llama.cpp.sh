@@ -1,17 +1,36 @@
 # ---- llama.cpp.sh: llama-server on one node, or split over NODES nodes with ggml-rpc-server ----------------
-# Multi-node: srun starts ggml-rpc-server on nodes 2..N (this same script, mode rpc-worker); each writes its
-# address to rpc-<rank>.addr in the session directory (shared home), and llama-server on the first node is
-# started with --rpc host:port,... . Note that ggml-rpc-server has no authentication: it listens only while the
-# job runs, on the cluster's internal network.
+# Multi-node: srun starts ggml-rpc-server on nodes 2..N (this same script, mode rpc-worker). ggml-rpc-server has no
+# authentication and serves one client, so it listens on its node's loopback only (the job holds its nodes with
+# --exclusive=user) behind rpcrelay.py, which lets a connection through only after a challenge-response proving it
+# holds this run's RPC key (rpc_key, 0600 in the session directory, new for every run). Each worker writes its
+# relay's address to rpc-<rank>.addr (shared home); llama-server on the first node reaches them through a local
+# rpcrelay.py connect, with --rpc 127.0.0.1:port,... . docs/security.md explains the choice.
 
 rpc_worker() {
-  local addr port
+  local addr port inner pids=()
+  trap 'kill "${pids[@]}" 2>/dev/null; exit 143' TERM INT HUP
   addr="$(node_addr)"
+  inner="$(free_port 127.0.0.1)"
+  "$RPC_BIN" -H 127.0.0.1 -p "$inner" &
+  pids+=("$!")
+  until port_open 127.0.0.1 "$inner"; do
+    kill -0 "${pids[0]}" 2>/dev/null || exit 1
+    sleep 0.5
+  done
   port="$(free_port "$addr")"
+  python3 "$SESSION_DIR/rpcrelay.py" serve --listen "$addr" --port "$port" --upstream-port "$inner" \
+    --key-file "$SESSION_DIR/rpc_key" &
+  pids+=("$!")
+  until port_open "$addr" "$port"; do
+    kill -0 "${pids[1]}" 2>/dev/null || exit 1
+    sleep 0.5
+  done
   printf '%s:%s\n' "$addr" "$port" >"$SESSION_DIR/.rpc-$SLURM_PROCID.addr"
   mv -f "$SESSION_DIR/.rpc-$SLURM_PROCID.addr" "$SESSION_DIR/rpc-$SLURM_PROCID.addr"
-  log "ggml-rpc-server on ${SLURMD_NODENAME:-$(hostname -s)} at $addr:$port"
-  exec "$RPC_BIN" -H "$addr" -p "$port"
+  log "ggml-rpc-server on ${SLURMD_NODENAME:-$(hostname -s)} at 127.0.0.1:$inner, its relay at $addr:$port"
+  wait -n  # (bash 4.3 has no "wait -n PID...")
+  kill "${pids[@]}" 2>/dev/null
+  exit 1
 }
 
 if [ "${1:-}" = rpc-worker ]; then
@@ -26,6 +45,7 @@ ADDR="$(node_addr)"
 RPC_ARGS=()
 if [ "$NODES" -gt 1 ]; then
   rm -f "$SESSION_DIR"/rpc-*.addr
+  head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$SESSION_DIR/rpc_key" || fail "cannot write the RPC key"
   log "starting ggml-rpc-server on $((NODES - 1)) more node(s)"
   srun --nodes=$((NODES - 1)) --ntasks=$((NODES - 1)) --ntasks-per-node=1 --relative=1 --kill-on-bad-exit=1 \
     bash "$SESSION_DIR/job.sh" rpc-worker &
@@ -41,7 +61,7 @@ if [ "$NODES" -gt 1 ]; then
     [ "$SECONDS" -lt "$deadline" ] || fail "ggml-rpc-server did not report its address within 120s"
     sleep 1
   done
-  RPC_LIST=""
+  RPC_LIST="" MAPS=() LOCAL_PORTS=()
   for f in "${files[@]}"; do
     endpoint="$(cat "$f")"
     [[ "$endpoint" =~ ^[A-Za-z0-9.:-]+:[0-9]+$ ]] || fail "bad RPC endpoint '$endpoint' in $f"
@@ -50,7 +70,21 @@ if [ "$NODES" -gt 1 ]; then
       [ "$SECONDS" -lt "$deadline" ] || fail "ggml-rpc-server at $endpoint does not accept connections"
       sleep 1
     done
-    RPC_LIST="${RPC_LIST:+$RPC_LIST,}$endpoint"
+    local_port="$(free_port 127.0.0.1)"
+    while [[ " ${LOCAL_PORTS[*]} " == *" $local_port "* ]]; do local_port="$(free_port 127.0.0.1)"; done
+    LOCAL_PORTS+=("$local_port")
+    MAPS+=(--map "$local_port=$endpoint")
+    RPC_LIST="${RPC_LIST:+$RPC_LIST,}127.0.0.1:$local_port"
+  done
+  python3 "$SESSION_DIR/rpcrelay.py" connect "${MAPS[@]}" --key-file "$SESSION_DIR/rpc_key" &
+  RELAY_PID=$!
+  CHILDREN+=("$RELAY_PID")
+  for local_port in "${LOCAL_PORTS[@]}"; do
+    until port_open 127.0.0.1 "$local_port"; do
+      kill -0 "$RELAY_PID" 2>/dev/null || fail "$(server_error "the RPC relay stopped")"
+      [ "$SECONDS" -lt "$deadline" ] || fail "the RPC relay did not start within 120s"
+      sleep 0.5
+    done
   done
   RPC_ARGS=(--rpc "$RPC_LIST")
 fi

@@ -32,7 +32,7 @@ status="$(http_status POST 127.0.0.1 "$INNER_PORT" /api/generate "{\"model\": \"
 
 PORT="$(free_port "$ADDR")"
 python3 "$SESSION_DIR/keyproxy.py" --listen "$ADDR" --port "$PORT" --upstream-port "$INNER_PORT" \
-  --key-file "$SESSION_DIR/api_key" &
+  --health-path /api/version --key-file "$SESSION_DIR/api_key" &
 PROXY_PID=$!
 CHILDREN+=("$PROXY_PID")
 wait_ready "$PROXY_PID" "$ADDR" "$PORT" /health

@@ -1,34 +1,33 @@
-# ---- vllm.sh: vllm serve, tensor parallel over the GPUs of a node, pipeline parallel across nodes ----------
-# The API key reaches vLLM through VLLM_API_KEY (read from the 0600 file), never on its command line. Several
-# nodes form a Ray cluster first (head here, workers through srun), as vLLM's multi-node guide describes.
+# ---- vllm.sh: vLLM's OpenAI server on one node (tensor parallel over its GPUs), behind a key-checking proxy ----
+# vLLM's own API key guards only /v1: /invocations, /pooling, /score, /tokenize and others answer without it. So vLLM
+# listens on a Unix socket in a 0700 directory on the node, which no other user can open, and keyproxy.py (Python
+# standard library) listens on the node's address and forwards only requests that carry the session's key. The
+# portal does not split vLLM over nodes: across nodes its workers talk over Ray or torch.distributed without
+# authentication (catalog/runtime_rules.py; docs/security.md).
 start_traps
 load_modules
 [ -e "$MODEL_PATH" ] || fail "cannot find the model directory $MODEL_PATH on $(hostname -s)"
+[ "$NODES" -eq 1 ] || fail "vLLM runs on a single node in the portal"
 ADDR="$(node_addr)"
-VLLM_API_KEY="$(cat "$SESSION_DIR/api_key")"
-export VLLM_API_KEY
+# Node-local and short: a socket path has at most 107 bytes, and shared filesystems may not hold sockets.
+SOCKET_DIR="$(mktemp -d "${TMPDIR:-/tmp}/hpcllm.XXXXXXXX")" || fail "cannot make a private directory in ${TMPDIR:-/tmp}"
+CLEANUP_PATHS+=("$SOCKET_DIR")
+SOCKET="$SOCKET_DIR/vllm.sock"
 
-DIST_ARGS=()
-if [ "$NODES" -gt 1 ]; then
-  RAY_PORT="$(free_port "$ADDR")"
-  log "starting a Ray head on $ADDR:$RAY_PORT and workers on $((NODES - 1)) more node(s)"
-  ray start --head --node-ip-address="$ADDR" --port="$RAY_PORT" --block >/dev/null &
-  CHILDREN+=("$!")
-  sleep 10
-  srun --nodes=$((NODES - 1)) --ntasks=$((NODES - 1)) --ntasks-per-node=1 --relative=1 \
-    ray start --address="$ADDR:$RAY_PORT" --block &
-  CHILDREN+=("$!")
-  DIST_ARGS=(--pipeline-parallel-size "$NODES" --distributed-executor-backend ray)
-fi
-
-PORT="$(free_port "$ADDR")"
-log "starting vllm serve on $ADDR:$PORT (model $MODEL_PATH, max length $CONTEXT)"
-"$SERVER_BIN" serve "$MODEL_PATH" "${DEFAULT_FLAGS[@]}" --served-model-name "$SERVED_NAME" --host "$ADDR" \
-  --port "$PORT" --tensor-parallel-size "$GPUS_PER_NODE" --max-model-len "$CONTEXT" --max-num-seqs "$PARALLEL" \
-  --gpu-memory-utilization "$GPU_MEMORY_UTILIZATION" "${DIST_ARGS[@]}" "${EXTRA_FLAGS[@]}" &
+log "starting vLLM on $SOCKET (model $MODEL_PATH, max length $CONTEXT)"
+"$SERVER_BIN" serve "$MODEL_PATH" "${DEFAULT_FLAGS[@]}" --served-model-name "$SERVED_NAME" --uds "$SOCKET" \
+  --tensor-parallel-size "$GPUS_PER_NODE" --max-model-len "$CONTEXT" --max-num-seqs "$PARALLEL" \
+  --gpu-memory-utilization "$GPU_MEMORY_UTILIZATION" "${EXTRA_FLAGS[@]}" &
 SERVER_PID=$!
 CHILDREN+=("$SERVER_PID")
-# vLLM answers /health only once the engine has loaded the weights.
+
+PORT="$(free_port "$ADDR")"
+python3 "$SESSION_DIR/keyproxy.py" --listen "$ADDR" --port "$PORT" --upstream-socket "$SOCKET" \
+  --health-path /health --key-file "$SESSION_DIR/api_key" &
+PROXY_PID=$!
+CHILDREN+=("$PROXY_PID")
+# The proxy's /health is vLLM's own, which answers 200 only once the engine has loaded the weights.
 wait_ready "$SERVER_PID" "$ADDR" "$PORT" /health
+kill -0 "$PROXY_PID" 2>/dev/null || fail "the key proxy stopped"
 write_connection "$ADDR" "$PORT"
 serve_until_end "$SERVER_PID"

@@ -51,7 +51,7 @@ def bash_n(script: str, tmp_path: Path) -> subprocess.CompletedProcess[str]:
 
 @pytest.mark.parametrize(
     "runtime, nodes",
-    [("llama.cpp", 1), ("llama.cpp", 3), ("ollama", 1), ("vllm", 1), ("vllm", 2)],
+    [("llama.cpp", 1), ("llama.cpp", 3), ("ollama", 1), ("vllm", 1)],
 )
 def test_every_runtime_renders_a_script_bash_accepts(runtime: str, nodes: int, tmp_path: Path) -> None:
     script = render(spec(runtime=runtime, nodes=nodes))
@@ -67,7 +67,28 @@ def test_the_api_key_never_reaches_a_command_line() -> None:
         script = render(spec(runtime=runtime))
         assert "--api-key " not in script and "--api-key=" not in script
     assert "--api-key-file" in render(spec())
-    assert "VLLM_API_KEY" in render(spec(runtime="vllm"))
+
+
+def test_vllm_listens_only_on_a_private_socket_behind_the_key_proxy() -> None:
+    script = render(spec(runtime="vllm"))
+    serve = script[script.index('"$SERVER_BIN" serve') :].split("&\n")[0]
+    assert "--uds" in serve and "--host" not in serve and "--port" not in serve
+    assert '--upstream-socket "$SOCKET"' in script and "mktemp -d" in script
+    assert "keyproxy.py" in extra_files("vllm")
+    assert "#SBATCH --exclusive" not in script  # a socket in a 0700 directory needs no node to itself
+
+
+def test_vllm_over_several_nodes_is_refused_with_the_reason() -> None:
+    with pytest.raises(RenderError, match="unauthenticated"):
+        render(spec(runtime="vllm", nodes=2))
+
+
+def test_llama_cpp_over_nodes_holds_them_exclusively_and_ships_the_rpc_relay() -> None:
+    assert "#SBATCH --exclusive" not in render(spec(nodes=1))
+    script = render(spec(nodes=2, rpc_binary="/opt/llama/ggml-rpc-server"))
+    assert "#SBATCH --exclusive=user" in script
+    assert '"$RPC_BIN" -H 127.0.0.1' in script and 'rpcrelay.py" serve' in script
+    assert "rpcrelay.py" in extra_files("llama.cpp")
 
 
 def test_ollama_asks_for_the_node_to_itself_and_ships_the_key_proxy() -> None:
@@ -99,7 +120,7 @@ def test_counts_must_be_positive_integers() -> None:
 def test_multi_node_llama_needs_the_rpc_server_and_ollama_stays_on_one_node() -> None:
     with pytest.raises(RenderError, match="ggml-rpc-server"):
         render(spec(nodes=2, rpc_binary=""))
-    with pytest.raises(RenderError, match="one node"):
+    with pytest.raises(RenderError, match="single node"):
         render(spec(runtime="ollama", nodes=2))
 
 

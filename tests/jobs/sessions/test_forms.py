@@ -229,6 +229,9 @@ def test_vllm_gets_only_gpu_counts_that_divide_the_attention_heads(example_catal
     assert LaunchForm({**request, "gpus": 2}, user=owner).is_valid()
     odd = LaunchForm({**request, "gpus": 3}, user=owner)
     assert not odd.is_valid() and "32 attention heads" in " ".join(map(str, odd.errors["gpus"]))
+    # Across nodes vLLM's workers would take unauthenticated connections: refused, and the reason given.
+    spread = LaunchForm({**request, "gpus": 4, "nodes": 2}, user=owner)
+    assert not spread.is_valid() and "unauthenticated" in " ".join(map(str, spread.errors["nodes"]))
 
 
 def test_a_user_gets_no_more_live_sessions_or_gpus_than_the_cluster_allows(

@@ -68,6 +68,15 @@ def test_the_wizard_shows_the_estimate_and_the_options_with_the_recommended_firs
     assert 'value="4096"' in longer.content.decode()
 
 
+def test_the_wizard_says_why_vllm_is_not_split_over_nodes(owner_client: Client, example_catalog: Path) -> None:
+    """Too big for one node of 4 x rtx3090: more nodes would hold it, but not safely with vLLM."""
+    choices = {"model": "Llama-3.1-8B-Instruct", "quant": "bf16", "runtime": "vllm", "context": "131072"}
+    text = owner_client.get("/launch/", {**choices, "purpose": "batch"}).content.decode()
+    row = text[text.index("4 x rtx3090") :][:1500]
+    assert "vLLM runs on a single node" in row and "unauthenticated" in row and "llama.cpp" in row
+    assert "21.1 GiB usable" in row  # vLLM's share (0.9) of the card, the figure it is measured against
+
+
 def test_clusters_without_an_account_are_shown_but_not_selectable(owner_client: Client, example_catalog: Path) -> None:
     Cluster.objects.filter(slug="local").update(host_key=HOST_KEY)
     text = owner_client.get("/launch/", {"model": "tiny-llama", "context": "1024"}).content.decode()
