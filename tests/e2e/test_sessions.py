@@ -343,6 +343,11 @@ def test_a_requeued_job_gets_no_requests_at_its_old_address_and_starts_again_wit
     finally:
         listener.close()
 
+    # Start it again now rather than at the begin time Slurm gave it. Not within the second of the requeue: slurmd
+    # refuses a launch whose credential is no newer than the one it revoked ("Job credential revoked").
+    while squeue_states(f"hpcllm-{session.pk}") != ["PENDING"]:
+        time.sleep(0.2)
+    time.sleep(2)
     subprocess.run(["scontrol", "update", f"jobid={session.job_id}", "StartTime=now"], check=True, capture_output=True)
     session = drive(session, lambda s: s.state == State.RUNNING or s.is_ended, timeout_s=180)
     assert session.state == State.RUNNING, session.end_reason
