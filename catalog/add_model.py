@@ -93,6 +93,7 @@ class Found:
     format: str
     size_gib: float
     source: str  # what was read, for the report
+    license: str = ""  # as the file states it (GGUF's general.license), for a card that has none yet
 
 
 def inspect(path: str, reader: Reader | None = None) -> Found:
@@ -131,6 +132,7 @@ def _inspect_gguf(path: str, reader: Reader) -> Found:
         format=ModelVariant.Format.GGUF,
         size_gib=round(size / GIB, 4) or 0.0001,
         source=f"GGUF v{info.version} header ({info.arch_name}, {info.params:,} parameters)",
+        license=str(info.metadata.get("general.license") or "")[:100],
     )
 
 
@@ -192,6 +194,8 @@ def add(found: Found, path: str, cluster: Cluster | None = None, name: str | Non
         created.append(f"model card {card.name}")
     card.family = found.family
     card.set_architecture(found.arch)
+    if found.license and not card.license:  # an admin's own entry wins
+        card.license = found.license
     card.full_clean()
     card.save()
     variant = ModelVariant.objects.filter(model=card, quantization=found.quant).first()

@@ -110,6 +110,20 @@ def local_catalog(db: None, local_cluster: dict[str, Any]) -> dict[str, Any]:
     return local_cluster
 
 
+@pytest.fixture
+def smollm2(local_catalog: dict[str, Any]) -> str:
+    """SmolLM2-135M-Instruct (scripts/fetch-models) on the local cluster, its card filled from its own GGUF header
+    as `catalog add-model` fills it; returns the card's name."""
+    from catalog.add_model import add, inspect
+
+    path = local_catalog["models"]["smollm2"]
+    return add(inspect(path), path, Cluster.objects.get(slug="local")).card.name
+
+
+# A SmolLM2 session, as launch() takes it: the real model, for tests about what a model answers.
+SMOLLM2_LAUNCH = {**LAUNCH, "model": "SmolLM2-135M-Instruct", "quant": "Q4_1", "context": 2048}
+
+
 LOCAL_SERVICES_SCRIPT = REPO / "scripts" / "local-services"
 
 

@@ -67,7 +67,8 @@ def sign_in(page: Page, url: str) -> None:
     expect(page.get_by_role("heading", name="My sessions")).to_be_visible()
 
 
-def test_sign_in_launch_run_and_cancel_with_javascript(browser: Browser, portal: str) -> None:
+def test_sign_in_launch_run_and_cancel_with_javascript(browser: Browser, portal: str, smollm2: str) -> None:
+    """With the real model: its answer is checked for what it says."""
     shutil.rmtree(ARTIFACTS / "js", ignore_errors=True)
     page = browser.new_page(viewport={"width": 1280, "height": 900})
     page.on("dialog", lambda dialog: dialog.accept())
@@ -76,7 +77,7 @@ def test_sign_in_launch_run_and_cancel_with_javascript(browser: Browser, portal:
     expect(page.get_by_text("No sessions yet")).to_be_visible()
 
     page.get_by_role("link", name="Launch", exact=True).click()
-    page.get_by_label("Model", exact=True).select_option("tiny-llama")
+    page.get_by_label("Model", exact=True).select_option(smollm2)
     heading = page.locator("#estimate-h")
     expect(heading).to_contain_text("GPU memory")
     shot(page, "js/2-estimate")
@@ -103,15 +104,16 @@ def test_sign_in_launch_run_and_cancel_with_javascript(browser: Browser, portal:
     # Chat: streamed reply with its timings, Stop, and the conversation is still there after a reload.
     card.get_by_role("link", name="Open chat").click()
     page.get_by_role("button", name="New chat").click()
-    page.locator("#id_message").fill("Say something")
+    page.locator("#id_message").fill("What is the capital of France? Answer in one sentence.")
     page.locator("#id_message").press("Enter")
     reply = page.locator("li.msg-assistant").last
     expect(reply.locator(".stats")).to_contain_text("tokens", timeout=30_000)
     expect(reply.locator(".stats")).to_contain_text("first token")
+    expect(reply).to_contain_text("Paris")
     shot(page, "js/7-chat")
     page.get_by_text("System prompt and sampling").click()
     page.locator("#id_max_tokens").fill("100000")
-    page.locator("#id_message").fill("A very long answer, please")
+    page.locator("#id_message").fill("Write a story of three thousand words about a computer cluster.")
     page.locator("#id_message").press("Enter")
     expect(page.get_by_role("button", name="Stop")).to_be_visible()
     page.get_by_role("button", name="Stop").click()

@@ -42,6 +42,7 @@ GPT2 = {
 def write_gguf(path: Path, file_type: gguf_pkg.LlamaFileType, vocab: int = 300) -> None:
     writer = gguf_pkg.GGUFWriter(str(path), "llama")
     writer.add_name("Test Model")
+    writer.add_license("apache-2.0")
     writer.add_context_length(8192)
     writer.add_embedding_length(64)
     writer.add_block_count(3)
@@ -160,9 +161,12 @@ def test_adding_creates_the_card_variant_and_location_then_updates_them(tmp_path
     cluster = Cluster.objects.get(slug="local")
     added = add(inspect(str(path)), str(path), cluster)
     assert added.created == ["model card Test-Model", "variant Q4_K_M", "location on local"]
+    assert added.card.license == "apache-2.0"  # from the header's general.license
+    ModelCard.objects.filter(name="Test-Model").update(license="Apache 2.0 (see LICENSE)")
     again = add(inspect(str(path)), str(path), cluster)
     assert again.created == []
     assert ModelCard.objects.filter(name="Test-Model").count() == 1
+    assert ModelCard.objects.get(name="Test-Model").license == "Apache 2.0 (see LICENSE)"  # the admin's own stays
     assert ModelVariant.objects.get(model__name="Test-Model").format == "gguf"
     assert VariantLocation.objects.get(variant__model__name="Test-Model").path == str(path)
 
