@@ -186,12 +186,26 @@ def _target_named(holder: targets.Holder, model: Any) -> Target | None:
 
 
 def _running_models(user_pk: int) -> list[dict[str, Any]]:
+    """Every name a script can use as the model now, each with the session it names (targets.target's rules): each
+    running session by its alias (else its uuid), then each model by its catalog name, NAME:QUANT always and NAME
+    where it runs in one quantisation only, naming the newest such session."""
     serving = LLMSession.objects.filter(owner_id=user_pk, state__in=SERVING_STATES).exclude(host="")
-    sessions = serving.select_related("variant__model")
+    sessions = list(serving.select_related("variant__model").order_by("-created_at"))
+    names: dict[str, LLMSession] = {}
+    for s in sessions:
+        names[s.alias or str(s.pk)] = s
+    newest: dict[str, dict[str, LLMSession]] = {}
+    for s in sessions:
+        newest.setdefault(s.variant.model.name, {}).setdefault(s.variant.quantization, s)
+    for name, quants in newest.items():
+        if len(quants) == 1:
+            names.setdefault(name, *quants.values())  # an alias of the same spelling wins, as in the lookup
+        for quant, s in quants.items():
+            names.setdefault(f"{name}:{quant}", s)
     return [
-        {"id": s.alias or str(s.pk), "object": "model", "created": int(s.created_at.timestamp()),
+        {"id": name, "object": "model", "created": int(s.created_at.timestamp()),
          "owned_by": "hpc-llm-portal", "session": str(s.pk), "served_model": s.served_model_name}
-        for s in sessions
+        for name, s in names.items()
     ]  # fmt: skip
 
 
@@ -199,7 +213,8 @@ def _running_models(user_pk: int) -> list[dict[str, Any]]:
 @_relayed
 @sensitive_variables("token", "scheme")
 async def api_proxy(request: HttpRequest, path: str) -> HttpResponseBase:
-    """The scripts' route: /api/v1/<path> with a personal token; `model` names the session (uuid or alias)."""
+    """The scripts' route: /api/v1/<path> with a personal token; `model` names the session (uuid, alias, or the
+    catalog name of the model it runs)."""
     request.get_host()  # ALLOWED_HOSTS applies here too, although portal.asgi skips the cookie middleware
     if refused := _check_route(request, path):
         return refused
@@ -214,18 +229,24 @@ async def api_proxy(request: HttpRequest, path: str) -> HttpResponseBase:
     model = payload.get("model") if isinstance(payload, dict) else None
     known = request.scope.get(HOLDER) if hasattr(request, "scope") else None
     holder: targets.Holder | None
-    if isinstance(known, targets.Holder):  # the door looked the token up already
-        holder, target = known, await targets.run(_target_named, known, model)
-    else:
-        holder, target = await targets.run(_api_lookup, token.strip(), model)
+    try:
+        if isinstance(known, targets.Holder):  # the door looked the token up already
+            holder, target = known, await targets.run(_target_named, known, model)
+        else:
+            holder, target = await targets.run(_api_lookup, token.strip(), model)
+    except targets.Ambiguous as exc:
+        return openai_error(400, str(exc), "invalid_request_error", "model_ambiguous")
     if holder is None:
         return _no_token()
     if path.strip("/") == "models":
         return JsonResponse({"object": "list", "data": await targets.run(_running_models, holder.user_pk)})
     if not isinstance(model, str) or not model:
-        return openai_error(400, "name the session as the model (its uuid or alias)", "invalid_request_error")
+        return openai_error(400, "name the model: a session's uuid or alias, or a model's catalog name (NAME or "
+                            "NAME:QUANT) that one of your sessions runs; GET /api/v1/models lists them",
+                            "invalid_request_error")  # fmt: skip
     if target is None:
-        return openai_error(404, f"you have no session {model!r}", "invalid_request_error", "model_not_found")
+        return openai_error(404, f"no running session of yours answers to {model!r}; GET /api/v1/models lists "
+                            "the names you can use", "invalid_request_error", "model_not_found")  # fmt: skip
     body = _with_model(payload, target) if body else b""
     return await _forward(request, target, path.strip("/"), body)
 

@@ -5,7 +5,8 @@ querysets: Django compiles a queryset on every call, which costs about a millise
 the statements themselves take tens of microseconds. Table and column names come from the models' metadata and
 every value is a bound parameter. The rules are the same as the pages': a session is reached by its owner, and by
 support staff (the explicit permission, sessions.access.sees_all) through its uuid; an alias names the owner's
-newest live session.
+newest live session. Scripts may also name a model as the catalog does (NAME, or NAME:QUANT): that is the owner's
+newest running session of it, and a NAME that runs in several quantisations is a question back, never a guess.
 """
 
 from __future__ import annotations
@@ -127,6 +128,12 @@ def _sql(vendor: str) -> dict[str, str]:
         f"JOIN {_q(ModelCard._meta.db_table)} m ON m.{_col(ModelCard, 'id')} = v.{_col(ModelVariant, 'model')} "
     )
     end_states = ", ".join(["%s"] * len(END_STATES))
+    serving = ", ".join(["%s"] * len(SERVING_STATES))
+    # The owner's sessions that serve a model of this catalog name (NAME_PARAMS), newest first.
+    named = (
+        f"WHERE {s('owner')} = %s AND m.{_col(ModelCard, 'name')} = %s AND {s('state')} IN ({serving}) "
+        f"AND {s('host')} <> %s"
+    )
     return {
         "holder": holder,
         "sees_all": f"SELECT {_sees_all_sql(user)} FROM {_q(user._meta.db_table)} u "
@@ -134,6 +141,13 @@ def _sql(vendor: str) -> dict[str, str]:
         "by_pk": target + f"WHERE {s('id')} = %s",
         "by_alias": target + f"WHERE {s('owner')} = %s AND {s('alias')} = %s "
         f"AND {s('state')} NOT IN ({end_states}) ORDER BY {s('created_at')} DESC LIMIT 1",
+        "by_name": target + named + f" ORDER BY {s('created_at')} DESC LIMIT 1",
+        "by_name_quant": target + named + f" AND v.{_col(ModelVariant, 'quantization')} = %s "
+        f"ORDER BY {s('created_at')} DESC LIMIT 1",
+        "quants_named": f"SELECT DISTINCT v.{_col(ModelVariant, 'quantization')} FROM {_q(session)} s "
+        f"JOIN {_q(ModelVariant._meta.db_table)} v ON v.{_col(ModelVariant, 'id')} = {s('variant')} "
+        f"JOIN {_q(ModelCard._meta.db_table)} m ON m.{_col(ModelCard, 'id')} = v.{_col(ModelVariant, 'model')} "
+        + named,
         "touch_token": f"UPDATE {_q(token)} SET {_col(ApiToken, 'last_used_at')} = %s "
         f"WHERE {_col(ApiToken, 'id')} = %s",
         "touch_session": f"UPDATE {_q(session)} SET {_col(LLMSession, 'last_activity_at')} = %s "
@@ -239,9 +253,35 @@ def sees_all(user_pk: int) -> bool:
     return bool(row and row[0])
 
 
+class Ambiguous(Exception):
+    """A model name that runs in several of the caller's sessions with different quantisations."""
+
+
+def _name_params(user_pk: int, name: str) -> list[Any]:
+    return [user_pk, name, *sorted(SERVING_STATES), ""]
+
+
+def _by_name(user: Holder, key: str) -> tuple[Any, ...] | None:
+    """The owner's newest running session of the catalog model `key` names (NAME or NAME:QUANT)."""
+    name, colon, quant = key.rpartition(":")
+    if colon and name and quant:
+        row = _fetch_one("by_name_quant", [*_name_params(user.user_pk, name), quant])
+        if row is not None:
+            return row  # else a catalog name may itself hold a colon
+    with connection.cursor() as cursor:
+        cursor.execute(_sql(connection.vendor)["quants_named"], _name_params(user.user_pk, key))
+        quants = sorted(str(q) for (q,) in cursor.fetchall())
+    if len(quants) > 1:
+        choices = " or ".join(f"{key}:{q}" for q in quants)
+        raise Ambiguous(f"{key} runs in your sessions as {', '.join(quants)}: name one as {choices}, or a session by "
+                        "its alias or uuid")  # fmt: skip
+    return _fetch_one("by_name", _name_params(user.user_pk, key)) if quants else None
+
+
 @sensitive_variables("secret")
 def target(user: Holder, key: str) -> Target | None:
-    """The session `key` (uuid or alias) names for this user, or None when there is none they may use."""
+    """The session `key` names for this user (its uuid, its alias, or the catalog name of the model it runs), or None
+    when there is none they may use. Raises Ambiguous for a name that runs in several quantisations."""
     row = None
     try:
         pk = uuid.UUID(key)
@@ -251,6 +291,8 @@ def target(user: Holder, key: str) -> Target | None:
         row = _fetch_one("by_pk", [LLMSession._meta.pk.get_db_prep_value(pk, connection)])
     if row is None:
         row = _fetch_one("by_alias", [user.user_pk, key, *sorted(END_STATES)])
+    if row is None:
+        row = _by_name(user, key)
     if row is None:
         return None
     pk_value, owner_pk, state, host, port, key_encrypted, node_list, last_activity, access, model, quantization = row[

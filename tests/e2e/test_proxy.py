@@ -199,7 +199,7 @@ def test_the_openai_client_streams_through_the_api_and_a_revoked_token_is_refuse
     call_command("apitoken", "create", owner.get_username(), "--name", "laptop", stdout=out)
     token = out.getvalue().strip()
     client = openai.OpenAI(base_url=f"{portal_server}/api/v1", api_key=token, max_retries=0)
-    assert [m.id for m in client.models.list()] == ["tiny"]
+    assert [m.id for m in client.models.list()] == ["tiny", "tiny-llama", "tiny-llama:fp16"]
     stream = client.chat.completions.create(
         model="tiny", messages=[{"role": "user", "content": "hello"}], max_tokens=8, stream=True
     )

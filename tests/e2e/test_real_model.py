@@ -48,14 +48,16 @@ def portal_server(smol_session: LLMSession, tmp_path: Path) -> Iterator[str]:
 
 
 def test_smollm2_knows_the_capital_of_france_through_the_api(
-    portal_server: str, smol_session: LLMSession, owner: Any
+    portal_server: str, smol_session: LLMSession, owner: Any, smollm2: str
 ) -> None:
     import openai
 
     _, token = ApiToken.issue(owner, "script")
     client = openai.OpenAI(base_url=f"{portal_server}/api/v1", api_key=token, max_retries=0)
-    whole = client.chat.completions.create(model="smol", messages=QUESTION, max_tokens=40, temperature=0)
+    # The model as the catalog names it: the caller's newest running session of it.
+    whole = client.chat.completions.create(model=smollm2, messages=QUESTION, max_tokens=40, temperature=0)
     assert "Paris" in (whole.choices[0].message.content or "")
+    assert whole.model == "SmolLM2-135M-Instruct-Q4_1"  # what the server itself calls it
     stream = client.chat.completions.create(
         model=str(smol_session.pk), messages=QUESTION, max_tokens=40, temperature=0, stream=True
     )

@@ -10,7 +10,7 @@ import pytest
 from django.contrib.auth.models import Permission
 from django.utils import timezone
 
-from catalog.models import ClusterAccount
+from catalog.models import ClusterAccount, ModelVariant, VariantLocation
 from jobs.models import ApiToken, LLMSession, State, transition
 from jobs.sessions.actions import launch
 from jobs.use import targets
@@ -136,3 +136,45 @@ def test_activity_is_noted_at_most_every_30_seconds(start: Any, owner: Any) -> N
     targets.target(holder_of(owner), str(session.pk))
     noted = LLMSession.objects.get(pk=session.pk).last_activity_at
     assert noted is not None and noted > first - timedelta(seconds=1)
+
+
+def test_a_model_is_named_by_its_catalog_name_for_the_owners_newest_running_session(
+    start: Any, owner: Any, other_user: Any, support_user: Any
+) -> None:
+    older, newer = start(owner, port=8001), start(owner, port=8002)
+    LLMSession.objects.filter(pk=older.pk).update(created_at=timezone.now() - timedelta(hours=1))
+    start(owner, state=State.QUEUED, port=8003)  # not running: never named
+    for name in ("tiny-llama", "tiny-llama:fp16"):
+        assert targets.target(holder_of(owner), name).pk == str(newer.pk)  # type: ignore[union-attr]
+    assert targets.target(holder_of(owner), "tiny-llama:Q4_0") is None
+    assert targets.target(holder_of(owner), "Tiny-Llama") is None  # the catalog's spelling
+    for someone_else in (other_user, support_user):  # names are the caller's own sessions', support's too
+        assert targets.target(holder_of(someone_else), "tiny-llama") is None
+    transition(newer.pk, State.CANCELLED, cause="test")
+    assert targets.target(holder_of(owner), "tiny-llama").pk == str(older.pk)  # type: ignore[union-attr]
+
+
+def test_a_name_that_runs_in_several_quantisations_is_a_question_not_a_guess(start: Any, owner: Any) -> None:
+    f16 = start(owner, port=8001)
+    q8 = ModelVariant.objects.create(model=f16.variant.model, quantization="Q8_0", format="gguf", size_gib=0.0001)
+    VariantLocation.objects.create(variant=q8, cluster=f16.cluster, path="/models/tiny-q8.gguf")
+    other = start(owner, port=8002)
+    LLMSession.objects.filter(pk=other.pk).update(variant=q8)
+    with pytest.raises(targets.Ambiguous, match="name one as tiny-llama:Q8_0 or tiny-llama:fp16"):
+        targets.target(holder_of(owner), "tiny-llama")
+    assert targets.target(holder_of(owner), "tiny-llama:Q8_0").pk == str(other.pk)  # type: ignore[union-attr]
+    assert targets.target(holder_of(owner), "tiny-llama:fp16").pk == str(f16.pk)  # type: ignore[union-attr]
+
+
+def test_every_name_the_models_list_offers_names_the_session_it_says(start: Any, owner: Any) -> None:
+    from jobs.use.proxy import _running_models
+
+    first = start(owner, alias="chat", port=8001)
+    second = start(owner, port=8002)
+    listed = {entry["id"]: entry["session"] for entry in _running_models(owner.pk)}
+    assert listed == {
+        "chat": str(first.pk), str(second.pk): str(second.pk),
+        "tiny-llama": str(second.pk), "tiny-llama:fp16": str(second.pk),
+    }  # fmt: skip
+    for name, session in listed.items():
+        assert targets.target(holder_of(owner), name).pk == session  # type: ignore[union-attr]
