@@ -10,7 +10,10 @@ plain reverse proxy (`apt-get install nginx-light`; left out with a note when it
   the throughput figure, and paced (first token at once, then one a millisecond) for time to first token: an
   unpaced stream keeps both cores of a small machine busy, and then the first token of the next request waits for CPU
   rather than for the proxy;
-- the real llama-server (built by scripts/build-llama-cpp) with a tiny random model, when the build is there.
+- the real llama-server (built by scripts/build-llama-cpp) with a tiny random model, when the build is there;
+- real vLLM (the CPU build of scripts/build-torch-runtimes) with SmolLM2-135M-Instruct as safetensors (scripts/
+  fetch-models --safetensors), when both are there. As in a session, the portal reaches it through keyproxy.py (the
+  node's key check); the table also shows keyproxy.py alone, so what each hop adds is seen apart.
 
 Printed per server and path: stream throughput (tokens/s from the first token to the last), end-to-end tokens/s
 (request to last token), time to first token p50/p99 and what each path adds; then the most concurrent streams the
@@ -39,6 +42,8 @@ import httpx
 REPO = Path(__file__).resolve().parent.parent
 SCRATCH = Path(tempfile.mkdtemp(prefix="hpcllm-bench-proxy-"))
 LLAMA_BIN = Path("/var/cache/hpc-llm-portal/llama.cpp/0.3.36/bin")
+VLLM_PYTHON = Path("/var/cache/hpc-llm-portal/torch-runtimes/vllm-0.32.0/bin/python")
+SMOLLM2_HF = Path("/var/cache/hpc-llm-portal/models/SmolLM2-135M-Instruct")
 TTFT_TOKENS = 32
 PACE_S = 0.001
 
@@ -105,6 +110,27 @@ def start_llama_server(port: int, key_file: Path) -> subprocess.Popen[bytes] | N
          "--api-key-file", str(key_file), "-c", "2048", "--parallel", "1", "--no-webui", "--threads", "1"],
         env={**os.environ, "LD_LIBRARY_PATH": str(LLAMA_BIN)}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
+
+
+def start_vllm(port: int, proxy_port: int, key_file: Path) -> list[subprocess.Popen[bytes]]:
+    """vLLM on 127.0.0.1:port with the key (the direct path), and keyproxy.py in front of it on proxy_port."""
+    if not (VLLM_PYTHON.exists() and (SMOLLM2_HF / "config.json").exists()):
+        return []
+    run_dir = SCRATCH / "vllm"
+    (run_dir / "tmp").mkdir(parents=True)
+    env = {**os.environ, "TMPDIR": str(run_dir / "tmp"), "XDG_CACHE_HOME": str(run_dir / "cache"),
+           "VLLM_CACHE_ROOT": str(run_dir / "cache/vllm"), "HF_HUB_OFFLINE": "1"}  # fmt: skip
+    vllm = subprocess.Popen(
+        [str(VLLM_PYTHON), "-m", "vllm.entrypoints.openai.api_server", "--model", str(SMOLLM2_HF),
+         "--served-model-name", "vllm", "--host", "127.0.0.1", "--port", str(port), "--api-key", key_file.read_text(),
+         "--max-model-len", "2048", "--max-num-seqs", "1", "--enforce-eager", "--kv-cache-memory-bytes", "64M"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    keyproxy = subprocess.Popen(
+        [sys.executable, str(REPO / "jobs/cluster/scripts/keyproxy.py"), "--listen", "127.0.0.1", "--port",
+         str(proxy_port), "--upstream-port", str(port), "--key-file", str(key_file)],
+    )  # fmt: skip
+    return [vllm, keyproxy]
 
 
 def split_cpus() -> set[int]:
@@ -282,8 +308,9 @@ async def concurrent(url: str, headers: dict[str, str], n: int) -> tuple[int, in
     return sum(1 for r in results if isinstance(r, BaseException)), peak
 
 
-def wait_up(url: str, headers: dict[str, str] | None = None) -> None:
-    for _ in range(600):
+def wait_up(url: str, headers: dict[str, str] | None = None, timeout_s: float = 30) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
         try:
             if httpx.get(url, timeout=1, headers=headers).status_code == 200:
                 return
@@ -319,18 +346,26 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=30, help="fast streams per path")
     parser.add_argument("--ttft-requests", type=int, default=500, help="paced streams per path (TTFT)")
     parser.add_argument("--llama-tokens", type=int, default=256, help="tokens per llama-server reply")
+    parser.add_argument("--vllm-tokens", type=int, default=64, help="tokens per vLLM reply")
+    parser.add_argument("--vllm-requests", type=int, default=10, help="vLLM streams per path")
     parser.add_argument("--concurrency", default="50,100,200,500")
     args = parser.parse_args()
     proxy_cpus = split_cpus()
-    ports = {name: free_port() for name in ("fast", "llama", "portal", "nginx")}
-    key_file = SCRATCH / "llama-key"
-    token, keys = prepare_portal({"fast": ports["fast"], "llama": ports["llama"]})
+    ports = {name: free_port() for name in ("fast", "llama", "vllm", "keyproxy", "portal", "nginx")}
+    key_file, vllm_key_file = SCRATCH / "llama-key", SCRATCH / "vllm-key"
+    # The portal's vLLM session is reached at keyproxy.py's port, as a session's address is.
+    token, keys = prepare_portal({"fast": ports["fast"], "llama": ports["llama"], "vllm": ports["keyproxy"]})
     key_file.write_text(keys["llama"])
+    vllm_key_file.write_text(keys["vllm"])
     processes = [start_backend(ports["fast"]), start_portal(ports["portal"])]
     pin(processes[-1], proxy_cpus)
     llama = start_llama_server(ports["llama"], key_file)
     if llama:
         processes.append(llama)
+    vllm = start_vllm(ports["vllm"], ports["keyproxy"], vllm_key_file)
+    processes += vllm
+    if vllm:
+        pin(vllm[1], proxy_cpus)  # the key proxy runs beside the server on a node; here it is a proxy like the others
     nginx = pin(start_nginx(ports["nginx"], {"fast": ports["fast"], "llama": ports["llama"]}), proxy_cpus)
     if nginx:
         processes.append(nginx)
@@ -373,6 +408,23 @@ def main() -> None:
             )
         else:
             print(f"\nllama-server is not built ({LLAMA_BIN}): run scripts/build-llama-cpp to measure it too")
+        if vllm:
+            key = {"Authorization": f"Bearer {keys['vllm']}"}
+            wait_up(f"http://127.0.0.1:{ports['vllm']}/health", key, timeout_s=300)
+            body = {"model": "vllm", "messages": message, "stream": True, "max_tokens": args.vllm_tokens,
+                    "temperature": 0, "ignore_eos": True}  # fmt: skip
+            vllm_paths = {
+                "direct": (f"http://127.0.0.1:{ports['vllm']}/v1/chat/completions", key),
+                "keyprx": (f"http://127.0.0.1:{ports['keyproxy']}/v1/chat/completions", key),
+                "portal": (portal, auth),
+            }
+            table(
+                f"vLLM (CPU), SmolLM2-135M; the portal through keyproxy.py as in a session ({args.vllm_tokens} tokens, "
+                f"{args.vllm_requests} requests per path)",
+                run_paths(vllm_paths, body, args.vllm_requests),
+            )
+        else:
+            print(f"\nvLLM or SmolLM2 as safetensors is missing ({VLLM_PYTHON}, {SMOLLM2_HF}): run local-cluster up")
         print()
         held = 0
         for n in [int(x) for x in args.concurrency.split(",")]:

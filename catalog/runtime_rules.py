@@ -31,6 +31,7 @@ class RuntimeRules:
     kv_quant: bool = False  # a quantised KV cache (q8_0, q4_0, ...) is one of its options
     # Tensor parallel over a node's GPUs splits the attention heads: the GPUs per node must divide them (vLLM).
     splits_heads: bool = False
+    serves_embeddings: bool = True  # a session can answer /v1/embeddings (the embeddings purpose)
 
     @property
     def multi_node(self) -> bool:
@@ -100,6 +101,10 @@ RUNTIMES: dict[str, RuntimeRules] = {
             "Hugging Face transformers",
             formats=("safetensors",),
             serves_text="loads safetensors checkpoints",
+            # `transformers serve`: no key and TCP only; tfserve.py puts it on a private socket behind keyproxy.py.
+            job_script="transformers.sh",
+            job_files=("keyproxy.py", "tfserve.py"),
+            serves_embeddings=False,  # `transformers serve` has no /v1/embeddings
         ),
     )
 }

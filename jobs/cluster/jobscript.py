@@ -43,6 +43,7 @@ class JobSpec:
     served_name: str
     context_length: int
     parallel: int
+    embeddings: bool = False  # serve /v1/embeddings instead of generating
     model_path: str = ""
     ollama_tag: str = ""
     model_dir: str = ""
@@ -108,6 +109,7 @@ def assignments(spec: JobSpec) -> list[str]:
         "GPUS_PER_NODE": _positive(spec.gpus_per_node, "GPUs"),
         "CONTEXT": _positive(spec.context_length, "context length"),
         "PARALLEL": _positive(spec.parallel, "parallel slots"),
+        "EMBEDDINGS": int(spec.embeddings),
         "GPU_LAYERS": _positive(spec.gpu_layers, "GPU layers"),
         "GPU_MEMORY_UTILIZATION": f"{spec.gpu_memory_utilization:.2f}",
         "READY_TIMEOUT_S": _positive(spec.ready_timeout_s, "ready timeout"),
@@ -135,6 +137,8 @@ def render(spec: JobSpec) -> str:
     rules = _rules(spec.runtime)
     if spec.nodes > 1 and not rules.multi_node:
         raise RenderError(rules.one_node_only())
+    if spec.embeddings and not rules.serves_embeddings:
+        raise RenderError(f"{rules.label} cannot serve embeddings")
     if spec.nodes > 1 and rules.rpc_binary and not spec.rpc_binary:
         raise RenderError(f"a {spec.runtime} session over several nodes needs the cluster's ggml-rpc-server binary")
     header = [

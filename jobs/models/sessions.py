@@ -57,6 +57,8 @@ class Purpose(models.TextChoices):
 
     CHAT = "chat", "interactive chat"
     BATCH = "batch", f"batch prompts ({BATCH_PARALLEL} at a time)"
+    # The server answers /v1/embeddings (for RAG) instead of generating; not every runtime can (RuntimeRules).
+    EMBEDDINGS = "embeddings", "embeddings (RAG)"
 
     @property
     def parallel(self) -> int:

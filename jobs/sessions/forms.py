@@ -194,6 +194,9 @@ class ChoicesForm(forms.Form):
             raise _error(
                 "runtime", f"{rules.kind} {rules.serves_text}; {self.variant} is a {self.variant.format} model."
             )
+        if data["purpose"] == Purpose.EMBEDDINGS and not rules.serves_embeddings:
+            able = ", ".join(kind for kind in runtime_rules.kinds_with("serves_embeddings"))
+            raise _error("purpose", f"{rules.label} cannot serve embeddings; choose {able}.")
 
 
 class LaunchForm(ChoicesForm):

@@ -23,7 +23,7 @@ from django.views.decorators.debug import sensitive_variables
 
 from catalog.models import ClusterAccount, ClusterRuntime, VariantLocation
 from jobs.cluster import backend, jobscript, remote, slurm
-from jobs.models import END_STATES, POLLED_STATES, LLMSession, SessionEvent, State, transition
+from jobs.models import END_STATES, POLLED_STATES, LLMSession, Purpose, SessionEvent, State, transition
 from jobs.sessions import notify
 from portal import crypto, ssh
 
@@ -55,6 +55,7 @@ def job_spec(session: LLMSession) -> jobscript.JobSpec:
         served_name=session.served_model_name,
         context_length=session.context_length,
         parallel=session.parallel,
+        embeddings=session.purpose == Purpose.EMBEDDINGS,
         model_path=location.path,
         ollama_tag=location.ollama_tag,
         modules=tuple(cluster_runtime.modules.split()),

@@ -7,30 +7,21 @@ runs them in a real Celery worker.
 from __future__ import annotations
 
 import http.server
-import json
-import shutil
 import socket
 import subprocess
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from asgiref.sync import async_to_sync
 from django.core.exceptions import ValidationError
-from django.test import AsyncClient, Client
+from django.test import Client
 
 from catalog.models import (
     Cluster,
     ClusterAccount,
-    ClusterRuntime,
-    ModelCard,
-    ModelVariant,
-    Runtime,
     VariantLocation,
 )
 from jobs.cluster import backend, remote
@@ -380,56 +371,3 @@ def test_an_address_outside_the_jobs_nodes_is_refused_and_recorded(
     shell(local_catalog, f"mv -f {connection}.real {connection}")
     session = drive(session, lambda s: s.state == State.RUNNING or s.is_ended)
     assert session.state == State.RUNNING and proxy_replies(session, owner) == [200, 200]
-
-
-@pytest.fixture
-def fake_vllm(local_catalog: dict[str, Any]) -> Iterator[Path]:
-    """vLLM on the local cluster: the job script for real (vllm.sh, keyproxy.py), with fake_vllm.py for the server
-    (which, like vLLM, answers every route but /v1 without a key) and a safetensors variant of tiny-llama."""
-    folder = Path(tempfile.mkdtemp(prefix="fake-vllm-", dir="/tmp"))
-    folder.chmod(0o755)  # the cluster's user runs it and reads the "checkpoint"
-    server = folder / "vllm"
-    shutil.copy(Path(__file__).with_name("fake_vllm.py"), server)
-    server.chmod(0o755)
-    (folder / "checkpoint").mkdir(mode=0o755)
-    runtime, _ = Runtime.objects.get_or_create(kind="vllm", defaults={"display_name": "vLLM"})
-    cluster = Cluster.objects.get(slug="local")
-    ClusterRuntime.objects.create(cluster=cluster, runtime=runtime, binary=str(server))
-    card = ModelCard.objects.get(name="tiny-llama")
-    variant = ModelVariant.objects.create(model=card, quantization="bf16", format="safetensors", size_gib=0.001)
-    VariantLocation.objects.create(variant=variant, cluster=cluster, path=str(folder / "checkpoint"))
-    yield folder
-    shutil.rmtree(folder, ignore_errors=True)
-
-
-@pytest.mark.django_db(transaction=True)  # the proxy looks sessions up on its own threads
-def test_every_route_of_a_vllm_session_needs_the_key(
-    account: ClusterAccount, owner: Any, django_capture_on_commit_callbacks: Any, fake_vllm: Path,
-    local_catalog: dict[str, Any],
-) -> None:  # fmt: skip
-    session = start(owner, django_capture_on_commit_callbacks, runtime="vllm", quant="bf16")
-    session = drive(session, lambda s: s.state == State.RUNNING or s.is_ended)
-    assert session.state == State.RUNNING, session.end_reason
-    url = backend.base_url(session)
-    for route in ("/invocations", "/pooling", "/score", "/tokenize", "/metrics", "/v1/models", "/v1/chat/completions"):
-        assert httpx.post(f"{url}{route}", json={}, timeout=10).status_code == 401, route
-    auth = {"Authorization": f"Bearer {session.api_key}"}
-    assert httpx.post(f"{url}/tokenize", json={}, headers=auth, timeout=10).json()["route"] == "/tokenize"
-    # The server itself is on a socket only its user can open; the job says where, and removes it at the end.
-    log = shell(local_catalog, f"cat ~/.hpc-llm-portal/sessions/{session.pk}/job.log").stdout
-    socket_path = log.split("fake vllm: serving tiny-llama")[1].split(" on ", 1)[1].split()[0]
-    listing = shell(local_catalog, f"stat -c '%a %U' {Path(socket_path).parent}").stdout.split()
-    assert listing == ["700", local_catalog["user"]]
-
-    async def through_the_portal() -> tuple[int, bytes]:
-        browser = AsyncClient()
-        await browser.aforce_login(owner)
-        reply = await browser.get(f"/sessions/{session.pk}/v1/models")
-        return reply.status_code, b"".join([chunk async for chunk in reply.streaming_content])  # type: ignore[attr-defined]
-
-    status, body = async_to_sync(through_the_portal)()
-    assert status == 200 and json.loads(body)["data"][0]["id"] == session.served_model_name
-    request_cancel(session, "test")
-    cancel_session.apply(args=(str(session.pk),))
-    gone = shell(local_catalog, f"test -e {Path(socket_path).parent}; echo $?")
-    assert gone.stdout.strip() == "1"

@@ -91,8 +91,12 @@ fi
 
 PORT="$(free_port "$ADDR")"
 # -c is the whole KV cache, split evenly over the slots: each request gets CONTEXT tokens.
+# An embeddings session answers /v1/embeddings, pooled by the mean unless the cluster's flags name another pooling
+# (after these, so they win): a chat model's GGUF names none, and llama-server refuses unpooled embeddings.
+TASK_FLAGS=()
+[ "${EMBEDDINGS:-0}" = 1 ] && TASK_FLAGS=(--embeddings --pooling mean)
 log "starting llama-server on $ADDR:$PORT (model $MODEL_PATH, $PARALLEL slot(s) of $CONTEXT tokens)"
-"$SERVER_BIN" "${DEFAULT_FLAGS[@]}" -m "$MODEL_PATH" -a "$SERVED_NAME" -c "$((CONTEXT * PARALLEL))" -ngl "$GPU_LAYERS" \
+"$SERVER_BIN" "${TASK_FLAGS[@]}" "${DEFAULT_FLAGS[@]}" -m "$MODEL_PATH" -a "$SERVED_NAME" -c "$((CONTEXT * PARALLEL))" -ngl "$GPU_LAYERS" \
   --parallel "$PARALLEL" --host "$ADDR" --port "$PORT" --api-key-file "$SESSION_DIR/api_key" --no-webui \
   "${RPC_ARGS[@]}" "${EXTRA_FLAGS[@]}" &
 SERVER_PID=$!

@@ -5,7 +5,6 @@
 # from logging in to it). docs/architecture.md explains the choice.
 start_traps
 load_modules
-ADDR="$(node_addr)"
 INNER_PORT="$(free_port 127.0.0.1)"
 export OLLAMA_HOST="127.0.0.1:$INNER_PORT"
 [ -z "$MODEL_DIR" ] || export OLLAMA_MODELS="$MODEL_DIR"
@@ -30,11 +29,4 @@ fi
 status="$(http_status POST 127.0.0.1 "$INNER_PORT" /api/generate "{\"model\": \"$OLLAMA_TAG\", \"keep_alive\": -1}" "$READY_TIMEOUT_S")"
 [ "$status" = 200 ] || fail "$(server_error "ollama could not load $OLLAMA_TAG (HTTP $status)")"
 
-PORT="$(free_port "$ADDR")"
-python3 "$SESSION_DIR/keyproxy.py" --listen "$ADDR" --port "$PORT" --upstream-port "$INNER_PORT" \
-  --health-path /api/version --key-file "$SESSION_DIR/api_key" &
-PROXY_PID=$!
-CHILDREN+=("$PROXY_PID")
-wait_ready "$PROXY_PID" "$ADDR" "$PORT" /health
-write_connection "$ADDR" "$PORT"
-serve_until_end "$SERVER_PID"
+serve_behind_key_proxy "$SERVER_PID" --upstream-port "$INNER_PORT" /api/version

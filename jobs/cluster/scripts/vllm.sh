@@ -6,28 +6,25 @@
 # authentication (catalog/runtime_rules.py; docs/security.md).
 start_traps
 load_modules
-[ -e "$MODEL_PATH" ] || fail "cannot find the model directory $MODEL_PATH on $(hostname -s)"
-[ "$NODES" -eq 1 ] || fail "vLLM runs on a single node in the portal"
-ADDR="$(node_addr)"
-# Node-local and short: a socket path has at most 107 bytes, and shared filesystems may not hold sockets.
-SOCKET_DIR="$(mktemp -d "${TMPDIR:-/tmp}/hpcllm.XXXXXXXX")" || fail "cannot make a private directory in ${TMPDIR:-/tmp}"
-CLEANUP_PATHS+=("$SOCKET_DIR")
-SOCKET="$SOCKET_DIR/vllm.sock"
+one_node_on_private_socket vLLM vllm
+# The cluster's binary is the `vllm` command, or a Python interpreter with vLLM installed (CPU builds from PyPI
+# carry no working `vllm` command).
+case "$(basename "$SERVER_BIN")" in
+  python*) SERVE=("$SERVER_BIN" -m vllm.entrypoints.openai.api_server --model "$MODEL_PATH") ;;
+  *) SERVE=("$SERVER_BIN" serve "$MODEL_PATH") ;;
+esac
+if [ "${EMBEDDINGS:-0}" = 1 ]; then
+  TASK_FLAGS=(--runner pooling --convert embed)
+else
+  TASK_FLAGS=(--max-num-seqs "$PARALLEL")
+fi
 
 log "starting vLLM on $SOCKET (model $MODEL_PATH, max length $CONTEXT)"
-"$SERVER_BIN" serve "$MODEL_PATH" "${DEFAULT_FLAGS[@]}" --served-model-name "$SERVED_NAME" --uds "$SOCKET" \
-  --tensor-parallel-size "$GPUS_PER_NODE" --max-model-len "$CONTEXT" --max-num-seqs "$PARALLEL" \
+"${SERVE[@]}" "${DEFAULT_FLAGS[@]}" --served-model-name "$SERVED_NAME" --uds "$SOCKET" \
+  --tensor-parallel-size "$GPUS_PER_NODE" --max-model-len "$CONTEXT" "${TASK_FLAGS[@]}" \
   --gpu-memory-utilization "$GPU_MEMORY_UTILIZATION" "${EXTRA_FLAGS[@]}" &
 SERVER_PID=$!
 CHILDREN+=("$SERVER_PID")
 
-PORT="$(free_port "$ADDR")"
-python3 "$SESSION_DIR/keyproxy.py" --listen "$ADDR" --port "$PORT" --upstream-socket "$SOCKET" \
-  --health-path /health --key-file "$SESSION_DIR/api_key" &
-PROXY_PID=$!
-CHILDREN+=("$PROXY_PID")
 # The proxy's /health is vLLM's own, which answers 200 only once the engine has loaded the weights.
-wait_ready "$SERVER_PID" "$ADDR" "$PORT" /health
-kill -0 "$PROXY_PID" 2>/dev/null || fail "the key proxy stopped"
-write_connection "$ADDR" "$PORT"
-serve_until_end "$SERVER_PID"
+serve_behind_key_proxy "$SERVER_PID" --upstream-socket "$SOCKET" /health

@@ -51,7 +51,7 @@ def bash_n(script: str, tmp_path: Path) -> subprocess.CompletedProcess[str]:
 
 @pytest.mark.parametrize(
     "runtime, nodes",
-    [("llama.cpp", 1), ("llama.cpp", 3), ("ollama", 1), ("vllm", 1)],
+    [("llama.cpp", 1), ("llama.cpp", 3), ("ollama", 1), ("vllm", 1), ("transformers", 1)],
 )
 def test_every_runtime_renders_a_script_bash_accepts(runtime: str, nodes: int, tmp_path: Path) -> None:
     script = render(spec(runtime=runtime, nodes=nodes))
@@ -63,19 +63,40 @@ def test_every_runtime_renders_a_script_bash_accepts(runtime: str, nodes: int, t
 
 
 def test_the_api_key_never_reaches_a_command_line() -> None:
-    for runtime in ("llama.cpp", "vllm", "ollama"):
+    for runtime in ("llama.cpp", "vllm", "ollama", "transformers"):
         script = render(spec(runtime=runtime))
         assert "--api-key " not in script and "--api-key=" not in script
     assert "--api-key-file" in render(spec())
 
 
-def test_vllm_listens_only_on_a_private_socket_behind_the_key_proxy() -> None:
-    script = render(spec(runtime="vllm"))
-    serve = script[script.index('"$SERVER_BIN" serve') :].split("&\n")[0]
-    assert "--uds" in serve and "--host" not in serve and "--port" not in serve
-    assert '--upstream-socket "$SOCKET"' in script and "mktemp -d" in script
-    assert "keyproxy.py" in extra_files("vllm")
+@pytest.mark.parametrize(
+    "runtime, launch", [("vllm", '"${SERVE[@]}"'), ("transformers", '"$SERVER_BIN" "$SESSION_DIR/tfserve.py"')]
+)
+def test_python_servers_listen_only_on_a_private_socket_behind_the_key_proxy(runtime: str, launch: str) -> None:
+    script = render(spec(runtime=runtime))
+    serve = script[script.index(launch) :].split("&\n")[0]
+    assert "--uds" in serve or "--socket" in serve
+    assert "--host" not in serve and "--port" not in serve
+    assert 'serve_behind_key_proxy "$SERVER_PID" --upstream-socket "$SOCKET"' in script
+    assert "one_node_on_private_socket" in script.split("common.sh")[-1]  # the runtime asks for the 0700 directory
+    assert "keyproxy.py" in extra_files(runtime)
     assert "#SBATCH --exclusive" not in script  # a socket in a 0700 directory needs no node to itself
+
+
+def test_vllm_runs_as_its_command_or_as_a_python_module() -> None:
+    script = render(spec(runtime="vllm"))
+    assert 'python*) SERVE=("$SERVER_BIN" -m vllm.entrypoints.openai.api_server --model "$MODEL_PATH")' in script
+    assert '*) SERVE=("$SERVER_BIN" serve "$MODEL_PATH")' in script
+
+
+def test_an_embeddings_session_asks_each_runtime_for_its_embedding_endpoint() -> None:
+    assert "EMBEDDINGS=0" in render(spec())
+    llama = render(spec(embeddings=True))
+    assert "EMBEDDINGS=1" in llama and "TASK_FLAGS=(--embeddings --pooling mean)" in llama
+    assert '"$SERVER_BIN" "${TASK_FLAGS[@]}" "${DEFAULT_FLAGS[@]}"' in llama  # the cluster's flags come after
+    assert "TASK_FLAGS=(--runner pooling --convert embed)" in render(spec(runtime="vllm", embeddings=True))
+    with pytest.raises(RenderError, match="cannot serve embeddings"):
+        render(spec(runtime="transformers", embeddings=True))
 
 
 def test_vllm_over_several_nodes_is_refused_with_the_reason() -> None:

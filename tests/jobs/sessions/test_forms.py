@@ -34,7 +34,7 @@ from tests.conftest import HOST_KEY, LAUNCH
         ({"gpu": "h200"}, "gpu", "offers no 'h200'"),
         ({"walltime": 5000}, "walltime", "at most 1440 minutes"),
         ({"model": "GPT-2", "quant": "fp32"}, "model", "not available on Local test cluster"),
-        ({"runtime": "vllm"}, "runtime", "does not offer vllm"),
+        ({"runtime": "ollama"}, "runtime", "does not offer ollama"),
         ({"context": 100000}, "context", "at most 4096"),
         ({"gpus": 0}, "gpus", "greater than or equal to 1"),
         ({"cluster": "mars"}, "cluster", "no cluster 'mars'"),
@@ -251,3 +251,29 @@ def test_a_user_gets_no_more_live_sessions_or_gpus_than_the_cluster_allows(
     assert "the most one user may have there" in str(LaunchForm(LAUNCH, user=owner).errors["cluster"])
     with pytest.raises(ValidationError, match="the most one user may have"):  # and launch() checks it again
         launch(owner, LAUNCH)
+
+
+def test_a_safetensors_model_is_offered_vllm_first_then_transformers_and_embeddings_where_a_runtime_serves_them(
+    account: ClusterAccount, owner: Any, django_capture_on_commit_callbacks: Any
+) -> None:
+    from catalog.models import ModelCard, ModelVariant, VariantLocation
+    from jobs.sessions.forms import available_runtimes
+
+    local = Cluster.objects.get(slug="local")
+    variant = ModelVariant.objects.create(
+        model=ModelCard.objects.get(name="tiny-llama"), quantization="bf16", format="safetensors", size_gib=0.001
+    )
+    VariantLocation.objects.create(variant=variant, cluster=local, path="/models/tiny-llama")
+    assert available_runtimes(variant, local) == ["vllm", "transformers"]
+    request = {**LAUNCH, "quant": "bf16", "purpose": "embeddings"}
+    assert LaunchForm({**request, "runtime": "vllm"}, user=owner).is_valid()
+    refused = LaunchForm({**request, "runtime": "transformers"}, user=owner)
+    assert not refused.is_valid()
+    assert "cannot serve embeddings; choose llama.cpp, ollama, vllm" in " ".join(map(str, refused.errors["purpose"]))
+    with django_capture_on_commit_callbacks(execute=False):
+        session = launch(owner, {**request, "runtime": "vllm"})
+    assert "EMBEDDINGS=1" in jobscript.render(job_spec(session)).splitlines()
+    with django_capture_on_commit_callbacks(execute=False):
+        session = launch(owner, {**LAUNCH, "quant": "bf16", "runtime": "transformers"})
+    script = jobscript.render(job_spec(session))
+    assert "EMBEDDINGS=0" in script.splitlines() and "tfserve.py" in script
