@@ -112,8 +112,9 @@ def start_llama_server(port: int, key_file: Path) -> subprocess.Popen[bytes] | N
     )  # fmt: skip
 
 
-def start_vllm(port: int, proxy_port: int, key_file: Path) -> list[subprocess.Popen[bytes]]:
-    """vLLM on 127.0.0.1:port with the key (the direct path), and keyproxy.py in front of it on proxy_port."""
+def start_vllm(port: int, proxy_port: int, key_file: Path, name: str) -> list[subprocess.Popen[bytes]]:
+    """vLLM on 127.0.0.1:port (the direct path), and keyproxy.py in front of it on proxy_port. As in a session, vLLM
+    itself has no key (keyproxy.py checks it, and forwards no Authorization header)."""
     if not (VLLM_PYTHON.exists() and (SMOLLM2_HF / "config.json").exists()):
         return []
     run_dir = SCRATCH / "vllm"
@@ -122,7 +123,7 @@ def start_vllm(port: int, proxy_port: int, key_file: Path) -> list[subprocess.Po
            "VLLM_CACHE_ROOT": str(run_dir / "cache/vllm"), "HF_HUB_OFFLINE": "1"}  # fmt: skip
     vllm = subprocess.Popen(
         [str(VLLM_PYTHON), "-m", "vllm.entrypoints.openai.api_server", "--model", str(SMOLLM2_HF),
-         "--served-model-name", "vllm", "--host", "127.0.0.1", "--port", str(port), "--api-key", key_file.read_text(),
+         "--served-model-name", name, "--host", "127.0.0.1", "--port", str(port),
          "--max-model-len", "2048", "--max-num-seqs", "1", "--enforce-eager", "--kv-cache-memory-bytes", "64M"],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
@@ -185,6 +186,7 @@ for alias, port in {ports!r}.items():
         variant=ModelVariant.objects.get(model__name="tiny-llama"), runtime=Runtime.objects.get(kind="llama.cpp"),
         context_length=1024, state="running", host="127.0.0.1", port=port, alias=alias)
     keys[alias] = session.api_key
+keys["served_name"] = session.served_model_name  # what the portal calls the model upstream
 print(json.dumps({{"token": ApiToken.issue(user, "bench")[1], "keys": keys}}))
 """
     out = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=portal_env(), capture_output=True, text=True)
@@ -255,15 +257,20 @@ def percentile(values: list[float], q: float) -> float:
 
 
 async def measure(
-    paths: dict[str, tuple[str, dict[str, str]]], body: dict[str, object], requests: int
+    paths: dict[str, tuple[str, dict[str, str]]],
+    body: dict[str, object],
+    requests: int,
+    models: dict[str, str] | None = None,
 ) -> dict[str, dict[str, float]]:
-    """Each path in turn, request by request, so that drift on a shared machine falls on all of them alike."""
+    """Each path in turn, request by request, so that drift on a shared machine falls on all of them alike. `models`:
+    the model to name on a path, where it is not the body's (the portal names a session, the server its model)."""
     clients = {name: httpx.AsyncClient(timeout=120) for name in paths}
     streams: dict[str, list[Stream]] = {name: [] for name in paths}
     try:
         for round_ in range(3 + requests):  # three rounds warm up connections, caches and the first lookups
             for name, (url, headers) in paths.items():
-                stream = await one(clients[name], url, headers, body)
+                sent = {**body, "model": models[name]} if models and name in models else body
+                stream = await one(clients[name], url, headers, sent)
                 if round_ >= 3:
                     streams[name].append(stream)
     finally:
@@ -335,9 +342,12 @@ def table(title: str, results: dict[str, dict[str, float]]) -> None:
 
 
 def run_paths(
-    paths: dict[str, tuple[str, dict[str, str]]], body: dict[str, object], n: int
+    paths: dict[str, tuple[str, dict[str, str]]],
+    body: dict[str, object],
+    n: int,
+    models: dict[str, str] | None = None,
 ) -> dict[str, dict[str, float]]:
-    return asyncio.run(measure(paths, body, n))
+    return asyncio.run(measure(paths, body, n, models))
 
 
 def main() -> None:
@@ -362,7 +372,7 @@ def main() -> None:
     llama = start_llama_server(ports["llama"], key_file)
     if llama:
         processes.append(llama)
-    vllm = start_vllm(ports["vllm"], ports["keyproxy"], vllm_key_file)
+    vllm = start_vllm(ports["vllm"], ports["keyproxy"], vllm_key_file, keys["served_name"])
     processes += vllm
     if vllm:
         pin(vllm[1], proxy_cpus)  # the key proxy runs beside the server on a node; here it is a proxy like the others
@@ -411,7 +421,7 @@ def main() -> None:
         if vllm:
             key = {"Authorization": f"Bearer {keys['vllm']}"}
             wait_up(f"http://127.0.0.1:{ports['vllm']}/health", key, timeout_s=300)
-            body = {"model": "vllm", "messages": message, "stream": True, "max_tokens": args.vllm_tokens,
+            body = {"model": keys["served_name"], "messages": message, "stream": True, "max_tokens": args.vllm_tokens,
                     "temperature": 0, "ignore_eos": True}  # fmt: skip
             vllm_paths = {
                 "direct": (f"http://127.0.0.1:{ports['vllm']}/v1/chat/completions", key),
@@ -421,7 +431,7 @@ def main() -> None:
             table(
                 f"vLLM (CPU), SmolLM2-135M; the portal through keyproxy.py as in a session ({args.vllm_tokens} tokens, "
                 f"{args.vllm_requests} requests per path)",
-                run_paths(vllm_paths, body, args.vllm_requests),
+                run_paths(vllm_paths, body, args.vllm_requests, models={"portal": "vllm"}),
             )
         else:
             print(f"\nvLLM or SmolLM2 as safetensors is missing ({VLLM_PYTHON}, {SMOLLM2_HF}): run local-cluster up")
