@@ -17,9 +17,10 @@ WIRING = {"portal.urls", "portal.asgi", "portal.wsgi", "portal.celery"}
 FORBIDDEN = {
     "portal": ("catalog", "jobs"),
     "catalog": ("jobs",),
-    "jobs.models": ("jobs.cluster", "jobs.sessions", "jobs.use", "jobs.tasks"),
-    "jobs.cluster": ("jobs.sessions", "jobs.use", "jobs.tasks"),
+    "jobs.models": ("jobs.cluster", "jobs.sessions", "jobs.use", "jobs.batch", "jobs.tasks"),
+    "jobs.cluster": ("jobs.sessions", "jobs.use", "jobs.batch", "jobs.tasks"),
     "jobs.sessions": ("jobs.use",),
+    "jobs.batch": ("jobs.use", "jobs.tasks"),
 }
 # Only these modules enqueue Celery tasks by importing jobs.tasks (besides the URL and command entry points).
 ENQUEUE = {"jobs.sessions.actions"}

@@ -1,0 +1,6 @@
+"""Batch runs: a prompts file in, a dataset out (docs/batch.md). inputs.py checks and normalises a prompts file
+(plain Python, no Django); the runner that sends the requests runs in the job on the compute node
+(jobs/cluster/scripts/batchrun.py, Python standard library only).
+
+May import: jobs.cluster, jobs.models, catalog, portal.
+"""
