@@ -145,6 +145,10 @@ STATIC_URL = "static/"
 STATICFILES_DIRS = [BASE_DIR / "static"]
 STATIC_ROOT = VAR_DIR / "staticfiles"
 STATIC_ROOT.mkdir(exist_ok=True)  # whitenoise warns on every request while it is missing
+# Uploaded files (batch runs' checked prompts), private: no URL serves them. Shared storage when the portal runs on
+# several hosts (an NFS path here, or another storage backend in STORAGES["default"]).
+MEDIA_ROOT = Path(env_str("PORTAL_FILES_DIR", str(VAR_DIR / "files")))
+_private_dir(MEDIA_ROOT)
 STORAGES = {
     "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
     "staticfiles": {
@@ -228,6 +232,10 @@ PORTAL_API_REQUESTS_PER_MINUTE = env_int("PORTAL_API_REQUESTS_PER_MINUTE", 600, 
 # The largest request body the proxy and the API take (a long chat history, a batch of texts to embed). Django's own
 # limit for request bodies is the same, so the browser's route and the API agree.
 PORTAL_MAX_REQUEST_BYTES = env_int("PORTAL_MAX_REQUEST_BYTES", 8 << 20, minimum=1024)
+# Batch runs' prompts files (docs/batch.md): the largest file, line and number of prompts one run takes.
+PORTAL_BATCH_MAX_BYTES = env_int("PORTAL_BATCH_MAX_BYTES", 100 << 20, minimum=1024)
+PORTAL_BATCH_MAX_LINE_BYTES = env_int("PORTAL_BATCH_MAX_LINE_BYTES", 1 << 20, minimum=1024)
+PORTAL_BATCH_MAX_PROMPTS = env_int("PORTAL_BATCH_MAX_PROMPTS", 100_000, minimum=1)
 DATA_UPLOAD_MAX_MEMORY_SIZE = PORTAL_MAX_REQUEST_BYTES
 
 # Email for session notifications; EMAIL_URL-style settings come from the environment.

@@ -20,7 +20,7 @@ FORBIDDEN = {
     "jobs.models": ("jobs.cluster", "jobs.sessions", "jobs.use", "jobs.batch", "jobs.tasks"),
     "jobs.cluster": ("jobs.sessions", "jobs.use", "jobs.batch", "jobs.tasks"),
     "jobs.sessions": ("jobs.use",),
-    "jobs.batch": ("jobs.use", "jobs.tasks"),
+    "jobs.batch": ("jobs.sessions", "jobs.use", "jobs.tasks"),
 }
 # Only these modules enqueue Celery tasks by importing jobs.tasks (besides the URL and command entry points).
 ENQUEUE = {"jobs.sessions.actions"}

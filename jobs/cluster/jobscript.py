@@ -44,6 +44,9 @@ class JobSpec:
     context_length: int
     parallel: int
     embeddings: bool = False  # serve /v1/embeddings instead of generating
+    # A batch launch: the job works through this run's requests (batchrun.py) once the server is ready, then ends.
+    batch_run: str = ""
+    batch_concurrency: int = 1
     model_path: str = ""
     ollama_tag: str = ""
     model_dir: str = ""
@@ -110,6 +113,8 @@ def assignments(spec: JobSpec) -> list[str]:
         "CONTEXT": _positive(spec.context_length, "context length"),
         "PARALLEL": _positive(spec.parallel, "parallel slots"),
         "EMBEDDINGS": int(spec.embeddings),
+        "BATCH_RUN": _check(_UUID, spec.batch_run, "batch run id") if spec.batch_run else "",
+        "BATCH_CONCURRENCY": _positive(spec.batch_concurrency, "batch concurrency"),
         "GPU_LAYERS": _positive(spec.gpu_layers, "GPU layers"),
         "GPU_MEMORY_UTILIZATION": f"{spec.gpu_memory_utilization:.2f}",
         "READY_TIMEOUT_S": _positive(spec.ready_timeout_s, "ready timeout"),
@@ -153,6 +158,7 @@ def render(spec: JobSpec) -> str:
     return "\n".join(header) + body
 
 
-def extra_files(runtime: str) -> dict[str, str]:
-    """The helpers staged next to job.sh in the session directory (the key proxy, the RPC relay)."""
-    return {name: (SCRIPTS_DIR / name).read_text() for name in _rules(runtime).job_files}
+def extra_files(runtime: str, batch: bool = False) -> dict[str, str]:
+    """The helpers staged next to job.sh in the session directory (the key proxy, the RPC relay, the batch runner)."""
+    names = [*_rules(runtime).job_files, *(["batchrun.py"] if batch else [])]
+    return {name: (SCRIPTS_DIR / name).read_text() for name in names}

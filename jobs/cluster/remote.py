@@ -118,6 +118,11 @@ for pair in "$@"; do
   d="$base/$sid"
   if [ -f "$d/connection.json" ]; then echo "@@connection $sid"; head -c 4096 "$d/connection.json"; echo; fi
   if [ -f "$d/error" ]; then echo "@@error $sid"; head -c 2000 "$d/error" | tr -d '@'; echo; fi
+  for f in "$d"/batch/*/progress.json; do
+    [ -f "$f" ] || continue
+    r=${f%/progress.json}
+    echo "@@progress $sid ${r##*/}"; head -c 4096 "$f"; echo
+  done
 done
 if [ "${#gone[@]}" -gt 0 ]; then
   ids=$(IFS=,; echo "${gone[*]}")
@@ -218,6 +223,7 @@ class PollResult:
     asked_gone: set[str] = field(default_factory=set)  # job ids sacct/scontrol were asked about successfully
     connections: dict[str, dict[str, object]] = field(default_factory=dict)  # session id -> connection.json
     errors: dict[str, str] = field(default_factory=dict)  # session id -> error file
+    progress: dict[str, dict[str, object]] = field(default_factory=dict)  # batch run id -> its progress.json
     positions: dict[tuple[str, str], int] = field(default_factory=dict)  # (partition, job id) -> place in its queue
     # Node name -> the names it answers to: itself, Slurm's NodeAddr and NodeHostName.
     node_names: dict[str, set[str]] = field(default_factory=dict)
@@ -285,6 +291,13 @@ def parse_poll(text: str) -> PollResult:
                 continue  # written atomically; a torn read means the next poll sees it whole
             if isinstance(data, dict):
                 result.connections[args[0]] = data
+        elif kind == "progress" and len(args) == 2 and _UUID.match(args[0]) and _UUID.match(args[1]):
+            try:
+                report = json.loads(content)
+            except json.JSONDecodeError:
+                continue  # written atomically; as for connection.json
+            if isinstance(report, dict):
+                result.progress[args[1]] = report
         elif kind == "error" and args and _UUID.match(args[0]):
             result.errors[args[0]] = content
         elif kind == "order":

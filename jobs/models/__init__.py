@@ -1,9 +1,10 @@
 """The jobs app's models, by concern: sessions and their events (sessions.py), partition state (capacity.py), API
-tokens (tokens.py), chat (chat.py).
+tokens (tokens.py), chat (chat.py), batch runs (batch.py).
 
 May import: catalog, portal. Never the rest of jobs.
 """
 
+from jobs.models.batch import BatchRun
 from jobs.models.capacity import PartitionState
 from jobs.models.chat import ChatMessage, Conversation
 from jobs.models.sessions import (
@@ -28,6 +29,7 @@ __all__ = [
     "SEE_ALL_SESSIONS",
     "SERVING_STATES",
     "ApiToken",
+    "BatchRun",
     "ChatMessage",
     "Conversation",
     "LLMSession",

@@ -7,18 +7,23 @@ from collections.abc import Mapping
 from typing import Any
 
 from django.contrib.auth.models import User
+from django.core.files import File
 from django.db import IntegrityError, transaction
 
 from jobs import tasks
+from jobs.batch import forms as batch_forms
 from jobs.cluster import logs
-from jobs.models import LLMSession, State
+from jobs.models import BatchRun, LLMSession, State
 from jobs.sessions import lifecycle, limits
 from jobs.sessions.forms import LaunchForm, form_errors
 
 
-def launch(user: User, data: Mapping[str, Any], request_token: str = "") -> LLMSession:
+def launch(
+    user: User, data: Mapping[str, Any], request_token: str = "", batch: batch_forms.Checked | None = None
+) -> LLMSession:
     """Validate a request (LaunchForm), create the session and enqueue its submit once the row is committed.
-    A request_token seen before for this user returns that session instead of a second one."""
+    A request_token seen before for this user returns that session instead of a second one. With `batch` (a checked
+    prompts file, BatchForm) it is a batch launch: the job works through the file and ends itself."""
     if request_token:
         earlier = LLMSession.objects.filter(owner=user, request_token=request_token).first()
         if earlier is not None:
@@ -34,12 +39,26 @@ def launch(user: User, data: Mapping[str, Any], request_token: str = "") -> LLMS
             limits.check(user, columns["cluster"], columns["gpus_per_node"] * columns["nodes"])
             session = LLMSession.objects.create(owner=user, request_token=request_token, **columns)
             session.events.create(to_state=State.PENDING, cause=f"requested by {user.get_username()}")
+            if batch is not None:
+                _add_run(session, batch, ends_session=True)
             transaction.on_commit(lambda: tasks.submit_session.delay(str(session.pk)))
     except IntegrityError:
         if not request_token:
             raise
         return LLMSession.objects.get(owner=user, request_token=request_token)  # the other submit won the race
     return session
+
+
+def _add_run(session: LLMSession, batch: batch_forms.Checked, ends_session: bool) -> BatchRun:
+    run = BatchRun(
+        owner=session.owner,
+        session=session,
+        ends_session=ends_session,
+        **batch_forms.run_columns(batch, session.parallel),
+    )
+    run.requests.save("requests.jsonl", File(batch.requests), save=False)
+    run.save()
+    return run
 
 
 def request_cancel(session: LLMSession, cause: str, end_reason: str = "cancelled from the portal") -> None:

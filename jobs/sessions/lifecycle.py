@@ -22,8 +22,9 @@ from django.utils import timezone
 from django.views.decorators.debug import sensitive_variables
 
 from catalog.models import ClusterAccount, ClusterRuntime, VariantLocation
+from jobs.batch import progress as batch_progress
 from jobs.cluster import backend, jobscript, remote, slurm
-from jobs.models import END_STATES, POLLED_STATES, LLMSession, Purpose, SessionEvent, State, transition
+from jobs.models import END_STATES, POLLED_STATES, BatchRun, LLMSession, Purpose, SessionEvent, State, transition
 from jobs.sessions import notify
 from portal import crypto, ssh
 
@@ -37,6 +38,7 @@ def job_spec(session: LLMSession) -> jobscript.JobSpec:
     cluster_runtime = ClusterRuntime.objects.get(cluster=session.cluster, runtime=session.runtime)
     location = VariantLocation.objects.get(variant=session.variant, cluster=session.cluster)
     gpu = session.gpu_type
+    run = BatchRun.objects.filter(session=session, ends_session=True).first()
     return jobscript.JobSpec(
         session_id=str(session.pk),
         runtime=session.runtime.kind,
@@ -56,6 +58,8 @@ def job_spec(session: LLMSession) -> jobscript.JobSpec:
         context_length=session.context_length,
         parallel=session.parallel,
         embeddings=session.purpose == Purpose.EMBEDDINGS,
+        batch_run=str(run.pk) if run else "",
+        batch_concurrency=run.concurrency if run else 1,
         model_path=location.path,
         ollama_tag=location.ollama_tag,
         modules=tuple(cluster_runtime.modules.split()),
@@ -124,7 +128,11 @@ def submit(session_id: str, claim: str | None) -> Submitted:
     except Exception as exc:  # a catalog entry deleted under us
         fail(session_id, f"the catalog no longer describes this session: {exc}", {State.SUBMITTING})
         return Submitted("failed")
-    payload = remote.submit_payload(script, session.api_key, jobscript.extra_files(spec.runtime))
+    files = jobscript.extra_files(spec.runtime, batch=bool(spec.batch_run))
+    if spec.batch_run:  # the checked requests go with the job: the runner reads them on the node
+        with BatchRun.objects.get(pk=spec.batch_run).requests.open("rb") as requests:
+            files[f"batch/{spec.batch_run}/requests.jsonl"] = requests.read().decode()
+    payload = remote.submit_payload(script, session.api_key, files)
     command = remote.submit_command(session_id, payload.sha256)
     try:
         result = ssh.pool.run(session.account.ssh_target(), command, stdin=payload.stdin, timeout_s=120)
@@ -275,6 +283,9 @@ def poll(account_id: int) -> dict[str, int]:
     if seen:
         LLMSession.objects.filter(pk__in=seen).update(last_seen_at=timezone.now())
     changed = sum(apply_poll(session, polled) for session in sessions)
+    if polled.progress:
+        batch_progress.apply([str(s.pk) for s in sessions], polled.progress)
+    batch_progress.runs_of_ended_sessions()
     _repeat_lost_cancels(account, sessions, polled)
     return {"sessions": len(sessions), "changed": changed}
 

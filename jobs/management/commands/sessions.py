@@ -9,19 +9,23 @@ from __future__ import annotations
 
 import json
 import time
-from argparse import ArgumentParser
+from argparse import ArgumentParser, _ActionsContainer
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, cast
 
 from django import forms
 from django.core.exceptions import ValidationError
+from django.core.files.uploadedfile import UploadedFile
 from django.core.management.base import BaseCommand, CommandError
+from django.utils.datastructures import MultiValueDict
 
+from jobs.batch.forms import BatchForm, Checked
 from jobs.cluster import jobscript, logs
 from jobs.models import END_STATES, LLMSession, State
 from jobs.sessions import actions
 from jobs.sessions.access import find_session, with_relations
-from jobs.sessions.forms import LaunchForm, values_of
+from jobs.sessions.forms import LaunchForm, form_errors, values_of
 from jobs.sessions.lifecycle import job_spec
 from portal import ssh
 from portal.errors import text_of
@@ -37,21 +41,26 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def add_launch_flags(parser: ArgumentParser) -> None:
-    """One flag per launch form field, with the field's type, choices, help and requiredness."""
-    for name, field in LaunchForm.base_fields.items():
+def add_launch_flags(
+    parser: _ActionsContainer, form_class: type[forms.Form] = LaunchForm, optional: bool = False
+) -> None:
+    """One flag per field of the launch form (or another), with the field's type, choices, help and requiredness
+    (none with `optional`); a file field takes a path."""
+    for name, field in form_class.base_fields.items():
         limits = [getattr(field, "min_value", None), getattr(field, "max_value", None)]
         bounds = f"{limits[0]} to {limits[1]}" if None not in limits else ""
         help_text = "; ".join(str(part) for part in (field.label or "", bounds, field.help_text) if part)
         if isinstance(field, forms.BooleanField):
             parser.add_argument(_flag(name), action="store_true", help=help_text)
             continue
-        kwargs: dict[str, Any] = {"required": field.required, "help": help_text or None}
+        kwargs: dict[str, Any] = {"required": field.required and not optional, "help": help_text or None}
         if isinstance(field, forms.ChoiceField):
             choices = cast("list[tuple[object, str]]", field.choices)
             kwargs["choices"] = [str(value) for value, _ in choices if value != ""]
         elif isinstance(field, forms.IntegerField):
             kwargs["type"] = int
+        elif isinstance(field, forms.FloatField):
+            kwargs["type"] = float
         parser.add_argument(_flag(name), **kwargs)
 
 
@@ -74,7 +83,11 @@ class Command(BaseCommand):
         p = sub.add_parser("launch", help="start a session (same fields and checks as the web wizard)")
         p.add_argument("--user", required=True, help="the portal user who owns the session")
         add_launch_flags(p)
-        p.add_argument("--wait", choices=["queued", "starting", "running"], help="wait until this state (or an end)")
+        batch = p.add_argument_group("a batch launch: the job works through a prompts file and ends (docs/batch.md)")
+        add_launch_flags(batch, BatchForm, optional=True)  # a batch launch only with --prompts
+        p.add_argument(
+            "--wait", choices=["queued", "starting", "running", "ended"], help="wait until this state (or an end)"
+        )
         p.add_argument("--timeout", type=int, default=900, help="seconds to --wait")
         p.add_argument("--json", action="store_true")
         p = sub.add_parser("list", help="sessions, newest first")
@@ -103,11 +116,11 @@ class Command(BaseCommand):
     def _launch(self, o: dict[str, Any]) -> None:
         user = find_user(o["user"])
         data = {name: o[name] for name in LaunchForm.base_fields if o[name] is not None}
-        session = actions.launch(user, data)
+        session = actions.launch(user, data, batch=self._checked_prompts(o))
         if not o["json"]:
             self.stdout.write(f"session {session.pk} created; submitting")
         if o["wait"]:
-            wanted = ORDER.index(State(o["wait"]))
+            wanted = len(ORDER) if o["wait"] == "ended" else ORDER.index(State(o["wait"]))
             session = self._wait(
                 session,
                 lambda s: s.is_ended or (s.state in ORDER and ORDER.index(State(s.state)) >= wanted),
@@ -115,6 +128,22 @@ class Command(BaseCommand):
             )
         self._print(session, o["json"])
         self._exit_for(session)
+
+    def _checked_prompts(self, o: dict[str, Any]) -> Checked | None:
+        if not o["prompts"]:
+            return None
+        path = Path(o["prompts"])
+        try:
+            upload = UploadedFile(path.open("rb"), name=path.name, size=path.stat().st_size)
+        except OSError as exc:
+            raise CommandError(f"cannot read {path}: {exc.strerror}") from None
+        with upload:
+            data = {name: o[name] for name in BatchForm.base_fields if name != "prompts" and o[name] is not None}
+            form = BatchForm(data, MultiValueDict({"prompts": [upload]}))
+            if not form.is_valid():
+                raise form_errors(form)
+        assert form.checked is not None
+        return form.checked
 
     def _wait(self, session: LLMSession, done: Callable[[LLMSession], bool], timeout_s: int) -> LLMSession:
         deadline = time.monotonic() + timeout_s

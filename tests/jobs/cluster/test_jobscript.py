@@ -184,3 +184,15 @@ def test_hostile_values_arrive_quoted_and_are_never_executed(
     values = result.stdout.decode().split("\0")[:-1]
     assert values == [value, *flags, module]
     assert not (tmp_path / "PWNED").exists()
+
+
+def test_a_batch_launch_runs_the_runner_after_the_server_and_ships_it() -> None:
+    run_id = "5f8e6c2a-1b2c-4d3e-8f90-123456789abc"
+    script = render(spec(batch_run=run_id, batch_concurrency=4))
+    assert f"BATCH_RUN={run_id}" in script.splitlines() and "BATCH_CONCURRENCY=4" in script.splitlines()
+    assert '[ -z "${BATCH_RUN:-}" ] || run_batch "$pid"' in script
+    assert "batchrun.py" in extra_files("llama.cpp", batch=True)
+    assert "batchrun.py" not in extra_files("llama.cpp")
+    assert "BATCH_RUN=''" in render(spec()).splitlines()
+    with pytest.raises(RenderError, match="batch run id"):
+        render(spec(batch_run="../../etc"))

@@ -59,6 +59,19 @@ def test_poll_reports_live_jobs_and_asks_sacct_and_scontrol_only_about_the_other
     assert result.asked_gone == {"102", "103"}
 
 
+def test_poll_reads_each_batch_runs_progress_of_the_sessions_it_asks_about(tmp_path: Path) -> None:
+    env = fake_bin(tmp_path, squeue=f"echo '101|hpcllm-{A}|RUNNING|None|2026-11-21T12:00:00|node1|1:00|59:00|gpu|1'")
+    runs = Path(env["HOME"]) / ".hpc-llm-portal" / "sessions" / A / "batch"
+    (runs / B).mkdir(parents=True)
+    (runs / B / "progress.json").write_text('{"state": "running", "done": 7, "total": 200}')
+    (runs / C).mkdir()
+    (runs / C / "progress.json").write_text('{"state": "runn')  # torn: read next time
+    (runs / "not-a-uuid").mkdir()
+    (runs / "not-a-uuid" / "progress.json").write_text("{}")
+    result = remote.parse_poll(run(remote.poll_command([(A, "101")]), env).stdout)
+    assert result.progress == {B: {"state": "running", "done": 7, "total": 200}}
+
+
 def test_a_failing_squeue_is_reported_not_read_as_every_job_gone(tmp_path: Path) -> None:
     env = fake_bin(
         tmp_path,

@@ -1,0 +1,60 @@
+"""A batch run's progress as the poll read it from the runner's progress.json (jobs/cluster/scripts/batchrun.py)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from django.utils import timezone
+
+from jobs.models import END_STATES, BatchRun, State
+
+# A runner that stopped (its job is being cancelled, or requeued) has not ended the run: after a requeue it goes on,
+# and a run whose session ended is stopped with the session's reason (runs_of_ended_sessions).
+_STATES = {"running": BatchRun.State.RUNNING, "finished": BatchRun.State.FINISHED, "stopped": BatchRun.State.WAITING}
+_COUNTS = ("done", "failed", "prompt_tokens", "completion_tokens")
+
+
+def _count(report: dict[str, Any], key: str) -> int:
+    value = report.get(key)
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
+
+
+def apply(session_ids: list[str], reports: dict[str, dict[str, Any]]) -> int:
+    """Record each report on its run, if the run belongs to one of these sessions (a file on the cluster names no
+    run of anyone else's); returns how many runs changed. A run that ended stays ended."""
+    changed = 0
+    runs = BatchRun.objects.filter(pk__in=list(reports), session_id__in=session_ids)
+    for run in runs.exclude(state__in=BatchRun.END_STATES):
+        report = reports[str(run.pk)]
+        fields: dict[str, Any] = {key: min(_count(report, key), 2**62) for key in _COUNTS}
+        fields["done"] = min(fields["done"], run.prompts)
+        fields["failed"] = min(fields["failed"], run.prompts - fields["done"])
+        rate = report.get("tokens_per_s")
+        fields["tokens_per_s"] = float(rate) if isinstance(rate, (int, float)) and rate >= 0 else 0.0
+        state = _STATES.get(str(report.get("state")), run.state)
+        fields["state"] = state
+        started = report.get("started_at")
+        if run.started_at is None and isinstance(started, (int, float)):
+            fields["started_at"] = datetime.fromtimestamp(started, tz=UTC)
+        if state in BatchRun.END_STATES:
+            fields["finished_at"] = timezone.now()
+        if any(getattr(run, key) != value for key, value in fields.items()):
+            changed += BatchRun.objects.filter(pk=run.pk).exclude(state__in=BatchRun.END_STATES).update(**fields)
+    return changed
+
+
+def runs_of_ended_sessions() -> int:
+    """Runs whose session's job has ended without finishing them stop there, with the session's reason (what was
+    answered is kept on the cluster)."""
+    changed = 0
+    open_runs = BatchRun.objects.exclude(state__in=BatchRun.END_STATES).filter(session__state__in=END_STATES)
+    for run in open_runs.select_related("session"):
+        state = BatchRun.State.STOPPED if run.session.state == State.CANCELLED else BatchRun.State.FAILED
+        reason = f"the session ended before the run did: {run.session.end_reason or run.session.get_state_display()}"
+        changed += (
+            BatchRun.objects.filter(pk=run.pk)
+            .exclude(state__in=BatchRun.END_STATES)
+            .update(state=state, end_reason=reason[:2000], finished_at=timezone.now())
+        )
+    return changed

@@ -1,0 +1,67 @@
+"""Batch runs (docs/batch.md): a checked prompts file, the session whose server(s) answer it, and how far the runner
+on the compute node has got, as the poll last read its progress file."""
+
+from __future__ import annotations
+
+import uuid
+
+from django.conf import settings
+from django.core.validators import MaxValueValidator, MinValueValidator
+from django.db import models
+
+from jobs.models.sessions import LLMSession
+
+
+def requests_path(run: BatchRun, filename: str) -> str:
+    return f"batch/{run.pk}/requests.jsonl"
+
+
+class BatchRun(models.Model):
+    class State(models.TextChoices):
+        WAITING = "waiting", "waiting for the server"
+        RUNNING = "running", "running"
+        FINISHED = "finished", "finished"
+        STOPPED = "stopped", "stopped"
+        FAILED = "failed", "failed"
+
+    END_STATES = frozenset({State.FINISHED, State.STOPPED, State.FAILED})
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="batch_runs")
+    session = models.ForeignKey(LLMSession, on_delete=models.CASCADE, related_name="batch_runs")
+    # The session's job ends itself once this run is done (a batch launch), instead of staying up for chat.
+    ends_session = models.BooleanField(default=False)
+    name = models.CharField(max_length=200, help_text="the uploaded file's name")
+    input_format = models.CharField(max_length=10)
+    endpoint = models.CharField(max_length=40)
+    prompts = models.PositiveIntegerField()
+    system_prompt = models.TextField(blank=True)
+    defaults = models.JSONField(default=dict, blank=True)
+    concurrency = models.PositiveIntegerField(default=4, validators=[MinValueValidator(1), MaxValueValidator(256)])
+    # The checked requests JSONL (jobs/batch/inputs.py); private storage, never served as a page.
+    requests = models.FileField(upload_to=requests_path)
+
+    state = models.CharField(max_length=10, choices=State.choices, default=State.WAITING)
+    done = models.PositiveIntegerField(default=0)
+    failed = models.PositiveIntegerField(default=0)
+    prompt_tokens = models.PositiveBigIntegerField(default=0)
+    completion_tokens = models.PositiveBigIntegerField(default=0)
+    tokens_per_s = models.FloatField(default=0.0)
+    end_reason = models.TextField(blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+
+    def __str__(self) -> str:
+        return f"{self.name} on {self.session_id} ({self.state})"
+
+    @property
+    def remaining(self) -> int:
+        return max(0, self.prompts - self.done - self.failed)
+
+    @property
+    def is_ended(self) -> bool:
+        return self.state in self.END_STATES

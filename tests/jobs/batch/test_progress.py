@@ -1,0 +1,84 @@
+"""What the poll read from a runner's progress file, recorded on its run: only for the sessions polled, never past
+the run's own size, and a run whose session ended without it stops with the session's reason."""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+import pytest
+from django.core.files.uploadedfile import SimpleUploadedFile
+from django.utils.datastructures import MultiValueDict
+
+from catalog.models import ClusterAccount
+from jobs.batch import progress
+from jobs.batch.forms import BatchForm
+from jobs.models import BatchRun, State, transition
+from jobs.sessions.actions import launch
+from tests.conftest import LAUNCH
+
+pytestmark = pytest.mark.django_db
+
+
+def batch_form(data: bytes, **fields: Any) -> BatchForm:
+    return BatchForm(fields, MultiValueDict({"prompts": [SimpleUploadedFile("p.txt", data)]}))
+
+
+@pytest.fixture
+def run(account: ClusterAccount, owner: Any, django_capture_on_commit_callbacks: Any) -> BatchRun:
+    form = batch_form(b"one\ntwo\nthree\n", max_tokens=5)
+    assert form.is_valid(), form.errors
+    with django_capture_on_commit_callbacks(execute=False):
+        session = launch(owner, {**LAUNCH, "purpose": "batch"}, batch=form.checked)
+    return BatchRun.objects.get(session=session)
+
+
+def test_a_batch_launch_records_its_checked_file_and_its_choices(run: BatchRun) -> None:
+    assert (run.name, run.input_format, run.endpoint, run.prompts) == ("p.txt", "text", "/v1/chat/completions", 3)
+    assert (run.defaults, run.concurrency, run.ends_session, run.state) == ({"max_tokens": 5}, 4, True, "waiting")
+    with run.requests.open("rb") as f:
+        assert len(f.read().splitlines()) == 3
+
+
+def test_progress_is_recorded_for_the_polled_sessions_runs_only_and_within_bounds(run: BatchRun) -> None:
+    report = {"state": "running", "done": 2, "failed": 5, "prompt_tokens": 30, "completion_tokens": 9,
+              "tokens_per_s": 4.5, "started_at": 1795330000.0}  # fmt: skip
+    assert progress.apply(["00000000-0000-0000-0000-000000000000"], {str(run.pk): report}) == 0
+    assert progress.apply([str(run.session_id)], {str(run.pk): report}) == 1
+    run.refresh_from_db()
+    assert (run.state, run.done, run.failed, run.remaining, run.completion_tokens) == ("running", 2, 1, 0, 9)
+    assert run.started_at is not None and run.tokens_per_s == 4.5
+    assert progress.apply([str(run.session_id)], {str(run.pk): report}) == 0  # nothing new, nothing written
+    garbage = {"state": "finished", "done": "all", "failed": -1, "tokens_per_s": "fast"}
+    progress.apply([str(run.session_id)], {str(run.pk): garbage})
+    run.refresh_from_db()
+    assert (run.state, run.done, run.failed, run.tokens_per_s) == ("finished", 0, 0, 0.0)
+
+
+def test_a_stopped_runner_is_not_the_end_but_an_ended_session_is(run: BatchRun) -> None:
+    progress.apply([str(run.session_id)], {str(run.pk): {"state": "stopped", "done": 1}})
+    run.refresh_from_db()
+    assert run.state == BatchRun.State.WAITING  # a requeued job goes on
+    transition(run.session_id, State.CANCELLED, cause="test", end_reason="cancelled from the portal")
+    assert progress.runs_of_ended_sessions() == 1
+    run.refresh_from_db()
+    assert run.state == BatchRun.State.STOPPED and "cancelled from the portal" in run.end_reason
+
+
+def test_a_bad_prompts_file_is_refused_on_the_form_with_its_line_numbers() -> None:
+    form = batch_form(b'{"prompt": "a"}\n{"prompt": "b", "colour": 1}\n{oops\n')
+    assert not form.is_valid()
+    assert form.errors["prompts"] == ["line 2: unknown field colour", "line 3: invalid JSON (Expecting property name "
+                                      "enclosed in double quotes at column 2)"]  # fmt: skip
+    assert form.checked is None
+    assert not batch_form(b"", temperature=3).is_valid()
+
+
+def test_requests_at_once_never_exceed_the_sessions_slots() -> None:
+    from jobs.batch.forms import run_columns
+
+    form = batch_form(b"a\n", concurrency=64)
+    assert form.is_valid()
+    assert form.checked is not None and run_columns(form.checked, 4)["concurrency"] == 4
+    form = batch_form(io.BytesIO(b"a\n").getvalue())
+    assert form.is_valid() and form.checked is not None and run_columns(form.checked, 2)["concurrency"] == 2
