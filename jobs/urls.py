@@ -1,11 +1,12 @@
-"""Every route of the jobs app; the views live with their concern (sessions/views.py, use/views.py, use/proxy.py)."""
+"""Every route of the jobs app; the views live with their concern (sessions/views.py, use/views.py, use/proxy.py,
+use/batches.py)."""
 
 from __future__ import annotations
 
 from django.urls import path
 
 from jobs.sessions import views as sessions
-from jobs.use import proxy
+from jobs.use import batches, proxy
 from jobs.use import views as use
 
 app_name = "jobs"
@@ -30,4 +31,8 @@ urlpatterns = [
     path("sessions/<uuid:pk>/chat/<int:conversation_id>/export", use.export, name="chat-export"),
     path("api/v1/<path:path>", proxy.api_proxy, name="api"),
     path("tokens/", use.api_tokens, name="tokens"),
+    path("batch/", batches.batch_list, name="batches"),
+    path("batch/new/", batches.new_batch_launch, name="batch-new"),
+    path("batch/<uuid:pk>/", batches.batch_run, name="batch"),
+    path("batch/<uuid:pk>/output/<str:fmt>", batches.batch_output, name="batch-output"),
 ]

@@ -17,6 +17,7 @@ import select
 import socket
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import paramiko
@@ -242,7 +243,10 @@ def _run_on(
                 truncated |= _take(out, channel.recv(65536), max_output_bytes)
             while channel.recv_stderr_ready():
                 truncated |= _take(err, channel.recv_stderr(65536), max_output_bytes)
-            if channel.exit_status_ready() and not channel.recv_ready() and not channel.recv_stderr_ready():
+            # Done only at the end of the output (EOF), not at the exit status: sshd may send the status while
+            # output still waits for window space, and stopping then would cut it (seen with 150 KB outputs).
+            drained = not channel.recv_ready() and not channel.recv_stderr_ready()
+            if channel.exit_status_ready() and channel.eof_received and drained:
                 break
         code = channel.recv_exit_status()
     except TimeoutError:
@@ -311,6 +315,40 @@ class SSHPool:
             # The connection may be what broke: drop it so the next call opens a fresh one.
             self.discard(target)
             raise
+
+    def read(self, target: SSHTarget, command: str, *, idle_timeout_s: float = 60) -> Iterator[bytes]:
+        """A command's standard output as it comes, for files too large to hold (a batch run's output). Raises
+        SSHError when the command fails (its standard error says why) or stays silent for idle_timeout_s."""
+        transport = self.client(target).get_transport()
+        if transport is None or not transport.is_active():
+            self.discard(target)
+            raise SSHUnavailable(target, "the connection was closed")
+        try:
+            channel = transport.open_session(timeout=idle_timeout_s)
+            channel.settimeout(idle_timeout_s)
+            channel.exec_command(command)
+            channel.shutdown_write()
+        except (paramiko.SSHException, EOFError, OSError) as exc:
+            self.discard(target)
+            raise SSHUnavailable(target, f"cannot open a session: {exc}") from None
+        err = bytearray()
+        try:
+            while chunk := channel.recv(1 << 16):
+                yield chunk
+                while channel.recv_stderr_ready():
+                    _take(err, channel.recv_stderr(65536), 4096)
+            while channel.recv_stderr_ready():
+                _take(err, channel.recv_stderr(65536), 4096)
+            code = channel.recv_exit_status()
+        except TimeoutError:
+            raise SSHTimeout(target, f"no output for {idle_timeout_s:g} s") from None
+        except (paramiko.SSHException, EOFError, OSError) as exc:
+            self.discard(target)
+            raise SSHUnavailable(target, f"the connection broke while reading: {exc}") from None
+        finally:
+            channel.close()
+        if code != 0:
+            raise SSHError(target, err.decode("utf-8", errors="replace").strip() or f"exit code {code}")
 
     def open_tunnel(self, target: SSHTarget, host: str, port: int, timeout_s: float = 10) -> paramiko.Channel:
         """A socket-like channel to host:port as seen from the login host (direct-tcpip), on the pooled connection."""

@@ -18,10 +18,10 @@ _UUID_PREFIX = re.compile(r"[0-9a-f-]{4,36}\Z")
 
 
 def with_relations() -> QuerySet[LLMSession]:
-    """Sessions with what their cards show, in one query."""
+    """Sessions with what their cards show, in one query (and one more for their batch runs)."""
     return LLMSession.objects.select_related(
         "owner", "cluster", "partition", "gpu_type", "variant__model", "runtime", "account__cluster"
-    )
+    ).prefetch_related("batch_runs")
 
 
 def sees_all(user: User | AnonymousUser) -> bool:

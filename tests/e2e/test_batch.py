@@ -3,6 +3,7 @@ file and the job ends itself; killed in the middle, the runner starts again and 
 
 from __future__ import annotations
 
+import csv
 import io
 import json
 import subprocess
@@ -12,6 +13,7 @@ from typing import Any
 
 import pytest
 from django.core.files.uploadedfile import SimpleUploadedFile
+from django.test import Client
 from django.utils.datastructures import MultiValueDict
 
 from jobs.batch.forms import BatchForm
@@ -48,13 +50,21 @@ def batch_launch(owner: Any, capture: Any, prompts: list[str], **batch: Any) -> 
 
 
 def run_file(local_catalog: dict[str, Any], run: BatchRun, name: str) -> list[dict[str, Any]]:
-    text = shell(local_catalog, f"cat ~/.hpc-llm-portal/sessions/{run.session_id}/batch/{run.pk}/{name}").stdout
-    return [json.loads(line) for line in io.StringIO(text) if line.strip()]
+    result = shell(local_catalog, f"cat ~/.hpc-llm-portal/sessions/{run.session_id}/batch/{run.pk}/{name}")
+    records = []
+    for number, line in enumerate(result.stdout.split("\n"), 1):
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except ValueError as exc:
+                raise AssertionError(f"{name} line {number}: {exc}: {line!r} ({len(result.stdout)} chars)") from None
+    return records
 
 
 def test_a_batch_launch_answers_every_line_in_order_and_the_job_ends_itself(
-    account: None, owner: Any, django_capture_on_commit_callbacks: Any, local_catalog: dict[str, Any]
-) -> None:
+    account: None, owner: Any, other_user: Any, django_capture_on_commit_callbacks: Any,
+    local_catalog: dict[str, Any],
+) -> None:  # fmt: skip
     prompts = [f"Question number {i}?" for i in range(200)]
     session, run = batch_launch(owner, django_capture_on_commit_callbacks, prompts)
     assert (run.prompts, run.concurrency, run.ends_session) == (200, 4, True)
@@ -67,6 +77,50 @@ def test_a_batch_launch_answers_every_line_in_order_and_the_job_ends_itself(
     assert [r["id"] for r in output] == [f"line-{i}" for i in range(1, 201)]
     assert all(r["error"] is None and r["response"]["choices"][0]["message"] for r in output)
     assert {r["response"]["usage"]["completion_tokens"] for r in output} <= set(range(1, 9))  # max_tokens reached them
+
+    # The downloads, streamed from the cluster through the portal, for the owner only.
+    browser = Client()
+    browser.force_login(owner)
+    page = browser.get(f"/batch/{run.pk}/").content.decode()
+    assert "<strong>200</strong> answered" in page and "hx-trigger" not in page  # ended: no more polling
+    plain = [json.loads(line) for line in streamed(browser, f"/batch/{run.pk}/output/jsonl").splitlines()]
+    assert [(r["line"], r["id"]) for r in plain] == [(i, f"line-{i}") for i in range(1, 201)]
+    assert all(isinstance(r["reply"], str) and r["finish_reason"] and r["completion_tokens"] for r in plain)
+    rows = list(csv.reader(io.StringIO(streamed(browser, f"/batch/{run.pk}/output/csv"))))
+    assert rows[0][:4] == ["line", "id", "prompt", "reply"] and len(rows) == 201
+    assert rows[1][2] == "Question number 0?" and rows[200][2] == "Question number 199?"
+    shaped = json.loads(streamed(browser, f"/batch/{run.pk}/output/openai").splitlines()[0])
+    assert shaped["custom_id"] == "line-1" and shaped["response"]["status_code"] == 200 and shaped["error"] is None
+    intruder = Client()
+    intruder.force_login(other_user)
+    assert intruder.get(f"/batch/{run.pk}/").status_code == 404
+    assert intruder.get(f"/batch/{run.pk}/output/jsonl").status_code == 404
+
+
+def streamed(client: Client, url: str) -> str:
+    reply = client.get(url)
+    assert reply.status_code == 200 and reply.streaming, (url, reply.status_code)
+    return b"".join(reply.streaming_content).decode()  # type: ignore[attr-defined]
+
+
+def test_a_malformed_prompts_file_is_refused_with_line_numbers_and_starts_nothing(
+    account: None, owner: Any, client: Client
+) -> None:
+    client.force_login(owner)
+    query = "&".join(f"{k}={v}" for k, v in {**LAUNCH, "purpose": "batch"}.items())
+    page = client.get(f"/batch/new/?{query}")
+    assert page.status_code == 200 and 'enctype="multipart/form-data"' in page.content.decode()
+    bad = SimpleUploadedFile("bad.jsonl", b'{"prompt": "fine"}\n{"prompt": "x", "temprature": 1}\n{oops\n')
+    reply = client.post("/batch/new/", {**LAUNCH, "purpose": "batch", "prompts": bad})
+    text = reply.content.decode()
+    assert reply.status_code == 200
+    assert "line 2: unknown field temprature" in text and "line 3: invalid JSON" in text
+    assert not LLMSession.objects.exists() and not BatchRun.objects.exists()
+    good = SimpleUploadedFile("good.txt", b"What is 1+1?\nWhat is 2+2?\n")
+    reply = client.post("/batch/new/", {**LAUNCH, "purpose": "batch", "prompts": good, "max_tokens": 4})
+    run = BatchRun.objects.get()
+    assert reply.status_code == 302 and reply["Location"] == f"/batch/{run.pk}/"
+    assert (run.prompts, run.name, run.defaults) == (2, "good.txt", {"max_tokens": 4})
 
 
 def test_a_runner_killed_in_the_middle_starts_again_and_answers_each_line_once(

@@ -1,0 +1,115 @@
+"""The pages of batch runs (docs/batch.md): a batch launch with its prompts file, a run's page with live progress, and
+its results, streamed from the cluster as they are downloaded. The engine is jobs/batch; the launch goes through
+jobs/sessions/actions.py like every other."""
+
+from __future__ import annotations
+
+import shlex
+from collections.abc import Iterator
+from uuid import UUID
+
+from django.contrib import messages
+from django.contrib.auth.decorators import login_required
+from django.core.exceptions import ValidationError
+from django.http import Http404, HttpResponse, HttpResponseBase, HttpResponseRedirect, StreamingHttpResponse
+from django.urls import reverse
+from django.views.decorators.http import require_GET, require_http_methods
+
+from jobs.batch import outputs
+from jobs.batch.forms import BatchForm
+from jobs.models import BatchRun
+from jobs.sessions import actions
+from jobs.sessions.access import get_session_for
+from jobs.sessions.forms import LaunchForm, form_errors
+from portal import ssh
+from portal.errors import messages_of
+from portal.htmx import HtmxHttpRequest, render_page, render_partial
+
+CONTENT_TYPES = {"jsonl": "application/jsonl", "openai": "application/jsonl", "csv": "text/csv"}
+
+
+def get_run_for(request: HtmxHttpRequest, pk: UUID) -> BatchRun:
+    """The run if its session is the request's user's to see (the sessions' rules); 404 otherwise."""
+    run = BatchRun.objects.select_related("session").filter(pk=pk).first()
+    if run is None:
+        raise Http404("no such batch run")
+    get_session_for(request, run.session_id)
+    return run
+
+
+@login_required
+@require_http_methods(["GET", "POST"])
+def new_batch_launch(request: HtmxHttpRequest) -> HttpResponse:
+    """A batch launch: the wizard's chosen option (its launch fields, carried along) with a prompts file."""
+    data = request.POST if request.method == "POST" else request.GET
+    launch_form = LaunchForm(data, user=request.user)
+    batch_form = BatchForm(request.POST, request.FILES) if request.method == "POST" else BatchForm()
+    errors: list[str] = []
+    if request.method == "POST" and launch_form.is_valid() and batch_form.is_valid():
+        assert batch_form.checked is not None
+        try:
+            session = actions.launch(request.user, data, data.get("token", ""), batch=batch_form.checked)
+        except ValidationError as exc:
+            errors = messages_of(exc)
+        else:
+            run = BatchRun.objects.get(session=session, ends_session=True)
+            messages.success(request, f"Batch run of {run.prompts} prompts created: submitting its job to Slurm.")
+            return HttpResponseRedirect(reverse("jobs:batch", args=[run.pk]))
+    elif not launch_form.is_valid():
+        errors = messages_of(form_errors(launch_form))
+    context = {"launch": launch_form, "form": batch_form, "errors": errors, "fields": data}
+    return render_page(request, "jobs/batch_new.html", context)
+
+
+@login_required
+@require_GET
+def batch_run(request: HtmxHttpRequest, pk: UUID) -> HttpResponse:
+    run = get_run_for(request, pk)
+    if request.htmx:
+        return render_partial(request, "jobs/batch_run.html", "progress", {"run": run})
+    return render_page(request, "jobs/batch_run.html", {"run": run, "formats": outputs.FORMATS})
+
+
+@login_required
+@require_GET
+def batch_list(request: HtmxHttpRequest) -> HttpResponse:
+    runs = BatchRun.objects.filter(owner_id=request.user.pk).select_related("session__variant__model")[:200]
+    return render_page(request, "jobs/batch_list.html", {"runs": runs})
+
+
+@login_required
+@require_GET
+def batch_output(request: HtmxHttpRequest, pk: UUID, fmt: str) -> HttpResponseBase:
+    """The results in a format (outputs.py), streamed from the cluster: in input order once the run has finished,
+    else what is answered so far, in the order it was answered."""
+    run = get_run_for(request, pk)
+    if fmt not in outputs.FORMATS:
+        raise Http404("no such format")
+    session = run.session
+    name = "output.jsonl" if run.state == BatchRun.State.FINISHED else "results.jsonl"
+    path = shlex.quote(f".hpc-llm-portal/sessions/{session.pk}/batch/{run.pk}/{name}")
+    target = session.account.ssh_target()
+    try:
+        probe = ssh.pool.run(target, f"test -f {path} && echo yes", timeout_s=30)
+    except ssh.SSHError as exc:
+        return HttpResponse(
+            f"{session.cluster.name} cannot be reached now: {exc}", status=503, content_type="text/plain"
+        )
+    if probe.stdout.strip() != "yes":
+        return HttpResponse("No results yet: the run has not answered anything.", status=404, content_type="text/plain")
+    records = outputs.lines(ssh.pool.read(target, f"cat {path}"))
+    prompts: Iterator[str] = iter(())
+    if fmt == "csv" and name == "output.jsonl":
+        prompts = outputs.prompts_of(outputs.lines(_local_chunks(run)))
+    body = outputs.convert(records, fmt, str(run.pk), prompts)
+    response = StreamingHttpResponse(body, content_type=CONTENT_TYPES[fmt])
+    extension = "csv" if fmt == "csv" else "jsonl"
+    stem = run.name.rsplit(".", 1)[0] or "batch"
+    response["Content-Disposition"] = f'attachment; filename="{stem}-{fmt}-results.{extension}"'
+    return response
+
+
+def _local_chunks(run: BatchRun) -> Iterator[bytes]:
+    with run.requests.open("rb") as f:
+        while chunk := f.read(1 << 16):
+            yield chunk
