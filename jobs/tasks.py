@@ -15,6 +15,7 @@ from celery.exceptions import MaxRetriesExceededError
 from django.conf import settings
 
 from catalog.models import Cluster
+from jobs.batch import staging
 from jobs.cluster import capacity, logs
 from jobs.models import LLMSession, State
 from jobs.sessions import lifecycle, notify
@@ -55,6 +56,8 @@ def poll_clusters() -> int:
         submit_session.delay(session_id)
     for session_id in lifecycle.lost_cancels():
         cancel_session.delay(session_id)
+    for run_id in staging.lost():
+        stage_batch.delay(run_id)
     account_ids = lifecycle.accounts_to_poll()
     for account_id in account_ids:
         poll_account.apply_async((account_id,), expires=settings.PORTAL_POLL_INTERVAL_S * 2)
@@ -105,3 +108,27 @@ def refresh_partitions() -> int:
         except (capacity.QueueError, ssh.SSHError) as exc:
             log.warning("partition state of %s not refreshed: %s", cluster.slug, exc)
     return refreshed
+
+
+@shared_task(bind=True, name="jobs.stage_batch", max_retries=SUBMIT_MAX_RETRIES, acks_late=True)
+def stage_batch(self: Task[Any, Any], run_id: str) -> str:
+    """Send a run on a running session to the cluster (staging.stage: once, however often it is asked); retry
+    transient failures with backoff, then give the run up with the reason."""
+    staged = staging.stage(run_id)
+    if staged.outcome == "retry":
+        try:
+            raise self.retry(countdown=_backoff_s(self.request.retries))
+        except MaxRetriesExceededError:
+            staging.fail(run_id, f"could not send the run to the cluster: {staged.message}")
+            return "failed"
+    if staged.outcome == "failed":
+        staging.fail(run_id, f"could not send the run to the cluster: {staged.message}")
+    return staged.outcome
+
+
+@shared_task(bind=True, name="jobs.stop_batch", max_retries=SUBMIT_MAX_RETRIES, acks_late=True)
+def stop_batch(self: Task[Any, Any], run_id: str) -> bool:
+    """Ask the job to stop a run's runner; retried while the cluster cannot be asked."""
+    if not staging.stop(run_id):
+        raise self.retry(countdown=_backoff_s(self.request.retries))
+    return True

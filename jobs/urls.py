@@ -35,4 +35,6 @@ urlpatterns = [
     path("batch/new/", batches.new_batch_launch, name="batch-new"),
     path("batch/<uuid:pk>/", batches.batch_run, name="batch"),
     path("batch/<uuid:pk>/output/<str:fmt>", batches.batch_output, name="batch-output"),
+    path("batch/<uuid:pk>/stop", batches.stop_run, name="batch-stop"),
+    path("sessions/<uuid:pk>/batch/new", batches.new_session_run, name="session-batch-new"),
 ]

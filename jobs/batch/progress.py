@@ -20,19 +20,29 @@ def _count(report: dict[str, Any], key: str) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
 
 
-def apply(session_ids: list[str], reports: dict[str, dict[str, Any]]) -> int:
+def apply(session_ids: list[str], reports: dict[str, dict[str, Any]], errors: dict[str, str] | None = None) -> int:
     """Record each report on its run, if the run belongs to one of these sessions (a file on the cluster names no
-    run of anyone else's); returns how many runs changed. A run that ended stays ended."""
+    run of anyone else's); returns how many runs changed. A run that ended stays ended. `errors`: runs whose runner
+    the job gave up on, and why."""
     changed = 0
-    runs = BatchRun.objects.filter(pk__in=list(reports), session_id__in=session_ids)
+    errors = errors or {}
+    runs = BatchRun.objects.filter(pk__in=[*reports, *errors], session_id__in=session_ids)
     for run in runs.exclude(state__in=BatchRun.END_STATES):
-        report = reports[str(run.pk)]
-        fields: dict[str, Any] = {key: min(_count(report, key), 2**62) for key in _COUNTS}
-        fields["done"] = min(fields["done"], run.prompts)
-        fields["failed"] = min(fields["failed"], run.prompts - fields["done"])
-        rate = report.get("tokens_per_s")
-        fields["tokens_per_s"] = float(rate) if isinstance(rate, (int, float)) and rate >= 0 else 0.0
+        report = reports.get(str(run.pk), {})
+        fields: dict[str, Any] = {}
+        if report:  # a run the job gave up on before its runner wrote anything has no report
+            fields = {key: min(_count(report, key), 2**62) for key in _COUNTS}
+            fields["done"] = min(fields["done"], run.prompts)
+            fields["failed"] = min(fields["failed"], run.prompts - fields["done"])
+            rate = report.get("tokens_per_s")
+            fields["tokens_per_s"] = float(rate) if isinstance(rate, (int, float)) and rate >= 0 else 0.0
         state = _STATES.get(str(report.get("state")), run.state)
+        if report.get("state") == "stopped" and run.stop_requested_at is not None:
+            state = BatchRun.State.STOPPED
+            fields["end_reason"] = "stopped at your request; what was answered is kept"
+        if str(run.pk) in errors:
+            state = BatchRun.State.FAILED
+            fields["end_reason"] = f"the job gave the run up: {errors[str(run.pk)]}"[:2000]
         fields["state"] = state
         started = report.get("started_at")
         if run.started_at is None and isinstance(started, (int, float)):

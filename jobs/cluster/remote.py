@@ -57,6 +57,42 @@ cat .sbatch.err >&2
 exit 64
 """
 
+# Runs as: bash -c SCRIPT stage SESSION RUN SHA256 <tar on stdin>: a batch run on a running session. The job
+# (common.sh, supervise_batches) starts the runner once the `start` mark is there; staging twice changes nothing.
+STAGE_BATCH_SCRIPT = r"""
+set -u
+umask 077
+sid=$1 run=$2 sum=$3
+d="$HOME/.hpc-llm-portal/sessions/$sid" r="$HOME/.hpc-llm-portal/sessions/$1/batch/$2"
+[ -d "$d" ] || { echo "the session's directory is missing on the cluster" >&2; cat >/dev/null; exit 3; }
+if [ -e "$r/start" ]; then echo "staged"; cat >/dev/null; exit 0; fi
+mkdir -p "$r" || { echo "cannot create $r" >&2; exit 3; }
+cat >"$r/.upload.tar"
+echo "$sum  $r/.upload.tar" | sha256sum -c --status || { echo "the upload was incomplete" >&2; exit 75; }
+tar -xf "$r/.upload.tar" -C "$r" && rm -f "$r/.upload.tar" || { echo "cannot unpack into $r" >&2; exit 3; }
+mv -f "$r/batchrun.py" "$d/batchrun.py" && touch "$r/start" && echo "staged"
+"""
+
+# Runs as: bash -c SCRIPT stop SESSION RUN: ask the job to stop a run's runner (what is done is kept).
+STOP_BATCH_SCRIPT = r"""
+r="$HOME/.hpc-llm-portal/sessions/$1/batch/$2"
+[ -d "$r" ] || { echo "nothing staged"; exit 0; }
+touch "$r/stop" && echo "stopping"
+"""
+
+
+def stage_batch_command(session_id: str, run_id: str, sha256: str) -> str:
+    if not (_UUID.match(session_id) and _UUID.match(run_id) and re.fullmatch(r"[0-9a-f]{64}", sha256)):
+        raise ValueError(f"bad session, run or checksum: {session_id!r} {run_id!r} {sha256!r}")
+    return shlex.join(["bash", "-c", STAGE_BATCH_SCRIPT, "stage", session_id, run_id, sha256])
+
+
+def stop_batch_command(session_id: str, run_id: str) -> str:
+    if not (_UUID.match(session_id) and _UUID.match(run_id)):
+        raise ValueError(f"bad session or run id: {session_id!r} {run_id!r}")
+    return shlex.join(["bash", "-c", STOP_BATCH_SCRIPT, "stop", session_id, run_id])
+
+
 # Runs as: bash -c SCRIPT cancel UUID [JOBID]. Under the submit lock: mark the session cancelled (a submit after this
 # one never submits), then scancel its job by id when the portal knows it, and by name for one whose sbatch reply
 # was lost or that a submit in flight created just before the mark.
@@ -123,6 +159,11 @@ for pair in "$@"; do
     r=${f%/progress.json}
     echo "@@progress $sid ${r##*/}"; head -c 4096 "$f"; echo
   done
+  for f in "$d"/batch/*/error; do
+    [ -f "$f" ] || continue
+    r=${f%/error}
+    echo "@@batcherror $sid ${r##*/}"; head -c 2000 "$f" | tr -d '@'; echo
+  done
 done
 if [ "${#gone[@]}" -gt 0 ]; then
   ids=$(IFS=,; echo "${gone[*]}")
@@ -147,10 +188,15 @@ class SubmitPayload:
 
 def submit_payload(job_script: str, api_key: str, extra_files: dict[str, str]) -> SubmitPayload:
     """A tar of the session directory's files: job.sh (0700), api_key (0600) and the runtime's helpers."""
+    files = {"job.sh": (job_script, 0o700), "api_key": (api_key + "\n", 0o600)}
+    files.update({name: (text, 0o600) for name, text in extra_files.items()})
+    return tar_payload(files)
+
+
+def tar_payload(files: dict[str, tuple[str, int]]) -> SubmitPayload:
+    """A tar of files (name: text and mode) to send on a command's standard input, with its SHA-256."""
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as tar:
-        files = {"job.sh": (job_script, 0o700), "api_key": (api_key + "\n", 0o600)}
-        files.update({name: (text, 0o600) for name, text in extra_files.items()})
         for name, (text, mode) in files.items():
             data = text.encode()
             info = tarfile.TarInfo(name)
@@ -224,6 +270,7 @@ class PollResult:
     connections: dict[str, dict[str, object]] = field(default_factory=dict)  # session id -> connection.json
     errors: dict[str, str] = field(default_factory=dict)  # session id -> error file
     progress: dict[str, dict[str, object]] = field(default_factory=dict)  # batch run id -> its progress.json
+    batch_errors: dict[str, str] = field(default_factory=dict)  # batch run id -> why the job gave its runner up
     positions: dict[tuple[str, str], int] = field(default_factory=dict)  # (partition, job id) -> place in its queue
     # Node name -> the names it answers to: itself, Slurm's NodeAddr and NodeHostName.
     node_names: dict[str, set[str]] = field(default_factory=dict)
@@ -298,6 +345,8 @@ def parse_poll(text: str) -> PollResult:
                 continue  # written atomically; as for connection.json
             if isinstance(report, dict):
                 result.progress[args[1]] = report
+        elif kind == "batcherror" and len(args) == 2 and _UUID.match(args[0]) and _UUID.match(args[1]):
+            result.batch_errors[args[1]] = content
         elif kind == "error" and args and _UUID.match(args[0]):
             result.errors[args[0]] = content
         elif kind == "order":

@@ -48,6 +48,10 @@ class BatchRun(models.Model):
     completion_tokens = models.PositiveBigIntegerField(default=0)
     tokens_per_s = models.FloatField(default=0.0)
     end_reason = models.TextField(blank=True)
+    # A run on a running session: when its files reached the cluster (the job starts its runner then), and when a
+    # stop was asked for (the job stops the runner; what is done is kept).
+    staged_at = models.DateTimeField(null=True, blank=True)
+    stop_requested_at = models.DateTimeField(null=True, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
     started_at = models.DateTimeField(null=True, blank=True)
     finished_at = models.DateTimeField(null=True, blank=True)

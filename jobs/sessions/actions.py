@@ -7,8 +7,10 @@ from collections.abc import Mapping
 from typing import Any
 
 from django.contrib.auth.models import User
+from django.core.exceptions import ValidationError
 from django.core.files import File
 from django.db import IntegrityError, transaction
+from django.utils import timezone
 
 from jobs import tasks
 from jobs.batch import forms as batch_forms
@@ -59,6 +61,32 @@ def _add_run(session: LLMSession, batch: batch_forms.Checked, ends_session: bool
     run.requests.save("requests.jsonl", File(batch.requests), save=False)
     run.save()
     return run
+
+
+def start_run(session: LLMSession, batch: batch_forms.Checked) -> BatchRun:
+    """A batch run on a running session: recorded, then sent to the cluster, where the job starts its runner beside
+    the server. The session stays up for chat and the API; by default the run leaves one of its slots free."""
+    if session.state != State.RUNNING:
+        raise ValidationError(f"The session is {session.get_state_display()}: a run needs it running.")
+    with transaction.atomic():
+        run = _add_run(session, batch, ends_session=False)
+        if batch.columns.get("concurrency") is None and session.parallel > 1:
+            BatchRun.objects.filter(pk=run.pk).update(concurrency=session.parallel - 1)
+        transaction.on_commit(lambda: tasks.stage_batch.delay(str(run.pk)))
+    run.refresh_from_db()
+    return run
+
+
+def stop_run(run: BatchRun) -> None:
+    """Stop a batch run, keeping what is answered: a batch launch's job is cancelled; on a running session, the job
+    is asked to stop the runner."""
+    if run.is_ended:
+        return
+    if run.ends_session:
+        request_cancel(run.session, "batch run stopped", "the batch run was stopped from the portal")
+        return
+    if BatchRun.objects.filter(pk=run.pk, stop_requested_at__isnull=True).update(stop_requested_at=timezone.now()):
+        transaction.on_commit(lambda: tasks.stop_batch.delay(str(run.pk)))
 
 
 def request_cancel(session: LLMSession, cause: str, end_reason: str = "cancelled from the portal") -> None:

@@ -283,8 +283,8 @@ def poll(account_id: int) -> dict[str, int]:
     if seen:
         LLMSession.objects.filter(pk__in=seen).update(last_seen_at=timezone.now())
     changed = sum(apply_poll(session, polled) for session in sessions)
-    if polled.progress:
-        batch_progress.apply([str(s.pk) for s in sessions], polled.progress)
+    if polled.progress or polled.batch_errors:
+        batch_progress.apply([str(s.pk) for s in sessions], polled.progress, polled.batch_errors)
     batch_progress.runs_of_ended_sessions()
     _repeat_lost_cancels(account, sessions, polled)
     return {"sessions": len(sessions), "changed": changed}

@@ -13,7 +13,7 @@ from django.contrib.auth.decorators import login_required
 from django.core.exceptions import ValidationError
 from django.http import Http404, HttpResponse, HttpResponseBase, HttpResponseRedirect, StreamingHttpResponse
 from django.urls import reverse
-from django.views.decorators.http import require_GET, require_http_methods
+from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
 from jobs.batch import outputs
 from jobs.batch.forms import BatchForm
@@ -59,6 +59,34 @@ def new_batch_launch(request: HtmxHttpRequest) -> HttpResponse:
         errors = messages_of(form_errors(launch_form))
     context = {"launch": launch_form, "form": batch_form, "errors": errors, "fields": data}
     return render_page(request, "jobs/batch_new.html", context)
+
+
+@login_required
+@require_http_methods(["GET", "POST"])
+def new_session_run(request: HtmxHttpRequest, pk: UUID) -> HttpResponse:
+    """A batch run on a running session, which stays up for chat and the API meanwhile."""
+    session = get_session_for(request, pk)
+    form = BatchForm(request.POST, request.FILES) if request.method == "POST" else BatchForm()
+    errors: list[str] = []
+    if request.method == "POST" and form.is_valid():
+        assert form.checked is not None
+        try:
+            run = actions.start_run(session, form.checked)
+        except ValidationError as exc:
+            errors = messages_of(exc)
+        else:
+            messages.success(request, f"Batch run of {run.prompts} prompts created: sending it to the cluster.")
+            return HttpResponseRedirect(reverse("jobs:batch", args=[run.pk]))
+    return render_page(request, "jobs/batch_new.html", {"session": session, "form": form, "errors": errors})
+
+
+@login_required
+@require_POST
+def stop_run(request: HtmxHttpRequest, pk: UUID) -> HttpResponse:
+    run = get_run_for(request, pk)
+    actions.stop_run(run)
+    messages.success(request, "Stopping the run; what it answered is kept.")
+    return HttpResponseRedirect(reverse("jobs:batch", args=[run.pk]))
 
 
 @login_required

@@ -164,3 +164,62 @@ def test_a_cancelled_batch_launch_stops_its_run_and_keeps_what_is_done(
     run.refresh_from_db()
     assert run.state == BatchRun.State.STOPPED and "ended before the run did" in run.end_reason
     assert run.done <= len(run_file(local_catalog, run, "results.jsonl")) < 2000  # the last poll may lag
+
+
+def checked_prompts(prompts: list[str], **batch: Any) -> Any:
+    form = BatchForm(
+        {"max_tokens": 8, "temperature": 0, **batch},
+        MultiValueDict({"prompts": [SimpleUploadedFile("on-session.txt", "\n".join(prompts).encode())]}),
+    )
+    assert form.is_valid(), form.errors
+    return form.checked
+
+
+def test_a_run_on_a_running_session_completes_while_its_chat_still_answers_and_a_stop_keeps_what_is_done(
+    account: None, owner: Any, django_capture_on_commit_callbacks: Any, local_catalog: dict[str, Any]
+) -> None:
+    import httpx
+
+    from jobs.sessions.actions import start_run, stop_run
+    from jobs.tasks import stage_batch, stop_batch
+
+    with django_capture_on_commit_callbacks(execute=False):
+        session = launch(owner, {**LAUNCH, "purpose": "batch"})
+    submit_session.apply(args=(str(session.pk),))
+    session = drive(LLMSession.objects.get(pk=session.pk), lambda s: s.state == State.RUNNING or s.is_ended)
+    assert session.state == State.RUNNING, session.end_reason
+    with django_capture_on_commit_callbacks(execute=False):
+        run = start_run(session, checked_prompts([f"Item {i}" for i in range(100)], max_tokens=24))
+    assert (run.ends_session, run.concurrency) == (False, 3)  # one of the 4 slots stays free for chat
+    assert stage_batch.apply(args=(str(run.pk),)).get() == "staged"
+    assert stage_batch.apply(args=(str(run.pk),)).get() == "staged"  # once, however often it is asked
+
+    chat = {"model": "x", "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 4}
+    key = {"Authorization": f"Bearer {session.api_key}"}
+    answered_meanwhile = 0
+    while True:
+        drive(session, lambda s: True)
+        run.refresh_from_db()
+        if run.is_ended:
+            break
+        reply = httpx.post(f"{backend.base_url(session)}/v1/chat/completions", json=chat, headers=key, timeout=30)
+        answered_meanwhile += reply.status_code == 200
+        time.sleep(0.3)
+    assert (run.state, run.done, run.failed) == (BatchRun.State.FINISHED, 100, 0), run.end_reason
+    assert answered_meanwhile >= 1
+    session.refresh_from_db()
+    assert session.state == State.RUNNING  # the session stays up
+    assert [r["line"] for r in run_file(local_catalog, run, "output.jsonl")] == list(range(1, 101))
+
+    with django_capture_on_commit_callbacks(execute=False):
+        long_run = start_run(session, checked_prompts([f"Long {i}" for i in range(3000)]))
+    stage_batch.apply(args=(str(long_run.pk),))
+    drive(session, lambda s: BatchRun.objects.get(pk=long_run.pk).done > 0, timeout_s=60)
+    long_run.refresh_from_db()
+    with django_capture_on_commit_callbacks(execute=False):
+        stop_run(long_run)
+    assert stop_batch.apply(args=(str(long_run.pk),)).get() is True
+    drive(session, lambda s: BatchRun.objects.get(pk=long_run.pk).is_ended, timeout_s=60)
+    long_run.refresh_from_db()
+    assert long_run.state == BatchRun.State.STOPPED and "your request" in long_run.end_reason
+    assert 0 < long_run.done <= len(run_file(local_catalog, long_run, "results.jsonl")) < 3000

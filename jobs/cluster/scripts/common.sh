@@ -162,9 +162,48 @@ run_batch() {
 }
 
 # Wait for the server (or any child) to end; its exit code becomes the job's.
+# Runs on a running session (docs/batch.md): the portal stages a run under batch/<run>/ (requests.jsonl, then a
+# `start` mark) and the job starts its runner beside the server; a `stop` mark stops it. A runner that died before
+# its run was done starts again, up to BATCH_RESTARTS times; after that the run's `error` file says why.
+declare -A RUNNERS=() RUNNER_STARTS=()
+supervise_batches() {
+  local dir run pid rc
+  for dir in "$SESSION_DIR"/batch/*; do
+    run=${dir##*/}
+    [ -f "$dir/start" ] && [ -f "$dir/requests.jsonl" ] || continue
+    pid=${RUNNERS[$run]:-}
+    if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; then
+      [ -f "$dir/stop" ] && kill -TERM "$pid" 2>/dev/null
+      continue
+    fi
+    if [ -n "$pid" ]; then
+      wait "$pid"
+      rc=$?
+      unset "RUNNERS[$run]"
+      [ "$rc" = 0 ] || [ -f "$dir/stop" ] || log "the runner of batch run $run stopped with code $rc"
+    fi
+    [ -f "$dir/stop" ] || [ -f "$dir/output.jsonl" ] || [ -f "$dir/error" ] && continue
+    RUNNER_STARTS[$run]=$((${RUNNER_STARTS[$run]:-0} + 1))
+    if [ "${RUNNER_STARTS[$run]}" -gt $((BATCH_RESTARTS + 1)) ]; then
+      printf 'its runner stopped %s times; see the job log\n' "$BATCH_RESTARTS" >"$dir/error"
+      continue
+    fi
+    log "starting the runner of batch run $run ($(wc -l <"$dir/requests.jsonl") requests)"
+    python3 "$SESSION_DIR/batchrun.py" --requests "$dir/requests.jsonl" --results "$dir/results.jsonl" \
+      --progress "$dir/progress.json" --output "$dir/output.jsonl" --server "http://$SERVED_AT" \
+      --key-file "$SESSION_DIR/api_key" --model "$SERVED_NAME" --concurrency "$(cat "$dir/concurrency" 2>/dev/null || echo 1)" &
+    RUNNERS[$run]=$!
+    CHILDREN+=("$!")
+  done
+}
+
 serve_until_end() {
   local pid=$1 rc
   [ -z "${BATCH_RUN:-}" ] || run_batch "$pid"
+  while kill -0 "$pid" 2>/dev/null; do
+    supervise_batches
+    sleep 2
+  done
   wait "$pid"
   rc=$?
   rm -f "$SESSION_DIR/connection.json"

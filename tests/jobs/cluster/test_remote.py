@@ -209,3 +209,34 @@ def test_a_cancel_with_a_job_id_cancels_it_by_id_and_by_name(tmp_path: Path) -> 
     assert run(remote.cancel_command(A, "4242"), env).returncode == 0
     me = subprocess.run(["id", "-un"], capture_output=True, text=True).stdout.strip()
     assert (Path(env["HOME"]) / "scancel-calls").read_text().splitlines() == ["4242", f"--name hpcllm-{A} --user {me}"]
+
+
+def test_a_batch_run_is_staged_once_beside_its_session_and_a_stop_leaves_a_mark(tmp_path: Path) -> None:
+    env = fake_bin(tmp_path)
+    session_dir = Path(env["HOME"]) / ".hpc-llm-portal" / "sessions" / A
+    payload = remote.tar_payload({"requests.jsonl": ('{"line": 1}\n', 0o600), "batchrun.py": ("# runner\n", 0o600)})
+    command = remote.stage_batch_command(A, B, payload.sha256)
+    refused = run(command, env, payload.stdin)
+    assert refused.returncode == 3 and "directory is missing" in refused.stderr
+    session_dir.mkdir(parents=True)
+    assert run(command, env, payload.stdin).stdout.strip() == "staged"
+    run_dir = session_dir / "batch" / B
+    assert (run_dir / "start").exists() and (session_dir / "batchrun.py").read_text() == "# runner\n"
+    assert oct((run_dir / "requests.jsonl").stat().st_mode & 0o777) == "0o600"
+    (run_dir / "requests.jsonl").write_text("changed by the runner's job")
+    assert run(command, env, b"different bytes").stdout.strip() == "staged"  # a second staging changes nothing
+    assert (run_dir / "requests.jsonl").read_text() == "changed by the runner's job"
+    torn = remote.stage_batch_command(A, C, payload.sha256)
+    assert run(torn, env, payload.stdin[:100]).returncode == remote.SUBMIT_RETRY  # an incomplete upload: try again
+    assert run(remote.stop_batch_command(A, B), env).stdout.strip() == "stopping" and (run_dir / "stop").exists()
+    with pytest.raises(ValueError):
+        remote.stage_batch_command(A, "../x", payload.sha256)
+
+
+def test_poll_reports_why_the_job_gave_a_run_up(tmp_path: Path) -> None:
+    env = fake_bin(tmp_path, squeue=f"echo '101|hpcllm-{A}|RUNNING|None|2026-11-21T12:00:00|node1|1:00|59:00|gpu|1'")
+    run_dir = Path(env["HOME"]) / ".hpc-llm-portal" / "sessions" / A / "batch" / B
+    run_dir.mkdir(parents=True)
+    (run_dir / "error").write_text("its runner stopped 5 times; see the job log\n@@end\n")
+    result = remote.parse_poll(run(remote.poll_command([(A, "101")]), env).stdout)
+    assert result.complete and result.batch_errors == {B: "its runner stopped 5 times; see the job log\nend"}

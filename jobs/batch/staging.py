@@ -1,0 +1,75 @@
+"""A batch run on a running session, on the cluster: its checked requests and the runner staged in the session's
+directory, where the job starts the runner beside the server (common.sh, supervise_batches); and a stop."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import timedelta
+
+from django.utils import timezone
+
+from jobs.cluster import jobscript, remote
+from jobs.models import BatchRun
+from portal import ssh
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Staged:
+    outcome: str  # "staged", "retry" or "failed"
+    message: str = ""
+
+
+def stage(run_id: str) -> Staged:
+    """Send the run's files once (the remote side changes nothing when they are there already). SSH trouble and an
+    incomplete upload are worth retrying; a session whose directory is gone is not."""
+    run = BatchRun.objects.select_related("session__account__cluster").get(pk=run_id)
+    if run.staged_at is not None or run.is_ended:
+        return Staged("staged")
+    with run.requests.open("rb") as requests:
+        files = {
+            "requests.jsonl": (requests.read().decode(), 0o600),
+            "concurrency": (f"{run.concurrency}\n", 0o600),
+            "batchrun.py": (jobscript.extra_files(run.session.runtime.kind, batch=True)["batchrun.py"], 0o600),
+        }
+    payload = remote.tar_payload(files)
+    command = remote.stage_batch_command(str(run.session_id), str(run.pk), payload.sha256)
+    try:
+        result = ssh.pool.run(run.session.account.ssh_target(), command, stdin=payload.stdin, timeout_s=300)
+    except ssh.SSHError as exc:
+        return Staged("retry" if exc.transient else "failed", str(exc))
+    if result.exit_code == 0 and "staged" in result.stdout:
+        BatchRun.objects.filter(pk=run.pk, staged_at__isnull=True).update(staged_at=timezone.now())
+        return Staged("staged")
+    message = result.stderr.strip()[:500] or f"exit code {result.exit_code}"
+    return Staged("retry" if result.exit_code == remote.SUBMIT_RETRY else "failed", message)
+
+
+def lost() -> list[str]:
+    """Runs on running sessions whose staging task was lost (a worker died with it): asked for again."""
+    overdue = timezone.now() - timedelta(seconds=120)
+    waiting = BatchRun.objects.filter(
+        ends_session=False, staged_at__isnull=True, state=BatchRun.State.WAITING, created_at__lt=overdue
+    )
+    return [str(pk) for pk in waiting.values_list("pk", flat=True)[:100]]
+
+
+def fail(run_id: str, reason: str) -> None:
+    BatchRun.objects.filter(pk=run_id).exclude(state__in=BatchRun.END_STATES).update(
+        state=BatchRun.State.FAILED, end_reason=reason[:2000], finished_at=timezone.now()
+    )
+
+
+def stop(run_id: str) -> bool:
+    """Ask the job to stop the run's runner; False when the cluster could not be asked (the task tries again)."""
+    run = BatchRun.objects.select_related("session__account__cluster").get(pk=run_id)
+    try:
+        result = ssh.pool.run(
+            run.session.account.ssh_target(), remote.stop_batch_command(str(run.session_id), str(run.pk)), timeout_s=60
+        )
+    except ssh.SSHError as exc:
+        log.warning("stopping batch run %s will be retried: %s", run_id, exc)
+        return False
+    return result.exit_code == 0
