@@ -6,7 +6,7 @@ from __future__ import annotations
 from django.urls import path
 
 from jobs.sessions import views as sessions
-from jobs.use import batches, proxy
+from jobs.use import batches, openai_batches, proxy
 from jobs.use import views as use
 
 app_name = "jobs"
@@ -29,6 +29,13 @@ urlpatterns = [
     path("sessions/<uuid:pk>/chat/<int:conversation_id>/send", use.send_without_js, name="chat-send"),
     path("sessions/<uuid:pk>/chat/<int:conversation_id>/manage", use.manage_conversation, name="chat-manage"),
     path("sessions/<uuid:pk>/chat/<int:conversation_id>/export", use.export, name="chat-export"),
+    # OpenAI's Files and Batch API (use/openai_batches.py), before the proxy's catch-all.
+    path("api/v1/files", openai_batches.files, name="api-files"),
+    path("api/v1/files/<str:file_id>", openai_batches.file_detail, name="api-file"),
+    path("api/v1/files/<str:file_id>/content", openai_batches.file_content, name="api-file-content"),
+    path("api/v1/batches", openai_batches.batches, name="api-batches"),
+    path("api/v1/batches/<str:batch_id>", openai_batches.batch_detail, name="api-batch"),
+    path("api/v1/batches/<str:batch_id>/cancel", openai_batches.batch_detail, {"action": "cancel"}),
     path("api/v1/<path:path>", proxy.api_proxy, name="api"),
     path("tokens/", use.api_tokens, name="tokens"),
     path("batch/", batches.batch_list, name="batches"),

@@ -4,11 +4,14 @@ directory, where the job starts the runner beside the server (common.sh, supervi
 from __future__ import annotations
 
 import logging
+import shlex
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 
 from django.utils import timezone
 
+from jobs.batch import outputs
 from jobs.cluster import jobscript, remote
 from jobs.models import BatchRun
 from portal import ssh
@@ -73,3 +76,21 @@ def stop(run_id: str) -> bool:
         log.warning("stopping batch run %s will be retried: %s", run_id, exc)
         return False
     return result.exit_code == 0
+
+
+class NoResults(Exception):
+    """The run has answered nothing yet."""
+
+
+def results(run: BatchRun) -> tuple[bool, Iterator[bytes]]:
+    """The run's result records as lines streamed from the cluster, and whether they are in input order (the whole
+    output of a finished run) or in the order they were answered (so far). Raises NoResults, or ssh.SSHError when
+    the cluster cannot be asked."""
+    finished = run.state == BatchRun.State.FINISHED
+    path = shlex.quote(
+        f".hpc-llm-portal/sessions/{run.session_id}/batch/{run.pk}/{'output' if finished else 'results'}.jsonl"
+    )
+    target = run.session.account.ssh_target()
+    if ssh.pool.run(target, f"test -f {path} && echo yes", timeout_s=30).stdout.strip() != "yes":
+        raise NoResults("the run has answered nothing yet")
+    return finished, outputs.lines(ssh.pool.read(target, f"cat {path}"))

@@ -4,7 +4,7 @@ tokens (tokens.py), chat (chat.py), batch runs (batch.py).
 May import: catalog, portal. Never the rest of jobs.
 """
 
-from jobs.models.batch import BatchRun
+from jobs.models.batch import BatchFile, BatchRun
 from jobs.models.capacity import PartitionState
 from jobs.models.chat import ChatMessage, Conversation
 from jobs.models.sessions import (
@@ -29,6 +29,7 @@ __all__ = [
     "SEE_ALL_SESSIONS",
     "SERVING_STATES",
     "ApiToken",
+    "BatchFile",
     "BatchRun",
     "ChatMessage",
     "Conversation",

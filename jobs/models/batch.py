@@ -40,6 +40,9 @@ class BatchRun(models.Model):
     concurrency = models.PositiveIntegerField(default=4, validators=[MinValueValidator(1), MaxValueValidator(256)])
     # The checked requests JSONL (jobs/batch/inputs.py); private storage, never served as a page.
     requests = models.FileField(upload_to=requests_path)
+    # What the OpenAI Batch API was given: its input file and metadata (jobs/use/openai_batches.py).
+    input_file = models.ForeignKey("BatchFile", null=True, blank=True, on_delete=models.SET_NULL, related_name="runs")
+    metadata = models.JSONField(default=dict, blank=True)
 
     state = models.CharField(max_length=10, choices=State.choices, default=State.WAITING)
     done = models.PositiveIntegerField(default=0)
@@ -69,3 +72,26 @@ class BatchRun(models.Model):
     @property
     def is_ended(self) -> bool:
         return self.state in self.END_STATES
+
+
+def upload_path(upload: BatchFile, filename: str) -> str:
+    return f"files/{upload.pk}"
+
+
+class BatchFile(models.Model):
+    """A file uploaded through the OpenAI Files API (`files.create(purpose="batch")`), checked when it came in; its
+    owner's alone."""
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="batch_files")
+    filename = models.CharField(max_length=200)
+    purpose = models.CharField(max_length=20, default="batch")
+    size_bytes = models.PositiveBigIntegerField()
+    content = models.FileField(upload_to=upload_path)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+
+    def __str__(self) -> str:
+        return f"{self.filename} ({self.owner_id})"

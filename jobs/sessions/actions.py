@@ -51,25 +51,26 @@ def launch(
     return session
 
 
-def _add_run(session: LLMSession, batch: batch_forms.Checked, ends_session: bool) -> BatchRun:
+def _add_run(session: LLMSession, batch: batch_forms.Checked, ends_session: bool, **extra: Any) -> BatchRun:
     run = BatchRun(
         owner=session.owner,
         session=session,
         ends_session=ends_session,
         **batch_forms.run_columns(batch, session.parallel),
+        **extra,
     )
     run.requests.save("requests.jsonl", File(batch.requests), save=False)
     run.save()
     return run
 
 
-def start_run(session: LLMSession, batch: batch_forms.Checked) -> BatchRun:
+def start_run(session: LLMSession, batch: batch_forms.Checked, **extra: Any) -> BatchRun:
     """A batch run on a running session: recorded, then sent to the cluster, where the job starts its runner beside
     the server. The session stays up for chat and the API; by default the run leaves one of its slots free."""
     if session.state != State.RUNNING:
         raise ValidationError(f"The session is {session.get_state_display()}: a run needs it running.")
     with transaction.atomic():
-        run = _add_run(session, batch, ends_session=False)
+        run = _add_run(session, batch, ends_session=False, **extra)
         if batch.columns.get("concurrency") is None and session.parallel > 1:
             BatchRun.objects.filter(pk=run.pk).update(concurrency=session.parallel - 1)
         transaction.on_commit(lambda: tasks.stage_batch.delay(str(run.pk)))

@@ -4,7 +4,6 @@ jobs/sessions/actions.py like every other."""
 
 from __future__ import annotations
 
-import shlex
 from collections.abc import Iterator
 from uuid import UUID
 
@@ -15,7 +14,7 @@ from django.http import Http404, HttpResponse, HttpResponseBase, HttpResponseRed
 from django.urls import reverse
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
-from jobs.batch import outputs
+from jobs.batch import outputs, staging
 from jobs.batch.forms import BatchForm
 from jobs.models import BatchRun
 from jobs.sessions import actions
@@ -113,21 +112,15 @@ def batch_output(request: HtmxHttpRequest, pk: UUID, fmt: str) -> HttpResponseBa
     run = get_run_for(request, pk)
     if fmt not in outputs.FORMATS:
         raise Http404("no such format")
-    session = run.session
-    name = "output.jsonl" if run.state == BatchRun.State.FINISHED else "results.jsonl"
-    path = shlex.quote(f".hpc-llm-portal/sessions/{session.pk}/batch/{run.pk}/{name}")
-    target = session.account.ssh_target()
     try:
-        probe = ssh.pool.run(target, f"test -f {path} && echo yes", timeout_s=30)
+        in_order, records = staging.results(run)
+    except staging.NoResults as exc:
+        return HttpResponse(f"No results yet: {exc}.", status=404, content_type="text/plain")
     except ssh.SSHError as exc:
-        return HttpResponse(
-            f"{session.cluster.name} cannot be reached now: {exc}", status=503, content_type="text/plain"
-        )
-    if probe.stdout.strip() != "yes":
-        return HttpResponse("No results yet: the run has not answered anything.", status=404, content_type="text/plain")
-    records = outputs.lines(ssh.pool.read(target, f"cat {path}"))
+        why = f"{run.session.cluster.name} cannot be reached now: {exc}"
+        return HttpResponse(why, status=503, content_type="text/plain")
     prompts: Iterator[str] = iter(())
-    if fmt == "csv" and name == "output.jsonl":
+    if fmt == "csv" and in_order:
         prompts = outputs.prompts_of(outputs.lines(_local_chunks(run)))
     body = outputs.convert(records, fmt, str(run.pk), prompts)
     response = StreamingHttpResponse(body, content_type=CONTENT_TYPES[fmt])

@@ -44,6 +44,7 @@ API = re.compile(r"/api/v1/")
 BROWSER = re.compile(r"/sessions/[0-9a-fA-F-]{36}/v1/")
 BODY = "portal.body"  # the request body, read here
 HOLDER = "portal.holder"  # the API token's holder (targets.Holder), looked up here
+FILES = "/api/v1/files"  # OpenAI's Files API: uploads up to PORTAL_BATCH_MAX_BYTES
 
 
 def guards(path: str) -> bool:
@@ -57,6 +58,8 @@ async def guard(app: App, scope: Scope, receive: Receive, send: Send) -> None:
         await _reply(send, 400, "the Host header names no site this portal serves", "invalid_request_error")
         return
     limit = settings.PORTAL_MAX_REQUEST_BYTES
+    if scope["path"] == FILES:  # a batch input file, checked line by line once it is in
+        limit = max(limit, settings.PORTAL_BATCH_MAX_BYTES + (1 << 20))
     declared = headers.get("content-length", "")
     if declared and (not declared.isdigit() or int(declared) > limit):
         await _reply(send, 413, f"the request body is larger than {limit} bytes", "request_too_large")

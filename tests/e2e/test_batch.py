@@ -223,3 +223,75 @@ def test_a_run_on_a_running_session_completes_while_its_chat_still_answers_and_a
     long_run.refresh_from_db()
     assert long_run.state == BatchRun.State.STOPPED and "your request" in long_run.end_reason
     assert 0 < long_run.done <= len(run_file(local_catalog, long_run, "results.jsonl")) < 3000
+
+
+@pytest.mark.django_db(transaction=True)  # the portal runs in its own process (uvicorn) on this test's database
+def test_the_openai_clients_batch_calls_work_through_the_portal(
+    account: None, owner: Any, other_user: Any, django_capture_on_commit_callbacks: Any,
+    local_catalog: dict[str, Any], tmp_path: Any,
+) -> None:  # fmt: skip
+    import openai
+
+    from jobs.models import ApiToken
+    from jobs.tasks import stage_batch
+    from tests.e2e.test_worker import worker_env
+    from tests.worker import PortalServer
+
+    with django_capture_on_commit_callbacks(execute=False):
+        session = launch(owner, {**LAUNCH, "purpose": "batch", "alias": "bat"})
+    submit_session.apply(args=(str(session.pk),))
+    session = drive(LLMSession.objects.get(pk=session.pk), lambda s: s.state == State.RUNNING or s.is_ended)
+    assert session.state == State.RUNNING, session.end_reason
+    server = PortalServer(worker_env(), tmp_path / "uvicorn.log")
+    url = server.start()
+    try:
+        _, token = ApiToken.issue(owner, "script")
+        client = openai.OpenAI(base_url=f"{url}/api/v1", api_key=token, max_retries=0)
+        lines = [
+            {"custom_id": f"q{i}", "method": "POST", "url": "/v1/chat/completions",
+             "body": {"model": "bat", "messages": [{"role": "user", "content": f"Say {i}"}], "max_tokens": 6}}
+            for i in range(50)
+        ]  # fmt: skip
+        bad = b'{"custom_id": "a", "url": "/v1/chat/completions", "body": {"model": "bat", "messages": []}}\n'
+        with pytest.raises(openai.BadRequestError, match="line 1: messages must be a non-empty list"):
+            client.files.create(file=("bad.jsonl", bad), purpose="batch")
+        uploaded = client.files.create(
+            file=("questions.jsonl", "\n".join(json.dumps(line) for line in lines).encode()), purpose="batch"
+        )
+        assert uploaded.purpose == "batch" and uploaded.filename == "questions.jsonl"
+        batch = client.batches.create(
+            input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h",
+            metadata={"project": "e2e"},
+        )  # fmt: skip
+        first_status = batch.status
+        assert first_status == "validating" and batch.request_counts and batch.request_counts.total == 50
+        run = BatchRun.objects.get(session=session)
+        stage_batch.apply(args=(str(run.pk),))  # what the worker does once the batch is committed
+        deadline = time.monotonic() + 120
+        while batch.status != "completed" and time.monotonic() < deadline:
+            drive(session, lambda s: True)
+            batch = client.batches.retrieve(batch.id)
+            time.sleep(0.3)
+        assert batch.status == "completed" and batch.output_file_id, batch
+        assert batch.request_counts and batch.request_counts.completed == 50 and batch.metadata == {"project": "e2e"}
+        output = [json.loads(line) for line in client.files.content(batch.output_file_id).text.splitlines()]
+        assert [o["custom_id"] for o in output] == [f"q{i}" for i in range(50)]
+        assert all(o["response"]["status_code"] == 200 and o["error"] is None for o in output)
+        assert batch.id in [b.id for b in client.batches.list()]
+        assert client.batches.cancel(batch.id).status == "completed"  # a finished batch stays finished
+        assert client.files.content(uploaded.id).content.startswith(b'{"custom_id": "q0"')
+
+        _, stranger_token = ApiToken.issue(other_user, "stranger")
+        stranger = openai.OpenAI(base_url=f"{url}/api/v1", api_key=stranger_token, max_retries=0)
+        with pytest.raises(openai.NotFoundError):
+            stranger.batches.retrieve(batch.id)
+        with pytest.raises(openai.NotFoundError):
+            stranger.files.content(batch.output_file_id)
+        with pytest.raises(openai.NotFoundError):
+            stranger.files.content(uploaded.id)
+        assert stranger.batches.list().data == []
+        with pytest.raises(openai.NotFoundError):  # a file of someone else's cannot start a batch either
+            stranger.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions",
+                                    completion_window="24h")  # fmt: skip
+    finally:
+        server.stop()

@@ -1,0 +1,319 @@
+"""OpenAI's Files and Batch API on the portal (docs/batch.md), so scripts written for the official `openai` client's
+batch calls work with a personal token: `files.create(purpose="batch")`, `files.retrieve|content`,
+`batches.create|retrieve|list|cancel`. A batch is a batch run on the caller's running session that the lines' `model`
+names (uuid, alias or catalog name, as in the rest of the API); its output file streams from the cluster.
+
+Everything is the token holder's own: another user's file or batch is a 404, as for sessions.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import json
+import tempfile
+import uuid
+from collections.abc import Callable, Iterator
+from typing import IO, Any
+
+from django.contrib.auth import get_user_model
+from django.contrib.auth.models import User
+from django.core.exceptions import ValidationError
+from django.core.files import File
+from django.http import HttpRequest, HttpResponseBase, JsonResponse, StreamingHttpResponse
+from django.http.multipartparser import MultiPartParser, MultiPartParserError
+from django.views.decorators.csrf import csrf_exempt
+from django.views.decorators.http import require_GET, require_http_methods
+
+from jobs.batch import inputs, outputs, staging
+from jobs.batch.forms import Checked, limits
+from jobs.models import BatchFile, BatchRun, LLMSession
+from jobs.sessions import actions
+from jobs.use import targets
+from jobs.use.guard import BODY, HOLDER
+from jobs.use.proxy import openai_error
+from portal import ssh
+from portal.errors import messages_of
+
+OUTPUT_PREFIX = "file-output-"
+WINDOW = "24h"
+
+
+def _caller(request: HttpRequest) -> tuple[targets.Holder | None, User | None]:
+    """The token's holder as the door found it, or (Django's test client, which skips the door) from the header."""
+    holder = request.scope.get(HOLDER) if hasattr(request, "scope") else None
+    if not isinstance(holder, targets.Holder):
+        scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+        holder = targets.holder(token.strip()) if scheme.lower() == "bearer" and token.strip() else None
+    if holder is None:
+        return None, None
+    return holder, get_user_model().objects.filter(pk=holder.user_pk, is_active=True).first()
+
+
+def _body(request: HttpRequest) -> bytes:
+    body = request.scope.get(BODY) if hasattr(request, "scope") else None
+    return body if isinstance(body, bytes) else request.body
+
+
+def _no_token() -> JsonResponse:
+    return openai_error(401, "a valid personal API token is needed", "authentication_error", "invalid_api_key")
+
+
+def _tokened(view: Callable[..., HttpResponseBase]) -> Callable[..., HttpResponseBase]:
+    """The view gets the token's holder and user, or the caller a 401; no CSRF (no cookies here)."""
+
+    @functools.wraps(view)
+    def wrapped(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponseBase:
+        holder, user = _caller(request)
+        if holder is None or user is None:
+            return _no_token()
+        return view(request, holder, user, *args, **kwargs)
+
+    return csrf_exempt(wrapped)
+
+
+def _file_object(upload: BatchFile) -> dict[str, Any]:
+    return {"id": f"file-{upload.pk.hex}", "object": "file", "bytes": upload.size_bytes,
+            "created_at": int(upload.created_at.timestamp()), "filename": upload.filename, "purpose": upload.purpose,
+            "status": "processed", "status_details": None}  # fmt: skip
+
+
+def _output_object(run: BatchRun) -> dict[str, Any]:
+    return {"id": f"{OUTPUT_PREFIX}{run.pk.hex}", "object": "file", "bytes": 0,
+            "created_at": int((run.finished_at or run.created_at).timestamp()),
+            "filename": f"batch_{run.pk.hex}_output.jsonl", "purpose": "batch_output", "status": "processed",
+            "status_details": None}  # fmt: skip
+
+
+def _status(run: BatchRun) -> str:
+    if run.state == BatchRun.State.FINISHED:
+        return "completed"
+    if run.state == BatchRun.State.FAILED:
+        return "failed"
+    if run.state == BatchRun.State.STOPPED:
+        return "cancelled"
+    if run.stop_requested_at:
+        return "cancelling"
+    return "in_progress" if run.staged_at or run.state == BatchRun.State.RUNNING else "validating"
+
+
+def _batch_object(run: BatchRun) -> dict[str, Any]:
+    status = _status(run)
+
+    def at(value: Any) -> int | None:
+        return int(value.timestamp()) if value else None
+
+    ended = at(run.finished_at)
+    return {
+        "id": f"batch_{run.pk.hex}", "object": "batch", "endpoint": run.endpoint,
+        "errors": {"object": "list", "data": [{"code": "run_failed", "message": run.end_reason}]}
+        if status == "failed" else None,
+        "input_file_id": f"file-{run.input_file.pk.hex}" if run.input_file else None,
+        "completion_window": WINDOW, "status": status,
+        "output_file_id": f"{OUTPUT_PREFIX}{run.pk.hex}" if run.done or run.failed or status == "completed" else None,
+        "error_file_id": None, "created_at": at(run.created_at), "in_progress_at": at(run.started_at),
+        "expires_at": None, "finalizing_at": None, "completed_at": ended if status == "completed" else None,
+        "failed_at": ended if status == "failed" else None, "expired_at": None,
+        "cancelling_at": at(run.stop_requested_at), "cancelled_at": ended if status == "cancelled" else None,
+        "request_counts": {"total": run.prompts, "completed": run.done, "failed": run.failed},
+        "metadata": run.metadata or None,
+    }  # fmt: skip
+
+
+def _uuid_of(text: str, prefix: str) -> uuid.UUID | None:
+    if not text.startswith(prefix):
+        return None
+    try:
+        return uuid.UUID(hex=text[len(prefix) :])
+    except ValueError:
+        return None
+
+
+def _check(raw: IO[bytes], fmt: str = "openai") -> tuple[IO[bytes], inputs.Summary]:
+    requests = tempfile.TemporaryFile()  # noqa: SIM115 -- returned to the caller, who closes it
+    try:
+        summary = inputs.normalize(raw, requests, inputs.Options(format=fmt), limits())
+    except inputs.InputError:
+        requests.close()
+        raise
+    requests.seek(0)
+    return requests, summary
+
+
+def _input_error(exc: inputs.InputError) -> JsonResponse:
+    return openai_error(400, f"the file cannot run: {exc}", "invalid_request_error", "invalid_file")
+
+
+@require_http_methods(["GET", "POST"])
+@_tokened
+def files(request: HttpRequest, holder: targets.Holder, user: User) -> HttpResponseBase:
+    """POST: upload a batch input file (multipart `file` and `purpose`), checked line by line at once. GET: the
+    caller's files."""
+    if request.method == "GET":
+        uploads = BatchFile.objects.filter(owner=user)[:1000]
+        return JsonResponse({"object": "list", "data": [_file_object(u) for u in uploads], "has_more": False})
+    body = _body(request)
+    meta = {**request.META, "CONTENT_LENGTH": str(len(body))}
+    try:
+        fields, uploaded = MultiPartParser(meta, io.BytesIO(body), request.upload_handlers).parse()
+    except MultiPartParserError as exc:
+        return openai_error(400, f"send the file as multipart/form-data: {exc}", "invalid_request_error")
+    if fields.get("purpose") != "batch":
+        return openai_error(400, "purpose must be 'batch' (the only files the portal takes)", "invalid_request_error")
+    upload = uploaded.get("file")
+    if upload is None:
+        return openai_error(400, "no file in the request (the multipart field is `file`)", "invalid_request_error")
+    try:
+        requests, _ = _check(upload)
+    except inputs.InputError as exc:
+        return _input_error(exc)
+    requests.close()
+    upload.seek(0)
+    stored = BatchFile(owner=user, filename=(upload.name or "input.jsonl")[:200], size_bytes=upload.size or 0)
+    stored.content.save("input.jsonl", File(upload), save=False)
+    stored.save()
+    return JsonResponse(_file_object(stored))
+
+
+def _own_file(user: User, file_id: str) -> BatchFile | None:
+    pk = _uuid_of(file_id, "file-")
+    return BatchFile.objects.filter(pk=pk, owner=user).first() if pk else None
+
+
+def _own_run(user: User, text: str, prefix: str) -> BatchRun | None:
+    pk = _uuid_of(text, prefix)
+    return BatchRun.objects.select_related("session", "input_file").filter(pk=pk, owner=user).first() if pk else None
+
+
+@require_GET
+@_tokened
+def file_detail(request: HttpRequest, holder: targets.Holder, user: User, file_id: str) -> HttpResponseBase:
+    run = _own_run(user, file_id, OUTPUT_PREFIX)
+    if run is not None:
+        return JsonResponse(_output_object(run))
+    upload = _own_file(user, file_id)
+    if upload is None:
+        return openai_error(404, f"no file {file_id!r}", "invalid_request_error", "file_not_found")
+    return JsonResponse(_file_object(upload))
+
+
+@require_GET
+@_tokened
+def file_content(request: HttpRequest, holder: targets.Holder, user: User, file_id: str) -> HttpResponseBase:
+    """An input file as uploaded, or a batch's output in OpenAI's batch output format, streamed from the cluster."""
+    run = _own_run(user, file_id, OUTPUT_PREFIX)
+    if run is not None:
+        return _stream_output(run)
+    upload = _own_file(user, file_id)
+    if upload is None:
+        return openai_error(404, f"no file {file_id!r}", "invalid_request_error", "file_not_found")
+
+    def chunks() -> Iterator[bytes]:
+        with upload.content.open("rb") as f:
+            while chunk := f.read(1 << 16):
+                yield chunk
+
+    return StreamingHttpResponse(chunks(), content_type="application/jsonl")
+
+
+def _stream_output(run: BatchRun) -> HttpResponseBase:
+    try:
+        _, records = staging.results(run)
+    except staging.NoResults:
+        return openai_error(404, "the batch has no output yet", "invalid_request_error", "file_not_found")
+    except ssh.SSHError as exc:
+        return openai_error(503, f"{run.session.cluster.name} cannot be reached now: {exc}", "server_error")
+    return StreamingHttpResponse(outputs.convert(records, "openai", str(run.pk)), content_type="application/jsonl")
+
+
+def _models_named(upload: BatchFile) -> set[str]:
+    """The `model` every line's body names (the normalised requests drop it: the run names its server)."""
+    named: set[str] = set()
+    with upload.content.open("rb") as f:
+        for raw in f:
+            try:
+                body = json.loads(raw).get("body") or {}
+            except (ValueError, AttributeError):
+                continue
+            model = body.get("model") if isinstance(body, dict) else None
+            named.add(model if isinstance(model, str) else "")
+    return named
+
+
+@require_http_methods(["GET", "POST"])
+@_tokened
+def batches(request: HttpRequest, holder: targets.Holder, user: User) -> HttpResponseBase:
+    """POST: a batch on the running session the file's lines name as their model. GET: the caller's batches."""
+    if request.method == "GET":
+        runs = BatchRun.objects.filter(owner=user).select_related("input_file")
+        after = _uuid_of(request.GET.get("after", ""), "batch_")
+        if after:
+            anchor = runs.filter(pk=after).first()
+            runs = runs.filter(created_at__lt=anchor.created_at) if anchor else runs.none()
+        try:
+            limit = max(1, min(100, int(request.GET.get("limit", 20))))
+        except ValueError:
+            limit = 20
+        page = list(runs[: limit + 1])
+        data = [_batch_object(r) for r in page[:limit]]
+        return JsonResponse({"object": "list", "data": data, "first_id": data[0]["id"] if data else None,
+                             "last_id": data[-1]["id"] if data else None, "has_more": len(page) > limit})  # fmt: skip
+    try:
+        payload = json.loads(_body(request) or b"{}")
+    except ValueError:
+        return openai_error(400, "the body must be JSON", "invalid_request_error")
+    if not isinstance(payload, dict):
+        return openai_error(400, "the body must be a JSON object", "invalid_request_error")
+    upload = _own_file(user, str(payload.get("input_file_id", "")))
+    if upload is None:
+        return openai_error(404, f"no file {payload.get('input_file_id')!r}", "invalid_request_error", "file_not_found")
+    if payload.get("completion_window", WINDOW) != WINDOW:
+        return openai_error(400, f"completion_window must be {WINDOW}", "invalid_request_error")
+    metadata = payload.get("metadata") or {}
+    if not isinstance(metadata, dict) or len(json.dumps(metadata)) > 16_000:
+        return openai_error(400, "metadata must be a small JSON object", "invalid_request_error")
+    named = _models_named(upload)
+    if len(named) != 1 or "" in named:
+        return openai_error(400, "every line's body must name the same model: one of your running sessions (its "
+                            "uuid or alias, or the model's catalog name)", "invalid_request_error")  # fmt: skip
+    model = named.pop()
+    try:
+        target = targets.target(holder, model)
+    except targets.Ambiguous as exc:
+        return openai_error(400, str(exc), "invalid_request_error", "model_ambiguous")
+    if target is None:
+        return openai_error(404, f"no running session of yours answers to {model!r}", "invalid_request_error",
+                            "model_not_found")  # fmt: skip
+    with upload.content.open("rb") as raw:
+        try:
+            requests, summary = _check(raw)
+        except inputs.InputError as exc:
+            return _input_error(exc)
+    if payload.get("endpoint") != summary.url:
+        return openai_error(400, f"endpoint must be {summary.url}, where the file's lines go", "invalid_request_error")
+    columns = {"name": upload.filename, "input_format": summary.format, "endpoint": summary.url,
+               "prompts": summary.prompts, "system_prompt": "", "defaults": {}, "concurrency": None}  # fmt: skip
+    session = LLMSession.objects.get(pk=target.pk)
+    try:
+        with requests:
+            run = actions.start_run(session, Checked(requests, columns), input_file=upload, metadata=metadata)
+    except ValidationError as exc:
+        return openai_error(409, " ".join(messages_of(exc)), "invalid_request_error", "session_not_running")
+    return JsonResponse(_batch_object(run))
+
+
+@require_http_methods(["GET", "POST"])
+@_tokened
+def batch_detail(
+    request: HttpRequest, holder: targets.Holder, user: User, batch_id: str, action: str = ""
+) -> HttpResponseBase:
+    """GET a batch; POST to its /cancel: stop it, keeping what is answered."""
+    run = _own_run(user, batch_id, "batch_")
+    if run is None:
+        return openai_error(404, f"no batch {batch_id!r}", "invalid_request_error", "batch_not_found")
+    if (request.method == "POST") != (action == "cancel"):
+        return openai_error(405, f"{request.method} is not allowed here", "invalid_request_error")
+    if action == "cancel":
+        actions.stop_run(run)
+        run.refresh_from_db()
+    return JsonResponse(_batch_object(run))
