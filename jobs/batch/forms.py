@@ -44,8 +44,12 @@ class BatchForm(forms.Form):
     max_tokens = forms.IntegerField(required=False, min_value=1, max_value=1_000_000, help_text="per reply")
     temperature = forms.FloatField(required=False, min_value=0, max_value=2)
     concurrency = forms.IntegerField(
-        required=False, min_value=1, max_value=256, help_text="requests at once; default: the session's slots"
+        required=False, min_value=1, max_value=256, help_text="requests at once per server; default: its slots"
     )
+    replicas = forms.IntegerField(
+        required=False, min_value=1, max_value=16,
+        help_text="a batch launch's servers, one node each, sharing the prompts; default 1",
+    )  # fmt: skip
 
     checked: Checked | None = None
 
@@ -79,6 +83,7 @@ class BatchForm(forms.Form):
                 "system_prompt": options.system_prompt,
                 "defaults": defaults,
                 "concurrency": data.get("concurrency"),
+                "replicas": data.get("replicas") or 1,
             },
         )
         return data

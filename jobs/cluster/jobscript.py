@@ -47,6 +47,7 @@ class JobSpec:
     # A batch launch: the job works through this run's requests (batchrun.py) once the server is ready, then ends.
     batch_run: str = ""
     batch_concurrency: int = 1
+    replicas: int = 1  # a batch launch's servers, one per node, sharing the prompts
     model_path: str = ""
     ollama_tag: str = ""
     model_dir: str = ""
@@ -80,7 +81,7 @@ def sbatch_directives(spec: JobSpec) -> list[str]:
     if spec.account:
         lines.append(f"--account={_check(_ACCOUNT, spec.account, 'account')}")
     lines += [
-        f"--nodes={_positive(spec.nodes, 'nodes')}",
+        f"--nodes={_positive(spec.nodes, 'nodes') * _positive(spec.replicas, 'replicas')}",
         "--ntasks-per-node=1",
         f"--cpus-per-task={_positive(spec.cpus_per_node, 'CPUs per node')}",
         f"--mem={_positive(spec.memory_gib, 'memory')}G",
@@ -115,6 +116,7 @@ def assignments(spec: JobSpec) -> list[str]:
         "EMBEDDINGS": int(spec.embeddings),
         "BATCH_RUN": _check(_UUID, spec.batch_run, "batch run id") if spec.batch_run else "",
         "BATCH_CONCURRENCY": _positive(spec.batch_concurrency, "batch concurrency"),
+        "REPLICAS": _positive(spec.replicas, "replicas"),
         "GPU_LAYERS": _positive(spec.gpu_layers, "GPU layers"),
         "GPU_MEMORY_UTILIZATION": f"{spec.gpu_memory_utilization:.2f}",
         "READY_TIMEOUT_S": _positive(spec.ready_timeout_s, "ready timeout"),
@@ -142,6 +144,8 @@ def render(spec: JobSpec) -> str:
     rules = _rules(spec.runtime)
     if spec.nodes > 1 and not rules.multi_node:
         raise RenderError(rules.one_node_only())
+    if spec.replicas > 1 and not (spec.batch_run and spec.nodes == 1):
+        raise RenderError("replicas are for batch launches of one node each")
     if spec.embeddings and not rules.serves_embeddings:
         raise RenderError(f"{rules.label} cannot serve embeddings")
     if spec.nodes > 1 and rules.rpc_binary and not spec.rpc_binary:

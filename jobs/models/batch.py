@@ -38,6 +38,8 @@ class BatchRun(models.Model):
     system_prompt = models.TextField(blank=True)
     defaults = models.JSONField(default=dict, blank=True)
     concurrency = models.PositiveIntegerField(default=4, validators=[MinValueValidator(1), MaxValueValidator(256)])
+    # A batch launch's servers: one per node, each with the session's GPUs per node, sharing the prompts.
+    replicas = models.PositiveIntegerField(default=1, validators=[MinValueValidator(1), MaxValueValidator(16)])
     # The checked requests JSONL (jobs/batch/inputs.py); private storage, never served as a page.
     requests = models.FileField(upload_to=requests_path)
     # What the OpenAI Batch API was given: its input file and metadata (jobs/use/openai_batches.py).

@@ -34,11 +34,14 @@ def launch(
     if not form.is_valid():
         raise form_errors(form)
     columns = form.session_columns()
+    if batch is not None and batch.columns.get("replicas", 1) > 1 and columns["nodes"] > 1:
+        raise ValidationError({"nodes": "A batch launch with replicas runs each on one node; ask for 1 node."})
     try:
         with transaction.atomic():
             # Checked again under a lock on the user: two launches at once cannot both take the last place.
             User.objects.select_for_update().filter(pk=user.pk).first()
-            limits.check(user, columns["cluster"], columns["gpus_per_node"] * columns["nodes"])
+            replicas = batch.columns.get("replicas", 1) if batch else 1
+            limits.check(user, columns["cluster"], columns["gpus_per_node"] * columns["nodes"] * replicas)
             session = LLMSession.objects.create(owner=user, request_token=request_token, **columns)
             session.events.create(to_state=State.PENDING, cause=f"requested by {user.get_username()}")
             if batch is not None:
@@ -69,6 +72,8 @@ def start_run(session: LLMSession, batch: batch_forms.Checked, **extra: Any) -> 
     the server. The session stays up for chat and the API; by default the run leaves one of its slots free."""
     if session.state != State.RUNNING:
         raise ValidationError(f"The session is {session.get_state_display()}: a run needs it running.")
+    if batch.columns.get("replicas", 1) > 1:
+        raise ValidationError("Replicas are for batch launches; a run on a session uses its server.")
     with transaction.atomic():
         run = _add_run(session, batch, ends_session=False, **extra)
         if batch.columns.get("concurrency") is None and session.parallel > 1:

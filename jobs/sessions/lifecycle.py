@@ -60,6 +60,7 @@ def job_spec(session: LLMSession) -> jobscript.JobSpec:
         embeddings=session.purpose == Purpose.EMBEDDINGS,
         batch_run=str(run.pk) if run else "",
         batch_concurrency=run.concurrency if run else 1,
+        replicas=run.replicas if run else 1,
         model_path=location.path,
         ollama_tag=location.ollama_tag,
         modules=tuple(cluster_runtime.modules.split()),

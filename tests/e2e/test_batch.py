@@ -123,6 +123,23 @@ def test_a_malformed_prompts_file_is_refused_with_line_numbers_and_starts_nothin
     assert (run.prompts, run.name, run.defaults) == (2, "good.txt", {"max_tokens": 4})
 
 
+def test_a_batch_launch_over_two_replicas_spreads_the_prompts_and_ends_itself(
+    account: None, owner: Any, django_capture_on_commit_callbacks: Any, local_catalog: dict[str, Any]
+) -> None:
+    prompts = [f"Replica question {i}?" for i in range(200)]
+    session, run = batch_launch(owner, django_capture_on_commit_callbacks, prompts, replicas=2)
+    assert run.replicas == 2
+    session = drive(session, lambda s: s.is_ended, timeout_s=300)
+    assert session.state == State.COMPLETED, session.end_reason
+    assert len(session.node_list.split(",")) == 2 or "[" in session.node_list  # the job held two nodes
+    run.refresh_from_db()
+    assert (run.state, run.done) == (BatchRun.State.FINISHED, 200)
+    log = shell(local_catalog, f"cat ~/.hpc-llm-portal/sessions/{session.pk}/job.log").stdout
+    assert "replica 0 ready at" in log and "on each of 2 server(s)" in log
+    # Both servers answered: llama-server logs each request it serves, and each replica writes to the job log.
+    assert [r["line"] for r in run_file(local_catalog, run, "output.jsonl")] == list(range(1, 201))
+
+
 def test_a_runner_killed_in_the_middle_starts_again_and_answers_each_line_once(
     account: None, owner: Any, django_capture_on_commit_callbacks: Any, local_catalog: dict[str, Any]
 ) -> None:
@@ -160,7 +177,7 @@ def test_a_cancelled_batch_launch_stops_its_run_and_keeps_what_is_done(
     request_cancel(session, "test")
     cancel_session.apply(args=(str(session.pk),))
     session = drive(session, lambda s: s.is_ended)
-    assert session.state == State.CANCELLED
+    assert session.state == State.CANCELLED, session.end_reason
     run.refresh_from_db()
     assert run.state == BatchRun.State.STOPPED and "ended before the run did" in run.end_reason
     assert run.done <= len(run_file(local_catalog, run, "results.jsonl")) < 2000  # the last poll may lag

@@ -7,10 +7,15 @@ SESSION_DIR="$HOME/.hpc-llm-portal/sessions/$SESSION_ID"
 cd "$SESSION_DIR" || exit 1
 CHILDREN=()
 CLEANUP_PATHS=() # node-local files of this run, removed when it stops
-# A run that ended without its trap (its node failed) may have left its address behind: never offer it again.
-rm -f "$SESSION_DIR/connection.json"
+# The batch script runs with no argument; srun starts this same script on the job's other nodes as `rpc-worker`
+# (llama.cpp over nodes) or `replica` (a batch launch's further servers), which leave the session's files alone.
+JOB_MODE="${1:-}"
 RESTARTS="${SLURM_RESTART_COUNT:-0}"
-if [ "$RESTARTS" -gt 0 ]; then
+if [ -z "$JOB_MODE" ]; then
+  # A run that ended without its trap (its node failed) may have left its address behind: never offer it again.
+  rm -f "$SESSION_DIR/connection.json" "$SESSION_DIR"/replica-*.addr
+fi
+if [ -z "$JOB_MODE" ] && [ "$RESTARTS" -gt 0 ]; then
   # Started again after a requeue (preempted, or a node failed). A new key, so whatever answers at the old address
   # never learns the one the portal uses from now on; connection.json hands it to the portal.
   printf 'sk-hpcllm-%s' "$(head -c 48 /dev/urandom | base64 | tr -dc 'A-Za-z0-9' | cut -c 1-43)" >"$SESSION_DIR/.api_key.new"
@@ -22,14 +27,14 @@ log() { printf '[%s] portal: %s\n' "$(date '+%F %T')" "$*"; }
 # Record why the session stops (the portal shows it as the end reason), then exit non-zero so Slurm says FAILED.
 fail() {
   log "error: $*"
-  printf '%s\n' "$*" >"$SESSION_DIR/error"
+  [ -n "$JOB_MODE" ] || printf '%s\n' "$*" >"$SESSION_DIR/error"
   exit 1
 }
 
 cleanup() {
   local rc=$?
   trap - EXIT TERM INT HUP
-  rm -f "$SESSION_DIR/connection.json"
+  [ -n "$JOB_MODE" ] || rm -f "$SESSION_DIR/connection.json"
   local pid
   for pid in "${CHILDREN[@]}"; do kill -TERM "$pid" 2>/dev/null; done
   for _ in $(seq 20); do
@@ -115,9 +120,17 @@ server_error() {
   printf '%s: %s\n' "$1" "$(printf '%s' "$lines" | tr '\n' ' ' | cut -c 1-900)"
 }
 
-# HOST PORT: tell the portal where the server is. Written atomically, 0600, and only after the health check.
+# HOST PORT: tell the portal where the server is. Written atomically, 0600, and only after the health check. A
+# replica tells the batch runner on the first node instead (replica-<rank>.addr).
 write_connection() {
   local tmp="$SESSION_DIR/.connection.json.tmp" key=""
+  SERVED_AT="$1:$2"
+  if [ "$JOB_MODE" = replica ]; then
+    printf '%s:%s\n' "$1" "$2" >"$SESSION_DIR/.replica-$SLURM_PROCID.addr"
+    mv -f "$SESSION_DIR/.replica-$SLURM_PROCID.addr" "$SESSION_DIR/replica-$SLURM_PROCID.addr"
+    log "replica $SLURM_PROCID ready at $1:$2"
+    return 0
+  fi
   # After a restart the key is new (see above); the first run's is the one the portal staged.
   [ "$RESTARTS" -gt 0 ] && key="$(cat "$SESSION_DIR/api_key")"
   printf '{"host": "%s", "port": %d, "node": "%s", "job_id": "%s", "restarts": %d, "key": "%s"}\n' \
@@ -128,6 +141,32 @@ write_connection() {
   log "ready at $1:$2"
 }
 
+# SERVER_PID ARRAY_NAME: a batch launch's further replicas: this same script as `replica` on the job's other nodes,
+# each with a server of its own; their addresses are added to the named array as --server arguments. The run starts
+# once all have reported or READY_TIMEOUT_S has passed (with those that did); a replica that dies later only means
+# fewer servers: the runner sends its prompts to the others.
+start_replicas() {
+  local server_pid=$1 others=$((REPLICAS - 1)) deadline=$((SECONDS + READY_TIMEOUT_S)) files f endpoint
+  local -n into=$2
+  log "starting $others more replica(s) of the server on the job's other nodes"
+  srun --nodes="$others" --ntasks="$others" --ntasks-per-node=1 --relative=1 bash "$SESSION_DIR/job.sh" replica &
+  CHILDREN+=("$!")
+  while :; do
+    shopt -s nullglob
+    files=("$SESSION_DIR"/replica-*.addr)
+    shopt -u nullglob
+    [ "${#files[@]}" -ge "$others" ] && break
+    kill -0 "$server_pid" 2>/dev/null || return 0
+    [ "$SECONDS" -lt "$deadline" ] || { log "only ${#files[@]} of $others replicas are ready: going on with them"; break; }
+    sleep 2
+  done
+  for f in "${files[@]}"; do
+    endpoint="$(cat "$f")"
+    [[ "$endpoint" =~ ^[A-Za-z0-9.:-]+:[0-9]+$ ]] || { log "ignoring a bad replica address in $f"; continue; }
+    into+=(--server "http://$endpoint")
+  done
+}
+
 # SERVER_PID: a batch launch's work (docs/batch.md): batchrun.py sends the run's requests to the server and records
 # each answer once; the job ends when it is done. A runner that dies (killed, out of memory) is started again, up to
 # BATCH_RESTARTS times, and goes on where it stopped; so does the job after a requeue.
@@ -135,10 +174,12 @@ BATCH_RESTARTS=5
 run_batch() {
   local server_pid=$1 dir="$SESSION_DIR/batch/$BATCH_RUN" runner rc starts=0
   [ -f "$dir/requests.jsonl" ] || fail "the batch run's requests are missing ($dir/requests.jsonl)"
-  log "batch run $BATCH_RUN: $(wc -l <"$dir/requests.jsonl") requests, $BATCH_CONCURRENCY at a time"
+  local servers=(--server "http://$SERVED_AT")
+  [ "${REPLICAS:-1}" -le 1 ] || start_replicas "$server_pid" servers
+  log "batch run $BATCH_RUN: $(wc -l <"$dir/requests.jsonl") requests, $BATCH_CONCURRENCY at a time on each of $((${#servers[@]} / 2)) server(s)"
   while :; do
     python3 "$SESSION_DIR/batchrun.py" --requests "$dir/requests.jsonl" --results "$dir/results.jsonl" \
-      --progress "$dir/progress.json" --output "$dir/output.jsonl" --server "http://$SERVED_AT" \
+      --progress "$dir/progress.json" --output "$dir/output.jsonl" "${servers[@]}" \
       --key-file "$SESSION_DIR/api_key" --model "$SERVED_NAME" --concurrency "$BATCH_CONCURRENCY" &
     runner=$!
     CHILDREN+=("$runner")
@@ -199,6 +240,10 @@ supervise_batches() {
 
 serve_until_end() {
   local pid=$1 rc
+  if [ "$JOB_MODE" = replica ]; then
+    wait "$pid"
+    exit $?
+  fi
   [ -z "${BATCH_RUN:-}" ] || run_batch "$pid"
   while kill -0 "$pid" 2>/dev/null; do
     supervise_batches

@@ -196,3 +196,17 @@ def test_a_batch_launch_runs_the_runner_after_the_server_and_ships_it() -> None:
     assert "BATCH_RUN=''" in render(spec()).splitlines()
     with pytest.raises(RenderError, match="batch run id"):
         render(spec(batch_run="../../etc"))
+
+
+def test_replicas_hold_a_node_each_and_only_a_batch_launch_has_them() -> None:
+    run_id = "5f8e6c2a-1b2c-4d3e-8f90-123456789abc"
+    script = render(spec(batch_run=run_id, replicas=3))
+    assert "#SBATCH --nodes=3" in script and "REPLICAS=3" in script.splitlines() and "NODES=1" in script.splitlines()
+    assert (
+        'srun --nodes="$others" --ntasks="$others" --ntasks-per-node=1 --relative=1 bash "$SESSION_DIR/job.sh" replica'
+        in script
+    )
+    with pytest.raises(RenderError, match="replicas are for batch launches"):
+        render(spec(replicas=2))
+    with pytest.raises(RenderError, match="replicas are for batch launches"):
+        render(spec(batch_run=run_id, replicas=2, nodes=2))
