@@ -4,9 +4,11 @@ it) to the session's model server(s) and records each answer exactly once. Pytho
     python3 batchrun.py --requests requests.jsonl --results results.jsonl --progress progress.json \
         --server http://ADDR:PORT [--server ...] --key-file api_key --model NAME --concurrency N [--output output.jsonl]
 
-Exactly once, across kills and restarts: every answer (or final failure) is one line appended to the results file,
-flushed and fsynced before the next; a restarted runner reads the file, drops a torn last line, and sends only what
-has no line yet. An exclusive lock on the results file keeps two runners of one run from writing it at once.
+Exactly once, across kills and restarts: every answer (or final failure) is one line appended to the results file
+with one write, handed to the kernel at once (a killed runner loses nothing) and fsynced about once a second (a node
+that crashes loses at most the last second, whose requests are sent again); a restarted runner reads the file, drops
+a torn or zeroed tail, and sends only what has no line yet. An exclusive lock on the results file keeps two runners
+of one run from writing it at once.
 
 Several servers (replicas) share the work: each has `concurrency` requests in flight. A request that fails in a way
 that may pass (no connection, a timeout, 429, 5xx) is tried again, up to --attempts times, on whichever server is free;
@@ -64,8 +66,11 @@ class Server:
         with self.lock:
             self.failures = 0
 
-    def post(self, path: str, body: bytes, key: str, timeout_s: float) -> dict[str, Any]:
-        connection = http.client.HTTPConnection(self.host, self.port, timeout=timeout_s)
+    def connect(self, timeout_s: float) -> http.client.HTTPConnection:
+        return http.client.HTTPConnection(self.host, self.port, timeout=timeout_s)
+
+    def post(self, connection: http.client.HTTPConnection, path: str, body: bytes, key: str) -> dict[str, Any]:
+        """One request on the worker's kept-alive connection (reopened by http.client when the server closed it)."""
         try:
             connection.request(
                 "POST", path, body, {"Content-Type": "application/json", "Authorization": f"Bearer {key}"}
@@ -73,8 +78,9 @@ class Server:
             response = connection.getresponse()
             data = response.read()
         except (OSError, http.client.HTTPException) as exc:
+            connection.close()
             raise Transient(f"{self.url}: {exc.__class__.__name__}: {exc}") from None
-        finally:
+        if response.will_close:
             connection.close()
         if response.status in TRANSIENT_STATUS:
             raise Transient(f"{self.url}: HTTP {response.status}: {data[:300].decode(errors='replace')}")
@@ -106,8 +112,8 @@ class Results:
         self.handle.seek(0)
         good = 0
         for raw in self.handle:
-            if not raw.endswith(b"\n"):
-                break  # torn by a kill mid-write: dropped, and its request is sent again
+            if not raw.endswith(b"\n") or b"\x00" in raw:
+                break  # torn by a kill mid-write, or zeroed by a crash: dropped, and its request is sent again
             try:
                 record = json.loads(raw)
             except ValueError:
@@ -129,9 +135,13 @@ class Results:
             if int(record["line"]) in self.done:
                 return  # never twice
             self.handle.write(data)
-            self.handle.flush()
-            os.fsync(self.handle.fileno())
+            self.handle.flush()  # to the kernel: a killed runner loses nothing
             self._count(record)
+
+    def sync(self) -> None:
+        """To the disk (about once a second, and at the end): a crashed node loses at most what came since."""
+        with self.lock:
+            os.fsync(self.handle.fileno())
 
 
 def read_requests(path: Path) -> list[tuple[int, int]]:
@@ -153,7 +163,8 @@ class Runner:
         self.results = Results(args.results)
         self.index = read_requests(args.requests)
         self.total = len(self.index)
-        self.todo: queue.Queue[tuple[int, int, int]] = queue.Queue()  # (line, offset, attempts so far)
+        # (line, offset, attempts so far); None wakes a worker to see that the run is stopping
+        self.todo: queue.Queue[tuple[int, int, int] | None] = queue.Queue()
         for line, offset in self.index:
             if line not in self.results.done:
                 self.todo.put((line, offset, 0))
@@ -174,23 +185,32 @@ class Runner:
         with self.outstanding_lock:
             self.outstanding -= 1
             if self.outstanding == 0:
-                self.stopping.set()
+                self.stop()
+
+    def stop(self) -> None:
+        self.stopping.set()
+        for _ in range(len(self.servers) * self.args.concurrency):
+            self.todo.put(None)
 
     def work(self, server: Server) -> None:
+        connection = server.connect(self.args.timeout)
         while not self.stopping.is_set():
             if not server.usable():
                 time.sleep(0.2)
                 continue
             try:
-                line, offset, attempts = self.todo.get(timeout=0.2)
+                item = self.todo.get(timeout=0.5)
             except queue.Empty:
                 continue
+            if item is None:
+                return
+            line, offset, attempts = item
             request = self.request(offset)
             body = json.dumps({**request["body"], "model": self.args.model}).encode()
             start = time.monotonic()
             record: dict[str, Any] = {"line": line, "id": request["id"], "attempts": attempts + 1}
             try:
-                answer = server.post(request["url"], body, self.key, self.args.timeout)
+                answer = server.post(connection, request["url"], body, self.key)
             except Transient as exc:
                 server.failed()
                 if self.stopping.is_set():
@@ -244,7 +264,7 @@ class Runner:
 
     def run(self) -> int:
         if self.outstanding == 0:
-            self.stopping.set()
+            self.stop()
         threads = [
             threading.Thread(target=self.work, args=(server,), daemon=True)
             for server in self.servers
@@ -253,9 +273,11 @@ class Runner:
         for thread in threads:
             thread.start()
         while not self.stopping.wait(1.0):
+            self.results.sync()
             self.progress("running")
         for thread in threads:
             thread.join(timeout=self.args.timeout + 5)
+        self.results.sync()
         complete = len(self.results.done) == self.total
         if complete and self.args.output:
             self.write_output()
@@ -280,8 +302,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     runner = Runner(parse_args(argv))
-    signal.signal(signal.SIGTERM, lambda *_: runner.stopping.set())
-    signal.signal(signal.SIGINT, lambda *_: runner.stopping.set())
+    signal.signal(signal.SIGTERM, lambda *_: runner.stop())
+    signal.signal(signal.SIGINT, lambda *_: runner.stop())
     return runner.run()
 
 
