@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 from django.core.files.uploadedfile import SimpleUploadedFile
+from django.core.management import call_command
 from django.test import Client
 from django.utils.datastructures import MultiValueDict
 
@@ -91,6 +92,16 @@ def test_a_batch_launch_answers_every_line_in_order_and_the_job_ends_itself(
     assert rows[1][2] == "Question number 0?" and rows[200][2] == "Question number 199?"
     shaped = json.loads(streamed(browser, f"/batch/{run.pk}/output/openai").splitlines()[0])
     assert shaped["custom_id"] == "line-1" and shaped["response"]["status_code"] == 200 and shaped["error"] is None
+    # The same from the command line.
+    shown = io.StringIO()
+    call_command("batch", "show", str(run.pk)[:8], "--json", stdout=shown)
+    figures = json.loads(shown.getvalue())
+    assert (figures["done"], figures["state"], figures["replicas"]) == (200, "finished", 1) and figures[
+        "gpu_hours"
+    ] >= 0
+    downloaded = io.StringIO()
+    call_command("batch", "output", str(run.pk), "--format", "jsonl", stdout=downloaded)
+    assert downloaded.getvalue().encode() == streamed(browser, f"/batch/{run.pk}/output/jsonl").encode()
     intruder = Client()
     intruder.force_login(other_user)
     assert intruder.get(f"/batch/{run.pk}/").status_code == 404

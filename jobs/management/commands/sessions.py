@@ -75,6 +75,24 @@ def describe(session: LLMSession) -> dict[str, Any]:
     }
 
 
+def checked_prompts(o: dict[str, Any]) -> Checked | None:
+    """The prompts file of --prompts and the other BatchForm flags, checked; None without --prompts."""
+    if not o["prompts"]:
+        return None
+    path = Path(o["prompts"])
+    try:
+        upload = UploadedFile(path.open("rb"), name=path.name, size=path.stat().st_size)
+    except OSError as exc:
+        raise CommandError(f"cannot read {path}: {exc.strerror}") from None
+    with upload:
+        data = {name: o[name] for name in BatchForm.base_fields if name != "prompts" and o[name] is not None}
+        form = BatchForm(data, MultiValueDict({"prompts": [upload]}))
+        if not form.is_valid():
+            raise form_errors(form)
+    assert form.checked is not None
+    return form.checked
+
+
 class Command(BaseCommand):
     help = "Launch, list, inspect and cancel LLM sessions."
 
@@ -116,7 +134,7 @@ class Command(BaseCommand):
     def _launch(self, o: dict[str, Any]) -> None:
         user = find_user(o["user"])
         data = {name: o[name] for name in LaunchForm.base_fields if o[name] is not None}
-        session = actions.launch(user, data, batch=self._checked_prompts(o))
+        session = actions.launch(user, data, batch=checked_prompts(o))
         if not o["json"]:
             self.stdout.write(f"session {session.pk} created; submitting")
         if o["wait"]:
@@ -128,22 +146,6 @@ class Command(BaseCommand):
             )
         self._print(session, o["json"])
         self._exit_for(session)
-
-    def _checked_prompts(self, o: dict[str, Any]) -> Checked | None:
-        if not o["prompts"]:
-            return None
-        path = Path(o["prompts"])
-        try:
-            upload = UploadedFile(path.open("rb"), name=path.name, size=path.stat().st_size)
-        except OSError as exc:
-            raise CommandError(f"cannot read {path}: {exc.strerror}") from None
-        with upload:
-            data = {name: o[name] for name in BatchForm.base_fields if name != "prompts" and o[name] is not None}
-            form = BatchForm(data, MultiValueDict({"prompts": [upload]}))
-            if not form.is_valid():
-                raise form_errors(form)
-        assert form.checked is not None
-        return form.checked
 
     def _wait(self, session: LLMSession, done: Callable[[LLMSession], bool], timeout_s: int) -> LLMSession:
         deadline = time.monotonic() + timeout_s
