@@ -20,11 +20,13 @@ def _count(report: dict[str, Any], key: str) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
 
 
-def apply(session_ids: list[str], reports: dict[str, dict[str, Any]], errors: dict[str, str] | None = None) -> int:
+def apply(
+    session_ids: list[str], reports: dict[str, dict[str, Any]], errors: dict[str, str] | None = None
+) -> list[str]:
     """Record each report on its run, if the run belongs to one of these sessions (a file on the cluster names no
-    run of anyone else's); returns how many runs changed. A run that ended stays ended. `errors`: runs whose runner
-    the job gave up on, and why."""
-    changed = 0
+    run of anyone else's); returns the runs that ended now. A run that ended stays ended. `errors`: runs whose
+    runner the job gave up on, and why."""
+    ended: list[str] = []
     errors = errors or {}
     runs = BatchRun.objects.filter(pk__in=[*reports, *errors], session_id__in=session_ids)
     for run in runs.exclude(state__in=BatchRun.END_STATES):
@@ -50,21 +52,21 @@ def apply(session_ids: list[str], reports: dict[str, dict[str, Any]], errors: di
         if state in BatchRun.END_STATES:
             fields["finished_at"] = timezone.now()
         if any(getattr(run, key) != value for key, value in fields.items()):
-            changed += BatchRun.objects.filter(pk=run.pk).exclude(state__in=BatchRun.END_STATES).update(**fields)
-    return changed
+            moved = BatchRun.objects.filter(pk=run.pk).exclude(state__in=BatchRun.END_STATES).update(**fields)
+            if moved and state in BatchRun.END_STATES:
+                ended.append(str(run.pk))
+    return ended
 
 
-def runs_of_ended_sessions() -> int:
+def runs_of_ended_sessions() -> list[str]:
     """Runs whose session's job has ended without finishing them stop there, with the session's reason (what was
-    answered is kept on the cluster)."""
-    changed = 0
+    answered is kept on the cluster); returns them."""
+    ended: list[str] = []
     open_runs = BatchRun.objects.exclude(state__in=BatchRun.END_STATES).filter(session__state__in=END_STATES)
     for run in open_runs.select_related("session"):
         state = BatchRun.State.STOPPED if run.session.state == State.CANCELLED else BatchRun.State.FAILED
         reason = f"the session ended before the run did: {run.session.end_reason or run.session.get_state_display()}"
-        changed += (
-            BatchRun.objects.filter(pk=run.pk)
-            .exclude(state__in=BatchRun.END_STATES)
-            .update(state=state, end_reason=reason[:2000], finished_at=timezone.now())
-        )
-    return changed
+        stopped = BatchRun.objects.filter(pk=run.pk).exclude(state__in=BatchRun.END_STATES)
+        if stopped.update(state=state, end_reason=reason[:2000], finished_at=timezone.now()):
+            ended.append(str(run.pk))
+    return ended

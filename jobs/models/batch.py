@@ -56,6 +56,7 @@ class BatchRun(models.Model):
     # A run on a running session: when its files reached the cluster (the job starts its runner then), and when a
     # stop was asked for (the job stops the runner; what is done is kept).
     staged_at = models.DateTimeField(null=True, blank=True)
+    notified_at = models.DateTimeField(null=True, blank=True)  # the email that it ended went out
     stop_requested_at = models.DateTimeField(null=True, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
     started_at = models.DateTimeField(null=True, blank=True)
@@ -74,6 +75,15 @@ class BatchRun(models.Model):
     @property
     def is_ended(self) -> bool:
         return self.state in self.END_STATES
+
+    @property
+    def gpu_hours(self) -> float:
+        """The GPU-hours its servers held while it ran (its wall time times their GPUs)."""
+        if not self.started_at:
+            return 0.0
+        end = self.finished_at or self.started_at
+        gpus = self.session.gpus_per_node * self.session.nodes * self.replicas
+        return (end - self.started_at).total_seconds() / 3600 * gpus
 
 
 def upload_path(upload: BatchFile, filename: str) -> str:

@@ -284,9 +284,12 @@ def poll(account_id: int) -> dict[str, int]:
     if seen:
         LLMSession.objects.filter(pk__in=seen).update(last_seen_at=timezone.now())
     changed = sum(apply_poll(session, polled) for session in sessions)
+    ended_runs: list[str] = []
     if polled.progress or polled.batch_errors:
-        batch_progress.apply([str(s.pk) for s in sessions], polled.progress, polled.batch_errors)
-    batch_progress.runs_of_ended_sessions()
+        ended_runs += batch_progress.apply([str(s.pk) for s in sessions], polled.progress, polled.batch_errors)
+    ended_runs += batch_progress.runs_of_ended_sessions()
+    for run_id in ended_runs:
+        notify.batch_ended(run_id)
     _repeat_lost_cancels(account, sessions, polled)
     return {"sessions": len(sessions), "changed": changed}
 

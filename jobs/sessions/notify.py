@@ -10,7 +10,7 @@ from django.conf import settings
 from django.core.mail import send_mail
 from django.utils import timezone
 
-from jobs.models import LLMSession, State
+from jobs.models import BatchRun, LLMSession, State
 
 log = logging.getLogger(__name__)
 EXPIRY_WARNING = timedelta(minutes=15)
@@ -74,3 +74,24 @@ def session_idle_cancelled(session_id: str) -> None:
             f"Your session {session.pk} had no requests for {session.idle_cancel_min} minutes and was cancelled, "
             "as you asked at launch. Its chats are kept; relaunch it from My sessions.\n",
         )
+
+
+def batch_ended(run_id: str) -> bool:
+    """A batch run ended: its totals to the owner, once, when the session was launched with email notices."""
+    claimed = BatchRun.objects.filter(pk=run_id, session__notify_email=True, notified_at__isnull=True).update(
+        notified_at=timezone.now()
+    )
+    if not claimed:
+        return False
+    run = BatchRun.objects.select_related("session__owner", "session__variant__model").get(pk=run_id)
+    url = f"{settings.PORTAL_BASE_URL}/batch/{run.pk}/"
+    wall = (run.finished_at - run.started_at).total_seconds() if run.finished_at and run.started_at else 0.0
+    _send(
+        run.session,
+        f"Batch run {run.name}: {run.get_state_display()}, {run.done} of {run.prompts} answered",
+        f"Your batch run of {run.prompts} prompts on {run.session.variant.model.name} {run.get_state_display()}"
+        f"{': ' + run.end_reason if run.end_reason else ''}.\n\n"
+        f"Answered {run.done}, failed {run.failed}; {run.prompt_tokens} tokens in, {run.completion_tokens} out, "
+        f"in {wall / 60:.1f} minutes.\n\n{url}\n",
+    )
+    return True

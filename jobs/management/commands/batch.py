@@ -33,17 +33,8 @@ def describe(run: BatchRun) -> dict[str, Any]:
     for name in SHOWN:
         value = getattr(run, name)
         data[name] = value.isoformat() if hasattr(value, "isoformat") else value
-    data["gpu_hours"] = round(gpu_hours(run), 3)
+    data["gpu_hours"] = round(run.gpu_hours, 3)
     return data
-
-
-def gpu_hours(run: BatchRun) -> float:
-    """GPU-hours the run held: its wall time times the GPUs of its servers."""
-    if not run.started_at:
-        return 0.0
-    end = run.finished_at or run.started_at
-    session = run.session
-    return (end - run.started_at).total_seconds() / 3600 * session.gpus_per_node * session.nodes * run.replicas
 
 
 def find_run(text: str) -> BatchRun:

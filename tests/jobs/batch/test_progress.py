@@ -43,14 +43,15 @@ def test_a_batch_launch_records_its_checked_file_and_its_choices(run: BatchRun) 
 def test_progress_is_recorded_for_the_polled_sessions_runs_only_and_within_bounds(run: BatchRun) -> None:
     report = {"state": "running", "done": 2, "failed": 5, "prompt_tokens": 30, "completion_tokens": 9,
               "tokens_per_s": 4.5, "started_at": 1795330000.0}  # fmt: skip
-    assert progress.apply(["00000000-0000-0000-0000-000000000000"], {str(run.pk): report}) == 0
-    assert progress.apply([str(run.session_id)], {str(run.pk): report}) == 1
+    assert progress.apply(["00000000-0000-0000-0000-000000000000"], {str(run.pk): report}) == []
+    run.refresh_from_db()
+    assert run.done == 0  # not a run of the sessions polled
+    assert progress.apply([str(run.session_id)], {str(run.pk): report}) == []  # recorded, not ended
     run.refresh_from_db()
     assert (run.state, run.done, run.failed, run.remaining, run.completion_tokens) == ("running", 2, 1, 0, 9)
     assert run.started_at is not None and run.tokens_per_s == 4.5
-    assert progress.apply([str(run.session_id)], {str(run.pk): report}) == 0  # nothing new, nothing written
     garbage = {"state": "finished", "done": "all", "failed": -1, "tokens_per_s": "fast"}
-    progress.apply([str(run.session_id)], {str(run.pk): garbage})
+    assert progress.apply([str(run.session_id)], {str(run.pk): garbage}) == [str(run.pk)]
     run.refresh_from_db()
     assert (run.state, run.done, run.failed, run.tokens_per_s) == ("finished", 0, 0, 0.0)
 
@@ -60,7 +61,8 @@ def test_a_stopped_runner_is_not_the_end_but_an_ended_session_is(run: BatchRun) 
     run.refresh_from_db()
     assert run.state == BatchRun.State.WAITING  # a requeued job goes on
     transition(run.session_id, State.CANCELLED, cause="test", end_reason="cancelled from the portal")
-    assert progress.runs_of_ended_sessions() == 1
+    assert progress.runs_of_ended_sessions() == [str(run.pk)]
+    assert progress.runs_of_ended_sessions() == []  # once
     run.refresh_from_db()
     assert run.state == BatchRun.State.STOPPED and "cancelled from the portal" in run.end_reason
 
@@ -82,3 +84,17 @@ def test_requests_at_once_never_exceed_the_sessions_slots() -> None:
     assert form.checked is not None and run_columns(form.checked, 4)["concurrency"] == 4
     form = batch_form(io.BytesIO(b"a\n").getvalue())
     assert form.is_valid() and form.checked is not None and run_columns(form.checked, 2)["concurrency"] == 2
+
+
+def test_the_owner_gets_the_totals_by_email_once_when_a_run_ends(run: BatchRun, mailoutbox: list[Any]) -> None:
+    from jobs.models import LLMSession
+    from jobs.sessions import notify
+
+    assert not notify.batch_ended(str(run.pk))  # no email notices asked for at launch
+    LLMSession.objects.filter(pk=run.session_id).update(notify_email=True)
+    report = {"state": "finished", "done": 3, "prompt_tokens": 30, "completion_tokens": 12, "started_at": 1795330000.0}
+    for run_id in progress.apply([str(run.session_id)], {str(run.pk): report}):
+        notify.batch_ended(run_id)
+    assert not notify.batch_ended(str(run.pk))  # once
+    assert len(mailoutbox) == 1 and "3 of 3 answered" in mailoutbox[0].subject
+    assert "30 tokens in, 12 out" in mailoutbox[0].body and f"/batch/{run.pk}/" in mailoutbox[0].body
