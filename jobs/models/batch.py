@@ -77,6 +77,20 @@ class BatchRun(models.Model):
         return self.state in self.END_STATES
 
     @property
+    def eta_s(self) -> float | None:
+        """Seconds to go at the present pace: the tokens its answers have taken so far, per answer, for those left,
+        at the tokens/s of this start. None until there is a pace to go by."""
+        if self.is_ended or not self.done or self.tokens_per_s <= 0:
+            return None
+        per_answer = self.completion_tokens / self.done
+        return self.remaining * per_answer / self.tokens_per_s
+
+    @property
+    def eta_min(self) -> int | None:
+        eta = self.eta_s
+        return None if eta is None else max(1, round(eta / 60))
+
+    @property
     def gpu_hours(self) -> float:
         """The GPU-hours its servers held while it ran (its wall time times their GPUs)."""
         if not self.started_at:

@@ -14,7 +14,8 @@ from django.http import Http404, HttpResponse, HttpResponseBase, HttpResponseRed
 from django.urls import reverse
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
-from jobs.batch import outputs, staging
+from catalog.models import GPUType
+from jobs.batch import history, outputs, staging
 from jobs.batch.forms import BatchForm
 from jobs.models import BatchRun
 from jobs.sessions import actions
@@ -56,7 +57,11 @@ def new_batch_launch(request: HtmxHttpRequest) -> HttpResponse:
             return HttpResponseRedirect(reverse("jobs:batch", args=[run.pk]))
     elif not launch_form.is_valid():
         errors = messages_of(form_errors(launch_form))
-    context = {"launch": launch_form, "form": batch_form, "errors": errors, "fields": data}
+    pace = None
+    gpu = launch_form.objects.get("gpu_type") if launch_form.is_valid() else None
+    if isinstance(gpu, GPUType):
+        pace = history.measured(launch_form.variant, gpu)
+    context = {"launch": launch_form, "form": batch_form, "errors": errors, "fields": data, "pace": pace}
     return render_page(request, "jobs/batch_new.html", context)
 
 

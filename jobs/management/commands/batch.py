@@ -34,6 +34,7 @@ def describe(run: BatchRun) -> dict[str, Any]:
         value = getattr(run, name)
         data[name] = value.isoformat() if hasattr(value, "isoformat") else value
     data["gpu_hours"] = round(run.gpu_hours, 3)
+    data["eta_s"] = None if run.eta_s is None else round(run.eta_s)
     return data
 
 

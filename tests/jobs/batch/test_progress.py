@@ -98,3 +98,30 @@ def test_the_owner_gets_the_totals_by_email_once_when_a_run_ends(run: BatchRun, 
     assert not notify.batch_ended(str(run.pk))  # once
     assert len(mailoutbox) == 1 and "3 of 3 answered" in mailoutbox[0].subject
     assert "30 tokens in, 12 out" in mailoutbox[0].body and f"/batch/{run.pk}/" in mailoutbox[0].body
+
+
+def test_time_to_go_follows_the_present_pace_and_finished_runs_give_the_next_one_a_pace(run: BatchRun) -> None:
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from jobs.batch import history
+
+    assert run.eta_s is None  # nothing answered yet
+    BatchRun.objects.filter(pk=run.pk).update(done=1, completion_tokens=40, tokens_per_s=20.0, state="running")
+    run.refresh_from_db()
+    assert run.eta_s == pytest.approx(2 * 40 / 20) and run.eta_min == 1  # 2 left, 40 tokens each, 20 tokens/s
+    assert history.measured(run.session.variant, run.session.gpu_type) is None
+    started = timezone.now() - timedelta(seconds=100)
+    BatchRun.objects.filter(pk=run.pk).update(
+        state="finished",
+        done=3,
+        completion_tokens=1200,
+        started_at=started,
+        finished_at=started + timedelta(seconds=60),
+    )
+    pace = history.measured(run.session.variant, run.session.gpu_type)
+    assert pace is not None and pace.runs == 1 and pace.tokens_per_s == pytest.approx(20.0)
+    assert pace.expected_s(prompts=100, tokens_per_prompt=200, replicas=2) == pytest.approx(500.0)
+    run.refresh_from_db()
+    assert run.eta_s is None and run.gpu_hours == pytest.approx(60 / 3600)  # ended; one GPU for a minute
