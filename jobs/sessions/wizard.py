@@ -19,6 +19,7 @@ from catalog import runtime_rules
 from catalog.estimate import Estimate, EstimateError, estimate, fit
 from catalog.models import Cluster, ClusterAccount, GPUType, ModelCard, ModelVariant
 from catalog.plans import plans, request_for
+from jobs.batch import history
 from jobs.cluster.capacity import QueueView, queue_views
 from jobs.sessions.forms import ChoicesForm, LaunchForm, available_runtimes
 
@@ -50,6 +51,7 @@ class OptionRow:
     why_not: str = ""
     accounts: list[ClusterAccount] = field(default_factory=list)
     form: LaunchForm | None = None  # the option's launch: every field hidden, but the account when there are several
+    pace: history.Measured | None = None  # for batch runs: what finished runs of the variant on this GPU type did
 
 
 @dataclass
@@ -182,6 +184,7 @@ def _estimate_and_options(state: WizardState, user: User) -> None:
     )
     views.sort(key=lambda v: (not v.recommended, not v.option.fit.fits, v.option.gpus, -v.option.fit.headroom_gib))
     choices = {name: values.get(name) for name in ChoicesForm.base_fields}
+    paces: dict[int, history.Measured | None] = {}
     for view in views:
         partition = view.option.node_group.partition
         accounts = accounts_on(partition.cluster)
@@ -193,6 +196,11 @@ def _estimate_and_options(state: WizardState, user: User) -> None:
                 why_not = "correct the choices above to launch"
             form = _launch_form(view, choices, accounts, user) if accounts and not why_not else None
             row = OptionRow(view, selectable=form is not None, why_not=why_not, accounts=accounts, form=form)
+            if values.get("purpose") == "batch":
+                gpu = view.option.node_group.gpu_type
+                if gpu.pk not in paces:
+                    paces[gpu.pk] = history.measured(variant, gpu)
+                row.pace = paces[gpu.pk]
             state.fitting.append(row)
         else:
             state.not_fitting.append(OptionRow(view, selectable=False, why_not=_why_not(view, state)))

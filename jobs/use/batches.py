@@ -99,7 +99,14 @@ def batch_run(request: HtmxHttpRequest, pk: UUID) -> HttpResponse:
     run = get_run_for(request, pk)
     if request.htmx:
         return render_partial(request, "jobs/batch_run.html", "progress", {"run": run})
-    return render_page(request, "jobs/batch_run.html", {"run": run, "formats": outputs.FORMATS})
+    expected_min = None
+    max_tokens = run.defaults.get("max_tokens") if isinstance(run.defaults, dict) else None
+    if not run.done and isinstance(max_tokens, int):
+        pace = history.measured(run.session.variant, run.session.gpu_type)
+        if pace is not None:  # every answer as long as max_tokens allows: an upper bound
+            expected_min = max(1, round(pace.expected_s(run.prompts, max_tokens, run.replicas) / 60))
+    context = {"run": run, "formats": outputs.FORMATS, "expected_min": expected_min}
+    return render_page(request, "jobs/batch_run.html", context)
 
 
 @login_required

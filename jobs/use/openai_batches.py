@@ -29,6 +29,7 @@ from jobs.batch import inputs, outputs, staging
 from jobs.batch.forms import Checked, limits
 from jobs.models import BatchFile, BatchRun, LLMSession
 from jobs.sessions import actions
+from jobs.sessions.forms import LaunchForm
 from jobs.use import targets
 from jobs.use.guard import BODY, HOLDER
 from jobs.use.proxy import openai_error
@@ -277,28 +278,61 @@ def batches(request: HttpRequest, holder: targets.Holder, user: User) -> HttpRes
         return openai_error(400, "every line's body must name the same model: one of your running sessions (its "
                             "uuid or alias, or the model's catalog name)", "invalid_request_error")  # fmt: skip
     model = named.pop()
-    try:
-        target = targets.target(holder, model)
-    except targets.Ambiguous as exc:
-        return openai_error(400, str(exc), "invalid_request_error", "model_ambiguous")
-    if target is None:
-        return openai_error(404, f"no running session of yours answers to {model!r}", "invalid_request_error",
-                            "model_not_found")  # fmt: skip
     with upload.content.open("rb") as raw:
         try:
             requests, summary = _check(raw)
         except inputs.InputError as exc:
             return _input_error(exc)
-    if payload.get("endpoint") != summary.url:
-        return openai_error(400, f"endpoint must be {summary.url}, where the file's lines go", "invalid_request_error")
-    columns = {"name": upload.filename, "input_format": summary.format, "endpoint": summary.url,
-               "prompts": summary.prompts, "system_prompt": "", "defaults": {}, "concurrency": None}  # fmt: skip
-    session = LLMSession.objects.get(pk=target.pk)
+    with requests:
+        if payload.get("endpoint") != summary.url:
+            return openai_error(400, f"endpoint must be {summary.url}, where the file's lines go",
+                                "invalid_request_error")  # fmt: skip
+        columns = {"name": upload.filename, "input_format": summary.format, "endpoint": summary.url,
+                   "prompts": summary.prompts, "system_prompt": "", "defaults": {}, "concurrency": None}  # fmt: skip
+        checked = Checked(requests, columns)
+        if "cluster" in metadata:
+            return _batch_launch(user, model, metadata, checked, upload)
+        try:
+            target = targets.target(holder, model)
+        except targets.Ambiguous as exc:
+            return openai_error(400, str(exc), "invalid_request_error", "model_ambiguous")
+        if target is None:
+            return openai_error(404, f"no running session of yours answers to {model!r}; to start one for this "
+                                "batch, put where it runs in the metadata (docs/batch.md)", "invalid_request_error",
+                                "model_not_found")  # fmt: skip
+        try:
+            run = actions.start_run(LLMSession.objects.get(pk=target.pk), checked, input_file=upload, metadata=metadata)
+        except ValidationError as exc:
+            return openai_error(409, " ".join(messages_of(exc)), "invalid_request_error", "session_not_running")
+    return JsonResponse(_batch_object(run))
+
+
+def _batch_launch(
+    user: User, model: str, metadata: dict[str, Any], checked: Checked, upload: BatchFile
+) -> HttpResponseBase:
+    """A batch launch through the Batch API: the lines name the model as the catalog does (NAME or NAME:QUANT), the
+    metadata says where it runs (the launch form's fields: cluster, partition, gpu, gpus, ...; and replicas and
+    concurrency for the run). The job works through the file and ends."""
+    name, colon, quant = model.rpartition(":")
+    data: dict[str, Any] = {"model": name if colon else model, "purpose": "batch"}
+    if colon and quant:
+        data["quant"] = quant
+    data.update({key: value for key, value in metadata.items() if key in LaunchForm.base_fields})
+    for key in ("replicas", "concurrency"):
+        if key in metadata:
+            try:
+                checked.columns[key] = int(metadata[key])
+            except (TypeError, ValueError):
+                return openai_error(400, f"metadata {key} must be a whole number", "invalid_request_error")
+    if not 1 <= checked.columns.get("replicas", 1) <= 16:
+        return openai_error(400, "metadata replicas must be from 1 to 16", "invalid_request_error")
     try:
-        with requests:
-            run = actions.start_run(session, Checked(requests, columns), input_file=upload, metadata=metadata)
+        session = actions.launch(user, data, batch=checked)
     except ValidationError as exc:
-        return openai_error(409, " ".join(messages_of(exc)), "invalid_request_error", "session_not_running")
+        return openai_error(400, "cannot launch it: " + " ".join(messages_of(exc)), "invalid_request_error")
+    run = BatchRun.objects.get(session=session, ends_session=True)
+    BatchRun.objects.filter(pk=run.pk).update(input_file=upload, metadata=metadata)
+    run.refresh_from_db()
     return JsonResponse(_batch_object(run))
 
 

@@ -177,6 +177,39 @@ def test_a_runner_killed_in_the_middle_starts_again_and_answers_each_line_once(
     assert (run.state, run.done) == (BatchRun.State.FINISHED, 200)
 
 
+def test_a_requeued_batch_launch_goes_on_where_it_stopped_and_answers_each_line_once(
+    account: None, owner: Any, django_capture_on_commit_callbacks: Any, local_catalog: dict[str, Any]
+) -> None:
+    prompts = [f"Requeue question {i}." for i in range(300)]
+    session, run = batch_launch(owner, django_capture_on_commit_callbacks, prompts, max_tokens=32, concurrency=2)
+    results = f"~/.hpc-llm-portal/sessions/{session.pk}/batch/{run.pk}/results.jsonl"
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        count = shell(local_catalog, f"cat {results} 2>/dev/null | wc -l").stdout.strip()
+        if count.isdigit() and int(count) >= 30:
+            break
+        time.sleep(0.3)
+    session.refresh_from_db()
+    subprocess.run(["scontrol", "requeue", session.job_id], check=True, capture_output=True)  # as a preemption would
+    name = f"hpcllm-{session.pk}"
+    while subprocess.run(["squeue", "-h", "-n", name, "-o", "%T"], capture_output=True, text=True).stdout.split() != [
+        "PENDING"
+    ]:
+        time.sleep(0.2)
+    before = len(run_file(local_catalog, run, "results.jsonl"))
+    assert 30 <= before < 300
+    time.sleep(2)  # slurmd refuses a start within the second of the requeue (see tests/e2e/test_sessions.py)
+    subprocess.run(["scontrol", "update", f"jobid={session.job_id}", "StartTime=now"], check=True, capture_output=True)
+    session = drive(session, lambda s: s.is_ended, timeout_s=300)
+    assert session.state == State.COMPLETED, session.end_reason
+    answered = run_file(local_catalog, run, "results.jsonl")
+    assert sorted(r["line"] for r in answered) == list(range(1, 301))  # none lost, none twice
+    run.refresh_from_db()
+    assert (run.state, run.done) == (BatchRun.State.FINISHED, 300)
+    progress = json.loads(shell(local_catalog, f"cat {results.replace('results.jsonl', 'progress.json')}").stdout)
+    assert progress["answered_this_start"] == 300 - before  # the second start sent only what was left
+
+
 def test_a_cancelled_batch_launch_stops_its_run_and_keeps_what_is_done(
     account: None, owner: Any, django_capture_on_commit_callbacks: Any, local_catalog: dict[str, Any]
 ) -> None:
@@ -275,7 +308,7 @@ def test_the_openai_clients_batch_calls_work_through_the_portal(
     try:
         _, token = ApiToken.issue(owner, "script")
         client = openai.OpenAI(base_url=f"{url}/api/v1", api_key=token, max_retries=0)
-        lines = [
+        lines: list[dict[str, Any]] = [
             {"custom_id": f"q{i}", "method": "POST", "url": "/v1/chat/completions",
              "body": {"model": "bat", "messages": [{"role": "user", "content": f"Say {i}"}], "max_tokens": 6}}
             for i in range(50)
@@ -321,5 +354,29 @@ def test_the_openai_clients_batch_calls_work_through_the_portal(
         with pytest.raises(openai.NotFoundError):  # a file of someone else's cannot start a batch either
             stranger.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions",
                                     completion_window="24h")  # fmt: skip
+
+        # A batch launch through the same calls: the lines name the model as the catalog does, the metadata says
+        # where it runs; the job works through the file and ends.
+        for line in lines:
+            line["body"]["model"] = "tiny-llama"
+        launch_file = client.files.create(
+            file=("launch.jsonl", "\n".join(json.dumps(line) for line in lines).encode()), purpose="batch"
+        )
+        where = {"cluster": "local", "partition": "gpu", "gpu": "a100-80g", "gpus": "1", "walltime": "30",
+                 "context": "1024", "replicas": "2"}  # fmt: skip
+        with pytest.raises(openai.BadRequestError, match="replicas must be from 1 to 16"):
+            client.batches.create(input_file_id=launch_file.id, endpoint="/v1/chat/completions",
+                                  completion_window="24h", metadata={**where, "replicas": "40"})  # fmt: skip
+        launched = client.batches.create(
+            input_file_id=launch_file.id, endpoint="/v1/chat/completions", completion_window="24h", metadata=where
+        )
+        run = BatchRun.objects.get(input_file__isnull=False, ends_session=True)
+        assert (run.replicas, run.prompts, run.session.variant.model.name) == (2, 50, "tiny-llama")
+        submit_session.apply(args=(str(run.session_id),))  # what the worker does once the launch is committed
+        ended = drive(LLMSession.objects.get(pk=run.session_id), lambda s: s.is_ended, timeout_s=300)
+        assert ended.state == State.COMPLETED, ended.end_reason
+        launched = client.batches.retrieve(launched.id)
+        assert launched.status == "completed" and launched.output_file_id
+        assert len(client.files.content(launched.output_file_id).text.splitlines()) == 50
     finally:
         server.stop()
