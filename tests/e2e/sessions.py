@@ -52,14 +52,21 @@ def drive(
         time.sleep(every_s)
 
 
-def cancel_all_jobs() -> None:
-    """Tests leave no jobs behind: scancel every portal job on the local cluster (as root, on this host)."""
-    subprocess.run(["scancel", "--name", ",".join(_portal_job_names())], capture_output=True)
-
-
-def _portal_job_names() -> list[str]:
-    out = subprocess.run(["squeue", "-h", "-o", "%j"], capture_output=True, text=True).stdout
-    return [name for name in out.split() if name.startswith("hpcllm-")] or ["hpcllm-none"]
+def cancel_all_jobs(wait_s: float = 40) -> None:
+    """Tests leave no jobs behind: scancel every portal job on the local cluster (as root, on this host), until
+    squeue lists none, so that the next test starts on free nodes. A squeue or scancel that fails under load is
+    asked again rather than taken as "nothing to cancel"."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        listed = subprocess.run(["squeue", "-h", "-o", "%j"], capture_output=True, text=True)
+        names = [name for name in listed.stdout.split() if name.startswith("hpcllm-")]
+        if listed.returncode == 0 and not names:
+            return
+        if names:
+            subprocess.run(["scancel", "--name", ",".join(names)], capture_output=True)
+        if time.monotonic() > deadline:
+            return
+        time.sleep(0.5)
 
 
 def jobs_named(name: str) -> list[str]:
