@@ -203,6 +203,46 @@ run_batch() {
 }
 
 # Wait for the server (or any child) to end; its exit code becomes the job's.
+# A node-local directory only this user can open (0700), removed when the run stops, in $RUN_DIR: for a server's
+# Unix socket (at most 107 bytes of path, and shared filesystems may not hold sockets), and for the temporary files,
+# IPC sockets and caches of Python servers, which otherwise land in a /tmp or ~/.cache that other jobs share. A
+# cache the site's module points elsewhere stays there. The model is a path on the cluster: nothing is fetched.
+private_run_dir() {
+  RUN_DIR="$(mktemp -d "${TMPDIR:-/tmp}/hpcllm.XXXXXXXX")" || fail "cannot make a private directory in ${TMPDIR:-/tmp}"
+  CLEANUP_PATHS+=("$RUN_DIR")
+  mkdir -p "$RUN_DIR/tmp" "$RUN_DIR/hf/hub" || fail "cannot write in $RUN_DIR"
+  export TMPDIR="$RUN_DIR/tmp" HF_HOME="$RUN_DIR/hf" HF_HUB_OFFLINE=1
+  export XDG_CACHE_HOME="${XDG_CACHE_HOME:-$RUN_DIR/cache}"
+  export VLLM_CACHE_ROOT="${VLLM_CACHE_ROOT:-$XDG_CACHE_HOME/vllm}"
+  export TORCHINDUCTOR_CACHE_DIR="${TORCHINDUCTOR_CACHE_DIR:-$XDG_CACHE_HOME/torchinductor}"
+}
+
+# LABEL NAME: a server of a model directory on one node, on a Unix socket ($SOCKET, NAME.sock) in the private run
+# directory, which only keyproxy.py (serve_behind_key_proxy) reaches.
+one_node_on_private_socket() {
+  [ -e "$MODEL_PATH" ] || fail "cannot find the model directory $MODEL_PATH on $(hostname -s)"
+  [ "$NODES" -eq 1 ] || fail "$1 runs on a single node in the portal"
+  private_run_dir
+  SOCKET="$RUN_DIR/$2.sock"
+}
+
+# SERVER_PID --upstream-socket PATH | --upstream-port PORT, HEALTH_PATH: keyproxy.py on the node's address in front
+# of a server that must not be reached without the key; ready once the server's own HEALTH_PATH answers 200 through
+# it; then serve until the server ends.
+serve_behind_key_proxy() {
+  local server_pid=$1 upstream_option=$2 upstream=$3 health_path=$4 addr port proxy_pid
+  addr="$(node_addr)"
+  port="$(free_port "$addr")"
+  python3 "$SESSION_DIR/keyproxy.py" --listen "$addr" --port "$port" "$upstream_option" "$upstream" \
+    --health-path "$health_path" --key-file "$SESSION_DIR/api_key" &
+  proxy_pid=$!
+  CHILDREN+=("$proxy_pid")
+  wait_ready "$server_pid" "$addr" "$port" /health
+  kill -0 "$proxy_pid" 2>/dev/null || fail "the key proxy stopped"
+  write_connection "$addr" "$port"
+  serve_until_end "$server_pid"
+}
+
 # Runs on a running session (docs/batch.md): the portal stages a run under batch/<run>/ (requests.jsonl, then a
 # `start` mark) and the job starts its runner beside the server; a `stop` mark stops it. A runner that died before
 # its run was done starts again, up to BATCH_RESTARTS times; after that the run's `error` file says why.

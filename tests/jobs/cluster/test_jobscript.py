@@ -210,3 +210,18 @@ def test_replicas_hold_a_node_each_and_only_a_batch_launch_has_them() -> None:
         render(spec(replicas=2))
     with pytest.raises(RenderError, match="replicas are for batch launches"):
         render(spec(batch_run=run_id, replicas=2, nodes=2))
+
+
+@pytest.mark.parametrize("runtime", ["llama.cpp", "ollama", "vllm", "transformers"])
+def test_every_helper_a_job_script_calls_is_defined_in_it(runtime: str) -> None:
+    """bash -n cannot see a call to a function that no longer exists; the job would fail at run time."""
+    import re
+
+    script = render(spec(runtime=runtime, batch_run="5f8e6c2a-1b2c-4d3e-8f90-123456789abc", replicas=2))
+    defined = set(re.findall(r"^([a-z_]+)\(\) \{", script, flags=re.MULTILINE))
+    # Our helpers are snake_case words with an underscore, at the start of a command; comments and quoted text aside.
+    code = re.sub(r"^\s*#.*$", "", script, flags=re.MULTILINE)
+    code = re.sub(r'"[^"\n]*"' + r"|'[^'\n]*'", '""', code)
+    called = set(re.findall(r"(?:^|[;&|(]|\bthen|\bdo|\belse)\s*([a-z]+_[a-z_]+)\b(?!=|\()", code, re.M))
+    assert {"private_run_dir", "serve_until_end", "write_connection"} & (called | defined)
+    assert called <= defined, f"called but not defined: {sorted(called - defined)}"
