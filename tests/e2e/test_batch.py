@@ -9,6 +9,7 @@ import json
 import subprocess
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -151,45 +152,57 @@ def test_a_batch_launch_over_two_replicas_spreads_the_prompts_and_ends_itself(
     assert [r["line"] for r in run_file(local_catalog, run, "output.jsonl")] == list(range(1, 201))
 
 
+def results_on_node(local_catalog: dict[str, Any], run: BatchRun) -> Path:
+    """The run's results file, read straight off this host's disk: the local cluster's home is here, and a test that
+    waits for the middle of a run must not spend its time on SSH round trips."""
+    return (
+        Path(local_catalog["home"])
+        / ".hpc-llm-portal/sessions"
+        / str(run.session_id)
+        / "batch"
+        / str(run.pk)
+        / ("results.jsonl")
+    )
+
+
+def wait_for_answers(path: Path, at_least: int, timeout_s: float = 180) -> int:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        count = path.read_bytes().count(b"\n") if path.exists() else 0
+        if count >= at_least:
+            return count
+        time.sleep(0.05)
+    raise AssertionError(f"fewer than {at_least} answers in {path} after {timeout_s}s")
+
+
 def test_a_runner_killed_in_the_middle_starts_again_and_answers_each_line_once(
     account: None, owner: Any, django_capture_on_commit_callbacks: Any, local_catalog: dict[str, Any]
 ) -> None:
-    prompts = [f"Tell me about the number {i}." for i in range(200)]
-    session, run = batch_launch(owner, django_capture_on_commit_callbacks, prompts, max_tokens=32, concurrency=2)
-    results = f"~/.hpc-llm-portal/sessions/{session.pk}/batch/{run.pk}/results.jsonl"
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        drive(session, lambda s: True)
-        count = shell(local_catalog, f"cat {results} 2>/dev/null | wc -l").stdout.strip()
-        if count.isdigit() and int(count) >= 20:
-            break
-        time.sleep(0.5)
+    # Long enough that the kill lands in the middle: 1000 answers of 48 tokens, 2 at a time.
+    prompts = [f"Tell me about the number {i}." for i in range(1000)]
+    session, run = batch_launch(owner, django_capture_on_commit_callbacks, prompts, max_tokens=48, concurrency=2)
+    wait_for_answers(results_on_node(local_catalog, run), 20)
     killed = subprocess.run(["pkill", "-KILL", "-f", f"batchrun.py --requests .*{run.pk}"], capture_output=True)
     assert killed.returncode == 0, "no runner to kill"
     session = drive(session, lambda s: s.is_ended, timeout_s=300)
     assert session.state == State.COMPLETED, session.end_reason
     answered = run_file(local_catalog, run, "results.jsonl")
-    assert sorted(r["line"] for r in answered) == list(range(1, 201))  # every line, none twice
-    assert len(run_file(local_catalog, run, "output.jsonl")) == 200
+    assert sorted(r["line"] for r in answered) == list(range(1, 1001))  # every line, none twice
+    assert len(run_file(local_catalog, run, "output.jsonl")) == 1000
     log = shell(local_catalog, f"cat ~/.hpc-llm-portal/sessions/{session.pk}/job.log").stdout
     assert "the batch runner stopped with code 137; starting it again" in log
     run.refresh_from_db()
-    assert (run.state, run.done) == (BatchRun.State.FINISHED, 200)
+    assert (run.state, run.done) == (BatchRun.State.FINISHED, 1000)
 
 
 def test_a_requeued_batch_launch_goes_on_where_it_stopped_and_answers_each_line_once(
     account: None, owner: Any, django_capture_on_commit_callbacks: Any, local_catalog: dict[str, Any]
 ) -> None:
-    prompts = [f"Requeue question {i}." for i in range(300)]
-    session, run = batch_launch(owner, django_capture_on_commit_callbacks, prompts, max_tokens=32, concurrency=2)
+    prompts = [f"Requeue question {i}." for i in range(1000)]  # long enough that the requeue lands in the middle
+    session, run = batch_launch(owner, django_capture_on_commit_callbacks, prompts, max_tokens=48, concurrency=2)
     results = f"~/.hpc-llm-portal/sessions/{session.pk}/batch/{run.pk}/results.jsonl"
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        count = shell(local_catalog, f"cat {results} 2>/dev/null | wc -l").stdout.strip()
-        if count.isdigit() and int(count) >= 30:
-            break
-        time.sleep(0.3)
-    session.refresh_from_db()
+    wait_for_answers(results_on_node(local_catalog, run), 30)
+    session = drive(session, lambda s: bool(s.job_id))
     subprocess.run(["scontrol", "requeue", session.job_id], check=True, capture_output=True)  # as a preemption would
     name = f"hpcllm-{session.pk}"
     while subprocess.run(["squeue", "-h", "-n", name, "-o", "%T"], capture_output=True, text=True).stdout.split() != [
@@ -197,17 +210,17 @@ def test_a_requeued_batch_launch_goes_on_where_it_stopped_and_answers_each_line_
     ]:
         time.sleep(0.2)
     before = len(run_file(local_catalog, run, "results.jsonl"))
-    assert 30 <= before < 300
+    assert 30 <= before < 1000
     time.sleep(2)  # slurmd refuses a start within the second of the requeue (see tests/e2e/test_sessions.py)
     subprocess.run(["scontrol", "update", f"jobid={session.job_id}", "StartTime=now"], check=True, capture_output=True)
     session = drive(session, lambda s: s.is_ended, timeout_s=300)
     assert session.state == State.COMPLETED, session.end_reason
     answered = run_file(local_catalog, run, "results.jsonl")
-    assert sorted(r["line"] for r in answered) == list(range(1, 301))  # none lost, none twice
+    assert sorted(r["line"] for r in answered) == list(range(1, 1001))  # none lost, none twice
     run.refresh_from_db()
-    assert (run.state, run.done) == (BatchRun.State.FINISHED, 300)
+    assert (run.state, run.done) == (BatchRun.State.FINISHED, 1000)
     progress = json.loads(shell(local_catalog, f"cat {results.replace('results.jsonl', 'progress.json')}").stdout)
-    assert progress["answered_this_start"] == 300 - before  # the second start sent only what was left
+    assert progress["answered_this_start"] == 1000 - before  # the second start sent only what was left
 
 
 def test_a_cancelled_batch_launch_stops_its_run_and_keeps_what_is_done(
@@ -216,7 +229,10 @@ def test_a_cancelled_batch_launch_stops_its_run_and_keeps_what_is_done(
     from jobs.sessions.actions import request_cancel
     from jobs.tasks import cancel_session
 
-    session, run = batch_launch(owner, django_capture_on_commit_callbacks, [f"p{i}" for i in range(2000)])
+    # Long enough that the cancel lands in the middle: 3000 answers of 32 tokens.
+    session, run = batch_launch(
+        owner, django_capture_on_commit_callbacks, [f"p{i}" for i in range(3000)], max_tokens=32
+    )
     session = drive(session, lambda s: s.state == State.RUNNING or s.is_ended, timeout_s=120)
     request_cancel(session, "test")
     cancel_session.apply(args=(str(session.pk),))
@@ -224,7 +240,7 @@ def test_a_cancelled_batch_launch_stops_its_run_and_keeps_what_is_done(
     assert session.state == State.CANCELLED, session.end_reason
     run.refresh_from_db()
     assert run.state == BatchRun.State.STOPPED and "ended before the run did" in run.end_reason
-    assert run.done <= len(run_file(local_catalog, run, "results.jsonl")) < 2000  # the last poll may lag
+    assert run.done <= len(run_file(local_catalog, run, "results.jsonl")) < 3000  # the last poll may lag
 
 
 def checked_prompts(prompts: list[str], **batch: Any) -> Any:
@@ -273,7 +289,7 @@ def test_a_run_on_a_running_session_completes_while_its_chat_still_answers_and_a
     assert [r["line"] for r in run_file(local_catalog, run, "output.jsonl")] == list(range(1, 101))
 
     with django_capture_on_commit_callbacks(execute=False):
-        long_run = start_run(session, checked_prompts([f"Long {i}" for i in range(3000)]))
+        long_run = start_run(session, checked_prompts([f"Long {i}" for i in range(3000)], max_tokens=32))
     stage_batch.apply(args=(str(long_run.pk),))
     drive(session, lambda s: BatchRun.objects.get(pk=long_run.pk).done > 0, timeout_s=60)
     long_run.refresh_from_db()
