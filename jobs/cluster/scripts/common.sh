@@ -75,10 +75,15 @@ port_open() { # HOST PORT: something accepts connections there
   timeout 2 bash -c 'exec 3<>"/dev/tcp/$0/$1"' "$1" "$2" 2>/dev/null
 }
 
-free_port() { # HOST: a port in 20000-52767 that nothing on HOST listens on
-  local port
+# HOST: a port that nothing on HOST listens on, below the kernel's ephemeral range: a port that only an outgoing
+# connection holds looks free to port_open, and a server could not bind it (seen under a batch run's many requests).
+free_port() {
+  local port low=32768 high span
+  read -r low high 2>/dev/null </proc/sys/net/ipv4/ip_local_port_range || true
+  span=$((low - 10000))
+  [ "$span" -ge 1000 ] || span=22768 low=32768
   for _ in $(seq 100); do
-    port=$((20000 + RANDOM))
+    port=$((10000 + RANDOM % span))
     port_open "$1" "$port" || { printf '%s\n' "$port"; return 0; }
   done
   fail "found no free port on $1"
