@@ -6,6 +6,7 @@ from django.apps import AppConfig
 from django.db.models.signals import post_migrate
 
 SUPPORT_GROUP = "Session support"  # the group an admin puts support staff in (docs/admin-guide.md)
+USAGE_GROUP = "Site usage"  # those who see every user's usage and the site dashboard, not their sessions
 
 
 class JobsConfig(AppConfig):
@@ -17,14 +18,15 @@ class JobsConfig(AppConfig):
 
 
 def ensure_support_group(sender: AppConfig, using: str = "default", **kwargs: Any) -> None:
-    """The "Session support" group, holding the permission to see every user's sessions: an admin grants it by
-    adding someone to the group. Runs after every migrate (after auth has created the permission)."""
+    """The "Session support" group, holding the permission to see every user's sessions, and the "Site usage" group,
+    holding the permission to see the site's usage: an admin grants either by adding someone to the group. Runs after
+    every migrate (after auth has created the permissions)."""
     from django.contrib.auth.models import Group, Permission
 
-    from jobs.models import SEE_ALL_SESSIONS
+    from jobs.models import SEE_ALL_SESSIONS, SEE_SITE_USAGE
 
-    app_label, codename = SEE_ALL_SESSIONS
-    permission = Permission.objects.using(using).filter(content_type__app_label=app_label, codename=codename).first()
-    if permission is not None:
-        group, _ = Group.objects.using(using).get_or_create(name=SUPPORT_GROUP)
-        group.permissions.add(permission)
+    for name, (app_label, codename) in ((SUPPORT_GROUP, SEE_ALL_SESSIONS), (USAGE_GROUP, SEE_SITE_USAGE)):
+        found = Permission.objects.using(using).filter(content_type__app_label=app_label, codename=codename).first()
+        if found is not None:
+            group, _ = Group.objects.using(using).get_or_create(name=name)
+            group.permissions.add(found)

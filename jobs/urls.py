@@ -3,7 +3,7 @@ use/batches.py)."""
 
 from __future__ import annotations
 
-from django.urls import path
+from django.urls import include, path
 
 from jobs.sessions import views as sessions
 from jobs.use import batches, openai_batches, proxy
@@ -19,6 +19,8 @@ urlpatterns = [
     path("sessions/<uuid:pk>/delete", sessions.session_delete, name="delete"),
     path("sessions/<uuid:pk>/relaunch", sessions.session_relaunch, name="relaunch"),
     path("sessions/<uuid:pk>/log", sessions.session_log, name="log"),
+    path("sessions/<uuid:pk>/share", sessions.session_share, name="share"),
+    path("sessions/<uuid:pk>/share/<int:share_pk>/revoke", sessions.session_unshare, name="unshare"),
     path("clusters/accounts/", sessions.cluster_accounts, name="accounts"),
     path("clusters/accounts/<int:pk>/test", sessions.account_test, name="account-test"),
     path("sessions/<uuid:pk>/v1/<path:path>", proxy.session_proxy, name="session-proxy"),
@@ -44,4 +46,6 @@ urlpatterns = [
     path("batch/<uuid:pk>/output/<str:fmt>", batches.batch_output, name="batch-output"),
     path("batch/<uuid:pk>/stop", batches.stop_run, name="batch-stop"),
     path("sessions/<uuid:pk>/batch/new", batches.new_session_run, name="session-batch-new"),
+    path("", include("jobs.usage.urls")),
+    path("", include("jobs.operations.urls")),
 ]

@@ -73,6 +73,21 @@ def other_user(django_user_model: Any) -> Any:
 
 
 @pytest.fixture
+def lab(db: None) -> Group:
+    """A lab's group, which the owner is in."""
+    return Group.objects.create(name="nlp-lab")
+
+
+@pytest.fixture
+def shared_user(django_user_model: Any, lab: Group, owner: Any) -> Any:
+    """A member of the owner's lab: sessions are shared with them through the lab's group."""
+    owner.groups.add(lab)
+    user = django_user_model.objects.create_user("alan", "alan@example.edu", "correct horse battery")
+    user.groups.add(lab)
+    return user
+
+
+@pytest.fixture
 def staff_user(django_user_model: Any) -> Any:
     """Staff who may open the admin, without the permission to see others' sessions."""
     return django_user_model.objects.create_user("hopper", "hopper@example.edu", "correct horse battery", is_staff=True)

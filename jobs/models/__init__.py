@@ -1,5 +1,5 @@
 """The jobs app's models, by concern: sessions and their events (sessions.py), partition state (capacity.py), API
-tokens (tokens.py), chat (chat.py), batch runs (batch.py).
+and scrape tokens (tokens.py), chat (chat.py), batch runs (batch.py), sharing (sharing.py), usage (usage.py).
 
 May import: catalog, portal. Never the rest of jobs.
 """
@@ -12,6 +12,7 @@ from jobs.models.sessions import (
     LIVE_STATES,
     POLLED_STATES,
     SEE_ALL_SESSIONS,
+    SEE_SITE_USAGE,
     SERVING_STATES,
     LLMSession,
     Purpose,
@@ -20,24 +21,35 @@ from jobs.models.sessions import (
     served_model_name,
     transition,
 )
-from jobs.models.tokens import ApiToken, token_digest
+from jobs.models.sharing import GroupSource, SessionShare, active_shares, granted_to
+from jobs.models.tokens import ApiToken, ScrapeToken, token_digest
+from jobs.models.usage import SPEED_BOUNDS, TTFT_BOUNDS_MS, ProxyRequest
 
 __all__ = [
     "END_STATES",
     "LIVE_STATES",
     "POLLED_STATES",
     "SEE_ALL_SESSIONS",
+    "SEE_SITE_USAGE",
     "SERVING_STATES",
+    "SPEED_BOUNDS",
+    "TTFT_BOUNDS_MS",
     "ApiToken",
     "BatchFile",
     "BatchRun",
     "ChatMessage",
     "Conversation",
+    "GroupSource",
     "LLMSession",
     "PartitionState",
+    "ProxyRequest",
     "Purpose",
+    "ScrapeToken",
     "SessionEvent",
+    "SessionShare",
     "State",
+    "active_shares",
+    "granted_to",
     "served_model_name",
     "token_digest",
     "transition",

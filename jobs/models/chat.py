@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from django.conf import settings
 from django.db import models
 
 from jobs.models.sessions import LLMSession
@@ -11,6 +12,8 @@ class Conversation(models.Model):
     """A chat with a session's model, kept after the session ends."""
 
     session = models.ForeignKey(LLMSession, on_delete=models.CASCADE, related_name="conversations")
+    # Who chats: the session's owner, or someone it is shared with; each sees only their own conversations.
+    owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="conversations")
     title = models.CharField(max_length=200, default="New chat")
     system_prompt = models.TextField(blank=True)
     created_at = models.DateTimeField(auto_now_add=True)

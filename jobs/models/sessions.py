@@ -49,6 +49,7 @@ def new_api_key() -> str:
 
 
 SEE_ALL_SESSIONS = ("jobs", "see_all_sessions")  # (app label, codename) of the support permission
+SEE_SITE_USAGE = ("jobs", "see_site_usage")  # every user's usage and the site dashboard (not their sessions)
 BATCH_PARALLEL = 4  # requests a batch session serves at once
 
 
@@ -144,6 +145,8 @@ class LLMSession(models.Model):
     cancel_reason = models.CharField(max_length=200, blank=True)
     start_notified_at = models.DateTimeField(null=True, blank=True)
     expiry_warned_at = models.DateTimeField(null=True, blank=True)
+    # Deleted by its owner: gone from their pages and its conversations with it, kept for the site's usage records.
+    deleted_at = models.DateTimeField(null=True, blank=True, editable=False)
     # The launch form's one-time token: a double submit finds the session the first one created.
     request_token = models.CharField(max_length=64, blank=True, editable=False)
 
@@ -152,7 +155,10 @@ class LLMSession(models.Model):
         ordering = ["-created_at"]
         # Support staff are given this (through the "Session support" group); being staff alone, or being able to
         # open the admin, shows nobody else's sessions.
-        permissions = [("see_all_sessions", "Can see and use every user's sessions (support)")]
+        permissions = [
+            ("see_all_sessions", "Can see and use every user's sessions (support)"),
+            ("see_site_usage", "Can see every user's usage and the site dashboard"),
+        ]
         indexes = [models.Index(fields=["cluster", "account", "state"], name="session_poll_idx")]
         constraints = [
             models.UniqueConstraint(
@@ -190,6 +196,22 @@ class LLMSession(models.Model):
     def time_left_min(self) -> int | None:
         ends = self.ends_at
         return max(0, int((ends - timezone.now()).total_seconds() // 60)) if ends else None
+
+    @property
+    def gpus(self) -> int:
+        return self.gpus_per_node * self.nodes
+
+    @property
+    def run_hours(self) -> float:
+        """Hours the job held its GPUs, from Slurm's own start to its end (or now, while it runs)."""
+        if self.started_at is None:
+            return 0.0
+        end = self.ended_at or timezone.now()
+        return max(0.0, (end - self.started_at).total_seconds() / 3600)
+
+    @property
+    def gpu_hours(self) -> float:
+        return self.gpus * self.run_hours
 
     @property
     def served_model_name(self) -> str:

@@ -15,23 +15,45 @@ def token_digest(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
-class ApiToken(models.Model):
-    """A personal token for scripts (the openai client's api_key). Only its SHA-256 is stored; it is shown once."""
+class HashedToken(models.Model):
+    """A bearer token of which only the SHA-256 is stored: it is shown once, when issued."""
 
-    PREFIX = "hpcllm_"
+    PREFIX = ""
+    HINT_CHARS = 6  # shown after the prefix, to tell tokens apart
 
-    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="api_tokens")
-    name = models.CharField(max_length=100)
     digest = models.CharField(max_length=64, unique=True, editable=False)
     hint = models.CharField(
-        max_length=16, editable=False, help_text="The token's first characters, to tell tokens apart."
+        max_length=24, editable=False, help_text="The token's first characters, to tell tokens apart."
     )
     created_at = models.DateTimeField(auto_now_add=True)
     last_used_at = models.DateTimeField(null=True, blank=True)
     revoked_at = models.DateTimeField(null=True, blank=True)
 
     class Meta:
+        abstract = True
         ordering = ["-created_at"]
+
+    @classmethod
+    @sensitive_variables("token")
+    def new_token(cls) -> tuple[str, dict[str, str]]:
+        """A fresh token and the columns that stand for it."""
+        token = cls.PREFIX + secrets.token_urlsafe(32)
+        return token, {"digest": token_digest(token), "hint": token[: len(cls.PREFIX) + cls.HINT_CHARS]}
+
+
+class ApiToken(HashedToken):
+    """A personal token for scripts (the openai client's api_key)."""
+
+    PREFIX = "hpcllm_"
+
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="api_tokens")
+    name = models.CharField(max_length=100)
+    hint = models.CharField(
+        max_length=16, editable=False, help_text="The token's first characters, to tell tokens apart."
+    )
+
+    class Meta(HashedToken.Meta):
+        pass
 
     def __str__(self) -> str:
         return f"{self.name} ({self.hint}…)"
@@ -40,6 +62,33 @@ class ApiToken(models.Model):
     @sensitive_variables("token")
     def issue(cls, user: User, name: str) -> tuple[ApiToken, str]:
         """A new token; the plain text is returned once and never stored."""
-        token = cls.PREFIX + secrets.token_urlsafe(32)
-        row = cls.objects.create(user=user, name=name, digest=token_digest(token), hint=token[: len(cls.PREFIX) + 6])
-        return row, token
+        token, columns = cls.new_token()
+        return cls.objects.create(user=user, name=name, **columns), token
+
+
+class ScrapeToken(HashedToken):
+    """A token an admin issues to a Prometheus server for /metrics."""
+
+    PREFIX = "hpcllm_scrape_"
+    HINT_CHARS = 4
+
+    name = models.CharField(max_length=100, help_text="Which Prometheus server holds it.")
+
+    class Meta(HashedToken.Meta):
+        pass
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.hint}…)"
+
+    @classmethod
+    @sensitive_variables("token")
+    def issue(cls, name: str) -> tuple[ScrapeToken, str]:
+        token, columns = cls.new_token()
+        return cls.objects.create(name=name, **columns), token
+
+    @classmethod
+    @sensitive_variables("token")
+    def holder(cls, token: str) -> ScrapeToken | None:
+        if not token.startswith(cls.PREFIX):
+            return None
+        return cls.objects.filter(digest=token_digest(token), revoked_at__isnull=True).first()

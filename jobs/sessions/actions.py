@@ -108,3 +108,15 @@ def job_log(session: LLMSession) -> logs.LogTail | None:
     if logs.claim_refresh(session, tail):
         transaction.on_commit(lambda: tasks.fetch_log.delay(str(session.pk)))
     return tail
+
+
+def delete(session: LLMSession) -> None:
+    """An ended session leaves its owner's pages; its conversations and batch runs go with it. The row stays, hidden
+    (deleted_at), for the site's usage records: the GPU-hours it held and the requests made through the portal."""
+    with transaction.atomic():
+        session.conversations.all().delete()
+        for run in session.batch_runs.all():
+            run.requests.delete(save=False)
+            run.delete()
+        session.shares.filter(revoked_at__isnull=True).update(revoked_at=timezone.now())
+        LLMSession.objects.filter(pk=session.pk).update(deleted_at=timezone.now(), alias="")

@@ -358,8 +358,9 @@ def apply_poll(session: LLMSession, polled: remote.PollResult) -> int:
         if queued.state not in slurm.ACTIVE_STATES:
             return 0
         connection = polled.connections.get(sid)
+        started = _aware(queued.start_time)
         if connection is not None:
-            return _serve_at(session, connection, nodes, polled)
+            return _serve_at(session, connection, nodes, polled, started)
         if queued.state == "COMPLETING" or (session.state, session.node_list, session.host) == (
             State.STARTING,
             nodes,
@@ -367,7 +368,6 @@ def apply_poll(session: LLMSession, polled: remote.PollResult) -> int:
         ):
             return 0
         fields = {"node_list": nodes, "slurm_reason": "", "host": "", "port": None}
-        started = _aware(queued.start_time)
         if started and session.started_at is None:
             fields["started_at"] = started
         cause = f"Slurm: running on {nodes or 'its nodes'}, the model is loading"
@@ -397,9 +397,12 @@ def apply_poll(session: LLMSession, polled: remote.PollResult) -> int:
     return 0
 
 
-def _serve_at(session: LLMSession, connection: dict[str, object], nodes: str, polled: remote.PollResult) -> int:
+def _serve_at(
+    session: LLMSession, connection: dict[str, object], nodes: str, polled: remote.PollResult, started: datetime | None
+) -> int:
     """The job says its server answers at an address: checked against the job's own nodes (no request ever goes
-    elsewhere in the site's network), with a key of its own after a restart. Returns 1 if the session changed."""
+    elsewhere in the site's network), with a key of its own after a restart. Returns 1 if the session changed.
+    `started` is Slurm's own start time of the job (GPU-hours count from it)."""
     sid = str(session.pk)
     host, port, key = connection.get("host"), connection.get("port"), connection.get("key") or ""
     allowed = polled.addresses_of(nodes)
@@ -428,7 +431,9 @@ def _serve_at(session: LLMSession, connection: dict[str, object], nodes: str, po
     elif session.state == State.RUNNING and session.host:
         _note(session, f"the server moved from {session.host}:{session.port} to {host}:{port}")
     # A model that loads between two polls still passed through "starting": record it.
-    transition(sid, State.STARTING, cause=f"Slurm: running on {nodes}", allowed_from={State.QUEUED}, node_list=nodes)
+    at_start = {"started_at": started} if started and session.started_at is None else {}
+    transition(sid, State.STARTING, cause=f"Slurm: running on {nodes}", allowed_from={State.QUEUED}, node_list=nodes,
+               **at_start)  # fmt: skip
     fields: dict[str, Any] = {"host": host, "port": port, "node_list": nodes, "slurm_reason": ""}
     if fresh_key:
         fields["api_key_encrypted"] = crypto.encrypt(key)

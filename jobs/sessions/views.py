@@ -19,7 +19,7 @@ from django_htmx.http import HttpResponseClientRedirect
 from catalog.models import Cluster, ClusterAccount
 from jobs.cluster import login, logs
 from jobs.models import END_STATES
-from jobs.sessions import actions, wizard
+from jobs.sessions import actions, sharing, wizard
 from jobs.sessions.access import get_session_for, with_relations
 from jobs.sessions.forms import ChoicesForm, values_of
 from portal.errors import messages_of
@@ -51,22 +51,67 @@ def launch_view(request: HtmxHttpRequest) -> HttpResponse:
 @login_required
 @require_GET
 def session_list(request: HtmxHttpRequest) -> HttpResponse:
-    sessions = list(with_relations().filter(owner_id=request.user.pk)[:100])
-    context = {"sessions": sessions, "live": any(not s.is_ended for s in sessions)}
+    sessions = list(sharing.with_shares(with_relations().filter(owner_id=request.user.pk))[:100])
+    sharing.annotate(sessions)
+    shared = sharing.shared_with_me(request.user)
+    context = {"sessions": sessions, "live": bool(shared) or any(not s.is_ended for s in sessions), "shared": shared}
     return render_page(request, "jobs/session_list.html", context, "cards")
+
+
+def _card(request: HtmxHttpRequest, pk: UUID) -> Any:
+    session = get_session_for(request, pk)
+    session = sharing.with_shares(with_relations()).get(pk=session.pk)
+    sharing.annotate([session])
+    return session
 
 
 @login_required
 @require_GET
 def session_card(request: HtmxHttpRequest, pk: UUID) -> HttpResponse:
-    return render_partial(request, "jobs/session_list.html", "card", {"s": get_session_for(request, pk)})
+    return render_partial(request, "jobs/session_list.html", "card", {"s": _card(request, pk)})
 
 
 @login_required
 @require_GET
 def session_detail(request: HtmxHttpRequest, pk: UUID) -> HttpResponse:
+    session = _card(request, pk)
+    context = {"s": session, "events": session.events.all(), "form": sharing.ShareForm(request.user)}
+    context["past_shares"] = session.shares.exclude(pk__in=[g.pk for g in session.active_shares])[:50]
+    return render_page(request, "jobs/session_detail.html", context)
+
+
+def _owned(request: HtmxHttpRequest, pk: UUID) -> Any:
+    """Only the owner shares a session (support staff may look, not hand it on)."""
     session = get_session_for(request, pk)
-    return render_page(request, "jobs/session_detail.html", {"s": session, "events": session.events.all()})
+    if session.owner_id != request.user.pk:
+        raise Http404("no such session")
+    return session
+
+
+@login_required
+@require_POST
+def session_share(request: HtmxHttpRequest, pk: UUID) -> HttpResponse:
+    session = _owned(request, pk)
+    form = sharing.ShareForm(request.user, request.POST)
+    if session.is_ended:
+        messages.error(request, "The session has ended: there is nothing to share.")
+    elif form.is_valid():
+        granted = sharing.share(session, request.user, form.cleaned_data)
+        messages.success(request, "Shared with " + ", ".join(g.grantee for g in granted) + ".")
+    else:
+        for errors in form.errors.values():
+            for error in errors:
+                messages.error(request, str(error))
+    return HttpResponseRedirect(reverse("jobs:session", args=[session.pk]) + "#sharing")
+
+
+@login_required
+@require_POST
+def session_unshare(request: HtmxHttpRequest, pk: UUID, share_pk: int) -> HttpResponse:
+    session = _owned(request, pk)
+    if sharing.revoke(session, share_pk):
+        messages.info(request, "No longer shared: their next request is refused.")
+    return HttpResponseRedirect(reverse("jobs:session", args=[session.pk]) + "#sharing")
 
 
 @login_required
@@ -89,7 +134,7 @@ def session_delete(request: HtmxHttpRequest, pk: UUID) -> HttpResponse:
     if session.state not in END_STATES:
         messages.error(request, "Only ended sessions can be deleted; cancel it first.")
     else:
-        session.delete()
+        actions.delete(session)
         messages.info(request, "Session deleted.")
     if request.htmx:
         return HttpResponseClientRedirect(reverse("jobs:sessions"))

@@ -11,7 +11,8 @@ import markdown
 import nh3
 
 from jobs.cluster import backend
-from jobs.models import ChatMessage, Conversation, LLMSession
+from jobs.models import ChatMessage, Conversation, LLMSession, ProxyRequest
+from jobs.usage.records import Meter, save
 from jobs.use import targets
 
 # What Markdown produces for prose, lists, tables and code; no attributes but links (made safe by nh3) and code
@@ -89,7 +90,9 @@ def save_exchange(
     return message
 
 
-def ask(session: LLMSession, conversation: Conversation, question: str, max_tokens: int, temperature: float) -> None:
+def ask(
+    session: LLMSession, conversation: Conversation, question: str, max_tokens: int, temperature: float, user_pk: int
+) -> None:
     """The plain-form send: the question, the model's whole reply (not streamed), both kept. A server that does not
     answer leaves its error as the reply, so nothing the researcher typed is lost. Both ends of the wait count as use
     of the session (idle auto-cancel)."""
@@ -101,6 +104,7 @@ def ask(session: LLMSession, conversation: Conversation, question: str, max_toke
         "max_tokens": max_tokens,
         "temperature": temperature,
     }
+    meter = Meter(str(session.pk), user_pk, ProxyRequest.Route.CHAT, "chat/completions")
     try:
         answer = httpx.post(
             f"{backend.base_url(session)}/v1/chat/completions",
@@ -108,10 +112,14 @@ def ask(session: LLMSession, conversation: Conversation, question: str, max_toke
             headers={"Authorization": f"Bearer {session.api_key}"},
             timeout=ASK_TIMEOUT_S,
         )
+        meter.begin(answer.status_code, answer.headers.get("content-type", ""))
+        meter.feed(answer.content)
         body = answer.json()
         content, usage = body["choices"][0]["message"]["content"], body.get("usage") or {}
     except (httpx.HTTPError, KeyError, ValueError, IndexError, TypeError) as exc:
         content, usage = f"(The model server did not answer: {exc})", {}
+        meter.status = meter.status if meter.status >= 400 else 502
+    save(meter.finish())
     ChatMessage.objects.create(
         conversation=conversation,
         role=ChatMessage.Role.ASSISTANT,

@@ -15,12 +15,15 @@ from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any
 
 import httpx
+from django.contrib.auth import get_user_model
 from django.core.serializers.json import DjangoJSONEncoder
 from django.http import HttpRequest, HttpResponseBase, JsonResponse, StreamingHttpResponse
 from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.debug import sensitive_variables
 
 from jobs.models import SERVING_STATES, LLMSession
+from jobs.sessions.access import shared_with
+from jobs.usage.records import Meter, save
 from jobs.use import relay as relay_module
 from jobs.use import targets
 from jobs.use.guard import BODY, HOLDER
@@ -62,11 +65,17 @@ def openai_error(status: int, message: str, kind: str, code: str | None = None) 
     return JsonResponse(error, status=status, encoder=_InertJSON)
 
 
+def _ended(meter: Meter, response: JsonResponse) -> JsonResponse:
+    """The portal answered for the server (it was not running, or could not be reached): recorded as such."""
+    targets.later(save, meter.finish(response.status_code))
+    return response
+
+
 @sensitive_variables("headers", "upstream_request")
-async def _forward(request: HttpRequest, target: Target, path: str, body: bytes) -> HttpResponseBase:
+async def _forward(request: HttpRequest, target: Target, path: str, body: bytes, meter: Meter) -> HttpResponseBase:
     if not target.base:
-        return openai_error(409, f"session {target.pk} is {target.state}, not running", "session_not_running",
-                            target.state)  # fmt: skip
+        return _ended(meter, openai_error(409, f"session {target.pk} is {target.state}, not running",
+                                          "session_not_running", target.state))  # fmt: skip
     headers = {k: v for k, v in request.headers.items() if k.lower() in FORWARDED_HEADERS}
     headers["authorization"] = f"Bearer {target.key}"
     client = _client()
@@ -75,9 +84,11 @@ async def _forward(request: HttpRequest, target: Target, path: str, body: bytes)
     try:
         upstream = await client.send(upstream_request, stream=True)
     except httpx.TimeoutException:
-        return openai_error(504, f"the model server on {target.node_list} did not answer in time", "upstream_timeout")
+        return _ended(meter, openai_error(504, f"the model server on {target.node_list} did not answer in time",
+                                          "upstream_timeout"))  # fmt: skip
     except httpx.HTTPError as exc:
-        return openai_error(502, f"cannot reach the model server on {target.node_list}: {exc}", "upstream_error")
+        return _ended(meter, openai_error(502, f"cannot reach the model server on {target.node_list}: {exc}",
+                                          "upstream_error"))  # fmt: skip
     content_type = upstream.headers.get("content-type", "application/json")
     media_type = content_type.partition(";")[0].strip().lower()
     if media_type not in RELAYED_TYPES:
@@ -85,22 +96,29 @@ async def _forward(request: HttpRequest, target: Target, path: str, body: bytes)
         text = (await upstream.aread()).decode(errors="replace")[:500] if upstream.status_code >= 400 else ""
         await upstream.aclose()
         if text:
-            return openai_error(upstream.status_code, f"the model server answered: {text}", "upstream_error")
-        return openai_error(502, f"the model server answered with {media_type or 'no content type'}, which the "
-                            "portal does not relay (only JSON and event streams)", "upstream_error")  # fmt: skip
+            return _ended(meter, openai_error(upstream.status_code, f"the model server answered: {text}",
+                                              "upstream_error"))  # fmt: skip
+        return _ended(meter, openai_error(502, f"the model server answered with {media_type or 'no content type'}, "
+                                          "which the portal does not relay (only JSON and event streams)",
+                                          "upstream_error"))  # fmt: skip
+    meter.begin(upstream.status_code, content_type)
 
     async def relay() -> AsyncIterator[bytes]:
         try:
             async for chunk in relay_module.coalesced(upstream.aiter_raw()):
+                meter.feed(chunk)
                 yield chunk
         except httpx.HTTPError as exc:
             log.warning("stream from %s broke: %s", target.pk, exc)
+            meter.status = 502
             error = {"error": {"message": f"the stream broke: {exc}", "type": "upstream_error"}}
             yield f"data: {json.dumps(error)}\n\n".encode()
         finally:
             # Also reached when the client goes away: Django cancels this generator and the upstream is closed.
-            # A stream counts as use until its last byte, however long it ran (idle auto-cancel).
-            targets.touch_later(target.pk)
+            # A stream counts as use until its last byte, however long it ran (idle auto-cancel), and what it used
+            # is recorded then.
+            targets.later(targets.touch, target.pk)
+            targets.later(save, meter.finish())
             await upstream.aclose()
 
     response = StreamingHttpResponse(relay(), status=upstream.status_code, content_type=content_type)
@@ -162,7 +180,7 @@ async def session_proxy(request: HttpRequest, pk: Any, path: str) -> HttpRespons
         return openai_error(401, "sign in first", "authentication_error")
     if refused := _check_route(request, path):
         return refused
-    target = await targets.run(targets.target, targets.Holder(user.pk), str(pk))
+    target = await targets.run(targets.target, targets.Holder(user.pk), str(pk), "chat")
     if target is None:
         return openai_error(404, "no such session", "invalid_request_error")
     body = _body(request)
@@ -171,7 +189,8 @@ async def session_proxy(request: HttpRequest, pk: Any, path: str) -> HttpRespons
         if rewritten is None:
             return openai_error(400, "the request body is not JSON", "invalid_request_error")
         body = rewritten
-    return await _forward(request, target, path.strip("/"), body)
+    meter = Meter(target.pk, user.pk, "chat", path.strip("/"), bytes_in=len(body))
+    return await _forward(request, target, path.strip("/"), body, meter)
 
 
 @sensitive_variables("token")
@@ -202,9 +221,14 @@ def _running_models(user_pk: int) -> list[dict[str, Any]]:
             names.setdefault(name, *quants.values())  # an alias of the same spelling wins, as in the lookup
         for quant, s in quants.items():
             names.setdefault(f"{name}:{quant}", s)
+    user = get_user_model().objects.get(pk=user_pk)
+    shared = shared_with(user, api=True).filter(state__in=SERVING_STATES).exclude(host="").order_by("-created_at")
+    for s in shared:
+        names.setdefault(s.alias or str(s.pk), s)  # the caller's own names win, as in the lookup
     return [
         {"id": name, "object": "model", "created": int(s.created_at.timestamp()),
-         "owned_by": "hpc-llm-portal", "session": str(s.pk), "served_model": s.served_model_name}
+         "owned_by": s.owner.get_username() if s.owner_id != user_pk else "hpc-llm-portal", "session": str(s.pk),
+         "served_model": s.served_model_name, "shared": s.owner_id != user_pk}
         for name, s in names.items()
     ]  # fmt: skip
 
@@ -248,7 +272,8 @@ async def api_proxy(request: HttpRequest, path: str) -> HttpResponseBase:
         return openai_error(404, f"no running session of yours answers to {model!r}; GET /api/v1/models lists "
                             "the names you can use", "invalid_request_error", "model_not_found")  # fmt: skip
     body = _with_model(payload, target) if body else b""
-    return await _forward(request, target, path.strip("/"), body)
+    meter = Meter(target.pk, holder.user_pk, "api", path.strip("/"), bytes_in=len(body))
+    return await _forward(request, target, path.strip("/"), body, meter)
 
 
 def _no_token() -> JsonResponse:

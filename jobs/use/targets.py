@@ -3,10 +3,12 @@
 It runs before every forwarded request, so it is two plain SQL statements on a kept connection rather than ORM
 querysets: Django compiles a queryset on every call, which costs about a millisecond here (bench/proxy.py), while
 the statements themselves take tens of microseconds. Table and column names come from the models' metadata and
-every value is a bound parameter. The rules are the same as the pages': a session is reached by its owner, and by
-support staff (the explicit permission, sessions.access.sees_all) through its uuid; an alias names the owner's
-newest live session. Scripts may also name a model as the catalog does (NAME, or NAME:QUANT): that is the owner's
-newest running session of it, and a NAME that runs in several quantisations is a question back, never a guess.
+every value is a bound parameter. The rules are the same as the pages': a session is reached by its owner, by
+support staff (the explicit permission, sessions.access.sees_all) through its uuid, and by those it is shared with
+(by name or through a group, in a grant in force for this route: the browser chat or the API) through its uuid or
+alias; an alias names the owner's newest live session, else the newest live one shared with the caller. Scripts may
+also name a model as the catalog does (NAME, or NAME:QUANT): that is the owner's newest running session of it, and
+a NAME that runs in several quantisations is a question back, never a guess.
 """
 
 from __future__ import annotations
@@ -38,11 +40,13 @@ from jobs.models import (
     SERVING_STATES,
     ApiToken,
     LLMSession,
+    SessionShare,
     served_model_name,
     token_digest,
 )
 from portal import crypto
 
+SHARE_ROUTES = ("chat", "api")  # the routes a grant names: SessionShare's columns of the same names
 ACTIVITY_EVERY = timedelta(seconds=30)  # last activity feeds idle auto-cancel, which counts in minutes
 TOKEN_USED_EVERY = timedelta(minutes=1)  # "last used" on the tokens page
 
@@ -80,14 +84,21 @@ async def run(function: Callable[..., T], *args: Any) -> T:
     once more; its only writes are idempotent timestamps.
     """
 
-    def attempt() -> T:
-        try:
-            return function(*args)
-        except (OperationalError, InterfaceError):
-            db.connection.close()
-            return function(*args)
+    return await asyncio.get_running_loop().run_in_executor(_threads, _attempt, function, *args)
 
-    return await asyncio.get_running_loop().run_in_executor(_threads, attempt)
+
+def later(function: Callable[..., object], *args: Any) -> None:
+    """Run `function` on the lookup threads without waiting for it: from where nothing may be awaited any more (the
+    end of a stream, also one the client abandoned)."""
+    _threads.submit(_attempt, function, *args)
+
+
+def _attempt(function: Callable[..., T], *args: Any) -> T:
+    try:
+        return function(*args)
+    except (OperationalError, InterfaceError):
+        db.connection.close()
+        return function(*args)
 
 
 def _q(name: str) -> str:
@@ -134,6 +145,18 @@ def _sql(vendor: str) -> dict[str, str]:
         f"WHERE {s('owner')} = %s AND m.{_col(ModelCard, 'name')} = %s AND {s('state')} IN ({serving}) "
         f"AND {s('host')} <> %s"
     )
+    # A grant in force that reaches user %s (by name, or through a group) on the session `{session}`; then the route's
+    # column must be true. Parameters: SHARED_PARAMS.
+    user_groups = _through(user, "groups")
+    shared = (
+        f"SELECT 1 FROM {_q(SessionShare._meta.db_table)} g WHERE g.{_col(SessionShare, 'session')} = {{session}} "
+        f"AND g.{_col(SessionShare, 'revoked_at')} IS NULL "
+        f"AND (g.{_col(SessionShare, 'expires_at')} IS NULL OR g.{_col(SessionShare, 'expires_at')} > %s) "
+        f"AND (g.{_col(SessionShare, 'user')} = %s OR g.{_col(SessionShare, 'group')} IN ("
+        f"SELECT ug.{_col(user_groups, 'group')} FROM {_q(user_groups._meta.db_table)} ug "
+        f"WHERE ug.{_col(user_groups, 'user')} = %s)) AND g.{{route}} = %s"
+    )
+    by_route = {route: _col(SessionShare, route) for route in SHARE_ROUTES}
     return {
         "holder": holder,
         "sees_all": f"SELECT {_sees_all_sql(user)} FROM {_q(user._meta.db_table)} u "
@@ -141,6 +164,16 @@ def _sql(vendor: str) -> dict[str, str]:
         "by_pk": target + f"WHERE {s('id')} = %s",
         "by_alias": target + f"WHERE {s('owner')} = %s AND {s('alias')} = %s "
         f"AND {s('state')} NOT IN ({end_states}) ORDER BY {s('created_at')} DESC LIMIT 1",
+        **{
+            f"shared_{route}": shared.format(session="%s", route=column) for route, column in by_route.items()
+        },
+        **{
+            f"by_shared_alias_{route}": target + f"WHERE {s('alias')} = %s AND {s('owner')} <> %s "
+            f"AND {s('state')} NOT IN ({end_states}) AND EXISTS ("
+            + shared.format(session=s("id"), route=column)
+            + f") ORDER BY {s('created_at')} DESC LIMIT 2"
+            for route, column in by_route.items()
+        },
         "by_name": target + named + f" ORDER BY {s('created_at')} DESC LIMIT 1",
         "by_name_quant": target + named + f" AND v.{_col(ModelVariant, 'quantization')} = %s "
         f"ORDER BY {s('created_at')} DESC LIMIT 1",
@@ -241,10 +274,6 @@ def touch(session_pk: str) -> None:
     )
 
 
-def touch_later(session_pk: str) -> None:
-    """touch() on the lookup threads without waiting for it: from where nothing may be awaited any more (the end of
-    a stream, also one the client abandoned)."""
-    _threads.submit(touch, session_pk)
 
 
 def sees_all(user_pk: int) -> bool:
@@ -278,10 +307,36 @@ def _by_name(user: Holder, key: str) -> tuple[Any, ...] | None:
     return _fetch_one("by_name", _name_params(user.user_pk, key)) if quants else None
 
 
+def _shared_params(user_pk: int, route: str) -> list[Any]:
+    assert route in SHARE_ROUTES
+    return [_db_datetime(timezone.now()), user_pk, user_pk, True]
+
+
+def _shared(session_pk: Any, user_pk: int, route: str) -> bool:
+    """Whether a grant in force shares the session with the user for this route."""
+    return _fetch_one(f"shared_{route}", [session_pk, *_shared_params(user_pk, route)]) is not None
+
+
+def _by_shared_alias(user: Holder, alias: str, route: str) -> tuple[Any, ...] | None:
+    """The newest live session of someone else's that is shared with the user for this route under this alias; two
+    owners' sessions under one alias are a question back."""
+    with connection.cursor() as cursor:
+        cursor.execute(
+            _sql(connection.vendor)[f"by_shared_alias_{route}"],
+            [alias, user.user_pk, *sorted(END_STATES), *_shared_params(user.user_pk, route)],
+        )
+        rows: list[tuple[Any, ...]] = cursor.fetchall()
+    if len(rows) > 1:
+        raise Ambiguous(f"{alias} names sessions of several people shared with you: name one by its uuid "
+                        "(GET /api/v1/models lists them)")  # fmt: skip
+    return rows[0] if rows else None
+
+
 @sensitive_variables("secret")
-def target(user: Holder, key: str) -> Target | None:
-    """The session `key` names for this user (its uuid, its alias, or the catalog name of the model it runs), or None
-    when there is none they may use. Raises Ambiguous for a name that runs in several quantisations."""
+def target(user: Holder, key: str, route: str = "api") -> Target | None:
+    """The session `key` names for this user on this route ("api" or the browser's "chat"): its uuid, its alias, the
+    catalog name of the model it runs, or the alias of a session shared with them; None when there is none they may
+    use. Raises Ambiguous for a name that runs in several quantisations, or an alias two people shared."""
     row = None
     try:
         pk = uuid.UUID(key)
@@ -294,11 +349,17 @@ def target(user: Holder, key: str) -> Target | None:
     if row is None:
         row = _by_name(user, key)
     if row is None:
+        row = _by_shared_alias(user, key, route)
+    if row is None:
         return None
     pk_value, owner_pk, state, host, port, key_encrypted, node_list, last_activity, access, model, quantization = row[
         :11
     ]
-    if int(owner_pk) != user.user_pk and not (user.sees_all if user.sees_all is not None else sees_all(user.user_pk)):
+    if (
+        int(owner_pk) != user.user_pk
+        and not (user.sees_all if user.sees_all is not None else sees_all(user.user_pk))
+        and not _shared(pk_value, user.user_pk, route)
+    ):
         return None
     base = secret = ""
     if state in SERVING_STATES and host and port:

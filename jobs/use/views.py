@@ -9,6 +9,7 @@ from uuid import UUID
 
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
+from django.db.models import QuerySet
 from django.http import Http404, HttpResponse, HttpResponseRedirect, JsonResponse
 from django.urls import reverse
 from django.utils import timezone
@@ -16,16 +17,25 @@ from django.views.decorators.debug import sensitive_variables
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
 from jobs.models import ApiToken, Conversation, LLMSession
-from jobs.sessions.access import get_session_for
+from jobs.sessions.access import get_session_to_chat
 from jobs.use import chat as rules
 from portal.htmx import HtmxHttpRequest, render_page
 
 
-def _conversation(session: LLMSession, conversation_id: int) -> Conversation:
-    conversation = Conversation.objects.filter(session=session, pk=conversation_id).first()
+def _chat_of(request: HtmxHttpRequest, pk: UUID) -> tuple[LLMSession, QuerySet[Conversation]]:
+    """The session, if the user may chat with it, and the conversations on it they see: their own (the owner does
+    not see those of the people the session is shared with, nor they the owner's), or all of them for support."""
+    session, sees_every = get_session_to_chat(request, pk)
+    conversations = session.conversations.all()
+    return session, conversations if sees_every else conversations.filter(owner_id=request.user.pk)
+
+
+def _conversation(request: HtmxHttpRequest, pk: UUID, conversation_id: int) -> tuple[LLMSession, Conversation]:
+    session, conversations = _chat_of(request, pk)
+    conversation = conversations.filter(pk=conversation_id).first()
     if conversation is None:
         raise Http404("no such conversation")
-    return conversation
+    return session, conversation
 
 
 def _chat_url(session: LLMSession, conversation: Conversation | None = None) -> str:
@@ -43,8 +53,8 @@ def _number(value: Any, default: float, low: float, high: float) -> float:
 @login_required
 @require_GET
 def chat(request: HtmxHttpRequest, pk: UUID) -> HttpResponse:
-    session = get_session_for(request, pk)
-    conversations = list(session.conversations.all())
+    session, mine = _chat_of(request, pk)
+    conversations = list(mine)
     current = next((c for c in conversations if str(c.pk) == request.GET.get("c")), None) or (
         conversations[0] if conversations else None
     )
@@ -56,8 +66,10 @@ def chat(request: HtmxHttpRequest, pk: UUID) -> HttpResponse:
 @login_required
 @require_POST
 def new_conversation(request: HtmxHttpRequest, pk: UUID) -> HttpResponse:
-    session = get_session_for(request, pk)
-    conversation = Conversation.objects.create(session=session, system_prompt=request.POST.get("system_prompt", ""))
+    session, _ = _chat_of(request, pk)
+    conversation = Conversation.objects.create(
+        session=session, owner=request.user, system_prompt=request.POST.get("system_prompt", "")
+    )
     if request.headers.get("accept", "").startswith("application/json"):
         return JsonResponse({"id": conversation.pk, "url": _chat_url(session, conversation)})
     return HttpResponseRedirect(_chat_url(session, conversation))
@@ -67,7 +79,7 @@ def new_conversation(request: HtmxHttpRequest, pk: UUID) -> HttpResponse:
 @require_POST
 def save_exchange(request: HtmxHttpRequest, pk: UUID, conversation_id: int) -> JsonResponse:
     """After the browser streamed a reply: store the question and the answer with its timings; return safe HTML."""
-    conversation = _conversation(get_session_for(request, pk), conversation_id)
+    _, conversation = _conversation(request, pk, conversation_id)
     try:
         data = json.loads(request.body)
         question, reply = str(data["user"]), str(data["assistant"])
@@ -85,7 +97,7 @@ def save_exchange(request: HtmxHttpRequest, pk: UUID, conversation_id: int) -> J
 @require_POST
 def truncate(request: HtmxHttpRequest, pk: UUID, conversation_id: int) -> JsonResponse:
     """Regenerate / edit-and-resend: forget the messages from this one on."""
-    conversation = _conversation(get_session_for(request, pk), conversation_id)
+    _, conversation = _conversation(request, pk, conversation_id)
     try:
         first = int(request.POST.get("from", ""))
     except ValueError:
@@ -100,20 +112,19 @@ def truncate(request: HtmxHttpRequest, pk: UUID, conversation_id: int) -> JsonRe
 @require_POST
 def send_without_js(request: HtmxHttpRequest, pk: UUID, conversation_id: int) -> HttpResponse:
     """The plain-form send: ask the model without streaming, store both messages, show the page again."""
-    session = get_session_for(request, pk)
-    conversation = _conversation(session, conversation_id)
+    session, conversation = _conversation(request, pk, conversation_id)
     text = (request.POST.get("message") or "").strip()
     if text and session.serving:
         max_tokens = int(_number(request.POST.get("max_tokens"), 512, 1, 32768))
-        rules.ask(session, conversation, text, max_tokens, _number(request.POST.get("temperature"), 0.7, 0, 2))
+        temperature = _number(request.POST.get("temperature"), 0.7, 0, 2)
+        rules.ask(session, conversation, text, max_tokens, temperature, request.user.pk)
     return HttpResponseRedirect(_chat_url(session, conversation))
 
 
 @login_required
 @require_POST
 def manage_conversation(request: HtmxHttpRequest, pk: UUID, conversation_id: int) -> HttpResponse:
-    session = get_session_for(request, pk)
-    conversation = _conversation(session, conversation_id)
+    session, conversation = _conversation(request, pk, conversation_id)
     if "delete" in request.POST:
         conversation.delete()
         return HttpResponseRedirect(_chat_url(session))
@@ -127,8 +138,7 @@ def manage_conversation(request: HtmxHttpRequest, pk: UUID, conversation_id: int
 @login_required
 @require_GET
 def export(request: HtmxHttpRequest, pk: UUID, conversation_id: int) -> HttpResponse:
-    session = get_session_for(request, pk)
-    conversation = _conversation(session, conversation_id)
+    session, conversation = _conversation(request, pk, conversation_id)
     name = f"chat-{conversation.pk}"
     if request.GET.get("format") == "md":
         text = rules.export_markdown(conversation, session.served_model_name)

@@ -227,7 +227,7 @@ def test_an_ssh_outage_ends_nothing_and_sessions_come_back(
         # The scheduler cannot be asked, but the server answers: its chat goes on through the portal.
         assert running.serving and "still answers" in causes[0]
         client.force_login(owner)
-        conversation = Conversation.objects.create(session=running)
+        conversation = Conversation.objects.create(session=running, owner=running.owner)
         client.post(f"/sessions/{running.pk}/chat/{conversation.pk}/send", {"message": "hello", "max_tokens": "8"})
         reply = conversation.messages.get(role="assistant").content
         assert reply and "did not answer" not in reply

@@ -105,7 +105,9 @@ def test_a_refused_launch_keeps_what_was_typed_and_says_why(owner_client: Client
 def test_my_sessions_lists_cards_and_polls_only_while_something_can_change(
     owner_client: Client, session: LLMSession, django_assert_num_queries: Any
 ) -> None:
-    with django_assert_num_queries(4):  # the auth session, the user, the sessions with their relations, their runs
+    # the auth session, the user, the sessions with their relations, their runs, their grants, who used them, and
+    # the sessions shared with the user
+    with django_assert_num_queries(7):
         page = owner_client.get("/sessions/")
     text = page.content.decode()
     assert f'id="s-{session.pk}"' in text and 'hx-trigger="every 3s"' in text
@@ -121,7 +123,7 @@ def test_the_query_count_does_not_grow_with_the_number_of_sessions(
     with django_capture_on_commit_callbacks(execute=False):
         for _ in range(5):
             launch(owner, LAUNCH)
-    with django_assert_num_queries(4):
+    with django_assert_num_queries(7):
         owner_client.get("/sessions/")
 
 
@@ -142,7 +144,10 @@ def test_only_ended_sessions_can_be_deleted(owner_client: Client, session: LLMSe
     assert LLMSession.objects.filter(pk=session.pk).exists()
     transition(session.pk, State.CANCELLED, cause="test")
     owner_client.post(f"/sessions/{session.pk}/delete")
-    assert not LLMSession.objects.filter(pk=session.pk).exists()
+    # gone from the owner's pages, kept (hidden) for the site's usage records
+    assert owner_client.get(f"/sessions/{session.pk}/").status_code == 404
+    assert str(session.pk) not in owner_client.get("/sessions/").content.decode()
+    assert LLMSession.objects.get(pk=session.pk).deleted_at is not None
 
 
 @pytest.mark.parametrize("who", ["other_user", "staff_user"])

@@ -66,7 +66,7 @@ def session(account: ClusterAccount, owner: Any, django_capture_on_commit_callba
 
 def test_a_saved_exchange_shows_as_safe_html_and_exports(client: Client, owner: Any, session: LLMSession) -> None:
     client.force_login(owner)
-    conversation = Conversation.objects.create(session=session)
+    conversation = Conversation.objects.create(session=session, owner=session.owner)
     reply = client.post(
         f"/sessions/{session.pk}/chat/{conversation.pk}/save",
         json.dumps({"user": "hi", "assistant": "**hello** <script>alert(1)</script>",
@@ -85,7 +85,7 @@ def test_a_saved_exchange_shows_as_safe_html_and_exports(client: Client, owner: 
 
 def test_regenerate_forgets_the_last_reply(client: Client, owner: Any, session: LLMSession) -> None:
     client.force_login(owner)
-    conversation = Conversation.objects.create(session=session)
+    conversation = Conversation.objects.create(session=session, owner=session.owner)
     ChatMessage.objects.create(conversation=conversation, role="user", content="q")
     answer = ChatMessage.objects.create(conversation=conversation, role="assistant", content="a")
     client.post(f"/sessions/{session.pk}/chat/{conversation.pk}/truncate", {"from": answer.pk})
@@ -97,7 +97,7 @@ def test_a_malformed_truncate_is_a_clear_400_and_forgets_nothing(
     client: Client, owner: Any, session: LLMSession, value: str
 ) -> None:
     client.force_login(owner)
-    conversation = Conversation.objects.create(session=session)
+    conversation = Conversation.objects.create(session=session, owner=session.owner)
     ChatMessage.objects.create(conversation=conversation, role="user", content="q")
     reply = client.post(f"/sessions/{session.pk}/chat/{conversation.pk}/truncate", {"from": value})
     assert reply.status_code == 400 and "first message" in reply.json()["error"]
@@ -105,7 +105,7 @@ def test_a_malformed_truncate_is_a_clear_400_and_forgets_nothing(
 
 
 def test_other_users_cannot_read_or_write_a_chat(client: Client, other_user: Any, session: LLMSession) -> None:
-    conversation = Conversation.objects.create(session=session)
+    conversation = Conversation.objects.create(session=session, owner=session.owner)
     client.force_login(other_user)
     base = f"/sessions/{session.pk}/chat"
     assert client.get(f"{base}/").status_code == 404
@@ -136,7 +136,7 @@ def test_the_plain_form_send_counts_as_use_of_the_session(client: Client, owner:
     """Idle auto-cancel counts every request: the no-JavaScript send too, also when the server does not answer."""
     transition(session.pk, State.RUNNING, cause="test", host="127.0.0.1", port=1)  # nothing listens there
     client.force_login(owner)
-    conversation = Conversation.objects.create(session=session)
+    conversation = Conversation.objects.create(session=session, owner=session.owner)
     client.post(f"/sessions/{session.pk}/chat/{conversation.pk}/send", {"message": "hello"})
     session.refresh_from_db()
     assert session.last_activity_at is not None

@@ -1,0 +1,103 @@
+"""Sharing a running session with named users or a group: who may use it, how, and until when."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from django.conf import settings
+from django.contrib.auth.models import Group, User
+from django.core.validators import RegexValidator
+from django.db import models
+from django.db.models import Q
+from django.utils import timezone
+
+from jobs.models.sessions import LLMSession
+
+
+class SessionShare(models.Model):
+    """One grant: a session's owner lets a user, or every member of a group, chat with its model in the browser,
+    call it from scripts, or both. A revoked or expired grant stays as a record of who had access when."""
+
+    session = models.ForeignKey(LLMSession, on_delete=models.CASCADE, related_name="shares")
+    user = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.CASCADE, related_name="shared_sessions"
+    )
+    group = models.ForeignKey(Group, null=True, blank=True, on_delete=models.CASCADE, related_name="shared_sessions")
+    chat = models.BooleanField("chat in the browser", default=True)
+    api = models.BooleanField("API (scripts)", default=True)
+    created_by = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="+")
+    created_at = models.DateTimeField(auto_now_add=True)
+    expires_at = models.DateTimeField(null=True, blank=True)
+    revoked_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["created_at", "pk"]
+        constraints = [
+            models.CheckConstraint(
+                condition=(Q(user__isnull=False) & Q(group__isnull=True))
+                | (Q(user__isnull=True) & Q(group__isnull=False)),
+                name="share_names_a_user_or_a_group",
+            ),
+            models.CheckConstraint(condition=Q(chat=True) | Q(api=True), name="share_grants_something"),
+        ]
+        indexes = [models.Index(fields=["session", "revoked_at"], name="share_session_idx")]
+
+    def __str__(self) -> str:
+        return f"{self.session_id} with {self.grantee}"
+
+    @property
+    def grantee(self) -> str:
+        return f"group {self.group.name}" if self.group_id and self.group else str(self.user)
+
+    @property
+    def access(self) -> str:
+        return " and ".join(name for name, on in (("chat", self.chat), ("API", self.api)) if on)
+
+    def active_at(self, moment: datetime | None = None) -> bool:
+        moment = moment or timezone.now()
+        return self.revoked_at is None and (self.expires_at is None or self.expires_at > moment)
+
+
+def active_shares(moment: datetime | None = None) -> Q:
+    """The grants in force now, as a filter on SessionShare."""
+    moment = moment or timezone.now()
+    return Q(revoked_at__isnull=True) & (Q(expires_at__isnull=True) | Q(expires_at__gt=moment))
+
+
+def granted_to(user: User, moment: datetime | None = None) -> models.QuerySet[SessionShare]:
+    """The grants in force that reach `user`, by name or through one of their groups."""
+    groups = user.groups.values("pk")
+    return SessionShare.objects.filter(active_shares(moment), Q(user=user.pk) | Q(group__in=groups))
+
+
+class GroupSource(models.Model):
+    """Where a portal group's members come from: a Unix/LDAP group or a Slurm account on a cluster, read over SSH
+    with one of the cluster's accounts. Cluster user names become portal users through their personal accounts."""
+
+    class Kind(models.TextChoices):
+        UNIX_GROUP = "unix_group", "Unix or LDAP group (getent group)"
+        SLURM_ACCOUNT = "slurm_account", "Slurm account (sacctmgr; needs slurmdbd)"
+
+    group = models.ForeignKey(Group, on_delete=models.CASCADE, related_name="sources")
+    account = models.ForeignKey(
+        "catalog.ClusterAccount",
+        on_delete=models.CASCADE,
+        related_name="group_sources",
+        help_text="The cluster account that asks (any account on that cluster can read its groups).",
+    )
+    kind = models.CharField(max_length=16, choices=Kind.choices, default=Kind.UNIX_GROUP)
+    name = models.CharField(
+        max_length=64,
+        validators=[
+            RegexValidator(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*\Z", "a group or account name: letters, digits, _ . -")
+        ],
+    )
+    synced_at = models.DateTimeField(null=True, blank=True, editable=False)
+    members_found = models.PositiveIntegerField(default=0, editable=False)
+    last_error = models.TextField(blank=True, editable=False)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["group", "account", "kind", "name"], name="one_source_each")]
+
+    def __str__(self) -> str:
+        return f"{self.group} <- {self.get_kind_display()} {self.name}"

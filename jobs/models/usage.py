@@ -1,0 +1,52 @@
+"""What each request through the proxy used: one row per request, by session and by the user who made it."""
+
+from __future__ import annotations
+
+from django.conf import settings
+from django.db import models
+from django.utils import timezone
+
+from jobs.models.sessions import LLMSession
+
+# Bucket bounds for times to first token (ms) and generation speeds (tokens/s): the usage pages' percentiles and the
+# /metrics histograms use the same ones.
+TTFT_BOUNDS_MS = (5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000)
+SPEED_BOUNDS = (1, 2, 5, 10, 20, 30, 50, 75, 100, 150, 200, 300, 500, 1000)
+
+
+class ProxyRequest(models.Model):
+    """One request a user sent to a session's server through the portal (browser chat or API)."""
+
+    class Route(models.TextChoices):
+        CHAT = "chat", "browser chat"
+        API = "api", "API"
+
+    session = models.ForeignKey(LLMSession, on_delete=models.CASCADE, related_name="requests")
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="proxy_requests")
+    at = models.DateTimeField(default=timezone.now, db_index=True)
+    route = models.CharField(max_length=4, choices=Route.choices)
+    endpoint = models.CharField(max_length=32)  # chat/completions, completions, embeddings, models
+    status = models.PositiveSmallIntegerField()
+    prompt_tokens = models.PositiveIntegerField(default=0)
+    completion_tokens = models.PositiveIntegerField(default=0)
+    # False: the server reported no usage and the completion tokens were counted from the stream's events.
+    tokens_reported = models.BooleanField(default=True)
+    ttft_ms = models.FloatField(null=True, blank=True)  # streams only: first byte of the reply
+    duration_ms = models.FloatField()
+    tokens_per_s = models.FloatField(null=True, blank=True)  # completion tokens over the time after the first
+    bytes_in = models.PositiveIntegerField(default=0)
+    bytes_out = models.PositiveBigIntegerField(default=0)
+
+    class Meta:
+        ordering = ["-at"]
+        indexes = [
+            models.Index(fields=["session", "user"], name="request_session_user_idx"),
+            models.Index(fields=["user", "at"], name="request_user_at_idx"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.user_id} {self.endpoint} {self.status}"
+
+    @property
+    def failed(self) -> bool:
+        return self.status >= 400

@@ -1,0 +1,112 @@
+"""Portal groups that follow the site's own: a group mapped to Unix/LDAP groups or Slurm accounts (GroupSource) gets
+its members from the cluster, read over the pinned SSH connection, so that "share with the lab" means the lab as the
+site knows it.
+
+A mapped group is managed by its sources: a sync sets its members to the portal users whose personal cluster
+accounts (on the source's cluster) are named there, adding and removing. A source that cannot be read (SSH down, a
+name the cluster does not know) changes nothing and keeps its error for the admin page: a failure never empties a
+group. Groups without sources are left alone.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+from dataclasses import dataclass
+
+from django.contrib.auth.models import Group
+from django.db import transaction
+from django.utils import timezone
+
+from catalog.models import ClusterAccount
+from jobs.models import GroupSource
+from portal import ssh
+
+_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}\Z")
+_USER = re.compile(r"[a-z_][a-z0-9_.-]*\$?\Z", re.IGNORECASE)
+LOOKUP_TIMEOUT_S = 30.0
+
+
+class SourceError(Exception):
+    """The cluster could not say who is in the group or account."""
+
+
+def lookup_command(kind: str, name: str) -> str:
+    """The command that names the cluster users of a group or Slurm account."""
+    if not _NAME.match(name):
+        raise ValueError(f"not a group or account name: {name!r}")
+    if kind == GroupSource.Kind.UNIX_GROUP:
+        return f"getent group {shlex.quote(name)}"  # NSS (files, LDAP, SSSD), as logins see it
+    if kind == GroupSource.Kind.SLURM_ACCOUNT:
+        return f"sacctmgr --noheader --parsable2 show associations account={shlex.quote(name)} format=User"
+    raise ValueError(f"unknown source kind {kind!r}")
+
+
+def parse_members(kind: str, stdout: str) -> set[str]:
+    """Cluster user names from the lookup's output: getent's fourth field (members, comma-separated; those whose
+    primary group it is are not listed there), or sacctmgr's one user per line (the account's own row has none)."""
+    if kind == GroupSource.Kind.UNIX_GROUP:
+        fields = stdout.strip().split("\n")[0].split(":")
+        names = fields[3].split(",") if len(fields) >= 4 else []
+    else:
+        names = stdout.splitlines()
+    return {name.strip() for name in names if _USER.match(name.strip())}
+
+
+def read_source(source: GroupSource) -> set[str]:
+    """The cluster user names the source names now. Raises SourceError."""
+    try:
+        result = ssh.pool.run(
+            source.account.ssh_target(), lookup_command(source.kind, source.name), timeout_s=LOOKUP_TIMEOUT_S
+        )
+    except ssh.SSHError as exc:
+        raise SourceError(f"cannot reach {source.account.cluster}: {exc}") from exc
+    if not result.ok:  # getent: 2 for an unknown group; sacctmgr: no slurmdbd, or no such account
+        error = result.stderr.strip()[:300] or f"exit code {result.exit_code}: no such group or account"
+        raise SourceError(f"{source.get_kind_display()} {source.name!r} on {source.account.cluster}: {error}")
+    if source.kind == GroupSource.Kind.SLURM_ACCOUNT and not result.stdout.strip():
+        # sacctmgr answers an unknown account with nothing: never read that as "nobody is in it"
+        raise SourceError(f"Slurm knows no account {source.name!r} on {source.account.cluster}")
+    return parse_members(source.kind, result.stdout)
+
+
+@dataclass
+class Synced:
+    group: str
+    added: list[str]
+    removed: list[str]
+    errors: list[str]
+
+
+def sync(group: Group) -> Synced:
+    """Set the group's members to those its sources name (see the module's docstring). Every source must be read
+    for members to be removed; one that fails leaves the group as it was, less nothing."""
+    sources = list(GroupSource.objects.filter(group=group).select_related("account__cluster"))
+    wanted: set[int] = set()
+    errors: list[str] = []
+    now = timezone.now()
+    for source in sources:
+        try:
+            names = read_source(source)
+        except SourceError as exc:
+            errors.append(str(exc))
+            GroupSource.objects.filter(pk=source.pk).update(last_error=str(exc))
+            continue
+        users = ClusterAccount.objects.filter(
+            cluster=source.account.cluster_id, kind=ClusterAccount.Kind.PERSONAL, username__in=names
+        ).values_list("user", flat=True)
+        found = {pk for pk in users if pk is not None}
+        wanted |= found
+        GroupSource.objects.filter(pk=source.pk).update(synced_at=now, members_found=len(found), last_error="")
+    with transaction.atomic():
+        current = set(group.user_set.values_list("pk", flat=True))
+        add = wanted - current
+        remove = (current - wanted) if not errors and sources else set()
+        group.user_set.add(*add)
+        group.user_set.remove(*remove)
+    usernames = dict(group.user_set.model.objects.filter(pk__in=add | remove).values_list("pk", "username"))
+    return Synced(group.name, sorted(usernames[pk] for pk in add), sorted(usernames[pk] for pk in remove), errors)
+
+
+def sync_all() -> list[Synced]:
+    return [sync(group) for group in Group.objects.filter(sources__isnull=False).distinct()]

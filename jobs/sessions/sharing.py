@@ -1,0 +1,161 @@
+"""Sharing a session: the owner grants named users or a group the browser chat, the API, or both, until they revoke
+it or it expires; and what the pages show of it (who it is shared with, how many requests each made, what others
+shared with me). Who may then reach the session is decided in access.py and, for the proxy, in jobs/use/targets.py."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+from django import forms
+from django.contrib.auth import get_user_model
+from django.contrib.auth.models import Group, User
+from django.db import transaction
+from django.db.models import Count, Prefetch, QuerySet, Sum
+from django.utils import timezone
+
+from jobs.models import END_STATES, LLMSession, ProxyRequest, SessionShare, active_shares, granted_to
+
+MAX_NAMES = 50  # users named in one grant
+
+
+class ShareForm(forms.Form):
+    users = forms.CharField(
+        required=False, max_length=2000, help_text="Portal user names, separated by commas or spaces."
+    )
+    group = forms.ModelChoiceField(queryset=Group.objects.none(), required=False, empty_label="(no group)")
+    chat = forms.BooleanField(required=False, initial=True, label="chat in the browser")
+    api = forms.BooleanField(required=False, initial=True, label="API (scripts)")
+    days = forms.IntegerField(
+        required=False, min_value=1, max_value=365, label="expires after (days)", help_text="Empty: until revoked."
+    )
+
+    def __init__(self, owner: User, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.owner = owner
+        group_field = self.fields["group"]
+        assert isinstance(group_field, forms.ModelChoiceField)
+        # A lab shares with its own group: the owner's groups (an admin's: any).
+        group_field.queryset = Group.objects.all() if owner.is_superuser else owner.groups.all()
+
+    def clean_users(self) -> list[User]:
+        names = [name for name in str(self.cleaned_data.get("users") or "").replace(",", " ").split() if name]
+        if len(names) > MAX_NAMES:
+            raise forms.ValidationError(f"Name at most {MAX_NAMES} users at once, or share with a group.")
+        user_model = get_user_model()
+        found = {u.get_username(): u for u in user_model.objects.filter(username__in=names, is_active=True)}
+        unknown = [name for name in names if name not in found]
+        if unknown:
+            raise forms.ValidationError(f"No active portal user is called {', '.join(sorted(set(unknown)))}.")
+        if self.owner.get_username() in found:
+            raise forms.ValidationError("The session is yours already: name others.")
+        return list(found.values())
+
+    def clean(self) -> dict[str, Any]:
+        data = super().clean() or {}
+        if not data.get("users") and not data.get("group") and not self.errors:
+            raise forms.ValidationError("Name users or choose a group to share with.")
+        if not data.get("chat") and not data.get("api"):
+            raise forms.ValidationError("Share the chat, the API, or both.")
+        return data
+
+
+def share(session: LLMSession, by: User, data: dict[str, Any]) -> list[SessionShare]:
+    """Grants from a valid ShareForm: one per user and one for the group. A grantee who already holds a grant in
+    force gets the new one in its place (their access is what the owner chose last)."""
+    expires = timezone.now() + timedelta(days=data["days"]) if data.get("days") else None
+    created = []
+    with transaction.atomic():
+        for user in data.get("users") or []:
+            created.append(_grant(session, by, expires, data, user=user))
+        if data.get("group"):
+            created.append(_grant(session, by, expires, data, group=data["group"]))
+    return created
+
+
+def _grant(session: LLMSession, by: User, expires: Any, data: dict[str, Any], **grantee: Any) -> SessionShare:
+    now = timezone.now()
+    session.shares.filter(active_shares(now), **grantee).update(revoked_at=now)
+    return SessionShare.objects.create(
+        session=session, created_by=by, chat=bool(data["chat"]), api=bool(data["api"]), expires_at=expires, **grantee
+    )
+
+
+def revoke(session: LLMSession, share_pk: Any) -> bool:
+    """Stop a grant now: the next request of those it reached is refused (the proxy checks every request)."""
+    try:
+        pk = int(share_pk)
+    except (TypeError, ValueError):
+        return False
+    return bool(session.shares.filter(pk=pk, revoked_at__isnull=True).update(revoked_at=timezone.now()))
+
+
+@dataclass
+class Use:
+    """One user's requests on a session through the portal."""
+
+    username: str
+    requests: int = 0
+    tokens: int = 0
+
+
+def with_shares(sessions: QuerySet[LLMSession]) -> QuerySet[LLMSession]:
+    """Sessions with their grants in force (and whom they name) in one more query."""
+    grants = SessionShare.objects.filter(active_shares()).select_related("user", "group")
+    return sessions.prefetch_related(Prefetch("shares", queryset=grants, to_attr="active_shares"))
+
+
+def use_by_user(sessions: Iterable[LLMSession]) -> dict[Any, list[Use]]:
+    """Per session: who made how many requests through the portal (and their tokens), most requests first; one
+    query for any number of sessions."""
+    rows = (
+        ProxyRequest.objects.filter(session__in=[s.pk for s in sessions])
+        .values("session", "user__username")
+        .annotate(requests=Count("id"), prompt=Sum("prompt_tokens"), completion=Sum("completion_tokens"))
+        .order_by("session", "-requests", "user__username")
+    )
+    found: dict[Any, list[Use]] = {}
+    for row in rows:
+        use = Use(row["user__username"], row["requests"], (row["prompt"] or 0) + (row["completion"] or 0))
+        found.setdefault(row["session"], []).append(use)
+    return found
+
+
+def annotate(sessions: list[LLMSession]) -> None:
+    """Sets `use` (list of Use) on each session for its card: one query."""
+    found = use_by_user(sessions)
+    for s in sessions:
+        s.use = found.get(s.pk, [])  # type: ignore[attr-defined]
+
+
+@dataclass
+class SharedSession:
+    """A session someone shared with me, with what the grants that reach me allow."""
+
+    session: LLMSession
+    chat: bool
+    api: bool
+    expires_at: Any
+
+
+def shared_with_me(user: User) -> list[SharedSession]:
+    """The live sessions others shared with `user`, newest first (two queries)."""
+    grants = (
+        granted_to(user)
+        .exclude(session__owner=user.pk)
+        .filter(session__deleted_at__isnull=True)
+        .exclude(session__state__in=END_STATES)
+        .select_related("session__owner", "session__cluster", "session__variant__model", "session__gpu_type")
+        .select_related("session__runtime", "session__partition")
+        .order_by("-session__created_at")
+    )
+    found: dict[Any, SharedSession] = {}
+    for grant in grants:
+        entry = found.setdefault(grant.session_id, SharedSession(grant.session, False, False, grant.expires_at))
+        entry.chat |= grant.chat
+        entry.api |= grant.api
+        if entry.expires_at is not None and (grant.expires_at is None or grant.expires_at > entry.expires_at):
+            entry.expires_at = grant.expires_at  # the latest of the grants that reach me
+    return list(found.values())

@@ -1,0 +1,85 @@
+"""Portal groups that follow the cluster's groups and Slurm accounts: the commands, their output, and the sync's
+rules (the SSH side is replaced here; tests/e2e/test_sharing.py reads a real group over the real sshd)."""
+
+from __future__ import annotations
+
+import shlex
+from typing import Any
+
+import pytest
+from django.contrib.auth.models import Group
+from hypothesis import given
+from hypothesis import strategies as st
+
+from catalog.models import ClusterAccount
+from jobs.models import GroupSource
+from jobs.sessions import groups
+from portal import ssh
+
+
+def test_getent_and_sacctmgr_output_becomes_user_names() -> None:
+    assert groups.parse_members("unix_group", "nlp:x:2001:ada,alan,grace\n") == {"ada", "alan", "grace"}
+    assert groups.parse_members("unix_group", "nlp:x:2001:\n") == set()
+    assert groups.parse_members("slurm_account", "\nada\nalan\n") == {"ada", "alan"}
+    assert groups.parse_members("slurm_account", "ada\n$(rm -rf /)\n") == {"ada"}
+
+
+@given(st.text(max_size=80))
+def test_names_reach_the_shell_only_validated_and_quoted(name: str) -> None:
+    for kind in ("unix_group", "slurm_account"):
+        try:
+            command = groups.lookup_command(kind, name)
+        except ValueError:
+            continue
+        words = shlex.split(command)
+        assert name in words or f"account={name}" in words  # one argument, whatever the name holds
+        assert not set(name) - set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-")
+
+
+@pytest.fixture
+def mapped(account: ClusterAccount, owner: Any, other_user: Any, shared_user: Any, lab: Group) -> GroupSource:
+    for user, name in ((other_user, "grace"), (shared_user, "alan")):
+        ClusterAccount.objects.create(cluster=account.cluster, user=user, username=name)
+    return GroupSource.objects.create(group=lab, account=account, name="nlp")
+
+
+def answers(monkeypatch: pytest.MonkeyPatch, result: ssh.CommandResult | Exception) -> None:
+    def run(target: Any, command: str, **_: Any) -> ssh.CommandResult:
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    monkeypatch.setattr(ssh.pool, "run", run)
+
+
+def test_a_sync_sets_the_members_to_those_the_cluster_names(
+    mapped: GroupSource, lab: Group, owner: Any, other_user: Any, shared_user: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    answers(monkeypatch, ssh.CommandResult(0, "nlp:x:2001:ada,grace,nobody-we-know\n", ""))
+    result = groups.sync(lab)
+    assert (result.added, result.removed, result.errors) == (["grace"], ["alan"], [])
+    assert set(lab.user_set.all()) == {owner, other_user}
+    mapped.refresh_from_db()
+    assert mapped.members_found == 2 and mapped.synced_at is not None and mapped.last_error == ""
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [ssh.CommandResult(2, "", ""), ssh.SSHUnavailable(None, "connection refused")],
+)
+def test_a_source_that_cannot_be_read_changes_nothing_and_says_why(
+    mapped: GroupSource, lab: Group, owner: Any, shared_user: Any, monkeypatch: pytest.MonkeyPatch, failure: Any
+) -> None:
+    answers(monkeypatch, failure)
+    result = groups.sync(lab)
+    assert result.errors and set(lab.user_set.all()) == {owner, shared_user}
+    mapped.refresh_from_db()
+    assert mapped.last_error
+
+
+def test_an_unknown_slurm_account_is_an_error_not_an_empty_group(
+    mapped: GroupSource, lab: Group, owner: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    GroupSource.objects.filter(pk=mapped.pk).update(kind="slurm_account")
+    answers(monkeypatch, ssh.CommandResult(0, "", ""))
+    assert groups.sync(lab).errors and owner in lab.user_set.all()

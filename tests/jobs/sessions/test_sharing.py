@@ -1,0 +1,178 @@
+"""Sharing a session: the grants, who then reaches what (pages, chat, proxy lookups), and revoking and expiry."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+import pytest
+from django.contrib.auth.models import Group
+from django.test import Client
+from django.utils import timezone
+
+from catalog.models import ClusterAccount
+from jobs.models import Conversation, LLMSession, ProxyRequest, SessionShare, State, transition
+from jobs.sessions.actions import launch
+from jobs.use import targets
+from tests.conftest import LAUNCH
+
+pytestmark = pytest.mark.django_db
+
+
+@pytest.fixture
+def running(account: ClusterAccount, owner: Any, django_capture_on_commit_callbacks: Any) -> LLMSession:
+    with django_capture_on_commit_callbacks(execute=False):
+        session = launch(owner, LAUNCH)
+    transition(session.pk, State.RUNNING, cause="test", host="10.0.0.7", port=8080, alias="lab-llama")
+    return LLMSession.objects.get(pk=session.pk)
+
+
+def share(client: Client, session: LLMSession, **fields: Any) -> Any:
+    data = {"chat": "on", "api": "on", **fields}
+    return client.post(f"/sessions/{session.pk}/share", {k: v for k, v in data.items() if v is not None})
+
+
+def signed_in(client: Client, user: Any) -> Client:
+    client.force_login(user)
+    return client
+
+
+def test_the_owner_shares_with_their_lab_and_a_member_chats_in_their_own_conversations(
+    client: Client, running: LLMSession, owner: Any, shared_user: Any, lab: Group
+) -> None:
+    signed_in(client, owner)
+    assert share(client, running, group=str(lab.pk), api=None).status_code == 302
+    grant = SessionShare.objects.get()
+    assert (grant.group, grant.chat, grant.api, grant.created_by) == (lab, True, False, owner)
+    mine = Conversation.objects.create(session=running, owner=owner, title="owner's secret plans")
+    member = Client()
+    signed_in(member, shared_user)
+    listing = member.get("/sessions/").content.decode()
+    assert "Shared with me" in listing and f"/sessions/{running.pk}/chat/" in listing
+    assert member.get(f"/sessions/{running.pk}/chat/").status_code == 200
+    assert "owner's secret plans" not in member.get(f"/sessions/{running.pk}/chat/").content.decode()
+    assert member.get(f"/sessions/{running.pk}/chat/{mine.pk}/export").status_code == 404
+    made = member.post(f"/sessions/{running.pk}/chat/new", headers={"accept": "application/json"}).json()
+    theirs = Conversation.objects.get(pk=made["id"])
+    assert theirs.owner == shared_user
+    assert client.get(f"/sessions/{running.pk}/chat/{theirs.pk}/export").status_code == 404  # the owner neither
+
+
+def test_those_it_is_shared_with_cannot_manage_the_session(
+    client: Client, running: LLMSession, owner: Any, shared_user: Any
+) -> None:
+    signed_in(client, owner)
+    share(client, running, users="alan")
+    signed_in(client, shared_user)
+    base = f"/sessions/{running.pk}"
+    for url in (f"{base}/", f"{base}/card", f"{base}/relaunch", f"{base}/log", f"{base}/batch/new"):
+        assert client.get(url).status_code == 404, url
+    grant = SessionShare.objects.get()
+    for url in (f"{base}/cancel", f"{base}/delete", f"{base}/share", f"{base}/share/{grant.pk}/revoke"):
+        assert client.post(url, {"users": "grace"}).status_code == 404, url
+    running.refresh_from_db()
+    assert running.state == State.RUNNING and SessionShare.objects.get().revoked_at is None
+
+
+def test_the_proxy_lets_a_grantee_in_by_uuid_and_alias_on_the_routes_granted(
+    client: Client, running: LLMSession, owner: Any, shared_user: Any, other_user: Any, lab: Group
+) -> None:
+    signed_in(client, owner)
+    share(client, running, group=str(lab.pk), chat=None)  # API only
+    member = targets.Holder(shared_user.pk)
+    assert targets.target(member, str(running.pk), "api") is not None
+    assert targets.target(member, "lab-llama", "api") is not None
+    assert targets.target(member, str(running.pk), "chat") is None
+    assert targets.target(member, "tiny-llama", "api") is None  # catalog names are the caller's own sessions
+    assert targets.target(targets.Holder(other_user.pk), str(running.pk), "api") is None
+    shared_user.groups.remove(lab)  # left the lab
+    assert targets.target(member, str(running.pk), "api") is None
+
+
+def test_revoking_or_expiry_ends_access_at_the_next_request(
+    client: Client, running: LLMSession, owner: Any, shared_user: Any
+) -> None:
+    signed_in(client, owner)
+    share(client, running, users="alan", days="3")
+    grant = SessionShare.objects.get()
+    assert grant.expires_at is not None and grant.expires_at > timezone.now() + timedelta(days=2)
+    member = targets.Holder(shared_user.pk)
+    assert targets.target(member, str(running.pk), "chat") is not None
+    SessionShare.objects.filter(pk=grant.pk).update(expires_at=timezone.now() - timedelta(seconds=1))
+    assert targets.target(member, str(running.pk), "chat") is None
+    SessionShare.objects.filter(pk=grant.pk).update(expires_at=None)
+    assert targets.target(member, str(running.pk), "chat") is not None
+    client.post(f"/sessions/{running.pk}/share/{grant.pk}/revoke")
+    assert targets.target(member, str(running.pk), "chat") is None
+    other = Client()
+    signed_in(other, shared_user)
+    assert other.get(f"/sessions/{running.pk}/chat/").status_code == 404
+    assert "Shared with me" not in other.get("/sessions/").content.decode()
+
+
+def test_a_new_grant_replaces_the_one_in_force_for_the_same_user(
+    client: Client, running: LLMSession, owner: Any, shared_user: Any
+) -> None:
+    signed_in(client, owner)
+    share(client, running, users="alan")
+    share(client, running, users="alan", chat=None)
+    grants = list(SessionShare.objects.order_by("pk"))
+    assert len(grants) == 2 and grants[0].revoked_at is not None and grants[1].revoked_at is None
+    assert targets.target(targets.Holder(shared_user.pk), str(running.pk), "chat") is None
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"users": "nobody-here"}, "No active portal user is called nobody-here"),
+        ({"users": "ada"}, "The session is yours already"),
+        ({}, "Name users or choose a group"),
+        ({"users": "alan", "chat": None, "api": None}, "Share the chat, the API, or both"),
+        ({"users": "alan", "days": "0"}, "greater than or equal to 1"),
+    ],
+)
+def test_bad_grants_are_refused_with_a_reason_and_change_nothing(
+    client: Client, running: LLMSession, owner: Any, shared_user: Any, fields: dict[str, Any], message: str
+) -> None:
+    signed_in(client, owner)
+    page = client.get(share(client, running, **fields)["Location"]).content.decode()
+    assert message in page and not SessionShare.objects.exists()
+
+
+def test_only_the_owners_own_groups_are_offered(
+    client: Client, running: LLMSession, owner: Any, shared_user: Any, lab: Group
+) -> None:
+    elsewhere = Group.objects.create(name="physics")
+    signed_in(client, owner)
+    share(client, running, group=str(elsewhere.pk))
+    assert not SessionShare.objects.exists()
+    page = client.get(f"/sessions/{running.pk}/").content.decode()
+    assert "nlp-lab" in page and "physics" not in page
+
+
+def test_the_card_shows_who_it_is_shared_with_and_how_many_requests_each_made(
+    client: Client, running: LLMSession, owner: Any, shared_user: Any
+) -> None:
+    signed_in(client, owner)
+    share(client, running, users="alan")
+    for user, n in ((owner, 1), (shared_user, 3)):
+        for _ in range(n):
+            ProxyRequest.objects.create(session=running, user=user, route="api", endpoint="chat/completions",
+                                        status=200, completion_tokens=5, duration_ms=10)  # fmt: skip
+    card = client.get(f"/sessions/{running.pk}/card").content.decode()
+    assert "Shared with alan (chat and API)" in card and "alan 3, ada 1" in card
+
+
+def test_a_shared_alias_of_two_owners_is_a_question_back(
+    client: Client, running: LLMSession, owner: Any, shared_user: Any, other_user: Any, account: ClusterAccount,
+    django_capture_on_commit_callbacks: Any,
+) -> None:  # fmt: skip
+    ClusterAccount.objects.create(cluster=account.cluster, user=other_user, username="grace")
+    with django_capture_on_commit_callbacks(execute=False):
+        second = launch(other_user, LAUNCH)
+    transition(second.pk, State.RUNNING, cause="test", host="10.0.0.8", port=8080, alias="lab-llama")
+    for session, who in ((running, owner), (second, other_user)):
+        SessionShare.objects.create(session=session, user=shared_user, created_by=who)
+    with pytest.raises(targets.Ambiguous):
+        targets.target(targets.Holder(shared_user.pk), "lab-llama")
+    assert targets.target(targets.Holder(shared_user.pk), str(second.pk)) is not None
