@@ -176,3 +176,22 @@ def test_a_shared_alias_of_two_owners_is_a_question_back(
     with pytest.raises(targets.Ambiguous):
         targets.target(targets.Holder(shared_user.pk), "lab-llama")
     assert targets.target(targets.Holder(shared_user.pk), str(second.pk)) is not None
+
+
+def test_use_by_those_it_is_shared_with_keeps_it_from_idle_cancel(running: LLMSession, shared_user: Any) -> None:
+    SessionShare.objects.create(session=running, user=shared_user, created_by=running.owner, chat=False)
+    assert LLMSession.objects.get(pk=running.pk).last_activity_at is None
+    assert targets.target(targets.Holder(shared_user.pk), "lab-llama") is not None
+    assert LLMSession.objects.get(pk=running.pk).last_activity_at is not None
+
+
+def test_a_deleted_session_leaves_every_page_and_its_shares_end(
+    client: Client, running: LLMSession, owner: Any, shared_user: Any
+) -> None:
+    signed_in(client, owner)
+    share(client, running, users="alan")
+    transition(running.pk, State.CANCELLED, cause="test")
+    client.post(f"/sessions/{running.pk}/delete")
+    assert SessionShare.objects.get().revoked_at is not None
+    assert targets.target(targets.Holder(shared_user.pk), str(running.pk), "chat") is None
+    assert client.get(f"/sessions/{running.pk}/chat/").status_code == 404
