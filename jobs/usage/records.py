@@ -14,6 +14,7 @@ import json
 import logging
 import re
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -50,8 +51,10 @@ class Meter:
     bytes_out: int = 0
     events: int = 0
     head: bytes = b""
-    tail: bytes = b""
+    recent: deque[bytes] = field(default_factory=deque)  # the last pieces, at least KEPT_BYTES of them in all
+    recent_bytes: int = 0
     body: bytearray = field(default_factory=bytearray)
+    overflowed: bool = False
     done: bool = False
 
     def begin(self, status: int, content_type: str) -> None:
@@ -66,12 +69,26 @@ class Meter:
             self.events += chunk.count(b"data: {")
             if len(self.head) < KEPT_BYTES:
                 self.head += chunk[: KEPT_BYTES - len(self.head)]
-            self.tail = (self.tail + chunk)[-KEPT_BYTES:]
-        elif not self.tail and len(self.body) + len(chunk) <= WHOLE_JSON_BYTES:
+            self._keep(chunk)
+        elif not self.overflowed and len(self.body) + len(chunk) <= WHOLE_JSON_BYTES:
             self.body += chunk
         else:  # too large to parse whole (embeddings of many inputs): `usage` is near the end
-            self.tail = (bytes(self.body[-KEPT_BYTES:]) + self.tail + chunk)[-KEPT_BYTES:]
-            self.body.clear()
+            if not self.overflowed:
+                self.overflowed = True
+                self._keep(bytes(self.body))
+                self.body = bytearray()
+            self._keep(chunk)
+
+    def _keep(self, chunk: bytes) -> None:
+        """Remember the stream's end without copying it at every piece (a stream sends one per token)."""
+        self.recent.append(chunk)
+        self.recent_bytes += len(chunk)
+        while self.recent_bytes - len(self.recent[0]) >= KEPT_BYTES:
+            self.recent_bytes -= len(self.recent.popleft())
+
+    @property
+    def tail(self) -> bytes:
+        return b"".join(self.recent)[-KEPT_BYTES:]
 
     def finish(self, status: int | None = None) -> ProxyRequest | None:
         """The reply ended (or never began: `status` is the portal's own answer): the row to record, once."""
@@ -108,17 +125,18 @@ class Meter:
         if self.status >= 400:
             return 0, 0, True
         if not self.streamed:
-            usage = _found(_USAGE, self.tail) if self.tail else _usage_of_json(bytes(self.body))
+            usage = _found(_USAGE, self.tail) if self.overflowed else _usage_of_json(bytes(self.body))
             if usage is not None:
                 return _count(usage, "prompt_tokens"), _count(usage, "completion_tokens"), True
             return 0, 0, self.endpoint == "models"
-        usage = _found(_USAGE, self.tail)
+        tail = self.tail
+        usage = _found(_USAGE, tail)
         if usage is not None:
             return _count(usage, "prompt_tokens"), _count(usage, "completion_tokens"), True
-        timings = _found(_TIMINGS, self.tail)
+        timings = _found(_TIMINGS, tail)
         if timings is not None:
             return _count(timings, "prompt_n"), _count(timings, "predicted_n"), True
-        silent = int(not _carries_text(self.head, first=True)) + int(not _carries_text(self.tail, first=False))
+        silent = int(not _carries_text(self.head, first=True)) + int(not _carries_text(tail, first=False))
         return 0, max(0, self.events - silent), False
 
 
