@@ -1,7 +1,8 @@
 """The Celery tasks: thin wrappers that take ids, call the plain functions that do the work (jobs/sessions/lifecycle.py,
 jobs/cluster/), and decide what follows: a retry with backoff for transient errors, a cancel after a submit.
 
-Beat runs poll_clusters (every PORTAL_POLL_INTERVAL_S) and refresh_partitions (every PORTAL_QUEUE_REFRESH_S).
+Beat runs poll_clusters (every PORTAL_POLL_INTERVAL_S), refresh_partitions (every PORTAL_QUEUE_REFRESH_S) and
+sync_groups (every PORTAL_GROUP_SYNC_S).
 Task names are explicit, so moving code never strands a queued message.
 """
 
@@ -18,7 +19,7 @@ from catalog.models import Cluster
 from jobs.batch import staging
 from jobs.cluster import capacity, logs
 from jobs.models import LLMSession, State
-from jobs.sessions import lifecycle, notify
+from jobs.sessions import groups, lifecycle, notify
 from portal import ssh
 
 log = logging.getLogger(__name__)
@@ -108,6 +109,17 @@ def refresh_partitions() -> int:
         except (capacity.QueueError, ssh.SSHError) as exc:
             log.warning("partition state of %s not refreshed: %s", cluster.slug, exc)
     return refreshed
+
+
+@shared_task(name="jobs.sync_groups", ignore_result=True)
+def sync_groups() -> int:
+    """Beat: every group mapped to the cluster's groups or Slurm accounts reads its members (a source that cannot be
+    read keeps its group as it was and its error for the admin)."""
+    synced = groups.sync_all()
+    for result in synced:
+        for error in result.errors:
+            log.warning("group %s not synced: %s", result.group, error)
+    return len(synced)
 
 
 @shared_task(bind=True, name="jobs.stage_batch", max_retries=SUBMIT_MAX_RETRIES, acks_late=True)

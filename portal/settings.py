@@ -223,6 +223,9 @@ PORTAL_WIZARD_ASKS_SLURM = env_bool("PORTAL_WIZARD_ASKS_SLURM", True)
 # New --test-only questions one user's wizard may send a minute (0: no limit); cached answers do not count.
 PORTAL_WIZARD_SLURM_PER_MINUTE = env_int("PORTAL_WIZARD_SLURM_PER_MINUTE", 20, minimum=0)
 PORTAL_QUEUE_REFRESH_S = env_int("PORTAL_QUEUE_REFRESH_S", 60, minimum=5)
+# How often beat reads the members of groups mapped to the cluster's Unix/LDAP groups or Slurm accounts (0: never;
+# `manage.py groups sync` still does it on demand).
+PORTAL_GROUP_SYNC_S = env_int("PORTAL_GROUP_SYNC_S", 900, minimum=0)
 PORTAL_LOG_TAIL_BYTES = env_int("PORTAL_LOG_TAIL_BYTES", 65536, minimum=1024)
 # What one user may hold on a cluster at a time, unless the cluster's own limits say otherwise; 0: no limit.
 PORTAL_MAX_SESSIONS_PER_USER = env_int("PORTAL_MAX_SESSIONS_PER_USER", 0, minimum=0)
@@ -311,6 +314,8 @@ CELERY_BEAT_SCHEDULE: dict[str, dict[str, object]] = {
     "poll-clusters": {"task": "jobs.poll_clusters", "schedule": float(PORTAL_POLL_INTERVAL_S)},
     "refresh-partitions": {"task": "jobs.refresh_partitions", "schedule": float(PORTAL_QUEUE_REFRESH_S)},
 }
+if PORTAL_GROUP_SYNC_S:
+    CELERY_BEAT_SCHEDULE["sync-groups"] = {"task": "jobs.sync_groups", "schedule": float(PORTAL_GROUP_SYNC_S)}
 CELERY_TIMEZONE = TIME_ZONE
 
 LOGGING = {

@@ -83,3 +83,11 @@ def test_an_unknown_slurm_account_is_an_error_not_an_empty_group(
     GroupSource.objects.filter(pk=mapped.pk).update(kind="slurm_account")
     answers(monkeypatch, ssh.CommandResult(0, "", ""))
     assert groups.sync(lab).errors and owner in lab.user_set.all()
+
+
+def test_beat_syncs_the_mapped_groups(mapped: GroupSource, lab: Group, monkeypatch: pytest.MonkeyPatch) -> None:
+    from jobs.tasks import sync_groups
+
+    answers(monkeypatch, ssh.CommandResult(0, "nlp:x:2001:alan\n", ""))
+    assert sync_groups.apply().get() == 1
+    assert [u.get_username() for u in lab.user_set.all()] == ["alan"]
