@@ -4,7 +4,6 @@ shared with me). Who may then reach the session is decided in access.py and, for
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -13,10 +12,11 @@ from django import forms
 from django.contrib.auth import get_user_model
 from django.contrib.auth.models import Group, User
 from django.db import transaction
-from django.db.models import Count, Prefetch, QuerySet, Sum
+from django.db.models import Prefetch, QuerySet
 from django.utils import timezone
 
-from jobs.models import END_STATES, LLMSession, ProxyRequest, SessionShare, active_shares, granted_to
+from jobs.models import END_STATES, LLMSession, SessionShare, active_shares, granted_to
+from jobs.usage import figures
 
 MAX_NAMES = 50  # users named in one grant
 
@@ -92,40 +92,16 @@ def revoke(session: LLMSession, share_pk: Any) -> bool:
     return bool(session.shares.filter(pk=pk, revoked_at__isnull=True).update(revoked_at=timezone.now()))
 
 
-@dataclass
-class Use:
-    """One user's requests on a session through the portal."""
-
-    username: str
-    requests: int = 0
-    tokens: int = 0
-
-
 def with_shares(sessions: QuerySet[LLMSession]) -> QuerySet[LLMSession]:
     """Sessions with their grants in force (and whom they name) in one more query."""
     grants = SessionShare.objects.filter(active_shares()).select_related("user", "group")
     return sessions.prefetch_related(Prefetch("shares", queryset=grants, to_attr="active_shares"))
 
 
-def use_by_user(sessions: Iterable[LLMSession]) -> dict[Any, list[Use]]:
-    """Per session: who made how many requests through the portal (and their tokens), most requests first; one
-    query for any number of sessions."""
-    rows = (
-        ProxyRequest.objects.filter(session__in=[s.pk for s in sessions])
-        .values("session", "user__username")
-        .annotate(requests=Count("id"), prompt=Sum("prompt_tokens"), completion=Sum("completion_tokens"))
-        .order_by("session", "-requests", "user__username")
-    )
-    found: dict[Any, list[Use]] = {}
-    for row in rows:
-        use = Use(row["user__username"], row["requests"], (row["prompt"] or 0) + (row["completion"] or 0))
-        found.setdefault(row["session"], []).append(use)
-    return found
-
-
 def annotate(sessions: list[LLMSession]) -> None:
-    """Sets `use` (list of Use) on each session for its card: one query."""
-    found = use_by_user(sessions)
+    """Sets `use` on each session for its card: who made how many requests on it and their tokens (usage Rows,
+    most requests first); one query."""
+    found = figures.by_user_on_session([s.pk for s in sessions])
     for s in sessions:
         s.use = found.get(s.pk, [])  # type: ignore[attr-defined]
 

@@ -1,0 +1,594 @@
+"""Usage figures: what users (and groups of them, accounts, clusters, models, ...) used, from the proxy's request rows,
+the sessions' Slurm run times and the batch runs' token counts. Plain functions over the ORM; the pages, the CSV and
+the command line present them (tables.py).
+
+Every figure is built from a *cube*: the tallies of each combination of a few keys (a day, a user, a model, ...),
+read in four queries whatever the number of rows, then rolled up in Python:
+
+1. requests, grouped by the keys and by the buckets (TTFT_BOUNDS_MS, SPEED_BOUNDS) their time to first token and
+   tokens/s fall in: counts, errors, tokens, and each bucket's smallest and largest value;
+2. the sessions that ran in the period, with their GPUs, Slurm start and end, and keys;
+3. per session (and day): how many clock-aligned 15-minute windows had a request start in them (the traffic);
+4. batch runs' tokens, grouped by the keys.
+
+Everything in a tally adds up across rows, percentiles included: bucket counts add, and the percentile is
+interpolated from them at the end (never by loading the rows).
+
+Definitions (docs/usage.md):
+
+- reserved GPU-hours: a session's GPUs (per node times nodes) times its run time as Slurm counts it, from Slurm's
+  own start to its end (or now, while it runs); the part inside the period, split across days and months by overlap.
+  A session its owner deleted still counts.
+- GPU-hours with traffic: the same GPUs times the part of the run that falls in clock-aligned 15-minute windows
+  (:00, :15, :30, :45) in which at least one request through the portal (chat or API, by anyone) started. A session
+  reserved for a day and used for an hour shows 24 reserved and about 1 with traffic: the rest sat idle. Batch runs
+  do not go through the proxy, so a batch session's GPU-hours show no traffic.
+- requests, errors (status 400 or more), prompt and completion tokens: counted for the user who made the request,
+  owner or not (a session shared with a lab counts each member's own requests); GPU-hours for the session's owner.
+- batch tokens: the prompt and completion tokens of batch runs, for the run's owner, on the day the run started.
+- TTFT and tokens/s percentiles: of successful requests that have them (streams have a time to first token; replies
+  of more than one token a speed), interpolated within the bucket between the smallest and largest value seen there.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable, Hashable, Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime, time, timedelta
+from typing import Any
+
+from django.db.models import Case, Count, F, Func, IntegerField, Max, Min, Q, QuerySet, Sum, Value, When
+from django.db.models.functions import Coalesce, TruncDate
+from django.utils import timezone
+
+from jobs.models import SPEED_BOUNDS, TTFT_BOUNDS_MS, BatchRun, LLMSession, ProxyRequest
+
+WINDOW = timedelta(minutes=15)  # the traffic windows' length; clock-aligned
+WINDOW_HOURS = WINDOW.total_seconds() / 3600
+EPOCH = datetime(2000, 1, 1, tzinfo=UTC)  # before any row: "all time" starts here
+
+Key = tuple[Any, ...]
+
+
+@dataclass(frozen=True)
+class Period:
+    """From `start` up to `end` (exclusive); `end` is never later than now, so a running session ends there."""
+
+    start: datetime
+    end: datetime
+
+    @classmethod
+    def all_time(cls, now: datetime | None = None) -> Period:
+        return cls(EPOCH, now or timezone.now())
+
+    @classmethod
+    def months(cls, n: int, now: datetime | None = None) -> Period:
+        """This month and the n - 1 before it, up to now (in the portal's time zone)."""
+        now = now or timezone.now()
+        local = timezone.localtime(now)
+        year, month = local.year, local.month - (n - 1)
+        while month < 1:
+            year, month = year - 1, month + 12
+        return cls(midnight(date(year, month, 1)), now)
+
+    @classmethod
+    def between(cls, first: date, last: date, now: datetime | None = None) -> Period:
+        """The days `first` to `last`, both whole (up to now)."""
+        now = now or timezone.now()
+        return cls(midnight(first), min(midnight(last + timedelta(days=1)), now))
+
+    @property
+    def first_day(self) -> date:
+        return timezone.localdate(self.start)
+
+    @property
+    def last_day(self) -> date:
+        """The local day of the period's last moment (its end is not in it)."""
+        return timezone.localdate(self.end - timedelta(microseconds=1))
+
+    def days(self) -> list[date]:
+        """Every local day the period touches, in order."""
+        first, last = self.first_day, self.last_day
+        return [first + timedelta(days=i) for i in range((last - first).days + 1)] if self.end > self.start else []
+
+
+def midnight(day: date) -> datetime:
+    """The start of a day in the portal's time zone."""
+    return timezone.make_aware(datetime.combine(day, time.min))
+
+
+@dataclass
+class Histogram:
+    """Values counted per bucket (bucket i holds values below bounds[i] and not below bounds[i - 1]; the last one
+    those from the last bound up), with the smallest and largest value seen in each."""
+
+    bounds: tuple[float, ...]
+    buckets: dict[int, tuple[int, float, float]] = field(default_factory=dict)  # bucket -> (count, low, high)
+
+    def add(self, bucket: int, count: int, low: float, high: float) -> None:
+        n, lo, hi = self.buckets.get(bucket, (0, low, high))
+        self.buckets[bucket] = (n + count, min(lo, low), max(hi, high))
+
+    def merge(self, other: Histogram) -> None:
+        for bucket, (count, low, high) in other.buckets.items():
+            self.add(bucket, count, low, high)
+
+    @property
+    def count(self) -> int:
+        return sum(n for n, _, _ in self.buckets.values())
+
+    def quantile(self, q: float) -> float | None:
+        """The q-quantile (0 < q < 1): the bucket holding it, and a straight line within it from its smallest to its
+        largest value (exact when a bucket holds one value; never off by more than the bucket's width)."""
+        total = self.count
+        if not total:
+            return None
+        rank = q * total
+        below = 0
+        for bucket in sorted(self.buckets):
+            n, low, high = self.buckets[bucket]
+            if below + n >= rank:
+                return low + (high - low) * max(0.0, rank - below) / n
+            below += n
+        return self.buckets[max(self.buckets)][2]
+
+
+@dataclass
+class Tally:
+    """What one row of a table adds up to. Each figure is additive (add), so tallies roll up."""
+
+    requests: int = 0
+    errors: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    batch_prompt_tokens: int = 0
+    batch_completion_tokens: int = 0
+    gpu_hours: float = 0.0
+    traffic_gpu_hours: float = 0.0
+    session_ids: set[Any] = field(default_factory=set)
+    ttft: Histogram = field(default_factory=lambda: Histogram(TTFT_BOUNDS_MS))
+    speed: Histogram = field(default_factory=lambda: Histogram(SPEED_BOUNDS))
+
+    def add(self, other: Tally) -> None:
+        self.requests += other.requests
+        self.errors += other.errors
+        self.prompt_tokens += other.prompt_tokens
+        self.completion_tokens += other.completion_tokens
+        self.batch_prompt_tokens += other.batch_prompt_tokens
+        self.batch_completion_tokens += other.batch_completion_tokens
+        self.gpu_hours += other.gpu_hours
+        self.traffic_gpu_hours += other.traffic_gpu_hours
+        self.session_ids |= other.session_ids
+        self.ttft.merge(other.ttft)
+        self.speed.merge(other.speed)
+
+    @property
+    def sessions(self) -> int:
+        return len(self.session_ids)
+
+    @property
+    def tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+    @property
+    def batch_tokens(self) -> int:
+        return self.batch_prompt_tokens + self.batch_completion_tokens
+
+    @property
+    def ttft_p50_ms(self) -> float | None:
+        return self.ttft.quantile(0.5)
+
+    @property
+    def ttft_p95_ms(self) -> float | None:
+        return self.ttft.quantile(0.95)
+
+    @property
+    def tokens_per_s_p50(self) -> float | None:
+        return self.speed.quantile(0.5)
+
+    @property
+    def tokens_per_s_p95(self) -> float | None:
+        return self.speed.quantile(0.95)
+
+    @property
+    def traffic_pct(self) -> float | None:
+        """The share of the reserved GPU-hours that had traffic."""
+        return 100 * self.traffic_gpu_hours / self.gpu_hours if self.gpu_hours > 0 else None
+
+
+def _first(*values: Any) -> Any:
+    return values[0]
+
+
+def _named(*values: Any) -> str:
+    return "" if values[0] is None else str(values[0])
+
+
+@dataclass(frozen=True)
+class Dimension:
+    """What a table may be grouped by. `paths` lead from a session to the value(s) naming a row, or from a person
+    when `person` is set: who made a request, who owns a session or a batch run."""
+
+    name: str
+    label: str
+    paths: tuple[str, ...]
+    person: bool = False
+    show: Callable[..., Any] = _named  # the row's key from the values at `paths`
+    # A row of one may also be a row of another (a user in two groups counts in both): no total adds them up.
+    overlaps: bool = False
+
+    def request_paths(self) -> list[str]:
+        return [("user__" if self.person else "session__") + p for p in self.paths]
+
+    def session_paths(self) -> list[str]:
+        return [("owner__" + p) if self.person else p for p in self.paths]
+
+    def run_paths(self) -> list[str]:
+        return [("owner__" if self.person else "session__") + p for p in self.paths]
+
+
+def _account(slurm_account: str | None, default: str | None, cluster: str | None) -> str:
+    return f"{slurm_account or default or '(default)'} on {cluster}"
+
+
+def _partition(name: str | None, cluster: str | None) -> str:
+    return f"{name} on {cluster}"
+
+
+def _group(name: str | None) -> str:
+    return name or "(no group)"
+
+
+DIMENSIONS = {
+    d.name: d
+    for d in (
+        Dimension("user", "User", ("username",), person=True),
+        Dimension("group", "Group", ("groups__name",), person=True, show=_group, overlaps=True),
+        Dimension(
+            "account",
+            "Slurm account",
+            ("account__slurm_account", "account__cluster__default_account", "cluster__slug"),
+            show=_account,
+        ),
+        Dimension("cluster", "Cluster", ("cluster__name",)),
+        Dimension("partition", "Partition", ("partition__name", "cluster__slug"), show=_partition),
+        Dimension("gpu_type", "GPU type", ("gpu_type__name",)),
+        Dimension("model", "Model", ("variant__model__name",)),
+    )
+}
+SESSION = Dimension("session", "Session", ("id",), show=_first)
+DAY = "day"  # the local day: a key of its own (GPU-hours are split across days, not grouped)
+MONTH = "month"  # a table's rows by month: the days rolled up
+BY = (MONTH, *DIMENSIONS)  # what a table may be grouped by
+
+
+def _dimension(name: str) -> Dimension:
+    return SESSION if name == SESSION.name else DIMENSIONS[name]
+
+
+@dataclass(frozen=True)
+class Scope:
+    """Whose usage, over which period: one user's (the requests they made; the sessions and batch runs they own), some
+    sessions', or the whole site's."""
+
+    period: Period
+    user_id: int | None = None
+    session_ids: tuple[Any, ...] | None = None
+
+    def requests(self) -> QuerySet[ProxyRequest]:
+        rows = ProxyRequest.objects.filter(at__gte=self.period.start, at__lt=self.period.end)
+        if self.user_id is not None:
+            rows = rows.filter(user_id=self.user_id)
+        if self.session_ids is not None:
+            rows = rows.filter(session_id__in=self.session_ids)
+        return rows
+
+    def sessions(self) -> QuerySet[LLMSession]:
+        """Sessions whose Slurm run overlaps the period (deleted ones too)."""
+        rows = LLMSession.objects.filter(started_at__isnull=False, started_at__lt=self.period.end).filter(
+            Q(ended_at__isnull=True) | Q(ended_at__gt=self.period.start)
+        )
+        if self.user_id is not None:
+            rows = rows.filter(owner_id=self.user_id)
+        if self.session_ids is not None:
+            rows = rows.filter(pk__in=self.session_ids)
+        return rows
+
+    def runs(self) -> QuerySet[BatchRun]:
+        runs = BatchRun.objects.annotate(on=Coalesce("started_at", "created_at"))
+        runs = runs.filter(on__gte=self.period.start, on__lt=self.period.end)
+        if self.user_id is not None:
+            runs = runs.filter(owner_id=self.user_id)
+        if self.session_ids is not None:
+            runs = runs.filter(session_id__in=self.session_ids)
+        return runs
+
+
+def _bucket(name: str, bounds: Sequence[float]) -> Case:
+    """The bucket a successful request's value falls in; NULL for failed requests and missing values."""
+    whens = [When(Q(status__gte=400) | Q(**{f"{name}__isnull": True}), then=Value(None))]
+    whens += [When(**{f"{name}__lt": bound}, then=Value(i)) for i, bound in enumerate(bounds)]
+    return Case(*whens, default=Value(len(bounds)), output_field=IntegerField())
+
+
+class QuarterHour(Func):
+    """The clock-aligned 15-minute window a moment falls in, counted in windows since 1970. The same windows in UTC as
+    in any time zone (they all differ from UTC by whole quarters of an hour), so no time zone is needed, and the SQL
+    is native on both databases (Django's own date functions are Python functions called per row on SQLite)."""
+
+    output_field = IntegerField()
+    template = "CAST(FLOOR(EXTRACT(EPOCH FROM %(expressions)s) / 900) AS bigint)"
+
+    def as_sqlite(self, compiler: Any, connection: Any, **extra: Any) -> tuple[str, list[Any]]:
+        # The format goes as a parameter: a literal '%s' would be taken for one.
+        seconds = Func(Value("%s"), *self.get_source_expressions(), function="strftime")
+        sql, params = compiler.compile(seconds)
+        return f"(CAST({sql} AS INTEGER) / 900)", list(params)
+
+
+def _aliases(keys: Sequence[str], paths_of: Callable[[Dimension], list[str]], day: Any) -> dict[str, Any]:
+    """values() arguments for the keys: k<i>_<j> for the j-th path of the i-th key, `day` as given."""
+    found: dict[str, Any] = {}
+    for i, name in enumerate(keys):
+        if name == DAY:
+            found[f"k{i}_0"] = day
+            continue
+        for j, path in enumerate(paths_of(_dimension(name))):
+            found[f"k{i}_{j}"] = F(path)
+    return found
+
+
+def _key(row: dict[str, Any], keys: Sequence[str]) -> Key:
+    parts = []
+    for i, name in enumerate(keys):
+        if name == DAY:
+            parts.append(row[f"k{i}_0"])
+        else:
+            dim = _dimension(name)
+            parts.append(dim.show(*(row[f"k{i}_{j}"] for j in range(len(dim.paths)))))
+    return tuple(parts)
+
+
+def _add_requests(cells: dict[Key, Tally], scope: Scope, keys: Sequence[str]) -> None:
+    """Query 1: requests by the keys and by their TTFT and speed buckets."""
+    aliases = _aliases(keys, Dimension.request_paths, TruncDate("at"))
+    rows = (
+        scope.requests()
+        .values(**aliases, tb=_bucket("ttft_ms", TTFT_BOUNDS_MS), sb=_bucket("tokens_per_s", SPEED_BOUNDS))
+        .annotate(
+            n=Count("id"),
+            errors=Count("id", filter=Q(status__gte=400)),
+            prompt=Sum("prompt_tokens"),
+            completion=Sum("completion_tokens"),
+            ttft_lo=Min("ttft_ms"),
+            ttft_hi=Max("ttft_ms"),
+            speed_lo=Min("tokens_per_s"),
+            speed_hi=Max("tokens_per_s"),
+        )
+        .order_by()  # the model's ordering would otherwise join the GROUP BY
+    )
+    for row in rows:
+        tally = cells[_key(row, keys)]
+        tally.requests += row["n"]
+        tally.errors += row["errors"]
+        tally.prompt_tokens += row["prompt"] or 0
+        tally.completion_tokens += row["completion"] or 0
+        if row["tb"] is not None:
+            tally.ttft.add(row["tb"], row["n"], row["ttft_lo"], row["ttft_hi"])
+        if row["sb"] is not None:
+            tally.speed.add(row["sb"], row["n"], row["speed_lo"], row["speed_hi"])
+
+
+@dataclass
+class _Run:
+    """One session's run inside the period, and its traffic there."""
+
+    gpus: int
+    start: datetime
+    end: datetime
+    keys: set[Key] = field(default_factory=set)  # several when a key is a person's groups
+    windows: dict[date | None, int] = field(default_factory=lambda: defaultdict(int))  # with a request, per day
+    first: datetime | None = None  # the first and last request inside the run
+    last: datetime | None = None
+
+
+def _add_sessions(cells: dict[Key, Tally], scope: Scope, keys: Sequence[str]) -> None:
+    """Queries 2 and 3: the sessions' reserved GPU-hours and those with traffic, split across days when a key is the
+    day (the day key is left out of the sessions' own keys and filled in by the split)."""
+    period, by_day = scope.period, DAY in keys
+    other = [k for k in keys if k != DAY]
+    sessions = scope.sessions()
+    runs: dict[Any, _Run] = {}
+    columns = ["pk", "gpus_per_node", "nodes", "started_at", "ended_at"]
+    for row in sessions.values(*columns, **_aliases(other, Dimension.session_paths, None)).order_by():
+        run = runs.get(row["pk"])
+        if run is None:
+            start = max(row["started_at"], period.start)
+            end = min(row["ended_at"] or period.end, period.end)
+            run = runs[row["pk"]] = _Run(row["gpus_per_node"] * row["nodes"], start, end)
+        run.keys.add(_key(row, other))
+    traffic: Iterable[dict[str, Any]] = (
+        ProxyRequest.objects.filter(session__in=sessions.values("pk"), at__gte=period.start, at__lt=period.end)
+        .filter(at__gte=F("session__started_at"))
+        .filter(Q(session__ended_at__isnull=True) | Q(at__lt=F("session__ended_at")))
+        .values("session", **({"day": TruncDate("at")} if by_day else {}))
+        .annotate(windows=Count(QuarterHour("at"), distinct=True), first=Min("at"), last=Max("at"))
+        .order_by()
+    )
+    for row in traffic:
+        run = runs.get(row["session"])
+        if run is None:
+            continue
+        run.windows[row.get("day")] += row["windows"]
+        run.first = row["first"] if run.first is None else min(run.first, row["first"])
+        run.last = row["last"] if run.last is None else max(run.last, row["last"])
+    for pk, run in runs.items():
+        if run.end <= run.start:
+            continue
+        reserved, used = _split(run, by_day)
+        for day in reserved.keys() | used.keys():
+            for base in run.keys:
+                tally = cells[_with_day(base, keys, day)]
+                tally.gpu_hours += run.gpus * reserved.get(day, 0.0)
+                tally.traffic_gpu_hours += run.gpus * used.get(day, 0.0)
+                tally.session_ids.add(pk)
+
+
+def _with_day(base: Key, keys: Sequence[str], day: date | None) -> Key:
+    if DAY not in keys:
+        return base
+    i = list(keys).index(DAY)
+    return (*base[:i], day, *base[i:])
+
+
+def _window_start(moment: datetime) -> datetime:
+    """The clock-aligned 15-minute window holding `moment` (as QuarterHour counts them)."""
+    moment = moment.astimezone(UTC)
+    return moment.replace(minute=moment.minute - moment.minute % 15, second=0, microsecond=0)
+
+
+def _split(run: _Run, by_day: bool) -> tuple[dict[date | None, float], dict[date | None, float]]:
+    """A run's reserved hours and hours with traffic, per local day (or all under None). The hours with traffic are a
+    quarter hour per window with a request, less the parts of the first and last windows outside the run when they
+    had one."""
+    reserved: dict[date | None, float] = {}
+    if by_day:
+        each = timezone.localdate(run.start)
+        while midnight(each) < run.end:
+            overlap = min(run.end, midnight(each + timedelta(days=1))) - max(run.start, midnight(each))
+            if overlap > timedelta(0):
+                reserved[each] = overlap.total_seconds() / 3600
+            each += timedelta(days=1)
+    else:
+        reserved[None] = (run.end - run.start).total_seconds() / 3600
+    used: dict[date | None, float] = {day: windows * WINDOW_HOURS for day, windows in run.windows.items()}
+    if run.first is not None and run.last is not None:
+        first_window = _window_start(run.start)
+        if run.first < first_window + WINDOW:
+            day: date | None = timezone.localdate(first_window) if by_day else None
+            used[day] = used.get(day, 0.0) - (run.start - first_window).total_seconds() / 3600
+        last_window = _window_start(run.end)
+        if run.last >= last_window and run.end > last_window:
+            day = timezone.localdate(last_window) if by_day else None
+            used[day] = used.get(day, 0.0) - (last_window + WINDOW - run.end).total_seconds() / 3600
+    return reserved, {day: max(0.0, hours) for day, hours in used.items()}
+
+
+def _add_runs(cells: dict[Key, Tally], scope: Scope, keys: Sequence[str]) -> None:
+    """Query 4: batch runs' tokens by the keys."""
+    aliases = _aliases(keys, Dimension.run_paths, TruncDate("on"))
+    rows = (
+        scope.runs()
+        .values(**aliases)
+        .annotate(prompt=Sum("prompt_tokens"), completion=Sum("completion_tokens"))
+        .order_by()
+    )
+    for row in rows:
+        tally = cells[_key(row, keys)]
+        tally.batch_prompt_tokens += row["prompt"] or 0
+        tally.batch_completion_tokens += row["completion"] or 0
+
+
+def cube(scope: Scope, keys: Sequence[str]) -> dict[Key, Tally]:
+    """The tallies of each combination of `keys` (names of DIMENSIONS, "session" or "day") in the scope: four
+    queries (the module's docstring lists them), whatever the number of rows."""
+    cells: dict[Key, Tally] = defaultdict(Tally)
+    _add_requests(cells, scope, keys)
+    _add_sessions(cells, scope, keys)
+    _add_runs(cells, scope, keys)
+    return dict(cells)
+
+
+def rollup(cells: dict[Key, Tally], pick: Callable[[Key], Hashable]) -> dict[Any, Tally]:
+    """The cells added up by what `pick` makes of their key."""
+    found: dict[Any, Tally] = defaultdict(Tally)
+    for key, tally in cells.items():
+        found[pick(key)].add(tally)
+    return dict(found)
+
+
+def total(tallies: Iterable[Tally]) -> Tally:
+    found = Tally()
+    for tally in tallies:
+        found.add(tally)
+    return found
+
+
+@dataclass
+class Row:
+    """One row of a table: what it is (a user name, a model, "2025-03", ...) and its tally."""
+
+    key: Any
+    tally: Tally
+
+
+def table(scope: Scope, by: str) -> list[Row]:
+    """The scope's usage grouped `by` a dimension or by month, in the order of the keys."""
+    if by == MONTH:
+        months = rollup(cube(scope, [DAY]), lambda key: f"{key[0]:%Y-%m}")
+        return [Row(month, tally) for month, tally in sorted(months.items())]
+    cells = cube(scope, [by])
+    return [Row(key[0], cells[key]) for key in sorted(cells, key=lambda k: (k[0] is None, str(k[0])))]
+
+
+def table_total(by: str, rows: list[Row]) -> Tally | None:
+    """The rows of a table added up; None when a row may also be another's (a user in two groups), so that no sum
+    counts anything twice."""
+    if by != MONTH and DIMENSIONS[by].overlaps:
+        return None
+    return total(row.tally for row in rows)
+
+
+@dataclass
+class MyUsage:
+    """A user's usage over a period: the requests they made on any session (theirs or shared with them), the
+    GPU-hours of the sessions they own and their batch runs' tokens."""
+
+    period: Period
+    total: Tally
+    by_month: list[Row]
+    by_model: list[Row]
+    by_cluster: list[Row]
+    days: list[Row]  # every day of the period, in order, for the chart
+
+
+def my_usage(user_id: int, period: Period) -> MyUsage:
+    """Four queries: one cube by (day, model, cluster), rolled up every way the page shows."""
+    cells = cube(Scope(period, user_id=user_id), [DAY, "model", "cluster"])
+    months = rollup(cells, lambda key: f"{key[0]:%Y-%m}")
+    models = rollup(cells, lambda key: key[1])
+    clusters = rollup(cells, lambda key: key[2])
+    days = rollup(cells, lambda key: key[0])
+    return MyUsage(
+        period=period,
+        total=total(cells.values()),
+        by_month=[Row(month, months[month]) for month in sorted(months)],
+        by_model=[Row(name, models[name]) for name in sorted(models)],
+        by_cluster=[Row(name, clusters[name]) for name in sorted(clusters)],
+        days=[Row(day, days.get(day) or Tally()) for day in period.days()],
+    )
+
+
+def by_week(days: list[Row]) -> list[Row]:
+    """Days (Row.key a date) added up by the week they fall in, each keyed by its Monday."""
+    weeks = rollup({(row.key,): row.tally for row in days}, lambda key: key[0] - timedelta(days=key[0].weekday()))
+    return [Row(monday, weeks[monday]) for monday in sorted(weeks)]
+
+
+def for_sessions(session_ids: Iterable[Any], period: Period | None = None) -> dict[Any, Tally]:
+    """Per session: its requests (by anyone), tokens, percentiles, reserved GPU-hours and those with traffic, its
+    batch runs' tokens; four queries for any number of sessions."""
+    scope = Scope(period or Period.all_time(), session_ids=tuple(session_ids))
+    return {key[0]: tally for key, tally in cube(scope, [SESSION.name]).items()}
+
+
+def by_user_on_session(session_ids: Iterable[Any]) -> dict[Any, list[Row]]:
+    """Per session: who made how many requests on it (Row.key is their user name), with their tokens, errors and
+    percentiles, most requests first; one query for any number of sessions."""
+    cells: dict[Key, Tally] = defaultdict(Tally)
+    _add_requests(cells, Scope(Period.all_time(), session_ids=tuple(session_ids)), [SESSION.name, "user"])
+    found: dict[Any, list[Row]] = {}
+    for (session, username), tally in sorted(cells.items(), key=lambda c: (-c[1].requests, c[0][1])):
+        found.setdefault(session, []).append(Row(username, tally))
+    return found
