@@ -6,28 +6,62 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-
     dependencies = [
-        ('auth', '0012_alter_user_first_name_max_length'),
-        ('catalog', '0007_alter_runtime_kind'),
-        ('jobs', '0016_sharing_and_usage'),
+        ("auth", "0012_alter_user_first_name_max_length"),
+        ("catalog", "0007_alter_runtime_kind"),
+        ("jobs", "0016_sharing_and_usage"),
     ]
 
     operations = [
         migrations.CreateModel(
-            name='GroupSource',
+            name="GroupSource",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('kind', models.CharField(choices=[('unix_group', 'Unix or LDAP group (getent group)'), ('slurm_account', 'Slurm account (sacctmgr; needs slurmdbd)')], default='unix_group', max_length=16)),
-                ('name', models.CharField(max_length=64, validators=[django.core.validators.RegexValidator('^[A-Za-z0-9_][A-Za-z0-9_.-]*\\Z', 'a group or account name: letters, digits, _ . -')])),
-                ('synced_at', models.DateTimeField(blank=True, editable=False, null=True)),
-                ('members_found', models.PositiveIntegerField(default=0, editable=False)),
-                ('last_error', models.TextField(blank=True, editable=False)),
-                ('account', models.ForeignKey(help_text='The cluster account that asks (any account on that cluster can read its groups).', on_delete=django.db.models.deletion.CASCADE, related_name='group_sources', to='catalog.clusteraccount')),
-                ('group', models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='sources', to='auth.group')),
+                ("id", models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name="ID")),
+                (
+                    "kind",
+                    models.CharField(
+                        choices=[
+                            ("unix_group", "Unix or LDAP group (getent group)"),
+                            ("slurm_account", "Slurm account (sacctmgr; needs slurmdbd)"),
+                        ],
+                        default="unix_group",
+                        max_length=16,
+                    ),
+                ),
+                (
+                    "name",
+                    models.CharField(
+                        max_length=64,
+                        validators=[
+                            django.core.validators.RegexValidator(
+                                "^[A-Za-z0-9_][A-Za-z0-9_.-]*\\Z", "a group or account name: letters, digits, _ . -"
+                            )
+                        ],
+                    ),
+                ),
+                ("synced_at", models.DateTimeField(blank=True, editable=False, null=True)),
+                ("members_found", models.PositiveIntegerField(default=0, editable=False)),
+                ("last_error", models.TextField(blank=True, editable=False)),
+                (
+                    "account",
+                    models.ForeignKey(
+                        help_text="The cluster account that asks (any account on that cluster can read its groups).",
+                        on_delete=django.db.models.deletion.CASCADE,
+                        related_name="group_sources",
+                        to="catalog.clusteraccount",
+                    ),
+                ),
+                (
+                    "group",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.CASCADE, related_name="sources", to="auth.group"
+                    ),
+                ),
             ],
             options={
-                'constraints': [models.UniqueConstraint(fields=('group', 'account', 'kind', 'name'), name='one_source_each')],
+                "constraints": [
+                    models.UniqueConstraint(fields=("group", "account", "kind", "name"), name="one_source_each")
+                ],
             },
         ),
     ]

@@ -164,9 +164,7 @@ def _sql(vendor: str) -> dict[str, str]:
         "by_pk": target + f"WHERE {s('id')} = %s",
         "by_alias": target + f"WHERE {s('owner')} = %s AND {s('alias')} = %s "
         f"AND {s('state')} NOT IN ({end_states}) ORDER BY {s('created_at')} DESC LIMIT 1",
-        **{
-            f"shared_{route}": shared.format(session="%s", route=column) for route, column in by_route.items()
-        },
+        **{f"shared_{route}": shared.format(session="%s", route=column) for route, column in by_route.items()},
         **{
             f"by_shared_alias_{route}": target + f"WHERE {s('alias')} = %s AND {s('owner')} <> %s "
             f"AND {s('state')} NOT IN ({end_states}) AND EXISTS ("
@@ -272,8 +270,6 @@ def touch(session_pk: str) -> None:
         "touch_session",
         [_db_datetime(timezone.now()), LLMSession._meta.pk.get_db_prep_value(uuid.UUID(session_pk), connection)],
     )
-
-
 
 
 def sees_all(user_pk: int) -> bool:
