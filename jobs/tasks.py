@@ -19,6 +19,7 @@ from catalog.models import Cluster
 from jobs.batch import staging
 from jobs.cluster import capacity, logs
 from jobs.models import LLMSession, State
+from jobs.operations import metrics
 from jobs.sessions import groups, lifecycle, notify
 from portal import ssh
 
@@ -36,6 +37,7 @@ def submit_session(self: Task[Any, Any], session_id: str) -> str:
     """Submit a session's job (lifecycle.submit); retry transient failures with backoff, then give up with the
     reason. A cancel asked for during the submit follows once the job id is known."""
     submitted = lifecycle.submit(session_id, self.request.id)
+    metrics.submitted(submitted.outcome)
     if submitted.retry:
         log.warning("submit of %s will be retried: %s", session_id, submitted.message)
         try:
@@ -43,6 +45,7 @@ def submit_session(self: Task[Any, Any], session_id: str) -> str:
         except MaxRetriesExceededError:
             why = f"could not submit after {SUBMIT_MAX_RETRIES + 1} attempts: {submitted.message}"
             lifecycle.fail(session_id, why, {State.SUBMITTING})
+            metrics.submitted("failed")
             return "failed"
     if submitted.cancel_now:
         cancel_session.delay(session_id)

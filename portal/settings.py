@@ -211,6 +211,14 @@ for _key in PORTAL_ENCRYPTION_KEYS:
             "python -c 'from cryptography.fernet import Fernet; print(Fernet.generate_key().decode())'"
         ) from None
 
+# --- Metrics ----------------------------------------------------------------------------------------------
+# Every web and worker process on this host writes its Prometheus counters here (prometheus_client's multiprocess
+# mode, jobs/operations/metrics.py); the client reads PROMETHEUS_MULTIPROC_DIR when it is first imported, which is
+# after the settings. `scripts/serve prepare` empties it before the processes start.
+PORTAL_METRICS_DIR = Path(env_str("PROMETHEUS_MULTIPROC_DIR", env_str("PORTAL_METRICS_DIR", str(VAR_DIR / "metrics"))))
+PORTAL_METRICS_DIR.mkdir(parents=True, exist_ok=True)
+os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(PORTAL_METRICS_DIR)
+
 # --- Sessions ---------------------------------------------------------------------------------------------
 # How often beat polls each (cluster, account) and how long a submit may stay claimed before another worker
 # takes it over (a worker killed mid-submit leaves its session in "submitting").

@@ -1,9 +1,158 @@
-"""Prometheus metrics (placeholder until written)."""
+"""Prometheus metrics: what happens in the processes (proxy requests, polls, SSH errors, submits), counted with the
+maintained prometheus_client, and what the database says at scrape time (sessions by state and cluster, batch
+progress, queue waits).
+
+The portal runs several uvicorn and Celery worker processes. prometheus_client's multiprocess mode adds up what each
+process counted: every process writes its values to files in PROMETHEUS_MULTIPROC_DIR (portal/settings.py sets it,
+from PORTAL_METRICS_DIR, before anything imports the client), and /metrics, in whichever web worker answers, reads
+them all. The directory is per host: a site with web or worker processes on several hosts scrapes each host's
+/metrics, or gives them one shared directory. It is emptied when the web processes start (scripts/serve).
+"""
 
 from __future__ import annotations
+
+import os
+import socket
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import timedelta
+
+from django.db.models import Count, Min, Sum
+from django.utils import timezone
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    generate_latest,
+    multiprocess,
+    values,
+)
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from jobs.models import TTFT_BOUNDS_MS, BatchRun, LLMSession, ProxyRequest, State
+
+
+def _process() -> str:
+    """This process's name in the directory: host and pid, so that containers sharing the directory (each counting
+    its pids from 1) never write to one file. Called when a value is first written, so a forked worker gets its own."""
+    return f"{socket.gethostname().replace('_', '-')}-{os.getpid()}"
+
+
+values.ValueClass = values.MultiProcessValue(_process)  # type: ignore[no-untyped-call]  # before the metrics below
+_SECONDS = tuple(bound / 1000 for bound in TTFT_BOUNDS_MS)  # the usage pages' buckets, in seconds
+
+PROXY_REQUESTS = Counter(
+    "portal_proxy_requests", "Requests through the proxy to model servers.", ["route", "endpoint", "status"]
+)
+PROXY_ERRORS = Counter(
+    "portal_proxy_errors", "Proxied requests answered with an error (status 400 or more).", ["route", "endpoint"]
+)
+PROXY_BYTES = Counter("portal_proxy_response_bytes", "Bytes relayed from model servers to clients.", ["route"])
+PROXY_TTFT = Histogram(
+    "portal_proxy_time_to_first_byte_seconds", "Streams: from the request to the reply's first byte.", ["route"],
+    buckets=_SECONDS,
+)  # fmt: skip
+PROXY_DURATION = Histogram(
+    "portal_proxy_request_duration_seconds", "From the request to the reply's last byte.", ["route", "endpoint"],
+    buckets=(*_SECONDS, 120, 300, 600),
+)  # fmt: skip
+POLL_DURATION = Histogram(
+    "portal_poll_duration_seconds", "One poll of a cluster account's live sessions (one SSH command).", ["cluster"],
+    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+)  # fmt: skip
+POLL_FAILURES = Counter(
+    "portal_poll_failures", "Polls that learned nothing: SSH failed, or squeue did not answer.", ["cluster", "reason"]
+)
+SSH_ERRORS = Counter("portal_ssh_errors", "SSH commands to clusters that failed.", ["cluster", "operation"])
+SUBMITS = Counter("portal_submits", "Submit attempts by outcome (submitted, retry, failed, not claimed).", ["outcome"])
+
+
+def _status_class(status: int) -> str:
+    return f"{status // 100}xx" if 100 <= status < 600 else "other"
 
 
 def observe_request(
     route: str, endpoint: str, status: int, ttft_s: float | None, duration_s: float, bytes_out: int
 ) -> None:
     """One request through the proxy ended."""
+    PROXY_REQUESTS.labels(route, endpoint, _status_class(status)).inc()
+    if status >= 400:
+        PROXY_ERRORS.labels(route, endpoint).inc()
+    PROXY_BYTES.labels(route).inc(bytes_out)
+    if ttft_s is not None:
+        PROXY_TTFT.labels(route).observe(ttft_s)
+    PROXY_DURATION.labels(route, endpoint).observe(duration_s)
+
+
+@contextmanager
+def polling(cluster: str) -> Iterator[None]:
+    started = time.perf_counter()
+    try:
+        yield
+    finally:
+        POLL_DURATION.labels(cluster).observe(time.perf_counter() - started)
+
+
+def poll_failed(cluster: str, reason: str) -> None:
+    POLL_FAILURES.labels(cluster, reason).inc()
+    if reason == "ssh":
+        SSH_ERRORS.labels(cluster, "poll").inc()
+
+
+def ssh_error(cluster: str, operation: str) -> None:
+    SSH_ERRORS.labels(cluster, operation).inc()
+
+
+def submitted(outcome: str) -> None:
+    SUBMITS.labels(outcome if outcome in ("retry", "failed", "not claimed") else "submitted").inc()
+
+
+class DatabaseCollector(Collector):
+    """What the database says now, read at each scrape with a few aggregate queries."""
+
+    def collect(self) -> Iterator[Metric]:
+        sessions = GaugeMetricFamily("portal_sessions", "Sessions by state and cluster.", labels=["state", "cluster"])
+        for row in LLMSession.objects.values("state", "cluster__slug").annotate(n=Count("id")).order_by():
+            sessions.add_metric([row["state"], row["cluster__slug"]], row["n"])
+        yield sessions
+        waiting = GaugeMetricFamily(
+            "portal_queue_wait_longest_seconds", "How long the longest-waiting queued session has waited, by "
+            "partition.", labels=["cluster", "partition"],
+        )  # fmt: skip
+        queued = LLMSession.objects.filter(state=State.QUEUED, submitted_at__isnull=False)
+        now = timezone.now()
+        for row in queued.values("cluster__slug", "partition__name").order_by().annotate(first=Min("submitted_at")):
+            waiting.add_metric([row["cluster__slug"], row["partition__name"]], (now - row["first"]).total_seconds())
+        yield waiting
+        runs = GaugeMetricFamily("portal_batch_runs", "Batch runs by state.", labels=["state"])
+        lines = GaugeMetricFamily(
+            "portal_batch_lines", "Lines of batch runs by the run's state: all, done, failed.", labels=["state", "kind"]
+        )  # fmt: skip
+        by_state = BatchRun.objects.values("state").annotate(
+            n=Count("id"), prompts=Sum("prompts"), done=Sum("done"), failed=Sum("failed")
+        )
+        for row in by_state.order_by():
+            runs.add_metric([row["state"]], row["n"])
+            for kind in ("prompts", "done", "failed"):
+                lines.add_metric([row["state"], kind], row[kind] or 0)
+        yield runs
+        yield lines
+        recent = GaugeMetricFamily(
+            "portal_proxy_requests_last_hour", "Requests recorded in the last hour (all web hosts).", labels=["failed"]
+        )  # fmt: skip
+        hour = ProxyRequest.objects.filter(at__gte=now - timedelta(hours=1))
+        errors = hour.filter(status__gte=400).count()
+        recent.add_metric(["false"], hour.count() - errors)
+        recent.add_metric(["true"], errors)
+        yield recent
+
+
+def exposition() -> tuple[bytes, str]:
+    """The text /metrics serves: every process's counters on this host, and the database's gauges."""
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+    registry.register(DatabaseCollector())
+    return generate_latest(registry), CONTENT_TYPE_LATEST

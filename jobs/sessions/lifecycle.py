@@ -25,6 +25,7 @@ from catalog.models import ClusterAccount, ClusterRuntime, VariantLocation
 from jobs.batch import progress as batch_progress
 from jobs.cluster import backend, jobscript, remote, slurm
 from jobs.models import END_STATES, POLLED_STATES, BatchRun, LLMSession, Purpose, SessionEvent, State, transition
+from jobs.operations import metrics
 from jobs.sessions import notify
 from portal import crypto, ssh
 
@@ -138,6 +139,7 @@ def submit(session_id: str, claim: str | None) -> Submitted:
     try:
         result = ssh.pool.run(session.account.ssh_target(), command, stdin=payload.stdin, timeout_s=120)
     except ssh.SSHError as exc:
+        metrics.ssh_error(session.cluster.slug, "submit")
         if not exc.transient:
             fail(session_id, f"cannot log in to {session.cluster.name}: {exc}", {State.SUBMITTING})
             return Submitted("failed")
@@ -224,6 +226,7 @@ def cancel(session_id: str) -> str | None:
             session.account.ssh_target(), remote.cancel_command(session_id, session.job_id), timeout_s=90
         )
     except ssh.SSHError as exc:
+        metrics.ssh_error(session.account.cluster.slug, "cancel")
         log.warning("cancel of %s will be retried: %s", session_id, exc)
         return None
     if result.exit_code != 0 or "marked" not in result.stdout:
@@ -271,12 +274,15 @@ def poll(account_id: int) -> dict[str, int]:
         return {"sessions": 0}
     command = remote.poll_command([(str(s.pk), s.job_id) for s in sessions])
     try:
-        result = ssh.pool.run(account.ssh_target(), command, timeout_s=60)
+        with metrics.polling(account.cluster.slug):
+            result = ssh.pool.run(account.ssh_target(), command, timeout_s=60)
     except ssh.SSHError as exc:
+        metrics.poll_failed(account.cluster.slug, "ssh")
         _mark_unknown(sessions, f"cannot reach {account.cluster.name}: {exc}")
         return {"sessions": len(sessions), "unknown": len(sessions)}
     polled = remote.parse_poll(result.stdout)
     if not polled.squeue_ok or not polled.complete:
+        metrics.poll_failed(account.cluster.slug, "scheduler")
         detail = polled.squeue_error or result.stderr.strip()[:300] or f"exit code {result.exit_code}"
         _mark_unknown(sessions, f"squeue failed on {account.cluster.name}: {detail}")
         return {"sessions": len(sessions), "unknown": len(sessions)}

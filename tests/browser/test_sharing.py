@@ -12,6 +12,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import httpx
 import openai
 import pytest
 from django.conf import settings
@@ -19,11 +20,13 @@ from django.contrib.auth.models import Group
 from django.test import Client
 from django.utils import timezone
 from playwright.sync_api import Browser, expect
+from prometheus_client.parser import text_string_to_metric_families
 
 from jobs.cluster import slurm
-from jobs.models import ApiToken, LLMSession, ProxyRequest, SessionShare, State
+from jobs.models import ApiToken, LLMSession, ProxyRequest, ScrapeToken, SessionShare, State
 from jobs.sessions.actions import launch, request_cancel
 from jobs.tasks import submit_session
+from jobs.usage import figures
 from portal import ssh
 from tests.browser.test_flow import PASSWORD, shot
 from tests.conftest import LAUNCH
@@ -144,6 +147,25 @@ def test_a_lab_shares_one_model_and_each_member_sees_what_they_used(
     assert "Shared with group nlp-lab" in card and "alan 2, ada 1" in card
     shot(page, "sharing/3-before-revoke")
 
+    # The usage pages add up exactly what was recorded, for whoever made it; /metrics, scraped from the real uvicorn,
+    # counted the same requests in that process (prometheus_client's multiprocess files).
+    for user in (owner, shared_user):
+        theirs = [r for r in recorded(session, 3) if r.user_id == user.pk]
+        usage = figures.my_usage(user.pk, figures.Period.all_time())
+        assert usage.total.requests == len(theirs)
+        assert usage.total.tokens == sum(r.prompt_tokens + r.completion_tokens for r in theirs) > 0
+        usage_page = client_of(user).get("/usage/").content.decode()
+        assert f"{usage.total.tokens:,}" in usage_page
+    _, scrape_token = ScrapeToken.issue("prometheus")
+    scraped = httpx.get(f"{portal}/metrics", headers={"authorization": f"Bearer {scrape_token}"})
+    counted = {
+        (s.labels.get("route"), s.labels.get("status")): s.value
+        for family in text_string_to_metric_families(scraped.text)
+        for s in family.samples
+        if s.name == "portal_proxy_requests_total" and s.labels.get("endpoint") == "chat/completions"
+    }
+    assert counted[("api", "2xx")] >= 2 and counted[("chat", "2xx")] >= 1
+
     # Revoked: the member's next request is refused, their chat page gone.
     owner_pages.post(f"/sessions/{session.pk}/share/{grant.pk}/revoke")
     with pytest.raises(openai.NotFoundError):
@@ -159,3 +181,6 @@ def test_a_lab_shares_one_model_and_each_member_sees_what_they_used(
     assert abs(ended.started_at - timezone.make_aware(start)) <= tolerance  # Slurm prints the cluster's local time
     assert abs(ended.ended_at - timezone.make_aware(end)) <= tolerance
     assert ended.gpu_hours == pytest.approx(ended.gpus * (end - start).total_seconds() / 3600, abs=0.01)
+    owners = figures.my_usage(owner.pk, figures.Period.all_time()).total
+    assert owners.gpu_hours == pytest.approx(ended.gpu_hours, rel=1e-6) and owners.gpu_hours > 0
+    assert figures.my_usage(shared_user.pk, figures.Period.all_time()).total.gpu_hours == 0  # the owner's alone
