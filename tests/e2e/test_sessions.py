@@ -255,7 +255,8 @@ def test_a_cancel_during_a_submit_leaves_no_job(
     assert jobs_named(f"hpcllm-{session.pk}") == []
     client.force_login(owner)
     client.post(f"/sessions/{session.pk}/delete")
-    assert not LLMSession.objects.filter(pk=session.pk).exists()
+    assert LLMSession.objects.get(pk=session.pk).deleted_at is not None  # hidden; kept for the usage records
+    assert client.get(f"/sessions/{session.pk}/").status_code == 404
 
 
 def test_a_job_whose_sbatch_reply_was_lost_is_found_and_cancelled(
