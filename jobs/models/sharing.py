@@ -53,10 +53,6 @@ class SessionShare(models.Model):
     def access(self) -> str:
         return " and ".join(name for name, on in (("chat", self.chat), ("API", self.api)) if on)
 
-    def active_at(self, moment: datetime | None = None) -> bool:
-        moment = moment or timezone.now()
-        return self.revoked_at is None and (self.expires_at is None or self.expires_at > moment)
-
 
 def active_shares(moment: datetime | None = None) -> Q:
     """The grants in force now, as a filter on SessionShare."""

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import timedelta
 
-from django.db.models import Count, Min, Sum
+from django.db.models import Count, Min, Q, Sum
 from django.utils import timezone
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -143,10 +143,11 @@ class DatabaseCollector(Collector):
         recent = GaugeMetricFamily(
             "portal_proxy_requests_last_hour", "Requests recorded in the last hour (all web hosts).", labels=["failed"]
         )  # fmt: skip
-        hour = ProxyRequest.objects.filter(at__gte=now - timedelta(hours=1))
-        errors = hour.filter(status__gte=400).count()
-        recent.add_metric(["false"], hour.count() - errors)
-        recent.add_metric(["true"], errors)
+        hour = ProxyRequest.objects.filter(at__gte=now - timedelta(hours=1)).aggregate(
+            all=Count("id"), failed=Count("id", filter=Q(status__gte=400))
+        )
+        recent.add_metric(["false"], hour["all"] - hour["failed"])
+        recent.add_metric(["true"], hour["failed"])
         yield recent
 
 

@@ -32,11 +32,11 @@ def sees_all(user: User | AnonymousUser) -> bool:
     return user.has_perm(".".join(SEE_ALL_SESSIONS))
 
 
-def get_session_for(request: HttpRequest, pk: UUID | str) -> LLMSession:
+def get_session_for(request: HttpRequest, pk: UUID | str, sessions: QuerySet[LLMSession] | None = None) -> LLMSession:
     """The session if the request's user owns it or sees all sessions; 404 otherwise, so others cannot even probe
-    ids."""
+    ids. `sessions` is where to look, with what the page needs loaded (default: with_relations())."""
     try:
-        session = with_relations().get(pk=pk)
+        session = (with_relations() if sessions is None else sessions).get(pk=pk)
     except (LLMSession.DoesNotExist, ValidationError, ValueError):
         raise Http404("no such session") from None
     if session.owner_id != request.user.pk and not sees_all(request.user):

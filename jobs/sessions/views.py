@@ -59,8 +59,7 @@ def session_list(request: HtmxHttpRequest) -> HttpResponse:
 
 
 def _card(request: HtmxHttpRequest, pk: UUID) -> Any:
-    session = get_session_for(request, pk)
-    session = sharing.with_shares(with_relations()).get(pk=session.pk)
+    session = get_session_for(request, pk, sharing.with_shares(with_relations()))
     sharing.annotate([session])
     return session
 
