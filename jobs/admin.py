@@ -1,10 +1,16 @@
+"""The jobs app's admin pages: sessions with their shares and history, group sources, the request records,
+scrape tokens."""
+
 from __future__ import annotations
 
 from django.contrib import admin, messages
 from django.db.models import QuerySet
-from django.http import HttpRequest
+from django.http import HttpRequest, HttpResponse
+from django.template.response import TemplateResponse
+from django.utils import timezone
+from django.views.decorators.debug import sensitive_variables
 
-from jobs.models import GroupSource, LLMSession, ProxyRequest, SessionEvent, SessionShare
+from jobs.models import GroupSource, LLMSession, ProxyRequest, ScrapeToken, SessionEvent, SessionShare
 from jobs.sessions import groups
 from jobs.sessions.actions import request_cancel
 
@@ -103,3 +109,43 @@ class ProxyRequestAdmin(admin.ModelAdmin[ProxyRequest]):
 
     def has_change_permission(self, request: HttpRequest, obj: ProxyRequest | None = None) -> bool:
         return False
+
+
+@admin.register(ScrapeToken)
+class ScrapeTokenAdmin(admin.ModelAdmin[ScrapeToken]):
+    """Prometheus's tokens for /metrics (also `manage.py scrapetoken`). Adding one issues it: the token is on the page
+    that answers the form, once, and only its SHA-256 is kept. Revoking keeps the row, to show when it was last used."""
+
+    list_display = ["name", "hint", "in_force", "created_at", "last_used_at", "revoked_at"]
+    list_filter = [("revoked_at", admin.EmptyFieldListFilter)]
+    readonly_fields = ["hint", "created_at", "last_used_at", "revoked_at"]
+    actions = ["revoke"]
+
+    def get_fields(self, request: HttpRequest, obj: ScrapeToken | None = None) -> tuple[str, ...]:
+        return ("name", *self.readonly_fields) if obj else ("name",)
+
+    @admin.display(boolean=True, description="in force")
+    def in_force(self, token: ScrapeToken) -> bool:
+        return token.revoked_at is None
+
+    @sensitive_variables("token")
+    def add_view(
+        self, request: HttpRequest, form_url: str = "", extra_context: dict[str, object] | None = None
+    ) -> HttpResponse:
+        """The admin's own add form asks for the name; a valid POST issues the token through ScrapeToken.issue (as
+        the command does) and answers with it, rather than redirecting: the plain token is never stored, not even in
+        a message cookie."""
+        if request.method == "POST" and self.has_add_permission(request):
+            form = self.get_form(request)(request.POST)
+            if form.is_valid():
+                row, token = ScrapeToken.issue(form.cleaned_data["name"])
+                self.log_addition(request, row, [{"added": {}}])
+                context = {**self.admin_site.each_context(request), "opts": self.opts, "row": row, "token": token,
+                           "title": "Scrape token issued"}  # fmt: skip
+                return TemplateResponse(request, "admin/jobs/scrapetoken/issued.html", context)
+        return super().add_view(request, form_url, extra_context)  # the form, its errors, or 403
+
+    @admin.action(description="Revoke the selected scrape tokens")
+    def revoke(self, request: HttpRequest, queryset: QuerySet[ScrapeToken]) -> None:
+        revoked = queryset.filter(revoked_at__isnull=True).update(revoked_at=timezone.now())
+        messages.info(request, f"Revoked {revoked} scrape token{'s' if revoked != 1 else ''}.")

@@ -110,6 +110,8 @@ def refresh_partitions() -> int:
             capacity.refresh_cluster(cluster)
             refreshed += 1
         except (capacity.QueueError, ssh.SSHError) as exc:
+            if isinstance(exc, ssh.SSHError):
+                metrics.ssh_error(cluster.slug, "partitions")
             log.warning("partition state of %s not refreshed: %s", cluster.slug, exc)
     return refreshed
 

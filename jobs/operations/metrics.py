@@ -1,12 +1,18 @@
 """Prometheus metrics: what happens in the processes (proxy requests, polls, SSH errors, submits), counted with the
 maintained prometheus_client, and what the database says at scrape time (sessions by state and cluster, batch
-progress, queue waits).
+progress, queue waits, submits and submit failures).
 
 The portal runs several uvicorn and Celery worker processes. prometheus_client's multiprocess mode adds up what each
 process counted: every process writes its values to files in PROMETHEUS_MULTIPROC_DIR (portal/settings.py sets it,
 from PORTAL_METRICS_DIR, before anything imports the client), and /metrics, in whichever web worker answers, reads
 them all. The directory is per host: a site with web or worker processes on several hosts scrapes each host's
 /metrics, or gives them one shared directory. It is emptied when the web processes start (scripts/serve).
+
+A process that exits leaves its files behind, on purpose: its counts stay in the sums, so no counter goes down
+while the others run. prometheus_client's mark_process_dead() only removes the files of "live" gauges, and no
+process here keeps a gauge (the gauges come from the database, at scrape time), so no exit hook is needed. Files of
+exited processes add up over restarts until `manage.py metrics reset` (run by `scripts/serve prepare`) empties the
+directory.
 """
 
 from __future__ import annotations
@@ -29,10 +35,10 @@ from prometheus_client import (
     multiprocess,
     values,
 )
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from jobs.models import TTFT_BOUNDS_MS, BatchRun, LLMSession, ProxyRequest, State
+from jobs.models import TTFT_BOUNDS_MS, BatchRun, LLMSession, ProxyRequest, SessionEvent, State
 
 
 def _process() -> str:
@@ -67,7 +73,13 @@ POLL_FAILURES = Counter(
     "portal_poll_failures", "Polls that learned nothing: SSH failed, or squeue did not answer.", ["cluster", "reason"]
 )
 SSH_ERRORS = Counter("portal_ssh_errors", "SSH commands to clusters that failed.", ["cluster", "operation"])
-SUBMITS = Counter("portal_submits", "Submit attempts by outcome (submitted, retry, failed, not claimed).", ["outcome"])
+SUBMIT_ATTEMPTS = Counter(
+    "portal_submit_attempts", "Submit tasks by outcome: submitted, retry, failed, cancelled, not claimed.", ["outcome"]
+)
+SUBMIT_OUTCOMES = frozenset({"retry", "failed", "cancelled", "not claimed"})  # otherwise a job id: "submitted"
+# A submit that failed: the session left submitting for failed (lifecycle.submit, and the task giving up). Pending is
+# listed too, though nothing fails a session before its claim today, so that such a failure would be counted.
+SUBMIT_FAILED_FROM = (State.SUBMITTING, State.PENDING)
 
 
 def _status_class(status: int) -> str:
@@ -107,11 +119,13 @@ def ssh_error(cluster: str, operation: str) -> None:
 
 
 def submitted(outcome: str) -> None:
-    SUBMITS.labels(outcome if outcome in ("retry", "failed", "not claimed") else "submitted").inc()
+    """One submit task ended: `outcome` is lifecycle.Submitted's (a job id when sbatch accepted the job)."""
+    SUBMIT_ATTEMPTS.labels(outcome if outcome in SUBMIT_OUTCOMES else "submitted").inc()
 
 
 class DatabaseCollector(Collector):
-    """What the database says now, read at each scrape with a few aggregate queries."""
+    """What the database says now, read at each scrape with a fixed handful of aggregate queries (one per family or
+    pair of families, however many sessions and clusters). Every host reports the same figures: add up one host's."""
 
     def collect(self) -> Iterator[Metric]:
         sessions = GaugeMetricFamily("portal_sessions", "Sessions by state and cluster.", labels=["state", "cluster"])
@@ -140,6 +154,30 @@ class DatabaseCollector(Collector):
                 lines.add_metric([row["state"], kind], row[kind] or 0)
         yield runs
         yield lines
+        # Counters from the sessions' histories: site-wide and kept across restarts, unlike the processes' counters.
+        submits = CounterMetricFamily(
+            "portal_sessions_submitted", "Sessions whose job sbatch accepted (submitting to queued).",
+            labels=["cluster"],
+        )  # fmt: skip
+        submit_failures = CounterMetricFamily(
+            "portal_sessions_submit_failed", "Sessions that failed before Slurm had their job (bad script, login "
+            "refused, Slurm refused it, retries given up).", labels=["cluster"],
+        )  # fmt: skip
+        events = SessionEvent.objects.filter(
+            Q(from_state=State.SUBMITTING, to_state=State.QUEUED)
+            | Q(from_state__in=SUBMIT_FAILED_FROM, to_state=State.FAILED)
+        )
+        for row in (
+            events.values("session__cluster__slug")
+            .annotate(
+                ok=Count("id", filter=Q(to_state=State.QUEUED)), failed=Count("id", filter=Q(to_state=State.FAILED))
+            )
+            .order_by()
+        ):
+            submits.add_metric([row["session__cluster__slug"]], row["ok"])
+            submit_failures.add_metric([row["session__cluster__slug"]], row["failed"])
+        yield submits
+        yield submit_failures
         recent = GaugeMetricFamily(
             "portal_proxy_requests_last_hour", "Requests recorded in the last hour (all web hosts).", labels=["failed"]
         )  # fmt: skip

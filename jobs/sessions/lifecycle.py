@@ -313,6 +313,7 @@ def _repeat_lost_cancels(account: ClusterAccount, sessions: list[LLMSession], po
         try:
             ssh.pool.run(account.ssh_target(), "scancel " + " ".join(shlex.quote(j) for j in job_ids), timeout_s=30)
         except ssh.SSHError as exc:
+            metrics.ssh_error(account.cluster.slug, "cancel")
             log.warning("scancel failed: %s", exc)
 
 
