@@ -106,8 +106,9 @@ def read_header(prefix: bytes) -> GGUFInfo:
         key = cursor.string()
         metadata[key] = cursor.value(cursor.unpack("<I"))
     params = tensor_bytes = 0
+    names: set[str] = set()
     for _ in range(tensor_count):
-        cursor.string()
+        names.add(cursor.string())
         dims = [cursor.unpack("<Q") for _ in range(cursor.unpack("<I"))]
         ggml_type, _offset = cursor.unpack("<I"), cursor.unpack("<Q")
         elements = math.prod(dims)
@@ -117,10 +118,12 @@ def read_header(prefix: bytes) -> GGUFInfo:
         except (ValueError, KeyError):
             raise GGUFError(f"unknown tensor type {ggml_type}") from None
         tensor_bytes += elements // block * size
-    return _info(version, metadata, params, tensor_bytes)
+    # llama.cpp uses token_embd for the output head when a file has no output.weight (src/llama-model.cpp).
+    tied = "output.weight" not in names if "token_embd.weight" in names else None
+    return _info(version, metadata, params, tensor_bytes, tied)
 
 
-def _info(version: int, meta: dict[str, Any], params: int, tensor_bytes: int) -> GGUFInfo:
+def _info(version: int, meta: dict[str, Any], params: int, tensor_bytes: int, tied: bool | None) -> GGUFInfo:
     arch = meta.get("general.architecture")
     if not isinstance(arch, str):
         raise GGUFError("the header has no general.architecture")
@@ -150,11 +153,51 @@ def _info(version: int, meta: dict[str, Any], params: int, tensor_bytes: int) ->
             head_dim=int(head_dim),
             vocab_size=int(vocab),
             max_context=need("context_length"),
+            **_moe_and_window(meta, arch),
+            tied_embeddings=tied,
         ),
         file_type=file_type_name(meta.get("general.file_type")),
         tensor_bytes=tensor_bytes,
         metadata={k: v for k, v in meta.items() if not isinstance(v, _Skipped)},
     )
+
+
+def _moe_and_window(meta: dict[str, Any], arch: str) -> dict[str, int | None]:
+    """The FFN width (each expert's for a MoE: llama.cpp's expert_feed_forward_length, else feed_forward_length,
+    which some writers store per layer as an array), the experts, and the sliding window, as the header says them."""
+
+    def number(key: str) -> int | None:
+        value = meta.get(f"{arch}.{key}")
+        if isinstance(value, list):  # per layer: the largest, which is what memory must hold
+            value = max((v for v in value if isinstance(v, int)), default=None)
+        return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+    experts = number("expert_count")
+    window = number("attention.sliding_window")
+    return {
+        "ffn_size": (number("expert_feed_forward_length") if experts else None) or number("feed_forward_length"),
+        "experts": experts,
+        "experts_used": number("expert_used_count") if experts else None,
+        "sliding_window": window,
+        "sliding_window_layers": _window_layers(meta, arch) if window else None,
+    }
+
+
+# Where a header names a window but not which layers use it, llama.cpp's loader knows the pattern per architecture
+# (src/llama-model.cpp: set_swa_pattern): every Nth layer attends to the whole context.
+_GLOBAL_EVERY = {"gemma2": 2, "gemma3": 6, "cohere2": 4}
+
+
+def _window_layers(meta: dict[str, Any], arch: str) -> int | None:
+    layers = meta.get(f"{arch}.block_count")
+    if not isinstance(layers, int):
+        return None
+    pattern = meta.get(f"{arch}.attention.sliding_window_pattern")
+    if isinstance(pattern, list) and pattern and all(isinstance(p, bool) for p in pattern):
+        return sum(pattern)  # one flag per layer: true where the layer uses the window
+    every = pattern if isinstance(pattern, int) and not isinstance(pattern, bool) and pattern > 0 else None
+    every = every or _GLOBAL_EVERY.get(arch)
+    return layers - layers // every if every else None
 
 
 def file_type_name(value: object) -> str:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from catalog.architecture import Architecture
+from catalog.quant import grouped_name
 
 
 class HFConfigError(ValueError):
@@ -39,12 +40,16 @@ def _quant(config: dict[str, Any]) -> str:
     q = config.get("quantization_config") or {}
     method = str(q.get("quant_method", "")).lower()
     bits = q.get("bits") or q.get("w_bit")
-    if method == "awq":
-        return "AWQ"
-    if method == "gptq":
-        return "GPTQ-INT8" if bits == 8 else "GPTQ-INT4"
+    group = q.get("group_size", q.get("q_group_size"))
+    if method in ("awq", "gptq"):
+        return grouped_name(method, 8 if bits == 8 else 4, group if isinstance(group, int) else None)
     if method == "bitsandbytes":
-        return "BNB-INT8" if q.get("load_in_8bit") else "BNB-NF4"
+        if q.get("load_in_8bit"):
+            return "BNB-INT8"
+        nf4 = q.get("bnb_4bit_quant_type") == "nf4"  # BitsAndBytesConfig's default is fp4
+        if nf4:
+            return "BNB-NF4" if q.get("bnb_4bit_use_double_quant") else "BNB-NF4-SQ"
+        return "BNB-FP4"
     if method in ("fp8", "compressed-tensors") and "8" in json.dumps(q):
         return "fp8"
     dtype = str(config.get("torch_dtype") or config.get("dtype") or "bfloat16").replace("torch.", "")
@@ -85,7 +90,9 @@ def read_config(
         # Embeddings (tied or not), per layer Q/O (hidden^2 each), K/V (hidden x kv width) and a gated or plain MLP.
         kv_width = int(kv_heads) * int(head_dim)
         gated = 3 if config.get("hidden_act", "silu") in ("silu", "swiglu", "gelu_pytorch_tanh") else 2
-        per_layer = 2 * hidden * heads * head_dim + 2 * hidden * kv_width + gated * hidden * intermediate
+        moe = _moe_and_window(config)
+        ffn = moe["ffn_size"] or intermediate
+        per_layer = 2 * hidden * heads * head_dim + 2 * hidden * kv_width + gated * hidden * ffn * (moe["experts"] or 1)
         embeddings = vocab * hidden * (1 if config.get("tie_word_embeddings") else 2)
         params, source = layers * per_layer + embeddings, "architecture"
     architectures = config.get("architectures") or [config.get("model_type", "")]
@@ -102,9 +109,51 @@ def read_config(
             head_dim=int(head_dim),
             vocab_size=vocab,
             max_context=context,
+            **_moe_and_window(config),
+            # Absent, the model class decides (Llama's default is untied, GPT-2's tied): unknown, sized untied.
+            tied_embeddings=tied if isinstance(tied := config.get("tie_word_embeddings"), bool) else None,
         ),
         quant=quant,
     )
+
+
+def _moe_and_window(config: dict[str, Any]) -> dict[str, int | None]:
+    """Each expert's FFN width for a mixture of experts (moe_intermediate_size, Qwen-MoE and DeepSeek's name; Mixtral
+    keeps it in intermediate_size), the experts (num_local_experts, num_experts, n_routed_experts) and how many a
+    token uses (num_experts_per_tok), and the sliding window (None when use_sliding_window is false)."""
+
+    def number(*keys: str) -> int | None:
+        for key in keys:
+            value = config.get(key)
+            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                return value
+        return None
+
+    experts = number("num_local_experts", "num_experts", "n_routed_experts")
+    window = None if config.get("use_sliding_window") is False else number("sliding_window")
+    return {
+        "ffn_size": (number("moe_intermediate_size") if experts else None) or number("intermediate_size", "n_inner"),
+        "experts": experts,
+        "experts_used": number("num_experts_per_tok") if experts else None,
+        "sliding_window": window,
+        "sliding_window_layers": _window_layers(config) if window else None,
+    }
+
+
+def _window_layers(config: dict[str, Any]) -> int | None:
+    """Layers that attend within the window: transformers' layer_types (4.53 on), else Gemma 3's
+    sliding_window_pattern (every Nth layer is global), else Gemma 2's alternation; None where the config does not
+    say (Mistral 7B v0.1 names a window for every layer, yet transformers' default cache keeps the whole context)."""
+    types = config.get("layer_types")
+    if isinstance(types, list) and types:
+        return sum(1 for t in types if t == "sliding_attention")
+    layers = config.get("num_hidden_layers")
+    pattern = config.get("sliding_window_pattern")
+    if isinstance(layers, int) and isinstance(pattern, int) and pattern > 0:
+        return layers - layers // pattern
+    if isinstance(layers, int) and config.get("model_type") == "gemma2":
+        return layers // 2
+    return None
 
 
 def _params(config: dict[str, Any], quant: str, headers: list[bytes] | None, index_text: str | None) -> tuple[int, str]:
@@ -114,7 +163,7 @@ def _params(config: dict[str, Any], quant: str, headers: list[bytes] | None, ind
             for name, tensor in safetensors_header(header).items():
                 if name != "__metadata__":
                     total += math.prod(tensor["shape"])
-        if quant in ("AWQ", "GPTQ-INT4", "GPTQ-INT8"):
+        if quant.startswith(("AWQ", "GPTQ")):
             return 0, ""  # packed int32 tensors do not count parameters; fall back to the architecture
         return total, "safetensors"
     if index_text and quant in _DTYPE_BYTES:

@@ -205,7 +205,8 @@ CLUSTER_FIELDS = (
 )
 # A model's shape, from the one definition of its architecture; the size (params_b) stands with the name.
 ARCH_FIELDS = tuple(
-    F(name, architecture.field_type(name).__name__, required=True) for name in architecture.SHAPE_FIELDS
+    F(name, architecture.field_type(name).__name__, required=name not in architecture.OPTIONAL_FIELDS)
+    for name in architecture.SHAPE_FIELDS
 )
 LOCATION_FIELDS = (
     F("cluster", "ref", required=True),

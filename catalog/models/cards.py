@@ -27,6 +27,25 @@ class ModelCard(models.Model):
     head_dim = models.PositiveIntegerField(validators=[MinValueValidator(1)])
     vocab_size = models.PositiveIntegerField(validators=[MinValueValidator(1)])
     max_context = models.PositiveIntegerField(validators=[MinValueValidator(1)], help_text="Tokens.")
+    ffn_size = models.PositiveIntegerField(
+        "FFN size", null=True, blank=True, validators=[MinValueValidator(1)],
+        help_text="Feed-forward (intermediate) width; per expert for a mixture of experts.",
+    )  # fmt: skip
+    experts = models.PositiveIntegerField(
+        null=True, blank=True, help_text="Experts per layer of a mixture of experts; empty or 0: dense."
+    )
+    experts_used = models.PositiveIntegerField(
+        null=True, blank=True, validators=[MinValueValidator(1)], help_text="Experts each token is routed to."
+    )
+    sliding_window = models.PositiveIntegerField(
+        null=True, blank=True, validators=[MinValueValidator(1)], help_text="Tokens a sliding-window layer keeps."
+    )
+    sliding_window_layers = models.PositiveIntegerField(
+        null=True, blank=True, help_text="Layers that attend only within the window; empty: not stated (sized as full)."
+    )
+    tied_embeddings = models.BooleanField(
+        null=True, blank=True, help_text="The output head shares the input embedding's weights (tie_word_embeddings)."
+    )
     license = models.CharField(max_length=100, blank=True)
     tags = models.CharField(
         "domain tags", max_length=300, blank=True, validators=[v.tag_list], help_text="Comma-separated."

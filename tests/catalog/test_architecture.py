@@ -18,7 +18,9 @@ from catalog.yaml_io import MODEL_FIELDS, export_catalog
 def test_the_model_card_has_a_column_of_the_right_kind_for_every_field() -> None:
     for name in architecture.FIELDS:
         column = ModelCard._meta.get_field(name)
-        kind = models.FloatField if architecture.field_type(name) is float else models.IntegerField
+        kind = {float: models.FloatField, bool: models.BooleanField}.get(
+            architecture.field_type(name), models.IntegerField
+        )
         assert isinstance(column, kind), name
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import math
-from argparse import ArgumentParser
+from argparse import ArgumentParser, ArgumentTypeError
 from dataclasses import replace
 from typing import Any
 
@@ -22,6 +22,15 @@ def _flag(field: str) -> str:
     return "--" + field.replace("_", "-")
 
 
+def _yes_no(text: str) -> bool:
+    folded = text.strip().casefold()
+    if folded in ("yes", "true", "on", "1"):
+        return True
+    if folded in ("no", "false", "off", "0"):
+        return False
+    raise ArgumentTypeError(f"expected yes or no, got {text!r}")
+
+
 class Command(BaseCommand):
     help = "Estimate GPU memory (weights, KV cache, compute, overhead; per GPU) and whether it fits a GPU."
 
@@ -29,14 +38,19 @@ class Command(BaseCommand):
         parser.add_argument("--model", help="a model card name from the catalog")
         parser.add_argument("--quant", help="quantisation (default: the model's smallest variant)")
         for field in architecture.FIELDS:  # the architecture, for a model that is not in the catalog
-            parser.add_argument(_flag(field), type=architecture.field_type(field))
+            kind = architecture.field_type(field)
+            parser.add_argument(_flag(field), type=_yes_no if kind is bool else kind)
         parser.add_argument("--file-gib", type=float, help="the weights file's size, if known")
         parser.add_argument("--runtime", required=True, choices=list(RUNTIMES))
         parser.add_argument("--context", type=int, required=True)
         parser.add_argument("--parallel", type=int, default=1)
         parser.add_argument("--kv-type", default="f16")
         parser.add_argument("--flash-attn", choices=["on", "off"])
-        parser.add_argument("--ubatch", type=int, help="micro-batch size (llama.cpp -ub; default 512)")
+        parser.add_argument(
+            "--batch-tokens", "--ubatch", dest="batch_tokens", type=int,
+            help="tokens per step: llama.cpp -ub (default 512), vLLM max_num_batched_tokens (default 8192)",
+        )  # fmt: skip
+        parser.add_argument("--prompt-tokens", type=int, help="the longest prompt (transformers; default: the context)")
         parser.add_argument("--gpus", type=int, default=1, help="GPUs in all")
         parser.add_argument("--gpus-per-node", type=int, help="default: the catalog's for --gpu, else 1")
         gpu = parser.add_mutually_exclusive_group()
@@ -123,7 +137,8 @@ class Command(BaseCommand):
             parallel=o["parallel"],
             kv_type=o["kv_type"],
             flash_attn=flash,
-            n_ubatch=o["ubatch"],
+            batch_tokens=o["batch_tokens"],
+            prompt_tokens=o["prompt_tokens"],
             file_size_gib=file_gib,
         )
         return replace(request, gpus_per_node=min(gpus, per_node), nodes=nodes), usable, per_node

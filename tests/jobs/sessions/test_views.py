@@ -70,7 +70,7 @@ def test_the_wizard_shows_the_estimate_and_the_options_with_the_recommended_firs
 
 def test_the_wizard_says_why_vllm_is_not_split_over_nodes(owner_client: Client, example_catalog: Path) -> None:
     """Too big for one node of 4 x rtx3090: more nodes would hold it, but not safely with vLLM."""
-    choices = {"model": "Llama-3.1-8B-Instruct", "quant": "bf16", "runtime": "vllm", "context": "131072"}
+    choices = {"model": "Llama-3.1-70B-Instruct", "quant": "AWQ", "runtime": "vllm", "context": "65536"}
     text = owner_client.get("/launch/", {**choices, "purpose": "batch"}).content.decode()
     row = text[text.index("4 x rtx3090") :][:1500]
     assert "vLLM runs on a single node" in row and "unauthenticated" in row and "llama.cpp" in row
