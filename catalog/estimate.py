@@ -12,6 +12,7 @@ the sources vendored in llama-cpp-python 0.3.36, the version the portal builds a
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 from catalog.architecture import Architecture
@@ -444,10 +445,16 @@ def fit(est: Estimate, usable_gib: float) -> Fit:
 
 
 def smallest_layout(
-    req: Request, usable_gib: float, gpus_per_node: int, max_nodes: int = 1, min_gpus: int = 1
+    req: Request,
+    usable_gib: float,
+    gpus_per_node: int,
+    max_nodes: int = 1,
+    min_gpus: int = 1,
+    estimator: Callable[[Request], Estimate] | None = None,
 ) -> Layout | None:
     """The fewest GPUs that fit: 1..gpus_per_node on one node, then whole nodes where the runtime spans nodes.
-    Where tensor parallel splits the attention heads (vLLM), counts that do not divide them are skipped."""
+    Where tensor parallel splits the attention heads (vLLM), counts that do not divide them are skipped.
+    `estimator` sizes each layout (default: serving; catalog/training.py passes a purpose's)."""
     candidates = [(g, 1) for g in range(max(1, min_gpus), gpus_per_node + 1)]
     rules = RUNTIMES.get(req.runtime)
     if rules is not None and rules.multi_node:
@@ -455,7 +462,7 @@ def smallest_layout(
     for per_node, nodes in candidates:
         if rules is not None and rules.splits_heads and req.arch.attention_heads % per_node:
             continue
-        est = estimate(replace(req, gpus_per_node=per_node, nodes=nodes))
+        est = (estimator or estimate)(replace(req, gpus_per_node=per_node, nodes=nodes))
         result = fit(est, usable_gib)
         if result.fits:
             return Layout(per_node, nodes, est, result)

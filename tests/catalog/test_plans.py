@@ -90,3 +90,18 @@ def test_the_estimate_command_refuses_bad_combinations(example_catalog: Path, ar
             args = [*args, flag, value]
     with pytest.raises(CommandError, match=message):
         call_command("estimate", *args, stdout=StringIO())
+
+
+def test_the_estimate_command_sizes_fine_tuning_with_its_parts(example_catalog: Path) -> None:
+    args = ["--model", "Llama-3.1-8B-Instruct", "--quant", "bf16", "--runtime", "transformers", "--context", "2048"]
+    out = StringIO()
+    call_command("estimate", *args, "--purpose", "qlora", "--gpu", "rtx3090", "--json", stdout=out)
+    qlora = json.loads(out.getvalue())
+    assert qlora["adapters_gib"] > 0 and qlora["optimizer_states_gib"] == pytest.approx(2 * qlora["gradients_gib"])
+    assert qlora["fits"] is True and qlora["min_gpus"] == 1
+    out = StringIO()
+    call_command("estimate", *args, "--purpose", "full", "--gpu", "rtx3090", "--json", stdout=out)
+    full = json.loads(out.getvalue())
+    assert full["total_gib"] > 3 * qlora["total_gib"] and full["fits"] is False
+    with pytest.raises(CommandError, match="transformers runtime"):
+        call_command("estimate", *args[:4], "--runtime", "vllm", "--context", "2048", "--purpose", "lora")

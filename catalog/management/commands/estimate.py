@@ -12,10 +12,11 @@ from django.core.management.base import BaseCommand, CommandError
 
 from catalog import architecture
 from catalog.architecture import Architecture
-from catalog.estimate import EstimateError, Request, estimate, fit, smallest_layout
+from catalog.estimate import Estimate, EstimateError, Request, fit, smallest_layout
 from catalog.models import GPUType, ModelCard, ModelVariant
 from catalog.quant import canonical_quant
 from catalog.runtime_rules import RUNTIMES
+from catalog.training import OPTIMIZER_STATES, PURPOSES, PurposeRequest, estimate_purpose
 
 
 def _flag(field: str) -> str:
@@ -56,12 +57,26 @@ class Command(BaseCommand):
         gpu = parser.add_mutually_exclusive_group()
         gpu.add_argument("--gpu", help="a GPU type from the catalog")
         gpu.add_argument("--gpu-gib", type=float, help="an ad-hoc GPU with this many GiB usable")
+        parser.add_argument("--purpose", choices=list(PURPOSES), default="inference", help="; ".join(
+            f"{k}: {v}" for k, v in PURPOSES.items()))  # fmt: skip
+        parser.add_argument("--lora-rank", type=int, default=16)
+        parser.add_argument("--optimizer", choices=list(OPTIMIZER_STATES), default="adamw")
+        parser.add_argument("--checkpointing", choices=["on", "off"], default="on", help="gradient checkpointing")
+        parser.add_argument("--mixed-precision", action="store_true", help="full fine-tuning with fp32 master weights")
         parser.add_argument("--json", action="store_true")
 
     def handle(self, *args: Any, **o: Any) -> None:
         request, usable, per_node = self._request(o)
+        purpose = PurposeRequest(
+            request, o["purpose"], lora_rank=o["lora_rank"], optimizer=o["optimizer"],
+            gradient_checkpointing=o["checkpointing"] == "on", mixed_precision=o["mixed_precision"],
+        )  # fmt: skip
+
+        def sized(r: Request) -> Estimate:
+            return estimate_purpose(replace(purpose, serving=r))
+
         try:
-            est = estimate(request)
+            est = sized(request)
         except EstimateError as exc:
             raise CommandError(str(exc)) from None
         result: dict[str, Any] = {
@@ -72,11 +87,12 @@ class Command(BaseCommand):
             "total_gib": round(est.total_gib, 3),
             "per_gpu_gib": [round(g, 3) for g in est.per_gpu_gib],
             "host_gib": round(est.host_gib, 3),
+            **{label.replace(" ", "_") + "_gib": round(gib, 3) for label, gib in est.extra_gib},
             "notes": est.notes,
         }
         if usable is not None:
             verdict = fit(est, usable)
-            layout = smallest_layout(request, usable, per_node, max_nodes=64)
+            layout = smallest_layout(request, usable, per_node, max_nodes=64, estimator=sized)
             result.update(
                 usable_gib=round(usable, 3),
                 fits=verdict.fits,
@@ -144,7 +160,9 @@ class Command(BaseCommand):
         return replace(request, gpus_per_node=min(gpus, per_node), nodes=nodes), usable, per_node
 
     def _table(self, r: dict[str, Any]) -> None:
-        for key in ("weights_gib", "kv_cache_gib", "compute_gib", "overhead_gib", "total_gib"):
+        parts = [k for k in r if k.endswith("_gib") and k not in ("total_gib", "host_gib", "per_gpu_gib", "usable_gib")]
+        parts = [k for k in parts if k != "headroom_gib"]
+        for key in [*parts, "total_gib"]:  # the serving parts, then a purpose's (gradients, optimizer states, ...)
             self.stdout.write(f"{key.removesuffix('_gib').replace('_', ' '):>12}: {r[key]:8.2f} GiB")
         self.stdout.write(f"{'per GPU':>12}: " + ", ".join(f"{g:.2f}" for g in r["per_gpu_gib"]) + " GiB")
         if r["host_gib"]:
