@@ -3,9 +3,10 @@ smallest layout that fits each node group, its per-GPU use and headroom."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
-from catalog.estimate import EstimateError, Layout, Request, estimate, fit, smallest_layout
+from catalog.estimate import Estimate, EstimateError, Layout, Request, estimate, fit, smallest_layout
 from catalog.models import ClusterRuntime, ModelVariant, NodeGroup, VariantLocation
 from catalog.runtime_rules import rules_for
 
@@ -47,23 +48,34 @@ def request_for(
     )
 
 
-def plans(request: Request, variant: ModelVariant | None = None, available_only: bool = True) -> list[Option]:
+def plans(
+    request: Request,
+    variant: ModelVariant | None = None,
+    available_only: bool = True,
+    estimator: Callable[[Request], Estimate] | None = None,
+) -> list[Option]:
     """One option per node group: its smallest fitting layout, or its largest layout marked as not fitting.
 
     With a variant and available_only, only clusters that hold the variant and offer the runtime count. Order:
-    fitting options first, fewest GPUs, then most headroom."""
-    estimate(request)  # raise EstimateError for an impossible request before looking at any GPU
+    fitting options first, fewest GPUs, then most headroom. `estimator` sizes a purpose other than serving
+    (catalog/training.py); such a plan needs the model's files on the cluster, not the runtime installed there."""
+    sized = estimator or estimate
+    sized(request)  # raise EstimateError for an impossible request before looking at any GPU
     groups = NodeGroup.objects.select_related("partition__cluster", "gpu_type")
     if variant is not None and available_only:
-        clusters = set(VariantLocation.objects.filter(variant=variant).values_list("cluster_id", flat=True))
-        offering = ClusterRuntime.objects.filter(runtime__kind=request.runtime)
-        clusters &= set(offering.values_list("cluster_id", flat=True))
+        located = VariantLocation.objects.filter(variant=variant)
+        if estimator is not None:  # a plan needs the model's files there, in whichever variant
+            located = VariantLocation.objects.filter(variant__model=variant.model)
+        clusters = set(located.values_list("cluster_id", flat=True))
+        if estimator is None:
+            offering = ClusterRuntime.objects.filter(runtime__kind=request.runtime)
+            clusters &= set(offering.values_list("cluster_id", flat=True))
         groups = groups.filter(partition__cluster_id__in=clusters)
     options: list[Option] = []
     for group in groups:
         usable = group.gpu_type.usable_gib
         try:
-            layout = smallest_layout(request, usable, group.gpus_per_node, group.node_count)
+            layout = smallest_layout(request, usable, group.gpus_per_node, group.node_count, estimator=estimator)
         except EstimateError:
             continue
         if layout is not None:
@@ -73,7 +85,7 @@ def plans(request: Request, variant: ModelVariant | None = None, available_only:
             continue
         nodes = group.node_count if rules_for(request.runtime).multi_node else 1
         try:
-            est = estimate(replace(request, gpus_per_node=group.gpus_per_node, nodes=nodes))
+            est = sized(replace(request, gpus_per_node=group.gpus_per_node, nodes=nodes))
         except EstimateError:
             continue
         options.append(Option(group.gpus_per_node, nodes, est, fit(est, usable), group, request.runtime))

@@ -5,8 +5,8 @@ so the wizard accepts exactly what a launch accepts. Views render it; nothing he
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from django import forms
@@ -16,15 +16,23 @@ from django.db.models import Q, QuerySet
 from django.template.defaultfilters import floatformat
 
 from catalog import runtime_rules
-from catalog.estimate import Estimate, EstimateError, estimate, fit
+from catalog.confidence import confidence
+from catalog.estimate import Estimate, EstimateError, Request, estimate, fit
 from catalog.models import Cluster, ClusterAccount, GPUType, ModelCard, ModelVariant
-from catalog.plans import plans, request_for
+from catalog.plans import Option, plans, request_for
+from catalog.training import PURPOSES, TRAINING, PurposeRequest, estimate_purpose
 from jobs.batch import history
 from jobs.cluster.capacity import QueueView, queue_views
+from jobs.models import Purpose
 from jobs.sessions.forms import ChoicesForm, LaunchForm, available_runtimes
 
 # The model list's filters: wizard-only, not part of a launch.
 FILTERS = ("q", "tag", "license", "max_params_b")
+# Purposes the wizard plans but does not launch (catalog/training.py): the estimate, the bar and where it fits.
+PLANS = {name: label for name, label in PURPOSES.items() if name != "inference"}
+PURPOSE_CHOICES = [*Purpose.choices, *((name, f"{label} — plan only") for name, label in PLANS.items())]
+# A plan's runtime: fine-tuning runs on PyTorch; RAG serves the chat model with the runtime chosen.
+TRAINING_RUNTIME = "transformers"
 
 
 @dataclass(frozen=True)
@@ -70,6 +78,8 @@ class WizardState:
     fitting: list[OptionRow] = field(default_factory=list)
     not_fitting: list[OptionRow] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
+    plan: str = ""  # a purpose the wizard sizes but does not launch (PLANS), or ""
+    confidence: str = ""  # how sure the estimate is: the nearest published measurements and the error on them
 
     @property
     def ready(self) -> bool:
@@ -96,19 +106,26 @@ def build(user: User, params: Mapping[str, Any], errors: list[str] | None = None
     and the options for the choices it accepts (a field it refuses falls back to its default and says why)."""
     data = {name: params.get(name) for name in params if name not in FILTERS}
     filters = {name: str(params.get(name) or "") for name in FILTERS}
+    # A plan's choices are checked as a chat session's (the model, quantisation, context), then sized as the plan.
+    plan = str(data.get("purpose") or "")
+    plan = plan if plan in PLANS else ""
+    if plan:
+        data["purpose"] = Purpose.CHAT
     all_cards = list(ModelCard.objects.all())
     cards = list(_cards(filters))
     card = next((c for c in all_cards if c.name == data.get("model")), None)
     state = WizardState(
-        form=ChoicesForm(data if card else None, user=user),
+        form=ChoicesForm(data if card else None, user=user, initial={"purpose": plan} if plan else None),
         filters=filters,
         cards=cards,
         tags=sorted({t for c in all_cards for t in c.tag_list}),
         licenses=sorted({c.license for c in all_cards if c.license}),
         card=card,
         errors=list(errors or []),
+        plan=plan,
     )
     _offer_models(state.form, cards, card)
+    _offer_purposes(state.form, plan)
     if card is None:
         return state
     variants = list(card.variants.order_by("size_gib"))
@@ -122,6 +139,7 @@ def build(user: User, params: Mapping[str, Any], errors: list[str] | None = None
     state.form = ChoicesForm(data, user=user)
     _offer_models(state.form, cards, card)
     _offer_variants(state.form, card, variants, runtimes)
+    _offer_purposes(state.form, plan)
     if not state.form.is_valid():
         # The page shows each error beside its field; the estimate goes on with that field's default.
         fallback = ChoicesForm({k: v for k, v in data.items() if k not in state.form.errors}, user=user)
@@ -141,6 +159,15 @@ def _offer_models(form: ChoicesForm, cards: list[ModelCard], chosen: ModelCard |
     form.fields["model"].widget = forms.Select(choices=choices, attrs={"required": True})
 
 
+def _offer_purposes(form: ChoicesForm, plan: str) -> None:
+    """The session purposes and the plans. The form checks a plan's choices as a chat's; once it has, the plan is
+    put back so that the menu shows it chosen."""
+    form.fields["purpose"].widget = forms.Select(choices=PURPOSE_CHOICES)
+    if plan and form.is_bound:
+        form.is_valid()  # checked (and cached) with the chat purpose first
+        form.data = {**form.data, "purpose": plan}
+
+
 def _offer_variants(form: ChoicesForm, card: ModelCard, variants: list[ModelVariant], runtimes: list[str]) -> None:
     form.fields["quant"].widget = forms.Select(
         choices=[
@@ -158,12 +185,21 @@ def _estimate_and_options(state: WizardState, user: User) -> None:
     values, variant = state.values, state.variant
     assert variant is not None
     request = request_for(variant, values["runtime"], values["context"], parallel=values["parallel"])
+    sized = None
+    if state.plan:
+        request, sized = _plan_request(state.plan, request)
     try:
-        state.estimate = estimate(request)
+        state.estimate = (sized or estimate)(request)
     except EstimateError as exc:
         state.errors.append(str(exc))
         return
     _draw(state)
+    if state.plan in TRAINING:
+        state.confidence = (
+            "fine-tuning is sized from first principles; docs/estimator.md compares it with published runs"
+        )
+    else:
+        state.confidence = confidence(request).summary()
     usable: dict[int, list[ClusterAccount]] = {}
 
     def accounts_on(cluster: Cluster) -> list[ClusterAccount]:
@@ -174,7 +210,7 @@ def _estimate_and_options(state: WizardState, user: User) -> None:
     def account_for(cluster: Cluster) -> ClusterAccount | None:
         return next(iter(accounts_on(cluster)), None)
 
-    options = plans(request, variant)
+    options = plans(request, variant, estimator=sized)
     views = queue_views(
         options,
         values["walltime"],
@@ -188,7 +224,9 @@ def _estimate_and_options(state: WizardState, user: User) -> None:
     for view in views:
         partition = view.option.node_group.partition
         accounts = accounts_on(partition.cluster)
-        if view.option.fit.fits:
+        if view.option.fit.fits and state.plan:
+            state.fitting.append(OptionRow(view, selectable=False, why_not=_plan_note(state, view.option)))
+        elif view.option.fit.fits:
             # The launch's own limits, shown where they apply rather than after a refused Launch.
             too_long = values["walltime"] > partition.max_walltime_min
             why_not = f"{partition.name} allows at most {partition.max_walltime_min} minutes" if too_long else ""
@@ -204,6 +242,28 @@ def _estimate_and_options(state: WizardState, user: User) -> None:
             state.fitting.append(row)
         else:
             state.not_fitting.append(OptionRow(view, selectable=False, why_not=_why_not(view, state)))
+
+
+def _plan_request(plan: str, request: Request) -> tuple[Request, Callable[[Request], Estimate]]:
+    """A plan's request and estimator: fine-tuning from the model's bf16 weights on PyTorch (QLoRA quantises them on
+    load), with the context as the sequence length and a micro-batch of one; RAG as chosen."""
+    if plan in TRAINING:
+        request = replace(request, quant="bf16", runtime=TRAINING_RUNTIME, parallel=1, file_size_gib=None)
+
+    def sized(r: Request) -> Estimate:
+        return estimate_purpose(PurposeRequest(r, plan))
+
+    return request, sized
+
+
+def _plan_note(state: WizardState, option: Option) -> str:
+    """Where a plan fits, with the Slurm resources to ask for in one's own job: nothing to launch from here."""
+    group = option.node_group
+    ask = f"--partition={group.partition.name} --nodes={option.nodes} --gres=gpu:{group.gpu_type.gres_type}:"
+    ask += str(option.gpus_per_node)
+    if state.plan in TRAINING:
+        return f"A plan: fine-tuning runs as your own Slurm job (sbatch {ask})."
+    return f"A plan: launch the chat model and an embeddings session, or one job holding both (sbatch {ask})."
 
 
 def _launch_form(view: QueueView, choices: dict[str, Any], accounts: list[ClusterAccount], user: User) -> LaunchForm:
@@ -241,7 +301,9 @@ def _draw(state: WizardState) -> None:
         ("KV cache", est.kv_cache_gib, "seg-kv"),
         ("compute", est.compute_gib, "seg-compute"),
         ("overhead", est.overhead_gib, "seg-overhead"),
+        *((label, gib, "seg-purpose") for label, gib in est.extra_gib),  # a plan's own parts
     ]
+    parts = [part for part in parts if part[1] > 0]
     offset = 0.0
     for label, gib, css in parts:
         state.segments.append(Segment(label, gib, 100 * gib / scale, css, offset))

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import csv
-import re
 from typing import Any
 
 import pytest
@@ -11,10 +9,10 @@ import yaml
 from hypothesis import given
 from hypothesis import strategies as st
 
+from catalog import confidence
 from catalog.architecture import Architecture
 from catalog.estimate import (
     GIB,
-    Estimate,
     EstimateError,
     Request,
     estimate,
@@ -25,80 +23,37 @@ from catalog.estimate import (
 )
 from tests.conftest import EXAMPLE_CATALOG, REPO
 
-REFERENCES = [REPO.parent / "shared" / "reference" / name for name in ("vram-public.csv", "vram-public-more.csv")]
+SHARED = REPO.parent / "shared" / "reference"
 
 
 def reference_rows() -> list[dict[str, str]]:
-    rows: list[dict[str, str]] = []
-    for path in REFERENCES:
-        lines = [line for line in path.read_text().splitlines() if line and not line.startswith("#")]
-        rows += csv.DictReader(lines)
-    return rows
-
-
-def arch_of(row: dict[str, str]) -> Architecture:
-    return Architecture(
-        float(row["params_b"]), int(row["layers"]), int(row["hidden"]), int(row["heads"]),
-        int(row["kv_heads"]), int(row["head_dim"]), int(row["vocab"]),
-        ffn_size=int(row["ffn"]) if row.get("ffn") else None,
-    )  # fmt: skip
-
-
-def _leading_int(text: str) -> int | None:
-    match = re.match(r"\s*(\d+)", text)
-    return int(match[1]) if match else None
-
-
-def _flash(text: str) -> bool | None:
-    """yes/on/"likely on" (the runtime's default backend, stated), no/off; unknown leaves the runtime's default."""
-    folded = text.strip().casefold()
-    if folded == "yes" or folded.startswith(("on", "likely on")):
-        return True
-    if folded == "no" or folded.startswith("off"):
-        return False
-    return None
-
-
-def request_of(row: dict[str, str]) -> Request:
-    """The measurement's setup as its row states it: the columns, plus what the source quotes of the benchmark's
-    prompt length ("prefill 2048", "input 30720", an AutoAWQ table's prefill column) and vLLM's profiled batch."""
-    batched = re.search(r"max_num_batched_tokens \((\d+)", row["parallel"])
-    prompt = re.search(r"(?:prefill|input) (\d+)|(\d+)-token prompt|GEMM \| \d+ \| (\d+) \|", row["source"])
-    return Request(
-        arch=arch_of(row),
-        quant=row["quant"],
-        runtime=row["runtime"],
-        context=max(int(row["context"]), 1),
-        parallel=_leading_int(row["parallel"]) or 1,
-        flash_attn=_flash(row["flash_attn"]),
-        gpus_per_node=_leading_int(row["gpus"]) or 1,
-        batch_tokens=int(batched[1]) if batched else None,
-        prompt_tokens=int(next(g for g in prompt.groups() if g)) if prompt else None,
-    )
-
-
-def figure_of(row: dict[str, str], est: Estimate) -> float:
-    """The part the row measured: nvidia-smi sees every GPU's whole process, a runtime's own sum leaves out the CUDA
-    context; weights, KV cache and compute buffers are sums over the GPUs, except vLLM's tensor-parallel rows, which
-    are per GPU."""
-    figure = {
-        "total_nvidia_smi": est.gpu_total_gib,
-        "total_runtime": est.gpu_total_gib - est.context_gib * len(est.per_gpu_gib),
-        "weights": est.weights_gib,
-        "kv": est.kv_cache_gib,
-        "compute": est.compute_gib,
-    }[row["what"]]
-    return figure / len(est.per_gpu_gib) if row["runtime"] == "vllm" else figure
+    return confidence.reference_rows(SHARED)
 
 
 @pytest.mark.parametrize("row", reference_rows(), ids=lambda r: r["id"])
 def test_every_published_figure_is_matched_within_ten_percent(row: dict[str, str]) -> None:
-    assert figure_of(row, estimate(request_of(row))) == pytest.approx(float(row["gib"]), rel=0.10)
+    figure = confidence.figure_of(row, estimate(confidence.request_of(row)))
+    assert figure == pytest.approx(float(row["gib"]), rel=0.10)
 
 
-def test_both_reference_files_are_read() -> None:
+def test_both_reference_files_are_read_and_the_portals_copies_are_current() -> None:
     ids = {row["id"] for row in reference_rows()}
     assert {"p8", "LC03", "VL03", "TF03", "AW02", "QW05"} <= ids and len(ids) >= 20
+    for name in confidence.REFERENCE_FILES:  # what the wizard's confidence line reads
+        assert (confidence.REFERENCE_DIR / name).read_text() == (SHARED / name).read_text(), name
+
+
+def test_an_estimate_names_the_nearest_measurements_and_its_error_on_them() -> None:
+    arch = Architecture(8.03, 32, 4096, 32, 8, 128, 128256)
+    vllm = confidence.confidence(Request(arch, "bf16", "vllm", 8192))
+    assert [m.runtime for m in vllm.nearest] == ["vllm"] * 3 and "p2" in {m.id for m in vllm.nearest}
+    for m in vllm.nearest:
+        assert m.error == pytest.approx(m.estimated_gib / m.published_gib - 1) and abs(m.error) <= 0.10
+    assert vllm.summary().startswith(f"within {vllm.worst_error:.0%} of the 3 nearest")
+    awq = confidence.confidence(Request(arch, "AWQ", "transformers", 4096))
+    assert {m.quant for m in awq.nearest} == {"AWQ"}
+    llama = confidence.confidence(Request(arch, "Q4_K_M", "ollama", 8192))
+    assert all(m.runtime in ("llama.cpp", "ollama") for m in llama.nearest)
 
 
 def example() -> dict[str, Any]:

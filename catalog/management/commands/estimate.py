@@ -12,11 +12,12 @@ from django.core.management.base import BaseCommand, CommandError
 
 from catalog import architecture
 from catalog.architecture import Architecture
+from catalog.confidence import confidence
 from catalog.estimate import Estimate, EstimateError, Request, fit, smallest_layout
 from catalog.models import GPUType, ModelCard, ModelVariant
 from catalog.quant import canonical_quant
 from catalog.runtime_rules import RUNTIMES
-from catalog.training import OPTIMIZER_STATES, PURPOSES, PurposeRequest, estimate_purpose
+from catalog.training import OPTIMIZER_STATES, PURPOSES, TRAINING, PurposeRequest, estimate_purpose
 
 
 def _flag(field: str) -> str:
@@ -89,6 +90,7 @@ class Command(BaseCommand):
             "host_gib": round(est.host_gib, 3),
             **{label.replace(" ", "_") + "_gib": round(gib, 3) for label, gib in est.extra_gib},
             "notes": est.notes,
+            "confidence": confidence(request).summary() if o["purpose"] not in TRAINING else "",
         }
         if usable is not None:
             verdict = fit(est, usable)
@@ -178,3 +180,5 @@ class Command(BaseCommand):
                 self.stdout.write(f"{'smallest':>12}: no layout of this GPU fits")
         for note in r["notes"]:
             self.stdout.write(f"{'':>12}  {note}")
+        if r["confidence"]:
+            self.stdout.write(f"{'how sure':>12}: {r['confidence']}")

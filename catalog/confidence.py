@@ -1,0 +1,172 @@
+"""How sure an estimate is: the published measurements nearest to a request, and how far the estimator is from each.
+
+The measurements are the reference rows the estimator is checked against (catalog/reference/*.csv, copies of
+../shared/reference kept identical by a test), read as data: each row's setup (the columns, plus what its source
+quotes of the benchmark's prompt and vLLM's batched tokens) becomes an estimator request, and the estimator's figure
+for the part the row measured is compared with the published one. Plain Python, no Django.
+"""
+
+from __future__ import annotations
+
+import csv
+import functools
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from catalog.architecture import Architecture
+from catalog.estimate import Estimate, EstimateError, Request, estimate
+from catalog.quant import QUANTS, canonical_quant
+
+REFERENCE_DIR = Path(__file__).resolve().parent / "reference"
+REFERENCE_FILES = ("vram-public.csv", "vram-public-more.csv")
+# Runtimes that share an engine compare with each other's measurements.
+ENGINE = {"llama.cpp": "llama.cpp", "ollama": "llama.cpp", "vllm": "vllm", "transformers": "transformers"}
+
+
+@dataclass(frozen=True)
+class Measurement:
+    id: str
+    model: str
+    runtime: str
+    quant: str
+    context: int
+    what: str
+    published_gib: float
+    estimated_gib: float
+    source: str
+    request: Request
+
+    @property
+    def error(self) -> float:
+        """Relative: +0.05 means the estimator says 5 % more than was measured."""
+        return self.estimated_gib / self.published_gib - 1
+
+
+@dataclass(frozen=True)
+class Confidence:
+    nearest: tuple[Measurement, ...]
+
+    @property
+    def worst_error(self) -> float:
+        return max((abs(m.error) for m in self.nearest), default=math.inf)
+
+    def summary(self) -> str:
+        if not self.nearest:
+            return "no published measurement is near this request"
+        rows = "; ".join(f"{m.id} {m.model.split(' (')[0]}, {m.runtime} {m.quant}, {m.what}: {m.error:+.0%}"
+                         for m in self.nearest)  # fmt: skip
+        return f"within {self.worst_error:.0%} of the {len(self.nearest)} nearest published measurements ({rows})"
+
+
+def _leading_int(text: str) -> int | None:
+    match = re.match(r"\s*(\d+)", text)
+    return int(match[1]) if match else None
+
+
+def _flash(text: str) -> bool | None:
+    """yes/on/"likely on" (the runtime's default backend, stated), no/off; unknown leaves the runtime's default."""
+    folded = text.strip().casefold()
+    if folded == "yes" or folded.startswith(("on", "likely on")):
+        return True
+    if folded == "no" or folded.startswith("off"):
+        return False
+    return None
+
+
+def request_of(row: dict[str, str]) -> Request:
+    """The measurement's setup as its row states it: the columns, plus what the source quotes of the benchmark's
+    prompt length ("prefill 2048", "input 30720", an AutoAWQ table's prefill column) and vLLM's profiled batch."""
+    arch = Architecture(
+        float(row["params_b"]), int(row["layers"]), int(row["hidden"]), int(row["heads"]),
+        int(row["kv_heads"]), int(row["head_dim"]), int(row["vocab"]),
+        ffn_size=int(row["ffn"]) if row.get("ffn") else None,
+    )  # fmt: skip
+    batched = re.search(r"max_num_batched_tokens \((\d+)", row["parallel"])
+    prompt = re.search(r"(?:prefill|input) (\d+)|(\d+)-token prompt|GEMM \| \d+ \| (\d+) \|", row["source"])
+    return Request(
+        arch=arch,
+        quant=row["quant"],
+        runtime=row["runtime"],
+        context=max(int(row["context"]), 1),
+        parallel=_leading_int(row["parallel"]) or 1,
+        flash_attn=_flash(row["flash_attn"]),
+        gpus_per_node=_leading_int(row["gpus"]) or 1,
+        batch_tokens=int(batched[1]) if batched else None,
+        prompt_tokens=int(next(g for g in prompt.groups() if g)) if prompt else None,
+    )
+
+
+def figure_of(row: dict[str, str], est: Estimate) -> float:
+    """The part the row measured: nvidia-smi sees every GPU's whole process, a runtime's own sum leaves out the CUDA
+    context; weights, KV cache and compute buffers are sums over the GPUs, except vLLM's tensor-parallel rows, which
+    are per GPU."""
+    figure = {
+        "total_nvidia_smi": est.gpu_total_gib,
+        "total_runtime": est.gpu_total_gib - est.context_gib * len(est.per_gpu_gib),
+        "weights": est.weights_gib,
+        "kv": est.kv_cache_gib,
+        "compute": est.compute_gib,
+    }[row["what"]]
+    return figure / len(est.per_gpu_gib) if row["runtime"] == "vllm" else figure
+
+
+def reference_rows(directory: Path = REFERENCE_DIR) -> list[dict[str, str]]:
+    rows: list[dict[str, str]] = []
+    for name in REFERENCE_FILES:
+        lines = [line for line in (directory / name).read_text().splitlines() if line and not line.startswith("#")]
+        rows += csv.DictReader(lines)
+    return rows
+
+
+@functools.cache
+def measurements() -> tuple[Measurement, ...]:
+    """Every reference row with the estimator's figure for it (computed once per process)."""
+    found = []
+    for row in reference_rows():
+        request = request_of(row)
+        found.append(
+            Measurement(
+                id=row["id"],
+                model=row["model"],
+                runtime=row["runtime"],
+                quant=row["quant"],
+                context=request.context,
+                what=row["what"],
+                published_gib=float(row["gib"]),
+                estimated_gib=figure_of(row, estimate(request)),
+                source=row["source"],
+                request=request,
+            )
+        )
+    return tuple(found)
+
+
+def _quant_family(name: str) -> str:
+    try:
+        quant = QUANTS[canonical_quant(name)]
+    except KeyError:
+        return name
+    if "gguf" in quant.formats and "safetensors" not in quant.formats:
+        return "gguf"
+    return "16-bit" if quant.bits_per_weight >= 16 else canonical_quant(name).split("-")[0]
+
+
+def distance(request: Request, m: Measurement) -> float:
+    """How unlike two setups are: another engine counts most, then another kind of quantisation, then the size of
+    the model and the context (each a factor of e counts 1)."""
+    engine = 0.0 if ENGINE.get(request.runtime) == ENGINE.get(m.runtime) else 4.0
+    quant = 0.0 if _quant_family(request.quant) == _quant_family(m.quant) else 1.5
+    size = abs(math.log(request.arch.params_b / m.request.arch.params_b))
+    context = abs(math.log(request.context / m.context)) / 2
+    return engine + quant + size + context
+
+
+def confidence(request: Request, count: int = 3) -> Confidence:
+    """The `count` measurements nearest to the request, and the estimator's error on each."""
+    try:
+        known = measurements()
+    except (OSError, EstimateError, KeyError, ValueError):  # a damaged copy of the data: say nothing rather than fail
+        return Confidence(())
+    return Confidence(tuple(sorted(known, key=lambda m: (distance(request, m), m.id))[:count]))
