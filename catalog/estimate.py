@@ -191,7 +191,7 @@ def window_cells(runtime: str, arch: Architecture, cells: int, parallel: int, ub
     micro-batch, padded (src/llama-kv-cache-iswa.cpp: size_swa = GGML_PAD(n_swa * n_seq + n_ubatch, 256)); vLLM and
     transformers keep the window per request."""
     window = arch.sliding_window or 0
-    if not window:
+    if not window or not arch.sliding_window_layers:  # no window, or not known which layers use it: full cache
         return cells
     if runtime in ("llama.cpp", "ollama"):
         return min(cells, math.ceil((window * parallel + ubatch) / LLAMA_CPP_CTX_PAD) * LLAMA_CPP_CTX_PAD)

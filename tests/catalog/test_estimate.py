@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -176,3 +177,55 @@ def test_the_estimator_imports_without_django() -> None:
     code = "import sys, catalog.estimate; assert not [m for m in sys.modules if m.startswith('django')]"
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, env={"PATH": "/usr/bin:/bin"}, capture_output=True)
     assert result.returncode == 0, result.stderr.decode()
+
+
+MIXTRAL = Architecture(46.7, 32, 4096, 32, 8, 128, 32000, 32768, ffn_size=14336, experts=8, experts_used=2)
+
+
+def test_a_mixture_of_experts_loads_every_expert_and_computes_with_the_used_ones() -> None:
+    moe = estimate(Request(MIXTRAL, "Q4_K_M", "llama.cpp", 4096))
+    dense_shape = replace(MIXTRAL, experts=None, experts_used=None)
+    dense = estimate(Request(dense_shape, "Q4_K_M", "llama.cpp", 4096))
+    assert moe.weights_gib == pytest.approx(dense.weights_gib)  # all 8 experts' weights are in memory
+    # The compute buffer holds each token's 2 experts' FFN activations (2 x 14336) and the router's 8 logits.
+    extra = 512 * (2 * 2 * 14336 - 2 * 14336 + 8) * 4 / GIB
+    assert moe.compute_gib - dense.compute_gib == pytest.approx(extra)
+    assert any("mixture of 8 experts, 2 per token" in note for note in moe.notes)
+    with pytest.raises(EstimateError, match="experts used"):
+        estimate(Request(replace(MIXTRAL, experts_used=9), "Q4_K_M", "llama.cpp", 4096))
+
+
+def test_sliding_window_layers_keep_only_the_window() -> None:
+    gemma = Architecture(27.0, 62, 5376, 32, 16, 128, 262144, 131072, sliding_window=1024, sliding_window_layers=52)
+    full = replace(gemma, sliding_window_layers=None)
+    windowed = estimate(Request(gemma, "Q4_K_M", "llama.cpp", 32768))
+    assert windowed.kv_cache_gib == pytest.approx(
+        (10 * 32768 + 52 * 1536) * 16 * 128 * 2 * 2 / GIB  # 1024 + a 512-token micro-batch, padded to 256
+    )
+    unknown = estimate(Request(full, "Q4_K_M", "llama.cpp", 32768))  # which layers use the window is not known
+    assert unknown.kv_cache_gib == pytest.approx(62 * 32768 * 16 * 128 * 2 * 2 / GIB)
+    assert unknown.kv_cache_gib > 4 * windowed.kv_cache_gib
+    assert not any("sliding-window" in note for note in unknown.notes)
+    vllm = estimate(Request(replace(gemma, max_context=None), "bf16", "vllm", 32768, parallel=2))
+    assert vllm.kv_cache_gib == pytest.approx((10 * 32768 * 2 + 52 * 1024 * 2) * 16 * 128 * 4 / GIB)
+
+
+def test_quantised_checkpoints_keep_embeddings_and_head_in_16_bit() -> None:
+    llama = Architecture(8.03, 32, 4096, 32, 8, 128, 128256)
+    table = 128256 * 4096
+    awq = estimate(Request(llama, "AWQ", "vllm", 4096)).weights_gib * GIB
+    assert awq == pytest.approx((8.03e9 - 2 * table) * (4 + 20 / 128) / 8 + 2 * table * 2)
+    assert awq > 8.03e9 * 4.16 / 8 * 1.2  # the tables are more than a fifth on top of "every weight at 4 bits"
+    tied = estimate(Request(replace(llama, tied_embeddings=True), "AWQ", "vllm", 4096)).weights_gib * GIB
+    assert tied == pytest.approx((8.03e9 - table) * (4 + 20 / 128) / 8 + table * 2)
+    g32 = estimate(Request(llama, "AWQ-G32", "vllm", 4096)).weights_gib * GIB
+    assert g32 - awq == pytest.approx((8.03e9 - 2 * table) * (20 / 32 - 20 / 128) / 8)
+    assert estimate(Request(llama, "bnb-4bit", "transformers", 64)).notes  # the default config's name: fp4
+
+
+def test_a_gguf_keeps_its_token_embedding_in_ram_and_a_tied_one_twice() -> None:
+    small = Architecture(1.24, 16, 2048, 32, 8, 64, 128256, tied_embeddings=True)
+    est = estimate(Request(small, "Q4_K_M", "llama.cpp", 4096))
+    table = 128256 * 2048 * 6.5625 / 8 / GIB  # tied: the table takes the output head's Q6_K
+    assert est.host_gib == pytest.approx(table)
+    assert est.weights_gib - est.host_gib == pytest.approx((1.24e9 - 128256 * 2048) * 4.8 / 8 / GIB + table)
