@@ -16,11 +16,11 @@ gradients and optimizer states evenly; LoRA and QLoRA with device_map split laye
 - gradients: one per trainable parameter, in the trainable's dtype (bf16 for pure-bf16 full fine-tuning).
 - optimizer: AdamW keeps two fp32 moments (8 bytes per trainable parameter); 8-bit AdamW (bitsandbytes) two 8-bit
   moments with block scales (about 2 bytes); SGD with momentum one (4 bytes).
-- activations saved for the backward pass, per token per layer in bf16: the norms' inputs and outputs, Q, K, V and
-  the attention output, the MLP's gate, up, activation and product (the per-layer accounting of Korthikanti et al.
-  2022, "Reducing Activation Recomputation", for SwiGLU and flash attention: 2 x (4h + 2(h_q + h_kv) + 4 ffn)
-  bytes); with gradient checkpointing only each layer's input is kept and one layer's set is recomputed at a time;
-  plus the logits of every position in bf16, their float32 upcast and its gradient for the loss (10 bytes each).
+- activations saved for the backward pass, per token per layer in bf16 (the per-layer accounting of Korthikanti et
+  al. 2022, "Reducing Activation Recomputation", redone for RMSNorm in float32, RoPE, flash attention and SwiGLU,
+  and for which linear inputs each method keeps: activation_bytes_per_token); with gradient checkpointing only each
+  layer's input is kept and one layer's set is recomputed at a time; plus the logits of every position in bf16,
+  their float32 upcast and its gradient for the loss (10 bytes each).
 - optimizer states follow the trainable parameters' dtype (torch.optim.AdamW allocates zeros_like(param)): fp32 in
   mixed precision and for PEFT's adapters, bf16 in pure-bf16 full fine-tuning (LLaMA-Factory's pure_bf16, torchtune's
   default), which is what brings full fine-tuning to 3-5x the memory of 16-bit inference.
@@ -60,6 +60,10 @@ Optimizer = Literal["adamw", "adamw-8bit", "sgd"]
 OPTIMIZER_STATES = {"adamw": 2, "adamw-8bit": 2, "sgd": 1}
 EIGHT_BIT_STATE = 1 + 4 / 2048
 
+# Saved activations per token and layer, in bf16 elements (activation_bytes_per_token): two norms' bf16 inputs and
+# their float32 upcasts, which the mean square's backward keeps (2 x (1 + 2)); RoPE's and flash attention's copies of
+# Q and K (or V); the SwiGLU's gate, activation and up projection.
+NORMS, ROPE, ATTENTION, MLP = 6, 2, 2, 3
 # PEFT keeps adapter weights in fp32 whatever the base model's dtype.
 ADAPTER_BYTES = 4
 BF16, FP32 = 2, 4
@@ -90,9 +94,11 @@ class PurposeRequest:
     serving: Request
     purpose: str = "inference"
     lora_rank: int = 16
-    # q, k, v, o, gate, up, down: every linear layer (QLoRA's recipe); "attention" targets q, k, v, o only.
-    lora_targets: Literal["all", "attention"] = "all"
+    # q, k, v, o, gate, up, down: every linear layer (QLoRA's recipe); "attention" targets q, k, v, o only; "qv"
+    # the query and value projections only (the LoRA paper's choice, PEFT's default for Llama, litgpt's default).
+    lora_targets: Literal["all", "attention", "qv"] = "all"
     optimizer: Optimizer = "adamw"
+    double_quant: bool = True  # QLoRA: bitsandbytes' double quantisation of the absmax (the QLoRA paper's recipe)
     gradient_checkpointing: bool = True
     mixed_precision: bool = False  # full fine-tuning: fp32 master weights and states beside bf16 (False: pure bf16)
     rag_passages: int = RAG_PASSAGES
@@ -138,17 +144,35 @@ def _rag(req: PurposeRequest) -> Estimate:
 def adapter_params(arch: Architecture, rank: int, targets: str = "all") -> int:
     """LoRA's trainable parameters: rank x (inputs + outputs) of every targeted matrix of every layer."""
     h, q, kv = arch.hidden_size, arch.attention_heads * arch.head_dim, arch.kv_heads * arch.head_dim
+    if targets == "qv":
+        return rank * arch.layers * ((h + q) + (h + kv))
     attention = (h + q) + 2 * (h + kv) + (q + h)
     ffn = arch.ffn_size or int(3.5 * h)
     mlp = 3 * (h + ffn) * (arch.experts or 1) if targets == "all" else 0
     return rank * arch.layers * (attention + mlp)
 
 
-def activation_bytes_per_token(arch: Architecture) -> float:
-    """Saved for the backward pass, per token and layer, in bf16 (see the module's docstring)."""
+def activation_bytes_per_token(arch: Architecture, purpose: str = "full", targets: str = "all") -> float:
+    """Saved for the backward pass, per token and layer, in bf16 elements x 2 bytes (see the module's docstring).
+    Every method keeps what the norms, the attention and the SwiGLU need: the residual stream into both norms (2h)
+    and, since RMSNorm computes in float32 (transformers' LlamaRMSNorm), each norm's float32 upcast (4h more);
+    RoPE's inputs and rotated halves of Q and K (2 (h_q + h_kv)); flash attention's
+    Q, K, V and output (2 (h_q + h_kv)); the gate, its activation and the up projection (3 ffn). A linear layer's
+    input is kept only where its backward needs it: for the weight's gradient (full fine-tuning), for LoRA's A
+    matrix on a targeted layer, and always under bitsandbytes' 4-bit matmul, which saves its input whether or not
+    the weight is trained (MatMul4Bit's ctx.tensors): the normed input of each half (2h), the attention output
+    (h_q) and the product into down_proj (ffn). A token's experts each keep their own FFN activations."""
+    h = arch.hidden_size
     q, kv = arch.attention_heads * arch.head_dim, arch.kv_heads * arch.head_dim
-    ffn = (arch.ffn_size or int(3.5 * arch.hidden_size)) * (arch.experts_used or 1 if arch.experts else 1)
-    return BF16 * (4 * arch.hidden_size + 2 * (q + kv) + 4 * ffn)
+    ffn = (arch.ffn_size or int(3.5 * h)) * ((arch.experts_used or 1) if arch.experts else 1)
+    kept = NORMS * h + (ROPE + ATTENTION) * (q + kv) + MLP * ffn
+    if purpose in ("full", "qlora") or targets == "all":
+        inputs = 2 * h + q + ffn
+    elif targets == "attention":
+        inputs = h + q
+    else:  # q and v share the normed input
+        inputs = h
+    return BF16 * (kept + inputs)
 
 
 def _training(req: PurposeRequest) -> Estimate:
@@ -169,16 +193,17 @@ def _training(req: PurposeRequest) -> Estimate:
         grad_bytes = FP32 if req.mixed_precision else BF16
         base_note = "bf16 weights" + (" with fp32 master weights" if req.mixed_precision else " (pure bf16)")
     else:
-        quant = "BNB-NF4" if req.purpose == "qlora" else "bf16"
+        quant = ("BNB-NF4" if req.double_quant else "BNB-NF4-SQ") if req.purpose == "qlora" else "bf16"
         weights = weights_of(arch, quant).total
         trainable = adapter_params(arch, req.lora_rank, req.lora_targets)
         master = trainable * ADAPTER_BYTES
         grad_bytes = ADAPTER_BYTES
-        base_note = "4-bit NF4 base (double quantised), bf16 embeddings" if quant != "bf16" else "bf16 base model"
+        base_note = f"4-bit NF4 base ({'double' if req.double_quant else 'single'} quantised), bf16 embeddings"
+        base_note = base_note if quant != "bf16" else "bf16 base model"
     gradients = trainable * grad_bytes
     state = EIGHT_BIT_STATE if req.optimizer.endswith("8bit") else grad_bytes  # states in the trainables' dtype
     optimizer = trainable * OPTIMIZER_STATES[req.optimizer] * state
-    per_layer = activation_bytes_per_token(arch) * tokens
+    per_layer = activation_bytes_per_token(arch, req.purpose, req.lora_targets) * tokens
     if req.gradient_checkpointing:
         saved = arch.layers * tokens * arch.hidden_size * BF16 + per_layer  # layer inputs, one layer recomputed
     else:

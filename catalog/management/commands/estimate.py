@@ -61,6 +61,10 @@ class Command(BaseCommand):
         parser.add_argument("--purpose", choices=list(PURPOSES), default="inference", help="; ".join(
             f"{k}: {v}" for k, v in PURPOSES.items()))  # fmt: skip
         parser.add_argument("--lora-rank", type=int, default=16)
+        parser.add_argument("--lora-targets", choices=["all", "attention", "qv"], default="all")
+        parser.add_argument(
+            "--double-quant", choices=["on", "off"], default="on", help="QLoRA's nf4 double quantisation"
+        )
         parser.add_argument("--optimizer", choices=list(OPTIMIZER_STATES), default="adamw")
         parser.add_argument("--checkpointing", choices=["on", "off"], default="on", help="gradient checkpointing")
         parser.add_argument("--mixed-precision", action="store_true", help="full fine-tuning with fp32 master weights")
@@ -69,7 +73,8 @@ class Command(BaseCommand):
     def handle(self, *args: Any, **o: Any) -> None:
         request, usable, per_node = self._request(o)
         purpose = PurposeRequest(
-            request, o["purpose"], lora_rank=o["lora_rank"], optimizer=o["optimizer"],
+            request, o["purpose"], lora_rank=o["lora_rank"], lora_targets=o["lora_targets"], optimizer=o["optimizer"],
+            double_quant=o["double_quant"] == "on",
             gradient_checkpointing=o["checkpointing"] == "on", mixed_precision=o["mixed_precision"],
         )  # fmt: skip
 
