@@ -79,7 +79,9 @@ QUANTS: dict[str, Quant] = {
         _grouped("GPTQ-INT4", 4, 32),
         _grouped("GPTQ-INT4", 4, -1),
         _grouped("GPTQ-INT8", 8, 128),
+        _grouped("GPTQ-INT8", 8, 64),
         _grouped("GPTQ-INT8", 8, 32),
+        _grouped("GPTQ-INT8", 8, -1),
         Quant("BNB-NF4", 4.0 + BNB_DOUBLE_QUANT, _HF, dequant_bits=16.0),  # QLoRA's recipe: nf4, double quantised
         Quant("BNB-NF4-SQ", 4.0 + BNB_ABSMAX, _HF, dequant_bits=16.0),  # nf4, single quantisation
         Quant("BNB-FP4", 4.0 + BNB_ABSMAX, _HF, dequant_bits=16.0),  # BitsAndBytesConfig(load_in_4bit=True) default
