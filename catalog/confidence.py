@@ -18,9 +18,12 @@ from pathlib import Path
 from catalog.architecture import Architecture
 from catalog.estimate import Estimate, EstimateError, Request, estimate
 from catalog.quant import QUANTS, canonical_quant
+from catalog.training import TRAINING, PurposeRequest, estimate_purpose
 
 REFERENCE_DIR = Path(__file__).resolve().parent / "reference"
 REFERENCE_FILES = ("vram-public.csv", "vram-public-more.csv")
+FINE_TUNING_FILE = "finetune-measurements.csv"  # collected for the portal (its header names the sources)
+UNITS = {"GB": 1e9, "GiB": 2**30}
 # Runtimes that share an engine compare with each other's measurements.
 ENGINE = {"llama.cpp": "llama.cpp", "ollama": "llama.cpp", "vllm": "vllm", "transformers": "transformers"}
 
@@ -37,6 +40,7 @@ class Measurement:
     estimated_gib: float
     source: str
     request: Request
+    label: str = ""  # how the confidence line names it; default: model, runtime and quantisation, part measured
 
     @property
     def error(self) -> float:
@@ -47,17 +51,21 @@ class Measurement:
 @dataclass(frozen=True)
 class Confidence:
     nearest: tuple[Measurement, ...]
+    kind: str = "published measurements"
 
     @property
     def worst_error(self) -> float:
         return max((abs(m.error) for m in self.nearest), default=math.inf)
 
+    @staticmethod
+    def _label(m: Measurement) -> str:
+        return f"{m.model.split(' (')[0]}, {m.runtime} {m.quant}, {m.what}"
+
     def summary(self) -> str:
         if not self.nearest:
             return "no published measurement is near this request"
-        rows = "; ".join(f"{m.id} {m.model.split(' (')[0]}, {m.runtime} {m.quant}, {m.what}: {m.error:+.0%}"
-                         for m in self.nearest)  # fmt: skip
-        return f"within {self.worst_error:.0%} of the {len(self.nearest)} nearest published measurements ({rows})"
+        rows = "; ".join(f"{m.id} {m.label or self._label(m)}: {m.error:+.0%}" for m in self.nearest)
+        return f"within {self.worst_error:.0%} of the {len(self.nearest)} nearest {self.kind} ({rows})"
 
 
 def _leading_int(text: str) -> int | None:
@@ -112,12 +120,39 @@ def figure_of(row: dict[str, str], est: Estimate) -> float:
     return figure / len(est.per_gpu_gib) if row["runtime"] == "vllm" else figure
 
 
+def _rows(path: Path) -> list[dict[str, str]]:
+    lines = [line for line in path.read_text().splitlines() if line and not line.startswith("#")]
+    return list(csv.DictReader(lines))
+
+
 def reference_rows(directory: Path = REFERENCE_DIR) -> list[dict[str, str]]:
-    rows: list[dict[str, str]] = []
-    for name in REFERENCE_FILES:
-        lines = [line for line in (directory / name).read_text().splitlines() if line and not line.startswith("#")]
-        rows += csv.DictReader(lines)
-    return rows
+    return [row for name in REFERENCE_FILES for row in _rows(directory / name)]
+
+
+def fine_tuning_rows() -> list[dict[str, str]]:
+    return _rows(REFERENCE_DIR / FINE_TUNING_FILE)
+
+
+def fine_tuning_request_of(row: dict[str, str]) -> PurposeRequest:
+    """A published fine-tuning run as the estimator's request: its model's shape, method, sequence, micro-batch,
+    LoRA rank and targets, double quantisation (when stated) and gradient checkpointing."""
+    arch = Architecture(
+        float(row["params_b"]), int(row["layers"]), int(row["hidden"]), int(row["heads"]),
+        int(row["kv_heads"]), int(row["head_dim"]), int(row["vocab"]), ffn_size=int(row["ffn"]),
+    )  # fmt: skip
+    serving = Request(arch, "bf16", "transformers", int(row["sequence"]), parallel=int(row["micro_batch"]))
+    settings: dict[str, object] = {"gradient_checkpointing": row["checkpointing"] == "on"}
+    if row["double_quant"]:
+        settings["double_quant"] = row["double_quant"] == "on"
+    return PurposeRequest(
+        serving, row["purpose"], lora_rank=int(row["lora_rank"]), lora_targets=row["targets"],  # type: ignore[arg-type]
+        **settings,  # type: ignore[arg-type]
+    )  # fmt: skip
+
+
+def fine_tuning_figure_of(row: dict[str, str], est: Estimate) -> float:
+    """PyTorch's peak as the row states it (no CUDA context), in the row's unit."""
+    return (est.gpu_total_gib - est.context_gib * len(est.per_gpu_gib)) * 2**30 / UNITS[row["unit"]]
 
 
 @functools.cache
@@ -140,6 +175,25 @@ def measurements() -> tuple[Measurement, ...]:
                 request=request,
             )
         )
+    return tuple(found)
+
+
+@functools.cache
+def fine_tuning_measurements() -> tuple[Measurement, ...]:
+    found = []
+    for row in fine_tuning_rows():
+        request = fine_tuning_request_of(row)
+        figure = fine_tuning_figure_of(row, estimate_purpose(request))
+        found.append(
+            Measurement(
+                id=row["id"], model=row["model"], runtime="transformers", quant=row["purpose"],
+                context=int(row["sequence"]) * int(row["micro_batch"]), what=row["purpose"],
+                published_gib=float(row["figure"]), estimated_gib=figure, source=row["source"],
+                request=request.serving,
+                label=f"{row['model']} {row['purpose']} r{row['lora_rank']}, {row['sequence']} tokens x "
+                      f"{row['micro_batch']}",
+            )
+        )  # fmt: skip
     return tuple(found)
 
 
@@ -170,3 +224,24 @@ def confidence(request: Request, count: int = 3) -> Confidence:
     except (OSError, EstimateError, KeyError, ValueError):  # a damaged copy of the data: say nothing rather than fail
         return Confidence(())
     return Confidence(tuple(sorted(known, key=lambda m: (distance(request, m), m.id))[:count]))
+
+
+def purpose_confidence(request: PurposeRequest, count: int = 3) -> Confidence:
+    """For fine-tuning, the nearest published runs (the same method first, then model size and tokens per step);
+    for serving and RAG, the serving measurements."""
+    if request.purpose not in TRAINING:
+        return confidence(request.serving, count)
+    try:
+        known = fine_tuning_measurements()
+    except (OSError, EstimateError, KeyError, ValueError):
+        return Confidence(())
+    serving = request.serving
+    tokens = serving.context * serving.parallel
+
+    def far(m: Measurement) -> float:
+        method = 0.0 if m.what == request.purpose else 2.0
+        return method + abs(math.log(serving.arch.params_b / m.request.arch.params_b)) + abs(
+            math.log(tokens / m.context)) / 2  # fmt: skip
+
+    nearest = tuple(sorted(known, key=lambda m: (far(m), m.id))[:count])
+    return Confidence(nearest, "published fine-tuning runs")

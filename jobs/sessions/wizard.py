@@ -16,7 +16,7 @@ from django.db.models import Q, QuerySet
 from django.template.defaultfilters import floatformat
 
 from catalog import runtime_rules
-from catalog.confidence import confidence
+from catalog.confidence import purpose_confidence
 from catalog.estimate import Estimate, EstimateError, Request, estimate, fit
 from catalog.models import Cluster, ClusterAccount, GPUType, ModelCard, ModelVariant
 from catalog.plans import Option, plans, request_for
@@ -194,12 +194,7 @@ def _estimate_and_options(state: WizardState, user: User) -> None:
         state.errors.append(str(exc))
         return
     _draw(state)
-    if state.plan in TRAINING:
-        state.confidence = (
-            "fine-tuning is sized from first principles; docs/estimator.md compares it with published runs"
-        )
-    else:
-        state.confidence = confidence(request).summary()
+    state.confidence = purpose_confidence(PurposeRequest(request, state.plan or "inference")).summary()
     usable: dict[int, list[ClusterAccount]] = {}
 
     def accounts_on(cluster: Cluster) -> list[ClusterAccount]:

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import pytest
 
+from catalog import confidence
 from catalog.architecture import Architecture
 from catalog.estimate import GIB, EstimateError, Request, estimate
 from catalog.training import PurposeRequest, adapter_params, estimate_purpose
@@ -92,47 +91,17 @@ def test_a_rag_prompt_must_fit_the_models_context() -> None:
         estimate_purpose(PurposeRequest(Request(arch, "bf16", "vllm", 4096), "rag"))
 
 
-LITGPT_A100 = (
-    "Lightning-AI/litgpt tutorials/resource-tables.md @0cc02af (1x A100-40GB, bf16-true, Alpaca: longest 1304)"
-)
-LITGPT_A10G = "Lightning-AI/litgpt config_hub/finetune/README.md @5895df1 (1x A10G, Alpaca2k, max_seq_length 512)"
-ANSWERAI = "AnswerDotAI/fsdp_qlora benchmarks_03_2024.md (DDP: a whole copy per GPU; peak reserved, GiB)"
-GB, GIB_ = 1e9, float(GIB)
-# Published peak memory of fine-tuning runs, with the settings each source states (docs/estimator.md cites them).
-# (id, model, purpose, sequence, micro-batch, settings, figure, unit, source). litgpt's single-GPU runs have no
-# activation checkpointing and target q and v only; Answer.AI's target every linear layer with checkpointing.
-FINE_TUNING = [
-    ("FT01", "Llama-2-7B", "lora", 1304, 1, {"lora_rank": 8, "lora_targets": "qv"}, 21.30, GB, LITGPT_A100),
-    ("FT02", "Llama-2-7B", "qlora", 1304, 1, {"lora_rank": 8, "lora_targets": "qv", "double_quant": False}, 14.14,
-     GB, LITGPT_A100),
-    ("FT02-dq", "Llama-2-7B", "qlora", 1304, 1, {"lora_rank": 8, "lora_targets": "qv"}, 13.84, GB, LITGPT_A100),
-    ("FT03", "Llama-2-7B", "lora", 1304, 2, {"lora_rank": 8, "lora_targets": "qv"}, 29.07, GB, LITGPT_A100),
-    ("FT04", "Llama-2-13B", "lora", 1304, 1, {"lora_rank": 8, "lora_targets": "qv"}, 38.12, GB, LITGPT_A100),
-    ("FT05", "Llama-2-13B", "qlora", 1304, 1, {"lora_rank": 8, "lora_targets": "qv", "double_quant": False}, 23.14,
-     GB, LITGPT_A100),
-    ("FT05-dq", "Llama-2-13B", "qlora", 1304, 1, {"lora_rank": 8, "lora_targets": "qv"}, 22.55, GB, LITGPT_A100),
-    ("FT06", "Llama-3-8B", "lora", 512, 1, {"lora_rank": 32, "lora_targets": "qv"}, 19.73, GB, LITGPT_A10G),
-    ("FT07", "Llama-3-8B", "qlora", 512, 2, {"lora_rank": 32, "lora_targets": "qv", "double_quant": False}, 17.41,
-     GB, LITGPT_A10G),
-    ("FT08", "Llama-2-7B", "lora", 512, 2, {"lora_rank": 32, "lora_targets": "qv"}, 19.77, GB, LITGPT_A10G),
-    ("FT08-q", "Llama-2-7B", "qlora", 512, 2, {"lora_rank": 32, "lora_targets": "qv", "double_quant": False}, 13.68,
-     GB, LITGPT_A10G),
-    ("FT21-q", "Llama-2-7B", "qlora", 2048, 8, {"lora_rank": 64, "gradient_checkpointing": True}, 20.94, GIB_,
-     ANSWERAI),
-    ("FT21-l", "Llama-2-7B", "lora", 2048, 4, {"lora_rank": 64, "gradient_checkpointing": True}, 22.04, GIB_,
-     ANSWERAI),
-]  # fmt: skip
-SHAPES = {
-    "Llama-2-7B": MODELS["Llama-2-7B"],
-    "Llama-2-13B": MODELS["Llama-2-13B"],
-    "Llama-3-8B": MODELS["Llama-3.1-8B"],
-}
+@pytest.mark.parametrize("row", confidence.fine_tuning_rows(), ids=lambda r: r["id"])
+def test_published_fine_tuning_figures_are_matched_within_fifteen_percent(row: dict[str, str]) -> None:
+    est = estimate_purpose(confidence.fine_tuning_request_of(row))
+    assert confidence.fine_tuning_figure_of(row, est) == pytest.approx(float(row["figure"]), rel=0.15)
 
 
-@pytest.mark.parametrize("figure", FINE_TUNING, ids=lambda f: f[0])
-def test_published_fine_tuning_figures_are_matched_within_fifteen_percent(figure: tuple[Any, ...]) -> None:
-    _, model, purpose, sequence, micro_batch, settings, published, unit, _ = figure
-    serving = Request(SHAPES[model], "bf16", "transformers", sequence, parallel=micro_batch)
-    est = estimate_purpose(PurposeRequest(serving, purpose, **{"gradient_checkpointing": False, **settings}))
-    peak = (est.gpu_total_gib - est.context_gib) * GIB / unit  # PyTorch's peak: no CUDA context
-    assert peak == pytest.approx(published, rel=0.15)
+def test_a_fine_tuning_plan_names_the_nearest_published_runs() -> None:
+    serving = Request(MODELS["Llama-2-13B"], "bf16", "transformers", 1024)
+    sure = confidence.purpose_confidence(PurposeRequest(serving, "qlora"))
+    assert sure.kind == "published fine-tuning runs" and {m.what for m in sure.nearest} == {"qlora"}
+    assert sure.nearest[0].id.startswith("FT05") and sure.worst_error <= 0.15
+    assert "Llama-2-13B qlora r8, 1304 tokens x 1" in sure.summary()
+    serving_sure = confidence.purpose_confidence(PurposeRequest(serving, "rag"))
+    assert serving_sure.kind == "published measurements"  # RAG is serving: the serving rows

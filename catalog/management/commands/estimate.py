@@ -12,12 +12,12 @@ from django.core.management.base import BaseCommand, CommandError
 
 from catalog import architecture
 from catalog.architecture import Architecture
-from catalog.confidence import confidence
+from catalog.confidence import purpose_confidence
 from catalog.estimate import Estimate, EstimateError, Request, fit, smallest_layout
 from catalog.models import GPUType, ModelCard, ModelVariant
 from catalog.quant import canonical_quant
 from catalog.runtime_rules import RUNTIMES
-from catalog.training import OPTIMIZER_STATES, PURPOSES, TRAINING, PurposeRequest, estimate_purpose
+from catalog.training import OPTIMIZER_STATES, PURPOSES, PurposeRequest, estimate_purpose
 
 
 def _flag(field: str) -> str:
@@ -95,7 +95,7 @@ class Command(BaseCommand):
             "host_gib": round(est.host_gib, 3),
             **{label.replace(" ", "_") + "_gib": round(gib, 3) for label, gib in est.extra_gib},
             "notes": est.notes,
-            "confidence": confidence(request).summary() if o["purpose"] not in TRAINING else "",
+            "confidence": purpose_confidence(purpose).summary(),
         }
         if usable is not None:
             verdict = fit(est, usable)

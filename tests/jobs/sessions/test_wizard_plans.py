@@ -48,6 +48,7 @@ def test_fine_tuning_plans_show_their_parts_and_where_they_fit(
     assert "data-launch" in page(owner_client, purpose="chat", **tiny)
     planned = page(owner_client, purpose="lora", **tiny)
     assert "data-launch" not in planned and "A plan: fine-tuning" in planned
+    assert "nearest published fine-tuning runs (FT" in qlora
 
 
 def test_a_rag_plan_adds_the_retrieval_side_to_the_chat_model(owner_client: Client, example_catalog: Path) -> None:
