@@ -176,10 +176,14 @@ class Weights:
 
 def kv_cells(runtime: str, context: int, parallel: int = 1) -> int:
     """How many tokens of KV the runtime allocates for `parallel` requests of `context` tokens each.
-    llama.cpp's -c is the whole cache, split evenly over its slots (n_ctx_slot = n_ctx / n_parallel), so a job
-    passes -c context x parallel; ollama multiplies its num_ctx by OLLAMA_NUM_PARALLEL; both pad to 256 cells.
+    llama.cpp's -c is the whole cache, split evenly over its slots, so a job passes -c context x parallel; with
+    --parallel and no --kv-unified each slot is a stream of its own, padded to 256 cells (src/llama-context.cpp:
+    n_ctx_seq = GGML_PAD(n_ctx / n_seq_max, 256), n_ctx = n_ctx_seq * n_seq_max), which comes to each slot's context
+    padded. ollama multiplies its num_ctx by OLLAMA_NUM_PARALLEL and pads the whole.
     vLLM and transformers hold `parallel` full-length requests (vLLM in 16-token blocks)."""
-    if runtime in ("llama.cpp", "ollama"):
+    if runtime == "llama.cpp":
+        return math.ceil(context / LLAMA_CPP_CTX_PAD) * LLAMA_CPP_CTX_PAD * parallel
+    if runtime == "ollama":
         return math.ceil(context * parallel / LLAMA_CPP_CTX_PAD) * LLAMA_CPP_CTX_PAD
     if runtime == "vllm":
         return math.ceil(context / VLLM_BLOCK_TOKENS) * VLLM_BLOCK_TOKENS * parallel
@@ -187,13 +191,18 @@ def kv_cells(runtime: str, context: int, parallel: int = 1) -> int:
 
 
 def window_cells(runtime: str, arch: Architecture, cells: int, parallel: int, ubatch: int) -> int:
-    """Cells a sliding-window layer keeps: llama.cpp's SWA cache holds the window of every sequence plus one
-    micro-batch, padded (src/llama-kv-cache-iswa.cpp: size_swa = GGML_PAD(n_swa * n_seq + n_ubatch, 256)); vLLM and
-    transformers keep the window per request."""
+    """Cells a sliding-window layer keeps: llama.cpp's SWA cache holds, in each slot's stream, the window plus one
+    micro-batch, padded, at most the slot's cells (src/llama-kv-cache-iswa.cpp: size_swa = GGML_PAD(min(size_base,
+    n_swa * (unified ? n_seq_max : 1) + n_ubatch), 256); the job passes --parallel without --kv-unified); ollama's
+    one unified cache holds every sequence's window plus one micro-batch. vLLM and transformers keep the window per
+    request."""
     window = arch.sliding_window or 0
     if not window or not arch.sliding_window_layers:  # no window, or not known which layers use it: full cache
         return cells
-    if runtime in ("llama.cpp", "ollama"):
+    if runtime == "llama.cpp":
+        slot_cells = cells // parallel
+        return min(slot_cells, math.ceil((window + ubatch) / LLAMA_CPP_CTX_PAD) * LLAMA_CPP_CTX_PAD) * parallel
+    if runtime == "ollama":
         return min(cells, math.ceil((window * parallel + ubatch) / LLAMA_CPP_CTX_PAD) * LLAMA_CPP_CTX_PAD)
     return min(cells, window * parallel)
 

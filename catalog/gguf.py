@@ -195,8 +195,12 @@ def _window_layers(meta: dict[str, Any], arch: str) -> int | None:
     pattern = meta.get(f"{arch}.attention.sliding_window_pattern")
     if isinstance(pattern, list) and pattern and all(isinstance(p, bool) for p in pattern):
         return sum(pattern)  # one flag per layer: true where the layer uses the window
-    every = pattern if isinstance(pattern, int) and not isinstance(pattern, bool) and pattern > 0 else None
-    every = every or _GLOBAL_EVERY.get(arch)
+    if isinstance(pattern, int) and not isinstance(pattern, bool):
+        if pattern == 0:  # llama.cpp's set_swa_pattern(0): every layer uses the window
+            return layers
+        every: int | None = pattern if pattern > 0 else None
+    else:
+        every = _GLOBAL_EVERY.get(arch)
     return layers - layers // every if every else None
 
 
