@@ -31,7 +31,7 @@ _SCALARS = {
     GGUFValueType.FLOAT64: "<d",
 }
 # Arrays longer than this are skipped, not kept (tokenizer vocabularies); their length is still recorded.
-_KEEP_ARRAY = 64
+_KEEP_ARRAY = 512  # llama.cpp's LLAMA_MAX_LAYERS: per-layer arrays are kept whole; vocabularies are not
 
 
 class GGUFError(ValueError):
@@ -184,8 +184,15 @@ def _moe_and_window(meta: dict[str, Any], arch: str) -> dict[str, int | None]:
 
 
 # Where a header names a window but not which layers use it, llama.cpp's loader knows the pattern per architecture
-# (src/llama-model.cpp: set_swa_pattern): every Nth layer attends to the whole context.
-_GLOBAL_EVERY = {"gemma2": 2, "gemma3": 6, "cohere2": 4}
+# (src/models/*.cpp: load_swa_pattern(ml, n, dense_first)): one layer in every n attends to the whole context, the
+# last of each n, or the first where dense_first; a header's own sliding_window_pattern overrides n.
+_SWA_PATTERN = {
+    "gemma2": (2, False), "gemma3": (6, False), "gemma3n": (5, False), "gemma-embedding": (6, False),
+    "cohere2": (4, False), "cohere2moe": (4, True), "olmo2": (4, False), "exaone4": (4, False),
+    "exaone-moe": (4, False), "llama4": (4, False), "gpt-oss": (2, False), "afmoe": (4, False),
+    "smallthinker": (4, True), "plamo3": (8, False), "mellum": (4, False), "laguna": (4, True),
+    "muse-glimmer": (4, False),
+}  # fmt: skip
 
 
 def _window_layers(meta: dict[str, Any], arch: str) -> int | None:
@@ -195,13 +202,14 @@ def _window_layers(meta: dict[str, Any], arch: str) -> int | None:
     pattern = meta.get(f"{arch}.attention.sliding_window_pattern")
     if isinstance(pattern, list) and pattern and all(isinstance(p, bool) for p in pattern):
         return sum(pattern)  # one flag per layer: true where the layer uses the window
-    if isinstance(pattern, int) and not isinstance(pattern, bool):
-        if pattern == 0:  # llama.cpp's set_swa_pattern(0): every layer uses the window
-            return layers
-        every: int | None = pattern if pattern > 0 else None
-    else:
-        every = _GLOBAL_EVERY.get(arch)
-    return layers - layers // every if every else None
+    every, dense_first = _SWA_PATTERN.get(arch, (None, False))
+    if isinstance(pattern, int) and not isinstance(pattern, bool) and pattern >= 0:
+        every = pattern
+    if every is None:
+        return None
+    if every == 0:  # llama_hparams::set_swa_pattern(0): every layer uses the window
+        return layers
+    return layers - (-(-layers // every) if dense_first else layers // every)
 
 
 def file_type_name(value: object) -> str:

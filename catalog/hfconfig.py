@@ -92,7 +92,10 @@ def read_config(
         gated = 3 if config.get("hidden_act", "silu") in ("silu", "swiglu", "gelu_pytorch_tanh") else 2
         moe = _moe_and_window(config)
         ffn = moe["ffn_size"] or intermediate
-        per_layer = 2 * hidden * heads * head_dim + 2 * hidden * kv_width + gated * hidden * ffn * (moe["experts"] or 1)
+        # Qwen-MoE adds one shared expert of its own width to the routed ones.
+        shared = config.get("shared_expert_intermediate_size") if moe["experts"] else None
+        ffn_total = ffn * (moe["experts"] or 1) + (shared if isinstance(shared, int) else 0)
+        per_layer = 2 * hidden * heads * head_dim + 2 * hidden * kv_width + gated * hidden * ffn_total
         embeddings = vocab * hidden * (1 if config.get("tie_word_embeddings") else 2)
         params, source = layers * per_layer + embeddings, "architecture"
     architectures = config.get("architectures") or [config.get("model_type", "")]
@@ -152,7 +155,7 @@ def _window_layers(config: dict[str, Any]) -> int | None:
     if isinstance(layers, int) and isinstance(pattern, int) and pattern > 0:
         return layers - layers // pattern
     if isinstance(layers, int) and config.get("model_type") == "gemma2":
-        return layers // 2
+        return layers - layers // 2  # the even-numbered layers: ceil(n / 2)
     return None
 
 

@@ -366,3 +366,30 @@ def test_a_window_pattern_of_zero_puts_every_layer_in_the_window(tmp_path: Path)
 )
 def test_quantisation_configs_name_the_group_size_and_the_4_bit_type(quantization: dict[str, Any], name: str) -> None:
     assert read({**MISTRAL_7B_V01, "quantization_config": quantization}).quant == name
+
+
+# --- found in review: shared experts, odd layer counts, dense-first patterns, long per-layer arrays ----------------
+
+
+def test_qwen_moes_shared_expert_counts_in_its_parameters() -> None:
+    info = read(QWEN15_MOE_A27B)
+    assert info.params_source == "architecture"
+    assert info.params / 1e9 == pytest.approx(14.3, rel=0.02)  # Qwen1.5-MoE-A2.7B: 14.3B in all
+
+
+def test_gemma2s_window_is_on_the_even_layers_of_an_odd_count() -> None:
+    assert read({**MISTRAL_7B_V01, "model_type": "gemma2", "num_hidden_layers": 25}).arch.sliding_window_layers == 13
+
+
+@pytest.mark.parametrize("arch_name, expected", [("gpt-oss", 12), ("cohere2moe", 18), ("smallthinker", 18)])
+def test_window_patterns_follow_llama_cpp_per_architecture(tmp_path: Path, arch_name: str, expected: int) -> None:
+    """gpt-oss alternates (the last of each 2 is full); cohere2moe's full layer comes first in each 4 (dense_first)."""
+    found = gguf_header(tmp_path / "w.gguf", arch_name, blocks=24, keys=lambda w: w.add_sliding_window(128)).arch
+    assert found.sliding_window_layers == expected
+
+
+def test_per_layer_arrays_of_80_layers_are_read_whole(tmp_path: Path) -> None:
+    def deci(w: gguf_pkg.GGUFWriter) -> None:
+        w.add_array("llama.feed_forward_length", [4096] * 79 + [28672])
+
+    assert gguf_header(tmp_path / "deci.gguf", blocks=80, keys=deci).arch.ffn_size == 28672
