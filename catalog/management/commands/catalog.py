@@ -7,7 +7,9 @@ from typing import Any
 from django.core.exceptions import ValidationError
 from django.core.management.base import BaseCommand, CommandError
 
+from catalog import discover
 from catalog.add_model import add, cluster_reader, inspect
+from catalog.inventory import DiscoverError as InventoryError
 from catalog.models import Cluster
 from catalog.yaml_io import CatalogImportError, export_catalog, import_file
 from portal.errors import text_of
@@ -31,14 +33,60 @@ class Command(BaseCommand):
         add.add_argument("--user", help="with --cluster: the portal user whose cluster account reads it")
         add.add_argument("--name", help="the model card's name (default: from the file)")
         add.add_argument("--dry-run", action="store_true", help="show what was read, change nothing")
+        disc = sub.add_parser(
+            "discover", help="Read partitions, node groups and GPU types from the cluster's Slurm; show the changes."
+        )
+        disc.add_argument("cluster", help="the cluster's slug")
+        disc.add_argument("--user", required=True, help="the portal user whose cluster account runs scontrol")
+        disc.add_argument("--yes", action="store_true", help="apply the changes (new GPU types need their memory)")
+        disc.add_argument("--yaml", metavar="FILE", help="write the YAML the import would take, to review or edit")
 
     def handle(self, *args: Any, **options: Any) -> None:
         if options["action"] == "import":
             self._import(options["file"], options["dry_run"])
         elif options["action"] == "add-model":
             self._add_model(options)
+        elif options["action"] == "discover":
+            self._discover(options)
         else:
             self._export(options["file"])
+
+    def _discover(self, o: dict[str, Any]) -> None:
+        cluster = Cluster.objects.filter(slug=o["cluster"]).first()
+        if cluster is None:
+            raise CommandError(f"there is no cluster {o['cluster']!r}")
+        try:
+            found = discover.plan(cluster, discover.read_slurm(find_user(o["user"]), cluster))
+        except ValidationError as exc:
+            raise CommandError(text_of(exc)) from None
+        except (SSHError, InventoryError) as exc:
+            raise CommandError(f"{cluster.name}: {exc}") from None
+        for line in found.found.skipped:
+            self.stdout.write(f"  skipped  {line}")
+        for change in found.changes:
+            self.stdout.write(str(change))
+        if not found.changes:
+            self.stdout.write(self.style.SUCCESS(f"{cluster.name}: the catalog matches what Slurm says."))
+        for gpu in found.found.unknown_gpus:
+            self.stdout.write(self.style.WARNING(
+                f"GPU type {gpu.name} is not one the portal knows: give its memory_gib in the YAML (--yaml) and import "
+                "that file, or add it in the admin, then discover again."))  # fmt: skip
+        if o["yaml"]:
+            with open(o["yaml"], "w", encoding="utf-8") as out:
+                out.write(found.text)
+            self.stdout.write(f"wrote {o['yaml']}")
+        if not o["yes"]:
+            if found.changes:
+                self.stdout.write(
+                    "Nothing was changed; run again with --yes to apply (gone entries are only reported)."
+                )
+            return
+        try:
+            report = discover.apply(found)
+        except CatalogImportError as exc:
+            raise CommandError("\n".join(str(e) for e in exc.errors) + "\nNothing was changed.") from None
+        for line in report.lines():
+            self.stdout.write(line)
 
     def _add_model(self, o: dict[str, Any]) -> None:
         cluster = None

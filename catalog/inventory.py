@@ -1,0 +1,430 @@
+"""What a cluster's Slurm says it has, as catalog entries: partitions with their limits, node groups of identical GPU
+hardware, and GPU types by GRES name. Parsing and comparing are plain Python; reading runs one SSH command.
+
+    read(text) -> Discovered                     from `scontrol show partition -o` and `scontrol show node -o`
+    diff(discovered, catalog) -> list[Change]    added, changed and gone, against what the catalog holds
+    as_yaml(discovered, cluster) -> dict         the cluster's entry in the catalog's YAML, for review and import
+
+Applying goes through the YAML importer (catalog/yaml_io.py), so discovered values meet the same validation as a
+hand-written file. Partitions without GPUs are left out: the portal only places GPU jobs.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+# What `manage.py catalog discover` runs on the login host, as the given user: one line per partition and per node.
+COMMAND = "scontrol show partition -o && echo @@nodes && scontrol show node -o"
+SEPARATOR = "@@nodes"
+
+# Known GPUs by the GRES type names sites give them (lower case), with their memory as nvidia-smi reports it (GiB)
+# and a display name. A100 and H100 come in two sizes: the name decides, else a node feature naming the size, else
+# the type is listed as unknown for the admin to fill in.
+KNOWN_GPUS: dict[str, tuple[str, float]] = {
+    "h200": ("NVIDIA H200 141GB", 140.4),
+    "h100": ("NVIDIA H100 80GB", 79.6),
+    "h100-80g": ("NVIDIA H100 80GB", 79.6),
+    "h100-94g": ("NVIDIA H100 NVL 94GB", 93.6),
+    "gh200": ("NVIDIA GH200 96GB", 95.0),
+    "a100-80g": ("NVIDIA A100 80GB", 80.0),
+    "a100_80gb": ("NVIDIA A100 80GB", 80.0),
+    "a100-40g": ("NVIDIA A100 40GB", 40.0),
+    "a100_40gb": ("NVIDIA A100 40GB", 40.0),
+    "a100-sxm4-80gb": ("NVIDIA A100 80GB", 80.0),
+    "a100-sxm4-40gb": ("NVIDIA A100 40GB", 40.0),
+    "l40s": ("NVIDIA L40S 48GB", 44.4),
+    "l40": ("NVIDIA L40 48GB", 44.4),
+    "a40": ("NVIDIA A40 48GB", 44.4),
+    "a6000": ("NVIDIA RTX A6000 48GB", 47.5),
+    "rtx6000ada": ("NVIDIA RTX 6000 Ada 48GB", 47.5),
+    "a5000": ("NVIDIA RTX A5000 24GB", 23.99),
+    "a10": ("NVIDIA A10 24GB", 22.5),
+    "a10g": ("NVIDIA A10G 24GB", 22.5),
+    "l4": ("NVIDIA L4 24GB", 22.5),
+    "rtx4090": ("NVIDIA GeForce RTX 4090 24GB", 23.99),
+    "rtx3090": ("NVIDIA GeForce RTX 3090 24GB", 23.99),
+    "rtx3090ti": ("NVIDIA GeForce RTX 3090 Ti 24GB", 23.99),
+    "rtx2080ti": ("NVIDIA GeForce RTX 2080 Ti 11GB", 10.75),
+    "rtx5000": ("NVIDIA Quadro RTX 5000 16GB", 15.75),
+    "rtx8000": ("NVIDIA Quadro RTX 8000 48GB", 47.5),
+    "v100": ("NVIDIA V100 32GB", 31.7),
+    "v100-32g": ("NVIDIA V100 32GB", 31.7),
+    "v100-16g": ("NVIDIA V100 16GB", 15.8),
+    "t4": ("NVIDIA T4 16GB", 15.0),
+    "p100": ("NVIDIA P100 16GB", 15.9),
+    "mi300x": ("AMD Instinct MI300X 192GB", 191.5),
+    "mi250x": ("AMD Instinct MI250X (one GCD) 64GB", 64.0),
+    "mi250": ("AMD Instinct MI250 (one GCD) 64GB", 64.0),
+    "mi210": ("AMD Instinct MI210 64GB", 64.0),
+}
+# Sizes of an ambiguous GRES type, told apart by a node feature (a100 + a100-80g), and the size to assume without
+# one: none for A100 and V100, whose two sizes are both common; the 80 GB H100 (the 94 GB NVL is the rarer card).
+SIZED: dict[str, tuple[tuple[str, ...], str | None]] = {
+    "a100": (("a100-80g", "a100-40g"), None),
+    "h100": (("h100-94g", "h100-80g"), "h100-80g"),
+    "v100": (("v100-32g", "v100-16g"), None),
+}
+
+
+class DiscoverError(ValueError):
+    """Output the portal cannot read as scontrol's; the message says which line and why."""
+
+
+@dataclass(frozen=True)
+class SlurmPartition:
+    name: str
+    max_walltime_min: int | None  # None: UNLIMITED
+    default_walltime_min: int | None
+    nodes: frozenset[str]
+    allow_accounts: str = "ALL"
+    allow_qos: str = "ALL"
+    is_default: bool = False
+    state: str = "UP"
+
+
+@dataclass(frozen=True)
+class SlurmNode:
+    name: str
+    cpus: int
+    memory_mib: int
+    gpus: tuple[tuple[str, int], ...]  # (GRES type, count); an untyped "gpu:2" has type ""
+    features: frozenset[str]
+    partitions: frozenset[str]
+
+
+@dataclass(frozen=True)
+class GroupSpec:
+    """A node group: the nodes of one partition with the same GPU type and count (their CPUs and memory may vary;
+    the catalog keeps the smallest, which every node of the group can give a job)."""
+
+    gpu_type: str  # the catalog's GPU type name
+    gpus_per_node: int
+    nodes: int
+    cpus_per_node: int
+    ram_gib: float
+
+
+@dataclass(frozen=True)
+class PartitionSpec:
+    name: str
+    max_walltime_min: int
+    default_walltime_min: int
+    groups: tuple[GroupSpec, ...]
+    allow_accounts: str = "ALL"
+    allow_qos: str = "ALL"
+
+
+@dataclass(frozen=True)
+class GPUSpec:
+    name: str
+    gres_type: str
+    constraint: str
+    display_name: str
+    memory_gib: float | None  # None: not a GPU the portal knows; the admin fills it in
+
+
+@dataclass
+class Discovered:
+    partitions: list[PartitionSpec] = field(default_factory=list)
+    gpu_types: list[GPUSpec] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)  # what was left out, and why
+
+    @property
+    def unknown_gpus(self) -> list[GPUSpec]:
+        return [g for g in self.gpu_types if g.memory_gib is None]
+
+
+def _fields(line: str) -> dict[str, str]:
+    """scontrol's one-line records: Key=Value pairs separated by spaces (values here carry no spaces we need)."""
+    return dict(part.split("=", 1) for part in line.split() if "=" in part)
+
+
+_TIME = re.compile(r"^(?:(\d+)-)?(?:(\d+):)?(\d+):(\d+)$")
+
+
+def minutes(text: str) -> int | None:
+    """Slurm's time limits: [days-]hours:minutes:seconds, minutes:seconds, or UNLIMITED / INFINITE / NONE."""
+    if text.upper() in ("UNLIMITED", "INFINITE", "NONE", "N/A"):
+        return None
+    match = _TIME.match(text)
+    if match is None:
+        raise DiscoverError(f"cannot read the time limit {text!r}")
+    days, hours, mins, secs = (int(g) if g else 0 for g in match.groups())
+    if match.group(2) is None:  # minutes:seconds
+        hours, mins, secs = 0, int(match.group(3)), int(match.group(4))
+    return days * 1440 + hours * 60 + mins + (1 if secs else 0)
+
+
+def expand_hostlist(text: str) -> frozenset[str]:
+    """Slurm host lists: node[1-3,7],gpu01 -> node1, node2, node3, node7, gpu01 (zero padding kept)."""
+    names: set[str] = set()
+    for match in re.finditer(r"([^,\[]+)(?:\[([^\]]+)\])?", text):
+        prefix, ranges = match.group(1), match.group(2)
+        if not ranges:
+            names.add(prefix)
+            continue
+        for part in ranges.split(","):
+            low, _, high = part.partition("-")
+            width = len(low)
+            for number in range(int(low), int(high or low) + 1):
+                names.add(f"{prefix}{number:0{width}d}")
+    return frozenset(names)
+
+
+def _gpus(gres: str) -> tuple[tuple[str, int], ...]:
+    """gpu:a100:2(S:0-1),gpu:h100:1,shard:8 -> (("a100", 2), ("h100", 1)): the GPUs a node offers, by type."""
+    found = []
+    for item in gres.split(","):
+        parts = re.sub(r"\(.*?\)", "", item).split(":")
+        if parts[0] != "gpu" or len(parts) < 2:
+            continue
+        count_text = parts[-1]
+        if not count_text.isdigit():
+            continue
+        found.append((parts[1].lower() if len(parts) == 3 else "", int(count_text)))
+    return tuple(found)
+
+
+def read(text: str) -> tuple[list[SlurmPartition], list[SlurmNode]]:
+    if SEPARATOR not in text:
+        raise DiscoverError("the output has no node section: scontrol show node did not run")
+    partition_text, node_text = text.split(SEPARATOR, 1)
+    partitions = []
+    for line in partition_text.splitlines():
+        if not line.startswith("PartitionName="):
+            continue
+        f = _fields(line)
+        partitions.append(
+            SlurmPartition(
+                name=f["PartitionName"],
+                max_walltime_min=minutes(f.get("MaxTime", "UNLIMITED")),
+                default_walltime_min=minutes(f.get("DefaultTime", "NONE")),
+                nodes=expand_hostlist(f.get("Nodes", "")) if f.get("Nodes", "(null)") != "(null)" else frozenset(),
+                allow_accounts=f.get("AllowAccounts", "ALL"),
+                allow_qos=f.get("AllowQos", "ALL"),
+                is_default=f.get("Default") == "YES",
+                state=f.get("State", "UP"),
+            )
+        )
+    nodes = []
+    for line in node_text.splitlines():
+        if not line.startswith("NodeName="):
+            continue
+        f = _fields(line)
+        try:
+            nodes.append(
+                SlurmNode(
+                    name=f["NodeName"],
+                    cpus=int(f.get("CPUTot", "0")),
+                    memory_mib=int(f.get("RealMemory", "0")),
+                    gpus=_gpus(f.get("Gres", "(null)")),
+                    features=frozenset(x for x in f.get("AvailableFeatures", "").split(",") if x and x != "(null)"),
+                    partitions=frozenset(x for x in f.get("Partitions", "").split(",") if x),
+                )
+            )
+        except ValueError:
+            raise DiscoverError(f"cannot read node {f.get('NodeName', '?')}: {line[:200]}") from None
+    if not partitions:
+        raise DiscoverError("scontrol listed no partitions")
+    return partitions, nodes
+
+
+def gpu_spec(gres_type: str, features: frozenset[str]) -> GPUSpec:
+    """The catalog's GPU type for a GRES type on nodes with these features: a known size when the name or a
+    feature says it, else an unknown type named after the GRES type."""
+    key = gres_type.lower() or "gpu"
+    constraint = ""
+    if key in SIZED:
+        sizes, assumed = SIZED[key]
+        sized = next((s for s in sizes if s in features), None)
+        if sized is not None:
+            display, memory = KNOWN_GPUS[sized]
+            return GPUSpec(sized, key, sized, display, memory)
+        if assumed is None:
+            return GPUSpec(key, key, constraint, key.upper(), None)
+        display, memory = KNOWN_GPUS[assumed]
+        return GPUSpec(key, key, constraint, display, memory)
+    if key in KNOWN_GPUS:
+        display, memory = KNOWN_GPUS[key]
+        return GPUSpec(key, key, constraint, display, memory)
+    return GPUSpec(key, key, constraint, key.upper(), None)
+
+
+def discover(text: str) -> Discovered:
+    """Partitions with GPU node groups, and the GPU types they use."""
+    slurm_partitions, nodes = read(text)
+    by_name = {n.name: n for n in nodes}
+    found = Discovered()
+    gpu_types: dict[str, GPUSpec] = {}
+    for part in slurm_partitions:
+        members = [by_name[name] for name in sorted(part.nodes) if name in by_name]
+        groups: dict[tuple[str, int], list[SlurmNode]] = defaultdict(list)
+        for node in members:
+            for gres_type, count in node.gpus:
+                spec = gpu_spec(gres_type, node.features)
+                gpu_types.setdefault(spec.name, spec)
+                groups[(spec.name, count)].append(node)
+        if not groups:
+            found.skipped.append(f"partition {part.name}: no GPUs on its nodes")
+            continue
+        if part.max_walltime_min is None:
+            found.skipped.append(f"partition {part.name}: no time limit (UNLIMITED); the catalog keeps 7 days")
+        max_min = part.max_walltime_min or 7 * 1440
+        default_min = min(part.default_walltime_min or min(60, max_min), max_min)
+        specs = tuple(
+            GroupSpec(
+                gpu_type=gpu,
+                gpus_per_node=count,
+                nodes=len(group),
+                cpus_per_node=min(n.cpus for n in group),
+                ram_gib=round(min(n.memory_mib for n in group) / 1024, 1),
+            )
+            for (gpu, count), group in sorted(groups.items())
+        )
+        found.partitions.append(
+            PartitionSpec(part.name, max_min, default_min, specs, part.allow_accounts, part.allow_qos)
+        )
+    found.gpu_types = sorted(gpu_types.values(), key=lambda g: g.name)
+    return found
+
+
+@dataclass(frozen=True)
+class Change:
+    kind: str  # "added", "changed" or "gone"
+    what: str  # "partition gpu", "node group gpu/a100-80g x 2", "GPU type h100"
+    detail: str = ""
+
+    def __str__(self) -> str:
+        return f"{self.kind:>7}  {self.what}" + (f": {self.detail}" if self.detail else "")
+
+
+def diff(found: Discovered, catalog: dict[str, Any]) -> list[Change]:
+    """What discovery would change in the catalog's entry for the cluster (as `as_yaml` writes it) and in its GPU
+    types: `catalog` is {"partitions": [...], "gpu_types": {name: memory_gib}} in the YAML's shape."""
+    changes: list[Change] = []
+    known_gpus: dict[str, Any] = catalog.get("gpu_types", {})
+    for gpu in found.gpu_types:
+        if gpu.name not in known_gpus:
+            memory = f"{gpu.memory_gib} GiB" if gpu.memory_gib else "memory unknown: fill it in"
+            changes.append(Change("added", f"GPU type {gpu.name}", f"{gpu.display_name}, {memory}"))
+    before: dict[str, dict[str, Any]] = {p["name"]: p for p in catalog.get("partitions", [])}
+    after = {p["name"]: p for p in as_yaml(found)["partitions"]}
+    for name in sorted(set(before) | set(after)):
+        old, new = before.get(name), after.get(name)
+        if old is None:
+            changes.append(Change("added", f"partition {name}", _partition_text(new)))
+            continue
+        if new is None:
+            changes.append(Change("gone", f"partition {name}", "Slurm no longer lists it (or it has no GPUs)"))
+            continue
+        for limit in ("max_walltime_min", "default_walltime_min"):
+            if old.get(limit) != new.get(limit):
+                changes.append(Change("changed", f"partition {name}", f"{limit} {old.get(limit)} -> {new.get(limit)}"))
+        old_groups = {(g["gpu_type"], g["gpus_per_node"]): g for g in old.get("node_groups", [])}
+        new_groups = {(g["gpu_type"], g["gpus_per_node"]): g for g in new.get("node_groups", [])}
+        for key in sorted(set(old_groups) | set(new_groups)):
+            label = f"node group {name}/{key[0]} x {key[1]}"
+            og, ng = old_groups.get(key), new_groups.get(key)
+            if og is None:
+                changes.append(Change("added", label, f"{ng['nodes']} nodes" if ng else ""))
+            elif ng is None:
+                changes.append(Change("gone", label, "no such nodes in the partition now"))
+            else:
+                moved = [f"{k} {og.get(k)} -> {ng.get(k)}" for k in ("nodes", "cpus_per_node", "ram_gib")
+                         if og.get(k) != ng.get(k)]  # fmt: skip
+                if moved:
+                    changes.append(Change("changed", label, ", ".join(moved)))
+    return changes
+
+
+def _partition_text(entry: dict[str, Any] | None) -> str:
+    assert entry is not None
+    groups = entry.get("node_groups", [])
+    shapes = ", ".join(f"{g['nodes']} x {g['gpus_per_node']} {g['gpu_type']}" for g in groups)
+    return f"max {entry['max_walltime_min']} min; {shapes}"
+
+
+def as_yaml(found: Discovered) -> dict[str, list[dict[str, Any]]]:
+    """The discovered partitions in the catalog YAML's shape (the cluster's `partitions:` list)."""
+    return {
+        "partitions": [
+            {
+                "name": p.name,
+                "max_walltime_min": p.max_walltime_min,
+                "default_walltime_min": p.default_walltime_min,
+                "node_groups": [
+                    {
+                        "gpu_type": g.gpu_type,
+                        "gpus_per_node": g.gpus_per_node,
+                        "nodes": g.nodes,
+                        "cpus_per_node": g.cpus_per_node,
+                        "ram_gib": g.ram_gib,
+                    }
+                    for g in p.groups
+                ],
+            }
+            for p in found.partitions
+        ]
+    }
+
+
+# --- against the catalog -------------------------------------------------------------------------------------------
+
+
+def with_catalog_gpus(found: Discovered, existing: list[tuple[str, str, str]]) -> Discovered:
+    """Name discovered GPUs as the catalog already does: a catalog GPU type with the same GRES type and constraint
+    (name, gres_type, constraint) is the same GPU; only the others are new."""
+    rename: dict[str, str] = {}
+    for spec in found.gpu_types:
+        same = next((name for name, gres, constraint in existing if name == spec.name), None)
+        same = same or next(
+            (name for name, gres, constraint in existing if gres == spec.gres_type and constraint == spec.constraint),
+            None,
+        )
+        if same:
+            rename[spec.name] = same
+    partitions = [
+        PartitionSpec(
+            p.name,
+            p.max_walltime_min,
+            p.default_walltime_min,
+            tuple(
+                GroupSpec(rename.get(g.gpu_type, g.gpu_type), g.gpus_per_node, g.nodes, g.cpus_per_node, g.ram_gib)
+                for g in p.groups
+            ),
+            p.allow_accounts,
+            p.allow_qos,
+        )
+        for p in found.partitions
+    ]
+    new = [g for g in found.gpu_types if g.name not in rename]
+    return Discovered(partitions, new, found.skipped)
+
+
+def merged_cluster(entry: dict[str, Any], found: Discovered) -> dict[str, Any]:
+    """The cluster's YAML entry with the discovered partitions: keys Slurm does not tell (debug, runtimes, limits)
+    stay as the catalog has them; partitions Slurm no longer lists stay too (the import leaves what a file does not
+    name; `diff` reports them as gone)."""
+    old = {p["name"]: p for p in entry.get("partitions", [])}
+    partitions = []
+    for new in as_yaml(found)["partitions"]:
+        partitions.append({**old.get(new["name"], {}), **new})
+    partitions += [p for name, p in old.items() if name not in {n["name"] for n in partitions}]
+    return {**entry, "partitions": partitions}
+
+
+def gpu_entries(found: Discovered) -> list[dict[str, Any]]:
+    """New GPU types for the YAML; an unknown one has no memory, which the import refuses until the admin adds it."""
+    return [
+        {
+            "name": g.name,
+            "display_name": g.display_name,
+            "gres_type": g.gres_type,
+            **({"constraint": g.constraint} if g.constraint else {}),
+            "memory_gib": g.memory_gib,
+        }
+        for g in found.gpu_types
+    ]

@@ -1,0 +1,126 @@
+"""Discovery from Slurm's own output (catalog/inventory.py, catalog/discover.py): the local cluster's real
+`scontrol show partition -o` / `scontrol show node -o` text, recorded in tests/catalog/data/scontrol-local.txt, and
+edits of it. The same against the live cluster over SSH is tests/e2e/test_discover.py."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from django.core.management import CommandError, call_command
+
+from catalog import discover, inventory
+from catalog.models import Cluster, GPUType, NodeGroup, Partition
+from catalog.yaml_io import CatalogImportError, import_catalog
+
+LOCAL = (Path(__file__).parent / "data" / "scontrol-local.txt").read_text()
+
+
+def edited(text: str, old: str, new: str) -> str:
+    assert old in text
+    return text.replace(old, new)
+
+
+def test_slurm_time_limits_and_host_lists_are_read() -> None:
+    assert inventory.minutes("1-00:00:00") == 1440 and inventory.minutes("02:00:00") == 120
+    assert inventory.minutes("30:00") == 30 and inventory.minutes("00:00:30") == 1
+    assert inventory.minutes("UNLIMITED") is None and inventory.minutes("NONE") is None
+    with pytest.raises(inventory.DiscoverError, match="time limit"):
+        inventory.minutes("soon")
+    assert inventory.expand_hostlist("node[1-3,7],gpu01") == {"node1", "node2", "node3", "node7", "gpu01"}
+    assert inventory.expand_hostlist("g[08-10]") == {"g08", "g09", "g10"}
+
+
+def test_the_local_clusters_partitions_nodes_and_gpus_are_read() -> None:
+    partitions, nodes = inventory.read(LOCAL)
+    gpu = next(p for p in partitions if p.name == "gpu")
+    assert (gpu.max_walltime_min, gpu.default_walltime_min, gpu.is_default) == (1440, 60, True)
+    assert gpu.nodes == {"node1", "node2", "node3"}
+    node1 = next(n for n in nodes if n.name == "node1")
+    assert (node1.cpus, node1.memory_mib, node1.gpus) == (4, 4096, (("a100", 2),))
+    assert node1.features == {"a100", "a100-80g"} and node1.partitions == {"gpu"}
+
+
+def test_node_groups_are_nodes_of_one_gpu_type_and_count_sized_by_the_smallest() -> None:
+    found = inventory.discover(LOCAL)
+    shapes = {p.name: [(g.gpu_type, g.gpus_per_node, g.nodes, g.cpus_per_node, g.ram_gib) for g in p.groups]
+              for p in found.partitions}  # fmt: skip
+    assert shapes == {
+        "gpu": [("a100-80g", 2, 2, 4, 4.0), ("h100", 2, 1, 4, 4.0)],
+        "gpu_devel": [("h100", 2, 1, 4, 4.0)],
+    }
+    # An A100 is 40 or 80 GB: the node feature decides; without one the type is left for the admin.
+    assert {g.name: g.memory_gib for g in found.gpu_types} == {"a100-80g": 80.0, "h100": 79.6}
+    unsized = inventory.discover(edited(LOCAL, "AvailableFeatures=a100,a100-80g", "AvailableFeatures=(null)"))
+    assert [g.name for g in unsized.unknown_gpus] == ["a100"]
+
+
+def test_gres_strings_of_every_shape_give_the_gpus() -> None:
+    assert inventory._gpus("gpu:a100:2(S:0-1),shard:8,gpu:h100:1") == (("a100", 2), ("h100", 1))
+    assert inventory._gpus("gpu:4") == (("", 4),) and inventory._gpus("(null)") == ()
+
+
+def test_output_that_is_not_scontrols_is_refused_with_a_reason() -> None:
+    with pytest.raises(inventory.DiscoverError, match="no node section"):
+        inventory.read("PartitionName=gpu MaxTime=1:00:00")
+    with pytest.raises(inventory.DiscoverError, match="no partitions"):
+        inventory.read("@@nodes\n")
+
+
+@pytest.mark.django_db
+def test_the_example_catalog_matches_the_local_cluster(example_catalog: Path) -> None:
+    """Discovering the cluster the catalog describes finds nothing to change."""
+    plan = discover.plan(Cluster.objects.get(slug="local"), LOCAL)
+    assert plan.changes == []
+    assert discover.apply(plan).changed is False
+
+
+@pytest.mark.django_db
+def test_a_changed_cluster_shows_exactly_what_changed_and_applies_it(example_catalog: Path) -> None:
+    changed = edited(LOCAL, "MaxTime=02:00:00", "MaxTime=04:00:00")
+    changed = edited(changed, "Gres=gpu:h100:2", "Gres=gpu:h100:4")
+    changed = changed.replace("@@nodes", "PartitionName=big MaxTime=3-00:00:00 DefaultTime=NONE Nodes=node1 State=UP\n"
+                              "@@nodes")  # fmt: skip
+    local = Cluster.objects.get(slug="local")
+    plan = discover.plan(local, changed)
+    assert {str(c) for c in plan.changes} == {
+        "  added  partition big: max 4320 min; 1 x 2 a100-80g",
+        "changed  partition gpu_devel: max_walltime_min 120 -> 240",
+        "  added  node group gpu/h100 x 4: 1 nodes",
+        "   gone  node group gpu/h100 x 2: no such nodes in the partition now",
+        "  added  node group gpu_devel/h100 x 4: 1 nodes",
+        "   gone  node group gpu_devel/h100 x 2: no such nodes in the partition now",
+    }
+    discover.apply(plan)
+    devel = Partition.objects.get(cluster=local, name="gpu_devel")
+    assert devel.max_walltime_min == 240 and devel.is_debug  # Slurm does not say "debug": the catalog's stays
+    assert NodeGroup.objects.filter(partition=devel, gpus_per_node=4).exists()
+    assert Partition.objects.filter(cluster=local, name="big").exists()
+    again = discover.plan(local, changed)
+    assert {c.kind for c in again.changes} == {"gone"}  # only what the import leaves: the old groups, reported
+
+
+@pytest.mark.django_db
+def test_an_unknown_gpu_is_reported_and_nothing_is_applied_until_its_memory_is_known(example_catalog: Path) -> None:
+    text = edited(LOCAL, "Gres=gpu:h100:2", "Gres=gpu:b300:8")
+    plan = discover.plan(Cluster.objects.get(slug="local"), text)
+    assert "  added  GPU type b300: B300, memory unknown: fill it in" in {str(c) for c in plan.changes}
+    before = NodeGroup.objects.count()
+    with pytest.raises(CatalogImportError) as refused:
+        discover.apply(plan)
+    assert any("memory_gib" in e.message or "memory_gib" in e.path for e in refused.value.errors)
+    assert NodeGroup.objects.count() == before and not GPUType.objects.filter(name="b300").exists()
+    # The admin fills it in in the YAML and imports that: the same validation, now satisfied.
+    document = yaml.safe_load(plan.text)
+    document["gpu_types"][0]["memory_gib"] = 179.0
+    import_catalog(yaml.safe_dump(document), "edited.yaml")
+    assert GPUType.objects.get(name="b300").memory_gib == 179.0
+
+
+@pytest.mark.django_db
+def test_the_command_needs_a_known_cluster_and_an_account(example_catalog: Path, owner: object) -> None:
+    with pytest.raises(CommandError, match="no cluster 'nope'"):
+        call_command("catalog", "discover", "nope", "--user", "ada")
+    with pytest.raises(CommandError, match="no cluster account on Local test cluster"):
+        call_command("catalog", "discover", "local", "--user", "ada")
