@@ -1,0 +1,50 @@
+"""`catalog discover` against the live local cluster over SSH: the catalog it builds matches `sinfo` exactly, and a
+second run finds nothing to change."""
+
+from __future__ import annotations
+
+import subprocess
+from collections import Counter
+from io import StringIO
+from typing import Any
+
+import pytest
+from django.core.management import call_command
+
+from catalog.models import Cluster, NodeGroup, Partition
+from portal import ssh
+from tests.e2e.sessions import local_account
+
+pytestmark = [pytest.mark.e2e, pytest.mark.django_db]
+
+
+def sinfo_gpus() -> Counter[tuple[str, str, int]]:
+    """(partition, GRES type, GPUs per node) -> nodes, as sinfo reports them on this host."""
+    out = subprocess.run(["sinfo", "-h", "-N", "-o", "%P %G"], capture_output=True, text=True, check=True).stdout
+    counted: Counter[tuple[str, str, int]] = Counter()
+    for line in out.splitlines():
+        partition, gres = line.split()
+        kind, count = gres.split(":")[1], int(gres.split(":")[2].split("(")[0])
+        counted[(partition.rstrip("*"), kind, count)] += 1
+    return counted
+
+
+def test_discovery_builds_what_sinfo_says_and_a_second_run_changes_nothing(
+    local_catalog: dict[str, Any], owner: Any
+) -> None:
+    local_account(owner, local_catalog)
+    local = Cluster.objects.get(slug="local")
+    Partition.objects.filter(cluster=local).delete()  # start from a cluster with no partitions at all
+    try:
+        first = StringIO()
+        call_command("catalog", "discover", "local", "--user", "ada", "--yes", stdout=first)
+        groups = Counter(
+            {(g.partition.name, g.gpu_type.gres_type, g.gpus_per_node): g.node_count
+             for g in NodeGroup.objects.filter(partition__cluster=local).select_related("partition", "gpu_type")}
+        )  # fmt: skip
+        assert groups == sinfo_gpus(), first.getvalue()
+        second = StringIO()
+        call_command("catalog", "discover", "local", "--user", "ada", stdout=second)
+    finally:
+        ssh.pool.close_all()
+    assert "the catalog matches what Slurm says" in second.getvalue()
