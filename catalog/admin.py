@@ -1,16 +1,21 @@
 from __future__ import annotations
 
+from typing import Any
+
 from django import forms
 from django.contrib import admin, messages
 from django.contrib.auth.models import User
 from django.core.exceptions import ValidationError
 from django.db.models import Count, QuerySet
 from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
+from django.shortcuts import get_object_or_404
 from django.template.response import TemplateResponse
 from django.urls import URLPattern, path, reverse
 
 from catalog import architecture
+from catalog import discover as discovery
 from catalog.add_model import add, cluster_reader, inspect
+from catalog.inventory import DiscoverError
 from catalog.models import (
     Cluster,
     ClusterAccount,
@@ -23,6 +28,7 @@ from catalog.models import (
     Runtime,
     VariantLocation,
 )
+from catalog.yaml_io import CatalogImportError
 from portal import ssh
 
 
@@ -61,8 +67,38 @@ class ClusterAdmin(admin.ModelAdmin[Cluster]):
         ("Per-user limits", {"fields": ["max_sessions_per_user", "max_gpus_per_user"]}),
     ]
 
+    change_form_template = "admin/catalog/cluster/change_form.html"
+
     def get_queryset(self, request: HttpRequest) -> QuerySet[Cluster]:
         return super().get_queryset(request).annotate(n_partitions=Count("partitions"))
+
+    def get_urls(self) -> list[URLPattern]:
+        view = self.admin_site.admin_view(self.discover)
+        return [path("<int:pk>/discover/", view, name="catalog_cluster_discover"), *super().get_urls()]
+
+    def discover(self, request: HttpRequest, pk: int) -> HttpResponse:
+        """What the cluster's Slurm says against the catalog (GET: read, change nothing); POST applies it through the
+        YAML import, as `manage.py catalog discover --yes` does."""
+        cluster = get_object_or_404(Cluster, pk=pk)
+        if not self.has_change_permission(request, cluster):
+            return HttpResponseRedirect(reverse("admin:catalog_cluster_changelist"))
+        assert isinstance(request.user, User)  # admin_view let only signed-in staff through
+        context: dict[str, Any] = {**self.admin_site.each_context(request), "title": f"Discover {cluster.name}",
+                                   "opts": self.model._meta, "cluster": cluster}  # fmt: skip
+        try:
+            plan = discovery.plan(cluster, discovery.read_slurm(request.user, cluster))
+            if request.method == "POST":
+                report = discovery.apply(plan)
+                messages.success(request, f"{cluster.name}: " + ("; ".join(report.lines()) or "nothing to change"))
+                return HttpResponseRedirect(reverse("admin:catalog_cluster_change", args=[cluster.pk]))
+        except CatalogImportError as exc:
+            context["error"] = "Nothing was changed: " + "; ".join(e.message for e in exc.errors)
+            return TemplateResponse(request, "admin/catalog/cluster/discover.html", context)
+        except (ValidationError, ssh.SSHError, DiscoverError) as exc:
+            context["error"] = "; ".join(getattr(exc, "messages", [str(exc)]))
+            return TemplateResponse(request, "admin/catalog/cluster/discover.html", context)
+        context["plan"] = plan
+        return TemplateResponse(request, "admin/catalog/cluster/discover.html", context)
 
     @admin.display(boolean=True, description="host key pinned")
     def host_key_pinned(self, obj: Cluster) -> bool:

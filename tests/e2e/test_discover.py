@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 from django.core.management import call_command
+from django.test import Client
 
 from catalog.models import Cluster, NodeGroup, Partition
 from portal import ssh
@@ -48,3 +49,26 @@ def test_discovery_builds_what_sinfo_says_and_a_second_run_changes_nothing(
     finally:
         ssh.pool.close_all()
     assert "the catalog matches what Slurm says" in second.getvalue()
+
+
+def test_the_clusters_admin_page_shows_the_changes_and_applies_them(
+    local_catalog: dict[str, Any], owner: Any, client: Client
+) -> None:
+    local_account(owner, local_catalog)
+    owner.is_staff = owner.is_superuser = True
+    owner.save()
+    client.force_login(owner)
+    local = Cluster.objects.get(slug="local")
+    Partition.objects.filter(cluster=local, name="gpu_devel").delete()
+    url = f"/admin/catalog/cluster/{local.pk}/discover/"
+    try:
+        assert url in client.get(f"/admin/catalog/cluster/{local.pk}/change/").content.decode()
+        page = client.get(url).content.decode()
+        assert "partition gpu_devel" in page and "Apply these changes" in page
+        assert not Partition.objects.filter(cluster=local, name="gpu_devel").exists()  # reading changes nothing
+        assert client.post(url).status_code == 302
+        again = client.get(url).content.decode()
+    finally:
+        ssh.pool.close_all()
+    assert Partition.objects.get(cluster=local, name="gpu_devel").max_walltime_min == 120
+    assert "The catalog matches what Slurm says." in again
