@@ -35,7 +35,8 @@ from portal import ssh
 class PartitionInline(admin.TabularInline[Partition, Cluster]):
     model = Partition
     extra = 0
-    fields = ["name", "max_walltime_min", "default_walltime_min", "is_debug"]
+    fields = ["name", "max_walltime_min", "default_walltime_min", "is_debug", "missing_since"]
+    readonly_fields = ["missing_since"]
     show_change_link = True
 
 
@@ -55,6 +56,7 @@ class ClusterAdmin(admin.ModelAdmin[Cluster]):
         "node_access",
         "host_key_pinned",
         "partition_count",
+        "drift_seen",
     ]
     list_filter = ["node_access"]
     search_fields = ["name", "slug", "login_host", "notes"]
@@ -65,7 +67,9 @@ class ClusterAdmin(admin.ModelAdmin[Cluster]):
         ("Login host", {"fields": ["login_host", "ssh_port", "host_key", "node_access"]}),
         ("Slurm", {"fields": ["default_account"]}),
         ("Per-user limits", {"fields": ["max_sessions_per_user", "max_gpus_per_user"]}),
+        ("Discovery", {"fields": ["discovered_at", "discovered_with", "drift"]}),
     ]
+    readonly_fields = ["discovered_at", "discovered_with", "drift"]
 
     change_form_template = "admin/catalog/cluster/change_form.html"
 
@@ -86,9 +90,10 @@ class ClusterAdmin(admin.ModelAdmin[Cluster]):
         context: dict[str, Any] = {**self.admin_site.each_context(request), "title": f"Discover {cluster.name}",
                                    "opts": self.model._meta, "cluster": cluster}  # fmt: skip
         try:
-            plan = discovery.plan(cluster, discovery.read_slurm(request.user, cluster))
+            account = discovery.account_for(request.user, cluster)
+            plan = discovery.plan(cluster, discovery.read_slurm(account))
             if request.method == "POST":
-                report = discovery.apply(plan)
+                report = discovery.apply(plan, account)
                 messages.success(request, f"{cluster.name}: " + ("; ".join(report.lines()) or "nothing to change"))
                 return HttpResponseRedirect(reverse("admin:catalog_cluster_change", args=[cluster.pk]))
         except CatalogImportError as exc:
@@ -104,6 +109,11 @@ class ClusterAdmin(admin.ModelAdmin[Cluster]):
     def host_key_pinned(self, obj: Cluster) -> bool:
         return bool(obj.host_key.strip())
 
+    @admin.display(boolean=True, description="matches Slurm")
+    def drift_seen(self, obj: Cluster) -> bool | None:
+        """Unknown (None) until discovered; False when the last discovery found differences."""
+        return None if obj.discovered_at is None else not obj.drift
+
     @admin.display(description="partitions", ordering="n_partitions")
     def partition_count(self, obj: Cluster) -> int:
         return int(getattr(obj, "n_partitions", 0))  # annotated by get_queryset
@@ -112,13 +122,15 @@ class ClusterAdmin(admin.ModelAdmin[Cluster]):
 class NodeGroupInline(admin.TabularInline[NodeGroup, Partition]):
     model = NodeGroup
     extra = 0
-    fields = ["gpu_type", "gpus_per_node", "node_count", "cpus_per_node", "ram_gib"]
+    fields = ["gpu_type", "gpus_per_node", "node_count", "cpus_per_node", "ram_gib", "missing_since"]
+    readonly_fields = ["missing_since"]
 
 
 @admin.register(Partition)
 class PartitionAdmin(admin.ModelAdmin[Partition]):
-    list_display = ["name", "cluster", "max_walltime_min", "default_walltime_min", "is_debug"]
-    list_filter = ["cluster", "is_debug"]
+    list_display = ["name", "cluster", "max_walltime_min", "default_walltime_min", "is_debug", "missing_since"]
+    list_filter = ["cluster", "is_debug", ("missing_since", admin.EmptyFieldListFilter)]
+    readonly_fields = ["missing_since"]
     search_fields = ["name", "cluster__name", "cluster__slug"]
     list_select_related = ["cluster"]
     inlines = [NodeGroupInline]

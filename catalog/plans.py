@@ -61,7 +61,10 @@ def plans(
     (catalog/training.py); such a plan needs the model's files on the cluster, not the runtime installed there."""
     sized = estimator or estimate
     sized(request)  # raise EstimateError for an impossible request before looking at any GPU
-    groups = NodeGroup.objects.select_related("partition__cluster", "gpu_type")
+    # Node groups discovery no longer finds in Slurm are not offered (catalog/discover.py marks them).
+    groups = NodeGroup.objects.select_related("partition__cluster", "gpu_type").filter(
+        missing_since__isnull=True, partition__missing_since__isnull=True
+    )
     if variant is not None and available_only:
         located = VariantLocation.objects.filter(variant=variant)
         if estimator is not None:  # a plan needs the model's files there, in whichever variant

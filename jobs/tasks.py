@@ -1,8 +1,8 @@
 """The Celery tasks: thin wrappers that take ids, call the plain functions that do the work (jobs/sessions/lifecycle.py,
 jobs/cluster/), and decide what follows: a retry with backoff for transient errors, a cancel after a submit.
 
-Beat runs poll_clusters (every PORTAL_POLL_INTERVAL_S), refresh_partitions (every PORTAL_QUEUE_REFRESH_S) and
-sync_groups (every PORTAL_GROUP_SYNC_S).
+Beat runs poll_clusters (every PORTAL_POLL_INTERVAL_S), refresh_partitions (every PORTAL_QUEUE_REFRESH_S),
+sync_groups (every PORTAL_GROUP_SYNC_S) and rediscover (every PORTAL_DISCOVER_EVERY_S, when set).
 Task names are explicit, so moving code never strands a queued message.
 """
 
@@ -14,7 +14,9 @@ from typing import Any
 from celery import Task, shared_task
 from celery.exceptions import MaxRetriesExceededError
 from django.conf import settings
+from django.core.exceptions import ValidationError
 
+from catalog import discover, inventory
 from catalog.models import Cluster
 from jobs.batch import staging
 from jobs.cluster import capacity, logs
@@ -125,6 +127,24 @@ def sync_groups() -> int:
         for error in result.errors:
             log.warning("group %s not synced: %s", result.group, error)
     return len(synced)
+
+
+@shared_task(name="jobs.rediscover", ignore_result=True)
+def rediscover() -> int:
+    """Beat (PORTAL_DISCOVER_EVERY_S): read each discovered cluster's Slurm again with the account it was discovered
+    with; keep the differences as its drift and mark what Slurm no longer lists, change nothing else."""
+    checked = 0
+    for cluster in Cluster.objects.filter(discovered_with__isnull=False).select_related("discovered_with__cluster"):
+        account = cluster.discovered_with
+        assert account is not None
+        try:
+            discover.check(discover.plan(cluster, discover.read_slurm(account)), account)
+            checked += 1
+        except (ssh.SSHError, ValidationError, inventory.DiscoverError) as exc:
+            if isinstance(exc, ssh.SSHError):
+                metrics.ssh_error(cluster.slug, "discover")
+            log.warning("%s not rediscovered: %s", cluster.slug, exc)
+    return checked
 
 
 @shared_task(bind=True, name="jobs.stage_batch", max_retries=SUBMIT_MAX_RETRIES, acks_late=True)

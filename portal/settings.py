@@ -234,6 +234,9 @@ PORTAL_QUEUE_REFRESH_S = env_int("PORTAL_QUEUE_REFRESH_S", 60, minimum=5)
 # How often beat reads the members of groups mapped to the cluster's Unix/LDAP groups or Slurm accounts (0: never;
 # `manage.py groups sync` still does it on demand).
 PORTAL_GROUP_SYNC_S = env_int("PORTAL_GROUP_SYNC_S", 900, minimum=0)
+# Re-discovery of each cluster's partitions and GPUs (catalog/discover.py), through the account an admin last
+# discovered it with: differences are kept as the cluster's drift, nothing else changes. 0: never.
+PORTAL_DISCOVER_EVERY_S = env_int("PORTAL_DISCOVER_EVERY_S", 0, minimum=0)
 PORTAL_LOG_TAIL_BYTES = env_int("PORTAL_LOG_TAIL_BYTES", 65536, minimum=1024)
 # What one user may hold on a cluster at a time, unless the cluster's own limits say otherwise; 0: no limit.
 PORTAL_MAX_SESSIONS_PER_USER = env_int("PORTAL_MAX_SESSIONS_PER_USER", 0, minimum=0)
@@ -324,6 +327,8 @@ CELERY_BEAT_SCHEDULE: dict[str, dict[str, object]] = {
 }
 if PORTAL_GROUP_SYNC_S:
     CELERY_BEAT_SCHEDULE["sync-groups"] = {"task": "jobs.sync_groups", "schedule": float(PORTAL_GROUP_SYNC_S)}
+if PORTAL_DISCOVER_EVERY_S:
+    CELERY_BEAT_SCHEDULE["rediscover"] = {"task": "jobs.rediscover", "schedule": float(PORTAL_DISCOVER_EVERY_S)}
 CELERY_TIMEZONE = TIME_ZONE
 
 LOGGING = {

@@ -39,6 +39,14 @@ class Cluster(models.Model):
         help_text="GPUs one user's live sessions may hold on this cluster; empty: the site's PORTAL_MAX_GPUS_PER_USER.",
     )
     notes = models.TextField(blank=True)
+    # Discovery (catalog/discover.py): when Slurm was last read, through which account (the periodic re-discovery
+    # reads it again so), and what differed from the catalog then ("" when nothing did).
+    discovered_at = models.DateTimeField(null=True, blank=True)
+    discovered_with = models.ForeignKey(
+        "catalog.ClusterAccount", null=True, blank=True, on_delete=models.SET_NULL, related_name="+",
+        help_text="The account discovery last read Slurm with; periodic re-discovery uses it.",
+    )  # fmt: skip
+    drift = models.TextField(blank=True, help_text="What the last discovery found different from the catalog.")
 
     class Meta:
         ordering = ["name"]
@@ -143,6 +151,9 @@ class Partition(models.Model):
     is_debug = models.BooleanField(
         default=False, help_text="A debug/devel partition: short limits, meant for quick tests."
     )
+    missing_since = models.DateTimeField(
+        null=True, blank=True, help_text="Discovery has not found it in Slurm since then; no longer offered."
+    )
 
     class Meta:
         ordering = ["cluster__name", "name"]
@@ -172,6 +183,9 @@ class NodeGroup(models.Model):
     node_count = models.PositiveIntegerField(validators=[MinValueValidator(1)])
     cpus_per_node = models.PositiveIntegerField(validators=[MinValueValidator(1)])
     ram_gib = models.FloatField(validators=[MinValueValidator(1)])
+    missing_since = models.DateTimeField(
+        null=True, blank=True, help_text="Discovery has not found these nodes in Slurm since then; no longer offered."
+    )
 
     class Meta:
         ordering = ["partition", "gpu_type__name", "gpus_per_node"]

@@ -11,7 +11,8 @@ import yaml
 from django.core.management import CommandError, call_command
 
 from catalog import discover, inventory
-from catalog.models import Cluster, GPUType, NodeGroup, Partition
+from catalog.models import Cluster, GPUType, ModelVariant, NodeGroup, Partition
+from catalog.plans import plans, request_for
 from catalog.yaml_io import CatalogImportError, import_catalog
 
 LOCAL = (Path(__file__).parent / "data" / "scontrol-local.txt").read_text()
@@ -93,12 +94,23 @@ def test_a_changed_cluster_shows_exactly_what_changed_and_applies_it(example_cat
         "   gone  node group gpu_devel/h100 x 2: no such nodes in the partition now",
     }
     discover.apply(plan)
+    local.refresh_from_db()
+    assert local.discovered_at is not None and "gone  node group gpu/h100 x 2" in local.drift
     devel = Partition.objects.get(cluster=local, name="gpu_devel")
     assert devel.max_walltime_min == 240 and devel.is_debug  # Slurm does not say "debug": the catalog's stays
     assert NodeGroup.objects.filter(partition=devel, gpus_per_node=4).exists()
     assert Partition.objects.filter(cluster=local, name="big").exists()
-    again = discover.plan(local, changed)
-    assert {c.kind for c in again.changes} == {"gone"}  # only what the import leaves: the old groups, reported
+    # The old groups stay (sessions keep their history), marked missing and no longer offered.
+    old = NodeGroup.objects.get(partition=devel, gpus_per_node=2)
+    assert old.missing_since is not None
+    assert discover.plan(local, changed).changes == []  # reported once, when they went
+    tiny = ModelVariant.objects.get(model__name="tiny-llama")
+    offered = {o.node_group.pk for o in plans(request_for(tiny, "llama.cpp", 1024), tiny, available_only=False)}
+    assert old.pk not in offered and NodeGroup.objects.get(partition=devel, gpus_per_node=4).pk in offered
+    back = discover.plan(local, LOCAL)  # the nodes come back: the groups are offered again once applied
+    discover.apply(back)
+    old.refresh_from_db()
+    assert old.missing_since is None
 
 
 @pytest.mark.django_db

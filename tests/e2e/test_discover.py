@@ -13,6 +13,7 @@ from django.core.management import call_command
 from django.test import Client
 
 from catalog.models import Cluster, NodeGroup, Partition
+from jobs import tasks
 from portal import ssh
 from tests.e2e.sessions import local_account
 
@@ -72,3 +73,22 @@ def test_the_clusters_admin_page_shows_the_changes_and_applies_them(
         ssh.pool.close_all()
     assert Partition.objects.get(cluster=local, name="gpu_devel").max_walltime_min == 120
     assert "The catalog matches what Slurm says." in again
+
+
+def test_rediscovery_keeps_the_drift_and_changes_nothing_else(local_catalog: dict[str, Any], owner: Any) -> None:
+    local_account(owner, local_catalog)
+    local = Cluster.objects.get(slug="local")
+    try:
+        call_command("catalog", "discover", "local", "--user", "ada", "--yes", stdout=StringIO())
+        local.refresh_from_db()
+        assert local.discovered_with is not None and local.drift == ""
+        Partition.objects.filter(cluster=local, name="gpu").update(max_walltime_min=60, default_walltime_min=30)
+        Partition.objects.create(cluster=local, name="retired", max_walltime_min=60)
+        assert tasks.rediscover() == 1
+    finally:
+        ssh.pool.close_all()
+    local.refresh_from_db()
+    assert "changed  partition gpu: max_walltime_min 60 -> 1440" in local.drift
+    assert "gone  partition retired" in local.drift
+    assert Partition.objects.get(cluster=local, name="gpu").max_walltime_min == 60  # reported, not applied
+    assert Partition.objects.get(cluster=local, name="retired").missing_since is not None

@@ -56,7 +56,8 @@ class Command(BaseCommand):
         if cluster is None:
             raise CommandError(f"there is no cluster {o['cluster']!r}")
         try:
-            found = discover.plan(cluster, discover.read_slurm(find_user(o["user"]), cluster))
+            account = discover.account_for(find_user(o["user"]), cluster)
+            found = discover.plan(cluster, discover.read_slurm(account))
         except ValidationError as exc:
             raise CommandError(text_of(exc)) from None
         except (SSHError, InventoryError) as exc:
@@ -82,7 +83,7 @@ class Command(BaseCommand):
                 )
             return
         try:
-            report = discover.apply(found)
+            report = discover.apply(found, account)
         except CatalogImportError as exc:
             raise CommandError("\n".join(str(e) for e in exc.errors) + "\nNothing was changed.") from None
         for line in report.lines():
