@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import re
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 # What `manage.py catalog discover` runs on the login host, as the given user: one line per partition and per node.
@@ -105,6 +105,7 @@ class GroupSpec:
     nodes: int
     cpus_per_node: int
     ram_gib: float
+    features: tuple[str, ...] = ()  # the node features every node of the group has
 
 
 @dataclass(frozen=True)
@@ -281,6 +282,7 @@ def discover(text: str) -> Discovered:
                 nodes=len(group),
                 cpus_per_node=min(n.cpus for n in group),
                 ram_gib=round(min(n.memory_mib for n in group) / 1024, 1),
+                features=tuple(sorted(frozenset.intersection(*(n.features for n in group)))),
             )
             for (gpu, count), group in sorted(groups.items())
         )
@@ -320,9 +322,11 @@ def diff(found: Discovered, catalog: dict[str, Any]) -> list[Change]:
         if new is None:
             changes.append(Change("gone", f"partition {name}", "Slurm no longer lists it (or it has no GPUs)"))
             continue
-        for limit in ("max_walltime_min", "default_walltime_min"):
-            if old.get(limit) != new.get(limit):
-                changes.append(Change("changed", f"partition {name}", f"{limit} {old.get(limit)} -> {new.get(limit)}"))
+        for limit in ("max_walltime_min", "default_walltime_min", "allowed_accounts"):
+            if _value(old, limit) != _value(new, limit):
+                changes.append(
+                    Change("changed", f"partition {name}", f"{limit} {_value(old, limit)} -> {_value(new, limit)}")
+                )
         old_groups = {(g["gpu_type"], g["gpus_per_node"]): g for g in old.get("node_groups", [])}
         new_groups = {(g["gpu_type"], g["gpus_per_node"]): g for g in new.get("node_groups", [])}
         for key in sorted(set(old_groups) | set(new_groups)):
@@ -333,11 +337,17 @@ def diff(found: Discovered, catalog: dict[str, Any]) -> list[Change]:
             elif ng is None:
                 changes.append(Change("gone", label, "no such nodes in the partition now"))
             else:
-                moved = [f"{k} {og.get(k)} -> {ng.get(k)}" for k in ("nodes", "cpus_per_node", "ram_gib")
-                         if og.get(k) != ng.get(k)]  # fmt: skip
+                keys = ("nodes", "cpus_per_node", "ram_gib", "features")
+                moved = [f"{k} {_value(og, k)} -> {_value(ng, k)}" for k in keys if _value(og, k) != _value(ng, k)]
                 if moved:
                     changes.append(Change("changed", label, ", ".join(moved)))
     return changes
+
+
+def _value(entry: dict[str, Any], key: str) -> Any:
+    """A YAML entry's value; the export leaves empty lists out, so absent and empty are the same."""
+    value = entry.get(key)
+    return [] if value is None and key in ("allowed_accounts", "features") else value
 
 
 def _partition_text(entry: dict[str, Any] | None) -> str:
@@ -355,6 +365,7 @@ def as_yaml(found: Discovered) -> dict[str, list[dict[str, Any]]]:
                 "name": p.name,
                 "max_walltime_min": p.max_walltime_min,
                 "default_walltime_min": p.default_walltime_min,
+                "allowed_accounts": [] if p.allow_accounts == "ALL" else sorted(p.allow_accounts.split(",")),
                 "node_groups": [
                     {
                         "gpu_type": g.gpu_type,
@@ -362,6 +373,7 @@ def as_yaml(found: Discovered) -> dict[str, list[dict[str, Any]]]:
                         "nodes": g.nodes,
                         "cpus_per_node": g.cpus_per_node,
                         "ram_gib": g.ram_gib,
+                        "features": list(g.features),
                     }
                     for g in p.groups
                 ],
@@ -391,10 +403,7 @@ def with_catalog_gpus(found: Discovered, existing: list[tuple[str, str, str]]) -
             p.name,
             p.max_walltime_min,
             p.default_walltime_min,
-            tuple(
-                GroupSpec(rename.get(g.gpu_type, g.gpu_type), g.gpus_per_node, g.nodes, g.cpus_per_node, g.ram_gib)
-                for g in p.groups
-            ),
+            tuple(replace(g, gpu_type=rename.get(g.gpu_type, g.gpu_type)) for g in p.groups),
             p.allow_accounts,
             p.allow_qos,
         )

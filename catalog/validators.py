@@ -62,3 +62,10 @@ def tag_list(value: str) -> None:
     for item in value.split(","):
         if item.strip():
             tag(item.strip())
+
+
+def slurm_name_list(value: str) -> None:
+    """Comma-separated Slurm names (accounts, node features)."""
+    for item in value.split(","):
+        if item.strip():
+            slurm_name(item.strip())

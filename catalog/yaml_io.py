@@ -173,12 +173,14 @@ NODE_GROUP_FIELDS = (
     F("nodes", "int", attr="node_count", required=True),
     F("cpus_per_node", "int", required=True),
     F("ram_gib", "float", required=True),
+    F("features", "strlist", joiner=","),
 )
 PARTITION_FIELDS = (
     F("name", "str", required=True),
     F("max_walltime_min", "int", required=True),
     F("default_walltime_min", "int"),
     F("debug", "bool", attr="is_debug"),
+    F("allowed_accounts", "strlist", joiner=","),
     F("node_groups", "list"),
 )
 CLUSTER_RUNTIME_FIELDS = (

@@ -151,6 +151,10 @@ class Partition(models.Model):
     is_debug = models.BooleanField(
         default=False, help_text="A debug/devel partition: short limits, meant for quick tests."
     )
+    allowed_accounts = models.CharField(
+        max_length=500, blank=True, validators=[v.slurm_name_list],
+        help_text="Comma-separated Slurm accounts the partition takes (its AllowAccounts); empty: any.",
+    )  # fmt: skip
     missing_since = models.DateTimeField(
         null=True, blank=True, help_text="Discovery has not found it in Slurm since then; no longer offered."
     )
@@ -161,6 +165,14 @@ class Partition(models.Model):
 
     def __str__(self) -> str:
         return f"{self.cluster.slug}/{self.name}"
+
+    @property
+    def allowed_account_list(self) -> list[str]:
+        return [a.strip() for a in self.allowed_accounts.split(",") if a.strip()]
+
+    def takes(self, slurm_account: str) -> bool:
+        """Whether Slurm lets a job charged to this account into the partition (AllowAccounts; empty: any)."""
+        return not self.allowed_accounts or slurm_account in self.allowed_account_list
 
     def clean(self) -> None:
         super().clean()
@@ -183,6 +195,10 @@ class NodeGroup(models.Model):
     node_count = models.PositiveIntegerField(validators=[MinValueValidator(1)])
     cpus_per_node = models.PositiveIntegerField(validators=[MinValueValidator(1)])
     ram_gib = models.FloatField(validators=[MinValueValidator(1)])
+    features = models.CharField(
+        max_length=500, blank=True, validators=[v.slurm_name_list],
+        help_text="Comma-separated node features every node of the group has (usable with --constraint).",
+    )  # fmt: skip
     missing_since = models.DateTimeField(
         null=True, blank=True, help_text="Discovery has not found these nodes in Slurm since then; no longer offered."
     )

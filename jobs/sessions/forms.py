@@ -246,6 +246,13 @@ class LaunchForm(ChoicesForm):
         group = partition.node_groups.filter(gpu_type=gpu).order_by("-gpus_per_node").first() if gpu else None
         if gpu is None or group is None:
             raise _error("gpu", f"Partition {partition.name} offers no {data['gpu']!r} GPUs.")
+        if not partition.takes(account.effective_slurm_account):
+            charged = account.effective_slurm_account or "no Slurm account"
+            raise _error(
+                "partition",
+                f"{partition.name} takes jobs of the Slurm accounts {', '.join(partition.allowed_account_list)} only; "
+                f"this one would be charged to {charged}.",
+            )
         self._choose_model(data, cluster, partition)
         if data["walltime"] > partition.max_walltime_min:
             raise _error("walltime", f"{partition.name} allows at most {partition.max_walltime_min} minutes.")

@@ -218,13 +218,16 @@ def _estimate_and_options(state: WizardState, user: User) -> None:
     paces: dict[int, history.Measured | None] = {}
     for view in views:
         partition = view.option.node_group.partition
-        accounts = accounts_on(partition.cluster)
+        everyone = accounts_on(partition.cluster)
+        accounts = [a for a in everyone if partition.takes(a.effective_slurm_account)]
         if view.option.fit.fits and state.plan:
             state.fitting.append(OptionRow(view, selectable=False, why_not=_plan_note(state, view.option)))
         elif view.option.fit.fits:
             # The launch's own limits, shown where they apply rather than after a refused Launch.
             too_long = values["walltime"] > partition.max_walltime_min
             why_not = f"{partition.name} allows at most {partition.max_walltime_min} minutes" if too_long else ""
+            if everyone and not accounts:
+                why_not = f"{partition.name} takes only the Slurm accounts {', '.join(partition.allowed_account_list)}"
             if state.form.errors:  # the options are for the defaults the estimate fell back on, not a launch
                 why_not = "correct the choices above to launch"
             form = _launch_form(view, choices, accounts, user) if accounts and not why_not else None

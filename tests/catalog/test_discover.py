@@ -136,3 +136,23 @@ def test_the_command_needs_a_known_cluster_and_an_account(example_catalog: Path,
         call_command("catalog", "discover", "nope", "--user", "ada")
     with pytest.raises(CommandError, match="no cluster account on Local test cluster"):
         call_command("catalog", "discover", "local", "--user", "ada")
+
+
+@pytest.mark.django_db
+def test_allowed_accounts_and_node_features_are_discovered(example_catalog: Path) -> None:
+    text = edited(LOCAL, "PartitionName=gpu_devel AllowGroups=ALL AllowAccounts=ALL",
+                  "PartitionName=gpu_devel AllowGroups=ALL AllowAccounts=physics,chem")  # fmt: skip
+    text = edited(text, "AvailableFeatures=h100", "AvailableFeatures=h100,nvlink")
+    local = Cluster.objects.get(slug="local")
+    plan = discover.plan(local, text)
+    assert {str(c) for c in plan.changes} == {
+        "changed  partition gpu_devel: allowed_accounts [] -> ['chem', 'physics']",
+        "changed  node group gpu/h100 x 2: features ['h100'] -> ['h100', 'nvlink']",
+        "changed  node group gpu_devel/h100 x 2: features ['h100'] -> ['h100', 'nvlink']",
+    }
+    discover.apply(plan)
+    assert Partition.objects.get(cluster=local, name="gpu_devel").allowed_accounts == "chem,physics"
+    assert (
+        NodeGroup.objects.get(partition=Partition.objects.get(cluster=local, name="gpu_devel")).features
+        == "h100,nvlink"
+    )

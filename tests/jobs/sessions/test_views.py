@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 from django.test import Client
 
-from catalog.models import Cluster, ClusterAccount
+from catalog.models import Cluster, ClusterAccount, Partition
 from jobs.models import LLMSession, State, transition
 from jobs.sessions.actions import launch
 from tests.conftest import HOST_KEY
@@ -203,3 +203,18 @@ def test_a_researcher_with_several_accounts_chooses_one(
     mine.save()
     refused = owner_client.post("/launch/", {**LAUNCH, "account": str(mine.pk), "token": "b"})
     assert "That is not one of your accounts" in refused.content.decode()
+
+
+def test_a_partition_that_takes_other_slurm_accounts_is_shown_but_not_launchable(
+    owner_client: Client, account: ClusterAccount
+) -> None:
+    Partition.objects.filter(cluster__slug="local", name="gpu").update(allowed_accounts="physics,chem")
+    choices = {"model": "tiny-llama", "quant": "fp16", "runtime": "llama.cpp", "context": "1024"}
+    page = owner_client.get("/launch/", choices).content.decode()
+    assert "gpu takes only the Slurm accounts physics, chem" in page
+    refused = owner_client.post("/launch/", {**LAUNCH, "partition": "gpu"})
+    assert "takes jobs of the Slurm accounts physics, chem only" in refused.content.decode()
+    assert not LLMSession.objects.exists()
+    account.slurm_account = "physics"
+    account.save()
+    assert "gpu takes only" not in owner_client.get("/launch/", choices).content.decode()
