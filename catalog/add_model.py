@@ -7,24 +7,47 @@ over SSH (only the GGUF header or the JSON files travel, never the weights).
 from __future__ import annotations
 
 import base64
+import errno
 import os
 import re
 import shlex
-from dataclasses import dataclass
+import stat
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
 from django.contrib.auth.models import User
 from django.core.exceptions import ValidationError
-from django.db import transaction
+from django.db import models, transaction
 
 from catalog import gguf, hfconfig
 from catalog.architecture import Architecture
 from catalog.models import Cluster, ClusterAccount, ModelCard, ModelVariant, VariantLocation
+from catalog.quant import canonical_quant
 from catalog.validators import absolute_path
 from portal import ssh
+from portal.errors import text_of
 
 GIB = 1024**3
+
+
+@dataclass(frozen=True)
+class Entry:
+    """A file or directory as a listing shows it, links followed."""
+
+    name: str
+    kind: str  # "file", "dir", "link" (a link to nothing, or a loop of links) or "other"
+    size: int
+    mtime: float
+    inode: str  # "device:inode" of what it names, so a directory reached twice (through links) is noticed
+
+
+@dataclass(frozen=True)
+class Listing:
+    entry: Entry  # the path itself
+    children: list[Entry]  # a directory's entries, sorted by name; empty for a file
+    problems: list[str]  # entries that could not be read, in the reader's words
+    truncated: bool = False  # the directory has more entries than were asked for
 
 
 class Reader(Protocol):
@@ -32,6 +55,10 @@ class Reader(Protocol):
     def size(self, path: str) -> int: ...
     def is_dir(self, path: str) -> bool: ...
     def listdir(self, path: str) -> list[str]: ...
+    def listing(self, path: str, limit: int) -> Listing: ...
+
+
+_KINDS = {"f": "file", "d": "dir", "l": "link"}
 
 
 class LocalReader:
@@ -48,6 +75,36 @@ class LocalReader:
     def listdir(self, path: str) -> list[str]:
         return sorted(os.listdir(path))
 
+    def listing(self, path: str, limit: int) -> Listing:
+        entry = _local_entry(os.path.basename(path.rstrip("/")) or "/", os.stat(path))
+        if entry.kind != "dir":
+            return Listing(entry, [], [])
+        children: list[Entry] = []
+        problems: list[str] = []
+        truncated = False
+        with os.scandir(path) as found:
+            for item in found:
+                if len(children) == limit:
+                    truncated = True
+                    break
+                try:
+                    children.append(_local_entry(item.name, os.stat(item.path)))
+                except OSError as exc:
+                    if exc.errno != errno.ENOENT:  # a link to nothing is listed as such, as find lists it
+                        problems.append(f"{item.path}: {exc.strerror}")
+                    children.append(Entry(item.name, "link", 0, 0.0, ""))
+        return Listing(entry, sorted(children, key=lambda e: e.name), problems, truncated)
+
+
+def _local_entry(name: str, st: os.stat_result) -> Entry:
+    kind = "dir" if stat.S_ISDIR(st.st_mode) else "file" if stat.S_ISREG(st.st_mode) else "other"
+    return Entry(name, kind, st.st_size, st.st_mtime, f"{st.st_dev}:{st.st_ino}")
+
+
+# find's -printf: depth, type (links followed: "l" only for a link to nothing), size, mtime, device:inode, name.
+_FIND_FORMAT = r"%d\t%y\t%s\t%T@\t%D:%i\t%f\0"
+_FIND_BYTES_PER_ENTRY = 400
+
 
 class SSHReader:
     """Reads over a pooled SSH connection (portal.ssh) as a cluster account; paths are allow-listed and quoted."""
@@ -63,17 +120,48 @@ class SSHReader:
 
     def prefix(self, path: str, n: int) -> bytes:
         # base64 keeps binary intact through the text channel.
-        out = self._run(f"head -c {int(n)} {shlex.quote(path)} | base64 -w0", max_bytes=n * 2 + 1024)
+        out = self._run(f"head -c {int(n)} {_quoted(path)} | base64 -w0", max_bytes=n * 2 + 1024)
         return base64.b64decode(out)
 
     def size(self, path: str) -> int:
-        return int(self._run(f"stat -L -c %s {shlex.quote(path)}").strip())
+        return int(self._run(f"stat -L -c %s {_quoted(path)}").strip())
 
     def is_dir(self, path: str) -> bool:
-        return self._run(f"if [ -d {shlex.quote(path)} ]; then echo d; else echo f; fi").strip() == "d"
+        return self._run(f"if [ -d {_quoted(path)} ]; then echo d; else echo f; fi").strip() == "d"
 
     def listdir(self, path: str) -> list[str]:
-        return sorted(self._run(f"ls -1A {shlex.quote(path)}").split("\n")[:-1])
+        return sorted(self._run(f"ls -1A {_quoted(path)}").split("\n")[:-1])
+
+    def listing(self, path: str, limit: int) -> Listing:
+        """One round trip: the path and (for a directory) its entries, with links followed."""
+        command = f"find -L {_quoted(path)} -maxdepth 1 -printf '{_FIND_FORMAT}'"
+        result = ssh.pool.run(self.target, command, timeout_s=120, max_output_bytes=(limit + 1) * _FIND_BYTES_PER_ENTRY)
+        records = result.stdout.split("\0")
+        records.pop()  # what follows the last NUL: nothing, or a record cut short by the output limit
+        entries: list[Entry] = []
+        top = None
+        for record in records:
+            fields = record.split("\t", 5)
+            if len(fields) != 6:
+                raise OSError(f"find printed what this reader does not understand: {record[:100]!r}")
+            depth, kind, size, mtime, inode, name = fields
+            entry = Entry(name, _KINDS.get(kind, "other"), int(size), float(mtime), inode)
+            if depth == "0":
+                top = entry
+            else:
+                entries.append(entry)
+        if top is None:
+            raise OSError(result.stderr.strip() or f"find {path} failed")
+        # A link loop or an unreadable entry makes find complain on stderr and exit 1; the rest is still listed.
+        problems = [line.removeprefix("find: ") for line in result.stderr.splitlines() if line.strip()]
+        truncated = result.truncated or len(entries) > limit
+        return Listing(top, sorted(entries[:limit], key=lambda e: e.name), problems, truncated)
+
+
+def _quoted(path: str) -> str:
+    """Every path that reaches the remote shell is an absolute path of the allow-listed characters, then quoted."""
+    absolute_path(path)
+    return shlex.quote(path)
 
 
 def cluster_reader(user: User, cluster: Cluster) -> SSHReader:
@@ -102,7 +190,7 @@ def inspect(path: str, reader: Reader | None = None) -> Found:
     absolute_path(path)
     try:
         if reader.is_dir(path):
-            return _inspect_hf(path, reader)
+            return inspect_hf(path, reader)
         return _inspect_gguf(path, reader)
     except OSError as exc:
         raise ValidationError(f"cannot read {path}: {exc}") from None
@@ -111,18 +199,28 @@ def inspect(path: str, reader: Reader | None = None) -> Found:
 
 
 def _inspect_gguf(path: str, reader: Reader) -> Found:
-    size, n = reader.size(path), 4 << 20
+    size = reader.size(path)
+    return gguf_found(Path(path).name.removesuffix(".gguf"), gguf.combine([read_gguf(reader, path, size)]), size)
+
+
+def read_gguf(reader: Reader, path: str, size: int, first_bytes: int = 4 << 20) -> gguf.Shard:
+    """A GGUF file's header, read through a growing prefix (the weights never travel)."""
+    n = first_bytes
     while True:
         try:
-            info = gguf.read_header(reader.prefix(path, n))
-            break
+            return gguf.read_shard(reader.prefix(path, n))
         except gguf.NeedMoreBytes:
-            if n >= size or n >= 256 << 20:
+            if n >= size:
+                raise gguf.NeedMoreBytes(f"truncated: the file ends inside its header, at byte {size:,}") from None
+            if n >= 256 << 20:
                 raise
             n *= 4
+
+
+def gguf_found(stem: str, info: gguf.GGUFInfo, size: int) -> Found:
+    """The card and variant a GGUF header describes; the name is the file's (or tag's) stem less its quantisation."""
     if not info.file_type:
         raise gguf.GGUFError("the header does not say its file type (general.file_type)")
-    stem = Path(path).name.removesuffix(".gguf")
     name = _clean_name(re.sub(rf"[-._]{re.escape(info.file_type)}$", "", stem, flags=re.IGNORECASE) or info.name)
     return Found(
         name=name,
@@ -136,7 +234,7 @@ def _inspect_gguf(path: str, reader: Reader) -> Found:
     )
 
 
-def _inspect_hf(path: str, reader: Reader) -> Found:
+def inspect_hf(path: str, reader: Reader) -> Found:
     files = reader.listdir(path)
     if "config.json" not in files:
         raise hfconfig.HFConfigError("a model directory needs config.json")
@@ -160,7 +258,7 @@ def _inspect_hf(path: str, reader: Reader) -> Found:
         arch=info.arch,
         quant=info.quant,
         format=ModelVariant.Format.SAFETENSORS,
-        size_gib=round(size / GIB, 4) or round(info.params * 2 / GIB, 4),
+        size_gib=round(size / GIB, 4) or round(info.params * 2 / GIB, 4) or 0.0001,
         source=f"config.json ({info.arch_name}; parameters from {info.params_source})",
     )
 
@@ -183,35 +281,123 @@ class Added:
     variant: ModelVariant
     location: VariantLocation | None
     created: list[str]
+    changed: list[str] = field(default_factory=list)  # what differed on rows that were there: "variant size_gib"
 
 
 @transaction.atomic
-def add(found: Found, path: str, cluster: Cluster | None = None, name: str | None = None) -> Added:
-    """Create or update the card, the variant and (with a cluster) its location; validated like admin input."""
+def add(
+    found: Found,
+    path: str,
+    cluster: Cluster | None = None,
+    name: str | None = None,
+    ollama_tag: str = "",
+    card_too: bool = True,
+) -> Added:
+    """Create or update the card, the variant and (with a cluster) its location; validated like admin input.
+
+    An existing card is updated from the file unless card_too is False (a scan's second variant of a card it already
+    filled); an ollama tag, where given, goes with the path on the location (a GGUF blob both runtimes serve)."""
     created: list[str] = []
+    changed: list[str] = []
     card = ModelCard.objects.filter(name=name or found.name).first() or ModelCard(name=name or found.name)
     if card.pk is None:
         created.append(f"model card {card.name}")
-    card.family = found.family
-    card.set_architecture(found.arch)
-    if found.license and not card.license:  # an admin's own entry wins
-        card.license = found.license
-    card.full_clean()
-    card.save()
-    variant = ModelVariant.objects.filter(model=card, quantization=found.quant).first()
+    if card.pk is None or card_too:
+        before = _values(card)
+        card.family = found.family
+        card.set_architecture(found.arch)
+        if found.license and not card.license:  # an admin's own entry wins
+            card.license = found.license
+        card.full_clean()
+        _save(card, before, "model card", changed)
+    try:
+        quant = canonical_quant(found.quant)
+    except KeyError:
+        quant = found.quant  # the variant's validation names it
+    variant = ModelVariant.objects.filter(model=card, quantization=quant).first()
     if variant is None:
-        variant = ModelVariant(model=card, quantization=found.quant)
-        created.append(f"variant {found.quant}")
+        variant = ModelVariant(model=card, quantization=quant)
+        created.append(f"variant {quant}")
+    before = _values(variant)
     variant.format, variant.size_gib = found.format, found.size_gib
     variant.full_clean()
-    variant.save()
+    _save(variant, before, "variant", changed)
     location = None
     if cluster is not None:
         location = VariantLocation.objects.filter(variant=variant, cluster=cluster).first()
         if location is None:
             location = VariantLocation(variant=variant, cluster=cluster)
             created.append(f"location on {cluster.slug}")
+        before = _values(location)
         location.path = path
+        location.ollama_tag = ollama_tag or location.ollama_tag
         location.full_clean()
-        location.save()
-    return Added(card, variant, location, created)
+        _save(location, before, "location", changed)
+    return Added(card, variant, location, created, changed)
+
+
+def _values(obj: models.Model) -> dict[str, object]:
+    return {f.attname: getattr(obj, f.attname) for f in obj._meta.concrete_fields}
+
+
+def _save(obj: models.Model, before: dict[str, object], what: str, changed: list[str]) -> None:
+    """Write a new row, or an existing one where a field differs (naming those fields)."""
+    existed = obj.pk is not None
+    differs = [name for name, value in _values(obj).items() if before[name] != value]
+    if not existed or differs:
+        obj.save()
+    if existed and differs:
+        changed.append(f"{what} {', '.join(differs)}")
+
+
+@dataclass(frozen=True)
+class Located:
+    """A model found on a cluster: what its header says, where it lives, and its ollama tag if an ollama store holds
+    it."""
+
+    found: Found
+    path: str
+    ollama_tag: str = ""
+
+    def __str__(self) -> str:
+        where = f"{self.path} (ollama {self.ollama_tag})" if self.ollama_tag else self.path
+        return f"{self.found.name} {self.found.quant} ({self.found.format}, {self.found.size_gib:g} GiB) at {where}"
+
+
+@dataclass(frozen=True)
+class Outcome:
+    status: str  # "added", "updated", "unchanged" or "skipped"
+    what: str  # the model and where, or the path that was skipped
+    detail: str = ""  # what was created or changed, or why it was skipped
+
+    def __str__(self) -> str:
+        return f"{self.status:<9} {self.what}" + (f": {self.detail}" if self.detail else "")
+
+
+def add_all(located: list[Located], cluster: Cluster, dry_run: bool = False) -> list[Outcome]:
+    """Add what a scan found, in one transaction (rolled back for a dry run).
+
+    Each model is added whole or not at all: one that fails the catalog's validation is skipped with the reason and
+    the rest go on. A card takes its architecture from the first of its models in the list, so that a card with a
+    GGUF and a safetensors variant (whose headers count parameters a little differently) is unchanged by a rescan."""
+    outcomes: list[Outcome] = []
+    filled: set[str] = set()
+    with transaction.atomic():
+        for item in located:
+            try:
+                with transaction.atomic():
+                    added = add(item.found, item.path, cluster, ollama_tag=item.ollama_tag,
+                                card_too=item.found.name not in filled)  # fmt: skip
+            except ValidationError as exc:
+                outcomes.append(Outcome("skipped", str(item), text_of(exc)))
+                continue
+            filled.add(added.card.name)
+            if added.created:
+                outcomes.append(Outcome("added", str(item), ", ".join(added.created)))
+            elif added.changed:
+                outcomes.append(Outcome("updated", str(item), ", ".join(added.changed)))
+            else:
+                outcomes.append(Outcome("unchanged", str(item)))
+        if dry_run:
+            transaction.set_rollback(True)
+    return outcomes

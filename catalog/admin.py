@@ -14,7 +14,8 @@ from django.urls import URLPattern, path, reverse
 
 from catalog import architecture
 from catalog import discover as discovery
-from catalog.add_model import add, cluster_reader, inspect
+from catalog import scan as scanning
+from catalog.add_model import add, add_all, cluster_reader, inspect
 from catalog.inventory import DiscoverError
 from catalog.models import (
     Cluster,
@@ -65,7 +66,8 @@ class ClusterAdmin(admin.ModelAdmin[Cluster]):
     fieldsets = [
         (None, {"fields": ["name", "slug", "notes"]}),
         ("Login host", {"fields": ["login_host", "ssh_port", "host_key", "node_access"]}),
-        ("Slurm", {"fields": ["default_account"]}),
+        ("Slurm", {"fields": ["default_account", "slurm_cluster", "slurm_bin_dir"]}),
+        ("Staging weights on node-local storage", {"fields": ["stage_to", "stage_keep"]}),
         ("Per-user limits", {"fields": ["max_sessions_per_user", "max_gpus_per_user"]}),
         ("Discovery", {"fields": ["discovered_at", "discovered_with", "drift"]}),
     ]
@@ -78,7 +80,12 @@ class ClusterAdmin(admin.ModelAdmin[Cluster]):
 
     def get_urls(self) -> list[URLPattern]:
         view = self.admin_site.admin_view(self.discover)
-        return [path("<int:pk>/discover/", view, name="catalog_cluster_discover"), *super().get_urls()]
+        scan = self.admin_site.admin_view(self.scan_models)
+        return [
+            path("<int:pk>/discover/", view, name="catalog_cluster_discover"),
+            path("<int:pk>/scan/", scan, name="catalog_cluster_scan"),
+            *super().get_urls(),
+        ]
 
     def discover(self, request: HttpRequest, pk: int) -> HttpResponse:
         """What the cluster's Slurm says against the catalog (GET: read, change nothing); POST applies it through the
@@ -104,6 +111,30 @@ class ClusterAdmin(admin.ModelAdmin[Cluster]):
             return TemplateResponse(request, "admin/catalog/cluster/discover.html", context)
         context["plan"] = plan
         return TemplateResponse(request, "admin/catalog/cluster/discover.html", context)
+
+    def scan_models(self, request: HttpRequest, pk: int) -> HttpResponse:
+        """Scan directories on the cluster for models, as your cluster account (GET: the form): "preview" shows what
+        would be added, updated or skipped and changes nothing; "apply" adds it, as `manage.py catalog scan` does."""
+        cluster = get_object_or_404(Cluster, pk=pk)
+        if not self.has_change_permission(request, cluster):
+            return HttpResponseRedirect(reverse("admin:catalog_cluster_changelist"))
+        assert isinstance(request.user, User)  # admin_view let only signed-in staff through
+        form = ScanForm(request.POST or None)
+        context: dict[str, Any] = {**self.admin_site.each_context(request), "title": f"Scan {cluster.name} for models",
+                                   "opts": self.model._meta, "cluster": cluster, "form": form}  # fmt: skip
+        if request.method == "POST" and form.is_valid():
+            applying = "apply" in request.POST
+            try:
+                found = scanning.scan(form.cleaned_data["paths"], cluster_reader(request.user, cluster))
+                outcomes = add_all(found.models, cluster, dry_run=not applying)
+            except (ValidationError, ssh.SSHError) as exc:
+                form.add_error("paths", "; ".join(getattr(exc, "messages", [str(exc)])))
+            else:
+                context["lines"], context["summary"] = scanning.report(found, outcomes)
+                context["applied"] = applying
+                if applying:
+                    messages.success(request, f"{cluster.name}: {context['summary']}.")
+        return TemplateResponse(request, "admin/catalog/cluster/scan.html", context)
 
     @admin.display(boolean=True, description="host key pinned")
     def host_key_pinned(self, obj: Cluster) -> bool:
@@ -252,6 +283,17 @@ class AddFromFileForm(forms.Form):
         "Empty: read it on the portal host.",
     )
     name = forms.CharField(max_length=120, required=False, help_text="Model card name (default: from the file).")
+
+
+class ScanForm(forms.Form):
+    paths = forms.CharField(
+        widget=forms.Textarea(attrs={"rows": 4, "cols": 80}),
+        help_text="Absolute paths on the cluster, one per line: directories of GGUF files, Hugging Face model "
+        f"directories or ollama stores (walked {scanning.MAX_DEPTH} levels down), or single GGUF files.",
+    )
+
+    def clean_paths(self) -> list[str]:
+        return scanning.check_paths([line for line in self.cleaned_data["paths"].splitlines() if line.strip()])
 
 
 class VariantLocationInline(admin.TabularInline[VariantLocation, ModelVariant]):

@@ -1,4 +1,4 @@
-"""`manage.py catalog discover`: run inventory.COMMAND on a cluster as a user's account, compare with the catalog, and
+"""`manage.py catalog discover`: run inventory.command() on a cluster as a user's account, compare with the catalog, and
 apply what the admin accepts through the YAML importer. The parsing and comparing are catalog/inventory.py."""
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ def account_for(user: User, cluster: Cluster) -> ClusterAccount:
 
 def read_slurm(account: ClusterAccount) -> str:
     """What scontrol says, read over the pinned SSH connection as the account."""
-    result = ssh.pool.run(account.ssh_target(), inventory.COMMAND, timeout_s=TIMEOUT_S)
+    result = ssh.pool.run(account.ssh_target(), inventory.command(account.cluster.slurm_cli), timeout_s=TIMEOUT_S)
     if result.exit_code != 0:
         raise ValidationError(f"scontrol failed on {account.cluster.name}: {result.stderr.strip()[:300]}")
     return result.stdout

@@ -93,7 +93,25 @@ class _Skipped:
     length: int
 
 
+@dataclass(frozen=True)
+class Shard:
+    """One file's header: a whole model, or one file of a model split with llama.cpp's gguf-split, whose first file
+    holds the metadata and every file its own tensors."""
+
+    version: int
+    metadata: dict[str, Any]
+    tensors: int
+    params: int
+    tensor_bytes: int
+    tensor_names: frozenset[str]
+    data_end: int  # where the last tensor's data ends: a file shorter than this is truncated
+
+
 def read_header(prefix: bytes) -> GGUFInfo:
+    return combine([read_shard(prefix)])
+
+
+def read_shard(prefix: bytes) -> Shard:
     cursor = _Cursor(prefix)
     if cursor.take(4) != MAGIC:
         raise GGUFError("not a GGUF file (the first bytes are not 'GGUF')")
@@ -105,12 +123,12 @@ def read_header(prefix: bytes) -> GGUFInfo:
     for _ in range(kv_count):
         key = cursor.string()
         metadata[key] = cursor.value(cursor.unpack("<I"))
-    params = tensor_bytes = 0
+    params = tensor_bytes = data_bytes = 0
     names: set[str] = set()
     for _ in range(tensor_count):
         names.add(cursor.string())
         dims = [cursor.unpack("<Q") for _ in range(cursor.unpack("<I"))]
-        ggml_type, _offset = cursor.unpack("<I"), cursor.unpack("<Q")
+        ggml_type, offset = cursor.unpack("<I"), cursor.unpack("<Q")
         elements = math.prod(dims)
         params += elements
         try:
@@ -118,9 +136,21 @@ def read_header(prefix: bytes) -> GGUFInfo:
         except (ValueError, KeyError):
             raise GGUFError(f"unknown tensor type {ggml_type}") from None
         tensor_bytes += elements // block * size
+        data_bytes = max(data_bytes, offset + elements // block * size)
+    # The tensor data starts at the next multiple of general.alignment after the header (GGUF spec).
+    alignment = metadata.get("general.alignment")
+    alignment = alignment if isinstance(alignment, int) and alignment > 0 else 32
+    data_start = -(-cursor.pos // alignment) * alignment
+    return Shard(version, metadata, tensor_count, params, tensor_bytes, frozenset(names), data_start + data_bytes)
+
+
+def combine(shards: list[Shard]) -> GGUFInfo:
+    """The model the shards make together (the first one's metadata, everyone's tensors)."""
+    first, names = shards[0], frozenset().union(*(s.tensor_names for s in shards))
     # llama.cpp uses token_embd for the output head when a file has no output.weight (src/llama-model.cpp).
     tied = "output.weight" not in names if "token_embd.weight" in names else None
-    return _info(version, metadata, params, tensor_bytes, tied)
+    params, tensor_bytes = sum(s.params for s in shards), sum(s.tensor_bytes for s in shards)
+    return _info(first.version, first.metadata, params, tensor_bytes, tied)
 
 
 def _info(version: int, meta: dict[str, Any], params: int, tensor_bytes: int, tied: bool | None) -> GGUFInfo:

@@ -11,14 +11,23 @@ hand-written file. Partitions without GPUs are left out: the portal only places 
 
 from __future__ import annotations
 
+import math
 import re
 from collections import defaultdict
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-# What `manage.py catalog discover` runs on the login host, as the given user: one line per partition and per node.
-COMMAND = "scontrol show partition -o && echo @@nodes && scontrol show node -o"
+from catalog.slurm_cli import PLAIN, SlurmCli
+
 SEPARATOR = "@@nodes"
+
+
+def command(cli: SlurmCli = PLAIN) -> str:
+    """What `manage.py catalog discover` runs on the login host, as the given user: one line per partition and per
+    node (scontrol prints no `CLUSTER:` line with --clusters; `read` takes only the lines it knows anyway)."""
+    show = [cli.command("scontrol", "show", kind, "-o") for kind in ("partition", "node")]
+    return f"{show[0]} && echo {SEPARATOR} && {show[1]}"
+
 
 # Known GPUs by the GRES type names sites give them (lower case), with their memory as nvidia-smi reports it (GiB)
 # and a display name. A100 and H100 come in two sizes: the name decides, else a node feature naming the size, else
@@ -67,6 +76,32 @@ SIZED: dict[str, tuple[tuple[str, ...], str | None]] = {
     "h100": (("h100-94g", "h100-80g"), "h100-80g"),
     "v100": (("v100-32g", "v100-16g"), None),
 }
+
+# MIG slices: Slurm names a slice's GRES type after its MIG profile, "<slices>g.<size>gb", alone (1g.10gb) or behind
+# the GPU's name (a100_3g.20gb; AutoDetect=nvml reports nvidia_a100_3g.20gb), and "<n>c.<slices>g.<size>gb" for a
+# compute instance that shares its GPU instance's memory with others. The size in the name is rounded up to whole
+# GiB (NVIDIA's names; Slurm's nvml plugin rounds the same way when it builds one), and nvidia-smi reports a little
+# less: on an H100 80GB 9.75 GiB for 1g.10gb, 19.62 for 2g.20gb, 39.5 for 3g.40gb, 79.25 for 7g.80gb; 4.75 for an
+# A100 40GB's 1g.5gb. MIG_USABLE_SHARE rounded down to a quarter GiB stays at or under each of those.
+MIG_PROFILE = re.compile(r"(?:(?P<base>[a-z0-9][a-z0-9_.-]*?)[_-])?(?:(?P<ci>\d)c\.)?(?P<slices>\d)g\.(?P<gb>\d+)gb")
+MIG_USABLE_SHARE = 0.985
+MIG_USABLE_LESS_GIB = 0.1
+
+
+def mig_slice(gres_type: str) -> GPUSpec | None:
+    """The catalog's GPU type for a MIG slice's GRES type, with its memory from the profile; None when the name is
+    not a MIG profile. A compute instance (1c.3g.20gb) shares its memory, so the admin decides what it may use."""
+    key = gres_type.lower()
+    match = MIG_PROFILE.fullmatch(key)
+    if match is None:
+        return None
+    profile = key[match.start("ci") if match.group("ci") else match.start("slices") :]
+    base = (match.group("base") or "").removeprefix("nvidia_").removeprefix("nvidia-").replace("_", " ").upper()
+    display = f"NVIDIA {base + ' ' if base else ''}MIG {profile} slice"
+    if match.group("ci"):
+        return GPUSpec(key, key, "", (display + " (memory shared with other compute instances)")[:100], None)
+    memory_gib = math.floor((int(match.group("gb")) * MIG_USABLE_SHARE - MIG_USABLE_LESS_GIB) * 4) / 4
+    return GPUSpec(key, key, "", display[:100], memory_gib) if memory_gib >= 0.25 else None
 
 
 class DiscoverError(ValueError):
@@ -238,6 +273,9 @@ def gpu_spec(gres_type: str, features: frozenset[str]) -> GPUSpec:
     feature says it, else an unknown type named after the GRES type."""
     key = gres_type.lower() or "gpu"
     constraint = ""
+    mig = mig_slice(key)
+    if mig is not None:
+        return mig
     if key in SIZED:
         sizes, assumed = SIZED[key]
         sized = next((s for s in sizes if s in features), None)

@@ -32,6 +32,9 @@ class RuntimeRules:
     # Tensor parallel over a node's GPUs splits the attention heads: the GPUs per node must divide them (vLLM).
     splits_heads: bool = False
     serves_embeddings: bool = True  # a session can answer /v1/embeddings (the embeddings purpose)
+    # Its job can copy the model's files to node-local storage first (Cluster.stage_to); ollama loads from its own
+    # store (a GGUF it is given, it copies there itself).
+    stages_weights: bool = True
 
     @property
     def multi_node(self) -> bool:
@@ -79,6 +82,7 @@ RUNTIMES: dict[str, RuntimeRules] = {
             model_dir=True,
             needs_ollama_tag=True,
             kv_quant=True,
+            stages_weights=False,
         ),
         RuntimeRules(
             "vllm",

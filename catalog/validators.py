@@ -39,6 +39,10 @@ compute_capability = RegexValidator(
     r"^(?:\d{1,2}\.\d{1,2}|gfx[0-9a-f]{3,5})\Z",
     "Use a CUDA compute capability such as 8.0, or an AMD gfx target.",
 )
+stage_target = RegexValidator(
+    r"^(?:\$TMPDIR|/[A-Za-z0-9_.+@/-]*)\Z",
+    "Use $TMPDIR, /dev/shm or another absolute path of letters, digits and '_ . + @ / -'.",
+)
 tag = RegexValidator(r"^[a-z0-9][a-z0-9-]*\Z", "Tags use lowercase letters, digits and '-'.")
 
 

@@ -8,6 +8,7 @@ from django.core.validators import MaxValueValidator, MinValueValidator
 from django.db import models
 
 from catalog import validators as v
+from catalog.slurm_cli import SlurmCli
 
 
 class Cluster(models.Model):
@@ -26,6 +27,27 @@ class Cluster(models.Model):
     )
     node_access = models.CharField(max_length=10, choices=NodeAccess.choices, default=NodeAccess.TUNNEL)
     default_account = models.CharField(max_length=64, blank=True, validators=[v.slurm_account])
+    slurm_cluster = models.CharField(
+        "Slurm cluster name", max_length=64, blank=True, validators=[v.slurm_name],
+        help_text="For a login host that serves several Slurm clusters: every Slurm command gets --clusters=NAME "
+        "(Open OnDemand's job.cluster). Empty: the login host's own cluster.",
+    )  # fmt: skip
+    slurm_bin_dir = models.CharField(
+        "Slurm binaries", max_length=300, blank=True, validators=[v.absolute_path],
+        help_text="Directory of sbatch, squeue, scontrol... when they are not on the login shell's PATH "
+        "(Open OnDemand's job.bin). Empty: the PATH.",
+    )  # fmt: skip
+    stage_to = models.CharField(
+        "stage weights to", max_length=300, blank=True, validators=[v.stage_target],
+        help_text="Copy the model's files to node-local storage before the server starts: $TMPDIR, /dev/shm or an "
+        "absolute path on every node. Empty: load from where the model lives. A launch can turn it off.",
+    )  # fmt: skip
+    stage_keep = models.BooleanField(
+        "keep staged copies", default=True,
+        help_text="Keep a staged copy on the node for the user's next session (reused while its size and modification "
+        "time match the source; the oldest unused copies go first when space runs short). Off: removed when the "
+        "session ends.",
+    )  # fmt: skip
     max_sessions_per_user = models.PositiveIntegerField(
         null=True,
         blank=True,
@@ -53,6 +75,11 @@ class Cluster(models.Model):
 
     def __str__(self) -> str:
         return self.name
+
+    @property
+    def slurm_cli(self) -> SlurmCli:
+        """How every Slurm command the portal runs on the login host is called: its binaries, its --clusters."""
+        return SlurmCli(self.slurm_cluster, self.slurm_bin_dir)
 
     def clean(self) -> None:
         super().clean()

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import shlex
 import statistics
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -45,9 +44,10 @@ def refresh_cluster(cluster: Cluster, account: ClusterAccount | None = None) -> 
     account = account or account_for_cluster(cluster)
     if account is None:
         raise QueueError(f"no cluster account on {cluster.name} to ask its scheduler with")
+    cli = cluster.slurm_cli
     command = (
-        f"sinfo -h -N -O {shlex.quote(slurm.SINFO_GRES_OPTIONS)} && echo @@pending && "
-        f"squeue -h -t PENDING -o {shlex.quote(slurm.PENDING_DEMAND_FORMAT)}"
+        f"{cli.command('sinfo', '-h', '-N', '-O', slurm.SINFO_GRES_OPTIONS)} && echo @@pending && "
+        f"{cli.command('squeue', '-h', '-t', 'PENDING', '-o', slurm.PENDING_DEMAND_FORMAT)}"
     )
     result = ssh.pool.run(account.ssh_target(), command, timeout_s=60)
     if result.exit_code != 0 or "@@pending" not in result.stdout:
@@ -149,7 +149,7 @@ def slurm_estimate(
         return SlurmEstimate(cached[0], cached[1])
     if not _may_ask(asker):
         return SlurmEstimate(None, "not asked: you asked Slurm for many estimates this minute; try again shortly")
-    command = shlex.join(["sbatch", "--test-only", *args, "--wrap=true"])
+    command = account.cluster.slurm_cli.command("sbatch", "--test-only", *args, "--wrap=true")
     result = ssh.pool.run(account.ssh_target(), command, timeout_s=30)
     try:
         start = slurm.parse_test_only(result.stderr).start

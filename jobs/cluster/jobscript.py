@@ -19,6 +19,8 @@ SCRIPTS_DIR = Path(__file__).resolve().parent / "scripts"
 
 _SLURM_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")
 _ACCOUNT = re.compile(r"[A-Za-z0-9_.-]{0,64}\Z")
+# Where staging copies the weights: the job's $TMPDIR (resolved on the node) or an absolute path.
+_STAGE_TO = re.compile(r"(?:\$TMPDIR|/[A-Za-z0-9_.+@/-]*)\Z")
 _UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\Z")
 
 
@@ -55,6 +57,9 @@ class JobSpec:
     modules: tuple[str, ...] = ()
     default_flags: tuple[str, ...] = ()
     extra_flags: tuple[str, ...] = ()
+    # Copy the model's files to node-local storage first (common.sh stage_model); "": load them where they are.
+    stage_to: str = ""
+    stage_keep: bool = True  # keep the copy for the next session on the node
     gpu_layers: int = 999
     gpu_memory_utilization: float = 0.90
     ready_timeout_s: int = 1800
@@ -120,6 +125,8 @@ def assignments(spec: JobSpec) -> list[str]:
         "GPU_LAYERS": _positive(spec.gpu_layers, "GPU layers"),
         "GPU_MEMORY_UTILIZATION": f"{spec.gpu_memory_utilization:.2f}",
         "READY_TIMEOUT_S": _positive(spec.ready_timeout_s, "ready timeout"),
+        "STAGE_TO": _check(_STAGE_TO, spec.stage_to, "staging directory") if spec.stage_to else "",
+        "STAGE_KEEP": int(spec.stage_keep),
     }
     lines = [f"{name}={shlex.quote(str(value))}" for name, value in scalars.items()]
     lines += [

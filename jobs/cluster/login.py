@@ -16,7 +16,9 @@ class LoginCheck:
 
 def check(account: ClusterAccount) -> LoginCheck:
     try:
-        result = ssh.pool.run(account.ssh_target(), "sinfo -h -o %P", timeout_s=20)
+        result = ssh.pool.run(
+            account.ssh_target(), account.cluster.slurm_cli.command("sinfo", "-h", "-o", "%P"), timeout_s=20
+        )
     except ssh.SSHError as exc:
         return LoginCheck(False, str(exc))
     if not result.ok:

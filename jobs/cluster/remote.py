@@ -15,6 +15,7 @@ import shlex
 import tarfile
 from dataclasses import dataclass, field
 
+from catalog.slurm_cli import PLAIN, SlurmCli
 from jobs.cluster import slurm
 
 SESSIONS_DIR = "$HOME/.hpc-llm-portal/sessions"
@@ -39,7 +40,7 @@ exec 9>"$d/.submit.lock"
 flock -w 60 9 || { echo "another submit of this session is still running" >&2; exit 75; }
 if [ -e "$d/cancelled" ]; then echo "cancelled"; cat >/dev/null; exit 0; fi
 if [ -s "$d/job_id" ]; then echo "existing $(cat "$d/job_id")"; cat >/dev/null; exit 0; fi
-found=$(squeue -h -u "$(id -un)" -n "$name" -o %i 2>/dev/null | head -n 1)
+found=$(squeue -h -u "$(id -un)" -n "$name" -o %i 2>/dev/null | grep -E '^[0-9]' | head -n 1)
 if [ -n "$found" ]; then echo "$found" >"$d/job_id"; echo "existing $found"; cat >/dev/null; exit 0; fi
 cat >"$d/.upload.tar"
 echo "$sum  $d/.upload.tar" | sha256sum -c --status || { echo "the upload was incomplete" >&2; exit 75; }
@@ -153,6 +154,7 @@ for pair in "$@"; do
   if [ -n "$jid" ] && [ "$rc" -eq 0 ] && [ -z "${listed[$jid]+x}" ]; then gone+=("$jid"); fi
   d="$base/$sid"
   if [ -f "$d/connection.json" ]; then echo "@@connection $sid"; head -c 4096 "$d/connection.json"; echo; fi
+  if [ -f "$d/staging.json" ]; then echo "@@staging $sid"; head -c 4096 "$d/staging.json" | tr -d '@'; echo; fi
   if [ -f "$d/error" ]; then echo "@@error $sid"; head -c 2000 "$d/error" | tr -d '@'; echo; fi
   for f in "$d"/batch/*/progress.json; do
     [ -f "$f" ] || continue
@@ -207,10 +209,10 @@ def tar_payload(files: dict[str, tuple[str, int]]) -> SubmitPayload:
     return SubmitPayload(stdin=data, sha256=hashlib.sha256(data).hexdigest())
 
 
-def submit_command(session_id: str, sha256: str) -> str:
+def submit_command(session_id: str, sha256: str, cli: SlurmCli = PLAIN) -> str:
     if not _UUID.match(session_id) or not re.fullmatch(r"[0-9a-f]{64}", sha256):
         raise ValueError("bad session id or checksum")
-    return shlex.join(["bash", "-c", SUBMIT_SCRIPT, "submit", session_id, sha256])
+    return shlex.join(["bash", "-c", cli.script(SUBMIT_SCRIPT), "submit", session_id, sha256])
 
 
 @dataclass(frozen=True)
@@ -242,19 +244,19 @@ def sbatch_is_transient(stderr: str) -> bool:
     return bool(_TRANSIENT_SBATCH.search(stderr))
 
 
-def cancel_command(session_id: str, job_id: str) -> str:
+def cancel_command(session_id: str, job_id: str, cli: SlurmCli = PLAIN) -> str:
     if not _UUID.match(session_id) or (job_id and not _JOB_ID.match(job_id)):
         raise ValueError(f"bad session or job id: {session_id!r} {job_id!r}")
-    return shlex.join(["bash", "-c", CANCEL_SCRIPT, "cancel", session_id, job_id])
+    return shlex.join(["bash", "-c", cli.script(CANCEL_SCRIPT), "cancel", session_id, job_id])
 
 
-def poll_command(pairs: list[tuple[str, str]]) -> str:
+def poll_command(pairs: list[tuple[str, str]], cli: SlurmCli = PLAIN) -> str:
     args = []
     for session_id, job_id in pairs:
         if not _UUID.match(session_id) or (job_id and not _JOB_ID.match(job_id)):
             raise ValueError(f"bad session or job id: {session_id!r} {job_id!r}")
         args.append(f"{session_id}:{job_id}")
-    return shlex.join(["bash", "-c", POLL_SCRIPT, "poll", *args])
+    return shlex.join(["bash", "-c", cli.script(POLL_SCRIPT), "poll", *args])
 
 
 @dataclass
@@ -270,6 +272,7 @@ class PollResult:
     connections: dict[str, dict[str, object]] = field(default_factory=dict)  # session id -> connection.json
     errors: dict[str, str] = field(default_factory=dict)  # session id -> error file
     progress: dict[str, dict[str, object]] = field(default_factory=dict)  # batch run id -> its progress.json
+    staging: dict[str, dict[str, object]] = field(default_factory=dict)  # session id -> its staging.json
     batch_errors: dict[str, str] = field(default_factory=dict)  # batch run id -> why the job gave its runner up
     positions: dict[tuple[str, str], int] = field(default_factory=dict)  # (partition, job id) -> place in its queue
     # Node name -> the names it answers to: itself, Slurm's NodeAddr and NodeHostName.
@@ -291,6 +294,16 @@ class PollResult:
 
 
 _SACCT_FIELDS = ("JobID", "JobName", "JobState", "ExitCode", "StartTime", "EndTime", "NodeList", "Reason")
+
+
+def _json_object(content: str) -> dict[str, object] | None:
+    """A JSON object the job wrote (connection.json, staging.json, progress.json); None for anything else. They are
+    written atomically: a torn read means the next poll sees the file whole."""
+    try:
+        data = json.loads(content)
+    except json.JSONDecodeError:
+        return None
+    return data if isinstance(data, dict) else None
 
 
 def parse_poll(text: str) -> PollResult:
@@ -332,19 +345,14 @@ def parse_poll(text: str) -> PollResult:
             elif "Invalid job id" in content:
                 result.asked_gone.add(job_id)
         elif kind == "connection" and args and _UUID.match(args[0]):
-            try:
-                data = json.loads(content)
-            except json.JSONDecodeError:
-                continue  # written atomically; a torn read means the next poll sees it whole
-            if isinstance(data, dict):
+            if (data := _json_object(content)) is not None:
                 result.connections[args[0]] = data
+        elif kind == "staging" and args and _UUID.match(args[0]):
+            if (data := _json_object(content)) is not None:
+                result.staging[args[0]] = data
         elif kind == "progress" and len(args) == 2 and _UUID.match(args[0]) and _UUID.match(args[1]):
-            try:
-                report = json.loads(content)
-            except json.JSONDecodeError:
-                continue  # written atomically; as for connection.json
-            if isinstance(report, dict):
-                result.progress[args[1]] = report
+            if (data := _json_object(content)) is not None:
+                result.progress[args[1]] = data
         elif kind == "batcherror" and len(args) == 2 and _UUID.match(args[0]) and _UUID.match(args[1]):
             result.batch_errors[args[1]] = content
         elif kind == "error" and args and _UUID.match(args[0]):

@@ -10,9 +10,10 @@ Checked against Slurm 22.05 (Debian 12) on the local test cluster; the forms are
 from __future__ import annotations
 
 import re
-import shlex
 from dataclasses import dataclass
 from datetime import datetime
+
+from catalog.slurm_cli import PLAIN, SlurmCli, is_cluster_header
 
 JOB_NAME_PREFIX = "hpcllm-"
 
@@ -53,14 +54,14 @@ def job_name(session_id: str) -> str:
     return f"{JOB_NAME_PREFIX}{session_id}"
 
 
-def squeue_command(*, job_names: list[str] | None = None, user: str | None = None) -> str:
+def squeue_command(*, job_names: list[str] | None = None, user: str | None = None, cli: SlurmCli = PLAIN) -> str:
     """squeue for the given job names (or a user's jobs), one "|"-separated line per job, all states."""
-    words = ["squeue", "--noheader", "--states=all", f"--format={SQUEUE_FORMAT}"]
+    words = ["--noheader", "--states=all", f"--format={SQUEUE_FORMAT}"]
     if job_names:
         words.append("--name=" + ",".join(job_names))
     if user:
         words.append(f"--user={user}")
-    return " ".join(shlex.quote(word) for word in words)
+    return cli.command("squeue", *words)
 
 
 @dataclass(frozen=True)
@@ -88,7 +89,7 @@ def parse_squeue(text: str) -> tuple[list[QueuedJob], list[str]]:
     # Only "\n" ends a record: splitlines() would also split on characters a job name may contain (\x1e, \x85).
     for line in text.split("\n"):
         line = line.removesuffix("\r")
-        if not line.strip():
+        if not line.strip() or is_cluster_header(line):  # "CLUSTER: NAME" when asked with --clusters
             continue
         parts = line.split("|")
         if len(parts) != len(SQUEUE_FIELDS) or not re.fullmatch(r"\d+(_\d+)?", parts[0]):
@@ -303,7 +304,7 @@ def parse_sinfo_gres(text: str) -> tuple[list[NodeGres], list[str]]:
     nodes: list[NodeGres] = []
     bad: list[str] = []
     for line in text.split("\n"):
-        if not line.strip():
+        if not line.strip() or is_cluster_header(line):
             continue
         parts = line.split("|")
         if len(parts) < 6:

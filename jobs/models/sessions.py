@@ -134,6 +134,13 @@ class LLMSession(models.Model):
         validators=[RegexValidator(r"^[A-Za-z0-9][A-Za-z0-9_.-]*\Z")],
         help_text="A short name scripts may use as the model instead of the uuid.",
     )
+    skip_staging = models.BooleanField(
+        "load from the shared path", default=False,
+        help_text="do not copy the weights to node-local storage first, where the cluster does",
+    )  # fmt: skip
+    # The job's report of its node-local copy of the weights (common.sh stage_model, staging.json): state, bytes,
+    # total, seconds, where from and to. Empty while nothing was staged.
+    staging = models.JSONField(default=dict, blank=True, editable=False)
     last_activity_at = models.DateTimeField(null=True, blank=True)
     idle_cancel_min = models.PositiveIntegerField(
         "cancel after idle minutes",

@@ -123,6 +123,7 @@ class ChoicesForm(forms.Form):
     walltime = kept("walltime_min", required=False)
     idle_cancel = kept("idle_cancel_min")
     notify = kept("notify_email")
+    no_staging = kept("skip_staging")
     alias = kept("alias")
 
     card: ModelCard

@@ -19,6 +19,7 @@ from django.db import transaction
 from django.utils import timezone
 
 from catalog.models import ClusterAccount
+from catalog.slurm_cli import PLAIN, SlurmCli
 from jobs.models import GroupSource
 from portal import ssh
 
@@ -31,14 +32,15 @@ class SourceError(Exception):
     """The cluster could not say who is in the group or account."""
 
 
-def lookup_command(kind: str, name: str) -> str:
+def lookup_command(kind: str, name: str, cli: SlurmCli = PLAIN) -> str:
     """The command that names the cluster users of a group or Slurm account."""
     if not _NAME.match(name):
         raise ValueError(f"not a group or account name: {name!r}")
     if kind == GroupSource.Kind.UNIX_GROUP:
         return f"getent group {shlex.quote(name)}"  # NSS (files, LDAP, SSSD), as logins see it
     if kind == GroupSource.Kind.SLURM_ACCOUNT:
-        return f"sacctmgr --noheader --parsable2 show associations account={shlex.quote(name)} format=User"
+        query = [f"account={name}", *cli.cluster_filter(), "format=User"]
+        return cli.command("sacctmgr", "--noheader", "--parsable2", "show", "associations", *query)
     raise ValueError(f"unknown source kind {kind!r}")
 
 
@@ -57,7 +59,9 @@ def read_source(source: GroupSource) -> set[str]:
     """The cluster user names the source names now. Raises SourceError."""
     try:
         result = ssh.pool.run(
-            source.account.ssh_target(), lookup_command(source.kind, source.name), timeout_s=LOOKUP_TIMEOUT_S
+            source.account.ssh_target(),
+            lookup_command(source.kind, source.name, source.account.cluster.slurm_cli),
+            timeout_s=LOOKUP_TIMEOUT_S,
         )
     except ssh.SSHError as exc:
         raise SourceError(f"cannot reach {source.account.cluster}: {exc}") from exc

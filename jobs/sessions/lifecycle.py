@@ -9,6 +9,7 @@ the submit is claimed by one too. A failing SSH connection or scheduler command 
 from __future__ import annotations
 
 import logging
+import math
 import re
 import shlex
 import uuid
@@ -26,7 +27,7 @@ from jobs.batch import progress as batch_progress
 from jobs.cluster import backend, jobscript, remote, slurm
 from jobs.models import END_STATES, POLLED_STATES, BatchRun, LLMSession, Purpose, SessionEvent, State, transition
 from jobs.operations import metrics
-from jobs.sessions import notify
+from jobs.sessions import notify, staging
 from portal import crypto, ssh
 
 log = logging.getLogger(__name__)
@@ -40,6 +41,11 @@ def job_spec(session: LLMSession) -> jobscript.JobSpec:
     location = VariantLocation.objects.get(variant=session.variant, cluster=session.cluster)
     gpu = session.gpu_type
     run = BatchRun.objects.filter(session=session, ends_session=True).first()
+    stage_to = session.cluster.stage_to if session.runtime.rules.stages_weights and not session.skip_staging else ""
+    memory_gib = session.memory_gib
+    if stage_to.startswith("/dev/shm"):
+        # A copy in memory counts against the job's memory (its cgroup on most sites): ask for room for it too.
+        memory_gib += math.ceil(session.variant.size_gib)
     return jobscript.JobSpec(
         session_id=str(session.pk),
         runtime=session.runtime.kind,
@@ -50,7 +56,7 @@ def job_spec(session: LLMSession) -> jobscript.JobSpec:
         gres_type=gpu.gres_type or gpu.name,
         constraint=gpu.constraint,
         cpus_per_node=session.cpus_per_node,
-        memory_gib=session.memory_gib,
+        memory_gib=memory_gib,
         walltime_min=session.walltime_min,
         binary=cluster_runtime.binary,
         rpc_binary=cluster_runtime.rpc_binary,
@@ -64,6 +70,8 @@ def job_spec(session: LLMSession) -> jobscript.JobSpec:
         replicas=run.replicas if run else 1,
         model_path=location.path,
         ollama_tag=location.ollama_tag,
+        stage_to=stage_to,
+        stage_keep=session.cluster.stage_keep,
         modules=tuple(cluster_runtime.modules.split()),
         default_flags=tuple(shlex.split(session.runtime.default_flags)),
         extra_flags=tuple(shlex.split(cluster_runtime.extra_flags)),
@@ -135,7 +143,7 @@ def submit(session_id: str, claim: str | None) -> Submitted:
         with BatchRun.objects.get(pk=spec.batch_run).requests.open("rb") as requests:
             files[f"batch/{spec.batch_run}/requests.jsonl"] = requests.read().decode()
     payload = remote.submit_payload(script, session.api_key, files)
-    command = remote.submit_command(session_id, payload.sha256)
+    command = remote.submit_command(session_id, payload.sha256, session.account.cluster.slurm_cli)
     try:
         result = ssh.pool.run(session.account.ssh_target(), command, stdin=payload.stdin, timeout_s=120)
     except ssh.SSHError as exc:
@@ -223,7 +231,9 @@ def cancel(session_id: str) -> str | None:
         return State.CANCELLED
     try:
         result = ssh.pool.run(
-            session.account.ssh_target(), remote.cancel_command(session_id, session.job_id), timeout_s=90
+            session.account.ssh_target(),
+            remote.cancel_command(session_id, session.job_id, session.account.cluster.slurm_cli),
+            timeout_s=90,
         )
     except ssh.SSHError as exc:
         metrics.ssh_error(session.account.cluster.slug, "cancel")
@@ -272,7 +282,7 @@ def poll(account_id: int) -> dict[str, int]:
     )
     if not sessions:
         return {"sessions": 0}
-    command = remote.poll_command([(str(s.pk), s.job_id) for s in sessions])
+    command = remote.poll_command([(str(s.pk), s.job_id) for s in sessions], account.cluster.slurm_cli)
     try:
         with metrics.polling(account.cluster.slug):
             result = ssh.pool.run(account.ssh_target(), command, timeout_s=60)
@@ -290,6 +300,7 @@ def poll(account_id: int) -> dict[str, int]:
     if seen:
         LLMSession.objects.filter(pk__in=seen).update(last_seen_at=timezone.now())
     changed = sum(apply_poll(session, polled) for session in sessions)
+    _record_staging(sessions, polled.staging)
     ended_runs: list[str] = []
     if polled.progress or polled.batch_errors:
         ended_runs += batch_progress.apply([str(s.pk) for s in sessions], polled.progress, polled.batch_errors)
@@ -298,6 +309,15 @@ def poll(account_id: int) -> dict[str, int]:
         notify.batch_ended(run_id)
     _repeat_lost_cancels(account, sessions, polled)
     return {"sessions": len(sessions), "changed": changed}
+
+
+def _record_staging(sessions: list[LLMSession], reports: dict[str, dict[str, object]]) -> None:
+    """Each job's staging report, kept when it changed (the card's progress line reads it)."""
+    for session in sessions:
+        raw = reports.get(str(session.pk))
+        report = staging.clean(raw) if raw is not None else None
+        if report is not None and report != session.staging:
+            LLMSession.objects.filter(pk=session.pk).update(staging=report)
 
 
 def _repeat_lost_cancels(account: ClusterAccount, sessions: list[LLMSession], polled: remote.PollResult) -> None:
@@ -311,7 +331,7 @@ def _repeat_lost_cancels(account: ClusterAccount, sessions: list[LLMSession], po
     if job_ids:
         log.warning("repeating scancel for %s on %s", job_ids, account.cluster.slug)
         try:
-            ssh.pool.run(account.ssh_target(), "scancel " + " ".join(shlex.quote(j) for j in job_ids), timeout_s=30)
+            ssh.pool.run(account.ssh_target(), account.cluster.slurm_cli.command("scancel", *job_ids), timeout_s=30)
         except ssh.SSHError as exc:
             metrics.ssh_error(account.cluster.slug, "cancel")
             log.warning("scancel failed: %s", exc)

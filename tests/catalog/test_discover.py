@@ -156,3 +156,35 @@ def test_allowed_accounts_and_node_features_are_discovered(example_catalog: Path
         NodeGroup.objects.get(partition=Partition.objects.get(cluster=local, name="gpu_devel")).features
         == "h100,nvlink"
     )
+
+
+@pytest.mark.parametrize(
+    ("gres", "memory_gib", "display"),
+    [
+        ("1g.10gb", 9.75, "NVIDIA MIG 1g.10gb slice"),  # nvidia-smi: 9.75 GiB on an H100
+        ("3g.40gb", 39.25, "NVIDIA MIG 3g.40gb slice"),  # 39.5
+        ("nvidia_a100_3g.40gb", 39.25, "NVIDIA A100 MIG 3g.40gb slice"),  # AutoDetect=nvml's name
+        ("a100_1g.5gb", 4.75, "NVIDIA A100 MIG 1g.5gb slice"),  # 4.75 on an A100 40GB
+        ("2g.20gb", 19.5, "NVIDIA MIG 2g.20gb slice"),  # 19.62
+        ("7g.80gb", 78.5, "NVIDIA MIG 7g.80gb slice"),  # 79.25
+    ],
+)
+def test_mig_slices_take_their_memory_from_the_profile_and_say_they_are_slices(
+    gres: str, memory_gib: float, display: str
+) -> None:
+    spec = inventory.gpu_spec(gres, frozenset())
+    assert (spec.name, spec.gres_type, spec.memory_gib, spec.display_name) == (gres, gres, memory_gib, display)
+    assert spec.memory_gib is not None and spec.memory_gib < int(gres.rsplit(".", 1)[1].removesuffix("gb"))
+
+
+def test_a_mig_compute_instance_shares_its_memory_so_the_admin_says_how_much() -> None:
+    spec = inventory.gpu_spec("1c.3g.20gb", frozenset())
+    assert spec.memory_gib is None and "shared" in spec.display_name
+    assert inventory.mig_slice("a100") is None and inventory.mig_slice("a100_80gb") is None
+
+
+def test_a_node_with_mig_slices_gives_a_node_group_per_profile() -> None:
+    text = edited(LOCAL, "Gres=gpu:a100:2", "Gres=gpu:a100_3g.40gb:2,gpu:a100_1g.10gb:3")
+    found = inventory.discover(text)
+    slices = {g.name: g.memory_gib for g in found.gpu_types if "_" in g.name}
+    assert slices == {"a100_3g.40gb": 39.25, "a100_1g.10gb": 9.75}

@@ -10,8 +10,10 @@ from typing import Any
 
 from catalog.models import ClusterAccount
 from jobs.models import LLMSession
-from jobs.tasks import poll_account
+from jobs.sessions.actions import launch
+from jobs.tasks import poll_account, submit_session
 from portal import ssh
+from tests.conftest import LAUNCH
 
 
 def local_account(user: Any, local: dict[str, Any]) -> ClusterAccount:
@@ -23,6 +25,15 @@ def local_account(user: Any, local: dict[str, Any]) -> ClusterAccount:
     account.set_private_key(Path(local["private_key"]).read_text())
     account.save()
     return account
+
+
+def start(owner: Any, django_capture_on_commit_callbacks: Any, **changes: Any) -> LLMSession:
+    """Launch a session of tests.conftest.LAUNCH with these changes and submit it here, as the worker would."""
+    with django_capture_on_commit_callbacks(execute=False):
+        session = launch(owner, {**LAUNCH, **changes})
+    submit_session.apply(args=(str(session.pk),))
+    session.refresh_from_db()
+    return session
 
 
 def shell(local: dict[str, Any], command: str) -> ssh.CommandResult:

@@ -12,6 +12,7 @@ import pytest
 from django.core.management import call_command
 from django.test import Client
 
+from catalog import discover
 from catalog.models import Cluster, NodeGroup, Partition
 from jobs import tasks
 from portal import ssh
@@ -92,3 +93,38 @@ def test_rediscovery_keeps_the_drift_and_changes_nothing_else(local_catalog: dic
     assert "gone  partition retired" in local.drift
     assert Partition.objects.get(cluster=local, name="gpu").max_walltime_min == 60  # reported, not applied
     assert Partition.objects.get(cluster=local, name="retired").missing_since is not None
+
+
+def scontrol(*args: str) -> None:
+    subprocess.run(["scontrol", *args], check=True, capture_output=True, text=True)
+
+
+def test_after_the_clusters_config_changes_the_diff_names_exactly_what_changed(
+    local_catalog: dict[str, Any], owner: Any
+) -> None:
+    """The live cluster changes as an admin would change it (scontrol, as root here): a partition's limit, a new
+    partition, a node's features. Discovery names those and nothing else; the config is put back afterwards."""
+    local_account(owner, local_catalog)
+    call_command("catalog", "discover", "local", "--user", "ada", "--yes", stdout=StringIO())
+    local = Cluster.objects.get(slug="local")
+    try:
+        scontrol("update", "PartitionName=gpu_devel", "MaxTime=03:00:00")
+        scontrol("create", "PartitionName=portaltest", "Nodes=node1", "MaxTime=00:20:00", "State=UP")
+        scontrol("update", "NodeName=node3", "AvailableFeatures=h100,nvlink", "ActiveFeatures=h100,nvlink")
+        found = discover.plan(local, discover.read_slurm(discover.account_for(owner, local)))
+    finally:
+        subprocess.run(["scontrol", "delete", "PartitionName=portaltest"], capture_output=True)
+        subprocess.run(["scontrol", "update", "PartitionName=gpu_devel", "MaxTime=02:00:00"], capture_output=True)
+        subprocess.run(
+            ["scontrol", "update", "NodeName=node3", "AvailableFeatures=h100", "ActiveFeatures=h100"],
+            capture_output=True,
+        )
+        ssh.pool.close_all()
+    assert sorted(map(str, found.changes)) == sorted(
+        [
+            "  added  partition portaltest: max 20 min; 1 x 2 a100-80g",
+            "changed  partition gpu_devel: max_walltime_min 120 -> 180",
+            "changed  node group gpu/h100 x 2: features ['h100'] -> ['h100', 'nvlink']",
+            "changed  node group gpu_devel/h100 x 2: features ['h100'] -> ['h100', 'nvlink']",
+        ]
+    )

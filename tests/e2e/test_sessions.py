@@ -28,10 +28,10 @@ from jobs.cluster import backend, remote
 from jobs.models import ApiToken, Conversation, LLMSession, State
 from jobs.sessions import lifecycle
 from jobs.sessions.actions import launch, request_cancel
-from jobs.tasks import cancel_session, submit_session
+from jobs.tasks import cancel_session
 from portal import ssh
 from tests.conftest import LAUNCH, LOCAL_CLUSTER_SCRIPT
-from tests.e2e.sessions import cancel_all_jobs, drive, jobs_named, local_account, shell
+from tests.e2e.sessions import cancel_all_jobs, drive, jobs_named, local_account, shell, start
 
 pytestmark = [pytest.mark.e2e, pytest.mark.django_db]
 
@@ -42,14 +42,6 @@ def account(local_catalog: dict[str, Any], owner: Any) -> Iterator[ClusterAccoun
     cancel_all_jobs()
     ssh.pool.close_all()
     backend.close_forwards()
-
-
-def start(owner: Any, django_capture_on_commit_callbacks: Any, **changes: Any) -> LLMSession:
-    with django_capture_on_commit_callbacks(execute=False):
-        session = launch(owner, {**LAUNCH, **changes})
-    submit_session.apply(args=(str(session.pk),))
-    session.refresh_from_db()
-    return session
 
 
 def squeue_states(name: str) -> list[str]:

@@ -7,10 +7,12 @@ from typing import Any
 from django.core.exceptions import ValidationError
 from django.core.management.base import BaseCommand, CommandError
 
-from catalog import discover
-from catalog.add_model import add, cluster_reader, inspect
+from catalog import discover, ood
+from catalog.add_model import add, add_all, cluster_reader, inspect
 from catalog.inventory import DiscoverError as InventoryError
 from catalog.models import Cluster
+from catalog.scan import report as scan_report
+from catalog.scan import scan
 from catalog.yaml_io import CatalogImportError, export_catalog, import_file
 from portal.errors import text_of
 from portal.ssh import SSHError
@@ -40,6 +42,18 @@ class Command(BaseCommand):
         disc.add_argument("--user", required=True, help="the portal user whose cluster account runs scontrol")
         disc.add_argument("--yes", action="store_true", help="apply the changes (new GPU types need their memory)")
         disc.add_argument("--yaml", metavar="FILE", help="write the YAML the import would take, to review or edit")
+        oodi = sub.add_parser(
+            "ood-import", help="Create or update clusters from Open OnDemand's clusters.d files, all or nothing."
+        )
+        oodi.add_argument("paths", nargs="+", metavar="FILE_OR_DIR", help="cluster .yml files or clusters.d folders")
+        oodi.add_argument("--dry-run", action="store_true", help="Check and report, then roll everything back.")
+        scn = sub.add_parser(
+            "scan", help="Find GGUF files, Hugging Face directories and ollama stores on a cluster; add them as models."
+        )
+        scn.add_argument("cluster", help="the cluster's slug")
+        scn.add_argument("paths", nargs="+", metavar="PATH", help="absolute paths of directories (or files) to scan")
+        scn.add_argument("--user", required=True, help="the portal user whose cluster account reads the files")
+        scn.add_argument("--dry-run", action="store_true", help="show what would be added or updated, change nothing")
 
     def handle(self, *args: Any, **options: Any) -> None:
         if options["action"] == "import":
@@ -48,6 +62,10 @@ class Command(BaseCommand):
             self._add_model(options)
         elif options["action"] == "discover":
             self._discover(options)
+        elif options["action"] == "scan":
+            self._scan(options)
+        elif options["action"] == "ood-import":
+            self._ood_import(options["paths"], options["dry_run"])
         else:
             self._export(options["file"])
 
@@ -89,6 +107,36 @@ class Command(BaseCommand):
         for line in report.lines():
             self.stdout.write(line)
 
+    def _ood_import(self, paths: list[str], dry_run: bool) -> None:
+        try:
+            found = ood.read(paths)
+            for line in found.skipped:
+                self.stdout.write(f"  skipped  {line}")
+            if not found.clusters:
+                raise CommandError("no Slurm cluster with a login host in these files; nothing was changed.")
+            imported = ood.import_clusters(found, dry_run=dry_run)
+        except ood.OodError as exc:
+            raise CommandError(f"{exc}\nNothing was changed.") from None
+        except CatalogImportError as exc:
+            errors = "\n".join(f"{e.file}: {e.path + ': ' if e.path else ''}{e.message}" for e in exc.errors)
+            raise CommandError(f"{errors}\nNothing was changed.") from None
+        report = imported.report
+        for kind, names in (("created", report.created), ("updated", report.updated), ("unchanged", report.unchanged)):
+            for name in names.get("clusters", []):
+                self.stdout.write(f"{kind:>9}  cluster {name}")
+        for cluster in found.clusters:
+            for note in cluster.notes:
+                self.stdout.write(f"     note  {cluster.source}: {note}")
+        for slug in imported.cleared:
+            self.stdout.write(self.style.WARNING(f"{slug}: its login host changed; its old host key was dropped."))
+        if imported.need_host_key:
+            self.stdout.write(self.style.WARNING(
+                f"Pin the host key of {', '.join(imported.need_host_key)} before use (admin: the cluster's host key): "
+                "none is taken from OnDemand's files. Check its fingerprint with the site, as for any cluster."
+            ))  # fmt: skip
+        if dry_run:
+            self.stdout.write(self.style.WARNING("Dry run: the catalog was not changed."))
+
     def _add_model(self, o: dict[str, Any]) -> None:
         cluster = None
         try:
@@ -113,6 +161,25 @@ class Command(BaseCommand):
             raise CommandError(str(exc)) from None
         what = ", ".join(added.created) or "nothing new (updated)"
         self.stdout.write(self.style.SUCCESS(f"{added.card.name} {added.variant.quantization}: {what}"))
+
+    def _scan(self, o: dict[str, Any]) -> None:
+        cluster = Cluster.objects.filter(slug=o["cluster"]).first()
+        if cluster is None:
+            raise CommandError(f"there is no cluster {o['cluster']!r}")
+        try:
+            found = scan(o["paths"], cluster_reader(find_user(o["user"]), cluster))
+            outcomes = add_all(found.models, cluster, dry_run=o["dry_run"])
+        except ValidationError as exc:
+            raise CommandError(text_of(exc)) from None
+        except SSHError as exc:
+            raise CommandError(f"{cluster.name}: {exc}") from None
+        lines, summary = scan_report(found, outcomes)
+        for line in lines:
+            self.stdout.write(str(line))
+        if o["dry_run"]:
+            self.stdout.write(self.style.WARNING(f"Dry run ({summary}): the catalog was not changed."))
+        else:
+            self.stdout.write(self.style.SUCCESS(f"{cluster.name}: {summary}."))
 
     def _import(self, filename: str, dry_run: bool) -> None:
         try:

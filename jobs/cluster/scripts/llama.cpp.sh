@@ -40,6 +40,8 @@ fi
 
 start_traps
 load_modules
+# Only this node reads the GGUF (ggml-rpc-server receives its tensors over the network): the one place to stage it.
+stage_model
 ADDR="$(node_addr)"
 
 RPC_ARGS=()

@@ -12,6 +12,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from catalog.slurm_cli import SlurmCli
 from jobs.cluster import remote
 from jobs.cluster.slurm import SlurmParseError
 
@@ -240,3 +241,59 @@ def test_poll_reports_why_the_job_gave_a_run_up(tmp_path: Path) -> None:
     (run_dir / "error").write_text("its runner stopped 5 times; see the job log\n@@end\n")
     result = remote.parse_poll(run(remote.poll_command([(A, "101")]), env).stdout)
     assert result.complete and result.batch_errors == {B: "its runner stopped 5 times; see the job log\nend"}
+
+
+def slurm_off_path(tmp_path: Path) -> tuple[dict[str, str], SlurmCli]:
+    """Fake Slurm binaries in a folder that is not on PATH, each logging its arguments, and a cluster named c2 with
+    them, so only the cluster's bin dir can find them; squeue prints the `CLUSTER:` line old Slurm prints."""
+    env = fake_bin(tmp_path)
+    slurm_dir = tmp_path / "slurm" / "bin"
+    slurm_dir.mkdir(parents=True)
+    bodies = {
+        "squeue": 'echo "CLUSTER: c2"\n'  # and the portal's job, unless a submit asks for its own by name
+        f"""case " $* " in *" -n "*) ;; *) echo '101|hpcllm-{A}|PENDING|Priority|N/A||0:00|1:00:00|gpu|1' ;; esac""",
+        "sbatch": 'echo "4242;c2"',
+        "sacct": "true",
+        "scontrol": "true",
+        "scancel": "true",
+    }
+    for name, body in bodies.items():
+        path = slurm_dir / name
+        path.write_text(f'#!/bin/bash\necho "{name} $*" >>"$HOME/slurm-calls"\n{body}\n')
+        path.chmod(0o755)
+    return env, SlurmCli("c2", str(slurm_dir))
+
+
+def test_submit_poll_and_cancel_call_the_clusters_binaries_with_its_cluster_name(tmp_path: Path) -> None:
+    env, cli = slurm_off_path(tmp_path)
+    payload = remote.submit_payload("#!/bin/bash\n", "k", {})
+    submitted = run(remote.submit_command(B, payload.sha256, cli), env, payload.stdin)
+    assert submitted.returncode == 0, submitted.stderr
+    assert remote.parse_submit(submitted.stdout).job_id == "4242"  # "N;CLUSTER" from sbatch --clusters
+    polled = run(remote.poll_command([(A, "101"), (C, "99")], cli), env)
+    result = remote.parse_poll(polled.stdout)
+    assert result.complete and list(result.queued) == ["101"] and not result.unreadable
+    assert result.queue_position("gpu", "101") is None  # the CLUSTER line is neither a job nor a partition
+    assert run(remote.cancel_command(A, "101", cli), env).returncode == 0
+    calls = (Path(env["HOME"]) / "slurm-calls").read_text().splitlines()
+    assert {call.split()[0] for call in calls} == {"squeue", "sbatch", "sacct", "scontrol", "scancel"}
+    assert all(call.split()[1] == "--clusters=c2" for call in calls), calls
+
+
+def test_a_submit_does_not_take_squeues_cluster_line_for_an_earlier_job(tmp_path: Path) -> None:
+    env, cli = slurm_off_path(tmp_path)
+    (tmp_path / "slurm" / "bin" / "squeue").write_text('#!/bin/bash\necho "CLUSTER: c2"\n')
+    payload = remote.submit_payload("#!/bin/bash\n", "k", {})
+    out = run(remote.submit_command(A, payload.sha256, cli), env, payload.stdin)
+    assert remote.parse_submit(out.stdout) == remote.SubmitOutcome(job_id="4242", existing=False)
+
+
+def test_poll_reads_each_sessions_staging_report(tmp_path: Path) -> None:
+    env = fake_bin(tmp_path, squeue=f"echo '101|hpcllm-{A}|RUNNING|None|2026-11-21T12:00:00|node1|1:00|59:00|gpu|1'")
+    sessions = Path(env["HOME"]) / ".hpc-llm-portal" / "sessions"
+    (sessions / A).mkdir(parents=True)
+    (sessions / A / "staging.json").write_text('{"state": "copying", "bytes": 5, "total": 10}')
+    (sessions / B).mkdir()
+    (sessions / B / "staging.json").write_text('{"state": "cop')  # torn: read next time
+    result = remote.parse_poll(run(remote.poll_command([(A, "101"), (B, "102")]), env).stdout)
+    assert result.staging == {A: {"state": "copying", "bytes": 5, "total": 10}}

@@ -277,3 +277,30 @@ def test_a_safetensors_model_is_offered_vllm_first_then_transformers_and_embeddi
         session = launch(owner, {**LAUNCH, "quant": "bf16", "runtime": "transformers"})
     script = jobscript.render(job_spec(session))
     assert "EMBEDDINGS=0" in script.splitlines() and "tfserve.py" in script
+
+
+def test_staging_reaches_the_job_as_the_cluster_says_unless_the_launch_declines(
+    owner: Any, account: ClusterAccount, django_capture_on_commit_callbacks: Any
+) -> None:
+    Cluster.objects.filter(slug="local").update(stage_to="$TMPDIR", stage_keep=False)
+    with django_capture_on_commit_callbacks(execute=False):
+        staged = launch(owner, LAUNCH)
+        declined = launch(owner, {**LAUNCH, "no_staging": "on"})
+    lines = jobscript.render(job_spec(staged)).splitlines()
+    assert "STAGE_TO='$TMPDIR'" in lines and "STAGE_KEEP=0" in lines
+    assert declined.skip_staging and "STAGE_TO=''" in jobscript.render(job_spec(declined)).splitlines()
+    assert job_spec(staged).memory_gib == staged.memory_gib
+
+
+def test_staging_in_shared_memory_asks_slurm_for_the_copys_memory_too(
+    owner: Any, account: ClusterAccount, django_capture_on_commit_callbacks: Any
+) -> None:
+    Cluster.objects.filter(slug="local").update(stage_to="/dev/shm")
+    with django_capture_on_commit_callbacks(execute=False):
+        session = launch(owner, LAUNCH)
+    session.variant.size_gib = 3.2
+    assert job_spec(session).memory_gib == session.memory_gib + 4
+
+
+def test_a_runtime_that_keeps_its_own_store_is_not_staged() -> None:
+    assert [r.kind for r in runtime_rules.RUNTIMES.values() if r.launchable and not r.stages_weights] == ["ollama"]

@@ -1,0 +1,180 @@
+"""common.sh's stage_model run by bash on this machine: the copy, its reuse, room-making and clean-up.
+
+Only `df` is stood in for (a script on PATH reporting a chosen capacity), so the room-making can be tested without
+filling a disk; everything else is the real shell, cp, flock and find.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import subprocess
+import uuid
+from pathlib import Path
+
+import pytest
+
+from jobs.cluster.jobscript import SCRIPTS_DIR
+
+MIB = 1024**2
+
+
+def stage(
+    home: Path, model: Path, stage_to: str, keep: bool = True, capacity: int | None = None,
+    env: dict[str, str] | None = None, session: str | None = None,
+) -> tuple[str, str, dict[str, object]]:  # fmt: skip
+    """Run stage_model as a job would; the model path it leaves, the log, and staging.json."""
+    session = session or str(uuid.uuid4())
+    session_dir = home / ".hpc-llm-portal" / "sessions" / session
+    session_dir.mkdir(parents=True)
+    values = {"SESSION_ID": session, "MODEL_PATH": str(model), "STAGE_TO": stage_to, "STAGE_KEEP": int(keep)}
+    script = "\n".join(f"{k}={shlex.quote(str(v))}" for k, v in values.items())
+    script += "\n" + (SCRIPTS_DIR / "common.sh").read_text()
+    script += '\nstart_traps\nstage_model\necho "MODEL_PATH=$MODEL_PATH"\n'
+    path = os.environ["PATH"]
+    if capacity is not None:
+        bin_dir = home / "bin"
+        bin_dir.mkdir(exist_ok=True)
+        # df -Pk DIR: a filesystem of `capacity` bytes whose use is what the staging root holds.
+        (bin_dir / "df").write_text(
+            '#!/bin/bash\nused=$(du -sk "${@: -1}" | cut -f 1)\n'
+            f"echo 'Filesystem 1024-blocks Used Available Capacity Mounted'\n"
+            f'echo "fake {capacity // 1024} $used $(({capacity // 1024} - used)) 0% /"\n'
+        )
+        (bin_dir / "df").chmod(0o755)
+        path = f"{bin_dir}:{path}"
+    done = subprocess.run(
+        ["bash", "-c", script], capture_output=True, text=True, timeout=60,
+        env={"HOME": str(home), "PATH": path, "USER": "tester", **(env or {})},
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    staged = done.stdout.rsplit("MODEL_PATH=", 1)[1].split("\n", 1)[0]
+    report_file = session_dir / "staging.json"
+    report = json.loads(report_file.read_text()) if report_file.exists() else {}
+    return staged, done.stdout, report
+
+
+@pytest.fixture
+def home(tmp_path: Path) -> Path:
+    (tmp_path / "home").mkdir()
+    return tmp_path / "home"
+
+
+@pytest.fixture
+def model(tmp_path: Path) -> Path:
+    path = tmp_path / "shared" / "tiny-Q8_0.gguf"
+    path.parent.mkdir()
+    path.write_bytes(os.urandom(3 * MIB))
+    return path
+
+
+def test_stage_copies_then_reuses_the_copy(home: Path, model: Path, tmp_path: Path) -> None:
+    local = tmp_path / "local"
+    first, log, report = stage(home, model, str(local))
+    assert first.startswith(f"{local}/hpc-llm-portal-") and first.endswith("/tiny-Q8_0.gguf")
+    assert Path(first).read_bytes() == model.read_bytes()
+    assert "staging: copying 3 MiB from" in log
+    assert report["state"] == "copied" and report["bytes"] == report["total"] == 3 * MIB
+    assert report["from"] == str(model) and report["to"] == str(Path(first).parent)
+
+    second, log, report = stage(home, model, str(local))
+    assert second == first
+    assert "reusing the copy" in log and "copying" not in log
+    assert report["state"] == "reused"
+
+
+def test_stage_copies_again_when_the_source_changed(home: Path, model: Path, tmp_path: Path) -> None:
+    first, _, _ = stage(home, model, str(tmp_path / "local"))
+    model.write_bytes(os.urandom(2 * MIB))
+    second, log, _ = stage(home, model, str(tmp_path / "local"))
+    assert second != first and "copying 2 MiB" in log
+    assert Path(second).read_bytes() == model.read_bytes()
+
+
+def test_stage_copies_every_part_of_a_split_gguf(home: Path, tmp_path: Path) -> None:
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    parts = [shared / f"big-Q4_K_M-0000{i}-of-00003.gguf" for i in (1, 2, 3)]
+    for part in parts:
+        part.write_bytes(os.urandom(MIB))
+    (shared / "other.gguf").write_bytes(b"not part of it")
+    staged, _, report = stage(home, parts[0], str(tmp_path / "local"))
+    assert staged.endswith("/big-Q4_K_M-00001-of-00003.gguf")
+    assert sorted(p.name for p in Path(staged).parent.iterdir()) == sorted([".complete", *(p.name for p in parts)])
+    assert report["total"] == 3 * MIB
+
+
+def test_stage_copies_a_model_directory(home: Path, tmp_path: Path) -> None:
+    directory = tmp_path / "shared" / "Qwen2-0.5B"
+    (directory / "sub").mkdir(parents=True)
+    (directory / "config.json").write_text("{}")
+    (directory / "model.safetensors").write_bytes(os.urandom(MIB))
+    (directory / "sub" / "tokenizer.json").write_text("{}")
+    staged, _, _ = stage(home, directory, str(tmp_path / "local"))
+    assert staged.endswith("/Qwen2-0.5B")
+    assert (Path(staged) / "model.safetensors").read_bytes() == (directory / "model.safetensors").read_bytes()
+    assert (Path(staged) / "sub" / "tokenizer.json").exists()
+
+
+def test_stage_to_tmpdir_is_the_jobs_own(home: Path, model: Path, tmp_path: Path) -> None:
+    job_tmp = tmp_path / "job-tmp"
+    job_tmp.mkdir()
+    staged, _, _ = stage(home, model, "$TMPDIR", env={"TMPDIR": str(job_tmp)})
+    assert staged.startswith(f"{job_tmp}/hpc-llm-portal-")
+
+
+def test_stage_without_keep_removes_the_copy_when_the_job_ends(home: Path, model: Path, tmp_path: Path) -> None:
+    staged, log, _ = stage(home, model, str(tmp_path / "local"), keep=False)
+    assert not Path(staged).exists() and "removed the copy" in log
+
+
+def test_stage_makes_room_by_removing_the_oldest_unused_copy(home: Path, tmp_path: Path) -> None:
+    local, shared = tmp_path / "local", tmp_path / "shared"
+    shared.mkdir()
+    models = []
+    for name in ("a", "b", "c"):
+        models.append(shared / f"{name}.gguf")
+        models[-1].write_bytes(os.urandom(20 * MIB))
+    capacity = 110 * MIB  # two copies and the 64 MiB margin fit; three do not
+    a, _, _ = stage(home, models[0], str(local), capacity=capacity)
+    b, _, _ = stage(home, models[1], str(local), capacity=capacity)
+    os.utime(Path(b).parent, (1, 1))  # b is now the one used longest ago
+    c, log, _ = stage(home, models[2], str(local), capacity=capacity)
+    assert Path(c).exists() and Path(a).exists() and not Path(b).exists()
+    assert f"removed the unused copy {Path(b).parent}" in log
+
+
+def test_stage_never_removes_a_copy_in_use(home: Path, tmp_path: Path) -> None:
+    local, shared = tmp_path / "local", tmp_path / "shared"
+    shared.mkdir()
+    (shared / "a.gguf").write_bytes(os.urandom(20 * MIB))
+    (shared / "b.gguf").write_bytes(os.urandom(60 * MIB))
+    a, _, _ = stage(home, shared / "a.gguf", str(local), capacity=140 * MIB)
+    lock = Path(a).parent.with_suffix(".lock")
+    holder = subprocess.Popen(["flock", "-s", str(lock), "sleep", "30"])  # another job serving from the copy
+    try:
+        subprocess.run(["bash", "-c", f"sleep 0.3; ! flock -n -x {shlex.quote(str(lock))} true"], check=True)
+        staged, log, report = stage(home, shared / "b.gguf", str(local), capacity=140 * MIB)
+    finally:
+        holder.kill()
+    assert Path(a).exists()
+    assert staged == str(shared / "b.gguf") and "not enough space" in log and report["state"] == "skipped"
+
+
+def test_stage_falls_back_to_the_shared_path_when_it_cannot_write(home: Path, model: Path, tmp_path: Path) -> None:
+    read_only = tmp_path / "ro"
+    read_only.mkdir()
+    read_only.chmod(0o500)
+    try:
+        # root writes anywhere: a directory under a file is one nobody can make
+        target = str(model) + "/cannot" if os.access(read_only, os.W_OK) else str(read_only)
+        staged, log, report = stage(home, model, target)
+    finally:
+        read_only.chmod(0o700)
+    assert staged == str(model) and "cannot write in" in log and report["state"] == "skipped"
+
+
+def test_stage_without_a_target_changes_nothing(home: Path, model: Path) -> None:
+    staged, log, report = stage(home, model, "")
+    assert staged == str(model) and "staging" not in log and report == {}
