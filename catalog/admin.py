@@ -36,7 +36,8 @@ from portal import ssh
 class PartitionInline(admin.TabularInline[Partition, Cluster]):
     model = Partition
     extra = 0
-    fields = ["name", "max_walltime_min", "default_walltime_min", "is_debug", "missing_since"]
+    fields = ["name", "max_walltime_min", "default_walltime_min", "is_debug", "allowed_accounts", "allowed_qos",
+              "missing_since"]  # fmt: skip
     readonly_fields = ["missing_since"]
     show_change_link = True
 

@@ -360,7 +360,7 @@ def diff(found: Discovered, catalog: dict[str, Any]) -> list[Change]:
         if new is None:
             changes.append(Change("gone", f"partition {name}", "Slurm no longer lists it (or it has no GPUs)"))
             continue
-        for limit in ("max_walltime_min", "default_walltime_min", "allowed_accounts"):
+        for limit in ("max_walltime_min", "default_walltime_min", "allowed_accounts", "allowed_qos"):
             if _value(old, limit) != _value(new, limit):
                 changes.append(
                     Change("changed", f"partition {name}", f"{limit} {_value(old, limit)} -> {_value(new, limit)}")
@@ -385,7 +385,7 @@ def diff(found: Discovered, catalog: dict[str, Any]) -> list[Change]:
 def _value(entry: dict[str, Any], key: str) -> Any:
     """A YAML entry's value; the export leaves empty lists out, so absent and empty are the same."""
     value = entry.get(key)
-    return [] if value is None and key in ("allowed_accounts", "features") else value
+    return [] if value is None and key in ("allowed_accounts", "allowed_qos", "features") else value
 
 
 def _partition_text(entry: dict[str, Any] | None) -> str:
@@ -404,6 +404,7 @@ def as_yaml(found: Discovered) -> dict[str, list[dict[str, Any]]]:
                 "max_walltime_min": p.max_walltime_min,
                 "default_walltime_min": p.default_walltime_min,
                 "allowed_accounts": [] if p.allow_accounts == "ALL" else sorted(p.allow_accounts.split(",")),
+                "allowed_qos": [] if p.allow_qos == "ALL" else sorted(p.allow_qos.split(",")),
                 "node_groups": [
                     {
                         "gpu_type": g.gpu_type,

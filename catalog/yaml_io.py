@@ -181,6 +181,7 @@ PARTITION_FIELDS = (
     F("default_walltime_min", "int"),
     F("debug", "bool", attr="is_debug"),
     F("allowed_accounts", "strlist", joiner=","),
+    F("allowed_qos", "strlist", joiner=","),
     F("node_groups", "list"),
 )
 CLUSTER_RUNTIME_FIELDS = (

@@ -182,6 +182,11 @@ class Partition(models.Model):
         max_length=500, blank=True, validators=[v.slurm_name_list],
         help_text="Comma-separated Slurm accounts the partition takes (its AllowAccounts); empty: any.",
     )  # fmt: skip
+    allowed_qos = models.CharField(
+        "allowed QOS", max_length=500, blank=True, validators=[v.slurm_name_list],
+        help_text="Comma-separated QOS the partition takes (its AllowQos); empty: any. A job runs with the user's "
+        "default QOS, which must be one of these.",
+    )  # fmt: skip
     missing_since = models.DateTimeField(
         null=True, blank=True, help_text="Discovery has not found it in Slurm since then; no longer offered."
     )

@@ -143,15 +143,19 @@ def test_allowed_accounts_and_node_features_are_discovered(example_catalog: Path
     text = edited(LOCAL, "PartitionName=gpu_devel AllowGroups=ALL AllowAccounts=ALL",
                   "PartitionName=gpu_devel AllowGroups=ALL AllowAccounts=physics,chem")  # fmt: skip
     text = edited(text, "AvailableFeatures=h100", "AvailableFeatures=h100,nvlink")
+    text = edited(text, "PartitionName=gpu AllowGroups=ALL AllowAccounts=ALL AllowQos=ALL",
+                  "PartitionName=gpu AllowGroups=ALL AllowAccounts=ALL AllowQos=normal,long")  # fmt: skip
     local = Cluster.objects.get(slug="local")
     plan = discover.plan(local, text)
     assert {str(c) for c in plan.changes} == {
         "changed  partition gpu_devel: allowed_accounts [] -> ['chem', 'physics']",
+        "changed  partition gpu: allowed_qos [] -> ['long', 'normal']",
         "changed  node group gpu/h100 x 2: features ['h100'] -> ['h100', 'nvlink']",
         "changed  node group gpu_devel/h100 x 2: features ['h100'] -> ['h100', 'nvlink']",
     }
     discover.apply(plan)
     assert Partition.objects.get(cluster=local, name="gpu_devel").allowed_accounts == "chem,physics"
+    assert Partition.objects.get(cluster=local, name="gpu").allowed_qos == "long,normal"
     assert (
         NodeGroup.objects.get(partition=Partition.objects.get(cluster=local, name="gpu_devel")).features
         == "h100,nvlink"
@@ -188,3 +192,8 @@ def test_a_node_with_mig_slices_gives_a_node_group_per_profile() -> None:
     found = inventory.discover(text)
     slices = {g.name: g.memory_gib for g in found.gpu_types if "_" in g.name}
     assert slices == {"a100_3g.40gb": 39.25, "a100_1g.10gb": 9.75}
+
+
+def test_discover_is_either_a_dry_run_or_applied(example_catalog: Path) -> None:
+    with pytest.raises(CommandError, match="not allowed with argument"):
+        call_command("catalog", "discover", "local", "--user", "ada", "--yes", "--dry-run")

@@ -40,7 +40,9 @@ class Command(BaseCommand):
         )
         disc.add_argument("cluster", help="the cluster's slug")
         disc.add_argument("--user", required=True, help="the portal user whose cluster account runs scontrol")
-        disc.add_argument("--yes", action="store_true", help="apply the changes (new GPU types need their memory)")
+        how = disc.add_mutually_exclusive_group()
+        how.add_argument("--yes", action="store_true", help="apply the changes (new GPU types need their memory)")
+        how.add_argument("--dry-run", action="store_true", help="show the changes, change nothing (the default)")
         disc.add_argument("--yaml", metavar="FILE", help="write the YAML the import would take, to review or edit")
         oodi = sub.add_parser(
             "ood-import", help="Create or update clusters from Open OnDemand's clusters.d files, all or nothing."
