@@ -8,8 +8,9 @@ BIN := $(VENV)/bin
 venv:
 	scripts/bootstrap-python
 
-demo: venv
-	scripts/demo
+# Quiet: one line per setup step, then the status; the details go to var/log/ (scripts/demo).
+demo:
+	@scripts/demo
 
 # The whole suite, e2e (real Slurm over SSH, real PostgreSQL and Redis) included; then the database-bound
 # catalog tests, the proxy's plain-SQL lookups and the migrations once more with PostgreSQL as the database and
@@ -34,8 +35,10 @@ format: venv
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
+# Installs the baselines' nginx (scripts/bench-deps) and brings up the local cluster; before each benchmark, a line
+# saying what it measures and its target.
 bench: venv
-	@ls bench/*.py >/dev/null 2>&1 && for b in bench/*.py; do $(BIN)/python $$b; done || echo "no benchmarks yet"
+	@scripts/bench
 
 services-up:
 	scripts/local-services up

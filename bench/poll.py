@@ -35,37 +35,11 @@ import django  # noqa: E402
 
 django.setup()
 
-from django.core.management import call_command  # noqa: E402
-
-from catalog.models import Cluster, ClusterAccount, GPUType, ModelVariant, Partition, Runtime  # noqa: E402
-from catalog.yaml_io import import_file  # noqa: E402
+from bench.local import CountingPool, setup  # noqa: E402
+from catalog.models import ClusterAccount, GPUType, ModelVariant, Partition, Runtime  # noqa: E402
 from jobs.models import LLMSession, State  # noqa: E402
 from jobs.tasks import poll_account  # noqa: E402
 from portal import ssh  # noqa: E402
-
-CLUSTER_DIR = Path(os.environ.get("LOCAL_CLUSTER_DIR", REPO / "var" / "local-cluster"))
-
-
-class CountingPool(ssh.SSHPool):
-    def __init__(self) -> None:
-        super().__init__()
-        self.commands = 0
-
-    def run(self, target: ssh.SSHTarget, command: str, **kwargs: object) -> ssh.CommandResult:
-        self.commands += 1
-        return super().run(target, command, **kwargs)  # type: ignore[arg-type]
-
-
-def setup() -> ClusterAccount:
-    call_command("migrate", verbosity=0)
-    import_file(str(CLUSTER_DIR / "catalog.yaml"))
-    from django.contrib.auth import get_user_model
-
-    user = get_user_model().objects.create_user("bench")
-    account = ClusterAccount(cluster=Cluster.objects.get(slug="local"), user=user, kind="personal", username="llmuser")
-    account.set_private_key((CLUSTER_DIR / "id_ed25519").read_text())
-    account.save()
-    return account
 
 
 def submit_held(pool: ssh.SSHPool, account: ClusterAccount, names: list[str]) -> list[str]:

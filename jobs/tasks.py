@@ -1,20 +1,25 @@
 """The Celery tasks: thin wrappers that take ids, call the plain functions that do the work (jobs/sessions/lifecycle.py,
 jobs/cluster/), and decide what follows: a retry with backoff for transient errors, a cancel after a submit.
 
-Beat runs poll_clusters (every PORTAL_POLL_INTERVAL_S), refresh_partitions (every PORTAL_QUEUE_REFRESH_S),
-sync_groups (every PORTAL_GROUP_SYNC_S) and rediscover (every PORTAL_DISCOVER_EVERY_S, when set).
+Beat runs poll_clusters and watch_sessions (every PORTAL_POLL_INTERVAL_S), refresh_partitions (every
+PORTAL_QUEUE_REFRESH_S), sync_groups (every PORTAL_GROUP_SYNC_S) and rediscover (every PORTAL_DISCOVER_EVERY_S,
+when set).
 Task names are explicit, so moving code never strands a queued message.
 """
 
 from __future__ import annotations
 
 import logging
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from celery import Task, shared_task
 from celery.exceptions import MaxRetriesExceededError
 from django.conf import settings
+from django.core.cache import cache
 from django.core.exceptions import ValidationError
+from django.db import connections
 
 from catalog import discover, inventory
 from catalog.models import Cluster
@@ -51,6 +56,8 @@ def submit_session(self: Task[Any, Any], session_id: str) -> str:
             return "failed"
     if submitted.cancel_now:
         cancel_session.delay(session_id)
+    elif submitted.outcome not in ("not claimed", "failed"):
+        watch_sessions.delay()  # a small model may be ready before the next beat: watch it from now on
     return submitted.outcome
 
 
@@ -81,6 +88,46 @@ def cancel_idle() -> int:
             cancel_session.delay(str(session.pk))
         notify.session_idle_cancelled(str(session.pk))
     return len(idle)
+
+
+WATCH_LOCK = "jobs:watch-sessions"
+WATCH_NEW_ACCOUNTS_S = 0.5  # how often the watch looks for accounts that have just submitted
+
+
+@shared_task(name="jobs.watch_sessions", ignore_result=True)
+def watch_sessions() -> int:
+    """Beat, with each poll, and after each submit: until the next beat, every account with submitted sessions waits
+    on its login host for a server to become ready or a job to stop, and is polled the moment one does
+    (lifecycle.watch), so a session shows Running within a second of its health check rather than at the next poll.
+    One task at a time does it for all accounts, in one worker slot (a thread each over the pooled connections);
+    accounts that submit meanwhile join it within WATCH_NEW_ACCOUNTS_S."""
+    seconds = max(1.0, settings.PORTAL_POLL_INTERVAL_S - 0.5)
+    if not cache.add(WATCH_LOCK, True, timeout=int(seconds) + 30):
+        return 0
+    try:
+        deadline = time.monotonic() + seconds
+        watching: dict[int, Future[int]] = {}
+        with ThreadPoolExecutor(max_workers=settings.PORTAL_WATCH_THREADS) as threads:
+            while (left := deadline - time.monotonic()) >= 1:
+                for account_id in lifecycle.accounts_to_watch():
+                    if account_id not in watching or watching[account_id].done():
+                        watching[account_id] = threads.submit(_watch_one, account_id, left)
+                if not watching:
+                    break  # nothing submitted anywhere: the next beat or submit starts the watch again
+                time.sleep(WATCH_NEW_ACCOUNTS_S)
+        return sum(f.result() for f in watching.values())
+    finally:
+        cache.delete(WATCH_LOCK)
+
+
+def _watch_one(account_id: int, seconds: float) -> int:
+    try:
+        return lifecycle.watch(account_id, seconds)
+    except Exception:  # one account's trouble must not end the others' watch; the regular poll still runs
+        log.exception("watching the sessions of account %s failed", account_id)
+        return 0
+    finally:
+        connections.close_all()  # this thread's own database connection
 
 
 @shared_task(name="jobs.poll_account", ignore_result=True)

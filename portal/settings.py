@@ -223,6 +223,9 @@ os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(PORTAL_METRICS_DIR)
 # How often beat polls each (cluster, account) and how long a submit may stay claimed before another worker
 # takes it over (a worker killed mid-submit leaves its session in "submitting").
 PORTAL_POLL_INTERVAL_S = env_int("PORTAL_POLL_INTERVAL_S", 5, minimum=1)
+# Accounts whose queued, starting and running sessions one watch_sessions task waits on at once (a thread and an SSH
+# channel each); more wait their turn in the same interval.
+PORTAL_WATCH_THREADS = env_int("PORTAL_WATCH_THREADS", 32, minimum=1)
 PORTAL_SUBMIT_STALE_S = env_int("PORTAL_SUBMIT_STALE_S", 240, minimum=1)
 # A job that squeue, sacct and scontrol all stop knowing is declared lost after this long.
 PORTAL_JOB_LOST_AFTER_S = env_int("PORTAL_JOB_LOST_AFTER_S", 900, minimum=1)
@@ -323,6 +326,11 @@ CELERY_TASK_TIME_LIMIT = env_int("PORTAL_TASK_TIME_LIMIT_S", 180, minimum=1)
 CELERY_BEAT_SCHEDULE_FILENAME = str(VAR_DIR / "celerybeat-schedule")
 CELERY_BEAT_SCHEDULE: dict[str, dict[str, object]] = {
     "poll-clusters": {"task": "jobs.poll_clusters", "schedule": float(PORTAL_POLL_INTERVAL_S)},
+    "watch-sessions": {
+        "task": "jobs.watch_sessions",
+        "schedule": float(PORTAL_POLL_INTERVAL_S),
+        "options": {"expires": float(PORTAL_POLL_INTERVAL_S)},  # a late one would only overlap the next
+    },
     "refresh-partitions": {"task": "jobs.refresh_partitions", "schedule": float(PORTAL_QUEUE_REFRESH_S)},
 }
 if PORTAL_GROUP_SYNC_S:

@@ -4,7 +4,7 @@ from django.contrib import admin
 from django.contrib.auth import views as auth_views
 from django.urls import include, path
 
-from catalog.views import home
+from jobs.sessions.views import home
 from portal import views
 
 admin.site.site_header = "HPC LLM Portal administration"

@@ -111,6 +111,54 @@ scancel --name "$name" --user "$(id -un)" 2>&1 || { echo "scancel failed" >&2; e
 echo "marked"
 """
 
+# Runs as: bash -c SCRIPT watch SECONDS UUID:MODE ... ; MODE is `starting` (waiting for connection.json or error) or
+# `running` (waiting for connection.json to go: the job stopped, or its server restarted). Returns as soon as one
+# session changed, printing `changed UUID ready|error|gone` lines, or after SECONDS with none. Builtin tests only
+# (and a sleep): cheap on a busy login host.
+WATCH_SCRIPT = r"""
+set -u
+base="$HOME/.hpc-llm-portal/sessions" end=$((SECONDS + $1))
+shift
+while :; do
+  changed=0
+  for pair in "$@"; do
+    sid=${pair%%:*} d="$base/${pair%%:*}" what=""
+    if [ -f "$d/error" ]; then what=error
+    elif [ "${pair#*:}" = starting ] && [ -f "$d/connection.json" ]; then what=ready
+    elif [ "${pair#*:}" = running ] && [ ! -f "$d/connection.json" ]; then what=gone
+    fi
+    [ -z "$what" ] || { echo "changed $sid $what"; changed=1; }
+  done
+  [ "$changed" = 0 ] && [ "$SECONDS" -lt "$end" ] || break
+  sleep 0.2
+done
+echo "@@end"
+"""
+
+WATCH_MODES = ("starting", "running")
+WATCH_CHANGES = ("ready", "error", "gone")
+
+
+def watch_command(watched: list[tuple[str, str]], seconds: int) -> str:
+    args = []
+    for session_id, mode in watched:
+        if not _UUID.match(session_id) or mode not in WATCH_MODES:
+            raise ValueError(f"bad session id or watch mode: {session_id!r} {mode!r}")
+        args.append(f"{session_id}:{mode}")
+    return shlex.join(["bash", "-c", WATCH_SCRIPT, "watch", str(max(1, int(seconds))), *args])
+
+
+def parse_watch(text: str) -> dict[str, str]:
+    """Session id -> what the watch saw (ready, error, gone); empty: nothing within its time, or an answer cut
+    short."""
+    changes = {}
+    for line in text.splitlines():
+        words = line.split()
+        if len(words) == 3 and words[0] == "changed" and _UUID.match(words[1]) and words[2] in WATCH_CHANGES:
+            changes[words[1]] = words[2]
+    return changes
+
+
 # Runs as: bash -c SCRIPT poll UUID:JOBID ... ; prints @@-delimited sections (see parse_poll).
 POLL_SCRIPT = r"""
 set -u

@@ -12,6 +12,7 @@ import logging
 import math
 import re
 import shlex
+import time
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -309,6 +310,76 @@ def poll(account_id: int) -> dict[str, int]:
         notify.batch_ended(run_id)
     _repeat_lost_cancels(account, sessions, polled)
     return {"sessions": len(sessions), "changed": changed}
+
+
+# --- watch: Running within a second of the server's health check ----------------------------------------------
+
+
+# Queued too: a small model loads in a second, often before the poll has seen its job start.
+WATCHED_STATES = (State.QUEUED, State.STARTING, State.RUNNING)
+
+
+def accounts_to_watch() -> list[int]:
+    """The accounts with submitted sessions whose server may start or stop: queued, starting or running."""
+    live = LLMSession.objects.filter(state__in=WATCHED_STATES).exclude(job_id="")
+    return sorted(set(live.values_list("account_id", flat=True)))
+
+
+ENDING_POLL_S = 0.5  # how often a job seen stopping is polled until Slurm says it ended
+ENDING_FOR_S = 10.0  # and for how long at most (a server restarting in the same job never ends)
+
+
+WATCH_ROUND_S = 3  # one waiting command's longest wait: sessions submitted meanwhile join at the next round
+WATCH_IDLE_S = 0.5  # how often an account with nothing to watch is looked at again
+
+
+def watch(account_id: int, seconds: float) -> int:
+    """For up to `seconds`, one waiting command at a time on the login host (remote.WATCH_SCRIPT, at most
+    WATCH_ROUND_S each) for the account's queued, starting and running sessions; when one changes the account is
+    polled at once instead of at the next beat: a server that answers its health check shows Running within a second.
+    A job seen stopping (its error file, or its connection file gone) is polled every ENDING_POLL_S until Slurm says
+    it ended, so the end shows as soon. Returns the number of polls. Whatever fails here is left to the regular poll,
+    which also marks sessions unknown when the cluster cannot be reached."""
+    deadline = time.monotonic() + seconds
+    account = ClusterAccount.objects.select_related("cluster").get(pk=account_id)
+    settled: set[str] = set()  # changed, polled, and still in the same mode (e.g. an address the poll refused)
+    polls = 0
+    while (left := deadline - time.monotonic()) >= 1:
+        rows = LLMSession.objects.filter(account_id=account_id, state__in=WATCHED_STATES)
+        watched = [
+            (str(pk), "running" if state == State.RUNNING and host else "starting")
+            for pk, state, host in rows.exclude(job_id="").values_list("pk", "state", "host")
+        ]
+        watched = [(sid, mode) for sid, mode in watched if f"{sid}:{mode}" not in settled]
+        if not watched:
+            time.sleep(WATCH_IDLE_S)
+            continue
+        wait_s = int(min(left, WATCH_ROUND_S))
+        try:
+            result = ssh.pool.run(account.ssh_target(), remote.watch_command(watched, wait_s), timeout_s=wait_s + 30)
+        except ssh.SSHError:
+            break
+        changed = remote.parse_watch(result.stdout)
+        if not changed:
+            continue
+        poll(account_id)
+        polls += 1
+        stopping = [sid for sid, what in changed.items() if what != "ready"]
+        polls += _until_ended(account_id, stopping, min(ENDING_FOR_S, deadline - time.monotonic()))
+        settled |= {f"{sid}:{mode}" for sid, mode in watched if sid in changed}
+    return polls
+
+
+def _until_ended(account_id: int, session_ids: list[str], seconds: float) -> int:
+    """Poll every ENDING_POLL_S while any of these sessions' jobs is still live in the portal, for `seconds` at most."""
+    polls, deadline = 0, time.monotonic() + seconds
+    while session_ids and time.monotonic() < deadline:
+        if not LLMSession.objects.filter(pk__in=session_ids).exclude(state__in=END_STATES).exists():
+            break
+        time.sleep(ENDING_POLL_S)
+        poll(account_id)
+        polls += 1
+    return polls
 
 
 def _record_staging(sessions: list[LLMSession], reports: dict[str, dict[str, object]]) -> None:

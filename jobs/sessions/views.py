@@ -1,5 +1,5 @@
-"""The researcher's session pages: the launch wizard, My Sessions (cards, cancel, relaunch, log, delete), and the
-cluster accounts they launch with."""
+"""The researcher's session pages: the home page's cluster cards, the launch wizard, My Sessions (cards, cancel,
+relaunch, log, delete), and the cluster accounts they launch with."""
 
 from __future__ import annotations
 
@@ -11,15 +11,16 @@ from uuid import UUID
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.core.exceptions import ValidationError
-from django.http import Http404, HttpResponse, HttpResponseRedirect
+from django.http import Http404, HttpRequest, HttpResponse, HttpResponseRedirect
+from django.shortcuts import render
 from django.urls import reverse
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 from django_htmx.http import HttpResponseClientRedirect
 
-from catalog.models import Cluster, ClusterAccount
+from catalog.models import Cluster, ClusterAccount, GPUType, ModelCard
 from jobs.cluster import login, logs
-from jobs.models import END_STATES
-from jobs.sessions import actions, sharing, wizard
+from jobs.models import END_STATES, State
+from jobs.sessions import actions, clusters_summary, sharing, wizard
 from jobs.sessions.access import get_session_for, with_relations
 from jobs.sessions.forms import ChoicesForm, values_of
 from portal.errors import messages_of
@@ -27,6 +28,18 @@ from portal.htmx import HtmxHttpRequest, render_page, render_partial
 
 # The wizard's choices, remembered between launches under this key of the browser session.
 LAST_LAUNCH = "last_launch"
+
+
+@require_GET
+def home(request: HttpRequest) -> HttpResponse:
+    """The public front page: what the portal does, and a card per cluster (for the signed-in user, with the
+    partitions they can use there)."""
+    context = {
+        "clusters": clusters_summary.summarize(request.user),
+        "gpu_count": GPUType.objects.count(),
+        "model_count": ModelCard.objects.count(),
+    }
+    return render(request, "home.html", context)
 
 
 @login_required
@@ -54,7 +67,13 @@ def session_list(request: HtmxHttpRequest) -> HttpResponse:
     sessions = list(sharing.with_shares(with_relations().filter(owner_id=request.user.pk))[:100])
     sharing.annotate(sessions)
     shared = sharing.shared_with_me(request.user)
-    context = {"sessions": sessions, "live": bool(shared) or any(not s.is_ended for s in sessions), "shared": shared}
+    context = {
+        "sessions": sessions,
+        "live": bool(shared) or any(not s.is_ended for s in sessions),
+        # A session about to run is shown Running within a second of it (the watch): refresh that often meanwhile.
+        "refresh_s": 1 if any(s.state in (State.SUBMITTING, State.STARTING) for s in sessions) else 3,
+        "shared": shared,
+    }
     return render_page(request, "jobs/session_list.html", context, "cards")
 
 

@@ -24,7 +24,7 @@ from catalog.training import PURPOSES, TRAINING, PurposeRequest, estimate_purpos
 from jobs.batch import history
 from jobs.cluster.capacity import QueueView, queue_views
 from jobs.models import Purpose
-from jobs.sessions.forms import ChoicesForm, LaunchForm, available_runtimes
+from jobs.sessions.forms import ChoicesForm, HiddenLaunch, available_runtimes
 
 # The model list's filters: wizard-only, not part of a launch.
 FILTERS = ("q", "tag", "license", "max_params_b")
@@ -58,7 +58,9 @@ class OptionRow:
     selectable: bool
     why_not: str = ""
     accounts: list[ClusterAccount] = field(default_factory=list)
-    form: LaunchForm | None = None  # the option's launch: every field hidden, but the account when there are several
+    launch: HiddenLaunch | None = (
+        None  # the option's launch: every field hidden, but the account when there are several
+    )
     pace: history.Measured | None = None  # for batch runs: what finished runs of the variant on this GPU type did
 
 
@@ -230,8 +232,8 @@ def _estimate_and_options(state: WizardState, user: User) -> None:
                 why_not = f"{partition.name} takes only the Slurm accounts {', '.join(partition.allowed_account_list)}"
             if state.form.errors:  # the options are for the defaults the estimate fell back on, not a launch
                 why_not = "correct the choices above to launch"
-            form = _launch_form(view, choices, accounts, user) if accounts and not why_not else None
-            row = OptionRow(view, selectable=form is not None, why_not=why_not, accounts=accounts, form=form)
+            launch = _launch(view, choices, accounts) if accounts and not why_not else None
+            row = OptionRow(view, selectable=launch is not None, why_not=why_not, accounts=accounts, launch=launch)
             if values.get("purpose") == "batch":
                 gpu = view.option.node_group.gpu_type
                 if gpu.pk not in paces:
@@ -264,7 +266,7 @@ def _plan_note(state: WizardState, option: Option) -> str:
     return f"A plan: launch the chat model and an embeddings session, or one job holding both (sbatch {ask})."
 
 
-def _launch_form(view: QueueView, choices: dict[str, Any], accounts: list[ClusterAccount], user: User) -> LaunchForm:
+def _launch(view: QueueView, choices: dict[str, Any], accounts: list[ClusterAccount]) -> HiddenLaunch:
     option = view.option
     group = option.node_group
     where = {
@@ -275,11 +277,7 @@ def _launch_form(view: QueueView, choices: dict[str, Any], accounts: list[Cluste
         "nodes": option.nodes,
         "account": accounts[0].pk,
     }
-    form = LaunchForm.hidden({**choices, **where}, user)
-    if len(accounts) > 1:
-        form.fields["account"].widget = forms.Select(choices=[(a.pk, _account_label(a)) for a in accounts])
-        form.fields["account"].label = "Account"
-    return form
+    return HiddenLaunch({**choices, **where}, [(a.pk, _account_label(a)) for a in accounts])
 
 
 def _account_label(account: ClusterAccount) -> str:

@@ -9,7 +9,10 @@ resources or being framed.
 
 from __future__ import annotations
 
-from django.http import HttpResponseBase
+from typing import Any
+
+from django.core.serializers.json import DjangoJSONEncoder
+from django.http import HttpResponseBase, JsonResponse
 
 # The media types a model server's answer may have; anything else is refused, not relayed.
 RELAYED_TYPES = frozenset({"application/json", "text/event-stream"})
@@ -27,3 +30,16 @@ def data_only(response: HttpResponseBase) -> HttpResponseBase:
     for name, value in DATA_ONLY.items():
         response[name] = value
     return response
+
+
+class _InertJSON(DjangoJSONEncoder):
+    """JSON whose text holds no markup characters: an error may quote what a model server said."""
+
+    def encode(self, o: Any) -> str:
+        return super().encode(o).replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+
+
+def openai_error(status: int, message: str, kind: str, code: str | None = None) -> JsonResponse:
+    """The portal's own answer on these routes, in OpenAI's error shape."""
+    error = {"error": {"message": message, "type": kind, "param": None, "code": code}}
+    return JsonResponse(error, status=status, encoder=_InertJSON)

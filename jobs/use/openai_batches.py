@@ -32,7 +32,7 @@ from jobs.sessions import actions
 from jobs.sessions.forms import LaunchForm
 from jobs.use import targets
 from jobs.use.guard import BODY, HOLDER
-from jobs.use.proxy import openai_error
+from jobs.use.headers import openai_error
 from portal import ssh
 from portal.errors import messages_of
 

@@ -16,7 +16,6 @@ from typing import Any
 
 import httpx
 from django.contrib.auth import get_user_model
-from django.core.serializers.json import DjangoJSONEncoder
 from django.http import HttpRequest, HttpResponseBase, JsonResponse, StreamingHttpResponse
 from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.debug import sensitive_variables
@@ -26,8 +25,8 @@ from jobs.sessions.access import shared_with
 from jobs.usage.records import Meter, save
 from jobs.use import relay as relay_module
 from jobs.use import targets
-from jobs.use.guard import BODY, HOLDER
-from jobs.use.headers import RELAYED_TYPES, data_only
+from jobs.use.guard import BODY, HOLDER, TARGET, USER, served_here
+from jobs.use.headers import RELAYED_TYPES, data_only, openai_error
 from jobs.use.targets import Target
 
 log = logging.getLogger(__name__)
@@ -51,18 +50,6 @@ def _client() -> httpx.AsyncClient:
         timeout = httpx.Timeout(READ_TIMEOUT_S, connect=CONNECT_TIMEOUT_S)
         client = _clients[loop] = httpx.AsyncClient(limits=limits, timeout=timeout, trust_env=False)
     return client
-
-
-class _InertJSON(DjangoJSONEncoder):
-    """JSON whose text holds no markup characters: an error may quote what a model server said."""
-
-    def encode(self, o: Any) -> str:
-        return super().encode(o).replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
-
-
-def openai_error(status: int, message: str, kind: str, code: str | None = None) -> JsonResponse:
-    error = {"error": {"message": message, "type": kind, "param": None, "code": code}}
-    return JsonResponse(error, status=status, encoder=_InertJSON)
 
 
 def _ended(meter: Meter, response: JsonResponse) -> JsonResponse:
@@ -172,24 +159,32 @@ def _relayed(
     return wrapper
 
 
+@served_here
 @_relayed
 async def session_proxy(request: HttpRequest, pk: Any, path: str) -> HttpResponseBase:
     """The browser's route: /sessions/<uuid>/v1/<path>, signed in with the session cookie (CSRF applies)."""
-    user = await request.auser()
-    if not user.is_authenticated:
-        return openai_error(401, "sign in first", "authentication_error")
+    scope = getattr(request, "scope", {})
+    if USER in scope:  # the door signed the user in and looked the session up (guard.py)
+        user_pk, found = scope[USER], scope[TARGET]
+    else:  # Django's full stack (the test client)
+        user = await request.auser()
+        if not user.is_authenticated:
+            return openai_error(401, "sign in first", "authentication_error")
+        user_pk, found = user.pk, None
     if refused := _check_route(request, path):
         return refused
-    target = await targets.run(targets.target, targets.Holder(user.pk), str(pk), "chat")
-    if target is None:
+    if USER not in scope:
+        found = await targets.run(targets.target, targets.Holder(user_pk), str(pk), "chat")
+    if not isinstance(found, Target):
         return openai_error(404, "no such session", "invalid_request_error")
+    target = found
     body = _body(request)
     if path.strip("/") != "models":
         rewritten = _rewrite_model(body, target)
         if rewritten is None:
             return openai_error(400, "the request body is not JSON", "invalid_request_error")
         body = rewritten
-    meter = Meter(target.pk, user.pk, "chat", path.strip("/"), bytes_in=len(body))
+    meter = Meter(target.pk, user_pk, "chat", path.strip("/"), bytes_in=len(body))
     return await _forward(request, target, path.strip("/"), body, meter)
 
 
@@ -233,6 +228,7 @@ def _running_models(user_pk: int) -> list[dict[str, Any]]:
     ]  # fmt: skip
 
 
+@served_here
 @csrf_exempt  # scripts authenticate with a bearer token, not a cookie, so there is nothing to forge
 @_relayed
 @sensitive_variables("token", "scheme")

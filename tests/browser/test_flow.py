@@ -1,9 +1,11 @@
 """The researcher's whole flow in a real browser (Playwright driving Debian's Chromium, headless) against a live
 portal, a real Celery worker and the local cluster: sign in, wizard, estimate, launch, running, cancel, ended.
-Screenshots of every step go to var/test-artifacts/browser/."""
+Screenshots of every step go to var/test-artifacts/browser/; with PORTAL_UPDATE_SCREENSHOTS=1 the README's two
+(the wizard, the chat) are taken again into docs/img/."""
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 from collections.abc import Iterator
@@ -12,7 +14,7 @@ from typing import Any
 
 import pytest
 from django.contrib.auth import get_user_model
-from playwright.sync_api import Browser, Page, expect
+from playwright.sync_api import Browser, Locator, Page, expect
 
 from jobs.models import ChatMessage, Conversation, LLMSession
 from portal import ssh
@@ -23,6 +25,7 @@ from tests.worker import PortalServer, Worker
 
 pytestmark = [pytest.mark.browser, pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
 ARTIFACTS = REPO / "var" / "test-artifacts" / "browser"
+README_IMAGES = REPO / "docs" / "img"
 PASSWORD = "a long demo password"
 
 
@@ -44,6 +47,24 @@ def portal(local_catalog: dict[str, Any], tmp_path: Path) -> Iterator[str]:
 def shot(page: Page, name: str) -> None:
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
+
+
+def readme_shot(page: Page, name: str, top: Locator | None = None) -> None:
+    """The README's picture of this step (docs/img/NAME.png), only with PORTAL_UPDATE_SCREENSHOTS=1 so that a normal
+    run changes no tracked file: one screen (not the whole page) at a narrower window, scrolled to `top` (else the top
+    of the page), so that the PNG stays small."""
+    if os.environ.get("PORTAL_UPDATE_SCREENSHOTS") != "1":
+        return
+    size = page.viewport_size
+    page.set_viewport_size({"width": 1024, "height": 720})
+    if top is None:
+        page.evaluate("window.scrollTo(0, 0)")
+    else:
+        top.evaluate("element => element.scrollIntoView({block: 'start'})")
+    README_IMAGES.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(README_IMAGES / f"{name}.png"))
+    if size is not None:
+        page.set_viewport_size(size)
 
 
 def sign_in(page: Page, url: str) -> None:
@@ -79,6 +100,7 @@ def test_sign_in_launch_run_and_cancel_with_javascript(browser: Browser, portal:
     recommended = page.locator("tr.recommended")
     expect(recommended).to_contain_text("Recommended")
     shot(page, "js/4-options")
+    readme_shot(page, "wizard", top=page.locator("#estimate-h"))
     recommended.get_by_role("button", name="Launch").click()
     expect(page.get_by_role("heading", name="My sessions")).to_be_visible()
     card = page.locator("li.session").first
@@ -101,6 +123,7 @@ def test_sign_in_launch_run_and_cancel_with_javascript(browser: Browser, portal:
     expect(reply.locator(".stats")).to_contain_text("first token")
     expect(reply).to_contain_text("Paris")
     shot(page, "js/7-chat")
+    readme_shot(page, "chat")
     page.locator("#id_temperature").fill("0.7")
     page.locator("#id_max_tokens").fill("100000")
     page.locator("#id_message").fill("Write a story of three thousand words about a computer cluster.")

@@ -48,12 +48,18 @@ def shell(local: dict[str, Any], command: str) -> ssh.CommandResult:
 
 
 def drive(
-    session: LLMSession, done: Callable[[LLMSession], bool], timeout_s: float = 120, every_s: float = 0.5
+    session: LLMSession,
+    done: Callable[[LLMSession], bool],
+    timeout_s: float = 120,
+    every_s: float = 0.5,
+    poll: bool = True,
 ) -> LLMSession:
-    """Poll the session's account as beat would, until done(session) or the timeout."""
+    """Poll the session's account as beat would, until done(session) or the timeout; poll=False only waits for what
+    something else (the watch) does."""
     deadline = time.monotonic() + timeout_s
     while True:
-        poll_account(session.account_id)
+        if poll:
+            poll_account(session.account_id)
         session.refresh_from_db()
         if done(session):
             return session

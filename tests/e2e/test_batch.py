@@ -8,7 +8,6 @@ import io
 import json
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,25 +17,16 @@ from django.core.management import call_command
 from django.test import Client
 from django.utils.datastructures import MultiValueDict
 
+from catalog.models import ClusterAccount
 from jobs.batch.forms import BatchForm
 from jobs.cluster import backend
 from jobs.models import BatchRun, LLMSession, State
 from jobs.sessions.actions import launch
 from jobs.tasks import submit_session
-from portal import ssh
 from tests.conftest import LAUNCH
-from tests.e2e.sessions import cancel_all_jobs, drive, local_account, shell
+from tests.e2e.sessions import drive, shell
 
 pytestmark = [pytest.mark.e2e, pytest.mark.django_db]
-
-
-@pytest.fixture
-def account(local_catalog: dict[str, Any], owner: Any) -> Iterator[None]:
-    local_account(owner, local_catalog)
-    yield
-    cancel_all_jobs()
-    ssh.pool.close_all()
-    backend.close_forwards()
 
 
 def batch_launch(owner: Any, capture: Any, prompts: list[str], **batch: Any) -> tuple[LLMSession, BatchRun]:
@@ -64,7 +54,7 @@ def run_file(local_catalog: dict[str, Any], run: BatchRun, name: str) -> list[di
 
 
 def test_a_batch_launch_answers_every_line_in_order_and_the_job_ends_itself(
-    account: None, owner: Any, other_user: Any, django_capture_on_commit_callbacks: Any,
+    account: ClusterAccount, owner: Any, other_user: Any, django_capture_on_commit_callbacks: Any,
     local_catalog: dict[str, Any],
 ) -> None:  # fmt: skip
     prompts = [f"Question number {i}?" for i in range(200)]
@@ -116,7 +106,7 @@ def streamed(client: Client, url: str) -> str:
 
 
 def test_a_malformed_prompts_file_is_refused_with_line_numbers_and_starts_nothing(
-    account: None, owner: Any, client: Client
+    account: ClusterAccount, owner: Any, client: Client
 ) -> None:
     client.force_login(owner)
     query = "&".join(f"{k}={v}" for k, v in {**LAUNCH, "purpose": "batch"}.items())
@@ -136,7 +126,7 @@ def test_a_malformed_prompts_file_is_refused_with_line_numbers_and_starts_nothin
 
 
 def test_a_batch_launch_over_two_replicas_spreads_the_prompts_and_ends_itself(
-    account: None, owner: Any, django_capture_on_commit_callbacks: Any, local_catalog: dict[str, Any]
+    account: ClusterAccount, owner: Any, django_capture_on_commit_callbacks: Any, local_catalog: dict[str, Any]
 ) -> None:
     prompts = [f"Replica question {i}?" for i in range(200)]
     session, run = batch_launch(owner, django_capture_on_commit_callbacks, prompts, replicas=2)
@@ -176,7 +166,7 @@ def wait_for_answers(path: Path, at_least: int, timeout_s: float = 180) -> int:
 
 
 def test_a_runner_killed_in_the_middle_starts_again_and_answers_each_line_once(
-    account: None, owner: Any, django_capture_on_commit_callbacks: Any, local_catalog: dict[str, Any]
+    account: ClusterAccount, owner: Any, django_capture_on_commit_callbacks: Any, local_catalog: dict[str, Any]
 ) -> None:
     # Long enough that the kill lands in the middle: 1000 answers of 48 tokens, 2 at a time.
     prompts = [f"Tell me about the number {i}." for i in range(1000)]
@@ -196,7 +186,7 @@ def test_a_runner_killed_in_the_middle_starts_again_and_answers_each_line_once(
 
 
 def test_a_requeued_batch_launch_goes_on_where_it_stopped_and_answers_each_line_once(
-    account: None, owner: Any, django_capture_on_commit_callbacks: Any, local_catalog: dict[str, Any]
+    account: ClusterAccount, owner: Any, django_capture_on_commit_callbacks: Any, local_catalog: dict[str, Any]
 ) -> None:
     prompts = [f"Requeue question {i}." for i in range(1000)]  # long enough that the requeue lands in the middle
     session, run = batch_launch(owner, django_capture_on_commit_callbacks, prompts, max_tokens=48, concurrency=2)
@@ -224,7 +214,7 @@ def test_a_requeued_batch_launch_goes_on_where_it_stopped_and_answers_each_line_
 
 
 def test_a_cancelled_batch_launch_stops_its_run_and_keeps_what_is_done(
-    account: None, owner: Any, django_capture_on_commit_callbacks: Any, local_catalog: dict[str, Any]
+    account: ClusterAccount, owner: Any, django_capture_on_commit_callbacks: Any, local_catalog: dict[str, Any]
 ) -> None:
     from jobs.sessions.actions import request_cancel
     from jobs.tasks import cancel_session
@@ -253,7 +243,7 @@ def checked_prompts(prompts: list[str], **batch: Any) -> Any:
 
 
 def test_a_run_on_a_running_session_completes_while_its_chat_still_answers_and_a_stop_keeps_what_is_done(
-    account: None, owner: Any, django_capture_on_commit_callbacks: Any, local_catalog: dict[str, Any]
+    account: ClusterAccount, owner: Any, django_capture_on_commit_callbacks: Any, local_catalog: dict[str, Any]
 ) -> None:
     import httpx
 
@@ -304,7 +294,7 @@ def test_a_run_on_a_running_session_completes_while_its_chat_still_answers_and_a
 
 @pytest.mark.django_db(transaction=True)  # the portal runs in its own process (uvicorn) on this test's database
 def test_the_openai_clients_batch_calls_work_through_the_portal(
-    account: None, owner: Any, other_user: Any, django_capture_on_commit_callbacks: Any,
+    account: ClusterAccount, owner: Any, other_user: Any, django_capture_on_commit_callbacks: Any,
     local_catalog: dict[str, Any], tmp_path: Any,
 ) -> None:  # fmt: skip
     import openai

@@ -11,7 +11,6 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -31,17 +30,9 @@ from jobs.sessions.actions import launch, request_cancel
 from jobs.tasks import cancel_session
 from portal import ssh
 from tests.conftest import LAUNCH, LOCAL_CLUSTER_SCRIPT
-from tests.e2e.sessions import cancel_all_jobs, drive, jobs_named, local_account, shell, start
+from tests.e2e.sessions import drive, jobs_named, shell, start
 
 pytestmark = [pytest.mark.e2e, pytest.mark.django_db]
-
-
-@pytest.fixture
-def account(local_catalog: dict[str, Any], owner: Any) -> Iterator[ClusterAccount]:
-    yield local_account(owner, local_catalog)
-    cancel_all_jobs()
-    ssh.pool.close_all()
-    backend.close_forwards()
 
 
 def squeue_states(name: str) -> list[str]:

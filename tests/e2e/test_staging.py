@@ -15,9 +15,8 @@ from jobs.cluster import backend
 from jobs.models import LLMSession, State
 from jobs.sessions.actions import request_cancel
 from jobs.tasks import cancel_session
-from portal import ssh
 from tests.conftest import LAUNCH
-from tests.e2e.sessions import cancel_all_jobs, drive, local_account, shell, start
+from tests.e2e.sessions import drive, shell, start
 
 pytestmark = [pytest.mark.e2e, pytest.mark.django_db]
 
@@ -29,14 +28,6 @@ def stage_dir(local_catalog: dict[str, Any]) -> Iterator[str]:
     Cluster.objects.filter(slug="local").update(stage_to=path, stage_keep=True)
     yield path
     shell(local_catalog, f"rm -rf {path}")
-
-
-@pytest.fixture
-def account(local_catalog: dict[str, Any], owner: Any) -> Iterator[ClusterAccount]:
-    yield local_account(owner, local_catalog)
-    cancel_all_jobs()
-    ssh.pool.close_all()
-    backend.close_forwards()
 
 
 def run_until_served(owner: Any, capture: Any, **changes: Any) -> LLMSession:

@@ -297,3 +297,29 @@ def test_poll_reads_each_sessions_staging_report(tmp_path: Path) -> None:
     (sessions / B / "staging.json").write_text('{"state": "cop')  # torn: read next time
     result = remote.parse_poll(run(remote.poll_command([(A, "101"), (B, "102")]), env).stdout)
     assert result.staging == {A: {"state": "copying", "bytes": 5, "total": 10}}
+
+
+def test_the_watch_returns_at_the_first_change_and_says_what_it_was(tmp_path: Path) -> None:
+    env = fake_bin(tmp_path)
+    sessions = Path(env["HOME"]) / ".hpc-llm-portal" / "sessions"
+    for sid in (A, B, C):
+        (sessions / sid).mkdir(parents=True)
+    (sessions / B / "connection.json").write_text("{}")
+    quiet = run(remote.watch_command([(A, "starting"), (B, "running")], 1), env)
+    assert quiet.returncode == 0 and remote.parse_watch(quiet.stdout) == {} and "@@end" in quiet.stdout
+
+    change = f"sleep 0.5; echo '{{}}' >{sessions / A / 'connection.json'}; rm {sessions / B / 'connection.json'}"
+    later = subprocess.Popen(["bash", "-c", change])
+    changed = remote.parse_watch(run(remote.watch_command([(A, "starting"), (B, "running")], 30), env).stdout)
+    later.wait()
+    assert changed in ({A: "ready", B: "gone"}, {A: "ready"}, {B: "gone"})  # whichever the loop saw first, or both
+    (sessions / C / "error").write_text("the server exited")
+    assert remote.parse_watch(run(remote.watch_command([(C, "running")], 30), env).stdout) == {C: "error"}
+
+
+def test_the_watch_takes_session_ids_and_modes_only() -> None:
+    with pytest.raises(ValueError):
+        remote.watch_command([("../../etc", "starting")], 5)
+    with pytest.raises(ValueError):
+        remote.watch_command([(A, "rm -rf")], 5)
+    assert remote.parse_watch("changed not-a-uuid ready\nchanged " + A + " exploded\n") == {}

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from django import forms
 from django.core.exceptions import ValidationError
 from django.core.management import call_command
 from django.test import Client
@@ -22,7 +23,7 @@ from jobs.management.commands.sessions import add_launch_flags
 from jobs.models import LLMSession, Purpose, State
 from jobs.sessions import wizard
 from jobs.sessions.actions import launch, request_cancel
-from jobs.sessions.forms import ChoicesForm, LaunchForm, values_of
+from jobs.sessions.forms import ChoicesForm, HiddenLaunch, LaunchForm, values_of
 from jobs.sessions.lifecycle import job_spec
 from tests.conftest import HOST_KEY, LAUNCH
 
@@ -304,3 +305,15 @@ def test_staging_in_shared_memory_asks_slurm_for_the_copys_memory_too(
 
 def test_a_runtime_that_keeps_its_own_store_is_not_staged() -> None:
     assert [r.kind for r in runtime_rules.RUNTIMES.values() if r.launchable and not r.stages_weights] == ["ollama"]
+
+
+def test_a_wizard_options_hidden_inputs_are_what_the_widgets_would_render(owner: Any, account: ClusterAccount) -> None:
+    values = {**LAUNCH, "alias": 'a"b<c', "nodes": 1, "account": account.pk, "notify": True}
+    form = LaunchForm(initial=values, user=owner, auto_id=False)
+    for field in form.fields.values():
+        field.widget = forms.HiddenInput()
+    launch = HiddenLaunch(values, [(account.pk, "ada")])
+    assert str(launch.hidden_inputs()) == "".join(str(bound) for bound in form.hidden_fields())
+    assert "alias=a%22b%3Cc" in launch.query() and not launch.accounts
+    several = HiddenLaunch(values, [(account.pk, "ada"), (account.pk + 1, "lab")])
+    assert 'name="account"' not in several.hidden_inputs() and '<select name="account">' in several.account_menu()

@@ -6,9 +6,21 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from django.db import connection
 from django.test import Client
+from django.test.utils import CaptureQueriesContext
 
-from catalog.models import Cluster, ClusterAccount, Partition
+from catalog import architecture
+from catalog.models import (
+    Cluster,
+    ClusterAccount,
+    GPUType,
+    ModelCard,
+    ModelVariant,
+    NodeGroup,
+    Partition,
+    VariantLocation,
+)
 from jobs.models import LLMSession, State, transition
 from jobs.sessions.actions import launch
 from tests.conftest import HOST_KEY
@@ -218,3 +230,35 @@ def test_a_partition_that_takes_other_slurm_accounts_is_shown_but_not_launchable
     account.slurm_account = "physics"
     account.save()
     assert "gpu takes only" not in owner_client.get("/launch/", choices).content.decode()
+
+
+def test_the_wizards_queries_do_not_grow_with_the_catalog(
+    owner_client: Client, account: ClusterAccount, django_assert_num_queries: Any
+) -> None:
+    """bench/wizard.py times the page on 100 models x 20 GPU options; here its query count is pinned: the same for
+    the example catalog and for one with 12 more GPU types, their node groups, and 20 more models on the cluster."""
+    wanted = {"model": "tiny-llama", "quant": "fp16", "runtime": "llama.cpp", "context": "2048"}
+    with CaptureQueriesContext(connection) as example:
+        assert owner_client.get("/launch/", wanted).status_code == 200
+    local = Cluster.objects.get(slug="local")
+    partition = Partition.objects.get(cluster=local, name="gpu")
+    template = ModelCard.objects.get(name="tiny-llama")
+    for i in range(12):
+        gpu = GPUType.objects.create(name=f"extra-{i}", display_name=f"Extra {i}", memory_gib=16 + 8 * i)
+        NodeGroup.objects.create(partition=partition, gpu_type=gpu, gpus_per_node=1 + i % 8, node_count=2,
+                                 cpus_per_node=16, ram_gib=128)  # fmt: skip
+    for i in range(20):
+        card = ModelCard.objects.create(name=f"extra-model-{i}", family="llama",
+                                        **{f: getattr(template, f) for f in architecture.FIELDS})  # fmt: skip
+        variant = ModelVariant.objects.create(model=card, quantization="Q4_K_M", format="gguf", size_gib=4 + i)
+        VariantLocation.objects.create(variant=variant, cluster=local, path=f"/models/extra-{i}.gguf")
+    with django_assert_num_queries(len(example)):
+        page = owner_client.get("/launch/", wanted)
+    assert "extra-3" in page.content.decode()  # the new GPU types are among the options
+
+
+def test_my_sessions_refreshes_every_second_while_one_is_starting(owner_client: Client, session: LLMSession) -> None:
+    transition(session.pk, State.STARTING, cause="test")
+    assert 'hx-trigger="every 1s"' in owner_client.get("/sessions/").content.decode()
+    transition(session.pk, State.RUNNING, cause="test")
+    assert 'hx-trigger="every 3s"' in owner_client.get("/sessions/").content.decode()
