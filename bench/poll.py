@@ -7,6 +7,13 @@ PENDING and use nothing) named like portal jobs, creates one queued session per 
 times poll_account: the portal's one SSH command per (cluster, account) plus applying the result. The baseline,
 measured in the same run, is the naive design: one `squeue -j` per session over the same pooled connection.
 Target: one command per cycle, and 1,000 sessions in under 2 s.
+
+Then a site-sized cycle (--accounts, --sessions): 10,000 live sessions over 50 accounts, each account its own user
+on the local cluster (hpcbench01..50, made here with the local cluster's key) with its share of held jobs, polled
+as beat polls them: poll_clusters' one poll_account per account, run by --workers worker processes at once (as
+a Celery worker's prefork pool runs them). Baseline in the same run: the least any poll must do, one bare
+`squeue -u USER` per account over the same connections and processes. Printed: each cycle's wall time (median of
+--repeat), the SSH commands, and the target of issue 18 (<= 1 s, one command per account).
 """
 
 from __future__ import annotations
@@ -15,10 +22,12 @@ import argparse
 import os
 import shlex
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
 import uuid
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -35,7 +44,10 @@ import django  # noqa: E402
 
 django.setup()
 
-from bench.local import CountingPool, setup  # noqa: E402
+from django.contrib.auth import get_user_model  # noqa: E402
+from django.db import close_old_connections, connections  # noqa: E402
+
+from bench.local import CLUSTER_DIR, CountingPool, setup  # noqa: E402
 from catalog.models import ClusterAccount, GPUType, ModelVariant, Partition, Runtime  # noqa: E402
 from jobs.models import LLMSession, State  # noqa: E402
 from jobs.tasks import poll_account  # noqa: E402
@@ -89,11 +101,91 @@ def naive_cycle(pool: CountingPool, account: ClusterAccount, sessions: list[LLMS
     return time.perf_counter() - start
 
 
+def bench_user(n: int, key_from: ClusterAccount) -> str:
+    """The local cluster's user hpcbenchNN, made (as root) with the key of the cluster's own user."""
+    name = f"hpcbench{n:02d}"
+    if subprocess.run(["id", name], capture_output=True).returncode != 0:
+        subprocess.run(["useradd", "--create-home", "--shell", "/bin/bash", name], check=True)
+    subprocess.run(["usermod", "-p", "*", name], check=True)  # not locked: sshd without PAM refuses locked accounts
+    home = Path(f"/home/{name}")
+    (home / ".ssh").mkdir(mode=0o700, exist_ok=True)
+    (home / ".ssh" / "authorized_keys").write_text((CLUSTER_DIR / "id_ed25519.pub").read_text())
+    subprocess.run(["chown", "-R", f"{name}:{name}", str(home / ".ssh")], check=True)
+    (home / ".ssh" / "authorized_keys").chmod(0o600)
+    return name
+
+
+def _worker_process() -> None:
+    """A worker slot of its own, as a Celery worker's process: its own database connection and SSH pool (what the
+    parent opened is not shared across fork)."""
+    connections.close_all()
+    ssh.pool = CountingPool()
+
+
+def _poll(account_id: int) -> int:
+    """One account's poll in a worker process; the SSH commands it ran."""
+    assert isinstance(ssh.pool, CountingPool)
+    before = ssh.pool.commands
+    poll_account(account_id)
+    return ssh.pool.commands - before
+
+
+def _bare_squeue(account_id: int) -> int:
+    account = ClusterAccount.objects.select_related("cluster").get(pk=account_id)
+    ssh.pool.run(account.ssh_target(), 'squeue -h -u "$(id -un)" -o %i')
+    return 1
+
+
+def site_cycle(first: ClusterAccount, accounts: int, total: int, workers: int, repeat: int, pool: CountingPool) -> None:
+    others = []
+    for n in range(1, accounts + 1):
+        user = get_user_model().objects.create_user(f"bench{n:02d}")
+        account = ClusterAccount(cluster=first.cluster, user=user, kind="personal", username=bench_user(n, first))
+        account.set_private_key((CLUSTER_DIR / "id_ed25519").read_text())
+        account.save()
+        others.append(account)
+    LLMSession.objects.all().delete()
+    start = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=8) as threads:
+        made = list(threads.map(lambda a: make_sessions(a, total // accounts, pool), others))
+    close_old_connections()
+    print(f"\n{total} held jobs of {accounts} users submitted in {time.perf_counter() - start:.0f} s")
+    try:
+        ids = [a.pk for a in others]
+        with ProcessPoolExecutor(max_workers=workers, initializer=_worker_process) as slots:
+            list(slots.map(_poll, ids))  # the first cycle records "pending (JobHeldUser)"
+            times = []
+            for _ in range(repeat):
+                start = time.perf_counter()
+                commands = sum(slots.map(_poll, ids))
+                times.append(time.perf_counter() - start)
+            floors = []
+            for _ in range(repeat):
+                start = time.perf_counter()
+                list(slots.map(_bare_squeue, ids))
+                floors.append(time.perf_counter() - start)
+        queued = LLMSession.objects.filter(state=State.QUEUED, slurm_reason="JobHeldUser").count()
+        assert queued == total, f"only {queued} of {total} sessions were read back as held"
+        cycle = statistics.median(times)
+        print(f"{'sessions':>8} {'accounts':>8} {'workers':>7} {'SSH cmds/cycle':>14} {'cycle s (median)':>16}")
+        print(f"{total:>8} {accounts:>8} {workers:>7} {commands:>14} {cycle:>16.3f}")
+        floor = statistics.median(floors)
+        print(f"baseline, a bare squeue per account: {floor:.3f} s; the poll cycle is {cycle / floor:.1f}x that")
+        met = cycle <= 1 and commands == accounts
+        print(f"target: <= 1 s and one command per account -> {'met' if met else 'missed'}")
+    finally:
+        for account, sessions in zip(others, made, strict=True):
+            cancel(pool, account, [s.job_id for s in sessions])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--sizes", default="10,100,1000")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--naive-max", type=int, default=100, help="sessions the naive baseline polls per size")
+    parser.add_argument("--accounts", type=int, default=50, help="the site-sized cycle's accounts (0: skip it)")
+    parser.add_argument("--sessions", type=int, default=10000, help="the site-sized cycle's sessions, over all")
+    parser.add_argument("--workers", type=int, default=4, help="worker slots polling at once")
     args = parser.parse_args()
     account = setup()
     counting = CountingPool()
@@ -123,6 +215,8 @@ def main() -> None:
     finally:
         cancel(counting, account, list(LLMSession.objects.values_list("job_id", flat=True)))
     print("naive s: extrapolated from up to --naive-max sessions, one squeue per session over a pooled connection")
+    if args.accounts:
+        site_cycle(account, args.accounts, args.sessions, args.workers, args.repeat, counting)
 
 
 if __name__ == "__main__":

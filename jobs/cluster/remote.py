@@ -159,9 +159,11 @@ def parse_watch(text: str) -> dict[str, str]:
     return changes
 
 
-# Runs as: bash -c SCRIPT poll UUID:JOBID ... ; prints @@-delimited sections (see parse_poll).
+# Runs as: bash -c SCRIPT poll 0|1 UUID:JOBID ... ; prints @@-delimited sections (see parse_poll).
 POLL_SCRIPT = r"""
 set -u
+order=$1
+shift
 base="$HOME/.hpc-llm-portal/sessions"
 live=$(squeue -h -u "$(id -un)" -o '@FORMAT@' 2>&1)
 rc=$?
@@ -174,14 +176,14 @@ else
   printf '%s\n' "$live" | head -c 2000
   echo
 fi
-# Each of our pending jobs' place in its partition's queue (by priority), counted here: the cluster's whole queue
-# would not fit in the answer on a busy site.
+# Each pending portal job's place in its partition's queue (by priority), counted here: the cluster's whole queue
+# would not fit in the answer on a busy site. Asked only when the portal says so ($order): reading a busy cluster's
+# whole queue is the costly part of a poll, and one account's answer serves every account whose jobs it can see.
 mine=$(printf '%s\n' "$live" | awk -F'|' '$3 == "PENDING" { print $1 }' | tr '\n' ' ')
 echo "@@order"
-if [ -n "${mine// }" ]; then
-  squeue -h -t PENDING --sort=-p,i -o '%P|%i' 2>/dev/null | awk -F'|' -v mine="$mine" '
-    BEGIN { n = split(mine, ids, " "); for (i = 1; i <= n; i++) wanted[ids[i]] = 1 }
-    { place[$1]++ } ($2 in wanted) { print $1 "|" $2 "|" place[$1] }'
+if [ "$order" = 1 ] && [ -n "${mine// }" ]; then
+  squeue -h -t PENDING --sort=-p,i -o '%P|%i|%j' 2>/dev/null | awk -F'|' '
+    { place[$1]++ } ($3 ~ /^hpcllm-/) { print $1 "|" $2 "|" place[$1] }'
 fi
 # The addresses of the nodes our running jobs hold: a job may only say it serves on one of its own nodes.
 nodes=$(printf '%s\n' "$live" | awk -F'|' '$3 != "PENDING" && $6 != "" && $6 != "(null)" { print $6 }' | paste -sd, -)
@@ -298,8 +300,9 @@ def cancel_command(session_id: str, job_id: str, cli: SlurmCli = PLAIN) -> str:
     return shlex.join(["bash", "-c", cli.script(CANCEL_SCRIPT), "cancel", session_id, job_id])
 
 
-def poll_command(pairs: list[tuple[str, str]], cli: SlurmCli = PLAIN) -> str:
-    args = []
+def poll_command(pairs: list[tuple[str, str]], cli: SlurmCli = PLAIN, order: bool = True) -> str:
+    """The poll of these (session, job) pairs; `order`: also each pending portal job's place in its queue."""
+    args = [str(int(order))]
     for session_id, job_id in pairs:
         if not _UUID.match(session_id) or (job_id and not _JOB_ID.match(job_id)):
             raise ValueError(f"bad session or job id: {session_id!r} {job_id!r}")

@@ -28,7 +28,7 @@ from jobs.batch import progress as batch_progress
 from jobs.cluster import backend, jobscript, remote, slurm
 from jobs.models import END_STATES, POLLED_STATES, BatchRun, LLMSession, Purpose, SessionEvent, State, transition
 from jobs.operations import metrics
-from jobs.sessions import notify, staging
+from jobs.sessions import notify, queue_order, staging
 from portal import crypto, ssh
 
 log = logging.getLogger(__name__)
@@ -283,7 +283,11 @@ def poll(account_id: int) -> dict[str, int]:
     )
     if not sessions:
         return {"sessions": 0}
-    command = remote.poll_command([(str(s.pk), s.job_id) for s in sessions], account.cluster.slurm_cli)
+    pending = [s.job_id for s in sessions if s.state == State.QUEUED]
+    read = queue_order.to_read(account.cluster_id, pending)
+    command = remote.poll_command(
+        [(str(s.pk), s.job_id) for s in sessions], account.cluster.slurm_cli, order=bool(read)
+    )
     try:
         with metrics.polling(account.cluster.slug):
             result = ssh.pool.run(account.ssh_target(), command, timeout_s=60)
@@ -297,6 +301,7 @@ def poll(account_id: int) -> dict[str, int]:
         detail = polled.squeue_error or result.stderr.strip()[:300] or f"exit code {result.exit_code}"
         _mark_unknown(sessions, f"squeue failed on {account.cluster.name}: {detail}")
         return {"sessions": len(sessions), "unknown": len(sessions)}
+    queue_order.share(account.cluster_id, polled, read)
     seen = [s.pk for s in sessions if s.job_id in polled.queued]
     if seen:
         LLMSession.objects.filter(pk__in=seen).update(last_seen_at=timezone.now())

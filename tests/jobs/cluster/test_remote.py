@@ -166,13 +166,16 @@ def test_poll_reads_each_pending_jobs_place_in_its_partitions_queue(tmp_path: Pa
     env = fake_bin(
         tmp_path,
         squeue=(
-            'if [[ "$*" == *PENDING* ]]; then printf "gpu|7\\ngpu|101\\ndevel|9\\n"; '
+            f'if [[ "$*" == *PENDING* ]]; then printf "gpu|7|x\\ngpu|101|hpcllm-{A}\\ndevel|9|y\\n"; '
             f"else echo '101|hpcllm-{A}|PENDING|Priority|N/A|(null)|0:00|1:00:00|gpu|1'; fi"
         ),
     )
     result = remote.parse_poll(run(remote.poll_command([(A, "101")]), env).stdout)
     assert result.complete and result.queue_position("gpu", "101") == 2
     assert result.queue_position("devel", "101") is None
+    # Not asked for the order (another account's poll read it this cycle): the queue is not read at all.
+    unordered = remote.parse_poll(run(remote.poll_command([(A, "101")], order=False), env).stdout)
+    assert unordered.complete and unordered.positions == {}
 
 
 def test_a_poll_of_a_busy_cluster_stays_small(tmp_path: Path) -> None:
@@ -181,7 +184,8 @@ def test_a_poll_of_a_busy_cluster_stays_small(tmp_path: Path) -> None:
     env = fake_bin(
         tmp_path,
         squeue=(
-            'if [[ "$*" == *PENDING* ]]; then seq 1 200000 | sed "s/^/gpu|/"; else '
+            'if [[ "$*" == *PENDING* ]]; then seq 1 200000 | sed "s/^/gpu|/; s/$/|other/" | '
+            f'sed "s/^gpu|150000|other$/gpu|150000|hpcllm-{A}/"; else '
             "seq 1000000 1050000 | sed 's/$/|array|PENDING|Priority|N/A|(null)|0:00|1:00:00|gpu|1/'; "
             f"echo '150000|hpcllm-{A}|PENDING|Priority|N/A|(null)|0:00|1:00:00|gpu|1'; fi"
         ),
