@@ -1,18 +1,20 @@
 """A token's requests a minute (PORTAL_API_REQUESTS_PER_MINUTE), decided without waiting for the shared cache.
 
 portal.rates counts in the shared cache, which with the file cache is a read, a pickle, a directory listing and a
-rename per request: 0.3 to 0.4 ms on every forwarded request's path here, more as the cache directory fills (profiled
-with bench/proxy.py). Here each process counts in memory the requests it let through in the current minute, and adds
-them to the shared count (the same key as portal.rates) on the proxy's threads, after the request has gone on; a
-request is refused when the shared count as last read back, plus what this process has not added to it yet, has
-reached the limit. Within one process that is exact; several processes may together let through the few requests
-that came in between two additions, as counting in the file cache already may.
+rename per request: 0.3 to 0.4 ms of CPU here, more as the cache directory fills, taken from the request itself or
+from the one after it (profiled with bench/proxy.py). Here each process counts in memory the requests it let through
+in the current minute, and adds them to the shared count (the same key as portal.rates) on the proxy's threads, at
+most every ADD_EVERY_S, in one addition; a request is refused when the shared count as last read back, plus what this
+process has not added to it yet, has reached the limit. Within one process that is exact; several processes may
+together let through what the others counted and had not added yet, a second's worth at most, as counting in the
+file cache already may let a few through.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from dataclasses import dataclass
 
 from django.core.cache import cache
@@ -21,6 +23,7 @@ from jobs.use import targets
 from portal import rates
 
 log = logging.getLogger(__name__)
+ADD_EVERY_S = 1.0
 
 
 @dataclass
@@ -29,6 +32,7 @@ class _Window:
     adding: int = 0  # being added to it now
     unsent: int = 0  # let through here, not yet added
     busy: bool = False  # an addition is under way (one at a time per window: it takes whatever is unsent)
+    added_at: float = -ADD_EVERY_S  # time.monotonic() of the last addition's start
 
 
 _lock = threading.Lock()
@@ -53,28 +57,27 @@ def wait_s(key: str, limit: int) -> int:
         if window.shared + window.adding + window.unsent >= limit:
             return 60 - int(now % 60)
         window.unsent += 1
-        start, window.busy = not window.busy, True
+        moment = time.monotonic()
+        start = not window.busy and moment - window.added_at >= ADD_EVERY_S
+        if start:
+            window.busy, window.added_at = True, moment
     if start:
         targets.later(_add, name, window)
     return 0
 
 
 def _add(name: str, window: _Window) -> None:
-    """Add what this process let through to the shared count, until nothing is left to add."""
-    while True:
-        with _lock:
-            count, window.adding, window.unsent = window.unsent, window.unsent, 0
-            if not count:
-                window.busy = False
-                return
-        try:
-            total = count if cache.add(name, count, 120) else cache.incr(name, count)
-        except ValueError:  # the count expired between the two calls
-            total = count
-            cache.add(name, count, 120)
-        except Exception:  # the cache is down: this process's own count still holds
-            log.exception("cannot add to the request count %s", name)
-            total = window.shared + count
-        with _lock:
-            window.adding = 0
-            window.shared = max(window.shared + count, total)
+    """Add what this process let through and has not added yet to the shared count, and read the total back."""
+    with _lock:
+        count, window.adding, window.unsent = window.unsent, window.unsent, 0
+    try:
+        total = count if cache.add(name, count, 120) else cache.incr(name, count)
+    except ValueError:  # the count expired between the two calls
+        total = count
+        cache.add(name, count, 120)
+    except Exception:  # the cache is down: this process's own count still holds
+        log.exception("cannot add to the request count %s", name)
+        total = 0
+    with _lock:
+        window.adding, window.busy = 0, False
+        window.shared = max(window.shared + count, total)

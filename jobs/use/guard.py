@@ -6,8 +6,9 @@ uploads. Here, for those routes:
 
 1. the host is checked against ALLOWED_HOSTS;
 2. the caller is authenticated from the headers alone, in one trip to the proxy's threads: a personal API token
-   (/api/v1/), or the signed-in session cookie (/sessions/<uuid>/v1/), whose session is looked up in the same trip
-   (the path names it; the view still decides what the caller may do with it);
+   (/api/v1/), or the signed-in session cookie (/sessions/<uuid>/v1/). The session is looked up in the same trip:
+   the one the browser's path names, or for a token the model its previous request named (the body, which names
+   it, is not read yet), which the view uses when the body names the same, and else looks up what it names;
 3. a token is held to PORTAL_API_REQUESTS_PER_MINUTE (allowance.py);
 4. only then is the body read, and at most PORTAL_MAX_REQUEST_BYTES of it, whether it declared its length or is
    chunked;
@@ -17,9 +18,10 @@ uploads. Here, for those routes:
 What was learnt travels in the ASGI scope (BODY, HOLDER, USER, TARGET). Serving here saves what Django's handler
 spends on every request and the proxy needs none of (profiled with bench/proxy.py): a thread trip for the request
 signals, a temporary file for the body, and on the browser's route the session, CSRF, auth and messages middleware,
-each a thread trip there and back, 9 ms in all. What those did for the proxy is done here: the session cookie is
-checked (2), CSRF is checked as CsrfViewMiddleware checks it, and exceptions become a 500 in OpenAI's shape. A client
-that goes away cancels the view, which closes the upstream request, as under Django.
+each a thread trip there and back (with the one lookup of step 2, 4 to 5 ms of the browser route's 10 at p50). What
+those did for the proxy is done here: the session cookie is checked (2), CSRF is checked as CsrfViewMiddleware checks
+it, and exceptions become a 500 in OpenAI's shape. A client that goes away cancels the view, which closes the
+upstream request, as under Django.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ from django.urls import Resolver404, ResolverMatch, resolve
 from django.utils.log import log_response
 from django.views.decorators.debug import sensitive_variables
 
+from jobs.models import token_digest
 from jobs.use import allowance, targets
 from jobs.use.headers import DATA_ONLY, data_only, openai_error
 
@@ -63,7 +66,9 @@ BROWSER = re.compile(r"/sessions/([0-9a-fA-F-]{36})/v1/")
 BODY = "portal.body"  # the request body, read here
 HOLDER = "portal.holder"  # the API token's holder (targets.Holder), looked up here
 USER = "portal.user"  # the signed-in user's pk (the browser's route), looked up here
-TARGET = "portal.target"  # the browser's route: the session its path names, as targets.target found it (or None)
+TARGET = "portal.target"  # (the key looked up, what targets.target found for it: Target, None or Ambiguous)
+TOKEN = "portal.token"  # the API token's digest, under which the model it names is remembered (remember())
+REMEMBERED = 10_000  # tokens whose last model is kept; past that the memory starts over
 FILES = "/api/v1/files"  # OpenAI's Files API: uploads up to PORTAL_BATCH_MAX_BYTES
 SERVED_HERE = "served_at_the_door"
 V = TypeVar("V")
@@ -94,7 +99,10 @@ async def guard(app: App, scope: Scope, receive: Receive, send: Send) -> None:
         return
     extra: dict[str, Any] = {}
     if API.match(scope["path"]):
-        holder = await targets.run(_token_holder, headers.get("authorization", ""))
+        authorization = headers.get("authorization", "")
+        digest = _digest(authorization)
+        guess = _models.get(digest) if digest and scope["method"] == "POST" else None
+        holder, found = await targets.run(_api_door, authorization, guess)
         if holder is None:
             await _reply(send, 401, "a valid personal API token is needed (Authorization: Bearer hpcllm_…)",
                          "authentication_error", "invalid_api_key")  # fmt: skip
@@ -105,15 +113,17 @@ async def guard(app: App, scope: Scope, receive: Receive, send: Send) -> None:
             await _reply(send, 429, f"this token made more than {per_minute} requests a minute; try again in "
                          f"{wait_s} s", "requests", "rate_limit_exceeded", retry_after=wait_s)  # fmt: skip
             return
-        extra[HOLDER] = holder
+        extra[HOLDER], extra[TOKEN] = holder, digest
+        if guess is not None:
+            extra[TARGET] = guess, found
     else:
         browser = BROWSER.match(scope["path"])
         assert browser is not None
-        found = await targets.run(_browser_door, headers.get("cookie", ""), browser[1])
-        if found is None:
+        signed_in = await targets.run(_browser_door, headers.get("cookie", ""), browser[1])
+        if signed_in is None:
             await _reply(send, 401, "sign in first", "authentication_error")
             return
-        extra[USER], extra[TARGET] = found
+        extra[USER], extra[TARGET] = signed_in[0], (browser[1], signed_in[1])
     body = bytearray()
     while True:
         message = await receive()
@@ -127,10 +137,7 @@ async def guard(app: App, scope: Scope, receive: Receive, send: Send) -> None:
             break
     scope = {**scope, BODY: bytes(body), **extra}
     request = ASGIRequest(scope, io.BytesIO(scope[BODY]))
-    try:
-        match = resolve(request.path_info)
-    except Resolver404:
-        match = None
+    match = _resolved(request.path_info)
     if match is not None and getattr(match.func, SERVED_HERE, False):
         await _serve(request, match, receive, send)
         return
@@ -146,17 +153,64 @@ async def guard(app: App, scope: Scope, receive: Receive, send: Send) -> None:
     await app(scope, replay, send)
 
 
+_routes: dict[str, ResolverMatch | None] = {}
+ROUTES = 10_000  # paths whose view is kept; past that the memory starts over
+
+
+def _resolved(path: str) -> ResolverMatch | None:
+    """Django's URL resolution, kept per path: the URL patterns do not change while the process runs, and the API's
+    few paths come again and again."""
+    if path not in _routes:
+        if len(_routes) >= ROUTES:
+            _routes.clear()
+        try:
+            _routes[path] = resolve(path)
+        except Resolver404:
+            _routes[path] = None
+    return _routes[path]
+
+
 def _host_allowed(host: str) -> bool:
     domain, _port = split_domain_port(host)
     return bool(domain) and validate_host(domain, settings.ALLOWED_HOSTS)
 
 
-@sensitive_variables("authorization", "token")
-def _token_holder(authorization: str) -> targets.Holder | None:
+def _bearer(authorization: str) -> str:
     scheme, _, token = authorization.partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
-        return None
-    return targets.holder(token.strip())
+    return token.strip() if scheme.lower() == "bearer" else ""
+
+
+_models: dict[str, str] = {}  # a token's digest: the model its last request named
+
+
+@sensitive_variables("authorization")
+def _digest(authorization: str) -> str:
+    token = _bearer(authorization)
+    return token_digest(token) if token else ""
+
+
+def remember(scope: Any, model: Any) -> None:
+    """The model a token's request named, looked up ahead with its next request (step 2)."""
+    digest = scope.get(TOKEN) if isinstance(scope, dict) else None
+    if digest and isinstance(model, str) and model and _models.get(digest) != model:
+        if len(_models) >= REMEMBERED:
+            _models.clear()
+        _models[digest] = model
+
+
+@sensitive_variables("authorization", "token")
+def _api_door(
+    authorization: str, guess: str | None
+) -> tuple[targets.Holder | None, targets.Target | targets.Ambiguous | None]:
+    """The token's holder, and the session `guess` names for them (not noted as used: the request may name another)."""
+    token = _bearer(authorization)
+    holder = targets.holder(token) if token else None
+    if holder is None or guess is None:
+        return holder, None
+    try:
+        return holder, targets.target(holder, guess, "api", note=False)
+    except targets.Ambiguous as exc:
+        return holder, exc
 
 
 @sensitive_variables("cookie")

@@ -25,7 +25,7 @@ from jobs.sessions.access import shared_with
 from jobs.usage.records import Meter, save
 from jobs.use import relay as relay_module
 from jobs.use import targets
-from jobs.use.guard import BODY, HOLDER, TARGET, USER, served_here
+from jobs.use.guard import BODY, HOLDER, TARGET, USER, remember, served_here
 from jobs.use.headers import RELAYED_TYPES, data_only, openai_error
 from jobs.use.targets import Target
 
@@ -37,18 +37,22 @@ ALLOWED = {"chat/completions": {"POST"}, "completions": {"POST"}, "embeddings": 
 FORWARDED_HEADERS = ("content-type", "accept")
 CONNECT_TIMEOUT_S = 10.0
 READ_TIMEOUT_S = 600.0  # a long prompt on a big model can take minutes before the first token
+TIMEOUTS = httpx.Timeout(READ_TIMEOUT_S, connect=CONNECT_TIMEOUT_S).as_dict()
 
 _clients: dict[int, httpx.AsyncClient] = {}
 
 
 def _client() -> httpx.AsyncClient:
-    """One pooled client per event loop (uvicorn runs one loop per worker process)."""
+    """One pooled client per event loop (uvicorn runs one loop per worker process).
+
+    No limit on its connections: each serves one request of a client that uvicorn let in, so a cap here would only
+    hold streams back behind others (1,000 at once through a worker is a target, bench/proxy.py)."""
     loop = id(asyncio.get_running_loop())
     client = _clients.get(loop)
     if client is None or client.is_closed:
-        limits = httpx.Limits(max_connections=1000, max_keepalive_connections=100)
-        timeout = httpx.Timeout(READ_TIMEOUT_S, connect=CONNECT_TIMEOUT_S)
-        client = _clients[loop] = httpx.AsyncClient(limits=limits, timeout=timeout, trust_env=False)
+        limits = httpx.Limits(max_connections=None, max_keepalive_connections=100)
+        client = _clients[loop] = httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(**TIMEOUTS),
+                                                    trust_env=False)  # fmt: skip
     return client
 
 
@@ -66,8 +70,10 @@ async def _forward(request: HttpRequest, target: Target, path: str, body: bytes,
     headers = {k: v for k, v in request.headers.items() if k.lower() in FORWARDED_HEADERS}
     headers["authorization"] = f"Bearer {target.key}"
     client = _client()
-    upstream_request = client.build_request(request.method or "GET", f"{target.base}/v1/{path}", content=body,
-                                            headers=headers)  # fmt: skip
+    # Built as it is sent, not with client.build_request(), which merges the client's defaults (cookies, parameters,
+    # a base URL: none here) at a cost on every request's path; the timeouts go along as build_request() sets them.
+    upstream_request = httpx.Request(request.method or "GET", f"{target.base}/v1/{path}", content=body,
+                                     headers=headers, extensions={"timeout": TIMEOUTS})  # fmt: skip
     try:
         upstream = await client.send(upstream_request, stream=True)
     except httpx.TimeoutException:
@@ -165,7 +171,7 @@ async def session_proxy(request: HttpRequest, pk: Any, path: str) -> HttpRespons
     """The browser's route: /sessions/<uuid>/v1/<path>, signed in with the session cookie (CSRF applies)."""
     scope = getattr(request, "scope", {})
     if USER in scope:  # the door signed the user in and looked the session up (guard.py)
-        user_pk, found = scope[USER], scope[TARGET]
+        user_pk, (_, found) = scope[USER], scope[TARGET]
     else:  # Django's full stack (the test client)
         user = await request.auser()
         if not user.is_authenticated:
@@ -247,15 +253,19 @@ async def api_proxy(request: HttpRequest, path: str) -> HttpResponseBase:
     except json.JSONDecodeError:
         return openai_error(400, "the request body is not JSON", "invalid_request_error")
     model = payload.get("model") if isinstance(payload, dict) else None
-    known = request.scope.get(HOLDER) if hasattr(request, "scope") else None
+    scope = getattr(request, "scope", {})
+    known, ahead = scope.get(HOLDER), scope.get(TARGET)
     holder: targets.Holder | None
     try:
-        if isinstance(known, targets.Holder):  # the door looked the token up already
+        if isinstance(known, targets.Holder) and ahead is not None and ahead[0] == model:
+            holder, target = known, _used(ahead[1])  # the door looked it up with the token (guard.py)
+        elif isinstance(known, targets.Holder):  # the door looked the token up already
             holder, target = known, await targets.run(_target_named, known, model)
         else:
             holder, target = await targets.run(_api_lookup, token.strip(), model)
     except targets.Ambiguous as exc:
         return openai_error(400, str(exc), "invalid_request_error", "model_ambiguous")
+    remember(scope, model)
     if holder is None:
         return _no_token()
     if path.strip("/") == "models":
@@ -270,6 +280,15 @@ async def api_proxy(request: HttpRequest, path: str) -> HttpResponseBase:
     body = _with_model(payload, target) if body else b""
     meter = Meter(target.pk, holder.user_pk, "api", path.strip("/"), bytes_in=len(body))
     return await _forward(request, target, path.strip("/"), body, meter)
+
+
+def _used(found: Target | targets.Ambiguous | None) -> Target | None:
+    """What the door looked up ahead, now that the request uses it."""
+    if isinstance(found, targets.Ambiguous):
+        raise found
+    if found is not None and found.activity_due:
+        targets.later(targets.touch, found.pk)
+    return found
 
 
 def _no_token() -> JsonResponse:
