@@ -283,7 +283,7 @@ def poll(account_id: int) -> dict[str, int]:
     )
     if not sessions:
         return {"sessions": 0}
-    pending = [s.job_id for s in sessions if s.state == State.QUEUED]
+    pending = [s.job_id for s in sessions if s.state in (State.QUEUED, State.UNKNOWN)]  # as far as the portal knows
     read = queue_order.to_read(account.cluster_id, pending)
     command = remote.poll_command(
         [(str(s.pk), s.job_id) for s in sessions], account.cluster.slurm_cli, order=bool(read)
@@ -301,7 +301,7 @@ def poll(account_id: int) -> dict[str, int]:
         detail = polled.squeue_error or result.stderr.strip()[:300] or f"exit code {result.exit_code}"
         _mark_unknown(sessions, f"squeue failed on {account.cluster.name}: {detail}")
         return {"sessions": len(sessions), "unknown": len(sessions)}
-    queue_order.share(account.cluster_id, polled, read)
+    queue_order.share(account.cluster_id, polled, read, pending)
     seen = [s.pk for s in sessions if s.job_id in polled.queued]
     if seen:
         LLMSession.objects.filter(pk__in=seen).update(last_seen_at=timezone.now())

@@ -42,14 +42,19 @@ def to_read(cluster_id: int, pending_job_ids: list[str]) -> str:
     return ALL if cache.add(_keys(cluster_id)[1], True, timeout=settings.PORTAL_POLL_INTERVAL_S) else NONE
 
 
-def share(cluster_id: int, polled: PollResult, read: str) -> None:
+def share(cluster_id: int, polled: PollResult, read: str, pending_job_ids: list[str]) -> None:
     """Keep what this poll read (all of it: the cluster's new order; its own: added to it), then give the poll the
-    places it did not read itself."""
-    key = _keys(cluster_id)[0]
-    shared = _shared(cluster_id) or {}
+    places of its pending jobs that it did not read itself. A poll without pending jobs that read nothing does
+    nothing: the shared order is not even fetched."""
+    if not read and not pending_job_ids:
+        return
+    places = {job_id: (partition, place) for (partition, job_id), place in polled.positions.items()}
+    shared = places if read == ALL else {**(_shared(cluster_id) or {}), **places}
     if read:
-        places = {job_id: (partition, place) for (partition, job_id), place in polled.positions.items()}
-        shared = places if read == ALL else {**shared, **places}
-        cache.set(key, {"at": time.time(), "jobs": shared}, timeout=3 * settings.PORTAL_POLL_INTERVAL_S)
-    for job_id, (partition, place) in shared.items():
-        polled.positions.setdefault((partition, job_id), place)
+        cache.set(
+            _keys(cluster_id)[0], {"at": time.time(), "jobs": shared}, timeout=3 * settings.PORTAL_POLL_INTERVAL_S
+        )
+    for job_id in pending_job_ids:
+        if job_id in shared:
+            partition, place = shared[job_id]
+            polled.positions.setdefault((partition, job_id), place)
