@@ -67,7 +67,7 @@ class ClusterAdmin(admin.ModelAdmin[Cluster]):
     fieldsets = [
         (None, {"fields": ["name", "slug", "notes"]}),
         ("Login host", {"fields": ["login_host", "ssh_port", "host_key", "node_access"]}),
-        ("Slurm", {"fields": ["default_account", "slurm_cluster", "slurm_bin_dir"]}),
+        ("Slurm", {"fields": ["default_account", "slurm_cluster", "slurm_bin_dir", "status_account"]}),
         ("Staging weights on node-local storage", {"fields": ["stage_to", "stage_keep"]}),
         ("Per-user limits", {"fields": ["max_sessions_per_user", "max_gpus_per_user"]}),
         ("Discovery", {"fields": ["discovered_at", "discovered_with", "drift"]}),

@@ -27,7 +27,7 @@ from jobs.batch import staging
 from jobs.cluster import capacity, logs
 from jobs.models import LLMSession, State
 from jobs.operations import metrics
-from jobs.sessions import groups, lifecycle, notify
+from jobs.sessions import groups, lifecycle, listing, notify
 from portal import ssh
 
 log = logging.getLogger(__name__)
@@ -63,20 +63,32 @@ def submit_session(self: Task[Any, Any], session_id: str) -> str:
 
 @shared_task(name="jobs.poll_clusters", ignore_result=True)
 def poll_clusters() -> int:
-    """Beat: one poll per (cluster, account) with live sessions; a new submit for sessions whose submit was lost;
-    expiry warnings; idle auto-cancel."""
+    """Beat: one poll per (cluster, account) with live sessions, or per cluster where it has a status account; a new
+    submit for sessions whose submit was lost; expiry warnings; idle auto-cancel."""
     for session_id in lifecycle.lost_submits():
         submit_session.delay(session_id)
     for session_id in lifecycle.lost_cancels():
         cancel_session.delay(session_id)
     for run_id in staging.lost():
         stage_batch.delay(run_id)
-    account_ids = lifecycle.accounts_to_poll()
-    for account_id in account_ids:
+    planned = listing.plan()
+    for cluster_id in planned.clusters:
+        poll_cluster.apply_async((cluster_id,), expires=settings.PORTAL_POLL_INTERVAL_S * 2)
+    for account_id in planned.accounts:
         poll_account.apply_async((account_id,), expires=settings.PORTAL_POLL_INTERVAL_S * 2)
     notify.warn_expiring()
     cancel_idle()
-    return len(account_ids)
+    return len(planned.clusters) + len(planned.accounts)
+
+
+@shared_task(name="jobs.poll_cluster", ignore_result=True, soft_time_limit=120, time_limit=150)
+def poll_cluster(cluster_id: int) -> int:
+    """A cluster with a status account: one listing of all its portal jobs settles the accounts whose sessions all
+    wait in the queue; the others are polled on their own (listing.py)."""
+    cycle = listing.cycle(cluster_id)
+    for account_id in cycle.own:
+        poll_account.apply_async((account_id,), expires=settings.PORTAL_POLL_INTERVAL_S * 2)
+    return cycle.settled
 
 
 def cancel_idle() -> int:

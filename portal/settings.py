@@ -123,7 +123,14 @@ else:
             # A file, not memory, so end-to-end tests can share the test database with a real Celery worker.
             "TEST": {"NAME": str(VAR_DIR / "test.sqlite3")},
             # SQLite serialises writers; a busy timeout lets the web process and a Celery worker share the file.
-            "OPTIONS": {"timeout": 20, "transaction_mode": "IMMEDIATE"},
+            # Write-ahead logging: readers never wait for a writer, and a commit appends to the log without an fsync
+            # (synchronous=NORMAL; a power cut may lose the last commits, never the file). Without it each proxy
+            # request's usage row cost an fsync, 2.5-4 ms, on the threads the next request's lookup runs on.
+            "OPTIONS": {
+                "timeout": 20,
+                "transaction_mode": "IMMEDIATE",
+                "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
+            },
         }
     }
 

@@ -69,6 +69,12 @@ class Cluster(models.Model):
         help_text="The account discovery last read Slurm with; periodic re-discovery uses it.",
     )  # fmt: skip
     drift = models.TextField(blank=True, help_text="What the last discovery found different from the catalog.")
+    status_account = models.ForeignKey(
+        "catalog.ClusterAccount", null=True, blank=True, on_delete=models.SET_NULL, related_name="+",
+        help_text="Optional: an account whose squeue sees every user's jobs (no PrivateData=jobs, or a Slurm operator) "
+        "and whose shell no researcher controls. Each poll cycle then reads every portal job's state with it in one "
+        "command; only researchers' accounts with a job that started, ended or changed run their own.",
+    )  # fmt: skip
 
     class Meta:
         ordering = ["name"]
@@ -85,6 +91,8 @@ class Cluster(models.Model):
         super().clean()
         if self.host_key.strip():
             self._check_host_key()
+        if self.status_account is not None and self.status_account.cluster_id != self.pk:
+            raise ValidationError({"status_account": "The status account must be an account on this cluster."})
 
     def _check_host_key(self) -> None:
         expected = {self.login_host} if self.ssh_port == 22 else {f"[{self.login_host}]:{self.ssh_port}"}

@@ -232,6 +232,69 @@ echo "@@end"
 """.replace("@FORMAT@", slurm.SQUEUE_FORMAT)
 
 
+# Runs as: bash -c SCRIPT listing, with a cluster's status account (catalog Cluster.status_account): every portal job
+# that account can see, whoever owns it, as "USER|<SQUEUE_FORMAT>|PLACE" (PLACE: a pending job's place in its
+# partition's queue by priority, else empty), in one squeue sorted as the scheduler orders the queue.
+LISTING_SCRIPT = r"""
+set -u
+out=$(squeue -h --sort=-p,i -o '%u|@FORMAT@' 2>&1)
+rc=$?
+echo "@@listing $rc"
+if [ "$rc" -eq 0 ]; then
+  printf '%s\n' "$out" | awk -F'|' '
+    $4 == "PENDING" { place[$10]++ }
+    ($3 ~ /^hpcllm-/) { print $0 "|" ($4 == "PENDING" ? place[$10] : "") }'
+else
+  printf '%s\n' "$out" | head -c 2000
+  echo
+fi
+echo "@@end"
+""".replace("@FORMAT@", slurm.SQUEUE_FORMAT)
+
+
+LISTING_MAX_BYTES = 32 << 20  # about 110 bytes a job: some 300,000 portal jobs
+
+
+def listing_command(cli: SlurmCli = PLAIN) -> str:
+    return shlex.join(["bash", "-c", cli.script(LISTING_SCRIPT), "listing"])
+
+
+@dataclass
+class Listing:
+    """What a status account's listing says: each portal job it sees with its owner, and each pending one's place.
+    ok False: the scheduler could not be asked, and nothing may be read from it."""
+
+    ok: bool = False
+    error: str = ""
+    jobs: dict[str, tuple[str, slurm.QueuedJob]] = field(default_factory=dict)  # job id -> (owner, job)
+    places: dict[str, int] = field(default_factory=dict)  # job id -> place in its partition's queue
+
+
+def parse_listing(text: str) -> Listing:
+    listing = Listing()
+    head, _, rest = text.partition("@@listing ")
+    code, _, body = rest.partition("\n")
+    if code.strip() != "0":
+        listing.error = (body.partition("@@end")[0] or head).strip()[:500]
+        return listing
+    if "\n@@end" not in "\n" + body:
+        listing.error = "the listing was cut short"
+        return listing
+    body = body[: body.rindex("@@end")]
+    for line in body.split("\n"):
+        owner, _, fields = line.partition("|")
+        fields, _, place = fields.rpartition("|")
+        jobs, _bad = slurm.parse_squeue(fields)
+        if len(jobs) != 1 or not owner:
+            continue
+        job = jobs[0]
+        listing.jobs[job.job_id] = (owner, job)
+        if place.isdigit():
+            listing.places[job.job_id] = int(place)
+    listing.ok = True
+    return listing
+
+
 @dataclass(frozen=True)
 class SubmitPayload:
     stdin: bytes

@@ -269,12 +269,6 @@ def lost_cancels() -> list[str]:
 # --- poll -----------------------------------------------------------------------------------------------------
 
 
-def accounts_to_poll() -> list[int]:
-    """The accounts with sessions whose jobs Slurm should be asked about."""
-    polled = LLMSession.objects.filter(state__in=POLLED_STATES).exclude(job_id="")
-    return sorted(set(polled.values_list("account_id", flat=True)))
-
-
 def poll(account_id: int) -> dict[str, int]:
     """One SSH command for all live sessions of one account; apply what Slurm says to each."""
     account = ClusterAccount.objects.select_related("cluster").get(pk=account_id)
@@ -444,7 +438,7 @@ def apply_poll(session: LLMSession, polled: remote.PollResult) -> int:
     if queued is not None:
         nodes = queued.node_list if queued.node_list not in {"", "(null)"} else ""
         if queued.state in slurm.PENDING_STATES:
-            estimate = _aware(queued.start_time)
+            estimate = aware(queued.start_time)
             position = polled.queue_position(queued.partition, queued.job_id)
             now_seen = (State.QUEUED, queued.reason, estimate, position)
             if (session.state, session.slurm_reason, session.estimated_start, session.queue_position) == now_seen:
@@ -461,7 +455,7 @@ def apply_poll(session: LLMSession, polled: remote.PollResult) -> int:
         if queued.state not in slurm.ACTIVE_STATES:
             return 0
         connection = polled.connections.get(sid)
-        started = _aware(queued.start_time)
+        started = aware(queued.start_time)
         if connection is not None:
             return _serve_at(session, connection, nodes, polled, started)
         if queued.state == "COMPLETING" or (session.state, session.node_list, session.host) == (
@@ -586,13 +580,14 @@ def _end(session: LLMSession, slurm_state: str, record: dict[str, str], error: s
             f", {slurm_reason})" if slurm_reason and slurm_reason != "None" else ")"
         )
     fields: dict[str, Any] = {"end_reason": reason}
-    ended = _aware(slurm.parse_time(record.get("EndTime", "")))
+    ended = aware(slurm.parse_time(record.get("EndTime", "")))
     if ended:
         fields["ended_at"] = ended
     return transition(sid, target, cause=f"Slurm: {slurm_state}; {reason}", **fields)
 
 
-def _aware(value: datetime | None) -> datetime | None:
+def aware(value: datetime | None) -> datetime | None:
+    """A time from Slurm's output (naive: the portal's time zone is the cluster's) as an aware datetime."""
     if value is None:
         return None
     return timezone.make_aware(value) if timezone.is_naive(value) else value

@@ -4,7 +4,7 @@ A place needs the cluster's whole pending queue (remote.POLL_SCRIPT's order sect
 is most of a poll's cost, and every account's poll would read the same queue. So one account's poll a cycle reads
 it for every portal job it can see, and the polls of the others take their places from that (the cache). An
 account whose pending jobs it lacks (Slurm's PrivateData=jobs hides them from other users, or they are new) reads
-its own. Places are at most a poll interval old.
+its own. Places are at most a poll interval old. A cluster's status account (listing.py) reads them for all.
 """
 
 from __future__ import annotations
@@ -58,3 +58,11 @@ def share(cluster_id: int, polled: PollResult, read: str, pending_job_ids: list[
         if job_id in shared:
             partition, place = shared[job_id]
             polled.positions.setdefault((partition, job_id), place)
+
+
+def publish(cluster_id: int, places: dict[str, tuple[str, int]]) -> None:
+    """The places a status account's listing read (listing.py): this cycle's order, so that no account's own poll
+    reads the queue again for jobs it covers."""
+    key, reader = _keys(cluster_id)
+    cache.set(key, {"at": time.time(), "jobs": places}, timeout=3 * settings.PORTAL_POLL_INTERVAL_S)
+    cache.set(reader, True, timeout=settings.PORTAL_POLL_INTERVAL_S)

@@ -75,12 +75,13 @@ def cancel_all_jobs(wait_s: float = 40) -> None:
     asked again rather than taken as "nothing to cancel"."""
     deadline = time.monotonic() + wait_s
     while True:
-        listed = subprocess.run(["squeue", "-h", "-o", "%j"], capture_output=True, text=True)
-        names = [name for name in listed.stdout.split() if name.startswith("hpcllm-")]
-        if listed.returncode == 0 and not names:
+        listed = subprocess.run(["squeue", "-h", "-o", "%i %j"], capture_output=True, text=True)
+        jobs = (line.partition(" ") for line in listed.stdout.splitlines())
+        ids = [job for job, _, name in jobs if name.startswith("hpcllm-")]
+        if listed.returncode == 0 and not ids:
             return
-        if names:
-            subprocess.run(["scancel", "--name", ",".join(names)], capture_output=True)
+        if ids:  # by id: `scancel --name` as root leaves other users' jobs alone here (Slurm 22.05)
+            subprocess.run(["scancel", *ids], capture_output=True)
         if time.monotonic() > deadline:
             return
         time.sleep(0.5)

@@ -1,0 +1,135 @@
+"""Every portal job of a cluster from one command a cycle: the listing of the cluster's status account.
+
+Without one, each account with live sessions runs its own poll (remote.POLL_SCRIPT) every cycle: fifty researchers
+mean fifty SSH commands and fifty squeue RPCs to slurmctld a cycle. With a status account (Cluster.status_account,
+chosen by the admin) one squeue lists every portal job with its owner and, for those pending, its place in the
+queue. What it prints is believed for everyone's jobs, so it must be an account that sees all users' jobs and whose
+shell no researcher controls; the listing is checked against what the portal knows (the job id, its name, which is
+the session's, and its owner, who is the session account's user) before it is used.
+
+An account whose sessions all wait in the queue needs nothing more: the listing gives each its reason, estimated
+start and place. An account with a session the listing cannot settle runs its own poll, as without a status account:
+a job that runs (its connection, staging and batch files are read with the owner's login), one the listing lacks
+(it ended, and sacct says how; or the status account cannot see it, e.g. under PrivateData=jobs), a cancel asked
+for, a server that was serving. A listing that fails leaves every account to its own poll.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from dataclasses import dataclass
+
+from django.utils import timezone
+
+from catalog.models import Cluster
+from jobs.cluster import remote, slurm
+from jobs.models import POLLED_STATES, LLMSession, State
+from jobs.operations import metrics
+from jobs.sessions import lifecycle, queue_order
+from portal import ssh
+
+log = logging.getLogger(__name__)
+
+WAITING = (State.QUEUED, State.UNKNOWN)  # the portal's states a listing can settle
+SEEN_CHUNK = 2000  # sessions per "last seen" UPDATE (SQLite caps a statement's parameters)
+
+
+@dataclass(frozen=True)
+class Plan:
+    clusters: list[int]  # listed with their status account
+    accounts: list[int]  # polled on their own (clusters without a status account)
+
+
+def plan() -> Plan:
+    """What this cycle polls: the clusters with a status account and live sessions, and every other live account."""
+    live = LLMSession.objects.filter(state__in=POLLED_STATES).exclude(job_id="")
+    rows = set(live.values_list("account_id", "account__cluster_id", "account__cluster__status_account_id"))
+    clusters = sorted({cluster for _, cluster, status in rows if status is not None})
+    return Plan(clusters, sorted({account for account, _, status in rows if status is None}))
+
+
+@dataclass(frozen=True)
+class Cycle:
+    own: list[int]  # accounts that need their own poll
+    settled: int  # sessions the listing settled
+    changed: int  # of which changed
+
+
+def cycle(cluster_id: int) -> Cycle:
+    """List the cluster's portal jobs with its status account, apply the listing to every account it settles, and
+    return the accounts that still need their own poll."""
+    cluster = Cluster.objects.select_related("status_account__cluster").get(pk=cluster_id)
+    live = LLMSession.objects.filter(account__cluster_id=cluster_id, state__in=POLLED_STATES).exclude(job_id="")
+    rows = list(
+        live.values_list(
+            "pk", "account_id", "account__username", "job_id", "state", "host", "cancel_requested_at",
+            "slurm_reason", "estimated_start", "queue_position",
+        )
+    )  # fmt: skip
+    accounts = sorted({row[1] for row in rows})
+    status = cluster.status_account
+    if status is None or not rows:
+        return Cycle(accounts, 0, 0)
+    try:
+        with metrics.polling(cluster.slug):
+            result = ssh.pool.run(status.ssh_target(), remote.listing_command(cluster.slurm_cli), timeout_s=60,
+                                  max_output_bytes=remote.LISTING_MAX_BYTES)  # fmt: skip
+    except ssh.SSHError as exc:
+        metrics.ssh_error(cluster.slug, "listing")
+        log.warning("%s: the status account's listing failed, each account polls itself: %s", cluster.slug, exc)
+        return Cycle(accounts, 0, 0)
+    listing = remote.parse_listing(result.stdout)
+    if not listing.ok:
+        metrics.poll_failed(cluster.slug, "scheduler")
+        log.warning("%s: the status account's listing failed, each account polls itself: %s", cluster.slug,
+                    listing.error or result.stderr.strip()[:300])  # fmt: skip
+        return Cycle(accounts, 0, 0)
+    queue_order.publish(
+        cluster_id, {job_id: (job.partition, listing.places[job_id]) for job_id, (_, job) in listing.jobs.items()
+                     if job_id in listing.places}
+    )  # fmt: skip
+    by_account: dict[int, list[tuple[object, ...]]] = defaultdict(list)
+    for row in rows:
+        by_account[row[1]].append(row)
+    own, settled, changed = [], [], []
+    for account_id, sessions in by_account.items():
+        if all(_settles(listing, row) for row in sessions):
+            settled += [row[0] for row in sessions]
+            changed += [row[0] for row in sessions if _differs(listing, row)]
+        else:
+            own.append(account_id)
+    polled = _as_poll(listing)
+    moved = sum(lifecycle.apply_poll(session, polled) for session in LLMSession.objects.filter(pk__in=changed))
+    now = timezone.now()
+    for start in range(0, len(settled), SEEN_CHUNK):
+        LLMSession.objects.filter(pk__in=settled[start : start + SEEN_CHUNK]).update(last_seen_at=now)
+    return Cycle(sorted(own), len(settled), moved)
+
+
+def _settles(listing: remote.Listing, row: tuple[object, ...]) -> bool:
+    """The listing alone says all there is about this session: it waits in the queue as the portal knows it, under
+    its own name and owner, with nothing asked of it."""
+    pk, _, username, job_id, state, host, cancel_requested_at = row[:7]
+    entry = listing.jobs.get(str(job_id))
+    if entry is None or state not in WAITING or host or cancel_requested_at is not None:
+        return False
+    owner, job = entry
+    return owner == username and job.name == slurm.job_name(str(pk)) and job.state in slurm.PENDING_STATES
+
+
+def _differs(listing: remote.Listing, row: tuple[object, ...]) -> bool:
+    _, job = listing.jobs[str(row[3])]
+    now_seen = (State.QUEUED, job.reason, lifecycle.aware(job.start_time), listing.places.get(job.job_id))
+    return row[4:5] + row[7:10] != now_seen
+
+
+def _as_poll(listing: remote.Listing) -> remote.PollResult:
+    """The listing as a poll that saw the queue and read nothing else (what apply_poll needs for pending jobs)."""
+    return remote.PollResult(
+        squeue_ok=True,
+        complete=True,
+        queued={job_id: job for job_id, (_, job) in listing.jobs.items()},
+        positions={(job.partition, job_id): listing.places[job_id] for job_id, (_, job) in listing.jobs.items()
+                   if job_id in listing.places},
+    )  # fmt: skip
