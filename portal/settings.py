@@ -114,7 +114,8 @@ if _database_url:
 else:
     _sqlite = Path(env_str("PORTAL_SQLITE_PATH", str(VAR_DIR / "portal.sqlite3")))
     if not _sqlite.exists():  # SQLite would create it world-readable (0644); its journals copy these bits
-        _private_dir(_sqlite.parent)
+        # A folder made here is private; one that exists is left as it is (it may be /tmp or a shared /srv).
+        _sqlite.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         os.close(os.open(_sqlite, os.O_CREAT | os.O_WRONLY, 0o600))
     DATABASES = {
         "default": {

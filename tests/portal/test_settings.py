@@ -63,6 +63,28 @@ def test_the_var_folder_and_the_database_are_the_portals_alone(tmp_path: Path) -
     assert modes == {var: "0o700", var / "broker" / "queue": "0o700", var / "portal.sqlite3": "0o600"}
 
 
+def test_a_database_elsewhere_leaves_its_folder_as_it_was(tmp_path: Path) -> None:
+    shared = tmp_path / "srv"
+    shared.mkdir(mode=0o755)
+    shared.chmod(0o1777)  # a folder like /tmp: the portal must not close it to everyone else
+    result = run_settings(tmp_path, PORTAL_SQLITE_PATH=str(shared / "portal.sqlite3"))
+    assert result.returncode == 0, result.stderr
+    assert oct(shared.stat().st_mode & 0o7777) == "0o1777"
+    assert oct((shared / "portal.sqlite3").stat().st_mode & 0o777) == "0o600"
+    made = tmp_path / "new" / "db"
+    assert run_settings(tmp_path, PORTAL_SQLITE_PATH=str(made / "portal.sqlite3")).returncode == 0
+    assert oct(made.stat().st_mode & 0o777) == "0o700"
+
+
+def test_sqlite_runs_with_write_ahead_logging(tmp_path: Path) -> None:
+    probe = "import django; django.setup(); from django.db import connection; c = connection.cursor(); "
+    probe += "print(c.execute('PRAGMA journal_mode').fetchone()[0], c.execute('PRAGMA synchronous').fetchone()[0])"
+    environ = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "REDIS_URL")}
+    environ.update({"DJANGO_SETTINGS_MODULE": "portal.settings", "PORTAL_VAR_DIR": str(tmp_path / "var")})
+    result = subprocess.run([sys.executable, "-c", probe], cwd=REPO, env=environ, capture_output=True, text=True)
+    assert result.stdout.split() == ["wal", "1"], result.stderr  # synchronous 1: NORMAL
+
+
 def check_deploy(tmp_path: Path, **env: str) -> subprocess.CompletedProcess[str]:
     """A production host's environment: none of this test run's own settings (pytest-django's async flag among them)."""
     inherited = ("DATABASE_URL", "REDIS_URL")
