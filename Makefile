@@ -20,7 +20,7 @@ test: venv
 	scripts/local-services up
 	scripts/browser-deps
 	PORTAL_VAR_DIR=$(CURDIR)/var/test $(BIN)/pytest
-	set -a && . var/local-services/env && set +a && PORTAL_VAR_DIR=$(CURDIR)/var/test $(BIN)/pytest -p no:cacheprovider tests/catalog tests/jobs/use/test_targets.py tests/jobs/sessions/test_sharing.py tests/jobs/usage tests/jobs/operations tests/test_migrations.py
+	set -a && . var/local-services/env && set +a && PORTAL_VAR_DIR=$(CURDIR)/var/test $(BIN)/pytest -p no:cacheprovider tests/catalog tests/jobs/use/test_targets.py tests/jobs/sessions/test_sharing.py tests/jobs/sessions/test_listing.py tests/jobs/usage tests/jobs/operations tests/test_migrations.py
 
 # Unit tests only, for a quick loop while editing (no cluster needed).
 test-fast: venv

@@ -32,7 +32,7 @@ from portal import ssh
 log = logging.getLogger(__name__)
 
 WAITING = (State.QUEUED, State.UNKNOWN)  # the portal's states a listing can settle
-SEEN_CHUNK = 2000  # sessions per "last seen" UPDATE (SQLite caps a statement's parameters)
+CHUNK = 2000  # sessions per statement (SQLite caps a statement's parameters)
 
 
 @dataclass(frozen=True)
@@ -99,11 +99,13 @@ def cycle(cluster_id: int) -> Cycle:
             changed += [row[0] for row in sessions if _differs(listing, row)]
         else:
             own.append(account_id)
-    polled = _as_poll(listing)
-    moved = sum(lifecycle.apply_poll(session, polled) for session in LLMSession.objects.filter(pk__in=changed))
+    polled, moved = _as_poll(listing), 0
+    for start in range(0, len(changed), CHUNK):
+        batch = LLMSession.objects.filter(pk__in=changed[start : start + CHUNK])
+        moved += sum(lifecycle.apply_poll(session, polled) for session in batch)
     now = timezone.now()
-    for start in range(0, len(settled), SEEN_CHUNK):
-        LLMSession.objects.filter(pk__in=settled[start : start + SEEN_CHUNK]).update(last_seen_at=now)
+    for start in range(0, len(settled), CHUNK):
+        LLMSession.objects.filter(pk__in=settled[start : start + CHUNK]).update(last_seen_at=now)
     return Cycle(sorted(own), len(settled), moved)
 
 
