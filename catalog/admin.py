@@ -79,6 +79,16 @@ class ClusterAdmin(admin.ModelAdmin[Cluster]):
     def get_queryset(self, request: HttpRequest) -> QuerySet[Cluster]:
         return super().get_queryset(request).annotate(n_partitions=Count("partitions"))
 
+    def get_form(
+        self, request: HttpRequest, obj: Cluster | None = None, change: bool = False, **kwargs: Any
+    ) -> type[forms.ModelForm[Cluster]]:
+        """The status account is one of this cluster's own accounts (a new cluster has none yet)."""
+        form = super().get_form(request, obj, change, **kwargs)
+        field = form.base_fields.get("status_account")
+        if isinstance(field, forms.ModelChoiceField):
+            field.queryset = ClusterAccount.objects.filter(cluster=obj) if obj else ClusterAccount.objects.none()
+        return form
+
     def get_urls(self) -> list[URLPattern]:
         view = self.admin_site.admin_view(self.discover)
         scan = self.admin_site.admin_view(self.scan_models)

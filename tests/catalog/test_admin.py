@@ -8,6 +8,7 @@ from django.urls import reverse
 
 from catalog.models import (
     Cluster,
+    ClusterAccount,
     ClusterRuntime,
     GPUType,
     ModelCard,
@@ -121,3 +122,20 @@ def test_admin_form_shows_validation_errors_and_keeps_input(admin_client: Client
     assert "Enter a host name" in body
     assert "login;id" in body  # what the admin typed is still in the form
     assert not Cluster.objects.filter(slug="bad").exists()
+
+
+def test_a_clusters_status_account_is_chosen_among_its_own_accounts(
+    admin_client: Client, example_catalog: Path, owner
+) -> None:
+    local = Cluster.objects.get(slug="local")
+    other = Cluster.objects.exclude(pk=local.pk).first()
+    assert other is not None
+    here = ClusterAccount.objects.create(cluster=local, user=owner, username="ada")
+    there = ClusterAccount.objects.create(cluster=other, user=owner, username="ada-elsewhere")
+    page = admin_client.get(admin_url(Cluster, "change", local.pk))
+    choices = page.context["adminform"].form.fields["status_account"].queryset
+    assert list(choices) == [here] and there not in choices
+    assert (
+        list(admin_client.get(admin_url(Cluster, "add")).context["adminform"].form.fields["status_account"].queryset)
+        == []
+    )
