@@ -66,7 +66,8 @@ PROXY_DURATION = Histogram(
     buckets=(*_SECONDS, 120, 300, 600),
 )  # fmt: skip
 POLL_DURATION = Histogram(
-    "portal_poll_duration_seconds", "One poll of a cluster account's live sessions (one SSH command).", ["cluster"],
+    "portal_poll_duration_seconds",
+    "One poll of a cluster account's live sessions, or a status account's listing (one SSH command).", ["cluster"],
     buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
 )  # fmt: skip
 POLL_FAILURES = Counter(

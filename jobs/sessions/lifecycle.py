@@ -430,6 +430,15 @@ _END_FOR_SLURM = {
 }
 
 
+# What the portal keeps of a job waiting in the queue, compared with what Slurm says before anything is written.
+WAITING_FIELDS = ("state", "slurm_reason", "estimated_start", "queue_position")
+
+
+def waiting_as(queued: slurm.QueuedJob, position: int | None) -> tuple[object, ...]:
+    """WAITING_FIELDS as Slurm says them of a pending job (apply_poll; listing.py compares database rows with it)."""
+    return (State.QUEUED, queued.reason, aware(queued.start_time), position)
+
+
 def apply_poll(session: LLMSession, polled: remote.PollResult) -> int:
     """Move one session to what the poll says; return 1 if it changed. Writes nothing when nothing changed, so a
     cycle over a thousand waiting sessions costs a thousand comparisons, not a thousand UPDATEs."""
@@ -440,8 +449,7 @@ def apply_poll(session: LLMSession, polled: remote.PollResult) -> int:
         if queued.state in slurm.PENDING_STATES:
             estimate = aware(queued.start_time)
             position = polled.queue_position(queued.partition, queued.job_id)
-            now_seen = (State.QUEUED, queued.reason, estimate, position)
-            if (session.state, session.slurm_reason, session.estimated_start, session.queue_position) == now_seen:
+            if tuple(getattr(session, name) for name in WAITING_FIELDS) == waiting_as(queued, position):
                 return 0
             fields: dict[str, Any] = {"slurm_reason": queued.reason, "estimated_start": estimate}
             fields["queue_position"] = position

@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 from collections import defaultdict
 from dataclasses import dataclass
+from typing import Any
 
 from django.utils import timezone
 
@@ -61,13 +62,9 @@ def cycle(cluster_id: int) -> Cycle:
     return the accounts that still need their own poll."""
     cluster = Cluster.objects.select_related("status_account__cluster").get(pk=cluster_id)
     live = LLMSession.objects.filter(account__cluster_id=cluster_id, state__in=POLLED_STATES).exclude(job_id="")
-    rows = list(
-        live.values_list(
-            "pk", "account_id", "account__username", "job_id", "state", "host", "cancel_requested_at",
-            "slurm_reason", "estimated_start", "queue_position",
-        )
-    )  # fmt: skip
-    accounts = sorted({row[1] for row in rows})
+    fields = ("pk", "account_id", "account__username", "job_id", "host", "cancel_requested_at")
+    rows = list(live.values_list(*fields, *lifecycle.WAITING_FIELDS, named=True))
+    accounts = sorted({row.account_id for row in rows})
     status = cluster.status_account
     if status is None or not rows:
         return Cycle(accounts, 0, 0)
@@ -85,21 +82,21 @@ def cycle(cluster_id: int) -> Cycle:
         log.warning("%s: the status account's listing failed, each account polls itself: %s", cluster.slug,
                     listing.error or result.stderr.strip()[:300])  # fmt: skip
         return Cycle(accounts, 0, 0)
+    polled = _as_poll(listing)
     queue_order.publish(
-        cluster_id, {job_id: (job.partition, listing.places[job_id]) for job_id, (_, job) in listing.jobs.items()
-                     if job_id in listing.places}
-    )  # fmt: skip
-    by_account: dict[int, list[tuple[object, ...]]] = defaultdict(list)
+        cluster_id, {job_id: (partition, place) for (partition, job_id), place in polled.positions.items()}
+    )
+    by_account: dict[int, list[Any]] = defaultdict(list)
     for row in rows:
-        by_account[row[1]].append(row)
+        by_account[row.account_id].append(row)
     own, settled, changed = [], [], []
     for account_id, sessions in by_account.items():
         if all(_settles(listing, row) for row in sessions):
-            settled += [row[0] for row in sessions]
-            changed += [row[0] for row in sessions if _differs(listing, row)]
+            settled += [row.pk for row in sessions]
+            changed += [row.pk for row in sessions if _differs(polled, row)]
         else:
             own.append(account_id)
-    polled, moved = _as_poll(listing), 0
+    moved = 0
     for start in range(0, len(changed), CHUNK):
         batch = LLMSession.objects.filter(pk__in=changed[start : start + CHUNK])
         moved += sum(lifecycle.apply_poll(session, polled) for session in batch)
@@ -109,21 +106,24 @@ def cycle(cluster_id: int) -> Cycle:
     return Cycle(sorted(own), len(settled), moved)
 
 
-def _settles(listing: remote.Listing, row: tuple[object, ...]) -> bool:
+def _settles(listing: remote.Listing, row: Any) -> bool:
     """The listing alone says all there is about this session: it waits in the queue as the portal knows it, under
     its own name and owner, with nothing asked of it."""
-    pk, _, username, job_id, state, host, cancel_requested_at = row[:7]
-    entry = listing.jobs.get(str(job_id))
-    if entry is None or state not in WAITING or host or cancel_requested_at is not None:
+    entry = listing.jobs.get(row.job_id)
+    if entry is None or row.state not in WAITING or row.host or row.cancel_requested_at is not None:
         return False
     owner, job = entry
-    return owner == username and job.name == slurm.job_name(str(pk)) and job.state in slurm.PENDING_STATES
+    return (
+        owner == row.account__username and job.name == slurm.job_name(str(row.pk))
+        and job.state in slurm.PENDING_STATES
+    )  # fmt: skip
 
 
-def _differs(listing: remote.Listing, row: tuple[object, ...]) -> bool:
-    _, job = listing.jobs[str(row[3])]
-    now_seen = (State.QUEUED, job.reason, lifecycle.aware(job.start_time), listing.places.get(job.job_id))
-    return row[4:5] + row[7:10] != now_seen
+def _differs(polled: remote.PollResult, row: Any) -> bool:
+    """Whether what the portal keeps of a waiting session differs from the listing (the rule apply_poll compares by)."""
+    job = polled.queued[row.job_id]
+    seen = lifecycle.waiting_as(job, polled.queue_position(job.partition, job.job_id))
+    return tuple(getattr(row, name) for name in lifecycle.WAITING_FIELDS) != seen
 
 
 def _as_poll(listing: remote.Listing) -> remote.PollResult:
