@@ -1,7 +1,7 @@
 """How sure an estimate is: the published measurements nearest to a request, and how far the estimator is from each.
 
-The measurements are the reference rows the estimator is checked against (catalog/reference/*.csv, copies of
-../shared/reference kept identical by a test), read as data: each row's setup (the columns, plus what its source
+The measurements are the reference rows the estimator is checked against (catalog/reference/*.csv, the portal's own
+copies of the published tables), read as data: each row's setup (the columns, plus what its source
 quotes of the benchmark's prompt and vLLM's batched tokens) becomes an estimator request, and the estimator's figure
 for the part the row measured is compared with the published one. Plain Python, no Django.
 """

@@ -3,12 +3,15 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from django.contrib.auth.hashers import PBKDF2PasswordHasher
 from django.contrib.auth.models import Group
 from django.core.cache import cache
+from django.test.utils import override_settings
 
 from catalog.models import Cluster, ClusterAccount
 from catalog.yaml_io import import_file
@@ -32,6 +35,20 @@ LAUNCH = {
 # A pinned host key for the example catalog's local cluster where no cluster runs (unit tests).
 HOST_KEY = "[127.0.0.1]:2222 ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl"
 LOCAL_CLUSTER_DIR = Path(os.environ.get("LOCAL_CLUSTER_DIR", REPO / "var" / "local-cluster"))
+
+
+class OneRoundPBKDF2(PBKDF2PasswordHasher):
+    """Django's own PBKDF2 at one iteration: creating a user costs microseconds instead of a third of a second. The
+    hashes keep the production hasher's name and carry their iteration count, so a portal process started by a test
+    with the real settings (uvicorn, a worker) still verifies them."""
+
+    iterations = 1
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _fast_password_hasher() -> Iterator[None]:
+    with override_settings(PASSWORD_HASHERS=[f"{__name__}.OneRoundPBKDF2"]):
+        yield
 
 
 @pytest.fixture(autouse=True)

@@ -24,11 +24,14 @@ from catalog.estimate import (
 )
 from tests.conftest import EXAMPLE_CATALOG, REPO
 
-SHARED = REPO.parent / "shared" / "reference"
+# The published measurements as the portal keeps them (the wizard's confidence line reads the same files).
+REFERENCE = confidence.REFERENCE_DIR
+# Where the project's reading material sits beside a developer's checkout; a clone elsewhere has none.
+UPSTREAM = REPO.parent / "shared" / "reference"
 
 
 def reference_rows() -> list[dict[str, str]]:
-    return confidence.reference_rows(SHARED)
+    return confidence.reference_rows(REFERENCE)
 
 
 @pytest.mark.parametrize("row", reference_rows(), ids=lambda r: r["id"])
@@ -37,11 +40,15 @@ def test_every_published_figure_is_matched_within_ten_percent(row: dict[str, str
     assert figure == pytest.approx(float(row["gib"]), rel=0.10)
 
 
-def test_both_reference_files_are_read_and_the_portals_copies_are_current() -> None:
+def test_both_reference_files_are_read() -> None:
     ids = {row["id"] for row in reference_rows()}
     assert {"p8", "LC03", "VL03", "TF03", "AW02", "QW05"} <= ids and len(ids) >= 20
-    for name in confidence.REFERENCE_FILES:  # what the wizard's confidence line reads
-        assert (confidence.REFERENCE_DIR / name).read_text() == (SHARED / name).read_text(), name
+
+
+@pytest.mark.skipif(not UPSTREAM.is_dir(), reason="no reading material beside this checkout: nothing to compare with")
+@pytest.mark.parametrize("name", confidence.REFERENCE_FILES)
+def test_the_portals_copies_of_the_measurements_are_current(name: str) -> None:
+    assert (REFERENCE / name).read_text() == (UPSTREAM / name).read_text()
 
 
 def test_an_estimate_names_the_nearest_measurements_and_its_error_on_them() -> None:
