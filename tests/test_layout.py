@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import sys
+from collections import defaultdict
 from pathlib import Path
 
 import pytest
@@ -17,10 +18,22 @@ WIRING = {"portal.urls", "portal.asgi", "portal.wsgi", "portal.celery"}
 FORBIDDEN = {
     "portal": ("catalog", "jobs"),
     "catalog": ("jobs",),
-    "jobs.models": ("jobs.cluster", "jobs.sessions", "jobs.use", "jobs.batch", "jobs.tasks"),
-    "jobs.cluster": ("jobs.sessions", "jobs.use", "jobs.batch", "jobs.tasks"),
+    "jobs.models": (
+        "jobs.cluster",
+        "jobs.sessions",
+        "jobs.use",
+        "jobs.batch",
+        "jobs.usage",
+        "jobs.operations",
+        "jobs.tasks",
+    ),
+    "jobs.cluster": ("jobs.sessions", "jobs.use", "jobs.batch", "jobs.usage", "jobs.tasks"),
     "jobs.sessions": ("jobs.use",),
     "jobs.batch": ("jobs.sessions", "jobs.use", "jobs.tasks"),
+    # The proxy's meter feeds the operators' metrics (usage -> operations); the sessions' pages and the proxy read
+    # the usage figures (sessions, use -> usage). The "Site usage" permission both check lives in jobs.models.
+    "jobs.usage": ("jobs.sessions", "jobs.use"),
+    "jobs.operations": ("jobs.usage", "jobs.sessions", "jobs.use"),
 }
 # Only these modules enqueue Celery tasks by importing jobs.tasks (besides the URL and command entry points).
 ENQUEUE = {"jobs.sessions.actions"}
@@ -91,6 +104,39 @@ def test_no_import_cycles() -> None:
                     seen.add(target)
                     stack.append(target)
     assert not cycles, f"import cycles through: {sorted(set(cycles))}"
+
+
+def subpackage(module: str) -> str | None:
+    """The jobs subpackage (a folder: jobs.models, jobs.sessions, ...) a module belongs to; None for the rest."""
+    parts = module.split(".")
+    if len(parts) < 2 or parts[0] != "jobs" or not (REPO / "jobs" / parts[1]).is_dir():
+        return None
+    return ".".join(parts[:2])
+
+
+def test_no_two_jobs_subpackages_import_each_other_in_a_cycle() -> None:
+    """At the package level too, lazy imports included: jobs.usage importing jobs.operations while jobs.operations
+    imports jobs.usage is a cycle even when no single module reaches itself. (jobs.tasks is a module, not a
+    subpackage: sessions.actions enqueueing its tasks is the one allowed way back, test_imports_run_one_way.)"""
+    packages: dict[str, set[str]] = defaultdict(set)
+    for module, targets in GRAPH.items():
+        source = subpackage(module)
+        if source is None:
+            continue
+        packages[source] |= {t for t in map(subpackage, targets) if t is not None and t != source}
+    cycles = []
+    for start in sorted(packages):
+        paths = [[start]]
+        seen = {start}
+        while paths:
+            path = paths.pop()
+            for target in sorted(packages[path[-1]]):
+                if target == start:
+                    cycles.append(" -> ".join([*path, start]))
+                elif target not in seen:
+                    seen.add(target)
+                    paths.append([*path, target])
+    assert not cycles, "subpackages in a cycle: " + "; ".join(cycles)
 
 
 def test_no_module_is_named_like_the_standard_library() -> None:

@@ -23,7 +23,7 @@ from jobs.models.sessions import (
 )
 from jobs.models.sharing import GroupSource, SessionShare, active_shares, granted_to
 from jobs.models.tokens import ApiToken, ScrapeToken, token_digest
-from jobs.models.usage import SPEED_BOUNDS, TTFT_BOUNDS_MS, ProxyRequest
+from jobs.models.usage import SITE_USAGE_DENIED, SPEED_BOUNDS, TTFT_BOUNDS_MS, ProxyRequest, sees_site_usage
 
 __all__ = [
     "END_STATES",
@@ -32,6 +32,7 @@ __all__ = [
     "SEE_ALL_SESSIONS",
     "SEE_SITE_USAGE",
     "SERVING_STATES",
+    "SITE_USAGE_DENIED",
     "SPEED_BOUNDS",
     "TTFT_BOUNDS_MS",
     "ApiToken",
@@ -50,6 +51,7 @@ __all__ = [
     "State",
     "active_shares",
     "granted_to",
+    "sees_site_usage",
     "served_model_name",
     "token_digest",
     "transition",

@@ -3,15 +3,26 @@
 from __future__ import annotations
 
 from django.conf import settings
+from django.contrib.auth.models import AnonymousUser, User
 from django.db import models
 from django.utils import timezone
 
-from jobs.models.sessions import LLMSession
+from jobs.models.sessions import SEE_SITE_USAGE, LLMSession
 
 # Bucket bounds for times to first token (ms) and generation speeds (tokens/s): the usage pages' percentiles and the
 # /metrics histograms use the same ones.
 TTFT_BOUNDS_MS = (5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000)
 SPEED_BOUNDS = (1, 2, 5, 10, 20, 30, 50, 75, 100, 150, 200, 300, 500, 1000)
+
+# The "Site usage" permission opens two pages in two subpackages (jobs.usage's site usage, jobs.operations'
+# dashboard); its rule lives here, below both, so neither imports the other for it.
+SITE_USAGE_DENIED = "Site usage is for those an admin put in the “Site usage” group."
+
+
+def sees_site_usage(user: User | AnonymousUser) -> bool:
+    """Those given the explicit permission (the "Site usage" group; superusers have every permission). Being staff
+    alone shows nobody else's usage."""
+    return user.has_perm(".".join(SEE_SITE_USAGE))
 
 
 class ProxyRequest(models.Model):

@@ -12,9 +12,8 @@ from django.utils import timezone
 from django.views.decorators.debug import sensitive_variables
 from django.views.decorators.http import require_GET
 
-from jobs.models import ScrapeToken
+from jobs.models import SITE_USAGE_DENIED, ScrapeToken, sees_site_usage
 from jobs.operations import dashboard, metrics
-from jobs.usage.views import DENIED, sees_site
 from portal.htmx import HtmxHttpRequest, render_page
 
 TOKEN_USED_EVERY = timedelta(minutes=1)
@@ -41,6 +40,6 @@ def metrics_view(request: HttpRequest) -> HttpResponse:
 @login_required
 @require_GET
 def dashboard_view(request: HtmxHttpRequest) -> HttpResponse:
-    if not sees_site(request.user):
-        return render(request, "jobs/dashboard.html", {"denied": DENIED}, status=403)
+    if not sees_site_usage(request.user):
+        return render(request, "jobs/dashboard.html", {"denied": SITE_USAGE_DENIED}, status=403)
     return render_page(request, "jobs/dashboard.html", {"d": dashboard.now()}, "figures")

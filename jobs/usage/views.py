@@ -7,25 +7,17 @@ from __future__ import annotations
 from urllib.parse import urlencode
 
 from django.contrib.auth.decorators import login_required
-from django.contrib.auth.models import AnonymousUser, User
 from django.http import HttpResponse
 from django.shortcuts import render
 from django.views.decorators.http import require_GET
 
-from jobs.models import SEE_SITE_USAGE
+from jobs.models import SITE_USAGE_DENIED, sees_site_usage
 from jobs.usage import chart, figures, tables
 from jobs.usage.forms import PeriodForm, SiteForm
 from portal.htmx import HtmxHttpRequest, render_page
 
 MONTH_CHOICES = (1, 3, 6, 12, 24, 36)
 WEEKLY_AFTER_DAYS = 92
-DENIED = "Site usage is for those an admin put in the “Site usage” group."
-
-
-def sees_site(user: User | AnonymousUser) -> bool:
-    """Those given the explicit permission (the "Site usage" group; superusers have every permission). Being staff
-    alone shows nobody else's usage."""
-    return user.has_perm(".".join(SEE_SITE_USAGE))
 
 
 def usage_chart(days: list[figures.Row]) -> str:
@@ -64,7 +56,7 @@ def my_usage(request: HtmxHttpRequest) -> HttpResponse:
         "total": tables.cells(usage.total),
         "tables": [(name, [(row.key, tables.cells(row.tally)) for row in rows]) for name, rows in by.items()],
         "chart": usage_chart(usage.days),
-        "sees_site": sees_site(request.user),
+        "sees_site": sees_site_usage(request.user),
         "month_choices": MONTH_CHOICES,
     }
     return render_page(request, "jobs/usage.html", context)
@@ -95,8 +87,8 @@ def _headers(form: SiteForm, kept: dict[str, str]) -> list[dict[str, str | bool]
 @login_required
 @require_GET
 def site_usage(request: HtmxHttpRequest) -> HttpResponse:
-    if not sees_site(request.user):
-        return render(request, "jobs/site_usage.html", {"denied": DENIED}, status=403)
+    if not sees_site_usage(request.user):
+        return render(request, "jobs/site_usage.html", {"denied": SITE_USAGE_DENIED}, status=403)
     form = SiteForm(request.GET)
     period = form.period()
     rows, total = _site_table(form, period)
@@ -122,8 +114,8 @@ def site_usage(request: HtmxHttpRequest) -> HttpResponse:
 @login_required
 @require_GET
 def site_usage_csv(request: HtmxHttpRequest) -> HttpResponse:
-    if not sees_site(request.user):
-        return HttpResponse(DENIED, status=403, content_type="text/plain; charset=utf-8")
+    if not sees_site_usage(request.user):
+        return HttpResponse(SITE_USAGE_DENIED, status=403, content_type="text/plain; charset=utf-8")
     form = SiteForm(request.GET)
     period = form.period()
     rows, total = _site_table(form, period)
