@@ -1,5 +1,5 @@
-"""The jobs app's admin pages: sessions with their shares and history, group sources, the request records,
-scrape tokens."""
+"""The jobs app's admin pages: sessions with their shares and history, batch runs with their history, group sources,
+the request records, scrape tokens."""
 
 from __future__ import annotations
 
@@ -10,9 +10,18 @@ from django.template.response import TemplateResponse
 from django.utils import timezone
 from django.views.decorators.debug import sensitive_variables
 
-from jobs.models import GroupSource, LLMSession, ProxyRequest, ScrapeToken, SessionEvent, SessionShare
+from jobs.models import (
+    BatchEvent,
+    BatchRun,
+    GroupSource,
+    LLMSession,
+    ProxyRequest,
+    ScrapeToken,
+    SessionEvent,
+    SessionShare,
+)
 from jobs.sessions import groups
-from jobs.sessions.actions import request_cancel
+from jobs.sessions.actions import request_cancel, stop_run
 
 
 class SessionEventInline(admin.TabularInline[SessionEvent, LLMSession]):
@@ -68,6 +77,42 @@ class SessionAdmin(admin.ModelAdmin[LLMSession]):
             if not session.is_ended:
                 request_cancel(session, f"cancelled by admin {request.user}")
         messages.info(request, "Cancellation requested.")
+
+
+class BatchEventInline(admin.TabularInline[BatchEvent, BatchRun]):
+    model = BatchEvent
+    extra = 0
+    can_delete = False
+    readonly_fields = ["at", "from_state", "to_state", "reason"]
+
+    def has_add_permission(self, request: HttpRequest, obj: BatchRun | None = None) -> bool:
+        return False
+
+
+@admin.register(BatchRun)
+class BatchRunAdmin(admin.ModelAdmin[BatchRun]):
+    """Batch runs with their history, read-only: a run's state changes through the poll and its stop
+    (jobs.models.transition_run), never through a form."""
+
+    list_display = ["id", "owner", "name", "state", "session", "prompts", "done", "failed", "created_at"]
+    list_filter = ["state", "ends_session"]
+    search_fields = ["id", "owner__username", "name", "session__id"]
+    list_select_related = ["owner", "session"]
+    inlines = [BatchEventInline]
+    actions = ["stop_runs"]
+    exclude = ["requests"]  # private storage: the checked prompts are the owner's, downloaded from the run's page
+
+    def get_readonly_fields(self, request: HttpRequest, obj: BatchRun | None = None) -> list[str]:
+        return [f.name for f in BatchRun._meta.fields if f.name != "requests"]
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False  # runs start from a prompts file through the pages, `manage.py batch` or the Batch API
+
+    @admin.action(description="Stop the selected batch runs (what they answered is kept)")
+    def stop_runs(self, request: HttpRequest, queryset: QuerySet[BatchRun]) -> None:
+        for run in queryset.select_related("session"):
+            stop_run(run)
+        messages.info(request, "Stop requested.")
 
 
 @admin.register(GroupSource)

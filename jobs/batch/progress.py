@@ -5,13 +5,16 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from django.utils import timezone
-
-from jobs.models import END_STATES, BatchRun, State
+from jobs.models import END_STATES, BatchRun, State, transition_run
 
 # A runner that stopped (its job is being cancelled, or requeued) has not ended the run: after a requeue it goes on,
 # and a run whose session ended is stopped with the session's reason (runs_of_ended_sessions).
 _STATES = {"running": BatchRun.State.RUNNING, "finished": BatchRun.State.FINISHED, "stopped": BatchRun.State.WAITING}
+_REASONS = {
+    "running": "the runner is sending the prompts",
+    "finished": "the runner answered every prompt",
+    "stopped": "the runner stopped with its job; it goes on if the job is requeued",
+}
 _COUNTS = ("done", "failed", "prompt_tokens", "completion_tokens")
 
 
@@ -38,23 +41,22 @@ def apply(
             fields["failed"] = min(fields["failed"], run.prompts - fields["done"])
             rate = report.get("tokens_per_s")
             fields["tokens_per_s"] = float(rate) if isinstance(rate, (int, float)) and rate >= 0 else 0.0
-        state = _STATES.get(str(report.get("state")), run.state)
-        if report.get("state") == "stopped" and run.stop_requested_at is not None:
+        reported = str(report.get("state"))
+        state = _STATES.get(reported, BatchRun.State(run.state))
+        reason = _REASONS.get(reported, "the runner reported")
+        if reported == "stopped" and run.stop_requested_at is not None:
             state = BatchRun.State.STOPPED
-            fields["end_reason"] = "stopped at your request; what was answered is kept"
+            reason = fields["end_reason"] = "stopped at your request; what was answered is kept"
         if str(run.pk) in errors:
             state = BatchRun.State.FAILED
-            fields["end_reason"] = f"the job gave the run up: {errors[str(run.pk)]}"[:2000]
-        fields["state"] = state
+            reason = fields["end_reason"] = f"the job gave the run up: {errors[str(run.pk)]}"[:2000]
         started = report.get("started_at")
         if run.started_at is None and isinstance(started, (int, float)):
             fields["started_at"] = datetime.fromtimestamp(started, tz=UTC)
-        if state in BatchRun.END_STATES:
-            fields["finished_at"] = timezone.now()
-        if any(getattr(run, key) != value for key, value in fields.items()):
-            moved = BatchRun.objects.filter(pk=run.pk).exclude(state__in=BatchRun.END_STATES).update(**fields)
-            if moved and state in BatchRun.END_STATES:
-                ended.append(str(run.pk))
+        if state == run.state and all(getattr(run, key) == value for key, value in fields.items()):
+            continue  # nothing new: no write
+        if transition_run(run.pk, state, reason=reason, **fields) and state in BatchRun.END_STATES:
+            ended.append(str(run.pk))
     return ended
 
 
@@ -66,7 +68,6 @@ def runs_of_ended_sessions() -> list[str]:
     for run in open_runs.select_related("session"):
         state = BatchRun.State.STOPPED if run.session.state == State.CANCELLED else BatchRun.State.FAILED
         reason = f"the session ended before the run did: {run.session.end_reason or run.session.get_state_display()}"
-        stopped = BatchRun.objects.filter(pk=run.pk).exclude(state__in=BatchRun.END_STATES)
-        if stopped.update(state=state, end_reason=reason[:2000], finished_at=timezone.now()):
+        if transition_run(run.pk, state, reason=reason, end_reason=reason[:2000]):
             ended.append(str(run.pk))
     return ended

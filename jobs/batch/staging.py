@@ -13,7 +13,7 @@ from django.utils import timezone
 
 from jobs.batch import outputs
 from jobs.cluster import jobscript, remote
-from jobs.models import BatchRun
+from jobs.models import BatchRun, transition_run
 from portal import ssh
 
 log = logging.getLogger(__name__)
@@ -60,9 +60,7 @@ def lost() -> list[str]:
 
 
 def fail(run_id: str, reason: str) -> None:
-    BatchRun.objects.filter(pk=run_id).exclude(state__in=BatchRun.END_STATES).update(
-        state=BatchRun.State.FAILED, end_reason=reason[:2000], finished_at=timezone.now()
-    )
+    transition_run(run_id, BatchRun.State.FAILED, reason=reason, end_reason=reason[:2000])
 
 
 def stop(run_id: str) -> bool:

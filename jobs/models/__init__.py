@@ -1,10 +1,11 @@
 """The jobs app's models, by concern: sessions and their events (sessions.py), partition state (capacity.py), API
-and scrape tokens (tokens.py), chat (chat.py), batch runs (batch.py), sharing (sharing.py), usage (usage.py).
+and scrape tokens (tokens.py), chat (chat.py), batch runs and their events (batch.py), sharing (sharing.py), usage
+(usage.py).
 
 May import: catalog, portal. Never the rest of jobs.
 """
 
-from jobs.models.batch import BatchFile, BatchRun
+from jobs.models.batch import BatchEvent, BatchFile, BatchRun, transition_run
 from jobs.models.capacity import PartitionState
 from jobs.models.chat import ChatMessage, Conversation
 from jobs.models.sessions import (
@@ -36,6 +37,7 @@ __all__ = [
     "SPEED_BOUNDS",
     "TTFT_BOUNDS_MS",
     "ApiToken",
+    "BatchEvent",
     "BatchFile",
     "BatchRun",
     "ChatMessage",
@@ -55,4 +57,5 @@ __all__ = [
     "served_model_name",
     "token_digest",
     "transition",
+    "transition_run",
 ]

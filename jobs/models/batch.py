@@ -1,13 +1,17 @@
-"""Batch runs (docs/batch.md): a checked prompts file, the session whose server(s) answer it, and how far the runner
-on the compute node has got, as the poll last read its progress file."""
+"""Batch runs (docs/batch.md): a checked prompts file, the session whose server(s) answer it, how far the runner
+on the compute node has got, as the poll last read its progress file, and every change of the run's state."""
 
 from __future__ import annotations
 
 import uuid
+from collections.abc import Collection
+from datetime import datetime
+from typing import Any
 
 from django.conf import settings
 from django.core.validators import MaxValueValidator, MinValueValidator
-from django.db import models
+from django.db import models, transaction
+from django.utils import timezone
 
 from jobs.models.sessions import LLMSession
 
@@ -25,6 +29,7 @@ class BatchRun(models.Model):
         FAILED = "failed", "failed"
 
     END_STATES = frozenset({State.FINISHED, State.STOPPED, State.FAILED})
+    LIVE_STATES = frozenset({State.WAITING, State.RUNNING})
 
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
     owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="batch_runs")
@@ -46,6 +51,7 @@ class BatchRun(models.Model):
     input_file = models.ForeignKey("BatchFile", null=True, blank=True, on_delete=models.SET_NULL, related_name="runs")
     metadata = models.JSONField(default=dict, blank=True)
 
+    # Changed through transition_run() alone, which records each change as a BatchEvent (tests/jobs/batch checks).
     state = models.CharField(max_length=10, choices=State.choices, default=State.WAITING)
     done = models.PositiveIntegerField(default=0)
     failed = models.PositiveIntegerField(default=0)
@@ -98,6 +104,64 @@ class BatchRun(models.Model):
         end = self.finished_at or self.started_at
         gpus = self.session.gpus_per_node * self.session.nodes * self.replicas
         return (end - self.started_at).total_seconds() / 3600 * gpus
+
+
+class BatchEvent(models.Model):
+    """A change of a run's state: from what, to what, when and why. The run's page and the admin show them."""
+
+    run = models.ForeignKey(BatchRun, on_delete=models.CASCADE, related_name="events")
+    at = models.DateTimeField(default=timezone.now)
+    from_state = models.CharField(max_length=10, choices=BatchRun.State.choices, blank=True)  # blank: created
+    to_state = models.CharField(max_length=10, choices=BatchRun.State.choices)
+    reason = models.CharField(max_length=500)
+
+    class Meta:
+        ordering = ["at", "pk"]
+
+    def __str__(self) -> str:
+        return f"{self.from_state or '-'} -> {self.to_state}: {self.reason}"
+
+
+def _state_of(run_id: uuid.UUID | str) -> str | None:
+    return BatchRun.objects.filter(pk=run_id).values_list("state", flat=True).first()
+
+
+def transition_run(
+    run_id: uuid.UUID | str,
+    to: BatchRun.State,
+    *,
+    reason: str,
+    allowed_from: Collection[BatchRun.State] | None = None,
+    at: datetime | None = None,
+    **fields: Any,
+) -> bool:
+    """Move a run to `to` if it is in one of `allowed_from` (default: waiting or running), with `fields`, recording
+    the change as a BatchEvent; False when the run is not there or not in such a state. The one way a run's state
+    is written (the poll's progress, a failed staging, a session that ended first).
+
+    An ended run stays ended: `allowed_from` may name live states only. The UPDATE is conditional on the state read,
+    so of two writers racing on one run (two polls, a poll and a failed staging) only one moves it; the other gets
+    False and records nothing. A move to the state it is in updates `fields` (the poll's counts) without an event.
+    An end state sets finished_at, unless `fields` does.
+    """
+    allowed = BatchRun.LIVE_STATES if allowed_from is None else frozenset(allowed_from)
+    if not allowed <= BatchRun.LIVE_STATES:
+        raise ValueError(f"an ended run stays ended: cannot move from {sorted(allowed - BatchRun.LIVE_STATES)}")
+    if "state" in fields:
+        raise TypeError("the state is `to`, not one of the fields")
+    now = at or timezone.now()
+    with transaction.atomic():
+        current = _state_of(run_id)
+        if current is None or current not in allowed:
+            return False
+        updates: dict[str, Any] = {"state": to, **fields}
+        if to in BatchRun.END_STATES:
+            updates.setdefault("finished_at", now)
+        if not BatchRun.objects.filter(pk=run_id, state=current).update(**updates):
+            return False  # another writer moved it between the read and this UPDATE
+        if current != to:
+            BatchEvent.objects.create(run_id=run_id, at=now, from_state=current, to_state=to, reason=reason[:500])
+    return True
 
 
 def upload_path(upload: BatchFile, filename: str) -> str:

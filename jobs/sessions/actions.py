@@ -64,6 +64,8 @@ def _add_run(session: LLMSession, batch: batch_forms.Checked, ends_session: bool
     )
     run.requests.save("requests.jsonl", File(batch.requests), save=False)
     run.save()
+    how = "a batch launch" if ends_session else "a run on a running session"
+    run.events.create(to_state=run.state, reason=f"{how} of {run.prompts} prompts from {run.name}"[:500])
     return run
 
 

@@ -10,27 +10,15 @@ import pytest
 from django.core.files.uploadedfile import SimpleUploadedFile
 from django.utils.datastructures import MultiValueDict
 
-from catalog.models import ClusterAccount
 from jobs.batch import progress
 from jobs.batch.forms import BatchForm
 from jobs.models import BatchRun, State, transition
-from jobs.sessions.actions import launch
-from tests.conftest import LAUNCH
 
 pytestmark = pytest.mark.django_db
 
 
 def batch_form(data: bytes, **fields: Any) -> BatchForm:
     return BatchForm(fields, MultiValueDict({"prompts": [SimpleUploadedFile("p.txt", data)]}))
-
-
-@pytest.fixture
-def run(account: ClusterAccount, owner: Any, django_capture_on_commit_callbacks: Any) -> BatchRun:
-    form = batch_form(b"one\ntwo\nthree\n", max_tokens=5)
-    assert form.is_valid(), form.errors
-    with django_capture_on_commit_callbacks(execute=False):
-        session = launch(owner, {**LAUNCH, "purpose": "batch"}, batch=form.checked)
-    return BatchRun.objects.get(session=session)
 
 
 def test_a_batch_launch_records_its_checked_file_and_its_choices(run: BatchRun) -> None:
