@@ -2,8 +2,9 @@
 
 Django's session, CSRF, auth and messages middleware each hop to a thread and back twice per request. The API
 authenticates with bearer tokens and sets no cookies, so none of them does anything there, and skipping them takes
-about 1.7 ms off every request's time to first token (bench/proxy.py). The view is the same Django view either way;
-the test client, which runs the full stack, still reaches it.
+about 1.7 ms off every request's time to first token (bench/proxy.py). Both routes to model servers (/api/v1/ and
+/sessions/<uuid>/v1/) pass the proxy's door first (jobs/use/guard.py), and their views serve nothing that did not: a
+request from elsewhere (WSGI, Django's test client) is refused, so tests call this application (tests/asgi.py).
 """
 
 from __future__ import annotations

@@ -15,13 +15,14 @@ uploads. Here, for those routes:
 5. the proxy's own views (marked @served_here) are then called here, without Django's handler and middleware; the
    OpenAI Files and Batch views go on to Django with an empty body.
 
-What was learnt travels in the ASGI scope (BODY, HOLDER, USER, TARGET). Serving here saves what Django's handler
-spends on every request and the proxy needs none of (profiled with bench/proxy.py): a thread trip for the request
-signals, a temporary file for the body, and on the browser's route the session, CSRF, auth and messages middleware,
-each a thread trip there and back (with the one lookup of step 2, 4 to 5 ms of the browser route's 10 at p50). What
-those did for the proxy is done here: the session cookie is checked (2), CSRF is checked as CsrfViewMiddleware checks
-it, and exceptions become a 500 in OpenAI's shape. A client that goes away cancels the view, which closes the
-upstream request, as under Django.
+What was learnt travels in the ASGI scope (BODY, HOLDER, USER, TARGET), and the views of these routes are reached
+only through here: a request that reaches one without it (admitted()) is refused, never served. Serving here saves
+what Django's handler spends on every request and the proxy needs none of (profiled with bench/proxy.py): a thread
+trip for the request signals, a temporary file for the body, and on the browser's route the session, CSRF, auth and
+messages middleware, each a thread trip there and back (with the one lookup of step 2, 4 to 5 ms of the browser
+route's 10 at p50). What those did for the proxy is done here: the session cookie is checked (2), CSRF is checked as
+CsrfViewMiddleware checks it, and exceptions become a 500 in OpenAI's shape. A client that goes away cancels the
+view, which closes the upstream request, as under Django.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ import io
 import json
 import logging
 import re
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable, Mapping, MutableMapping
 from importlib import import_module
 from types import SimpleNamespace
 from typing import Any, TypeVar
@@ -41,7 +42,7 @@ from django.conf import settings
 from django.contrib import auth
 from django.core.exceptions import SuspiciousOperation
 from django.core.handlers.asgi import ASGIRequest
-from django.http import HttpRequest, HttpResponseBase, StreamingHttpResponse
+from django.http import HttpRequest, HttpResponseBase, JsonResponse, StreamingHttpResponse
 from django.http.cookie import parse_cookie
 from django.http.request import split_domain_port, validate_host
 from django.middleware.csrf import CsrfViewMiddleware
@@ -82,6 +83,25 @@ def served_here(view: V) -> V:
 
 def guards(path: str) -> bool:
     return bool(API.match(path) or BROWSER.match(path))
+
+
+def admitted(request: HttpRequest) -> Mapping[str, Any] | None:
+    """The scope of a request the door let in, with what it learnt (BODY, and HOLDER and TOKEN or USER and TARGET);
+    None for a request it never saw.
+
+    portal.asgi sends every route of the proxy's views through the door, so a request that reaches one of them without
+    it came another way (WSGI, Django's test client, a new entry point) past the door's checks: a wiring error, which
+    the view answers with refused(), never by serving it."""
+    if isinstance(request, ASGIRequest) and isinstance(request.scope.get(BODY), bytes):
+        return request.scope
+    return None
+
+
+def refused(request: HttpRequest) -> JsonResponse:
+    """The answer to a request that reached a view of the proxy's routes without the door (admitted())."""
+    log.error("%s %s reached its view without the door (portal.asgi sends these routes through jobs.use.guard)",
+              request.method, request.path)  # fmt: skip
+    return openai_error(500, "the portal is misconfigured: this route is served only through its door", "server_error")
 
 
 async def guard(app: App, scope: Scope, receive: Receive, send: Send) -> None:
@@ -189,9 +209,9 @@ def _digest(authorization: str) -> str:
     return token_digest(token) if token else ""
 
 
-def remember(scope: Any, model: Any) -> None:
+def remember(scope: Mapping[str, Any], model: Any) -> None:
     """The model a token's request named, looked up ahead with its next request (step 2)."""
-    digest = scope.get(TOKEN) if isinstance(scope, dict) else None
+    digest = scope.get(TOKEN)
     if digest and isinstance(model, str) and model and _models.get(digest) != model:
         if len(_models) >= REMEMBERED:
             _models.clear()

@@ -23,6 +23,7 @@ from django.core.files import File
 from django.http import HttpRequest, HttpResponseBase, JsonResponse, StreamingHttpResponse
 from django.http.multipartparser import MultiPartParser, MultiPartParserError
 from django.views.decorators.csrf import csrf_exempt
+from django.views.decorators.debug import sensitive_variables
 from django.views.decorators.http import require_GET, require_http_methods
 
 from jobs.batch import inputs, outputs, staging
@@ -31,7 +32,7 @@ from jobs.models import BatchFile, BatchRun, LLMSession
 from jobs.sessions import actions
 from jobs.sessions.forms import LaunchForm
 from jobs.use import targets
-from jobs.use.guard import BODY, HOLDER
+from jobs.use.guard import BODY, HOLDER, admitted, refused
 from jobs.use.headers import openai_error
 from portal import ssh
 from portal.errors import messages_of
@@ -40,20 +41,13 @@ OUTPUT_PREFIX = "file-output-"
 WINDOW = "24h"
 
 
-def _caller(request: HttpRequest) -> tuple[targets.Holder | None, User | None]:
-    """The token's holder as the door found it, or (Django's test client, which skips the door) from the header."""
-    holder = request.scope.get(HOLDER) if hasattr(request, "scope") else None
-    if not isinstance(holder, targets.Holder):
-        scheme, _, token = request.headers.get("Authorization", "").partition(" ")
-        holder = targets.holder(token.strip()) if scheme.lower() == "bearer" and token.strip() else None
-    if holder is None:
-        return None, None
-    return holder, get_user_model().objects.filter(pk=holder.user_pk, is_active=True).first()
-
-
 def _body(request: HttpRequest) -> bytes:
-    body = request.scope.get(BODY) if hasattr(request, "scope") else None
-    return body if isinstance(body, bytes) else request.body
+    """What the door read (Django's handler got an empty body: guard.py)."""
+    door = admitted(request)
+    if door is None:  # _tokened lets in nothing else
+        raise RuntimeError(f"{request.path} reached its view without the door")
+    body: bytes = door[BODY]
+    return body
 
 
 def _no_token() -> JsonResponse:
@@ -61,12 +55,18 @@ def _no_token() -> JsonResponse:
 
 
 def _tokened(view: Callable[..., HttpResponseBase]) -> Callable[..., HttpResponseBase]:
-    """The view gets the token's holder and user, or the caller a 401; no CSRF (no cookies here)."""
+    """The view gets the token's holder, as the door found it, and user, or the caller a 401; a request that did not
+    come through the door is refused. No CSRF (no cookies here)."""
 
     @functools.wraps(view)
+    @sensitive_variables("door")  # the request's headers: its token
     def wrapped(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponseBase:
-        holder, user = _caller(request)
-        if holder is None or user is None:
+        door = admitted(request)
+        if door is None:
+            return refused(request)
+        holder: targets.Holder = door[HOLDER]  # the door answered a request without a valid token
+        user = get_user_model().objects.filter(pk=holder.user_pk, is_active=True).first()
+        if user is None:  # made inactive since the door's lookup
             return _no_token()
         return view(request, holder, user, *args, **kwargs)
 

@@ -11,7 +11,7 @@ import asyncio
 import functools
 import json
 import logging
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
 from typing import Any
 
 import httpx
@@ -25,7 +25,7 @@ from jobs.sessions.access import shared_with
 from jobs.usage.records import Meter, save
 from jobs.use import relay as relay_module
 from jobs.use import targets
-from jobs.use.guard import BODY, HOLDER, TARGET, USER, remember, served_here
+from jobs.use.guard import BODY, HOLDER, TARGET, USER, admitted, refused, remember, served_here
 from jobs.use.headers import RELAYED_TYPES, data_only, openai_error
 from jobs.use.targets import Target
 
@@ -146,45 +146,36 @@ def _check_route(request: HttpRequest, path: str) -> JsonResponse | None:
     return None
 
 
-def _body(request: HttpRequest) -> bytes:
-    """What the door read (guard.py), or, where the request did not come through it (Django's test client), Django's
-    own reading."""
-    body = request.scope.get(BODY) if hasattr(request, "scope") else None
-    return body if isinstance(body, bytes) else request.body
-
-
-def _relayed(
+def _at_the_door(
     view: Callable[..., Coroutine[Any, Any, HttpResponseBase]],
 ) -> Callable[..., Coroutine[Any, Any, HttpResponseBase]]:
-    """Every answer of the proxy's routes, the portal's own errors included, carries the data-only headers."""
+    """The view gets what the door learnt (guard.admitted), or the request is refused: these routes are served only
+    through the door. Every answer, the portal's own errors included, carries the data-only headers."""
 
     @functools.wraps(view)
+    @sensitive_variables("door")  # the request's headers: its cookie or token
     async def wrapper(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponseBase:
-        return data_only(await view(request, *args, **kwargs))
+        door = admitted(request)
+        if door is None:
+            return data_only(refused(request))
+        return data_only(await view(request, door, *args, **kwargs))
 
     return wrapper
 
 
 @served_here
-@_relayed
-async def session_proxy(request: HttpRequest, pk: Any, path: str) -> HttpResponseBase:
-    """The browser's route: /sessions/<uuid>/v1/<path>, signed in with the session cookie (CSRF applies)."""
-    scope = getattr(request, "scope", {})
-    if USER in scope:  # the door signed the user in and looked the session up (guard.py)
-        user_pk, (_, found) = scope[USER], scope[TARGET]
-    else:  # Django's full stack (the test client)
-        user = await request.auser()
-        if not user.is_authenticated:
-            return openai_error(401, "sign in first", "authentication_error")
-        user_pk, found = user.pk, None
-    if refused := _check_route(request, path):
-        return refused
-    if USER not in scope:
-        found = await targets.run(targets.target, targets.Holder(user_pk), str(pk), "chat")
+@_at_the_door
+@sensitive_variables("door")
+async def session_proxy(request: HttpRequest, door: Mapping[str, Any], pk: Any, path: str) -> HttpResponseBase:
+    """The browser's route: /sessions/<uuid>/v1/<path>, signed in with the session cookie (CSRF applies). The door
+    signed the user in and looked the session up for them."""
+    if wrong_route := _check_route(request, path):
+        return wrong_route
+    user_pk, (_, found) = door[USER], door[TARGET]
     if not isinstance(found, Target):
         return openai_error(404, "no such session", "invalid_request_error")
     target = found
-    body = _body(request)
+    body = door[BODY]
     if path.strip("/") != "models":
         rewritten = _rewrite_model(body, target)
         if rewritten is None:
@@ -192,13 +183,6 @@ async def session_proxy(request: HttpRequest, pk: Any, path: str) -> HttpRespons
         body = rewritten
     meter = Meter(target.pk, user_pk, "chat", path.strip("/"), bytes_in=len(body))
     return await _forward(request, target, path.strip("/"), body, meter)
-
-
-@sensitive_variables("token")
-def _api_lookup(token: str, model: Any) -> tuple[targets.Holder | None, Target | None]:
-    """Token and session in one thread hop: the token's holder, and the session named as the model."""
-    holder = targets.holder(token)
-    return holder, _target_named(holder, model) if holder is not None else None
 
 
 def _target_named(holder: targets.Holder, model: Any) -> Target | None:
@@ -236,38 +220,29 @@ def _running_models(user_pk: int) -> list[dict[str, Any]]:
 
 @served_here
 @csrf_exempt  # scripts authenticate with a bearer token, not a cookie, so there is nothing to forge
-@_relayed
-@sensitive_variables("token", "scheme")
-async def api_proxy(request: HttpRequest, path: str) -> HttpResponseBase:
+@_at_the_door
+@sensitive_variables("door")
+async def api_proxy(request: HttpRequest, door: Mapping[str, Any], path: str) -> HttpResponseBase:
     """The scripts' route: /api/v1/<path> with a personal token; `model` names the session (uuid, alias, or the
-    catalog name of the model it runs)."""
-    request.get_host()  # ALLOWED_HOSTS applies here too, although portal.asgi skips the cookie middleware
-    if refused := _check_route(request, path):
-        return refused
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
-        return _no_token()
-    body = _body(request)
+    catalog name of the model it runs). The door checked the host and the token, and held it to its rate."""
+    if wrong_route := _check_route(request, path):
+        return wrong_route
+    body = door[BODY]
     try:
         payload = json.loads(body or b"{}") if path.strip("/") != "models" else {}
     except json.JSONDecodeError:
         return openai_error(400, "the request body is not JSON", "invalid_request_error")
     model = payload.get("model") if isinstance(payload, dict) else None
-    scope = getattr(request, "scope", {})
-    known, ahead = scope.get(HOLDER), scope.get(TARGET)
-    holder: targets.Holder | None
+    holder: targets.Holder = door[HOLDER]
+    ahead = door.get(TARGET)
     try:
-        if isinstance(known, targets.Holder) and ahead is not None and ahead[0] == model:
-            holder, target = known, _used(ahead[1])  # the door looked it up with the token (guard.py)
-        elif isinstance(known, targets.Holder):  # the door looked the token up already
-            holder, target = known, await targets.run(_target_named, known, model)
+        if ahead is not None and ahead[0] == model:
+            target = _used(ahead[1])  # the door looked it up with the token
         else:
-            holder, target = await targets.run(_api_lookup, token.strip(), model)
+            target = await targets.run(_target_named, holder, model)
     except targets.Ambiguous as exc:
         return openai_error(400, str(exc), "invalid_request_error", "model_ambiguous")
-    remember(scope, model)
-    if holder is None:
-        return _no_token()
+    remember(door, model)
     if path.strip("/") == "models":
         return JsonResponse({"object": "list", "data": await targets.run(_running_models, holder.user_pk)})
     if not isinstance(model, str) or not model:
@@ -289,8 +264,3 @@ def _used(found: Target | targets.Ambiguous | None) -> Target | None:
     if found is not None and found.activity_due:
         targets.later(targets.touch, found.pk)
     return found
-
-
-def _no_token() -> JsonResponse:
-    return openai_error(401, "a valid personal API token is needed (Authorization: Bearer hpcllm_…)",
-                        "authentication_error", "invalid_api_key")  # fmt: skip

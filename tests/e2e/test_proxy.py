@@ -15,9 +15,7 @@ from typing import Any
 
 import httpx
 import pytest
-from asgiref.sync import async_to_sync
 from django.core.management import call_command
-from django.test import AsyncClient, Client
 from django.utils import timezone
 
 from catalog.models import Cluster, ClusterRuntime
@@ -26,6 +24,7 @@ from jobs.cluster.logs import fetch as fetch_log
 from jobs.models import ApiToken, LLMSession, State
 from jobs.use import targets
 from portal import ssh
+from tests.asgi import Portal, bearer, browser, client, run
 from tests.conftest import LAUNCH
 from tests.e2e.sessions import cancel_all_jobs, drive, local_account
 from tests.e2e.test_worker import worker_env
@@ -59,16 +58,8 @@ def test_the_api_reaches_a_tunnel_clusters_server_through_the_forward(running: L
     assert found is not None and found.base.startswith("http://127.0.0.1:")
     assert found.base != f"http://{running.host}:{running.port}"
     _, token = ApiToken.issue(owner, "script")
-
-    async def chat() -> tuple[int, bytes]:
-        reply = await AsyncClient().post(
-            "/api/v1/chat/completions", {**CHAT, "model": "tiny"}, content_type="application/json",
-            headers={"authorization": f"Bearer {token}"},
-        )  # fmt: skip
-        return reply.status_code, b"".join([chunk async for chunk in reply.streaming_content])  # type: ignore[attr-defined]
-
-    status, body = async_to_sync(chat)()
-    assert status == 200 and json.loads(body)["choices"][0]["message"]["role"] == "assistant"
+    reply = Portal(bearer(token)).post("/api/v1/chat/completions", json={**CHAT, "model": "tiny"})
+    assert reply.status_code == 200 and reply.json()["choices"][0]["message"]["role"] == "assistant"
 
 
 def sse_chunks(body: bytes) -> list[dict[str, Any]]:
@@ -80,17 +71,9 @@ def sse_chunks(body: bytes) -> list[dict[str, Any]]:
 
 
 def test_the_browser_route_streams_a_chat_for_the_owner(running: LLMSession, owner: Any) -> None:
-    async def chat() -> tuple[int, str, bytes]:
-        client = AsyncClient()
-        await client.aforce_login(owner)
-        reply = await client.post(
-            f"/sessions/{running.pk}/v1/chat/completions", {**CHAT, "stream": True}, content_type="application/json"
-        )
-        body = b"".join([chunk async for chunk in reply.streaming_content])  # type: ignore[attr-defined]
-        return reply.status_code, reply["Content-Type"], body
-
-    status, content_type, body = async_to_sync(chat)()
-    assert status == 200 and content_type.startswith("text/event-stream")
+    reply = Portal(browser(owner)).post(f"/sessions/{running.pk}/v1/chat/completions", json={**CHAT, "stream": True})
+    assert reply.status_code == 200 and reply.headers["content-type"].startswith("text/event-stream")
+    body = reply.content
     chunks = sse_chunks(body)
     assert len(chunks) >= 2 and "choices" in chunks[0]
     assert running.api_key.encode() not in body
@@ -102,17 +85,18 @@ def test_a_stream_counts_as_use_until_its_last_byte(running: LLMSession, owner: 
     _, token = ApiToken.issue(owner, "script")
 
     async def stream() -> datetime:
-        reply = await AsyncClient().post(
-            "/api/v1/chat/completions", {**CHAT, "model": "tiny", "stream": True, "max_tokens": 400},
-            content_type="application/json", headers={"Authorization": f"Bearer {token}"},
-        )  # fmt: skip
         first_byte = None
-        async for _ in reply.streaming_content:  # type: ignore[attr-defined]
-            first_byte = first_byte or timezone.now()  # after the request's start was noted
+        async with (
+            client(bearer(token)) as api,
+            api.stream("POST", "/api/v1/chat/completions",
+                       json={**CHAT, "model": "tiny", "stream": True, "max_tokens": 400}) as reply,
+        ):  # fmt: skip
+            async for _ in reply.aiter_raw():
+                first_byte = first_byte or timezone.now()  # after the request's start was noted
         assert first_byte is not None
         return first_byte
 
-    first_byte = async_to_sync(stream)()
+    first_byte = run(stream())
     deadline = time.monotonic() + 10
     while (seen := LLMSession.objects.get(pk=running.pk).last_activity_at) is None or seen <= first_byte:
         assert time.monotonic() < deadline, (seen, first_byte)  # noted by the proxy's threads as the stream ended
@@ -122,16 +106,10 @@ def test_a_stream_counts_as_use_until_its_last_byte(running: LLMSession, owner: 
 def test_who_may_use_which_route(
     running: LLMSession, owner: Any, other_user: Any, admin_user: Any, staff_user: Any, support_user: Any
 ) -> None:
-    async_to_sync(_matrix)(running, owner, other_user, admin_user, staff_user, support_user)
-
-
-async def _matrix(
-    running: LLMSession, owner: Any, other_user: Any, admin_user: Any, staff_user: Any, support_user: Any
-) -> None:
-    _, token = await _issue(owner)
-    _, other_token = await _issue(other_user)
-    _, staff_token = await _issue(staff_user)
-    _, support_token = await _issue(support_user)
+    _, token = ApiToken.issue(owner, "test")
+    _, other_token = ApiToken.issue(other_user, "test")
+    _, staff_token = ApiToken.issue(staff_user, "test")
+    _, support_token = ApiToken.issue(support_user, "test")
     routes: list[tuple[str, dict[str, Any] | None]] = [
         (f"/sessions/{running.pk}/v1/models", None),
         (f"/sessions/{running.pk}/v1/chat/completions", CHAT),
@@ -140,32 +118,18 @@ async def _matrix(
     users = {"owner": owner, "other": other_user, "anonymous": None, "admin": admin_user, "staff": staff_user,
              "support": support_user}  # fmt: skip
     for who, user in users.items():
-        client = AsyncClient()
-        if user is not None:
-            await client.aforce_login(user)
+        page = Portal(browser(user) if user is not None else {})
         for url, data in routes:
-            if data:
-                reply = await client.post(url, data, content_type="application/json")
-            else:
-                reply = await client.get(url)
+            reply = page.post(url, json=data) if data else page.get(url)
             assert reply.status_code == expected[who], (who, url, reply.status_code)
-    api = AsyncClient()
     cases = (("owner", token, 200), ("other", other_token, 404), ("none", "", 401), ("bad", "hpcllm_x", 401),
              ("staff", staff_token, 404), ("support", support_token, 200))  # fmt: skip
     for who, key, status in cases:
-        headers = {"Authorization": f"Bearer {key}"} if key else {}
-        reply = await api.post("/api/v1/chat/completions", {**CHAT, "model": str(running.pk)},
-                               content_type="application/json", headers=headers)  # fmt: skip
+        api = Portal(bearer(key) if key else {})
+        reply = api.post("/api/v1/chat/completions", json={**CHAT, "model": str(running.pk)})
         assert reply.status_code == status, (who, reply.status_code)
-    auth = {"Authorization": f"Bearer {token}"}
-    refused = await api.post("/api/v1/slots/0", {}, content_type="application/json", headers=auth)
+    refused = Portal(bearer(token)).post("/api/v1/slots/0", json={})
     assert refused.status_code == 404  # only the OpenAI routes are forwarded
-
-
-async def _issue(user: Any) -> tuple[ApiToken, str]:
-    from asgiref.sync import sync_to_async
-
-    return await sync_to_async(ApiToken.issue)(user, "test")
 
 
 def test_the_backend_refuses_requests_without_the_session_key(running: LLMSession) -> None:
@@ -175,11 +139,7 @@ def test_the_backend_refuses_requests_without_the_session_key(running: LLMSessio
 
 def test_a_stopped_session_answers_409_with_its_state(running: LLMSession, owner: Any) -> None:
     LLMSession.objects.filter(pk=running.pk).update(state=State.QUEUED)
-    from django.test import Client
-
-    client = Client()
-    client.force_login(owner)
-    reply = client.get(f"/sessions/{running.pk}/v1/models")
+    reply = Portal(browser(owner)).get(f"/sessions/{running.pk}/v1/models")
     assert reply.status_code == 409 and reply.json()["error"]["code"] == "queued"
 
 
@@ -265,19 +225,19 @@ def test_html_from_the_owners_own_server_is_never_served_as_a_page(
 ) -> None:
     """Whoever opens the session's routes (a support person, say) gets inert JSON, never the owner's script."""
     _, token = ApiToken.issue(owner, "script")
-    browser = Client()
-    browser.force_login(support_user)
-    api = Client(HTTP_AUTHORIZATION=f"Bearer {token}")
+    support = Portal(browser(support_user))
+    api = Portal(bearer(token))
     replies = [
-        browser.get(f"/sessions/{impostor.pk}/v1/models"),
-        browser.post(f"/sessions/{impostor.pk}/v1/chat/completions", CHAT, content_type="application/json"),
-        browser.post(f"/sessions/{impostor.pk}/v1/completions", {"prompt": "x"}, content_type="application/json"),
-        api.post("/api/v1/chat/completions", {**CHAT, "model": str(impostor.pk)}, content_type="application/json"),
+        support.get(f"/sessions/{impostor.pk}/v1/models"),
+        support.post(f"/sessions/{impostor.pk}/v1/chat/completions", json=CHAT),
+        support.post(f"/sessions/{impostor.pk}/v1/completions", json={"prompt": "x"}),
+        api.post("/api/v1/chat/completions", json={**CHAT, "model": str(impostor.pk)}),
     ]
     for reply in replies:
-        assert reply["Content-Type"] == "application/json", reply.content
-        assert reply["X-Content-Type-Options"] == "nosniff" and "sandbox" in reply["Content-Security-Policy"]
-        assert "<script>" not in reply.content.decode()  # escaped inside the JSON error, or not relayed at all
+        assert reply.headers["Content-Type"] == "application/json", reply.content
+        assert reply.headers["X-Content-Type-Options"] == "nosniff"
+        assert "sandbox" in reply.headers["Content-Security-Policy"]
+        assert "<script>" not in reply.text  # escaped inside the JSON error, or not relayed at all
         assert reply.json()["error"]["type"] == "upstream_error"
     assert [r.status_code for r in replies] == [502, 502, 500, 502]
     assert "text/html" in replies[0].json()["error"]["message"]

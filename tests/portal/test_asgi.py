@@ -2,43 +2,32 @@
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
-import httpx
 import pytest
 
 from jobs.models import ApiToken
-from portal.asgi import application
+from tests.asgi import Portal, bearer
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
 
-def get(path: str, host: str = "127.0.0.1", **headers: str) -> httpx.Response:
-    async def call() -> httpx.Response:
-        transport = httpx.ASGITransport(app=application)
-        async with httpx.AsyncClient(transport=transport, base_url=f"http://{host}") as client:
-            return await client.get(path, headers=headers)
-
-    return asyncio.run(call())
-
-
 def test_the_api_answers_without_the_cookie_middleware(owner: Any) -> None:
     _, token = ApiToken.issue(owner, "script")
-    reply = get("/api/v1/models", authorization=f"Bearer {token}")
+    reply = Portal(bearer(token)).get("/api/v1/models")
     assert reply.status_code == 200 and reply.json() == {"object": "list", "data": []}
     assert "set-cookie" not in reply.headers and "vary" not in reply.headers  # no session or auth middleware ran
     assert reply.headers["x-content-type-options"] == "nosniff"  # the proxy's own data-only headers
     assert "sandbox" in reply.headers["content-security-policy"]
-    assert get("/api/v1/models").status_code == 401
+    assert Portal().get("/api/v1/models").status_code == 401
 
 
 def test_pages_still_get_the_middleware() -> None:
-    reply = get("/healthz")
+    reply = Portal().get("/healthz")
     assert reply.status_code == 200 and reply.headers["x-frame-options"] == "DENY"
     assert reply.headers["x-content-type-options"] == "nosniff"
 
 
 @pytest.mark.parametrize("path", ["/api/v1/models", "/healthz"])
 def test_allowed_hosts_apply_on_both_sides(path: str) -> None:
-    assert get(path, host="evil.example").status_code == 400
+    assert Portal(host="evil.example").get(path).status_code == 400

@@ -21,6 +21,7 @@ from django.utils import timezone
 
 from jobs.models import ApiToken
 from portal.asgi import application
+from tests.asgi import Portal, bearer
 
 REPO = Path(__file__).resolve().parents[2]
 LIMIT = 3
@@ -137,7 +138,7 @@ def test_the_admin_sign_in_is_throttled(staff_user: Any) -> None:
 def test_an_api_token_still_works_while_its_users_sign_in_is_locked(owner: Any) -> None:
     token = ApiToken.issue(owner, "script")[1]
     assert lock_out("ada").status_code == 429
-    reply = Client().get("/api/v1/models", HTTP_AUTHORIZATION=f"Bearer {token}", REMOTE_ADDR=HOME)
+    reply = Portal(bearer(token), address=(HOME, 50000)).get("/api/v1/models")
     assert reply.status_code == 200 and reply.json()["object"] == "list"
     assert sign_in("ada", RIGHT).status_code == 429  # still locked
 

@@ -5,19 +5,18 @@ from __future__ import annotations
 
 from typing import Any
 
+import httpx
 import pytest
 from django.contrib.auth import get_user_model
-from django.http import HttpRequest
-from django.middleware.csrf import get_token
-from django.test import Client
 from django.utils import timezone
 
 from catalog.models import ClusterAccount
 from jobs.models import ApiToken, LLMSession, SessionShare, State, transition
 from jobs.sessions.actions import launch
 from jobs.use import guard, proxy, targets
+from tests.asgi import Portal, bearer, browser
 from tests.conftest import LAUNCH
-from tests.jobs.use.test_guard import Call, token_of
+from tests.jobs.use.test_guard import token_of
 
 pytestmark = pytest.mark.django_db(transaction=True)
 CHAT = b'{"model": "%s", "messages": [{"role": "user", "content": "hi"}]}'
@@ -39,8 +38,8 @@ def queued(account: ClusterAccount, django_capture_on_commit_callbacks: Any) -> 
 
 
 def chat(token: str, model: str) -> tuple[int, dict[str, Any]]:
-    status, _, body = Call("/api/v1/chat/completions", [CHAT % model.encode()], authorization=f"Bearer {token}").run()
-    return status, body
+    reply = Portal(bearer(token)).post("/api/v1/chat/completions", content=CHAT % model.encode())
+    return reply.status_code, reply.json()
 
 
 def test_a_tokens_next_request_looks_its_model_up_ahead_and_still_checks_everything(
@@ -89,37 +88,28 @@ def test_the_session_looked_up_ahead_serves_only_the_model_it_was_looked_up_for(
     assert str(first.pk) in chat(token, "first")[1]["error"]["message"]
 
 
-def signed_in(user: Any) -> dict[str, str]:
-    """A browser's cookies after signing in, and the CSRF header the chat page's script sends."""
-    client = Client()
-    client.force_login(user)
-    page = HttpRequest()
-    token = get_token(page)  # as a page that carries the token sets the cookie
-    cookie = f"sessionid={client.cookies['sessionid'].value}; csrftoken={page.META['CSRF_COOKIE']}"
-    return {"cookie": cookie, "x_csrftoken": token}
-
-
-def browser_chat(session: LLMSession, **headers: str) -> tuple[int, dict[str, str], Any]:
-    return Call(f"/sessions/{session.pk}/v1/chat/completions", [CHAT % b"x"], **headers).run()
+def browser_chat(session: LLMSession, headers: dict[str, str]) -> httpx.Response:
+    return Portal(headers).post(f"/sessions/{session.pk}/v1/chat/completions", content=CHAT % b"x")
 
 
 def test_the_browsers_route_checks_csrf_at_the_door(queued: Any, owner: Any) -> None:
-    session, browser = queued("tiny"), signed_in(owner)
-    status, headers, body = browser_chat(session, cookie=browser["cookie"])  # no CSRF header
-    assert (status, body["error"]["code"]) == (403, "csrf_failed")
-    assert headers["content-type"] == "application/json" and "sandbox" in headers["content-security-policy"]
-    assert browser_chat(session, cookie=browser["cookie"], x_csrftoken="x" * 32)[0] == 403
-    status, _, body = browser_chat(session, **browser)
-    assert (status, body["error"]["code"]) == (409, State.QUEUED)
+    session, signed_in = queued("tiny"), browser(owner)
+    reply = browser_chat(session, {"cookie": signed_in["cookie"]})  # no CSRF header
+    assert (reply.status_code, reply.json()["error"]["code"]) == (403, "csrf_failed")
+    assert reply.headers["content-type"] == "application/json"
+    assert "sandbox" in reply.headers["content-security-policy"]
+    assert browser_chat(session, {"cookie": signed_in["cookie"], "x-csrftoken": "x" * 32}).status_code == 403
+    reply = browser_chat(session, signed_in)
+    assert (reply.status_code, reply.json()["error"]["code"]) == (409, State.QUEUED)
 
 
 def test_the_browsers_route_reaches_only_what_the_user_may_use(queued: Any, owner: Any, other_user: Any) -> None:
     session = queued("tiny")
-    assert browser_chat(session, **signed_in(other_user))[0] == 404
+    assert browser_chat(session, browser(other_user)).status_code == 404
     SessionShare.objects.create(session=session, created_by=owner, user=other_user, chat=True, api=False)
-    assert browser_chat(session, **signed_in(other_user))[0] == 409
+    assert browser_chat(session, browser(other_user)).status_code == 409
     get_user_model().objects.filter(pk=owner.pk).update(is_active=False)
-    assert browser_chat(session, **signed_in(owner))[0] == 401  # Django's own check of the session's user
+    assert browser_chat(session, browser(owner)).status_code == 401  # Django's own check of the session's user
 
 
 def test_an_error_in_a_view_is_a_500_in_openais_shape(

@@ -8,11 +8,11 @@ import json
 from typing import Any
 
 import pytest
-from django.test import Client
 
 from jobs.models import ApiToken
 from portal import rates
 from portal.asgi import application
+from tests.asgi import browser
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -92,9 +92,7 @@ def test_an_accepted_body_reaches_the_view(owner: Any) -> None:
 
 
 def test_a_signed_in_browser_is_let_through(owner: Any) -> None:
-    client = Client()
-    client.force_login(owner)
-    cookie = f"sessionid={client.cookies['sessionid'].value}"
+    cookie = browser(owner)["cookie"]
     call = Call("/sessions/00000000-0000-4000-8000-000000000000/v1/chat/completions", [b"{}"], cookie=cookie)
     status, _, body = call.run()
     assert call.read == 1 and status in (403, 404), body  # past the door: CSRF or the session lookup answers
