@@ -1,12 +1,13 @@
 """Every route of the jobs app; the views live with their concern (sessions/views.py, use/views.py, use/proxy.py,
-use/batches.py)."""
+batch/views.py)."""
 
 from __future__ import annotations
 
 from django.urls import include, path
 
+from jobs.batch import views as batches
 from jobs.sessions import views as sessions
-from jobs.use import batches, openai_batches, proxy
+from jobs.use import openai_batches, proxy
 from jobs.use import views as use
 
 app_name = "jobs"

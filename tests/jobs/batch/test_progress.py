@@ -135,29 +135,3 @@ def test_the_wizard_shows_batch_options_the_pace_their_gpu_type_measured(
     assert paces["a100-80g"] is not None and paces["a100-80g"].tokens_per_s == pytest.approx(30.0)
     assert paces.get("h100") is None  # no runs there yet
     assert all(row.pace is None for row in wizard.build(owner, {**request, "purpose": "chat"}).fitting)
-
-
-def test_a_new_runs_page_shows_the_most_its_answers_take_at_the_measured_pace(
-    run: BatchRun, owner: Any, client: Any, other_user: Any
-) -> None:
-    from datetime import timedelta
-
-    from django.utils import timezone
-
-    client.force_login(owner)
-    assert "at most about" not in client.get(f"/batch/{run.pk}/").content.decode()  # no history yet
-    earlier = BatchRun.objects.get(pk=run.pk)
-    earlier.pk = None  # a finished run of the same model on the same GPU type, 10 tokens/s
-    earlier.save()
-    started = timezone.now() - timedelta(seconds=100)
-    BatchRun.objects.filter(pk=earlier.pk).update(
-        state="finished",
-        done=3,
-        completion_tokens=1000,
-        started_at=started,
-        finished_at=started + timedelta(seconds=100),
-    )
-    page = client.get(f"/batch/{run.pk}/").content.decode()
-    assert "at most about 1 min" in page  # 3 answers x 5 tokens at 10 tokens/s: under a minute, shown as 1
-    client.force_login(other_user)
-    assert client.get(f"/batch/{run.pk}/").status_code == 404

@@ -1,5 +1,5 @@
-"""The batch pages (jobs/batch/views.py): a run's page shows its history to those who may see its session, and the
-admin shows it too, read-only."""
+"""The batch pages (jobs/batch/views.py): a run's page with its history and the time its answers may take, for those
+who may see its session; the list of my runs; a stop; and the admin's read-only view of runs and their history."""
 
 from __future__ import annotations
 
@@ -45,4 +45,56 @@ def test_an_admin_stops_a_runs_job_from_the_list(
         response = admin_client.post("/admin/jobs/batchrun/", {"action": "stop_runs", "_selected_action": [run.pk]})
     assert response.status_code == 302
     # A batch launch's run stops with its job: the session is cancelled.
+    assert run.session.events.filter(cause__startswith="batch run stopped").exists()
+
+
+def test_a_new_runs_page_shows_the_most_its_answers_take_at_the_measured_pace(
+    run: BatchRun, owner: Any, client: Any, other_user: Any
+) -> None:
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    client.force_login(owner)
+    assert "at most about" not in client.get(f"/batch/{run.pk}/").content.decode()  # no history yet
+    earlier = BatchRun.objects.get(pk=run.pk)
+    earlier.pk = None  # a finished run of the same model on the same GPU type, 10 tokens/s
+    earlier.save()
+    started = timezone.now() - timedelta(seconds=100)
+    BatchRun.objects.filter(pk=earlier.pk).update(
+        state="finished",
+        done=3,
+        completion_tokens=1000,
+        started_at=started,
+        finished_at=started + timedelta(seconds=100),
+    )
+    page = client.get(f"/batch/{run.pk}/").content.decode()
+    assert "at most about 1 min" in page  # 3 answers x 5 tokens at 10 tokens/s: under a minute, shown as 1
+    client.force_login(other_user)
+    assert client.get(f"/batch/{run.pk}/").status_code == 404
+
+
+def test_my_batch_runs_lists_mine_only_in_a_fixed_number_of_queries(
+    run: BatchRun, owner: Any, other_user: Any, client: Client, django_assert_num_queries: Any
+) -> None:
+    second = BatchRun.objects.get(pk=run.pk)
+    second.pk = None
+    second.name = "second.txt"
+    second.save()
+    client.force_login(owner)
+    with django_assert_num_queries(3):  # the session, the user, the runs with their models
+        page = client.get("/batch/").content.decode()
+    assert "p.txt" in page and "second.txt" in page
+    client.force_login(other_user)
+    assert "p.txt" not in client.get("/batch/").content.decode()
+
+
+def test_stopping_a_run_from_its_page_is_for_those_who_may_see_it(
+    run: BatchRun, owner: Any, other_user: Any, client: Client, django_capture_on_commit_callbacks: Any
+) -> None:
+    client.force_login(other_user)
+    assert client.post(f"/batch/{run.pk}/stop").status_code == 404
+    client.force_login(owner)
+    with django_capture_on_commit_callbacks(execute=False):
+        assert client.post(f"/batch/{run.pk}/stop")["Location"] == f"/batch/{run.pk}/"
     assert run.session.events.filter(cause__startswith="batch run stopped").exists()

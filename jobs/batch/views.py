@@ -1,6 +1,9 @@
-"""The pages of batch runs (docs/batch.md): a batch launch with its prompts file, a run's page with live progress, and
-its results, streamed from the cluster as they are downloaded. The engine is jobs/batch; the launch goes through
-jobs/sessions/actions.py like every other."""
+"""The pages of batch runs (docs/batch.md): a batch launch with its prompts file, a run's page with live progress and
+its history, and its results, streamed from the cluster as they are downloaded.
+
+The engine beside this module never imports jobs.sessions; these pages do, and sit above it with the other pages: a
+batch launch is a launch (the sessions' form and actions, like every other) and a run is seen by those who may see its
+session (the sessions' access rule). Nothing in jobs imports them but jobs/urls.py (tests/test_layout.py)."""
 
 from __future__ import annotations
 
