@@ -58,7 +58,7 @@ class Command(BaseCommand):
         p = sub.add_parser("list", help="batch runs, newest first")
         p.add_argument("--user")
         p.add_argument("--json", action="store_true")
-        p = sub.add_parser("show", help="one run: progress, tokens, GPU-hours")
+        p = sub.add_parser("show", help="one run: progress, tokens, GPU-hours, its history")
         p.add_argument("uuid")
         p.add_argument("--json", action="store_true")
         p = sub.add_parser("output", help="the results to standard output, streamed from the cluster")
@@ -93,7 +93,7 @@ class Command(BaseCommand):
                               f"({r['failed']} failed) {r['name']}")  # fmt: skip
 
     def _show(self, o: dict[str, Any]) -> None:
-        self._print(find_run(o["uuid"]), o["json"])
+        self._print(find_run(o["uuid"]), o["json"], events=True)
 
     def _output(self, o: dict[str, Any]) -> None:
         run = find_run(o["uuid"])
@@ -112,11 +112,19 @@ class Command(BaseCommand):
         actions.stop_run(run)
         self.stdout.write(f"stopping batch run {run.pk}; what it answered is kept")
 
-    def _print(self, run: BatchRun, as_json: bool) -> None:
+    def _print(self, run: BatchRun, as_json: bool, events: bool = False) -> None:
         data = describe(run)
+        if events:
+            data["events"] = [
+                {"at": e.at.isoformat(), "from": e.from_state, "to": e.to_state, "reason": e.reason}
+                for e in run.events.all()
+            ]
         if as_json:
             self.stdout.write(json.dumps(data, indent=2))
             return
         for key, value in data.items():
-            if value is not None and value != "":
+            if key == "events":
+                for e in value:
+                    self.stdout.write(f"  {e['at']}  {e['from'] or '-'} -> {e['to']}: {e['reason']}")
+            elif value is not None and value != "":
                 self.stdout.write(f"{key:>18}: {value}")
