@@ -1,6 +1,8 @@
 """A daily chart as inline SVG, drawn on the server (no JavaScript library): stacked bars against the left axis,
 lines against the right one, dates along the bottom and a legend. Every text is escaped; the chart has a <title> and a
-<desc> with the totals for screen readers, and each day a tooltip; no days, or one, still draw a readable chart."""
+<desc> with the totals for screen readers, and each day a tooltip; no days, or one, still draw a readable chart. Each
+axis counts in round steps (1, 2 or 5 times a power of ten) that reach above its data, each tick's label written
+exactly, so that no label appears twice on an axis whatever the data's range."""
 
 from __future__ import annotations
 
@@ -18,6 +20,11 @@ PLOT_W, PLOT_H = WIDTH - LEFT - RIGHT, HEIGHT - TOP - BOTTOM
 MAX_DATE_LABELS = 7
 MAX_MARKERS = 31  # points up to which each point of a line gets a dot
 MAX_BAR_W = 36
+# Steps never go below 10**-12: under that nothing a chart shows (tokens, hours) is more than nought, and 10.0**p
+# itself loses its precision far below it.
+SMALLEST_EXPONENT = -12
+SUFFIXES = ((12, "T"), (9, "G"), (6, "M"), (3, "k"))
+SCIENTIFIC_BELOW = -4  # 0.0005 reads well, 0.00005 does not: labels of smaller steps are written 5e-5
 
 
 @dataclass(frozen=True)
@@ -28,32 +35,105 @@ class Series:
     dashed: bool = False
 
 
-def nice_step(value: float, ticks: int = 4) -> float:
-    """A round step (1, 2 or 5 times a power of ten) that covers `value` in about `ticks` steps."""
-    raw = value / ticks
-    if raw <= 0:  # nothing to show, or so little that dividing it underflows to 0
-        return 1.0
-    power: float = 10.0 ** math.floor(math.log10(raw))
-    return next(m * power for m in (1, 2, 5, 10) if raw <= m * power)
+@dataclass(frozen=True)
+class Scale:
+    """An axis from 0 to `count` steps of `multiple` times 10**`exponent` (multiple 1, 2 or 5). Every tick is an integer
+    times a power of ten, so its label is written exactly, with as many decimals as the step needs: ticks that differ
+    never share a label (rounding every label to a fixed precision made 0.0005 and 0.001 both "0.001")."""
+
+    multiple: int
+    exponent: int
+    count: int
+
+    @property
+    def step(self) -> float:
+        return self.multiple * 10.0**self.exponent
+
+    @property
+    def top(self) -> float:
+        return self.count * self.step
+
+    def ticks(self) -> list[float]:
+        return [k * self.step for k in range(self.count + 1)]
+
+    def labels(self) -> list[str]:
+        return [exact(k * self.multiple, self.exponent) for k in range(self.count + 1)]
 
 
-def compact(value: float) -> str:
-    """1200 -> 1.2k, 3000000 -> 3M, 0.5 -> 0.5."""
-    for suffix, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if abs(value) >= size:
-            return f"{round(value / size, 2):g}{suffix}"
-    return f"{round(value, 3):g}"
+def _nice(maximum: float, steps: int, smallest: int) -> tuple[int, int]:
+    """(multiple, exponent): the smallest 1, 2 or 5 times a power of ten, at least 10**smallest, that covers
+    `maximum` in `steps` steps."""
+    if not maximum > 0:  # nothing to show
+        return 1, max(0, smallest)
+    raw = maximum / steps
+    if raw == 0:  # so little that dividing it underflowed
+        return 1, smallest
+    exponent = max(math.floor(math.log10(raw)), smallest)
+    multiple = next((m for m in (1, 2, 5) if raw <= m * 10.0**exponent), 10)
+    return (1, exponent + 1) if multiple == 10 else (multiple, exponent)
+
+
+def _bigger(multiple: int, exponent: int) -> tuple[int, int]:
+    return {1: (2, exponent), 2: (5, exponent)}.get(multiple, (1, exponent + 1))
+
+
+def scale(maximum: float, most: int = 4, *, count: int | None = None, whole: bool = False) -> Scale:
+    """The axis that covers 0 to `maximum` in round steps: in the fewest of 2 to `most` steps, or in exactly `count`
+    (an axis that shares another's grid lines). `whole`: the values are counts (tokens), so no step is below 1."""
+    if not math.isfinite(maximum):
+        raise ValueError(f"an axis needs a finite maximum, not {maximum}")
+    smallest = 0 if whole else SMALLEST_EXPONENT
+    steps = count or most
+    multiple, exponent = _nice(maximum, steps, smallest)
+    # A float division can land a hair below the true step: widen until the top really covers the maximum.
+    while steps * multiple * 10.0**exponent < maximum:
+        multiple, exponent = _bigger(multiple, exponent)
+    if count is None:
+        count = next(k for k in range(min(2, steps), steps + 1) if k * multiple * 10.0**exponent >= maximum)
+    return Scale(multiple, exponent, count)
+
+
+def exact(integer: int, exponent: int) -> str:
+    """integer times 10**exponent written exactly and short: 15, 3 -> "15k"; 15, -4 -> "0.0015"; 5, -7 -> "5e-7"."""
+    if integer == 0:
+        return "0"
+    digits = str(abs(integer))
+    sign = "-" if integer < 0 else ""
+    magnitude = len(digits) - 1 + exponent  # the value lies in [10**magnitude, 10**(magnitude + 1))
+    if magnitude < SCIENTIFIC_BELOW:
+        mantissa = digits[0] + ("." + digits[1:] if digits[1:] else "")
+        return f"{sign}{_trim(mantissa)}e{magnitude}"
+    power, suffix = next(((p, s) for p, s in SUFFIXES if magnitude >= p), (0, ""))
+    shift = exponent - power
+    if shift >= 0:
+        text = digits + "0" * shift
+    else:
+        digits = digits.rjust(-shift + 1, "0")
+        text = _trim(digits[:shift] + "." + digits[shift:])
+    return f"{sign}{text}{suffix}"
+
+
+def _trim(decimal: str) -> str:
+    return decimal.rstrip("0").rstrip(".") if "." in decimal else decimal
 
 
 def _number(value: float) -> str:
-    return f"{value:,.0f}" if value == int(value) else f"{value:,.2f}"
+    """A tooltip's figure: whole numbers as they are, others to two decimals, and what two decimals would show as
+    0.00 to two significant digits (a newcomer's first minutes are a few thousandths of a GPU-hour)."""
+    if value == int(value):
+        return f"{value:,.0f}"
+    return f"{value:,.2f}" if abs(value) >= 0.01 else f"{value:.2g}"
 
 
-def _axes(bar_max: float, line_max: float) -> tuple[int, float, float]:
-    """(ticks, bar step, line step): both axes share the grid lines, each with round steps."""
-    bar_step = nice_step(bar_max)
-    ticks = min(4, max(2, math.ceil(bar_max / bar_step - 1e-9)))
-    return ticks, bar_step, nice_step(line_max, ticks)
+def _whole(values: Sequence[float]) -> bool:
+    return all(float(v).is_integer() for v in values)
+
+
+def _axes(bars: Sequence[float], lines: Sequence[float]) -> tuple[Scale, Scale]:
+    """The bars' and the lines' scales: both axes share the grid lines, each with round steps; an axis of counts
+    (tokens) has no fractional ticks."""
+    bar = scale(max(bars, default=0.0), whole=_whole(bars))
+    return bar, scale(max(lines, default=0.0), count=bar.count, whole=_whole(lines))
 
 
 def _day(day: date, long: bool) -> str:
@@ -76,8 +156,8 @@ def svg(
     n = len(days)
     totals = [sum(s.values[i] for s in bars) for i in range(n)]
     line_values = [v for s in lines for v in s.values[:n]]
-    ticks, bar_step, line_step = _axes(max(totals, default=0.0), max(line_values, default=0.0))
-    bar_top, line_top = bar_step * ticks, line_step * ticks
+    bar_scale, line_scale = _axes(totals, line_values)
+    bar_top, line_top = bar_scale.top, line_scale.top
     band = PLOT_W / max(n, 1)
     bar_w = min(max(band * 0.8, 0.6), MAX_BAR_W)
 
@@ -93,13 +173,23 @@ def svg(
         f'<title id="{chart_id}-title">{escape(title)}</title>',
         f'<desc id="{chart_id}-desc">{escape(f"{span}. Totals: {totals_text}.")}</desc>',
     ]
-    # Grid and both axes' labels.
-    for i in range(ticks + 1):
-        at = y(bar_step * i, bar_top)
-        out.append(f'<line x1="{LEFT}" x2="{LEFT + PLOT_W}" y1="{at:.1f}" y2="{at:.1f}" stroke="#dde1e7"/>')
-        out.append(f'<text x="{LEFT - 6}" y="{at + 4:.1f}" text-anchor="end">{compact(bar_step * i)}</text>')
-        if lines:
-            out.append(f'<text x="{LEFT + PLOT_W + 6}" y="{at + 4:.1f}">{compact(line_step * i)}</text>')
+    # Grid and both axes' labels (each axis a group of its own, which the browser tests read).
+    heights = [y(tick, bar_top) for tick in bar_scale.ticks()]
+    out += [f'<line x1="{LEFT}" x2="{LEFT + PLOT_W}" y1="{at:.1f}" y2="{at:.1f}" stroke="#dde1e7"/>' for at in heights]
+    out.append('<g class="axis axis-left" text-anchor="end">')
+    out += [
+        f'<text x="{LEFT - 6}" y="{at + 4:.1f}">{label}</text>'
+        for at, label in zip(heights, bar_scale.labels(), strict=True)
+    ]
+    out.append("</g>")
+    if lines:
+        out.append('<g class="axis axis-right">')
+        labels = line_scale.labels()
+        out += [
+            f'<text x="{LEFT + PLOT_W + 6}" y="{at + 4:.1f}">{label}</text>'
+            for at, label in zip(heights, labels, strict=True)
+        ]
+        out.append("</g>")
     out.append(
         f'<text transform="translate(14 {TOP + PLOT_H / 2:.0f}) rotate(-90)" text-anchor="middle">'
         f"{escape(bar_unit)}</text>"
