@@ -29,6 +29,7 @@ from catalog import add_model, gguf, hfconfig
 from catalog import validators as v
 from catalog.add_model import Entry, Listing, Located, Outcome, Reader
 from catalog.quant import canonical_quant
+from portal import shellsafe
 from portal.errors import text_of
 
 MAX_DEPTH = 4  # directories below each scanned path
@@ -40,7 +41,6 @@ SHARD_FIRST_BYTES = 64 << 10  # a split set's later files hold only their tensor
 
 # llama.cpp's split naming (gguf-split, llama_split_path): PREFIX-%05d-of-%05d.gguf.
 SPLIT = re.compile(r"^(?P<stem>.+)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf\Z")
-NAME = re.compile(r"^[A-Za-z0-9_.+@-]+\Z")
 OLLAMA_MODEL_LAYER = "application/vnd.ollama.image.model"
 OLLAMA_DIGEST = re.compile(r"^sha256[:-](?P<hex>[0-9a-f]{64})\Z")
 # ollama shows its own registry's models without the host, and its library's without the namespace too.
@@ -228,7 +228,7 @@ class _Walker:
             sub = _join(path, entry.name)
             if entry.kind != "dir" or entry.inode in self.seen:
                 continue
-            if not NAME.match(entry.name):
+            if not shellsafe.FILE_NAME.accepts(entry.name):
                 self.skip(sub, "not scanned: its name has characters other than letters, digits and '_ . + @ -'")
             elif depth >= MAX_DEPTH:
                 self.skip(sub, f"not scanned: deeper than {MAX_DEPTH} directories below the path given")
@@ -245,7 +245,7 @@ class _Walker:
         sets: dict[tuple[str, int], dict[int, Entry]] = {}
         for entry in sorted(entries, key=lambda e: e.name):
             path = _join(directory, entry.name)
-            if not NAME.match(entry.name):
+            if not shellsafe.FILE_NAME.accepts(entry.name):
                 self.skip(path, "its name has characters other than letters, digits and '_ . + @ -'")
             elif entry.kind != "file":
                 self.skip(path, "not a file (a link to nothing?)")
@@ -372,7 +372,7 @@ class _Walker:
             path = _join(directory, entry.name)
             if entry.name.startswith("."):
                 continue
-            if not NAME.match(entry.name):
+            if not shellsafe.FILE_NAME.accepts(entry.name):
                 self.skip(path, "its name has characters other than letters, digits and '_ . + @ -'")
             elif len(parts) == 3 and entry.kind == "file":
                 found.append(([*parts, entry.name], path, entry))

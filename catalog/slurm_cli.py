@@ -19,18 +19,14 @@ Slurm facts (checked in Slurm's sources, 20.11 to 25.x, and on 22.05 here):
 
 from __future__ import annotations
 
-import re
 import shlex
 from dataclasses import dataclass
+
+from portal import shellsafe
 
 PROGRAMS = ("sbatch", "squeue", "scontrol", "sacct", "scancel", "sinfo", "sprio", "sshare", "sacctmgr")
 # sacctmgr has no --clusters: a query names the cluster instead (see `cluster_filter`).
 _TAKES_CLUSTERS = frozenset(PROGRAMS) - {"sacctmgr"}
-
-# The same allow-lists as the model's validators (catalog/validators.py: slurm_name, absolute_path); checked again
-# here because these values reach a shell, whatever path they came by.
-_CLUSTER = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
-_BIN_DIR = re.compile(r"/[A-Za-z0-9_.+@/-]{0,299}")
 
 
 @dataclass(frozen=True)
@@ -39,10 +35,11 @@ class SlurmCli:
     bin_dir: str = ""  # where sbatch, squeue... live; "": found on the PATH
 
     def __post_init__(self) -> None:
-        if self.cluster and not _CLUSTER.fullmatch(self.cluster):
-            raise ValueError(f"not a Slurm cluster name: {self.cluster!r}")
-        if self.bin_dir and not _BIN_DIR.fullmatch(self.bin_dir):
-            raise ValueError(f"not an absolute directory of Slurm's binaries: {self.bin_dir!r}")
+        # The models' validators check these too; checked again because they reach a shell, whatever way they came.
+        if self.cluster:
+            shellsafe.SLURM_NAME.check(self.cluster, "Slurm cluster name")
+        if self.bin_dir:
+            shellsafe.ABSOLUTE_PATH.check(self.bin_dir, "directory of Slurm's binaries")
 
     @property
     def is_plain(self) -> bool:
@@ -85,4 +82,4 @@ PLAIN = SlurmCli()
 
 def is_cluster_header(line: str) -> bool:
     """squeue, sinfo and sshare's `CLUSTER: NAME` line before a cluster's rows (see the module's docstring)."""
-    return line.startswith("CLUSTER: ") and _CLUSTER.fullmatch(line[9:].strip()) is not None
+    return line.startswith("CLUSTER: ") and shellsafe.SLURM_NAME.accepts(line[9:].strip())

@@ -10,7 +10,6 @@ from typing import Any
 from django.conf import settings
 from django.contrib.auth.models import User
 from django.core.exceptions import ValidationError
-from django.core.validators import RegexValidator
 from django.db import models
 from django.db.models import Q
 from django.views.decorators.debug import sensitive_variables
@@ -19,10 +18,6 @@ from catalog import validators as v
 from catalog.models.clusters import Cluster
 from portal import crypto
 from portal.ssh import SSHTarget, generate_keypair, load_private_key
-
-unix_username = RegexValidator(
-    r"^[A-Za-z_][A-Za-z0-9_.-]{0,31}\Z", "A cluster user name: letters, digits, '_', '.' and '-' (at most 32)."
-)
 
 
 class ClusterAccount(models.Model):
@@ -49,7 +44,7 @@ class ClusterAccount(models.Model):
         related_name="shared_cluster_accounts",
         help_text="Portal users who may submit through this service account.",
     )
-    username = models.CharField("cluster user name", max_length=32, validators=[unix_username])
+    username = models.CharField("cluster user name", max_length=32, validators=[v.unix_username])
     slurm_account = models.CharField(
         max_length=64,
         blank=True,

@@ -7,21 +7,15 @@ pasted into template text, so nothing a user or admin types can become shell syn
 
 from __future__ import annotations
 
-import re
 import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
 from catalog.runtime_rules import RUNTIMES, RuntimeRules
 from jobs.cluster.slurm import job_name
+from portal import shellsafe
 
 SCRIPTS_DIR = Path(__file__).resolve().parent / "scripts"
-
-_SLURM_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")
-_ACCOUNT = re.compile(r"[A-Za-z0-9_.-]{0,64}\Z")
-# Where staging copies the weights: the job's $TMPDIR (resolved on the node) or an absolute path.
-_STAGE_TO = re.compile(r"(?:\$TMPDIR|/[A-Za-z0-9_.+@/-]*)\Z")
-_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\Z")
 
 
 class RenderError(ValueError):
@@ -65,8 +59,8 @@ class JobSpec:
     ready_timeout_s: int = 1800
 
 
-def _check(pattern: re.Pattern[str], value: str, what: str) -> str:
-    if not pattern.match(value):
+def _check(allowed: shellsafe.AllowList, value: str, what: str) -> str:
+    if not allowed.accepts(value):
         raise RenderError(f"{what} {value!r} cannot go into an #SBATCH line")
     return value
 
@@ -78,22 +72,23 @@ def _positive(value: int, what: str) -> int:
 
 
 def sbatch_directives(spec: JobSpec) -> list[str]:
-    session_id = _check(_UUID, spec.session_id, "session id")
+    session_id = _check(shellsafe.UUID, spec.session_id, "session id")
     lines = [
         f"--job-name={job_name(session_id)}",
-        f"--partition={_check(_SLURM_NAME, spec.partition, 'partition')}",
+        f"--partition={_check(shellsafe.SLURM_NAME, spec.partition, 'partition')}",
     ]
     if spec.account:
-        lines.append(f"--account={_check(_ACCOUNT, spec.account, 'account')}")
+        lines.append(f"--account={_check(shellsafe.SLURM_ACCOUNT, spec.account, 'account')}")
     lines += [
         f"--nodes={_positive(spec.nodes, 'nodes') * _positive(spec.replicas, 'replicas')}",
         "--ntasks-per-node=1",
         f"--cpus-per-task={_positive(spec.cpus_per_node, 'CPUs per node')}",
         f"--mem={_positive(spec.memory_gib, 'memory')}G",
-        f"--gres=gpu:{_check(_SLURM_NAME, spec.gres_type, 'GPU type')}:{_positive(spec.gpus_per_node, 'GPUs')}",
+        "--gres=gpu:"
+        f"{_check(shellsafe.SLURM_NAME, spec.gres_type, 'GPU type')}:{_positive(spec.gpus_per_node, 'GPUs')}",
     ]
     if spec.constraint:
-        lines.append(f"--constraint={_check(_SLURM_NAME, spec.constraint, 'constraint')}")
+        lines.append(f"--constraint={_check(shellsafe.SLURM_NAME, spec.constraint, 'constraint')}")
     lines += [f"--time={_positive(spec.walltime_min, 'walltime')}", "--output=job.log", "--open-mode=append"]
     if _rules(spec.runtime).exclusive_on(spec.nodes):
         lines.append("--exclusive=user")
@@ -119,13 +114,13 @@ def assignments(spec: JobSpec) -> list[str]:
         "CONTEXT": _positive(spec.context_length, "context length"),
         "PARALLEL": _positive(spec.parallel, "parallel slots"),
         "EMBEDDINGS": int(spec.embeddings),
-        "BATCH_RUN": _check(_UUID, spec.batch_run, "batch run id") if spec.batch_run else "",
+        "BATCH_RUN": _check(shellsafe.UUID, spec.batch_run, "batch run id") if spec.batch_run else "",
         "BATCH_CONCURRENCY": _positive(spec.batch_concurrency, "batch concurrency"),
         "REPLICAS": _positive(spec.replicas, "replicas"),
         "GPU_LAYERS": _positive(spec.gpu_layers, "GPU layers"),
         "GPU_MEMORY_UTILIZATION": f"{spec.gpu_memory_utilization:.2f}",
         "READY_TIMEOUT_S": _positive(spec.ready_timeout_s, "ready timeout"),
-        "STAGE_TO": _check(_STAGE_TO, spec.stage_to, "staging directory") if spec.stage_to else "",
+        "STAGE_TO": _check(shellsafe.STAGE_TARGET, spec.stage_to, "staging directory") if spec.stage_to else "",
         "STAGE_KEEP": int(spec.stage_keep),
     }
     lines = [f"{name}={shlex.quote(str(value))}" for name, value in scalars.items()]

@@ -17,10 +17,9 @@ from dataclasses import dataclass, field
 
 from catalog.slurm_cli import PLAIN, SlurmCli
 from jobs.cluster import slurm
+from portal import shellsafe
 
 SESSIONS_DIR = "$HOME/.hpc-llm-portal/sessions"
-_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\Z")
-_JOB_ID = re.compile(r"[0-9]+(?:_[0-9]+)?\Z")
 
 # Exit codes of the submit script that mean "try again later".
 SUBMIT_RETRY = 75
@@ -83,13 +82,13 @@ touch "$r/stop" && echo "stopping"
 
 
 def stage_batch_command(session_id: str, run_id: str, sha256: str) -> str:
-    if not (_UUID.match(session_id) and _UUID.match(run_id) and re.fullmatch(r"[0-9a-f]{64}", sha256)):
+    if not (shellsafe.UUID.accepts(session_id) and shellsafe.UUID.accepts(run_id) and shellsafe.SHA256.accepts(sha256)):
         raise ValueError(f"bad session, run or checksum: {session_id!r} {run_id!r} {sha256!r}")
     return shlex.join(["bash", "-c", STAGE_BATCH_SCRIPT, "stage", session_id, run_id, sha256])
 
 
 def stop_batch_command(session_id: str, run_id: str) -> str:
-    if not (_UUID.match(session_id) and _UUID.match(run_id)):
+    if not (shellsafe.UUID.accepts(session_id) and shellsafe.UUID.accepts(run_id)):
         raise ValueError(f"bad session or run id: {session_id!r} {run_id!r}")
     return shlex.join(["bash", "-c", STOP_BATCH_SCRIPT, "stop", session_id, run_id])
 
@@ -142,7 +141,7 @@ WATCH_CHANGES = ("ready", "error", "gone")
 def watch_command(watched: list[tuple[str, str]], seconds: int) -> str:
     args = []
     for session_id, mode in watched:
-        if not _UUID.match(session_id) or mode not in WATCH_MODES:
+        if not shellsafe.UUID.accepts(session_id) or mode not in WATCH_MODES:
             raise ValueError(f"bad session id or watch mode: {session_id!r} {mode!r}")
         args.append(f"{session_id}:{mode}")
     return shlex.join(["bash", "-c", WATCH_SCRIPT, "watch", str(max(1, int(seconds))), *args])
@@ -154,7 +153,7 @@ def parse_watch(text: str) -> dict[str, str]:
     changes = {}
     for line in text.splitlines():
         words = line.split()
-        if len(words) == 3 and words[0] == "changed" and _UUID.match(words[1]) and words[2] in WATCH_CHANGES:
+        if len(words) == 3 and words[0] == "changed" and shellsafe.UUID.accepts(words[1]) and words[2] in WATCH_CHANGES:
             changes[words[1]] = words[2]
     return changes
 
@@ -323,7 +322,7 @@ def tar_payload(files: dict[str, tuple[str, int]]) -> SubmitPayload:
 
 
 def submit_command(session_id: str, sha256: str, cli: SlurmCli = PLAIN) -> str:
-    if not _UUID.match(session_id) or not re.fullmatch(r"[0-9a-f]{64}", sha256):
+    if not shellsafe.UUID.accepts(session_id) or not shellsafe.SHA256.accepts(sha256):
         raise ValueError("bad session id or checksum")
     return shlex.join(["bash", "-c", cli.script(SUBMIT_SCRIPT), "submit", session_id, sha256])
 
@@ -358,7 +357,7 @@ def sbatch_is_transient(stderr: str) -> bool:
 
 
 def cancel_command(session_id: str, job_id: str, cli: SlurmCli = PLAIN) -> str:
-    if not _UUID.match(session_id) or (job_id and not _JOB_ID.match(job_id)):
+    if not shellsafe.UUID.accepts(session_id) or (job_id and not shellsafe.JOB_ID.accepts(job_id)):
         raise ValueError(f"bad session or job id: {session_id!r} {job_id!r}")
     return shlex.join(["bash", "-c", cli.script(CANCEL_SCRIPT), "cancel", session_id, job_id])
 
@@ -367,7 +366,7 @@ def poll_command(pairs: list[tuple[str, str]], cli: SlurmCli = PLAIN, order: boo
     """The poll of these (session, job) pairs; `order`: also each pending portal job's place in its queue."""
     args = [str(int(order))]
     for session_id, job_id in pairs:
-        if not _UUID.match(session_id) or (job_id and not _JOB_ID.match(job_id)):
+        if not shellsafe.UUID.accepts(session_id) or (job_id and not shellsafe.JOB_ID.accepts(job_id)):
             raise ValueError(f"bad session or job id: {session_id!r} {job_id!r}")
         args.append(f"{session_id}:{job_id}")
     return shlex.join(["bash", "-c", cli.script(POLL_SCRIPT), "poll", *args])
@@ -443,7 +442,7 @@ def parse_poll(text: str) -> PollResult:
         elif kind == "sacct" and args == ["0"]:
             for line in content.splitlines():
                 values = line.split("|")
-                if len(values) == len(_SACCT_FIELDS) and _JOB_ID.match(values[0]):
+                if len(values) == len(_SACCT_FIELDS) and shellsafe.JOB_ID.accepts(values[0]):
                     record = dict(zip(_SACCT_FIELDS, values, strict=True))
                     record["JobState"] = record["JobState"].split()[0] if record["JobState"] else ""
                     result.finished.setdefault(values[0], record)
@@ -458,18 +457,18 @@ def parse_poll(text: str) -> PollResult:
                 result.asked_gone.add(job_id)
             elif "Invalid job id" in content:
                 result.asked_gone.add(job_id)
-        elif kind == "connection" and args and _UUID.match(args[0]):
+        elif kind == "connection" and args and shellsafe.UUID.accepts(args[0]):
             if (data := _json_object(content)) is not None:
                 result.connections[args[0]] = data
-        elif kind == "staging" and args and _UUID.match(args[0]):
+        elif kind == "staging" and args and shellsafe.UUID.accepts(args[0]):
             if (data := _json_object(content)) is not None:
                 result.staging[args[0]] = data
-        elif kind == "progress" and len(args) == 2 and _UUID.match(args[0]) and _UUID.match(args[1]):
+        elif kind == "progress" and len(args) == 2 and all(map(shellsafe.UUID.accepts, args)):
             if (data := _json_object(content)) is not None:
                 result.progress[args[1]] = data
-        elif kind == "batcherror" and len(args) == 2 and _UUID.match(args[0]) and _UUID.match(args[1]):
+        elif kind == "batcherror" and len(args) == 2 and all(map(shellsafe.UUID.accepts, args)):
             result.batch_errors[args[1]] = content
-        elif kind == "error" and args and _UUID.match(args[0]):
+        elif kind == "error" and args and shellsafe.UUID.accepts(args[0]):
             result.errors[args[0]] = content
         elif kind == "order":
             for line in content.splitlines():

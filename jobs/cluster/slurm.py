@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from catalog.slurm_cli import PLAIN, SlurmCli, is_cluster_header
+from portal import shellsafe
 
 JOB_NAME_PREFIX = "hpcllm-"
 
@@ -49,8 +50,7 @@ class SlurmParseError(ValueError):
 
 def job_name(session_id: str) -> str:
     """The Slurm job name of a session: a fixed prefix and the session's uuid, so retries can find the job."""
-    if not re.fullmatch(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}", session_id):
-        raise ValueError(f"not a session uuid: {session_id!r}")
+    shellsafe.UUID.check(session_id, "session uuid")
     return f"{JOB_NAME_PREFIX}{session_id}"
 
 
@@ -92,7 +92,7 @@ def parse_squeue(text: str) -> tuple[list[QueuedJob], list[str]]:
         if not line.strip() or is_cluster_header(line):  # "CLUSTER: NAME" when asked with --clusters
             continue
         parts = line.split("|")
-        if len(parts) != len(SQUEUE_FIELDS) or not re.fullmatch(r"\d+(_\d+)?", parts[0]):
+        if len(parts) != len(SQUEUE_FIELDS) or not shellsafe.JOB_ID.accepts(parts[0]):
             bad.append(line)
             continue
         job_id, name, state, reason, start, nodes, used, left, partition, count = parts

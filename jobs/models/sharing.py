@@ -12,6 +12,7 @@ from django.db.models import Q
 from django.utils import timezone
 
 from jobs.models.sessions import LLMSession
+from portal import shellsafe
 
 
 class SessionShare(models.Model):
@@ -84,9 +85,7 @@ class GroupSource(models.Model):
     kind = models.CharField(max_length=16, choices=Kind.choices, default=Kind.UNIX_GROUP)
     name = models.CharField(
         max_length=64,
-        validators=[
-            RegexValidator(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*\Z", "a group or account name: letters, digits, _ . -")
-        ],
+        validators=[RegexValidator(shellsafe.GROUP_NAME.regex, shellsafe.GROUP_NAME.message)],
     )
     synced_at = models.DateTimeField(null=True, blank=True, editable=False)
     members_found = models.PositiveIntegerField(default=0, editable=False)

@@ -10,7 +10,6 @@ group. Groups without sources are left alone.
 
 from __future__ import annotations
 
-import re
 import shlex
 from dataclasses import dataclass
 
@@ -21,10 +20,8 @@ from django.utils import timezone
 from catalog.models import ClusterAccount
 from catalog.slurm_cli import PLAIN, SlurmCli
 from jobs.models import GroupSource
-from portal import ssh
+from portal import shellsafe, ssh
 
-_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}\Z")
-_USER = re.compile(r"[a-z_][a-z0-9_.-]*\$?\Z", re.IGNORECASE)
 LOOKUP_TIMEOUT_S = 30.0
 
 
@@ -34,8 +31,7 @@ class SourceError(Exception):
 
 def lookup_command(kind: str, name: str, cli: SlurmCli = PLAIN) -> str:
     """The command that names the cluster users of a group or Slurm account."""
-    if not _NAME.match(name):
-        raise ValueError(f"not a group or account name: {name!r}")
+    shellsafe.GROUP_NAME.check(name, "group or account name")
     if kind == GroupSource.Kind.UNIX_GROUP:
         return f"getent group {shlex.quote(name)}"  # NSS (files, LDAP, SSSD), as logins see it
     if kind == GroupSource.Kind.SLURM_ACCOUNT:
@@ -52,7 +48,8 @@ def parse_members(kind: str, stdout: str) -> set[str]:
         names = fields[3].split(",") if len(fields) >= 4 else []
     else:
         names = stdout.splitlines()
-    return {name.strip() for name in names if _USER.match(name.strip())}
+    # Only names an account could have: the others match no one, and what the cluster prints is not trusted.
+    return {name.strip() for name in names if shellsafe.UNIX_USERNAME.accepts(name.strip())}
 
 
 def read_source(source: GroupSource) -> set[str]:
