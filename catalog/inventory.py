@@ -12,12 +12,14 @@ hand-written file. Partitions without GPUs are left out: the portal only places 
 from __future__ import annotations
 
 import math
-import re
 from collections import defaultdict
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from catalog.slurm_cli import PLAIN, SlurmCli
+from portal.slurm.cli import PLAIN, SlurmCli
+from portal.slurm.errors import SlurmParseError
+from portal.slurm.gres import parse_mig_profile
+from portal.slurm.records import NodeRecord, PartitionRecord, parse_nodes, parse_partitions
 
 SEPARATOR = "@@nodes"
 
@@ -77,13 +79,10 @@ SIZED: dict[str, tuple[tuple[str, ...], str | None]] = {
     "v100": (("v100-32g", "v100-16g"), None),
 }
 
-# MIG slices: Slurm names a slice's GRES type after its MIG profile, "<slices>g.<size>gb", alone (1g.10gb) or behind
-# the GPU's name (a100_3g.20gb; AutoDetect=nvml reports nvidia_a100_3g.20gb), and "<n>c.<slices>g.<size>gb" for a
-# compute instance that shares its GPU instance's memory with others. The size in the name is rounded up to whole
-# GiB (NVIDIA's names; Slurm's nvml plugin rounds the same way when it builds one), and nvidia-smi reports a little
-# less: on an H100 80GB 9.75 GiB for 1g.10gb, 19.62 for 2g.20gb, 39.5 for 3g.40gb, 79.25 for 7g.80gb; 4.75 for an
-# A100 40GB's 1g.5gb. MIG_USABLE_SHARE rounded down to a quarter GiB stays at or under each of those.
-MIG_PROFILE = re.compile(r"(?:(?P<base>[a-z0-9][a-z0-9_.-]*?)[_-])?(?:(?P<ci>\d)c\.)?(?P<slices>\d)g\.(?P<gb>\d+)gb")
+# MIG slices (portal/slurm/gres.py reads the profile from the GRES type): the size in a profile's name is rounded up to
+# whole GiB (NVIDIA's names; Slurm's nvml plugin rounds the same way when it builds one), and nvidia-smi reports a
+# little less: on an H100 80GB 9.75 GiB for 1g.10gb, 19.62 for 2g.20gb, 39.5 for 3g.40gb, 79.25 for 7g.80gb; 4.75 for
+# an A100 40GB's 1g.5gb. MIG_USABLE_SHARE rounded down to a quarter GiB stays at or under each of those.
 MIG_USABLE_SHARE = 0.985
 MIG_USABLE_LESS_GIB = 0.1
 
@@ -92,42 +91,19 @@ def mig_slice(gres_type: str) -> GPUSpec | None:
     """The catalog's GPU type for a MIG slice's GRES type, with its memory from the profile; None when the name is
     not a MIG profile. A compute instance (1c.3g.20gb) shares its memory, so the admin decides what it may use."""
     key = gres_type.lower()
-    match = MIG_PROFILE.fullmatch(key)
-    if match is None:
+    profile = parse_mig_profile(key)
+    if profile is None:
         return None
-    profile = key[match.start("ci") if match.group("ci") else match.start("slices") :]
-    base = (match.group("base") or "").removeprefix("nvidia_").removeprefix("nvidia-").replace("_", " ").upper()
-    display = f"NVIDIA {base + ' ' if base else ''}MIG {profile} slice"
-    if match.group("ci"):
+    base = profile.gpu.removeprefix("nvidia_").removeprefix("nvidia-").replace("_", " ").upper()
+    display = f"NVIDIA {base + ' ' if base else ''}MIG {profile.name} slice"
+    if profile.compute_slices is not None:
         return GPUSpec(key, key, "", (display + " (memory shared with other compute instances)")[:100], None)
-    memory_gib = math.floor((int(match.group("gb")) * MIG_USABLE_SHARE - MIG_USABLE_LESS_GIB) * 4) / 4
+    memory_gib = math.floor((profile.memory_gb * MIG_USABLE_SHARE - MIG_USABLE_LESS_GIB) * 4) / 4
     return GPUSpec(key, key, "", display[:100], memory_gib) if memory_gib >= 0.25 else None
 
 
 class DiscoverError(ValueError):
     """Output the portal cannot read as scontrol's; the message says which line and why."""
-
-
-@dataclass(frozen=True)
-class SlurmPartition:
-    name: str
-    max_walltime_min: int | None  # None: UNLIMITED
-    default_walltime_min: int | None
-    nodes: frozenset[str]
-    allow_accounts: str = "ALL"
-    allow_qos: str = "ALL"
-    is_default: bool = False
-    state: str = "UP"
-
-
-@dataclass(frozen=True)
-class SlurmNode:
-    name: str
-    cpus: int
-    memory_mib: int
-    gpus: tuple[tuple[str, int], ...]  # (GRES type, count); an untyped "gpu:2" has type ""
-    features: frozenset[str]
-    partitions: frozenset[str]
 
 
 @dataclass(frozen=True)
@@ -173,96 +149,15 @@ class Discovered:
         return [g for g in self.gpu_types if g.memory_gib is None]
 
 
-def _fields(line: str) -> dict[str, str]:
-    """scontrol's one-line records: Key=Value pairs separated by spaces (values here carry no spaces we need)."""
-    return dict(part.split("=", 1) for part in line.split() if "=" in part)
-
-
-_TIME = re.compile(r"^(?:(\d+)-)?(?:(\d+):)?(\d+):(\d+)$")
-
-
-def minutes(text: str) -> int | None:
-    """Slurm's time limits: [days-]hours:minutes:seconds, minutes:seconds, or UNLIMITED / INFINITE / NONE."""
-    if text.upper() in ("UNLIMITED", "INFINITE", "NONE", "N/A"):
-        return None
-    match = _TIME.match(text)
-    if match is None:
-        raise DiscoverError(f"cannot read the time limit {text!r}")
-    days, hours, mins, secs = (int(g) if g else 0 for g in match.groups())
-    if match.group(2) is None:  # minutes:seconds
-        hours, mins, secs = 0, int(match.group(3)), int(match.group(4))
-    return days * 1440 + hours * 60 + mins + (1 if secs else 0)
-
-
-def expand_hostlist(text: str) -> frozenset[str]:
-    """Slurm host lists: node[1-3,7],gpu01 -> node1, node2, node3, node7, gpu01 (zero padding kept)."""
-    names: set[str] = set()
-    for match in re.finditer(r"([^,\[]+)(?:\[([^\]]+)\])?", text):
-        prefix, ranges = match.group(1), match.group(2)
-        if not ranges:
-            names.add(prefix)
-            continue
-        for part in ranges.split(","):
-            low, _, high = part.partition("-")
-            width = len(low)
-            for number in range(int(low), int(high or low) + 1):
-                names.add(f"{prefix}{number:0{width}d}")
-    return frozenset(names)
-
-
-def _gpus(gres: str) -> tuple[tuple[str, int], ...]:
-    """gpu:a100:2(S:0-1),gpu:h100:1,shard:8 -> (("a100", 2), ("h100", 1)): the GPUs a node offers, by type."""
-    found = []
-    for item in gres.split(","):
-        parts = re.sub(r"\(.*?\)", "", item).split(":")
-        if parts[0] != "gpu" or len(parts) < 2:
-            continue
-        count_text = parts[-1]
-        if not count_text.isdigit():
-            continue
-        found.append((parts[1].lower() if len(parts) == 3 else "", int(count_text)))
-    return tuple(found)
-
-
-def read(text: str) -> tuple[list[SlurmPartition], list[SlurmNode]]:
+def read(text: str) -> tuple[list[PartitionRecord], list[NodeRecord]]:
+    """The partitions and nodes of `command()`'s output. Raises DiscoverError."""
     if SEPARATOR not in text:
         raise DiscoverError("the output has no node section: scontrol show node did not run")
     partition_text, node_text = text.split(SEPARATOR, 1)
-    partitions = []
-    for line in partition_text.splitlines():
-        if not line.startswith("PartitionName="):
-            continue
-        f = _fields(line)
-        partitions.append(
-            SlurmPartition(
-                name=f["PartitionName"],
-                max_walltime_min=minutes(f.get("MaxTime", "UNLIMITED")),
-                default_walltime_min=minutes(f.get("DefaultTime", "NONE")),
-                nodes=expand_hostlist(f.get("Nodes", "")) if f.get("Nodes", "(null)") != "(null)" else frozenset(),
-                allow_accounts=f.get("AllowAccounts", "ALL"),
-                allow_qos=f.get("AllowQos", "ALL"),
-                is_default=f.get("Default") == "YES",
-                state=f.get("State", "UP"),
-            )
-        )
-    nodes = []
-    for line in node_text.splitlines():
-        if not line.startswith("NodeName="):
-            continue
-        f = _fields(line)
-        try:
-            nodes.append(
-                SlurmNode(
-                    name=f["NodeName"],
-                    cpus=int(f.get("CPUTot", "0")),
-                    memory_mib=int(f.get("RealMemory", "0")),
-                    gpus=_gpus(f.get("Gres", "(null)")),
-                    features=frozenset(x for x in f.get("AvailableFeatures", "").split(",") if x and x != "(null)"),
-                    partitions=frozenset(x for x in f.get("Partitions", "").split(",") if x),
-                )
-            )
-        except ValueError:
-            raise DiscoverError(f"cannot read node {f.get('NodeName', '?')}: {line[:200]}") from None
+    try:
+        partitions, nodes = parse_partitions(partition_text), parse_nodes(node_text)
+    except SlurmParseError as exc:
+        raise DiscoverError(str(exc)) from None
     if not partitions:
         raise DiscoverError("scontrol listed no partitions")
     return partitions, nodes
@@ -299,8 +194,8 @@ def discover(text: str) -> Discovered:
     found = Discovered()
     gpu_types: dict[str, GPUSpec] = {}
     for part in slurm_partitions:
-        members = [by_name[name] for name in sorted(part.nodes) if name in by_name]
-        groups: dict[tuple[str, int], list[SlurmNode]] = defaultdict(list)
+        members = [by_name[name] for name in sorted(set(part.nodes)) if name in by_name]
+        groups: dict[tuple[str, int], list[NodeRecord]] = defaultdict(list)
         for node in members:
             for gres_type, count in node.gpus:
                 spec = gpu_spec(gres_type, node.features)

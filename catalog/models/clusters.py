@@ -8,7 +8,7 @@ from django.core.validators import MaxValueValidator, MinValueValidator
 from django.db import models
 
 from catalog import validators as v
-from catalog.slurm_cli import SlurmCli
+from portal.slurm.cli import SlurmCli
 
 
 class Cluster(models.Model):

@@ -17,9 +17,11 @@ from django.utils import timezone
 
 from catalog.models import Cluster, ClusterAccount, GPUType, Partition
 from catalog.plans import Option
-from jobs.cluster import jobscript, slurm
+from jobs.cluster import jobscript
 from jobs.models import LLMSession, PartitionState
 from portal import rates, ssh
+from portal.slurm import sbatch, sinfo, squeue
+from portal.slurm.errors import SlurmParseError
 
 TEST_ONLY_CACHE_S = 60
 HISTORY_MIN_SAMPLES = 3
@@ -46,15 +48,15 @@ def refresh_cluster(cluster: Cluster, account: ClusterAccount | None = None) -> 
         raise QueueError(f"no cluster account on {cluster.name} to ask its scheduler with")
     cli = cluster.slurm_cli
     command = (
-        f"{cli.command('sinfo', '-h', '-N', '-O', slurm.SINFO_GRES_OPTIONS)} && echo @@pending && "
-        f"{cli.command('squeue', '-h', '-t', 'PENDING', '-o', slurm.PENDING_DEMAND_FORMAT)}"
+        f"{cli.command('sinfo', '-h', '-N', '-O', sinfo.SINFO_GRES_OPTIONS)} && echo @@pending && "
+        f"{cli.command('squeue', '-h', '-t', 'PENDING', '-o', squeue.PENDING_DEMAND_FORMAT)}"
     )
     result = ssh.pool.run(account.ssh_target(), command, timeout_s=60)
     if result.exit_code != 0 or "@@pending" not in result.stdout:
         raise QueueError(f"sinfo/squeue failed on {cluster.name}: {result.stderr.strip()[:300]}")
     nodes_text, pending_text = result.stdout.split("@@pending", 1)
-    nodes, _bad = slurm.parse_sinfo_gres(nodes_text)
-    demand = slurm.parse_pending_demand(pending_text)
+    nodes, _bad = sinfo.parse_sinfo_gres(nodes_text)
+    demand = squeue.parse_pending_demand(pending_text)
     now = timezone.now()
     partitions = {p.name: p for p in Partition.objects.filter(cluster=cluster)}
     rows: dict[tuple[str, str], dict[str, int]] = {}
@@ -152,9 +154,9 @@ def slurm_estimate(
     command = account.cluster.slurm_cli.command("sbatch", "--test-only", *args, "--wrap=true")
     result = ssh.pool.run(account.ssh_target(), command, timeout_s=30)
     try:
-        start = slurm.parse_test_only(result.stderr).start
+        start = sbatch.parse_test_only(result.stderr).start
         estimate = SlurmEstimate(timezone.make_aware(start) if timezone.is_naive(start) else start, "")
-    except slurm.SlurmParseError as exc:
+    except SlurmParseError as exc:
         estimate = SlurmEstimate(None, str(exc))
     cache.set(key, (estimate.start, estimate.message), TEST_ONLY_CACHE_S)
     return estimate

@@ -15,9 +15,13 @@ import shlex
 import tarfile
 from dataclasses import dataclass, field
 
-from catalog.slurm_cli import PLAIN, SlurmCli
-from jobs.cluster import slurm
 from portal import shellsafe
+from portal.slurm.cli import PLAIN, SlurmCli
+from portal.slurm.errors import SlurmParseError
+from portal.slurm.hostlist import expand_hostlist
+from portal.slurm.records import parse_job_records, parse_key_values
+from portal.slurm.sbatch import parse_sbatch_parsable
+from portal.slurm.squeue import SQUEUE_FORMAT, QueuedJob, parse_squeue
 
 SESSIONS_DIR = "$HOME/.hpc-llm-portal/sessions"
 
@@ -228,7 +232,7 @@ if [ "${#gone[@]}" -gt 0 ]; then
   done
 fi
 echo "@@end"
-""".replace("@FORMAT@", slurm.SQUEUE_FORMAT)
+""".replace("@FORMAT@", SQUEUE_FORMAT)
 
 
 # Runs as: bash -c SCRIPT listing, with a cluster's status account (catalog Cluster.status_account): every portal job
@@ -248,7 +252,7 @@ else
   echo
 fi
 echo "@@end"
-""".replace("@FORMAT@", slurm.SQUEUE_FORMAT)
+""".replace("@FORMAT@", SQUEUE_FORMAT)
 
 
 LISTING_MAX_BYTES = 32 << 20  # about 110 bytes a job: some 300,000 portal jobs
@@ -265,7 +269,7 @@ class Listing:
 
     ok: bool = False
     error: str = ""
-    jobs: dict[str, tuple[str, slurm.QueuedJob]] = field(default_factory=dict)  # job id -> (owner, job)
+    jobs: dict[str, tuple[str, QueuedJob]] = field(default_factory=dict)  # job id -> (owner, job)
     places: dict[str, int] = field(default_factory=dict)  # job id -> place in its partition's queue
 
 
@@ -283,7 +287,7 @@ def parse_listing(text: str) -> Listing:
     for line in body.split("\n"):
         owner, _, fields = line.partition("|")
         fields, _, place = fields.rpartition("|")
-        jobs, _bad = slurm.parse_squeue(fields)
+        jobs, _bad = parse_squeue(fields)
         if len(jobs) != 1 or not owner:
             continue
         job = jobs[0]
@@ -340,8 +344,8 @@ def parse_submit(stdout: str) -> SubmitOutcome:
         if word == "cancelled":
             return SubmitOutcome(job_id="", existing=False, cancelled=True)
         if word in {"submitted", "existing"}:
-            return SubmitOutcome(job_id=slurm.parse_sbatch_parsable(value), existing=word == "existing")
-    raise slurm.SlurmParseError(f"no job id in the submit output: {stdout.strip()[:200]!r}")
+            return SubmitOutcome(job_id=parse_sbatch_parsable(value), existing=word == "existing")
+    raise SlurmParseError(f"no job id in the submit output: {stdout.strip()[:200]!r}")
 
 
 # sbatch failures that say nothing about the request itself: the controller is busy, down or unreachable.
@@ -378,7 +382,7 @@ class PollResult:
 
     squeue_ok: bool = False
     squeue_error: str = ""
-    queued: dict[str, slurm.QueuedJob] = field(default_factory=dict)  # by job id
+    queued: dict[str, QueuedJob] = field(default_factory=dict)  # by job id
     unreadable: list[str] = field(default_factory=list)
     finished: dict[str, dict[str, str]] = field(default_factory=dict)  # job id -> record (sacct or scontrol)
     asked_gone: set[str] = field(default_factory=set)  # job ids sacct/scontrol were asked about successfully
@@ -398,8 +402,8 @@ class PollResult:
     def addresses_of(self, node_list: str) -> set[str] | None:
         """Every address the nodes of a hostlist answer to, as Slurm reports them; None when Slurm did not say."""
         try:
-            nodes = slurm.expand_hostlist(node_list)
-        except slurm.SlurmParseError:
+            nodes = expand_hostlist(node_list)
+        except SlurmParseError:
             return None
         if not nodes or any(node not in self.node_names for node in nodes):
             return None
@@ -434,7 +438,7 @@ def parse_poll(text: str) -> PollResult:
         if kind == "squeue":
             result.squeue_ok = args == ["0"]
             if result.squeue_ok:
-                jobs, bad = slurm.parse_squeue(content)
+                jobs, bad = parse_squeue(content)
                 result.queued = {job.job_id: job for job in jobs}
                 result.unreadable = bad
             else:
@@ -450,7 +454,7 @@ def parse_poll(text: str) -> PollResult:
         elif kind == "scontrol" and len(args) == 2:
             rc, job_id = args
             if rc == "0":
-                records = slurm.parse_job_records(content)
+                records = parse_job_records(content)
                 if job_id in records:
                     # scontrol is authoritative for jobs the controller still holds; sacct may lag behind it.
                     result.finished[job_id] = records[job_id]
@@ -477,7 +481,7 @@ def parse_poll(text: str) -> PollResult:
                     result.positions[partition, job_id] = int(place)
         elif kind == "nodes" and args == ["0"]:
             for line in content.splitlines():
-                record = slurm.parse_key_values(line)
+                record = parse_key_values(line)
                 name = record.get("NodeName", "")
                 if name:
                     names = {name, record.get("NodeAddr", ""), record.get("NodeHostName", "")}

@@ -18,9 +18,9 @@ from django.db import transaction
 from django.utils import timezone
 
 from catalog.models import ClusterAccount
-from catalog.slurm_cli import PLAIN, SlurmCli
 from jobs.models import GroupSource
 from portal import shellsafe, ssh
+from portal.slurm.cli import PLAIN, SlurmCli
 
 LOOKUP_TIMEOUT_S = 30.0
 

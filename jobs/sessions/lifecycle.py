@@ -25,11 +25,14 @@ from django.views.decorators.debug import sensitive_variables
 
 from catalog.models import ClusterAccount, ClusterRuntime, VariantLocation
 from jobs.batch import progress as batch_progress
-from jobs.cluster import backend, jobscript, remote, slurm
+from jobs.cluster import backend, jobscript, remote
 from jobs.models import END_STATES, POLLED_STATES, BatchRun, LLMSession, Purpose, SessionEvent, State, transition
 from jobs.operations import metrics
 from jobs.sessions import notify, queue_order, staging
 from portal import crypto, ssh
+from portal.slurm import jobstates, sbatch, times
+from portal.slurm.errors import SlurmParseError
+from portal.slurm.squeue import QueuedJob
 
 log = logging.getLogger(__name__)
 
@@ -156,7 +159,7 @@ def submit(session_id: str, claim: str | None) -> Submitted:
     if result.exit_code == 0:
         try:
             outcome = remote.parse_submit(result.stdout)
-        except slurm.SlurmParseError as exc:
+        except SlurmParseError as exc:
             return Submitted("retry", str(exc))
         if outcome.cancelled:  # a cancel marked the session on the cluster first: sbatch was never called
             why = "cancelled while it was being submitted; no job was created"
@@ -173,7 +176,7 @@ def submit(session_id: str, claim: str | None) -> Submitted:
         )
         cancel_now = moved and LLMSession.objects.filter(pk=session_id, cancel_requested_at__isnull=False).exists()
         return Submitted(outcome.job_id, cancel_now=cancel_now)
-    message = slurm.sbatch_error(result.stderr) if result.stderr.strip() else f"exit code {result.exit_code}"
+    message = sbatch.sbatch_error(result.stderr) if result.stderr.strip() else f"exit code {result.exit_code}"
     if result.exit_code == 64 and not remote.sbatch_is_transient(result.stderr):
         fail(session_id, f"Slurm refused the job: {message}", {State.SUBMITTING})
         return Submitted("failed")
@@ -434,7 +437,7 @@ _END_FOR_SLURM = {
 WAITING_FIELDS = ("state", "slurm_reason", "estimated_start", "queue_position")
 
 
-def waiting_as(queued: slurm.QueuedJob, position: int | None) -> tuple[object, ...]:
+def waiting_as(queued: QueuedJob, position: int | None) -> tuple[object, ...]:
     """WAITING_FIELDS as Slurm says them of a pending job (apply_poll; listing.py compares database rows with it)."""
     return (State.QUEUED, queued.reason, aware(queued.start_time), position)
 
@@ -446,7 +449,7 @@ def apply_poll(session: LLMSession, polled: remote.PollResult) -> int:
     queued = polled.queued.get(session.job_id)
     if queued is not None:
         nodes = queued.node_list if queued.node_list not in {"", "(null)"} else ""
-        if queued.state in slurm.PENDING_STATES:
+        if queued.state in jobstates.PENDING_STATES:
             estimate = aware(queued.start_time)
             position = polled.queue_position(queued.partition, queued.job_id)
             if tuple(getattr(session, name) for name in WAITING_FIELDS) == waiting_as(queued, position):
@@ -460,7 +463,7 @@ def apply_poll(session: LLMSession, polled: remote.PollResult) -> int:
                 fields.update(host="", port=None, node_list="")
             allowed = {State.QUEUED, State.UNKNOWN, State.STARTING, State.RUNNING}
             return int(transition(sid, State.QUEUED, cause=cause, allowed_from=allowed, **fields))
-        if queued.state not in slurm.ACTIVE_STATES:
+        if queued.state not in jobstates.ACTIVE_STATES:
             return 0
         connection = polled.connections.get(sid)
         started = aware(queued.start_time)
@@ -490,7 +493,7 @@ def apply_poll(session: LLMSession, polled: remote.PollResult) -> int:
     record = polled.finished.get(session.job_id)
     if record is not None:
         slurm_state = record.get("JobState", "").split()[0] if record.get("JobState") else ""
-        if slurm_state in slurm.FINISHED_STATES:
+        if slurm_state in jobstates.FINISHED_STATES:
             return int(_end(session, slurm_state, record, polled.errors.get(sid, "")))
         return 0
     if session.job_id in polled.asked_gone:
@@ -588,7 +591,7 @@ def _end(session: LLMSession, slurm_state: str, record: dict[str, str], error: s
             f", {slurm_reason})" if slurm_reason and slurm_reason != "None" else ")"
         )
     fields: dict[str, Any] = {"end_reason": reason}
-    ended = aware(slurm.parse_time(record.get("EndTime", "")))
+    ended = aware(times.parse_time(record.get("EndTime", "")))
     if ended:
         fields["ended_at"] = ended
     return transition(sid, target, cause=f"Slurm: {slurm_state}; {reason}", **fields)

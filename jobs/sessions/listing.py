@@ -29,6 +29,7 @@ from jobs.models import POLLED_STATES, LLMSession, State
 from jobs.operations import metrics
 from jobs.sessions import lifecycle, queue_order
 from portal import ssh
+from portal.slurm import jobstates
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +116,7 @@ def _settles(listing: remote.Listing, row: Any) -> bool:
     owner, job = entry
     return (
         owner == row.account__username and job.name == slurm.job_name(str(row.pk))
-        and job.state in slurm.PENDING_STATES
+        and job.state in jobstates.PENDING_STATES
     )  # fmt: skip
 
 

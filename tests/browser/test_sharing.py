@@ -22,12 +22,13 @@ from django.utils import timezone
 from playwright.sync_api import Browser, expect
 from prometheus_client.parser import text_string_to_metric_families
 
-from jobs.cluster import slurm
 from jobs.models import ApiToken, LLMSession, ProxyRequest, ScrapeToken, SessionShare, State
 from jobs.sessions.actions import launch, request_cancel
 from jobs.tasks import submit_session
 from jobs.usage import figures
 from portal import ssh
+from portal.slurm.records import parse_key_values
+from portal.slurm.times import parse_time
 from tests.browser.test_flow import PASSWORD, shot
 from tests.conftest import LAUNCH
 from tests.e2e.sessions import cancel_all_jobs, drive, local_account
@@ -81,8 +82,8 @@ def recorded(session: LLMSession, count: int) -> list[ProxyRequest]:
 
 def slurm_times(job_id: str) -> tuple[Any, Any]:
     shown = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True, check=True)
-    fields = dict(part.split("=", 1) for part in shown.stdout.split() if "=" in part)
-    start, end = slurm.parse_time(fields["StartTime"]), slurm.parse_time(fields["EndTime"])
+    fields = parse_key_values(shown.stdout.strip())
+    start, end = parse_time(fields["StartTime"]), parse_time(fields["EndTime"])
     assert start and end, shown.stdout
     return start, end
 

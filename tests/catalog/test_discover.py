@@ -14,6 +14,7 @@ from catalog import discover, inventory
 from catalog.models import Cluster, GPUType, ModelVariant, NodeGroup, Partition
 from catalog.plans import plans, request_for
 from catalog.yaml_io import CatalogImportError, import_catalog
+from portal.slurm.cli import SlurmCli
 
 LOCAL = (Path(__file__).parent / "data" / "scontrol-local.txt").read_text()
 
@@ -23,21 +24,19 @@ def edited(text: str, old: str, new: str) -> str:
     return text.replace(old, new)
 
 
-def test_slurm_time_limits_and_host_lists_are_read() -> None:
-    assert inventory.minutes("1-00:00:00") == 1440 and inventory.minutes("02:00:00") == 120
-    assert inventory.minutes("30:00") == 30 and inventory.minutes("00:00:30") == 1
-    assert inventory.minutes("UNLIMITED") is None and inventory.minutes("NONE") is None
-    with pytest.raises(inventory.DiscoverError, match="time limit"):
-        inventory.minutes("soon")
-    assert inventory.expand_hostlist("node[1-3,7],gpu01") == {"node1", "node2", "node3", "node7", "gpu01"}
-    assert inventory.expand_hostlist("g[08-10]") == {"g08", "g09", "g10"}
+def test_discovery_runs_scontrol_as_the_cluster_calls_slurm() -> None:
+    assert inventory.command() == "scontrol show partition -o && echo @@nodes && scontrol show node -o"
+    assert inventory.command(SlurmCli("c2", "/opt/slurm/23.11/bin/")) == (
+        "/opt/slurm/23.11/bin/scontrol --clusters=c2 show partition -o && echo @@nodes && "
+        "/opt/slurm/23.11/bin/scontrol --clusters=c2 show node -o"
+    )
 
 
 def test_the_local_clusters_partitions_nodes_and_gpus_are_read() -> None:
     partitions, nodes = inventory.read(LOCAL)
     gpu = next(p for p in partitions if p.name == "gpu")
     assert (gpu.max_walltime_min, gpu.default_walltime_min, gpu.is_default) == (1440, 60, True)
-    assert gpu.nodes == {"node1", "node2", "node3"}
+    assert gpu.nodes == ("node1", "node2", "node3")
     node1 = next(n for n in nodes if n.name == "node1")
     assert (node1.cpus, node1.memory_mib, node1.gpus) == (4, 4096, (("a100", 2),))
     assert node1.features == {"a100", "a100-80g"} and node1.partitions == {"gpu"}
@@ -57,16 +56,15 @@ def test_node_groups_are_nodes_of_one_gpu_type_and_count_sized_by_the_smallest()
     assert [g.name for g in unsized.unknown_gpus] == ["a100"]
 
 
-def test_gres_strings_of_every_shape_give_the_gpus() -> None:
-    assert inventory._gpus("gpu:a100:2(S:0-1),shard:8,gpu:h100:1") == (("a100", 2), ("h100", 1))
-    assert inventory._gpus("gpu:4") == (("", 4),) and inventory._gpus("(null)") == ()
-
-
 def test_output_that_is_not_scontrols_is_refused_with_a_reason() -> None:
     with pytest.raises(inventory.DiscoverError, match="no node section"):
         inventory.read("PartitionName=gpu MaxTime=1:00:00")
     with pytest.raises(inventory.DiscoverError, match="no partitions"):
         inventory.read("@@nodes\n")
+    with pytest.raises(inventory.DiscoverError, match="partition gpu: not a Slurm duration"):
+        inventory.read(edited(LOCAL, "MaxTime=1-00:00:00", "MaxTime=soon"))
+    with pytest.raises(inventory.DiscoverError, match=r"partition gpu: .*last bracket"):
+        inventory.read(edited(LOCAL, "Nodes=node[1-3]", "Nodes=node[1-3]-ib"))
 
 
 @pytest.mark.django_db

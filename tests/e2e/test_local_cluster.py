@@ -14,6 +14,7 @@ import yaml
 
 from catalog.models import Cluster, NodeGroup
 from portal import ssh as portal_ssh
+from portal.slurm.gres import gpu_counts
 from portal.ssh import SSHPool, SSHTarget
 
 pytestmark = [pytest.mark.e2e, pytest.mark.django_db]
@@ -153,8 +154,8 @@ def test_the_catalog_entry_matches_what_slurm_reports(ssh: Shell) -> None:
     slurm: dict[tuple[str, str], set[str]] = {}
     for line in out.splitlines():
         node, partition, gres, _cpus, _mem = line.split()
-        gres_type, count = re.match(r"gpu:(\w+):(\d+)", gres).groups()  # type: ignore[union-attr]
-        slurm.setdefault((partition.rstrip("*"), f"{gres_type}x{count}"), set()).add(node)
+        for gres_type, count in gpu_counts(gres).items():
+            slurm.setdefault((partition.rstrip("*"), f"{gres_type}x{count}"), set()).add(node)
     catalog = {
         (g.partition.name, f"{g.gpu_type.gres_type}x{g.gpus_per_node}"): g.node_count
         for g in NodeGroup.objects.filter(partition__cluster__slug="local").select_related("partition", "gpu_type")

@@ -1,70 +1,20 @@
-"""Queue facts: parsers for sinfo GRES, pending demand and --test-only; history percentiles; the recommendation."""
+"""Queue facts: history percentiles and the recommendation (Slurm's text itself: tests/portal/slurm/)."""
 
 from __future__ import annotations
 
 import dataclasses
-from datetime import datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 from django.utils import timezone
-from hypothesis import given
-from hypothesis import strategies as st
 
 from catalog.models import ClusterAccount, ModelVariant
 from catalog.plans import plans, request_for
-from jobs.cluster import slurm
 from jobs.cluster.capacity import SlurmEstimate, history, probe_args, probe_walltime, queue_views, recommend
 from jobs.models import LLMSession, PartitionState
 from portal import rates, ssh
-
-names = st.from_regex(r"[a-z][a-z0-9_-]{0,12}", fullmatch=True)
-
-
-@given(
-    job=st.integers(1, 10**9),
-    start=st.datetimes(min_value=datetime(2000, 1, 1), max_value=datetime(2099, 1, 1)).map(
-        lambda d: d.replace(microsecond=0)
-    ),
-    cpus=st.integers(1, 10**5),
-    nodes=st.lists(names, min_size=1, max_size=3).map(",".join),
-    partition=st.one_of(st.none(), names),
-    prefix=st.sampled_from(["sbatch: ", ""]),
-)
-def test_test_only_lines_round_trip(
-    job: int, start: datetime, cpus: int, nodes: str, partition: str | None, prefix: str
-) -> None:
-    plural = "s" if cpus > 1 else ""
-    where = f" in partition {partition}" if partition else ""
-    when = f"{start:%Y-%m-%dT%H:%M:%S}"
-    line = f"{prefix}Job {job} to start at {when} using {cpus} processor{plural} on nodes {nodes}{where}"
-    parsed = slurm.parse_test_only("some warning\n" + line + "\n")
-    assert (parsed.job_id, parsed.start, parsed.processors, parsed.node_list) == (str(job), start, cpus, nodes)
-    assert parsed.partition == (partition or "")
-
-
-def test_sinfo_gres_lines_count_gpus_by_type_and_skip_unavailable_nodes() -> None:
-    text = (
-        "node1|gpu*|mix|a100,a100-80g|gpu:a100:2|gpu:a100:1(IDX:0)|\n"
-        "node2|gpu*|drain|a100,a100-80g|gpu:a100:2(S:0-1)|gpu:a100:0(IDX:N/A)|\n"
-        "node3|gpu|idle|(null)|gpu:4|gpu:0|\n"
-        "garbage\n"
-    )
-    nodes, bad = slurm.parse_sinfo_gres(text)
-    assert bad == ["garbage"]
-    assert [(n.node, n.partition, n.available, n.gpus, n.gpus_used) for n in nodes] == [
-        ("node1", "gpu", True, {"a100": 2}, {"a100": 1}),
-        ("node2", "gpu", False, {"a100": 2}, {"a100": 0}),
-        ("node3", "gpu", True, {"": 4}, {"": 0}),
-    ]
-    assert nodes[0].features == {"a100", "a100-80g"} and nodes[2].features == frozenset()
-
-
-def test_pending_demand_multiplies_gpus_per_node_by_nodes() -> None:
-    demand = slurm.parse_pending_demand("gpu|gres:gpu:a100:2|3\ngpu,devel|gres/gpu:h100:1|1\ngpu|N/A|1\n")
-    assert demand["gpu"].jobs == 3 and demand["gpu"].gpus == {"a100": 6, "h100": 1}
-    assert demand["devel"].jobs == 1
 
 
 def past_session(account: ClusterAccount, variant: ModelVariant, wait_s: int) -> None:

@@ -12,9 +12,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from catalog.slurm_cli import SlurmCli
 from jobs.cluster import remote
-from jobs.cluster.slurm import SlurmParseError
+from portal.slurm.cli import SlurmCli
+from portal.slurm.errors import SlurmParseError
 
 A = "0f8e6c2a-1b2c-4d3e-8f90-123456789abc"
 B = "1f8e6c2a-1b2c-4d3e-8f90-123456789abc"

@@ -15,6 +15,7 @@ from catalog.models import ClusterAccount
 from jobs.models import GroupSource
 from jobs.sessions import groups
 from portal import ssh
+from portal.slurm.cli import SlurmCli
 
 
 def test_getent_and_sacctmgr_output_becomes_user_names() -> None:
@@ -34,6 +35,14 @@ def test_names_reach_the_shell_only_validated_and_quoted(name: str) -> None:
         words = shlex.split(command)
         assert name in words or f"account={name}" in words  # one argument, whatever the name holds
         assert not set(name) - set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-")
+
+
+def test_sacctmgr_names_the_cluster_in_its_query() -> None:
+    command = groups.lookup_command(GroupSource.Kind.SLURM_ACCOUNT, "lab", SlurmCli("c2", "/opt/slurm/bin"))
+    assert (
+        command == "/opt/slurm/bin/sacctmgr --noheader --parsable2 show associations account=lab cluster=c2 format=User"
+    )
+    assert "cluster=" not in groups.lookup_command(GroupSource.Kind.SLURM_ACCOUNT, "lab")
 
 
 @pytest.fixture

@@ -14,12 +14,12 @@ from django.utils import timezone
 
 from catalog.models import ClusterAccount
 from jobs.cluster import remote
-from jobs.cluster.slurm import QueuedJob
 from jobs.models import LLMSession, State, transition
 from jobs.sessions import lifecycle
 from jobs.sessions.actions import launch, request_cancel
 from jobs.use import targets
 from portal import ssh
+from portal.slurm.squeue import QueuedJob
 from tests.conftest import LAUNCH
 
 

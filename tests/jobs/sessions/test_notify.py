@@ -12,10 +12,10 @@ from django.utils import timezone
 from catalog.models import ClusterAccount
 from jobs import tasks
 from jobs.cluster import remote
-from jobs.cluster.slurm import QueuedJob
 from jobs.models import LLMSession, State, transition
 from jobs.sessions import lifecycle, notify
 from jobs.sessions.actions import launch
+from portal.slurm.squeue import QueuedJob
 from tests.conftest import LAUNCH
 
 

@@ -1,5 +1,5 @@
-"""How Slurm's commands are called on a login host (catalog/slurm_cli.py): a cluster's binaries folder and Slurm
-cluster name reach every command, quoted, and the parsers skip the `CLUSTER:` lines --clusters brings."""
+"""How Slurm's commands are called on a login host (portal/slurm/cli.py): a cluster's binaries folder and Slurm
+cluster name reach every command, quoted, and the `CLUSTER:` lines --clusters brings are known for what they are."""
 
 from __future__ import annotations
 
@@ -10,16 +10,12 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from catalog import inventory
-from catalog.slurm_cli import PLAIN, PROGRAMS, SlurmCli, is_cluster_header
-from jobs.cluster import slurm
-from jobs.models import GroupSource
-from jobs.sessions.groups import lookup_command
+from portal.slurm.cli import PLAIN, PROGRAMS, SlurmCli, is_cluster_header
 
 
 def test_a_plain_cluster_calls_slurm_as_before() -> None:
     assert PLAIN.command("sinfo", "-h", "-o", "%P") == "sinfo -h -o %P"
-    assert inventory.command() == "scontrol show partition -o && echo @@nodes && scontrol show node -o"
+    assert PLAIN.cluster_filter() == []
 
 
 def test_every_command_but_sacctmgr_gets_the_binaries_folder_and_the_cluster_name() -> None:
@@ -28,19 +24,7 @@ def test_every_command_but_sacctmgr_gets_the_binaries_folder_and_the_cluster_nam
         words = cli.argv(program, "x")
         assert words[0] == f"/opt/slurm/23.11/bin/{program}" and words[-1] == "x"
         assert ("--clusters=c2" in words) == (program != "sacctmgr")
-    assert inventory.command(cli) == (
-        "/opt/slurm/23.11/bin/scontrol --clusters=c2 show partition -o && echo @@nodes && "
-        "/opt/slurm/23.11/bin/scontrol --clusters=c2 show node -o"
-    )
-    assert slurm.squeue_command(user="ada", cli=cli).startswith("/opt/slurm/23.11/bin/squeue --clusters=c2 ")
-
-
-def test_sacctmgr_names_the_cluster_in_its_query() -> None:
-    command = lookup_command(GroupSource.Kind.SLURM_ACCOUNT, "lab", SlurmCli("c2", "/opt/slurm/bin"))
-    assert (
-        command == "/opt/slurm/bin/sacctmgr --noheader --parsable2 show associations account=lab cluster=c2 format=User"
-    )
-    assert "cluster=" not in lookup_command(GroupSource.Kind.SLURM_ACCOUNT, "lab")
+    assert cli.cluster_filter() == ["cluster=c2"]  # sacctmgr's way
 
 
 @pytest.mark.parametrize(
@@ -82,11 +66,6 @@ def test_a_scripts_bare_slurm_commands_become_the_clusters() -> None:
     assert PLAIN.script("squeue -h") == "squeue -h"
 
 
-def test_the_cluster_line_of_squeue_and_sinfo_is_skipped_not_reported() -> None:
+def test_the_cluster_line_of_squeue_and_sinfo_is_known() -> None:
     assert is_cluster_header("CLUSTER: c2") and not is_cluster_header("CLUSTER: two words")
-    text = "CLUSTER: c2\n101|hpcllm-x|RUNNING|None|2026-11-21T12:00:00|node1|1:00|59:00|gpu|1\n"
-    jobs, bad = slurm.parse_squeue(text)
-    assert [job.job_id for job in jobs] == ["101"] and bad == []
-    nodes, bad = slurm.parse_sinfo_gres("CLUSTER: c2\nnode1|gpu*|idle|a100|gpu:a100:2|gpu:a100:0\n")
-    assert [node.node for node in nodes] == ["node1"] and bad == []
-    assert slurm.parse_sbatch_parsable("4242;c2\n") == "4242"
+    assert not is_cluster_header("101|hpcllm-x|RUNNING")
