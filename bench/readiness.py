@@ -53,7 +53,6 @@ from bench.local import CountingPool, setup  # noqa: E402
 from catalog.models import ClusterAccount  # noqa: E402
 from jobs import tasks  # noqa: E402
 from jobs.models import LLMSession, State  # noqa: E402
-from jobs.sessions import lifecycle  # noqa: E402
 from jobs.sessions.actions import launch  # noqa: E402
 from portal import ssh  # noqa: E402
 
@@ -83,7 +82,7 @@ class Beat:
 
     def poll_loop(self) -> None:
         while not self.stop.is_set():
-            lifecycle.poll(self.account.pk)
+            tasks.poll_account(self.account.pk)  # as beat polls: the sessions, then their batch runs
             self.stop.wait(self.interval)
 
     def watch_loop(self) -> None:

@@ -10,6 +10,7 @@ from django.template.response import TemplateResponse
 from django.utils import timezone
 from django.views.decorators.debug import sensitive_variables
 
+from jobs.batch.actions import stop_run
 from jobs.models import (
     BatchEvent,
     BatchRun,
@@ -21,7 +22,7 @@ from jobs.models import (
     SessionShare,
 )
 from jobs.sessions import groups
-from jobs.sessions.actions import request_cancel, stop_run
+from jobs.sessions.actions import request_cancel
 
 
 class SessionEventInline(admin.TabularInline[SessionEvent, LLMSession]):

@@ -1,5 +1,7 @@
 """The Celery tasks: thin wrappers that take ids, call the plain functions that do the work (jobs/sessions/lifecycle.py,
-jobs/cluster/), and decide what follows: a retry with backoff for transient errors, a cancel after a submit.
+jobs/batch/, jobs/cluster/), and decide what follows: a retry with backoff for transient errors, a cancel after a
+submit. Every account poll they make (poll_account, the watch's, a cancel's) is followed by
+jobs.batch.progress.after_poll, which records the batch runs it read.
 
 Beat runs poll_clusters and watch_sessions (every PORTAL_POLL_INTERVAL_S), refresh_partitions (every
 PORTAL_QUEUE_REFRESH_S), sync_groups (every PORTAL_GROUP_SYNC_S) and rediscover (every PORTAL_DISCOVER_EVERY_S,
@@ -23,7 +25,7 @@ from django.db import connections
 
 from catalog import discover, inventory
 from catalog.models import Cluster
-from jobs.batch import staging
+from jobs.batch import progress, staging
 from jobs.cluster import capacity, logs
 from jobs.models import LLMSession, State
 from jobs.operations import metrics
@@ -134,7 +136,7 @@ def watch_sessions() -> int:
 
 def _watch_one(account_id: int, seconds: float) -> int:
     try:
-        return lifecycle.watch(account_id, seconds)
+        return lifecycle.watch(account_id, seconds, after_poll=progress.after_poll)
     except Exception:  # one account's trouble must not end the others' watch; the regular poll still runs
         log.exception("watching the sessions of account %s failed", account_id)
         return 0
@@ -144,13 +146,17 @@ def _watch_one(account_id: int, seconds: float) -> int:
 
 @shared_task(name="jobs.poll_account", ignore_result=True)
 def poll_account(account_id: int) -> dict[str, int]:
-    return lifecycle.poll(account_id)
+    """One account's poll (lifecycle.poll), then its batch runs from what it read (the engine sits above the
+    sessions, so the poll leaves them to its caller)."""
+    polled = lifecycle.poll(account_id)
+    progress.after_poll(polled)
+    return polled.counts
 
 
 @shared_task(bind=True, name="jobs.cancel_session", max_retries=40, acks_late=True)
 def cancel_session(self: Task[Any, Any], session_id: str) -> str:
     """scancel the session's job, then confirm through polls until Slurm says it has ended."""
-    ended = lifecycle.cancel(session_id)
+    ended = lifecycle.cancel(session_id, after_poll=progress.after_poll)
     if ended is None:
         raise self.retry(countdown=3)
     return ended

@@ -14,8 +14,7 @@ REPO = Path(__file__).resolve().parent.parent
 APPS = ("portal", "catalog", "jobs")
 # The project's wiring sits above both apps; the rest of portal is infrastructure they share.
 WIRING = {"portal.urls", "portal.asgi", "portal.wsgi", "portal.celery"}
-# Who may import whom, as package prefixes: a module under the key may not import one under any listed prefix (the
-# longest key that holds the module decides).
+# Who may import whom, as package prefixes: a module under the key may not import one under any listed prefix.
 FORBIDDEN = {
     "portal": ("catalog", "jobs"),
     "catalog": ("jobs",),
@@ -29,21 +28,18 @@ FORBIDDEN = {
         "jobs.tasks",
     ),
     "jobs.cluster": ("jobs.sessions", "jobs.use", "jobs.batch", "jobs.usage", "jobs.tasks"),
-    "jobs.sessions": ("jobs.use",),
-    "jobs.batch": ("jobs.sessions", "jobs.use", "jobs.tasks"),
-    "jobs.batch.views": ("jobs.use", "jobs.tasks"),  # PAGES_ABOVE_SESSIONS
+    "jobs.sessions": ("jobs.use", "jobs.batch"),
+    # Batch runs sit above the sessions: a batch launch is a launch with its run added, a run is seen through its
+    # session's access rule, and the runs' progress is recorded from what the sessions' poll read (by its caller,
+    # the tasks). The OpenAI Batch API (jobs.use) is above them.
+    "jobs.batch": ("jobs.use",),
     # The proxy's meter feeds the operators' metrics (usage -> operations); the sessions' pages and the proxy read
     # the usage figures (sessions, use -> usage). The "Site usage" permission both check lives in jobs.models.
-    "jobs.usage": ("jobs.sessions", "jobs.use"),
-    "jobs.operations": ("jobs.usage", "jobs.sessions", "jobs.use"),
+    "jobs.usage": ("jobs.sessions", "jobs.use", "jobs.batch"),
+    "jobs.operations": ("jobs.usage", "jobs.sessions", "jobs.use", "jobs.batch"),
 }
-# The batch pages live with the batch engine but sit on top, beside jobs.use: a batch launch is a launch (the sessions'
-# form and actions) and a run is seen by those who may see its session (the sessions' access rule). They are the one
-# part of jobs.batch that imports jobs.sessions, and a package of their own in the package-level check, so the engine
-# below them stays free of jobs.sessions and nothing below them can import them without making a cycle.
-PAGES_ABOVE_SESSIONS = {"jobs.batch.views"}
 # Only these modules enqueue Celery tasks by importing jobs.tasks (besides the URL and command entry points).
-ENQUEUE = {"jobs.sessions.actions"}
+ENQUEUE = {"jobs.sessions.actions", "jobs.batch.actions"}
 
 
 def modules() -> dict[str, Path]:
@@ -92,7 +88,7 @@ GRAPH = imports()
 def test_imports_run_one_way(module: str) -> None:
     holding = [prefix for prefix in FORBIDDEN if module == prefix or module.startswith(prefix + ".")]
     if holding and module not in WIRING:
-        forbidden = FORBIDDEN[max(holding, key=len)]
+        forbidden = [f for prefix in holding for f in FORBIDDEN[prefix]]
         wrong = [t for t in GRAPH[module] if any(t == f or t.startswith(f + ".") for f in forbidden)]
         assert not wrong, f"{module} imports {wrong}"
     if "jobs.tasks" in GRAPH[module]:
@@ -115,10 +111,7 @@ def test_no_import_cycles() -> None:
 
 
 def subpackage(module: str) -> str | None:
-    """The jobs subpackage (a folder: jobs.models, jobs.sessions, ...) a module belongs to; None for the rest. The
-    batch pages count as one of their own (PAGES_ABOVE_SESSIONS)."""
-    if module in PAGES_ABOVE_SESSIONS:
-        return module
+    """The jobs subpackage (a folder: jobs.models, jobs.sessions, ...) a module belongs to; None for the rest."""
     parts = module.split(".")
     if len(parts) < 2 or parts[0] != "jobs" or not (REPO / "jobs" / parts[1]).is_dir():
         return None
@@ -128,7 +121,7 @@ def subpackage(module: str) -> str | None:
 def test_no_two_jobs_subpackages_import_each_other_in_a_cycle() -> None:
     """At the package level too, lazy imports included: jobs.usage importing jobs.operations while jobs.operations
     imports jobs.usage is a cycle even when no single module reaches itself. (jobs.tasks is a module, not a
-    subpackage: sessions.actions enqueueing its tasks is the one allowed way back, test_imports_run_one_way.)"""
+    subpackage: the actions modules enqueueing its tasks, ENQUEUE, are the one allowed way back.)"""
     packages: dict[str, set[str]] = defaultdict(set)
     for module, targets in GRAPH.items():
         source = subpackage(module)

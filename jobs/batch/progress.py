@@ -1,4 +1,7 @@
-"""A batch run's progress as the poll read it from the runner's progress.json (jobs/cluster/scripts/batchrun.py)."""
+"""A batch run's progress as the poll read it from the runner's progress.json (jobs/cluster/scripts/batchrun.py).
+
+The sessions' poll (jobs.sessions.lifecycle.poll) reads the runners' files with its one SSH command but records
+nothing of the runs: the batch engine sits above the sessions, and after_poll records them from what the poll read."""
 
 from __future__ import annotations
 
@@ -6,6 +9,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from jobs.models import END_STATES, BatchRun, State, transition_run
+from jobs.sessions import lifecycle, notify
 
 # A runner that stopped (its job is being cancelled, or requeued) has not ended the run: after a requeue it goes on,
 # and a run whose session ended is stopped with the session's reason (runs_of_ended_sessions).
@@ -70,4 +74,24 @@ def runs_of_ended_sessions() -> list[str]:
         reason = f"the session ended before the run did: {run.session.end_reason or run.session.get_state_display()}"
         if transition_run(run.pk, state, reason=reason, end_reason=reason[:2000]):
             ended.append(str(run.pk))
+    return ended
+
+
+def after_poll(polled: lifecycle.Polled) -> list[str]:
+    """What an account's poll read, on the batch runs; every caller of lifecycle.poll that keeps runs moving passes
+    this along (the poll, watch and cancel tasks). Returns the runs that ended now.
+
+    1. Each report and runner error read, on its run (apply), for the sessions polled only.
+    2. The runs whose session has ended without them, stopped with the session's reason.
+    3. Their owners told that they ended (once each: notify.batch_ended claims it).
+
+    A poll that could not read the cluster changes no run: its sessions went unknown, not ended."""
+    if polled.read is None:
+        return []
+    ended: list[str] = []
+    if polled.read.progress or polled.read.batch_errors:
+        ended += apply(polled.session_ids, polled.read.progress, polled.read.batch_errors)
+    ended += runs_of_ended_sessions()
+    for run_id in ended:
+        notify.batch_ended(run_id)
     return ended

@@ -1,9 +1,8 @@
 """The pages of batch runs (docs/batch.md): a batch launch with its prompts file, a run's page with live progress and
 its history, and its results, streamed from the cluster as they are downloaded.
 
-The engine beside this module never imports jobs.sessions; these pages do, and sit above it with the other pages: a
-batch launch is a launch (the sessions' form and actions, like every other) and a run is seen by those who may see its
-session (the sessions' access rule). Nothing in jobs imports them but jobs/urls.py (tests/test_layout.py)."""
+A batch launch is a launch (the sessions' form, with actions.launch adding its run) and a run is seen by those who may
+see its session (the sessions' access rule): jobs.batch sits above jobs.sessions (tests/test_layout.py)."""
 
 from __future__ import annotations
 
@@ -18,10 +17,9 @@ from django.urls import reverse
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
 from catalog.models import GPUType
-from jobs.batch import history, outputs, staging
+from jobs.batch import actions, outputs, staging
 from jobs.batch.forms import BatchForm
-from jobs.models import BatchRun
-from jobs.sessions import actions
+from jobs.models import BatchRun, measured_pace
 from jobs.sessions.access import get_session_for
 from jobs.sessions.forms import LaunchForm, form_errors
 from portal import ssh
@@ -63,7 +61,7 @@ def new_batch_launch(request: HtmxHttpRequest) -> HttpResponse:
     pace = None
     gpu = launch_form.objects.get("gpu_type") if launch_form.is_valid() else None
     if isinstance(gpu, GPUType):
-        pace = history.measured(launch_form.variant, gpu)
+        pace = measured_pace(launch_form.variant, gpu)
     context = {"launch": launch_form, "form": batch_form, "errors": errors, "fields": data, "pace": pace}
     return render_page(request, "jobs/batch_new.html", context)
 
@@ -105,7 +103,7 @@ def batch_run(request: HtmxHttpRequest, pk: UUID) -> HttpResponse:
     expected_min = None
     max_tokens = run.defaults.get("max_tokens") if isinstance(run.defaults, dict) else None
     if not run.done and isinstance(max_tokens, int):
-        pace = history.measured(run.session.variant, run.session.gpu_type)
+        pace = measured_pace(run.session.variant, run.session.gpu_type)
         if pace is not None:  # every answer as long as max_tokens allows: an upper bound
             expected_min = max(1, round(pace.expected_s(run.prompts, max_tokens, run.replicas) / 60))
     context = {"run": run, "formats": outputs.FORMATS, "expected_min": expected_min}

@@ -1,11 +1,11 @@
 """The jobs app's models, by concern: sessions and their events (sessions.py), partition state (capacity.py), API
-and scrape tokens (tokens.py), chat (chat.py), batch runs and their events (batch.py), sharing (sharing.py), usage
-(usage.py).
+and scrape tokens (tokens.py), chat (chat.py), batch runs, their events and the pace finished runs measured
+(batch.py), sharing (sharing.py), usage (usage.py).
 
 May import: catalog, portal. Never the rest of jobs.
 """
 
-from jobs.models.batch import BatchEvent, BatchFile, BatchRun, transition_run
+from jobs.models.batch import BatchEvent, BatchFile, BatchRun, Pace, measured_pace, transition_run
 from jobs.models.capacity import PartitionState
 from jobs.models.chat import ChatMessage, Conversation
 from jobs.models.sessions import (
@@ -44,6 +44,7 @@ __all__ = [
     "Conversation",
     "GroupSource",
     "LLMSession",
+    "Pace",
     "PartitionState",
     "ProxyRequest",
     "Purpose",
@@ -53,6 +54,7 @@ __all__ = [
     "State",
     "active_shares",
     "granted_to",
+    "measured_pace",
     "sees_site_usage",
     "served_model_name",
     "token_digest",

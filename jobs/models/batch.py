@@ -1,10 +1,12 @@
 """Batch runs (docs/batch.md): a checked prompts file, the session whose server(s) answer it, how far the runner
-on the compute node has got, as the poll last read its progress file, and every change of the run's state."""
+on the compute node has got, as the poll last read its progress file, and every change of the run's state; and the
+pace finished runs measured, which the wizard shows before a launch (a plain query, here below the sessions)."""
 
 from __future__ import annotations
 
 import uuid
 from collections.abc import Collection
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -13,6 +15,7 @@ from django.core.validators import MaxValueValidator, MinValueValidator
 from django.db import models, transaction
 from django.utils import timezone
 
+from catalog.models import GPUType, ModelVariant
 from jobs.models.sessions import LLMSession
 
 
@@ -162,6 +165,41 @@ def transition_run(
         if current != to:
             BatchEvent.objects.create(run_id=run_id, at=now, from_state=current, to_state=to, reason=reason[:500])
     return True
+
+
+@dataclass(frozen=True)
+class Pace:
+    """What finished runs measured, for the next one's expectations (the wizard's options, a run's page)."""
+
+    tokens_per_s: float  # completion tokens per second per server (replica)
+    runs: int
+
+    def expected_s(self, prompts: int, tokens_per_prompt: int, replicas: int = 1) -> float:
+        return prompts * tokens_per_prompt / max(1e-9, self.tokens_per_s * replicas)
+
+
+def measured_pace(variant: ModelVariant, gpu_type: GPUType, newest: int = 20) -> Pace | None:
+    """The pace of the newest finished runs of this variant on this GPU type (their tokens over their wall time,
+    per replica); None when there are none to go by."""
+    runs = (
+        BatchRun.objects.filter(
+            state=BatchRun.State.FINISHED, session__variant=variant, session__gpu_type=gpu_type,
+            started_at__isnull=False, finished_at__isnull=False, completion_tokens__gt=0,
+        )
+        .select_related("session")
+        .order_by("-finished_at")[:newest]
+    )  # fmt: skip
+    tokens = seconds = 0.0
+    count = 0
+    for run in runs:
+        assert run.started_at is not None and run.finished_at is not None
+        wall = (run.finished_at - run.started_at).total_seconds()
+        if wall <= 0:
+            continue
+        tokens += run.completion_tokens
+        seconds += wall * run.replicas
+        count += 1
+    return Pace(tokens / seconds, count) if count and seconds > 0 else None
 
 
 def upload_path(upload: BatchFile, filename: str) -> str:

@@ -14,7 +14,8 @@ import re
 import shlex
 import time
 import uuid
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -24,7 +25,6 @@ from django.utils import timezone
 from django.views.decorators.debug import sensitive_variables
 
 from catalog.models import ClusterAccount, ClusterRuntime, VariantLocation
-from jobs.batch import progress as batch_progress
 from jobs.cluster import backend, jobscript, remote
 from jobs.models import END_STATES, POLLED_STATES, BatchRun, LLMSession, Purpose, SessionEvent, State, transition
 from jobs.operations import metrics
@@ -220,10 +220,10 @@ def idle_sessions() -> list[LLMSession]:
     return idle
 
 
-def cancel(session_id: str) -> str | None:
+def cancel(session_id: str, *, after_poll: AfterPoll) -> str | None:
     """End a session's job: mark the session cancelled on the cluster and scancel its job, by id and by name (one
-    command, under the submit lock; see remote.CANCEL_SCRIPT), then poll its account once. The end state once it
-    has ended, else None (the task tries again).
+    command, under the submit lock; see remote.CANCEL_SCRIPT), then poll its account once (and `after_poll` what it
+    read). The end state once it has ended, else None (the task tries again).
 
     A session still being submitted ends here at once: after the mark no submit can create a job, and any job one
     created before it (whose reply may have been lost) was cancelled by name."""
@@ -254,7 +254,7 @@ def cancel(session_id: str) -> str | None:
     ):
         return State.CANCELLED
     try:
-        poll(session.account_id)
+        after_poll(poll(session.account_id))
     except ssh.SSHError as exc:
         log.warning("the poll after cancelling %s failed: %s", session_id, exc)
     session.refresh_from_db(fields=["state"])
@@ -272,14 +272,28 @@ def lost_cancels() -> list[str]:
 # --- poll -----------------------------------------------------------------------------------------------------
 
 
-def poll(account_id: int) -> dict[str, int]:
+@dataclass(frozen=True)
+class Polled:
+    """One account's poll: its counts, and, when the cluster answered, the sessions polled and what was read of them
+    beyond their own states (the batch runners' progress and errors). The batch engine sits above the sessions, so
+    the caller applies those (jobs.batch.progress.after_poll, from the tasks)."""
+
+    counts: dict[str, int]
+    session_ids: list[str] = field(default_factory=list)
+    read: remote.PollResult | None = None
+
+
+AfterPoll = Callable[[Polled], object]  # what a poll's caller does with what it read (watch and cancel poll too)
+
+
+def poll(account_id: int) -> Polled:
     """One SSH command for all live sessions of one account; apply what Slurm says to each."""
     account = ClusterAccount.objects.select_related("cluster").get(pk=account_id)
     sessions = list(
         LLMSession.objects.filter(account=account, state__in=POLLED_STATES).exclude(job_id="").order_by("created_at")
     )
     if not sessions:
-        return {"sessions": 0}
+        return Polled({"sessions": 0})
     pending = [s.job_id for s in sessions if s.state in (State.QUEUED, State.UNKNOWN)]  # as far as the portal knows
     read = queue_order.to_read(account.cluster_id, pending)
     command = remote.poll_command(
@@ -291,27 +305,21 @@ def poll(account_id: int) -> dict[str, int]:
     except ssh.SSHError as exc:
         metrics.poll_failed(account.cluster.slug, "ssh")
         _mark_unknown(sessions, f"cannot reach {account.cluster.name}: {exc}")
-        return {"sessions": len(sessions), "unknown": len(sessions)}
+        return Polled({"sessions": len(sessions), "unknown": len(sessions)})
     polled = remote.parse_poll(result.stdout)
     if not polled.squeue_ok or not polled.complete:
         metrics.poll_failed(account.cluster.slug, "scheduler")
         detail = polled.squeue_error or result.stderr.strip()[:300] or f"exit code {result.exit_code}"
         _mark_unknown(sessions, f"squeue failed on {account.cluster.name}: {detail}")
-        return {"sessions": len(sessions), "unknown": len(sessions)}
+        return Polled({"sessions": len(sessions), "unknown": len(sessions)})
     queue_order.share(account.cluster_id, polled, read, pending)
     seen = [s.pk for s in sessions if s.job_id in polled.queued]
     if seen:
         LLMSession.objects.filter(pk__in=seen).update(last_seen_at=timezone.now())
     changed = sum(apply_poll(session, polled) for session in sessions)
     _record_staging(sessions, polled.staging)
-    ended_runs: list[str] = []
-    if polled.progress or polled.batch_errors:
-        ended_runs += batch_progress.apply([str(s.pk) for s in sessions], polled.progress, polled.batch_errors)
-    ended_runs += batch_progress.runs_of_ended_sessions()
-    for run_id in ended_runs:
-        notify.batch_ended(run_id)
     _repeat_lost_cancels(account, sessions, polled)
-    return {"sessions": len(sessions), "changed": changed}
+    return Polled({"sessions": len(sessions), "changed": changed}, [str(s.pk) for s in sessions], polled)
 
 
 # --- watch: Running within a second of the server's health check ----------------------------------------------
@@ -335,13 +343,14 @@ WATCH_ROUND_S = 3  # one waiting command's longest wait: sessions submitted mean
 WATCH_IDLE_S = 0.5  # how often an account with nothing to watch is looked at again
 
 
-def watch(account_id: int, seconds: float) -> int:
+def watch(account_id: int, seconds: float, *, after_poll: AfterPoll) -> int:
     """For up to `seconds`, one waiting command at a time on the login host (remote.WATCH_SCRIPT, at most
     WATCH_ROUND_S each) for the account's queued, starting and running sessions; when one changes the account is
     polled at once instead of at the next beat: a server that answers its health check shows Running within a second.
     A job seen stopping (its error file, or its connection file gone) is polled every ENDING_POLL_S until Slurm says
-    it ended, so the end shows as soon. Returns the number of polls. Whatever fails here is left to the regular poll,
-    which also marks sessions unknown when the cluster cannot be reached."""
+    it ended, so the end shows as soon. Each poll is followed by `after_poll` with what it read. Returns the number of
+    polls. Whatever fails here is left to the regular poll, which also marks sessions unknown when the cluster cannot
+    be reached."""
     deadline = time.monotonic() + seconds
     account = ClusterAccount.objects.select_related("cluster").get(pk=account_id)
     settled: set[str] = set()  # changed, polled, and still in the same mode (e.g. an address the poll refused)
@@ -364,22 +373,22 @@ def watch(account_id: int, seconds: float) -> int:
         changed = remote.parse_watch(result.stdout)
         if not changed:
             continue
-        poll(account_id)
+        after_poll(poll(account_id))
         polls += 1
         stopping = [sid for sid, what in changed.items() if what != "ready"]
-        polls += _until_ended(account_id, stopping, min(ENDING_FOR_S, deadline - time.monotonic()))
+        polls += _until_ended(account_id, stopping, min(ENDING_FOR_S, deadline - time.monotonic()), after_poll)
         settled |= {f"{sid}:{mode}" for sid, mode in watched if sid in changed}
     return polls
 
 
-def _until_ended(account_id: int, session_ids: list[str], seconds: float) -> int:
+def _until_ended(account_id: int, session_ids: list[str], seconds: float, after_poll: AfterPoll) -> int:
     """Poll every ENDING_POLL_S while any of these sessions' jobs is still live in the portal, for `seconds` at most."""
     polls, deadline = 0, time.monotonic() + seconds
     while session_ids and time.monotonic() < deadline:
         if not LLMSession.objects.filter(pk__in=session_ids).exclude(state__in=END_STATES).exists():
             break
         time.sleep(ENDING_POLL_S)
-        poll(account_id)
+        after_poll(poll(account_id))
         polls += 1
     return polls
 

@@ -21,9 +21,8 @@ from catalog.estimate import Estimate, EstimateError, Request, estimate, fit
 from catalog.models import Cluster, ClusterAccount, GPUType, ModelCard, ModelVariant
 from catalog.plans import Option, plans, request_for
 from catalog.training import PURPOSES, TRAINING, PurposeRequest, estimate_purpose
-from jobs.batch import history
 from jobs.cluster.capacity import QueueView, queue_views
-from jobs.models import Purpose
+from jobs.models import Pace, Purpose, measured_pace
 from jobs.sessions.forms import ChoicesForm, HiddenLaunch, available_runtimes
 
 # The model list's filters: wizard-only, not part of a launch.
@@ -61,7 +60,7 @@ class OptionRow:
     launch: HiddenLaunch | None = (
         None  # the option's launch: every field hidden, but the account when there are several
     )
-    pace: history.Measured | None = None  # for batch runs: what finished runs of the variant on this GPU type did
+    pace: Pace | None = None  # for batch runs: what finished runs of the variant on this GPU type did
 
 
 @dataclass
@@ -217,7 +216,7 @@ def _estimate_and_options(state: WizardState, user: User) -> None:
     )
     views.sort(key=lambda v: (not v.recommended, not v.option.fit.fits, v.option.gpus, -v.option.fit.headroom_gib))
     choices = {name: values.get(name) for name in ChoicesForm.base_fields}
-    paces: dict[int, history.Measured | None] = {}
+    paces: dict[int, Pace | None] = {}
     for view in views:
         partition = view.option.node_group.partition
         everyone = accounts_on(partition.cluster)
@@ -237,7 +236,7 @@ def _estimate_and_options(state: WizardState, user: User) -> None:
             if values.get("purpose") == "batch":
                 gpu = view.option.node_group.gpu_type
                 if gpu.pk not in paces:
-                    paces[gpu.pk] = history.measured(variant, gpu)
+                    paces[gpu.pk] = measured_pace(variant, gpu)
                 row.pace = paces[gpu.pk]
             state.fitting.append(row)
         else:

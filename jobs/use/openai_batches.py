@@ -26,10 +26,9 @@ from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.debug import sensitive_variables
 from django.views.decorators.http import require_GET, require_http_methods
 
-from jobs.batch import inputs, outputs, staging
+from jobs.batch import actions, inputs, outputs, staging
 from jobs.batch.forms import Checked, limits
 from jobs.models import BatchFile, BatchRun, LLMSession
-from jobs.sessions import actions
 from jobs.sessions.forms import LaunchForm
 from jobs.use import targets
 from jobs.use.guard import BODY, HOLDER, admitted, refused

@@ -18,6 +18,7 @@ from django.test import Client
 from django.utils.datastructures import MultiValueDict
 
 from catalog.models import ClusterAccount
+from jobs.batch import actions as batch_actions
 from jobs.batch.forms import BatchForm
 from jobs.cluster import backend
 from jobs.models import BatchRun, LLMSession, State
@@ -35,8 +36,9 @@ def batch_launch(owner: Any, capture: Any, prompts: list[str], **batch: Any) -> 
         MultiValueDict({"prompts": [SimpleUploadedFile("questions.txt", "\n".join(prompts).encode())]}),
     )
     assert form.is_valid(), form.errors
+    assert form.checked is not None
     with capture(execute=False):
-        session = launch(owner, {**LAUNCH, "purpose": "batch"}, batch=form.checked)
+        session = batch_actions.launch(owner, {**LAUNCH, "purpose": "batch"}, batch=form.checked)
     submit_session.apply(args=(str(session.pk),))
     return LLMSession.objects.get(pk=session.pk), BatchRun.objects.get(session=session)
 
@@ -247,7 +249,7 @@ def test_a_run_on_a_running_session_completes_while_its_chat_still_answers_and_a
 ) -> None:
     import httpx
 
-    from jobs.sessions.actions import start_run, stop_run
+    from jobs.batch.actions import start_run, stop_run
     from jobs.tasks import stage_batch, stop_batch
 
     with django_capture_on_commit_callbacks(execute=False):

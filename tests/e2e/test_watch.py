@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from catalog.models import ClusterAccount
+from jobs.batch import progress
 from jobs.models import LLMSession, State
 from jobs.sessions import lifecycle
 from tests.e2e.sessions import drive, shell, start
@@ -29,7 +30,9 @@ def test_the_watch_polls_when_the_server_is_ready_and_when_the_job_stops(
     shell(local_catalog, f"mv {directory}/connection.json {directory}/connection.held")
     LLMSession.objects.filter(pk=session.pk).update(state=State.STARTING, host="", port=None)
     polls: list[int] = []
-    watcher = threading.Thread(target=lambda: polls.append(lifecycle.watch(account.pk, 25)))
+    watcher = threading.Thread(
+        target=lambda: polls.append(lifecycle.watch(account.pk, 25, after_poll=progress.after_poll))
+    )
     watcher.start()
     shell(local_catalog, f"sleep 1; mv {directory}/connection.held {directory}/connection.json")
     session = drive(session, lambda s: s.state == State.RUNNING, timeout_s=30, poll=False)

@@ -15,8 +15,8 @@ from django.urls import URLPattern, URLResolver, get_resolver
 from django.utils import timezone
 
 from catalog.models import ClusterAccount
+from jobs.batch.actions import launch
 from jobs.models import BatchRun, Conversation, LLMSession, SessionShare, State, transition
-from jobs.sessions.actions import launch
 from tests.conftest import LAUNCH
 from tests.jobs.batch.test_progress import batch_form
 
@@ -54,6 +54,7 @@ def world(
 ) -> dict[str, Any]:
     form = batch_form(b"one\ntwo\n", max_tokens=5)
     assert form.is_valid(), form.errors
+    assert form.checked is not None
     with django_capture_on_commit_callbacks(execute=False):
         session = launch(owner, {**LAUNCH, "purpose": "batch"}, batch=form.checked)
     transition(session.pk, State.RUNNING, cause="test", host="10.0.0.7", port=8080)

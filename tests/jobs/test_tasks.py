@@ -11,6 +11,7 @@ import pytest
 from django.core.cache import cache
 
 from jobs import tasks
+from jobs.batch import progress
 from jobs.sessions import lifecycle
 
 
@@ -22,7 +23,9 @@ def watched(monkeypatch: pytest.MonkeyPatch, settings: Any) -> list[tuple[int, s
     monkeypatch.setattr(lifecycle, "accounts_to_watch", lambda: [7] if time.monotonic() - started < 0.7 else [7, 9])
     seen: list[tuple[int, str]] = []
 
-    def watch(account_id: int, seconds: float) -> int:
+    def watch(account_id: int, seconds: float, *, after_poll: lifecycle.AfterPoll) -> int:
+        # Each poll of the watch records the batch runs it read, as the poll task's does.
+        assert after_poll is progress.after_poll
         seen.append((account_id, threading.current_thread().name))
         time.sleep(min(seconds, 1.5))
         return account_id

@@ -13,11 +13,10 @@ from typing import Any
 from django.core.exceptions import ValidationError
 from django.core.management.base import BaseCommand, CommandError
 
-from jobs.batch import outputs, staging
+from jobs.batch import actions, outputs, staging
 from jobs.batch.forms import BatchForm
 from jobs.management.commands.sessions import add_launch_flags, checked_prompts
 from jobs.models import BatchRun
-from jobs.sessions import actions
 from jobs.sessions.access import find_session
 from portal import ssh
 from portal.errors import text_of

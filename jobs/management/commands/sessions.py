@@ -1,8 +1,9 @@
 """`manage.py sessions launch|list|show|cancel|log|script`: the admin's command line for smoke-testing a cluster.
 
-launch takes the launch form's fields as flags (jobs/sessions/forms.py) and goes through actions.launch(), the same
-validation and tasks as the web; a Celery worker (and beat, for polling) must run for a session to move. --json
-prints a session as the same fields, so its output can be launched again.
+launch takes the launch form's fields as flags (jobs/sessions/forms.py) and goes through actions.launch() (with
+--prompts, jobs/batch/actions.launch()), the same validation and tasks as the web; a Celery worker (and beat, for
+polling) must run for a session to move. --json prints a session as the same fields, so its output can be launched
+again.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from django.core.files.uploadedfile import UploadedFile
 from django.core.management.base import BaseCommand, CommandError
 from django.utils.datastructures import MultiValueDict
 
+from jobs.batch import actions as batch_actions
 from jobs.batch.forms import BatchForm, Checked
 from jobs.cluster import jobscript, logs
 from jobs.models import END_STATES, LLMSession, State
@@ -134,7 +136,8 @@ class Command(BaseCommand):
     def _launch(self, o: dict[str, Any]) -> None:
         user = find_user(o["user"])
         data = {name: o[name] for name in LaunchForm.base_fields if o[name] is not None}
-        session = actions.launch(user, data, batch=checked_prompts(o))
+        checked = checked_prompts(o)
+        session = batch_actions.launch(user, data, batch=checked) if checked is not None else actions.launch(user, data)
         if not o["json"]:
             self.stdout.write(f"session {session.pk} created; submitting")
         if o["wait"]:

@@ -93,13 +93,13 @@ def test_time_to_go_follows_the_present_pace_and_finished_runs_give_the_next_one
 
     from django.utils import timezone
 
-    from jobs.batch import history
+    from jobs.models import measured_pace
 
     assert run.eta_s is None  # nothing answered yet
     BatchRun.objects.filter(pk=run.pk).update(done=1, completion_tokens=40, tokens_per_s=20.0, state="running")
     run.refresh_from_db()
     assert run.eta_s == pytest.approx(2 * 40 / 20) and run.eta_min == 1  # 2 left, 40 tokens each, 20 tokens/s
-    assert history.measured(run.session.variant, run.session.gpu_type) is None
+    assert measured_pace(run.session.variant, run.session.gpu_type) is None
     started = timezone.now() - timedelta(seconds=100)
     BatchRun.objects.filter(pk=run.pk).update(
         state="finished",
@@ -108,7 +108,7 @@ def test_time_to_go_follows_the_present_pace_and_finished_runs_give_the_next_one
         started_at=started,
         finished_at=started + timedelta(seconds=60),
     )
-    pace = history.measured(run.session.variant, run.session.gpu_type)
+    pace = measured_pace(run.session.variant, run.session.gpu_type)
     assert pace is not None and pace.runs == 1 and pace.tokens_per_s == pytest.approx(20.0)
     assert pace.expected_s(prompts=100, tokens_per_prompt=200, replicas=2) == pytest.approx(500.0)
     run.refresh_from_db()
@@ -135,3 +135,81 @@ def test_the_wizard_shows_batch_options_the_pace_their_gpu_type_measured(
     assert paces["a100-80g"] is not None and paces["a100-80g"].tokens_per_s == pytest.approx(30.0)
     assert paces.get("h100") is None  # no runs there yet
     assert all(row.pace is None for row in wizard.build(owner, {**request, "purpose": "chat"}).fitting)
+
+
+def cluster_says(monkeypatch: pytest.MonkeyPatch, *outputs: str) -> list[str]:
+    """The cluster answers each SSH command with the next of `outputs` (the last one again after that); returns the
+    commands it was sent."""
+    from portal import ssh
+
+    sent: list[str] = []
+
+    def run(target: Any, command: str, **kwargs: Any) -> ssh.CommandResult:
+        sent.append(command)
+        return ssh.CommandResult(0, outputs[min(len(sent), len(outputs)) - 1], "")
+
+    monkeypatch.setattr(ssh.pool, "run", run)
+    return sent
+
+
+def test_the_poll_task_records_a_runners_progress_and_tells_the_owner_once_when_it_ends(
+    run: BatchRun, monkeypatch: pytest.MonkeyPatch, mailoutbox: list[Any]
+) -> None:
+    import json
+
+    from jobs import tasks
+    from jobs.models import LLMSession
+    from jobs.sessions import lifecycle
+
+    transition(run.session_id, State.QUEUED, cause="test", job_id="42")
+    LLMSession.objects.filter(pk=run.session_id).update(notify_email=True)
+    report = {"state": "finished", "done": 3, "completion_tokens": 12, "started_at": 1795330000.0}
+    cluster_says(
+        monkeypatch,
+        "@@squeue 0\n42|hpcllm-x|RUNNING|None|N/A|node1|1:00|1:00|gpu|1\n"
+        f"@@progress {run.session_id} {run.pk}\n{json.dumps(report)}\n@@end\n",
+    )
+    polled = lifecycle.poll(LLMSession.objects.get(pk=run.session_id).account_id)
+    run.refresh_from_db()
+    # The sessions' poll read the runner's file and left the run to its caller.
+    assert run.state == BatchRun.State.WAITING and polled.session_ids == [str(run.session_id)]
+    assert polled.read is not None and str(run.pk) in polled.read.progress
+
+    tasks.poll_account(run.session.account_id)
+    tasks.poll_account(run.session.account_id)
+    run.refresh_from_db()
+    assert (run.state, run.done, run.completion_tokens) == (BatchRun.State.FINISHED, 3, 12)
+    assert len(mailoutbox) == 1 and "3 of 3 answered" in mailoutbox[0].subject
+
+
+def test_a_cancelled_batch_launchs_run_stops_with_the_cancel_tasks_own_poll(
+    run: BatchRun, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from jobs import tasks
+
+    transition(run.session_id, State.QUEUED, cause="test", job_id="42")
+    sent = cluster_says(
+        monkeypatch,
+        "marked\n",
+        "@@squeue 0\n\n@@sacct 0\n"
+        "42|hpcllm-x|CANCELLED by 1000|0:0|2026-11-21T12:00:00|2026-11-21T12:05:00|node1|None\n@@end\n",
+    )
+    assert tasks.cancel_session.apply(args=(str(run.session_id),)).get() == State.CANCELLED
+    assert len(sent) == 2  # the scancel and one poll
+    run.refresh_from_db()
+    assert run.state == BatchRun.State.STOPPED and "the session ended before the run did" in run.end_reason
+
+
+def test_a_poll_that_cannot_reach_the_cluster_changes_no_run(run: BatchRun, monkeypatch: pytest.MonkeyPatch) -> None:
+    from jobs import tasks
+    from portal import ssh
+
+    transition(run.session_id, State.QUEUED, cause="test", job_id="42")
+
+    def refuse(*args: Any, **kwargs: Any) -> ssh.CommandResult:
+        raise ssh.ConnectionRefused(None, "connection refused")
+
+    monkeypatch.setattr(ssh.pool, "run", refuse)
+    assert tasks.poll_account(run.session.account_id) == {"sessions": 1, "unknown": 1}
+    run.refresh_from_db()
+    assert run.state == BatchRun.State.WAITING and not run.events.exclude(from_state="").exists()
