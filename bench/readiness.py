@@ -52,6 +52,7 @@ from django.db import transaction  # noqa: E402
 from bench.local import CountingPool, setup  # noqa: E402
 from catalog.models import ClusterAccount  # noqa: E402
 from jobs import tasks  # noqa: E402
+from jobs.cluster import layout  # noqa: E402
 from jobs.models import LLMSession, State  # noqa: E402
 from jobs.sessions.actions import launch  # noqa: E402
 from portal import ssh  # noqa: E402
@@ -118,7 +119,7 @@ def one_launch(account: ClusterAccount, home: str, watch: bool) -> tuple[float, 
     shown = wait_for(session, lambda s: s.state == State.RUNNING or s.is_ended)
     if session.state != State.RUNNING:
         raise SystemExit(f"the session failed: {session.end_reason}")
-    directory = f"{home}/.hpc-llm-portal/sessions/{session.pk}"
+    directory = f"{home}/{layout.session_dir(str(session.pk))}"
     ready = (shown - stat_time(account, f"{directory}/connection.json")).total_seconds()
     subprocess.run(["pkill", "-KILL", "-f", f"api-key-file {directory}/api_key"], check=True)
     shown = wait_for(session, lambda s: s.is_ended)

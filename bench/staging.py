@@ -35,7 +35,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from jobs.cluster import jobscript, remote  # noqa: E402  (plain Python: no Django set-up needed)
+from jobs.cluster import jobscript, layout, remote  # noqa: E402  (plain Python: no Django set-up needed)
 
 CLUSTER = REPO / "var" / "local-cluster" / "cluster.json"
 LLAMA_BIN = Path("/var/cache/hpc-llm-portal/llama.cpp/0.3.36/bin")
@@ -100,7 +100,7 @@ def launch(cluster: dict[str, Any], model: str, stage_to: str) -> float:
     outcome = remote.parse_submit(submitted.stdout.decode())
     if submitted.returncode != 0 or not outcome.job_id:
         raise SystemExit(f"sbatch failed: {submitted.stderr.decode()}")
-    directory = f"~/.hpc-llm-portal/sessions/{session_id}"
+    directory = f"~/{layout.session_dir(str(session_id))}"
     wait = (
         f"until [ -f {directory}/connection.json ] || [ -f {directory}/error ]; do sleep 0.2; done; "
         f"cat {directory}/error 2>/dev/null"

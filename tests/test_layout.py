@@ -4,8 +4,10 @@ module is named like the standard library."""
 from __future__ import annotations
 
 import ast
+import re
 import sys
 from collections import defaultdict
+from dataclasses import fields
 from pathlib import Path
 
 import pytest
@@ -146,3 +148,44 @@ def test_no_two_jobs_subpackages_import_each_other_in_a_cycle() -> None:
 def test_no_module_is_named_like_the_standard_library() -> None:
     clashes = [m for m in GRAPH if "." in m and m.rpartition(".")[2] in sys.stdlib_module_names]
     assert not clashes
+
+
+# ---- the cluster side ----------------------------------------------------------------------------------------------
+
+JOB_SIDE = REPO / "jobs" / "cluster" / "scripts"
+LAYOUT_MODULE = REPO / "jobs" / "cluster" / "layout.py"
+MAX_SHELL_LINES = 200
+
+
+def code_lines(path: Path) -> list[str]:
+    """A shell file's lines without its comments (a comment may name a file; the code must not)."""
+    return [line for line in path.read_text().splitlines() if not line.lstrip().startswith("#")]
+
+
+def test_the_session_directory_is_spelled_in_one_python_module_and_never_in_the_job_scripts() -> None:
+    from jobs.cluster import layout
+
+    spelled = [path for path in map(Path, modules().values()) if layout.PORTAL_DIR in path.read_text()]
+    assert spelled == [LAYOUT_MODULE]
+    in_scripts = sum(path.read_text().count(layout.PORTAL_DIR) for path in JOB_SIDE.iterdir() if path.is_file())
+    assert in_scripts <= 1
+
+
+def test_the_job_scripts_name_the_layouts_files_only_by_their_variables() -> None:
+    """What the job writes and the portal reads has its name from jobs/cluster/layout.py alone; a name with a dot or an
+    underscore cannot be a word of the shell's own, so any such name in the code is a second spelling."""
+    from jobs.cluster import layout
+
+    names = [getattr(layout.NAMES, f.name) for f in fields(layout.Names)]
+    distinctive = [name for name in names if "." in name or "_" in name or name[0].isupper()]
+    for path in JOB_SIDE.glob("*.sh"):
+        code = "\n".join(code_lines(path))
+        # As a word of a path or command (a quoted JSON key such as "job_id" is not a file).
+        assert not [n for n in distinctive if re.search(rf'(?<![\w"]){re.escape(n)}(?![\w"])', code)], path.name
+
+
+def test_no_job_side_shell_file_is_longer_than_one_sitting() -> None:
+    long = {
+        path.name: n for path in JOB_SIDE.glob("*.sh") if (n := len(path.read_text().splitlines())) > MAX_SHELL_LINES
+    }
+    assert not long, f"split these by concern: {long}"

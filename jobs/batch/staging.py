@@ -1,5 +1,5 @@
 """A batch run on a running session, on the cluster: its checked requests and the runner staged in the session's
-directory, where the job starts the runner beside the server (common.sh, supervise_batches); and a stop."""
+directory, where the job starts the runner beside the server (batch.sh, supervise_batches); and a stop."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from datetime import timedelta
 from django.utils import timezone
 
 from jobs.batch import outputs
-from jobs.cluster import jobscript, remote
+from jobs.cluster import jobscript, layout, remote
 from jobs.models import BatchRun, transition_run
 from portal import ssh
 
@@ -33,9 +33,9 @@ def stage(run_id: str) -> Staged:
         return Staged("staged")
     with run.requests.open("rb") as requests:
         files = {
-            "requests.jsonl": (requests.read().decode(), 0o600),
-            "concurrency": (f"{run.concurrency}\n", 0o600),
-            "batchrun.py": (jobscript.extra_files(run.session.runtime.kind, batch=True)["batchrun.py"], 0o600),
+            layout.NAMES.requests_file: (requests.read().decode(), 0o600),
+            layout.NAMES.concurrency_file: (f"{run.concurrency}\n", 0o600),
+            **{name: (text, 0o600) for name, text in jobscript.batch_files().items()},
         }
     payload = remote.tar_payload(files)
     command = remote.stage_batch_command(str(run.session_id), str(run.pk), payload.sha256)
@@ -85,9 +85,8 @@ def results(run: BatchRun) -> tuple[bool, Iterator[bytes]]:
     output of a finished run) or in the order they were answered (so far). Raises NoResults, or ssh.SSHError when
     the cluster cannot be asked."""
     finished = run.state == BatchRun.State.FINISHED
-    path = shlex.quote(
-        f".hpc-llm-portal/sessions/{run.session_id}/batch/{run.pk}/{'output' if finished else 'results'}.jsonl"
-    )
+    name = layout.NAMES.output_file if finished else layout.NAMES.results_file
+    path = shlex.quote(f"{layout.run_dir(str(run.session_id), str(run.pk))}/{name}")
     target = run.session.account.ssh_target()
     if ssh.pool.run(target, f"test -f {path} && echo yes", timeout_s=30).stdout.strip() != "yes":
         raise NoResults("the run has answered nothing yet")

@@ -1,8 +1,10 @@
 """Render a session's sbatch script from the per-runtime templates in jobs/cluster/scripts/. Plain Python, no Django.
 
-A rendered script is: #SBATCH lines (allow-listed values only, since sbatch reads them itself), one shell-quoted
-assignment per value, then the static common.sh and <runtime>.sh, which only ever use "$VARIABLES". No value is
-pasted into template text, so nothing a user or admin types can become shell syntax.
+A rendered script is: #SBATCH lines (allow-listed values only, since sbatch reads them itself), the cluster-side
+layout's names (jobs/cluster/layout.py) and one shell-quoted assignment per value, then the static job side: one
+file per concern (JOB_PARTS: the skeleton, the server, the key proxy, staging, batch runs), which only define
+functions, and <runtime>.sh, which calls them. They only ever use "$VARIABLES": no value is pasted into template
+text, so nothing a user or admin types can become shell syntax.
 """
 
 from __future__ import annotations
@@ -12,10 +14,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from catalog.runtime_rules import RUNTIMES, RuntimeRules
+from jobs.cluster import layout
 from jobs.cluster.slurm import job_name
 from portal import shellsafe
 
 SCRIPTS_DIR = Path(__file__).resolve().parent / "scripts"
+# The job side by concern, in the order a job script defines them; each only defines functions (but the skeleton,
+# which sets the job up), so a test can source any of them after the skeleton.
+JOB_PARTS = ("skeleton.sh", "server.sh", "keyproxy.sh", "staging.sh", "batch.sh")
+# What a job that works through batch runs needs beside its script (docs/batch.md).
+BATCH_FILES = ("batchrun.py", "supervisor.py")
 
 
 class RenderError(ValueError):
@@ -51,7 +59,7 @@ class JobSpec:
     modules: tuple[str, ...] = ()
     default_flags: tuple[str, ...] = ()
     extra_flags: tuple[str, ...] = ()
-    # Copy the model's files to node-local storage first (common.sh stage_model); "": load them where they are.
+    # Copy the model's files to node-local storage first (staging.sh stage_model); "": load them where they are.
     stage_to: str = ""
     stage_keep: bool = True  # keep the copy for the next session on the node
     gpu_layers: int = 999
@@ -89,7 +97,11 @@ def sbatch_directives(spec: JobSpec) -> list[str]:
     ]
     if spec.constraint:
         lines.append(f"--constraint={_check(shellsafe.SLURM_NAME, spec.constraint, 'constraint')}")
-    lines += [f"--time={_positive(spec.walltime_min, 'walltime')}", "--output=job.log", "--open-mode=append"]
+    lines += [
+        f"--time={_positive(spec.walltime_min, 'walltime')}",
+        f"--output={layout.NAMES.job_log}",
+        "--open-mode=append",
+    ]
     if _rules(spec.runtime).exclusive_on(spec.nodes):
         lines.append("--exclusive=user")
     return [f"#SBATCH {line}" for line in lines]
@@ -157,14 +169,21 @@ def render(spec: JobSpec) -> str:
         *sbatch_directives(spec),
         f"# Rendered by HPC LLM Portal for session {spec.session_id}; templates: jobs/cluster/scripts/.",
         "# Every value below is validated and shell-quoted; the code after it only reads these variables.",
+        layout.prelude().rstrip("\n"),
         *assignments(spec),
         "",
     ]
-    body = (SCRIPTS_DIR / "common.sh").read_text() + (SCRIPTS_DIR / rules.job_script).read_text()
+    body = "".join((SCRIPTS_DIR / name).read_text() for name in (*JOB_PARTS, rules.job_script))
     return "\n".join(header) + body
 
 
 def extra_files(runtime: str, batch: bool = False) -> dict[str, str]:
-    """The helpers staged next to job.sh in the session directory (the key proxy, the RPC relay, the batch runner)."""
-    names = [*_rules(runtime).job_files, *(["batchrun.py"] if batch else [])]
+    """The helpers staged next to the job script in the session directory (the key proxy, the RPC relay, the batch
+    runner and its supervisor)."""
+    names = [*_rules(runtime).job_files, *(BATCH_FILES if batch else ())]
     return {name: (SCRIPTS_DIR / name).read_text() for name in names}
+
+
+def batch_files() -> dict[str, str]:
+    """What a running session needs beside its script to take a batch run (staged with the run)."""
+    return {name: (SCRIPTS_DIR / name).read_text() for name in BATCH_FILES}

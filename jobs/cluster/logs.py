@@ -1,4 +1,4 @@
-"""A job's log (job.log in its session directory): fetched over SSH by a worker and kept in the cache.
+"""A job's log (its Slurm output, in its session directory): fetched over SSH by a worker and kept in the cache.
 
 Pages read the cached tail and ask for a fresh one at most once every LOG_REFRESH_S per session, however many
 browser tabs poll it; only the worker (and `manage.py sessions log`) runs the SSH command.
@@ -14,6 +14,7 @@ from django.conf import settings
 from django.core.cache import cache
 from django.utils import timezone
 
+from jobs.cluster import layout
 from portal import ssh
 
 if TYPE_CHECKING:
@@ -37,8 +38,8 @@ def _key(session_id: object) -> str:
 def fetch(session: LLMSession, max_bytes: int | None = None) -> str:
     """The tail of the job's output, at most max_bytes, over SSH; raises ssh.SSHError when the cluster is away."""
     limit = max_bytes or settings.PORTAL_LOG_TAIL_BYTES
-    path = f"$HOME/.hpc-llm-portal/sessions/{session.pk}/job.log"
-    command = f'tail -c {int(limit)} "{path}" 2>/dev/null || true'
+    path = layout.in_shell(layout.session_file(str(session.pk), layout.NAMES.job_log))
+    command = f"tail -c {int(limit)} {path} 2>/dev/null || true"
     result = ssh.pool.run(session.account.ssh_target(), command, timeout_s=30, max_output_bytes=limit + 1024)
     return result.stdout
 

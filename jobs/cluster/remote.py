@@ -15,6 +15,7 @@ import shlex
 import tarfile
 from dataclasses import dataclass, field
 
+from jobs.cluster import layout
 from portal import shellsafe
 from portal.slurm.cli import PLAIN, SlurmCli
 from portal.slurm.errors import SlurmParseError
@@ -23,66 +24,66 @@ from portal.slurm.records import parse_job_records, parse_key_values
 from portal.slurm.sbatch import parse_sbatch_parsable
 from portal.slurm.squeue import SQUEUE_FORMAT, QueuedJob, parse_squeue
 
-SESSIONS_DIR = "$HOME/.hpc-llm-portal/sessions"
-
 # Exit codes of the submit script that mean "try again later".
 SUBMIT_RETRY = 75
 
 # Runs on the login host as: bash -c SCRIPT submit UUID SHA256 <tar on stdin>.
 # The lock and the job_id file make a repeated submit (a retry, a second worker) return the first job instead
 # of creating another; the name lookup covers an sbatch that created the job but lost its reply. A cancel leaves a
-# `cancelled` mark under the same lock (CANCEL_SCRIPT), so a submit that comes after it never calls sbatch.
-SUBMIT_SCRIPT = r"""
+# cancelled mark under the same lock (CANCEL_SCRIPT), so a submit that comes after it never calls sbatch. Every
+# script here starts with the layout's names (jobs/cluster/layout.py).
+SUBMIT_SCRIPT = layout.script(r"""
 set -u
 umask 077
 sid=$1 sum=$2 name="hpcllm-$1"
-d="$HOME/.hpc-llm-portal/sessions/$sid"
-mkdir -p "$d" && chmod 700 "$HOME/.hpc-llm-portal" "$HOME/.hpc-llm-portal/sessions" "$d" ||
-  { echo "cannot create $d" >&2; exit 3; }
-exec 9>"$d/.submit.lock"
+d="$SESSIONS_DIR/$sid"
+mkdir -p "$d" && chmod 700 "$PORTAL_DIR" "$SESSIONS_DIR" "$d" || { echo "cannot create $d" >&2; exit 3; }
+exec 9>"$d/$SUBMIT_LOCK"
 flock -w 60 9 || { echo "another submit of this session is still running" >&2; exit 75; }
-if [ -e "$d/cancelled" ]; then echo "cancelled"; cat >/dev/null; exit 0; fi
-if [ -s "$d/job_id" ]; then echo "existing $(cat "$d/job_id")"; cat >/dev/null; exit 0; fi
+if [ -e "$d/$CANCELLED_MARK" ]; then echo "cancelled"; cat >/dev/null; exit 0; fi
+if [ -s "$d/$JOB_ID_FILE" ]; then echo "existing $(cat "$d/$JOB_ID_FILE")"; cat >/dev/null; exit 0; fi
 found=$(squeue -h -u "$(id -un)" -n "$name" -o %i 2>/dev/null | grep -E '^[0-9]' | head -n 1)
-if [ -n "$found" ]; then echo "$found" >"$d/job_id"; echo "existing $found"; cat >/dev/null; exit 0; fi
-cat >"$d/.upload.tar"
-echo "$sum  $d/.upload.tar" | sha256sum -c --status || { echo "the upload was incomplete" >&2; exit 75; }
-tar -xf "$d/.upload.tar" -C "$d" && rm -f "$d/.upload.tar" || { echo "cannot unpack into $d" >&2; exit 3; }
-chmod 600 "$d/api_key"
+if [ -n "$found" ]; then echo "$found" >"$d/$JOB_ID_FILE"; echo "existing $found"; cat >/dev/null; exit 0; fi
+cat >"$d/$UPLOAD_FILE"
+echo "$sum  $d/$UPLOAD_FILE" | sha256sum -c --status || { echo "the upload was incomplete" >&2; exit 75; }
+tar -xf "$d/$UPLOAD_FILE" -C "$d" && rm -f "$d/$UPLOAD_FILE" || { echo "cannot unpack into $d" >&2; exit 3; }
+chmod 600 "$d/$API_KEY_FILE"
 cd "$d" || exit 3
-sbatch --parsable job.sh >.sbatch.out 2>.sbatch.err
+sbatch --parsable "$JOB_SCRIPT" >.sbatch.out 2>.sbatch.err
 rc=$?
 if [ "$rc" -eq 0 ]; then
-  cut -d';' -f1 .sbatch.out >job_id
-  echo "submitted $(cat job_id)"
+  cut -d';' -f1 .sbatch.out >"$JOB_ID_FILE"
+  echo "submitted $(cat "$JOB_ID_FILE")"
   exit 0
 fi
 cat .sbatch.err >&2
 exit 64
-"""
+""")
 
-# Runs as: bash -c SCRIPT stage SESSION RUN SHA256 <tar on stdin>: a batch run on a running session. The job
-# (common.sh, supervise_batches) starts the runner once the `start` mark is there; staging twice changes nothing.
-STAGE_BATCH_SCRIPT = r"""
+# Runs as: bash -c SCRIPT stage SESSION RUN SHA256 <tar on stdin>: a batch run on a running session, its files and
+# the helpers the job runs it with (moved beside the job script). The job (batch.sh, supervise_batches) starts its
+# supervisor once the start mark is there; staging twice changes nothing.
+STAGE_BATCH_SCRIPT = layout.script(r"""
 set -u
 umask 077
 sid=$1 run=$2 sum=$3
-d="$HOME/.hpc-llm-portal/sessions/$sid" r="$HOME/.hpc-llm-portal/sessions/$1/batch/$2"
+d="$SESSIONS_DIR/$sid" r="$SESSIONS_DIR/$sid/$BATCH_DIR/$run"
 [ -d "$d" ] || { echo "the session's directory is missing on the cluster" >&2; cat >/dev/null; exit 3; }
-if [ -e "$r/start" ]; then echo "staged"; cat >/dev/null; exit 0; fi
+if [ -e "$r/$START_MARK" ]; then echo "staged"; cat >/dev/null; exit 0; fi
 mkdir -p "$r" || { echo "cannot create $r" >&2; exit 3; }
-cat >"$r/.upload.tar"
-echo "$sum  $r/.upload.tar" | sha256sum -c --status || { echo "the upload was incomplete" >&2; exit 75; }
-tar -xf "$r/.upload.tar" -C "$r" && rm -f "$r/.upload.tar" || { echo "cannot unpack into $r" >&2; exit 3; }
-mv -f "$r/batchrun.py" "$d/batchrun.py" && touch "$r/start" && echo "staged"
-"""
+cat >"$r/$UPLOAD_FILE"
+echo "$sum  $r/$UPLOAD_FILE" | sha256sum -c --status || { echo "the upload was incomplete" >&2; exit 75; }
+tar -xf "$r/$UPLOAD_FILE" -C "$r" && rm -f "$r/$UPLOAD_FILE" || { echo "cannot unpack into $r" >&2; exit 3; }
+for f in "$r"/*.py; do mv -f "$f" "$d/" || exit 3; done
+touch "$r/$START_MARK" && echo "staged"
+""")
 
 # Runs as: bash -c SCRIPT stop SESSION RUN: ask the job to stop a run's runner (what is done is kept).
-STOP_BATCH_SCRIPT = r"""
-r="$HOME/.hpc-llm-portal/sessions/$1/batch/$2"
+STOP_BATCH_SCRIPT = layout.script(r"""
+r="$SESSIONS_DIR/$1/$BATCH_DIR/$2"
 [ -d "$r" ] || { echo "nothing staged"; exit 0; }
-touch "$r/stop" && echo "stopping"
-"""
+touch "$r/$STOP_MARK" && echo "stopping"
+""")
 
 
 def stage_batch_command(session_id: str, run_id: str, sha256: str) -> str:
@@ -100,35 +101,35 @@ def stop_batch_command(session_id: str, run_id: str) -> str:
 # Runs as: bash -c SCRIPT cancel UUID [JOBID]. Under the submit lock: mark the session cancelled (a submit after this
 # one never submits), then scancel its job by id when the portal knows it, and by name for one whose sbatch reply
 # was lost or that a submit in flight created just before the mark.
-CANCEL_SCRIPT = r"""
+CANCEL_SCRIPT = layout.script(r"""
 set -u
 umask 077
 sid=$1 jid=${2:-} name="hpcllm-$1"
-d="$HOME/.hpc-llm-portal/sessions/$sid"
+d="$SESSIONS_DIR/$sid"
 mkdir -p "$d" && chmod 700 "$d" || { echo "cannot create $d" >&2; exit 3; }
-exec 9>"$d/.submit.lock"
+exec 9>"$d/$SUBMIT_LOCK"
 flock -w 60 9 || { echo "a submit of this session still holds its lock" >&2; exit 75; }
-: >"$d/cancelled"
+: >"$d/$CANCELLED_MARK"
 if [ -n "$jid" ]; then scancel "$jid" 2>&1; fi
 scancel --name "$name" --user "$(id -un)" 2>&1 || { echo "scancel failed" >&2; exit 75; }
 echo "marked"
-"""
+""")
 
-# Runs as: bash -c SCRIPT watch SECONDS UUID:MODE ... ; MODE is `starting` (waiting for connection.json or error) or
-# `running` (waiting for connection.json to go: the job stopped, or its server restarted). Returns as soon as one
-# session changed, printing `changed UUID ready|error|gone` lines, or after SECONDS with none. Builtin tests only
-# (and a sleep): cheap on a busy login host.
-WATCH_SCRIPT = r"""
+# Runs as: bash -c SCRIPT watch SECONDS UUID:MODE ... ; MODE is `starting` (waiting for the connection file or the
+# error file) or `running` (waiting for the connection file to go: the job stopped, or its server restarted).
+# Returns as soon as one session changed, printing `changed UUID ready|error|gone` lines, or after SECONDS with
+# none. Builtin tests only (and a sleep): cheap on a busy login host.
+WATCH_SCRIPT = layout.script(r"""
 set -u
-base="$HOME/.hpc-llm-portal/sessions" end=$((SECONDS + $1))
+end=$((SECONDS + $1))
 shift
 while :; do
   changed=0
   for pair in "$@"; do
-    sid=${pair%%:*} d="$base/${pair%%:*}" what=""
-    if [ -f "$d/error" ]; then what=error
-    elif [ "${pair#*:}" = starting ] && [ -f "$d/connection.json" ]; then what=ready
-    elif [ "${pair#*:}" = running ] && [ ! -f "$d/connection.json" ]; then what=gone
+    sid=${pair%%:*} d="$SESSIONS_DIR/${pair%%:*}" what=""
+    if [ -f "$d/$ERROR_FILE" ]; then what=error
+    elif [ "${pair#*:}" = starting ] && [ -f "$d/$CONNECTION_FILE" ]; then what=ready
+    elif [ "${pair#*:}" = running ] && [ ! -f "$d/$CONNECTION_FILE" ]; then what=gone
     fi
     [ -z "$what" ] || { echo "changed $sid $what"; changed=1; }
   done
@@ -136,7 +137,7 @@ while :; do
   sleep 0.2
 done
 echo "@@end"
-"""
+""")
 
 WATCH_MODES = ("starting", "running")
 WATCH_CHANGES = ("ready", "error", "gone")
@@ -163,11 +164,10 @@ def parse_watch(text: str) -> dict[str, str]:
 
 
 # Runs as: bash -c SCRIPT poll 0|1 UUID:JOBID ... ; prints @@-delimited sections (see parse_poll).
-POLL_SCRIPT = r"""
+POLL_SCRIPT = layout.script(r"""
 set -u
 order=$1
 shift
-base="$HOME/.hpc-llm-portal/sessions"
 live=$(squeue -h -u "$(id -un)" -o '@FORMAT@' 2>&1)
 rc=$?
 echo "@@squeue $rc"
@@ -205,18 +205,18 @@ for pair in "$@"; do
   sid=${pair%%:*} jid=${pair#*:}
   # Builtins only in this loop: a thousand sessions must not mean a thousand processes.
   if [ -n "$jid" ] && [ "$rc" -eq 0 ] && [ -z "${listed[$jid]+x}" ]; then gone+=("$jid"); fi
-  d="$base/$sid"
-  if [ -f "$d/connection.json" ]; then echo "@@connection $sid"; head -c 4096 "$d/connection.json"; echo; fi
-  if [ -f "$d/staging.json" ]; then echo "@@staging $sid"; head -c 4096 "$d/staging.json" | tr -d '@'; echo; fi
-  if [ -f "$d/error" ]; then echo "@@error $sid"; head -c 2000 "$d/error" | tr -d '@'; echo; fi
-  for f in "$d"/batch/*/progress.json; do
+  d="$SESSIONS_DIR/$sid"
+  if [ -f "$d/$CONNECTION_FILE" ]; then echo "@@connection $sid"; head -c 4096 "$d/$CONNECTION_FILE"; echo; fi
+  if [ -f "$d/$STAGING_FILE" ]; then echo "@@staging $sid"; head -c 4096 "$d/$STAGING_FILE" | tr -d '@'; echo; fi
+  if [ -f "$d/$ERROR_FILE" ]; then echo "@@error $sid"; head -c 2000 "$d/$ERROR_FILE" | tr -d '@'; echo; fi
+  for f in "$d/$BATCH_DIR"/*/"$PROGRESS_FILE"; do
     [ -f "$f" ] || continue
-    r=${f%/progress.json}
+    r=${f%/*}
     echo "@@progress $sid ${r##*/}"; head -c 4096 "$f"; echo
   done
-  for f in "$d"/batch/*/error; do
+  for f in "$d/$BATCH_DIR"/*/"$RUN_ERROR_FILE"; do
     [ -f "$f" ] || continue
-    r=${f%/error}
+    r=${f%/*}
     echo "@@batcherror $sid ${r##*/}"; head -c 2000 "$f" | tr -d '@'; echo
   done
 done
@@ -232,7 +232,7 @@ if [ "${#gone[@]}" -gt 0 ]; then
   done
 fi
 echo "@@end"
-""".replace("@FORMAT@", SQUEUE_FORMAT)
+""").replace("@FORMAT@", SQUEUE_FORMAT)
 
 
 # Runs as: bash -c SCRIPT listing, with a cluster's status account (catalog Cluster.status_account): every portal job
@@ -305,8 +305,9 @@ class SubmitPayload:
 
 
 def submit_payload(job_script: str, api_key: str, extra_files: dict[str, str]) -> SubmitPayload:
-    """A tar of the session directory's files: job.sh (0700), api_key (0600) and the runtime's helpers."""
-    files = {"job.sh": (job_script, 0o700), "api_key": (api_key + "\n", 0o600)}
+    """A tar of the session directory's files: the job script (0700), the API key (0600) and the runtime's
+    helpers."""
+    files = {layout.NAMES.job_script: (job_script, 0o700), layout.NAMES.api_key_file: (api_key + "\n", 0o600)}
     files.update({name: (text, 0o600) for name, text in extra_files.items()})
     return tar_payload(files)
 

@@ -138,7 +138,7 @@ class LLMSession(models.Model):
         "load from the shared path", default=False,
         help_text="do not copy the weights to node-local storage first, where the cluster does",
     )  # fmt: skip
-    # The job's report of its node-local copy of the weights (common.sh stage_model, staging.json): state, bytes,
+    # The job's report of its node-local copy of the weights (staging.sh stage_model, staging.json): state, bytes,
     # total, seconds, where from and to. Empty while nothing was staged.
     staging = models.JSONField(default=dict, blank=True, editable=False)
     last_activity_at = models.DateTimeField(null=True, blank=True)

@@ -25,7 +25,7 @@ from django.utils import timezone
 from django.views.decorators.debug import sensitive_variables
 
 from catalog.models import ClusterAccount, ClusterRuntime, VariantLocation
-from jobs.cluster import backend, jobscript, remote
+from jobs.cluster import backend, jobscript, layout, remote
 from jobs.models import END_STATES, POLLED_STATES, BatchRun, LLMSession, Purpose, SessionEvent, State, transition
 from jobs.operations import metrics
 from jobs.sessions import notify, queue_order, staging
@@ -145,7 +145,8 @@ def submit(session_id: str, claim: str | None) -> Submitted:
     files = jobscript.extra_files(spec.runtime, batch=bool(spec.batch_run))
     if spec.batch_run:  # the checked requests go with the job: the runner reads them on the node
         with BatchRun.objects.get(pk=spec.batch_run).requests.open("rb") as requests:
-            files[f"batch/{spec.batch_run}/requests.jsonl"] = requests.read().decode()
+            run_files = f"{layout.NAMES.batch_dir}/{spec.batch_run}/{layout.NAMES.requests_file}"
+            files[run_files] = requests.read().decode()
     payload = remote.submit_payload(script, session.api_key, files)
     command = remote.submit_command(session_id, payload.sha256, session.account.cluster.slurm_cli)
     try:

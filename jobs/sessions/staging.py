@@ -1,4 +1,4 @@
-"""A session's node-local copy of its weights, as its job reports it (common.sh stage_model writes staging.json).
+"""A session's node-local copy of its weights, as its job reports it (staging.sh stage_model writes staging.json).
 
 The report comes from the cluster: only known states, whole numbers and bounded paths are kept, and it is shown as
 text (escaped), never as markup: jobs/templatetags/portal_format.py staging_line.

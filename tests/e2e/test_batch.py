@@ -20,7 +20,7 @@ from django.utils.datastructures import MultiValueDict
 from catalog.models import ClusterAccount
 from jobs.batch import actions as batch_actions
 from jobs.batch.forms import BatchForm
-from jobs.cluster import backend
+from jobs.cluster import backend, layout
 from jobs.models import BatchRun, LLMSession, State
 from jobs.sessions.actions import launch
 from jobs.tasks import submit_session
@@ -44,7 +44,7 @@ def batch_launch(owner: Any, capture: Any, prompts: list[str], **batch: Any) -> 
 
 
 def run_file(local_catalog: dict[str, Any], run: BatchRun, name: str) -> list[dict[str, Any]]:
-    result = shell(local_catalog, f"cat ~/.hpc-llm-portal/sessions/{run.session_id}/batch/{run.pk}/{name}")
+    result = shell(local_catalog, f"cat ~/{layout.session_dir(str(run.session_id))}/batch/{run.pk}/{name}")
     records = []
     for number, line in enumerate(result.stdout.split("\n"), 1):
         if line.strip():
@@ -138,7 +138,7 @@ def test_a_batch_launch_over_two_replicas_spreads_the_prompts_and_ends_itself(
     assert len(session.node_list.split(",")) == 2 or "[" in session.node_list  # the job held two nodes
     run.refresh_from_db()
     assert (run.state, run.done) == (BatchRun.State.FINISHED, 200)
-    log = shell(local_catalog, f"cat ~/.hpc-llm-portal/sessions/{session.pk}/job.log").stdout
+    log = shell(local_catalog, f"cat ~/{layout.session_dir(str(session.pk))}/job.log").stdout
     assert "replica 0 ready at" in log and "on each of 2 server(s)" in log
     # Both servers answered: llama-server logs each request it serves, and each replica writes to the job log.
     assert [r["line"] for r in run_file(local_catalog, run, "output.jsonl")] == list(range(1, 201))
@@ -149,7 +149,7 @@ def results_on_node(local_catalog: dict[str, Any], run: BatchRun) -> Path:
     waits for the middle of a run must not spend its time on SSH round trips."""
     return (
         Path(local_catalog["home"])
-        / ".hpc-llm-portal/sessions"
+        / layout.SESSIONS_DIR
         / str(run.session_id)
         / "batch"
         / str(run.pk)
@@ -181,8 +181,9 @@ def test_a_runner_killed_in_the_middle_starts_again_and_answers_each_line_once(
     answered = run_file(local_catalog, run, "results.jsonl")
     assert sorted(r["line"] for r in answered) == list(range(1, 1001))  # every line, none twice
     assert len(run_file(local_catalog, run, "output.jsonl")) == 1000
-    log = shell(local_catalog, f"cat ~/.hpc-llm-portal/sessions/{session.pk}/job.log").stdout
-    assert "the batch runner stopped with code 137; starting it again" in log
+    log = shell(local_catalog, f"cat ~/{layout.session_dir(str(session.pk))}/job.log").stdout
+    assert f"the runner of batch run {run.pk} stopped with code 137" in log
+    assert f"starting the runner of batch run {run.pk} again (1 of 5 restarts)" in log
     run.refresh_from_db()
     assert (run.state, run.done) == (BatchRun.State.FINISHED, 1000)
 
@@ -192,7 +193,7 @@ def test_a_requeued_batch_launch_goes_on_where_it_stopped_and_answers_each_line_
 ) -> None:
     prompts = [f"Requeue question {i}." for i in range(1000)]  # long enough that the requeue lands in the middle
     session, run = batch_launch(owner, django_capture_on_commit_callbacks, prompts, max_tokens=48, concurrency=2)
-    results = f"~/.hpc-llm-portal/sessions/{session.pk}/batch/{run.pk}/results.jsonl"
+    results = f"~/{layout.session_dir(str(session.pk))}/batch/{run.pk}/results.jsonl"
     wait_for_answers(results_on_node(local_catalog, run), 30)
     session = drive(session, lambda s: bool(s.job_id))
     subprocess.run(["scontrol", "requeue", session.job_id], check=True, capture_output=True)  # as a preemption would

@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 from catalog.models import Cluster, VariantLocation
-from jobs.cluster import backend
+from jobs.cluster import backend, layout
 from jobs.models import ApiToken, LLMSession, State
 from jobs.sessions.actions import request_cancel
 from jobs.tasks import cancel_session
@@ -84,7 +84,7 @@ def portal_server(tmp_path: Path) -> Iterator[str]:
 
 def private_socket_dir(session: LLMSession, local_catalog: dict[str, Any]) -> str:
     """The 0700 directory of the session's server socket, from the job's log ("starting ... on SOCKET")."""
-    log = shell(local_catalog, f"cat ~/.hpc-llm-portal/sessions/{session.pk}/job.log").stdout
+    log = shell(local_catalog, f"cat ~/{layout.session_dir(str(session.pk))}/job.log").stdout
     line = next(line for line in log.splitlines() if " on /" in line and "sock" in line)
     return str(Path(line.split(" on ", 1)[1].split()[0]).parent)
 

@@ -23,12 +23,13 @@ from catalog.models import (
     ClusterAccount,
     VariantLocation,
 )
-from jobs.cluster import backend, remote
+from jobs.cluster import backend, layout, remote
 from jobs.models import ApiToken, Conversation, LLMSession, State
 from jobs.sessions import lifecycle
 from jobs.sessions.actions import launch, request_cancel
 from jobs.tasks import cancel_session
 from portal import ssh
+from tests.asgi import Portal, bearer, browser
 from tests.conftest import LAUNCH, LOCAL_CLUSTER_SCRIPT
 from tests.e2e.sessions import drive, jobs_named, shell, start
 
@@ -67,9 +68,9 @@ def test_a_one_gpu_session_runs_and_its_server_demands_the_key(
     # The session directory is private, the key file too, and the key is not on any command line.
     listing = shell(
         local_catalog,
-        f"stat -c '%a %n' ~/.hpc-llm-portal/sessions/{session.pk} "
-        f"~/.hpc-llm-portal/sessions/{session.pk}/api_key "
-        f"~/.hpc-llm-portal/sessions/{session.pk}/connection.json",
+        f"stat -c '%a %n' ~/{layout.session_dir(str(session.pk))} "
+        f"~/{layout.session_dir(str(session.pk))}/api_key "
+        f"~/{layout.session_dir(str(session.pk))}/connection.json",
     ).stdout
     assert [line.split()[0] for line in listing.splitlines()] == ["700", "600", "600"]
     ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
@@ -80,7 +81,7 @@ def test_a_one_gpu_session_runs_and_its_server_demands_the_key(
     session.refresh_from_db()
     assert session.state == State.CANCELLED
     assert session.end_reason == "cancelled from the portal"
-    gone = shell(local_catalog, f"test -e ~/.hpc-llm-portal/sessions/{session.pk}/connection.json; echo $?")
+    gone = shell(local_catalog, f"test -e ~/{layout.session_dir(str(session.pk))}/connection.json; echo $?")
     assert gone.stdout.strip() == "1"
 
 
@@ -125,11 +126,11 @@ def test_a_two_node_rpc_session_answers_a_chat_completion(
     session = drive(session, lambda s: s.state == State.RUNNING or s.is_ended, timeout_s=180)
     assert session.state == State.RUNNING, session.end_reason
     assert session.node_list in {"node[1-2]", "node[2-3]", "node[1,3]"}
-    log = shell(local_catalog, f"cat ~/.hpc-llm-portal/sessions/{session.pk}/job.log").stdout
+    log = shell(local_catalog, f"cat ~/{layout.session_dir(str(session.pk))}/job.log").stdout
     assert "ggml-rpc-server on node" in log
     # llama-server connected to the RPC server to place the model's layers on it.
     assert log.split("starting llama-server", 1)[1].count("Accepted client connection") >= 2
-    rpc_files = shell(local_catalog, f"cat ~/.hpc-llm-portal/sessions/{session.pk}/rpc-*.addr").stdout.split()
+    rpc_files = shell(local_catalog, f"cat ~/{layout.session_dir(str(session.pk))}/rpc-*.addr").stdout.split()
     assert len(rpc_files) == 1
     # ggml-rpc-server itself listens on loopback; what the job advertises is its relay, which wants the key first.
     assert "ggml-rpc-server on node" in log and "its relay at" in log
@@ -146,7 +147,7 @@ def test_a_two_node_rpc_session_answers_a_chat_completion(
         except ConnectionResetError:  # closed with our bytes unread
             answer = b""
         assert answer == b""  # closed, nothing from ggml-rpc-server
-    log = shell(local_catalog, f"cat ~/.hpc-llm-portal/sessions/{session.pk}/job.log").stdout
+    log = shell(local_catalog, f"cat ~/{layout.session_dir(str(session.pk))}/job.log").stdout
     assert "rpcrelay: refused a connection" in log
     # ...and the session is not disturbed by it.
     reply = httpx.post(
@@ -284,15 +285,11 @@ class Listener:
 
 def proxy_replies(session: LLMSession, owner: Any) -> list[int]:
     """The browser route and the API, both asked for a completion of this session."""
-    browser = Client()
-    browser.force_login(owner)
     _, token = ApiToken.issue(owner, "script")
-    api = Client(HTTP_AUTHORIZATION=f"Bearer {token}")
     body = {"messages": [{"role": "user", "content": "hello"}], "max_tokens": 4}
-    json = "application/json"
     return [
-        browser.post(f"/sessions/{session.pk}/v1/chat/completions", body, content_type=json).status_code,
-        api.post("/api/v1/chat/completions", {**body, "model": str(session.pk)}, content_type=json).status_code,
+        Portal(browser(owner)).post(f"/sessions/{session.pk}/v1/chat/completions", json=body).status_code,
+        Portal(bearer(token)).post("/api/v1/chat/completions", json={**body, "model": str(session.pk)}).status_code,
     ]
 
 
@@ -340,7 +337,7 @@ def test_an_address_outside_the_jobs_nodes_is_refused_and_recorded(
 ) -> None:
     session = drive(start(owner, django_capture_on_commit_callbacks), lambda s: s.state == State.RUNNING or s.is_ended)
     assert session.state == State.RUNNING, session.end_reason
-    connection = f"~/.hpc-llm-portal/sessions/{session.pk}/connection.json"
+    connection = f"~/{layout.session_dir(str(session.pk))}/connection.json"
     # The owner rewrites the file in their home to point the portal at the site's metadata service.
     rewrite = 's/"host": "[^"]*"/"host": "169.254.169.254"/'
     shell(local_catalog, f"cp {connection} {connection}.real && sed -i '{rewrite}' {connection}")

@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from catalog.models import Cluster, ClusterAccount, VariantLocation
-from jobs.cluster import backend
+from jobs.cluster import backend, layout
 from jobs.models import LLMSession, State
 from jobs.sessions.actions import request_cancel
 from jobs.tasks import cancel_session
@@ -45,7 +45,7 @@ def stop(session: LLMSession) -> None:
 
 
 def job_log(local: dict[str, Any], session: LLMSession) -> str:
-    return shell(local, f"cat ~/.hpc-llm-portal/sessions/{session.pk}/job.log").stdout
+    return shell(local, f"cat ~/{layout.session_dir(str(session.pk))}/job.log").stdout
 
 
 def test_a_staged_session_runs_from_its_copy_and_the_next_launch_reuses_it(

@@ -12,6 +12,7 @@ import pytest
 
 from catalog.models import ClusterAccount
 from jobs.batch import progress
+from jobs.cluster import layout
 from jobs.models import LLMSession, State
 from jobs.sessions import lifecycle
 from tests.e2e.sessions import drive, shell, start
@@ -24,7 +25,7 @@ def test_the_watch_polls_when_the_server_is_ready_and_when_the_job_stops(
 ) -> None:
     session = drive(start(owner, django_capture_on_commit_callbacks), lambda s: s.state == State.RUNNING or s.is_ended)
     assert session.state == State.RUNNING, session.end_reason
-    directory = f"~/.hpc-llm-portal/sessions/{session.pk}"
+    directory = f"~/{layout.session_dir(str(session.pk))}"
 
     # As if the poll had seen the session before its server was ready: the connection file is not there yet.
     shell(local_catalog, f"mv {directory}/connection.json {directory}/connection.held")
@@ -39,7 +40,7 @@ def test_the_watch_polls_when_the_server_is_ready_and_when_the_job_stops(
     assert session.host and session.port
 
     # The server dies: the job writes why and stops; the watch polls until Slurm says it ended.
-    key_file = f"{local_catalog['home']}/.hpc-llm-portal/sessions/{session.pk}/api_key"
+    key_file = f"{local_catalog['home']}/{layout.session_dir(str(session.pk))}/api_key"
     subprocess.run(["pkill", "-KILL", "-f", f"api-key-file {key_file}"], check=True)
     session = drive(session, lambda s: s.is_ended, timeout_s=40, poll=False)
     watcher.join(timeout=40)

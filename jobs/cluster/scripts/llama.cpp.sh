@@ -2,8 +2,8 @@
 # Multi-node: srun starts ggml-rpc-server on nodes 2..N (this same script, mode rpc-worker). ggml-rpc-server has no
 # authentication and serves one client, so it listens on its node's loopback only (the job holds its nodes with
 # --exclusive=user) behind rpcrelay.py, which lets a connection through only after a challenge-response proving it
-# holds this run's RPC key (rpc_key, 0600 in the session directory, new for every run). Each worker writes its
-# relay's address to rpc-<rank>.addr (shared home); llama-server on the first node reaches them through a local
+# holds this run's RPC key ($RPC_KEY_FILE, 0600 in the session directory, new for every run). Each worker writes
+# its relay's address to $RPC_ADDR_PREFIX<rank>$ADDR_SUFFIX (shared home); llama-server on the first node reaches them through a local
 # rpcrelay.py connect, with --rpc 127.0.0.1:port,... . docs/security.md explains the choice.
 
 rpc_worker() {
@@ -19,14 +19,13 @@ rpc_worker() {
   done
   port="$(free_port "$addr")"
   python3 "$SESSION_DIR/rpcrelay.py" serve --listen "$addr" --port "$port" --upstream-port "$inner" \
-    --key-file "$SESSION_DIR/rpc_key" &
+    --key-file "$SESSION_DIR/$RPC_KEY_FILE" &
   pids+=("$!")
   until port_open "$addr" "$port"; do
     kill -0 "${pids[1]}" 2>/dev/null || exit 1
     sleep 0.5
   done
-  printf '%s:%s\n' "$addr" "$port" >"$SESSION_DIR/.rpc-$SLURM_PROCID.addr"
-  mv -f "$SESSION_DIR/.rpc-$SLURM_PROCID.addr" "$SESSION_DIR/rpc-$SLURM_PROCID.addr"
+  write_atomically "$SESSION_DIR/$RPC_ADDR_PREFIX$SLURM_PROCID$ADDR_SUFFIX" "$addr:$port"
   log "ggml-rpc-server on ${SLURMD_NODENAME:-$(hostname -s)} at 127.0.0.1:$inner, its relay at $addr:$port"
   wait -n  # (bash 4.3 has no "wait -n PID...")
   kill "${pids[@]}" 2>/dev/null
@@ -46,17 +45,17 @@ ADDR="$(node_addr)"
 
 RPC_ARGS=()
 if [ "$NODES" -gt 1 ]; then
-  rm -f "$SESSION_DIR"/rpc-*.addr
-  head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$SESSION_DIR/rpc_key" || fail "cannot write the RPC key"
+  rm -f "$SESSION_DIR/$RPC_ADDR_PREFIX"*"$ADDR_SUFFIX"
+  head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$SESSION_DIR/$RPC_KEY_FILE" || fail "cannot write the RPC key"
   log "starting ggml-rpc-server on $((NODES - 1)) more node(s)"
   srun --nodes=$((NODES - 1)) --ntasks=$((NODES - 1)) --ntasks-per-node=1 --relative=1 --kill-on-bad-exit=1 \
-    bash "$SESSION_DIR/job.sh" rpc-worker &
+    bash "$SESSION_DIR/$JOB_SCRIPT" rpc-worker &
   SRUN_PID=$!
   CHILDREN+=("$SRUN_PID")
   deadline=$((SECONDS + 120))
   while :; do
     shopt -s nullglob
-    files=("$SESSION_DIR"/rpc-*.addr)
+    files=("$SESSION_DIR/$RPC_ADDR_PREFIX"*"$ADDR_SUFFIX")
     shopt -u nullglob
     [ "${#files[@]}" -ge $((NODES - 1)) ] && break
     kill -0 "$SRUN_PID" 2>/dev/null || fail "$(server_error "ggml-rpc-server did not start on the other nodes")"
@@ -78,7 +77,7 @@ if [ "$NODES" -gt 1 ]; then
     MAPS+=(--map "$local_port=$endpoint")
     RPC_LIST="${RPC_LIST:+$RPC_LIST,}127.0.0.1:$local_port"
   done
-  python3 "$SESSION_DIR/rpcrelay.py" connect "${MAPS[@]}" --key-file "$SESSION_DIR/rpc_key" &
+  python3 "$SESSION_DIR/rpcrelay.py" connect "${MAPS[@]}" --key-file "$SESSION_DIR/$RPC_KEY_FILE" &
   RELAY_PID=$!
   CHILDREN+=("$RELAY_PID")
   for local_port in "${LOCAL_PORTS[@]}"; do
@@ -99,7 +98,7 @@ TASK_FLAGS=()
 [ "${EMBEDDINGS:-0}" = 1 ] && TASK_FLAGS=(--embeddings --pooling mean)
 log "starting llama-server on $ADDR:$PORT (model $MODEL_PATH, $PARALLEL slot(s) of $CONTEXT tokens)"
 "$SERVER_BIN" "${TASK_FLAGS[@]}" "${DEFAULT_FLAGS[@]}" -m "$MODEL_PATH" -a "$SERVED_NAME" -c "$((CONTEXT * PARALLEL))" -ngl "$GPU_LAYERS" \
-  --parallel "$PARALLEL" --host "$ADDR" --port "$PORT" --api-key-file "$SESSION_DIR/api_key" --no-webui \
+  --parallel "$PARALLEL" --host "$ADDR" --port "$PORT" --api-key-file "$SESSION_DIR/$API_KEY_FILE" --no-webui \
   "${RPC_ARGS[@]}" "${EXTRA_FLAGS[@]}" &
 SERVER_PID=$!
 CHILDREN+=("$SERVER_PID")

@@ -18,8 +18,8 @@ wait_ready "$SERVER_PID" 127.0.0.1 "$INNER_PORT" /api/version
 if ! "$SERVER_BIN" show "$OLLAMA_TAG" >/dev/null 2>&1; then
   if [ -n "$MODEL_PATH" ]; then
     log "creating $OLLAMA_TAG from $MODEL_PATH"
-    printf 'FROM %s\n' "$MODEL_PATH" >"$SESSION_DIR/Modelfile"
-    "$SERVER_BIN" create "$OLLAMA_TAG" -f "$SESSION_DIR/Modelfile" || fail "$(server_error "ollama create $OLLAMA_TAG failed")"
+    printf 'FROM %s\n' "$MODEL_PATH" >"$SESSION_DIR/$OLLAMA_MODELFILE"
+    "$SERVER_BIN" create "$OLLAMA_TAG" -f "$SESSION_DIR/$OLLAMA_MODELFILE" || fail "$(server_error "ollama create $OLLAMA_TAG failed")"
   else
     log "pulling $OLLAMA_TAG"
     "$SERVER_BIN" pull "$OLLAMA_TAG" || fail "$(server_error "ollama pull $OLLAMA_TAG failed")"

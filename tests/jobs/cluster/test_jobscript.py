@@ -78,7 +78,7 @@ def test_python_servers_listen_only_on_a_private_socket_behind_the_key_proxy(run
     assert "--uds" in serve or "--socket" in serve
     assert "--host" not in serve and "--port" not in serve
     assert 'serve_behind_key_proxy "$SERVER_PID" --upstream-socket "$SOCKET"' in script
-    assert "one_node_on_private_socket" in script.split("common.sh")[-1]  # the runtime asks for the 0700 directory
+    assert "one_node_on_private_socket" in script.split(f"# ---- {runtime}.sh")[-1]  # it asks for the 0700 directory
     assert "keyproxy.py" in extra_files(runtime)
     assert "#SBATCH --exclusive" not in script  # a socket in a 0700 directory needs no node to itself
 
@@ -169,7 +169,7 @@ def test_hostile_values_arrive_quoted_and_are_never_executed(
         assert "\n" in value or any("\n" in f for f in flags) or "\n" in module or "\x00" in value
         return
     assert bash_n(script, tmp_path).returncode == 0
-    header = script.split("# ---- common.sh", 1)[0]
+    header = script.split("# ---- skeleton.sh", 1)[0]
     var = {
         "binary": "SERVER_BIN",
         "model_path": "MODEL_PATH",
@@ -191,8 +191,8 @@ def test_a_batch_launch_runs_the_runner_after_the_server_and_ships_it() -> None:
     script = render(spec(batch_run=run_id, batch_concurrency=4))
     assert f"BATCH_RUN={run_id}" in script.splitlines() and "BATCH_CONCURRENCY=4" in script.splitlines()
     assert '[ -z "${BATCH_RUN:-}" ] || run_batch "$pid"' in script
-    assert "batchrun.py" in extra_files("llama.cpp", batch=True)
-    assert "batchrun.py" not in extra_files("llama.cpp")
+    assert {"batchrun.py", "supervisor.py"} <= set(extra_files("llama.cpp", batch=True))
+    assert not {"batchrun.py", "supervisor.py"} & set(extra_files("llama.cpp"))
     assert "BATCH_RUN=''" in render(spec()).splitlines()
     with pytest.raises(RenderError, match="batch run id"):
         render(spec(batch_run="../../etc"))
@@ -203,8 +203,8 @@ def test_replicas_hold_a_node_each_and_only_a_batch_launch_has_them() -> None:
     script = render(spec(batch_run=run_id, replicas=3))
     assert "#SBATCH --nodes=3" in script and "REPLICAS=3" in script.splitlines() and "NODES=1" in script.splitlines()
     assert (
-        'srun --nodes="$others" --ntasks="$others" --ntasks-per-node=1 --relative=1 bash "$SESSION_DIR/job.sh" replica'
-        in script
+        'srun --nodes="$others" --ntasks="$others" --ntasks-per-node=1 --relative=1 bash "$SESSION_DIR/$JOB_SCRIPT" '
+        "replica" in script
     )
     with pytest.raises(RenderError, match="replicas are for batch launches"):
         render(spec(replicas=2))

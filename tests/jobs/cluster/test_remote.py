@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from jobs.cluster import remote
+from jobs.cluster import layout, remote
 from portal.slurm.cli import SlurmCli
 from portal.slurm.errors import SlurmParseError
 
@@ -46,7 +46,7 @@ def test_poll_reports_live_jobs_and_asks_sacct_and_scontrol_only_about_the_other
         scontrol='[ "$4" = 103 ] && { echo "slurm_load_jobs error: Invalid job id specified" >&2; exit 1; }\n'
         'echo "JobId=$4 JobName=x JobState=TIMEOUT Reason=TimeLimit ExitCode=0:0"',
     )
-    session_dir = Path(env["HOME"]) / ".hpc-llm-portal" / "sessions" / A
+    session_dir = Path(env["HOME"]) / layout.SESSIONS_DIR / A
     session_dir.mkdir(parents=True)
     (session_dir / "connection.json").write_text('{"host": "127.0.0.1", "port": 4242, "node": "node1"}')
     out = run(remote.poll_command([(A, "101"), (B, "102"), (C, "103")]), env)
@@ -62,7 +62,7 @@ def test_poll_reports_live_jobs_and_asks_sacct_and_scontrol_only_about_the_other
 
 def test_poll_reads_each_batch_runs_progress_of_the_sessions_it_asks_about(tmp_path: Path) -> None:
     env = fake_bin(tmp_path, squeue=f"echo '101|hpcllm-{A}|RUNNING|None|2026-11-21T12:00:00|node1|1:00|59:00|gpu|1'")
-    runs = Path(env["HOME"]) / ".hpc-llm-portal" / "sessions" / A / "batch"
+    runs = Path(env["HOME"]) / layout.SESSIONS_DIR / A / "batch"
     (runs / B).mkdir(parents=True)
     (runs / B / "progress.json").write_text('{"state": "running", "done": 7, "total": 200}')
     (runs / C).mkdir()
@@ -100,7 +100,7 @@ def test_submit_stages_the_files_privately_and_submits_once(tmp_path: Path) -> N
     again = remote.parse_submit(run(remote.submit_command(A, payload.sha256), env, payload.stdin).stdout)
     assert again.existing and again.job_id == outcome.job_id
     assert len((Path(env["HOME"]) / "sbatch-calls").read_text().splitlines()) == 1
-    d = Path(env["HOME"]) / ".hpc-llm-portal" / "sessions" / A
+    d = Path(env["HOME"]) / layout.SESSIONS_DIR / A
     assert oct(d.stat().st_mode & 0o777) == "0o700"
     assert oct((d / "api_key").stat().st_mode & 0o777) == "0o600"
     assert (d / "api_key").read_text() == "sk-secret\n"
@@ -218,7 +218,7 @@ def test_a_cancel_with_a_job_id_cancels_it_by_id_and_by_name(tmp_path: Path) -> 
 
 def test_a_batch_run_is_staged_once_beside_its_session_and_a_stop_leaves_a_mark(tmp_path: Path) -> None:
     env = fake_bin(tmp_path)
-    session_dir = Path(env["HOME"]) / ".hpc-llm-portal" / "sessions" / A
+    session_dir = Path(env["HOME"]) / layout.SESSIONS_DIR / A
     payload = remote.tar_payload({"requests.jsonl": ('{"line": 1}\n', 0o600), "batchrun.py": ("# runner\n", 0o600)})
     command = remote.stage_batch_command(A, B, payload.sha256)
     refused = run(command, env, payload.stdin)
@@ -240,7 +240,7 @@ def test_a_batch_run_is_staged_once_beside_its_session_and_a_stop_leaves_a_mark(
 
 def test_poll_reports_why_the_job_gave_a_run_up(tmp_path: Path) -> None:
     env = fake_bin(tmp_path, squeue=f"echo '101|hpcllm-{A}|RUNNING|None|2026-11-21T12:00:00|node1|1:00|59:00|gpu|1'")
-    run_dir = Path(env["HOME"]) / ".hpc-llm-portal" / "sessions" / A / "batch" / B
+    run_dir = Path(env["HOME"]) / layout.SESSIONS_DIR / A / "batch" / B
     run_dir.mkdir(parents=True)
     (run_dir / "error").write_text("its runner stopped 5 times; see the job log\n@@end\n")
     result = remote.parse_poll(run(remote.poll_command([(A, "101")]), env).stdout)
@@ -294,7 +294,7 @@ def test_a_submit_does_not_take_squeues_cluster_line_for_an_earlier_job(tmp_path
 
 def test_poll_reads_each_sessions_staging_report(tmp_path: Path) -> None:
     env = fake_bin(tmp_path, squeue=f"echo '101|hpcllm-{A}|RUNNING|None|2026-11-21T12:00:00|node1|1:00|59:00|gpu|1'")
-    sessions = Path(env["HOME"]) / ".hpc-llm-portal" / "sessions"
+    sessions = Path(env["HOME"]) / layout.SESSIONS_DIR
     (sessions / A).mkdir(parents=True)
     (sessions / A / "staging.json").write_text('{"state": "copying", "bytes": 5, "total": 10}')
     (sessions / B).mkdir()
@@ -305,7 +305,7 @@ def test_poll_reads_each_sessions_staging_report(tmp_path: Path) -> None:
 
 def test_the_watch_returns_at_the_first_change_and_says_what_it_was(tmp_path: Path) -> None:
     env = fake_bin(tmp_path)
-    sessions = Path(env["HOME"]) / ".hpc-llm-portal" / "sessions"
+    sessions = Path(env["HOME"]) / layout.SESSIONS_DIR
     for sid in (A, B, C):
         (sessions / sid).mkdir(parents=True)
     (sessions / B / "connection.json").write_text("{}")

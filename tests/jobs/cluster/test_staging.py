@@ -1,4 +1,4 @@
-"""common.sh's stage_model run by bash on this machine: the copy, its reuse, room-making and clean-up.
+"""staging.sh's stage_model run by bash on this machine: the copy, its reuse, room-making and clean-up.
 
 Only `df` is stood in for (a script on PATH reporting a chosen capacity), so the room-making can be tested without
 filling a disk; everything else is the real shell, cp, flock and find.
@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from jobs.cluster.jobscript import SCRIPTS_DIR
+from jobs.cluster import layout
+from tests.jobs.cluster import jobside
 
 MIB = 1024**2
 
@@ -24,15 +25,10 @@ def stage(
     home: Path, model: Path, stage_to: str, keep: bool = True, capacity: int | None = None,
     env: dict[str, str] | None = None, session: str | None = None,
 ) -> tuple[str, str, dict[str, object]]:  # fmt: skip
-    """Run stage_model as a job would; the model path it leaves, the log, and staging.json."""
+    """Run stage_model as a job would; the model path it leaves, the log, and the staging report."""
     session = session or str(uuid.uuid4())
-    session_dir = home / ".hpc-llm-portal" / "sessions" / session
-    session_dir.mkdir(parents=True)
     values = {"SESSION_ID": session, "MODEL_PATH": str(model), "STAGE_TO": stage_to, "STAGE_KEEP": int(keep)}
-    script = "\n".join(f"{k}={shlex.quote(str(v))}" for k, v in values.items())
-    script += "\n" + (SCRIPTS_DIR / "common.sh").read_text()
-    script += '\nstart_traps\nstage_model\necho "MODEL_PATH=$MODEL_PATH"\n'
-    path = os.environ["PATH"]
+    extra = dict(env or {})
     if capacity is not None:
         bin_dir = home / "bin"
         bin_dir.mkdir(exist_ok=True)
@@ -43,14 +39,12 @@ def stage(
             f'echo "fake {capacity // 1024} $used $(({capacity // 1024} - used)) 0% /"\n'
         )
         (bin_dir / "df").chmod(0o755)
-        path = f"{bin_dir}:{path}"
-    done = subprocess.run(
-        ["bash", "-c", script], capture_output=True, text=True, timeout=60,
-        env={"HOME": str(home), "PATH": path, "USER": "tester", **(env or {})},
-    )  # fmt: skip
+        extra["PATH"] = f"{bin_dir}:{os.environ['PATH']}"
+    body = 'start_traps\nstage_model\necho "MODEL_PATH=$MODEL_PATH"'
+    done = jobside.run(home, body, values, parts=("skeleton.sh", "staging.sh"), env=extra)
     assert done.returncode == 0, done.stdout + done.stderr
     staged = done.stdout.rsplit("MODEL_PATH=", 1)[1].split("\n", 1)[0]
-    report_file = session_dir / "staging.json"
+    report_file = jobside.session_dir(home, session) / layout.NAMES.staging_file
     report = json.loads(report_file.read_text()) if report_file.exists() else {}
     return staged, done.stdout, report
 
