@@ -52,6 +52,7 @@ from django.db import close_old_connections, connections  # noqa: E402
 
 from bench.local import CLUSTER_DIR, CountingPool, setup  # noqa: E402
 from catalog.models import Cluster, ClusterAccount, GPUType, ModelVariant, Partition, Runtime  # noqa: E402
+from jobs.cluster import slurm  # noqa: E402
 from jobs.models import LLMSession, State  # noqa: E402
 from jobs.sessions import listing  # noqa: E402
 from jobs.tasks import poll_account  # noqa: E402
@@ -70,7 +71,7 @@ def submit_held(pool: ssh.SSHPool, account: ClusterAccount, names: list[str]) ->
 
 def make_sessions(account: ClusterAccount, n: int, pool: ssh.SSHPool) -> list[LLMSession]:
     ids = [uuid.uuid4() for _ in range(n)]
-    job_ids = submit_held(pool, account, [f"hpcllm-{i}" for i in ids])
+    job_ids = submit_held(pool, account, [slurm.job_name(str(i)) for i in ids])
     common = {
         "owner": account.user,
         "account": account,

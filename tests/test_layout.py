@@ -189,3 +189,82 @@ def test_no_job_side_shell_file_is_longer_than_one_sitting() -> None:
         path.name: n for path in JOB_SIDE.glob("*.sh") if (n := len(path.read_text().splitlines())) > MAX_SHELL_LINES
     }
     assert not long, f"split these by concern: {long}"
+
+
+def python_files() -> list[Path]:
+    """The portal's Python (its apps, the job side's helpers among them) and the benchmarks'."""
+    return sorted({*map(Path, modules().values()), *(REPO / "bench").rglob("*.py"), *(REPO / "scripts").rglob("*.py")})
+
+
+def test_the_job_name_prefix_is_spelled_in_one_python_module_and_never_in_a_script() -> None:
+    """Every script on a login host gets it as $JOB_NAME_PREFIX (jobs/cluster/remote.py's script()). Not counted:
+    an API key's prefix (sk-hpcllm-) and a benchmark's scratch folder (hpcllm-bench-)."""
+    from jobs.cluster import slurm
+
+    spelling = re.compile(rf"(?<![\w-]){re.escape(slurm.JOB_NAME_PREFIX)}(?!bench-)")
+    spelled = {str(p.relative_to(REPO)): n for p in python_files() if (n := len(spelling.findall(p.read_text())))}
+    assert spelled == {"jobs/cluster/slurm.py": 1}
+    assert not [path.name for path in JOB_SIDE.iterdir() if path.is_file() and spelling.search(path.read_text())]
+
+
+# ---- Slurm's text --------------------------------------------------------------------------------------------------
+
+HOSTLIST_MODULE = REPO / "portal" / "slurm" / "hostlist.py"
+# Hostlists a second expander would be written for; a pattern that reads one matches across its first "[".
+HOSTLISTS = ("node[1-3,7]", "gpu[01-02]", "rack[1-2]-n[1-2]")
+BRACKET_SEARCHES = {"find", "rfind", "index", "rindex", "split", "rsplit", "partition", "rpartition"}
+
+
+def hostlist_expanders(source: str) -> list[str]:
+    """What in a module's source reads Slurm hostlists itself: a function named for them, a regex that matches a
+    literal "[" within a hostlist (catalog/inventory.py had `([^,\\[]+)(?:\\[([^\\]]+)\\])?`), or a string searched
+    or split at a bracket."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and "hostlist" in node.name.lower():
+            found.append(f"line {node.lineno}: function {node.name}")
+        elif (
+            isinstance(node, ast.Constant)
+            and isinstance(node.value, str)
+            and ("\\[" in node.value or "[[]" in node.value)
+        ):
+            try:
+                pattern = re.compile(node.value)
+            except re.error:
+                continue
+            for text in HOSTLISTS:
+                match = pattern.search(text)
+                if match and match.start() <= text.index("[") < match.end():
+                    found.append(f"line {node.lineno}: regex {node.value!r} reads {text!r}")
+                    break
+        elif (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Attribute)
+            and node.func.attr in BRACKET_SEARCHES
+            and any(isinstance(arg, ast.Constant) and arg.value in ("[", "]") for arg in node.args)
+        ):
+            found.append(f"line {node.lineno}: {ast.unparse(node)}")
+    return found
+
+
+def test_hostlists_are_expanded_by_one_module() -> None:
+    """portal/slurm/hostlist.py reads them as Slurm does (tests/e2e/test_slurm_text.py compares it with scontrol);
+    a second reader disagrees with it somewhere (catalog/inventory.py's own read `node[1-2]-ib`, which Slurm
+    refuses, as node1, node2 and a node named "-ib")."""
+    others = {
+        str(path.relative_to(REPO)): found
+        for path in python_files()
+        if path != HOSTLIST_MODULE and (found := hostlist_expanders(path.read_text()))
+    }
+    assert not others, f"expand hostlists with portal.slurm.hostlist.expand_hostlist instead: {others}"
+
+
+def test_the_hostlist_check_sees_the_expanders_it_forbids() -> None:
+    assert hostlist_expanders(HOSTLIST_MODULE.read_text())  # the one expander: a copy of it would be seen too
+    old_inventory = 'import re\n_HOSTLIST_PART = re.compile(r"([^,\\[]+)(?:\\[([^\\]]+)\\])?")\n'
+    assert hostlist_expanders(old_inventory) == [
+        "line 2: regex '([^,\\\\[]+)(?:\\\\[([^\\\\]]+)\\\\])?' reads 'node[1-3,7]'"
+    ]
+    assert len(hostlist_expanders("def nodes_of(hostlist):\n    head, _, rest = hostlist.partition('[')\n")) == 1
+    assert len(hostlist_expanders("def parse_hostlist(text):\n    return text.split(',')\n")) == 1
+    assert not hostlist_expanders('import re\nOOD = re.compile(r"clusters\\[(\\d+)\\]")\n')  # not a hostlist

@@ -15,27 +15,35 @@ import shlex
 import tarfile
 from dataclasses import dataclass, field
 
-from jobs.cluster import layout
+from jobs.cluster import layout, slurm
 from portal import shellsafe
 from portal.slurm.cli import PLAIN, SlurmCli
 from portal.slurm.errors import SlurmParseError
 from portal.slurm.hostlist import expand_hostlist
 from portal.slurm.records import parse_job_records, parse_key_values
+from portal.slurm.sacct import SACCT_OPTIONS, parse_sacct
 from portal.slurm.sbatch import parse_sbatch_parsable
 from portal.slurm.squeue import SQUEUE_FORMAT, QueuedJob, parse_squeue
 
 # Exit codes of the submit script that mean "try again later".
 SUBMIT_RETRY = 75
 
+
+def script(body: str) -> str:
+    """A script the portal runs on a login host: the layout's names (jobs/cluster/layout.py), then the portal's
+    job-name prefix as $JOB_NAME_PREFIX (jobs/cluster/slurm.py), then the body, which spells neither again."""
+    return layout.script(f"JOB_NAME_PREFIX={shlex.quote(slurm.JOB_NAME_PREFIX)}\n{body}")
+
+
 # Runs on the login host as: bash -c SCRIPT submit UUID SHA256 <tar on stdin>.
 # The lock and the job_id file make a repeated submit (a retry, a second worker) return the first job instead
 # of creating another; the name lookup covers an sbatch that created the job but lost its reply. A cancel leaves a
 # cancelled mark under the same lock (CANCEL_SCRIPT), so a submit that comes after it never calls sbatch. Every
-# script here starts with the layout's names (jobs/cluster/layout.py).
-SUBMIT_SCRIPT = layout.script(r"""
+# script here starts with the layout's names and the job-name prefix (script()).
+SUBMIT_SCRIPT = script(r"""
 set -u
 umask 077
-sid=$1 sum=$2 name="hpcllm-$1"
+sid=$1 sum=$2 name="$JOB_NAME_PREFIX$1"
 d="$SESSIONS_DIR/$sid"
 mkdir -p "$d" && chmod 700 "$PORTAL_DIR" "$SESSIONS_DIR" "$d" || { echo "cannot create $d" >&2; exit 3; }
 exec 9>"$d/$SUBMIT_LOCK"
@@ -63,7 +71,7 @@ exit 64
 # Runs as: bash -c SCRIPT stage SESSION RUN SHA256 <tar on stdin>: a batch run on a running session, its files and
 # the helpers the job runs it with (moved beside the job script). The job (batch.sh, supervise_batches) starts its
 # supervisor once the start mark is there; staging twice changes nothing.
-STAGE_BATCH_SCRIPT = layout.script(r"""
+STAGE_BATCH_SCRIPT = script(r"""
 set -u
 umask 077
 sid=$1 run=$2 sum=$3
@@ -79,7 +87,7 @@ touch "$r/$START_MARK" && echo "staged"
 """)
 
 # Runs as: bash -c SCRIPT stop SESSION RUN: ask the job to stop a run's runner (what is done is kept).
-STOP_BATCH_SCRIPT = layout.script(r"""
+STOP_BATCH_SCRIPT = script(r"""
 r="$SESSIONS_DIR/$1/$BATCH_DIR/$2"
 [ -d "$r" ] || { echo "nothing staged"; exit 0; }
 touch "$r/$STOP_MARK" && echo "stopping"
@@ -101,10 +109,10 @@ def stop_batch_command(session_id: str, run_id: str) -> str:
 # Runs as: bash -c SCRIPT cancel UUID [JOBID]. Under the submit lock: mark the session cancelled (a submit after this
 # one never submits), then scancel its job by id when the portal knows it, and by name for one whose sbatch reply
 # was lost or that a submit in flight created just before the mark.
-CANCEL_SCRIPT = layout.script(r"""
+CANCEL_SCRIPT = script(r"""
 set -u
 umask 077
-sid=$1 jid=${2:-} name="hpcllm-$1"
+sid=$1 jid=${2:-} name="$JOB_NAME_PREFIX$1"
 d="$SESSIONS_DIR/$sid"
 mkdir -p "$d" && chmod 700 "$d" || { echo "cannot create $d" >&2; exit 3; }
 exec 9>"$d/$SUBMIT_LOCK"
@@ -119,7 +127,7 @@ echo "marked"
 # error file) or `running` (waiting for the connection file to go: the job stopped, or its server restarted).
 # Returns as soon as one session changed, printing `changed UUID ready|error|gone` lines, or after SECONDS with
 # none. Builtin tests only (and a sleep): cheap on a busy login host.
-WATCH_SCRIPT = layout.script(r"""
+WATCH_SCRIPT = script(r"""
 set -u
 end=$((SECONDS + $1))
 shift
@@ -164,7 +172,8 @@ def parse_watch(text: str) -> dict[str, str]:
 
 
 # Runs as: bash -c SCRIPT poll 0|1 UUID:JOBID ... ; prints @@-delimited sections (see parse_poll).
-POLL_SCRIPT = layout.script(r"""
+POLL_SCRIPT = (
+    script(r"""
 set -u
 order=$1
 shift
@@ -173,7 +182,7 @@ rc=$?
 echo "@@squeue $rc"
 if [ "$rc" -eq 0 ]; then
   # The portal's own jobs only: the user's other work (an array of thousands) must not swell the answer.
-  live=$(printf '%s\n' "$live" | awk -F'|' '$2 ~ /^hpcllm-/')
+  live=$(printf '%s\n' "$live" | awk -F'|' -v prefix="$JOB_NAME_PREFIX" 'index($2, prefix) == 1')
   printf '%s\n' "$live"
 else
   printf '%s\n' "$live" | head -c 2000
@@ -185,8 +194,8 @@ fi
 mine=$(printf '%s\n' "$live" | awk -F'|' '$3 == "PENDING" { print $1 }' | tr '\n' ' ')
 echo "@@order"
 if [ "$order" = 1 ] && [ -n "${mine// }" ]; then
-  squeue -h -t PENDING --sort=-p,i -o '%P|%i|%j' 2>/dev/null | awk -F'|' '
-    { place[$1]++ } ($3 ~ /^hpcllm-/) { print $1 "|" $2 "|" place[$1] }'
+  squeue -h -t PENDING --sort=-p,i -o '%P|%i|%j' 2>/dev/null | awk -F'|' -v prefix="$JOB_NAME_PREFIX" '
+    { place[$1]++ } index($3, prefix) == 1 { print $1 "|" $2 "|" place[$1] }'
 fi
 # The addresses of the nodes our running jobs hold: a job may only say it serves on one of its own nodes.
 nodes=$(printf '%s\n' "$live" | awk -F'|' '$3 != "PENDING" && $6 != "" && $6 != "(null)" { print $6 }' | paste -sd, -)
@@ -222,7 +231,7 @@ for pair in "$@"; do
 done
 if [ "${#gone[@]}" -gt 0 ]; then
   ids=$(IFS=,; echo "${gone[*]}")
-  out=$(sacct -n -P -X -j "$ids" -o JobID,JobName,State,ExitCode,Start,End,NodeList,Reason 2>&1)
+  out=$(sacct @SACCT@ -j "$ids" 2>&1)
   echo "@@sacct $?"
   printf '%s\n' "$out"
   for jid in "${gone[@]}"; do
@@ -232,27 +241,30 @@ if [ "${#gone[@]}" -gt 0 ]; then
   done
 fi
 echo "@@end"
-""").replace("@FORMAT@", SQUEUE_FORMAT)
+""")
+    .replace("@FORMAT@", SQUEUE_FORMAT)
+    .replace("@SACCT@", shlex.join(SACCT_OPTIONS))
+)
 
 
 # Runs as: bash -c SCRIPT listing, with a cluster's status account (catalog Cluster.status_account): every portal job
 # that account can see, whoever owns it, as "USER|<SQUEUE_FORMAT>|PLACE" (PLACE: a pending job's place in its
 # partition's queue by priority, else empty), in one squeue sorted as the scheduler orders the queue.
-LISTING_SCRIPT = r"""
+LISTING_SCRIPT = script(r"""
 set -u
 out=$(squeue -h --sort=-p,i -o '%u|@FORMAT@' 2>&1)
 rc=$?
 echo "@@listing $rc"
 if [ "$rc" -eq 0 ]; then
-  printf '%s\n' "$out" | awk -F'|' '
+  printf '%s\n' "$out" | awk -F'|' -v prefix="$JOB_NAME_PREFIX" '
     $4 == "PENDING" { place[$10]++ }
-    ($3 ~ /^hpcllm-/) { print $0 "|" ($4 == "PENDING" ? place[$10] : "") }'
+    index($3, prefix) == 1 { print $0 "|" ($4 == "PENDING" ? place[$10] : "") }'
 else
   printf '%s\n' "$out" | head -c 2000
   echo
 fi
 echo "@@end"
-""".replace("@FORMAT@", SQUEUE_FORMAT)
+""").replace("@FORMAT@", SQUEUE_FORMAT)
 
 
 LISTING_MAX_BYTES = 32 << 20  # about 110 bytes a job: some 300,000 portal jobs
@@ -385,7 +397,8 @@ class PollResult:
     squeue_error: str = ""
     queued: dict[str, QueuedJob] = field(default_factory=dict)  # by job id
     unreadable: list[str] = field(default_factory=list)
-    finished: dict[str, dict[str, str]] = field(default_factory=dict)  # job id -> record (sacct or scontrol)
+    # Job id -> its record, from sacct or scontrol, with scontrol's keys (JobState, ExitCode, EndTime...).
+    finished: dict[str, dict[str, str]] = field(default_factory=dict)
     asked_gone: set[str] = field(default_factory=set)  # job ids sacct/scontrol were asked about successfully
     connections: dict[str, dict[str, object]] = field(default_factory=dict)  # session id -> connection.json
     errors: dict[str, str] = field(default_factory=dict)  # session id -> error file
@@ -409,9 +422,6 @@ class PollResult:
         if not nodes or any(node not in self.node_names for node in nodes):
             return None
         return set().union(*(self.node_names[node] for node in nodes))
-
-
-_SACCT_FIELDS = ("JobID", "JobName", "JobState", "ExitCode", "StartTime", "EndTime", "NodeList", "Reason")
 
 
 def _json_object(content: str) -> dict[str, object] | None:
@@ -445,13 +455,9 @@ def parse_poll(text: str) -> PollResult:
             else:
                 result.squeue_error = content[:500]
         elif kind == "sacct" and args == ["0"]:
-            for line in content.splitlines():
-                values = line.split("|")
-                if len(values) == len(_SACCT_FIELDS) and shellsafe.JOB_ID.accepts(values[0]):
-                    record = dict(zip(_SACCT_FIELDS, values, strict=True))
-                    record["JobState"] = record["JobState"].split()[0] if record["JobState"] else ""
-                    result.finished.setdefault(values[0], record)
-                    result.asked_gone.add(values[0])
+            records, _unreadable = parse_sacct(content)
+            result.finished.update(records)
+            result.asked_gone.update(records)
         elif kind == "scontrol" and len(args) == 2:
             rc, job_id = args
             if rc == "0":

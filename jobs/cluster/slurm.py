@@ -7,7 +7,7 @@ from portal import shellsafe
 from portal.slurm.cli import PLAIN, SlurmCli
 from portal.slurm.squeue import SQUEUE_FORMAT
 
-# The job scripts (remote.py's SUBMIT_SCRIPT, the poll's queue order) name it too.
+# The one spelling: the scripts on a login host get it as $JOB_NAME_PREFIX (remote.script()).
 JOB_NAME_PREFIX = "hpcllm-"
 
 

@@ -502,7 +502,7 @@ def apply_poll(session: LLMSession, polled: remote.PollResult) -> int:
         )
     record = polled.finished.get(session.job_id)
     if record is not None:
-        slurm_state = record.get("JobState", "").split()[0] if record.get("JobState") else ""
+        slurm_state = jobstates.base_state(record.get("JobState", ""))
         if slurm_state in jobstates.FINISHED_STATES:
             return int(_end(session, slurm_state, record, polled.errors.get(sid, "")))
         return 0

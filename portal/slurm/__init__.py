@@ -8,6 +8,7 @@ Slurm's formats and nothing of Django or SSH. One module a format:
     gres.py       GRES strings (gpu:a100:2(S:0-1),shard:8) and MIG profiles (3g.40gb)
     jobstates.py  job states by what they mean: waiting, active, finished
     squeue.py     squeue's rows in the portal's format, and the pending jobs' demand per partition
+    sacct.py      sacct's rows of jobs squeue no longer lists, read as scontrol's records
     sinfo.py      sinfo's rows per node and partition: state, features, GRES configured and used
     sbatch.py     what sbatch prints: --parsable's job id, --test-only's estimate, its errors
 

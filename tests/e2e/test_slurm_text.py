@@ -1,19 +1,25 @@
 """The library of Slurm's text (portal/slurm/) against the live local cluster's Slurm: hostlists as `scontrol show
-hostnames` expands them, time limits as sbatch reads them, and the nodes and partitions scontrol lists now.
+hostnames` expands them, time limits as sbatch reads them, the nodes and partitions scontrol lists now, and sacct's
+answer to the poll's question.
 
 Runs Slurm's commands as root on this host; submits no job (`sbatch --test-only` only asks when a job would start).
 The same inputs, recorded, are the unit tests' (tests/portal/data/slurm/)."""
 
 from __future__ import annotations
 
+import os
+import re
 import subprocess
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from portal.slurm.errors import SlurmParseError
 from portal.slurm.hostlist import MAX_RANGE, expand_hostlist
-from portal.slurm.records import parse_nodes, parse_partitions
+from portal.slurm.jobstates import base_state
+from portal.slurm.records import parse_job_records, parse_nodes, parse_partitions
+from portal.slurm.sacct import SACCT_OPTIONS, parse_sacct
 from portal.slurm.sinfo import SINFO_GRES_OPTIONS, parse_sinfo_gres
 from portal.slurm.times import parse_limit_min
 from tests.portal.slurm.data import (
@@ -23,6 +29,7 @@ from tests.portal.slurm.data import (
     hostnames_expected,
     sbatch_time_of,
 )
+from tests.portal.slurm.data import text as recorded
 
 pytestmark = pytest.mark.e2e
 
@@ -93,3 +100,41 @@ def test_the_live_nodes_and_partitions_parse_and_agree_with_each_other(cluster: 
     assert bad == [] and gres
     for seen in gres:
         assert seen.gpus == dict(nodes[seen.node].gpus) and seen.features == nodes[seen.node].features
+
+
+def test_sacct_answers_the_polls_question_as_recorded(cluster: dict[str, Any]) -> None:
+    """No slurmdbd here: sacct says so and prints no row, as recorded. On a cluster with one every row it prints for
+    the poll's options is read."""
+    asked = slurm("sacct", *SACCT_OPTIONS, "-j", "1")
+    if asked.returncode != 0:
+        assert (asked.stdout, asked.stderr) == ("", recorded("sacct-disabled.txt"))
+    assert parse_sacct(asked.stdout)[1] == []
+
+
+def test_sacct_rows_of_the_finished_jobs_say_what_their_completion_records_say(
+    cluster: dict[str, Any], tmp_path: Path
+) -> None:
+    """sacct --completion reads the cluster's jobcomp log (a copy, named by a copy of slurm.conf) through the same
+    printer that prints slurmdbd's rows: the library reads them with scontrol's keys and its values."""
+    log = tmp_path / "jobcomp.log"
+    log.write_text(Path(cluster["jobcomp_log"]).read_text())
+    logged = parse_job_records(log.read_text())  # a requeued job's later record wins, as its later row does
+    if not logged:
+        pytest.skip("no job has finished on the local cluster yet")
+    config = Path(os.environ.get("SLURM_CONF", "/etc/slurm/slurm.conf")).read_text()
+    (tmp_path / "slurm.conf").write_text(re.sub(r"(?m)^JobCompLoc=.*$", f"JobCompLoc={log}", config))
+    asked = subprocess.run(
+        ["sacct", "--completion", *SACCT_OPTIONS, "-j", ",".join(logged)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "SLURM_CONF": str(tmp_path / "slurm.conf")},
+    )
+    records, bad = parse_sacct(asked.stdout)
+    assert asked.returncode == 0 and bad == [], asked.stderr
+    assert set(records) == set(logged)
+    keys = ("JobState", "ExitCode", "StartTime", "EndTime", "NodeList")
+    for job_id, record in records.items():
+        entry = {**logged[job_id], "JobState": base_state(logged[job_id]["JobState"])}
+        assert [record[key] for key in keys] == [entry[key] for key in keys], job_id
+        assert record["JobName"] == entry["Name"]  # the log's key for it; scontrol show job says JobName

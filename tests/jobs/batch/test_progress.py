@@ -192,7 +192,7 @@ def test_a_cancelled_batch_launchs_run_stops_with_the_cancel_tasks_own_poll(
         monkeypatch,
         "marked\n",
         "@@squeue 0\n\n@@sacct 0\n"
-        "42|hpcllm-x|CANCELLED by 1000|0:0|2026-11-21T12:00:00|2026-11-21T12:05:00|node1|None\n@@end\n",
+        "42|CANCELLED by 1000|0:0|2026-11-21T12:00:00|2026-11-21T12:05:00|node1|None|hpcllm-x\n@@end\n",
     )
     assert tasks.cancel_session.apply(args=(str(run.session_id),)).get() == State.CANCELLED
     assert len(sent) == 2  # the scancel and one poll

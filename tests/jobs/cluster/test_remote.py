@@ -12,13 +12,14 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from jobs.cluster import layout, remote
+from jobs.cluster import layout, remote, slurm
 from portal.slurm.cli import SlurmCli
 from portal.slurm.errors import SlurmParseError
 
 A = "0f8e6c2a-1b2c-4d3e-8f90-123456789abc"
 B = "1f8e6c2a-1b2c-4d3e-8f90-123456789abc"
 C = "2f8e6c2a-1b2c-4d3e-8f90-123456789abc"
+SLURM_DATA = Path(__file__).resolve().parents[2] / "portal" / "data" / "slurm"
 
 
 def fake_bin(tmp_path: Path, **scripts: str) -> dict[str, str]:
@@ -42,7 +43,7 @@ def test_poll_reports_live_jobs_and_asks_sacct_and_scontrol_only_about_the_other
         tmp_path,
         squeue=f"echo '101|hpcllm-{A}|RUNNING|None|2026-11-21T12:00:00|node1|1:00|59:00|gpu|1'",
         sacct='echo "$@" >"$HOME/sacct-args"\n'
-        'echo "102|hpcllm-x|CANCELLED by 1000|0:15|2026-11-21T11:00:00|2026-11-21T11:05:00|node2|None"',
+        'echo "102|CANCELLED by 1000|0:15|2026-11-21T11:00:00|2026-11-21T11:05:00|node2|None|hpcllm-x"',
         scontrol='[ "$4" = 103 ] && { echo "slurm_load_jobs error: Invalid job id specified" >&2; exit 1; }\n'
         'echo "JobId=$4 JobName=x JobState=TIMEOUT Reason=TimeLimit ExitCode=0:0"',
     )
@@ -58,6 +59,40 @@ def test_poll_reports_live_jobs_and_asks_sacct_and_scontrol_only_about_the_other
     assert "-j 102,103" in (Path(env["HOME"]) / "sacct-args").read_text()
     assert result.finished["102"]["JobState"] == "TIMEOUT"  # scontrol wins over sacct for jobs it still holds
     assert result.asked_gone == {"102", "103"}
+
+
+def test_poll_reads_how_jobs_the_controller_forgot_ended_from_sacct(tmp_path: Path) -> None:
+    # sacct prints the rows it printed on the local cluster (tests/portal/data/slurm/) for the jobs it is asked about.
+    env = fake_bin(
+        tmp_path,
+        squeue="true",
+        sacct='while [ $# -gt 0 ]; do [ "$1" = -j ] && ids=$2; shift; done\n'
+        f'grep -E "^(${{ids//,/|}})\\|" {SLURM_DATA / "sacct-completion.txt"}',
+        scontrol='echo "slurm_load_jobs error: Invalid job id specified" >&2; exit 1',
+    )
+    result = remote.parse_poll(run(remote.poll_command([(A, "62"), (B, "71"), (C, "999")]), env).stdout)
+    assert result.complete and set(result.finished) == {"62", "71"}
+    assert result.finished["62"]["JobState"] == "COMPLETED"  # requeued once: its last row
+    assert (result.finished["71"]["JobState"], result.finished["71"]["ExitCode"]) == ("FAILED", "1:0")
+    assert result.asked_gone == {"62", "71", "999"}  # 999: scontrol's answer, sacct has no row of it
+
+
+def test_a_sacct_without_accounting_reads_as_no_answer(tmp_path: Path) -> None:
+    env = fake_bin(
+        tmp_path,
+        squeue="true",
+        sacct=f"cat {SLURM_DATA / 'sacct-disabled.txt'} >&2; exit 1",
+        scontrol='[ "$4" = 71 ] && { echo "JobId=71 JobState=FAILED ExitCode=1:0"; exit 0; }; exit 1',
+    )
+    result = remote.parse_poll(run(remote.poll_command([(A, "62"), (B, "71")]), env).stdout)
+    assert result.complete and set(result.finished) == {"71"} and result.asked_gone == {"71"}
+
+
+def test_the_scripts_spell_the_job_name_prefix_only_where_they_assign_it() -> None:
+    scripts = [remote.SUBMIT_SCRIPT, remote.CANCEL_SCRIPT, remote.POLL_SCRIPT, remote.LISTING_SCRIPT]
+    for script in scripts:
+        assert script.count(slurm.JOB_NAME_PREFIX) == 1
+        assert f"JOB_NAME_PREFIX={slurm.JOB_NAME_PREFIX}\n" in script and "$JOB_NAME_PREFIX" in script
 
 
 def test_poll_reads_each_batch_runs_progress_of_the_sessions_it_asks_about(tmp_path: Path) -> None:
