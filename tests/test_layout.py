@@ -268,3 +268,31 @@ def test_the_hostlist_check_sees_the_expanders_it_forbids() -> None:
     assert len(hostlist_expanders("def nodes_of(hostlist):\n    head, _, rest = hostlist.partition('[')\n")) == 1
     assert len(hostlist_expanders("def parse_hostlist(text):\n    return text.split(',')\n")) == 1
     assert not hostlist_expanders('import re\nOOD = re.compile(r"clusters\\[(\\d+)\\]")\n')  # not a hostlist
+
+
+# ---- the tests themselves ------------------------------------------------------------------------------------------
+
+TESTS = REPO / "tests"
+# Where tests of each marker may live (a browser test may need the cluster too), and the folder whose every module
+# carries the marker.
+MARKED = {
+    "e2e": ((TESTS / "e2e", TESTS / "browser"), TESTS / "e2e"),
+    "browser": ((TESTS / "browser",), TESTS / "browser"),
+}
+
+
+@pytest.mark.parametrize("marker", sorted(MARKED))
+def test_tests_that_need_the_cluster_or_a_browser_live_in_their_folder_and_are_marked(marker: str) -> None:
+    """`make test-fast` leaves the e2e and browser tests out by their markers and runs the rest in parallel: a marked
+    test elsewhere hides among the unit tests, and an unmarked one in tests/e2e would run without its cluster."""
+    homes, own = MARKED[marker]
+    mark = f"pytest.mark.{marker}"
+    strays = [
+        p.relative_to(REPO)
+        for p in TESTS.rglob("test_*.py")
+        if not any(home in p.parents for home in homes) and mark in p.read_text()
+    ]
+    assert not strays, f"move to {own.relative_to(REPO)}: {strays}"
+    module_mark = re.compile(rf"^pytestmark = .*\b{re.escape(mark)}\b", re.MULTILINE)
+    unmarked = [p.name for p in own.glob("test_*.py") if not module_mark.search(p.read_text())]
+    assert not unmarked, f"mark each module: pytestmark = {mark}"

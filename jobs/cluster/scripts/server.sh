@@ -49,7 +49,7 @@ wait_ready() {
       fail "$(server_error "the server exited with code $? before it was ready")"
     fi
     [ "$(http_status GET "$host" "$port" "$path")" = 200 ] && return 0
-    sleep 2
+    sleep 0.5 # a loaded model is offered within half a second (a health check is one cheap request)
   done
   fail "the server was not ready after ${READY_TIMEOUT_S}s"
 }
@@ -102,7 +102,7 @@ serve_until_end() {
   [ -z "${BATCH_RUN:-}" ] || run_batch "$pid"
   while kill -0 "$pid" 2>/dev/null; do
     supervise_batches
-    sleep 2
+    sleep 1
   done
   wait "$pid"
   rc=$?

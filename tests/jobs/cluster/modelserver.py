@@ -61,7 +61,7 @@ def serving() -> Iterator[str]:
     """A fresh model server on a loopback port; its URL."""
     Model.delay_s, Model.seen, Model.tries = 0.0, [], {}
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), Model)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    threading.Thread(target=httpd.serve_forever, args=(0.05,), daemon=True).start()
     try:
         yield f"http://127.0.0.1:{httpd.server_address[1]}"
     finally:

@@ -85,7 +85,7 @@ class Health(BaseHTTPRequestHandler):
 @pytest.fixture
 def upstream() -> Iterator[int]:
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), Health)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    threading.Thread(target=httpd.serve_forever, args=(0.05,), daemon=True).start()
     yield int(httpd.server_address[1])
     httpd.shutdown()
 
@@ -311,7 +311,7 @@ def test_a_serving_session_takes_a_run_once_it_is_staged(home: Path, session: st
         body += f'write_connection 127.0.0.1 {url.rsplit(":", 1)[1]}\nserve_until_end "$SERVER_PID"'
         job = start_job(home, body, batch_values(session), helpers=("supervisor.py", "batchrun.py"))
         try:
-            time.sleep(2.5)  # a session with no run starts no Python for runs
+            time.sleep(1.5)  # a session with no run starts no Python for runs (the job looks every second)
             assert not any("supervisor.py" in " ".join(argv) for argv in argvs_under(folder))
             run = stage_run(folder, [f"q{i}" for i in range(5)], start=True)
             wait_until((run / NAMES.output_file).exists)

@@ -97,7 +97,7 @@ def start_proxy(upstream: list[str], tmp_path: Path, *options: str) -> Iterator[
 @pytest.fixture
 def upstream() -> Iterator[ThreadingHTTPServer]:
     server = ThreadingHTTPServer(("127.0.0.1", 0), Upstream)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
     yield server
     server.shutdown()
 
@@ -218,7 +218,7 @@ def test_connections_above_the_limit_are_turned_away_at_once(tight_proxy: str) -
 def test_a_server_on_a_unix_socket_is_reached_only_through_the_proxy(tmp_path: Path) -> None:
     path = tmp_path / "server.sock"
     server = UnixUpstream(str(path), Upstream)  # type: ignore[arg-type]
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
     try:
         for url in start_proxy(["--upstream-socket", str(path)], tmp_path):
             assert httpx.get(f"{url}/health", timeout=5).status_code == 200

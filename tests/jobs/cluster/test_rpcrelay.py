@@ -65,7 +65,7 @@ def relay(tmp_path: Path, name: str, key: str, *args: str) -> subprocess.Popen[b
 def rpc_server() -> Iterator[int]:
     server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Recorder)
     server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
     Recorder.received = []
     yield int(server.server_address[1])
     server.shutdown()
@@ -171,7 +171,7 @@ def test_the_client_side_sends_nothing_to_an_impostor_that_lacks_the_key(tmp_pat
                 pass
 
     server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Impostor)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
     try:
         for local in connecting(tmp_path, int(server.server_address[1])):
             assert exchange(local, b"secret prompt activations") == b""

@@ -33,7 +33,8 @@ args = sys.argv[1:]
 folder = pathlib.Path(args[args.index("--requests") + 1]).parent
 starts = folder / "starts"
 count = int(starts.read_text()) + 1 if starts.exists() else 1
-starts.write_text(str(count))
+(folder / "starts.tmp").write_text(str(count))
+(folder / "starts.tmp").replace(starts)  # whole or not at all: the test reads it meanwhile
 plan = (folder / "plan").read_text().split()
 what = plan[min(count, len(plan)) - 1]
 (folder / "argv").write_text("\\n".join(args))

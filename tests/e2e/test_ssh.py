@@ -1,4 +1,4 @@
-"""jobs/ssh.py against the real sshd of the local cluster: pinning, pooling, errors, bounded output, tunnels."""
+"""portal/ssh.py against the real sshd of the local cluster: pinning, pooling, errors, bounded output, tunnels."""
 
 from __future__ import annotations
 
