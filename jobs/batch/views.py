@@ -12,7 +12,7 @@ from uuid import UUID
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.core.exceptions import ValidationError
-from django.http import Http404, HttpResponse, HttpResponseBase, HttpResponseRedirect, StreamingHttpResponse
+from django.http import Http404, HttpResponse, HttpResponseBase, HttpResponseRedirect
 from django.urls import reverse
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
@@ -22,7 +22,7 @@ from jobs.batch.forms import BatchForm
 from jobs.models import BatchRun, measured_pace
 from jobs.sessions.access import get_session_for
 from jobs.sessions.forms import LaunchForm, form_errors
-from portal import ssh
+from portal import ssh, streaming
 from portal.errors import messages_of
 from portal.htmx import HtmxHttpRequest, render_page, render_partial
 
@@ -136,7 +136,7 @@ def batch_output(request: HtmxHttpRequest, pk: UUID, fmt: str) -> HttpResponseBa
     if fmt == "csv" and in_order:
         prompts = outputs.prompts_of(outputs.lines(_local_chunks(run)))
     body = outputs.convert(records, fmt, str(run.pk), prompts)
-    response = StreamingHttpResponse(body, content_type=CONTENT_TYPES[fmt])
+    response = streaming.StreamingResponse(body, content_type=CONTENT_TYPES[fmt])
     extension = "csv" if fmt == "csv" else "jsonl"
     stem = run.name.rsplit(".", 1)[0] or "batch"
     response["Content-Disposition"] = f'attachment; filename="{stem}-{fmt}-results.{extension}"'

@@ -20,7 +20,7 @@ from django.contrib.auth import get_user_model
 from django.contrib.auth.models import User
 from django.core.exceptions import ValidationError
 from django.core.files import File
-from django.http import HttpRequest, HttpResponseBase, JsonResponse, StreamingHttpResponse
+from django.http import HttpRequest, HttpResponseBase, JsonResponse
 from django.http.multipartparser import MultiPartParser, MultiPartParserError
 from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.debug import sensitive_variables
@@ -33,7 +33,7 @@ from jobs.sessions.forms import LaunchForm
 from jobs.use import targets
 from jobs.use.guard import BODY, HOLDER, admitted, refused
 from jobs.use.headers import openai_error
-from portal import ssh
+from portal import ssh, streaming
 from portal.errors import messages_of
 
 OUTPUT_PREFIX = "file-output-"
@@ -213,7 +213,7 @@ def file_content(request: HttpRequest, holder: targets.Holder, user: User, file_
             while chunk := f.read(1 << 16):
                 yield chunk
 
-    return StreamingHttpResponse(chunks(), content_type="application/jsonl")
+    return streaming.StreamingResponse(chunks(), content_type="application/jsonl")
 
 
 def _stream_output(run: BatchRun) -> HttpResponseBase:
@@ -223,7 +223,8 @@ def _stream_output(run: BatchRun) -> HttpResponseBase:
         return openai_error(404, "the batch has no output yet", "invalid_request_error", "file_not_found")
     except ssh.SSHError as exc:
         return openai_error(503, f"{run.session.cluster.name} cannot be reached now: {exc}", "server_error")
-    return StreamingHttpResponse(outputs.convert(records, "openai", str(run.pk)), content_type="application/jsonl")
+    body = outputs.convert(records, "openai", str(run.pk))
+    return streaming.StreamingResponse(body, content_type="application/jsonl")
 
 
 def _models_named(upload: BatchFile) -> set[str]:

@@ -1,14 +1,18 @@
 """The batch pages (jobs/batch/views.py): a run's page with its history and the time its answers may take, for those
-who may see its session; the list of my runs; a stop; and the admin's read-only view of runs and their history."""
+who may see its session; the list of my runs; a stop; the admin's read-only view of runs and their history; and the
+results' download, streamed from the cluster as uvicorn serves it (tests/asgi.py) and whole to Django's test client."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
 from django.test import Client
 
 from jobs.models import BatchRun, transition_run
+from tests import asgi
+from tests.jobs.batch.results import Results
 
 pytestmark = pytest.mark.django_db
 
@@ -98,3 +102,63 @@ def test_stopping_a_run_from_its_page_is_for_those_who_may_see_it(
     with django_capture_on_commit_callbacks(execute=False):
         assert client.post(f"/batch/{run.pk}/stop")["Location"] == f"/batch/{run.pk}/"
     assert run.session.events.filter(cause__startswith="batch run stopped").exists()
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.filterwarnings("error:StreamingHttpResponse must consume")  # Django reads the iterator whole
+def test_a_download_sends_its_first_results_before_the_cluster_has_sent_the_rest(
+    run: BatchRun, owner: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    results = Results(monkeypatch, count=3)
+    headers = asgi.browser(owner)
+
+    async def download() -> tuple[int, str, bytes, bytes]:
+        async with (
+            asgi.client(headers) as page,
+            page.stream("GET", f"/batch/{run.pk}/output/jsonl") as reply,
+        ):
+            pieces = reply.aiter_raw()
+            first = await anext(pieces)  # while the cluster's stream waits for it
+            results.seen.set()
+            return reply.status_code, reply.headers["content-type"], first, b"".join([p async for p in pieces])
+
+    status, content_type, first, rest = asgi.run(download())
+    assert (status, content_type) == (200, "application/jsonl")
+    assert [json.loads(line)["reply"] for line in first.splitlines()] == ["answer 1"]
+    assert [json.loads(line)["line"] for line in (first + rest).splitlines()] == [1, 2, 3]
+    assert results.closed.is_set()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_client_that_leaves_a_download_closes_its_stream_from_the_cluster(
+    run: BatchRun, owner: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    results = Results(monkeypatch, count=None)  # endless
+    headers = asgi.browser(owner)
+
+    async def leave_after_the_first_results() -> None:
+        async with (
+            asgi.client(headers) as page,
+            page.stream("GET", f"/batch/{run.pk}/output/openai") as reply,
+        ):
+            assert json.loads((await anext(reply.aiter_raw())).splitlines()[0])["custom_id"] == "line-1"
+            results.seen.set()
+
+    asgi.run(leave_after_the_first_results())  # returns once the application has finished with the request
+    assert results.closed.is_set()
+
+
+def test_django_s_test_client_gets_a_download_whole_as_wsgi_serves_it(
+    run: BatchRun, owner: Any, other_user: Any, client: Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    results = Results(monkeypatch, count=3)
+    results.seen.set()
+    client.force_login(owner)
+    reply = client.get(f"/batch/{run.pk}/output/csv")
+    assert reply.streaming and reply["Content-Disposition"] == 'attachment; filename="p-csv-results.csv"'
+    rows = b"".join(reply.streaming_content).decode().splitlines()  # type: ignore[attr-defined]
+    assert rows[0].startswith("line,id,prompt,reply") and [row.split(",")[3] for row in rows[1:]] == [
+        "answer 1", "answer 2", "answer 3"
+    ]  # fmt: skip
+    client.force_login(other_user)
+    assert client.get(f"/batch/{run.pk}/output/csv").status_code == 404

@@ -1,6 +1,6 @@
 """OpenAI's Files and Batch API (jobs/use/openai_batches.py) through the ASGI application, as the `openai` client
 reaches it: the door reads the body (an upload, a batch's JSON) and the views take it from there; everything is the
-token holder's own."""
+token holder's own; files come back streamed, a batch's output as the cluster sends it."""
 
 from __future__ import annotations
 
@@ -9,9 +9,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from django.core.files.uploadedfile import SimpleUploadedFile, UploadedFile
+from django.utils.datastructures import MultiValueDict
 
-from jobs.models import ApiToken, BatchFile
-from tests.asgi import Portal, bearer
+from catalog.models import ClusterAccount
+from jobs.batch.actions import launch
+from jobs.batch.forms import BatchForm
+from jobs.models import ApiToken, BatchFile, BatchRun
+from tests.asgi import Portal, bearer, client, run
+from tests.conftest import LAUNCH
+from tests.jobs.batch.results import Results
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -37,6 +44,7 @@ def upload(portal: Portal, content: bytes) -> Any:
     return portal.post("/api/v1/files", files={"file": ("batch.jsonl", content)}, data={"purpose": "batch"})
 
 
+@pytest.mark.filterwarnings("error:StreamingHttpResponse must consume")  # Django reads the iterator whole
 def test_an_input_file_is_uploaded_listed_and_read_back_by_its_owner_only(owner: Any, other_user: Any) -> None:
     mine = api(owner)
     reply = upload(mine, INPUT)
@@ -70,3 +78,49 @@ def test_a_batch_needs_a_running_session_that_the_lines_name(owner: Any) -> None
     assert mine.post("/api/v1/batches", content=b"{oops").status_code == 400
     assert mine.get("/api/v1/batches").json()["data"] == []
     assert Portal().get("/api/v1/batches").status_code == 401
+
+
+@pytest.mark.filterwarnings("error:StreamingHttpResponse must consume")
+def test_a_large_input_file_comes_back_as_uploaded(owner: Any) -> None:
+    large = b"".join(json.dumps(line(n)).encode() + b"\n" for n in range(3000))  # several reads of the file
+    mine = api(owner)
+    file_id = upload(mine, large).json()["id"]
+    assert mine.get(f"/api/v1/files/{file_id}/content").content == large
+
+
+@pytest.fixture
+def batch(account: ClusterAccount, owner: Any, django_capture_on_commit_callbacks: Any) -> BatchRun:
+    """The owner's batch launch of three prompts, waiting for its job."""
+    files: MultiValueDict[str, UploadedFile] = MultiValueDict(
+        {"prompts": [SimpleUploadedFile("p.txt", b"one\ntwo\nthree\n")]}
+    )
+    form = BatchForm({}, files)
+    assert form.is_valid(), form.errors
+    assert form.checked is not None
+    with django_capture_on_commit_callbacks(execute=False), form.checked.requests:
+        session = launch(owner, {**LAUNCH, "purpose": "batch"}, batch=form.checked)
+    return BatchRun.objects.get(session=session)
+
+
+@pytest.mark.filterwarnings("error:StreamingHttpResponse must consume")
+def test_a_batchs_output_streams_from_the_cluster_as_it_comes(
+    batch: BatchRun, owner: Any, other_user: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    results = Results(monkeypatch, count=3)
+    headers = bearer(ApiToken.issue(owner, "script")[1])
+    path = f"/api/v1/files/file-output-{batch.pk.hex}/content"
+
+    async def download() -> tuple[int, bytes, bytes]:
+        async with client(headers) as api_client, api_client.stream("GET", path) as reply:
+            pieces = reply.aiter_raw()
+            first = await anext(pieces)  # while the cluster's stream waits for it
+            results.seen.set()
+            return reply.status_code, first, b"".join([p async for p in pieces])
+
+    status, first, rest = run(download())
+    assert status == 200 and [json.loads(o)["custom_id"] for o in first.splitlines()] == ["line-1"]
+    outputs = [json.loads(o) for o in (first + rest).splitlines()]
+    assert [o["custom_id"] for o in outputs] == ["line-1", "line-2", "line-3"]
+    assert outputs[2]["response"]["body"]["choices"][0]["message"]["content"] == "answer 3"
+    assert results.closed.is_set()
+    assert api(other_user).get(path).status_code == 404
