@@ -6,7 +6,7 @@ from django import forms
 from django.contrib import admin, messages
 from django.contrib.auth.models import User
 from django.core.exceptions import ValidationError
-from django.db.models import Count, QuerySet
+from django.db.models import Count, Exists, OuterRef, QuerySet
 from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
 from django.shortcuts import get_object_or_404
 from django.template.response import TemplateResponse
@@ -18,6 +18,7 @@ from catalog import scan as scanning
 from catalog.add_model import add, add_all, cluster_reader, inspect
 from catalog.inventory import DiscoverError
 from catalog.models import (
+    TRUST_PERMISSION,
     Cluster,
     ClusterAccount,
     ClusterRuntime,
@@ -59,6 +60,7 @@ class ClusterAdmin(admin.ModelAdmin[Cluster]):
         "host_key_pinned",
         "partition_count",
         "drift_seen",
+        "queue_figures",
     ]
     list_filter = ["node_access"]
     search_fields = ["name", "slug", "login_host", "notes"]
@@ -68,25 +70,28 @@ class ClusterAdmin(admin.ModelAdmin[Cluster]):
         (None, {"fields": ["name", "slug", "notes"]}),
         ("Login host", {"fields": ["login_host", "ssh_port", "host_key", "node_access"]}),
         ("Slurm", {"fields": ["default_account", "slurm_cluster", "slurm_bin_dir", "status_account"]}),
+        ("Site-wide reads", {"fields": ["site_reads"]}),
         ("Staging weights on node-local storage", {"fields": ["stage_to", "stage_keep"]}),
         ("Per-user limits", {"fields": ["max_sessions_per_user", "max_gpus_per_user"]}),
         ("Discovery", {"fields": ["discovered_at", "discovered_with", "drift"]}),
     ]
-    readonly_fields = ["discovered_at", "discovered_with", "drift"]
+    readonly_fields = ["discovered_at", "discovered_with", "drift", "site_reads"]
 
     change_form_template = "admin/catalog/cluster/change_form.html"
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[Cluster]:
-        return super().get_queryset(request).annotate(n_partitions=Count("partitions"))
+        readers = ClusterAccount.objects.filter(ClusterAccount.reads_for_site_q(), cluster=OuterRef("pk"))
+        return super().get_queryset(request).annotate(n_partitions=Count("partitions"), has_reader=Exists(readers))
 
     def get_form(
         self, request: HttpRequest, obj: Cluster | None = None, change: bool = False, **kwargs: Any
     ) -> type[forms.ModelForm[Cluster]]:
-        """The status account is one of this cluster's own accounts (a new cluster has none yet)."""
+        """The status account is one of this cluster's own service or trusted accounts (a new cluster has none)."""
         form = super().get_form(request, obj, change, **kwargs)
         field = form.base_fields.get("status_account")
         if isinstance(field, forms.ModelChoiceField):
-            field.queryset = ClusterAccount.objects.filter(cluster=obj) if obj else ClusterAccount.objects.none()
+            readers = ClusterAccount.objects.filter(ClusterAccount.reads_for_site_q(), cluster=obj)
+            field.queryset = readers if obj else ClusterAccount.objects.none()
         return form
 
     def get_urls(self) -> list[URLPattern]:
@@ -155,6 +160,34 @@ class ClusterAdmin(admin.ModelAdmin[Cluster]):
     def drift_seen(self, obj: Cluster) -> bool | None:
         """Unknown (None) until discovered; False when the last discovery found differences."""
         return None if obj.discovered_at is None else not obj.drift
+
+    @admin.display(boolean=True, description="queue figures")
+    def queue_figures(self, obj: Cluster) -> bool:
+        """Whether idle GPUs and pending demand are read at all: only with a service or trusted account."""
+        return bool(getattr(obj, "has_reader", False))  # annotated by get_queryset
+
+    @admin.display(description="site-wide reads")
+    def site_reads(self, obj: Cluster) -> str:
+        """Which account reads what everyone sees (docs/security.md), or that the read is off and why."""
+        if obj.pk is None:
+            return "Add a service account, or mark an account trusted, once the cluster exists."
+        reader = ClusterAccount.site_reader(obj)
+        status = obj.status_account
+        lines = [
+            f"Queue figures (idle GPUs, pending jobs in the wizard and on the home page): read with {reader}."
+            if reader
+            else "Queue figures: OFF. No service account and no account marked trusted for site-wide reads on this "
+            "cluster, so its queue is not read and the wizard and the home page show it as unknown. A researcher's "
+            "own account is never used: its user controls what its shell prints.",
+            "Status account: none; every account polls its own jobs."
+            if status is None
+            else f"Status account: {status}."
+            if status.reads_for_site
+            else f"Status account: NOT USED. {status.not_for_site('the status listing')}; every account polls "
+            "its own jobs.",
+            "Mapped groups read here must name a service or trusted account (Groups in the admin guide).",
+        ]
+        return "\n".join(lines)
 
     @admin.display(description="partitions", ordering="n_partitions")
     def partition_count(self, obj: Cluster) -> int:
@@ -341,7 +374,7 @@ class ClusterAccountForm(forms.ModelForm[ClusterAccount]):
 
     class Meta:
         model = ClusterAccount
-        fields = ["cluster", "kind", "user", "label", "members", "username", "slurm_account"]
+        fields = ["cluster", "kind", "user", "label", "members", "username", "slurm_account", "trusted"]
 
     def save(self, commit: bool = True) -> ClusterAccount:
         account: ClusterAccount = super().save(commit=False)
@@ -356,8 +389,24 @@ class ClusterAccountForm(forms.ModelForm[ClusterAccount]):
 @admin.register(ClusterAccount)
 class ClusterAccountAdmin(admin.ModelAdmin[ClusterAccount]):
     form = ClusterAccountForm
-    list_display = ["username", "cluster", "kind", "user", "label", "slurm_account"]
-    list_filter = ["cluster", "kind"]
+    list_display = ["username", "cluster", "kind", "user", "label", "slurm_account", "trusted"]
+    list_filter = ["cluster", "kind", "trusted"]
     search_fields = ["username", "user__username", "label"]
     filter_horizontal = ["members"]
     readonly_fields = ["public_key", "created_at"]
+    # What a trusted account is: change one of these without the permission to trust and the trust is gone.
+    IDENTITY = {"cluster", "kind", "user", "username", "private_key"}
+
+    def get_readonly_fields(self, request: HttpRequest, obj: ClusterAccount | None = None) -> list[str]:
+        """`trusted` lets an account speak for the whole site: only superusers and staff with the permission tick it
+        (change permission on cluster accounts is not enough)."""
+        fields = list(super().get_readonly_fields(request, obj))
+        return fields if request.user.has_perm(TRUST_PERMISSION) else [*fields, "trusted"]
+
+    def save_model(self, request: HttpRequest, obj: ClusterAccount, form: Any, change: bool) -> None:
+        """Someone without the permission who points a trusted account at another login (user name, key, cluster)
+        would otherwise hand that login the trust: it is dropped, and the page says so."""
+        if obj.trusted and not request.user.has_perm(TRUST_PERMISSION) and self.IDENTITY & set(form.changed_data):
+            obj.trusted = False
+            messages.warning(request, f"{obj} is no longer trusted for site-wide reads: its login changed.")
+        super().save_model(request, obj, form, change)

@@ -3,6 +3,8 @@ the request records, scrape tokens."""
 
 from __future__ import annotations
 
+from typing import Any
+
 from django.contrib import admin, messages
 from django.db.models import QuerySet
 from django.http import HttpRequest, HttpResponse
@@ -10,6 +12,7 @@ from django.template.response import TemplateResponse
 from django.utils import timezone
 from django.views.decorators.debug import sensitive_variables
 
+from catalog.models import ClusterAccount
 from jobs.batch.actions import stop_run
 from jobs.models import (
     BatchEvent,
@@ -124,6 +127,14 @@ class GroupSourceAdmin(admin.ModelAdmin[GroupSource]):
     list_filter = ["kind", "account__cluster"]
     readonly_fields = ["synced_at", "members_found", "last_error"]
     actions = ["sync_now"]
+
+    def formfield_for_foreignkey(self, db_field: Any, request: HttpRequest, **kwargs: Any) -> Any:
+        """Only accounts that may read for the whole site are offered (GroupSource.clean refuses the others)."""
+        if db_field.name == "account":
+            kwargs["queryset"] = ClusterAccount.objects.filter(ClusterAccount.reads_for_site_q()).select_related(
+                "cluster", "user"
+            )
+        return super().formfield_for_foreignkey(db_field, request, **kwargs)
 
     @admin.action(description="Read the selected sources' groups from their clusters now")
     def sync_now(self, request: HttpRequest, queryset: QuerySet[GroupSource]) -> None:

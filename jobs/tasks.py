@@ -170,9 +170,11 @@ def fetch_log(session_id: str) -> None:
 
 @shared_task(name="jobs.refresh_partitions", ignore_result=True)
 def refresh_partitions() -> int:
-    """Beat: idle GPUs and pending demand of every cluster someone has an account on, one SSH command each."""
+    """Beat: idle GPUs and pending demand of every cluster with a service account or one marked trusted, one SSH
+    command each. The other clusters' figures are off: whatever they had is dropped, and their queue is unknown."""
+    capacity.forget_unread()
     refreshed = 0
-    for cluster in Cluster.objects.filter(accounts__isnull=False).exclude(host_key="").distinct():
+    for cluster in capacity.readable_clusters().exclude(host_key=""):
         try:
             capacity.refresh_cluster(cluster)
             refreshed += 1

@@ -1,12 +1,13 @@
 """The catalog's models, by concern: clusters and their hardware, runtimes, model cards, and the accounts the portal
 logs in to clusters with."""
 
-from catalog.models.accounts import ClusterAccount
+from catalog.models.accounts import TRUST_PERMISSION, ClusterAccount
 from catalog.models.cards import ModelCard, ModelVariant, VariantLocation
 from catalog.models.clusters import Cluster, GPUType, NodeGroup, Partition
 from catalog.models.runtimes import ClusterRuntime, Runtime
 
 __all__ = [
+    "TRUST_PERMISSION",
     "Cluster",
     "ClusterAccount",
     "ClusterRuntime",

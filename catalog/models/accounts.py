@@ -19,6 +19,9 @@ from catalog.models.clusters import Cluster
 from portal import crypto
 from portal.ssh import SSHTarget, generate_keypair, load_private_key
 
+# Who may tick ClusterAccount.trusted (superusers have every permission): the admin shows the box to them alone.
+TRUST_PERMISSION = "catalog.trust_clusteraccount"
+
 
 class ClusterAccount(models.Model):
     """How the portal logs in to a cluster for one user (personal key pair) or for a lab (service account)."""
@@ -51,12 +54,21 @@ class ClusterAccount(models.Model):
         validators=[v.slurm_account],
         help_text="Slurm --account for this user's jobs; empty uses the cluster's default account.",
     )
+    trusted = models.BooleanField(
+        "trusted for site-wide reads",
+        default=False,
+        help_text="Let this personal account read facts for the whole site (mapped groups, queue figures, every "
+        "portal job's state) as a service account does. Only for an account whose ~/.bashrc, ~/.bash_profile and "
+        "PATH no researcher controls, e.g. an operator's. Superusers and staff with the permission 'Can mark a "
+        "cluster account trusted for site-wide reads' change it.",
+    )
     public_key = models.TextField(editable=False, help_text="Goes into ~/.ssh/authorized_keys on the cluster.")
     private_key_encrypted = crypto.SealedTextField(editable=False)
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:
         ordering = ["cluster__name", "username"]
+        permissions = [(TRUST_PERMISSION.split(".")[1], "Can mark a cluster account trusted for site-wide reads")]
         constraints = [
             models.UniqueConstraint(
                 fields=["cluster", "user"], condition=Q(kind="personal"), name="one_personal_account_per_cluster"
@@ -85,6 +97,33 @@ class ClusterAccount(models.Model):
                 raise ValidationError({"user": "A service account is shared through its members, not one user."})
             if not self.label:
                 raise ValidationError({"label": "Name the service account, e.g. after the lab that shares it."})
+
+    @staticmethod
+    def reads_for_site_q(prefix: str = "") -> Q:
+        """The accounts that may read facts for the whole site (group sync, the queue figures, a status account's
+        listing): service accounts, which an admin sets up, and accounts an admin marked trusted. Never a
+        researcher's own: sshd runs every command through that user's shell and rc files (~/.bashrc, functions,
+        PATH, even a forced command in authorized_keys), so its user decides what it prints. `prefix` reaches the
+        account through a relation ("status_account__")."""
+        return Q(**{f"{prefix}kind": ClusterAccount.Kind.SERVICE}) | Q(**{f"{prefix}trusted": True})
+
+    @property
+    def reads_for_site(self) -> bool:
+        return self.kind == self.Kind.SERVICE or self.trusted
+
+    def not_for_site(self, what: str) -> str:
+        """Why this account may not do `what` (a site-wide read), in the words the admin and the logs show."""
+        return (
+            f"{self} is a researcher's own account, whose shell its user controls: {what} needs a service account or "
+            "one an admin marked trusted for site-wide reads"
+        )
+
+    @classmethod
+    def site_reader(cls, cluster: Cluster) -> ClusterAccount | None:
+        """The account that reads the cluster's facts for everyone: its first service account, else the first one
+        an admin marked trusted; None when it has neither (never any other account there)."""
+        readers = cls.objects.filter(cls.reads_for_site_q(), cluster=cluster).select_related("cluster")
+        return readers.order_by("-kind", "pk").first()  # "service" sorts after "personal"; descending puts it first
 
     @property
     def effective_slurm_account(self) -> str:

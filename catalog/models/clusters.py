@@ -71,9 +71,9 @@ class Cluster(models.Model):
     drift = models.TextField(blank=True, help_text="What the last discovery found different from the catalog.")
     status_account = models.ForeignKey(
         "catalog.ClusterAccount", null=True, blank=True, on_delete=models.SET_NULL, related_name="+",
-        help_text="Optional: an account whose squeue sees every user's jobs (no PrivateData=jobs, or a Slurm operator) "
-        "and whose shell no researcher controls. Each poll cycle then reads every portal job's state with it in one "
-        "command; only researchers' accounts with a job that started, ended or changed run their own.",
+        help_text="Optional: a service account, or one marked trusted for site-wide reads, whose squeue sees every "
+        "user's jobs (no PrivateData=jobs, or a Slurm operator). Each poll cycle then reads every portal job's state "
+        "with it in one command; only researchers' accounts with a job that started, ended or changed run their own.",
     )  # fmt: skip
 
     class Meta:
@@ -93,6 +93,8 @@ class Cluster(models.Model):
             self._check_host_key()
         if self.status_account is not None and self.status_account.cluster_id != self.pk:
             raise ValidationError({"status_account": "The status account must be an account on this cluster."})
+        if self.status_account is not None and not self.status_account.reads_for_site:
+            raise ValidationError({"status_account": self.status_account.not_for_site("the status listing") + "."})
 
     def _check_host_key(self) -> None:
         expected = {self.login_host} if self.ssh_port == 22 else {f"[{self.login_host}]:{self.ssh_port}"}

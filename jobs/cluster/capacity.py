@@ -13,6 +13,7 @@ from datetime import datetime, timedelta
 from django.conf import settings
 from django.core.cache import cache
 from django.db import transaction
+from django.db.models import Exists, OuterRef, QuerySet
 from django.utils import timezone
 
 from catalog.models import Cluster, ClusterAccount, GPUType, Partition
@@ -36,16 +37,52 @@ class QueueError(Exception):
 
 
 def account_for_cluster(cluster: Cluster) -> ClusterAccount | None:
-    """Whose login reads the partition state: a service account if there is one, else any account there."""
-    accounts = ClusterAccount.objects.filter(cluster=cluster).select_related("cluster")
-    return accounts.order_by("-kind", "pk").first()  # "service" sorts after "personal"; descending puts it first
+    """Whose login reads the partition state every user's wizard shows: a service account, else one an admin marked
+    trusted; never a researcher's own, whose shell its user controls (they could print any figures for everyone)."""
+    return ClusterAccount.site_reader(cluster)
+
+
+def _has_reader(cluster: str) -> Exists:
+    """Whether the cluster (an OuterRef path to it) has a service or trusted account to read its queue with."""
+    readers = ClusterAccount.objects.filter(ClusterAccount.reads_for_site_q(), cluster=OuterRef(cluster))
+    return Exists(readers)
+
+
+def readable_clusters_marked() -> QuerySet[Cluster]:
+    """Every cluster, each with `queue_read`: whether it has a service account or one marked trusted to read its
+    queue figures with."""
+    return Cluster.objects.annotate(queue_read=_has_reader("pk"))
+
+
+def readable_clusters() -> QuerySet[Cluster]:
+    """The clusters whose queue figures are read."""
+    return Cluster.objects.filter(_has_reader("pk"))
+
+
+def read_states() -> QuerySet[PartitionState]:
+    """The partition states pages may show: those of clusters that have an account to read them with now. A cluster
+    without one shows its queue as unknown, whatever rows it has (read before it lost its trusted account, or by a
+    researcher's account before the portal refused those)."""
+    return PartitionState.objects.filter(_has_reader("partition__cluster"))
+
+
+def forget_unread() -> int:
+    """Drop the partition states of clusters without a reader: figures no trusted account stands behind are not
+    kept (read_states already hides them)."""
+    return int(PartitionState.objects.exclude(_has_reader("partition__cluster")).delete()[0])
 
 
 def refresh_cluster(cluster: Cluster, account: ClusterAccount | None = None) -> list[PartitionState]:
-    """One SSH command: sinfo with GRES per node and partition, and the pending jobs' GPU demand."""
+    """One SSH command: sinfo with GRES per node and partition, and the pending jobs' GPU demand, as the cluster's
+    service or trusted account (QueueError when it has none, or `account` is a researcher's own)."""
     account = account or account_for_cluster(cluster)
     if account is None:
-        raise QueueError(f"no cluster account on {cluster.name} to ask its scheduler with")
+        raise QueueError(
+            f"{cluster.name} has no service account and no account marked trusted for site-wide reads: its queue "
+            "figures are off (a researcher's own account is never used for them)"
+        )
+    if not account.reads_for_site:
+        raise QueueError(account.not_for_site("the queue figures"))
     cli = cluster.slurm_cli
     command = (
         f"{cli.command('sinfo', '-h', '-N', '-O', sinfo.SINFO_GRES_OPTIONS)} && echo @@pending && "
@@ -203,6 +240,9 @@ class QueueView:
     slurm: SlurmEstimate | None
     history: History
     walltime_min: int
+    # False where the cluster has no service or trusted account: its queue is not read at all, so it is unknown
+    # (not "not read yet"), and the page says why.
+    queue_read: bool = True
     recommended: bool = False
     reasons: list[str] = field(default_factory=list)
 
@@ -261,9 +301,15 @@ def queue_views(
     """Attach queue facts to fitting options and mark the recommended one. account_for(cluster) gives the user's
     account there (for --test-only with their own priority); without one, Slurm is not asked for that option."""
     states = {
-        (s.partition_id, s.gres_type): s for s in PartitionState.objects.filter(
+        (s.partition_id, s.gres_type): s for s in read_states().filter(
             partition__in={o.node_group.partition_id for o in options})
     }  # fmt: skip
+    clusters = {o.node_group.partition.cluster_id for o in options}
+    readable = set(
+        ClusterAccount.objects.filter(ClusterAccount.reads_for_site_q(), cluster__in=clusters).values_list(
+            "cluster_id", flat=True
+        )
+    )
     waits = histories({(o.node_group.partition_id, o.node_group.gpu_type_id) for o in options})
     views = []
     for option in options:
@@ -276,7 +322,8 @@ def queue_views(
                 estimate = slurm_estimate(option, walltime_min, account, asker)
             except ssh.SSHError as exc:
                 estimate = SlurmEstimate(None, f"cannot ask {group.partition.cluster.name}: {exc}")
-        views.append(QueueView(option, state, estimate, waits[group.partition_id, group.gpu_type_id], walltime_min))
+        views.append(QueueView(option, state, estimate, waits[group.partition_id, group.gpu_type_id], walltime_min,
+                               queue_read=group.partition.cluster_id in readable))  # fmt: skip
     recommend(views)
     return views
 

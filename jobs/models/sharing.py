@@ -6,6 +6,7 @@ from datetime import datetime
 
 from django.conf import settings
 from django.contrib.auth.models import Group, User
+from django.core.exceptions import ValidationError
 from django.core.validators import RegexValidator
 from django.db import models
 from django.db.models import Q
@@ -80,7 +81,8 @@ class GroupSource(models.Model):
         "catalog.ClusterAccount",
         on_delete=models.CASCADE,
         related_name="group_sources",
-        help_text="The cluster account that asks (any account on that cluster can read its groups).",
+        help_text="The cluster account that asks: a service account, or one marked trusted for site-wide reads (a "
+        "researcher's own account could print any members, themselves included).",
     )
     kind = models.CharField(max_length=16, choices=Kind.choices, default=Kind.UNIX_GROUP)
     name = models.CharField(
@@ -96,3 +98,8 @@ class GroupSource(models.Model):
 
     def __str__(self) -> str:
         return f"{self.group} <- {self.get_kind_display()} {self.name}"
+
+    def clean(self) -> None:
+        super().clean()
+        if self.account_id is not None and not self.account.reads_for_site:
+            raise ValidationError({"account": self.account.not_for_site("group sync") + "."})

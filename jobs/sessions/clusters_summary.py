@@ -2,8 +2,9 @@
 most GPU memory on one node, the GPUs by type with how many are idle now, and the partitions the signed-in
 researcher can use there.
 
-Everything comes from the catalog and from the idle counts beat last cached (PartitionState); rendering the page
-never asks a cluster anything. Partitions and node groups discovery no longer finds (missing_since) are left out.
+Everything comes from the catalog and from the idle counts beat last cached (PartitionState), shown only for clusters
+with a service or trusted account to read them (capacity.read_states); rendering the page never asks a cluster
+anything. Partitions and node groups discovery no longer finds (missing_since) are left out.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from django.contrib.auth.models import AnonymousUser, User
 from django.db.models import Prefetch, Q
 
 from catalog.models import Cluster, ClusterAccount, GPUType, NodeGroup, Partition
-from jobs.models import PartitionState
+from jobs.cluster import capacity
 
 
 @dataclass(frozen=True)
@@ -58,15 +59,20 @@ class ClusterSummary:
     has_account: bool | None = None
     # The oldest refresh the idle counts come from; None when beat has not read this cluster's queue yet.
     idle_as_of: datetime | None = None
+    # False when the cluster has no service or trusted account: its queue is never read (unknown, not "not yet").
+    queue_read: bool = True
 
 
 def summarize(user: User | AnonymousUser) -> list[ClusterSummary]:
     """Every cluster's card, in a fixed number of queries whatever the catalog's size:
-    1. clusters, their current partitions, node groups (with GPU types) and cached partition states (4 queries);
+    1. clusters (whether their queue is read), current partitions, node groups (with GPU types) and the partition
+       states that may be shown (4 queries);
     2. the Slurm accounts the user may charge on each cluster (1 query, none for a visitor);
     3. per cluster, the figures, in Python."""
     clusters = list(
-        Cluster.objects.order_by("name").prefetch_related(
+        capacity.readable_clusters_marked()
+        .order_by("name")
+        .prefetch_related(
             Prefetch(
                 "partitions",
                 queryset=Partition.objects.filter(missing_since__isnull=True).order_by("name"),
@@ -77,7 +83,7 @@ def summarize(user: User | AnonymousUser) -> list[ClusterSummary]:
                 queryset=NodeGroup.objects.filter(missing_since__isnull=True).select_related("gpu_type"),
                 to_attr="current_groups",
             ),
-            Prefetch("current_partitions__states", queryset=PartitionState.objects.all(), to_attr="cached_states"),
+            Prefetch("current_partitions__states", queryset=capacity.read_states(), to_attr="cached_states"),
         )
     )
     slurm_accounts = _slurm_accounts(user) if user.is_authenticated else None
@@ -112,6 +118,7 @@ def _summary(cluster: Cluster, slurm_accounts: dict[int, set[str]] | None) -> Cl
     summary = ClusterSummary(cluster, largest, node, _cluster_gpus(per_partition))
     refreshed = [s.refreshed_at for p in partitions for s in p.cached_states]  # type: ignore[attr-defined]
     summary.idle_as_of = min(refreshed, default=None)
+    summary.queue_read = bool(getattr(cluster, "queue_read", False))  # annotated by readable_clusters_marked
     if slurm_accounts is None:
         summary.partitions = [PartitionSummary(p, gpus) for p, gpus in per_partition]
     else:

@@ -3,9 +3,11 @@ its members from the cluster, read over the pinned SSH connection, so that "shar
 site knows it.
 
 A mapped group is managed by its sources: a sync sets its members to the portal users whose personal cluster
-accounts (on the source's cluster) are named there, adding and removing. A source that cannot be read (SSH down, a
-name the cluster does not know) changes nothing and keeps its error for the admin page: a failure never empties a
-group. Groups without sources are left alone.
+accounts (on the source's cluster) are named there, adding and removing. What the lookup prints is believed, so it
+runs only as a service account or one an admin marked trusted (ClusterAccount.reads_for_site), never as a
+researcher. A source that cannot be read (SSH down, a name the cluster does not know, an account not trusted)
+changes nothing and keeps its error for the admin page: a failure never empties a group. Groups without sources are
+left alone.
 """
 
 from __future__ import annotations
@@ -53,7 +55,11 @@ def parse_members(kind: str, stdout: str) -> set[str]:
 
 
 def read_source(source: GroupSource) -> set[str]:
-    """The cluster user names the source names now. Raises SourceError."""
+    """The cluster user names the source names now, read only with a service account or one an admin marked trusted:
+    a researcher's own account runs the lookup through a shell its user controls, who could print themselves into
+    any group (Session support included). Raises SourceError."""
+    if not source.account.reads_for_site:
+        raise SourceError(source.account.not_for_site("group sync"))
     try:
         result = ssh.pool.run(
             source.account.ssh_target(),

@@ -4,8 +4,10 @@ Without one, each account with live sessions runs its own poll (remote.POLL_SCRI
 mean fifty SSH commands and fifty squeue RPCs to slurmctld a cycle. With a status account (Cluster.status_account,
 chosen by the admin) one squeue lists every portal job with its owner and, for those pending, its place in the
 queue. What it prints is believed for everyone's jobs, so it must be an account that sees all users' jobs and whose
-shell no researcher controls; the listing is checked against what the portal knows (the job id, its name, which is
-the session's, and its owner, who is the session account's user) before it is used.
+shell no researcher controls: a service account or one an admin marked trusted (ClusterAccount.reads_for_site; a
+researcher's own account there counts as no status account at all). The listing is checked against what the portal
+knows (the job id, its name, which is the session's, and its owner, who is the session account's user) before it is
+used.
 
 An account whose sessions all wait in the queue needs nothing more: the listing gives each its reason, estimated
 start and place. An account with a session the listing cannot settle runs its own poll, as without a status account:
@@ -21,9 +23,10 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any
 
+from django.db.models import Case, When
 from django.utils import timezone
 
-from catalog.models import Cluster
+from catalog.models import Cluster, ClusterAccount
 from jobs.cluster import remote, slurm
 from jobs.models import POLLED_STATES, LLMSession, State
 from jobs.operations import metrics
@@ -44,11 +47,13 @@ class Plan:
 
 
 def plan() -> Plan:
-    """What this cycle polls: the clusters with a status account and live sessions, and every other live account."""
+    """What this cycle polls: the clusters with a status account and live sessions, and every other live account. A
+    status account that is a researcher's own (not a service account, not marked trusted) counts as none."""
     live = LLMSession.objects.filter(state__in=POLLED_STATES).exclude(job_id="")
-    rows = set(live.values_list("account_id", "account__cluster_id", "account__cluster__status_account_id"))
-    clusters = sorted({cluster for _, cluster, status in rows if status is not None})
-    return Plan(clusters, sorted({account for account, _, status in rows if status is None}))
+    listed = ClusterAccount.reads_for_site_q("account__cluster__status_account__")
+    rows = set(live.values_list("account_id", "account__cluster_id", Case(When(listed, then=True), default=False)))
+    clusters = sorted({cluster for _, cluster, status in rows if status})
+    return Plan(clusters, sorted({account for account, _, status in rows if not status}))
 
 
 @dataclass(frozen=True)
@@ -68,6 +73,9 @@ def cycle(cluster_id: int) -> Cycle:
     accounts = sorted({row.account_id for row in rows})
     status = cluster.status_account
     if status is None or not rows:
+        return Cycle(accounts, 0, 0)
+    if not status.reads_for_site:  # what its squeue prints would be believed for everyone's jobs
+        log.warning("%s: %s; each account polls itself", cluster.slug, status.not_for_site("the status listing"))
         return Cycle(accounts, 0, 0)
     try:
         with metrics.polling(cluster.slug):

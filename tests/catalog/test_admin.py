@@ -1,8 +1,10 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
+from django.contrib.auth.models import Permission
 from django.test import Client
 from django.urls import reverse
 
@@ -124,14 +126,15 @@ def test_admin_form_shows_validation_errors_and_keeps_input(admin_client: Client
     assert not Cluster.objects.filter(slug="bad").exists()
 
 
-def test_a_clusters_status_account_is_chosen_among_its_own_accounts(
+def test_a_clusters_status_account_is_chosen_among_its_own_service_and_trusted_accounts(
     admin_client: Client, example_catalog: Path, owner
 ) -> None:
     local = Cluster.objects.get(slug="local")
     other = Cluster.objects.exclude(pk=local.pk).first()
     assert other is not None
-    here = ClusterAccount.objects.create(cluster=local, user=owner, username="ada")
-    there = ClusterAccount.objects.create(cluster=other, user=owner, username="ada-elsewhere")
+    ClusterAccount.objects.create(cluster=local, user=owner, username="ada")  # a researcher's own: never offered
+    here = ClusterAccount.objects.create(cluster=local, kind="service", label="portal", username="portalsvc")
+    there = ClusterAccount.objects.create(cluster=other, kind="service", label="portal", username="portalsvc")
     page = admin_client.get(admin_url(Cluster, "change", local.pk))
     choices = page.context["adminform"].form.fields["status_account"].queryset
     assert list(choices) == [here] and there not in choices
@@ -139,3 +142,64 @@ def test_a_clusters_status_account_is_chosen_among_its_own_accounts(
         list(admin_client.get(admin_url(Cluster, "add")).context["adminform"].form.fields["status_account"].queryset)
         == []
     )
+
+
+def test_the_cluster_page_says_plainly_when_its_queue_figures_are_off(
+    admin_client: Client, example_catalog: Path, owner
+) -> None:
+    local = Cluster.objects.get(slug="local")
+    ada = ClusterAccount.objects.create(cluster=local, user=owner, username="ada")
+    Cluster.objects.filter(pk=local.pk).update(status_account=ada)  # chosen before the portal refused it
+    page = admin_client.get(admin_url(Cluster, "change", local.pk)).content.decode()
+    assert "Queue figures: OFF." in page and "Status account: NOT USED." in page
+    listed = admin_client.get(admin_url(Cluster, "changelist")).context["cl"].result_list
+    assert listed.get(pk=local.pk).has_reader is False  # the list's "queue figures" column
+
+    ClusterAccount.objects.create(cluster=local, kind="service", label="portal", username="portalsvc")
+    page = admin_client.get(admin_url(Cluster, "change", local.pk)).content.decode()
+    assert "Queue figures (idle GPUs, pending jobs in the wizard and on the home page): read with portalsvc@" in page
+
+
+@pytest.fixture
+def account_staff(staff_user) -> Any:
+    """Staff who may change cluster accounts, without the permission to trust one."""
+    staff_user.user_permissions.add(*Permission.objects.filter(codename__in=["view_clusteraccount",
+                                                                         "change_clusteraccount"]))  # fmt: skip
+    return staff_user
+
+
+def test_only_superusers_and_staff_with_the_permission_mark_an_account_trusted(
+    client: Client, example_catalog: Path, owner, account_staff
+) -> None:
+    ada = ClusterAccount.objects.create(cluster=Cluster.objects.get(slug="local"), user=owner, username="ada")
+    url = admin_url(ClusterAccount, "change", ada.pk)
+    form = {"cluster": ada.cluster_id, "kind": "personal", "user": owner.pk, "username": "ada", "trusted": "on"}
+    client.force_login(account_staff)
+    assert "trusted" not in client.get(url).context["adminform"].form.fields
+    assert client.post(url, form).status_code == 302
+    ada.refresh_from_db()
+    assert not ada.trusted  # the box was not theirs to tick
+
+    account_staff.user_permissions.add(Permission.objects.get(codename="trust_clusteraccount"))
+    client.force_login(type(account_staff).objects.get(pk=account_staff.pk))  # permissions are cached per object
+    assert "trusted" in client.get(url).context["adminform"].form.fields
+    client.post(url, form)
+    ada.refresh_from_db()
+    assert ada.trusted
+
+
+def test_pointing_a_trusted_account_at_another_login_without_the_permission_drops_the_trust(
+    client: Client, example_catalog: Path, owner, account_staff
+) -> None:
+    ada = ClusterAccount.objects.create(
+        cluster=Cluster.objects.get(slug="local"), user=owner, username="ada", trusted=True
+    )
+    url = admin_url(ClusterAccount, "change", ada.pk)
+    client.force_login(account_staff)
+    client.post(url, {"cluster": ada.cluster_id, "kind": "personal", "user": owner.pk, "username": "ada",
+                      "slurm_account": "physics"})  # fmt: skip
+    ada.refresh_from_db()
+    assert ada.trusted and ada.slurm_account == "physics"  # not the login: the trust stays
+    client.post(url, {"cluster": ada.cluster_id, "kind": "personal", "user": owner.pk, "username": "hopper"})
+    ada.refresh_from_db()
+    assert ada.username == "hopper" and not ada.trusted

@@ -31,3 +31,18 @@ def test_admins_see_shares_sources_and_request_records(
     records = admin_client.get("/admin/jobs/proxyrequest/", {"q": "alan"}).content.decode()
     assert "chat/completions" in records
     assert admin_client.get("/admin/jobs/proxyrequest/add/").status_code == 403
+
+
+def test_a_group_source_is_read_only_with_a_service_or_trusted_account(
+    admin_client: Client, account: ClusterAccount, lab: Group
+) -> None:
+    service = ClusterAccount.objects.create(cluster=account.cluster, kind="service", label="portal", username="svc")
+    form = admin_client.get("/admin/jobs/groupsource/add/").context["adminform"].form
+    assert list(form.fields["account"].queryset) == [service]  # ada's own account is not offered
+    refused = admin_client.post("/admin/jobs/groupsource/add/", {"group": lab.pk, "account": account.pk,
+                                                                  "kind": "unix_group", "name": "nlp"})  # fmt: skip
+    assert refused.status_code == 200 and not GroupSource.objects.exists()
+    ClusterAccount.objects.filter(pk=account.pk).update(trusted=True)
+    admin_client.post("/admin/jobs/groupsource/add/", {"group": lab.pk, "account": account.pk, "kind": "unix_group",
+                                                       "name": "nlp"})  # fmt: skip
+    assert GroupSource.objects.get().account == account

@@ -23,7 +23,10 @@ class Command(BaseCommand):
         sub = parser.add_subparsers(dest="action", required=True)
         mapping = sub.add_parser("map", help="make GROUP follow a cluster group or Slurm account (created if new)")
         mapping.add_argument("group")
-        mapping.add_argument("--account", type=int, required=True, help="id of the cluster account that asks")
+        mapping.add_argument(
+            "--account", type=int, required=True,
+            help="id of the cluster account that asks: a service account or one marked trusted",
+        )  # fmt: skip
         kind = mapping.add_mutually_exclusive_group(required=True)
         kind.add_argument("--unix-group", help="a Unix or LDAP group, as `getent group` on the cluster knows it")
         kind.add_argument("--slurm-account", help="a Slurm account (needs slurmdbd on the cluster)")

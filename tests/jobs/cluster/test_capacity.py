@@ -8,13 +8,26 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from django.test import Client
 from django.utils import timezone
 
-from catalog.models import ClusterAccount, ModelVariant
+from catalog.models import Cluster, ClusterAccount, ModelVariant
 from catalog.plans import plans, request_for
-from jobs.cluster.capacity import SlurmEstimate, history, probe_args, probe_walltime, queue_views, recommend
+from jobs.cluster.capacity import (
+    QueueError,
+    SlurmEstimate,
+    account_for_cluster,
+    history,
+    probe_args,
+    probe_walltime,
+    queue_views,
+    recommend,
+    refresh_cluster,
+)
 from jobs.models import LLMSession, PartitionState
+from jobs.tasks import refresh_partitions
 from portal import rates, ssh
+from tests.conftest import HOST_KEY
 
 
 def past_session(account: ClusterAccount, variant: ModelVariant, wait_s: int) -> None:
@@ -31,8 +44,6 @@ def past_session(account: ClusterAccount, variant: ModelVariant, wait_s: int) ->
 
 @pytest.fixture
 def local_setup(example_catalog: Path, owner: Any) -> tuple[ClusterAccount, ModelVariant]:
-    from catalog.models import Cluster
-
     account = ClusterAccount(cluster=Cluster.objects.get(slug="local"), user=owner, username="ada")
     account.save()
     return account, ModelVariant.objects.get(model__name="tiny-llama")
@@ -54,10 +65,16 @@ def test_history_gives_median_and_90th_percentile_once_there_are_enough_sessions
     assert seen.p90_s == pytest.approx(1896)  # interpolated between 240 and 3000
 
 
+def service_account(account: ClusterAccount) -> ClusterAccount:
+    """The cluster's service account, which reads its queue for everyone."""
+    return ClusterAccount.objects.create(cluster=account.cluster, kind="service", label="portal", username="portalsvc")
+
+
 def test_idle_gpus_beat_a_bigger_margin_and_the_reasons_say_so(
     local_setup: tuple[ClusterAccount, ModelVariant],
 ) -> None:
-    _account, variant = local_setup
+    account, variant = local_setup
+    service_account(account)
     options = plans(request_for(variant, "llama.cpp", 1024), variant)
     assert {o.node_group.gpu_type.name for o in options} == {"a100-80g", "h100"}
     now = timezone.now()
@@ -146,3 +163,69 @@ def test_a_users_wizard_asks_slurm_only_so_often(
     assert len(counted_sbatch) == 3
     assert views[-1].slurm is not None and "not asked" in views[-1].slurm.message
     assert queue_views(options, 60, account_for=lambda c: account, asker=7)[0].slurm.start  # type: ignore[union-attr]
+
+
+@pytest.fixture
+def login_host(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """A login host whose sinfo shows one idle node: the users commands ran as are recorded."""
+    asked: list[str] = []
+
+    def run(target: ssh.SSHTarget, command: str, **kwargs: Any) -> ssh.CommandResult:
+        asked.append(target.username)
+        return ssh.CommandResult(0, "node3|gpu_devel|idle|h100|gpu:h100:2|gpu:h100:0(IDX:N/A)|\n@@pending\n", "")
+
+    monkeypatch.setattr(ssh.pool, "run", run)
+    Cluster.objects.filter(slug="local").update(host_key=HOST_KEY)
+    return asked
+
+
+def test_the_queue_figures_are_never_read_with_a_researchers_account(
+    local_setup: tuple[ClusterAccount, ModelVariant], login_host: list[str]
+) -> None:
+    # ada's ~/.bashrc could print any sinfo: what it says would be every user's "idle now".
+    account, _ = local_setup
+    partition = account.cluster.partitions.get(name="gpu")
+    PartitionState.objects.create(partition=partition, gres_type="a100", total_gpus=4, idle_gpus=4,
+                                  refreshed_at=timezone.now())  # fmt: skip  # read before the portal refused it
+    assert account_for_cluster(account.cluster) is None
+    with pytest.raises(QueueError, match="no service account and no account marked trusted"):
+        refresh_cluster(account.cluster)
+    with pytest.raises(QueueError, match="researcher's own account"):
+        refresh_cluster(account.cluster, account)
+    assert refresh_partitions() == 0
+    assert login_host == [] and not PartitionState.objects.exists()
+
+
+def test_the_queue_figures_are_read_with_a_service_account_else_one_marked_trusted(
+    local_setup: tuple[ClusterAccount, ModelVariant], login_host: list[str]
+) -> None:
+    account, _ = local_setup
+    ClusterAccount.objects.filter(pk=account.pk).update(trusted=True)
+    assert account_for_cluster(account.cluster) == account
+    service = service_account(account)
+    assert account_for_cluster(account.cluster) == service
+    assert refresh_partitions() == 1 and login_host == ["portalsvc"]
+    assert PartitionState.objects.get().idle_gpus == 2
+
+
+def test_a_cluster_without_a_trusted_account_shows_its_queue_as_unknown(
+    local_setup: tuple[ClusterAccount, ModelVariant], client: Client, owner: Any, settings: Any
+) -> None:
+    settings.PORTAL_WIZARD_ASKS_SLURM = False  # unit tests never reach a cluster
+    client.force_login(owner)
+    account, variant = local_setup
+    options = plans(request_for(variant, "llama.cpp", 1024), variant)
+    for option in options:  # rows the beat would drop: even before it does, nobody is shown them
+        PartitionState.objects.get_or_create(
+            partition=option.node_group.partition, gres_type=option.node_group.gpu_type.gres_type,
+            defaults={"total_gpus": 2, "idle_gpus": 2, "refreshed_at": timezone.now()},
+        )  # fmt: skip
+    views = queue_views(options, 30)
+    assert all(v.state is None and not v.queue_read and not v.idle_now for v in views)
+    wanted = {"model": "tiny-llama", "quant": "fp16", "runtime": "llama.cpp", "context": "1024"}
+    page = client.get("/launch/", wanted).content.decode()
+    assert "no account it trusts to read this cluster's queue" in page and " idle, " not in page
+
+    service_account(account)
+    assert all(v.state is not None and v.queue_read for v in queue_views(options, 30))
+    assert "2 of 2 idle, 0 waiting" in client.get("/launch/", wanted).content.decode()

@@ -232,6 +232,7 @@ def test_ssh_failures_are_counted_where_submits_polls_and_refreshes_catch_them(
     before = scrape()
     assert lifecycle.submit(str(submitting.pk), None).retry
     lifecycle.poll(account.pk)
+    ClusterAccount.objects.filter(pk=account.pk).update(trusted=True)  # the queue figures need a trusted account
     tasks.refresh_partitions()
     after = scrape()
     for operation in ("submit", "poll", "partitions"):

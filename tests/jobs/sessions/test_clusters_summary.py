@@ -70,7 +70,13 @@ def test_gpus_are_counted_in_the_partition_that_has_the_most_of_each_type(grace:
     assert [(g.gpu_type.name, g.total) for g in card.gpus] == [("h100", 16), ("a100", 40)]
 
 
+def _reader(cluster: Cluster) -> ClusterAccount:
+    """The cluster's service account, which reads its queue for everyone."""
+    return ClusterAccount.objects.create(cluster=cluster, kind="service", label="portal", username="portalsvc")
+
+
 def test_idle_gpus_come_from_the_cached_partition_states(grace: Cluster) -> None:
+    _reader(grace)
     gpu = Partition.objects.get(cluster=grace, name="gpu")
     _state(gpu, "a100", 40, 7)
     _state(gpu, "h100", 16, 0)
@@ -89,6 +95,24 @@ def test_idle_gpus_are_unknown_until_beat_has_read_the_queue(grace: Cluster) -> 
 
     assert all(g.idle is None for g in card.gpus)
     assert card.idle_as_of is None
+
+
+def test_idle_gpus_are_unknown_where_no_service_or_trusted_account_reads_the_queue(
+    client: Client, grace: Cluster, owner: Any
+) -> None:
+    # Figures a researcher's account read (before the portal refused that) are not shown: its user could fake them.
+    ada = ClusterAccount.objects.create(cluster=grace, user=owner, username="ada")
+    _state(Partition.objects.get(cluster=grace, name="gpu"), "a100", 40, 40)
+    client.force_login(owner)
+
+    card = _only(summarize(owner), "grace")
+    assert not card.queue_read and card.idle_as_of is None and all(g.idle is None for g in card.gpus)
+    page = client.get("/").content.decode()
+    assert "Idle GPUs unknown: the portal has no account it trusts" in page and "(40 idle)" not in page
+
+    ClusterAccount.objects.filter(pk=ada.pk).update(trusted=True)
+    card = _only(summarize(owner), "grace")
+    assert card.queue_read and {g.gpu_type.name: g.idle for g in card.gpus}["a100"] == 40
 
 
 def test_partitions_and_node_groups_discovery_lost_are_left_out(grace: Cluster) -> None:
@@ -147,6 +171,7 @@ def test_a_cluster_without_gpu_nodes_has_an_empty_card(db: None) -> None:
 
 def test_the_home_page_shows_the_cards_figures(client: Client, grace: Cluster, owner: Any) -> None:
     ClusterAccount.objects.create(cluster=grace, user=owner, username="ada")
+    _reader(grace)
     _state(Partition.objects.get(cluster=grace, name="gpu"), "a100", 40, 7)
     client.force_login(owner)
 

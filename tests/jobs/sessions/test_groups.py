@@ -4,10 +4,13 @@ rules (the SSH side is replaced here; tests/e2e/test_sharing.py reads a real gro
 from __future__ import annotations
 
 import shlex
+from io import StringIO
 from typing import Any
 
 import pytest
 from django.contrib.auth.models import Group
+from django.core.management import call_command
+from django.core.management.base import CommandError
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -46,19 +49,32 @@ def test_sacctmgr_names_the_cluster_in_its_query() -> None:
 
 
 @pytest.fixture
-def mapped(account: ClusterAccount, owner: Any, other_user: Any, shared_user: Any, lab: Group) -> GroupSource:
+def reader(account: ClusterAccount) -> ClusterAccount:
+    """The cluster's service account, which reads its groups for the site."""
+    return ClusterAccount.objects.create(cluster=account.cluster, kind="service", label="portal", username="portalsvc")
+
+
+@pytest.fixture
+def mapped(
+    account: ClusterAccount, reader: ClusterAccount, owner: Any, other_user: Any, shared_user: Any, lab: Group
+) -> GroupSource:
     for user, name in ((other_user, "grace"), (shared_user, "alan")):
         ClusterAccount.objects.create(cluster=account.cluster, user=user, username=name)
-    return GroupSource.objects.create(group=lab, account=account, name="nlp")
+    return GroupSource.objects.create(group=lab, account=reader, name="nlp")
 
 
-def answers(monkeypatch: pytest.MonkeyPatch, result: ssh.CommandResult | Exception) -> None:
+def answers(monkeypatch: pytest.MonkeyPatch, result: ssh.CommandResult | Exception) -> list[str]:
+    """The login host answers every command with `result`; returns the users the commands ran as."""
+    asked: list[str] = []
+
     def run(target: Any, command: str, **_: Any) -> ssh.CommandResult:
+        asked.append(target.username)
         if isinstance(result, Exception):
             raise result
         return result
 
     monkeypatch.setattr(ssh.pool, "run", run)
+    return asked
 
 
 def test_a_sync_sets_the_members_to_those_the_cluster_names(
@@ -100,3 +116,37 @@ def test_beat_syncs_the_mapped_groups(mapped: GroupSource, lab: Group, monkeypat
     answers(monkeypatch, ssh.CommandResult(0, "nlp:x:2001:alan\n", ""))
     assert sync_groups.apply().get() == 1
     assert [u.get_username() for u in lab.user_set.all()] == ["alan"]
+
+
+def test_a_researchers_own_account_never_reads_a_group_for_the_site(
+    mapped: GroupSource, account: ClusterAccount, lab: Group, owner: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # ada's shell could print "nlp:x:2001:ada" for any group, Session support's included: her account is not asked.
+    GroupSource.objects.filter(pk=mapped.pk).update(account=account)
+    lab.user_set.remove(owner)
+    asked = answers(monkeypatch, ssh.CommandResult(0, "nlp:x:2001:ada\n", ""))
+    result = groups.sync(lab)
+    assert asked == [] and owner not in lab.user_set.all()
+    assert result.errors and "researcher's own account" in result.errors[0]
+    mapped.refresh_from_db()
+    assert "service account or one an admin marked trusted" in mapped.last_error
+
+
+def test_an_account_an_admin_marked_trusted_reads_groups_like_a_service_account(
+    mapped: GroupSource, account: ClusterAccount, lab: Group, owner: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ClusterAccount.objects.filter(pk=account.pk).update(trusted=True)
+    GroupSource.objects.filter(pk=mapped.pk).update(account=account)
+    lab.user_set.remove(owner)
+    asked = answers(monkeypatch, ssh.CommandResult(0, "nlp:x:2001:ada\n", ""))
+    assert groups.sync(lab).added == ["ada"] and asked == ["ada"]
+
+
+def test_mapping_a_group_through_a_researchers_account_is_refused(
+    account: ClusterAccount, reader: ClusterAccount
+) -> None:
+    with pytest.raises(CommandError, match="researcher's own account"):
+        call_command("groups", "map", "nlp-lab", "--account", str(account.pk), "--unix-group", "nlp", stdout=StringIO())
+    assert not GroupSource.objects.exists()
+    call_command("groups", "map", "nlp-lab", "--account", str(reader.pk), "--unix-group", "nlp", stdout=StringIO())
+    assert GroupSource.objects.get().account == reader

@@ -153,6 +153,24 @@ def test_the_beat_lists_a_cluster_with_a_status_account_and_polls_the_accounts_i
     assert [user for user, _ in cluster.commands] == ["portalmon", "ada"]
 
 
+def test_a_researchers_own_account_is_never_used_as_the_status_account(
+    account: ClusterAccount, sessions: tuple[LLMSession, LLMSession], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # ada's shell could print any listing: every other user's waiting jobs would be settled from it.
+    ada, grace = sessions
+    Cluster.objects.filter(pk=account.cluster_id).update(status_account=account)
+    assert listing.plan() == listing.Plan(clusters=[], accounts=sorted([ada.account_id, grace.account_id]))
+    cluster = LoginHost(monkeypatch, [line("grace", grace, reason="Forged")])
+    assert listing.cycle(ada.cluster_id) == listing.Cycle(sorted([ada.account_id, grace.account_id]), 0, 0)
+    assert cluster.commands == [] and not LLMSession.objects.filter(slurm_reason="Forged").exists()
+    with pytest.raises(ValidationError, match="researcher's own account"):
+        Cluster.objects.get(pk=account.cluster_id).full_clean()
+
+    ClusterAccount.objects.filter(pk=account.pk).update(trusted=True)  # an admin vouches for it
+    assert listing.plan() == listing.Plan(clusters=[ada.cluster_id], accounts=[])
+    assert listing.cycle(ada.cluster_id).settled == 1 and cluster.commands[0][0] == "ada"
+
+
 def test_the_status_account_must_be_on_the_cluster(account: ClusterAccount, example_catalog: Any) -> None:
     elsewhere = Cluster.objects.exclude(pk=account.cluster_id).first()
     assert elsewhere is not None
