@@ -109,6 +109,11 @@ UUID = AllowList(
 )
 JOB_ID = AllowList(r"^[0-9]+(?:_[0-9]+)?\Z", "A Slurm job id is digits, an array task's JOB_TASK.")
 SHA256 = AllowList(r"^[0-9a-f]{64}\Z", "A SHA-256 checksum is 64 lowercase hexadecimal digits.")
+# A session's API key, as jobs.models.sessions makes it (and a requeued job makes a new one).
+SESSION_KEY = AllowList(r"^sk-hpcllm-[A-Za-z0-9_-]{20,100}\Z", "A session key is sk-hpcllm- and 20 to 100 letters.")
+# What one word of a request to a restricted key's gate may hold at all (portal/gate.py); each argument is then
+# checked by its verb's own list.
+GATE_WORD = AllowList(r"^[A-Za-z0-9_.:/@+,=%-]{1,4096}\Z", "The gate takes words of letters, digits and _.:/@+,=%-.")
 
 
 def split_flags(value: str) -> list[str]:

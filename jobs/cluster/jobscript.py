@@ -9,13 +9,15 @@ text, so nothing a user or admin types can become shell syntax.
 
 from __future__ import annotations
 
+import re
 import shlex
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 from catalog.runtime_rules import RUNTIMES, RuntimeRules
 from jobs.cluster import layout
-from jobs.cluster.slurm import job_name
+from jobs.cluster.slurm import JOB_NAME_PREFIX, job_name
 from portal import shellsafe
 
 SCRIPTS_DIR = Path(__file__).resolve().parent / "scripts"
@@ -173,8 +175,65 @@ def render(spec: JobSpec) -> str:
         *assignments(spec),
         "",
     ]
-    body = "".join((SCRIPTS_DIR / name).read_text() for name in (*JOB_PARTS, rules.job_script))
-    return "\n".join(header) + body
+    return "\n".join(header) + body(spec.runtime)
+
+
+def body(runtime: str) -> str:
+    """The static part of a runtime's job script: the job side's parts, then the runtime's own script."""
+    return "".join((SCRIPTS_DIR / name).read_text() for name in (*JOB_PARTS, _rules(runtime).job_script))
+
+
+# --- what a restricted key's gate accepts as a job script (portal/gate.py) ----------------------------------------
+
+BODY_STARTS = "# ---- skeleton.sh"  # the body's first line: the gate hashes from here
+# One word as shlex.quote writes it: plain safe characters, or single quotes with a quote written '"'"'.
+_QUOTED = r"(?:[A-Za-z0-9_@%+=:,./-]+|'[^']*(?:'\"'\"'[^']*)*')"
+_ARRAYS = ("MODULES", "DEFAULT_FLAGS", "EXTRA_FLAGS")
+
+
+def _anchored(allowed: shellsafe.AllowList) -> str:
+    """An allow-list's pattern without its anchors, to sit inside a larger one."""
+    return allowed.regex.removeprefix("^").removesuffix("\\Z")
+
+
+def header_rules(pinned: dict[str, list[str]]) -> list[str]:
+    """The lines a job script's header may have, as regexes: render's #SBATCH lines with the same allow-lists, its
+    comments, the layout's assignments and one quoted assignment a line for every value. `pinned`: names whose
+    value must be one of these (as render writes them: a quoted word, or an array), such as the cluster's binaries."""
+    word = r"[1-9][0-9]{0,8}"
+    sbatch = {
+        "job-name": re.escape(JOB_NAME_PREFIX) + _anchored(shellsafe.UUID),
+        "partition": _anchored(shellsafe.SLURM_NAME),
+        "account": _anchored(shellsafe.SLURM_ACCOUNT),
+        "nodes": word,
+        "ntasks-per-node": "1",
+        "cpus-per-task": word,
+        "mem": word + "G",
+        "gres": f"gpu:{_anchored(shellsafe.SLURM_NAME)}:{word}",
+        "constraint": _anchored(shellsafe.SLURM_NAME),
+        "time": word,
+        "output": re.escape(layout.NAMES.job_log),
+        "open-mode": "append",
+        "exclusive": "user",
+    }
+    rules = ["^#!/bin/bash\\Z", "^\\Z", "^# [^\\n]*\\Z"]
+    rules += [f"^#SBATCH --{re.escape(option)}={value}\\Z" for option, value in sbatch.items()]
+    rules += [f"^{re.escape(line)}\\Z" for line in layout.prelude().rstrip("\n").split("\n")]
+    sample = JobSpec(str(uuid.UUID(int=0)), "llama.cpp", "p", "", 1, 1, "g", "", 1, 1, 1, "b", "n", 1, 1)
+    names = [line.split("=", 1)[0] for line in assignments(sample)]  # render's own, in its order
+    for name in names:
+        if name in pinned:
+            rules.append(f"^{name}=(?:{'|'.join(re.escape(value) for value in pinned[name])})\\Z")
+        elif name in _ARRAYS:
+            rules.append(f"^{name}=\\((?:{_QUOTED}(?: {_QUOTED})*)?\\)\\Z")
+        else:
+            rules.append(f"^{name}={_QUOTED}\\Z")
+    return rules
+
+
+def quoted(value: str | tuple[str, ...]) -> str:
+    """A value as render writes it into an assignment: a quoted word, or a bash array of quoted words."""
+    return _array(value) if isinstance(value, tuple) else shlex.quote(value)
 
 
 def extra_files(runtime: str, batch: bool = False) -> dict[str, str]:

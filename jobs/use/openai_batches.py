@@ -3,9 +3,7 @@ batch calls work with a personal token: `files.create(purpose="batch")`, `files.
 `batches.create|retrieve|list|cancel`. A batch is a batch run on the caller's running session that the lines' `model`
 names (uuid, alias or catalog name, as in the rest of the API); its output file streams from the cluster.
 
-Everything is the token holder's own: another user's file or batch is a 404, as for sessions, and a batch runs only on
-one of the holder's own sessions (one shared with them is answered as one they cannot see: the run would be the
-owner's).
+Everything is the token holder's own: another user's file or batch is a 404, as for sessions.
 """
 
 from __future__ import annotations
@@ -29,7 +27,7 @@ from django.views.decorators.debug import sensitive_variables
 from django.views.decorators.http import require_GET, require_http_methods
 
 from jobs.batch import actions, inputs, outputs, staging
-from jobs.batch.forms import BatchForm, Checked, limits
+from jobs.batch.forms import Checked, limits
 from jobs.models import BatchFile, BatchRun, LLMSession
 from jobs.sessions.forms import LaunchForm
 from jobs.use import targets
@@ -295,20 +293,15 @@ def batches(request: HttpRequest, holder: targets.Holder, user: User) -> HttpRes
         if "cluster" in metadata:
             return _batch_launch(user, model, metadata, checked, upload)
         try:
-            target = targets.target(holder, model, note=False)
+            target = targets.target(holder, model)
         except targets.Ambiguous as exc:
             return openai_error(400, str(exc), "invalid_request_error", "model_ambiguous")
-        # Only the owner starts runs here: the model's lookup also finds sessions shared with the caller (and, by
-        # uuid, support staff's), whose runs would be the owner's. Those get a stranger's answer.
-        session = LLMSession.objects.filter(pk=target.pk, owner=user).first() if target else None
-        if target is None or session is None:
+        if target is None:
             return openai_error(404, f"no running session of yours answers to {model!r}; to start one for this "
                                 "batch, put where it runs in the metadata (docs/batch.md)", "invalid_request_error",
                                 "model_not_found")  # fmt: skip
-        if target.activity_due:
-            targets.touch(target.pk)
         try:
-            run = actions.start_run(session, checked, input_file=upload, metadata=metadata)
+            run = actions.start_run(LLMSession.objects.get(pk=target.pk), checked, input_file=upload, metadata=metadata)
         except ValidationError as exc:
             return openai_error(409, " ".join(messages_of(exc)), "invalid_request_error", "session_not_running")
     return JsonResponse(_batch_object(run))
@@ -327,10 +320,12 @@ def _batch_launch(
     data.update({key: value for key, value in metadata.items() if key in LaunchForm.base_fields})
     for key in ("replicas", "concurrency"):
         if key in metadata:
-            try:  # the batch form's own field: its limits, its messages
-                checked.columns[key] = BatchForm.base_fields[key].clean(metadata[key])
-            except ValidationError as exc:
-                return openai_error(400, f"metadata {key}: {' '.join(exc.messages)}", "invalid_request_error")
+            try:
+                checked.columns[key] = int(metadata[key])
+            except (TypeError, ValueError):
+                return openai_error(400, f"metadata {key} must be a whole number", "invalid_request_error")
+    if not 1 <= checked.columns.get("replicas", 1) <= 16:
+        return openai_error(400, "metadata replicas must be from 1 to 16", "invalid_request_error")
     try:
         session = actions.launch(user, data, batch=checked)
     except ValidationError as exc:
