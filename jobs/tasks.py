@@ -4,8 +4,8 @@ submit. Every account poll they make (poll_account, the watch's, a cancel's) is 
 jobs.batch.progress.after_poll, which records the batch runs it read.
 
 Beat runs poll_clusters and watch_sessions (every PORTAL_POLL_INTERVAL_S), refresh_partitions (every
-PORTAL_QUEUE_REFRESH_S), sync_groups (every PORTAL_GROUP_SYNC_S) and rediscover (every PORTAL_DISCOVER_EVERY_S,
-when set).
+PORTAL_QUEUE_REFRESH_S), sync_groups (every PORTAL_GROUP_SYNC_S), rediscover (every PORTAL_DISCOVER_EVERY_S,
+when set) and expire_files (every PORTAL_FILES_SWEEP_S).
 Task names are explicit, so moving code never strands a queued message.
 """
 
@@ -25,7 +25,7 @@ from django.db import connections
 
 from catalog import discover, inventory
 from catalog.models import Cluster
-from jobs.batch import progress, staging
+from jobs.batch import files, progress, staging
 from jobs.cluster import capacity, logs
 from jobs.models import LLMSession, State
 from jobs.operations import metrics
@@ -236,3 +236,9 @@ def stop_batch(self: Task[Any, Any], run_id: str) -> bool:
     if not staging.stop(run_id):
         raise self.retry(countdown=_backoff_s(self.request.retries))
     return True
+
+
+@shared_task(name="jobs.expire_files", ignore_result=True)
+def expire_files() -> int:
+    """Beat: delete the Files API's uploads whose time has come (jobs/batch/files.py)."""
+    return files.sweep()

@@ -4,7 +4,8 @@ Django's session, CSRF, auth and messages middleware each hop to a thread and ba
 authenticates with bearer tokens and sets no cookies, so none of them does anything there, and skipping them takes
 about 1.7 ms off every request's time to first token (bench/proxy.py). Both routes to model servers (/api/v1/ and
 /sessions/<uuid>/v1/) pass the proxy's door first (jobs/use/guard.py), and their views serve nothing that did not: a
-request from elsewhere (WSGI, Django's test client) is refused, so tests call this application (tests/asgi.py).
+request from elsewhere (WSGI, Django's test client) is refused, so tests call this application (tests/asgi.py). Every
+other HTTP request has its body bounded before Django reads it (portal/bodies.py): no route takes an unbounded upload.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from django.core.handlers.asgi import ASGIHandler  # noqa: E402  (after django.s
 from django.core.handlers.exception import convert_exception_to_response  # noqa: E402
 
 from jobs.use import guard  # noqa: E402
+from portal import bodies  # noqa: E402
 
 API_PREFIX = "/api/v1/"
 
@@ -56,5 +58,5 @@ async def application(scope: Any, receive: Any, send: Any) -> None:
     elif guard.guards(scope["path"]):  # the routes to model servers: authenticated, then a bounded body
         app = api_application if scope["path"].startswith(API_PREFIX) else django_application
         await guard.guard(app, scope, receive, send)
-    else:
-        await django_application(scope, receive, send)
+    else:  # pages and forms: PORTAL_MAX_FORM_BYTES, more only for a signed-in user's upload to a view that takes one
+        await bodies.bounded(django_application, scope, receive, send)

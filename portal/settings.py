@@ -157,6 +157,9 @@ STATIC_ROOT.mkdir(exist_ok=True)  # whitenoise warns on every request while it i
 # several hosts (an NFS path here, or another storage backend in STORAGES["default"]).
 MEDIA_ROOT = Path(env_str("PORTAL_FILES_DIR", str(VAR_DIR / "files")))
 _private_dir(MEDIA_ROOT)
+# Uploads on their way in (the Files API's bodies, prompts files being parsed): on disk in a private folder, not in
+# /tmp, which may be shared with other users or be memory (tmpfs).
+FILE_UPLOAD_TEMP_DIR = str(_private_dir(VAR_DIR / "uploads"))
 STORAGES = {
     "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
     "staticfiles": {
@@ -252,8 +255,20 @@ PORTAL_LOG_TAIL_BYTES = env_int("PORTAL_LOG_TAIL_BYTES", 65536, minimum=1024)
 # What one user may hold on a cluster at a time, unless the cluster's own limits say otherwise; 0: no limit.
 PORTAL_MAX_SESSIONS_PER_USER = env_int("PORTAL_MAX_SESSIONS_PER_USER", 0, minimum=0)
 PORTAL_MAX_GPUS_PER_USER = env_int("PORTAL_MAX_GPUS_PER_USER", 0, minimum=0)
-# How many requests one API token may make a minute (0: no limit); past it the API answers 429 with Retry-After.
+# How many requests one API token may make a minute (0: no limit); past it the API answers 429 with Retry-After. All of
+# one user's tokens together are held to PORTAL_API_USER_REQUESTS_PER_MINUTE (by default the same: more tokens are not
+# more requests).
 PORTAL_API_REQUESTS_PER_MINUTE = env_int("PORTAL_API_REQUESTS_PER_MINUTE", 600, minimum=0)
+PORTAL_API_USER_REQUESTS_PER_MINUTE = env_int(
+    "PORTAL_API_USER_REQUESTS_PER_MINUTE", PORTAL_API_REQUESTS_PER_MINUTE, minimum=0
+)
+# Personal API tokens one user may hold at once (revoked ones do not count); the tokens page and `manage.py apitoken
+# create` refuse more.
+PORTAL_MAX_API_TOKENS_PER_USER = env_int("PORTAL_MAX_API_TOKENS_PER_USER", 20, minimum=1)
+# The largest request body any page or form takes, signed in or not (portal/bodies.py: checked before Django reads
+# it). Django's own in-memory bound for uploads, so a body within it never reaches the disk; a signed-in user's
+# prompts file for a batch run may be larger (PORTAL_BATCH_MAX_BYTES).
+PORTAL_MAX_FORM_BYTES = env_int("PORTAL_MAX_FORM_BYTES", 2_621_440, minimum=1024)
 # The largest request body the proxy and the API take (a long chat history, a batch of texts to embed). Django's own
 # limit for request bodies is the same, so the browser's route and the API agree.
 PORTAL_MAX_REQUEST_BYTES = env_int("PORTAL_MAX_REQUEST_BYTES", 8 << 20, minimum=1024)
@@ -261,6 +276,13 @@ PORTAL_MAX_REQUEST_BYTES = env_int("PORTAL_MAX_REQUEST_BYTES", 8 << 20, minimum=
 PORTAL_BATCH_MAX_BYTES = env_int("PORTAL_BATCH_MAX_BYTES", 100 << 20, minimum=1024)
 PORTAL_BATCH_MAX_LINE_BYTES = env_int("PORTAL_BATCH_MAX_LINE_BYTES", 1 << 20, minimum=1024)
 PORTAL_BATCH_MAX_PROMPTS = env_int("PORTAL_BATCH_MAX_PROMPTS", 100_000, minimum=1)
+# Files uploaded through the OpenAI Files API (docs/batch.md): what one user may keep (bytes and files), and how long a
+# file is kept (days; 0: until deleted) unless its upload asked for less (expires_after). Beat deletes expired files
+# every PORTAL_FILES_SWEEP_S, except those a batch that has not ended still uses.
+PORTAL_FILES_MAX_BYTES_PER_USER = env_int("PORTAL_FILES_MAX_BYTES_PER_USER", 1 << 30, minimum=1024)
+PORTAL_FILES_MAX_PER_USER = env_int("PORTAL_FILES_MAX_PER_USER", 100, minimum=1)
+PORTAL_FILES_RETENTION_DAYS = env_int("PORTAL_FILES_RETENTION_DAYS", 30, minimum=0)
+PORTAL_FILES_SWEEP_S = env_int("PORTAL_FILES_SWEEP_S", 3600, minimum=60)
 DATA_UPLOAD_MAX_MEMORY_SIZE = PORTAL_MAX_REQUEST_BYTES
 
 # Email for session notifications; EMAIL_URL-style settings come from the environment.
@@ -340,6 +362,7 @@ CELERY_BEAT_SCHEDULE: dict[str, dict[str, object]] = {
         "options": {"expires": float(PORTAL_POLL_INTERVAL_S)},  # a late one would only overlap the next
     },
     "refresh-partitions": {"task": "jobs.refresh_partitions", "schedule": float(PORTAL_QUEUE_REFRESH_S)},
+    "expire-files": {"task": "jobs.expire_files", "schedule": float(PORTAL_FILES_SWEEP_S)},
 }
 if PORTAL_GROUP_SYNC_S:
     CELERY_BEAT_SCHEDULE["sync-groups"] = {"task": "jobs.sync_groups", "schedule": float(PORTAL_GROUP_SYNC_S)}

@@ -46,9 +46,10 @@ TIMEOUT_S = 60.0  # a request, or a reply's next piece, that takes longer fails 
 
 
 class Transport(httpx.AsyncBaseTransport):
-    """Each request to an ASGI application in this event loop, as uvicorn hands it over: its body in a message, the
-    reply passed on piece by piece as the application sends it, and http.disconnect once the client has closed the
-    reply (read to its end, or left before it)."""
+    """Each request to an ASGI application in this event loop, as uvicorn hands it over: its body in a message (a
+    streamed body, e.g. httpx's content=<async iterator>, sent chunked: a message a piece, each taken from the
+    iterator only when the application reads it), the reply passed on piece by piece as the application sends it, and
+    http.disconnect once the client has closed the reply (read to its end, or left before it)."""
 
     def __init__(self, app: App = application, client: tuple[str, int] = CLIENT) -> None:
         self.app, self.client = app, client
@@ -61,13 +62,14 @@ class Transport(httpx.AsyncBaseTransport):
             "raw_path": request.url.raw_path.partition(b"?")[0], "query_string": request.url.query,
             "headers": [(name.lower(), value) for name, value in request.headers.raw],
         }  # fmt: skip
-        incoming = [{"type": "http.request", "body": await request.aread(), "more_body": False}]
+        body = _body(request)
         gone = asyncio.Event()
         sent: asyncio.Queue[Message] = asyncio.Queue()
 
         async def receive() -> Message:
-            if incoming:
-                return incoming.pop()
+            message = await anext(body, None)
+            if message is not None:
+                return message
             await gone.wait()
             return {"type": "http.disconnect"}
 
@@ -77,6 +79,17 @@ class Transport(httpx.AsyncBaseTransport):
             raise httpx.RemoteProtocolError(f"the application did not start a reply: {start}", request=request)
         reply = _Reply(sent, running, gone)
         return httpx.Response(start["status"], headers=start.get("headers", []), stream=reply, request=request)
+
+
+async def _body(request: httpx.Request) -> AsyncIterator[Message]:
+    """A request's body as uvicorn's messages: whole in one (bytes, a form, JSON), else a message a piece."""
+    if isinstance(request.stream, httpx.ByteStream):
+        yield {"type": "http.request", "body": await request.aread(), "more_body": False}
+        return
+    assert isinstance(request.stream, httpx.AsyncByteStream)
+    async for piece in request.stream:
+        yield {"type": "http.request", "body": piece, "more_body": True}
+    yield {"type": "http.request", "body": b"", "more_body": False}
 
 
 class _Reply(httpx.AsyncByteStream):

@@ -23,6 +23,7 @@ from jobs.models import BatchRun, measured_pace
 from jobs.sessions.access import get_session_for
 from jobs.sessions.forms import LaunchForm, form_errors
 from portal import ssh, streaming
+from portal.bodies import takes_uploads
 from portal.errors import messages_of
 from portal.htmx import HtmxHttpRequest, render_page, render_partial
 
@@ -38,6 +39,7 @@ def get_run_for(request: HtmxHttpRequest, pk: UUID) -> BatchRun:
     return run
 
 
+@takes_uploads("PORTAL_BATCH_MAX_BYTES")  # a prompts file (portal/bodies.py)
 @login_required
 @require_http_methods(["GET", "POST"])
 def new_batch_launch(request: HtmxHttpRequest) -> HttpResponse:
@@ -66,6 +68,7 @@ def new_batch_launch(request: HtmxHttpRequest) -> HttpResponse:
     return render_page(request, "jobs/batch_new.html", context)
 
 
+@takes_uploads("PORTAL_BATCH_MAX_BYTES")
 @login_required
 @require_http_methods(["GET", "POST"])
 def new_session_run(request: HtmxHttpRequest, pk: UUID) -> HttpResponse:

@@ -217,6 +217,9 @@ class BatchFile(models.Model):
     size_bytes = models.PositiveBigIntegerField()
     content = models.FileField(upload_to=upload_path)
     created_at = models.DateTimeField(auto_now_add=True)
+    # When the retention sweep deletes it (jobs/batch/files.py): PORTAL_FILES_RETENTION_DAYS after its upload, or the
+    # sooner time its upload asked for (expires_after); null: kept until deleted.
+    expires_at = models.DateTimeField(null=True, blank=True, db_index=True)
 
     class Meta:
         ordering = ["-created_at"]

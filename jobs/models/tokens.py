@@ -6,8 +6,10 @@ import hashlib
 import secrets
 
 from django.conf import settings
+from django.contrib.auth import get_user_model
 from django.contrib.auth.models import User
-from django.db import models
+from django.core.exceptions import ValidationError
+from django.db import models, transaction
 from django.views.decorators.debug import sensitive_variables
 
 
@@ -61,9 +63,19 @@ class ApiToken(HashedToken):
     @classmethod
     @sensitive_variables("token")
     def issue(cls, user: User, name: str) -> tuple[ApiToken, str]:
-        """A new token; the plain text is returned once and never stored."""
-        token, columns = cls.new_token()
-        return cls.objects.create(user=user, name=name, **columns), token
+        """A new token; the plain text is returned once and never stored. A ValidationError when the user already
+        holds PORTAL_MAX_API_TOKENS_PER_USER tokens in force (their user row is locked meanwhile, so two at once
+        cannot both take the last place)."""
+        with transaction.atomic():
+            get_user_model().objects.select_for_update().filter(pk=user.pk).first()
+            held = cls.objects.filter(user=user, revoked_at__isnull=True).count()
+            if held >= settings.PORTAL_MAX_API_TOKENS_PER_USER:
+                raise ValidationError(
+                    f"{user.get_username()} already holds {held} API tokens in force, the most one user may; revoke "
+                    "one that is no longer used first."
+                )
+            token, columns = cls.new_token()
+            return cls.objects.create(user=user, name=name, **columns), token
 
 
 class ScrapeToken(HashedToken):

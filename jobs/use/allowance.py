@@ -1,4 +1,5 @@
-"""A token's requests a minute (PORTAL_API_REQUESTS_PER_MINUTE), decided without waiting for the shared cache.
+"""A token's requests a minute (PORTAL_API_REQUESTS_PER_MINUTE), and its user's, all their tokens together
+(PORTAL_API_USER_REQUESTS_PER_MINUTE), decided without waiting for the shared cache.
 
 portal.rates counts in the shared cache, which with the file cache is a read, a pickle, a directory listing and a
 rename per request: 0.3 to 0.4 ms of CPU here, more as the cache directory fills, taken from the request itself or
@@ -40,30 +41,42 @@ _windows: dict[str, _Window] = {}
 _minute = -1
 
 
-def wait_s(key: str, limit: int) -> int:
-    """Count one more request under `key` in this minute; 0 while within `limit` (0: no limit), else the seconds
-    until the next minute. Never waits for the cache."""
+def wait_s(key: str, limit: int, *also: tuple[str, int]) -> int:
+    """Count one more request under `key` in this minute, and under each (key, limit) of `also` (a token's request
+    counts for its user too); 0 while every count is within its limit (0: no limit), else the seconds until the next
+    minute, and the request counts nowhere. Never waits for the cache."""
     global _minute
-    if not limit:
+    counts = [(k, n) for k, n in ((key, limit), *also) if n]
+    if not counts:
         return 0
     now = rates.clock()
     minute = int(now // 60)
-    name = f"rate:{key}:{minute}"
+    started: list[tuple[str, _Window]] = []
     with _lock:
         if minute != _minute:
             _windows.clear()  # past minutes count no more
             _minute = minute
-        window = _windows.setdefault(name, _Window())
-        if window.shared + window.adding + window.unsent >= limit:
+        windows = [(f"rate:{k}:{minute}", n) for k, n in counts]
+        held = [(name, _windows.setdefault(name, _Window()), n) for name, n in windows]
+        if any(w.shared + w.adding + w.unsent >= n for _, w, n in held):
             return 60 - int(now % 60)
-        window.unsent += 1
         moment = time.monotonic()
-        start = not window.busy and moment - window.added_at >= ADD_EVERY_S
-        if start:
-            window.busy, window.added_at = True, moment
-    if start:
+        for name, window, _ in held:
+            window.unsent += 1
+            if not window.busy and moment - window.added_at >= ADD_EVERY_S:
+                window.busy, window.added_at = True, moment
+                started.append((name, window))
+    for name, window in started:
         targets.later(_add, name, window)
     return 0
+
+
+def full(key: str, limit: int) -> bool:
+    """Whether `key`'s count has reached `limit` this minute (what a refusal says), counting nothing."""
+    name = f"rate:{key}:{int(rates.clock() // 60)}"
+    with _lock:
+        window = _windows.get(name)
+        return bool(limit) and window is not None and window.shared + window.adding + window.unsent >= limit
 
 
 def _add(name: str, window: _Window) -> None:

@@ -9,9 +9,12 @@ uploads. Here, for those routes:
    (/api/v1/), or the signed-in session cookie (/sessions/<uuid>/v1/). The session is looked up in the same trip:
    the one the browser's path names, or for a token the model its previous request named (the body, which names
    it, is not read yet), which the view uses when the body names the same, and else looks up what it names;
-3. a token is held to PORTAL_API_REQUESTS_PER_MINUTE (allowance.py);
+3. a token is held to PORTAL_API_REQUESTS_PER_MINUTE, and its user, all their tokens together, to
+   PORTAL_API_USER_REQUESTS_PER_MINUTE (allowance.py);
 4. only then is the body read, and at most PORTAL_MAX_REQUEST_BYTES of it, whether it declared its length or is
-   chunked;
+   chunked (portal/bodies.py reads it, as it reads every other route's). An upload to the Files API, only from a
+   caller step 2 let in, may be as large as a batch file (PORTAL_BATCH_MAX_BYTES) within what is left of its owner's
+   quota, and goes to a temporary file as it comes (UPLOAD), never whole into memory;
 5. the proxy's own views (marked @served_here) are then called here, without Django's handler and middleware; the
    OpenAI Files and Batch views go on to Django with an empty body.
 
@@ -33,26 +36,25 @@ import io
 import json
 import logging
 import re
+import tempfile
 from collections.abc import Awaitable, Callable, Mapping, MutableMapping
-from importlib import import_module
-from types import SimpleNamespace
-from typing import Any, TypeVar
+from typing import IO, Any, TypeVar
 
 from django.conf import settings
-from django.contrib import auth
 from django.core.exceptions import SuspiciousOperation
 from django.core.handlers.asgi import ASGIRequest
 from django.http import HttpRequest, HttpResponseBase, JsonResponse, StreamingHttpResponse
-from django.http.cookie import parse_cookie
 from django.http.request import split_domain_port, validate_host
 from django.middleware.csrf import CsrfViewMiddleware
 from django.urls import Resolver404, ResolverMatch, resolve
 from django.utils.log import log_response
 from django.views.decorators.debug import sensitive_variables
 
+from jobs.batch import files
 from jobs.models import token_digest
 from jobs.use import allowance, targets
 from jobs.use.headers import DATA_ONLY, data_only, openai_error
+from portal import bodies
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +66,8 @@ App = Callable[[Any, Any, Any], Awaitable[None]]
 
 API = re.compile(r"/api/v1/")
 BROWSER = re.compile(r"/sessions/([0-9a-fA-F-]{36})/v1/")
-BODY = "portal.body"  # the request body, read here
+BODY = "portal.body"  # the request body, read here (empty for an UPLOAD)
+UPLOAD = "portal.upload"  # an upload to the Files API, read here into a temporary file (binary, at its start)
 HOLDER = "portal.holder"  # the API token's holder (targets.Holder), looked up here
 USER = "portal.user"  # the signed-in user's pk (the browser's route), looked up here
 TARGET = "portal.target"  # (the key looked up, what targets.target found for it: Target, None or Ambiguous)
@@ -106,16 +109,9 @@ def refused(request: HttpRequest) -> JsonResponse:
 
 async def guard(app: App, scope: Scope, receive: Receive, send: Send) -> None:
     """Refuse before reading the body, or read it (bounded) and hand the request on to `app`."""
-    headers = {name.decode("latin-1").lower(): value.decode("latin-1") for name, value in scope["headers"]}
+    headers = bodies.headers_of(scope)
     if not _host_allowed(headers.get("host", "")):
         await _reply(send, 400, "the Host header names no site this portal serves", "invalid_request_error")
-        return
-    limit = settings.PORTAL_MAX_REQUEST_BYTES
-    if scope["path"] == FILES:  # a batch input file, checked line by line once it is in
-        limit = max(limit, settings.PORTAL_BATCH_MAX_BYTES + (1 << 20))
-    declared = headers.get("content-length", "")
-    if declared and (not declared.isdigit() or int(declared) > limit):
-        await _reply(send, 413, f"the request body is larger than {limit} bytes", "request_too_large")
         return
     extra: dict[str, Any] = {}
     if API.match(scope["path"]):
@@ -127,11 +123,10 @@ async def guard(app: App, scope: Scope, receive: Receive, send: Send) -> None:
             await _reply(send, 401, "a valid personal API token is needed (Authorization: Bearer hpcllm_…)",
                          "authentication_error", "invalid_api_key")  # fmt: skip
             return
-        per_minute = settings.PORTAL_API_REQUESTS_PER_MINUTE
-        wait_s = allowance.wait_s(f"api-token:{holder.token_pk}", per_minute) if holder.token_pk is not None else 0
+        wait_s = _wait_s(holder)
         if wait_s:
-            await _reply(send, 429, f"this token made more than {per_minute} requests a minute; try again in "
-                         f"{wait_s} s", "requests", "rate_limit_exceeded", retry_after=wait_s)  # fmt: skip
+            await _reply(send, 429, f"{_rate_exceeded(holder)}; try again in {wait_s} s", "requests",
+                         "rate_limit_exceeded", retry_after=wait_s)  # fmt: skip
             return
         extra[HOLDER], extra[TOKEN] = holder, digest
         if guess is not None:
@@ -144,18 +139,38 @@ async def guard(app: App, scope: Scope, receive: Receive, send: Send) -> None:
             await _reply(send, 401, "sign in first", "authentication_error")
             return
         extra[USER], extra[TARGET] = signed_in[0], (browser[1], signed_in[1])
-    body = bytearray()
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
+    uploading = HOLDER in extra and scope["path"] == FILES and scope["method"] == "POST"
+    limit, refusal = settings.PORTAL_MAX_REQUEST_BYTES, ""
+    if uploading:  # only once the caller is known: a token that is not valid never sends a large body
+        limit, refusal = await _upload_limit(extra[HOLDER])
+        if limit < 0:
+            await _reply(send, 400, refusal, "invalid_request_error", "quota_exceeded")
             return
-        body += message.get("body", b"")
-        if len(body) > limit:
-            await _reply(send, 413, f"the request body is larger than {limit} bytes", "request_too_large")
-            return
-        if not message.get("more_body", False):
-            break
-    scope = {**scope, BODY: bytes(body), **extra}
+    if bodies.over(bodies.declared(headers), limit):
+        await _too_large(send, limit, refusal)
+        return
+    upload: IO[bytes] | None = None
+    try:
+        if uploading:
+            upload = await _spooled(receive, limit)
+            body = b""
+        else:
+            body = b"".join([piece async for piece in bodies.pieces(receive, limit)])
+    except bodies.TooLarge:
+        await _too_large(send, limit, refusal)
+        return
+    except bodies.Disconnected:
+        return
+    try:
+        await _admit({**scope, BODY: body, UPLOAD: upload, **extra}, app, receive, send)
+    finally:
+        if upload is not None:
+            upload.close()
+
+
+async def _admit(scope: Scope, app: App, receive: Receive, send: Send) -> None:
+    """Serve a request whose body has been read: a @served_here view here, anything else through `app` (which
+    finds its body already read: it gets an empty one)."""
     request = ASGIRequest(scope, io.BytesIO(scope[BODY]))
     match = _resolved(request.path_info)
     if match is not None and getattr(match.func, SERVED_HERE, False):
@@ -171,6 +186,52 @@ async def guard(app: App, scope: Scope, receive: Receive, send: Send) -> None:
         return await receive()
 
     await app(scope, replay, send)
+
+
+def _wait_s(holder: targets.Holder) -> int:
+    if holder.token_pk is None:
+        return 0
+    return allowance.wait_s(f"api-token:{holder.token_pk}", settings.PORTAL_API_REQUESTS_PER_MINUTE,
+                            (f"api-user:{holder.user_pk}", settings.PORTAL_API_USER_REQUESTS_PER_MINUTE))  # fmt: skip
+
+
+def _rate_exceeded(holder: targets.Holder) -> str:
+    """Which count _wait_s found full: the token's, or its user's."""
+    per_token = settings.PORTAL_API_REQUESTS_PER_MINUTE
+    if allowance.full(f"api-token:{holder.token_pk}", per_token):
+        return f"this token made more than {per_token} requests a minute"
+    return f"your tokens together made more than {settings.PORTAL_API_USER_REQUESTS_PER_MINUTE} requests a minute"
+
+
+async def _upload_limit(holder: targets.Holder) -> tuple[int, str]:
+    """The bytes an upload to the Files API may send (a batch file, within what is left of its owner's quota) and
+    what a refusal says; -1 when the owner may keep no more files."""
+    left = await targets.run(files.room, holder.user_pk)
+    if left.files < 1:
+        return -1, f"no more files: {files.no_room_for_files()}"
+    if left.bytes < settings.PORTAL_BATCH_MAX_BYTES:
+        return left.bytes + bodies.FORM_ROOM, files.no_room_for_bytes(left.bytes)
+    return settings.PORTAL_BATCH_MAX_BYTES + bodies.FORM_ROOM, ""
+
+
+async def _spooled(receive: Receive, limit: int) -> IO[bytes]:
+    """An upload's body in a temporary file (in FILE_UPLOAD_TEMP_DIR, gone once closed), written as it comes: on the
+    event loop, as Django's own handler writes the bodies it spools, since a piece is at most the server's read."""
+    spool = tempfile.TemporaryFile(dir=settings.FILE_UPLOAD_TEMP_DIR)  # noqa: SIM115 -- the caller closes it
+    try:
+        async for piece in bodies.pieces(receive, limit):
+            spool.write(piece)
+        spool.seek(0)
+    except BaseException:
+        spool.close()
+        raise
+    return spool
+
+
+async def _too_large(send: Send, limit: int, refusal: str) -> None:
+    message = f"the request body is larger than {limit:,} bytes"
+    await _reply(send, 413, f"{message}: {refusal}" if refusal else message, "request_too_large",
+                 "quota_exceeded" if refusal else None)  # fmt: skip
 
 
 _routes: dict[str, ResolverMatch | None] = {}
@@ -234,22 +295,10 @@ def _api_door(
 
 
 @sensitive_variables("cookie")
-def _signed_in(cookie: str) -> int | None:
-    """The signed-in user's pk: Django's own check of the session cookie (it also refuses a session whose password
-    changed, and an inactive user)."""
-    session_key = parse_cookie(cookie).get(settings.SESSION_COOKIE_NAME)
-    if not session_key:
-        return None
-    store = import_module(settings.SESSION_ENGINE).SessionStore(session_key)
-    user = auth.get_user(SimpleNamespace(session=store))  # type: ignore[arg-type]
-    return int(user.pk) if user.is_authenticated else None
-
-
-@sensitive_variables("cookie")
 def _browser_door(cookie: str, session_pk: str) -> tuple[int, targets.Target | targets.Ambiguous | None] | None:
     """The signed-in user, and the session the path names as targets.target finds it for them on the chat route
     (None: not theirs to use); None when nobody is signed in."""
-    user_pk = _signed_in(cookie)
+    user_pk = bodies.signed_in(cookie)
     if user_pk is None:
         return None
     try:

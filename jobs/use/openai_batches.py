@@ -1,16 +1,20 @@
 """OpenAI's Files and Batch API on the portal (docs/batch.md), so scripts written for the official `openai` client's
-batch calls work with a personal token: `files.create(purpose="batch")`, `files.retrieve|content`,
+batch calls work with a personal token: `files.create(purpose="batch")`, `files.list|retrieve|content|delete`,
 `batches.create|retrieve|list|cancel`. A batch is a batch run on the caller's running session that the lines' `model`
-names (uuid, alias or catalog name, as in the rest of the API); its output file streams from the cluster.
+names (uuid, alias or catalog name, as in the rest of the API); its output file streams from the cluster. Uploads come
+from the door in a temporary file and go to storage from disk, never whole into memory; what a user keeps is bounded
+by their quota and expires (jobs/batch/files.py).
 
-Everything is the token holder's own: another user's file or batch is a 404, as for sessions.
+Everything is the token holder's own: another user's file or batch is a 404, as for sessions, and a batch runs only on
+one of the holder's own sessions (one shared with them is answered as one they cannot see: the run would be the
+owner's).
 """
 
 from __future__ import annotations
 
 import functools
-import io
 import json
+import os
 import tempfile
 import uuid
 from collections.abc import Callable, Iterator
@@ -19,7 +23,7 @@ from typing import IO, Any
 from django.contrib.auth import get_user_model
 from django.contrib.auth.models import User
 from django.core.exceptions import ValidationError
-from django.core.files import File
+from django.core.files.uploadhandler import TemporaryFileUploadHandler
 from django.http import HttpRequest, HttpResponseBase, JsonResponse
 from django.http.multipartparser import MultiPartParser, MultiPartParserError
 from django.views.decorators.csrf import csrf_exempt
@@ -27,11 +31,12 @@ from django.views.decorators.debug import sensitive_variables
 from django.views.decorators.http import require_GET, require_http_methods
 
 from jobs.batch import actions, inputs, outputs, staging
+from jobs.batch import files as kept
 from jobs.batch.forms import Checked, limits
 from jobs.models import BatchFile, BatchRun, LLMSession
 from jobs.sessions.forms import LaunchForm
 from jobs.use import targets
-from jobs.use.guard import BODY, HOLDER, admitted, refused
+from jobs.use.guard import BODY, HOLDER, UPLOAD, admitted, refused
 from jobs.use.headers import openai_error
 from portal import ssh, streaming
 from portal.errors import messages_of
@@ -75,6 +80,7 @@ def _tokened(view: Callable[..., HttpResponseBase]) -> Callable[..., HttpRespons
 def _file_object(upload: BatchFile) -> dict[str, Any]:
     return {"id": f"file-{upload.pk.hex}", "object": "file", "bytes": upload.size_bytes,
             "created_at": int(upload.created_at.timestamp()), "filename": upload.filename, "purpose": upload.purpose,
+            "expires_at": int(upload.expires_at.timestamp()) if upload.expires_at else None,
             "status": "processed", "status_details": None}  # fmt: skip
 
 
@@ -147,32 +153,58 @@ def _input_error(exc: inputs.InputError) -> JsonResponse:
 @require_http_methods(["GET", "POST"])
 @_tokened
 def files(request: HttpRequest, holder: targets.Holder, user: User) -> HttpResponseBase:
-    """POST: upload a batch input file (multipart `file` and `purpose`), checked line by line at once. GET: the
-    caller's files."""
+    """POST: upload a batch input file (multipart `file`, `purpose` and optionally `expires_after`), checked line by
+    line at once and kept within the caller's quota. GET: the caller's files."""
     if request.method == "GET":
         uploads = BatchFile.objects.filter(owner=user)[:1000]
         return JsonResponse({"object": "list", "data": [_file_object(u) for u in uploads], "has_more": False})
-    body = _body(request)
-    meta = {**request.META, "CONTENT_LENGTH": str(len(body))}
-    try:
-        fields, uploaded = MultiPartParser(meta, io.BytesIO(body), request.upload_handlers).parse()
+    door = admitted(request)
+    spool = door.get(UPLOAD) if door else None
+    if spool is None:  # the door spools every upload it lets in
+        raise RuntimeError(f"{request.path} reached its view without the door's upload")
+    meta = {**request.META, "CONTENT_LENGTH": str(os.fstat(spool.fileno()).st_size)}
+    try:  # the file part straight to a temporary file on disk, whatever its size
+        fields, uploaded = MultiPartParser(meta, spool, [TemporaryFileUploadHandler(request)]).parse()
     except MultiPartParserError as exc:
         return openai_error(400, f"send the file as multipart/form-data: {exc}", "invalid_request_error")
-    if fields.get("purpose") != "batch":
-        return openai_error(400, "purpose must be 'batch' (the only files the portal takes)", "invalid_request_error")
     upload = uploaded.get("file")
-    if upload is None:
-        return openai_error(400, "no file in the request (the multipart field is `file`)", "invalid_request_error")
     try:
-        requests, _ = _check(upload)
-    except inputs.InputError as exc:
-        return _input_error(exc)
-    requests.close()
-    upload.seek(0)
-    stored = BatchFile(owner=user, filename=(upload.name or "input.jsonl")[:200], size_bytes=upload.size or 0)
-    stored.content.save("input.jsonl", File(upload), save=False)
-    stored.save()
+        if fields.get("purpose") != "batch":
+            return openai_error(400, "purpose must be 'batch' (the only files the portal takes)",
+                                "invalid_request_error")  # fmt: skip
+        if upload is None:
+            return openai_error(400, "no file in the request (the multipart field is `file`)", "invalid_request_error")
+        try:
+            expires_after_s = _expires_after(fields)
+        except ValueError as exc:
+            return openai_error(400, str(exc), "invalid_request_error")
+        try:
+            with open(os.devnull, "wb") as nowhere:  # the check only: a batch checks its file again when it starts
+                inputs.normalize(upload, nowhere, inputs.Options(format="openai"), limits())
+        except inputs.InputError as exc:
+            return _input_error(exc)
+        upload.seek(0)
+        try:
+            stored = kept.store(user, upload, upload.name or "input.jsonl", upload.size or 0, expires_after_s)
+        except kept.QuotaExceeded as exc:
+            return openai_error(400, str(exc), "invalid_request_error", "quota_exceeded")
+    finally:
+        for _, parts in uploaded.lists():
+            for part in parts:
+                part.close()  # a file storage moved is gone already; any other is deleted here
     return JsonResponse(_file_object(stored))
+
+
+def _expires_after(fields: Any) -> int | None:
+    """The seconds after its upload a file asked to expire (OpenAI's `expires_after[anchor]=created_at` and
+    `expires_after[seconds]`, from one hour to thirty days), or None; ValueError says what is wrong."""
+    anchor, seconds = fields.get("expires_after[anchor]"), fields.get("expires_after[seconds]")
+    if anchor is None and seconds is None:
+        return None
+    low, high = kept.EXPIRES_AFTER_S
+    if anchor != "created_at" or not (seconds or "").isdigit() or not low <= int(seconds) <= high:
+        raise ValueError(f"expires_after needs anchor 'created_at' and seconds from {low} to {high}")
+    return int(seconds)
 
 
 def _own_file(user: User, file_id: str) -> BatchFile | None:
@@ -185,15 +217,25 @@ def _own_run(user: User, text: str, prefix: str) -> BatchRun | None:
     return BatchRun.objects.select_related("session", "input_file").filter(pk=pk, owner=user).first() if pk else None
 
 
-@require_GET
+@require_http_methods(["GET", "DELETE"])
 @_tokened
 def file_detail(request: HttpRequest, holder: targets.Holder, user: User, file_id: str) -> HttpResponseBase:
+    """GET a file; DELETE an uploaded one (refused while a batch that has not ended uses it)."""
     run = _own_run(user, file_id, OUTPUT_PREFIX)
     if run is not None:
+        if request.method == "DELETE":
+            return openai_error(400, "a batch's output is read from its session's directory on the cluster; there is "
+                                "nothing to delete here", "invalid_request_error", "file_not_deletable")  # fmt: skip
         return JsonResponse(_output_object(run))
     upload = _own_file(user, file_id)
     if upload is None:
         return openai_error(404, f"no file {file_id!r}", "invalid_request_error", "file_not_found")
+    if request.method == "DELETE":
+        try:
+            kept.delete(upload)
+        except kept.InUse as exc:  # 400, not 409: the openai client would retry a 409 in vain
+            return openai_error(400, str(exc), "invalid_request_error", "file_in_use")
+        return JsonResponse({"id": file_id, "object": "file", "deleted": True})
     return JsonResponse(_file_object(upload))
 
 

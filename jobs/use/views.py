@@ -9,6 +9,7 @@ from uuid import UUID
 
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
+from django.core.exceptions import ValidationError
 from django.db.models import QuerySet
 from django.http import Http404, HttpResponse, HttpResponseRedirect, JsonResponse
 from django.urls import reverse
@@ -19,6 +20,7 @@ from django.views.decorators.http import require_GET, require_http_methods, requ
 from jobs.models import ApiToken, Conversation, LLMSession
 from jobs.sessions.access import get_session_to_chat
 from jobs.use import chat as rules
+from portal.bodies import takes_uploads
 from portal.htmx import HtmxHttpRequest, render_page
 
 
@@ -75,6 +77,7 @@ def new_conversation(request: HtmxHttpRequest, pk: UUID) -> HttpResponse:
     return HttpResponseRedirect(_chat_url(session, conversation))
 
 
+@takes_uploads("PORTAL_MAX_REQUEST_BYTES")  # the question may be as long as the proxy took it (portal/bodies.py)
 @login_required
 @require_POST
 def save_exchange(request: HtmxHttpRequest, pk: UUID, conversation_id: int) -> JsonResponse:
@@ -168,7 +171,10 @@ def api_tokens(request: HtmxHttpRequest) -> HttpResponse:
         if not name:
             messages.error(request, "Give the token a name, e.g. the machine or script that uses it.")
         else:
-            _, created = ApiToken.issue(request.user, name)
+            try:
+                _, created = ApiToken.issue(request.user, name)
+            except ValidationError as exc:
+                messages.error(request, " ".join(exc.messages))
     tokens = ApiToken.objects.filter(user_id=request.user.pk)
     base = request.build_absolute_uri(reverse("jobs:api", args=["x"])).removesuffix("/x")
     return render_page(request, "jobs/tokens.html", {"tokens": tokens, "created": created, "base": base})

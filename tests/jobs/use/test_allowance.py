@@ -61,3 +61,11 @@ def test_what_other_processes_counted_holds_once_read_back() -> None:
     assert allowance.wait_s("api-token:test", 5) == 0
     assert added().shared == 5
     assert allowance.wait_s("api-token:test", 5) == 45
+
+
+def test_a_request_refused_by_one_count_counts_in_none() -> None:
+    user = ("api-user:test", 3)
+    assert [allowance.wait_s("api-token:test", 2, user) for _ in range(3)] == [0, 0, 45]
+    assert allowance.wait_s("api-token:other", 2, user) == 0  # the user's third: their count is full now
+    assert allowance.wait_s("api-token:other", 2, user) == 45
+    assert allowance.wait_s("api-token:test", 2) == 45 and allowance.wait_s("api-token:other", 2) == 0

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import json
 from html.parser import HTMLParser
+from io import StringIO
 from typing import Any
 
 import pytest
+from django.core.management import CommandError, call_command
 from django.test import Client
+from django.utils import timezone
 
 from catalog.models import ClusterAccount
 from jobs.models import ApiToken, ChatMessage, Conversation, LLMSession, State, transition
@@ -141,3 +144,19 @@ def test_the_plain_form_send_counts_as_use_of_the_session(client: Client, owner:
     session.refresh_from_db()
     assert session.last_activity_at is not None
     assert "did not answer" in conversation.messages.last().content  # type: ignore[union-attr]
+
+
+def test_a_user_holds_no_more_api_tokens_than_the_site_allows(client: Client, owner: Any, settings: Any) -> None:
+    settings.PORTAL_MAX_API_TOKENS_PER_USER = 2
+    client.force_login(owner)
+    for name in ("laptop", "cluster"):
+        assert 'id="new-token"' in client.post("/tokens/", {"name": name}).content.decode()
+    page = client.post("/tokens/", {"name": "third"}).content.decode()
+    assert 'id="new-token"' not in page and "ada already holds 2 API tokens in force" in page
+    with pytest.raises(CommandError, match=r"already holds 2 API tokens in force.*revoke one"):
+        call_command("apitoken", "create", "ada", "--name", "script")
+    assert ApiToken.objects.filter(user=owner).count() == 2
+    ApiToken.objects.filter(user=owner, name="laptop").update(revoked_at=timezone.now())  # revoked ones do not count
+    out = StringIO()
+    call_command("apitoken", "create", "ada", "--name", "script", stdout=out)
+    assert out.getvalue().startswith("hpcllm_")

@@ -109,3 +109,15 @@ def test_a_token_is_held_to_its_requests_a_minute(
     _, headers, body = statuses[-1]
     assert body["error"]["code"] == "rate_limit_exceeded" and headers["retry-after"] == "45"
     assert Call("/api/v1/models", [b""], "GET", authorization=f"Bearer {other}").run()[0] == 200  # per token
+
+
+def test_a_users_tokens_together_are_held_to_the_users_requests_a_minute(
+    owner: Any, other_user: Any, settings: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings.PORTAL_API_REQUESTS_PER_MINUTE, settings.PORTAL_API_USER_REQUESTS_PER_MINUTE = 3, 4
+    monkeypatch.setattr(rates, "clock", lambda: 1_800_000_075.0)  # another minute than the test above
+    tokens = [token_of(owner) for _ in range(3)]
+    statuses = [Call("/api/v1/models", [b""], "GET", authorization=f"Bearer {tokens[n % 3]}").run() for n in range(5)]
+    assert [status for status, _, _ in statuses] == [200, 200, 200, 200, 429]  # no token made more than two
+    assert "your tokens together made more than 4 requests a minute" in statuses[-1][2]["error"]["message"]
+    assert Call("/api/v1/models", [b""], "GET", authorization=f"Bearer {token_of(other_user)}").run()[0] == 200
