@@ -8,10 +8,12 @@ no further. Exactly one request per connection: its body is forwarded by its Con
 bytes after the first request can never reach the server unchecked. GET /health answers without a key: 200 when the
 server answers 200 on its own health path (the job's readiness check), else 503.
 
-Limits, so nobody on the network can tie it up: the request head must arrive within --head-timeout seconds and its
-body without a pause longer than --read-timeout; at most --max-connections at once (the next get 503 at once);
-bodies above --max-body-bytes get 413. A client that goes away mid-answer closes the server's connection, so the
-server stops generating.
+Limits, so nobody on the network can tie it up: the whole request head must arrive within --head-timeout seconds
+of the connection (however the client spreads its bytes) and its body without a pause longer than --read-timeout; at
+most --max-connections at once, of which one address holds at most --max-per-address before it has shown the key (the
+next get 503 at once): someone without the key cannot take every place from the portal, whose connections show it in
+their first milliseconds. Bodies above --max-body-bytes get 413. A client that goes away mid-answer closes the
+server's connection, so the server stops generating.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import argparse
 import asyncio
 import contextlib
 import hmac
+from collections.abc import Callable
 from pathlib import Path
 
 MAX_HEAD_BYTES = 64 * 1024
@@ -50,7 +53,9 @@ class Proxy:
         self.read_timeout = args.read_timeout
         self.max_body = args.max_body_bytes
         self.max_connections = args.max_connections
+        self.max_per_address = args.max_per_address
         self.active = 0
+        self.unproven: dict[str, int] = {}  # address -> its connections that have not shown the key yet
 
     async def open_upstream(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         if self.upstream.startswith("unix:"):
@@ -59,14 +64,28 @@ class Proxy:
         return await asyncio.open_connection(host, int(port), limit=CHUNK)
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if self.active >= self.max_connections:
+        peer = writer.get_extra_info("peername")
+        address = str(peer[0] if isinstance(peer, tuple) else peer)
+        if self.active >= self.max_connections or self.unproven.get(address, 0) >= self.max_per_address:
             writer.write(_response("503 Service Unavailable", b'{"error": "too many connections"}'))
             with contextlib.suppress(OSError):
                 writer.close()
             return
         self.active += 1
+        self.unproven[address] = self.unproven.get(address, 0) + 1
+        counted = True
+
+        def proven() -> None:
+            """The connection showed the key (or ended): it no longer counts against its address."""
+            nonlocal counted
+            if counted:
+                counted = False
+                self.unproven[address] -= 1
+                if not self.unproven[address]:
+                    del self.unproven[address]
+
         try:
-            await self._handle(reader, writer)
+            await self._handle(reader, writer, proven)
         except Refused as refused:
             writer.write(refused.answer)
         except asyncio.TimeoutError:  # before OSError, of which it is a kind
@@ -74,12 +93,14 @@ class Proxy:
         except (ConnectionError, OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError):
             pass
         finally:
+            proven()
             self.active -= 1
             with contextlib.suppress(OSError, RuntimeError):
                 writer.close()
 
     async def _head(self, reader: asyncio.StreamReader) -> tuple[str, str, list[tuple[str, str]], bytes, int]:
         """The request line's method and target, the headers to forward, the bearer token, the body's length."""
+        # One deadline for the whole head, not one a read: a client sending a byte a second never gets past it.
         head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), self.head_timeout)
         lines = head.decode("latin-1").split("\r\n")
         parts = lines[0].split(" ")
@@ -112,13 +133,16 @@ class Proxy:
             headers.append((name, value))
         return parts[0], parts[1], headers, token, length
 
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _handle(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, proven: Callable[[], None]
+    ) -> None:
         method, target, headers, token, length = await self._head(reader)
         if method == "GET" and target == "/health":
             await self._health(writer)
             return
         if not hmac.compare_digest(token, self.key):
             raise Refused("401 Unauthorized", "invalid API key")
+        proven()
         if length > self.max_body:
             raise Refused("413 Content Too Large", "request body too large")
         # The whole body first (only a key holder gets this far, so only the portal can make it hold memory): the
@@ -189,6 +213,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--head-timeout", type=float, default=30.0)
     parser.add_argument("--read-timeout", type=float, default=60.0)
     parser.add_argument("--max-connections", type=int, default=128)
+    parser.add_argument("--max-per-address", type=int, default=16, help="of those without the key yet")
     parser.add_argument("--max-body-bytes", type=int, default=64 * 1024 * 1024)
     return parser.parse_args()
 

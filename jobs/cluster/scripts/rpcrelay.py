@@ -16,6 +16,10 @@ Handshake (one line each, ASCII, fixed sizes):
     client -> server   "<hex HMAC(key, 'client' + server nonce)> <client nonce, 64 hex>"
     server -> client   "<hex HMAC(key, 'server' + client nonce)>"
 
+Until it succeeds a connection holds a place: at most MAX_PENDING at once, MAX_PENDING_PER_ADDRESS of them from one
+address (so nobody on the network takes every place from the session's own relay), each for --handshake-timeout
+seconds in all, however its bytes are spread (one deadline for the handshake, not one a read).
+
 After it, bytes are copied by two threads per connection, in the kernel with splice(2) where Python has it (3.10+):
 the model's weights cross here at load time, and bench/rpc_relay.py measures what the relay costs.
 """
@@ -32,12 +36,14 @@ import secrets
 import socket
 import sys
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 MAGIC = b"HPCLLM-RPC1"
 HANDSHAKE_TIMEOUT_S = 10.0
 MAX_PENDING = 16  # connections still in their handshake; more are closed at once
+MAX_PENDING_PER_ADDRESS = 4  # of those, from one address (the session's own relay needs one per connection)
 CHUNK = 1024 * 1024
 
 
@@ -49,10 +55,14 @@ def _proof(key: bytes, role: bytes, nonce: bytes) -> bytes:
     return hmac.new(key, role + nonce, hashlib.sha256).hexdigest().encode()
 
 
-def _line(sock: socket.socket, size: int) -> bytes:
-    """One handshake line of a known size (the socket's timeout bounds the wait): anything else is refused."""
+def _line(sock: socket.socket, size: int, deadline: float) -> bytes:
+    """One handshake line of a known size, whole by the deadline (time.monotonic()): anything else is refused."""
     data = b""
     while len(data) < size + 1:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise Refused("the handshake took too long")
+        sock.settimeout(left)
         chunk = sock.recv(size + 1 - len(data))
         if not chunk:
             raise Refused("closed during the handshake")
@@ -100,18 +110,34 @@ def _join(a: socket.socket, b: socket.socket) -> None:
 class Server:
     def __init__(self, key: bytes, upstream_port: int, timeout: float) -> None:
         self.key, self.upstream_port, self.timeout = key, upstream_port, timeout
-        self.pending = threading.BoundedSemaphore(MAX_PENDING)
+        self.lock = threading.Lock()
+        self.pending: dict[str, int] = {}  # address -> its connections still in their handshake
         self.refused = 0
 
+    def _admit(self, address: str) -> bool:
+        with self.lock:
+            if sum(self.pending.values()) >= MAX_PENDING or self.pending.get(address, 0) >= MAX_PENDING_PER_ADDRESS:
+                return False
+            self.pending[address] = self.pending.get(address, 0) + 1
+            return True
+
+    def _done(self, address: str) -> None:
+        with self.lock:
+            self.pending[address] -= 1
+            if not self.pending[address]:
+                del self.pending[address]
+
     def handle(self, conn: socket.socket, peer: object) -> None:
-        if not self.pending.acquire(blocking=False):
+        address = str(peer[0] if isinstance(peer, tuple) else peer)
+        if not self._admit(address):
             conn.close()
             return
         try:
+            deadline = time.monotonic() + self.timeout
             conn.settimeout(self.timeout)
             nonce = secrets.token_hex(32).encode()
             conn.sendall(MAGIC + b" " + nonce + b"\n")
-            proof, _, client_nonce = _line(conn, 64 + 1 + 64).partition(b" ")
+            proof, _, client_nonce = _line(conn, 64 + 1 + 64, deadline).partition(b" ")
             if not hmac.compare_digest(proof, _proof(self.key, b"client", nonce)) or len(client_nonce) != 64:
                 raise Refused("wrong key")
             conn.sendall(_proof(self.key, b"server", client_nonce) + b"\n")
@@ -122,7 +148,7 @@ class Server:
             conn.close()
             return
         finally:
-            self.pending.release()
+            self._done(address)
         try:
             upstream = socket.create_connection(("127.0.0.1", self.upstream_port), timeout=self.timeout)
         except OSError:
@@ -142,12 +168,13 @@ class Client:
             conn.close()
             return
         try:
-            magic, _, nonce = _line(remote, len(MAGIC) + 1 + 64).partition(b" ")
+            deadline = time.monotonic() + self.timeout
+            magic, _, nonce = _line(remote, len(MAGIC) + 1 + 64, deadline).partition(b" ")
             if magic != MAGIC or len(nonce) != 64:
                 raise Refused("not an RPC relay")
             mine = secrets.token_hex(32).encode()
             remote.sendall(_proof(self.key, b"client", nonce) + b" " + mine + b"\n")
-            if not hmac.compare_digest(_line(remote, 64), _proof(self.key, b"server", mine)):
+            if not hmac.compare_digest(_line(remote, 64, deadline), _proof(self.key, b"server", mine)):
                 raise Refused("the relay does not hold the session's key")
         except (Refused, OSError) as exc:
             print(f"rpcrelay: {self.host}:{self.port}: {exc}", file=sys.stderr, flush=True)

@@ -227,3 +227,79 @@ def test_a_server_on_a_unix_socket_is_reached_only_through_the_proxy(tmp_path: P
             assert reply.json() == {"path": "/tokenize", "authorization": None}
     finally:
         server.shutdown()
+
+
+def dribble(s: socket.socket, data: bytes, every_s: float, until_s: float) -> threading.Thread:
+    """Send `data` a byte at a time, one every `every_s`, until it is sent, the socket fails or `until_s` passed."""
+
+    def send() -> None:
+        end = time.monotonic() + until_s
+        for byte in data:
+            if time.monotonic() > end:
+                return
+            try:
+                s.send(bytes([byte]))
+            except OSError:
+                return
+            time.sleep(every_s)
+
+    thread = threading.Thread(target=send, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_a_head_sent_a_byte_at_a_time_is_cut_at_its_deadline(upstream: ThreadingHTTPServer, tmp_path: Path) -> None:
+    # A byte every 0.2 s is well within any wait between reads; the head as a whole still has 1 s.
+    for url in start_proxy(["--upstream-port", str(upstream.server_address[1])], tmp_path, "--head-timeout", "1"):
+        host, port = url.removeprefix("http://").split(":")
+        head = f"GET /api/tags HTTP/1.1\r\nHost: x\r\nX-Padding: {'p' * 100}\r\nAuthorization: Bearer {KEY}\r\n\r\n"
+        with socket.create_connection((host, int(port)), timeout=10) as s:
+            started = time.monotonic()
+            dribble(s, head.encode(), 0.2, 10)
+            answer = s.recv(65536)
+            took = time.monotonic() - started
+    assert answer.startswith(b"HTTP/1.1 408") and 0.9 < took < 2.5
+    assert Upstream.seen == []
+
+
+def from_address(url: str, source: str) -> socket.socket:
+    """A connection to the proxy from another loopback address (127.0.0.2 is this machine too)."""
+    host, port = url.removeprefix("http://").split(":")
+    return socket.create_connection((host, int(port)), timeout=5, source_address=(source, 0))
+
+
+def test_one_address_without_the_key_cannot_take_every_place(upstream: ThreadingHTTPServer, tmp_path: Path) -> None:
+    options = ("--head-timeout", "5", "--max-connections", "8", "--max-per-address", "2")
+    for url in start_proxy(["--upstream-port", str(upstream.server_address[1])], tmp_path, *options):
+        held = [from_address(url, "127.0.0.2") for _ in range(8)]  # every place, if it could
+        try:
+            time.sleep(0.2)
+            turned_away = 0
+            for s in held[2:]:
+                s.settimeout(2)
+                turned_away += s.recv(65536).startswith(b"HTTP/1.1 503")
+            assert turned_away == 6
+            # The portal's address still gets in, while the first two wait for their head's deadline.
+            reply = httpx.get(f"{url}/api/tags", headers={"Authorization": f"Bearer {KEY}"}, timeout=5)
+            assert reply.status_code == 200
+        finally:
+            for s in held:
+                s.close()
+
+
+def test_connections_that_showed_the_key_do_not_count_against_their_address(
+    upstream: ThreadingHTTPServer, tmp_path: Path
+) -> None:
+    options = ("--max-connections", "8", "--max-per-address", "2", "--read-timeout", "5")
+    for url in start_proxy(["--upstream-port", str(upstream.server_address[1])], tmp_path, *options):
+        head = f"POST /api/chat HTTP/1.1\r\nAuthorization: Bearer {KEY}\r\nContent-Length: 10\r\n\r\nab"
+        waiting = [from_address(url, "127.0.0.1") for _ in range(3)]  # the portal's long requests, key shown
+        try:
+            for s in waiting:
+                s.sendall(head.encode())
+            time.sleep(0.2)
+            reply = httpx.get(f"{url}/api/tags", headers={"Authorization": f"Bearer {KEY}"}, timeout=5)
+            assert reply.status_code == 200
+        finally:
+            for s in waiting:
+                s.close()

@@ -3,6 +3,7 @@ that records every byte it gets (the e2e two-node session runs the real ggml-rpc
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import socketserver
 import subprocess
@@ -183,3 +184,44 @@ def test_the_client_side_sends_nothing_to_an_impostor_that_lacks_the_key(tmp_pat
     lines = [line for line in got if line]
     assert lines and all(len(line) == 130 and KEY.encode() not in line for line in lines)
     assert b"secret" not in b"".join(got)
+
+
+def test_a_handshake_sent_a_byte_at_a_time_is_cut_at_its_deadline(serving: int) -> None:
+    # The relay gives the handshake 1 s in all; a byte every 0.3 s never waits that long for one read.
+    with socket.create_connection(("127.0.0.1", serving), timeout=10) as s:
+        started = time.monotonic()
+        s.recv(200)
+
+        def dribble() -> None:
+            for _ in range(40):
+                try:
+                    s.send(b"a")
+                except OSError:
+                    return
+                time.sleep(0.3)
+
+        threading.Thread(target=dribble, daemon=True).start()
+        assert closed(s)
+        took = time.monotonic() - started
+    assert took < 2.5, f"held for {took:.1f} s"
+    assert Recorder.received == []
+
+
+def test_one_address_holding_its_places_does_not_keep_the_sessions_relay_out(serving: int, tmp_path: Path) -> None:
+    # Another address on this machine (127.0.0.2) opens every place there is and says nothing.
+    held = [
+        socket.create_connection(("127.0.0.1", serving), timeout=5, source_address=("127.0.0.2", 0)) for _ in range(16)
+    ]
+    try:
+        time.sleep(0.2)
+        challenged = 0
+        for s in held:
+            s.settimeout(0.5)
+            with contextlib.suppress(TimeoutError, ConnectionResetError):  # closed at once, or nothing
+                challenged += s.recv(200).startswith(b"HPCLLM-RPC1 ")
+        assert challenged == 4  # its own share; the rest closed at once
+        for local in connecting(tmp_path, serving):
+            assert exchange(local, b"weights") == b"weights"
+    finally:
+        for s in held:
+            s.close()
