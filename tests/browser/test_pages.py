@@ -316,7 +316,10 @@ def site(account: ClusterAccount, owner: Any, other_user: Any, shared_user: Any,
                                     endpoint="chat/completions", status=200, prompt_tokens=100,
                                     completion_tokens=400, duration_ms=900)  # fmt: skip
 
-    # The idle GPUs beat last read, for the home page's cards.
+    # The idle GPUs beat last read, for the home page's cards, with each cluster's service account (the figures of a
+    # cluster without one are not shown).
+    for cluster in Cluster.objects.filter(slug__in=["local", "grace", "bouchet"]):
+        ClusterAccount.objects.create(cluster=cluster, kind="service", label="portal", username="portalsvc")
     for partition in Partition.objects.filter(cluster__slug__in=["local", "grace", "bouchet"]):
         for gres in {g.gpu_type.gres_type or g.gpu_type.name for g in partition.node_groups.all()}:
             PartitionState.objects.create(partition=partition, gres_type=gres, total_gpus=16, idle_gpus=5,

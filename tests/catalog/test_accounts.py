@@ -1,10 +1,13 @@
-"""Cluster accounts: key pairs encrypted at rest, and service accounts shared by their members."""
+"""Cluster accounts: key pairs encrypted at rest, service accounts shared by their members, and which accounts may
+read facts for the whole site (`manage.py accounts` too)."""
 
 from __future__ import annotations
 
+from io import StringIO
 from pathlib import Path
 from typing import Any
 
+from django.core.management import call_command
 from django.db import connection
 
 from catalog.models import Cluster, ClusterAccount
@@ -30,3 +33,33 @@ def test_a_service_account_serves_its_members_only(example_catalog: Path, owner:
     lab.members.add(owner)
     assert ClusterAccount.for_user(owner, cluster) == lab
     assert ClusterAccount.for_user(other_user, cluster) is None
+
+
+def test_an_admin_sets_up_a_service_account_from_the_command_line_and_it_reads_for_the_site(
+    account: ClusterAccount, owner: Any
+) -> None:
+    out = StringIO()
+    call_command("accounts", "add-service", "--cluster", "local", "--label", "portal", "--username", "portalsvc",
+                 "--member", owner.get_username(), stdout=out)  # fmt: skip
+    service = ClusterAccount.objects.get(kind="service")
+    assert out.getvalue().strip() == service.public_key and service.reads_for_site and owner in service.members.all()
+    assert ClusterAccount.site_reader(account.cluster) == service
+    assert not account.reads_for_site  # the owner's own account never speaks for the site
+    listed = StringIO()
+    call_command("accounts", "list", stdout=listed)
+    assert "portalsvc@local (portal)  service  slurm account: -  site-wide reads" in listed.getvalue()
+
+
+def test_pointing_a_trusted_account_at_another_login_from_the_command_line_drops_the_trust(
+    account: ClusterAccount, owner: Any
+) -> None:
+    ClusterAccount.objects.filter(pk=account.pk).update(trusted=True)
+    call_command("accounts", "add", "--user", owner.get_username(), "--cluster", "local", "--username", "ada",
+                 "--slurm-account", "physics", stdout=StringIO())  # fmt: skip
+    account.refresh_from_db()
+    assert account.trusted  # the same login
+    err = StringIO()
+    call_command("accounts", "add", "--user", owner.get_username(), "--cluster", "local", "--username", "hopper",
+                 stdout=StringIO(), stderr=err)  # fmt: skip
+    account.refresh_from_db()
+    assert not account.trusted and "no longer trusted" in err.getvalue()

@@ -27,6 +27,18 @@ def local_account(user: Any, local: dict[str, Any]) -> ClusterAccount:
     return account
 
 
+def local_service_account(local: dict[str, Any]) -> ClusterAccount:
+    """A service account on the local cluster, for the reads the portal makes for the whole site (group sync, queue
+    figures, the status listing): the cluster has one user, so it logs in as that user with the same key."""
+    from catalog.models import Cluster
+
+    account = ClusterAccount(cluster=Cluster.objects.get(slug="local"), kind="service", label="portal",
+                             username=local["user"])  # fmt: skip
+    account.set_private_key(Path(local["private_key"]).read_text())
+    account.save()
+    return account
+
+
 def start(owner: Any, django_capture_on_commit_callbacks: Any, **changes: Any) -> LLMSession:
     """Launch a session of tests.conftest.LAUNCH with these changes and submit it here, as the worker would."""
     with django_capture_on_commit_callbacks(execute=False):

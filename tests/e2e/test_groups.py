@@ -15,7 +15,7 @@ from django.core.management.base import CommandError
 
 from jobs.models import GroupSource
 from portal import ssh
-from tests.e2e.sessions import local_account
+from tests.e2e.sessions import local_account, local_service_account
 
 pytestmark = [pytest.mark.e2e, pytest.mark.django_db]
 
@@ -34,8 +34,11 @@ def unix_group(local_cluster: dict[str, Any]) -> Iterator[str]:
 def test_a_group_follows_the_clusters_unix_group(
     local_catalog: dict[str, Any], local_cluster: dict[str, Any], owner: Any, other_user: Any, unix_group: str
 ) -> None:
-    account = local_account(owner, local_catalog)
+    own = local_account(owner, local_catalog)  # what names cluster users as portal users
     out = StringIO()
+    with pytest.raises(CommandError, match="researcher's own account"):  # its shell could print any members
+        call_command("groups", "map", "nlp-lab", "--account", str(own.pk), "--unix-group", unix_group, stdout=out)
+    account = local_service_account(local_catalog)
     call_command("groups", "map", "nlp-lab", "--account", str(account.pk), "--unix-group", unix_group, stdout=out)
     lab = Group.objects.get(name="nlp-lab")
     lab.user_set.add(other_user)  # added by hand: a mapped group is the cluster's to say

@@ -17,7 +17,7 @@ from jobs.cluster.capacity import queue_views, refresh_cluster
 from jobs.models import PartitionState
 from jobs.tasks import refresh_partitions
 from portal import ssh
-from tests.e2e.sessions import local_account, shell
+from tests.e2e.sessions import local_account, local_service_account, shell
 
 pytestmark = [pytest.mark.e2e, pytest.mark.django_db]
 
@@ -46,8 +46,11 @@ def account(local_catalog: dict[str, Any], owner: Any) -> Iterator[ClusterAccoun
     ssh.pool.close_all()
 
 
-def test_with_the_a100s_busy_the_h100_option_is_idle_and_sooner(busy_a100: list[str], account: ClusterAccount) -> None:
+def test_with_the_a100s_busy_the_h100_option_is_idle_and_sooner(
+    busy_a100: list[str], account: ClusterAccount, local_catalog: dict[str, Any]
+) -> None:
     cluster = Cluster.objects.get(slug="local")
+    local_service_account(local_catalog)  # reads the queue figures; the owner's account asks --test-only
     states = {(s.partition.name, s.gres_type): s for s in refresh_cluster(cluster)}
     assert (states["gpu", "a100"].total_gpus, states["gpu", "a100"].idle_gpus) == (4, 0)
     assert states["gpu", "h100"].idle_gpus == 2 and states["gpu_devel", "h100"].idle_gpus == 2
@@ -69,6 +72,10 @@ def test_with_the_a100s_busy_the_h100_option_is_idle_and_sooner(busy_a100: list[
     assert any(line.startswith("Slurm estimates") for line in a100.describe())
 
 
-def test_the_beat_task_refreshes_every_cluster_with_an_account(account: ClusterAccount) -> None:
+def test_the_beat_task_refreshes_every_cluster_with_a_service_account(
+    account: ClusterAccount, local_catalog: dict[str, Any]
+) -> None:
+    assert refresh_partitions() == 0  # the owner's own account never reads figures everyone sees
+    local_service_account(local_catalog)
     assert refresh_partitions() == 1
     assert PartitionState.objects.filter(partition__cluster__slug="local").count() == 3

@@ -20,7 +20,7 @@ from catalog import discover
 from catalog.models import Cluster
 from jobs.cluster import capacity, login
 from portal import ssh
-from tests.e2e.sessions import local_account
+from tests.e2e.sessions import local_account, local_service_account
 
 pytestmark = [pytest.mark.e2e, pytest.mark.django_db]
 
@@ -53,7 +53,7 @@ def test_the_binaries_folder_reaches_every_command(
         found = discover.plan(account.cluster, discover.read_slurm(account))
         assert {p.name for p in found.found.partitions} == {"gpu", "gpu_devel"}
         assert login.check(account).ok
-        assert capacity.refresh_cluster(account.cluster, account)
+        assert capacity.refresh_cluster(account.cluster, local_service_account(local_catalog))
         Cluster.objects.filter(slug="local").update(slurm_bin_dir=str(slurm_elsewhere / "missing"))
         account.cluster.refresh_from_db()
         with pytest.raises(ValidationError, match="No such file"):

@@ -1,4 +1,5 @@
-"""`manage.py accounts add|list`: give a portal user an identity on a cluster from the command line."""
+"""`manage.py accounts add|add-service|list`: give a portal user an identity on a cluster, or set up a service
+account, from the command line."""
 
 from __future__ import annotations
 
@@ -25,13 +26,28 @@ class Command(BaseCommand):
         p.add_argument("--username", required=True, help="the user name on the cluster")
         p.add_argument("--slurm-account", default="")
         p.add_argument("--private-key-file", type=Path, help="use this key instead of generating one")
+        s = sub.add_parser(
+            "add-service",
+            help="create or update a service account (a cluster user no researcher controls: it may read site-wide "
+            "facts, and its members submit through it); prints its public key",
+        )
+        s.add_argument("--cluster", required=True)
+        s.add_argument("--label", required=True, help="its name in the portal, e.g. 'portal' or 'NLP lab'")
+        s.add_argument("--username", required=True, help="the user name on the cluster")
+        s.add_argument("--slurm-account", default="")
+        s.add_argument("--private-key-file", type=Path, help="use this key instead of generating one")
+        s.add_argument("--member", action="append", default=[], help="a portal user who may submit through it")
         sub.add_parser("list")
 
     def handle(self, *args: Any, **o: Any) -> None:
         if o["action"] == "list":
             for account in ClusterAccount.objects.select_related("cluster", "user"):
                 slurm_account = account.effective_slurm_account or "-"
-                self.stdout.write(f"{account.pk:>5}  {account}  slurm account: {slurm_account}")
+                reads = "  site-wide reads" if account.reads_for_site else ""
+                self.stdout.write(f"{account.pk:>5}  {account}  {account.kind}  slurm account: {slurm_account}{reads}")
+            return
+        if o["action"] == "add-service":
+            self._add_service(o)
             return
         user = find_user(o["user"])
         cluster = Cluster.objects.filter(slug=o["cluster"]).first()
@@ -39,6 +55,28 @@ class Command(BaseCommand):
             raise CommandError(f"there is no cluster {o['cluster']!r}")
         existing = ClusterAccount.objects.filter(cluster=cluster, user=user, kind="personal").first()
         account = existing or ClusterAccount(cluster=cluster, user=user, kind="personal")
+        if account.trusted and (account.username != o["username"] or o["private_key_file"]):
+            # The trust was given to a login (user name and key): another login starts untrusted, as in the admin.
+            account.trusted = False
+            self.stderr.write(f"{account} is no longer trusted for site-wide reads: its login changed")
+        self._save(account, o)
+
+    def _add_service(self, o: dict[str, Any]) -> None:
+        cluster = Cluster.objects.filter(slug=o["cluster"]).first()
+        if cluster is None:
+            raise CommandError(f"there is no cluster {o['cluster']!r}")
+        try:
+            members = [find_user(name) for name in o["member"]]
+        except ValidationError as exc:
+            raise CommandError(text_of(exc)) from None
+        existing = ClusterAccount.objects.filter(cluster=cluster, kind="service", username=o["username"]).first()
+        account = existing or ClusterAccount(cluster=cluster, kind="service")
+        account.label = o["label"]
+        self._save(account, o)
+        account.members.add(*members)
+
+    def _save(self, account: ClusterAccount, o: dict[str, Any]) -> None:
+        """Check and save the account with the options' user name, Slurm account and key; print its public key."""
         account.username = o["username"]
         account.slurm_account = o["slurm_account"]
         try:
