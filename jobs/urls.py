@@ -38,7 +38,12 @@ urlpatterns = [
     path("api/v1/files/<str:file_id>/content", openai_batches.file_content, name="api-file-content"),
     path("api/v1/batches", openai_batches.batches, name="api-batches"),
     path("api/v1/batches/<str:batch_id>", openai_batches.batch_detail, name="api-batch"),
-    path("api/v1/batches/<str:batch_id>/cancel", openai_batches.batch_detail, {"action": "cancel"}),
+    path(
+        "api/v1/batches/<str:batch_id>/cancel",
+        openai_batches.batch_detail,
+        {"action": "cancel"},
+        name="api-batch-cancel",
+    ),
     path("api/v1/<path:path>", proxy.api_proxy, name="api"),
     path("tokens/", use.api_tokens, name="tokens"),
     path("batch/", batches.batch_list, name="batches"),

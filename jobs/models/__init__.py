@@ -11,6 +11,7 @@ from jobs.models.chat import ChatMessage, Conversation
 from jobs.models.sessions import (
     END_STATES,
     LIVE_STATES,
+    OWNER_SEPARATOR,
     POLLED_STATES,
     SEE_ALL_SESSIONS,
     SEE_SITE_USAGE,
@@ -29,6 +30,7 @@ from jobs.models.usage import SITE_USAGE_DENIED, SPEED_BOUNDS, TTFT_BOUNDS_MS, P
 __all__ = [
     "END_STATES",
     "LIVE_STATES",
+    "OWNER_SEPARATOR",
     "POLLED_STATES",
     "SEE_ALL_SESSIONS",
     "SEE_SITE_USAGE",

@@ -51,6 +51,9 @@ def new_api_key() -> str:
 SEE_ALL_SESSIONS = ("jobs", "see_all_sessions")  # (app label, codename) of the support permission
 SEE_SITE_USAGE = ("jobs", "see_site_usage")  # every user's usage and the site dashboard (not their sessions)
 BATCH_PARALLEL = 4  # requests a batch session serves at once
+# Between the owner's user name and the alias in the name others call a shared session by ("ada/lab-model"): neither
+# a user name, an alias nor a catalog model name may hold it, so the spelling is never another name.
+OWNER_SEPARATOR = "/"
 
 
 class Purpose(models.TextChoices):
@@ -223,6 +226,14 @@ class LLMSession(models.Model):
     @property
     def served_model_name(self) -> str:
         return served_model_name(self.variant.model.name, self.variant.quantization)
+
+    @property
+    def name_for_others(self) -> str:
+        """What those it is shared with call it in the API: owner/alias, else its uuid. A bare alias or catalog name
+        names the caller's own sessions only, so an owner's alias can never stand in for a grantee's own names."""
+        if self.alias:
+            return f"{self.owner.get_username()}{OWNER_SEPARATOR}{self.alias}"
+        return str(self.pk)
 
 
 class SessionEvent(models.Model):

@@ -143,8 +143,18 @@ class ChoicesForm(forms.Form):
         return data
 
     def _check_alias(self, data: dict[str, Any]) -> None:
-        """An alias names one live session: scripts that use it must not be switched to another model unawares."""
-        if not data.get("alias") or self.user is None:
+        """An alias names one live session: scripts that use it must not be switched to another model unawares. It is
+        no catalog model's name (in any case): that name already means "my newest running session of this model", and
+        an alias spelt the same would stand in for it."""
+        if not data.get("alias"):
+            return
+        if ModelCard.objects.filter(name__iexact=data["alias"]).exists():
+            raise _error(
+                "alias",
+                f"{data['alias']!r} is a model in the catalog, which scripts name by that name already; choose "
+                "another alias.",
+            )
+        if self.user is None:
             return
         holder = LLMSession.objects.filter(owner=self.user, alias=data["alias"], state__in=LIVE_STATES).first()
         if holder is not None:

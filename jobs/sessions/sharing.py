@@ -23,7 +23,9 @@ MAX_NAMES = 50  # users named in one grant
 
 class ShareForm(forms.Form):
     users = forms.CharField(
-        required=False, max_length=2000, help_text="Portal user names, separated by commas or spaces."
+        required=False,
+        max_length=2000,
+        help_text="User names of members of your groups, separated by commas or spaces.",
     )
     group = forms.ModelChoiceField(queryset=Group.objects.none(), required=False, empty_label="(no group)")
     chat = forms.BooleanField(required=False, initial=True, label="chat in the browser")
@@ -41,16 +43,25 @@ class ShareForm(forms.Form):
         group_field.queryset = Group.objects.all() if owner.is_superuser else owner.groups.all()
 
     def clean_users(self) -> list[User]:
+        """The users named, each an active member of one of the owner's groups (an admin's: anyone active).
+
+        Someone outside those groups gets the same answer as a name nobody has, so the form cannot be used to find
+        out which user names exist; the members of one's own groups are no secret (a lab shares with its group)."""
         names = [name for name in str(self.cleaned_data.get("users") or "").replace(",", " ").split() if name]
         if len(names) > MAX_NAMES:
             raise forms.ValidationError(f"Name at most {MAX_NAMES} users at once, or share with a group.")
-        user_model = get_user_model()
-        found = {u.get_username(): u for u in user_model.objects.filter(username__in=names, is_active=True)}
-        unknown = [name for name in names if name not in found]
-        if unknown:
-            raise forms.ValidationError(f"No active portal user is called {', '.join(sorted(set(unknown)))}.")
-        if self.owner.get_username() in found:
+        if self.owner.get_username() in names:
             raise forms.ValidationError("The session is yours already: name others.")
+        reachable = get_user_model().objects.filter(username__in=names, is_active=True)
+        if not self.owner.is_superuser:
+            reachable = reachable.filter(groups__in=self.owner.groups.all()).distinct()
+        found = {u.get_username(): u for u in reachable}
+        unknown = sorted({name for name in names if name not in found})
+        if unknown:
+            raise forms.ValidationError(
+                f"None of your groups has a member called {', '.join(unknown)}: name members of your groups, or "
+                "share with one of your groups."
+            )
         return list(found.values())
 
     def clean(self) -> dict[str, Any]:

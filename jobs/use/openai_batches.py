@@ -32,7 +32,7 @@ from django.views.decorators.http import require_GET, require_http_methods
 
 from jobs.batch import actions, inputs, outputs, staging
 from jobs.batch import files as kept
-from jobs.batch.forms import Checked, limits
+from jobs.batch.forms import BatchForm, Checked, limits
 from jobs.models import BatchFile, BatchRun, LLMSession
 from jobs.sessions.forms import LaunchForm
 from jobs.use import targets
@@ -335,15 +335,20 @@ def batches(request: HttpRequest, holder: targets.Holder, user: User) -> HttpRes
         if "cluster" in metadata:
             return _batch_launch(user, model, metadata, checked, upload)
         try:
-            target = targets.target(holder, model)
+            target = targets.target(holder, model, note=False)
         except targets.Ambiguous as exc:
             return openai_error(400, str(exc), "invalid_request_error", "model_ambiguous")
-        if target is None:
+        # Only the owner starts runs here: the model's lookup also finds sessions shared with the caller (and, by
+        # uuid, support staff's), whose runs would be the owner's. Those get a stranger's answer.
+        session = LLMSession.objects.filter(pk=target.pk, owner=user).first() if target else None
+        if target is None or session is None:
             return openai_error(404, f"no running session of yours answers to {model!r}; to start one for this "
                                 "batch, put where it runs in the metadata (docs/batch.md)", "invalid_request_error",
                                 "model_not_found")  # fmt: skip
+        if target.activity_due:
+            targets.touch(target.pk)
         try:
-            run = actions.start_run(LLMSession.objects.get(pk=target.pk), checked, input_file=upload, metadata=metadata)
+            run = actions.start_run(session, checked, input_file=upload, metadata=metadata)
         except ValidationError as exc:
             return openai_error(409, " ".join(messages_of(exc)), "invalid_request_error", "session_not_running")
     return JsonResponse(_batch_object(run))
@@ -362,12 +367,10 @@ def _batch_launch(
     data.update({key: value for key, value in metadata.items() if key in LaunchForm.base_fields})
     for key in ("replicas", "concurrency"):
         if key in metadata:
-            try:
-                checked.columns[key] = int(metadata[key])
-            except (TypeError, ValueError):
-                return openai_error(400, f"metadata {key} must be a whole number", "invalid_request_error")
-    if not 1 <= checked.columns.get("replicas", 1) <= 16:
-        return openai_error(400, "metadata replicas must be from 1 to 16", "invalid_request_error")
+            try:  # the batch form's own field: its limits, its messages
+                checked.columns[key] = BatchForm.base_fields[key].clean(metadata[key])
+            except ValidationError as exc:
+                return openai_error(400, f"metadata {key}: {' '.join(exc.messages)}", "invalid_request_error")
     try:
         session = actions.launch(user, data, batch=checked)
     except ValidationError as exc:

@@ -192,7 +192,8 @@ def _target_named(holder: targets.Holder, model: Any) -> Target | None:
 def _running_models(user_pk: int) -> list[dict[str, Any]]:
     """Every name a script can use as the model now, each with the session it names (targets.target's rules): each
     running session by its alias (else its uuid), then each model by its catalog name, NAME:QUANT always and NAME
-    where it runs in one quantisation only, naming the newest such session."""
+    where it runs in one quantisation only, naming the newest such session; then each session shared with the caller
+    for the API as owner/alias (else its uuid)."""
     serving = LLMSession.objects.filter(owner_id=user_pk, state__in=SERVING_STATES).exclude(host="")
     sessions = list(serving.select_related("variant__model").order_by("-created_at"))
     names: dict[str, LLMSession] = {}
@@ -209,7 +210,7 @@ def _running_models(user_pk: int) -> list[dict[str, Any]]:
     user = get_user_model().objects.get(pk=user_pk)
     shared = shared_with(user, api=True).filter(state__in=SERVING_STATES).exclude(host="").order_by("-created_at")
     for s in shared:
-        names.setdefault(s.alias or str(s.pk), s)  # the caller's own names win, as in the lookup
+        names.setdefault(s.name_for_others, s)  # owner/alias or uuid: never one of the caller's own names
     return [
         {"id": name, "object": "model", "created": int(s.created_at.timestamp()),
          "owned_by": s.owner.get_username() if s.owner_id != user_pk else "hpc-llm-portal", "session": str(s.pk),

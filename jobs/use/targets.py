@@ -6,9 +6,10 @@ the statements themselves take tens of microseconds. Table and column names come
 every value is a bound parameter. The rules are the same as the pages': a session is reached by its owner, by
 support staff (the explicit permission, sessions.access.sees_all) through its uuid, and by those it is shared with
 (by name or through a group, in a grant in force for this route: the browser chat or the API) through its uuid or
-alias; an alias names the owner's newest live session, else the newest live one shared with the caller. Scripts may
-also name a model as the catalog does (NAME, or NAME:QUANT): that is the owner's newest running session of it, and
-a NAME that runs in several quantisations is a question back, never a guess.
+`owner/alias`. A bare name is always the caller's own: an alias names their newest live session of that alias, and a
+model named as the catalog does (NAME, or NAME:QUANT) their newest running session of it (a NAME that runs in several
+quantisations is a question back, never a guess). So nothing an owner shares can stand in for a name of the
+grantee's own, whichever of their sessions happens to be running.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from catalog.models import Cluster, ClusterAccount, ModelCard, ModelVariant
 from jobs.cluster import backend
 from jobs.models import (
     END_STATES,
+    OWNER_SEPARATOR,
     SEE_ALL_SESSIONS,
     SERVING_STATES,
     ApiToken,
@@ -166,13 +168,10 @@ def _sql(vendor: str) -> dict[str, str]:
         "by_alias": target + f"WHERE {s('owner')} = %s AND {s('alias')} = %s "
         f"AND {s('state')} NOT IN ({end_states}) ORDER BY {s('created_at')} DESC LIMIT 1",
         **{f"shared_{route}": shared.format(session="%s", route=column) for route, column in by_route.items()},
-        **{
-            f"by_shared_alias_{route}": target + f"WHERE {s('alias')} = %s AND {s('owner')} <> %s "
-            f"AND {s('state')} NOT IN ({end_states}) AND EXISTS ("
-            + shared.format(session=s("id"), route=column)
-            + f") ORDER BY {s('created_at')} DESC LIMIT 2"
-            for route, column in by_route.items()
-        },
+        # owner/alias: that owner's newest live session of the alias (whether the caller may use it is checked after).
+        "by_owner_alias": target + f"JOIN {_q(user._meta.db_table)} o ON o.{_col(user, 'id')} = {s('owner')} "
+        f"WHERE o.{_col(user, user.USERNAME_FIELD)} = %s AND {s('alias')} = %s AND {s('state')} NOT IN ({end_states}) "
+        f"ORDER BY {s('created_at')} DESC LIMIT 1",
         "by_name": target + named + f" ORDER BY {s('created_at')} DESC LIMIT 1",
         "by_name_quant": target + named + f" AND v.{_col(ModelVariant, 'quantization')} = %s "
         f"ORDER BY {s('created_at')} DESC LIMIT 1",
@@ -329,53 +328,46 @@ def _shared(session_pk: Any, user_pk: int, route: str) -> bool:
     return _fetch_one(f"shared_{route}", [session_pk, *_shared_params(user_pk, route)]) is not None
 
 
-def _by_shared_alias(user: Holder, alias: str, route: str) -> tuple[Any, ...] | None:
-    """The newest live session of someone else's that is shared with the user for this route under this alias; two
-    owners' sessions under one alias are a question back."""
-    with connection.cursor() as cursor:
-        cursor.execute(
-            _sql(connection.vendor)[f"by_shared_alias_{route}"],
-            [alias, user.user_pk, *sorted(END_STATES), *_shared_params(user.user_pk, route)],
-        )
-        rows: list[tuple[Any, ...]] = cursor.fetchall()
-    if len(rows) > 1:
-        raise Ambiguous(f"{alias} names sessions of several people shared with you: name one by its uuid "
-                        "(GET /api/v1/models lists them)")  # fmt: skip
-    return rows[0] if rows else None
+def _by_owner_alias(key: str) -> tuple[Any, ...] | None:
+    """The session `owner/alias` names: that owner's newest live session of the alias, whoever asks."""
+    owner, separator, alias = key.partition(OWNER_SEPARATOR)
+    if not (separator and owner and alias):
+        return None
+    return _fetch_one("by_owner_alias", [owner, alias, *sorted(END_STATES)])
 
 
 @sensitive_variables("secret")
 def target(user: Holder, key: str, route: str = "api", note: bool = True) -> Target | None:
-    """The session `key` names for this user on this route ("api" or the browser's "chat"): its uuid, its alias, the
-    catalog name of the model it runs, or the alias of a session shared with them; None when there is none they may
-    use. Raises Ambiguous for a name that runs in several quantisations, or an alias two people shared.
+    """The session `key` names for this user on this route ("api" or the browser's "chat"): its uuid, the alias of
+    one of their own sessions, the catalog name of a model one of their own runs, or `owner/alias` (their own, or one
+    shared with them for this route); None when there is none they may use. Support staff reach others' sessions by
+    uuid only. Raises Ambiguous for a name that runs in several quantisations.
 
     The session's last activity is noted when it is due, unless `note` is false (a lookup ahead of knowing whether the
     request will use it): then the Target says so (activity_due), and the caller notes it (touch) if it uses it."""
-    row = None
+    row, by_uuid = None, False
     try:
         pk = uuid.UUID(key)
     except ValueError:
         pass
     else:
         row = _fetch_one("by_pk", [LLMSession._meta.pk.get_db_prep_value(pk, connection)])
+        by_uuid = row is not None
     if row is None:
         row = _fetch_one("by_alias", [user.user_pk, key, *sorted(END_STATES)])
     if row is None:
         row = _by_name(user, key)
     if row is None:
-        row = _by_shared_alias(user, key, route)
+        row = _by_owner_alias(key)
     if row is None:
         return None
     pk_value, owner_pk, state, host, port, key_encrypted, node_list, last_activity, access, model, quantization = row[
         :11
     ]
-    if (
-        int(owner_pk) != user.user_pk
-        and not (user.sees_all if user.sees_all is not None else sees_all(user.user_pk))
-        and not _shared(pk_value, user.user_pk, route)
-    ):
-        return None
+    if int(owner_pk) != user.user_pk:
+        support = by_uuid and (user.sees_all if user.sees_all is not None else sees_all(user.user_pk))
+        if not support and not _shared(pk_value, user.user_pk, route):
+            return None
     base = secret = ""
     due = False
     if state in SERVING_STATES and host and port:

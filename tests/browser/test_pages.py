@@ -74,7 +74,7 @@ LEFT_OUT = {
     "jobs:api-file-content": "OpenAI's Files API (a download)",
     "jobs:api-batches": "OpenAI's Batch API (JSON)",
     "jobs:api-batch": "OpenAI's Batch API (JSON)",
-    "jobs:": "OpenAI's Batch API: cancel (JSON, unnamed route)",
+    "jobs:api-batch-cancel": "OpenAI's Batch API: cancel (JSON)",
     "jobs:api": "the OpenAI-compatible API (JSON)",
     "jobs:batch-output": "a download, streamed from the cluster",
     "jobs:batch-stop": "POST only",

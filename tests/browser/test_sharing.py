@@ -115,10 +115,10 @@ def test_a_lab_shares_one_model_and_each_member_sees_what_they_used(
     expect(page.locator("li.msg-assistant").last.locator(".stats")).to_contain_text("tokens", timeout=30_000)
     shot(page, "sharing/2-member-chat")
 
-    # The member's script, by the session's alias; the owner's own.
+    # The member's script, by owner/alias (a bare alias names the member's own sessions only); the owner's own.
     member = api(portal, shared_user)
-    assert "lab-model" in [m.id for m in member.models.list()]
-    stream = member.chat.completions.create(model="lab-model", messages=HELLO, max_tokens=12, stream=True,
+    assert "ada/lab-model" in [m.id for m in member.models.list()]
+    stream = member.chat.completions.create(model="ada/lab-model", messages=HELLO, max_tokens=12, stream=True,
                                             stream_options={"include_usage": True})  # fmt: skip
     chunks = list(stream)
     streamed = chunks[-1].usage

@@ -373,7 +373,7 @@ def test_the_openai_clients_batch_calls_work_through_the_portal(
         )
         where = {"cluster": "local", "partition": "gpu", "gpu": "a100-80g", "gpus": "1", "walltime": "30",
                  "context": "1024", "replicas": "2"}  # fmt: skip
-        with pytest.raises(openai.BadRequestError, match="replicas must be from 1 to 16"):
+        with pytest.raises(openai.BadRequestError, match="replicas: Ensure this value is less than or equal to 16"):
             client.batches.create(input_file_id=launch_file.id, endpoint="/v1/chat/completions",
                                   completion_window="24h", metadata={**where, "replicas": "40"})  # fmt: skip
         launched = client.batches.create(

@@ -190,6 +190,13 @@ def test_the_home_page_works_for_a_visitor(client: Client, grace: Cluster) -> No
 
     assert "Partitions:</strong> gpu, gpu_devel, nlp." in page
     assert "Sign in</a> to see the ones you can use" in page
+    assert grace.login_host not in page  # anonymous visitors learn no host names
+
+
+def test_a_signed_in_researcher_sees_the_clusters_login_host(client: Client, grace: Cluster, owner: Any) -> None:
+    client.force_login(owner)
+
+    assert grace.login_host in client.get("/").content.decode()
 
 
 def test_the_home_page_asks_a_fixed_number_of_queries_however_many_clusters(

@@ -213,6 +213,19 @@ def test_an_alias_names_one_live_session(
     assert LaunchForm({**LAUNCH, "alias": "tiny"}, user=owner).is_valid()  # free again once it has ended
 
 
+@pytest.mark.parametrize("alias", ["tiny-llama", "TINY-llama", "Llama-3.1-8B-Instruct"])
+def test_an_alias_may_not_be_a_catalog_models_name(account: ClusterAccount, owner: Any, alias: str) -> None:
+    # A catalog name names the caller's own sessions of that model; an alias spelt the same would stand in for it.
+    for form in (
+        LaunchForm({**LAUNCH, "alias": alias}, user=owner),
+        ChoicesForm({**LAUNCH, "alias": alias}, user=owner),
+    ):
+        assert not form.is_valid() and "is a model in the catalog" in " ".join(map(str, form.errors["alias"]))
+    with pytest.raises(ValidationError, match="is a model in the catalog"):
+        launch(owner, {**LAUNCH, "alias": alias})
+    assert not LLMSession.objects.exists()
+
+
 def test_a_refused_choice_offers_no_launch_with_the_default_in_its_place(
     owner_client: Client, account: ClusterAccount
 ) -> None:

@@ -13,7 +13,7 @@ from django.utils import timezone
 from catalog.models import ClusterAccount
 from jobs.models import Conversation, LLMSession, ProxyRequest, SessionShare, State, transition
 from jobs.sessions.actions import launch
-from jobs.use import targets
+from jobs.use import proxy, targets
 from tests.conftest import LAUNCH
 
 pytestmark = pytest.mark.django_db
@@ -74,15 +74,18 @@ def test_those_it_is_shared_with_cannot_manage_the_session(
     assert running.state == State.RUNNING and SessionShare.objects.get().revoked_at is None
 
 
-def test_the_proxy_lets_a_grantee_in_by_uuid_and_alias_on_the_routes_granted(
+def test_the_proxy_lets_a_grantee_in_by_uuid_and_owner_slash_alias_on_the_routes_granted(
     client: Client, running: LLMSession, owner: Any, shared_user: Any, other_user: Any, lab: Group
 ) -> None:
     signed_in(client, owner)
     share(client, running, group=str(lab.pk), chat=None)  # API only
     member = targets.Holder(shared_user.pk)
     assert targets.target(member, str(running.pk), "api") is not None
-    assert targets.target(member, "lab-llama", "api") is not None
+    assert targets.target(member, "ada/lab-llama", "api") is not None
+    assert targets.target(member, "lab-llama", "api") is None  # a bare alias names the caller's own sessions
     assert targets.target(member, str(running.pk), "chat") is None
+    assert targets.target(member, "ada/lab-llama", "chat") is None
+    assert targets.target(targets.Holder(other_user.pk), "ada/lab-llama", "api") is None
     assert targets.target(member, "tiny-llama", "api") is None  # catalog names are the caller's own sessions
     assert targets.target(targets.Holder(other_user.pk), str(running.pk), "api") is None
     shared_user.groups.remove(lab)  # left the lab
@@ -124,7 +127,7 @@ def test_a_new_grant_replaces_the_one_in_force_for_the_same_user(
 @pytest.mark.parametrize(
     ("fields", "message"),
     [
-        ({"users": "nobody-here"}, "No active portal user is called nobody-here"),
+        ({"users": "nobody-here"}, "None of your groups has a member called nobody-here"),
         ({"users": "ada"}, "The session is yours already"),
         ({}, "Name users or choose a group"),
         ({"users": "alan", "chat": None, "api": None}, "Share the chat, the API, or both"),
@@ -137,6 +140,24 @@ def test_bad_grants_are_refused_with_a_reason_and_change_nothing(
     signed_in(client, owner)
     page = client.get(share(client, running, **fields)["Location"]).content.decode()
     assert message in page and not SessionShare.objects.exists()
+
+
+def test_the_share_form_answers_alike_for_a_name_nobody_has_and_a_user_outside_the_owners_groups(
+    client: Client, running: LLMSession, owner: Any, shared_user: Any, other_user: Any, staff_user: Any
+) -> None:
+    signed_in(client, owner)
+
+    def answer(name: str) -> list[str]:
+        page = client.post(f"/sessions/{running.pk}/share", {"users": name, "chat": "on"}, follow=True)
+        return [str(message).replace(name, "NAME") for message in page.context["messages"]]
+
+    assert answer("grace") == answer("nobody-here") == answer("hopper")  # two users outside the lab, and no one
+    assert answer("grace") == [
+        "None of your groups has a member called NAME: name members of your groups, or share with one of your groups."
+    ]
+    assert not SessionShare.objects.exists()
+    share(client, running, users="alan")  # a member of the owner's lab
+    assert SessionShare.objects.get().user == shared_user
 
 
 def test_only_the_owners_own_groups_are_offered(
@@ -163,25 +184,53 @@ def test_the_card_shows_who_it_is_shared_with_and_how_many_requests_each_made(
     assert "Shared with alan (chat and API)" in card and "alan 3, ada 1" in card
 
 
-def test_a_shared_alias_of_two_owners_is_a_question_back(
-    client: Client, running: LLMSession, owner: Any, shared_user: Any, other_user: Any, account: ClusterAccount,
-    django_capture_on_commit_callbacks: Any,
+def test_someone_elses_session_is_reached_by_its_uuid_or_owner_slash_alias_never_by_a_bare_name(
+    client: Client, running: LLMSession, owner: Any, shared_user: Any, other_user: Any, support_user: Any,
+    account: ClusterAccount, django_capture_on_commit_callbacks: Any,
 ) -> None:  # fmt: skip
+    # The member's own session of the same model, not running yet; the owner's shared one under an alias spelt like
+    # the catalog's name (set before aliases were checked against the catalog), and a second owner's of the same alias.
+    ClusterAccount.objects.create(cluster=account.cluster, user=shared_user, username="alan")
     ClusterAccount.objects.create(cluster=account.cluster, user=other_user, username="grace")
     with django_capture_on_commit_callbacks(execute=False):
-        second = launch(other_user, LAUNCH)
-    transition(second.pk, State.RUNNING, cause="test", host="10.0.0.8", port=8080, alias="lab-llama")
+        own, second = launch(shared_user, LAUNCH), launch(other_user, LAUNCH)
+    LLMSession.objects.filter(pk=running.pk).update(alias="tiny-llama")
+    transition(second.pk, State.RUNNING, cause="test", host="127.0.0.1", port=8081, alias="tiny-llama")
     for session, who in ((running, owner), (second, other_user)):
         SessionShare.objects.create(session=session, user=shared_user, created_by=who)
-    with pytest.raises(targets.Ambiguous):
-        targets.target(targets.Holder(shared_user.pk), "lab-llama")
-    assert targets.target(targets.Holder(shared_user.pk), str(second.pk)) is not None
+    member = targets.Holder(shared_user.pk)
+    for name in ("tiny-llama", "tiny-llama:F16"):
+        assert targets.target(member, name) is None, name  # the member's own session is not running: nothing
+    transition(own.pk, State.RUNNING, cause="test", host="127.0.0.1", port=8082)
+    assert getattr(targets.target(member, "tiny-llama"), "pk", None) == str(own.pk)
+    assert getattr(targets.target(member, "ada/tiny-llama"), "pk", None) == str(running.pk)
+    assert getattr(targets.target(member, "grace/tiny-llama"), "pk", None) == str(second.pk)
+    assert getattr(targets.target(member, str(second.pk)), "pk", None) == str(second.pk)
+    assert targets.target(targets.Holder(owner.pk), "ada/tiny-llama") is not None  # the owner may spell it so too
+    support = targets.Holder(support_user.pk)
+    assert targets.target(support, "ada/tiny-llama") is None and targets.target(support, str(running.pk)) is not None
+
+
+def test_the_models_list_names_a_shared_session_as_every_lookup_reaches_it(
+    running: LLMSession, owner: Any, shared_user: Any
+) -> None:
+    SessionShare.objects.create(session=running, user=shared_user, created_by=owner, chat=False)
+    member = targets.Holder(shared_user.pk)
+    listed = proxy._running_models(shared_user.pk)
+    assert [(m["id"], m["owned_by"], m["shared"]) for m in listed] == [("ada/lab-llama", "ada", True)]
+    LLMSession.objects.filter(pk=running.pk).update(alias="")
+    listed += proxy._running_models(shared_user.pk)
+    assert listed[1]["id"] == str(running.pk)
+    LLMSession.objects.filter(pk=running.pk).update(alias="lab-llama")
+    for entry in listed:
+        found = targets.target(member, entry["id"])
+        assert found is not None and found.pk == entry["session"], entry["id"]
 
 
 def test_use_by_those_it_is_shared_with_keeps_it_from_idle_cancel(running: LLMSession, shared_user: Any) -> None:
     SessionShare.objects.create(session=running, user=shared_user, created_by=running.owner, chat=False)
     assert LLMSession.objects.get(pk=running.pk).last_activity_at is None
-    assert targets.target(targets.Holder(shared_user.pk), "lab-llama") is not None
+    assert targets.target(targets.Holder(shared_user.pk), "ada/lab-llama") is not None
     assert LLMSession.objects.get(pk=running.pk).last_activity_at is not None
 
 

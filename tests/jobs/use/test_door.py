@@ -75,10 +75,10 @@ def test_a_session_that_ended_is_refused_on_the_next_request(queued: Any, owner:
 def test_a_session_unshared_is_refused_on_the_next_request(queued: Any, owner: Any, other_user: Any) -> None:
     session, token = queued("lab-model"), token_of(other_user)
     grant = SessionShare.objects.create(session=session, created_by=owner, user=other_user, chat=False, api=True)
-    assert chat(token, "lab-model")[0] == 409
-    assert chat(token, "lab-model")[0] == 409  # the second time looked up at the door
+    assert chat(token, "ada/lab-model")[0] == 409
+    assert chat(token, "ada/lab-model")[0] == 409  # the second time looked up at the door
     SessionShare.objects.filter(pk=grant.pk).update(revoked_at=timezone.now())
-    assert chat(token, "lab-model")[0] == 404
+    assert chat(token, "ada/lab-model")[0] == 404
 
 
 def test_the_session_looked_up_ahead_serves_only_the_model_it_was_looked_up_for(queued: Any, owner: Any) -> None:

@@ -15,7 +15,8 @@ from django.utils.datastructures import MultiValueDict
 from catalog.models import ClusterAccount
 from jobs.batch.actions import launch
 from jobs.batch.forms import BatchForm
-from jobs.models import ApiToken, BatchFile, BatchRun
+from jobs.models import ApiToken, BatchFile, BatchRun, LLMSession, SessionShare, State, transition
+from jobs.sessions import actions as sessions
 from tests.asgi import Portal, bearer, client, run
 from tests.conftest import LAUNCH
 from tests.jobs.batch.results import Results
@@ -124,3 +125,58 @@ def test_a_batchs_output_streams_from_the_cluster_as_it_comes(
     assert outputs[2]["response"]["body"]["choices"][0]["message"]["content"] == "answer 3"
     assert results.closed.is_set()
     assert api(other_user).get(path).status_code == 404
+
+
+@pytest.fixture
+def shared(account: ClusterAccount, owner: Any, shared_user: Any, django_capture_on_commit_callbacks: Any) -> Any:
+    """The owner's running session `lab-model`, shared with a lab member for the API."""
+    with django_capture_on_commit_callbacks(execute=False):
+        session = sessions.launch(owner, LAUNCH)
+    transition(session.pk, State.RUNNING, cause="test", host="127.0.0.1", port=8080, alias="lab-model")
+    SessionShare.objects.create(session=session, user=shared_user, created_by=owner, chat=False, api=True)
+    return LLMSession.objects.get(pk=session.pk)
+
+
+def test_only_the_owner_starts_a_batch_on_a_session_and_others_get_a_strangers_answer(
+    shared: LLMSession, owner: Any, shared_user: Any, support_user: Any, other_user: Any
+) -> None:
+    def create(user: Any, model: str) -> Any:
+        portal = api(user)
+        lines = b"".join(json.dumps(line(n, model)).encode() + b"\n" for n in range(3))
+        asked = {"input_file_id": upload(portal, lines).json()["id"], "endpoint": "/v1/chat/completions"}
+        return portal.post("/api/v1/batches", json=asked)
+
+    for model in (str(shared.pk), "ada/lab-model", "lab-model"):
+        stranger = create(other_user, model)
+        assert (stranger.status_code, stranger.json()["error"]["code"]) == (404, "model_not_found")
+        for user in (shared_user, support_user):  # support staff start runs from the session's page
+            reply = create(user, model)
+            assert (reply.status_code, reply.json()) == (404, stranger.json()), (user, model)
+    assert not BatchRun.objects.exists()
+    reply = create(owner, "ada/lab-model")
+    assert reply.status_code == 200, reply.text
+    assert BatchRun.objects.get().owner == owner
+
+
+@pytest.mark.parametrize(
+    ("metadata", "message"),
+    [
+        ({"concurrency": "-1"}, "concurrency: Ensure this value is greater than or equal to 1."),
+        ({"concurrency": "0"}, "concurrency: Ensure this value is greater than or equal to 1."),
+        ({"concurrency": "a lot"}, "concurrency: Enter a whole number."),
+        ({"replicas": "17"}, "replicas: Ensure this value is less than or equal to 16."),
+        ({"alias": "tiny-llama"}, "is a model in the catalog"),
+    ],
+)
+def test_a_batch_launchs_metadata_out_of_bounds_is_a_clear_400(
+    account: ClusterAccount, owner: Any, metadata: dict[str, str], message: str
+) -> None:
+    portal = api(owner)
+    lines = b"".join(json.dumps(line(n, "tiny-llama:F16")).encode() + b"\n" for n in range(3))
+    where = {"cluster": "local", "partition": "gpu", "gpu": "a100-80g", "gpus": "1"}
+    asked = {"input_file_id": upload(portal, lines).json()["id"], "endpoint": "/v1/chat/completions",
+             "metadata": {**where, **metadata}}  # fmt: skip
+    reply = portal.post("/api/v1/batches", json=asked)
+    assert reply.status_code == 400, reply.text
+    assert message in reply.json()["error"]["message"]
+    assert not LLMSession.objects.exists() and not BatchRun.objects.exists()
