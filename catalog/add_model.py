@@ -40,6 +40,9 @@ class Entry:
     size: int
     mtime: float
     inode: str  # "device:inode" of what it names, so a directory reached twice (through links) is noticed
+    link: bool = False  # the entry is a symbolic link (the other fields describe what it names)
+    uid: int = -1  # the owner of what it names
+    mode: int = 0  # the permission bits of what it names (0o1777 for /tmp)
 
 
 @dataclass(frozen=True)
@@ -51,6 +54,7 @@ class Listing:
 
 
 class Reader(Protocol):
+    def account_uid(self) -> int: ...  # the uid the files are read as
     def prefix(self, path: str, n: int) -> bytes: ...
     def size(self, path: str) -> int: ...
     def is_dir(self, path: str) -> bool: ...
@@ -62,6 +66,9 @@ _KINDS = {"f": "file", "d": "dir", "l": "link"}
 
 
 class LocalReader:
+    def account_uid(self) -> int:
+        return os.geteuid()
+
     def prefix(self, path: str, n: int) -> bytes:
         with open(path, "rb") as fh:
             return fh.read(n)
@@ -88,21 +95,24 @@ class LocalReader:
                     truncated = True
                     break
                 try:
-                    children.append(_local_entry(item.name, os.stat(item.path)))
+                    children.append(_local_entry(item.name, os.stat(item.path), item.is_symlink()))
                 except OSError as exc:
                     if exc.errno != errno.ENOENT:  # a link to nothing is listed as such, as find lists it
                         problems.append(f"{item.path}: {exc.strerror}")
-                    children.append(Entry(item.name, "link", 0, 0.0, ""))
+                    children.append(Entry(item.name, "link", 0, 0.0, "", link=True))
         return Listing(entry, sorted(children, key=lambda e: e.name), problems, truncated)
 
 
-def _local_entry(name: str, st: os.stat_result) -> Entry:
+def _local_entry(name: str, st: os.stat_result, link: bool = False) -> Entry:
     kind = "dir" if stat.S_ISDIR(st.st_mode) else "file" if stat.S_ISREG(st.st_mode) else "other"
-    return Entry(name, kind, st.st_size, st.st_mtime, f"{st.st_dev}:{st.st_ino}")
+    mode = stat.S_IMODE(st.st_mode)
+    return Entry(name, kind, st.st_size, st.st_mtime, f"{st.st_dev}:{st.st_ino}", link, st.st_uid, mode)
 
 
-# find's -printf: depth, type (links followed: "l" only for a link to nothing), size, mtime, device:inode, name.
-_FIND_FORMAT = r"%d\t%y\t%s\t%T@\t%D:%i\t%f\0"
+# find -L's -printf, after "l" or "-" (whether the entry is a link: -xtype l under -L): depth, type (links followed:
+# "l" only for a link to nothing), size, mtime, device:inode, owner's uid, permission bits (octal), name.
+_FIND_LINK = r"\( -xtype l -printf 'l\t' -o -printf '-\t' \)"
+_FIND_FORMAT = r"%d\t%y\t%s\t%T@\t%D:%i\t%U\t%m\t%f\0"
 _FIND_BYTES_PER_ENTRY = 400
 
 
@@ -111,12 +121,18 @@ class SSHReader:
 
     def __init__(self, target: ssh.SSHTarget) -> None:
         self.target = target
+        self._uid: int | None = None
 
     def _run(self, command: str, max_bytes: int = 1 << 20) -> str:
         result = ssh.pool.run(self.target, command, timeout_s=120, max_output_bytes=max_bytes)
         if result.exit_code != 0 or result.truncated:
             raise OSError(result.stderr.strip() or f"{command} failed")
         return result.stdout
+
+    def account_uid(self) -> int:
+        if self._uid is None:
+            self._uid = int(self._run("id -u").strip())
+        return self._uid
 
     def prefix(self, path: str, n: int) -> bytes:
         # base64 keeps binary intact through the text channel.
@@ -134,18 +150,19 @@ class SSHReader:
 
     def listing(self, path: str, limit: int) -> Listing:
         """One round trip: the path and (for a directory) its entries, with links followed."""
-        command = f"find -L {_quoted(path)} -maxdepth 1 -printf '{_FIND_FORMAT}'"
+        command = f"find -L {_quoted(path)} -maxdepth 1 {_FIND_LINK} -printf '{_FIND_FORMAT}'"
         result = ssh.pool.run(self.target, command, timeout_s=120, max_output_bytes=(limit + 1) * _FIND_BYTES_PER_ENTRY)
         records = result.stdout.split("\0")
         records.pop()  # what follows the last NUL: nothing, or a record cut short by the output limit
         entries: list[Entry] = []
         top = None
         for record in records:
-            fields = record.split("\t", 5)
-            if len(fields) != 6:
+            fields = record.split("\t", 8)
+            if len(fields) != 9 or fields[0] not in ("l", "-"):
                 raise OSError(f"find printed what this reader does not understand: {record[:100]!r}")
-            depth, kind, size, mtime, inode, name = fields
-            entry = Entry(name, _KINDS.get(kind, "other"), int(size), float(mtime), inode)
+            link, depth, kind, size, mtime, inode, uid, mode, name = fields
+            entry = Entry(name, _KINDS.get(kind, "other"), int(size), float(mtime), inode, link == "l", int(uid),
+                          int(mode, 8))  # fmt: skip
             if depth == "0":
                 top = entry
             else:

@@ -8,7 +8,8 @@
 3. a directory with config.json is a Hugging Face checkpoint (it needs safetensors weights, all of them);
 4. GGUF files are models, a split set (llama.cpp's NAME-00001-of-00003.gguf) as one, at its first file;
 5. subdirectories are walked to MAX_DEPTH below each path, hidden ones, ones reached twice (links) and ones past
-   MAX_DIRS left out.
+   MAX_DIRS left out;
+6. a link is followed only to what someone the scan already trusts there controls alone (LINK_RULE, below).
 
 What cannot be a model, or is broken, is listed with the reason and left out; catalog.add_model.add_all adds the rest.
 """
@@ -38,6 +39,15 @@ MAX_BLOBS = 20000
 MAX_DIRS = 1000  # per scan
 MAX_MANIFEST_BYTES = 1 << 20
 SHARD_FIRST_BYTES = 64 << 10  # a split set's later files hold only their tensors' descriptions
+
+# LINK_RULE. A link met in the walk (in a directory below a path given, or in the path itself) is followed only to a
+# file or directory owned by root, by the account the scan reads as, or by the owner of the directory the link is in,
+# and writable by neither its group nor others. Whoever planted a link could only have planted it where they may
+# write; following it must not hand the catalog (whose locations every researcher's job loads) to anyone who could
+# not already have put the files there: a lab member's link in a group-writable models folder to their own home, or
+# to a world-writable scratch, is skipped with the reason. The paths given are the admin's choice and are not judged.
+LINK_OWNERS_TRUSTED = "root, the scanning account or the directory's owner"
+WRITABLE_BY_OTHERS = 0o022
 
 # llama.cpp's split naming (gguf-split, llama_split_path): PREFIX-%05d-of-%05d.gguf.
 SPLIT = re.compile(r"^(?P<stem>.+)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf\Z")
@@ -121,10 +131,27 @@ class _Cached:
         self.reader = reader
         self.listings: dict[str, tuple[Listing, dict[str, Entry]]] = {}
         self.prefixes: dict[str, tuple[int, bytes]] = {}
+        self.refused: list[Skipped] = []  # links not followed (LINK_RULE), for the walker to report
+        self._uid: int | None = None
+
+    def account_uid(self) -> int:
+        if self._uid is None:
+            self._uid = self.reader.account_uid()
+        return self._uid
 
     def listing(self, path: str, limit: int) -> Listing:
+        """The reader's listing, less the links LINK_RULE does not follow: nothing in the scan sees those."""
         if path not in self.listings:
             listing = self.reader.listing(path, limit)
+            trusted = {0, self.account_uid(), listing.entry.uid}
+            children = []
+            for entry in listing.children:
+                why = _unfollowed(entry, trusted)
+                if not why:
+                    children.append(entry)
+                elif not entry.name.startswith("."):  # hidden ones are left out anyway
+                    self.refused.append(Skipped(_join(path, entry.name), why))
+            listing = replace(listing, children=children)
             self.listings[path] = listing, {e.name: e for e in listing.children}
         return self.listings[path][0]
 
@@ -170,6 +197,9 @@ class _Walker:
         except OSError as exc:
             self.skip(path, f"cannot read it: {exc}")
             return None
+        finally:
+            self.skipped += self.reader.refused
+            self.reader.refused.clear()
 
     def guarded(self, path: str, inspect: Callable[[], Located | None]) -> None:
         """One model: found whole, or skipped with the reason."""
@@ -424,6 +454,18 @@ class _Walker:
         stem = model if tag_part == "latest" else f"{model}-{tag_part}"
         tags[match["hex"]] = tag
         return Located(add_model.gguf_found(stem, gguf.combine([shard]), blob.size), blob_path, tag)
+
+
+def _unfollowed(entry: Entry, trusted: set[int]) -> str:
+    """Why the walk does not follow this entry (LINK_RULE), or "" where it may."""
+    if not entry.link or entry.kind not in ("dir", "file"):
+        return ""
+    what = "directory" if entry.kind == "dir" else "file"
+    if entry.uid not in trusted:
+        return f"not followed: a link to a {what} of uid {entry.uid} (not {LINK_OWNERS_TRUSTED})"
+    if entry.mode & WRITABLE_BY_OTHERS:
+        return f"not followed: a link to a {what} its group or others can write (mode {entry.mode:o})"
+    return ""
 
 
 def _join(directory: str, name: str) -> str:

@@ -312,19 +312,25 @@ def test_a_model_the_catalog_refuses_is_skipped_whole_and_the_rest_are_added(tmp
 # --- the SSH reader's commands, run by a local shell -------------------------------------------------------------
 
 
-def test_the_ssh_reader_lists_and_reads_like_the_local_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    a_bit_of_everything(tmp_path)
-    os.symlink(tmp_path, tmp_path / "gguf" / "loop")
-    commands = []
+@pytest.fixture
+def commands(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The SSH reader's commands run by a local shell (as the account this test runs as); the list of them."""
+    ran: list[str] = []
 
     def run_here(target: Any, command: str, timeout_s: float = 0, max_output_bytes: int = 1 << 20) -> ssh.CommandResult:
-        commands.append(command)
+        ran.append(command)
         done = subprocess.run(["sh", "-c", command], capture_output=True, timeout=60)
         out, err = done.stdout, done.stderr.decode(errors="replace")
         return ssh.CommandResult(done.returncode, out[:max_output_bytes].decode(errors="replace"), err,
                                  len(out) > max_output_bytes)  # fmt: skip
 
     monkeypatch.setattr(ssh.pool, "run", run_here)
+    return ran
+
+
+def test_the_ssh_reader_lists_and_reads_like_the_local_one(tmp_path: Path, commands: list[str]) -> None:
+    a_bit_of_everything(tmp_path)
+    os.symlink(tmp_path, tmp_path / "gguf" / "loop")
     over_ssh = scan.scan([str(tmp_path)], SSHReader(target=None))  # type: ignore[arg-type]
     here = scan.scan([str(tmp_path)], LocalReader())
     assert over_ssh.models == here.models
@@ -335,6 +341,105 @@ def test_the_ssh_reader_lists_and_reads_like_the_local_one(tmp_path: Path, monke
         SSHReader(target=None).listing(f"{tmp_path}/missing", 10)  # type: ignore[arg-type]
     with pytest.raises(ValidationError):
         SSHReader(target=None).prefix("/x'; touch /tmp/pwned; '", 10)  # type: ignore[arg-type]
+
+
+# --- links: followed only where nobody else could have put the files -----------------------------------------------
+
+as_root = pytest.mark.skipif(os.geteuid() != 0, reason="giving a directory to another uid needs root")
+NOBODY = 65534
+
+
+def elsewhere(tmp_path: Path, name: str, mode: int, uid: int | None = None) -> Path:
+    """A directory outside the scanned one holding a model NAME-Q8_0.gguf, with that mode (and owner)."""
+    directory = tmp_path / "elsewhere" / name
+    directory.mkdir(parents=True)
+    write_gguf(directory / f"{name}-Q8_0.gguf")
+    directory.chmod(mode)
+    if uid is not None:
+        os.chown(directory, uid, uid)
+    return directory
+
+
+def planted(tmp_path: Path) -> Path:
+    """A models folder with a model of its own and links out of it: to folders others can write, and to one that
+    only its owner can (followed)."""
+    models = tmp_path / "models"
+    (models / "own").mkdir(parents=True)
+    write_gguf(models / "own" / "Own-Q8_0.gguf")
+    (models / "open").symlink_to(elsewhere(tmp_path, "Open", 0o777))
+    (models / "sticky").symlink_to(elsewhere(tmp_path, "Sticky", 0o1777))
+    (models / "group").symlink_to(elsewhere(tmp_path, "Group", 0o775))
+    (models / "fine").symlink_to(elsewhere(tmp_path, "Fine", 0o755))
+    loose = tmp_path / "elsewhere" / "Loose-Q8_0.gguf"  # a file anyone may rewrite
+    write_gguf(loose)
+    loose.chmod(0o666)
+    (models / "Loose-Q8_0.gguf").symlink_to(loose)
+    return models
+
+
+LINK_REASONS = {
+    "open": "not followed: a link to a directory its group or others can write (mode 777)",
+    "sticky": "not followed: a link to a directory its group or others can write (mode 1777)",
+    "group": "not followed: a link to a directory its group or others can write (mode 775)",
+    "Loose-Q8_0.gguf": "not followed: a link to a file its group or others can write (mode 666)",
+}
+
+
+def test_a_scan_follows_no_link_into_a_directory_or_file_others_can_write(tmp_path: Path) -> None:
+    models = planted(tmp_path)
+    result = scan.scan([str(models)], LocalReader())
+    assert sorted(m.found.name for m in result.models) == ["Fine", "Own"]
+    assert reasons(result) == {str(models / name): why for name, why in LINK_REASONS.items()}
+
+
+def test_the_ssh_reader_follows_the_same_links_as_the_local_one(tmp_path: Path, commands: list[str]) -> None:
+    models = planted(tmp_path)
+    over_ssh = scan.scan([str(models)], SSHReader(target=None))  # type: ignore[arg-type]
+    here = scan.scan([str(models)], LocalReader())
+    assert over_ssh.models == here.models and reasons(over_ssh) == reasons(here)
+    assert sorted(m.found.name for m in over_ssh.models) == ["Fine", "Own"]
+    assert commands.count("id -u") == 1  # the account's uid, asked once a scan
+
+
+@as_root
+def test_a_link_to_another_users_directory_is_not_followed(tmp_path: Path) -> None:
+    models = tmp_path / "models"
+    models.mkdir()
+    (models / "theirs").symlink_to(elsewhere(tmp_path, "Theirs", 0o755, uid=NOBODY))
+    result = scan.scan([str(models)], LocalReader())
+    assert result.models == []
+    why = f"a link to a directory of uid {NOBODY} (not root, the scanning account or the directory's owner)"
+    assert reasons(result) == {str(models / "theirs"): f"not followed: {why}"}
+
+
+@as_root
+def test_a_link_is_followed_to_what_the_owner_of_its_directory_owns(tmp_path: Path) -> None:
+    # A lab's folder, owned by the lab's account: links inside it to its own other folders are the lab's own doing.
+    lab = tmp_path / "lab"
+    lab.mkdir()
+    (lab / "current").symlink_to(elsewhere(tmp_path, "Lab", 0o755, uid=NOBODY))
+    os.chown(lab, NOBODY, NOBODY)
+    result = scan.scan([str(lab)], LocalReader())
+    assert [m.found.name for m in result.models] == ["Lab"] and result.skipped == []
+
+
+def test_the_ssh_readers_listing_says_which_entries_are_links_their_owner_and_mode(
+    tmp_path: Path, commands: list[str]
+) -> None:
+    (tmp_path / "sticky").mkdir()
+    (tmp_path / "sticky").chmod(0o1777)
+    (tmp_path / "to-sticky").symlink_to(tmp_path / "sticky")
+    (tmp_path / "nowhere").symlink_to(tmp_path / "missing")
+    listing = SSHReader(target=None).listing(str(tmp_path), 10)  # type: ignore[arg-type]
+    entries = {e.name: (e.kind, e.link, e.uid, e.mode) for e in listing.children}
+    uid = os.geteuid()
+    assert entries == {"sticky": ("dir", False, uid, 0o1777), "to-sticky": ("dir", True, uid, 0o1777),
+                       "nowhere": ("link", True, uid, 0o777)}  # fmt: skip
+    assert listing.entry.link is False and listing.entry.uid == uid
+    here = LocalReader().listing(str(tmp_path), 10).children
+    assert {e.name: (e.kind, e.link, e.uid, e.mode) for e in here if e.kind == "dir"} == {
+        name: entries[name] for name in ("sticky", "to-sticky")
+    }
 
 
 # --- the command and the admin -----------------------------------------------------------------------------------
