@@ -27,6 +27,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import httpx
+
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "portal.settings")
@@ -116,11 +118,12 @@ def runner(port: int, requests: Path, concurrency: int, round_: int) -> tuple[fl
     """The portal's path: batchrun.py, as the job starts it."""
     run_dir = SCRATCH / f"run-{round_}"
     run_dir.mkdir()
+    server = str(httpx.URL(scheme="http", host="127.0.0.1", port=port))
     start = time.perf_counter()
     subprocess.run(
         [sys.executable, str(REPO / "jobs/cluster/scripts/batchrun.py"), "--requests", str(requests),
          "--results", str(run_dir / "results.jsonl"), "--progress", str(run_dir / "progress.json"),
-         "--output", str(run_dir / "output.jsonl"), "--server", f"http://127.0.0.1:{port}",
+         "--output", str(run_dir / "output.jsonl"), "--server", server,
          "--key-file", str(SCRATCH / "key"), "--model", "bench", "--concurrency", str(concurrency)],
         check=True,
     )  # fmt: skip

@@ -427,6 +427,11 @@ async def concurrent(url: str, headers: dict[str, str], n: int, portal_pid: int,
     return Held(n, len(errors), peak, rss_before, rss_peak, first)
 
 
+def here(port: int, path: str) -> str:
+    """A URL on this machine, built from its parts (never formatted: the portal's rule for a model server's URL)."""
+    return str(httpx.URL(scheme="http", host="127.0.0.1", port=port, path=path))
+
+
 def wait_up(url: str, headers: dict[str, str] | None = None, timeout_s: float = 30) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -536,22 +541,22 @@ def main() -> None:
     if nginx:
         processes.append(nginx)
     try:
-        wait_up(f"http://127.0.0.1:{ports['portal']}/healthz")
-        portal = f"http://127.0.0.1:{ports['portal']}/api/v1/chat/completions"
+        wait_up(here(ports["portal"], "/healthz"))
+        portal = here(ports["portal"], "/api/v1/chat/completions")
         auth = {"Authorization": f"Bearer {token}"}
         signed_in = {"Cookie": keys["cookie"], keys["csrf_header"]: keys["csrf"]}
         figures: list[Target] = []
 
         def paths(server: str, headers: dict[str, str]) -> dict[str, tuple[str, dict[str, str]]]:
-            browser = f"http://127.0.0.1:{ports['portal']}/sessions/{keys[server + ':pk']}/v1/chat/completions"
+            browser = here(ports["portal"], f"/sessions/{keys[server + ':pk']}/v1/chat/completions")
             found = {
-                "direct": (f"http://127.0.0.1:{ports[server]}/v1/chat/completions", headers),
+                "direct": (here(ports[server], "/v1/chat/completions"), headers),
                 "portal": (portal, auth),
                 "browser": (browser, signed_in),
             }
             if nginx:
-                found["nginx"] = (f"http://127.0.0.1:{ports['nginx']}/{server}/v1/chat/completions", headers)
-            found["relay"] = (f"http://127.0.0.1:{ports['relay-' + server]}/v1/chat/completions", headers)
+                found["nginx"] = (here(ports["nginx"], f"/{server}/v1/chat/completions"), headers)
+            found["relay"] = (here(ports["relay-" + server], "/v1/chat/completions"), headers)
             return found
 
         if not nginx:
@@ -573,7 +578,7 @@ def main() -> None:
         figures += [t for t in ttft_targets("local paced", paced) if "throughput" not in t.what]
         if llama:
             key = {"Authorization": f"Bearer {keys['llama']}"}
-            wait_up(f"http://127.0.0.1:{ports['llama']}/health", key)
+            wait_up(here(ports["llama"], "/health"), key)
             body = {"model": "llama", "messages": message, "stream": True, "max_tokens": args.llama_tokens,
                     "temperature": 0, "ignore_eos": True}  # fmt: skip
             results = run_paths(paths("llama", key), body, args.llama_requests)
@@ -587,12 +592,12 @@ def main() -> None:
             figures.append(Target("added TTFT and throughput, llama-server", "see above", "not built", None))
         if vllm:
             key = {"Authorization": f"Bearer {keys['vllm']}"}
-            wait_up(f"http://127.0.0.1:{ports['vllm']}/health", key, timeout_s=300)
+            wait_up(here(ports["vllm"], "/health"), key, timeout_s=300)
             body = {"model": keys["served_name"], "messages": message, "stream": True, "max_tokens": args.vllm_tokens,
                     "temperature": 0, "ignore_eos": True}  # fmt: skip
             vllm_paths = {
-                "direct": (f"http://127.0.0.1:{ports['vllm']}/v1/chat/completions", key),
-                "keyprx": (f"http://127.0.0.1:{ports['keyproxy']}/v1/chat/completions", key),
+                "direct": (here(ports["vllm"], "/v1/chat/completions"), key),
+                "keyprx": (here(ports["keyproxy"], "/v1/chat/completions"), key),
                 "portal": (portal, auth),
             }
             table(

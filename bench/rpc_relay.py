@@ -103,10 +103,10 @@ def one_round(model: Path, relay: bool, key_file: Path, tokens: int) -> tuple[fl
                    "-ngl", "999", "--rpc", f"127.0.0.1:{rpc_port}", "-c", "2048", "--no-webui"]  # fmt: skip
         began = time.monotonic()
         with started(command, port):
-            url = f"http://127.0.0.1:{port}"
+            url = httpx.URL(scheme="http", host="127.0.0.1", port=port)
             while True:
                 try:
-                    if httpx.get(f"{url}/health", timeout=5).status_code == 200:
+                    if httpx.get(url.copy_with(path="/health"), timeout=5).status_code == 200:
                         break
                 except httpx.TransportError:
                     pass
@@ -115,7 +115,7 @@ def one_round(model: Path, relay: bool, key_file: Path, tokens: int) -> tuple[fl
             generation, prompt = [], []
             for _ in range(3):
                 body = {"prompt": PROMPT, "n_predict": tokens, "temperature": 0, "cache_prompt": False}
-                timings = httpx.post(f"{url}/completion", json=body, timeout=600).json()["timings"]
+                timings = httpx.post(url.copy_with(path="/completion"), json=body, timeout=600).json()["timings"]
                 generation.append(timings["predicted_per_second"])
                 prompt.append(timings["prompt_per_second"])
             return load_s, statistics.median(generation), statistics.median(prompt)

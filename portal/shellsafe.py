@@ -12,6 +12,7 @@ names in `expands`) is one shell word that needs no quoting, `shlex.quote(value)
 
 from __future__ import annotations
 
+import ipaddress
 import re
 import shlex
 from dataclasses import dataclass, field
@@ -74,6 +75,9 @@ HOSTNAME = AllowList(
     r"^(?=.{1,253}\Z)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\Z",
     "Enter a host name such as login.cluster.example.edu or an IPv4 address.",
 )
+# An IPv6 address as Slurm may report a node's (NodeAddr): hexadecimal digits, ':' and '.' (an IPv4 tail) only, so no
+# zone id; network_host() checks that it is one.
+IPV6_ADDRESS = AllowList(r"^[0-9A-Fa-f:.]{2,45}\Z", "Enter an IPv6 address such as fd00::5.")
 MODEL_NAME = AllowList(
     r"^[A-Za-z0-9][A-Za-z0-9_.+-]*\Z", "Model names use letters, digits, '.', '_', '+' and '-' (no spaces)."
 )
@@ -114,6 +118,21 @@ SESSION_KEY = AllowList(r"^sk-hpcllm-[A-Za-z0-9_-]{20,100}\Z", "A session key is
 # What one word of a request to a restricted key's gate may hold at all (portal/gate.py); each argument is then
 # checked by its verb's own list.
 GATE_WORD = AllowList(r"^[A-Za-z0-9_.:/@+,=%-]{1,4096}\Z", "The gate takes words of letters, digits and _.:/@+,=%-.")
+
+
+def network_host(value: object) -> bool:
+    """A host name or an IP address literal: what a URL's host may be (a model server's, as a job reports it and
+    Slurm names its nodes). Never anything that carries a port, a path, user info, a query or a fragment of its own
+    (no '/', '?', '#' or '@'; ':' only inside an IPv6 address, which a URL then puts in brackets)."""
+    if HOSTNAME.accepts(value):
+        return True
+    if not IPV6_ADDRESS.accepts(value):
+        return False
+    try:
+        ipaddress.IPv6Address(value)
+    except ValueError:
+        return False
+    return True
 
 
 def split_flags(value: str) -> list[str]:

@@ -2,7 +2,11 @@
 
 For clusters with node_access=tunnel, a LocalForward listens on 127.0.0.1 (an ephemeral port) in this process and
 relays each connection through a direct-tcpip channel of the account's pooled SSH connection to host:port as
-the login host sees it. Either way callers get a plain base URL, and the server still demands the session key.
+the login host sees it. Either way callers get a base URL, and the server still demands the session key.
+
+URLs are built from their parts (httpx.URL), never by formatting a string: a host such as `10.0.0.9:2375/x?y=#`
+would bring a port and a path of its own into `http://{host}:{port}/v1/...`. A host that is not a host name or an IP
+address gets no URL at all (the poll refuses such an address before it is stored; this holds for any other way in).
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import httpx
 from django.db import close_old_connections
 
 from jobs.models import SERVING_STATES, LLMSession
-from portal import ssh
+from portal import shellsafe, ssh
 
 log = logging.getLogger(__name__)
 
@@ -79,19 +83,34 @@ SWEEP_EVERY_S = 30
 _sweeper: threading.Thread | None = None
 
 
-def base_url(session: LLMSession) -> str:
-    """http://host:port where this process reaches the session's server; empty until it runs."""
+def is_address(host: object, port: object) -> bool:
+    """A model server's address: a host name or an IP address, and a port (the poll takes 1024 to 65535 only)."""
+    return shellsafe.network_host(host) and isinstance(port, int) and not isinstance(port, bool) and 0 < port < 65536
+
+
+def server_url(host: str, port: int) -> httpx.URL | None:
+    """http://host:port, built from its parts; None for anything that is not an address (logged)."""
+    if not is_address(host, port):
+        log.warning("no URL for %r port %r: not a host name or IP address and a port", host, port)
+        return None
+    return httpx.URL(scheme="http", host=host, port=port)
+
+
+def base_url(session: LLMSession) -> httpx.URL | None:
+    """http://host:port where this process reaches the session's server; None until it runs."""
     if not session.host or not session.port:
-        return ""
+        return None
     if session.cluster.node_access != session.cluster.NodeAccess.TUNNEL:
-        return f"http://{session.host}:{session.port}"
+        return server_url(session.host, session.port)
     return forwarded_url(session.account.ssh_target(), session.host, session.port, str(session.pk))
 
 
-def forwarded_url(target: ssh.SSHTarget, host: str, port: int, session_pk: str) -> str:
+def forwarded_url(target: ssh.SSHTarget, host: str, port: int, session_pk: str) -> httpx.URL | None:
     """The local end of the forward to host:port through the login host, opened on first use and then kept while
-    the session runs."""
+    the session runs; None for an address that is not one."""
     global _sweeper
+    if server_url(host, port) is None:
+        return None
     key = (target.pool_key, host, port)
     with _lock:
         known = _forwards.get(key)
@@ -102,16 +121,17 @@ def forwarded_url(target: ssh.SSHTarget, host: str, port: int, session_pk: str) 
         if _sweeper is None:
             _sweeper = threading.Thread(target=_sweep_forever, name="forward-sweeper", daemon=True)
             _sweeper.start()
-    return f"http://127.0.0.1:{known[0].local_port}"
+    return httpx.URL(scheme="http", host="127.0.0.1", port=known[0].local_port)
 
 
 def answers(session: LLMSession, timeout_s: float = 3.0) -> bool:
     """Whether the session's server answers its health check now (as the job checked before it said running)."""
     url = base_url(session)
-    if not url:
+    if url is None:
         return False
     try:
-        reply = httpx.get(f"{url}/health", headers={"Authorization": f"Bearer {session.api_key}"}, timeout=timeout_s)
+        reply = httpx.get(url.copy_with(path="/health"), headers={"Authorization": f"Bearer {session.api_key}"},
+                          timeout=timeout_s)  # fmt: skip
     except httpx.HTTPError:
         return False
     return reply.status_code == 200

@@ -7,12 +7,15 @@ connection files in a single round trip.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import io
 import json
 import re
+import secrets
 import shlex
 import tarfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from jobs.cluster import layout, slurm
@@ -23,7 +26,7 @@ from portal.slurm.hostlist import expand_hostlist
 from portal.slurm.records import parse_job_records, parse_key_values
 from portal.slurm.sacct import SACCT_OPTIONS, parse_sacct
 from portal.slurm.sbatch import parse_sbatch_parsable
-from portal.slurm.squeue import SQUEUE_FORMAT, QueuedJob, parse_squeue
+from portal.slurm.squeue import SQUEUE_FIELDS, SQUEUE_FORMAT, QueuedJob, parse_squeue
 
 # Exit codes of the submit script that mean "try again later".
 SUBMIT_RETRY = 75
@@ -171,107 +174,201 @@ def parse_watch(text: str) -> dict[str, str]:
     return changes
 
 
-# Runs as: bash -c SCRIPT poll 0|1 UUID:JOBID ... ; prints @@-delimited sections (see parse_poll).
+# Framed answers (the poll's and the listing's). A job's owner controls what its files hold and what its name is, and
+# other users name their jobs as they like; none of it may be read as something else. So the answer is sections, one
+# line each: "@@FRAME KIND ARG... BODY", where BODY is the base64 of what the section read (a file, a command's
+# output), so no byte of it can start or end a line, and FRAME is made by the portal for this run alone and given on
+# standard input (a command line is visible to every user of the login host). Records of squeue's whole queue, other
+# users' job names among them, start with the frame too (squeue's format comes from the environment, which only the
+# account's own processes can read), so a name with a newline stays inside its own record.
+FRAMED = r"""
+IFS= read -r frame || true
+[[ $frame =~ ^[0-9a-f]{32}$ ]] || { echo "no frame on standard input" >&2; exit 2; }
+shopt -s lastpipe  # a section at the end of a pipe runs in this shell: one process less a section
+section() { printf '@@%s %s ' "$frame" "$*"; base64 -w 0; echo; }
+"""
+
+# Runs as: bash -c SCRIPT poll 0|1 UUID:JOBID ... <FRAME; prints framed sections (see FRAMED and parse_poll).
 POLL_SCRIPT = (
-    script(r"""
+    script(
+        FRAMED
+        + r"""
 set -u
-order=$1
+order=$1 me=$(id -un)
 shift
-live=$(squeue -h -u "$(id -un)" -o '@FORMAT@' 2>&1)
-rc=$?
-echo "@@squeue $rc"
+# The portal's own jobs only, by their exact names (the prefix and the uuid): the user's other work (an array of
+# thousands) must not swell the answer, and no job whose name merely starts so (with a newline after it) is listed.
+names=()
+for pair in "$@"; do names+=("$JOB_NAME_PREFIX${pair%%:*}"); done
+live="" rc=0
+for ((i = 0; i < ${#names[@]}; i += 1000)); do  # at most 1000 names a squeue: one argument holds 128 KiB
+  chunk=$(IFS=,; echo "${names[*]:i:1000}")
+  out=$(squeue -h -u "$me" -n "$chunk" -o '@FORMAT@' 2>&1) || { rc=$?; live=$out; break; }
+  live+=$out$'\n'
+done
 if [ "$rc" -eq 0 ]; then
-  # The portal's own jobs only: the user's other work (an array of thousands) must not swell the answer.
   live=$(printf '%s\n' "$live" | awk -F'|' -v prefix="$JOB_NAME_PREFIX" 'index($2, prefix) == 1')
-  printf '%s\n' "$live"
+  printf '%s\n' "$live" | section squeue "$rc"
 else
-  printf '%s\n' "$live" | head -c 2000
-  echo
+  printf '%s\n' "$live" | head -c 2000 | section squeue "$rc"
 fi
 # Each pending portal job's place in its partition's queue (by priority), counted here: the cluster's whole queue
 # would not fit in the answer on a busy site. Asked only when the portal says so ($order): reading a busy cluster's
 # whole queue is the costly part of a poll, and one account's answer serves every account whose jobs it can see.
+# Each record starts with the frame; a job's name comes last and is only looked at, never printed.
 mine=$(printf '%s\n' "$live" | awk -F'|' '$3 == "PENDING" { print $1 }' | tr '\n' ' ')
-echo "@@order"
 if [ "$order" = 1 ] && [ -n "${mine// }" ]; then
-  squeue -h -t PENDING --sort=-p,i -o '%P|%i|%j' 2>/dev/null | awk -F'|' -v prefix="$JOB_NAME_PREFIX" '
-    { place[$1]++ } index($3, prefix) == 1 { print $1 "|" $2 "|" place[$1] }'
-fi
+  SQUEUE_FORMAT="$frame%P|%i|%j" squeue -h -t PENDING --sort=-p,i 2>/dev/null | awk -v RS="$frame" \
+    -v prefix="$JOB_NAME_PREFIX" 'NR > 1 {
+      i = index($0, "|"); rest = substr($0, i + 1); j = index(rest, "|")
+      if (!i || !j) next
+      part = substr($0, 1, i - 1); place[part]++
+      if (index(substr(rest, j + 1), prefix) == 1) print part "|" substr(rest, 1, j - 1) "|" place[part]
+    }'
+fi | section order
 # The addresses of the nodes our running jobs hold: a job may only say it serves on one of its own nodes.
 nodes=$(printf '%s\n' "$live" | awk -F'|' '$3 != "PENDING" && $6 != "" && $6 != "(null)" { print $6 }' | paste -sd, -)
 if [ -n "$nodes" ]; then
   out=$(scontrol -o show node "$nodes" 2>&1)
-  echo "@@nodes $?"
-  printf '%s\n' "$out" | head -c 200000
-  echo
+  rc_nodes=$?
+  printf '%s\n' "$out" | head -c 200000 | section nodes "$rc_nodes"
 fi
 declare -A listed=()
 if [ "$rc" -eq 0 ]; then
   while IFS='|' read -r jid _; do [ -n "$jid" ] && listed[$jid]=1; done <<<"$live"
 fi
 gone=()
+uuid='^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$'
 for pair in "$@"; do
   sid=${pair%%:*} jid=${pair#*:}
-  # Builtins only in this loop: a thousand sessions must not mean a thousand processes.
+  # Builtins only in this loop but for the files a job wrote (a head and a base64 each): a thousand sessions must
+  # not mean a thousand processes.
   if [ -n "$jid" ] && [ "$rc" -eq 0 ] && [ -z "${listed[$jid]+x}" ]; then gone+=("$jid"); fi
   d="$SESSIONS_DIR/$sid"
-  if [ -f "$d/$CONNECTION_FILE" ]; then echo "@@connection $sid"; head -c 4096 "$d/$CONNECTION_FILE"; echo; fi
-  if [ -f "$d/$STAGING_FILE" ]; then echo "@@staging $sid"; head -c 4096 "$d/$STAGING_FILE" | tr -d '@'; echo; fi
-  if [ -f "$d/$ERROR_FILE" ]; then echo "@@error $sid"; head -c 2000 "$d/$ERROR_FILE" | tr -d '@'; echo; fi
+  if [ -f "$d/$CONNECTION_FILE" ]; then head -c 4096 -- "$d/$CONNECTION_FILE" | section connection "$sid"; fi
+  if [ -f "$d/$STAGING_FILE" ]; then head -c 4096 -- "$d/$STAGING_FILE" | section staging "$sid"; fi
+  if [ -f "$d/$ERROR_FILE" ]; then head -c 2000 -- "$d/$ERROR_FILE" | section error "$sid"; fi
+  # A run's folder is named by the portal, but the job's owner may make others: only a uuid goes on a header.
   for f in "$d/$BATCH_DIR"/*/"$PROGRESS_FILE"; do
-    [ -f "$f" ] || continue
-    r=${f%/*}
-    echo "@@progress $sid ${r##*/}"; head -c 4096 "$f"; echo
+    r=${f%/*} && r=${r##*/}
+    [ -f "$f" ] && [[ $r =~ $uuid ]] || continue
+    head -c 4096 -- "$f" | section progress "$sid" "$r"
   done
   for f in "$d/$BATCH_DIR"/*/"$RUN_ERROR_FILE"; do
-    [ -f "$f" ] || continue
-    r=${f%/*}
-    echo "@@batcherror $sid ${r##*/}"; head -c 2000 "$f" | tr -d '@'; echo
+    r=${f%/*} && r=${r##*/}
+    [ -f "$f" ] && [[ $r =~ $uuid ]] || continue
+    head -c 2000 -- "$f" | section batcherror "$sid" "$r"
   done
 done
 if [ "${#gone[@]}" -gt 0 ]; then
   ids=$(IFS=,; echo "${gone[*]}")
   out=$(sacct @SACCT@ -j "$ids" 2>&1)
-  echo "@@sacct $?"
-  printf '%s\n' "$out"
+  rc_gone=$?
+  printf '%s\n' "$out" | section sacct "$rc_gone"
   for jid in "${gone[@]}"; do
     out=$(scontrol -o show job "$jid" 2>&1)
-    echo "@@scontrol $? $jid"
-    printf '%s\n' "$out"
+    rc_gone=$?
+    printf '%s\n' "$out" | section scontrol "$rc_gone" "$jid"
   done
 fi
-echo "@@end"
-""")
+section end </dev/null
+"""
+    )
     .replace("@FORMAT@", SQUEUE_FORMAT)
     .replace("@SACCT@", shlex.join(SACCT_OPTIONS))
 )
 
 
-# Runs as: bash -c SCRIPT listing, with a cluster's status account (catalog Cluster.status_account): every portal job
-# that account can see, whoever owns it, as "USER|<SQUEUE_FORMAT>|PLACE" (PLACE: a pending job's place in its
-# partition's queue by priority, else empty), in one squeue sorted as the scheduler orders the queue.
-LISTING_SCRIPT = script(r"""
+# A listing record's fields for its awk: how many (the owner, then squeue's), where the name is (counted from the
+# first field), and where the state and partition are, counted back from the last one: only the name may hold a '|',
+# and SQUEUE_FORMAT puts them after it.
+_LISTING_FIELDS = (
+    f"-v fields={1 + len(SQUEUE_FIELDS)} -v name_at={2 + SQUEUE_FIELDS.index('%j')} "
+    f"-v state_back={len(SQUEUE_FIELDS) - 1 - SQUEUE_FIELDS.index('%T')} "
+    f"-v part_back={len(SQUEUE_FIELDS) - 1 - SQUEUE_FIELDS.index('%P')}"
+)
+
+
+# Runs as: bash -c SCRIPT listing <FRAME, with a cluster's status account (catalog Cluster.status_account): every
+# portal job that account can see, whoever owns it, as "USER|<SQUEUE_FORMAT>|PLACE" (PLACE: a pending job's place in
+# its partition's queue by priority, else empty), in one squeue sorted as the scheduler orders the queue, in one
+# framed section (FRAMED). squeue's records start with the frame: anyone's job name may hold a newline or a '|', so a
+# record's state and partition are counted from its end, and a record is printed only when it parses whole.
+LISTING_SCRIPT = (
+    script(
+        FRAMED
+        + r"""
 set -u
-out=$(squeue -h --sort=-p,i -o '%u|@FORMAT@' 2>&1)
+out=$(SQUEUE_FORMAT="$frame%u|@FORMAT@" squeue -h --sort=-p,i 2>&1)
 rc=$?
-echo "@@listing $rc"
-if [ "$rc" -eq 0 ]; then
-  printf '%s\n' "$out" | awk -F'|' -v prefix="$JOB_NAME_PREFIX" '
-    $4 == "PENDING" { place[$10]++ }
-    index($3, prefix) == 1 { print $0 "|" ($4 == "PENDING" ? place[$10] : "") }'
-else
-  printf '%s\n' "$out" | head -c 2000
-  echo
+if [ "$rc" -eq 0 ] && [ -n "$out" ] && [[ $out != *"$frame"* ]]; then
+  out="squeue did not begin its records with the frame, so they cannot be told apart" rc=70
 fi
-echo "@@end"
-""").replace("@FORMAT@", SQUEUE_FORMAT)
+if [ "$rc" -eq 0 ]; then
+  printf '%s' "$out" | awk -v RS="$frame" -v prefix="$JOB_NAME_PREFIX" @FIELDS@ 'NR > 1 {
+    sub(/\n$/, ""); n = split($0, f, "|")
+    if (n < fields) next
+    if (f[n - state_back] == "PENDING") place[f[n - part_back]]++
+    if (n == fields && index(f[name_at], prefix) == 1 && index($0, "\n") == 0)
+      print $0 "|" (f[n - state_back] == "PENDING" ? place[f[n - part_back]] : "")
+  }' | section listing "$rc"
+else
+  printf '%s\n' "$out" | head -c 2000 | section listing "$rc"
+fi
+section end </dev/null
+"""
+    )
+    .replace("@FORMAT@", SQUEUE_FORMAT)
+    .replace("@FIELDS@", _LISTING_FIELDS)
+)
 
 
 LISTING_MAX_BYTES = 32 << 20  # about 110 bytes a job: some 300,000 portal jobs
 
 
-def listing_command(cli: SlurmCli = PLAIN) -> str:
-    return shlex.join(["bash", "-c", cli.script(LISTING_SCRIPT), "listing"])
+FRAME = re.compile(r"[0-9a-f]{32}")
+
+
+@dataclass(frozen=True)
+class Framed:
+    """A command whose answer comes in framed sections (FRAMED): the command line, and the frame made for this run
+    alone, which goes on its standard input and is what its answer is read with (parse_poll, parse_listing)."""
+
+    command: str
+    frame: str = field(default_factory=lambda: secrets.token_hex(16))
+
+    @property
+    def stdin(self) -> bytes:
+        return f"{self.frame}\n".encode()
+
+
+@dataclass(frozen=True)
+class Section:
+    kind: str
+    args: tuple[str, ...]
+    body: str
+
+
+def sections(text: str, frame: str) -> Iterator[Section]:
+    """The sections of a framed answer in order: each a line `@@FRAME KIND ARG... BASE64`. A line without the frame
+    is none of the script's and is not read; a section whose body is not base64 is skipped."""
+    if not FRAME.fullmatch(frame):
+        raise ValueError("not a frame the portal makes")
+    head = f"@@{frame} "
+    for line in text.split("\n"):
+        if not line.startswith(head):
+            continue
+        *words, body = line[len(head) :].split(" ")
+        try:
+            data = base64.b64decode(body, validate=True)
+        except ValueError:  # binascii.Error, or a character that is not ASCII
+            continue
+        if words and words[0]:
+            yield Section(words[0], tuple(words[1:]), data.decode(errors="replace"))
+
+
+def listing_command(cli: SlurmCli = PLAIN) -> Framed:
+    return Framed(shlex.join(["bash", "-c", cli.script(LISTING_SCRIPT), "listing"]))
 
 
 @dataclass
@@ -285,18 +382,18 @@ class Listing:
     places: dict[str, int] = field(default_factory=dict)  # job id -> place in its partition's queue
 
 
-def parse_listing(text: str) -> Listing:
+def parse_listing(text: str, frame: str) -> Listing:
+    """What the listing script printed (the first listing section; nothing counts without the end's)."""
     listing = Listing()
-    head, _, rest = text.partition("@@listing ")
-    code, _, body = rest.partition("\n")
-    if code.strip() != "0":
-        listing.error = (body.partition("@@end")[0] or head).strip()[:500]
+    found = {section.kind: section for section in reversed(list(sections(text, frame)))}
+    section = found.get("listing")
+    if section is None or section.args != ("0",):
+        listing.error = (section.body if section else text).strip()[:500] or "the listing printed nothing"
         return listing
-    if "\n@@end" not in "\n" + body:
+    if "end" not in found:
         listing.error = "the listing was cut short"
         return listing
-    body = body[: body.rindex("@@end")]
-    for line in body.split("\n"):
+    for line in section.body.split("\n"):
         owner, _, fields = line.partition("|")
         fields, _, place = fields.rpartition("|")
         jobs, _bad = parse_squeue(fields)
@@ -304,7 +401,7 @@ def parse_listing(text: str) -> Listing:
             continue
         job = jobs[0]
         listing.jobs[job.job_id] = (owner, job)
-        if place.isdigit():
+        if place.isascii() and place.isdigit():
             listing.places[job.job_id] = int(place)
     listing.ok = True
     return listing
@@ -379,14 +476,14 @@ def cancel_command(session_id: str, job_id: str, cli: SlurmCli = PLAIN) -> str:
     return shlex.join(["bash", "-c", cli.script(CANCEL_SCRIPT), "cancel", session_id, job_id])
 
 
-def poll_command(pairs: list[tuple[str, str]], cli: SlurmCli = PLAIN, order: bool = True) -> str:
+def poll_command(pairs: list[tuple[str, str]], cli: SlurmCli = PLAIN, order: bool = True) -> Framed:
     """The poll of these (session, job) pairs; `order`: also each pending portal job's place in its queue."""
     args = [str(int(order))]
     for session_id, job_id in pairs:
         if not shellsafe.UUID.accepts(session_id) or (job_id and not shellsafe.JOB_ID.accepts(job_id)):
             raise ValueError(f"bad session or job id: {session_id!r} {job_id!r}")
         args.append(f"{session_id}:{job_id}")
-    return shlex.join(["bash", "-c", cli.script(POLL_SCRIPT), "poll", *args])
+    return Framed(shlex.join(["bash", "-c", cli.script(POLL_SCRIPT), "poll", *args]))
 
 
 @dataclass
@@ -434,27 +531,30 @@ def _json_object(content: str) -> dict[str, object] | None:
     return data if isinstance(data, dict) else None
 
 
-def parse_poll(text: str) -> PollResult:
-    """Read the poll script's sections. A section that failed counts as not asked, never as 'job gone'."""
+# A section that says something once a poll; the others once for each session, run or job they name.
+_ONCE = {"squeue", "order", "nodes", "sacct", "end"}
+
+
+def parse_poll(text: str, frame: str) -> PollResult:
+    """Read the poll script's sections (FRAMED), each only the first time it comes. A section that failed counts as
+    not asked, never as 'job gone'."""
     result = PollResult()
-    sections: list[tuple[list[str], list[str]]] = []
-    for line in text.split("\n"):
-        if line.startswith("@@"):
-            sections.append((line[2:].split(), []))
-        elif sections:
-            sections[-1][1].append(line)
-    for words, body in sections:
-        kind, args = words[0] if words else "", words[1:]
-        content = "\n".join(body).strip()
+    seen: set[tuple[str, ...]] = set()
+    for section in sections(text, frame):
+        kind, args, content = section.kind, section.args, section.body.strip()
+        key = (kind,) if kind in _ONCE else (kind, *(args[1:] if kind == "scontrol" else args))  # after its rc
+        if key in seen:
+            continue
+        seen.add(key)
         if kind == "squeue":
-            result.squeue_ok = args == ["0"]
+            result.squeue_ok = args == ("0",)
             if result.squeue_ok:
                 jobs, bad = parse_squeue(content)
                 result.queued = {job.job_id: job for job in jobs}
                 result.unreadable = bad
             else:
                 result.squeue_error = content[:500]
-        elif kind == "sacct" and args == ["0"]:
+        elif kind == "sacct" and args == ("0",):
             records, _unreadable = parse_sacct(content)
             result.finished.update(records)
             result.asked_gone.update(records)
@@ -468,10 +568,10 @@ def parse_poll(text: str) -> PollResult:
                 result.asked_gone.add(job_id)
             elif "Invalid job id" in content:
                 result.asked_gone.add(job_id)
-        elif kind == "connection" and args and shellsafe.UUID.accepts(args[0]):
+        elif kind == "connection" and len(args) == 1 and shellsafe.UUID.accepts(args[0]):
             if (data := _json_object(content)) is not None:
                 result.connections[args[0]] = data
-        elif kind == "staging" and args and shellsafe.UUID.accepts(args[0]):
+        elif kind == "staging" and len(args) == 1 and shellsafe.UUID.accepts(args[0]):
             if (data := _json_object(content)) is not None:
                 result.staging[args[0]] = data
         elif kind == "progress" and len(args) == 2 and all(map(shellsafe.UUID.accepts, args)):
@@ -479,20 +579,21 @@ def parse_poll(text: str) -> PollResult:
                 result.progress[args[1]] = data
         elif kind == "batcherror" and len(args) == 2 and all(map(shellsafe.UUID.accepts, args)):
             result.batch_errors[args[1]] = content
-        elif kind == "error" and args and shellsafe.UUID.accepts(args[0]):
+        elif kind == "error" and len(args) == 1 and shellsafe.UUID.accepts(args[0]):
             result.errors[args[0]] = content
         elif kind == "order":
             for line in content.splitlines():
                 partition, job_id, place = [*line.strip().split("|"), "", ""][:3]
-                if job_id and place.isdigit():
+                if shellsafe.JOB_ID.accepts(job_id) and place.isascii() and place.isdigit():
                     result.positions[partition, job_id] = int(place)
-        elif kind == "nodes" and args == ["0"]:
+        elif kind == "nodes" and args == ("0",):
             for line in content.splitlines():
                 record = parse_key_values(line)
                 name = record.get("NodeName", "")
                 if name:
+                    # Only names a URL can take as its host: Slurm's own answer, checked all the same.
                     names = {name, record.get("NodeAddr", ""), record.get("NodeHostName", "")}
-                    result.node_names[name] = {n for n in names if n and n != "(null)"}
+                    result.node_names[name] = {n for n in names if shellsafe.network_host(n)}
         elif kind == "end":
             result.complete = True
     return result

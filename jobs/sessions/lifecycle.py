@@ -29,7 +29,7 @@ from jobs.cluster import backend, jobscript, layout, remote
 from jobs.models import END_STATES, POLLED_STATES, BatchRun, LLMSession, Purpose, SessionEvent, State, transition
 from jobs.operations import metrics
 from jobs.sessions import notify, queue_order, staging
-from portal import crypto, ssh
+from portal import crypto, shellsafe, ssh
 from portal.slurm import jobstates, sbatch, times
 from portal.slurm.errors import SlurmParseError
 from portal.slurm.squeue import QueuedJob
@@ -302,12 +302,12 @@ def poll(account_id: int) -> Polled:
     )
     try:
         with metrics.polling(account.cluster.slug):
-            result = ssh.pool.run(account.ssh_target(), command, timeout_s=60)
+            result = ssh.pool.run(account.ssh_target(), command.command, stdin=command.stdin, timeout_s=60)
     except ssh.SSHError as exc:
         metrics.poll_failed(account.cluster.slug, "ssh")
         _mark_unknown(sessions, f"cannot reach {account.cluster.name}: {exc}")
         return Polled({"sessions": len(sessions), "unknown": len(sessions)})
-    polled = remote.parse_poll(result.stdout)
+    polled = remote.parse_poll(result.stdout, command.frame)
     if not polled.squeue_ok or not polled.complete:
         metrics.poll_failed(account.cluster.slug, "scheduler")
         detail = polled.squeue_error or result.stderr.strip()[:300] or f"exit code {result.exit_code}"
@@ -527,7 +527,10 @@ def _serve_at(
     if allowed is None:  # Slurm did not say which addresses the job's nodes have: decide at the next poll
         return 0
     refusal = ""
-    if not (isinstance(host, str) and host in allowed):
+    # Whatever Slurm says of the nodes: a port, path or user info in the host never gets near a URL.
+    if not shellsafe.network_host(host):
+        refusal = f"refused the address {host!r} the job reported: not a host name or an IP address"
+    elif not (isinstance(host, str) and host in allowed):
         refusal = f"refused the address {host!r} the job reported: not one of its nodes ({', '.join(sorted(allowed))})"
     elif not (isinstance(port, int) and not isinstance(port, bool) and 1024 <= port <= 65535):
         refusal = f"refused the port {port!r} the job reported: not one from 1024 to 65535"

@@ -105,9 +105,12 @@ def ask(
         "temperature": temperature,
     }
     meter = Meter(str(session.pk), user_pk, ProxyRequest.Route.CHAT, "chat/completions")
+    base = backend.base_url(session)
     try:
+        if base is None:
+            raise ValueError(f"the session is {session.state}, not serving")
         answer = httpx.post(
-            f"{backend.base_url(session)}/v1/chat/completions",
+            base.copy_with(path="/v1/chat/completions"),
             json=payload,
             headers={"Authorization": f"Bearer {session.api_key}"},
             timeout=ASK_TIMEOUT_S,

@@ -64,7 +64,7 @@ def _ended(meter: Meter, response: JsonResponse) -> JsonResponse:
 
 @sensitive_variables("headers", "upstream_request")
 async def _forward(request: HttpRequest, target: Target, path: str, body: bytes, meter: Meter) -> HttpResponseBase:
-    if not target.base:
+    if target.base is None:
         return _ended(meter, openai_error(409, f"session {target.pk} is {target.state}, not running",
                                           "session_not_running", target.state))  # fmt: skip
     headers = {k: v for k, v in request.headers.items() if k.lower() in FORWARDED_HEADERS}
@@ -72,7 +72,8 @@ async def _forward(request: HttpRequest, target: Target, path: str, body: bytes,
     client = _client()
     # Built as it is sent, not with client.build_request(), which merges the client's defaults (cookies, parameters,
     # a base URL: none here) at a cost on every request's path; the timeouts go along as build_request() sets them.
-    upstream_request = httpx.Request(request.method or "GET", f"{target.base}/v1/{path}", content=body,
+    # The URL from its parts: `path` is one of ALLOWED's, and the host and port were checked as an address.
+    upstream_request = httpx.Request(request.method or "GET", target.base.copy_with(path=f"/v1/{path}"), content=body,
                                      headers=headers, extensions={"timeout": TIMEOUTS})  # fmt: skip
     try:
         upstream = await client.send(upstream_request, stream=True)

@@ -23,6 +23,7 @@ from datetime import UTC, datetime, timedelta
 from functools import cache
 from typing import Any, TypeVar
 
+import httpx
 from django import db
 from django.contrib.auth import get_user_model
 from django.contrib.auth.models import Group, Permission
@@ -66,7 +67,7 @@ class Target:
 
     pk: str
     state: str
-    base: str  # empty unless running
+    base: httpx.URL | None  # where the server answers (built from its parts); None unless running
     key: str = field(repr=False)  # the backend key; empty unless running
     served_model: str
     node_list: str
@@ -368,13 +369,14 @@ def target(user: Holder, key: str, route: str = "api", note: bool = True) -> Tar
         support = by_uuid and (user.sees_all if user.sees_all is not None else sees_all(user.user_pk))
         if not support and not _shared(pk_value, user.user_pk, route):
             return None
-    base = secret = ""
+    base: httpx.URL | None = None
+    secret = ""
     due = False
     if state in SERVING_STATES and host and port:
         if access == Cluster.NodeAccess.TUNNEL:
             base = backend.forwarded_url(ClusterAccount.target_of(*row[11:]), host, port, str(uuid.UUID(str(pk_value))))
         else:
-            base = f"http://{host}:{port}"
+            base = backend.server_url(host, port)
         secret = _opened(key_encrypted)
         now = timezone.now()
         last_activity = _aware(last_activity)

@@ -3,6 +3,7 @@ a job that starts or ends sends its account to its own poll, which reads it as b
 
 from __future__ import annotations
 
+import shlex
 import time
 from pathlib import Path
 from typing import Any
@@ -93,3 +94,30 @@ def test_a_status_account_lists_every_portal_job_in_one_command(
             break
         time.sleep(0.5)
     assert theirs.state == State.CANCELLED
+
+
+def test_a_job_name_with_a_newline_forges_no_line_of_the_listing_or_the_poll(
+    account: ClusterAccount, local_catalog: dict[str, Any], django_capture_on_commit_callbacks: Any
+) -> None:
+    """A job named so that, read a line at a time, squeue's output says a waiting portal job runs on node3: the
+    status account's listing and the owner's own poll both still see it wait."""
+    status = ClusterAccount(cluster=account.cluster, kind="service", username=local_catalog["user"])
+    status.set_private_key(Path(local_catalog["private_key"]).read_text())
+    status.save()
+    Cluster.objects.filter(pk=account.cluster_id).update(status_account=status)
+    waiting = held_session(account.user, local_catalog, django_capture_on_commit_callbacks)
+    running = f"{waiting.job_id}|hpcllm-{waiting.pk}|RUNNING|None|2026-12-07T10:00:00|node3|1:00|4:00|gpu|1"
+    name = f"x\n{local_catalog['user']}|{running}\n{running}\nz"  # a line for the listing, one for the poll
+    forger = shell(local_catalog, f"sbatch --hold --parsable -J {shlex.quote(name)} -p gpu -t 5 --mem=64M "
+                                  "-o /dev/null --wrap 'sleep 60'").stdout.strip()  # fmt: skip
+    try:
+        assert forger.isdigit() and int(forger) > int(waiting.job_id)  # listed after the job it forges
+        cycle = listing.cycle(account.cluster_id)
+        assert cycle.own == [] and cycle.settled == 1
+        waiting.refresh_from_db()
+        assert (waiting.state, waiting.slurm_reason, waiting.node_list) == (State.QUEUED, "JobHeldUser", "")
+        lifecycle.poll(account.pk)
+        waiting.refresh_from_db()
+        assert (waiting.state, waiting.slurm_reason, waiting.node_list) == (State.QUEUED, "JobHeldUser", "")
+    finally:
+        shell(local_catalog, f"scancel {forger}")  # not a portal job: the fixture's clean-up would leave it

@@ -55,8 +55,8 @@ def running(local_catalog: dict[str, Any], owner: Any, django_capture_on_commit_
 def test_the_api_reaches_a_tunnel_clusters_server_through_the_forward(running: LLMSession, owner: Any) -> None:
     Cluster.objects.filter(pk=running.cluster_id).update(node_access=Cluster.NodeAccess.TUNNEL)
     found = targets.target(targets.Holder(owner.pk, sees_all=False), "tiny")
-    assert found is not None and found.base.startswith("http://127.0.0.1:")
-    assert found.base != f"http://{running.host}:{running.port}"
+    assert found is not None and str(found.base).startswith("http://127.0.0.1:")
+    assert running.port is not None and found.base != backend.server_url(running.host, running.port)
     _, token = ApiToken.issue(owner, "script")
     reply = Portal(bearer(token)).post("/api/v1/chat/completions", json={**CHAT, "model": "tiny"})
     assert reply.status_code == 200 and reply.json()["choices"][0]["message"]["role"] == "assistant"

@@ -6,7 +6,9 @@ runs them in a real Celery worker.
 
 from __future__ import annotations
 
+import base64
 import http.server
+import json
 import socket
 import subprocess
 import threading
@@ -113,10 +115,11 @@ def test_the_portal_reaches_the_server_through_an_ssh_tunnel_too(
     Cluster.objects.filter(slug="local").update(node_access=Cluster.NodeAccess.TUNNEL)
     session = drive(start(owner, django_capture_on_commit_callbacks), lambda s: s.state == State.RUNNING or s.is_ended)
     url = backend.base_url(session)
-    assert url.startswith("http://127.0.0.1:") and url != f"http://{session.host}:{session.port}"
+    assert url is not None and session.port is not None and url.host == "127.0.0.1"
+    assert url != backend.server_url(session.host, session.port)
     key = {"Authorization": f"Bearer {session.api_key}"}
-    assert httpx.get(f"{url}/v1/models", headers=key, timeout=10).status_code == 200
-    assert httpx.get(f"{url}/v1/models", timeout=10).status_code == 401
+    assert httpx.get(url.copy_with(path="/v1/models"), headers=key, timeout=10).status_code == 200
+    assert httpx.get(url.copy_with(path="/v1/models"), timeout=10).status_code == 401
 
 
 def test_a_two_node_rpc_session_answers_a_chat_completion(
@@ -338,17 +341,65 @@ def test_an_address_outside_the_jobs_nodes_is_refused_and_recorded(
     session = drive(start(owner, django_capture_on_commit_callbacks), lambda s: s.state == State.RUNNING or s.is_ended)
     assert session.state == State.RUNNING, session.end_reason
     connection = f"~/{layout.session_dir(str(session.pk))}/connection.json"
-    # The owner rewrites the file in their home to point the portal at the site's metadata service.
-    rewrite = 's/"host": "[^"]*"/"host": "169.254.169.254"/'
-    shell(local_catalog, f"cp {connection} {connection}.real && sed -i '{rewrite}' {connection}")
-    session = drive(session, lambda s: s.state != State.RUNNING)
-    assert session.state == State.STARTING and not session.serving
-    refusals = [e.cause for e in session.events.all() if "169.254.169.254" in e.cause]
-    assert len(refusals) == 1 and "not one of its nodes" in refusals[0]
-    drive(session, lambda s: True)  # asked again, it is not recorded twice
-    assert sum("169.254.169.254" in e.cause for e in session.events.all()) == 1
-    assert proxy_replies(session, owner) == [409, 409]
+    # The owner rewrites the file in their home to point the portal at another service of the portal's own host (on
+    # a site: its metadata service, a database; a test sends nothing off this machine, even when the check fails).
+    assert session.port is not None
+    elsewhere = Listener("127.0.0.2", session.port)
+    rewrite = 's/"host": "[^"]*"/"host": "127.0.0.2"/'
+    try:
+        shell(local_catalog, f"cp {connection} {connection}.real && sed -i '{rewrite}' {connection}")
+        session = drive(session, lambda s: s.state != State.RUNNING)
+        assert session.state == State.STARTING and not session.serving
+        refusals = [e.cause for e in session.events.all() if "127.0.0.2" in e.cause]
+        assert len(refusals) == 1 and "not one of its nodes" in refusals[0]
+        drive(session, lambda s: True)  # asked again, it is not recorded twice
+        assert sum("127.0.0.2" in e.cause for e in session.events.all()) == 1
+        assert proxy_replies(session, owner) == [409, 409]
+        assert elsewhere.heard == []
+    finally:
+        elsewhere.close()
 
     shell(local_catalog, f"mv -f {connection}.real {connection}")
     session = drive(session, lambda s: s.state == State.RUNNING or s.is_ended)
     assert session.state == State.RUNNING and proxy_replies(session, owner) == [200, 200]
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+@pytest.mark.django_db(transaction=True)  # the proxy looks sessions up on its own threads
+def test_a_forged_connection_file_sends_nothing_anywhere_but_to_the_jobs_own_server(
+    account: ClusterAccount, owner: Any, django_capture_on_commit_callbacks: Any, local_catalog: dict[str, Any]
+) -> None:
+    """The real poll script reads a real connection.json that goes on with sections of its own, as the old poll read
+    them: the job's node at an address that carries another port and a path, and a place in the queue. A listener
+    there (on this machine) must hear nothing; the session is sent nothing until its file says where it serves."""
+    session = drive(start(owner, django_capture_on_commit_callbacks), lambda s: s.state == State.RUNNING or s.is_ended)
+    assert session.state == State.RUNNING, session.end_reason
+    served_at = (session.host, session.port)
+    listener = Listener("127.0.0.1", free_port())
+    forged = f"127.0.0.1:{listener.server.server_port}/heard?x=#"
+    text = (
+        json.dumps({"host": forged, "port": session.port, "key": ""}) + "\n"
+        f"@@nodes 0\nNodeName={session.node_list} NodeAddr={forged} NodeHostName={forged}\n"
+        f"@@order\ngpu|{session.job_id}|1\n@@end\n"
+    )
+    connection = f"~/{layout.session_dir(str(session.pk))}/connection.json"
+    encoded = base64.b64encode(text.encode()).decode()
+    try:
+        shell(local_catalog, f"cp {connection} {connection}.real && echo {encoded} | base64 -d >{connection}.new && "
+                             f"mv -f {connection}.new {connection}")  # fmt: skip
+        session = drive(session, lambda s: (s.host, s.port) != served_at or s.state != State.RUNNING, timeout_s=60)
+        replies = proxy_replies(session, owner)
+        assert listener.heard == []
+        assert replies == [409, 409] and session.host != forged and not session.serving
+        assert not any("heard" in e.cause for e in session.events.all())
+    finally:
+        listener.close()
+    shell(local_catalog, f"mv -f {connection}.real {connection}")
+    session = drive(session, lambda s: s.state == State.RUNNING or s.is_ended)
+    assert (session.state, (session.host, session.port)) == (State.RUNNING, served_at)
+    assert proxy_replies(session, owner) == [200, 200] and listener.heard == []

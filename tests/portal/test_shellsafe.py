@@ -4,6 +4,7 @@ models' validators are built from them, and no other module defines an allow-lis
 from __future__ import annotations
 
 import ast
+import ipaddress
 import re
 import shlex
 from pathlib import Path
@@ -157,3 +158,22 @@ def test_the_layout_check_finds_the_copies_it_was_written_for() -> None:
     assert is_allow_list("fullmatch", r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
     assert is_allow_list("RegexValidator", r"^[A-Za-z0-9_][A-Za-z0-9_.-]*\Z")
     assert not is_allow_list("compile", r"(?P<days>\d+)-(?P<hours>\d+)")  # a parser takes its text apart
+
+
+@pytest.mark.parametrize("value", ["node1", "node1.cluster.example.edu", "10.0.0.5", "127.0.0.1", "::1", "fd00::5"])
+def test_a_network_host_is_a_host_name_or_an_ip_address(value: str) -> None:
+    assert shellsafe.network_host(value)
+
+
+@pytest.mark.parametrize(
+    "value", ["127.0.0.1:9/x?#", "node1:8080", "a@node1", "node1/x", "node1#", "node1?", "[::1]", "fe80::1%eth0", ":::"]
+)
+def test_a_network_host_carries_no_port_path_user_or_zone(value: str) -> None:
+    assert not shellsafe.network_host(value)
+
+
+@given(st.text(max_size=60) | st.text(alphabet="aZ09.:-/?#@[]%", max_size=40))
+def test_what_a_url_takes_as_a_network_host_is_only_a_host(value: str) -> None:
+    if shellsafe.network_host(value):
+        assert not set(value) & set("/?#@[]% \n\x00")
+        assert ":" not in value or ipaddress.ip_address(value).version == 6

@@ -13,6 +13,7 @@ from django.utils.datastructures import MultiValueDict
 from jobs.batch import progress
 from jobs.batch.forms import BatchForm
 from jobs.models import BatchRun, State, transition
+from tests.jobs.cluster.framing import framed
 
 pytestmark = pytest.mark.django_db
 
@@ -146,7 +147,8 @@ def cluster_says(monkeypatch: pytest.MonkeyPatch, *outputs: str) -> list[str]:
 
     def run(target: Any, command: str, **kwargs: Any) -> ssh.CommandResult:
         sent.append(command)
-        return ssh.CommandResult(0, outputs[min(len(sent), len(outputs)) - 1], "")
+        answer = outputs[min(len(sent), len(outputs)) - 1]
+        return ssh.CommandResult(0, framed(kwargs.get("stdin"), answer), "")
 
     monkeypatch.setattr(ssh.pool, "run", run)
     return sent

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import ast
 import socket
+from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from catalog.models import ClusterAccount
@@ -21,10 +24,10 @@ pytestmark = pytest.mark.django_db
 NOWHERE = ssh.SSHTarget(host="127.0.0.1", port=1, username="x", host_keys="", private_key="")
 
 
-def accepts(url: str) -> bool:
-    port = int(url.rsplit(":", 1)[1])
+def accepts(url: httpx.URL | None) -> bool:
+    assert url is not None and url.host == "127.0.0.1" and url.port is not None
     with socket.socket() as probe:
-        return probe.connect_ex(("127.0.0.1", port)) == 0
+        return probe.connect_ex(("127.0.0.1", url.port)) == 0
 
 
 @pytest.fixture
@@ -48,3 +51,45 @@ def test_an_address_taken_by_another_session_gets_a_new_forward(running: LLMSess
     old = backend.forwarded_url(NOWHERE, "10.0.0.7", 8080, str(running.pk))
     new = backend.forwarded_url(NOWHERE, "10.0.0.7", 8080, "another-session")
     assert new != old and accepts(new) and not accepts(old)
+
+
+@pytest.mark.parametrize(
+    ("host", "port"),
+    [("127.0.0.1:9/heard?x=#", 8080), ("localhost/x", 8080), ("ada@localhost", 8080), ("::1%lo", 8080),
+     ("localhost", 0), ("localhost", 70000), ("localhost", True), ("", 8080)],
+)  # fmt: skip
+def test_a_servers_url_is_built_from_a_host_and_a_port_or_not_at_all(host: str, port: int) -> None:
+    assert backend.server_url(host, port) is None
+    assert backend.forwarded_url(NOWHERE, host, port, "a-session") is None  # no forward opened to it either
+
+
+def test_a_servers_url_takes_names_and_ip_addresses() -> None:
+    assert str(backend.server_url("node1.cluster.example.edu", 30123)) == "http://node1.cluster.example.edu:30123"
+    assert str(backend.server_url("127.0.0.1", 30123)) == "http://127.0.0.1:30123"
+    url = backend.server_url("::1", 30123)
+    assert url is not None and str(url.copy_with(path="/v1/models")) == "http://[::1]:30123/v1/models"
+
+
+def test_a_session_with_a_stored_host_that_is_no_address_has_no_url(running: LLMSession) -> None:
+    # However it got there (the poll refuses it): nothing is ever sent to 127.0.0.1:9/heard.
+    LLMSession.objects.filter(pk=running.pk).update(host="127.0.0.1:9/heard?x=#")
+    forged = LLMSession.objects.get(pk=running.pk)
+    assert backend.base_url(forged) is None and not backend.answers(forged)
+
+
+def test_no_module_builds_a_url_by_formatting_a_string() -> None:
+    """The portal's own code (not the job side, which is given its servers' URLs) and the benchmarks build every URL
+    from its parts: an f-string beginning "http" anywhere in them fails this test."""
+    repo = Path(__file__).resolve().parents[3]
+    scripts = repo / "jobs" / "cluster" / "scripts"
+    found = []
+    for folder in ("portal", "catalog", "jobs", "bench"):
+        for path in sorted((repo / folder).rglob("*.py")):
+            if scripts in path.parents:
+                continue
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.JoinedStr) and node.values:
+                    first = node.values[0]
+                    if isinstance(first, ast.Constant) and str(first.value).lower().startswith(("http:", "https:")):
+                        found.append(f"{path.relative_to(repo)}:{node.lineno}")
+    assert found == []

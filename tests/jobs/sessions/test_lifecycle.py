@@ -21,6 +21,9 @@ from jobs.use import targets
 from portal import ssh
 from portal.slurm.squeue import QueuedJob
 from tests.conftest import LAUNCH
+from tests.jobs.cluster.framing import framed
+
+SQUEUE_DOWN = "@@squeue 1\nUnable to contact slurm controller\n@@end"  # the poll's answer while slurmctld is away
 
 
 @pytest.fixture
@@ -158,7 +161,7 @@ def test_an_unreachable_cluster_makes_sessions_unknown_never_ended(
     assert s.state == State.UNKNOWN and s.ended_at is None
 
     def squeue_down(*args: Any, **kwargs: Any) -> ssh.CommandResult:
-        return ssh.CommandResult(0, "@@squeue 1\nUnable to contact slurm controller\n@@end\n", "")
+        return ssh.CommandResult(0, framed(kwargs.get("stdin"), SQUEUE_DOWN), "")
 
     monkeypatch.setattr(ssh.pool, "run", squeue_down)
     transition(s.pk, State.QUEUED, cause="the cluster answered again")
@@ -175,7 +178,8 @@ def test_a_cancel_that_gave_up_is_repeated_by_the_poll(session: LLMSession, monk
 
     def cluster(target: Any, command: str, **kwargs: Any) -> ssh.CommandResult:
         commands.append(command)
-        return ssh.CommandResult(0, "@@squeue 0\n42|hpcllm-x|RUNNING|None|N/A|node1|1:00|1:00|gpu|1\n@@end\n", "")
+        answer = "@@squeue 0\n42|hpcllm-x|RUNNING|None|N/A|node1|1:00|1:00|gpu|1\n@@end"
+        return ssh.CommandResult(0, framed(kwargs.get("stdin"), answer), "")
 
     monkeypatch.setattr(ssh.pool, "run", cluster)
     lifecycle.poll(s.account_id)
@@ -216,7 +220,7 @@ def test_a_scheduler_that_does_not_answer_does_not_cut_a_working_chat(
     transition(answering.pk, State.RUNNING, cause="test", host="127.0.0.1", port=health_server)
 
     def squeue_down(*args: Any, **kwargs: Any) -> ssh.CommandResult:
-        return ssh.CommandResult(0, "@@squeue 1\nUnable to contact slurm controller\n@@end\n", "")
+        return ssh.CommandResult(0, framed(kwargs.get("stdin"), SQUEUE_DOWN), "")
 
     monkeypatch.setattr(ssh.pool, "run", squeue_down)
     lifecycle.poll(answering.account_id)
@@ -224,13 +228,13 @@ def test_a_scheduler_that_does_not_answer_does_not_cut_a_working_chat(
     assert answering.state == State.UNKNOWN and answering.serving and answering.ended_at is None
     assert "still answers" in answering.events.last().cause  # type: ignore[union-attr]
     found = targets.target(targets.Holder(owner.pk), str(answering.pk))
-    assert found is not None and found.base == f"http://127.0.0.1:{health_server}"  # the proxy still forwards
+    assert found is not None and str(found.base) == f"http://127.0.0.1:{health_server}"  # the proxy still forwards
 
     transition(answering.pk, State.RUNNING, cause="back", host="127.0.0.1", port=1)  # a server that went away
     lifecycle.poll(answering.account_id)
     answering.refresh_from_db()
     assert answering.state == State.UNKNOWN and not answering.serving
-    assert targets.target(targets.Holder(owner.pk), str(answering.pk)).base == ""
+    assert targets.target(targets.Holder(owner.pk), str(answering.pk)).base is None
 
 
 def running_on(s: LLMSession, connection: dict[str, Any], nodes: str = "node1") -> remote.PollResult:
@@ -240,7 +244,7 @@ def running_on(s: LLMSession, connection: dict[str, Any], nodes: str = "node1") 
 @pytest.mark.parametrize(
     "connection, why",
     [
-        ({"host": "169.254.169.254", "port": 80}, "not one of its nodes"),  # the cloud's metadata service
+        ({"host": "127.0.0.2", "port": 8080}, "not one of its nodes"),  # another service on the portal's own host
         ({"host": "10.0.0.6", "port": 30123}, "not one of its nodes"),  # another job's node
         ({"host": "10.0.0.5", "port": 22}, "not one from 1024 to 65535"),
         ({"host": "10.0.0.5", "port": "30123"}, "not one from 1024 to 65535"),
@@ -257,6 +261,24 @@ def test_an_address_outside_the_jobs_nodes_is_refused_and_recorded(
     assert s.state != State.RUNNING and not s.serving
     refusals = [e.cause for e in s.events.all() if "refused" in e.cause]
     assert len(refusals) == 1 and why in refusals[0]
+
+
+@pytest.mark.parametrize(
+    "host",
+    ["127.0.0.1:9/heard?x=#", "localhost/heard", "ada@localhost", "localhost#x", "localhost?x", "[::1]", "::1%lo",
+     "127.0.0.1 ", ""],
+)  # fmt: skip
+def test_a_host_that_is_not_a_name_or_an_ip_address_is_refused_even_if_slurm_named_it(
+    session: LLMSession, host: str
+) -> None:
+    # As if `scontrol show node` (or a section forged into the poll's answer) gave the node this address.
+    s = submitted(session)
+    nodes = {"node1": {"node1", host}}
+    lifecycle.apply_poll(s, poll(queued={"42": queued_job("42", "RUNNING")}, node_names=nodes,
+                                 connections={str(s.pk): {"host": host, "port": 8080}}))  # fmt: skip
+    s.refresh_from_db()
+    assert not s.serving and s.host == ""
+    assert "not a host name or an IP address" in s.events.last().cause  # type: ignore[union-attr]
 
 
 def test_a_running_server_that_reports_a_foreign_address_is_sent_nothing_more(session: LLMSession) -> None:

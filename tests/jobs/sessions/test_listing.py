@@ -17,6 +17,7 @@ from jobs.sessions import listing, queue_order
 from jobs.sessions.actions import launch
 from portal import ssh
 from tests.conftest import LAUNCH
+from tests.jobs.cluster.framing import framed
 
 
 @pytest.fixture
@@ -58,9 +59,10 @@ class LoginHost:
 
     def run(self, target: ssh.SSHTarget, command: str, **kwargs: Any) -> ssh.CommandResult:
         self.commands.append((target.username, command))
-        if "@@listing" in command:
-            return ssh.CommandResult(0, f"@@listing {self.rc}\n" + "\n".join(self.lines) + "\n@@end\n", "")
-        return ssh.CommandResult(0, "@@squeue 0\n@@order\n@@end\n", "")
+        if "section listing" in command:
+            answer = f"@@listing {self.rc}\n" + "\n".join(self.lines) + "\n@@end"
+            return ssh.CommandResult(0, framed(kwargs.get("stdin"), answer), "")
+        return ssh.CommandResult(0, framed(kwargs.get("stdin"), "@@squeue 0\n@@order\n@@end"), "")
 
 
 @pytest.fixture
@@ -180,6 +182,7 @@ def test_the_status_account_must_be_on_the_cluster(account: ClusterAccount, exam
 
 
 def test_a_listing_is_read_as_the_status_account_printed_it() -> None:
+    frame = remote.Framed("listing").frame
     text = (
         "@@listing 0\nCLUSTER: hpc1\n"
         "ada|101|hpcllm-x|PENDING|Priority|N/A||0:00|5:00|gpu|1|3\n"
@@ -187,11 +190,16 @@ def test_a_listing_is_read_as_the_status_account_printed_it() -> None:
         "CLUSTER: hpc1\n"
         "garbage line\n@@end\n"
     )
-    parsed = remote.parse_listing(text)
+    parsed = remote.parse_listing(framed(f"{frame}\n".encode(), text), frame)
     assert parsed.ok and set(parsed.jobs) == {"101", "102"}
     assert parsed.jobs["101"][0] == "ada" and parsed.places == {"101": 3}
     assert parsed.jobs["102"][1].node_list == "node1"
-    failed = remote.parse_listing("@@listing 1\nslurm_load_jobs error: Socket timed out\n@@end\n")
+    failed = remote.parse_listing(
+        framed(f"{frame}\n".encode(), "@@listing 1\nslurm_load_jobs error: Socket timed out\n@@end\n"), frame
+    )
     assert not failed.ok and "Socket timed out" in failed.error
-    cut = remote.parse_listing("@@listing 0\nada|101|hpcllm-x|PENDING|Priority|N/A||0:00|5:00|gpu|1|3\n")
+    cut = remote.parse_listing(
+        framed(f"{frame}\n".encode(), "@@listing 0\nada|101|hpcllm-x|PENDING|Priority|N/A||0:00|5:00|gpu|1|3\n"), frame
+    )
     assert not cut.ok and cut.error == "the listing was cut short"
+    assert not remote.parse_listing(text, frame).ok  # the same lines without the frame are not the listing's

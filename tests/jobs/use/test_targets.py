@@ -6,6 +6,7 @@ import uuid
 from datetime import timedelta
 from typing import Any
 
+import httpx
 import pytest
 from django.contrib.auth.models import Permission
 from django.utils import timezone
@@ -72,7 +73,7 @@ def test_the_owner_reaches_a_running_session_by_uuid_and_alias(start: Any, owner
         assert found == targets.Target(
             pk=str(session.pk),
             state=State.RUNNING,
-            base="http://10.0.0.7:8080",
+            base=httpx.URL("http://10.0.0.7:8080"),
             key=crypto.decrypt(session.api_key_encrypted),
             served_model=session.served_model_name,
             node_list=session.node_list,
@@ -115,13 +116,13 @@ def test_an_alias_names_the_newest_live_session(start: Any, owner: Any) -> None:
     assert targets.target(holder_of(owner), "llama") is None
     # by uuid an ended session is still found, so the proxy can say which state it is in
     ended = targets.target(holder_of(owner), str(older.pk))
-    assert ended is not None and ended.state == State.COMPLETED and ended.base == "" and ended.key == ""
+    assert ended is not None and ended.state == State.COMPLETED and ended.base is None and ended.key == ""
 
 
 def test_a_session_not_running_has_no_address_or_key(start: Any, owner: Any) -> None:
     session = start(owner, state=State.QUEUED)
     found = targets.target(holder_of(owner), str(session.pk))
-    assert found is not None and found.state == State.QUEUED and found.base == "" and found.key == ""
+    assert found is not None and found.state == State.QUEUED and found.base is None and found.key == ""
 
 
 def test_activity_is_noted_at_most_every_30_seconds(start: Any, owner: Any) -> None:
