@@ -104,6 +104,8 @@ DOOR = [
     Ask("api-files", "the files list holding the owner's file", OWNER, "GET", "/api/v1/files", listed=("id", "{file}")),
     Ask("api-file", "the owner's file", OWNER, "GET", "/api/v1/files/{file}"),
     Ask("api-file", "the owner's batch's output file", OWNER, "GET", "/api/v1/files/file-output-{run}"),
+    Ask("api-file", "deleting the owner's file (in use by their batch: refused, not deleted)", OWNER, "DELETE",
+        "/api/v1/files/{file}"),
     Ask("api-file-content", "the owner's file's content", OWNER, "GET", "/api/v1/files/{file}/content"),
     Ask("api-file-content", "the owner's batch's output", OWNER, "GET", "/api/v1/files/file-output-{run}/content"),
     Ask("api-batches", "the batches list holding the owner's batch", OWNER, "GET", "/api/v1/batches",
@@ -311,11 +313,12 @@ def test_each_role_reaches_exactly_what_it_may_through_the_door(
             body = {"model": model, "messages": [{"role": "user", "content": "hi"}]}
             reply = portal.post(path, json=body)
         else:
-            reply = portal.get(path)
+            reply = portal.request(ask.method, path)
         if door_reached(reply, (ask.listed[0], ask.listed[1].format(**names))) != (role in ask.reachers):
             wrong.append(f"{ask.route}, {ask.what}: {'refused' if role in ask.reachers else 'reached'} "
                          f"({reply.status_code} {reply.text[:200]})")  # fmt: skip
     assert not wrong, "\n".join(wrong)
+    assert BatchFile.objects.filter(pk=world.file.pk).exists()
     if role != "owner":
         assert BatchRun.objects.count() == 1 and BatchRun.objects.get().stop_requested_at is None
         assert LLMSession.objects.get(pk=world.session.pk).state == State.RUNNING
