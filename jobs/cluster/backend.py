@@ -22,7 +22,7 @@ import httpx
 from django.db import close_old_connections
 
 from jobs.models import SERVING_STATES, LLMSession
-from portal import shellsafe, ssh
+from portal import outbound, shellsafe, ssh
 
 log = logging.getLogger(__name__)
 
@@ -124,15 +124,18 @@ def forwarded_url(target: ssh.SSHTarget, host: str, port: int, session_pk: str) 
     return httpx.URL(scheme="http", host="127.0.0.1", port=known[0].local_port)
 
 
+HEALTH_MAX_BYTES = 64 * 1024  # a health check answers a few bytes of JSON
+
+
 def answers(session: LLMSession, timeout_s: float = 3.0) -> bool:
     """Whether the session's server answers its health check now (as the job checked before it said running)."""
     url = base_url(session)
     if url is None:
         return False
     try:
-        reply = httpx.get(url.copy_with(path="/health"), headers={"Authorization": f"Bearer {session.api_key}"},
-                          timeout=timeout_s)  # fmt: skip
-    except httpx.HTTPError:
+        reply = outbound.request("GET", url.copy_with(path="/health"), timeout=timeout_s, max_bytes=HEALTH_MAX_BYTES,
+                                 headers={"Authorization": f"Bearer {session.api_key}"})  # fmt: skip
+    except httpx.HTTPError:  # ReplyTooLarge too
         return False
     return reply.status_code == 200
 

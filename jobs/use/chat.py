@@ -14,6 +14,7 @@ from jobs.cluster import backend
 from jobs.models import ChatMessage, Conversation, LLMSession, ProxyRequest
 from jobs.usage.records import Meter, save
 from jobs.use import targets
+from portal import outbound
 
 # What Markdown produces for prose, lists, tables and code; no attributes but links (made safe by nh3) and code
 # language classes. Script, style, event handlers and javascript: URLs never pass.
@@ -109,7 +110,8 @@ def ask(
     try:
         if base is None:
             raise ValueError(f"the session is {session.state}, not serving")
-        answer = httpx.post(
+        answer = outbound.request(
+            "POST",
             base.copy_with(path="/v1/chat/completions"),
             json=payload,
             headers={"Authorization": f"Bearer {session.api_key}"},

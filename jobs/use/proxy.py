@@ -28,6 +28,7 @@ from jobs.use import targets
 from jobs.use.guard import BODY, HOLDER, TARGET, USER, admitted, refused, remember, served_here
 from jobs.use.headers import RELAYED_TYPES, data_only, openai_error
 from jobs.use.targets import Target
+from portal import outbound
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +88,10 @@ async def _forward(request: HttpRequest, target: Target, path: str, body: bytes,
     media_type = content_type.partition(";")[0].strip().lower()
     if media_type not in RELAYED_TYPES:
         # Only data is relayed: an error's text comes back inside a JSON error, anything else not at all.
-        text = (await upstream.aread()).decode(errors="replace")[:500] if upstream.status_code >= 400 else ""
+        # Never read whole: the first bytes are all a message quotes (the server is the session owner's).
+        text = ""
+        if upstream.status_code >= 400:
+            text = (await outbound.read_start(upstream, 2048)).decode(errors="replace")[:500]
         await upstream.aclose()
         if text:
             return _ended(meter, openai_error(upstream.status_code, f"the model server answered: {text}",

@@ -16,6 +16,7 @@ from jobs.models import LLMSession, State, transition
 from jobs.sessions.actions import launch
 from portal import ssh
 from tests.conftest import LAUNCH
+from tests.portal.test_outbound import Server, proxy_named_in_env, serving
 
 pytestmark = pytest.mark.django_db
 
@@ -93,3 +94,16 @@ def test_no_module_builds_a_url_by_formatting_a_string() -> None:
                     if isinstance(first, ast.Constant) and str(first.value).lower().startswith(("http:", "https:")):
                         found.append(f"{path.relative_to(repo)}:{node.lineno}")
     assert found == []
+
+
+def test_the_health_check_goes_straight_to_the_server_and_reads_a_bounded_reply(
+    running: LLMSession, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # HTTP_PROXY and the like name a listener on this machine, as a site's outbound proxy: it must hear nothing.
+    with serving() as server, proxy_named_in_env(monkeypatch) as proxy:
+        LLMSession.objects.filter(pk=running.pk).update(host="127.0.0.1", port=server.port)
+        running.refresh_from_db()
+        assert backend.answers(running)
+        Server.health_bytes = backend.HEALTH_MAX_BYTES + 1
+        assert not backend.answers(running)
+    assert proxy.heard == 0

@@ -17,7 +17,9 @@ from jobs.models import ApiToken, ChatMessage, Conversation, LLMSession, State, 
 from jobs.sessions.actions import launch
 from jobs.use import targets
 from jobs.use.chat import render_markdown
+from portal import outbound
 from tests.conftest import LAUNCH
+from tests.portal.test_outbound import Server, proxy_named_in_env, serving
 
 HOSTILE = [
     "<script>alert(1)</script>",
@@ -160,3 +162,21 @@ def test_a_user_holds_no_more_api_tokens_than_the_site_allows(client: Client, ow
     out = StringIO()
     call_command("apitoken", "create", "ada", "--name", "script", stdout=out)
     assert out.getvalue().startswith("hpcllm_")
+
+
+def test_the_plain_form_send_goes_straight_to_the_server_and_refuses_an_oversized_reply(
+    client: Client, owner: Any, session: LLMSession, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    client.force_login(owner)
+    conversation = Conversation.objects.create(session=session, owner=session.owner)
+    send = f"/sessions/{session.pk}/chat/{conversation.pk}/send"
+    # HTTP_PROXY and the like name a listener on this machine, as a site's outbound proxy: it must hear nothing.
+    with serving() as server, proxy_named_in_env(monkeypatch) as proxy:
+        LLMSession.objects.filter(pk=session.pk).update(port=server.port)
+        client.post(send, {"message": "hello"})
+        assert conversation.messages.last().content == "hello back"  # type: ignore[union-attr]
+        Server.pad = outbound.MAX_REPLY_BYTES + 1
+        client.post(send, {"message": "again"})
+        last = conversation.messages.last().content  # type: ignore[union-attr]
+        assert last == f"(The model server did not answer: the reply is larger than {outbound.MAX_REPLY_BYTES:,} bytes)"
+    assert proxy.heard == 0

@@ -154,6 +154,24 @@ def test_only_json_and_event_streams_are_relayed(server: Server, running: LLMSes
     assert "sandbox" in reply.headers["content-security-policy"]
 
 
+def test_an_error_page_is_quoted_from_its_first_bytes_and_never_read_whole(
+    server: Server, running: LLMSession, owner: Any
+) -> None:
+    pulled = []
+
+    class Endless(httpx.AsyncByteStream):  # 64 MiB of an HTML error page, as a hostile server could send for ever
+        async def __aiter__(self) -> AsyncIterator[bytes]:
+            for _ in range(1024):
+                pulled.append(1)
+                yield b"<p>no</p>" * 7282
+
+    server.answer = lambda request: httpx.Response(500, headers={"content-type": "text/html"}, stream=Endless())
+    reply = Portal(bearer(token_of(owner))).post("/api/v1/chat/completions", json=CHAT)
+    assert (reply.status_code, reply.json()["error"]["type"]) == (500, "upstream_error")
+    assert reply.json()["error"]["message"].startswith("the model server answered: <p>no</p>")
+    assert len(pulled) <= 2
+
+
 def test_only_the_openai_routes_are_forwarded(server: Server, running: LLMSession, owner: Any) -> None:
     api = Portal(bearer(token_of(owner)))
     assert api.post("/api/v1/slots/0", json=CHAT).status_code == 404
