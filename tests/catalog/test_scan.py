@@ -442,6 +442,24 @@ def test_the_ssh_readers_listing_says_which_entries_are_links_their_owner_and_mo
     }
 
 
+def test_the_ssh_reader_refuses_a_listing_it_cannot_read_field_by_field(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A record without the link mark, owner and mode (an older find's, or anything else) is not guessed at."""
+    records = {
+        "old": "0\td\t4096\t1.0\t1:2\tmodels\0",
+        "no mark": "?\t0\td\t4096\t1.0\t1:2\t0\t755\tmodels\0",
+        "bad mode": "-\t0\td\t4096\t1.0\t1:2\t0\t9z\tmodels\0",
+    }
+    for out in records.values():
+        monkeypatch.setattr(ssh.pool, "run", lambda *args, out=out, **kwargs: ssh.CommandResult(0, out, "", False))
+        with pytest.raises((OSError, ValueError)):
+            SSHReader(target=None).listing("/models", 10)  # type: ignore[arg-type]
+    good = "-\t0\td\t4096\t1.0\t1:2\t0\t755\tmodels\0l\t1\tf\t9\t1.0\t1:3\t1000\t644\ta\tb.gguf\0"
+    monkeypatch.setattr(ssh.pool, "run", lambda *args, **kwargs: ssh.CommandResult(0, good, "", False))
+    listing = SSHReader(target=None).listing("/models", 10)  # type: ignore[arg-type]
+    assert listing.entry == add_model.Entry("models", "dir", 4096, 1.0, "1:2", False, 0, 0o755)
+    assert listing.children == [add_model.Entry("a\tb.gguf", "file", 9, 1.0, "1:3", True, 1000, 0o644)]
+
+
 # --- the command and the admin -----------------------------------------------------------------------------------
 
 
