@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import csv
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Protocol
 
 from jobs.usage.figures import DIMENSIONS, MONTH, Row, Tally
+from portal.csvsafe import safe_cell
 
 KEY = "key"  # the sort name of a table's first column (the user, the model, the month, ...)
 
@@ -83,14 +84,6 @@ def sort_rows(rows: list[Row], sort: str, descending: bool) -> list[Row]:
 def cells(tally: Tally) -> list[str]:
     """A row's cells as the page and the command line show them."""
     return [column.text(tally) for column in COLUMNS]
-
-
-def safe_cell(value: Any) -> Any:
-    """A cell that a spreadsheet will not run: text starting with = + - @ (or a tab or carriage return, which some
-    strip before looking) gets a leading quote (OWASP's advice against CSV injection)."""
-    if isinstance(value, str) and value[:1] in ("=", "+", "-", "@", "\t", "\r"):
-        return "'" + value
-    return value
 
 
 def write_csv(out: Writer, by: str, rows: list[Row], total: Tally | None = None) -> None:

@@ -4,13 +4,18 @@ results' download, streamed from the cluster as uvicorn serves it (tests/asgi.py
 
 from __future__ import annotations
 
+import csv
+import io
 import json
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from django.test import Client
 
+from jobs.batch import outputs
 from jobs.models import BatchRun, transition_run
+from portal import ssh
 from tests import asgi
 from tests.jobs.batch.results import Results
 
@@ -162,3 +167,27 @@ def test_django_s_test_client_gets_a_download_whole_as_wsgi_serves_it(
     ]  # fmt: skip
     client.force_login(other_user)
     assert client.get(f"/batch/{run.pk}/output/csv").status_code == 404
+
+
+def test_a_csv_download_from_the_cluster_defuses_formulas_and_holds_no_line_past_the_bound(
+    run: BatchRun, owner: Any, client: Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The results as staging.results reads them over SSH (for the page, `manage.py batch output` and the Files API
+    alike): a formula in the owner's records is quoted, and a line past the bound is cut as it streams by."""
+    bound = 1 << 20
+    monkeypatch.setattr(outputs, "MAX_RECORD_BYTES", bound)
+    monkeypatch.setattr(ssh.pool, "run", lambda *args, **kwargs: ssh.CommandResult(0, "yes\n", ""))
+
+    def cluster(*args: Any, **kwargs: Any) -> Iterator[bytes]:
+        yield json.dumps({"line": 1, "id": "=cmd()", "error": "@x", "response": None}).encode() + b"\n"
+        yield b'{"line": 2, "id": "q2", "response": "'
+        for _ in range(4 * bound // 65536):
+            yield b"y" * 65536
+        yield b'"}\n'
+
+    monkeypatch.setattr(ssh.pool, "read", cluster)
+    client.force_login(owner)
+    rows = b"".join(client.get(f"/batch/{run.pk}/output/csv").streaming_content).decode()  # type: ignore[attr-defined]
+    _, first, second = csv.reader(io.StringIO(rows, newline=""))
+    assert first[1] == "'=cmd()" and first[-1] == "'@x"
+    assert second[:2] == ["2", "q2"] and second[-1] == "the result is longer than 1,048,576 bytes and was left out"
