@@ -1,5 +1,6 @@
 """The jobs app's admin pages: sessions with their shares and history, batch runs with their history, group sources,
-the request records, scrape tokens."""
+the request records, scrape tokens. Every action acts, so each needs the model's change permission: Django offers it
+to no one else and refuses it, posted anyway, from staff who may only view."""
 
 from __future__ import annotations
 
@@ -75,7 +76,7 @@ class SessionAdmin(admin.ModelAdmin[LLMSession]):
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False  # sessions start through the wizard or `manage.py sessions launch`, which validate and submit
 
-    @admin.action(description="Cancel the selected sessions")
+    @admin.action(description="Cancel the selected sessions", permissions=["change"])
     def cancel_sessions(self, request: HttpRequest, queryset: QuerySet[LLMSession]) -> None:
         for session in queryset:
             if not session.is_ended:
@@ -112,7 +113,7 @@ class BatchRunAdmin(admin.ModelAdmin[BatchRun]):
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False  # runs start from a prompts file through the pages, `manage.py batch` or the Batch API
 
-    @admin.action(description="Stop the selected batch runs (what they answered is kept)")
+    @admin.action(description="Stop the selected batch runs (what they answered is kept)", permissions=["change"])
     def stop_runs(self, request: HttpRequest, queryset: QuerySet[BatchRun]) -> None:
         for run in queryset.select_related("session"):
             stop_run(run)
@@ -136,7 +137,7 @@ class GroupSourceAdmin(admin.ModelAdmin[GroupSource]):
             )
         return super().formfield_for_foreignkey(db_field, request, **kwargs)
 
-    @admin.action(description="Read the selected sources' groups from their clusters now")
+    @admin.action(description="Read the selected sources' groups from their clusters now", permissions=["change"])
     def sync_now(self, request: HttpRequest, queryset: QuerySet[GroupSource]) -> None:
         for group in {source.group for source in queryset.select_related("group")}:
             result = groups.sync(group)
@@ -202,7 +203,7 @@ class ScrapeTokenAdmin(admin.ModelAdmin[ScrapeToken]):
                 return TemplateResponse(request, "admin/jobs/scrapetoken/issued.html", context)
         return super().add_view(request, form_url, extra_context)  # the form, its errors, or 403
 
-    @admin.action(description="Revoke the selected scrape tokens")
+    @admin.action(description="Revoke the selected scrape tokens", permissions=["change"])
     def revoke(self, request: HttpRequest, queryset: QuerySet[ScrapeToken]) -> None:
         revoked = queryset.filter(revoked_at__isnull=True).update(revoked_at=timezone.now())
         messages.info(request, f"Revoked {revoked} scrape token{'s' if revoked != 1 else ''}.")
