@@ -48,7 +48,7 @@ def boom(*args: Any, **kwargs: Any) -> Any:
 def running(account: ClusterAccount, owner: Any, django_capture_on_commit_callbacks: Any) -> LLMSession:
     with django_capture_on_commit_callbacks(execute=False):
         session = launch(owner, LAUNCH)
-    transition(session.pk, State.RUNNING, cause="test", host="10.0.0.7", port=8080)
+    transition(session.pk, State.RUNNING, cause="test", host="127.0.0.7", port=8080)
     return LLMSession.objects.get(pk=session.pk)
 
 

@@ -77,7 +77,7 @@ def test_a_run_on_a_running_session_is_sent_once_committed_and_leaves_a_slot_fre
         session = session_actions.launch(owner, BATCH_LAUNCH)
     with pytest.raises(ValidationError, match="a run needs it running"):
         actions.start_run(session, checked())
-    transition(session.pk, State.RUNNING, cause="test", host="10.0.0.7", port=8080)
+    transition(session.pk, State.RUNNING, cause="test", host="127.0.0.7", port=8080)
     session.refresh_from_db()
     with pytest.raises(ValidationError, match="Replicas are for batch launches"):
         actions.start_run(session, checked(replicas=2))
@@ -91,7 +91,7 @@ def test_a_run_on_a_running_session_is_sent_once_committed_and_leaves_a_slot_fre
 def test_a_stop_asks_the_job_once_and_a_batch_launchs_stop_cancels_its_session(
     run: BatchRun, owner: Any, django_capture_on_commit_callbacks: Any
 ) -> None:
-    transition(run.session_id, State.RUNNING, cause="test", host="10.0.0.7", port=8080)
+    transition(run.session_id, State.RUNNING, cause="test", host="127.0.0.7", port=8080)
     session = LLMSession.objects.get(pk=run.session_id)
     with django_capture_on_commit_callbacks(execute=False):
         on_session = actions.start_run(session, checked())

@@ -35,22 +35,22 @@ def accepts(url: httpx.URL | None) -> bool:
 def running(account: ClusterAccount, owner: Any, django_capture_on_commit_callbacks: Any) -> Any:
     with django_capture_on_commit_callbacks(execute=False):
         session = launch(owner, LAUNCH)
-    transition(session.pk, State.RUNNING, cause="test", host="10.0.0.7", port=8080)
+    transition(session.pk, State.RUNNING, cause="test", host="127.0.0.7", port=8080)
     yield LLMSession.objects.get(pk=session.pk)
     backend.close_forwards()
 
 
 def test_a_forward_closes_once_its_session_no_longer_runs(running: LLMSession, account: ClusterAccount) -> None:
-    url = backend.forwarded_url(NOWHERE, "10.0.0.7", 8080, str(running.pk))
-    assert accepts(url) and backend.forwarded_url(NOWHERE, "10.0.0.7", 8080, str(running.pk)) == url
+    url = backend.forwarded_url(NOWHERE, "127.0.0.7", 8080, str(running.pk))
+    assert accepts(url) and backend.forwarded_url(NOWHERE, "127.0.0.7", 8080, str(running.pk)) == url
     assert backend.sweep() == 0  # still running: kept
     transition(running.pk, State.CANCELLED, cause="test")
     assert backend.sweep() == 1 and not accepts(url)
 
 
 def test_an_address_taken_by_another_session_gets_a_new_forward(running: LLMSession, account: ClusterAccount) -> None:
-    old = backend.forwarded_url(NOWHERE, "10.0.0.7", 8080, str(running.pk))
-    new = backend.forwarded_url(NOWHERE, "10.0.0.7", 8080, "another-session")
+    old = backend.forwarded_url(NOWHERE, "127.0.0.7", 8080, str(running.pk))
+    new = backend.forwarded_url(NOWHERE, "127.0.0.7", 8080, "another-session")
     assert new != old and accepts(new) and not accepts(old)
 
 

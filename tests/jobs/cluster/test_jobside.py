@@ -118,7 +118,7 @@ exit 0"""
 def test_a_requeued_job_gets_a_new_key_and_forgets_where_it_served(home: Path, session: str) -> None:
     folder = directory(home, session)
     (folder / NAMES.api_key_file).write_text("sk-hpcllm-old")
-    (folder / NAMES.connection_file).write_text('{"host": "10.0.0.1", "port": 1}')
+    (folder / NAMES.connection_file).write_text('{"host": "127.0.0.3", "port": 1}')
     stale = folder / f"{NAMES.replica_addr_prefix}1{NAMES.addr_suffix}"
     stale.write_text("127.0.0.1:1")
     probe = 'if test -e "$SESSION_DIR/$CONNECTION_FILE"; then echo stale-address; fi'

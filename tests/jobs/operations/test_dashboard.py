@@ -59,7 +59,7 @@ def test_the_dashboard_shows_states_waits_and_errors_in_a_fixed_number_of_querie
         with django_capture_on_commit_callbacks(execute=False):
             session: LLMSession = launch(owner, LAUNCH)
         transition(session.pk, State.RUNNING, cause="test", submitted_at=now - timedelta(minutes=minutes + 2),
-                   started_at=now - timedelta(minutes=2), host="10.0.0.7", port=8080)  # fmt: skip
+                   started_at=now - timedelta(minutes=2), host="127.0.0.7", port=8080)  # fmt: skip
     for status in (200, 200, 200, 500):
         ProxyRequest.objects.create(session=session, user=owner, route="api", endpoint="chat/completions",
                                     status=status, duration_ms=5)  # fmt: skip

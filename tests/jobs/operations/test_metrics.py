@@ -169,7 +169,7 @@ def test_the_database_figures_by_state_and_cluster_in_a_fixed_number_of_queries(
         transition(session.pk, State.SUBMITTING, cause="test")
     transition(sessions[0].pk, State.QUEUED, cause="test", submitted_at=moved)
     transition(sessions[1].pk, State.QUEUED, cause="test")
-    transition(sessions[1].pk, State.RUNNING, cause="test", host="10.0.0.7", port=8080)
+    transition(sessions[1].pk, State.RUNNING, cause="test", host="127.0.0.7", port=8080)
     transition(sessions[2].pk, State.FAILED, cause="Slurm refused the job")
     LLMSession.objects.filter(pk__in=[sessions[1].pk, sessions[3].pk]).update(cluster=other)
     for state, done in ((BatchRun.State.RUNNING, 4), (BatchRun.State.RUNNING, 1), (BatchRun.State.FINISHED, 10)):

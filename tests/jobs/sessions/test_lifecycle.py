@@ -89,7 +89,7 @@ def submitted(session: LLMSession, job_id: str = "42") -> LLMSession:
 
 
 # What `scontrol show node` said of the nodes: their names, addresses and host names.
-NODES = {"node1": {"node1", "10.0.0.5"}, "node2": {"node2", "10.0.0.6"}}
+NODES = {"node1": {"node1", "127.0.0.5"}, "node2": {"node2", "127.0.0.6"}}
 
 
 def poll(**fields: Any) -> remote.PollResult:
@@ -104,12 +104,12 @@ def test_polls_move_a_session_from_queued_to_running(session: LLMSession) -> Non
     assert not lifecycle.apply_poll(
         s, poll(queued={"42": queued_job("42", "PENDING", "Priority")})
     )  # no change, no write
-    connection_file = {"host": "10.0.0.5", "port": 30123, "node": "node1"}
+    connection_file = {"host": "127.0.0.5", "port": 30123, "node": "node1"}
     assert lifecycle.apply_poll(
         s, poll(queued={"42": queued_job("42", "RUNNING")}, connections={str(s.pk): connection_file})
     )
     s.refresh_from_db()
-    assert (s.state, s.host, s.port, s.node_list) == (State.RUNNING, "10.0.0.5", 30123, "node1")
+    assert (s.state, s.host, s.port, s.node_list) == (State.RUNNING, "127.0.0.5", 30123, "node1")
     assert [e.to_state for e in s.events.all()][-2:] == ["starting", "running"]
 
 
@@ -245,10 +245,10 @@ def running_on(s: LLMSession, connection: dict[str, Any], nodes: str = "node1") 
     "connection, why",
     [
         ({"host": "127.0.0.2", "port": 8080}, "not one of its nodes"),  # another service on the portal's own host
-        ({"host": "10.0.0.6", "port": 30123}, "not one of its nodes"),  # another job's node
-        ({"host": "10.0.0.5", "port": 22}, "not one from 1024 to 65535"),
-        ({"host": "10.0.0.5", "port": "30123"}, "not one from 1024 to 65535"),
-        ({"host": "10.0.0.5", "port": 30123, "key": "guess; rm -rf ~"}, "not one the portal makes"),
+        ({"host": "127.0.0.6", "port": 30123}, "not one of its nodes"),  # another job's node
+        ({"host": "127.0.0.5", "port": 22}, "not one from 1024 to 65535"),
+        ({"host": "127.0.0.5", "port": "30123"}, "not one from 1024 to 65535"),
+        ({"host": "127.0.0.5", "port": 30123, "key": "guess; rm -rf ~"}, "not one the portal makes"),
     ],
 )
 def test_an_address_outside_the_jobs_nodes_is_refused_and_recorded(
@@ -283,28 +283,28 @@ def test_a_host_that_is_not_a_name_or_an_ip_address_is_refused_even_if_slurm_nam
 
 def test_a_running_server_that_reports_a_foreign_address_is_sent_nothing_more(session: LLMSession) -> None:
     s = submitted(session)
-    lifecycle.apply_poll(s, running_on(s, {"host": "10.0.0.5", "port": 30123}))
+    lifecycle.apply_poll(s, running_on(s, {"host": "127.0.0.5", "port": 30123}))
     s.refresh_from_db()
     assert s.serving
-    lifecycle.apply_poll(s, running_on(s, {"host": "192.168.1.1", "port": 443}))  # the owner rewrote connection.json
+    lifecycle.apply_poll(s, running_on(s, {"host": "127.0.0.9", "port": 443}))  # the owner rewrote connection.json
     s.refresh_from_db()
     assert (s.state, s.host, s.port) == (State.STARTING, "", None)
 
 
 def test_a_server_that_moves_within_its_job_is_followed_and_recorded(session: LLMSession) -> None:
     s = submitted(session)
-    lifecycle.apply_poll(s, running_on(s, {"host": "10.0.0.5", "port": 30123}, nodes="node[1-2]"))
+    lifecycle.apply_poll(s, running_on(s, {"host": "127.0.0.5", "port": 30123}, nodes="node[1-2]"))
     s.refresh_from_db()
-    lifecycle.apply_poll(s, running_on(s, {"host": "10.0.0.6", "port": 30999}, nodes="node[1-2]"))
+    lifecycle.apply_poll(s, running_on(s, {"host": "127.0.0.6", "port": 30999}, nodes="node[1-2]"))
     s.refresh_from_db()
-    assert (s.state, s.host, s.port) == (State.RUNNING, "10.0.0.6", 30999)
-    assert "moved from 10.0.0.5:30123 to 10.0.0.6:30999" in s.events.last().cause  # type: ignore[union-attr]
+    assert (s.state, s.host, s.port) == (State.RUNNING, "127.0.0.6", 30999)
+    assert "moved from 127.0.0.5:30123 to 127.0.0.6:30999" in s.events.last().cause  # type: ignore[union-attr]
 
 
 def test_unknown_node_addresses_mean_no_decision_yet(session: LLMSession) -> None:
     s = submitted(session)
     unsaid = remote.PollResult(squeue_ok=True, complete=True, queued={"42": queued_job("42", "RUNNING")},
-                               connections={str(s.pk): {"host": "10.0.0.5", "port": 30123}})  # fmt: skip
+                               connections={str(s.pk): {"host": "127.0.0.5", "port": 30123}})  # fmt: skip
     assert not lifecycle.apply_poll(s, unsaid)
     s.refresh_from_db()
     assert s.state == State.QUEUED
@@ -312,7 +312,7 @@ def test_unknown_node_addresses_mean_no_decision_yet(session: LLMSession) -> Non
 
 def test_a_requeued_job_goes_back_to_queued_and_comes_back_with_a_new_key(session: LLMSession) -> None:
     s = submitted(session)
-    lifecycle.apply_poll(s, running_on(s, {"host": "10.0.0.5", "port": 30123}))
+    lifecycle.apply_poll(s, running_on(s, {"host": "127.0.0.5", "port": 30123}))
     s.refresh_from_db()
     old_key = s.api_key
     lifecycle.apply_poll(s, poll(queued={"42": queued_job("42", "PENDING", "BeginTime", nodes="")}))
@@ -320,15 +320,15 @@ def test_a_requeued_job_goes_back_to_queued_and_comes_back_with_a_new_key(sessio
     assert (s.state, s.host, s.port, s.serving) == (State.QUEUED, "", None, False)
     assert "requeued" in s.events.last().cause  # type: ignore[union-attr]
     new_key = "sk-hpcllm-" + "n" * 43
-    lifecycle.apply_poll(s, running_on(s, {"host": "10.0.0.6", "port": 31000, "restarts": 1, "key": new_key}, "node2"))
+    lifecycle.apply_poll(s, running_on(s, {"host": "127.0.0.6", "port": 31000, "restarts": 1, "key": new_key}, "node2"))
     s.refresh_from_db()
-    assert (s.state, s.host, s.api_key) == (State.RUNNING, "10.0.0.6", new_key) and new_key != old_key
+    assert (s.state, s.host, s.api_key) == (State.RUNNING, "127.0.0.6", new_key) and new_key != old_key
     assert new_key not in " ".join(e.cause for e in s.events.all())
 
 
 def test_a_server_whose_connection_file_is_gone_gets_no_more_requests(session: LLMSession) -> None:
     s = submitted(session)
-    lifecycle.apply_poll(s, running_on(s, {"host": "10.0.0.5", "port": 30123}))
+    lifecycle.apply_poll(s, running_on(s, {"host": "127.0.0.5", "port": 30123}))
     lifecycle.apply_poll(s, poll(queued={"42": queued_job("42", "RUNNING")}))  # restarted between two polls
     s.refresh_from_db()
     assert (s.state, s.serving) == (State.STARTING, False)

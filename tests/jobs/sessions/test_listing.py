@@ -110,7 +110,7 @@ def test_an_account_the_listing_cannot_settle_polls_on_its_own(
     if case == "cancel asked":
         LLMSession.objects.filter(pk=ada.pk).update(cancel_requested_at=timezone.now())
     if case == "was serving":
-        LLMSession.objects.filter(pk=ada.pk).update(host="10.0.0.5")
+        LLMSession.objects.filter(pk=ada.pk).update(host="127.0.0.5")
     LoginHost(monkeypatch, lines)
     cycle = listing.cycle(ada.cluster_id)
     assert cycle.own == [ada.account_id] and cycle.settled == 1

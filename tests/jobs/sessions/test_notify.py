@@ -33,8 +33,8 @@ def running_poll(s: LLMSession) -> remote.PollResult:
         squeue_ok=True,
         complete=True,
         queued={"42": job},
-        connections={str(s.pk): {"host": "10.0.0.1", "port": 5000}},
-        node_names={"node1": {"node1", "10.0.0.1"}},
+        connections={str(s.pk): {"host": "127.0.0.3", "port": 5000}},
+        node_names={"node1": {"node1", "127.0.0.3"}},
     )
 
 

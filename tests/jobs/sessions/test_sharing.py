@@ -23,7 +23,7 @@ pytestmark = pytest.mark.django_db
 def running(account: ClusterAccount, owner: Any, django_capture_on_commit_callbacks: Any) -> LLMSession:
     with django_capture_on_commit_callbacks(execute=False):
         session = launch(owner, LAUNCH)
-    transition(session.pk, State.RUNNING, cause="test", host="10.0.0.7", port=8080, alias="lab-llama")
+    transition(session.pk, State.RUNNING, cause="test", host="127.0.0.7", port=8080, alias="lab-llama")
     return LLMSession.objects.get(pk=session.pk)
 
 

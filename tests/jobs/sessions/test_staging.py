@@ -55,7 +55,7 @@ def test_the_card_shows_the_copy_while_the_session_starts(
     page = client.get("/sessions/").content.decode()
     assert "Starting: copying the model to node-local storage: 3.00 GiB of 8.00 GiB (37 %), 12 s" in page
     LLMSession.objects.filter(pk=session.pk).update(
-        state=State.RUNNING, host="node1", port=4000, staging={**REPORT, "state": "reused", "to": "/tmp/x<y"}
+        state=State.RUNNING, host="127.0.0.4", port=4000, staging={**REPORT, "state": "reused", "to": "/tmp/x<y"}
     )
     page = client.get("/sessions/").content.decode()
     assert "Weights: reused the node-local copy of the model in /tmp/x&lt;y." in page

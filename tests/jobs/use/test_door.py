@@ -131,7 +131,7 @@ def test_a_lookup_ahead_notes_no_activity_until_the_request_uses_it(
 ) -> None:
     with django_capture_on_commit_callbacks(execute=False):
         session = launch(owner, LAUNCH)
-    transition(session.pk, State.RUNNING, cause="test", host="10.0.0.7", port=8080)
+    transition(session.pk, State.RUNNING, cause="test", host="127.0.0.7", port=8080)
     found = targets.target(targets.Holder(owner.pk), str(session.pk), note=False)
     assert found is not None and found.activity_due and found.base
     assert LLMSession.objects.get(pk=session.pk).last_activity_at is None

@@ -28,7 +28,7 @@ def start(account: ClusterAccount, django_capture_on_commit_callbacks: Any) -> A
             ClusterAccount.objects.get_or_create(cluster=account.cluster, user=owner, defaults={"username": "x"})
         with django_capture_on_commit_callbacks(execute=False):
             session = launch(owner, LAUNCH)
-        transition(session.pk, state, cause="test", host="10.0.0.7", port=port)
+        transition(session.pk, state, cause="test", host="127.0.0.7", port=port)
         LLMSession.objects.filter(pk=session.pk).update(alias=alias)
         return LLMSession.objects.get(pk=session.pk)
 
@@ -73,7 +73,7 @@ def test_the_owner_reaches_a_running_session_by_uuid_and_alias(start: Any, owner
         assert found == targets.Target(
             pk=str(session.pk),
             state=State.RUNNING,
-            base=httpx.URL("http://10.0.0.7:8080"),
+            base=httpx.URL("http://127.0.0.7:8080"),
             key=crypto.decrypt(session.api_key_encrypted),
             served_model=session.served_model_name,
             node_list=session.node_list,
