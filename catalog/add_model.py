@@ -10,7 +10,6 @@ import base64
 import errno
 import os
 import re
-import shlex
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +24,7 @@ from catalog.architecture import Architecture
 from catalog.models import Cluster, ClusterAccount, ModelCard, ModelVariant, VariantLocation
 from catalog.quant import canonical_quant
 from catalog.validators import absolute_path
-from portal import ssh
+from portal import gate, shellsafe, ssh
 from portal.errors import text_of
 
 GIB = 1024**3
@@ -116,42 +115,59 @@ _FIND_FORMAT = r"%d\t%y\t%s\t%T@\t%D:%i\t%U\t%m\t%f\0"
 _FIND_BYTES_PER_ENTRY = 400
 
 
-class SSHReader:
-    """Reads over a pooled SSH connection (portal.ssh) as a cluster account; paths are allow-listed and quoted."""
+# The catalog's reads of model files on a cluster (portal/gate.py's verbs): each path an allow-listed argument.
+_PATH = (shellsafe.MODEL_READ_PATH,)
+UID = gate.Verb("uid", "id -u\n")
+# base64 keeps binary intact through the text channel.
+HEAD = gate.Verb("head", 'head -c "$2" -- "$1" | base64 -w0\n', args=(*_PATH, shellsafe.COUNT))
+SIZE = gate.Verb("size", 'stat -L -c %s -- "$1"\n', args=_PATH)
+KIND = gate.Verb("kind", 'if [ -d "$1" ]; then echo d; else echo f; fi\n', args=_PATH)
+NAMES = gate.Verb("names", 'ls -1A -- "$1"\n', args=_PATH)
+ENTRIES = gate.Verb("entries", f"find -L \"$1\" -maxdepth 1 {_FIND_LINK} -printf '{_FIND_FORMAT}'\n", args=_PATH)
+VERBS = (UID, HEAD, SIZE, KIND, NAMES, ENTRIES)
 
-    def __init__(self, target: ssh.SSHTarget) -> None:
+
+class SSHReader:
+    """Reads over a pooled SSH connection (portal.ssh) as a cluster account; paths are allow-listed and quoted. With
+    the account, a restricted key gets the gate's requests (and its gate on first use)."""
+
+    def __init__(self, target: ssh.SSHTarget, account: ClusterAccount | None = None) -> None:
         self.target = target
+        self.account = account
         self._uid: int | None = None
 
-    def _run(self, command: str, max_bytes: int = 1 << 20) -> str:
-        result = ssh.pool.run(self.target, command, timeout_s=120, max_output_bytes=max_bytes)
+    def _exec(self, verb: gate.Verb, args: list[str], max_bytes: int) -> ssh.CommandResult:
+        if self.account is not None:
+            command = gate.command(verb, args, gated=self.account.restricted)
+            return self.account.run(command, timeout_s=120, max_output_bytes=max_bytes)
+        return ssh.pool.run(self.target, gate.command(verb, args), timeout_s=120, max_output_bytes=max_bytes)
+
+    def _run(self, verb: gate.Verb, args: list[str], max_bytes: int = 1 << 20) -> str:
+        result = self._exec(verb, args, max_bytes)
         if result.exit_code != 0 or result.truncated:
-            raise OSError(result.stderr.strip() or f"{command} failed")
+            raise OSError(result.stderr.strip() or f"{verb.name} {' '.join(args)} failed")
         return result.stdout
 
     def account_uid(self) -> int:
         if self._uid is None:
-            self._uid = int(self._run("id -u").strip())
+            self._uid = int(self._run(UID, []).strip())
         return self._uid
 
     def prefix(self, path: str, n: int) -> bytes:
-        # base64 keeps binary intact through the text channel.
-        out = self._run(f"head -c {int(n)} {_quoted(path)} | base64 -w0", max_bytes=n * 2 + 1024)
-        return base64.b64decode(out)
+        return base64.b64decode(self._run(HEAD, [_checked(path), str(int(n))], max_bytes=n * 2 + 1024))
 
     def size(self, path: str) -> int:
-        return int(self._run(f"stat -L -c %s {_quoted(path)}").strip())
+        return int(self._run(SIZE, [_checked(path)]).strip())
 
     def is_dir(self, path: str) -> bool:
-        return self._run(f"if [ -d {_quoted(path)} ]; then echo d; else echo f; fi").strip() == "d"
+        return self._run(KIND, [_checked(path)]).strip() == "d"
 
     def listdir(self, path: str) -> list[str]:
-        return sorted(self._run(f"ls -1A {_quoted(path)}").split("\n")[:-1])
+        return sorted(self._run(NAMES, [_checked(path)]).split("\n")[:-1])
 
     def listing(self, path: str, limit: int) -> Listing:
         """One round trip: the path and (for a directory) its entries, with links followed."""
-        command = f"find -L {_quoted(path)} -maxdepth 1 {_FIND_LINK} -printf '{_FIND_FORMAT}'"
-        result = ssh.pool.run(self.target, command, timeout_s=120, max_output_bytes=(limit + 1) * _FIND_BYTES_PER_ENTRY)
+        result = self._exec(ENTRIES, [_checked(path)], (limit + 1) * _FIND_BYTES_PER_ENTRY)
         records = result.stdout.split("\0")
         records.pop()  # what follows the last NUL: nothing, or a record cut short by the output limit
         entries: list[Entry] = []
@@ -175,10 +191,11 @@ class SSHReader:
         return Listing(top, sorted(entries[:limit], key=lambda e: e.name), problems, truncated)
 
 
-def _quoted(path: str) -> str:
-    """Every path that reaches the remote shell is an absolute path of the allow-listed characters, then quoted."""
+def _checked(path: str) -> str:
+    """Every path that reaches the remote shell is an absolute path of the allow-listed characters (an argument of
+    the verb's script, which quotes it)."""
     absolute_path(path)
-    return shlex.quote(path)
+    return shellsafe.MODEL_READ_PATH.check(path, "model path")
 
 
 def cluster_reader(user: User, cluster: Cluster) -> SSHReader:
@@ -186,7 +203,7 @@ def cluster_reader(user: User, cluster: Cluster) -> SSHReader:
     account = ClusterAccount.for_user(user, cluster)
     if account is None:
         raise ValidationError(f"{user} has no cluster account on {cluster.name} to read it with.")
-    return SSHReader(account.ssh_target())
+    return SSHReader(account.ssh_target(), account)
 
 
 @dataclass(frozen=True)

@@ -374,7 +374,7 @@ class ClusterAccountForm(forms.ModelForm[ClusterAccount]):
 
     class Meta:
         model = ClusterAccount
-        fields = ["cluster", "kind", "user", "label", "members", "username", "slurm_account", "trusted"]
+        fields = ["cluster", "kind", "user", "label", "members", "username", "slurm_account", "trusted", "restricted"]
 
     def save(self, commit: bool = True) -> ClusterAccount:
         account: ClusterAccount = super().save(commit=False)
@@ -389,8 +389,8 @@ class ClusterAccountForm(forms.ModelForm[ClusterAccount]):
 @admin.register(ClusterAccount)
 class ClusterAccountAdmin(admin.ModelAdmin[ClusterAccount]):
     form = ClusterAccountForm
-    list_display = ["username", "cluster", "kind", "user", "label", "slurm_account", "trusted"]
-    list_filter = ["cluster", "kind", "trusted"]
+    list_display = ["username", "cluster", "kind", "user", "label", "slurm_account", "trusted", "restricted"]
+    list_filter = ["cluster", "kind", "trusted", "restricted"]
     search_fields = ["username", "user__username", "label"]
     filter_horizontal = ["members"]
     readonly_fields = ["public_key", "created_at"]

@@ -16,7 +16,7 @@ from django.utils import timezone
 from catalog import inventory
 from catalog.models import Cluster, ClusterAccount, GPUType, NodeGroup, Partition
 from catalog.yaml_io import ImportReport, export_catalog, import_catalog
-from portal import ssh
+from portal import gate
 
 TIMEOUT_S = 60
 
@@ -42,7 +42,8 @@ def account_for(user: User, cluster: Cluster) -> ClusterAccount:
 
 def read_slurm(account: ClusterAccount) -> str:
     """What scontrol says, read over the pinned SSH connection as the account."""
-    result = ssh.pool.run(account.ssh_target(), inventory.command(account.cluster.slurm_cli), timeout_s=TIMEOUT_S)
+    command = gate.command(inventory.DISCOVER, [], account.cluster.slurm_cli, gated=account.restricted)
+    result = account.run(command, timeout_s=TIMEOUT_S)
     if result.exit_code != 0:
         raise ValidationError(f"scontrol failed on {account.cluster.name}: {result.stderr.strip()[:300]}")
     return result.stdout

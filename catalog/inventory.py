@@ -16,6 +16,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from portal import gate
 from portal.slurm.cli import PLAIN, SlurmCli
 from portal.slurm.errors import SlurmParseError
 from portal.slurm.gres import parse_mig_profile
@@ -24,11 +25,15 @@ from portal.slurm.records import NodeRecord, PartitionRecord, parse_nodes, parse
 SEPARATOR = "@@nodes"
 
 
+# What `manage.py catalog discover` runs on the login host, as the given user: one line per partition and per node
+# (scontrol prints no `CLUSTER:` line with --clusters; `read` takes only the lines it knows anyway).
+DISCOVER = gate.Verb("discover", f"scontrol show partition -o && echo {SEPARATOR} && scontrol show node -o\n")
+VERBS = (DISCOVER,)
+
+
 def command(cli: SlurmCli = PLAIN) -> str:
-    """What `manage.py catalog discover` runs on the login host, as the given user: one line per partition and per
-    node (scontrol prints no `CLUSTER:` line with --clusters; `read` takes only the lines it knows anyway)."""
-    show = [cli.command("scontrol", "show", kind, "-o") for kind in ("partition", "node")]
-    return f"{show[0]} && echo {SEPARATOR} && {show[1]}"
+    """The discovery's command for an account with a plain key."""
+    return gate.command(DISCOVER, [], cli)
 
 
 # Known GPUs by the GRES type names sites give them (lower case), with their memory as nvidia-smi reports it (GiB)

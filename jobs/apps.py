@@ -15,6 +15,9 @@ class JobsConfig(AppConfig):
 
     def ready(self) -> None:
         post_migrate.connect(ensure_support_group, sender=self)
+        from jobs import gatekeeping
+
+        gatekeeping.install()  # a restricted key's gate, installed on first use (portal/gate.py)
 
 
 def ensure_support_group(sender: AppConfig, using: str = "default", **kwargs: Any) -> None:

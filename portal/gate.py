@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shlex
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +28,12 @@ from portal.slurm.cli import PLAIN, SlurmCli
 
 GATE_WORD = "hpc-llm-portal-gate"  # the first word of every request to the gate
 PROGRAM = Path(__file__).resolve().with_name("gate_program.py")
+NOT_INSTALLED = 125  # what a restricted key's line answers while its gate is not in place yet
+INSTALL_REQUEST = f"{GATE_WORD} install"  # the line then keeps the gate it is sent, if it is the one it names
+INSTALL_MAX_BYTES = 4 << 20
+# How the portal renders a cluster's gate (jobs/gatekeeping.py sets it when the jobs app starts): an account's key
+# installs it on first use (catalog's ClusterAccount.run). Typed loosely: the portal knows no catalog.
+renderer: Callable[[Any], str] | None = None
 _PLACEHOLDERS = {"cluster": "hpcllmgateslurmcluster", "bin": "/gate-slurm-bin-placeholder"}
 
 
@@ -139,3 +145,37 @@ def version_of(program: str) -> str:
     """The version a rendered gate names on its second line."""
     line = program.split("\n", 2)[1]
     return line.split(" ")[3].rstrip(":") if line.startswith("# hpc-llm-portal gate ") else ""
+
+
+def forced_command(path: str, program: str) -> str:
+    """The command a restricted key's authorized_keys line runs whatever the portal asks (POSIX sh, whatever the
+    account's login shell): `install` keeps the gate sent on standard input if its SHA-256 is this program's, and
+    nothing else; any other request goes to that gate, which is refused until it is in place. `path` is the gate's
+    file relative to the home; the portal can only ever install the exact gate the line names."""
+    digest = hashlib.sha256(program.encode()).hexdigest()
+    return (
+        f'f="$HOME/{path}"; '
+        f'if [ "$SSH_ORIGINAL_COMMAND" = "{INSTALL_REQUEST}" ]; then umask 077; mkdir -p "${{f%/*}}" && '
+        f'head -c {INSTALL_MAX_BYTES} >"$f.tmp" && [ "$(sha256sum <"$f.tmp")" = "{digest}  -" ] && '
+        f'mv -f "$f.tmp" "$f" && echo installed && exit 0; rm -f "$f.tmp"; '
+        f'echo "{GATE_WORD}: refused: not the gate this key names" >&2; exit 126; fi; '
+        f'[ -f "$f" ] || {{ echo "{GATE_WORD}: not installed" >&2; exit {NOT_INSTALLED}; }}; exec python3 "$f"'
+    )
+
+
+def authorized_keys_line(public_key: str, path: str, program: str, permit_open: Sequence[str] = ()) -> str:
+    """The line for ~/.ssh/authorized_keys: `restrict` (no forwarding, no pty, no agent or X11, no ~/.ssh/rc), the
+    forced command (sh, so any login shell runs it alike), and port forwarding back only to `permit_open`
+    (HOST:PORT, PORT may be *) where the cluster reaches its nodes through SSH tunnels."""
+    # sshd's options unquote \" alone (auth-options.c opt_dequote); the command has no backslash or single quote.
+    inner = forced_command(path, program).replace('"', '\\"')
+    options = ["restrict", f"command=\"/bin/sh -c '{inner}'\""]
+    if permit_open:
+        options.append("port-forwarding")
+        options += [f'permitopen="{target}"' for target in permit_open]
+    return ",".join(options) + " " + public_key
+
+
+def program_path(program: str, folder: str) -> str:
+    """Where a gate lives in the home: named by its version, so a new gate never replaces the one a key names."""
+    return f"{folder}/gate-{version_of(program)}.py"

@@ -118,6 +118,31 @@ SESSION_KEY = AllowList(r"^sk-hpcllm-[A-Za-z0-9_-]{20,100}\Z", "A session key is
 # What one word of a request to a restricted key's gate may hold at all (portal/gate.py); each argument is then
 # checked by its verb's own list.
 GATE_WORD = AllowList(r"^[A-Za-z0-9_.:/@+,=%-]{1,4096}\Z", "The gate takes words of letters, digits and _.:/@+,=%-.")
+# The arguments of the portal's own commands on a cluster (portal/gate.py's verbs), besides the lists above.
+COUNT = AllowList(r"^[0-9]{1,9}\Z", "A count is digits.")
+FLAG = AllowList(r"^[01]\Z", "A flag is 0 or 1.")
+POLL_PAIR = AllowList(
+    r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}:(?:[0-9]+(?:_[0-9]+)?)?\Z",
+    "A session's uuid, ':' and its job id (or none yet).",
+)
+WATCH_PAIR = AllowList(
+    r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}:(?:starting|running)\Z",
+    "A session's uuid, ':' and what the watch waits for (starting or running).",
+)
+RESULTS_KIND = AllowList(r"^(?:results|output)\Z", "results or output.")
+# One of the #SBATCH flags a job script carries (jobs/cluster/jobscript.py), as `sbatch --test-only` gets them.
+SBATCH_FLAG = AllowList(
+    r"^--(?:partition|account|nodes|ntasks-per-node|cpus-per-task|mem|gres|constraint|time|exclusive)"
+    r"=[A-Za-z0-9_.:-]{1,100}\Z",
+    "An #SBATCH flag of the portal's job scripts, such as --partition=gpu.",
+)
+# A path the catalog may read a model's files at (its size, the first bytes of a GGUF, a folder's entries): absolute,
+# and no part hidden but .cache (Hugging Face's cache), so a restricted key cannot be asked for ~/.ssh or the like.
+MODEL_READ_PATH = AllowList(
+    r"^(?:/(?:\.cache|[A-Za-z0-9_+@-][A-Za-z0-9_.+@-]*))*/?\Z",
+    "Use an absolute path of letters, digits and '_ . + @ -' whose parts do not start with '.' (but .cache).",
+)
+GROUP_KIND = AllowList(r"^(?:unix_group|slurm_account)\Z", "unix_group or slurm_account.")
 
 
 def network_host(value: object) -> bool:

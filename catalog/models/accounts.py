@@ -16,8 +16,8 @@ from django.views.decorators.debug import sensitive_variables
 
 from catalog import validators as v
 from catalog.models.clusters import Cluster
-from portal import crypto
-from portal.ssh import SSHTarget, generate_keypair, load_private_key
+from portal import crypto, gate, ssh
+from portal.ssh import CommandResult, SSHTarget, generate_keypair, load_private_key
 
 # Who may tick ClusterAccount.trusted (superusers have every permission): the admin shows the box to them alone.
 TRUST_PERMISSION = "catalog.trust_clusteraccount"
@@ -61,6 +61,13 @@ class ClusterAccount(models.Model):
         "portal job's state) as a service account does. Only for an account whose ~/.bashrc, ~/.bash_profile and "
         "PATH no researcher controls, e.g. an operator's. Superusers and staff with the permission 'Can mark a "
         "cluster account trusted for site-wide reads' change it.",
+    )
+    restricted = models.BooleanField(
+        "restricted key",
+        default=False,
+        help_text="The key's line in ~/.ssh/authorized_keys runs the portal's gate (restrict,command=...), so the key "
+        "can do only the portal's own work, which the gate checks again on the cluster: `manage.py accounts key` "
+        "prints the line. Tick it once the line is in place; Test connection ticks it when the gate answers.",
     )
     public_key = models.TextField(editable=False, help_text="Goes into ~/.ssh/authorized_keys on the cluster.")
     private_key_encrypted = crypto.SealedTextField(editable=False)
@@ -150,6 +157,20 @@ class ClusterAccount(models.Model):
             self.cluster.login_host, self.cluster.ssh_port, self.cluster.host_key, self.username,
             self.private_key_encrypted,
         )  # fmt: skip
+
+    @sensitive_variables("options", "program")  # a submit's stdin holds the session's key
+    def run(self, command: str, **options: Any) -> CommandResult:
+        """One of the portal's commands (portal/gate.py: built for this account, `gated` when its key is restricted)
+        over its SSH connection. A restricted key's gate is installed on first use: the one its line names, which
+        the portal renders (gate.renderer) and the key's line checks byte for byte before it keeps it."""
+        target = self.ssh_target()
+        result = ssh.pool.run(target, command, **options)
+        if self.restricted and result.exit_code == gate.NOT_INSTALLED and gate.renderer is not None:
+            program = gate.renderer(self.cluster)
+            installed = ssh.pool.run(target, gate.INSTALL_REQUEST, stdin=program.encode(), timeout_s=60)
+            if installed.ok:
+                result = ssh.pool.run(target, command, **options)
+        return result
 
     @staticmethod
     def target_of(login_host: str, ssh_port: int, host_key: str, username: str, key_encrypted: str) -> SSHTarget:

@@ -4,7 +4,6 @@ directory, where the job starts the runner beside the server (batch.sh, supervis
 from __future__ import annotations
 
 import logging
-import shlex
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
@@ -14,7 +13,7 @@ from django.utils import timezone
 from jobs.batch import outputs
 from jobs.cluster import jobscript, layout, remote
 from jobs.models import BatchRun, transition_run
-from portal import ssh
+from portal import gate, ssh
 
 log = logging.getLogger(__name__)
 
@@ -38,9 +37,10 @@ def stage(run_id: str) -> Staged:
             **{name: (text, 0o600) for name, text in jobscript.batch_files().items()},
         }
     payload = remote.tar_payload(files)
-    command = remote.stage_batch_command(str(run.session_id), str(run.pk), payload.sha256)
+    account = run.session.account
+    command = remote.stage_batch_command(str(run.session_id), str(run.pk), payload.sha256, gated=account.restricted)
     try:
-        result = ssh.pool.run(run.session.account.ssh_target(), command, stdin=payload.stdin, timeout_s=300)
+        result = account.run(command, stdin=payload.stdin, timeout_s=300)
     except ssh.SSHError as exc:
         return Staged("retry" if exc.transient else "failed", str(exc))
     if result.exit_code == 0 and "staged" in result.stdout:
@@ -67,9 +67,9 @@ def stop(run_id: str) -> bool:
     """Ask the job to stop the run's runner; False when the cluster could not be asked (the task tries again)."""
     run = BatchRun.objects.select_related("session__account__cluster").get(pk=run_id)
     try:
-        result = ssh.pool.run(
-            run.session.account.ssh_target(), remote.stop_batch_command(str(run.session_id), str(run.pk)), timeout_s=60
-        )
+        account = run.session.account
+        command = remote.stop_batch_command(str(run.session_id), str(run.pk), gated=account.restricted)
+        result = account.run(command, timeout_s=60)
     except ssh.SSHError as exc:
         log.warning("stopping batch run %s will be retried: %s", run_id, exc)
         return False
@@ -85,9 +85,10 @@ def results(run: BatchRun) -> tuple[bool, Iterator[bytes]]:
     output of a finished run) or in the order they were answered (so far). Raises NoResults, or ssh.SSHError when
     the cluster cannot be asked."""
     finished = run.state == BatchRun.State.FINISHED
-    name = layout.NAMES.output_file if finished else layout.NAMES.results_file
-    path = shlex.quote(f"{layout.run_dir(str(run.session_id), str(run.pk))}/{name}")
-    target = run.session.account.ssh_target()
-    if ssh.pool.run(target, f"test -f {path} && echo yes", timeout_s=30).stdout.strip() != "yes":
+    args = [str(run.session_id), str(run.pk), "output" if finished else "results"]
+    account = run.session.account
+    asked = account.run(gate.command(remote.HAS_RESULTS, args, gated=account.restricted), timeout_s=30)
+    if asked.stdout.strip() != "yes":
         raise NoResults("the run has answered nothing yet")
-    return finished, outputs.lines(ssh.pool.read(target, f"cat {path}"))
+    read = gate.command(remote.RESULTS, args, gated=account.restricted)
+    return finished, outputs.lines(ssh.pool.read(account.ssh_target(), read))

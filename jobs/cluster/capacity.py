@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import shlex
 import statistics
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -20,7 +21,7 @@ from catalog.models import Cluster, ClusterAccount, GPUType, Partition
 from catalog.plans import Option
 from jobs.cluster import jobscript
 from jobs.models import LLMSession, PartitionState
-from portal import rates, ssh
+from portal import gate, rates, shellsafe, ssh
 from portal.slurm import sbatch, sinfo, squeue
 from portal.slurm.errors import SlurmParseError
 
@@ -34,6 +35,17 @@ MARGIN_FRACTION = 0.05
 
 class QueueError(Exception):
     pass
+
+
+# The partitions' GPUs, idle and in use, and the pending jobs' demand, in one command (a site-wide read).
+QUEUE = gate.Verb(
+    "queue",
+    f"sinfo -h -N -O {shlex.quote(sinfo.SINFO_GRES_OPTIONS)} && echo @@pending && "
+    f"squeue -h -t PENDING -o {shlex.quote(squeue.PENDING_DEMAND_FORMAT)}\n",
+)
+# When Slurm would start a job of an option (the wizard's estimate): sbatch's own #SBATCH flags, nothing run.
+TEST_ONLY = gate.Verb("test-only", 'sbatch --test-only "$@" --wrap=true\n', more=shellsafe.SBATCH_FLAG)
+VERBS = (QUEUE, TEST_ONLY)
 
 
 def account_for_cluster(cluster: Cluster) -> ClusterAccount | None:
@@ -83,12 +95,7 @@ def refresh_cluster(cluster: Cluster, account: ClusterAccount | None = None) -> 
         )
     if not account.reads_for_site:
         raise QueueError(account.not_for_site("the queue figures"))
-    cli = cluster.slurm_cli
-    command = (
-        f"{cli.command('sinfo', '-h', '-N', '-O', sinfo.SINFO_GRES_OPTIONS)} && echo @@pending && "
-        f"{cli.command('squeue', '-h', '-t', 'PENDING', '-o', squeue.PENDING_DEMAND_FORMAT)}"
-    )
-    result = ssh.pool.run(account.ssh_target(), command, timeout_s=60)
+    result = account.run(gate.command(QUEUE, [], cluster.slurm_cli, gated=account.restricted), timeout_s=60)
     if result.exit_code != 0 or "@@pending" not in result.stdout:
         raise QueueError(f"sinfo/squeue failed on {cluster.name}: {result.stderr.strip()[:300]}")
     nodes_text, pending_text = result.stdout.split("@@pending", 1)
@@ -188,8 +195,9 @@ def slurm_estimate(
         return SlurmEstimate(cached[0], cached[1])
     if not _may_ask(asker):
         return SlurmEstimate(None, "not asked: you asked Slurm for many estimates this minute; try again shortly")
-    command = account.cluster.slurm_cli.command("sbatch", "--test-only", *args, "--wrap=true")
-    result = ssh.pool.run(account.ssh_target(), command, timeout_s=30)
+    result = account.run(
+        gate.command(TEST_ONLY, args, account.cluster.slurm_cli, gated=account.restricted), timeout_s=30
+    )
     try:
         start = sbatch.parse_test_only(result.stderr).start
         estimate = SlurmEstimate(timezone.make_aware(start) if timezone.is_naive(start) else start, "")

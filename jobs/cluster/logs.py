@@ -14,8 +14,8 @@ from django.conf import settings
 from django.core.cache import cache
 from django.utils import timezone
 
-from jobs.cluster import layout
-from portal import ssh
+from jobs.cluster import remote
+from portal import gate, ssh
 
 if TYPE_CHECKING:
     from jobs.models import LLMSession
@@ -38,10 +38,9 @@ def _key(session_id: object) -> str:
 def fetch(session: LLMSession, max_bytes: int | None = None) -> str:
     """The tail of the job's output, at most max_bytes, over SSH; raises ssh.SSHError when the cluster is away."""
     limit = max_bytes or settings.PORTAL_LOG_TAIL_BYTES
-    path = layout.in_shell(layout.session_file(str(session.pk), layout.NAMES.job_log))
-    command = f"tail -c {int(limit)} {path} 2>/dev/null || true"
-    result = ssh.pool.run(session.account.ssh_target(), command, timeout_s=30, max_output_bytes=limit + 1024)
-    return result.stdout
+    account = session.account
+    command = gate.command(remote.LOG, [str(session.pk), str(int(limit))], gated=account.restricted)
+    return account.run(command, timeout_s=30, max_output_bytes=limit + 1024).stdout
 
 
 def refresh(session: LLMSession) -> LogTail:

@@ -18,8 +18,9 @@ import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from jobs.cluster import layout, slurm
-from portal import shellsafe
+from catalog.runtime_rules import RUNTIMES
+from jobs.cluster import jobscript, layout, slurm
+from portal import gate, shellsafe
 from portal.slurm.cli import PLAIN, SlurmCli
 from portal.slurm.errors import SlurmParseError
 from portal.slurm.hostlist import expand_hostlist
@@ -97,16 +98,49 @@ touch "$r/$STOP_MARK" && echo "stopping"
 """)
 
 
-def stage_batch_command(session_id: str, run_id: str, sha256: str) -> str:
-    if not (shellsafe.UUID.accepts(session_id) and shellsafe.UUID.accepts(run_id) and shellsafe.SHA256.accepts(sha256)):
-        raise ValueError(f"bad session, run or checksum: {session_id!r} {run_id!r} {sha256!r}")
-    return shlex.join(["bash", "-c", STAGE_BATCH_SCRIPT, "stage", session_id, run_id, sha256])
+def _named(name: str) -> str:
+    return f"^{re.escape(name)}\\Z"
 
 
-def stop_batch_command(session_id: str, run_id: str) -> str:
-    if not (shellsafe.UUID.accepts(session_id) and shellsafe.UUID.accepts(run_id)):
-        raise ValueError(f"bad session or run id: {session_id!r} {run_id!r}")
-    return shlex.join(["bash", "-c", STOP_BATCH_SCRIPT, "stop", session_id, run_id])
+# What a restricted key's gate lets an upload hold (portal/gate.py): the layout's files, the job script, the session
+# key, the portal's own helpers byte for byte, and a batch launch's requests.
+_HELPERS = sorted({name for rules in RUNTIMES.values() for name in rules.job_files} | set(jobscript.BATCH_FILES))
+_HELPER_NAMES = "^(?:" + "|".join(re.escape(name) for name in _HELPERS) + ")\\Z"
+_UUID_PART = shellsafe.UUID.regex.removeprefix("^").removesuffix("\\Z")
+SUBMIT_UPLOAD = gate.Upload(
+    (
+        (_named(layout.NAMES.job_script), "job"),
+        (_named(layout.NAMES.api_key_file), "key"),
+        (_HELPER_NAMES, "helper"),
+        (f"^{re.escape(layout.NAMES.batch_dir)}/{_UUID_PART}/{re.escape(layout.NAMES.requests_file)}\\Z", "data"),
+    )
+)
+STAGE_UPLOAD = gate.Upload(
+    (
+        (_named(layout.NAMES.requests_file), "data"),
+        (_named(layout.NAMES.concurrency_file), "data"),
+        (_HELPER_NAMES, "helper"),
+    )
+)
+
+
+def helpers() -> list[str]:
+    """Every helper a job may get beside its script, as the gate pins them."""
+    return [(jobscript.SCRIPTS_DIR / name).read_text() for name in _HELPERS]
+
+
+STAGE = gate.Verb(
+    "stage", STAGE_BATCH_SCRIPT, args=(shellsafe.UUID, shellsafe.UUID, shellsafe.SHA256), upload=STAGE_UPLOAD
+)
+STOP = gate.Verb("stop", STOP_BATCH_SCRIPT, args=(shellsafe.UUID, shellsafe.UUID))
+
+
+def stage_batch_command(session_id: str, run_id: str, sha256: str, *, gated: bool = False) -> str:
+    return gate.command(STAGE, [session_id, run_id, sha256], gated=gated)
+
+
+def stop_batch_command(session_id: str, run_id: str, *, gated: bool = False) -> str:
+    return gate.command(STOP, [session_id, run_id], gated=gated)
 
 
 # Runs as: bash -c SCRIPT cancel UUID [JOBID]. Under the submit lock: mark the session cancelled (a submit after this
@@ -154,13 +188,16 @@ WATCH_MODES = ("starting", "running")
 WATCH_CHANGES = ("ready", "error", "gone")
 
 
-def watch_command(watched: list[tuple[str, str]], seconds: int) -> str:
+WATCH = gate.Verb("watch", WATCH_SCRIPT, args=(shellsafe.COUNT,), more=shellsafe.WATCH_PAIR)
+
+
+def watch_command(watched: list[tuple[str, str]], seconds: int, *, gated: bool = False) -> str:
     args = []
     for session_id, mode in watched:
         if not shellsafe.UUID.accepts(session_id) or mode not in WATCH_MODES:
             raise ValueError(f"bad session id or watch mode: {session_id!r} {mode!r}")
         args.append(f"{session_id}:{mode}")
-    return shlex.join(["bash", "-c", WATCH_SCRIPT, "watch", str(max(1, int(seconds))), *args])
+    return gate.command(WATCH, [str(max(1, int(seconds))), *args], gated=gated)
 
 
 def parse_watch(text: str) -> dict[str, str]:
@@ -367,8 +404,11 @@ def sections(text: str, frame: str) -> Iterator[Section]:
             yield Section(words[0], tuple(words[1:]), data.decode(errors="replace"))
 
 
-def listing_command(cli: SlurmCli = PLAIN) -> Framed:
-    return Framed(shlex.join(["bash", "-c", cli.script(LISTING_SCRIPT), "listing"]))
+LISTING = gate.Verb("listing", LISTING_SCRIPT)
+
+
+def listing_command(cli: SlurmCli = PLAIN, *, gated: bool = False) -> Framed:
+    return Framed(gate.command(LISTING, [], cli, gated=gated))
 
 
 @dataclass
@@ -435,10 +475,11 @@ def tar_payload(files: dict[str, tuple[str, int]]) -> SubmitPayload:
     return SubmitPayload(stdin=data, sha256=hashlib.sha256(data).hexdigest())
 
 
-def submit_command(session_id: str, sha256: str, cli: SlurmCli = PLAIN) -> str:
-    if not shellsafe.UUID.accepts(session_id) or not shellsafe.SHA256.accepts(sha256):
-        raise ValueError("bad session id or checksum")
-    return shlex.join(["bash", "-c", cli.script(SUBMIT_SCRIPT), "submit", session_id, sha256])
+SUBMIT = gate.Verb("submit", SUBMIT_SCRIPT, args=(shellsafe.UUID, shellsafe.SHA256), upload=SUBMIT_UPLOAD)
+
+
+def submit_command(session_id: str, sha256: str, cli: SlurmCli = PLAIN, *, gated: bool = False) -> str:
+    return gate.command(SUBMIT, [session_id, sha256], cli, gated=gated)
 
 
 @dataclass(frozen=True)
@@ -470,20 +511,53 @@ def sbatch_is_transient(stderr: str) -> bool:
     return bool(_TRANSIENT_SBATCH.search(stderr))
 
 
-def cancel_command(session_id: str, job_id: str, cli: SlurmCli = PLAIN) -> str:
-    if not shellsafe.UUID.accepts(session_id) or (job_id and not shellsafe.JOB_ID.accepts(job_id)):
-        raise ValueError(f"bad session or job id: {session_id!r} {job_id!r}")
-    return shlex.join(["bash", "-c", cli.script(CANCEL_SCRIPT), "cancel", session_id, job_id])
+CANCEL = gate.Verb("cancel", CANCEL_SCRIPT, args=(shellsafe.UUID,), more=shellsafe.JOB_ID)
 
 
-def poll_command(pairs: list[tuple[str, str]], cli: SlurmCli = PLAIN, order: bool = True) -> Framed:
+def cancel_command(session_id: str, job_id: str, cli: SlurmCli = PLAIN, *, gated: bool = False) -> str:
+    """Cancel the session's job: by id when the portal knows it (else by name alone)."""
+    return gate.command(CANCEL, [session_id, *([job_id] if job_id else [])], cli, gated=gated)
+
+
+SCANCEL = gate.Verb("scancel", 'scancel "$@"', args=(shellsafe.JOB_ID,), more=shellsafe.JOB_ID)
+
+
+def scancel_command(job_ids: list[str], cli: SlurmCli = PLAIN, *, gated: bool = False) -> str:
+    """scancel of these jobs by id (the repeated cancels of jobs the portal lost)."""
+    return gate.command(SCANCEL, job_ids, cli, gated=gated)
+
+
+POLL = gate.Verb("poll", POLL_SCRIPT, args=(shellsafe.FLAG,), more=shellsafe.POLL_PAIR)
+
+
+def poll_command(
+    pairs: list[tuple[str, str]], cli: SlurmCli = PLAIN, order: bool = True, *, gated: bool = False
+) -> Framed:
     """The poll of these (session, job) pairs; `order`: also each pending portal job's place in its queue."""
     args = [str(int(order))]
     for session_id, job_id in pairs:
         if not shellsafe.UUID.accepts(session_id) or (job_id and not shellsafe.JOB_ID.accepts(job_id)):
             raise ValueError(f"bad session or job id: {session_id!r} {job_id!r}")
         args.append(f"{session_id}:{job_id}")
-    return Framed(shlex.join(["bash", "-c", cli.script(POLL_SCRIPT), "poll", *args]))
+    return Framed(gate.command(POLL, args, cli, gated=gated))
+
+
+# A job's log and a batch run's results, read by the portal's pages (jobs/cluster/logs.py, jobs/batch/staging.py).
+LOG = gate.Verb(
+    "log",
+    script('tail -c "$2" "$SESSIONS_DIR/$1/$JOB_LOG" 2>/dev/null || true\n'),
+    args=(shellsafe.UUID, shellsafe.COUNT),
+)
+_RESULTS_FILE = 'f="$SESSIONS_DIR/$1/$BATCH_DIR/$2/$RESULTS_FILE"; [ "$3" = output ] && f="${f%/*}/$OUTPUT_FILE"\n'
+HAS_RESULTS = gate.Verb(
+    "has-results",
+    script(_RESULTS_FILE + 'if [ -f "$f" ]; then echo yes; fi\n'),
+    args=(shellsafe.UUID, shellsafe.UUID, shellsafe.RESULTS_KIND),
+)
+RESULTS = gate.Verb(
+    "results", script(_RESULTS_FILE + 'exec cat "$f"\n'), args=(shellsafe.UUID, shellsafe.UUID, shellsafe.RESULTS_KIND)
+)
+VERBS = (SUBMIT, STAGE, STOP, CANCEL, SCANCEL, WATCH, POLL, LISTING, LOG, HAS_RESULTS, RESULTS)
 
 
 @dataclass

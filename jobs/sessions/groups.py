@@ -12,7 +12,6 @@ left alone.
 
 from __future__ import annotations
 
-import shlex
 from dataclasses import dataclass
 
 from django.contrib.auth.models import Group
@@ -21,7 +20,7 @@ from django.utils import timezone
 
 from catalog.models import ClusterAccount
 from jobs.models import GroupSource
-from portal import shellsafe, ssh
+from portal import gate, shellsafe, ssh
 from portal.slurm.cli import PLAIN, SlurmCli
 
 LOOKUP_TIMEOUT_S = 30.0
@@ -31,15 +30,27 @@ class SourceError(Exception):
     """The cluster could not say who is in the group or account."""
 
 
-def lookup_command(kind: str, name: str, cli: SlurmCli = PLAIN) -> str:
+# Who is in a Unix group (NSS: files, LDAP, SSSD, as logins see it) or a Slurm account (sacctmgr, which names the
+# cluster in its query rather than with --clusters).
+MEMBERS = gate.Verb(
+    "members",
+    'case "$1" in\n'
+    '  unix_group) exec getent group "$2" ;;\n'
+    '  slurm_account) exec sacctmgr --noheader --parsable2 show associations "account=$2" ${3:+"cluster=$3"} '
+    "format=User ;;\n"
+    "esac\n",
+    args=(shellsafe.GROUP_KIND, shellsafe.GROUP_NAME),
+    more=shellsafe.SLURM_NAME,
+)
+VERBS = (MEMBERS,)
+
+
+def lookup_command(kind: str, name: str, cli: SlurmCli = PLAIN, *, gated: bool = False) -> str:
     """The command that names the cluster users of a group or Slurm account."""
+    if kind not in GroupSource.Kind.values:
+        raise ValueError(f"unknown source kind {kind!r}")
     shellsafe.GROUP_NAME.check(name, "group or account name")
-    if kind == GroupSource.Kind.UNIX_GROUP:
-        return f"getent group {shlex.quote(name)}"  # NSS (files, LDAP, SSSD), as logins see it
-    if kind == GroupSource.Kind.SLURM_ACCOUNT:
-        query = [f"account={name}", *cli.cluster_filter(), "format=User"]
-        return cli.command("sacctmgr", "--noheader", "--parsable2", "show", "associations", *query)
-    raise ValueError(f"unknown source kind {kind!r}")
+    return gate.command(MEMBERS, [kind, name, *([cli.cluster] if cli.cluster else [])], cli, gated=gated)
 
 
 def parse_members(kind: str, stdout: str) -> set[str]:
@@ -61,11 +72,9 @@ def read_source(source: GroupSource) -> set[str]:
     if not source.account.reads_for_site:
         raise SourceError(source.account.not_for_site("group sync"))
     try:
-        result = ssh.pool.run(
-            source.account.ssh_target(),
-            lookup_command(source.kind, source.name, source.account.cluster.slurm_cli),
-            timeout_s=LOOKUP_TIMEOUT_S,
-        )
+        account = source.account
+        command = lookup_command(source.kind, source.name, account.cluster.slurm_cli, gated=account.restricted)
+        result = account.run(command, timeout_s=LOOKUP_TIMEOUT_S)
     except ssh.SSHError as exc:
         raise SourceError(f"cannot reach {source.account.cluster}: {exc}") from exc
     if not result.ok:  # getent: 2 for an unknown group; sacctmgr: no slurmdbd, or no such account

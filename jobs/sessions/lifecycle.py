@@ -148,9 +148,10 @@ def submit(session_id: str, claim: str | None) -> Submitted:
             run_files = f"{layout.NAMES.batch_dir}/{spec.batch_run}/{layout.NAMES.requests_file}"
             files[run_files] = requests.read().decode()
     payload = remote.submit_payload(script, session.api_key, files)
-    command = remote.submit_command(session_id, payload.sha256, session.account.cluster.slurm_cli)
+    account = session.account
+    command = remote.submit_command(session_id, payload.sha256, account.cluster.slurm_cli, gated=account.restricted)
     try:
-        result = ssh.pool.run(session.account.ssh_target(), command, stdin=payload.stdin, timeout_s=120)
+        result = account.run(command, stdin=payload.stdin, timeout_s=120)
     except ssh.SSHError as exc:
         metrics.ssh_error(session.cluster.slug, "submit")
         if not exc.transient:
@@ -235,10 +236,10 @@ def cancel(session_id: str, *, after_poll: AfterPoll) -> str | None:
         transition(session_id, State.CANCELLED, cause="cancelled before submission", allowed_from={State.PENDING})
         return State.CANCELLED
     try:
-        result = ssh.pool.run(
-            session.account.ssh_target(),
-            remote.cancel_command(session_id, session.job_id, session.account.cluster.slurm_cli),
-            timeout_s=90,
+        account = session.account
+        cli = account.cluster.slurm_cli
+        result = account.run(
+            remote.cancel_command(session_id, session.job_id, cli, gated=account.restricted), timeout_s=90
         )
     except ssh.SSHError as exc:
         metrics.ssh_error(session.account.cluster.slug, "cancel")
@@ -298,11 +299,11 @@ def poll(account_id: int) -> Polled:
     pending = [s.job_id for s in sessions if s.state in (State.QUEUED, State.UNKNOWN)]  # as far as the portal knows
     read = queue_order.to_read(account.cluster_id, pending)
     command = remote.poll_command(
-        [(str(s.pk), s.job_id) for s in sessions], account.cluster.slurm_cli, order=bool(read)
+        [(str(s.pk), s.job_id) for s in sessions], account.cluster.slurm_cli, order=bool(read), gated=account.restricted
     )
     try:
         with metrics.polling(account.cluster.slug):
-            result = ssh.pool.run(account.ssh_target(), command.command, stdin=command.stdin, timeout_s=60)
+            result = account.run(command.command, stdin=command.stdin, timeout_s=60)
     except ssh.SSHError as exc:
         metrics.poll_failed(account.cluster.slug, "ssh")
         _mark_unknown(sessions, f"cannot reach {account.cluster.name}: {exc}")
@@ -368,7 +369,8 @@ def watch(account_id: int, seconds: float, *, after_poll: AfterPoll) -> int:
             continue
         wait_s = int(min(left, WATCH_ROUND_S))
         try:
-            result = ssh.pool.run(account.ssh_target(), remote.watch_command(watched, wait_s), timeout_s=wait_s + 30)
+            command = remote.watch_command(watched, wait_s, gated=account.restricted)
+            result = account.run(command, timeout_s=wait_s + 30)
         except ssh.SSHError:
             break
         changed = remote.parse_watch(result.stdout)
@@ -414,7 +416,9 @@ def _repeat_lost_cancels(account: ClusterAccount, sessions: list[LLMSession], po
     if job_ids:
         log.warning("repeating scancel for %s on %s", job_ids, account.cluster.slug)
         try:
-            ssh.pool.run(account.ssh_target(), account.cluster.slurm_cli.command("scancel", *job_ids), timeout_s=30)
+            account.run(
+                remote.scancel_command(job_ids, account.cluster.slurm_cli, gated=account.restricted), timeout_s=30
+            )
         except ssh.SSHError as exc:
             metrics.ssh_error(account.cluster.slug, "cancel")
             log.warning("scancel failed: %s", exc)

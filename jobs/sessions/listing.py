@@ -79,9 +79,9 @@ def cycle(cluster_id: int) -> Cycle:
         return Cycle(accounts, 0, 0)
     try:
         with metrics.polling(cluster.slug):
-            command = remote.listing_command(cluster.slurm_cli)
-            result = ssh.pool.run(status.ssh_target(), command.command, stdin=command.stdin, timeout_s=60,
-                                  max_output_bytes=remote.LISTING_MAX_BYTES)  # fmt: skip
+            command = remote.listing_command(cluster.slurm_cli, gated=status.restricted)
+            result = status.run(command.command, stdin=command.stdin, timeout_s=60,
+                                max_output_bytes=remote.LISTING_MAX_BYTES)  # fmt: skip
     except ssh.SSHError as exc:
         metrics.ssh_error(cluster.slug, "listing")
         log.warning("%s: the status account's listing failed, each account polls itself: %s", cluster.slug, exc)

@@ -47,7 +47,7 @@ def test_an_admin_sets_up_a_service_account_from_the_command_line_and_it_reads_f
     assert not account.reads_for_site  # the owner's own account never speaks for the site
     listed = StringIO()
     call_command("accounts", "list", stdout=listed)
-    assert "portalsvc@local (portal)  service  slurm account: -  site-wide reads" in listed.getvalue()
+    assert "portalsvc@local (portal)  service  plain key  slurm account: -  site-wide reads" in listed.getvalue()
 
 
 def test_pointing_a_trusted_account_at_another_login_from_the_command_line_drops_the_trust(

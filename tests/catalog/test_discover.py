@@ -4,6 +4,7 @@ edits of it. The same against the live cluster over SSH is tests/e2e/test_discov
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -24,12 +25,14 @@ def edited(text: str, old: str, new: str) -> str:
     return text.replace(old, new)
 
 
-def test_discovery_runs_scontrol_as_the_cluster_calls_slurm() -> None:
-    assert inventory.command() == "scontrol show partition -o && echo @@nodes && scontrol show node -o"
-    assert inventory.command(SlurmCli("c2", "/opt/slurm/23.11/bin/")) == (
-        "/opt/slurm/23.11/bin/scontrol --clusters=c2 show partition -o && echo @@nodes && "
-        "/opt/slurm/23.11/bin/scontrol --clusters=c2 show node -o"
-    )
+def test_discovery_runs_scontrol_as_the_cluster_calls_slurm(tmp_path: Path) -> None:
+    """The command run by bash, with a stand-in scontrol in the cluster's binaries' folder that says how it was
+    called."""
+    (tmp_path / "scontrol").write_text('#!/bin/sh\necho "scontrol $*"\n')
+    (tmp_path / "scontrol").chmod(0o755)
+    for cli, flags in ((SlurmCli("", str(tmp_path)), ""), (SlurmCli("c2", str(tmp_path)), "--clusters=c2 ")):
+        said = subprocess.run(["bash", "-c", inventory.command(cli)], capture_output=True, text=True).stdout
+        assert said == f"scontrol {flags}show partition -o\n@@nodes\nscontrol {flags}show node -o\n"
 
 
 def test_the_local_clusters_partitions_nodes_and_gpus_are_read() -> None:

@@ -1,5 +1,5 @@
-"""`manage.py accounts add|add-service|list`: give a portal user an identity on a cluster, or set up a service
-account, from the command line."""
+"""`manage.py accounts add|add-service|key|list`: give a portal user an identity on a cluster, set up a service
+account, or print the authorized_keys line that restricts an account's key to the portal's gate."""
 
 from __future__ import annotations
 
@@ -11,6 +11,8 @@ from django.core.exceptions import ValidationError
 from django.core.management.base import BaseCommand, CommandError
 
 from catalog.models import Cluster, ClusterAccount
+from jobs import gatekeeping
+from portal import shellsafe
 from portal.errors import text_of
 from portal.users import find_user
 
@@ -26,6 +28,21 @@ class Command(BaseCommand):
         p.add_argument("--username", required=True, help="the user name on the cluster")
         p.add_argument("--slurm-account", default="")
         p.add_argument("--private-key-file", type=Path, help="use this key instead of generating one")
+        p.add_argument(
+            "--restricted",
+            action="store_true",
+            help="print the authorized_keys line that lets the key run only the portal's gate (recommended)",
+        )
+        p.add_argument(
+            "--permit-open",
+            action="append",
+            default=[],
+            metavar="NODE:PORT",
+            help="where a restricted key may forward (clusters reached through tunnels; PORT may be *)",
+        )
+        k = sub.add_parser("key", help="print an account's restricted authorized_keys line (and mark it restricted)")
+        k.add_argument("account", type=int, help="its id (manage.py accounts list)")
+        k.add_argument("--permit-open", action="append", default=[], metavar="NODE:PORT")
         s = sub.add_parser(
             "add-service",
             help="create or update a service account (a cluster user no researcher controls: it may read site-wide "
@@ -44,7 +61,16 @@ class Command(BaseCommand):
             for account in ClusterAccount.objects.select_related("cluster", "user"):
                 slurm_account = account.effective_slurm_account or "-"
                 reads = "  site-wide reads" if account.reads_for_site else ""
-                self.stdout.write(f"{account.pk:>5}  {account}  {account.kind}  slurm account: {slurm_account}{reads}")
+                key = "restricted key" if account.restricted else "plain key"
+                self.stdout.write(
+                    f"{account.pk:>5}  {account}  {account.kind}  {key}  slurm account: {slurm_account}{reads}"
+                )
+            return
+        if o["action"] == "key":
+            found = ClusterAccount.objects.select_related("cluster").filter(pk=o["account"]).first()
+            if found is None:
+                raise CommandError(f"there is no cluster account {o['account']}")
+            self._print_restricted(found, o["permit_open"])
             return
         if o["action"] == "add-service":
             self._add_service(o)
@@ -85,5 +111,29 @@ class Command(BaseCommand):
             account.full_clean(exclude=["public_key", "private_key_encrypted"])
         except (ValidationError, OSError) as exc:
             raise CommandError(text_of(exc) if isinstance(exc, ValidationError) else str(exc)) from None
+        if o.get("restricted"):
+            self._print_restricted(account, o["permit_open"])
+            return
         account.save()
         self.stdout.write(account.public_key)
+
+    def _print_restricted(self, account: ClusterAccount, permit_open: list[str]) -> None:
+        """The account's authorized_keys line with the cluster's gate, and what to do with it."""
+        if account.cluster.node_access == account.cluster.NodeAccess.TUNNEL and not permit_open:
+            raise CommandError(
+                f"{account.cluster.name} reaches its nodes through SSH tunnels, which a restricted key may open only "
+                "to the nodes it names: give each with --permit-open NODE:* (the names Slurm's NodeAddr says), or "
+                "set the cluster's node access to direct where the portal reaches the nodes itself"
+            )
+        for target in permit_open:
+            host, _, port = target.rpartition(":")
+            if not (shellsafe.HOSTNAME.accepts(host) and (port == "*" or port.isdigit())):
+                raise CommandError(f"--permit-open takes NODE:PORT or NODE:*, not {target!r}")
+        account.restricted = True
+        account.save()
+        self.stdout.write(gatekeeping.key_line(account, permit_open))
+        self.stderr.write(
+            f"Put this line in ~{account.username}/.ssh/authorized_keys on {account.cluster.name} in place of the "
+            "account's plain one. The portal installs the gate it names on first use; a change of the cluster's "
+            "runtimes (binaries, modules, flags) makes a new gate, and this command prints its new line."
+        )

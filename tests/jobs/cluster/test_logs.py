@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 from datetime import timedelta
 from typing import Any
 
@@ -59,7 +60,7 @@ def test_the_page_shows_what_the_worker_fetched(
 ) -> None:
     commands = cluster_says(monkeypatch, "llama-server listening on node1\n")
     logs.refresh(session)
-    assert len(commands) == 1 and f"sessions/{session.pk}/job.log" in commands[0]
+    assert len(commands) == 1 and shlex.split(commands[0])[3:] == ["log", str(session.pk), "65536"]
     monkeypatch.setattr(ssh.pool, "run", None)  # the page must not need it
     client.force_login(owner)
     page = client.get(f"/sessions/{session.pk}/log").content.decode()

@@ -3,8 +3,11 @@ rules (the SSH side is replaced here; tests/e2e/test_sharing.py reads a real gro
 
 from __future__ import annotations
 
+import os
 import shlex
+import subprocess
 from io import StringIO
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -40,12 +43,21 @@ def test_names_reach_the_shell_only_validated_and_quoted(name: str) -> None:
         assert not set(name) - set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-")
 
 
-def test_sacctmgr_names_the_cluster_in_its_query() -> None:
-    command = groups.lookup_command(GroupSource.Kind.SLURM_ACCOUNT, "lab", SlurmCli("c2", "/opt/slurm/bin"))
-    assert (
-        command == "/opt/slurm/bin/sacctmgr --noheader --parsable2 show associations account=lab cluster=c2 format=User"
-    )
-    assert "cluster=" not in groups.lookup_command(GroupSource.Kind.SLURM_ACCOUNT, "lab")
+def test_sacctmgr_names_the_cluster_in_its_query(tmp_path: Path) -> None:
+    """Run by bash with stand-ins for sacctmgr and getent that say how they were called."""
+    for name in ("sacctmgr", "getent"):
+        (tmp_path / name).write_text(f'#!/bin/sh\necho "{name} $*"\n')
+        (tmp_path / name).chmod(0o755)
+
+    def said(kind: str, cli: SlurmCli) -> str:
+        command = groups.lookup_command(kind, "lab", cli)
+        env = {**os.environ, "PATH": f"{tmp_path}:{os.environ['PATH']}"}
+        return subprocess.run(["bash", "-c", command], capture_output=True, text=True, env=env).stdout.strip()
+
+    query = "sacctmgr --noheader --parsable2 show associations account=lab"
+    assert said(GroupSource.Kind.SLURM_ACCOUNT, SlurmCli("c2", str(tmp_path))) == f"{query} cluster=c2 format=User"
+    assert said(GroupSource.Kind.SLURM_ACCOUNT, SlurmCli()) == f"{query} format=User"
+    assert said(GroupSource.Kind.UNIX_GROUP, SlurmCli("c2")) == "getent group lab"
 
 
 @pytest.fixture
