@@ -33,6 +33,13 @@ from catalog.models import (
 from catalog.yaml_io import CatalogImportError
 from portal import ssh
 
+NO_NETWORKS = (
+    "No compute-node networks are set for this cluster (Compute nodes): the portal sends no request to any of its "
+    "sessions, so their chat and API wait until you set them. Give the networks the nodes' addresses are in, and "
+    "only those: where a server listens is reported through its owner's own account, and the portal goes only where "
+    "these networks allow."
+)
+
 
 class PartitionInline(admin.TabularInline[Partition, Cluster]):
     model = Partition
@@ -61,6 +68,7 @@ class ClusterAdmin(admin.ModelAdmin[Cluster]):
         "partition_count",
         "drift_seen",
         "queue_figures",
+        "nodes_reachable",
     ]
     list_filter = ["node_access"]
     search_fields = ["name", "slug", "login_host", "notes"]
@@ -68,7 +76,8 @@ class ClusterAdmin(admin.ModelAdmin[Cluster]):
     inlines = [PartitionInline, ClusterRuntimeInline]
     fieldsets = [
         (None, {"fields": ["name", "slug", "notes"]}),
-        ("Login host", {"fields": ["login_host", "ssh_port", "host_key", "node_access"]}),
+        ("Login host", {"fields": ["login_host", "ssh_port", "host_key"]}),
+        ("Compute nodes", {"fields": ["node_access", "node_networks"]}),
         ("Slurm", {"fields": ["default_account", "slurm_cluster", "slurm_bin_dir", "status_account"]}),
         ("Site-wide reads", {"fields": ["site_reads"]}),
         ("Staging weights on node-local storage", {"fields": ["stage_to", "stage_keep"]}),
@@ -151,6 +160,21 @@ class ClusterAdmin(admin.ModelAdmin[Cluster]):
                 if applying:
                     messages.success(request, f"{cluster.name}: {context['summary']}.")
         return TemplateResponse(request, "admin/catalog/cluster/scan.html", context)
+
+    def change_view(
+        self, request: HttpRequest, object_id: str, form_url: str = "", extra_context: dict[str, Any] | None = None
+    ) -> HttpResponse:
+        """A cluster without compute-node networks gets a warning on its page: none of its sessions is sent a request
+        (docs/security.md, what a job reports is checked)."""
+        cluster = self.get_object(request, object_id)
+        if request.method == "GET" and cluster is not None and not cluster.node_networks.strip():
+            messages.warning(request, NO_NETWORKS)
+        return super().change_view(request, object_id, form_url, extra_context)
+
+    @admin.display(boolean=True, description="nodes reachable")
+    def nodes_reachable(self, obj: Cluster) -> bool:
+        """Whether the portal sends sessions' requests anywhere on this cluster: only with its node networks set."""
+        return bool(obj.node_networks.strip())
 
     @admin.display(boolean=True, description="host key pinned")
     def host_key_pinned(self, obj: Cluster) -> bool:

@@ -7,7 +7,7 @@ from __future__ import annotations
 from django.core.exceptions import ValidationError
 from django.core.validators import RegexValidator
 
-from portal import shellsafe
+from portal import nodenet, shellsafe
 
 
 def _validator(allowed: shellsafe.AllowList) -> RegexValidator:
@@ -53,3 +53,11 @@ def slurm_name_list(value: str) -> None:
     for item in value.split(","):
         if item.strip():
             slurm_name(item.strip())
+
+
+def node_network_list(value: str) -> None:
+    """CIDRs, IPv4 or IPv6, separated by commas or spaces (portal/nodenet.py reads them the same way)."""
+    try:
+        nodenet.parse(value)
+    except ValueError as exc:
+        raise ValidationError(f"{str(exc)[0].upper()}{str(exc)[1:]}.") from None

@@ -199,6 +199,7 @@ CLUSTER_FIELDS = (
     F("ssh_port", "int"),
     F("host_key", "str"),
     F("node_access", "str"),
+    F("node_networks", "strlist", joiner=", "),
     F("default_account", "str"),
     F("slurm_cluster", "str"),
     F("slurm_bin_dir", "str"),

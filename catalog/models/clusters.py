@@ -8,6 +8,7 @@ from django.core.validators import MaxValueValidator, MinValueValidator
 from django.db import models
 
 from catalog import validators as v
+from portal import nodenet
 from portal.slurm.cli import SlurmCli
 
 
@@ -26,6 +27,13 @@ class Cluster(models.Model):
         "fingerprint with the site. The portal refuses to connect while this is empty.",
     )
     node_access = models.CharField(max_length=10, choices=NodeAccess.choices, default=NodeAccess.TUNNEL)
+    node_networks = models.CharField(
+        "compute-node networks", max_length=1000, blank=True, validators=[v.node_network_list],
+        help_text="The networks the compute nodes' addresses are in, as CIDRs (IPv4 or IPv6) separated by commas, "
+        "e.g. 10.20.0.0/16, fd00:20::/64: the only addresses the portal sends a session's requests to, whatever the "
+        "job and its owner's account report. Only the nodes' own networks, never a range that holds other services "
+        "(the site's DNS, databases, this portal). Empty: no session on this cluster is sent any request.",
+    )  # fmt: skip
     default_account = models.CharField(max_length=64, blank=True, validators=[v.slurm_account])
     slurm_cluster = models.CharField(
         "Slurm cluster name", max_length=64, blank=True, validators=[v.slurm_name],
@@ -89,12 +97,22 @@ class Cluster(models.Model):
 
     def clean(self) -> None:
         super().clean()
+        if self.node_networks.strip():
+            self._normalise_networks()
         if self.host_key.strip():
             self._check_host_key()
         if self.status_account is not None and self.status_account.cluster_id != self.pk:
             raise ValidationError({"status_account": "The status account must be an account on this cluster."})
         if self.status_account is not None and not self.status_account.reads_for_site:
             raise ValidationError({"status_account": self.status_account.not_for_site("the status listing") + "."})
+
+    def _normalise_networks(self) -> None:
+        """One spelling for each network, so that an export imports back unchanged."""
+        try:
+            networks = nodenet.parse(self.node_networks)
+        except ValueError:
+            return  # the field's validator has said why
+        self.node_networks = ", ".join(str(network) for network in networks)
 
     def _check_host_key(self) -> None:
         expected = {self.login_host} if self.ssh_port == 22 else {f"[{self.login_host}]:{self.ssh_port}"}

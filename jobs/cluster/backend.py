@@ -7,6 +7,12 @@ the login host sees it. Either way callers get a base URL, and the server still 
 URLs are built from their parts (httpx.URL), never by formatting a string: a host such as `10.0.0.9:2375/x?y=#`
 would bring a port and a path of its own into `http://{host}:{port}/v1/...`. A host that is not a host name or an IP
 address gets no URL at all (the poll refuses such an address before it is stored; this holds for any other way in).
+
+Nor does a host outside the cluster's compute-node networks (portal/nodenet.py): the poll stores the address it
+resolved and checked (pinned), and each URL and forward is built to that address after checking it again against
+the networks as they are now, with no lookup, so a name that resolves elsewhere later (DNS rebinding) changes nothing
+and narrowed networks take effect at the next request. A tunnel's login host gets the checked address too, never a
+name to resolve by its own lights.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ import httpx
 from django.db import close_old_connections
 
 from jobs.models import SERVING_STATES, LLMSession
-from portal import outbound, shellsafe, ssh
+from portal import nodenet, outbound, shellsafe, ssh
 
 log = logging.getLogger(__name__)
 
@@ -88,10 +94,15 @@ def is_address(host: object, port: object) -> bool:
     return shellsafe.network_host(host) and isinstance(port, int) and not isinstance(port, bool) and 0 < port < 65536
 
 
-def server_url(host: str, port: int) -> httpx.URL | None:
-    """http://host:port, built from its parts; None for anything that is not an address (logged)."""
+def server_url(host: str, port: int, networks: str) -> httpx.URL | None:
+    """http://host:port, built from its parts, for an IP address inside the cluster's compute-node networks (as
+    Cluster.node_networks spells them); None for anything else (logged): a name is never looked up here."""
     if not is_address(host, port):
         log.warning("no URL for %r port %r: not a host name or IP address and a port", host, port)
+        return None
+    if not nodenet.is_pinned(host, nodenet.networks(networks)):
+        log.warning("no URL for %r: not an IP address inside the compute-node networks (%s)", host,
+                    networks or "none set")  # fmt: skip
         return None
     return httpx.URL(scheme="http", host=host, port=port)
 
@@ -100,16 +111,18 @@ def base_url(session: LLMSession) -> httpx.URL | None:
     """http://host:port where this process reaches the session's server; None until it runs."""
     if not session.host or not session.port:
         return None
-    if session.cluster.node_access != session.cluster.NodeAccess.TUNNEL:
-        return server_url(session.host, session.port)
-    return forwarded_url(session.account.ssh_target(), session.host, session.port, str(session.pk))
+    cluster = session.cluster
+    if cluster.node_access != cluster.NodeAccess.TUNNEL:
+        return server_url(session.host, session.port, cluster.node_networks)
+    target = session.account.ssh_target()
+    return forwarded_url(target, session.host, session.port, str(session.pk), cluster.node_networks)
 
 
-def forwarded_url(target: ssh.SSHTarget, host: str, port: int, session_pk: str) -> httpx.URL | None:
+def forwarded_url(target: ssh.SSHTarget, host: str, port: int, session_pk: str, networks: str) -> httpx.URL | None:
     """The local end of the forward to host:port through the login host, opened on first use and then kept while
-    the session runs; None for an address that is not one."""
+    the session runs; None for an address that is not one inside the networks (server_url's rule)."""
     global _sweeper
-    if server_url(host, port) is None:
+    if server_url(host, port, networks) is None:
         return None
     key = (target.pool_key, host, port)
     with _lock:

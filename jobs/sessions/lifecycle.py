@@ -28,8 +28,8 @@ from catalog.models import ClusterAccount, ClusterRuntime, VariantLocation
 from jobs.cluster import backend, jobscript, layout, remote
 from jobs.models import END_STATES, POLLED_STATES, BatchRun, LLMSession, Purpose, SessionEvent, State, transition
 from jobs.operations import metrics
-from jobs.sessions import notify, queue_order, staging
-from portal import crypto, shellsafe, ssh
+from jobs.sessions import listed_nodes, notify, queue_order, staging
+from portal import crypto, nodenet, shellsafe, ssh
 from portal.slurm import jobstates, sbatch, times
 from portal.slurm.errors import SlurmParseError
 from portal.slurm.squeue import QueuedJob
@@ -291,9 +291,8 @@ AfterPoll = Callable[[Polled], object]  # what a poll's caller does with what it
 def poll(account_id: int) -> Polled:
     """One SSH command for all live sessions of one account; apply what Slurm says to each."""
     account = ClusterAccount.objects.select_related("cluster").get(pk=account_id)
-    sessions = list(
-        LLMSession.objects.filter(account=account, state__in=POLLED_STATES).exclude(job_id="").order_by("created_at")
-    )
+    live = LLMSession.objects.filter(account=account, state__in=POLLED_STATES).exclude(job_id="")
+    sessions = list(live.select_related("cluster").order_by("created_at"))  # each address is checked by its cluster
     if not sessions:
         return Polled({"sessions": 0})
     pending = [s.job_id for s in sessions if s.state in (State.QUEUED, State.UNKNOWN)]  # as far as the portal knows
@@ -522,15 +521,17 @@ def apply_poll(session: LLMSession, polled: remote.PollResult) -> int:
 def _serve_at(
     session: LLMSession, connection: dict[str, object], nodes: str, polled: remote.PollResult, started: datetime | None
 ) -> int:
-    """The job says its server answers at an address: checked against the job's own nodes (no request ever goes
-    elsewhere in the site's network), with a key of its own after a restart. Returns 1 if the session changed.
+    """The job says its server answers at an address: checked against the job's own nodes, then against the
+    cluster's compute-node networks, which alone decide (the nodes and their addresses come through the owner's own
+    account, whose shell its user controls); with a key of its own after a restart. The address stored is the one
+    the portal resolved and checked (pinned), which every request then goes to. Returns 1 if the session changed.
     `started` is Slurm's own start time of the job (GPU-hours count from it)."""
     sid = str(session.pk)
     host, port, key = connection.get("host"), connection.get("port"), connection.get("key") or ""
     allowed = polled.addresses_of(nodes)
     if allowed is None:  # Slurm did not say which addresses the job's nodes have: decide at the next poll
         return 0
-    refusal = ""
+    refusal, address = "", ""
     # Whatever Slurm says of the nodes: a port, path or user info in the host never gets near a URL.
     if not shellsafe.network_host(host):
         refusal = f"refused the address {host!r} the job reported: not a host name or an IP address"
@@ -540,6 +541,16 @@ def _serve_at(
         refusal = f"refused the port {port!r} the job reported: not one from 1024 to 65535"
     elif not (isinstance(key, str) and (not key or _API_KEY.fullmatch(key))):
         refusal = "refused the key the job reported: not one the portal makes"
+    elif (listed := listed_nodes.listed(session.cluster_id, session.job_id)) and not listed_nodes.same_nodes(
+        listed, nodes
+    ):
+        refusal = (f"refused the nodes {nodes} the job's poll reported: the cluster's status account lists the job "
+                   f"on {listed}")  # fmt: skip
+    else:
+        try:
+            address = nodenet.pin(host, nodenet.networks(session.cluster.node_networks))
+        except nodenet.Refused as exc:
+            refusal = f"refused the address {host!r} the job reported: {exc}"
     if refusal:
         if session.host:  # it was being sent requests: not any more (the transition records why)
             transition(
@@ -550,22 +561,23 @@ def _serve_at(
         return 0
     assert isinstance(host, str) and isinstance(port, int) and isinstance(key, str)
     fresh_key = bool(key) and key != session.api_key
-    if (session.state, session.host, session.port, session.node_list) == (State.RUNNING, host, port, nodes):
+    if (session.state, session.host, session.port, session.node_list) == (State.RUNNING, address, port, nodes):
         if not fresh_key:
             return 0
     elif session.state == State.RUNNING and session.host:
-        _note(session, f"the server moved from {session.host}:{session.port} to {host}:{port}")
+        _note(session, f"the server moved from {session.host}:{session.port} to {address}:{port}")
     # A model that loads between two polls still passed through "starting": record it.
     at_start = {"started_at": started} if started and session.started_at is None else {}
     transition(sid, State.STARTING, cause=f"Slurm: running on {nodes}", allowed_from={State.QUEUED}, node_list=nodes,
                **at_start)  # fmt: skip
-    fields: dict[str, Any] = {"host": host, "port": port, "node_list": nodes, "slurm_reason": ""}
+    fields: dict[str, Any] = {"host": address, "port": port, "node_list": nodes, "slurm_reason": ""}
     if fresh_key:
         fields["api_key_encrypted"] = crypto.encrypt(key)
+    at = f"{host}:{port}" if host == address else f"{host}:{port} ({address})"
     moved = transition(
         sid,
         State.RUNNING,
-        cause=f"the server answers its health check on {host}:{port}" + (" with a new key" if fresh_key else ""),
+        cause=f"the server answers its health check on {at}" + (" with a new key" if fresh_key else ""),
         allowed_from={State.QUEUED, State.STARTING, State.UNKNOWN, State.RUNNING},
         **fields,
     )

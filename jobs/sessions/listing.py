@@ -30,7 +30,7 @@ from catalog.models import Cluster, ClusterAccount
 from jobs.cluster import remote, slurm
 from jobs.models import POLLED_STATES, LLMSession, State
 from jobs.operations import metrics
-from jobs.sessions import lifecycle, queue_order
+from jobs.sessions import lifecycle, listed_nodes, queue_order
 from portal import ssh
 from portal.slurm import jobstates
 
@@ -96,6 +96,7 @@ def cycle(cluster_id: int) -> Cycle:
     queue_order.publish(
         cluster_id, {job_id: (partition, place) for (partition, job_id), place in polled.positions.items()}
     )
+    listed_nodes.publish(cluster_id, _running_nodes(listing, rows))
     by_account: dict[int, list[Any]] = defaultdict(list)
     for row in rows:
         by_account[row.account_id].append(row)
@@ -127,6 +128,23 @@ def _settles(listing: remote.Listing, row: Any) -> bool:
         owner == row.account__username and job.name == slurm.job_name(str(row.pk))
         and job.state in jobstates.PENDING_STATES
     )  # fmt: skip
+
+
+def _running_nodes(listing: remote.Listing, rows: list[Any]) -> dict[str, str]:
+    """Job id -> node list of each session's job the listing shows running under its own name and owner: what the
+    owner's own poll must agree with before its server is sent anything (lifecycle._serve_at)."""
+    nodes: dict[str, str] = {}
+    for row in rows:
+        entry = listing.jobs.get(row.job_id)
+        if entry is None:
+            continue
+        owner, job = entry
+        if (
+            owner == row.account__username and job.name == slurm.job_name(str(row.pk))
+            and job.state in jobstates.ACTIVE_STATES and job.node_list not in {"", "(null)"}
+        ):  # fmt: skip
+            nodes[row.job_id] = job.node_list
+    return nodes
 
 
 def _differs(polled: remote.PollResult, row: Any) -> bool:

@@ -133,7 +133,7 @@ def _sql(vendor: str) -> dict[str, str]:
     target = (
         f"SELECT {s('id')}, {s('owner')}, {s('state')}, {s('host')}, {s('port')}, {s('api_key_encrypted')}, "
         f"{s('node_list')}, {s('last_activity_at')}, c.{_col(Cluster, 'node_access')}, "
-        f"m.{_col(ModelCard, 'name')}, v.{_col(ModelVariant, 'quantization')}, "
+        f"m.{_col(ModelCard, 'name')}, v.{_col(ModelVariant, 'quantization')}, c.{_col(Cluster, 'node_networks')}, "
         f"c.{_col(Cluster, 'login_host')}, c.{_col(Cluster, 'ssh_port')}, c.{_col(Cluster, 'host_key')}, "
         f"a.{_col(ClusterAccount, 'username')}, a.{_col(ClusterAccount, 'private_key_encrypted')} "
         f"FROM {_q(session)} s "
@@ -365,6 +365,7 @@ def target(user: Holder, key: str, route: str = "api", note: bool = True) -> Tar
     pk_value, owner_pk, state, host, port, key_encrypted, node_list, last_activity, access, model, quantization = row[
         :11
     ]
+    networks = row[11]
     if int(owner_pk) != user.user_pk:
         support = by_uuid and (user.sees_all if user.sees_all is not None else sees_all(user.user_pk))
         if not support and not _shared(pk_value, user.user_pk, route):
@@ -374,9 +375,10 @@ def target(user: Holder, key: str, route: str = "api", note: bool = True) -> Tar
     due = False
     if state in SERVING_STATES and host and port:
         if access == Cluster.NodeAccess.TUNNEL:
-            base = backend.forwarded_url(ClusterAccount.target_of(*row[11:]), host, port, str(uuid.UUID(str(pk_value))))
+            ssh_target = ClusterAccount.target_of(*row[12:])
+            base = backend.forwarded_url(ssh_target, host, port, str(uuid.UUID(str(pk_value))), networks)
         else:
-            base = backend.server_url(host, port)
+            base = backend.server_url(host, port, networks)
         secret = _opened(key_encrypted)
         now = timezone.now()
         last_activity = _aware(last_activity)

@@ -56,7 +56,7 @@ def test_the_api_reaches_a_tunnel_clusters_server_through_the_forward(running: L
     Cluster.objects.filter(pk=running.cluster_id).update(node_access=Cluster.NodeAccess.TUNNEL)
     found = targets.target(targets.Holder(owner.pk, sees_all=False), "tiny")
     assert found is not None and str(found.base).startswith("http://127.0.0.1:")
-    assert running.port is not None and found.base != backend.server_url(running.host, running.port)
+    assert running.port is not None and found.base != backend.server_url(running.host, running.port, "127.0.0.0/8")
     _, token = ApiToken.issue(owner, "script")
     reply = Portal(bearer(token)).post("/api/v1/chat/completions", json={**CHAT, "model": "tiny"})
     assert reply.status_code == 200 and reply.json()["choices"][0]["message"]["role"] == "assistant"

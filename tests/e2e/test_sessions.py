@@ -116,7 +116,7 @@ def test_the_portal_reaches_the_server_through_an_ssh_tunnel_too(
     session = drive(start(owner, django_capture_on_commit_callbacks), lambda s: s.state == State.RUNNING or s.is_ended)
     url = backend.base_url(session)
     assert url is not None and session.port is not None and url.host == "127.0.0.1"
-    assert url != backend.server_url(session.host, session.port)
+    assert url != backend.server_url(session.host, session.port, session.cluster.node_networks)
     key = {"Authorization": f"Bearer {session.api_key}"}
     assert httpx.get(url.copy_with(path="/v1/models"), headers=key, timeout=10).status_code == 200
     assert httpx.get(url.copy_with(path="/v1/models"), timeout=10).status_code == 401

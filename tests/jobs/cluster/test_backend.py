@@ -41,16 +41,16 @@ def running(account: ClusterAccount, owner: Any, django_capture_on_commit_callba
 
 
 def test_a_forward_closes_once_its_session_no_longer_runs(running: LLMSession, account: ClusterAccount) -> None:
-    url = backend.forwarded_url(NOWHERE, "127.0.0.7", 8080, str(running.pk))
-    assert accepts(url) and backend.forwarded_url(NOWHERE, "127.0.0.7", 8080, str(running.pk)) == url
+    url = backend.forwarded_url(NOWHERE, "127.0.0.7", 8080, str(running.pk), "127.0.0.0/8")
+    assert accepts(url) and backend.forwarded_url(NOWHERE, "127.0.0.7", 8080, str(running.pk), "127.0.0.0/8") == url
     assert backend.sweep() == 0  # still running: kept
     transition(running.pk, State.CANCELLED, cause="test")
     assert backend.sweep() == 1 and not accepts(url)
 
 
 def test_an_address_taken_by_another_session_gets_a_new_forward(running: LLMSession, account: ClusterAccount) -> None:
-    old = backend.forwarded_url(NOWHERE, "127.0.0.7", 8080, str(running.pk))
-    new = backend.forwarded_url(NOWHERE, "127.0.0.7", 8080, "another-session")
+    old = backend.forwarded_url(NOWHERE, "127.0.0.7", 8080, str(running.pk), "127.0.0.0/8")
+    new = backend.forwarded_url(NOWHERE, "127.0.0.7", 8080, "another-session", "127.0.0.0/8")
     assert new != old and accepts(new) and not accepts(old)
 
 
@@ -60,15 +60,28 @@ def test_an_address_taken_by_another_session_gets_a_new_forward(running: LLMSess
      ("localhost", 0), ("localhost", 70000), ("localhost", True), ("", 8080)],
 )  # fmt: skip
 def test_a_servers_url_is_built_from_a_host_and_a_port_or_not_at_all(host: str, port: int) -> None:
-    assert backend.server_url(host, port) is None
-    assert backend.forwarded_url(NOWHERE, host, port, "a-session") is None  # no forward opened to it either
+    assert backend.server_url(host, port, "127.0.0.0/8, ::1/128") is None
+    assert backend.forwarded_url(NOWHERE, host, port, "a-session", "127.0.0.0/8, ::1/128") is None  # nor a forward
 
 
-def test_a_servers_url_takes_names_and_ip_addresses() -> None:
-    assert str(backend.server_url("node1.cluster.example.edu", 30123)) == "http://node1.cluster.example.edu:30123"
-    assert str(backend.server_url("127.0.0.1", 30123)) == "http://127.0.0.1:30123"
-    url = backend.server_url("::1", 30123)
+def test_a_servers_url_takes_only_an_ip_address_inside_the_clusters_networks() -> None:
+    assert str(backend.server_url("127.0.0.1", 30123, "127.0.0.0/8")) == "http://127.0.0.1:30123"
+    url = backend.server_url("::1", 30123, "::1/128")
     assert url is not None and str(url.copy_with(path="/v1/models")) == "http://[::1]:30123/v1/models"
+    # A name is never looked up here: the poll pins the address it checked, and only that is sent to.
+    assert backend.server_url("localhost", 30123, "127.0.0.0/8") is None
+    assert backend.server_url("127.0.0.2", 30123, "127.0.0.1/32") is None
+    assert backend.server_url("::1", 30123, "127.0.0.0/8") is None
+    assert backend.server_url("::ffff:127.0.0.2", 30123, "127.0.0.1/32") is None  # IPv4-mapped: its IPv4 address
+    assert backend.server_url("127.0.0.1", 30123, "") is None  # no networks set: nothing
+    assert backend.forwarded_url(NOWHERE, "127.0.0.2", 30123, "a-session", "127.0.0.1/32") is None
+
+
+def test_networks_narrowed_by_an_admin_stop_a_running_sessions_requests_at_once(running: LLMSession) -> None:
+    assert backend.base_url(running) is not None
+    running.cluster.node_networks = "10.0.1.0/24"
+    running.cluster.save()
+    assert backend.base_url(LLMSession.objects.get(pk=running.pk)) is None
 
 
 def test_a_session_with_a_stored_host_that_is_no_address_has_no_url(running: LLMSession) -> None:
