@@ -1,12 +1,13 @@
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypeVar
 
 from django import forms
 from django.contrib import admin, messages
+from django.contrib.admin.options import BaseModelAdmin
 from django.contrib.auth.models import User
 from django.core.exceptions import ValidationError
-from django.db.models import Count, Exists, OuterRef, QuerySet
+from django.db.models import Count, Exists, Model, OuterRef, QuerySet
 from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
 from django.shortcuts import get_object_or_404
 from django.template.response import TemplateResponse
@@ -18,6 +19,8 @@ from catalog import scan as scanning
 from catalog.add_model import add, add_all, cluster_reader, inspect
 from catalog.inventory import DiscoverError
 from catalog.models import (
+    CODE_PERMISSION,
+    RUNS_CODE,
     TRUST_PERMISSION,
     Cluster,
     ClusterAccount,
@@ -41,6 +44,31 @@ NO_NETWORKS = (
 )
 
 
+# Said where staff without the permission meet the fields it guards (catalog/models/runs_code.py).
+NOT_CODE = (
+    "Changing what runs as every researcher (runtime programs, modules, flags, Slurm binaries, model locations and "
+    'staging paths) needs the permission "Can change what runs as every researcher", which a superuser grants.'
+)
+
+
+_M = TypeVar("_M", bound=Model)
+
+
+def may_change_code(request: HttpRequest) -> bool:
+    return request.user.has_perm(CODE_PERMISSION)
+
+
+class RunsCodeReadOnly(BaseModelAdmin[_M]):
+    """RUNS_CODE's fields are read-only to staff without CODE_PERMISSION: they run as every researcher on the cluster,
+    which change permission on the model does not entrust to anyone."""
+
+    def get_readonly_fields(self, request: HttpRequest, obj: _M | None = None) -> list[str]:
+        fields = list(super().get_readonly_fields(request, obj))
+        if may_change_code(request):
+            return fields
+        return [*fields, *(name for name in RUNS_CODE[self.model] if name not in fields)]
+
+
 class PartitionInline(admin.TabularInline[Partition, Cluster]):
     model = Partition
     extra = 0
@@ -50,14 +78,18 @@ class PartitionInline(admin.TabularInline[Partition, Cluster]):
     show_change_link = True
 
 
-class ClusterRuntimeInline(admin.TabularInline[ClusterRuntime, Cluster]):
+class ClusterRuntimeInline(RunsCodeReadOnly[ClusterRuntime], admin.TabularInline[ClusterRuntime, Cluster]):
     model = ClusterRuntime
     extra = 0
     fields = ["runtime", "modules", "binary", "rpc_binary", "model_dir", "extra_flags"]
 
+    def has_add_permission(self, request: HttpRequest, obj: Cluster | None = None) -> bool:
+        """A runtime on a cluster is a program every researcher runs: adding one is choosing it."""
+        return may_change_code(request) and super().has_add_permission(request, obj)
+
 
 @admin.register(Cluster)
-class ClusterAdmin(admin.ModelAdmin[Cluster]):
+class ClusterAdmin(RunsCodeReadOnly[Cluster], admin.ModelAdmin[Cluster]):
     list_display = [
         "name",
         "slug",
@@ -125,7 +157,7 @@ class ClusterAdmin(admin.ModelAdmin[Cluster]):
             account = discovery.account_for(request.user, cluster)
             plan = discovery.plan(cluster, discovery.read_slurm(account))
             if request.method == "POST":
-                report = discovery.apply(plan, account)
+                report = discovery.apply(plan, account, may_change_code=may_change_code(request))
                 messages.success(request, f"{cluster.name}: " + ("; ".join(report.lines()) or "nothing to change"))
                 return HttpResponseRedirect(reverse("admin:catalog_cluster_change", args=[cluster.pk]))
         except CatalogImportError as exc:
@@ -149,6 +181,10 @@ class ClusterAdmin(admin.ModelAdmin[Cluster]):
                                    "opts": self.model._meta, "cluster": cluster, "form": form}  # fmt: skip
         if request.method == "POST" and form.is_valid():
             applying = "apply" in request.POST
+            if applying and not may_change_code(request):
+                # What a scan adds is where every researcher's jobs load a model from.
+                form.add_error("paths", f"Nothing was applied: {NOT_CODE}")
+                return TemplateResponse(request, "admin/catalog/cluster/scan.html", context)
             try:
                 found = scanning.scan(form.cleaned_data["paths"], cluster_reader(request.user, cluster))
                 outcomes = add_all(found.models, cluster, dry_run=not applying)
@@ -259,17 +295,20 @@ class NodeGroupAdmin(admin.ModelAdmin[NodeGroup]):
 
 
 @admin.register(Runtime)
-class RuntimeAdmin(admin.ModelAdmin[Runtime]):
+class RuntimeAdmin(RunsCodeReadOnly[Runtime], admin.ModelAdmin[Runtime]):
     list_display = ["kind", "display_name", "default_flags"]
     search_fields = ["kind", "display_name"]
 
 
 @admin.register(ClusterRuntime)
-class ClusterRuntimeAdmin(admin.ModelAdmin[ClusterRuntime]):
+class ClusterRuntimeAdmin(RunsCodeReadOnly[ClusterRuntime], admin.ModelAdmin[ClusterRuntime]):
     list_display = ["runtime", "cluster", "modules", "binary", "rpc_binary"]
     list_filter = ["runtime", "cluster"]
     search_fields = ["cluster__slug", "modules", "binary"]
     list_select_related = ["runtime", "cluster"]
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return may_change_code(request) and super().has_add_permission(request)
 
 
 class ModelVariantInline(admin.TabularInline[ModelVariant, ModelCard]):
@@ -315,7 +354,7 @@ class ModelCardAdmin(admin.ModelAdmin[ModelCard]):
         """Read a GGUF header or an HF config.json (here, or on a cluster as the admin's account) into the catalog."""
         if not self.has_add_permission(request):
             return HttpResponseRedirect(reverse("admin:catalog_modelcard_changelist"))
-        form = AddFromFileForm(request.POST or None)
+        form = AddFromFileForm(request.POST or None, may_locate=may_change_code(request))
         if request.method == "POST" and form.is_valid():
             cluster = form.cleaned_data["cluster"]
             assert isinstance(request.user, User)  # admin_view let only signed-in staff through
@@ -352,6 +391,17 @@ class AddFromFileForm(forms.Form):
     )
     name = forms.CharField(max_length=120, required=False, help_text="Model card name (default: from the file).")
 
+    def __init__(self, *args: Any, may_locate: bool, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.may_locate = may_locate
+
+    def clean_cluster(self) -> Cluster | None:
+        """A location on a cluster is the file every researcher's job loads there."""
+        cluster: Cluster | None = self.cleaned_data["cluster"]
+        if cluster is not None and not self.may_locate:
+            raise ValidationError(f"The model's location on a cluster is what its jobs load. {NOT_CODE}")
+        return cluster
+
 
 class ScanForm(forms.Form):
     paths = forms.CharField(
@@ -364,10 +414,14 @@ class ScanForm(forms.Form):
         return scanning.check_paths([line for line in self.cleaned_data["paths"].splitlines() if line.strip()])
 
 
-class VariantLocationInline(admin.TabularInline[VariantLocation, ModelVariant]):
+class VariantLocationInline(RunsCodeReadOnly[VariantLocation], admin.TabularInline[VariantLocation, ModelVariant]):
     model = VariantLocation
     extra = 0
     fields = ["cluster", "path", "ollama_tag"]
+
+    def has_add_permission(self, request: HttpRequest, obj: ModelVariant | None = None) -> bool:
+        """A location is the file every researcher's job loads: adding one is choosing it."""
+        return may_change_code(request) and super().has_add_permission(request, obj)
 
 
 @admin.register(ModelVariant)
@@ -380,11 +434,19 @@ class ModelVariantAdmin(admin.ModelAdmin[ModelVariant]):
 
 
 @admin.register(VariantLocation)
-class VariantLocationAdmin(admin.ModelAdmin[VariantLocation]):
+class VariantLocationAdmin(RunsCodeReadOnly[VariantLocation], admin.ModelAdmin[VariantLocation]):
     list_display = ["variant", "cluster", "path", "ollama_tag"]
     list_filter = ["cluster"]
     search_fields = ["variant__model__name", "path", "ollama_tag"]
     list_select_related = ["variant__model", "cluster"]
+
+    def get_readonly_fields(self, request: HttpRequest, obj: VariantLocation | None = None) -> list[str]:
+        """Which variant a location serves is part of what it loads, here where it is a field."""
+        fields = super().get_readonly_fields(request, obj)
+        return fields if may_change_code(request) else [*fields, "variant"]
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return may_change_code(request) and super().has_add_permission(request)
 
 
 class ClusterAccountForm(forms.ModelForm[ClusterAccount]):

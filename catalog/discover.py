@@ -75,11 +75,12 @@ def plan(cluster: Cluster, text: str) -> Plan:
     return Plan(cluster, found, changes, document)
 
 
-def apply(chosen: Plan, account: ClusterAccount | None = None) -> ImportReport:
+def apply(chosen: Plan, account: ClusterAccount | None = None, *, may_change_code: bool = True) -> ImportReport:
     """Through the YAML importer, all or nothing (an unknown GPU's missing memory is refused there, with its line),
-    then what Slurm no longer lists is marked missing (never deleted: sessions keep their history)."""
+    then what Slurm no longer lists is marked missing (never deleted: sessions keep their history). Discovery changes
+    nothing that runs as every researcher; `may_change_code` (the admin's permission) makes sure of it."""
     with transaction.atomic():
-        report = import_catalog(chosen.text, f"discover:{chosen.cluster.slug}")
+        report = import_catalog(chosen.text, f"discover:{chosen.cluster.slug}", may_change_code=may_change_code)
         record(chosen, account, [c for c in chosen.changes if c.kind == "gone"])
     return report
 

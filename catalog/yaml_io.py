@@ -7,6 +7,10 @@ within its partition, model name, quantisation within its model, and cluster wit
 
 Import is all-or-nothing: it runs in one transaction, collects every error it can find (each naming the file, the
 line and the path of the field), and rolls back if there is any.
+
+What runs as every researcher (catalog/models/runs_code.py) changes only with `may_change_code`: `manage.py catalog
+import` is an operator's own act and may; an import on someone's behalf (the admin's discovery) passes whether they
+hold the permission, and a change to those fields is then an error like any other.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from django.db import models, transaction
 
 from catalog import architecture
 from catalog.models import (
+    CODE_PERMISSION,
     Cluster,
     ClusterRuntime,
     GPUType,
@@ -34,6 +39,7 @@ from catalog.models import (
     Runtime,
     VariantLocation,
 )
+from catalog.models.runs_code import changed_code
 from catalog.quant import canonical_quant
 
 FORMAT_VERSION = 1
@@ -320,10 +326,11 @@ class _Rollback(Exception):
 
 
 class _Importer:
-    def __init__(self, located: Located, filename: str) -> None:
+    def __init__(self, located: Located, filename: str, may_change_code: bool = True) -> None:
         self.lines = located.lines
         self.data = located.data
         self.filename = filename
+        self.may_change_code = may_change_code
         self.errors: list[CatalogError] = []
         self.report = ImportReport()
         self.touched: dict[type[models.Model], set[int]] = defaultdict(set)
@@ -437,6 +444,8 @@ class _Importer:
                 for message in messages:
                     self.error(where, message)
             return None
+        if not self.may_change_code and self.refused_code(obj, before, path, spec):
+            return None
         kind = ENTITY_LABELS[model]
         if created:
             obj.save()
@@ -448,6 +457,19 @@ class _Importer:
             self.report.unchanged[kind].append(label)
         self.touched[model].add(obj.pk)
         return obj
+
+    def refused_code(self, obj: models.Model, before: dict[str, Any] | None, path: Path, spec: tuple[F, ...]) -> bool:
+        """Whether the entry changes what runs as every researcher (a new object: sets it), each such key an error."""
+        changed = changed_code(obj, _snapshot(type(obj)()) if before is None else before)
+        keys = {f.target: f.key for f in _flat(spec) if f.target}
+        for name in changed:
+            key = keys.get(name, name)
+            self.error(
+                (*path, *_group_path(spec, key)),
+                f"{key!r} runs as every researcher who launches with it: changing it needs the permission "
+                f"{CODE_PERMISSION} (`manage.py catalog import` does not ask)",
+            )
+        return bool(changed)
 
     def section(self, key: str) -> Iterator[tuple[Path, Any]]:
         items = self.data.get(key) if isinstance(self.data, dict) else None
@@ -581,12 +603,13 @@ class _Importer:
             self.report.left[kind] = [str(obj) for obj in rest]
 
 
-def import_catalog(text: str, filename: str, *, dry_run: bool = False) -> ImportReport:
-    """Validate and upsert a whole catalog file in one transaction; raise CatalogImportError listing every problem."""
+def import_catalog(text: str, filename: str, *, dry_run: bool = False, may_change_code: bool = True) -> ImportReport:
+    """Validate and upsert a whole catalog file in one transaction; raise CatalogImportError listing every problem.
+    Without `may_change_code`, setting a field that runs as every researcher is one of them."""
     located, syntax_errors = read_yaml(text)
     if located is None or syntax_errors:
         raise CatalogImportError([CatalogError(filename, line, path_text(p), m) for line, p, m in syntax_errors])
-    importer = _Importer(located, filename)
+    importer = _Importer(located, filename, may_change_code)
     try:
         with transaction.atomic():
             importer.run()

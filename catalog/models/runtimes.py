@@ -73,6 +73,12 @@ class ClusterRuntime(models.Model):
         ordering = ["cluster__name", "runtime__kind"]
         constraints = [models.UniqueConstraint(fields=["cluster", "runtime"], name="one_install_per_cluster")]
         verbose_name = "runtime on a cluster"
+        # catalog.models.runs_code.CODE_PERMISSION: the fields there run as every researcher; change permission on
+        # this model alone does not let staff change them.
+        permissions = [
+            ("change_runtime_code", "Can change what runs as every researcher (runtime programs, modules, flags, "
+             "model paths)")
+        ]  # fmt: skip
 
     def __str__(self) -> str:
         return f"{self.runtime.kind} on {self.cluster.slug}"
