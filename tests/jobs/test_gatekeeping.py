@@ -140,12 +140,16 @@ def test_accounts_prints_the_restricted_line_and_marks_the_account(example_catal
     assert "authorized_keys" in err.getvalue()
     tunnel = Cluster.objects.filter(node_access=Cluster.NodeAccess.TUNNEL).first()
     assert tunnel is not None
-    with pytest.raises(CommandError, match="--permit-open NODE"):
+    with pytest.raises(CommandError, match="--permit-open ADDRESS"):
         call_command("accounts", "add", "--user", owner.username, "--cluster", tunnel.slug, "--username", "ada",
                      "--restricted", stdout=out)  # fmt: skip
     call_command("accounts", "add", "--user", owner.username, "--cluster", tunnel.slug, "--username", "ada",
-                 "--restricted", "--permit-open", "gpu01:*", stdout=(printed := io.StringIO()))  # fmt: skip
-    assert 'permitopen="gpu01:*"' in printed.getvalue()
+                 "--restricted", "--permit-open", "10.1.0.11:*", "--permit-open", "fd00::5:*",
+                 stdout=(printed := io.StringIO()))  # fmt: skip
+    assert 'permitopen="10.1.0.11:*",permitopen="[fd00::5]:*"' in printed.getvalue()
+    with pytest.raises(CommandError, match="takes ADDRESS:PORT"):  # a name: the portal forwards to addresses only
+        call_command("accounts", "key", str(ClusterAccount.objects.get(user=owner, cluster=tunnel).pk),
+                     "--permit-open", "gpu01:*", stdout=io.StringIO())  # fmt: skip
 
 
 def test_the_connection_test_learns_which_kind_of_line_the_key_has(
@@ -169,3 +173,25 @@ def test_the_connection_test_learns_which_kind_of_line_the_key_has(
     account.refresh_from_db()
     assert result.ok and account.restricted and "restricted key" in result.message
     assert [c.split(" ", 1)[0] for c in asked] == ["bash", gate.GATE_WORD]
+
+
+def test_accounts_test_says_which_kind_of_key_it_is(
+    example_catalog: Path, account: ClusterAccount, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from django.core.management import CommandError, call_command
+
+    from portal import ssh
+
+    def plain_line(target: Any, command: str, **options: Any) -> ssh.CommandResult:
+        return ssh.CommandResult(0, "gpu\n", "")
+
+    monkeypatch.setattr(ssh.pool, "run", plain_line)
+    call_command("accounts", "test", str(account.pk), stdout=(out := io.StringIO()))
+    assert "plain key" in out.getvalue() and "accounts key" in out.getvalue()
+
+    def refused(target: Any, command: str, **options: Any) -> ssh.CommandResult:
+        return ssh.CommandResult(255, "", "Permission denied (publickey)")
+
+    monkeypatch.setattr(ssh.pool, "run", refused)
+    with pytest.raises(CommandError, match="sinfo failed"):
+        call_command("accounts", "test", str(account.pk), stdout=io.StringIO())

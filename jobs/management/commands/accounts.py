@@ -1,8 +1,10 @@
-"""`manage.py accounts add|add-service|key|list`: give a portal user an identity on a cluster, set up a service
-account, or print the authorized_keys line that restricts an account's key to the portal's gate."""
+"""`manage.py accounts add|add-service|key|test|list`: give a portal user an identity on a cluster, set up a service
+account, print the authorized_keys line that restricts an account's key to the portal's gate, or test a login (and
+learn which kind of key it is)."""
 
 from __future__ import annotations
 
+import ipaddress
 from argparse import ArgumentParser
 from pathlib import Path
 from typing import Any
@@ -12,7 +14,7 @@ from django.core.management.base import BaseCommand, CommandError
 
 from catalog.models import Cluster, ClusterAccount
 from jobs import gatekeeping
-from portal import shellsafe
+from jobs.cluster import login
 from portal.errors import text_of
 from portal.users import find_user
 
@@ -37,12 +39,14 @@ class Command(BaseCommand):
             "--permit-open",
             action="append",
             default=[],
-            metavar="NODE:PORT",
-            help="where a restricted key may forward (clusters reached through tunnels; PORT may be *)",
+            metavar="ADDRESS:PORT",
+            help="a node's IP address a restricted key may forward to (a cluster reached through tunnels; PORT: *)",
         )
+        t = sub.add_parser("test", help="log in as an account and ask Slurm; says whether its key is restricted")
+        t.add_argument("account", type=int, help="its id (manage.py accounts list)")
         k = sub.add_parser("key", help="print an account's restricted authorized_keys line (and mark it restricted)")
         k.add_argument("account", type=int, help="its id (manage.py accounts list)")
-        k.add_argument("--permit-open", action="append", default=[], metavar="NODE:PORT")
+        k.add_argument("--permit-open", action="append", default=[], metavar="ADDRESS:PORT")
         s = sub.add_parser(
             "add-service",
             help="create or update a service account (a cluster user no researcher controls: it may read site-wide "
@@ -65,6 +69,15 @@ class Command(BaseCommand):
                 self.stdout.write(
                     f"{account.pk:>5}  {account}  {account.kind}  {key}  slurm account: {slurm_account}{reads}"
                 )
+            return
+        if o["action"] == "test":
+            tested = ClusterAccount.objects.select_related("cluster").filter(pk=o["account"]).first()
+            if tested is None:
+                raise CommandError(f"there is no cluster account {o['account']}")
+            checked = login.check(tested)
+            if not checked.ok:
+                raise CommandError(checked.message)
+            self.stdout.write(checked.message)
             return
         if o["action"] == "key":
             found = ClusterAccount.objects.select_related("cluster").filter(pk=o["account"]).first()
@@ -122,13 +135,22 @@ class Command(BaseCommand):
         if account.cluster.node_access == account.cluster.NodeAccess.TUNNEL and not permit_open:
             raise CommandError(
                 f"{account.cluster.name} reaches its nodes through SSH tunnels, which a restricted key may open only "
-                "to the nodes it names: give each with --permit-open NODE:* (the names Slurm's NodeAddr says), or "
+                "to the addresses it names: give each node's IP address with --permit-open ADDRESS:* (the portal "
+                "forwards to the address it checked against the cluster's node networks, never to a name), or "
                 "set the cluster's node access to direct where the portal reaches the nodes itself"
             )
+        targets = []
         for target in permit_open:
             host, _, port = target.rpartition(":")
-            if not (shellsafe.HOSTNAME.accepts(host) and (port == "*" or port.isdigit())):
-                raise CommandError(f"--permit-open takes NODE:PORT or NODE:*, not {target!r}")
+            try:
+                address = ipaddress.ip_address(host.strip("[]"))
+            except ValueError:
+                address = None
+            if address is None or not (port == "*" or port.isdigit()):
+                raise CommandError(f"--permit-open takes ADDRESS:PORT or ADDRESS:*, not {target!r}")
+            # sshd's permitopen writes an IPv6 address in brackets.
+            targets.append(f"[{address}]:{port}" if address.version == 6 else f"{address}:{port}")
+        permit_open = targets
         account.restricted = True
         account.save()
         self.stdout.write(gatekeeping.key_line(account, permit_open))
