@@ -121,12 +121,16 @@ GATE_WORD = AllowList(r"^[A-Za-z0-9_.:/@+,=%-]{1,4096}\Z", "The gate takes words
 # The arguments of the portal's own commands on a cluster (portal/gate.py's verbs), besides the lists above.
 COUNT = AllowList(r"^[0-9]{1,9}\Z", "A count is digits.")
 FLAG = AllowList(r"^[01]\Z", "A flag is 0 or 1.")
-POLL_PAIR = AllowList(
-    r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}:(?:[0-9]+(?:_[0-9]+)?)?\Z",
-    "A session's uuid, ':' and its job id (or none yet).",
-)
+
+
+def inner(allowed: AllowList) -> str:
+    """A list's pattern without its anchors, to sit inside a larger one (one definition of a uuid, a job id...)."""
+    return allowed.regex.removeprefix("^").removesuffix("\\Z")
+
+
+POLL_PAIR = AllowList(f"^{inner(UUID)}:(?:{inner(JOB_ID)})?\\Z", "A session's uuid, ':' and its job id (or none yet).")
 WATCH_PAIR = AllowList(
-    r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}:(?:starting|running)\Z",
+    f"^{inner(UUID)}:(?:starting|running)\\Z",
     "A session's uuid, ':' and what the watch waits for (starting or running).",
 )
 RESULTS_KIND = AllowList(r"^(?:results|output)\Z", "results or output.")

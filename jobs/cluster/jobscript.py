@@ -191,26 +191,21 @@ _QUOTED = r"(?:[A-Za-z0-9_@%+=:,./-]+|'[^']*(?:'\"'\"'[^']*)*')"
 _ARRAYS = ("MODULES", "DEFAULT_FLAGS", "EXTRA_FLAGS")
 
 
-def _anchored(allowed: shellsafe.AllowList) -> str:
-    """An allow-list's pattern without its anchors, to sit inside a larger one."""
-    return allowed.regex.removeprefix("^").removesuffix("\\Z")
-
-
 def header_rules(pinned: dict[str, list[str]]) -> list[str]:
     """The lines a job script's header may have, as regexes: render's #SBATCH lines with the same allow-lists, its
     comments, the layout's assignments and one quoted assignment a line for every value. `pinned`: names whose
     value must be one of these (as render writes them: a quoted word, or an array), such as the cluster's binaries."""
     word = r"[1-9][0-9]{0,8}"
     sbatch = {
-        "job-name": re.escape(JOB_NAME_PREFIX) + _anchored(shellsafe.UUID),
-        "partition": _anchored(shellsafe.SLURM_NAME),
-        "account": _anchored(shellsafe.SLURM_ACCOUNT),
+        "job-name": re.escape(JOB_NAME_PREFIX) + shellsafe.inner(shellsafe.UUID),
+        "partition": shellsafe.inner(shellsafe.SLURM_NAME),
+        "account": shellsafe.inner(shellsafe.SLURM_ACCOUNT),
         "nodes": word,
         "ntasks-per-node": "1",
         "cpus-per-task": word,
         "mem": word + "G",
-        "gres": f"gpu:{_anchored(shellsafe.SLURM_NAME)}:{word}",
-        "constraint": _anchored(shellsafe.SLURM_NAME),
+        "gres": f"gpu:{shellsafe.inner(shellsafe.SLURM_NAME)}:{word}",
+        "constraint": shellsafe.inner(shellsafe.SLURM_NAME),
         "time": word,
         "output": re.escape(layout.NAMES.job_log),
         "open-mode": "append",

@@ -106,7 +106,7 @@ def _named(name: str) -> str:
 # key, the portal's own helpers byte for byte, and a batch launch's requests.
 _HELPERS = sorted({name for rules in RUNTIMES.values() for name in rules.job_files} | set(jobscript.BATCH_FILES))
 _HELPER_NAMES = "^(?:" + "|".join(re.escape(name) for name in _HELPERS) + ")\\Z"
-_UUID_PART = shellsafe.UUID.regex.removeprefix("^").removesuffix("\\Z")
+_UUID_PART = shellsafe.inner(shellsafe.UUID)
 SUBMIT_UPLOAD = gate.Upload(
     (
         (_named(layout.NAMES.job_script), "job"),
