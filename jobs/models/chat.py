@@ -34,6 +34,9 @@ class ChatMessage(models.Model):
     conversation = models.ForeignKey(Conversation, on_delete=models.CASCADE, related_name="messages")
     role = models.CharField(max_length=10, choices=Role.choices)
     content = models.TextField()
+    # The functions a reply asked for, in OpenAI's shape ({id, type, function: {name, arguments}}), kept so that the
+    # page shows them and the conversation goes back to the model as it was; the portal never runs them.
+    tool_calls = models.JSONField(default=list, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
     # Per reply: what researchers otherwise measure by hand.
     ttft_ms = models.PositiveIntegerField(null=True, blank=True)

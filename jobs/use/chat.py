@@ -1,9 +1,12 @@
 """The chat's rules, apart from its pages: Markdown to safe HTML, the history sent to the model, a conversation's
-title, saving a reply with its timings, asking without streaming, and the export formats."""
+title, saving a reply with its timings and the tool calls it asked for, asking without streaming, and the export
+formats."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
@@ -26,6 +29,11 @@ ALLOWED_ATTRIBUTES = {"a": {"href", "title"}, "code": {"class"}}
 NEW_TITLE = "New chat"  # until the first question names the conversation
 TITLE_CHARS = 80
 ASK_TIMEOUT_S = 600  # a long prompt on a big model can take minutes
+# A reply's tool calls are kept whole (bounded, as its content is, by the request or reply that carried them), but a
+# reply asking for more calls than a person reads, or with a name or id longer than any real one, is a model
+# misbehaving: the rest is dropped rather than stored.
+MAX_TOOL_CALLS = 64
+TOOL_NAME_CHARS = TOOL_ID_CHARS = 256
 
 
 def render_markdown(text: str) -> str:
@@ -39,9 +47,78 @@ def render_markdown(text: str) -> str:
     )
 
 
-def messages_for_api(system_prompt: str, history: list[ChatMessage]) -> list[dict[str, str]]:
-    out = [{"role": "system", "content": system_prompt}] if system_prompt else []
-    return out + [{"role": m.role, "content": m.content} for m in history]
+def tool_calls_of(value: Any) -> list[dict[str, Any]]:
+    """The tool calls of a reply (the browser's gathering of a stream, or the server's own message) in OpenAI's shape,
+    every field a string: anything else is dropped, not refused, as the timings are, since the reply matters more.
+    The arguments stay the model's own text, JSON or not, so that they go back to it unchanged."""
+    if not isinstance(value, list):
+        return []
+    calls: list[dict[str, Any]] = []
+    for item in value[:MAX_TOOL_CALLS]:
+        function = item.get("function") if isinstance(item, dict) else None
+        if not isinstance(function, dict):
+            continue
+        arguments = function.get("arguments")
+        if not isinstance(arguments, str):
+            # Some servers hand over the arguments as an object rather than as its JSON text.
+            arguments = "" if arguments is None else json.dumps(arguments)
+        calls.append({
+            "id": _text(item.get("id"), TOOL_ID_CHARS),
+            "type": "function",
+            "function": {"name": _text(function.get("name"), TOOL_NAME_CHARS), "arguments": arguments},
+        })  # fmt: skip
+    return calls
+
+
+def _text(value: Any, chars: int) -> str:
+    return value[:chars] if isinstance(value, str) else ""
+
+
+@dataclass(frozen=True)
+class ShownToolCall:
+    name: str
+    arguments: str  # pretty-printed when they are JSON, else as the model wrote them
+
+
+@dataclass(frozen=True)
+class Shown:
+    """A stored message as the chat page shows it; the template escapes the tool calls' text like any other."""
+
+    message: ChatMessage
+    html: str  # the content, sanitised
+    tool_calls: list[ShownToolCall]
+    tool_calls_json: str  # for the page's script, which sends them back with the conversation; "" when none
+
+
+def pretty_arguments(arguments: str) -> str:
+    try:
+        return json.dumps(json.loads(arguments), indent=2, ensure_ascii=False)
+    except (ValueError, RecursionError):
+        return arguments
+
+
+def shown(message: ChatMessage) -> Shown:
+    calls = tool_calls_of(message.tool_calls)
+    return Shown(
+        message,
+        render_markdown(message.content),
+        [ShownToolCall(c["function"]["name"], pretty_arguments(c["function"]["arguments"])) for c in calls],
+        json.dumps(calls) if calls else "",
+    )
+
+
+def api_message(message: ChatMessage) -> dict[str, Any]:
+    """A stored message as the model takes it back. A reply that called tools goes back in OpenAI's shape, content
+    null when it had no text, as the server sent it; no tool results are made up (the portal runs no tool)."""
+    calls = tool_calls_of(message.tool_calls) if message.role == ChatMessage.Role.ASSISTANT else []
+    if not calls:
+        return {"role": message.role, "content": message.content}
+    return {"role": message.role, "content": message.content or None, "tool_calls": calls}
+
+
+def messages_for_api(system_prompt: str, history: list[ChatMessage]) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    return out + [api_message(m) for m in history]
 
 
 def _name_after(conversation: Conversation, question: str) -> None:
@@ -70,15 +147,18 @@ def save_exchange(
     reply: str,
     stats: Mapping[str, Any],
     system_prompt: str | None = None,
+    tool_calls: Any = None,
 ) -> ChatMessage:
-    """Keep a question (if any) and the model's reply with the timings the browser measured. Timings that are not
-    numbers are dropped rather than refused: the reply matters more than its statistics."""
+    """Keep a question (if any) and the model's reply with the timings the browser measured and the tool calls it
+    gathered from the stream. Timings that are not numbers are dropped rather than refused: the reply matters more
+    than its statistics."""
     if question:
         ChatMessage.objects.create(conversation=conversation, role=ChatMessage.Role.USER, content=question)
     message = ChatMessage.objects.create(
         conversation=conversation,
         role=ChatMessage.Role.ASSISTANT,
         content=reply,
+        tool_calls=tool_calls_of(tool_calls),
         ttft_ms=_int_or_none(stats.get("ttft_ms")),
         tokens_per_s=_rate_or_none(stats.get("tokens_per_s")),
         prompt_tokens=_int_or_none(stats.get("prompt_tokens")),
@@ -120,15 +200,22 @@ def ask(
         meter.begin(answer.status_code, answer.headers.get("content-type", ""))
         meter.feed(answer.content)
         body = answer.json()
-        content, usage = body["choices"][0]["message"]["content"], body.get("usage") or {}
-    except (httpx.HTTPError, KeyError, ValueError, IndexError, TypeError) as exc:
-        content, usage = f"(The model server did not answer: {exc})", {}
+        message, usage = body["choices"][0]["message"], body.get("usage") or {}
+        calls = tool_calls_of(message.get("tool_calls"))
+        content = message.get("content")
+        if content is None and calls:
+            content = ""  # a reply that only calls tools has no text
+        if not isinstance(content, str):
+            raise TypeError("the reply has no text")
+    except (httpx.HTTPError, KeyError, ValueError, IndexError, TypeError, AttributeError) as exc:
+        content, usage, calls = f"(The model server did not answer: {exc})", {}, []
         meter.status = meter.status if meter.status >= 400 else 502
     save(meter.finish())
     ChatMessage.objects.create(
         conversation=conversation,
         role=ChatMessage.Role.ASSISTANT,
         content=content,
+        tool_calls=calls,
         prompt_tokens=_int_or_none(usage.get("prompt_tokens")),
         completion_tokens=_int_or_none(usage.get("completion_tokens")),
     )
@@ -141,6 +228,9 @@ def export_markdown(conversation: Conversation, served_model: str) -> str:
     lines = [f"# {conversation.title}", "", f"Model: {served_model}", ""]
     for m in conversation.messages.all():
         lines += [f"## {m.get_role_display()}", "", m.content, ""]
+        for call in tool_calls_of(m.tool_calls):
+            function = call["function"]
+            lines += [f"Tool call: {function['name']}", "", "```", pretty_arguments(function["arguments"]), "```", ""]
     return "\n".join(lines)
 
 
@@ -153,6 +243,7 @@ def export_json(conversation: Conversation, served_model: str) -> dict[str, Any]
             {
                 "role": m.role,
                 "content": m.content,
+                "tool_calls": tool_calls_of(m.tool_calls),
                 "at": m.created_at.isoformat(),
                 "ttft_ms": m.ttft_ms,
                 "tokens_per_s": m.tokens_per_s,

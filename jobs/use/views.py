@@ -60,7 +60,7 @@ def chat(request: HtmxHttpRequest, pk: UUID) -> HttpResponse:
     current = next((c for c in conversations if str(c.pk) == request.GET.get("c")), None) or (
         conversations[0] if conversations else None
     )
-    history = [(m, rules.render_markdown(m.content)) for m in current.messages.all()] if current else []
+    history = [rules.shown(m) for m in current.messages.all()] if current else []
     context = {"s": session, "conversations": conversations, "current": current, "history": history}
     return render_page(request, "jobs/chat.html", context)
 
@@ -81,7 +81,8 @@ def new_conversation(request: HtmxHttpRequest, pk: UUID) -> HttpResponse:
 @login_required
 @require_POST
 def save_exchange(request: HtmxHttpRequest, pk: UUID, conversation_id: int) -> JsonResponse:
-    """After the browser streamed a reply: store the question and the answer with its timings; return safe HTML."""
+    """After the browser streamed a reply: store the question and the answer with its timings and tool calls; return
+    safe HTML."""
     _, conversation = _conversation(request, pk, conversation_id)
     try:
         data = json.loads(request.body)
@@ -92,8 +93,10 @@ def save_exchange(request: HtmxHttpRequest, pk: UUID, conversation_id: int) -> J
     except (json.JSONDecodeError, KeyError, TypeError):
         return JsonResponse({"error": "expected JSON with user and assistant"}, status=400)
     system_prompt = str(data["system_prompt"]) if "system_prompt" in data else None
-    message = rules.save_exchange(conversation, question, reply, stats, system_prompt)
-    return JsonResponse({"id": message.pk, "html": rules.render_markdown(reply), "title": conversation.title})
+    message = rules.save_exchange(conversation, question, reply, stats, system_prompt, data.get("tool_calls"))
+    html = rules.render_markdown(reply)
+    # The tool calls as kept, so that the page sends back the same ones a reload of it would.
+    return JsonResponse({"id": message.pk, "html": html, "title": conversation.title, "tool_calls": message.tool_calls})
 
 
 @login_required

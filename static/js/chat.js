@@ -1,5 +1,6 @@
 // Streaming chat over the portal's proxy. Model text is only ever inserted as textContent while streaming; the
-// server returns the finished reply as sanitised HTML (Markdown through nh3).
+// server returns the finished reply as sanitised HTML (Markdown through nh3). Tool calls a model makes are shown,
+// as text, and kept; nothing here runs them or answers them.
 (function () {
   "use strict";
   var form = document.getElementById("chat-form");
@@ -10,16 +11,69 @@
   var regenerate = document.getElementById("regenerate"), edit = document.getElementById("edit");
   var csrf = form.querySelector("input[name=csrfmiddlewaretoken]").value;
   var controller = null;
+  var MAX_TOOL_CALLS = 64;  // as many as the server keeps (jobs/use/chat.py)
+
+  function storedToolCalls(li) {
+    try {
+      var calls = JSON.parse(li.dataset.toolCalls || "[]");
+      return Array.isArray(calls) ? calls : [];
+    } catch (e) { return []; }
+  }
 
   function history() {
     var out = [];
     var system = document.getElementById("id_system_prompt").value.trim();
     if (system) out.push({ role: "system", content: system });
-    list.querySelectorAll("li").forEach(function (li) {
+    // The list's own items only: a list inside a reply (Markdown) is not more messages.
+    list.querySelectorAll(":scope > li").forEach(function (li) {
       var role = li.className.indexOf("msg-user") >= 0 ? "user" : "assistant";
-      out.push({ role: role, content: li.dataset.raw || li.querySelector(".body").textContent });
+      var message = { role: role, content: li.dataset.raw || li.querySelector(".body").textContent };
+      var calls = role === "assistant" ? storedToolCalls(li) : [];
+      // A reply that called tools goes back in OpenAI's shape, content null when it had no text (as the server sent
+      // it), so that the conversation stays one the server takes; no tool results follow, since none were run.
+      if (calls.length) { message.tool_calls = calls; message.content = message.content || null; }
+      out.push(message);
     });
     return out;
+  }
+
+  // Streamed tool calls come in pieces by index (the id and name first, the arguments a few characters at a time);
+  // strings are appended as the openai library gathers them.
+  function gather(calls, pieces) {
+    if (!Array.isArray(pieces)) return;
+    pieces.forEach(function (piece) {
+      var i = piece && piece.index;
+      if (!Number.isInteger(i) || i < 0 || i >= MAX_TOOL_CALLS) return;
+      var call = calls[i] || (calls[i] = { id: "", type: "function", function: { name: "", arguments: "" } });
+      var fn = piece.function || {};
+      if (typeof piece.id === "string") call.id += piece.id;
+      if (typeof fn.name === "string") call.function.name += fn.name;
+      if (typeof fn.arguments === "string") call.function.arguments += fn.arguments;
+    });
+  }
+
+  function pretty(text) {
+    try { return JSON.stringify(JSON.parse(text), null, 2); } catch (e) { return text; }
+  }
+
+  // Each call a collapsed block under the reply, as the page shows a saved one. Blocks are updated in place, so one
+  // opened while the arguments stream stays open, and filled with textContent only: a model's output is hostile.
+  function showToolCalls(li, calls) {
+    calls = calls.filter(Boolean);  // indexes a stream skipped
+    var box = li.querySelector(".tool-calls");
+    if (!calls.length) { if (box) box.remove(); return; }
+    if (!box) { box = document.createElement("div"); box.className = "tool-calls"; li.querySelector(".body").after(box); }
+    calls.forEach(function (call, n) {
+      var block = box.children[n];
+      if (!block) {
+        block = document.createElement("details"); block.className = "tool-call";
+        block.appendChild(document.createElement("summary")); block.appendChild(document.createElement("pre"));
+        box.appendChild(block);
+      }
+      block.querySelector("summary").textContent = "Tool call: " + (call.function.name || "(no name)");
+      block.querySelector("pre").textContent = pretty(call.function.arguments);
+    });
+    while (box.children.length > calls.length) box.lastChild.remove();
   }
 
   // A Copy button on each code block of a finished reply (the page without JavaScript simply has none).
@@ -65,7 +119,7 @@
     if (userText) { messages.push({ role: "user", content: userText }); bubble("user", userText); }
     var reply = bubble("assistant", "");
     var body = reply.querySelector(".body");
-    var text = "", started = performance.now(), first = null, usage = null;
+    var text = "", calls = [], started = performance.now(), first = null, usage = null;
     controller = new AbortController();
     busy(true);
     try {
@@ -95,6 +149,10 @@
             if (first === null) first = performance.now();
             text += delta.content; body.textContent = text;
           }
+          if (delta && delta.tool_calls) {
+            if (first === null) first = performance.now();
+            gather(calls, delta.tool_calls); showToolCalls(reply, calls);
+          }
         });
       }
     } catch (e) {
@@ -104,16 +162,22 @@
     var stats = { ttft_ms: first === null ? null : Math.round(first - started) };
     if (usage) { stats.prompt_tokens = usage.prompt_tokens; stats.completion_tokens = usage.completion_tokens; }
     if (usage && first !== null && ended > first) stats.tokens_per_s = usage.completion_tokens / ((ended - first) / 1000);
+    calls = calls.filter(Boolean);
     reply.dataset.raw = text;
+    if (calls.length) reply.dataset.toolCalls = JSON.stringify(calls);
     var saved = await fetch(form.dataset.save, {
       method: "POST", headers: { "Content-Type": "application/json", "X-CSRFToken": csrf },
-      body: JSON.stringify({ user: userText || "", assistant: text, stats: stats,
+      body: JSON.stringify({ user: userText || "", assistant: text, stats: stats, tool_calls: calls,
                              system_prompt: document.getElementById("id_system_prompt").value }),
     });
     if (saved.ok) {
       var data = await saved.json();
       reply.dataset.id = data.id;
       body.innerHTML = data.html;  // sanitised on the server
+      // The calls as kept, so that what goes back to the model is what a reload of the page would send.
+      calls = Array.isArray(data.tool_calls) ? data.tool_calls : [];
+      if (calls.length) reply.dataset.toolCalls = JSON.stringify(calls); else delete reply.dataset.toolCalls;
+      showToolCalls(reply, calls);
       copyButtons(reply);
       var line = document.createElement("div"); line.className = "stats small muted";
       line.textContent = (stats.ttft_ms !== null ? "first token " + stats.ttft_ms + " ms · " : "") +

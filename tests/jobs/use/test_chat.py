@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import threading
+from collections.abc import Iterator
 from html.parser import HTMLParser
+from http.server import ThreadingHTTPServer
 from io import StringIO
 from typing import Any
 
@@ -16,7 +20,7 @@ from catalog.models import ClusterAccount
 from jobs.models import ApiToken, ChatMessage, Conversation, LLMSession, State, transition
 from jobs.sessions.actions import launch
 from jobs.use import targets
-from jobs.use.chat import render_markdown
+from jobs.use.chat import MAX_TOOL_CALLS, TOOL_NAME_CHARS, messages_for_api, render_markdown, tool_calls_of
 from portal import outbound
 from tests.conftest import LAUNCH
 from tests.portal.test_outbound import Server, proxy_named_in_env, serving
@@ -38,10 +42,24 @@ class Elements(HTMLParser):
         super().__init__()
         self.tags: list[str] = []
         self.attributes: list[tuple[str, str]] = []
+        self.tool_calls: list[str] = []  # the summary of each tool call's block, as a browser shows it
+        self._in_summary = self._in_tool_call = False
 
     def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
         self.tags.append(tag)
         self.attributes += [(name, value or "") for name, value in attrs]
+        if tag == "details":
+            self._in_tool_call = ("class", "tool-call") in attrs
+        if tag == "summary" and self._in_tool_call:
+            self._in_summary = True
+            self.tool_calls.append("")
+
+    def handle_endtag(self, tag: str) -> None:
+        self._in_summary = self._in_summary and tag != "summary"
+
+    def handle_data(self, data: str) -> None:
+        if self._in_summary:
+            self.tool_calls[-1] += data
 
 
 @pytest.mark.parametrize("text", HOSTILE)
@@ -180,3 +198,150 @@ def test_the_plain_form_send_goes_straight_to_the_server_and_refuses_an_oversize
         last = conversation.messages.last().content  # type: ignore[union-attr]
         assert last == f"(The model server did not answer: the reply is larger than {outbound.MAX_REPLY_BYTES:,} bytes)"
     assert proxy.heard == 0
+
+
+# A model's tool call is as hostile as its text: a name and arguments that would be markup if they reached a page raw.
+HOSTILE_NAME = '<script>alert("name")</script>'
+HOSTILE_ARGUMENTS = '{"query": "<img src=x onerror=alert(1)>", "n": 3}'
+HOSTILE_CALLS = [
+    {"id": "call_1", "type": "function", "function": {"name": HOSTILE_NAME, "arguments": HOSTILE_ARGUMENTS}},
+    {"id": "call_2", "type": "function", "function": {"name": "search", "arguments": "<svg onload=alert(2)> not JSON"}},
+]
+
+
+def chat_page(client: Client, session: LLMSession, conversation: Conversation) -> tuple[str, Elements]:
+    page = client.get(f"/sessions/{session.pk}/chat/?c={conversation.pk}").content.decode()
+    parsed = Elements()
+    parsed.feed(page)
+    return page, parsed
+
+
+def assert_inert(parsed: Elements) -> None:
+    assert not {"img", "svg"} & set(parsed.tags)
+    assert not [name for name, _ in parsed.attributes if name.startswith("on")]
+    # The page's own scripts have a src; a model's would not.
+    scripts = [value for name, value in parsed.attributes if name == "src" and value.endswith(".js")]
+    assert parsed.tags.count("script") == len(scripts)
+
+
+def test_saved_tool_calls_show_as_collapsed_escaped_blocks_and_export(
+    client: Client, owner: Any, session: LLMSession
+) -> None:
+    client.force_login(owner)
+    conversation = Conversation.objects.create(session=session, owner=session.owner)
+    reply = client.post(
+        f"/sessions/{session.pk}/chat/{conversation.pk}/save",
+        json.dumps({"user": "look it up", "assistant": "", "tool_calls": HOSTILE_CALLS, "stats": {}}),
+        content_type="application/json",
+    )
+    assert reply.status_code == 200 and reply.json()["tool_calls"] == HOSTILE_CALLS
+    assert conversation.messages.last().tool_calls == HOSTILE_CALLS  # type: ignore[union-attr]
+    page, parsed = chat_page(client, session, conversation)
+    assert parsed.tool_calls == [f"Tool call: {HOSTILE_NAME}", "Tool call: search"]
+    assert "<details open" not in page  # collapsed
+    assert "&quot;query&quot;: &quot;&lt;img src=x onerror=alert(1)&gt;&quot;,\n  &quot;n&quot;: 3" in page  # pretty
+    assert "&lt;svg onload=alert(2)&gt; not JSON" in page  # not JSON: as the model wrote it
+    assert_inert(parsed)
+    # The page's script sends them back with the conversation: the attribute holds them as stored.
+    stored = [json.loads(value) for name, value in parsed.attributes if name == "data-tool-calls"]
+    assert stored == [HOSTILE_CALLS]
+    exported = client.get(f"/sessions/{session.pk}/chat/{conversation.pk}/export?format=json").json()
+    assert exported["messages"][1]["tool_calls"] == HOSTILE_CALLS and exported["messages"][0]["tool_calls"] == []
+    markdown = client.get(f"/sessions/{session.pk}/chat/{conversation.pk}/export?format=md").content.decode()
+    assert f"Tool call: {HOSTILE_NAME}" in markdown
+
+
+def test_a_reply_without_tool_calls_shows_no_block(client: Client, owner: Any, session: LLMSession) -> None:
+    client.force_login(owner)
+    conversation = Conversation.objects.create(session=session, owner=session.owner)
+    save = f"/sessions/{session.pk}/chat/{conversation.pk}/save"
+    client.post(save, json.dumps({"user": "hi", "assistant": "hello"}), content_type="application/json")
+    page, parsed = chat_page(client, session, conversation)
+    assert parsed.tool_calls == [] and "tool-call" not in page and "data-tool-calls" not in page
+
+
+@pytest.mark.parametrize(
+    ("sent", "kept"),
+    [
+        (None, []),
+        ("call it", []),
+        ({"function": {"name": "f"}}, []),
+        ([1, "x", None, {"id": "a"}, {"function": "f"}], []),
+        # Arguments as an object (some servers) become its JSON text; unknown keys and non-strings are dropped.
+        ([{"id": 7, "type": "code", "function": {"name": "f", "arguments": {"a": 1}, "extra": 1}, "x": 2}],
+         [{"id": "", "type": "function", "function": {"name": "f", "arguments": '{"a": 1}'}}]),
+        ([{"function": {"name": ["f"], "arguments": None}}],
+         [{"id": "", "type": "function", "function": {"name": "", "arguments": ""}}]),
+    ],
+)  # fmt: skip
+def test_tool_calls_are_kept_in_openai_shape_whatever_was_sent(sent: Any, kept: list[dict[str, Any]]) -> None:
+    assert tool_calls_of(sent) == kept
+
+
+def test_tool_calls_are_bounded() -> None:
+    call = {"id": "c", "type": "function", "function": {"name": "n" * 10_000, "arguments": "{}"}}
+    kept = tool_calls_of([call] * (MAX_TOOL_CALLS + 10))
+    assert len(kept) == MAX_TOOL_CALLS and {len(c["function"]["name"]) for c in kept} == {TOOL_NAME_CHARS}
+
+
+def test_a_reply_with_tool_calls_goes_back_to_the_model_in_openai_shape(session: LLMSession) -> None:
+    conversation = Conversation.objects.create(session=session, owner=session.owner)
+    ChatMessage.objects.create(conversation=conversation, role="user", content="look it up")
+    ChatMessage.objects.create(conversation=conversation, role="assistant", content="", tool_calls=HOSTILE_CALLS)
+    ChatMessage.objects.create(conversation=conversation, role="assistant", content="Let me.", tool_calls=HOSTILE_CALLS)
+    ChatMessage.objects.create(conversation=conversation, role="user", content="and?", tool_calls=HOSTILE_CALLS)
+    assert messages_for_api("Be brief.", list(conversation.messages.all())) == [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "look it up"},
+        {"role": "assistant", "content": None, "tool_calls": HOSTILE_CALLS},
+        {"role": "assistant", "content": "Let me.", "tool_calls": HOSTILE_CALLS},
+        {"role": "user", "content": "and?"},  # only a reply calls tools; no tool results are made up
+    ]
+
+
+class ToolCallingServer(Server):
+    """A model server whose every reply only calls tools (content null, as OpenAI sends it); it keeps what it is
+    asked."""
+
+    asked: list[dict[str, Any]] = []
+
+    def do_POST(self) -> None:
+        ToolCallingServer.asked.append(json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0)))))
+        message = {"role": "assistant", "content": None, "tool_calls": HOSTILE_CALLS}
+        body = {"choices": [{"message": message, "finish_reason": "tool_calls"}], "usage": {"completion_tokens": 9}}
+        self.answer(json.dumps(body).encode())
+
+
+@contextlib.contextmanager
+def tool_calling_server() -> Iterator[int]:
+    ToolCallingServer.asked = []
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), ToolCallingServer)
+    threading.Thread(target=httpd.serve_forever, args=(0.05,), daemon=True).start()
+    try:
+        yield httpd.server_address[1]
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+def test_the_plain_form_send_shows_the_replys_tool_calls_and_sends_them_back(
+    client: Client, owner: Any, session: LLMSession
+) -> None:
+    client.force_login(owner)
+    conversation = Conversation.objects.create(session=session, owner=session.owner)
+    send = f"/sessions/{session.pk}/chat/{conversation.pk}/send"
+    with tool_calling_server() as port:
+        LLMSession.objects.filter(pk=session.pk).update(port=port)
+        client.post(send, {"message": "look it up"})
+        reply = conversation.messages.last()
+        assert reply is not None and reply.content == "" and reply.tool_calls == HOSTILE_CALLS
+        page, parsed = chat_page(client, session, conversation)
+        assert parsed.tool_calls == [f"Tool call: {HOSTILE_NAME}", "Tool call: search"]
+        assert "did not answer" not in page and "9 tokens" in page
+        assert_inert(parsed)
+        client.post(send, {"message": "never mind"})
+    assert ToolCallingServer.asked[1]["messages"] == [
+        {"role": "user", "content": "look it up"},
+        {"role": "assistant", "content": None, "tool_calls": HOSTILE_CALLS},
+        {"role": "user", "content": "never mind"},
+    ]
