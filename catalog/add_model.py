@@ -19,7 +19,7 @@ from django.contrib.auth.models import User
 from django.core.exceptions import ValidationError
 from django.db import models, transaction
 
-from catalog import gguf, hfconfig
+from catalog import gguf, hfconfig, toolcalls
 from catalog.architecture import Architecture
 from catalog.models import Cluster, ClusterAccount, ModelCard, ModelVariant, VariantLocation
 from catalog.quant import canonical_quant
@@ -216,6 +216,7 @@ class Found:
     size_gib: float
     source: str  # what was read, for the report
     license: str = ""  # as the file states it (GGUF's general.license), for a card that has none yet
+    tool_call_parser: str = ""  # vLLM's parser for the tool calls its chat template writes, for a card without one
 
 
 def inspect(path: str, reader: Reader | None = None) -> Found:
@@ -265,7 +266,16 @@ def gguf_found(stem: str, info: gguf.GGUFInfo, size: int) -> Found:
         size_gib=round(size / GIB, 4) or 0.0001,
         source=f"GGUF v{info.version} header ({info.arch_name}, {info.params:,} parameters)",
         license=str(info.metadata.get("general.license") or "")[:100],
+        # A GGUF may carry a separate template for requests with tools (llama.cpp prefers it for them).
+        tool_call_parser=toolcalls.infer(
+            _text(info.metadata.get("tokenizer.chat_template.tool_use"))
+            or _text(info.metadata.get("tokenizer.chat_template"))
+        ),
     )
+
+
+def _text(value: object) -> str:
+    return value if isinstance(value, str) else ""
 
 
 def inspect_hf(path: str, reader: Reader) -> Found:
@@ -294,7 +304,18 @@ def inspect_hf(path: str, reader: Reader) -> Found:
         format=ModelVariant.Format.SAFETENSORS,
         size_gib=round(size / GIB, 4) or round(info.params * 2 / GIB, 4) or 0.0001,
         source=f"config.json ({info.arch_name}; parameters from {info.params_source})",
+        tool_call_parser=toolcalls.infer(_hf_chat_template(path, files, reader), info.model_type),
     )
+
+
+def _hf_chat_template(path: str, files: list[str], reader: Reader) -> str:
+    """A Hugging Face directory's chat template: chat_template.jinja where there is one (transformers reads it before
+    tokenizer_config.json's), else tokenizer_config.json's chat_template."""
+    if "chat_template.jinja" in files:
+        return reader.prefix(f"{path}/chat_template.jinja", 1 << 20).decode(errors="replace")
+    if "tokenizer_config.json" in files:
+        return hfconfig.chat_template(reader.prefix(f"{path}/tokenizer_config.json", 16 << 20).decode(errors="replace"))
+    return ""
 
 
 def _clean_name(text: str) -> str:
@@ -342,6 +363,8 @@ def add(
         card.set_architecture(found.arch)
         if found.license and not card.license:  # an admin's own entry wins
             card.license = found.license
+        if found.tool_call_parser and not card.tool_call_parser:
+            card.tool_call_parser = found.tool_call_parser
         card.full_clean()
         _save(card, before, "model card", changed)
     try:

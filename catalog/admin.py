@@ -339,6 +339,7 @@ class ModelCardAdmin(admin.ModelAdmin[ModelCard]):
             "Architecture",
             {"fields": [architecture.SHAPE_FIELDS[i : i + 3] for i in range(0, len(architecture.SHAPE_FIELDS), 3)]},
         ),
+        ("Tool calling", {"fields": ["tool_call_parser"]}),
     ]
 
     change_list_template = "admin/catalog/modelcard/change_list.html"

@@ -28,6 +28,7 @@ class HFInfo:
     params_source: str  # "safetensors", "index" or "architecture"
     arch: Architecture
     quant: str  # the catalog's name: bf16, fp16, fp32, AWQ, GPTQ-INT4, BNB-NF4, fp8, ...
+    model_type: str = ""  # config.json's model_type, e.g. qwen2, llama, gemma4
 
 
 _DTYPE_QUANT = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32", "half": "fp16", "float": "fp32"}
@@ -117,6 +118,7 @@ def read_config(
             tied_embeddings=tied if isinstance(tied := config.get("tie_word_embeddings"), bool) else None,
         ),
         quant=quant,
+        model_type=str(config.get("model_type") or ""),
     )
 
 
@@ -176,6 +178,26 @@ def _params(config: dict[str, Any], quant: str, headers: list[bytes] | None, ind
             raise HFConfigError("the safetensors index has no metadata.total_size") from None
         return int(size / _DTYPE_BYTES[quant]), "index"
     return 0, ""
+
+
+def chat_template(tokenizer_config_text: str) -> str:
+    """The chat template in a tokenizer_config.json: its `chat_template`, a string or a list of {name, template}, of
+    which the one named tool_use (a separate template for requests with tools), else default, else the first; "" where
+    there is none or the file is not what it should be (a model without a template is still a model)."""
+    try:
+        config = json.loads(tokenizer_config_text)
+    except json.JSONDecodeError:
+        return ""
+    found = config.get("chat_template") if isinstance(config, dict) else None
+    if isinstance(found, str):
+        return found
+    if not isinstance(found, list):
+        return ""
+    named = {item.get("name"): item.get("template") for item in found if isinstance(item, dict)}
+    for name in ("tool_use", "default", *named):
+        if isinstance(named.get(name), str):
+            return str(named[name])
+    return ""
 
 
 def safetensors_header(data: bytes) -> dict[str, Any]:

@@ -35,6 +35,8 @@ class RuntimeRules:
     # Its job can copy the model's files to node-local storage first (Cluster.stage_to); ollama loads from its own
     # store (a GGUF it is given, it copies there itself).
     stages_weights: bool = True
+    # How its sessions read a model's tool calls, in words (catalog/toolcalls.py decides whether a model's can).
+    tool_calls: str = ""
 
     @property
     def multi_node(self) -> bool:
@@ -67,6 +69,7 @@ RUNTIMES: dict[str, RuntimeRules] = {
             serves_text="runs GGUF files",
             across_nodes="ggml-rpc-server on the other nodes, behind the portal's authenticated relay",
             job_script="llama.cpp.sh",
+            tool_calls="the model's chat template, with --jinja",
             job_files=("rpcrelay.py",),
             rpc_binary=True,
             kv_quant=True,
@@ -77,6 +80,7 @@ RUNTIMES: dict[str, RuntimeRules] = {
             formats=("gguf", "ollama"),
             serves_text="runs GGUF files",
             job_script="ollama.sh",
+            tool_calls="the model's chat template",
             job_files=("keyproxy.py",),
             exclusive_user=True,
             model_dir=True,
@@ -97,6 +101,7 @@ RUNTIMES: dict[str, RuntimeRules] = {
                 "or a GGUF variant with llama.cpp, which the portal can split over nodes safely"
             ),
             job_script="vllm.sh",
+            tool_calls="the tool-call parser its model card names",
             job_files=("keyproxy.py",),
             splits_heads=True,
         ),
@@ -107,6 +112,7 @@ RUNTIMES: dict[str, RuntimeRules] = {
             serves_text="loads safetensors checkpoints",
             # `transformers serve`: no key and TCP only; tfserve.py puts it on a private socket behind keyproxy.py.
             job_script="transformers.sh",
+            tool_calls="the chat template, for Qwen and Gemma 4 models only",
             job_files=("keyproxy.py", "tfserve.py"),
             serves_embeddings=False,  # `transformers serve` has no /v1/embeddings
         ),

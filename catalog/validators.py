@@ -7,6 +7,7 @@ from __future__ import annotations
 from django.core.exceptions import ValidationError
 from django.core.validators import RegexValidator
 
+from catalog import toolcalls
 from portal import nodenet, shellsafe
 
 
@@ -59,5 +60,14 @@ def node_network_list(value: str) -> None:
     """CIDRs, IPv4 or IPv6, separated by commas or spaces (portal/nodenet.py reads them the same way)."""
     try:
         nodenet.parse(value)
+    except ValueError as exc:
+        raise ValidationError(f"{str(exc)[0].upper()}{str(exc)[1:]}.") from None
+
+
+def tool_call_parser(value: str) -> None:
+    """One of vLLM's tool-call parser names (catalog/toolcalls.py); the name reaches vLLM's command line, and an
+    unknown one stops it at startup."""
+    try:
+        toolcalls.check_parser(value)
     except ValueError as exc:
         raise ValidationError(f"{str(exc)[0].upper()}{str(exc)[1:]}.") from None

@@ -239,6 +239,7 @@ MODEL_FIELDS = (
     F(architecture.SIZE_FIELD, architecture.field_type(architecture.SIZE_FIELD).__name__, required=True),
     F("architecture", "group", required=True, group=ARCH_FIELDS),
     F("license", "str"),
+    F("tool_call_parser", "str"),
     F("tags", "strlist"),
     F("description", "str"),
     F("variants", "list"),

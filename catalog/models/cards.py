@@ -47,6 +47,15 @@ class ModelCard(models.Model):
         null=True, blank=True, help_text="The output head shares the input embedding's weights (tie_word_embeddings)."
     )
     license = models.CharField(max_length=100, blank=True)
+    # Not in RUNS_CODE (catalog/models/runs_code.py) though it reaches vLLM's command line: it can only be one of
+    # vLLM's own parser names (a fixed list), never a file of code (--tool-parser-plugin, which the portal omits).
+    tool_call_parser = models.CharField(
+        max_length=40, blank=True, validators=[v.tool_call_parser],
+        help_text="vLLM's --tool-call-parser name for this model's tool calls (e.g. hermes for Qwen2.5 and Qwen3, "
+        "llama3_json for Llama 3.1-3.3, mistral); empty: vLLM sessions do not call tools. Filled from the chat "
+        "template when the model is added from its files. llama.cpp and ollama read the tool format from the chat "
+        "template itself.",
+    )  # fmt: skip
     tags = models.CharField(
         "domain tags", max_length=300, blank=True, validators=[v.tag_list], help_text="Comma-separated."
     )

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from catalog.runtime_rules import RUNTIMES, RuntimeRules
+from catalog.toolcalls import VLLM_PARSERS
 from jobs.cluster import layout
 from jobs.cluster.slurm import JOB_NAME_PREFIX, job_name
 from portal import shellsafe
@@ -50,6 +51,8 @@ class JobSpec:
     context_length: int
     parallel: int
     embeddings: bool = False  # serve /v1/embeddings instead of generating
+    # vLLM's --tool-call-parser for the model (its card's); "": vLLM sessions start without tool calling.
+    tool_call_parser: str = ""
     # A batch launch: the job works through this run's requests (batchrun.py) once the server is ready, then ends.
     batch_run: str = ""
     batch_concurrency: int = 1
@@ -128,6 +131,7 @@ def assignments(spec: JobSpec) -> list[str]:
         "CONTEXT": _positive(spec.context_length, "context length"),
         "PARALLEL": _positive(spec.parallel, "parallel slots"),
         "EMBEDDINGS": int(spec.embeddings),
+        "TOOL_CALL_PARSER": _parser(spec.tool_call_parser),
         "BATCH_RUN": _check(shellsafe.UUID, spec.batch_run, "batch run id") if spec.batch_run else "",
         "BATCH_CONCURRENCY": _positive(spec.batch_concurrency, "batch concurrency"),
         "REPLICAS": _positive(spec.replicas, "replicas"),
@@ -147,6 +151,13 @@ def assignments(spec: JobSpec) -> list[str]:
         if "\n" in line or "\x00" in line:
             raise RenderError("values must not contain newlines or NUL bytes")
     return lines
+
+
+def _parser(name: str) -> str:
+    """Only a name vLLM registers: an unknown one would stop vLLM at startup (the card's validation says so first)."""
+    if name and name not in VLLM_PARSERS:
+        raise RenderError(f"{name!r} is not one of vLLM's tool-call parsers")
+    return name
 
 
 def _rules(runtime: str) -> RuntimeRules:

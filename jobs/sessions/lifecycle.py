@@ -69,6 +69,7 @@ def job_spec(session: LLMSession) -> jobscript.JobSpec:
         context_length=session.context_length,
         parallel=session.parallel,
         embeddings=session.purpose == Purpose.EMBEDDINGS,
+        tool_call_parser=session.variant.model.tool_call_parser,
         batch_run=str(run.pk) if run else "",
         batch_concurrency=run.concurrency if run else 1,
         replicas=run.replicas if run else 1,

@@ -20,6 +20,7 @@ from catalog.confidence import purpose_confidence
 from catalog.estimate import Estimate, EstimateError, Request, estimate, fit
 from catalog.models import Cluster, ClusterAccount, GPUType, ModelCard, ModelVariant
 from catalog.plans import Option, plans, request_for
+from catalog.toolcalls import ToolCalls, session_tool_calls
 from catalog.training import PURPOSES, TRAINING, PurposeRequest, estimate_purpose
 from jobs.cluster.capacity import QueueView, queue_views
 from jobs.models import Pace, Purpose, measured_pace
@@ -81,6 +82,7 @@ class WizardState:
     errors: list[str] = field(default_factory=list)
     plan: str = ""  # a purpose the wizard sizes but does not launch (PLANS), or ""
     confidence: str = ""  # how sure the estimate is: the nearest published measurements and the error on them
+    tools: ToolCalls | None = None  # whether a session of the choices calls tools (not asked of embeddings)
 
     @property
     def ready(self) -> bool:
@@ -149,6 +151,8 @@ def build(user: User, params: Mapping[str, Any], errors: list[str] | None = None
         state.values, state.variant = fallback.cleaned_data, fallback.variant
     else:
         state.values, state.variant = state.form.cleaned_data, state.form.variant
+    if state.values["purpose"] != Purpose.EMBEDDINGS:
+        state.tools = session_tool_calls(state.values["runtime"], card.tool_call_parser, card.family)
     _estimate_and_options(state, user)
     return state
 

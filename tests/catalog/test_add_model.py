@@ -39,8 +39,12 @@ GPT2 = {
 }  # fmt: skip
 
 
-def write_gguf(path: Path, file_type: gguf_pkg.LlamaFileType, vocab: int = 300) -> None:
+def write_gguf(
+    path: Path, file_type: gguf_pkg.LlamaFileType, vocab: int = 300, chat_template: str | list[dict[str, str]] = ""
+) -> None:
     writer = gguf_pkg.GGUFWriter(str(path), "llama")
+    if chat_template:
+        writer.add_chat_template(chat_template)
     writer.add_name("Test Model")
     writer.add_license("apache-2.0")
     writer.add_context_length(8192)
@@ -169,6 +173,57 @@ def test_adding_creates_the_card_variant_and_location_then_updates_them(tmp_path
     assert ModelCard.objects.get(name="Test-Model").license == "Apache 2.0 (see LICENSE)"  # the admin's own stays
     assert ModelVariant.objects.get(model__name="Test-Model").format == "gguf"
     assert VariantLocation.objects.get(variant__model__name="Test-Model").path == str(path)
+
+
+TEMPLATES = Path(__file__).parent / "data" / "chat_templates"
+QWEN25_TEMPLATE = (TEMPLATES / "Qwen-Qwen2.5-7B-Instruct.jinja").read_text()
+
+
+def test_a_gguf_chat_template_names_the_tool_call_parser(tmp_path: Path) -> None:
+    path = tmp_path / "Qwen-Q4_K_M.gguf"
+    write_gguf(path, gguf_pkg.LlamaFileType.MOSTLY_Q4_K_M, chat_template=QWEN25_TEMPLATE)
+    assert inspect(str(path)).tool_call_parser == "hermes"
+    # A separate template for requests with tools (tokenizer.chat_template.tool_use) is the one read.
+    both = tmp_path / "Hermes-Q8_0.gguf"
+    llama = (TEMPLATES / "meta-llama-Llama-3.1-8B-Instruct.jinja").read_text()
+    templates = [{"name": "default", "template": "plain"}, {"name": "tool_use", "template": llama}]
+    write_gguf(both, gguf_pkg.LlamaFileType.MOSTLY_Q8_0, chat_template=templates)
+    assert inspect(str(both)).tool_call_parser == "llama3_json"
+    plain = tmp_path / "Plain-Q8_0.gguf"
+    write_gguf(plain, gguf_pkg.LlamaFileType.MOSTLY_Q8_0)  # no template at all, as the tests' tiny model
+    assert inspect(str(plain)).tool_call_parser == ""
+
+
+def test_a_hugging_face_directorys_template_and_model_type_name_the_parser(tmp_path: Path) -> None:
+    directory = hf_dir(tmp_path, {**LLAMA_31_8B, "model_type": "qwen2"})
+    (directory / "tokenizer_config.json").write_text(json.dumps({"chat_template": QWEN25_TEMPLATE}))
+    assert inspect(str(directory)).tool_call_parser == "hermes"
+    # chat_template.jinja, where there is one, is the template transformers and vLLM use.
+    (directory / "chat_template.jinja").write_text((TEMPLATES / "Qwen3-Coder.jinja").read_text())
+    assert inspect(str(directory)).tool_call_parser == "qwen3_xml"
+    # The model type settles what the markers cannot: Granite 4 writes Hermes' <tool_call> but has its own parser.
+    (directory / "config.json").write_text(json.dumps({**LLAMA_31_8B, "model_type": "granitemoehybrid"}))
+    assert inspect(str(directory)).tool_call_parser == "granite4"
+
+
+def test_adding_fills_the_parser_only_where_the_admin_has_set_none(tmp_path: Path, example_catalog: Path) -> None:
+    path = tmp_path / "Test-Model-Q4_K_M.gguf"
+    write_gguf(path, gguf_pkg.LlamaFileType.MOSTLY_Q4_K_M, chat_template=QWEN25_TEMPLATE)
+    cluster = Cluster.objects.get(slug="local")
+    assert add(inspect(str(path)), str(path), cluster).card.tool_call_parser == "hermes"
+    ModelCard.objects.filter(name="Test-Model").update(tool_call_parser="qwen3_json")
+    add(inspect(str(path)), str(path), cluster)
+    assert ModelCard.objects.get(name="Test-Model").tool_call_parser == "qwen3_json"  # the admin's own stays
+
+
+def test_a_card_refuses_a_parser_vllm_does_not_know(example_catalog: Path) -> None:
+    card = ModelCard.objects.get(name="Llama-3.1-8B-Instruct")
+    assert card.tool_call_parser == "llama3_json"  # as the example catalog names it
+    card.tool_call_parser = "llama3"
+    with pytest.raises(ValidationError) as exc:
+        card.full_clean()
+    assert "'llama3' is not a tool-call parser vLLM 0.32 knows" in str(exc.value.message_dict["tool_call_parser"])
+    assert ModelCard.objects.get(name="tiny-llama").tool_call_parser == ""
 
 
 def test_the_admin_button_adds_a_model_from_a_file(tmp_path: Path, example_catalog: Path, admin_client: Any) -> None:

@@ -241,6 +241,20 @@ def test_negative_memory_is_refused_by_the_models_own_validation() -> None:
     assert (5, "gpu_types[0].memory_gib") in [(line, path) for line, path, _ in errors]
 
 
+def test_a_tool_call_parser_imports_exports_and_an_unknown_one_is_an_error_at_its_line() -> None:
+    text = BASE.replace("    tags: [test]\n", "    tool_call_parser: hermes\n    tags: [test]\n", 1)
+    assert text != BASE
+    import_catalog(text, "cat.yaml")
+    assert ModelCard.objects.get(name="Tiny").tool_call_parser == "hermes"
+    assert "\n  tool_call_parser: hermes\n" in export_catalog()  # the export indents lists less
+    assert not import_catalog(export_catalog(), "export.yaml").changed
+    bad = text.replace("tool_call_parser: hermes", "tool_call_parser: qwen2_5")
+    line = bad.splitlines().index("    tool_call_parser: qwen2_5") + 1
+    [(at, path, message)] = errors_for(bad)
+    assert (at, path) == (line, "models[0].tool_call_parser")
+    assert "'qwen2_5' is not a tool-call parser vLLM 0.32 knows: e.g. hermes" in message
+
+
 def test_unknown_gpu_type_runtime_and_cluster_references() -> None:
     text = (
         BASE.replace("- gpu_type: rtx4090", "- gpu_type: rtx9090")

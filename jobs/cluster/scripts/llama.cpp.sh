@@ -94,7 +94,10 @@ PORT="$(free_port "$ADDR")"
 # -c is the whole KV cache, split evenly over the slots: each request gets CONTEXT tokens.
 # An embeddings session answers /v1/embeddings, pooled by the mean unless the cluster's flags name another pooling
 # (after these, so they win): a chat model's GGUF names none, and llama-server refuses unpooled embeddings.
-TASK_FLAGS=()
+# A chat session applies the model's own Jinja chat template, which carries its tool-call format: without --jinja
+# llama-server refuses any request with tools. The llama.cpp the portal pins (llama-cpp-python 0.3.36) has it on by
+# default, a site's older build may not; the runtime's and the cluster's flags come after, so they can say --no-jinja.
+TASK_FLAGS=(--jinja)
 [ "${EMBEDDINGS:-0}" = 1 ] && TASK_FLAGS=(--embeddings --pooling mean)
 log "starting llama-server on $ADDR:$PORT (model $MODEL_PATH, $PARALLEL slot(s) of $CONTEXT tokens)"
 "$SERVER_BIN" "${TASK_FLAGS[@]}" "${DEFAULT_FLAGS[@]}" -m "$MODEL_PATH" -a "$SERVED_NAME" -c "$((CONTEXT * PARALLEL))" -ngl "$GPU_LAYERS" \

@@ -17,6 +17,11 @@ if [ "${EMBEDDINGS:-0}" = 1 ]; then
   TASK_FLAGS=(--runner pooling --convert embed)
 else
   TASK_FLAGS=(--max-num-seqs "$PARALLEL")
+  # Without a parser vLLM answers any request with tools with a 400; with one it names on the card, it reads the
+  # model's tool calls (the cluster's flags come after, so they can still say otherwise).
+  if [ -n "${TOOL_CALL_PARSER:-}" ]; then
+    TASK_FLAGS+=(--enable-auto-tool-choice --tool-call-parser "$TOOL_CALL_PARSER")
+  fi
 fi
 
 log "starting vLLM on $SOCKET (model $MODEL_PATH, max length $CONTEXT)"

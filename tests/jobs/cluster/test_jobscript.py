@@ -12,6 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from jobs.cluster.jobscript import JobSpec, RenderError, extra_files, render
+from tests.jobs.cluster.jobside import session_dir
 
 SID = "0f8e6c2a-1b2c-4d3e-8f90-123456789abc"
 
@@ -97,6 +98,46 @@ def test_an_embeddings_session_asks_each_runtime_for_its_embedding_endpoint() ->
     assert "TASK_FLAGS=(--runner pooling --convert embed)" in render(spec(runtime="vllm", embeddings=True))
     with pytest.raises(RenderError, match="cannot serve embeddings"):
         render(spec(runtime="transformers", embeddings=True))
+
+
+def server_argv(tmp_path: Path, **changes: object) -> list[str]:
+    """Run the rendered job with a stand-in server that writes down the arguments it was started with, then exits."""
+    home = tmp_path / f"home-{uuid.uuid4().hex[:8]}"
+    session_dir(home, SID)
+    (home / "model").mkdir()  # a Hugging Face directory for vLLM
+    (home / "model.gguf").write_bytes(b"GGUF")
+    server = home / "server"
+    server.write_text('#!/bin/sh\nprintf "%s\\n" "$@" >"$HOME/argv"\nexit 3\n')
+    server.chmod(0o755)
+    model = home / ("model.gguf" if changes.get("runtime", "llama.cpp") == "llama.cpp" else "model")
+    script = render(spec(binary=str(server), modules=(), model_path=str(model), **changes))
+    env = {"HOME": str(home), "PATH": "/usr/bin:/bin", "USER": "tester"}
+    subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=60, env=env)
+    return (home / "argv").read_text().splitlines()
+
+
+def test_vllm_turns_tool_calling_on_with_the_cards_parser_before_the_clusters_flags(tmp_path: Path) -> None:
+    argv = server_argv(tmp_path, runtime="vllm", tool_call_parser="hermes")
+    tools = argv.index("--enable-auto-tool-choice")
+    assert argv[tools + 1 : tools + 3] == ["--tool-call-parser", "hermes"]
+    assert tools < argv.index("--flash-attn")  # the cluster's extra flags come last, so a site can still change it
+    assert "--enable-auto-tool-choice" not in server_argv(tmp_path, runtime="vllm")  # the card names no parser
+    embeddings = server_argv(tmp_path, runtime="vllm", tool_call_parser="hermes", embeddings=True)
+    assert "--tool-call-parser" not in embeddings and "--enable-auto-tool-choice" not in embeddings
+
+
+def test_llama_server_reads_the_chat_template_with_jinja_before_the_sites_flags(tmp_path: Path) -> None:
+    argv = server_argv(tmp_path)
+    assert argv[0] == "--jinja" and argv.index("--jinja") < argv.index("--metrics")  # a site's --no-jinja wins
+    assert "--jinja" not in server_argv(tmp_path, embeddings=True)
+
+
+def test_a_tool_call_parser_vllm_does_not_know_is_refused() -> None:
+    assert "TOOL_CALL_PARSER=''" in render(spec(runtime="vllm"))
+    assert "TOOL_CALL_PARSER=llama3_json" in render(spec(runtime="vllm", tool_call_parser="llama3_json"))
+    for name in ("qwen2_5", "hermes --tool-parser-plugin /tmp/x.py", "$(id)", "hermes\n"):
+        with pytest.raises(RenderError, match="not one of vLLM's tool-call parsers"):
+            render(spec(runtime="vllm", tool_call_parser=name))
 
 
 def test_vllm_over_several_nodes_is_refused_with_the_reason() -> None:

@@ -293,6 +293,22 @@ def test_a_safetensors_model_is_offered_vllm_first_then_transformers_and_embeddi
     assert "EMBEDDINGS=0" in script.splitlines() and "tfserve.py" in script
 
 
+def test_a_vllm_session_starts_with_its_cards_tool_call_parser(
+    account: ClusterAccount, owner: Any, django_capture_on_commit_callbacks: Any
+) -> None:
+    from catalog.models import ModelCard, ModelVariant, VariantLocation
+
+    card = ModelCard.objects.get(name="tiny-llama")
+    variant = ModelVariant.objects.create(model=card, quantization="bf16", format="safetensors", size_gib=0.001)
+    VariantLocation.objects.create(variant=variant, cluster=Cluster.objects.get(slug="local"), path="/models/tiny")
+    with django_capture_on_commit_callbacks(execute=False):
+        session = launch(owner, {**LAUNCH, "quant": "bf16", "runtime": "vllm"})
+    assert job_spec(session).tool_call_parser == ""  # the example's tiny-llama names none
+    ModelCard.objects.filter(pk=card.pk).update(tool_call_parser="hermes")
+    fresh = LLMSession.objects.get(pk=session.pk)
+    assert "TOOL_CALL_PARSER=hermes" in jobscript.render(job_spec(fresh)).splitlines()
+
+
 def test_staging_reaches_the_job_as_the_cluster_says_unless_the_launch_declines(
     owner: Any, account: ClusterAccount, django_capture_on_commit_callbacks: Any
 ) -> None:

@@ -11,6 +11,7 @@ import pytest
 from django.db import models
 
 from catalog.models import RUNS_CODE, ClusterAccount, ClusterRuntime, NodeGroup, VariantLocation
+from jobs.cluster.jobscript import RenderError, render
 from jobs.models import LLMSession
 from jobs.sessions import lifecycle
 from jobs.sessions.actions import launch
@@ -50,3 +51,17 @@ def test_no_catalog_text_outside_runs_code_changes_what_a_job_runs_or_loads(
     after = lifecycle.job_spec(LLMSession.objects.get(pk=session.pk))
     assert {name: getattr(after, name) for name in RUNS} == before
     assert set(RUNS) <= {f.name for f in dataclasses.fields(after)}
+
+
+def test_a_cards_tool_call_parser_reaches_vllm_only_as_one_of_its_own_names(
+    account: ClusterAccount, owner: Any, django_capture_on_commit_callbacks: Any
+) -> None:
+    """Not in RUNS_CODE though vLLM's command line gets it: a name from a fixed list runs no code of anyone's
+    (the plugin file vLLM could load instead, the portal never passes)."""
+    with django_capture_on_commit_callbacks(execute=False):
+        session = launch(owner, {**LAUNCH, "runtime": "llama.cpp"})
+    card = session.variant.model
+    type(card)._default_manager.filter(pk=card.pk).update(tool_call_parser="hermes --tool-parser-plugin /tmp/x.py")
+    spec = dataclasses.replace(lifecycle.job_spec(LLMSession.objects.get(pk=session.pk)), runtime="vllm")
+    with pytest.raises(RenderError, match="not one of vLLM's tool-call parsers"):
+        render(spec)

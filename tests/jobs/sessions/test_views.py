@@ -89,6 +89,30 @@ def test_the_wizard_says_why_vllm_is_not_split_over_nodes(owner_client: Client, 
     assert "21.1 GiB usable" in row  # vLLM's share (0.9) of the card, the figure it is measured against
 
 
+def test_the_wizard_says_whether_the_chosen_variant_and_runtime_call_tools(
+    owner_client: Client, account: ClusterAccount
+) -> None:
+    card = ModelCard.objects.get(name="tiny-llama")
+    variant = ModelVariant.objects.create(model=card, quantization="bf16", format="safetensors", size_gib=0.001)
+    VariantLocation.objects.create(variant=variant, cluster=Cluster.objects.get(slug="local"), path="/models/tiny")
+    choices = {"model": "tiny-llama", "context": "1024"}
+
+    def tool_line(**more: str) -> str:
+        text = owner_client.get("/launch/", {**choices, **more}).content.decode()
+        return text[text.index('id="tool-calls"') :].split("</p>")[0]
+
+    line = tool_line(quant="bf16", runtime="vllm")
+    assert "No tool calls: the model card names no tool-call format" in line and "muted" in line
+    ModelCard.objects.filter(pk=card.pk).update(tool_call_parser="llama3_json")
+    assert "Calls tools: vLLM reads them with its llama3_json parser" in tool_line(quant="bf16", runtime="vllm")
+    assert "Calls tools: llama.cpp llama-server reads them through the model&#x27;s chat template, with --jinja" in (
+        tool_line(quant="fp16", runtime="llama.cpp")
+    )
+    assert "No tool calls" in tool_line(quant="bf16", runtime="transformers")  # only Qwen's and Gemma 4's
+    embeddings = owner_client.get("/launch/", {**choices, "quant": "fp16", "purpose": "embeddings"}).content.decode()
+    assert 'id="tool-calls"' not in embeddings
+
+
 def test_clusters_without_an_account_are_shown_but_not_selectable(owner_client: Client, example_catalog: Path) -> None:
     Cluster.objects.filter(slug="local").update(host_key=HOST_KEY)
     text = owner_client.get("/launch/", {"model": "tiny-llama", "context": "1024"}).content.decode()
