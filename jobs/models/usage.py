@@ -36,10 +36,13 @@ class ProxyRequest(models.Model):
     user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="proxy_requests")
     at = models.DateTimeField(default=timezone.now, db_index=True)
     route = models.CharField(max_length=4, choices=Route.choices)
-    endpoint = models.CharField(max_length=32)  # chat/completions, completions, embeddings, models
+    endpoint = models.CharField(max_length=32)  # an API route's name (catalog.runtime_rules.API_ROUTES)
     status = models.PositiveSmallIntegerField()
-    prompt_tokens = models.PositiveIntegerField(default=0)
+    prompt_tokens = models.PositiveIntegerField(default=0)  # all of the prompt's, those read from a cache included
     completion_tokens = models.PositiveIntegerField(default=0)
+    # Of the prompt's tokens, those the server read from its cache (OpenAI's cached_tokens, Anthropic's
+    # cache_read_input_tokens), where it says.
+    cached_tokens = models.PositiveIntegerField(default=0)
     # False: the server reported no usage and the completion tokens were counted from the stream's events.
     tokens_reported = models.BooleanField(default=True)
     ttft_ms = models.FloatField(null=True, blank=True)  # streams only: first byte of the reply

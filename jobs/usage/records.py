@@ -2,10 +2,14 @@
 byte, bytes, the tokens) and writes one ProxyRequest row when it ends, off the event loop.
 
 Tokens come from the server's own `usage` object where it sends one (non-streamed replies; streams whose client
-asked for `stream_options.include_usage`), else from llama-server's `timings` (prompt_n, predicted_n), which it
-adds to every stream's last event. Failing both, a stream's completion tokens are counted from its events: one
-token per event, less the first and last events when they carry no text (the role and the finish reason), as vLLM,
-llama-server and transformers send them; the prompt's tokens are then unknown (0, tokens_reported False).
+asked for `stream_options.include_usage`; the Responses API's `response.completed` event; Anthropic's `message_start`
+for the prompt and `message_delta` for the output), in OpenAI's names (prompt_tokens, completion_tokens) or the
+Responses API's and Anthropic's (input_tokens, output_tokens, and Anthropic's cache fields), else from llama-server's
+`timings` (prompt_n and cache_n, predicted_n), which it adds to every stream's last event. Failing both, a stream's
+completion tokens are counted from its events: one token per event, less the first and last events when they carry
+no text (the role and the finish reason), as vLLM, llama-server and transformers send them; the prompt's tokens are
+then unknown (0, tokens_reported False). The prompt's tokens are all of them, those read from a cache included
+(`cached_tokens` says how many were).
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ class Meter:
     route: str  # ProxyRequest.Route
     endpoint: str
     bytes_in: int = 0
+    tokens: str = "generates"  # what the route's token counts mean (ApiRoute.tokens); "": it uses none
     at: datetime = field(default_factory=timezone.now)
     started: float = field(default_factory=time.perf_counter)
     status: int = 0
@@ -98,7 +103,7 @@ class Meter:
         if status is not None:
             self.status = status
         end = time.perf_counter()
-        prompt, completion, reported = self._tokens()
+        prompt, completion, cached, reported = self._tokens()
         ttft = (self.first_byte - self.started) if self.streamed and self.first_byte is not None else None
         generating = end - (self.first_byte if self.streamed and self.first_byte is not None else self.started)
         speed = completion / generating if completion > 1 and generating > 0 else None
@@ -113,6 +118,7 @@ class Meter:
             status=self.status,
             prompt_tokens=prompt,
             completion_tokens=completion,
+            cached_tokens=cached,
             tokens_reported=reported,
             ttft_ms=None if ttft is None else ttft * 1000,
             duration_ms=duration * 1000,
@@ -121,23 +127,32 @@ class Meter:
             bytes_out=self.bytes_out,
         )
 
-    def _tokens(self) -> tuple[int, int, bool]:
+    def _tokens(self) -> tuple[int, int, int, bool]:
+        """The prompt's tokens, the completion's, those of the prompt read from a cache, and whether the server said."""
         if self.status >= 400:
-            return 0, 0, True
+            return 0, 0, 0, True
         if not self.streamed:
             usage = _found(_USAGE, self.tail) if self.overflowed else _usage_of_json(bytes(self.body))
             if usage is not None:
-                return _count(usage, "prompt_tokens"), _count(usage, "completion_tokens"), True
-            return 0, 0, self.endpoint == "models"
+                return (*_used(usage), True)
+            return 0, 0, 0, not self.tokens
         tail = self.tail
         usage = _found(_USAGE, tail)
         if usage is not None:
-            return _count(usage, "prompt_tokens"), _count(usage, "completion_tokens"), True
+            prompt, completion, cached = _used(usage)
+            if not _says_input(usage):
+                # Anthropic's last `usage` (message_delta) counts the output; message_start, first, the input.
+                start = _found(_USAGE, self.head, last=False)
+                if start is not None:
+                    prompt, _, cached = _used(start)
+            return prompt, completion, cached, True
         timings = _found(_TIMINGS, tail)
         if timings is not None:
-            return _count(timings, "prompt_n"), _count(timings, "predicted_n"), True
+            # prompt_n counts only the prompt's tokens it computed; cache_n those it found in its cache
+            cached = _count(timings, "cache_n")
+            return _count(timings, "prompt_n") + cached, _count(timings, "predicted_n"), cached, True
         silent = int(not _carries_text(self.head, first=True)) + int(not _carries_text(tail, first=False))
-        return 0, max(0, self.events - silent), False
+        return 0, max(0, self.events - silent), 0, False
 
 
 def _usage_of_json(body: bytes) -> dict[str, Any] | None:
@@ -149,9 +164,31 @@ def _usage_of_json(body: bytes) -> dict[str, Any] | None:
     return usage if isinstance(usage, dict) else None
 
 
-def _found(pattern: re.Pattern[bytes], text: bytes) -> dict[str, Any] | None:
-    """The last `"usage": {...}` (or timings) object in `text` that parses and is not null."""
-    for match in reversed(list(pattern.finditer(text))):
+# Anthropic counts the prompt's tokens read from (or written to) its cache apart from input_tokens.
+ANTHROPIC_CACHE = ("cache_read_input_tokens", "cache_creation_input_tokens")
+
+
+def _used(usage: dict[str, Any]) -> tuple[int, int, int]:
+    """The prompt's tokens (all of them), the completion's, and those of the prompt read from a cache, from a `usage`
+    object in any of the three APIs' names."""
+    prompt = _count(usage, "prompt_tokens") or _count(usage, "input_tokens")
+    completion = _count(usage, "completion_tokens") or _count(usage, "output_tokens")
+    details = usage.get("prompt_tokens_details") or usage.get("input_tokens_details")
+    cached = _count(details, "cached_tokens") if isinstance(details, dict) else 0
+    if any(name in usage for name in ANTHROPIC_CACHE):
+        prompt += sum(_count(usage, name) for name in ANTHROPIC_CACHE)
+        cached = _count(usage, "cache_read_input_tokens")
+    return prompt, completion, cached
+
+
+def _says_input(usage: dict[str, Any]) -> bool:
+    return any(name in usage for name in ("prompt_tokens", "input_tokens", *ANTHROPIC_CACHE))
+
+
+def _found(pattern: re.Pattern[bytes], text: bytes, last: bool = True) -> dict[str, Any] | None:
+    """The last (or first) `"usage": {...}` (or timings) object in `text` that parses and is not null."""
+    matches = list(pattern.finditer(text))
+    for match in reversed(matches) if last else matches:
         try:
             value = json.loads(match.group(1))
         except ValueError:

@@ -6,9 +6,10 @@ uploads. Here, for those routes:
 
 1. the host is checked against ALLOWED_HOSTS;
 2. the caller is authenticated from the headers alone, in one trip to the proxy's threads: a personal API token
-   (/api/v1/), or the signed-in session cookie (/sessions/<uuid>/v1/). The session is looked up in the same trip:
-   the one the browser's path names, or for a token the model its previous request named (the body, which names
-   it, is not read yet), which the view uses when the body names the same, and else looks up what it names;
+   (/api/v1/; `Authorization: Bearer`, or `x-api-key` as Anthropic's clients send it), or the signed-in session
+   cookie (/sessions/<uuid>/v1/). The session is looked up in the same trip: the one the browser's path names, or
+   for a token the model its previous request named (the body, which names it, is not read yet), which the view
+   uses when the body names the same, and else looks up what it names;
 3. a token is held to PORTAL_API_REQUESTS_PER_MINUTE, and its user, all their tokens together, to
    PORTAL_API_USER_REQUESTS_PER_MINUTE (allowance.py);
 4. only then is the body read, and at most PORTAL_MAX_REQUEST_BYTES of it, whether it declared its length or is
@@ -50,10 +51,11 @@ from django.urls import Resolver404, ResolverMatch, resolve
 from django.utils.log import log_response
 from django.views.decorators.debug import sensitive_variables
 
+from catalog.runtime_rules import API_ROUTES, OPENAI
 from jobs.batch import files
 from jobs.models import token_digest
 from jobs.use import allowance, targets
-from jobs.use.headers import DATA_ONLY, data_only, openai_error
+from jobs.use.headers import DATA_ONLY, api_error, data_only, error_body
 from portal import bodies
 
 log = logging.getLogger(__name__)
@@ -104,28 +106,30 @@ def refused(request: HttpRequest) -> JsonResponse:
     """The answer to a request that reached a view of the proxy's routes without the door (admitted())."""
     log.error("%s %s reached its view without the door (portal.asgi sends these routes through jobs.use.guard)",
               request.method, request.path)  # fmt: skip
-    return openai_error(500, "the portal is misconfigured: this route is served only through its door", "server_error")
+    message = "the portal is misconfigured: this route is served only through its door"
+    return api_error(api_of(request.path), 500, message, "server_error")
 
 
 async def guard(app: App, scope: Scope, receive: Receive, send: Send) -> None:
     """Refuse before reading the body, or read it (bounded) and hand the request on to `app`."""
     headers = bodies.headers_of(scope)
+    api = api_of(scope["path"])
     if not _host_allowed(headers.get("host", "")):
-        await _reply(send, 400, "the Host header names no site this portal serves", "invalid_request_error")
+        await _reply(send, api, 400, "the Host header names no site this portal serves", "invalid_request_error")
         return
     extra: dict[str, Any] = {}
     if API.match(scope["path"]):
-        authorization = headers.get("authorization", "")
-        digest = _digest(authorization)
+        credential = _credential(headers)
+        digest = token_digest(credential) if credential else ""
         guess = _models.get(digest) if digest and scope["method"] == "POST" else None
-        holder, found = await targets.run(_api_door, authorization, guess)
+        holder, found = await targets.run(_api_door, credential, guess)
         if holder is None:
-            await _reply(send, 401, "a valid personal API token is needed (Authorization: Bearer hpcllm_…)",
-                         "authentication_error", "invalid_api_key")  # fmt: skip
+            await _reply(send, api, 401, "a valid personal API token is needed (Authorization: Bearer hpcllm_…, or "
+                         "x-api-key: hpcllm_…)", "authentication_error", "invalid_api_key")  # fmt: skip
             return
         wait_s = _wait_s(holder)
         if wait_s:
-            await _reply(send, 429, f"{_rate_exceeded(holder)}; try again in {wait_s} s", "requests",
+            await _reply(send, api, 429, f"{_rate_exceeded(holder)}; try again in {wait_s} s", "requests",
                          "rate_limit_exceeded", retry_after=wait_s)  # fmt: skip
             return
         extra[HOLDER], extra[TOKEN] = holder, digest
@@ -136,7 +140,7 @@ async def guard(app: App, scope: Scope, receive: Receive, send: Send) -> None:
         assert browser is not None
         signed_in = await targets.run(_browser_door, headers.get("cookie", ""), browser[1])
         if signed_in is None:
-            await _reply(send, 401, "sign in first", "authentication_error")
+            await _reply(send, api, 401, "sign in first", "authentication_error")
             return
         extra[USER], extra[TARGET] = signed_in[0], (browser[1], signed_in[1])
     uploading = HOLDER in extra and scope["path"] == FILES and scope["method"] == "POST"
@@ -144,10 +148,10 @@ async def guard(app: App, scope: Scope, receive: Receive, send: Send) -> None:
     if uploading:  # only once the caller is known: a token that is not valid never sends a large body
         limit, refusal = await _upload_limit(extra[HOLDER])
         if limit < 0:
-            await _reply(send, 400, refusal, "invalid_request_error", "quota_exceeded")
+            await _reply(send, api, 400, refusal, "invalid_request_error", "quota_exceeded")
             return
     if bodies.over(bodies.declared(headers), limit):
-        await _too_large(send, limit, refusal)
+        await _too_large(send, api, limit, refusal)
         return
     upload: IO[bytes] | None = None
     try:
@@ -157,7 +161,7 @@ async def guard(app: App, scope: Scope, receive: Receive, send: Send) -> None:
         else:
             body = b"".join([piece async for piece in bodies.pieces(receive, limit)])
     except bodies.TooLarge:
-        await _too_large(send, limit, refusal)
+        await _too_large(send, api, limit, refusal)
         return
     except bodies.Disconnected:
         return
@@ -228,9 +232,9 @@ async def _spooled(receive: Receive, limit: int) -> IO[bytes]:
     return spool
 
 
-async def _too_large(send: Send, limit: int, refusal: str) -> None:
+async def _too_large(send: Send, api: str, limit: int, refusal: str) -> None:
     message = f"the request body is larger than {limit:,} bytes"
-    await _reply(send, 413, f"{message}: {refusal}" if refusal else message, "request_too_large",
+    await _reply(send, api, 413, f"{message}: {refusal}" if refusal else message, "request_too_large",
                  "quota_exceeded" if refusal else None)  # fmt: skip
 
 
@@ -256,18 +260,25 @@ def _host_allowed(host: str) -> bool:
     return bool(domain) and validate_host(domain, settings.ALLOWED_HOSTS)
 
 
-def _bearer(authorization: str) -> str:
-    scheme, _, token = authorization.partition(" ")
-    return token.strip() if scheme.lower() == "bearer" else ""
+def api_of(path: str) -> str:
+    """The API whose shape a route's answers take (OpenAI's, or Anthropic's for the Messages routes), from its path
+    alone: the door answers before anything else is known."""
+    prefix = API.match(path) or BROWSER.match(path)
+    route = API_ROUTES.get(path[prefix.end() :].strip("/")) if prefix else None
+    return route.api if route else OPENAI
+
+
+@sensitive_variables("headers", "scheme", "token")
+def _credential(headers: Mapping[str, str]) -> str:
+    """The personal API token a request carries: `Authorization: Bearer TOKEN` (OpenAI's clients), else
+    `x-api-key: TOKEN` (Anthropic's)."""
+    scheme, _, token = headers.get("authorization", "").partition(" ")
+    if scheme.lower() == "bearer" and token.strip():
+        return token.strip()
+    return headers.get("x-api-key", "").strip()
 
 
 _models: dict[str, str] = {}  # a token's digest: the model its last request named
-
-
-@sensitive_variables("authorization")
-def _digest(authorization: str) -> str:
-    token = _bearer(authorization)
-    return token_digest(token) if token else ""
 
 
 def remember(scope: Mapping[str, Any], model: Any) -> None:
@@ -279,12 +290,9 @@ def remember(scope: Mapping[str, Any], model: Any) -> None:
         _models[digest] = model
 
 
-@sensitive_variables("authorization", "token")
-def _api_door(
-    authorization: str, guess: str | None
-) -> tuple[targets.Holder | None, targets.Target | targets.Ambiguous | None]:
+@sensitive_variables("token")
+def _api_door(token: str, guess: str | None) -> tuple[targets.Holder | None, targets.Target | targets.Ambiguous | None]:
     """The token's holder, and the session `guess` names for them (not noted as used: the request may name another)."""
-    token = _bearer(authorization)
     holder = targets.holder(token) if token else None
     if holder is None or guess is None:
         return holder, None
@@ -311,7 +319,8 @@ class _Csrf(CsrfViewMiddleware):
     """Django's CSRF check, as its middleware makes it for a view; a refusal is an error in OpenAI's shape."""
 
     def _reject(self, request: HttpRequest, reason: str) -> HttpResponseBase:
-        response = openai_error(403, f"CSRF check failed: {reason}", "permission_error", "csrf_failed")
+        response = api_error(api_of(request.path), 403, f"CSRF check failed: {reason}", "permission_error",
+                             "csrf_failed")  # fmt: skip
         log_response("Forbidden (%s): %s", reason, request.path, response=response, request=request)
         return response
 
@@ -354,10 +363,10 @@ async def _response(request: ASGIRequest, match: ResolverMatch) -> HttpResponseB
         response: HttpResponseBase = await match.func(request, *match.args, **match.kwargs)
         return response
     except SuspiciousOperation as exc:
-        return data_only(openai_error(400, f"bad request: {exc}", "invalid_request_error"))
+        return data_only(api_error(api_of(request.path), 400, f"bad request: {exc}", "invalid_request_error"))
     except Exception:
         log.exception("the proxy failed on %s", request.path)
-        return data_only(openai_error(500, "the portal failed on this request", "server_error"))
+        return data_only(api_error(api_of(request.path), 500, "the portal failed on this request", "server_error"))
 
 
 async def _send_response(response: HttpResponseBase, send: Send) -> None:
@@ -375,9 +384,9 @@ async def _send_response(response: HttpResponseBase, send: Send) -> None:
 
 
 async def _reply(
-    send: Send, status: int, message: str, kind: str, code: str | None = None, retry_after: int = 0
+    send: Send, api: str, status: int, message: str, kind: str, code: str | None = None, retry_after: int = 0
 ) -> None:
-    body = json.dumps({"error": {"message": message, "type": kind, "param": None, "code": code}}).encode()
+    body = json.dumps(error_body(api, status, message, kind, code)).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     if retry_after:
         headers.append((b"retry-after", str(retry_after).encode()))

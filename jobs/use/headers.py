@@ -14,6 +14,8 @@ from typing import Any
 from django.core.serializers.json import DjangoJSONEncoder
 from django.http import HttpResponseBase, JsonResponse
 
+from catalog.runtime_rules import ANTHROPIC, OPENAI
+
 # The media types a model server's answer may have; anything else is refused, not relayed.
 RELAYED_TYPES = frozenset({"application/json", "text/event-stream"})
 
@@ -39,7 +41,33 @@ class _InertJSON(DjangoJSONEncoder):
         return super().encode(o).replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
 
 
+# Anthropic's error types by status (https://docs.anthropic.com/en/api/errors); its SDKs raise by status.
+_ANTHROPIC_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    529: "overloaded_error",
+}
+
+
+def error_body(api: str, status: int, message: str, kind: str, code: str | None = None) -> dict[str, Any]:
+    """An error in the shape of the route's API: OpenAI's (type and code as the portal names them) or Anthropic's
+    (its type for the status; the portal's code goes along as `code`, which Anthropic's clients ignore)."""
+    if api == ANTHROPIC:
+        anthropic_type = _ANTHROPIC_TYPES.get(status, "api_error" if status >= 500 else "invalid_request_error")
+        return {"type": "error", "error": {"type": anthropic_type, "message": message, "code": code or kind}}
+    assert api == OPENAI, api
+    return {"error": {"message": message, "type": kind, "param": None, "code": code}}
+
+
+def api_error(api: str, status: int, message: str, kind: str, code: str | None = None) -> JsonResponse:
+    """The portal's own answer on these routes, in the shape of the route's API."""
+    return JsonResponse(error_body(api, status, message, kind, code), status=status, encoder=_InertJSON)
+
+
 def openai_error(status: int, message: str, kind: str, code: str | None = None) -> JsonResponse:
     """The portal's own answer on these routes, in OpenAI's error shape."""
-    error = {"error": {"message": message, "type": kind, "param": None, "code": code}}
-    return JsonResponse(error, status=status, encoder=_InertJSON)
+    return api_error(OPENAI, status, message, kind, code)

@@ -2,7 +2,8 @@
 
 Async views under ASGI: a stream holds no worker thread. The target is only ever the session record's host and port
 (through the cluster's SSH tunnel when it has one); the backend key is added here and never shown; the caller's
-cookies and Authorization header are not forwarded. Errors come back in OpenAI's error shape.
+cookies, Authorization and x-api-key headers are not forwarded. The routes are catalog.runtime_rules.API_ROUTES; errors
+come back in the shape of the route's API (OpenAI's, Anthropic's for the Messages routes).
 """
 
 from __future__ import annotations
@@ -20,22 +21,22 @@ from django.http import HttpRequest, HttpResponseBase, JsonResponse, StreamingHt
 from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.debug import sensitive_variables
 
+from catalog.runtime_rules import ANTHROPIC, API_ROUTES, RUNTIMES, ApiRoute, serving
 from jobs.models import SERVING_STATES, LLMSession
 from jobs.sessions.access import shared_with
 from jobs.usage.records import Meter, save
 from jobs.use import relay as relay_module
 from jobs.use import targets
 from jobs.use.guard import BODY, HOLDER, TARGET, USER, admitted, refused, remember, served_here
-from jobs.use.headers import RELAYED_TYPES, data_only, openai_error
+from jobs.use.headers import RELAYED_TYPES, api_error, data_only, error_body, openai_error
 from jobs.use.targets import Target
 from portal import outbound
 
 log = logging.getLogger(__name__)
 
-# OpenAI-compatible routes that are forwarded; anything else is refused (no open proxy to the server's admin or
-# slot endpoints).
-ALLOWED = {"chat/completions": {"POST"}, "completions": {"POST"}, "embeddings": {"POST"}, "models": {"GET"}}
-FORWARDED_HEADERS = ("content-type", "accept")
+# Only API_ROUTES are forwarded; anything else is refused (no open proxy to the server's admin or slot endpoints).
+# Anthropic's clients name the version of its API they speak (and beta features) in headers the server may read.
+FORWARDED_HEADERS = ("content-type", "accept", "anthropic-version", "anthropic-beta")
 CONNECT_TIMEOUT_S = 10.0
 READ_TIMEOUT_S = 600.0  # a long prompt on a big model can take minutes before the first token
 TIMEOUTS = httpx.Timeout(READ_TIMEOUT_S, connect=CONNECT_TIMEOUT_S).as_dict()
@@ -64,26 +65,31 @@ def _ended(meter: Meter, response: JsonResponse) -> JsonResponse:
 
 
 @sensitive_variables("headers", "upstream_request")
-async def _forward(request: HttpRequest, target: Target, path: str, body: bytes, meter: Meter) -> HttpResponseBase:
+async def _forward(
+    request: HttpRequest, target: Target, route: ApiRoute, body: bytes, meter: Meter
+) -> HttpResponseBase:
+    api = route.api
     if target.base is None:
-        return _ended(meter, openai_error(409, f"session {target.pk} is {target.state}, not running",
-                                          "session_not_running", target.state))  # fmt: skip
+        return _ended(meter, api_error(api, 409, f"session {target.pk} is {target.state}, not running",
+                                       "session_not_running", target.state))  # fmt: skip
+    if unserved := _unserved(route, target):
+        return _ended(meter, unserved)
     headers = {k: v for k, v in request.headers.items() if k.lower() in FORWARDED_HEADERS}
     headers["authorization"] = f"Bearer {target.key}"
     client = _client()
     # Built as it is sent, not with client.build_request(), which merges the client's defaults (cookies, parameters,
     # a base URL: none here) at a cost on every request's path; the timeouts go along as build_request() sets them.
-    # The URL from its parts: `path` is one of ALLOWED's, and the host and port were checked as an address.
-    upstream_request = httpx.Request(request.method or "GET", target.base.copy_with(path=f"/v1/{path}"), content=body,
+    # The URL from its parts: the route's own path, and the host and port were checked as an address.
+    upstream_request = httpx.Request(request.method or "GET", target.base.copy_with(path=route.upstream), content=body,
                                      headers=headers, extensions={"timeout": TIMEOUTS})  # fmt: skip
     try:
         upstream = await client.send(upstream_request, stream=True)
     except httpx.TimeoutException:
-        return _ended(meter, openai_error(504, f"the model server on {target.node_list} did not answer in time",
-                                          "upstream_timeout"))  # fmt: skip
+        return _ended(meter, api_error(api, 504, f"the model server on {target.node_list} did not answer in time",
+                                       "upstream_timeout"))  # fmt: skip
     except httpx.HTTPError as exc:
-        return _ended(meter, openai_error(502, f"cannot reach the model server on {target.node_list}: {exc}",
-                                          "upstream_error"))  # fmt: skip
+        return _ended(meter, api_error(api, 502, f"cannot reach the model server on {target.node_list}: {exc}",
+                                       "upstream_error"))  # fmt: skip
     content_type = upstream.headers.get("content-type", "application/json")
     media_type = content_type.partition(";")[0].strip().lower()
     if media_type not in RELAYED_TYPES:
@@ -94,11 +100,11 @@ async def _forward(request: HttpRequest, target: Target, path: str, body: bytes,
             text = (await outbound.read_start(upstream, 2048)).decode(errors="replace")[:500]
         await upstream.aclose()
         if text:
-            return _ended(meter, openai_error(upstream.status_code, f"the model server answered: {text}",
-                                              "upstream_error"))  # fmt: skip
-        return _ended(meter, openai_error(502, f"the model server answered with {media_type or 'no content type'}, "
-                                          "which the portal does not relay (only JSON and event streams)",
-                                          "upstream_error"))  # fmt: skip
+            return _ended(meter, api_error(api, upstream.status_code, f"the model server answered: {text}",
+                                           "upstream_error"))  # fmt: skip
+        return _ended(meter, api_error(api, 502, f"the model server answered with {media_type or 'no content type'}, "
+                                       "which the portal does not relay (only JSON and event streams)",
+                                       "upstream_error"))  # fmt: skip
     meter.begin(upstream.status_code, content_type)
 
     async def relay() -> AsyncIterator[bytes]:
@@ -109,8 +115,10 @@ async def _forward(request: HttpRequest, target: Target, path: str, body: bytes,
         except httpx.HTTPError as exc:
             log.warning("stream from %s broke: %s", target.pk, exc)
             meter.status = 502
-            error = {"error": {"message": f"the stream broke: {exc}", "type": "upstream_error"}}
-            yield f"data: {json.dumps(error)}\n\n".encode()
+            error = json.dumps(error_body(api, 502, f"the stream broke: {exc}", "upstream_error"))
+            # A blank line first ends an event the break cut short, so the error is an event of its own. Anthropic's
+            # streams name each event; its clients read an `error` event as the stream's failure.
+            yield (f"\n\nevent: error\ndata: {error}\n\n" if api == ANTHROPIC else f"\n\ndata: {error}\n\n").encode()
         finally:
             # Also reached when the client goes away: Django cancels this generator and the upstream is closed.
             # A stream counts as use until its last byte, however long it ran (idle auto-cancel), and what it used
@@ -141,14 +149,26 @@ def _with_model(payload: Any, target: Target) -> bytes:
     return json.dumps(payload).encode()
 
 
-def _check_route(request: HttpRequest, path: str) -> JsonResponse | None:
-    methods = ALLOWED.get(path.strip("/"))
-    if methods is None:
-        return openai_error(404, f"/{path} is not forwarded; use chat/completions, completions, embeddings or models",
+def _route(request: HttpRequest, path: str) -> ApiRoute | JsonResponse:
+    """The API route a path names, or the error for one that is not forwarded or not by this method."""
+    route = API_ROUTES.get(path.strip("/"))
+    if route is None:
+        return openai_error(404, f"/{path} is not forwarded; the routes are {', '.join(API_ROUTES)}",
                             "invalid_request_error")  # fmt: skip
-    if request.method not in methods:
-        return openai_error(405, f"{request.method} is not allowed on /{path}", "invalid_request_error")
-    return None
+    if request.method not in route.methods:
+        return api_error(route.api, 405, f"{request.method} is not allowed on /{path}", "invalid_request_error")
+    return route
+
+
+def _unserved(route: ApiRoute, target: Target) -> JsonResponse | None:
+    """The error for a route the session's runtime does not serve, naming those that do."""
+    rules = RUNTIMES.get(target.runtime)
+    if rules is None or route.name in rules.routes:
+        return None
+    able = serving(route.name)
+    others = f"; sessions of {' or '.join(able)} answer it" if able else ""
+    return api_error(route.api, 404, f"this session runs {rules.label}, whose server has no /{route.name}{others}",
+                     "invalid_request_error", "route_not_served")  # fmt: skip
 
 
 def _at_the_door(
@@ -174,20 +194,21 @@ def _at_the_door(
 async def session_proxy(request: HttpRequest, door: Mapping[str, Any], pk: Any, path: str) -> HttpResponseBase:
     """The browser's route: /sessions/<uuid>/v1/<path>, signed in with the session cookie (CSRF applies). The door
     signed the user in and looked the session up for them."""
-    if wrong_route := _check_route(request, path):
-        return wrong_route
+    route = _route(request, path)
+    if isinstance(route, JsonResponse):
+        return route
     user_pk, (_, found) = door[USER], door[TARGET]
     if not isinstance(found, Target):
-        return openai_error(404, "no such session", "invalid_request_error")
+        return api_error(route.api, 404, "no such session", "invalid_request_error")
     target = found
     body = door[BODY]
-    if path.strip("/") != "models":
+    if "POST" in route.methods:
         rewritten = _rewrite_model(body, target)
         if rewritten is None:
-            return openai_error(400, "the request body is not JSON", "invalid_request_error")
+            return api_error(route.api, 400, "the request body is not JSON", "invalid_request_error")
         body = rewritten
-    meter = Meter(target.pk, user_pk, "chat", path.strip("/"), bytes_in=len(body))
-    return await _forward(request, target, path.strip("/"), body, meter)
+    meter = Meter(target.pk, user_pk, "chat", route.name, bytes_in=len(body), tokens=route.tokens)
+    return await _forward(request, target, route, body, meter)
 
 
 def _target_named(holder: targets.Holder, model: Any) -> Target | None:
@@ -231,13 +252,14 @@ def _running_models(user_pk: int) -> list[dict[str, Any]]:
 async def api_proxy(request: HttpRequest, door: Mapping[str, Any], path: str) -> HttpResponseBase:
     """The scripts' route: /api/v1/<path> with a personal token; `model` names the session (uuid, alias, or the
     catalog name of the model it runs). The door checked the host and the token, and held it to its rate."""
-    if wrong_route := _check_route(request, path):
-        return wrong_route
-    body = door[BODY]
+    route = _route(request, path)
+    if isinstance(route, JsonResponse):
+        return route
+    api, body = route.api, door[BODY]
     try:
-        payload = json.loads(body or b"{}") if path.strip("/") != "models" else {}
+        payload = json.loads(body or b"{}") if "POST" in route.methods else {}
     except json.JSONDecodeError:
-        return openai_error(400, "the request body is not JSON", "invalid_request_error")
+        return api_error(api, 400, "the request body is not JSON", "invalid_request_error")
     model = payload.get("model") if isinstance(payload, dict) else None
     holder: targets.Holder = door[HOLDER]
     ahead = door.get(TARGET)
@@ -247,20 +269,20 @@ async def api_proxy(request: HttpRequest, door: Mapping[str, Any], path: str) ->
         else:
             target = await targets.run(_target_named, holder, model)
     except targets.Ambiguous as exc:
-        return openai_error(400, str(exc), "invalid_request_error", "model_ambiguous")
+        return api_error(api, 400, str(exc), "invalid_request_error", "model_ambiguous")
     remember(door, model)
-    if path.strip("/") == "models":
+    if route.name == "models":
         return JsonResponse({"object": "list", "data": await targets.run(_running_models, holder.user_pk)})
     if not isinstance(model, str) or not model:
-        return openai_error(400, "name the model: a session's uuid or alias, or a model's catalog name (NAME or "
-                            "NAME:QUANT) that one of your sessions runs; GET /api/v1/models lists them",
-                            "invalid_request_error")  # fmt: skip
+        return api_error(api, 400, "name the model: a session's uuid or alias, or a model's catalog name (NAME or "
+                         "NAME:QUANT) that one of your sessions runs; GET /api/v1/models lists them",
+                         "invalid_request_error")  # fmt: skip
     if target is None:
-        return openai_error(404, f"no running session of yours answers to {model!r}; GET /api/v1/models lists "
-                            "the names you can use", "invalid_request_error", "model_not_found")  # fmt: skip
+        return api_error(api, 404, f"no running session of yours answers to {model!r}; GET /api/v1/models lists "
+                         "the names you can use", "invalid_request_error", "model_not_found")  # fmt: skip
     body = _with_model(payload, target) if body else b""
-    meter = Meter(target.pk, holder.user_pk, "api", path.strip("/"), bytes_in=len(body))
-    return await _forward(request, target, path.strip("/"), body, meter)
+    meter = Meter(target.pk, holder.user_pk, "api", route.name, bytes_in=len(body), tokens=route.tokens)
+    return await _forward(request, target, route, body, meter)
 
 
 def _used(found: Target | targets.Ambiguous | None) -> Target | None:

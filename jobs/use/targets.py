@@ -34,7 +34,7 @@ from django.utils import timezone
 from django.utils.dateparse import parse_datetime
 from django.views.decorators.debug import sensitive_variables
 
-from catalog.models import Cluster, ClusterAccount, ModelCard, ModelVariant
+from catalog.models import Cluster, ClusterAccount, ModelCard, ModelVariant, Runtime
 from jobs.cluster import backend
 from jobs.models import (
     END_STATES,
@@ -71,6 +71,7 @@ class Target:
     key: str = field(repr=False)  # the backend key; empty unless running
     served_model: str
     node_list: str
+    runtime: str = ""  # the runtime's kind (catalog.runtime_rules): which API routes its server answers
     activity_due: bool = field(default=False, compare=False)  # looked up with note=False: its use is to be noted
 
 
@@ -135,12 +136,14 @@ def _sql(vendor: str) -> dict[str, str]:
         f"{s('node_list')}, {s('last_activity_at')}, c.{_col(Cluster, 'node_access')}, "
         f"m.{_col(ModelCard, 'name')}, v.{_col(ModelVariant, 'quantization')}, c.{_col(Cluster, 'node_networks')}, "
         f"c.{_col(Cluster, 'login_host')}, c.{_col(Cluster, 'ssh_port')}, c.{_col(Cluster, 'host_key')}, "
-        f"a.{_col(ClusterAccount, 'username')}, a.{_col(ClusterAccount, 'private_key_encrypted')} "
+        f"a.{_col(ClusterAccount, 'username')}, a.{_col(ClusterAccount, 'private_key_encrypted')}, "
+        f"r.{_col(Runtime, 'kind')} "
         f"FROM {_q(session)} s "
         f"JOIN {_q(Cluster._meta.db_table)} c ON c.{_col(Cluster, 'id')} = {s('cluster')} "
         f"JOIN {_q(ClusterAccount._meta.db_table)} a ON a.{_col(ClusterAccount, 'id')} = {s('account')} "
         f"JOIN {_q(ModelVariant._meta.db_table)} v ON v.{_col(ModelVariant, 'id')} = {s('variant')} "
         f"JOIN {_q(ModelCard._meta.db_table)} m ON m.{_col(ModelCard, 'id')} = v.{_col(ModelVariant, 'model')} "
+        f"JOIN {_q(Runtime._meta.db_table)} r ON r.{_col(Runtime, 'id')} = {s('runtime')} "
     )
     end_states = ", ".join(["%s"] * len(END_STATES))
     serving = ", ".join(["%s"] * len(SERVING_STATES))
@@ -365,7 +368,7 @@ def target(user: Holder, key: str, route: str = "api", note: bool = True) -> Tar
     pk_value, owner_pk, state, host, port, key_encrypted, node_list, last_activity, access, model, quantization = row[
         :11
     ]
-    networks = row[11]
+    networks, runtime = row[11], row[17]
     if int(owner_pk) != user.user_pk:
         support = by_uuid and (user.sees_all if user.sees_all is not None else sees_all(user.user_pk))
         if not support and not _shared(pk_value, user.user_pk, route):
@@ -375,7 +378,7 @@ def target(user: Holder, key: str, route: str = "api", note: bool = True) -> Tar
     due = False
     if state in SERVING_STATES and host and port:
         if access == Cluster.NodeAccess.TUNNEL:
-            ssh_target = ClusterAccount.target_of(*row[12:])
+            ssh_target = ClusterAccount.target_of(*row[12:17])
             base = backend.forwarded_url(ssh_target, host, port, str(uuid.UUID(str(pk_value))), networks)
         else:
             base = backend.server_url(host, port, networks)
@@ -386,4 +389,4 @@ def target(user: Holder, key: str, route: str = "api", note: bool = True) -> Tar
         if due and note:
             _execute("touch_session", [_db_datetime(now), pk_value])
     return Target(str(uuid.UUID(str(pk_value))), state, base, secret, served_model_name(model, quantization), node_list,
-                  activity_due=due and not note)  # fmt: skip
+                  runtime, activity_due=due and not note)  # fmt: skip

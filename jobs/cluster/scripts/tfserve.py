@@ -5,7 +5,8 @@ reach the port could use it. This starts the same command in-process with uvicor
 the job's private (0700) directory instead; keyproxy.py in front checks the session's key. Two quirks are fixed on
 the way out, so that clients written for OpenAI's API work unchanged:
 
-* a streamed reply ends with `data: [DONE]`, which OpenAI's API sends and `transformers serve` does not;
+* a streamed chat or completion reply ends with `data: [DONE]`, which OpenAI's API sends and `transformers serve`
+  does not;
 * GET /v1/models lists the model the session serves (it answers an error, or nothing, where no Hugging Face cache
   directory is set up);
 * the model a request names is the session's (a server started for one model refuses any other name than the
@@ -52,7 +53,8 @@ class OpenAIShape:
             return
         if scope["method"] == "POST":
             scope, receive = await self._pinned(scope, receive)
-        streaming = False
+        # OpenAI ends only its chat and completions streams with [DONE]; the Responses API's end with an event.
+        streaming, ends_done = False, scope["path"].rstrip("/") in ("/v1/chat/completions", "/v1/completions")
         tail = b""
 
         async def send_fixed(message: Message) -> None:
@@ -60,7 +62,7 @@ class OpenAIShape:
             if message["type"] == "http.response.start":
                 headers = {k.lower(): v for k, v in message.get("headers", [])}
                 streaming = headers.get(b"content-type", b"").startswith(b"text/event-stream")
-            elif message["type"] == "http.response.body" and streaming:
+            elif message["type"] == "http.response.body" and streaming and ends_done:
                 body = message.get("body", b"")
                 tail = (tail + body)[-len(DONE) :]
                 if not message.get("more_body", False) and not tail.endswith(DONE):

@@ -80,6 +80,12 @@ def test_a_stream_ends_with_done_once() -> None:
     assert '"content": "Par"' in reply.text
 
 
+def test_a_responses_stream_ends_with_its_own_event_not_done() -> None:
+    """OpenAI ends only chat and completion streams with [DONE]; a Responses stream ends with response.completed."""
+    reply = call("POST", "/v1/responses", json={"model": "x", "stream": True, "input": "hi"})
+    assert reply.status_code == 200 and '"content": "Par"' in reply.text and "[DONE]" not in reply.text
+
+
 def test_the_model_list_names_the_sessions_model() -> None:
     reply = call("GET", "/v1/models")
     assert reply.status_code == 200

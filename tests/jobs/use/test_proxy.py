@@ -11,7 +11,6 @@ import asyncio
 import json
 import logging
 import re
-import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -20,31 +19,13 @@ import pytest
 from django.test import AsyncClient, Client
 from django.urls import URLPattern, URLResolver, get_resolver
 
-from catalog.models import ClusterAccount
-from jobs.models import ApiToken, LLMSession, ProxyRequest, State, transition
-from jobs.sessions.actions import launch
+from jobs.models import LLMSession, ProxyRequest
 from jobs.use import guard, openai_batches, proxy
 from tests.asgi import Portal, bearer, browser, client, run
-from tests.conftest import LAUNCH
+from tests.jobs.use.upstream import ANSWER, Server, answering, recorded, token_of
 
 pytestmark = pytest.mark.django_db(transaction=True)
 CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}]}
-ANSWER = {"choices": [{"message": {"role": "assistant", "content": "hello"}}],
-          "usage": {"prompt_tokens": 3, "completion_tokens": 1}}  # fmt: skip
-
-
-class Sent(httpx.AsyncByteStream):
-    """A body as the network delivers one (a response built from bytes is already read, which the proxy never gets)."""
-
-    def __init__(self, body: bytes) -> None:
-        self.body = body
-
-    async def __aiter__(self) -> AsyncIterator[bytes]:
-        yield self.body
-
-
-def answering(status: int, body: bytes, content_type: str) -> Callable[[httpx.Request], httpx.Response]:
-    return lambda request: httpx.Response(status, headers={"content-type": content_type}, stream=Sent(body))
 
 
 class Events(httpx.AsyncByteStream):
@@ -64,49 +45,6 @@ class Events(httpx.AsyncByteStream):
 
     async def aclose(self) -> None:
         self.closed.set()
-
-
-class Server:
-    """The session's model server: every request it got, and the answer it gives (JSON, unless told otherwise)."""
-
-    def __init__(self) -> None:
-        self.got: list[httpx.Request] = []
-        self.answer = answering(200, json.dumps(ANSWER).encode(), "application/json")
-
-    async def handle(self, request: httpx.Request) -> httpx.Response:
-        await request.aread()
-        self.got.append(request)
-        return self.answer(request)
-
-
-@pytest.fixture
-def server(monkeypatch: pytest.MonkeyPatch) -> Server:
-    fake = Server()
-    upstream = httpx.AsyncClient(transport=httpx.MockTransport(fake.handle))
-    monkeypatch.setattr(proxy, "_client", lambda: upstream)
-    return fake
-
-
-@pytest.fixture
-def running(account: ClusterAccount, owner: Any, django_capture_on_commit_callbacks: Any) -> LLMSession:
-    with django_capture_on_commit_callbacks(execute=False):
-        session = launch(owner, LAUNCH)
-    transition(session.pk, State.RUNNING, cause="test", host="127.0.0.1", port=9)
-    LLMSession.objects.filter(pk=session.pk).update(alias="tiny")
-    return LLMSession.objects.get(pk=session.pk)
-
-
-def token_of(user: Any) -> str:
-    return ApiToken.issue(user, "script")[1]
-
-
-def recorded(**fields: Any) -> ProxyRequest:
-    """The request's usage row, written on the proxy's threads after its reply's last byte."""
-    deadline = time.monotonic() + 10
-    while (row := ProxyRequest.objects.filter(**fields).first()) is None:
-        assert time.monotonic() < deadline, f"no usage row {fields}"
-        time.sleep(0.05)
-    return row
 
 
 def test_the_api_reaches_the_sessions_server_with_its_key_and_none_of_the_callers_credentials(

@@ -77,6 +77,7 @@ def test_the_owner_reaches_a_running_session_by_uuid_and_alias(start: Any, owner
             key=crypto.decrypt(session.api_key_encrypted),
             served_model=session.served_model_name,
             node_list=session.node_list,
+            runtime=session.runtime.kind,
         )
 
 
