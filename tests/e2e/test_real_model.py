@@ -16,7 +16,7 @@ from typing import Any
 import httpx
 import pytest
 
-from catalog.models import Cluster, VariantLocation
+from catalog.models import VariantLocation
 from jobs.cluster import backend, layout
 from jobs.models import ApiToken, LLMSession, State
 from jobs.sessions.actions import request_cancel
@@ -24,8 +24,6 @@ from jobs.tasks import cancel_session
 from portal import ssh
 from tests.conftest import SMOLLM2_LAUNCH
 from tests.e2e.sessions import cancel_all_jobs, drive, local_account, shell
-from tests.e2e.test_worker import worker_env
-from tests.worker import PortalServer
 
 pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
 QUESTION: list[Any] = [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}]
@@ -34,17 +32,6 @@ OTHER_ROUTES = ("/invocations", "/pooling", "/score", "/tokenize", "/metrics", "
 # Per runtime: the variant it serves, and the words its job log uses for the private socket (none for llama.cpp,
 # which checks the key itself and listens on the node's address).
 RUNTIMES = {"llama.cpp": ("Q4_1", ""), "vllm": ("bf16", "vllm.sock"), "transformers": ("bf16", "transformers.sock")}
-
-
-@pytest.fixture
-def smollm2_hf(local_catalog: dict[str, Any], smollm2: str) -> str:
-    """The same SmolLM2 as a safetensors directory: a second variant (bf16) of the card the GGUF filled."""
-    from catalog.add_model import add, inspect
-
-    path = local_catalog["models"]["smollm2_hf"]
-    added = add(inspect(path), path, Cluster.objects.get(slug="local"))
-    assert added.card.name == smollm2
-    return smollm2
 
 
 def launch_smollm2(owner: Any, capture: Any, local_catalog: dict[str, Any], **changes: Any) -> LLMSession:
@@ -73,13 +60,6 @@ def smol_session(
     cancel_all_jobs()
     ssh.pool.close_all()
     backend.close_forwards()
-
-
-@pytest.fixture
-def portal_server(tmp_path: Path) -> Iterator[str]:
-    server = PortalServer(worker_env(), tmp_path / "uvicorn.log")
-    yield server.start()
-    server.stop()
 
 
 def private_socket_dir(session: LLMSession, local_catalog: dict[str, Any]) -> str:
