@@ -570,6 +570,44 @@ def my_usage(user_id: int, period: Period) -> MyUsage:
     )
 
 
+@dataclass(frozen=True)
+class RouteUse:
+    """One API route's requests in a scope (ProxyRequest.endpoint: catalog.runtime_rules.API_ROUTES' names)."""
+
+    endpoint: str
+    requests: int
+    errors: int
+    prompt_tokens: int
+    cached_tokens: int
+    completion_tokens: int
+
+    @property
+    def cells(self) -> list[str]:
+        """The figures as the usage tables write them."""
+        figures = (self.requests, self.errors, self.prompt_tokens, self.cached_tokens, self.completion_tokens)
+        return [f"{figure:,}" for figure in figures]
+
+
+def by_route(scope: Scope) -> list[RouteUse]:
+    """The scope's requests by the API route they used (chat completions, Anthropic's messages, responses, ...),
+    most used first; one query."""
+    rows = (
+        scope.requests()
+        .values("endpoint")
+        .annotate(
+            n=Count("id"),
+            errors=Count("id", filter=Q(status__gte=400)),
+            prompt=Sum("prompt_tokens"),
+            cached=Sum("cached_tokens"),
+            completion=Sum("completion_tokens"),
+        )
+        .order_by()
+    )
+    found = [RouteUse(row["endpoint"], row["n"], row["errors"], row["prompt"] or 0, row["cached"] or 0,
+                      row["completion"] or 0) for row in rows]  # fmt: skip
+    return sorted(found, key=lambda use: (-use.requests, use.endpoint))
+
+
 def by_week(days: list[Row]) -> list[Row]:
     """Days (Row.key a date) added up by the week they fall in, each keyed by its Monday."""
     weeks = rollup({(row.key,): row.tally for row in days}, lambda key: key[0] - timedelta(days=key[0].weekday()))

@@ -63,6 +63,25 @@ def test_my_usage_shows_my_figures_and_nobody_elses(client: Client, rows: Any, o
     assert "Site usage" not in text and "/dashboard/" not in text
 
 
+def test_the_usage_pages_count_each_api_route_apart(
+    client: Client, make_session: MakeSession, owner: Any, other_user: Any, usage_user: Any
+) -> None:
+    """Anthropic's messages, OpenAI's responses and chat each have their row, with the prompt's cached tokens."""
+    mine = make_session(owner, start="2025-03-01 10:00", end="2025-03-01 12:00")
+    request(mine, owner, "2025-03-01 10:10", endpoint="messages", prompt_tokens=1234, cached_tokens=1000)
+    request(mine, owner, "2025-03-01 10:11", endpoint="messages", prompt_tokens=10, status=401)
+    request(mine, owner, "2025-03-01 10:12", endpoint="responses", prompt_tokens=55, completion_tokens=66)
+    theirs = make_session(other_user, start="2025-03-01 10:00", end="2025-03-01 12:00")
+    request(theirs, other_user, "2025-03-01 10:13", endpoint="rerank", prompt_tokens=9876)
+    text = signed_in(client, owner).get("/usage/", PERIOD).content.decode()
+    routes = text[text.index('id="routes"') :]
+    assert "<code>messages</code></th><td>2</td><td>1</td><td>1,244</td><td>1,000</td>" in routes
+    assert "<code>responses</code></th><td>1</td><td>0</td><td>55</td><td>0</td><td>66</td>" in routes
+    assert routes.index(">messages<") < routes.index(">responses<") and "rerank" not in routes  # grace's
+    site = signed_in(client, usage_user).get("/usage/site/", PERIOD).content.decode()
+    assert "<code>rerank</code></th><td>1</td><td>0</td><td>9,876</td>" in site[site.index('id="routes"') :]
+
+
 def test_requests_on_a_session_shared_with_me_are_in_my_usage(client: Client, rows: Any, shared_user: Any) -> None:
     text = signed_in(client, shared_user).get("/usage/", PERIOD).content.decode()
     assert "12,345" not in text and ">14<" in text and ">1<" in text  # two requests of 7 tokens, one failed
@@ -158,13 +177,13 @@ def test_the_usage_pages_take_a_fixed_number_of_queries(
             request(session, usage_user if minute % 2 else owner, f"2025-03-0{1 + i % 9} 10:{minute:02}")
         batch_run(session, owner, f"2025-03-0{1 + i % 9} 10:30", prompt=1, completion=1)
     signed_in(client, owner)
-    # The browser session and user, the figures' four, and the user's and their groups' permissions (the link to
-    # Site usage).
-    with django_assert_num_queries(8):
+    # The browser session and user, the figures' four, the routes' one, and the user's and their groups' permissions
+    # (the link to Site usage). The CSV has no routes' table.
+    with django_assert_num_queries(9):
         client.get("/usage/", PERIOD)
     signed_in(client, usage_user)
     for by in ("user", "group", "model", "month"):
-        with django_assert_num_queries(8):
+        with django_assert_num_queries(9):
             client.get("/usage/site/", {**PERIOD, "by": by})
         with django_assert_num_queries(8):
             client.get("/usage/site.csv", {**PERIOD, "by": by})
