@@ -166,7 +166,8 @@ def _unserved(route: ApiRoute, target: Target) -> JsonResponse | None:
     if rules is None or route.name in rules.routes:
         return None
     able = serving(route.name)
-    others = f"; sessions of {' or '.join(able)} answer it" if able else ""
+    named = f"{', '.join(able[:-1])} or {able[-1]}" if len(able) > 1 else "".join(able)
+    others = f"; sessions of {named} answer it" if able else ""
     return api_error(route.api, 404, f"this session runs {rules.label}, whose server has no /{route.name}{others}",
                      "invalid_request_error", "route_not_served")  # fmt: skip
 

@@ -29,6 +29,7 @@ from django.urls import URLPattern, URLResolver, get_resolver, resolve
 from django.utils import timezone
 
 from catalog.models import ClusterAccount
+from catalog.runtime_rules import API_ROUTES
 from jobs.batch import actions, staging
 from jobs.cluster import login
 from jobs.models import ApiToken, BatchFile, BatchRun, Conversation, LLMSession, SessionShare, State, transition
@@ -89,6 +90,8 @@ class Ask:
     browser: bool = False  # signed in with the session cookie (else a personal token)
 
 
+OTHER_ROUTES = [name for name in API_ROUTES if name not in ("chat/completions", "models")]
+
 # The API's chat: by uuid, support staff and an API grant too; by owner/alias, an API grant; a bare alias is the
 # caller's own name only. Files and batches are their owner's alone, and only the owner starts a run on a session.
 DOOR = [
@@ -101,6 +104,14 @@ DOOR = [
     Ask("api", "a completion naming the bare alias", OWNER, "POST", "/api/v1/chat/completions", model="lab-model"),
     Ask("api", "the models list naming the session", frozenset({"owner", "api_grant"}), "GET", "/api/v1/models",
         listed=("session", "{session}")),
+    # Every other route of the API (Anthropic's messages, responses, tokenize, ...), from the one table of them: the
+    # same people as a completion, by uuid and by owner/alias; in the browser, those who chat.
+    *[Ask("api", f"{name} naming the session's uuid", frozenset({"owner", "support_user", "api_grant"}), "POST",
+          f"/api/v1/{name}", model="{session}") for name in OTHER_ROUTES],
+    *[Ask("api", f"{name} naming owner/alias", frozenset({"owner", "api_grant"}), "POST", f"/api/v1/{name}",
+          model="ada/lab-model") for name in OTHER_ROUTES],
+    Ask("session-proxy", "the browser's messages to the session", CHATTERS, "POST",
+        "/sessions/{session}/v1/messages", browser=True),
     Ask("api-files", "the files list holding the owner's file", OWNER, "GET", "/api/v1/files", listed=("id", "{file}")),
     Ask("api-file", "the owner's file", OWNER, "GET", "/api/v1/files/{file}"),
     Ask("api-file", "the owner's batch's output file", OWNER, "GET", "/api/v1/files/file-output-{run}"),
