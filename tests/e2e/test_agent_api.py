@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from typing import Any
 import anthropic
 import openai
 import pytest
+from django.db.models import QuerySet
 
 from catalog.models import ClusterRuntime
 from jobs.cluster import backend
@@ -40,6 +42,15 @@ def clients(portal: str, token: str) -> tuple[anthropic.Anthropic, openai.OpenAI
     """The two clients as researchers' tools set them: ANTHROPIC_BASE_URL=PORTAL/api, OPENAI_BASE_URL=PORTAL/api/v1."""
     return (anthropic.Anthropic(base_url=f"{portal}/api", api_key=token, max_retries=0, timeout=180),
             openai.OpenAI(base_url=f"{portal}/api/v1", api_key=token, max_retries=0, timeout=180))  # fmt: skip
+
+
+def recorded(rows: QuerySet[ProxyRequest], n: int) -> bool:
+    """Whether `n` usage rows are there within 10 s: the portal writes a row after its reply's last byte, off the event
+    loop, so the last of them may land just after the client has read its reply."""
+    deadline = time.monotonic() + 10
+    while rows.count() < n and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return rows.count() == n
 
 
 def text_of(message: anthropic.types.Message) -> str:
@@ -84,7 +95,7 @@ def test_smollm2_answers_the_messages_and_responses_apis_by_its_catalog_name(
     rows = ProxyRequest.objects.filter(session=smol, user=owner, status=200)
     for endpoint in ("messages", "responses"):
         counted = rows.filter(endpoint=endpoint)
-        assert counted.count() == 2, (runtime, endpoint)
+        assert recorded(counted, 2), (runtime, endpoint)
         for row in counted:
             assert row.tokens_reported and row.prompt_tokens > 5 and row.completion_tokens > 0, (runtime, endpoint)
 
@@ -181,5 +192,5 @@ def test_tool_calls_come_back_in_both_shapes_and_a_tool_result_goes_back(
     assert text_of(replied) == "The tool says: sunny"
 
     rows = ProxyRequest.objects.filter(session=tool_caller, user=owner)
-    assert rows.filter(endpoint="messages", prompt_tokens=17, completion_tokens=5).count() == 3
-    assert rows.filter(endpoint="chat/completions", prompt_tokens=17, completion_tokens=5).count() == 3
+    assert recorded(rows.filter(endpoint="messages", prompt_tokens=17, completion_tokens=5), 3)
+    assert recorded(rows.filter(endpoint="chat/completions", prompt_tokens=17, completion_tokens=5), 3)
