@@ -12,11 +12,8 @@ with the official `anthropic` and `openai` clients as Claude Code and Codex CLI 
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import anthropic
@@ -24,11 +21,10 @@ import openai
 import pytest
 from django.db.models import QuerySet
 
-from catalog.models import ClusterRuntime
 from jobs.cluster import backend
-from jobs.models import ApiToken, LLMSession, ProxyRequest, State
+from jobs.models import ApiToken, LLMSession, ProxyRequest
 from portal import ssh
-from tests.e2e.sessions import cancel_all_jobs, drive, local_account
+from tests.e2e.sessions import cancel_all_jobs
 from tests.e2e.test_real_model import QUESTION, launch_smollm2
 
 pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
@@ -127,33 +123,6 @@ def test_llama_server_answers_requests_that_offer_tools(
     finally:
         cancel_all_jobs()
         ssh.pool.close_all()
-
-
-@pytest.fixture
-def tool_caller(
-    local_catalog: dict[str, Any], smollm2: str, owner: Any, django_capture_on_commit_callbacks: Any
-) -> Iterator[LLMSession]:
-    """A SmolLM2 session whose job runs tool_model_server.py as the cluster's llama-server."""
-    from jobs.sessions.actions import launch
-    from jobs.tasks import submit_session
-    from tests.conftest import SMOLLM2_LAUNCH
-
-    folder = Path(tempfile.mkdtemp(prefix="tool-caller-", dir="/tmp"))
-    folder.chmod(0o755)  # the cluster's user runs it
-    server = folder / "llama-server"
-    shutil.copy(Path(__file__).with_name("tool_model_server.py"), server)
-    server.chmod(0o755)
-    ClusterRuntime.objects.filter(cluster__slug="local", runtime__kind="llama.cpp").update(binary=str(server))
-    local_account(owner, local_catalog)
-    with django_capture_on_commit_callbacks(execute=False):
-        session = launch(owner, {**SMOLLM2_LAUNCH, "alias": "caller"})
-    submit_session.apply(args=(str(session.pk),))
-    session = drive(LLMSession.objects.get(pk=session.pk), lambda s: s.state == State.RUNNING or s.is_ended)
-    assert session.state == State.RUNNING, session.end_reason
-    yield session
-    cancel_all_jobs()
-    ssh.pool.close_all()
-    shutil.rmtree(folder, ignore_errors=True)
 
 
 def test_tool_calls_come_back_in_both_shapes_and_a_tool_result_goes_back(
