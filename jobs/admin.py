@@ -16,10 +16,12 @@ from django.views.decorators.debug import sensitive_variables
 from catalog.models import ClusterAccount
 from jobs.batch.actions import stop_run
 from jobs.models import (
+    LIVE_STATES,
     BatchEvent,
     BatchRun,
     GroupSource,
     LLMSession,
+    ModelService,
     ProxyRequest,
     ScrapeToken,
     SessionEvent,
@@ -92,6 +94,25 @@ class BatchEventInline(admin.TabularInline[BatchEvent, BatchRun]):
 
     def has_add_permission(self, request: HttpRequest, obj: BatchRun | None = None) -> bool:
         return False
+
+
+@admin.register(ModelService)
+class ModelServiceAdmin(admin.ModelAdmin[ModelService]):
+    """Services are created, scaled and stopped through jobs/services/actions.py (manage.py services), which check
+    the launch and who may use them; here they are read, and their groups and replica counts changed."""
+
+    list_display = ["name", "owner", "audience", "min_replicas", "max_replicas", "live_replicas", "stopped_at"]
+    list_filter = ["audience"]
+    search_fields = ["name", "owner__username"]
+    readonly_fields = ["name", "owner", "launch", "audience", "created_at", "stopped_at"]
+    filter_horizontal = ["groups"]
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    @admin.display(description="live replicas")
+    def live_replicas(self, service: ModelService) -> int:
+        return service.replicas.filter(state__in=LIVE_STATES).count()
 
 
 @admin.register(BatchRun)

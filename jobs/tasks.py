@@ -3,7 +3,7 @@ jobs/batch/, jobs/cluster/), and decide what follows: a retry with backoff for t
 submit. Every account poll they make (poll_account, the watch's, a cancel's) is followed by
 jobs.batch.progress.after_poll, which records the batch runs it read.
 
-Beat runs poll_clusters and watch_sessions (every PORTAL_POLL_INTERVAL_S), refresh_partitions (every
+Beat runs poll_clusters, watch_sessions and keep_services (every PORTAL_POLL_INTERVAL_S), refresh_partitions (every
 PORTAL_QUEUE_REFRESH_S), sync_groups (every PORTAL_GROUP_SYNC_S), rediscover (every PORTAL_DISCOVER_EVERY_S,
 when set) and expire_files (every PORTAL_FILES_SWEEP_S).
 Task names are explicit, so moving code never strands a queued message.
@@ -29,6 +29,7 @@ from jobs.batch import files, progress, staging
 from jobs.cluster import capacity, logs
 from jobs.models import LLMSession, State
 from jobs.operations import metrics
+from jobs.services import keep
 from jobs.sessions import groups, lifecycle, listing, notify
 from portal import ssh
 
@@ -61,6 +62,16 @@ def submit_session(self: Task[Any, Any], session_id: str) -> str:
     elif submitted.outcome not in ("not claimed", "failed"):
         watch_sessions.delay()  # a small model may be ready before the next beat: watch it from now on
     return submitted.outcome
+
+
+@shared_task(name="jobs.keep_services", ignore_result=True, soft_time_limit=60, time_limit=90)
+def keep_services() -> int:
+    """Beat (and a service created or scaled): every running model service keeps its minimum of live replicas (one
+    that ended is replaced); the new replicas are submitted as a launch's are."""
+    created = keep.reconcile_all()
+    for session_id in created:
+        submit_session.delay(session_id)
+    return len(created)
 
 
 @shared_task(name="jobs.poll_clusters", ignore_result=True)

@@ -363,6 +363,11 @@ CELERY_BEAT_SCHEDULE: dict[str, dict[str, object]] = {
     },
     "refresh-partitions": {"task": "jobs.refresh_partitions", "schedule": float(PORTAL_QUEUE_REFRESH_S)},
     "expire-files": {"task": "jobs.expire_files", "schedule": float(PORTAL_FILES_SWEEP_S)},
+    "keep-services": {
+        "task": "jobs.keep_services",
+        "schedule": float(PORTAL_POLL_INTERVAL_S),
+        "options": {"expires": float(PORTAL_POLL_INTERVAL_S)},
+    },
 }
 if PORTAL_GROUP_SYNC_S:
     CELERY_BEAT_SCHEDULE["sync-groups"] = {"task": "jobs.sync_groups", "schedule": float(PORTAL_GROUP_SYNC_S)}

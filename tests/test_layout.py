@@ -28,9 +28,13 @@ FORBIDDEN = {
         "jobs.usage",
         "jobs.operations",
         "jobs.tasks",
+        "jobs.services",
     ),
-    "jobs.cluster": ("jobs.sessions", "jobs.use", "jobs.batch", "jobs.usage", "jobs.tasks"),
-    "jobs.sessions": ("jobs.use", "jobs.batch"),
+    "jobs.cluster": ("jobs.sessions", "jobs.use", "jobs.batch", "jobs.usage", "jobs.tasks", "jobs.services"),
+    "jobs.sessions": ("jobs.use", "jobs.batch", "jobs.services"),
+    # Model services sit above the sessions (a replica is a session launched and cancelled through their actions)
+    # and below the proxy, which routes a request naming a service to one of its replicas.
+    "jobs.services": ("jobs.use", "jobs.batch"),
     # Batch runs sit above the sessions: a batch launch is a launch with its run added, a run is seen through its
     # session's access rule, and the runs' progress is recorded from what the sessions' poll read (by its caller,
     # the tasks). The OpenAI Batch API (jobs.use) is above them.
@@ -41,7 +45,7 @@ FORBIDDEN = {
     "jobs.operations": ("jobs.usage", "jobs.sessions", "jobs.use", "jobs.batch"),
 }
 # Only these modules enqueue Celery tasks by importing jobs.tasks (besides the URL and command entry points).
-ENQUEUE = {"jobs.sessions.actions", "jobs.batch.actions"}
+ENQUEUE = {"jobs.sessions.actions", "jobs.batch.actions", "jobs.services.actions"}
 
 
 def modules() -> dict[str, Path]:

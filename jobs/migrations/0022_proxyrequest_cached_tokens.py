@@ -4,15 +4,14 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-
     dependencies = [
-        ('jobs', '0021_batchfile_expires_at'),
+        ("jobs", "0021_batchfile_expires_at"),
     ]
 
     operations = [
         migrations.AddField(
-            model_name='proxyrequest',
-            name='cached_tokens',
+            model_name="proxyrequest",
+            name="cached_tokens",
             field=models.PositiveIntegerField(default=0),
         ),
     ]

@@ -8,6 +8,7 @@ May import: catalog, portal. Never the rest of jobs.
 from jobs.models.batch import BatchEvent, BatchFile, BatchRun, Pace, measured_pace, transition_run
 from jobs.models.capacity import PartitionState
 from jobs.models.chat import ChatMessage, Conversation
+from jobs.models.services import RUN_SITE_SERVICE, ModelService
 from jobs.models.sessions import (
     END_STATES,
     LIVE_STATES,
@@ -32,6 +33,7 @@ __all__ = [
     "LIVE_STATES",
     "OWNER_SEPARATOR",
     "POLLED_STATES",
+    "RUN_SITE_SERVICE",
     "SEE_ALL_SESSIONS",
     "SEE_SITE_USAGE",
     "SERVING_STATES",
@@ -46,6 +48,7 @@ __all__ = [
     "Conversation",
     "GroupSource",
     "LLMSession",
+    "ModelService",
     "Pace",
     "PartitionState",
     "ProxyRequest",

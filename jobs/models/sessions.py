@@ -159,6 +159,10 @@ class LLMSession(models.Model):
     deleted_at = models.DateTimeField(null=True, blank=True, editable=False)
     # The launch form's one-time token: a double submit finds the session the first one created.
     request_token = models.CharField(max_length=64, blank=True, editable=False)
+    # A replica of a model service (jobs/models/services.py), launched and ended by it; None: a session of its own.
+    service = models.ForeignKey(
+        "jobs.ModelService", null=True, blank=True, on_delete=models.PROTECT, related_name="replicas", editable=False
+    )
 
     class Meta:
         verbose_name = "session"

@@ -8,15 +8,13 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from django.contrib.auth.models import User
-from django.core.exceptions import ValidationError
-from django.db import IntegrityError, transaction
+from django.db import transaction
 from django.utils import timezone
 
 from jobs import tasks
 from jobs.cluster import logs
-from jobs.models import LLMSession, State
-from jobs.sessions import lifecycle, limits
-from jobs.sessions.forms import LaunchForm, form_errors
+from jobs.models import LLMSession
+from jobs.sessions import launching, lifecycle
 
 
 def launch(
@@ -33,30 +31,10 @@ def launch(
     `replicas`: servers of their own, one node each (a batch launch's, jobs/batch/actions.py); the user's limits
     count all of them. `with_session` adds what goes with the session (a batch launch's run) in the same
     transaction, before the submit is enqueued: if it raises, nothing is created and nothing submitted."""
-    if request_token:
-        earlier = LLMSession.objects.filter(owner=user, request_token=request_token).first()
-        if earlier is not None:
-            return earlier
-    form = LaunchForm(data, user=user)
-    if not form.is_valid():
-        raise form_errors(form)
-    columns = form.session_columns()
-    if replicas > 1 and columns["nodes"] > 1:
-        raise ValidationError({"nodes": "A batch launch with replicas runs each on one node; ask for 1 node."})
-    try:
-        with transaction.atomic():
-            # Checked again under a lock on the user: two launches at once cannot both take the last place.
-            User.objects.select_for_update().filter(pk=user.pk).first()
-            limits.check(user, columns["cluster"], columns["gpus_per_node"] * columns["nodes"] * replicas)
-            session = LLMSession.objects.create(owner=user, request_token=request_token, **columns)
-            session.events.create(to_state=State.PENDING, cause=f"requested by {user.get_username()}")
-            if with_session is not None:
-                with_session(session)
+    with transaction.atomic():
+        session, created = launching.create(user, data, request_token, replicas=replicas, with_session=with_session)
+        if created:
             transaction.on_commit(lambda: tasks.submit_session.delay(str(session.pk)))
-    except IntegrityError:
-        if not request_token:
-            raise
-        return LLMSession.objects.get(owner=user, request_token=request_token)  # the other submit won the race
     return session
 
 

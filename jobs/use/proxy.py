@@ -22,7 +22,8 @@ from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.debug import sensitive_variables
 
 from catalog.runtime_rules import ANTHROPIC, API_ROUTES, RUNTIMES, ApiRoute, serving
-from jobs.models import SERVING_STATES, LLMSession
+from jobs.models import SERVING_STATES, LLMSession, ModelService
+from jobs.services import replicas
 from jobs.sessions.access import shared_with
 from jobs.usage.records import Meter, save
 from jobs.use import relay as relay_module
@@ -64,10 +65,21 @@ def _ended(meter: Meter, response: JsonResponse) -> JsonResponse:
     return response
 
 
+class _NotAnswered(Exception):
+    """A service's replica could not be reached, or broke off before answering: another replica may take the
+    request. Carries the answer and the meter the request would otherwise have ended with."""
+
+    def __init__(self, response: JsonResponse, meter: Meter) -> None:
+        super().__init__(response.status_code)
+        self.response, self.meter = response, meter
+
+
 @sensitive_variables("headers", "upstream_request")
 async def _forward(
-    request: HttpRequest, target: Target, route: ApiRoute, body: bytes, meter: Meter
+    request: HttpRequest, target: Target, route: ApiRoute, body: bytes, meter: Meter, fail_over: bool = False
 ) -> HttpResponseBase:
+    """Send the request to the target's server and relay its answer. With `fail_over` (a service's replica, not yet
+    retried), a server that could not be reached or broke off before answering raises _NotAnswered instead."""
     api = route.api
     if target.base is None:
         return _ended(meter, api_error(api, 409, f"session {target.pk} is {target.state}, not running",
@@ -82,30 +94,45 @@ async def _forward(
     # The URL from its parts: the route's own path, and the host and port were checked as an address.
     upstream_request = httpx.Request(request.method or "GET", target.base.copy_with(path=route.upstream), content=body,
                                      headers=headers, extensions={"timeout": TIMEOUTS})  # fmt: skip
+    counted = bool(target.service)  # a replica's open requests, for choosing the least loaded (replicas.py)
+    if counted:
+        replicas.begin(target.pk)
+    relaying = False
     try:
-        upstream = await client.send(upstream_request, stream=True)
-    except httpx.TimeoutException:
-        return _ended(meter, api_error(api, 504, f"the model server on {target.node_list} did not answer in time",
-                                       "upstream_timeout"))  # fmt: skip
-    except httpx.HTTPError as exc:
-        return _ended(meter, api_error(api, 502, f"cannot reach the model server on {target.node_list}: {exc}",
-                                       "upstream_error"))  # fmt: skip
-    content_type = upstream.headers.get("content-type", "application/json")
-    media_type = content_type.partition(";")[0].strip().lower()
-    if media_type not in RELAYED_TYPES:
-        # Only data is relayed: an error's text comes back inside a JSON error, anything else not at all.
-        # Never read whole: the first bytes are all a message quotes (the server is the session owner's).
-        text = ""
-        if upstream.status_code >= 400:
-            text = (await outbound.read_start(upstream, 2048)).decode(errors="replace")[:500]
-        await upstream.aclose()
-        if text:
-            return _ended(meter, api_error(api, upstream.status_code, f"the model server answered: {text}",
+        try:
+            upstream = await client.send(upstream_request, stream=True)
+        except httpx.TimeoutException as exc:
+            timed_out = api_error(api, 504, f"the model server on {target.node_list} did not answer in time",
+                                  "upstream_timeout")  # fmt: skip
+            if fail_over and isinstance(exc, httpx.ConnectTimeout):
+                raise _NotAnswered(timed_out, meter) from exc
+            return _ended(meter, timed_out)
+        except httpx.HTTPError as exc:
+            unreachable = api_error(api, 502, f"cannot reach the model server on {target.node_list}: {exc}",
+                                    "upstream_error")  # fmt: skip
+            if fail_over:
+                raise _NotAnswered(unreachable, meter) from exc
+            return _ended(meter, unreachable)
+        content_type = upstream.headers.get("content-type", "application/json")
+        media_type = content_type.partition(";")[0].strip().lower()
+        if media_type not in RELAYED_TYPES:
+            # Only data is relayed: an error's text comes back inside a JSON error, anything else not at all.
+            # Never read whole: the first bytes are all a message quotes (the server is the session owner's).
+            text = ""
+            if upstream.status_code >= 400:
+                text = (await outbound.read_start(upstream, 2048)).decode(errors="replace")[:500]
+            await upstream.aclose()
+            if text:
+                return _ended(meter, api_error(api, upstream.status_code, f"the model server answered: {text}",
+                                               "upstream_error"))  # fmt: skip
+            return _ended(meter, api_error(api, 502, f"the model server answered with {media_type or 'no content type'}"
+                                           ", which the portal does not relay (only JSON and event streams)",
                                            "upstream_error"))  # fmt: skip
-        return _ended(meter, api_error(api, 502, f"the model server answered with {media_type or 'no content type'}, "
-                                       "which the portal does not relay (only JSON and event streams)",
-                                       "upstream_error"))  # fmt: skip
-    meter.begin(upstream.status_code, content_type)
+        meter.begin(upstream.status_code, content_type)
+        relaying = True
+    finally:
+        if counted and not relaying:
+            replicas.end(target.pk)
 
     async def relay() -> AsyncIterator[bytes]:
         try:
@@ -123,6 +150,8 @@ async def _forward(
             # Also reached when the client goes away: Django cancels this generator and the upstream is closed.
             # A stream counts as use until its last byte, however long it ran (idle auto-cancel), and what it used
             # is recorded then.
+            if counted:
+                replicas.end(target.pk)
             targets.later(targets.touch, target.pk)
             targets.later(save, meter.finish())
             await upstream.aclose()
@@ -130,6 +159,28 @@ async def _forward(
     response = StreamingHttpResponse(relay(), status=upstream.status_code, content_type=content_type)
     response["X-Accel-Buffering"] = "no"  # nginx in front must not buffer server-sent events
     return response
+
+
+async def _forward_or_fail_over(
+    request: HttpRequest, holder: targets.Holder, target: Target, route: ApiRoute, body: bytes,
+    meter_of: Callable[[Target, bytes], Meter],
+) -> HttpResponseBase:  # fmt: skip
+    """_forward, and for a service's replica that could not be reached or broke off before answering, once more to
+    another ready replica (the failed one is cooled down: replicas.py). The answer of the first attempt stands when
+    there is no other."""
+    if not target.service:
+        return await _forward(request, target, route, body, meter_of(target, body))
+    try:
+        return await _forward(request, target, route, body, meter_of(target, body), fail_over=True)
+    except _NotAnswered as failed:
+        replicas.cool_down(target.pk)
+        other = await targets.run(targets.another_replica, holder, target, "api" if holder.token_pk else "chat")
+        if other is None:
+            return _ended(failed.meter, failed.response)
+        log.info("service %s: %s did not answer, the request goes to %s", target.service, target.pk, other.pk)
+        failed.meter.done = True  # the caller sees one request: the one that was answered
+        retried = _with_model(json.loads(body), other) if body else body
+        return await _forward(request, other, route, retried, meter_of(other, retried))
 
 
 def _rewrite_model(body: bytes, target: Target) -> bytes | None:
@@ -238,12 +289,19 @@ def _running_models(user_pk: int) -> list[dict[str, Any]]:
     shared = shared_with(user, api=True).filter(state__in=SERVING_STATES).exclude(host="").order_by("-created_at")
     for s in shared:
         names.setdefault(s.name_for_others, s)  # owner/alias or uuid: never one of the caller's own names
-    return [
+    listed = [
         {"id": name, "object": "model", "created": int(s.created_at.timestamp()),
          "owned_by": s.owner.get_username() if s.owner_id != user_pk else "hpc-llm-portal", "session": str(s.pk),
          "served_model": s.served_model_name, "shared": s.owner_id != user_pk}
         for name, s in names.items()
     ]  # fmt: skip
+    # Then the services the caller may use that have a replica ready: each once, by its name.
+    for service in ModelService.objects.filter(stopped_at__isnull=True).select_related("owner"):
+        ready = service.replicas.filter(state__in=SERVING_STATES).exclude(host="").count()
+        if ready and service.name not in names and service.may_use(user):
+            listed.append({"id": service.name, "object": "model", "created": int(service.created_at.timestamp()),
+                           "owned_by": service.owner.get_username(), "service": True, "replicas": ready})  # fmt: skip
+    return listed
 
 
 @served_here
@@ -282,8 +340,11 @@ async def api_proxy(request: HttpRequest, door: Mapping[str, Any], path: str) ->
         return api_error(api, 404, f"no running session of yours answers to {model!r}; GET /api/v1/models lists "
                          "the names you can use", "invalid_request_error", "model_not_found")  # fmt: skip
     body = _with_model(payload, target) if body else b""
-    meter = Meter(target.pk, holder.user_pk, "api", route.name, bytes_in=len(body), tokens=route.tokens)
-    return await _forward(request, target, route, body, meter)
+
+    def meter_of(replica: Target, sent: bytes) -> Meter:
+        return Meter(replica.pk, holder.user_pk, "api", route.name, bytes_in=len(sent), tokens=route.tokens)
+
+    return await _forward_or_fail_over(request, holder, target, route, body, meter_of)
 
 
 def _used(found: Target | targets.Ambiguous | None) -> Target | None:

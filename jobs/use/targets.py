@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -43,10 +43,12 @@ from jobs.models import (
     SERVING_STATES,
     ApiToken,
     LLMSession,
+    ModelService,
     SessionShare,
     served_model_name,
     token_digest,
 )
+from jobs.services import replicas
 from portal import crypto
 
 SHARE_ROUTES = ("chat", "api")  # the routes a grant names: SessionShare's columns of the same names
@@ -72,6 +74,7 @@ class Target:
     served_model: str
     node_list: str
     runtime: str = ""  # the runtime's kind (catalog.runtime_rules): which API routes its server answers
+    service: str = ""  # the model service it is a replica of, when the caller named the service
     activity_due: bool = field(default=False, compare=False)  # looked up with note=False: its use is to be noted
 
 
@@ -177,6 +180,8 @@ def _sql(vendor: str) -> dict[str, str]:
         f"WHERE o.{_col(user, user.USERNAME_FIELD)} = %s AND {s('alias')} = %s AND {s('state')} NOT IN ({end_states}) "
         f"ORDER BY {s('created_at')} DESC LIMIT 1",
         "by_name": target + named + f" ORDER BY {s('created_at')} DESC LIMIT 1",
+        # A service's replicas that serve now (SERVING_STATES, an address).
+        "by_service": target + f"WHERE {s('service')} = %s AND {s('state')} IN ({serving}) AND {s('host')} <> %s",
         "by_name_quant": target + named + f" AND v.{_col(ModelVariant, 'quantization')} = %s "
         f"ORDER BY {s('created_at')} DESC LIMIT 1",
         "quants_named": f"SELECT DISTINCT v.{_col(ModelVariant, 'quantization')} FROM {_q(session)} s "
@@ -332,6 +337,33 @@ def _shared(session_pk: Any, user_pk: int, route: str) -> bool:
     return _fetch_one(f"shared_{route}", [session_pk, *_shared_params(user_pk, route)]) is not None
 
 
+def _by_service(user: Holder, name: str, exclude: Collection[str] = ()) -> tuple[Any, ...] | None:
+    """A ready replica of the running service `name`, if the user may use it: the least loaded in this process
+    (replicas.choose), leaving out `exclude` (replicas that just failed). None when there is no such service, the user
+    may not use it, or none of its replicas is ready."""
+    service = ModelService.objects.filter(name=name, stopped_at__isnull=True).select_related("owner").first()
+    if service is None or not _may_use(service, user.user_pk):
+        return None
+    with connection.cursor() as cursor:
+        cursor.execute(_sql(connection.vendor)["by_service"], [service.pk, *sorted(SERVING_STATES), ""])
+        rows = {str(uuid.UUID(str(row[0]))): row for row in cursor.fetchall()}
+    chosen = replicas.choose([pk for pk in rows if pk not in exclude])
+    return rows[chosen] if chosen is not None else None
+
+
+def _may_use(service: ModelService, user_pk: int) -> bool:
+    user = get_user_model().objects.filter(pk=user_pk, is_active=True).first()
+    return user is not None and service.may_use(user)
+
+
+def another_replica(user: Holder, target: Target, route: str = "api") -> Target | None:
+    """Another ready replica of the service `target` is a replica of, for a request its replica failed before
+    answering (replicas.cool_down has set it aside)."""
+    if not target.service:
+        return None
+    return target_of_row(user, _by_service(user, target.service, exclude={target.pk}), route, target.service)
+
+
 def _by_owner_alias(key: str) -> tuple[Any, ...] | None:
     """The session `owner/alias` names: that owner's newest live session of the alias, whoever asks."""
     owner, separator, alias = key.partition(OWNER_SEPARATOR)
@@ -349,7 +381,7 @@ def target(user: Holder, key: str, route: str = "api", note: bool = True) -> Tar
 
     The session's last activity is noted when it is due, unless `note` is false (a lookup ahead of knowing whether the
     request will use it): then the Target says so (activity_due), and the caller notes it (touch) if it uses it."""
-    row, by_uuid = None, False
+    row, by_uuid, service = None, False, ""
     try:
         pk = uuid.UUID(key)
     except ValueError:
@@ -361,15 +393,30 @@ def target(user: Holder, key: str, route: str = "api", note: bool = True) -> Tar
         row = _fetch_one("by_alias", [user.user_pk, key, *sorted(END_STATES)])
     if row is None:
         row = _by_name(user, key)
+    if row is None and OWNER_SEPARATOR not in key:
+        row = _by_service(user, key)
+        service = key if row is not None else ""
     if row is None:
         row = _by_owner_alias(key)
+    return _target_of(user, row, route, note=note, by_uuid=by_uuid, service=service)
+
+
+def target_of_row(user: Holder, row: tuple[Any, ...] | None, route: str, service: str) -> Target | None:
+    """The Target of a replica row _by_service chose (its use noted)."""
+    return _target_of(user, row, route, note=True, by_uuid=False, service=service)
+
+
+@sensitive_variables("secret")
+def _target_of(
+    user: Holder, row: tuple[Any, ...] | None, route: str, *, note: bool, by_uuid: bool, service: str
+) -> Target | None:
     if row is None:
         return None
     pk_value, owner_pk, state, host, port, key_encrypted, node_list, last_activity, access, model, quantization = row[
         :11
     ]
     networks, runtime = row[11], row[17]
-    if int(owner_pk) != user.user_pk:
+    if int(owner_pk) != user.user_pk and not service:  # a service's replicas: _by_service checked who may use it
         support = by_uuid and (user.sees_all if user.sees_all is not None else sees_all(user.user_pk))
         if not support and not _shared(pk_value, user.user_pk, route):
             return None
@@ -389,4 +436,4 @@ def target(user: Holder, key: str, route: str = "api", note: bool = True) -> Tar
         if due and note:
             _execute("touch_session", [_db_datetime(now), pk_value])
     return Target(str(uuid.UUID(str(pk_value))), state, base, secret, served_model_name(model, quantization), node_list,
-                  runtime, activity_due=due and not note)  # fmt: skip
+                  runtime, service, activity_due=due and not note)  # fmt: skip

@@ -1,4 +1,5 @@
-"""Fixtures of the proxy's tests: the session's model server (upstream.Server) and a running session of the owner's."""
+"""Fixtures of the proxy's tests (jobs/use, jobs/services): the session's model server (upstream.Server) and a running
+session of the owner's."""
 
 from __future__ import annotations
 

@@ -1,0 +1,71 @@
+"""Model services: a name that stays up for a lab or the whole site, served by replicas that are ordinary sessions.
+
+A service keeps the launch its replicas are made from (the launch form's fields, validated by the same LaunchForm),
+how many replicas it keeps (min..max), and who may use it: its owner alone, members of its groups, or everyone signed
+in (a site service, which needs its own permission to create). Its replicas are LLMSession rows marked with it
+(LLMSession.service); jobs/services/ keeps them up and the proxy routes a request naming the service to one of them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.conf import settings
+from django.contrib.auth.models import Group
+from django.core.exceptions import ValidationError
+from django.core.validators import MaxValueValidator, MinValueValidator, RegexValidator
+from django.db import models
+
+# Site services are used by everyone signed in: creating one takes this permission (superusers have it).
+RUN_SITE_SERVICE = ("run_site_service", "jobs")
+SERVICE_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}\Z"
+
+
+class ModelService(models.Model):
+    class Audience(models.TextChoices):
+        OWNER = "owner", "its owner"
+        GROUPS = "groups", "members of its groups"
+        SITE = "site", "everyone signed in"
+
+    name = models.CharField(
+        max_length=63,
+        unique=True,
+        validators=[
+            RegexValidator(SERVICE_NAME, "Letters, digits, '.', '_' and '-', starting with a letter or digit.")
+        ],
+        help_text="What callers name as the model (API and chat).",
+    )
+    owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="model_services")
+    # The launch form's fields (LaunchForm's names and values, as sessions launch takes them): every replica is
+    # launched from them, through the same form.
+    launch = models.JSONField(default=dict)
+    min_replicas = models.PositiveSmallIntegerField(default=1, validators=[MaxValueValidator(64)])
+    max_replicas = models.PositiveSmallIntegerField(default=1, validators=[MinValueValidator(1), MaxValueValidator(64)])
+    audience = models.CharField(max_length=6, choices=Audience.choices, default=Audience.OWNER)
+    groups = models.ManyToManyField(Group, blank=True, related_name="model_services")
+    created_at = models.DateTimeField(auto_now_add=True)
+    stopped_at = models.DateTimeField(null=True, blank=True, help_text="Stopped: no replica is kept up any more.")
+
+    class Meta:
+        ordering = ["name"]
+        verbose_name = "model service"
+        permissions = [(RUN_SITE_SERVICE[0], "Can run a model service for everyone signed in (a site service)")]
+
+    def __str__(self) -> str:
+        return self.name
+
+    def clean(self) -> None:
+        if self.min_replicas > self.max_replicas:
+            raise ValidationError({"min_replicas": "At most max replicas."})
+
+    @property
+    def running(self) -> bool:
+        return self.stopped_at is None
+
+    def may_use(self, user: Any) -> bool:
+        """Whether a signed-in user may send it requests (the proxy's lookup applies the same rule in SQL)."""
+        if not getattr(user, "is_authenticated", False) or not user.is_active:
+            return False
+        if user.pk == self.owner_id or self.audience == self.Audience.SITE:
+            return True
+        return self.audience == self.Audience.GROUPS and self.groups.filter(user=user).exists()
