@@ -8,14 +8,21 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from datetime import timedelta
 
 from django.core.exceptions import ValidationError
 from django.db import transaction
+from django.utils import timezone
 
-from jobs.models import LIVE_STATES, LLMSession, ModelService
+from jobs.models import LIVE_STATES, LLMSession, ModelService, State
 from jobs.sessions import launching
 
 log = logging.getLogger(__name__)
+
+# A launch that keeps failing (a broken model path, a node that refuses the job) must not become a job a minute: after
+# this many replicas failed within the window, the service launches no more until the window has passed.
+FAILURES_TO_PAUSE = 3
+FAILURE_WINDOW = timedelta(minutes=10)
 
 
 def reconcile(service_pk: int) -> list[str]:
@@ -28,7 +35,12 @@ def reconcile(service_pk: int) -> list[str]:
         if service is None:
             return []
         live = LLMSession.objects.filter(service=service, state__in=LIVE_STATES, cancel_requested_at__isnull=True)
-        for _ in range(max(0, service.min_replicas - live.count())):
+        missing = service.min_replicas - live.count()
+        if missing > 0 and failing(service):
+            log.warning("service %s: %d replicas failed in %s; no new one until then", service.name,
+                        FAILURES_TO_PAUSE, FAILURE_WINDOW)  # fmt: skip
+            return []
+        for _ in range(max(0, missing)):
             try:
                 session, _new = launching.create(service.owner, service.launch, with_session=_member_of(service))
             except ValidationError as exc:  # the owner's limits, a catalog change: in the log, tried again next round
@@ -36,6 +48,13 @@ def reconcile(service_pk: int) -> list[str]:
                 break
             created.append(str(session.pk))
     return created
+
+
+def failing(service: ModelService) -> bool:
+    """Whether enough of its replicas failed lately that launching another would likely fail too."""
+    since = timezone.now() - FAILURE_WINDOW
+    failed = LLMSession.objects.filter(service=service, state=State.FAILED, ended_at__gte=since)
+    return failed.count() >= FAILURES_TO_PAUSE
 
 
 def _member_of(service: ModelService) -> Callable[[LLMSession], None]:

@@ -16,6 +16,7 @@ import pytest
 from django.contrib.auth.models import Group, Permission
 from django.core.exceptions import ValidationError
 from django.core.management import call_command
+from django.utils import timezone
 
 from catalog.models import ClusterAccount
 from jobs.models import LLMSession, ModelService, ProxyRequest, State, transition
@@ -55,6 +56,17 @@ def test_a_service_keeps_its_minimum_of_replicas_and_replaces_one_that_ended(ser
     assert replacement not in made
     actions.scale(service, 3, 3)
     assert len(keep.reconcile_all()) == 1
+
+
+def test_a_service_whose_replicas_keep_failing_pauses_its_launches(service: ModelService) -> None:
+    """A broken launch (a model path gone, a node refusing the job) must not become a job a minute."""
+    for _ in range(keep.FAILURES_TO_PAUSE):
+        for pk in keep.reconcile(service.pk):
+            transition(pk, State.FAILED, cause="test: the server did not start")
+    assert LLMSession.objects.filter(service=service, state=State.FAILED).count() >= keep.FAILURES_TO_PAUSE
+    assert keep.reconcile(service.pk) == []
+    LLMSession.objects.filter(service=service).update(ended_at=timezone.now() - keep.FAILURE_WINDOW)
+    assert len(keep.reconcile(service.pk)) == 2  # the window passed: it tries again
 
 
 def test_a_stopped_service_cancels_its_replicas_and_launches_none(
