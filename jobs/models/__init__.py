@@ -8,7 +8,7 @@ May import: catalog, portal. Never the rest of jobs.
 from jobs.models.batch import BatchEvent, BatchFile, BatchRun, Pace, measured_pace, transition_run
 from jobs.models.capacity import PartitionState
 from jobs.models.chat import ChatMessage, Conversation
-from jobs.models.services import RUN_SITE_SERVICE, ModelService
+from jobs.models.services import RUN_SITE_SERVICE, ModelService, ReplicaLoad
 from jobs.models.sessions import (
     END_STATES,
     LIVE_STATES,
@@ -53,6 +53,7 @@ __all__ = [
     "PartitionState",
     "ProxyRequest",
     "Purpose",
+    "ReplicaLoad",
     "ScrapeToken",
     "SessionEvent",
     "SessionShare",

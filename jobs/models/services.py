@@ -43,6 +43,21 @@ class ModelService(models.Model):
     max_replicas = models.PositiveSmallIntegerField(default=1, validators=[MinValueValidator(1), MaxValueValidator(64)])
     audience = models.CharField(max_length=6, choices=Audience.choices, default=Audience.OWNER)
     groups = models.ManyToManyField(Group, blank=True, related_name="model_services")
+    # Scaling (jobs/services/scaling.py): replicas are added while the requests in flight per ready replica stay above
+    # the target, and removed one at a time after the idle time in which one fewer would have been enough.
+    target_inflight = models.PositiveSmallIntegerField(
+        default=4, validators=[MinValueValidator(1), MaxValueValidator(1024)],
+        help_text="Requests in flight per ready replica above which another replica is added (up to max).",
+    )  # fmt: skip
+    idle_minutes = models.FloatField(
+        default=15.0, validators=[MinValueValidator(0.0), MaxValueValidator(60 * 24 * 7)],
+        help_text="How long one fewer replica must have been enough before one is removed (down to min).",
+    )  # fmt: skip
+    # How many replicas the keeper keeps now, between min and max: raised under load, lowered when idle, raised from
+    # 0 by a request when min is 0. Not edited by hand: scale() sets min and max, and this follows within them.
+    desired_replicas = models.PositiveSmallIntegerField(default=0, editable=False)
+    busy_since = models.DateTimeField(null=True, blank=True, editable=False)  # load above target since
+    quiet_since = models.DateTimeField(null=True, blank=True, editable=False)  # one fewer enough since
     created_at = models.DateTimeField(auto_now_add=True)
     stopped_at = models.DateTimeField(null=True, blank=True, help_text="Stopped: no replica is kept up any more.")
 
@@ -62,6 +77,11 @@ class ModelService(models.Model):
     def running(self) -> bool:
         return self.stopped_at is None
 
+    @property
+    def keeps(self) -> int:
+        """How many replicas are kept now: the desired count held within min..max."""
+        return min(self.max_replicas, max(self.min_replicas, self.desired_replicas))
+
     def may_use(self, user: Any) -> bool:
         """Whether a signed-in user may send it requests (the proxy's lookup applies the same rule in SQL)."""
         if not getattr(user, "is_authenticated", False) or not user.is_active:
@@ -69,3 +89,22 @@ class ModelService(models.Model):
         if user.pk == self.owner_id or self.audience == self.Audience.SITE:
             return True
         return self.audience == self.Audience.GROUPS and self.groups.filter(user=user).exists()
+
+
+class ReplicaLoad(models.Model):
+    """The requests open on a replica through one portal worker process, as that process last published them
+    (jobs/services/load.py, about once a second while it has any). Every worker routes by the sum over the others'
+    fresh rows and its own count, and the keeper scales and drains by the same sum: so the load of a replica is the
+    site's, not one process's. A row not refreshed for a few seconds is of a process that stopped, and counts no more.
+    """
+
+    worker = models.CharField(max_length=64)
+    session = models.ForeignKey("jobs.LLMSession", on_delete=models.CASCADE, related_name="loads")
+    inflight = models.PositiveIntegerField(default=0)
+    updated_at = models.DateTimeField(db_index=True)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["worker", "session"], name="one_load_per_worker_and_replica")]
+
+    def __str__(self) -> str:
+        return f"{self.session_id} via {self.worker}: {self.inflight}"

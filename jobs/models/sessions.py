@@ -163,6 +163,13 @@ class LLMSession(models.Model):
     service = models.ForeignKey(
         "jobs.ModelService", null=True, blank=True, on_delete=models.PROTECT, related_name="replicas", editable=False
     )
+    # A replica that takes no new requests (its successor took over before walltime, or the service scaled down): it
+    # is cancelled once the requests open on it have ended.
+    draining_since = models.DateTimeField(null=True, blank=True, editable=False)
+    # The replica this one was launched to take over from, before that one's walltime (rollover).
+    replaces = models.ForeignKey(
+        "self", null=True, blank=True, on_delete=models.SET_NULL, related_name="successors", editable=False
+    )
 
     class Meta:
         verbose_name = "session"
