@@ -211,3 +211,10 @@ def local_services() -> dict[str, str]:
             pytest.fail(f"scripts/local-services up failed:\n{up.stdout}\n{up.stderr}")
     out = subprocess.run([LOCAL_SERVICES_SCRIPT, "env"], capture_output=True, text=True, check=True).stdout
     return dict(line.split("=", 1) for line in out.split())
+
+
+@pytest.fixture(autouse=True)
+def _no_load_publisher(settings: Any) -> None:
+    """Service replicas' load is published by a thread of its own in a real process; a test publishes by calling
+    jobs.services.load.publish(), so that no thread touches the test's database behind it."""
+    settings.PORTAL_SERVICE_LOAD_EVERY_MS = 0

@@ -31,6 +31,8 @@ def create(
     max_replicas: int | None = None,
     audience: str = ModelService.Audience.OWNER,
     groups: Iterable[Group] = (),
+    target_inflight: int | None = None,
+    idle_minutes: float | None = None,
 ) -> ModelService:
     """A new service; its replicas are launched once it is committed. The launch is checked now, by the launch form,
     as the replicas will be launched."""
@@ -51,6 +53,10 @@ def create(
     service = ModelService(name=name, owner=owner, launch=_stored(form), min_replicas=min_replicas,
                            max_replicas=max(min_replicas, 1) if max_replicas is None else max_replicas,
                            audience=audience)  # fmt: skip
+    if target_inflight is not None:
+        service.target_inflight = target_inflight
+    if idle_minutes is not None:
+        service.idle_minutes = idle_minutes
     service.full_clean()
     with transaction.atomic():
         service.save()
@@ -73,10 +79,18 @@ def _stored(form: LaunchForm) -> dict[str, Any]:
 PER_SESSION = ("alias",)
 
 
-def scale(service: ModelService, min_replicas: int, max_replicas: int) -> None:
+def scale(
+    service: ModelService, min_replicas: int, max_replicas: int, *, target_inflight: int | None = None,
+    idle_minutes: float | None = None,
+) -> None:  # fmt: skip
+    """New bounds (and optionally a new target and idle time); the keeper moves the replicas within them."""
     service.min_replicas, service.max_replicas = min_replicas, max_replicas
+    if target_inflight is not None:
+        service.target_inflight = target_inflight
+    if idle_minutes is not None:
+        service.idle_minutes = idle_minutes
     service.full_clean()
-    service.save(update_fields=["min_replicas", "max_replicas"])
+    service.save(update_fields=["min_replicas", "max_replicas", "target_inflight", "idle_minutes"])
     transaction.on_commit(tasks.keep_services.delay)
 
 

@@ -64,7 +64,11 @@ class Command(BaseCommand):
         p.add_argument("--user", required=True, help="the portal user who owns it (and its replicas)")
         add_launch_flags(p)
         p.add_argument("--min", type=int, default=1, help="replicas kept up (default 1)")
-        p.add_argument("--max", type=int, help="replicas at most (default: --min)")
+        p.add_argument("--max", type=int, help="replicas at most (default: --min, or 1 when --min is 0)")
+        p.add_argument("--target-inflight", type=int, help="requests in flight per replica above which it scales up "
+                       "(default 4)")
+        p.add_argument("--idle-minutes", type=float, help="how long one replica fewer must have been enough before "
+                       "one is removed (default 15)")
         who = p.add_mutually_exclusive_group()
         who.add_argument("--group", action="append", default=[], help="members of this group may use it (repeat)")
         who.add_argument("--site", action="store_true", help="everyone signed in may use it (needs the permission)")
@@ -78,6 +82,8 @@ class Command(BaseCommand):
         p.add_argument("name")
         p.add_argument("--min", type=int, required=True)
         p.add_argument("--max", type=int, required=True)
+        p.add_argument("--target-inflight", type=int)
+        p.add_argument("--idle-minutes", type=float)
         p = sub.add_parser("stop", help="keep no replica up any more; cancel the live ones")
         p.add_argument("name")
         p.add_argument("--wait", action="store_true", help="until every replica has ended")
@@ -100,7 +106,8 @@ class Command(BaseCommand):
             groups.append(group)
         audience = "site" if o["site"] else "groups" if groups else "owner"
         service = actions.create(owner, o["name"], launch, min_replicas=o["min"], max_replicas=o["max"],
-                                 audience=audience, groups=groups)  # fmt: skip
+                                 audience=audience, groups=groups, target_inflight=o["target_inflight"],
+                                 idle_minutes=o["idle_minutes"])  # fmt: skip
         self._print(service, o["json"])
 
     def _list(self, o: dict[str, Any]) -> None:
@@ -118,7 +125,8 @@ class Command(BaseCommand):
 
     def _scale(self, o: dict[str, Any]) -> None:
         service = find_service(o["name"])
-        actions.scale(service, o["min"], o["max"])
+        actions.scale(service, o["min"], o["max"], target_inflight=o["target_inflight"],
+                      idle_minutes=o["idle_minutes"])  # fmt: skip
         self._print(service, False)
 
     def _stop(self, o: dict[str, Any]) -> None:
