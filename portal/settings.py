@@ -263,9 +263,10 @@ PORTAL_API_USER_REQUESTS_PER_MINUTE = env_int(
     "PORTAL_API_USER_REQUESTS_PER_MINUTE", PORTAL_API_REQUESTS_PER_MINUTE, minimum=0
 )
 # Model services (docs/services.md). Each portal process publishes the requests it has open per replica this often
-# (milliseconds), for the others' routing and the keeper's scaling (0: never, as in the unit tests). A request to a service with no ready
-# replica is held up to PORTAL_SERVICE_HOLD_S seconds when one is expected ready by then, else answered 503 with
-# Retry-After; a service with no history of its own expects a replica ready PORTAL_SERVICE_READY_S after its launch.
+# (milliseconds), for the others' routing and the keeper's scaling (0: never, as in the unit tests). A request to a
+# service with no ready replica is held up to PORTAL_SERVICE_HOLD_S seconds when one is expected ready by then, else
+# answered 503 with Retry-After; a service with no history of its own expects a replica ready PORTAL_SERVICE_READY_S
+# after its launch.
 PORTAL_SERVICE_LOAD_EVERY_MS = env_int("PORTAL_SERVICE_LOAD_EVERY_MS", 1000, minimum=0)
 PORTAL_SERVICE_HOLD_S = env_int("PORTAL_SERVICE_HOLD_S", 20, minimum=0)
 PORTAL_SERVICE_READY_S = env_int("PORTAL_SERVICE_READY_S", 300, minimum=1)
