@@ -66,12 +66,15 @@ def submit_session(self: Task[Any, Any], session_id: str) -> str:
 
 @shared_task(name="jobs.keep_services", ignore_result=True, soft_time_limit=60, time_limit=90)
 def keep_services() -> int:
-    """Beat (and a service created or scaled): every running model service keeps its minimum of live replicas (one
-    that ended is replaced); the new replicas are submitted as a launch's are."""
-    created = keep.reconcile_all()
-    for session_id in created:
+    """Beat (and a service created, scaled or woken): every running model service is brought to the replicas it
+    keeps now (jobs/services/keep.py); the new replicas are submitted as a launch's are, and those it let go
+    cancelled."""
+    done = keep.reconcile_all()
+    for session_id in done.created:
         submit_session.delay(session_id)
-    return len(created)
+    for session_id in done.cancel:
+        cancel_session.delay(session_id)
+    return len(done.created)
 
 
 @shared_task(name="jobs.poll_clusters", ignore_result=True)

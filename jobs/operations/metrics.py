@@ -77,6 +77,19 @@ SSH_ERRORS = Counter("portal_ssh_errors", "SSH commands to clusters that failed.
 SUBMIT_ATTEMPTS = Counter(
     "portal_submit_attempts", "Submit tasks by outcome: submitted, retry, failed, cancelled, not claimed.", ["outcome"]
 )
+SERVICE_ROUTES = Counter(
+    "portal_service_routes", "Requests naming a model service, by how the replica was chosen: affinity (the key's own "
+    "replica), spilled (its replica was over the load bound) or least_loaded (no affinity key).",
+    ["service", "decision"],
+)  # fmt: skip
+SERVICE_FAILOVERS = Counter(
+    "portal_service_failovers", "Requests a service's replica failed before answering (unreachable, a 5xx, broke off), "
+    "by outcome: retried on another replica, or none was left.", ["service", "reason", "outcome"],
+)  # fmt: skip
+SERVICE_NOT_READY = Counter(
+    "portal_service_not_ready", "Requests to a service with no ready replica: held until one was, or answered 503.",
+    ["service", "outcome"],
+)  # fmt: skip
 SUBMIT_OUTCOMES = frozenset({"retry", "failed", "cancelled", "not claimed"})  # otherwise a job id: "submitted"
 # A submit that failed: the session left submitting for failed (lifecycle.submit, and the task giving up). Pending is
 # listed too, though nothing fails a session before its claim today, so that such a failure would be counted.
@@ -98,6 +111,18 @@ def observe_request(
     if ttft_s is not None:
         PROXY_TTFT.labels(route).observe(ttft_s)
     PROXY_DURATION.labels(route, endpoint).observe(duration_s)
+
+
+def service_routed(service: str, decision: str) -> None:
+    SERVICE_ROUTES.labels(service, decision).inc()
+
+
+def service_failed_over(service: str, reason: str, retried: bool) -> None:
+    SERVICE_FAILOVERS.labels(service, reason, "retried" if retried else "none_left").inc()
+
+
+def service_not_ready(service: str, outcome: str) -> None:
+    SERVICE_NOT_READY.labels(service, outcome).inc()
 
 
 @contextmanager

@@ -94,6 +94,16 @@ def scale(
     transaction.on_commit(tasks.keep_services.delay)
 
 
+def wake(service_pk: int) -> bool:
+    """A request came for a service that keeps no replica now (min 0, scaled down to none): keep one again. Returns
+    whether this call woke it (a conditional update: of many such requests, one enqueues the keeper)."""
+    woken = ModelService.objects.filter(pk=service_pk, stopped_at__isnull=True, desired_replicas=0,
+                                        max_replicas__gte=1).update(desired_replicas=1, quiet_since=None)  # fmt: skip
+    if woken:
+        transaction.on_commit(tasks.keep_services.delay)
+    return bool(woken)
+
+
 def stop(service: ModelService, cause: str) -> int:
     """No replica is kept up any more; every live one is cancelled. Returns how many were."""
     ModelService.objects.filter(pk=service.pk, stopped_at__isnull=True).update(stopped_at=timezone.now())

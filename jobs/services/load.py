@@ -14,7 +14,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from datetime import timedelta
 
 from django import db
@@ -41,36 +41,35 @@ def others(replica: str) -> int:
     return _others.get(replica, 0)
 
 
-def ensure_publishing() -> None:
-    """Start this process's publisher, once (the proxy calls it when it routes a request to a replica). Off where
-    PORTAL_SERVICE_LOAD_EVERY_MS is 0 (the unit tests publish by calling publish())."""
+def ensure_publishing(counts: Callable[[], Mapping[str, int]]) -> None:
+    """Start this process's publisher of `counts` (requests open per replica here), once: replicas.py starts it when
+    a request is first routed to a replica. Off where PORTAL_SERVICE_LOAD_EVERY_MS is 0 (the unit tests publish by
+    calling publish())."""
     global _thread
     every = settings.PORTAL_SERVICE_LOAD_EVERY_MS / 1000
     if _thread is not None or every <= 0:
         return
     with _lock:
         if _thread is None:
-            _thread = threading.Thread(target=_loop, args=(every,), name="service-load", daemon=True)
+            _thread = threading.Thread(target=_loop, args=(every, counts), name="service-load", daemon=True)
             _thread.start()
 
 
-def _loop(every: float) -> None:
+def _loop(every: float, counts: Callable[[], Mapping[str, int]]) -> None:
     while True:
         time.sleep(every)
         try:
-            publish()
+            publish(counts())
         except Exception:  # a database hiccup: the next round publishes again; routing goes on with what it has
             log.warning("could not publish the load of service replicas", exc_info=True)
             db.connection.close()
 
 
-def publish(counts: Mapping[str, int] | None = None) -> None:
-    """Write this process's open requests per replica (replicas.open_counts() unless given), drop its rows of
-    replicas it has none open on, and read the other processes' fresh rows."""
-    from jobs.services import replicas  # replicas routes by what this reads: the import runs one way at load time
-
+def publish(open_here: Mapping[str, int]) -> None:
+    """Write this process's open requests per replica, drop its rows of replicas it has none open on, and read the
+    other processes' fresh rows."""
     now = timezone.now()
-    counts = {pk: n for pk, n in (replicas.open_counts() if counts is None else counts).items() if n > 0}
+    counts = {pk: n for pk, n in open_here.items() if n > 0}
     for pk, n in counts.items():
         ReplicaLoad.objects.update_or_create(worker=WORKER, session_id=pk, defaults={"inflight": n, "updated_at": now})
     gone = _published - set(counts)

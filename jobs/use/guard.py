@@ -72,7 +72,7 @@ BODY = "portal.body"  # the request body, read here (empty for an UPLOAD)
 UPLOAD = "portal.upload"  # an upload to the Files API, read here into a temporary file (binary, at its start)
 HOLDER = "portal.holder"  # the API token's holder (targets.Holder), looked up here
 USER = "portal.user"  # the signed-in user's pk (the browser's route), looked up here
-TARGET = "portal.target"  # (the key looked up, what targets.target found for it: Target, None or Ambiguous)
+TARGET = "portal.target"  # (the key looked up, what targets.find found: Target, Replicas, None, Ambiguous or NotReady)
 TOKEN = "portal.token"  # the API token's digest, under which the model it names is remembered (remember())
 REMEMBERED = 10_000  # tokens whose last model is kept; past that the memory starts over
 FILES = "/api/v1/files"  # OpenAI's Files API: uploads up to PORTAL_BATCH_MAX_BYTES
@@ -291,14 +291,15 @@ def remember(scope: Mapping[str, Any], model: Any) -> None:
 
 
 @sensitive_variables("token")
-def _api_door(token: str, guess: str | None) -> tuple[targets.Holder | None, targets.Target | targets.Ambiguous | None]:
-    """The token's holder, and the session `guess` names for them (not noted as used: the request may name another)."""
+def _api_door(token: str, guess: str | None) -> tuple[targets.Holder | None, Any]:
+    """The token's holder, and the session (or service) `guess` names for them (not noted as used: the request may
+    name another); an error the lookup raised is handed on for the view to raise."""
     holder = targets.holder(token) if token else None
     if holder is None or guess is None:
         return holder, None
     try:
-        return holder, targets.target(holder, guess, "api", note=False)
-    except targets.Ambiguous as exc:
+        return holder, targets.find(holder, guess, "api", note=False)
+    except (targets.Ambiguous, targets.NotReady) as exc:
         return holder, exc
 
 

@@ -63,9 +63,15 @@ def error_body(api: str, status: int, message: str, kind: str, code: str | None 
     return {"error": {"message": message, "type": kind, "param": None, "code": code}}
 
 
-def api_error(api: str, status: int, message: str, kind: str, code: str | None = None) -> JsonResponse:
-    """The portal's own answer on these routes, in the shape of the route's API."""
-    return JsonResponse(error_body(api, status, message, kind, code), status=status, encoder=_InertJSON)
+def api_error(
+    api: str, status: int, message: str, kind: str, code: str | None = None, retry_after: int | None = None
+) -> JsonResponse:
+    """The portal's own answer on these routes, in the shape of the route's API; with Retry-After (seconds) when
+    the caller should try again later."""
+    response = JsonResponse(error_body(api, status, message, kind, code), status=status, encoder=_InertJSON)
+    if retry_after is not None:
+        response["Retry-After"] = str(retry_after)
+    return response
 
 
 def openai_error(status: int, message: str, kind: str, code: str | None = None) -> JsonResponse:

@@ -338,6 +338,8 @@ def batches(request: HttpRequest, holder: targets.Holder, user: User) -> HttpRes
             target = targets.target(holder, model, note=False)
         except targets.Ambiguous as exc:
             return openai_error(400, str(exc), "invalid_request_error", "model_ambiguous")
+        except targets.NotReady:  # a service none of whose replicas is ready: no session to run on now
+            target = None
         # Only the owner starts runs here: the model's lookup also finds sessions shared with the caller (and, by
         # uuid, support staff's), whose runs would be the owner's. Those get a stranger's answer.
         session = LLMSession.objects.filter(pk=target.pk, owner=user).first() if target else None

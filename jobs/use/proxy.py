@@ -12,10 +12,12 @@ import asyncio
 import functools
 import json
 import logging
+import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
 from typing import Any
 
 import httpx
+from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.http import HttpRequest, HttpResponseBase, JsonResponse, StreamingHttpResponse
 from django.views.decorators.csrf import csrf_exempt
@@ -23,7 +25,9 @@ from django.views.decorators.debug import sensitive_variables
 
 from catalog.runtime_rules import ANTHROPIC, API_ROUTES, RUNTIMES, ApiRoute, serving
 from jobs.models import SERVING_STATES, LLMSession, ModelService
-from jobs.services import replicas
+from jobs.operations import metrics
+from jobs.services import actions as service_actions
+from jobs.services import affinity, replicas, timing
 from jobs.sessions.access import shared_with
 from jobs.usage.records import Meter, save
 from jobs.use import relay as relay_module
@@ -69,9 +73,9 @@ class _NotAnswered(Exception):
     """A service's replica could not be reached, or broke off before answering: another replica may take the
     request. Carries the answer and the meter the request would otherwise have ended with."""
 
-    def __init__(self, response: JsonResponse, meter: Meter) -> None:
+    def __init__(self, response: JsonResponse, meter: Meter, reason: str) -> None:
         super().__init__(response.status_code)
-        self.response, self.meter = response, meter
+        self.response, self.meter, self.reason = response, meter, reason
 
 
 @sensitive_variables("headers", "upstream_request")
@@ -105,14 +109,21 @@ async def _forward(
             timed_out = api_error(api, 504, f"the model server on {target.node_list} did not answer in time",
                                   "upstream_timeout")  # fmt: skip
             if fail_over and isinstance(exc, httpx.ConnectTimeout):
-                raise _NotAnswered(timed_out, meter) from exc
+                raise _NotAnswered(timed_out, meter, "timeout") from exc
             return _ended(meter, timed_out)
         except httpx.HTTPError as exc:
             unreachable = api_error(api, 502, f"cannot reach the model server on {target.node_list}: {exc}",
                                     "upstream_error")  # fmt: skip
             if fail_over:
-                raise _NotAnswered(unreachable, meter) from exc
+                raise _NotAnswered(unreachable, meter, "unreachable") from exc
             return _ended(meter, unreachable)
+        if fail_over and upstream.status_code >= 500:
+            # A replica answering 5xx before any byte of an answer (llama-server's 503 while it loads, a crash):
+            # another replica may answer instead. What it said is kept for when none can.
+            said = (await outbound.read_start(upstream, 2048)).decode(errors="replace")[:500]
+            await upstream.aclose()
+            raise _NotAnswered(api_error(api, upstream.status_code, f"the model server answered: {said}",
+                                         "upstream_error"), meter, "5xx")  # fmt: skip
         content_type = upstream.headers.get("content-type", "application/json")
         media_type = content_type.partition(";")[0].strip().lower()
         if media_type not in RELAYED_TYPES:
@@ -162,25 +173,49 @@ async def _forward(
 
 
 async def _forward_or_fail_over(
-    request: HttpRequest, holder: targets.Holder, target: Target, route: ApiRoute, body: bytes,
+    request: HttpRequest, replicas_of: targets.Replicas | None, target: Target, route: ApiRoute, payload: Any,
     meter_of: Callable[[Target, bytes], Meter],
 ) -> HttpResponseBase:  # fmt: skip
-    """_forward, and for a service's replica that could not be reached or broke off before answering, once more to
-    another ready replica (the failed one is cooled down: replicas.py). The answer of the first attempt stands when
-    there is no other."""
-    if not target.service:
+    """_forward, and for a service's replica that could not be reached, answered 5xx or broke off before answering,
+    once more to another of its ready replicas (the failed one is cooled down: replicas.py). The answer of the first
+    attempt stands when there is no other."""
+    body = _with_model(payload, target) if payload is not None else b""
+    if replicas_of is None:
         return await _forward(request, target, route, body, meter_of(target, body))
     try:
         return await _forward(request, target, route, body, meter_of(target, body), fail_over=True)
     except _NotAnswered as failed:
         replicas.cool_down(target.pk)
-        other = await targets.run(targets.another_replica, holder, target, "api" if holder.token_pk else "chat")
+        other, _ = targets.pick(replicas_of, exclude={target.pk})
+        metrics.service_failed_over(replicas_of.service, failed.reason, other is not None)
         if other is None:
             return _ended(failed.meter, failed.response)
-        log.info("service %s: %s did not answer, the request goes to %s", target.service, target.pk, other.pk)
+        log.info("service %s: %s did not answer (%s), the request goes to %s", replicas_of.service, target.pk,
+                 failed.reason, other.pk)  # fmt: skip
         failed.meter.done = True  # the caller sees one request: the one that was answered
-        retried = _with_model(json.loads(body), other) if body else body
+        _note_use(other)
+        retried = _with_model(payload, other) if payload is not None else b""
         return await _forward(request, other, route, retried, meter_of(other, retried))
+
+
+async def _not_ready(api: str, waiting: targets.NotReady, find: Callable[[], Any]) -> Any:
+    """A service the caller may use has no ready replica: wake it if it keeps none (min 0), then hold the request
+    while one is expected within PORTAL_SERVICE_HOLD_S (looking again every second), else answer 503 with the
+    expected wait as Retry-After. Returns what `find` found once a replica is ready, or the error."""
+    await targets.run(service_actions.wake, waiting.service_pk)
+    ready_in = await targets.run(timing.ready_in_s, waiting.service_pk)
+    deadline = time.monotonic() + settings.PORTAL_SERVICE_HOLD_S
+    while ready_in <= settings.PORTAL_SERVICE_HOLD_S and time.monotonic() < deadline:
+        await asyncio.sleep(1.0)
+        try:
+            found = await targets.run(find)
+        except targets.NotReady:
+            continue
+        metrics.service_not_ready(waiting.service, "held")
+        return found
+    metrics.service_not_ready(waiting.service, "503")
+    return api_error(api, 503, f"the service {waiting.service} has no replica ready yet; one is expected in about "
+                     f"{ready_in} s", "service_unavailable", "service_starting", retry_after=ready_in)  # fmt: skip
 
 
 def _rewrite_model(body: bytes, target: Target) -> bytes | None:
@@ -263,10 +298,6 @@ async def session_proxy(request: HttpRequest, door: Mapping[str, Any], pk: Any, 
     return await _forward(request, target, route, body, meter)
 
 
-def _target_named(holder: targets.Holder, model: Any) -> Target | None:
-    return targets.target(holder, model) if isinstance(model, str) and model else None
-
-
 def _running_models(user_pk: int) -> list[dict[str, Any]]:
     """Every name a script can use as the model now, each with the session it names (targets.target's rules): each
     running session by its alias (else its uuid), then each model by its catalog name, NAME:QUANT always and NAME
@@ -324,11 +355,19 @@ async def api_proxy(request: HttpRequest, door: Mapping[str, Any], path: str) ->
     ahead = door.get(TARGET)
     try:
         if ahead is not None and ahead[0] == model:
-            target = _used(ahead[1])  # the door looked it up with the token
+            found = ahead[1]  # the door looked it up with the token
         else:
-            target = await targets.run(_target_named, holder, model)
+            found = await targets.run(_found_named, holder, model)
+        found = _used(found)
     except targets.Ambiguous as exc:
         return api_error(api, 400, str(exc), "invalid_request_error", "model_ambiguous")
+    except targets.NotReady as waiting:
+        if route.name == "models":
+            found = None
+        else:
+            found = await _not_ready(api, waiting, functools.partial(_found_named, holder, model))
+            if isinstance(found, JsonResponse):
+                return found
     remember(door, model)
     if route.name == "models":
         return JsonResponse({"object": "list", "data": await targets.run(_running_models, holder.user_pk)})
@@ -336,21 +375,42 @@ async def api_proxy(request: HttpRequest, door: Mapping[str, Any], path: str) ->
         return api_error(api, 400, "name the model: a session's uuid or alias, or a model's catalog name (NAME or "
                          "NAME:QUANT) that one of your sessions runs; GET /api/v1/models lists them",
                          "invalid_request_error")  # fmt: skip
+    replicas_of = found if isinstance(found, targets.Replicas) else None
+    target = _replica_for(replicas_of, route, payload) if replicas_of is not None else found
     if target is None:
         return api_error(api, 404, f"no running session of yours answers to {model!r}; GET /api/v1/models lists "
                          "the names you can use", "invalid_request_error", "model_not_found")  # fmt: skip
-    body = _with_model(payload, target) if body else b""
 
     def meter_of(replica: Target, sent: bytes) -> Meter:
         return Meter(replica.pk, holder.user_pk, "api", route.name, bytes_in=len(sent), tokens=route.tokens)
 
-    return await _forward_or_fail_over(request, holder, target, route, body, meter_of)
+    return await _forward_or_fail_over(request, replicas_of, target, route, payload if body else None, meter_of)
 
 
-def _used(found: Target | targets.Ambiguous | None) -> Target | None:
-    """What the door looked up ahead, now that the request uses it."""
-    if isinstance(found, targets.Ambiguous):
+def _found_named(holder: targets.Holder, model: Any) -> Target | targets.Replicas | None:
+    return targets.find(holder, model) if isinstance(model, str) and model else None
+
+
+def _replica_for(replicas_of: targets.Replicas, route: ApiRoute, payload: Any) -> Target | None:
+    """The replica of a service that takes this request: by its affinity key (the prompt's head), else the least
+    loaded (replicas.choose); the decision is counted in /metrics."""
+    target, decision = targets.pick(replicas_of, affinity.key_of(route.name, payload))
+    if target is not None:
+        metrics.service_routed(replicas_of.service, decision)
+        _note_use(target)
+    return target
+
+
+def _note_use(target: Target) -> None:
+    if target.activity_due:
+        targets.later(targets.touch, target.pk)
+
+
+def _used(found: Target | targets.Replicas | Exception | None) -> Target | targets.Replicas | None:
+    """What the door looked up ahead, now that the request uses it: a session (its use noted) or a service's ready
+    replicas (the one used is noted once chosen); an error the lookup raised is raised now."""
+    if isinstance(found, Exception):
         raise found
-    if found is not None and found.activity_due:
-        targets.later(targets.touch, found.pk)
+    if isinstance(found, Target):
+        _note_use(found)
     return found

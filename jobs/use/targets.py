@@ -48,7 +48,7 @@ from jobs.models import (
     served_model_name,
     token_digest,
 )
-from jobs.services import replicas
+from jobs.services import replicas as replicas_module
 from portal import crypto
 
 SHARE_ROUTES = ("chat", "api")  # the routes a grant names: SessionShare's columns of the same names
@@ -134,13 +134,15 @@ def _sql(vendor: str) -> dict[str, str]:
         f"WHERE t.{_col(ApiToken, 'digest')} = %s AND t.{_col(ApiToken, 'revoked_at')} IS NULL "
         f"AND u.{_col(user, 'is_active')} = %s"
     )
-    target = (
-        f"SELECT {s('id')}, {s('owner')}, {s('state')}, {s('host')}, {s('port')}, {s('api_key_encrypted')}, "
+    columns = (
+        f"{s('id')}, {s('owner')}, {s('state')}, {s('host')}, {s('port')}, {s('api_key_encrypted')}, "
         f"{s('node_list')}, {s('last_activity_at')}, c.{_col(Cluster, 'node_access')}, "
         f"m.{_col(ModelCard, 'name')}, v.{_col(ModelVariant, 'quantization')}, c.{_col(Cluster, 'node_networks')}, "
         f"c.{_col(Cluster, 'login_host')}, c.{_col(Cluster, 'ssh_port')}, c.{_col(Cluster, 'host_key')}, "
         f"a.{_col(ClusterAccount, 'username')}, a.{_col(ClusterAccount, 'private_key_encrypted')}, "
-        f"r.{_col(Runtime, 'kind')} "
+        f"r.{_col(Runtime, 'kind')}"
+    )
+    joins = (
         f"FROM {_q(session)} s "
         f"JOIN {_q(Cluster._meta.db_table)} c ON c.{_col(Cluster, 'id')} = {s('cluster')} "
         f"JOIN {_q(ClusterAccount._meta.db_table)} a ON a.{_col(ClusterAccount, 'id')} = {s('account')} "
@@ -148,6 +150,7 @@ def _sql(vendor: str) -> dict[str, str]:
         f"JOIN {_q(ModelCard._meta.db_table)} m ON m.{_col(ModelCard, 'id')} = v.{_col(ModelVariant, 'model')} "
         f"JOIN {_q(Runtime._meta.db_table)} r ON r.{_col(Runtime, 'id')} = {s('runtime')} "
     )
+    target = f"SELECT {columns} {joins}"
     end_states = ", ".join(["%s"] * len(END_STATES))
     serving = ", ".join(["%s"] * len(SERVING_STATES))
     # The owner's sessions that serve a model of this catalog name (NAME_PARAMS), newest first.
@@ -180,8 +183,11 @@ def _sql(vendor: str) -> dict[str, str]:
         f"WHERE o.{_col(user, user.USERNAME_FIELD)} = %s AND {s('alias')} = %s AND {s('state')} NOT IN ({end_states}) "
         f"ORDER BY {s('created_at')} DESC LIMIT 1",
         "by_name": target + named + f" ORDER BY {s('created_at')} DESC LIMIT 1",
-        # A service's replicas that serve now (SERVING_STATES, an address).
-        "by_service": target + f"WHERE {s('service')} = %s AND {s('state')} IN ({serving}) AND {s('host')} <> %s",
+        # A running service of this name, and whether user %s (active) may use it (ModelService.may_use's rule).
+        "service": _service_sql(user),
+        # A service's replicas that serve now (SERVING_STATES, an address), with when each began draining.
+        "by_service": f"SELECT {columns}, {s('draining_since')} {joins}"
+        f"WHERE {s('service')} = %s AND {s('state')} IN ({serving}) AND {s('host')} <> %s",
         "by_name_quant": target + named + f" AND v.{_col(ModelVariant, 'quantization')} = %s "
         f"ORDER BY {s('created_at')} DESC LIMIT 1",
         "quants_named": f"SELECT DISTINCT v.{_col(ModelVariant, 'quantization')} FROM {_q(session)} s "
@@ -193,6 +199,31 @@ def _sql(vendor: str) -> dict[str, str]:
         "touch_session": f"UPDATE {_q(session)} SET {_col(LLMSession, 'last_activity_at')} = %s "
         f"WHERE {_col(LLMSession, 'id')} = %s",
     }
+
+
+def _service_sql(user: type[models.Model]) -> str:
+    """Parameters: SERVICE_PARAMS."""
+    groups, user_groups = _through(ModelService, "groups"), _through(user, "groups")
+    member = (
+        f"SELECT 1 FROM {_q(groups._meta.db_table)} sg JOIN {_q(user_groups._meta.db_table)} ug "
+        f"ON ug.{_col(user_groups, 'group')} = sg.{_col(groups, 'group')} "
+        f"WHERE sg.{_col(groups, 'modelservice')} = sv.{_col(ModelService, 'id')} "
+        f"AND ug.{_col(user_groups, 'user')} = %s"
+    )
+    return (
+        f"SELECT sv.{_col(ModelService, 'id')}, (sv.{_col(ModelService, 'owner')} = %s "
+        f"OR sv.{_col(ModelService, 'audience')} = %s "
+        f"OR (sv.{_col(ModelService, 'audience')} = %s AND EXISTS ({member}))) "
+        f"AND EXISTS (SELECT 1 FROM {_q(user._meta.db_table)} u WHERE u.{_col(user, 'id')} = %s "
+        f"AND u.{_col(user, 'is_active')} = %s) "
+        f"FROM {_q(ModelService._meta.db_table)} sv WHERE sv.{_col(ModelService, 'name')} = %s "
+        f"AND sv.{_col(ModelService, 'stopped_at')} IS NULL"
+    )
+
+
+def _service_params(user_pk: int, name: str) -> list[Any]:
+    site, groups = ModelService.Audience.SITE, ModelService.Audience.GROUPS
+    return [user_pk, site, groups, user_pk, user_pk, True, name]
 
 
 def _sees_all_sql(user: type[models.Model]) -> str:
@@ -337,31 +368,55 @@ def _shared(session_pk: Any, user_pk: int, route: str) -> bool:
     return _fetch_one(f"shared_{route}", [session_pk, *_shared_params(user_pk, route)]) is not None
 
 
-def _by_service(user: Holder, name: str, exclude: Collection[str] = ()) -> tuple[Any, ...] | None:
-    """A ready replica of the running service `name`, if the user may use it: the least loaded in this process
-    (replicas.choose), leaving out `exclude` (replicas that just failed). None when there is no such service, the user
-    may not use it, or none of its replicas is ready."""
-    service = ModelService.objects.filter(name=name, stopped_at__isnull=True).select_related("owner").first()
-    if service is None or not _may_use(service, user.user_pk):
+@dataclass(frozen=True)
+class Replicas:
+    """A service the caller may use and its ready replicas, looked up in one go; which replica takes the request is
+    chosen in memory once the request's affinity key is known (pick)."""
+
+    service: str
+    service_pk: int
+    ready: dict[str, Target]  # taking requests
+    draining: dict[str, Target]  # ready but draining: used only when no other is ready
+
+
+class NotReady(Exception):
+    """A service the caller may use that has no ready replica now."""
+
+    def __init__(self, service: str, service_pk: int) -> None:
+        super().__init__(service)
+        self.service, self.service_pk = service, service_pk
+
+
+def _by_service(user: Holder, name: str, route: str) -> Replicas | None:
+    """The running service `name` and its ready replicas, if the user may use it; None when there is no such service
+    or they may not (the same 404 as a name that does not exist). Raises NotReady when none of its replicas is."""
+    found = _fetch_one("service", _service_params(user.user_pk, name))
+    if found is None or not found[1]:
         return None
+    service_pk = int(found[0])
+    ready: dict[str, Target] = {}
+    draining: dict[str, Target] = {}
     with connection.cursor() as cursor:
-        cursor.execute(_sql(connection.vendor)["by_service"], [service.pk, *sorted(SERVING_STATES), ""])
-        rows = {str(uuid.UUID(str(row[0]))): row for row in cursor.fetchall()}
-    chosen = replicas.choose([pk for pk in rows if pk not in exclude])
-    return rows[chosen] if chosen is not None else None
+        cursor.execute(_sql(connection.vendor)["by_service"], [service_pk, *sorted(SERVING_STATES), ""])
+        rows = cursor.fetchall()
+    for row in rows:
+        replica = _target_of(user, row[:-1], route, note=False, by_uuid=False, service=name)
+        if replica is not None and replica.base is not None:
+            (ready if row[-1] is None else draining)[replica.pk] = replica
+    if not ready and not draining:
+        raise NotReady(name, service_pk)
+    return Replicas(name, service_pk, ready, draining)
 
 
-def _may_use(service: ModelService, user_pk: int) -> bool:
-    user = get_user_model().objects.filter(pk=user_pk, is_active=True).first()
-    return user is not None and service.may_use(user)
-
-
-def another_replica(user: Holder, target: Target, route: str = "api") -> Target | None:
-    """Another ready replica of the service `target` is a replica of, for a request its replica failed before
-    answering (replicas.cool_down has set it aside)."""
-    if not target.service:
-        return None
-    return target_of_row(user, _by_service(user, target.service, exclude={target.pk}), route, target.service)
+def pick(replicas: Replicas, key: str = "", exclude: Collection[str] = ()) -> tuple[Target | None, str]:
+    """The replica of `replicas` that takes a request with this affinity key (replicas.choose), leaving out `exclude`
+    (one that just failed), and how it was chosen; draining replicas only when no other is ready. In memory: the
+    lookup that made `replicas` ran before."""
+    for pool in (replicas.ready, replicas.draining):
+        chosen, decision = replicas_module.choose([pk for pk in pool if pk not in exclude], key)
+        if chosen is not None:
+            return pool[chosen], decision
+    return None, ""
 
 
 def _by_owner_alias(key: str) -> tuple[Any, ...] | None:
@@ -374,6 +429,18 @@ def _by_owner_alias(key: str) -> tuple[Any, ...] | None:
 
 @sensitive_variables("secret")
 def target(user: Holder, key: str, route: str = "api", note: bool = True) -> Target | None:
+    """targets.find for a session: a service's name gives its least loaded ready replica (no affinity)."""
+    found = find(user, key, route, note)
+    if isinstance(found, Replicas):
+        chosen, _ = pick(found)
+        if chosen is not None and chosen.activity_due and note:
+            touch(chosen.pk)
+        return chosen
+    return found
+
+
+@sensitive_variables("secret")
+def find(user: Holder, key: str, route: str = "api", note: bool = True) -> Target | Replicas | None:
     """The session `key` names for this user on this route ("api" or the browser's "chat"): its uuid, the alias of
     one of their own sessions, the catalog name of a model one of their own runs, or `owner/alias` (their own, or one
     shared with them for this route); None when there is none they may use. Support staff reach others' sessions by
@@ -381,7 +448,7 @@ def target(user: Holder, key: str, route: str = "api", note: bool = True) -> Tar
 
     The session's last activity is noted when it is due, unless `note` is false (a lookup ahead of knowing whether the
     request will use it): then the Target says so (activity_due), and the caller notes it (touch) if it uses it."""
-    row, by_uuid, service = None, False, ""
+    row, by_uuid = None, False
     try:
         pk = uuid.UUID(key)
     except ValueError:
@@ -394,16 +461,12 @@ def target(user: Holder, key: str, route: str = "api", note: bool = True) -> Tar
     if row is None:
         row = _by_name(user, key)
     if row is None and OWNER_SEPARATOR not in key:
-        row = _by_service(user, key)
-        service = key if row is not None else ""
+        service = _by_service(user, key, route)
+        if service is not None:
+            return service
     if row is None:
         row = _by_owner_alias(key)
-    return _target_of(user, row, route, note=note, by_uuid=by_uuid, service=service)
-
-
-def target_of_row(user: Holder, row: tuple[Any, ...] | None, route: str, service: str) -> Target | None:
-    """The Target of a replica row _by_service chose (its use noted)."""
-    return _target_of(user, row, route, note=True, by_uuid=False, service=service)
+    return _target_of(user, row, route, note=note, by_uuid=by_uuid, service="")
 
 
 @sensitive_variables("secret")

@@ -26,7 +26,7 @@ CHAT = {"model": "llama-lab", "messages": [{"role": "user", "content": "hi"}], "
 
 def keep_up(service: ModelService) -> list[str]:
     """One round of beat's keep_services for this service: the replicas it created, submitted."""
-    created = keep.reconcile(service.pk)
+    created = keep.reconcile(service.pk).created
     for pk in created:
         submit_session.apply(args=(pk,))
     return created

@@ -28,6 +28,7 @@ from tests.jobs.use.upstream import ANSWER, Server, answering, recorded, token_o
 
 pytestmark = pytest.mark.django_db(transaction=True)
 CHAT = {"model": "llama-lab", "messages": [{"role": "user", "content": "hi"}]}
+NO_AFFINITY = {"model": "llama-lab", "input": "hi"}  # embeddings: no prompt cache to keep, so the least loaded replica
 
 
 @pytest.fixture
@@ -38,7 +39,7 @@ def service(account: ClusterAccount, owner: Any, django_capture_on_commit_callba
 
 def ready(service: ModelService, ports: tuple[int, ...] = (9, 10)) -> list[LLMSession]:
     """The service's replicas, each running at 127.0.0.1 on one of `ports`."""
-    made = keep.reconcile(service.pk)
+    made = keep.reconcile(service.pk).created
     assert len(made) == len(ports)
     for pk, port in zip(made, ports, strict=True):
         transition(pk, State.RUNNING, cause="test", host="127.0.0.1", port=port)
@@ -46,37 +47,37 @@ def ready(service: ModelService, ports: tuple[int, ...] = (9, 10)) -> list[LLMSe
 
 
 def test_a_service_keeps_its_minimum_of_replicas_and_replaces_one_that_ended(service: ModelService, owner: Any) -> None:
-    made = keep.reconcile(service.pk)
+    made = keep.reconcile(service.pk).created
     replicas_ = LLMSession.objects.filter(pk__in=made)
     assert len(made) == 2 and all(r.service_id == service.pk and r.owner_id == owner.pk for r in replicas_)
     assert all(r.state == State.PENDING and r.alias == "" for r in replicas_)
-    assert keep.reconcile(service.pk) == []  # nothing missing: nothing more
+    assert keep.reconcile(service.pk).created == []  # nothing missing: nothing more
     transition(made[0], State.FAILED, cause="test: the job died")
-    (replacement,) = keep.reconcile(service.pk)
+    (replacement,) = keep.reconcile(service.pk).created
     assert replacement not in made
     actions.scale(service, 3, 3)
-    assert len(keep.reconcile_all()) == 1
+    assert len(keep.reconcile_all().created) == 1
 
 
 def test_a_service_whose_replicas_keep_failing_pauses_its_launches(service: ModelService) -> None:
     """A broken launch (a model path gone, a node refusing the job) must not become a job a minute."""
     for _ in range(keep.FAILURES_TO_PAUSE):
-        for pk in keep.reconcile(service.pk):
+        for pk in keep.reconcile(service.pk).created:
             transition(pk, State.FAILED, cause="test: the server did not start")
     assert LLMSession.objects.filter(service=service, state=State.FAILED).count() >= keep.FAILURES_TO_PAUSE
-    assert keep.reconcile(service.pk) == []
+    assert keep.reconcile(service.pk).created == []
     LLMSession.objects.filter(service=service).update(ended_at=timezone.now() - keep.FAILURE_WINDOW)
-    assert len(keep.reconcile(service.pk)) == 2  # the window passed: it tries again
+    assert len(keep.reconcile(service.pk).created) == 2  # the window passed: it tries again
 
 
 def test_a_stopped_service_cancels_its_replicas_and_launches_none(
     service: ModelService, django_capture_on_commit_callbacks: Any
 ) -> None:
-    made = keep.reconcile(service.pk)
+    made = keep.reconcile(service.pk).created
     with django_capture_on_commit_callbacks(execute=False):
         assert actions.stop(service, "test") == 2
     assert all(s.cancel_requested_at is not None or s.is_ended for s in LLMSession.objects.filter(pk__in=made))
-    assert keep.reconcile(service.pk) == []
+    assert keep.reconcile(service.pk).created == []
 
 
 def test_a_service_is_checked_as_its_replicas_will_be_launched(
@@ -127,7 +128,8 @@ def test_a_request_goes_to_the_least_loaded_ready_replica(service: ModelService,
     LLMSession.objects.filter(pk=second.pk).update(state=State.STARTING, host="")
     assert targets.target(holder, "llama-lab").pk == str(first.pk)  # type: ignore[union-attr]
     LLMSession.objects.filter(pk=first.pk).update(state=State.QUEUED, host="")
-    assert targets.target(holder, "llama-lab") is None  # none ready
+    with pytest.raises(targets.NotReady):  # none ready: the caller is told to come back (test_routing.py)
+        targets.target(holder, "llama-lab")
 
 
 def test_a_replica_that_cannot_be_reached_passes_the_request_to_another(
@@ -144,7 +146,7 @@ def test_a_replica_that_cannot_be_reached_passes_the_request_to_another(
     api = Portal(bearer(token_of(owner)))
     replicas.begin(str(second.pk))  # busier: the first request goes to port 9
     try:
-        replies = [api.post("/api/v1/chat/completions", json=CHAT) for _ in range(4)]
+        replies = [api.post("/api/v1/embeddings", json=NO_AFFINITY) for _ in range(4)]
     finally:
         replicas.end(str(second.pk))
     assert [r.status_code for r in replies] == [200] * 4 and all(r.json() == ANSWER for r in replies)
@@ -154,7 +156,7 @@ def test_a_replica_that_cannot_be_reached_passes_the_request_to_another(
     # With no other replica, the caller gets the error the one replica gave.
     LLMSession.objects.filter(pk=second.pk).update(state=State.QUEUED, host="")
     replicas.cool_down(str(first.pk), 0)
-    refused = api.post("/api/v1/chat/completions", json=CHAT)
+    refused = api.post("/api/v1/embeddings", json=NO_AFFINITY)
     assert refused.status_code == 502 and refused.json()["error"]["type"] == "upstream_error"
 
 
@@ -181,7 +183,7 @@ def test_the_command_line_creates_shows_scales_and_stops_a_service(
                      "--json", stdout=out)  # fmt: skip
     created = json.loads(out.getvalue())
     assert (created["name"], created["min"], created["max"], created["audience"]) == ("llama-lab", 1, 2, "owner")
-    (made,) = keep.reconcile(ModelService.objects.get(name="llama-lab").pk)
+    (made,) = keep.reconcile(ModelService.objects.get(name="llama-lab").pk).created
     transition(made, State.RUNNING, cause="test", host="127.0.0.1", port=9)
     out = StringIO()
     call_command("services", "show", "llama-lab", "--json", stdout=out)
