@@ -1,11 +1,12 @@
 """Every route of the jobs app; the views live with their concern (sessions/views.py, use/views.py, use/proxy.py,
-batch/views.py)."""
+batch/views.py, services/pages.py)."""
 
 from __future__ import annotations
 
 from django.urls import include, path
 
 from jobs.batch import views as batches
+from jobs.services import pages as services
 from jobs.sessions import views as sessions
 from jobs.use import openai_batches, proxy
 from jobs.use import views as use
@@ -22,6 +23,11 @@ urlpatterns = [
     path("sessions/<uuid:pk>/log", sessions.session_log, name="log"),
     path("sessions/<uuid:pk>/share", sessions.session_share, name="share"),
     path("sessions/<uuid:pk>/share/<int:share_pk>/revoke", sessions.session_unshare, name="unshare"),
+    path("services/", services.service_list, name="services"),
+    path("services/new/", services.service_new, name="service-new"),
+    path("services/<str:name>/", services.service_detail, name="service"),
+    path("services/<str:name>/scale", services.service_scale, name="service-scale"),
+    path("services/<str:name>/stop", services.service_stop, name="service-stop"),
     path("clusters/accounts/", sessions.cluster_accounts, name="accounts"),
     path("clusters/accounts/<int:pk>/test", sessions.account_test, name="account-test"),
     path("sessions/<uuid:pk>/v1/<path:path>", proxy.session_proxy, name="session-proxy"),

@@ -23,6 +23,7 @@ from jobs.models import END_STATES, State
 from jobs.sessions import actions, clusters_summary, sharing, wizard
 from jobs.sessions.access import get_session_for, with_relations
 from jobs.sessions.forms import ChoicesForm, values_of
+from jobs.sessions.service_access import usable_by, with_ready
 from portal.errors import messages_of
 from portal.htmx import HtmxHttpRequest, render_page, render_partial
 
@@ -64,10 +65,13 @@ def launch_view(request: HtmxHttpRequest) -> HttpResponse:
 @login_required
 @require_GET
 def session_list(request: HtmxHttpRequest) -> HttpResponse:
-    sessions = list(sharing.with_shares(with_relations().filter(owner_id=request.user.pk))[:100])
+    mine = with_relations().select_related("service").filter(owner_id=request.user.pk)
+    sessions = list(sharing.with_shares(mine)[:100])
     sharing.annotate(sessions)
     shared = sharing.shared_with_me(request.user)
     context = {
+        # The services the user may use (not refreshed with the cards: the page's own load shows them).
+        "services": [] if request.htmx else list(with_ready(usable_by(request.user).filter(stopped_at__isnull=True))),
         "sessions": sessions,
         "live": bool(shared) or any(not s.is_ended for s in sessions),
         # A session about to run is shown Running within a second of it (the watch): refresh that often meanwhile.

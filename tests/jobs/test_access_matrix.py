@@ -33,6 +33,7 @@ from catalog.runtime_rules import API_ROUTES
 from jobs.batch import actions, staging
 from jobs.cluster import login
 from jobs.models import ApiToken, BatchFile, BatchRun, Conversation, LLMSession, SessionShare, State, transition
+from jobs.services import actions as services
 from jobs.use import guard
 from tests.asgi import Portal, bearer, browser
 from tests.conftest import LAUNCH
@@ -40,6 +41,7 @@ from tests.jobs.batch.test_progress import batch_form
 
 ROLES = ["anonymous", "owner", "other_user", "chat_grant", "api_grant", "expired", "revoked", "staff_user",
          "support_user"]  # fmt: skip
+SERVICE = "lab-service"  # the owner's model service, for members of the lab
 GRANTEE = "alan"  # one user, under a grant of each kind in turn (chat_grant, api_grant, expired, revoked)
 
 OWNER = frozenset({"owner"})
@@ -64,6 +66,11 @@ PAGES: dict[str, frozenset[str]] = {
     "batch-stop": OWNER_AND_SUPPORT,
     "session-batch-new": OWNER_AND_SUPPORT,
     "account-test": OWNER,  # a cluster account: its user's alone
+    # The owner's model service for the lab, which alan is in (whatever his grants of the session): its page is for
+    # those who may use it and support staff; scaling and stopping it, its owner's alone.
+    "service": frozenset({"owner", "support_user", "chat_grant", "api_grant", "expired", "revoked"}),
+    "service-scale": OWNER,
+    "service-stop": OWNER,
 }
 # A conversation's routes: who reaches the owner's conversation, and who the grantee's own (never the owner).
 CONVERSATIONS: dict[str, tuple[frozenset[str], frozenset[str]]] = {
@@ -71,7 +78,7 @@ CONVERSATIONS: dict[str, tuple[frozenset[str], frozenset[str]]] = {
     for name in ("chat-save", "chat-truncate", "chat-send", "chat-manage", "chat-export")
 }
 # Asked last, in this order, since they change what the others see (delete refuses a running session).
-ACTS = ["unshare", "delete", "batch-stop", "cancel"]
+ACTS = ["unshare", "delete", "batch-stop", "cancel", "service-stop"]
 
 
 @dataclass(frozen=True)
@@ -199,13 +206,14 @@ def world(
     monkeypatch: pytest.MonkeyPatch, django_capture_on_commit_callbacks: Any,
 ) -> World:  # fmt: skip
     """The owner's batch launch, running as `lab-model` and shared with alan, with a conversation each, the owner's
-    uploaded file as its batch's input; nothing here reaches a cluster."""
+    uploaded file as its batch's input, and the owner's model service for the lab; nothing here reaches a cluster."""
     settings.MEDIA_ROOT = tmp_path
     form = batch_form(b"one\ntwo\n", max_tokens=5)
     assert form.is_valid(), form.errors
     assert form.checked is not None
     with django_capture_on_commit_callbacks(execute=False):
         session = actions.launch(owner, {**LAUNCH, "purpose": "batch"}, batch=form.checked)
+        services.create(owner, SERVICE, LAUNCH, audience="groups", groups=owner.groups.all())
     transition(session.pk, State.RUNNING, cause="test", host="127.0.0.1", port=closed_port(), alias="lab-model")
     upload = own_file(owner, "ada/lab-model")
     BatchRun.objects.filter(session=session).update(input_file=upload)
@@ -253,6 +261,7 @@ def page_url(pattern: str, world: World, conversation: Conversation | None = Non
         "conversation_id": conversation.pk if conversation else "",
         "share_pk": world.grant.pk,
         "fmt": "jsonl",
+        "name": SERVICE,
     }
     if pattern.startswith("/clusters/accounts/"):
         values["pk"] = world.session.account_id

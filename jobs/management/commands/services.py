@@ -14,37 +14,14 @@ from typing import Any
 from django.contrib.auth.models import Group
 from django.core.exceptions import ValidationError
 from django.core.management.base import BaseCommand, CommandError
-from django.utils import timezone
 
 from jobs.management.commands.sessions import add_launch_flags
-from jobs.models import END_STATES, LIVE_STATES, ModelService
-from jobs.services import actions, replicas
+from jobs.models import END_STATES, ModelService
+from jobs.services import actions
+from jobs.services.overview import describe
 from jobs.sessions.forms import LaunchForm
 from portal.errors import text_of
 from portal.users import find_user
-
-
-def describe(service: ModelService) -> dict[str, Any]:
-    """A service as --json prints it: its settings, and its live replicas with where they are in their lives."""
-    live = service.replicas.filter(state__in=LIVE_STATES).order_by("created_at")
-    now = timezone.now()
-    return {
-        "name": service.name,
-        "owner": service.owner.get_username(),
-        "audience": service.audience,
-        "groups": sorted(service.groups.values_list("name", flat=True)),
-        "min": service.min_replicas,
-        "max": service.max_replicas,
-        "running": service.running,
-        "launch": service.launch,
-        "replicas": [
-            {"uuid": str(r.pk), "state": r.state, "job_id": r.job_id or None, "node_list": r.node_list or None,
-             "inflight": replicas.open_requests(str(r.pk)),
-             "time_left_s": max(0, int(r.walltime_min * 60 - (now - r.started_at).total_seconds()))
-             if r.started_at else None}
-            for r in live
-        ],
-    }  # fmt: skip
 
 
 def find_service(name: str) -> ModelService:
@@ -65,10 +42,14 @@ class Command(BaseCommand):
         add_launch_flags(p)
         p.add_argument("--min", type=int, default=1, help="replicas kept up (default 1)")
         p.add_argument("--max", type=int, help="replicas at most (default: --min, or 1 when --min is 0)")
-        p.add_argument("--target-inflight", type=int, help="requests in flight per replica above which it scales up "
-                       "(default 4)")
-        p.add_argument("--idle-minutes", type=float, help="how long one replica fewer must have been enough before "
-                       "one is removed (default 15)")
+        p.add_argument(
+            "--target-inflight", type=int, help="requests in flight per replica above which it scales up (default 4)"
+        )
+        p.add_argument(
+            "--idle-minutes",
+            type=float,
+            help="how long one replica fewer must have been enough before one is removed (default 15)",
+        )
         who = p.add_mutually_exclusive_group()
         who.add_argument("--group", action="append", default=[], help="members of this group may use it (repeat)")
         who.add_argument("--site", action="store_true", help="everyone signed in may use it (needs the permission)")

@@ -69,15 +69,16 @@ def test_the_dashboard_shows_states_waits_and_errors_in_a_fixed_number_of_querie
         BatchRun.objects.create(owner=owner, session=session, name=name, input_format="openai", prompts=10, done=3,
                                 endpoint="chat/completions", requests="x", state=BatchRun.State.RUNNING)  # fmt: skip
     client.force_login(viewer)
-    # the browser session, the user, the permission (two), sessions by state, waits, traffic, batch runs
-    with django_assert_num_queries(8):
+    # the browser session, the user, the permission (two), sessions by state, waits, traffic, batch runs, the running
+    # model services (none here: nothing more for their replicas)
+    with django_assert_num_queries(9):
         page = client.get("/dashboard/").content.decode()
     assert "<strong>2</strong> running" in page
     assert "<td>20.0</td><td>30.0</td>" in page  # median and longest wait, minutes
     assert "<td>4</td><td>1</td><td>25.0 %</td>" in page  # the last hour
     assert "<td>5</td><td>2</td><td>40.0 %</td>" in page  # the last day
     assert "first.jsonl" in page and "second.jsonl" in page and "3 of 10" in page
-    with django_assert_num_queries(8):
+    with django_assert_num_queries(9):
         partial = client.get("/dashboard/", headers={"HX-Request": "true"}).content.decode()
     assert "<html" not in partial and 'hx-trigger="every 10s"' in partial
     assert 'href="/dashboard/"' in partial  # a plain link refreshes it without JavaScript
