@@ -8,6 +8,7 @@ in (a site service, which needs its own permission to create). Its replicas are 
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Any
 
 from django.conf import settings
@@ -97,6 +98,9 @@ class ReplicaLoad(models.Model):
     fresh rows and its own count, and the keeper scales and drains by the same sum: so the load of a replica is the
     site's, not one process's. A row not refreshed for a few seconds is of a process that stopped, and counts no more.
     """
+
+    # Rows refreshed within this long count; an older one is of a process that stopped or hung.
+    FRESH = timedelta(seconds=5)
 
     worker = models.CharField(max_length=64)
     session = models.ForeignKey("jobs.LLMSession", on_delete=models.CASCADE, related_name="loads")

@@ -22,7 +22,7 @@ import socket
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from django.db.models import Count, Min, Q, Sum
 from django.utils import timezone
@@ -38,7 +38,16 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from jobs.models import TTFT_BOUNDS_MS, BatchRun, LLMSession, ProxyRequest, SessionEvent, State
+from jobs.models import (
+    LIVE_STATES,
+    TTFT_BOUNDS_MS,
+    BatchRun,
+    LLMSession,
+    ProxyRequest,
+    ReplicaLoad,
+    SessionEvent,
+    State,
+)
 
 
 def _process() -> str:
@@ -213,6 +222,26 @@ class DatabaseCollector(Collector):
         recent.add_metric(["false"], hour["all"] - hour["failed"])
         recent.add_metric(["true"], hour["failed"])
         yield recent
+        yield from _services(now)
+
+
+def _services(now: datetime) -> Iterator[Metric]:
+    """Each running model service's live replicas by state (a draining one as "draining") and the requests open on
+    them, summed over the portal processes' fresh published counts: two queries."""
+    replicas = GaugeMetricFamily("portal_service_replicas", "Live replicas of each running model service by state "
+                                 "(draining: ready, taking no new requests).", labels=["service", "state"])  # fmt: skip
+    live = LLMSession.objects.filter(service__stopped_at__isnull=True, service__isnull=False, state__in=LIVE_STATES)
+    for row in live.values("service__name", "state", "draining_since").annotate(n=Count("id")).order_by():
+        state = "draining" if row["draining_since"] is not None else row["state"]
+        replicas.add_metric([row["service__name"], state], row["n"])
+    yield replicas
+    inflight = GaugeMetricFamily("portal_service_inflight", "Requests open on each running model service's replicas, "
+                                 "through every portal process.", labels=["service"])  # fmt: skip
+    running = ReplicaLoad.objects.filter(session__service__stopped_at__isnull=True)
+    fresh = running.filter(updated_at__gt=now - ReplicaLoad.FRESH)
+    for row in fresh.values("session__service__name").annotate(n=Sum("inflight")).order_by():
+        inflight.add_metric([row["session__service__name"]], row["n"] or 0)
+    yield inflight
 
 
 def exposition() -> tuple[bytes, str]:

@@ -99,8 +99,8 @@ def wake(service_pk: int) -> bool:
     whether this call woke it (a conditional update: of many such requests, one enqueues the keeper)."""
     woken = ModelService.objects.filter(pk=service_pk, stopped_at__isnull=True, desired_replicas=0,
                                         max_replicas__gte=1).update(desired_replicas=1, quiet_since=None)  # fmt: skip
-    if woken:
-        transaction.on_commit(tasks.keep_services.delay)
+    if woken:  # robust: beat's round would wake it anyway, so a broker away must not fail the request
+        transaction.on_commit(tasks.keep_services.delay, robust=True)
     return bool(woken)
 
 

@@ -15,7 +15,6 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping
-from datetime import timedelta
 
 from django import db
 from django.conf import settings
@@ -26,7 +25,7 @@ from jobs.models import ReplicaLoad
 
 log = logging.getLogger(__name__)
 
-STALE = timedelta(seconds=5)
+STALE = ReplicaLoad.FRESH
 # This process, as its rows name it: host, pid, and a random part (a pid is reused after a restart).
 WORKER = f"{socket.gethostname()[:30]}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 

@@ -58,9 +58,10 @@ def test_the_affinity_key_is_the_head_of_the_prompt() -> None:
     )  # the same long preamble
     explicit = {**chat("a", "b"), "prompt_cache_key": "team-7"}
     assert affinity.key_of("chat/completions", explicit) == affinity.key_of("responses", {"prompt_cache_key": "team-7"})
-    for garbage in (None, [], {"messages": "no"}, {"messages": []}, {"input": 5}, {"prompt": {"a": 1}}):
+    garbage: list[Any] = [None, [], {"messages": "no"}, {"messages": []}, {"input": 5}, {"prompt": {"a": 1}}]
+    for payload in garbage:
         for route in ("chat/completions", "messages", "responses", "completions", "embeddings"):
-            assert affinity.key_of(route, garbage) == ""
+            assert affinity.key_of(route, payload) == ""
 
 
 def test_the_same_key_goes_to_the_same_replica_until_it_is_over_the_bound() -> None:
@@ -185,7 +186,7 @@ def test_a_request_is_held_when_a_replica_is_about_to_be_ready(
     assert reply.status_code == 200 and [r.url.port for r in server.got] == [9]
 
 
-def test_each_process_publishes_its_open_requests_and_reads_the_others(service: ModelService) -> None:
+def test_each_process_publishes_its_open_requests_and_reads_the_others_and_metrics_sum_them(service: ModelService) -> None:
     first, second = ready(service)
     other_process = "elsewhere:1:abc"
     ReplicaLoad.objects.create(worker=other_process, session=first, inflight=3, updated_at=timezone.now())
@@ -194,6 +195,9 @@ def test_each_process_publishes_its_open_requests_and_reads_the_others(service: 
     load.publish({str(second.pk): 2})
     assert load.others(str(first.pk)) == 3 and load.others(str(second.pk)) == 0  # the stale row counts no more
     assert load.site_inflight([str(first.pk), str(second.pk)]) == {str(first.pk): 3, str(second.pk): 2}
+    # /metrics says the same, for the operators.
+    assert counted("portal_service_inflight", service="llama-lab") == 5
+    assert counted("portal_service_replicas", service="llama-lab", state="running") == 2
     # Routing counts the others' requests: the second replica is the less loaded now.
     assert replicas.choose([str(first.pk), str(second.pk)])[0] == str(second.pk)
     load.publish({})  # nothing open here any more: this process's rows go
