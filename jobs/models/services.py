@@ -16,10 +16,34 @@ from django.contrib.auth.models import Group
 from django.core.exceptions import ValidationError
 from django.core.validators import MaxValueValidator, MinValueValidator, RegexValidator
 from django.db import models
+from django.db.models import Count, Q
+
+from jobs.models.sessions import State
 
 # Site services are used by everyone signed in: creating one takes this permission (superusers have it).
 RUN_SITE_SERVICE = ("run_site_service", "jobs")
 SERVICE_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}\Z"
+RESERVED_NAMES = frozenset({"new"})  # /services/<name>/ would be another page
+
+
+class ServiceQuerySet(models.QuerySet["ModelService"]):
+    def usable_by(self, user: Any) -> ServiceQuerySet:
+        """The services `user` may send requests to (may_use's rule as a query; the proxy's lookup has it in SQL),
+        stopped ones included: their own, site services, and those of a group they are in."""
+        if not getattr(user, "is_authenticated", False) or not user.is_active:
+            return self.none()
+        in_groups = ModelService.groups.through.objects.filter(group__user=user).values("modelservice_id")
+        audience = ModelService.Audience
+        return self.filter(Q(owner=user) | Q(audience=audience.SITE) | Q(audience=audience.GROUPS, pk__in=in_groups))
+
+    def with_ready(self) -> ServiceQuerySet:
+        """With `ready`, each service's number of ready replicas (READY_REPLICA), and its owner, in one query."""
+        ready = Q(**{f"replicas__{k}": v for k, v in READY_REPLICA.items()}) & ~Q(replicas__host="")
+        return self.select_related("owner").annotate(ready=Count("replicas", filter=ready))
+
+
+# A replica that takes requests now: running, with an address (host not empty), and not draining.
+READY_REPLICA = {"state": State.RUNNING, "draining_since__isnull": True}
 
 
 class ModelService(models.Model):
@@ -62,6 +86,8 @@ class ModelService(models.Model):
     created_at = models.DateTimeField(auto_now_add=True)
     stopped_at = models.DateTimeField(null=True, blank=True, help_text="Stopped: no replica is kept up any more.")
 
+    objects = ServiceQuerySet.as_manager()
+
     class Meta:
         ordering = ["name"]
         verbose_name = "model service"
@@ -71,6 +97,8 @@ class ModelService(models.Model):
         return self.name
 
     def clean(self) -> None:
+        if self.name in RESERVED_NAMES:
+            raise ValidationError({"name": f"{self.name!r} names a page of the portal's (/services/{self.name}/)."})
         if self.min_replicas > self.max_replicas:
             raise ValidationError({"min_replicas": "At most max replicas."})
 

@@ -69,7 +69,7 @@ def time_left_s(replica: LLMSession, now: datetime) -> int | None:
 
 
 def is_ready(replica: LLMSession) -> bool:
-    """service_access.ready_q's rule on a loaded row."""
+    """READY_REPLICA's rule (jobs/models/services.py) on a loaded row."""
     return replica.state == State.RUNNING and bool(replica.host) and replica.draining_since is None
 
 

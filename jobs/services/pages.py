@@ -8,7 +8,7 @@ from typing import Any
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.core.exceptions import ValidationError
-from django.db.models import F, QuerySet
+from django.db.models import F
 from django.http import Http404, HttpResponse, HttpResponseRedirect
 from django.urls import reverse
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
@@ -16,17 +16,17 @@ from django_htmx.http import HttpResponseClientRedirect
 
 from catalog.models import ClusterAccount
 from jobs.models import ModelService
+from jobs.models.services import ServiceQuerySet
 from jobs.services import actions, overview
 from jobs.services.forms import ScaleForm, ServiceForm, add_errors, launch_values, may_run_site_service
 from jobs.sessions.access import sees_all
 from jobs.sessions.forms import LaunchForm
-from jobs.sessions.service_access import usable_by, with_ready
 from portal.htmx import HtmxHttpRequest, render_page
 
 
-def visible_to(request: HtmxHttpRequest) -> QuerySet[ModelService]:
+def visible_to(request: HtmxHttpRequest) -> ServiceQuerySet:
     """The services whose pages the user sees: those they may use, and every one for support staff."""
-    return ModelService.objects.all() if sees_all(request.user) else usable_by(request.user)
+    return ModelService.objects.all() if sees_all(request.user) else ModelService.objects.usable_by(request.user)
 
 
 def get_service_for(request: HtmxHttpRequest, name: str) -> ModelService:
@@ -53,7 +53,7 @@ def _managed(request: HtmxHttpRequest, name: str) -> ModelService:
 @login_required
 @require_GET
 def service_list(request: HtmxHttpRequest) -> HttpResponse:
-    services = with_ready(visible_to(request)).order_by(F("stopped_at").desc(nulls_first=True), "name")
+    services = visible_to(request).with_ready().order_by(F("stopped_at").desc(nulls_first=True), "name")
     return render_page(request, "services/service_list.html", {"services": services})
 
 

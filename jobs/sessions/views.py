@@ -19,11 +19,10 @@ from django_htmx.http import HttpResponseClientRedirect
 
 from catalog.models import Cluster, ClusterAccount, GPUType, ModelCard
 from jobs.cluster import login, logs
-from jobs.models import END_STATES, State
+from jobs.models import END_STATES, ModelService, State
 from jobs.sessions import actions, clusters_summary, sharing, wizard
 from jobs.sessions.access import get_session_for, with_relations
 from jobs.sessions.forms import ChoicesForm, values_of
-from jobs.sessions.service_access import usable_by, with_ready
 from portal.errors import messages_of
 from portal.htmx import HtmxHttpRequest, render_page, render_partial
 
@@ -69,9 +68,10 @@ def session_list(request: HtmxHttpRequest) -> HttpResponse:
     sessions = list(sharing.with_shares(mine)[:100])
     sharing.annotate(sessions)
     shared = sharing.shared_with_me(request.user)
+    usable = ModelService.objects.usable_by(request.user)
     context = {
         # The services the user may use (not refreshed with the cards: the page's own load shows them).
-        "services": [] if request.htmx else list(with_ready(usable_by(request.user).filter(stopped_at__isnull=True))),
+        "services": [] if request.htmx else list(usable.filter(stopped_at__isnull=True).with_ready()),
         "sessions": sessions,
         "live": bool(shared) or any(not s.is_ended for s in sessions),
         # A session about to run is shown Running within a second of it (the watch): refresh that often meanwhile.

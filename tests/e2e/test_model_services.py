@@ -1,23 +1,32 @@
-"""Model services on the local cluster (issue 28, first part): a service of two replicas, real llama-server sessions
-of the tiny model, answers by its name through the portal as uvicorn serves it; Slurm killing one replica's job
-(scancel, as a node failure or preemption would) under a steady client loses no request, and the service is brought
-back to two ready replicas (the keeper launches a new one, as beat's keep_services does)."""
+"""Model services on the local cluster (issue 28): real llama-server sessions of the tiny model as replicas, used by
+the service's name through the portal as uvicorn serves it (its load published across processes as in production).
+
+- Slurm killing one replica's job (scancel, as a node failure or preemption would) under a steady client loses no
+  request, and the service is brought back to two ready replicas.
+- A service whose replicas have two minutes of walltime rolls them over under a steady client: no failed request, and
+  never fewer ready replicas than its minimum.
+- Under load it scales up to max, and back down to min after its idle time.
+- With min 0, the first request is answered 503 with Retry-After and wakes it; a later one is answered. A member of
+  the service's group uses it (their usage, on the owner's replica); someone outside gets 404.
+
+The tests run the keeper's rounds and the poll themselves, as beat would (every half second here)."""
 
 from __future__ import annotations
 
 import subprocess
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
 import httpx
 import pytest
 
-from jobs.models import ApiToken, LLMSession, ModelService, State
+from jobs.models import ApiToken, LLMSession, ModelService, ProxyRequest, State
 from jobs.services import actions, keep
-from jobs.tasks import submit_session
+from jobs.tasks import cancel_session, poll_account, submit_session
 from portal import ssh
-from tests.conftest import LAUNCH
+from tests.conftest import LAUNCH, SMOLLM2_LAUNCH
 from tests.e2e.sessions import cancel_all_jobs, drive, local_account
 
 pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
@@ -25,11 +34,33 @@ CHAT = {"model": "llama-lab", "messages": [{"role": "user", "content": "hi"}], "
 
 
 def keep_up(service: ModelService) -> list[str]:
-    """One round of beat's keep_services for this service: the replicas it created, submitted."""
-    created = keep.reconcile(service.pk).created
-    for pk in created:
+    """One round of beat's keep_services for this service: the replicas it created submitted, those it let go
+    cancelled; returns the created."""
+    done = keep.reconcile(service.pk)
+    for pk in done.created:
         submit_session.apply(args=(pk,))
-    return created
+    for pk in done.cancel:
+        cancel_session.apply(args=(pk,))
+    return done.created
+
+
+def ready_count(service: ModelService) -> int:
+    """Replicas that take new requests now: running, with an address, not draining."""
+    ready = LLMSession.objects.filter(service=service, state=State.RUNNING, draining_since__isnull=True)
+    return ready.exclude(host="").count()
+
+
+def beat(service: ModelService, until: Any, timeout_s: float, samples: list[int] | None = None) -> None:
+    """Poll the cluster and run the keeper every half second, as beat does, until until() or the timeout; the ready
+    count after each round goes into `samples`."""
+    deadline = time.monotonic() + timeout_s
+    while not until():
+        assert time.monotonic() < deadline, f"gave up after {timeout_s}s: {list(service.replicas.values())}"
+        poll_account(service.replicas.first().account_id)  # type: ignore[union-attr]
+        keep_up(service)
+        if samples is not None:
+            samples.append(ready_count(service))
+        time.sleep(0.5)
 
 
 def running(session_pk: str) -> LLMSession:
@@ -37,35 +68,51 @@ def running(session_pk: str) -> LLMSession:
 
 
 @pytest.fixture
-def service(
-    local_catalog: dict[str, Any], owner: Any, django_capture_on_commit_callbacks: Any
-) -> Iterator[ModelService]:
+def make(local_catalog: dict[str, Any], owner: Any, django_capture_on_commit_callbacks: Any) -> Iterator[Any]:
+    """Make a service of the owner's on the local cluster; every job is cancelled afterwards."""
     local_account(owner, local_catalog)
-    with django_capture_on_commit_callbacks(execute=False):
-        made = actions.create(owner, "llama-lab", LAUNCH, min_replicas=2, max_replicas=2)
-    for pk in keep_up(made):
-        assert running(pk).state == State.RUNNING
+
+    def made(launch: dict[str, Any] = LAUNCH, **fields: Any) -> ModelService:
+        with django_capture_on_commit_callbacks(execute=False):
+            return actions.create(owner, "llama-lab", launch, **fields)
+
     yield made
     cancel_all_jobs()
     ssh.pool.close_all()
 
 
-class SteadyClient(threading.Thread):
-    """Asks the service by name every 0.1 s until stopped; keeps every answer's status."""
+@pytest.fixture
+def service(make: Any) -> ModelService:
+    made: ModelService = make(min_replicas=2, max_replicas=2)
+    for pk in keep_up(made):
+        assert running(pk).state == State.RUNNING
+    return made
 
-    def __init__(self, portal: str, token: str) -> None:
+
+class SteadyClient(threading.Thread):
+    """Asks the service by name every `every_s` until stopped; keeps every answer's status."""
+
+    def __init__(self, portal: str, token: str, every_s: float = 0.1, ask: dict[str, Any] = CHAT) -> None:
         super().__init__(daemon=True)
-        self.portal, self.token = portal, token
+        self.portal, self.token, self.every_s, self.ask = portal, token, every_s, ask
         self.statuses: list[int] = []
         self.stopping = threading.Event()
 
     def run(self) -> None:
         with httpx.Client(base_url=self.portal, headers={"Authorization": f"Bearer {self.token}"}, timeout=60) as http:
-            while not self.stopping.wait(0.1):
+            while not self.stopping.wait(self.every_s):
                 try:
-                    self.statuses.append(http.post("/api/v1/chat/completions", json=CHAT).status_code)
+                    self.statuses.append(http.post("/api/v1/chat/completions", json=self.ask).status_code)
                 except httpx.HTTPError:
                     self.statuses.append(0)
+
+    def __enter__(self) -> SteadyClient:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stopping.set()
+        self.join(60)
 
 
 def test_a_replica_killed_by_slurm_under_a_steady_client_loses_no_request(
@@ -92,3 +139,87 @@ def test_a_replica_killed_by_slurm_under_a_steady_client_loses_no_request(
     assert client.statuses and set(client.statuses) == {200}, client.statuses
     live = LLMSession.objects.filter(service=service, state=State.RUNNING).values_list("pk", flat=True)
     assert {str(pk) for pk in live} == {str(second.pk), replacement}
+
+
+def test_a_service_rolls_its_replicas_over_before_walltime_with_no_failed_request(
+    portal_server: str, make: Any, owner: Any
+) -> None:
+    service = make({**LAUNCH, "walltime": 2}, min_replicas=1, max_replicas=1)
+    (first,) = keep_up(service)
+    assert running(first).state == State.RUNNING
+    old = LLMSession.objects.get(pk=first)
+    samples: list[int] = []
+    with SteadyClient(portal_server, ApiToken.issue(owner, "steady")[1]) as client:
+
+        def handed_over() -> bool:
+            old.refresh_from_db()
+            return old.is_ended and len(client.statuses) > 20
+
+        # Its successor is launched within the lead time (its own time to ready, plus a margin) before the
+        # walltime, takes over when ready; the old one drains and is cancelled, well before Slurm's time limit.
+        beat(service, handed_over, timeout_s=150, samples=samples)
+    assert client.statuses and set(client.statuses) == {200}, client.statuses
+    assert samples and min(samples) >= 1, samples  # never fewer ready than min
+    assert old.state == State.CANCELLED and "replaced" in old.end_reason, (old.state, old.end_reason)
+    (successor,) = LLMSession.objects.filter(service=service, state=State.RUNNING)
+    assert successor.replaces_id == old.pk
+
+
+def test_a_service_scales_up_under_load_and_back_down_after_its_idle_time(
+    portal_server: str, make: Any, owner: Any, smollm2: str
+) -> None:
+    # SmolLM2 on these CPUs answers 64 tokens in about a second, so four clients keep more than one request in flight
+    # (the target) within the token's rate limit; the tiny test model answers too fast to load a replica.
+    service = make(SMOLLM2_LAUNCH, min_replicas=1, max_replicas=2, target_inflight=1, idle_minutes=0.2)
+    (first,) = keep_up(service)
+    assert running(first).state == State.RUNNING
+    token = ApiToken.issue(owner, "load")[1]
+    longer = {**CHAT, "max_tokens": 64, "ignore_eos": True}  # llama-server's own field: always 64 tokens
+    load = [SteadyClient(portal_server, token, every_s=0.2, ask=longer) for _ in range(4)]
+    for client in load:
+        client.start()
+    try:
+        beat(service, lambda: ready_count(service) == 2, timeout_s=120)  # above target for 15 s: a second replica
+    finally:
+        for client in load:
+            client.stopping.set()
+        for client in load:
+            client.join(60)
+    assert all(set(client.statuses) == {200} for client in load)
+    service.refresh_from_db()
+    assert service.keeps == 2
+
+    def back_to_one() -> bool:
+        return LLMSession.objects.filter(service=service, state__in=[State.RUNNING, State.STARTING]).count() == 1
+
+    beat(service, back_to_one, timeout_s=90)  # quiet for the idle time (12 s): one drains and is cancelled
+    service.refresh_from_db()
+    assert service.keeps == 1
+
+
+def test_a_service_with_min_0_wakes_on_its_first_request_for_its_group_only(
+    portal_server: str, make: Any, owner: Any, shared_user: Any, other_user: Any, lab: Any
+) -> None:
+    service = make(min_replicas=0, max_replicas=1, audience="groups", groups=[lab])
+    assert keep_up(service) == []  # nothing kept until asked
+    member = httpx.Client(base_url=portal_server, headers={"Authorization": f"Bearer "
+                          f"{ApiToken.issue(shared_user, 'member')[1]}"}, timeout=60)  # fmt: skip
+    outsider = httpx.Client(base_url=portal_server, headers={"Authorization": f"Bearer "
+                            f"{ApiToken.issue(other_user, 'outsider')[1]}"}, timeout=60)  # fmt: skip
+    with member, outsider:
+        first = member.post("/api/v1/chat/completions", json=CHAT)
+        assert first.status_code == 503 and int(first.headers["retry-after"]) >= 1, first.text
+        assert outsider.post("/api/v1/chat/completions", json=CHAT).status_code == 404
+        (replica,) = keep_up(service)  # the request woke it: the keeper launches one
+        beat(service, lambda: ready_count(service) == 1, timeout_s=120)
+        answered = member.post("/api/v1/chat/completions", json=CHAT)
+        assert answered.status_code == 200, answered.text
+        assert outsider.post("/api/v1/chat/completions", json=CHAT).status_code == 404
+    # The member's request is theirs in the usage records, on the owner's replica (whose GPU-hours are the owner's).
+    deadline = time.monotonic() + 10
+    while not ProxyRequest.objects.filter(user=shared_user, status=200).exists():
+        assert time.monotonic() < deadline, "no usage row"
+        time.sleep(0.2)
+    row = ProxyRequest.objects.get(user=shared_user, status=200)
+    assert str(row.session_id) == replica and row.session.owner == owner
+    assert not ProxyRequest.objects.filter(user=other_user).exists()

@@ -22,7 +22,6 @@ from catalog.models import ClusterAccount
 from jobs.apps import USAGE_GROUP
 from jobs.models import LLMSession, ModelService, ProxyRequest, ReplicaLoad, State, transition
 from jobs.services import actions, keep, overview
-from jobs.sessions.service_access import usable_by
 from tests.conftest import LAUNCH
 
 pytestmark = pytest.mark.django_db
@@ -96,7 +95,8 @@ def test_the_listing_query_agrees_with_may_use(
     service = make(creator, capture=django_capture_on_commit_callbacks, audience=audience,
                    groups=[lab] if audience == "groups" else ())  # fmt: skip
     for user in (owner, shared_user, other_user):
-        assert usable_by(user).filter(pk=service.pk).exists() == service.may_use(user), (audience, user)
+        usable = ModelService.objects.usable_by(user).filter(pk=service.pk).exists()
+        assert usable == service.may_use(user), (audience, user)
 
 
 def test_the_replicas_table_shows_load_rate_time_left_and_rollover(

@@ -186,7 +186,7 @@ def test_a_request_is_held_when_a_replica_is_about_to_be_ready(
     assert reply.status_code == 200 and [r.url.port for r in server.got] == [9]
 
 
-def test_each_process_publishes_its_open_requests_and_reads_the_others_and_metrics_sum_them(service: ModelService) -> None:
+def test_each_process_publishes_its_open_requests_reads_the_others_and_metrics_sum_them(service: ModelService) -> None:
     first, second = ready(service)
     other_process = "elsewhere:1:abc"
     ReplicaLoad.objects.create(worker=other_process, session=first, inflight=3, updated_at=timezone.now())

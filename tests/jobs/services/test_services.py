@@ -87,6 +87,8 @@ def test_a_service_is_checked_as_its_replicas_will_be_launched(
         actions.create(owner, "too-long", {**LAUNCH, "context": 10_000_000})
     with pytest.raises(ValidationError, match="catalog name"):
         actions.create(owner, "tiny-llama", LAUNCH)
+    with pytest.raises(ValidationError, match="page"):
+        actions.create(owner, "new", LAUNCH)
     with pytest.raises(ValidationError, match="permission"):
         actions.create(owner, "for-all", LAUNCH, audience=ModelService.Audience.SITE)
     with pytest.raises(ValidationError, match="member"):
