@@ -29,7 +29,7 @@ from jobs.batch import files, progress, staging
 from jobs.cluster import capacity, logs
 from jobs.models import LLMSession, State
 from jobs.operations import metrics
-from jobs.services import keep
+from jobs.services import health, keep
 from jobs.sessions import groups, lifecycle, listing, notify
 from portal import ssh
 
@@ -66,9 +66,11 @@ def submit_session(self: Task[Any, Any], session_id: str) -> str:
 
 @shared_task(name="jobs.keep_services", ignore_result=True, soft_time_limit=60, time_limit=90)
 def keep_services() -> int:
-    """Beat (and a service created, scaled or woken): every running model service is brought to the replicas it
-    keeps now (jobs/services/keep.py); the new replicas are submitted as a launch's are, and those it let go
-    cancelled."""
+    """Beat (and a service created, scaled or woken): replicas that stopped answering their health checks are given
+    up (jobs/services/health.py), then every running model service is brought to the replicas it keeps now
+    (jobs/services/keep.py); the new replicas are submitted as a launch's are, and those let go cancelled."""
+    for session_id in health.check_all():  # replicas that stopped answering: cancelled, and replaced just below
+        cancel_session.delay(session_id)
     done = keep.reconcile_all()
     for session_id in done.created:
         submit_session.delay(session_id)

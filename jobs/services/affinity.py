@@ -3,11 +3,13 @@ whose server already holds that prefix in its prompt cache (replicas.choose). Pl
 
 - A caller's explicit `prompt_cache_key` (OpenAI's field for exactly this: requests that share a long prefix name the
   same key) wins.
-- Chat Completions and Anthropic's Messages: the system prompt and the first message after it. A conversation's later
-  turns repeat them, so every turn of one conversation goes to the same replica, and so do requests of a script that
-  share a long system prompt.
-- Responses: its instructions and first input item.
-- Completions: the first PREFIX_CHARS characters of the prompt (a shared preamble, a few-shot block).
+- Otherwise the first PREFIX_CHARS characters of the prompt's head, as the server will see it in order (KubeAI's
+  prefix-hash rule): for Chat Completions and Anthropic's Messages the system prompt and the first message after it;
+  for Responses the instructions and first input; for Completions the prompt. A conversation's later turns repeat its
+  head, so every turn goes to the same replica. Requests that share a system prompt longer than PREFIX_CHARS share a
+  key whatever they ask (a script's long instructions, a few-shot block); with a shorter one the first question is
+  part of the key, so the conversations of a chat with a short fixed system prompt spread over the replicas instead of
+  piling onto one. (The bound on loads spreads a hot key anyway.)
 - Embeddings and the rest: none (no prompt cache to reuse), so the least loaded replica.
 
 The key is a digest: nothing of the prompt is kept or shown.
@@ -19,7 +21,7 @@ import hashlib
 import json
 from typing import Any
 
-PREFIX_CHARS = 2000  # about 500 tokens of a completion prompt: past a typical shared preamble, short of its question
+PREFIX_CHARS = 2000  # about 500 tokens: past a typical chat's system prompt, short of a long shared preamble's end
 
 
 def key_of(route: str, payload: Any) -> str:
@@ -33,20 +35,34 @@ def key_of(route: str, payload: Any) -> str:
         messages = payload.get("messages")
         if not isinstance(messages, list):
             return ""
-        system = payload.get("system")  # Anthropic's system prompt is a field of its own
-        head = _leading(messages)
-        return _digest(["chat", system, head]) if head or system else ""
-    if route == "responses":
+        head = [payload.get("system"), *_leading(messages)]  # Anthropic's system prompt is a field of its own
+    elif route == "responses":
         given = payload.get("input")
-        first = given[:PREFIX_CHARS] if isinstance(given, str) else given[:1] if isinstance(given, list) else None
-        instructions = payload.get("instructions")
-        return _digest(["responses", instructions, first]) if instructions or first else ""
-    if route == "completions":
+        head = [payload.get("instructions"), given[:1] if isinstance(given, list) else given]
+    elif route == "completions":
         prompt = payload.get("prompt")
-        if isinstance(prompt, list) and prompt:
-            prompt = prompt[0]
-        return _digest(["completions", prompt[:PREFIX_CHARS]]) if isinstance(prompt, str) and prompt else ""
-    return ""
+        head = [prompt[0] if isinstance(prompt, list) and prompt else prompt]
+    else:
+        return ""
+    text = "".join(_text(part) for part in head)
+    return _digest([route.split("/")[0], text[:PREFIX_CHARS]]) if text else ""
+
+
+def _text(part: Any) -> str:
+    """What of a part of the prompt's head counts: a string as it is, a message by its role and content (content
+    blocks as their JSON), a list (of blocks, of input items) as its JSON; nothing else."""
+    if isinstance(part, str):
+        return part
+    if isinstance(part, dict):
+        if "role" not in part or "content" not in part:
+            return ""
+        content = part["content"]
+        return f"<{part['role']}>" + (content if isinstance(content, str) else _json(content))
+    return _json(part) if isinstance(part, list) and part else ""
+
+
+def _json(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
 
 
 def conversation_key(conversation: str) -> str:
@@ -65,5 +81,4 @@ def _leading(messages: list[Any]) -> list[Any]:
 
 
 def _digest(parts: list[Any]) -> str:
-    text = json.dumps(parts, sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
+    return hashlib.blake2b(_json(parts).encode(), digest_size=16).hexdigest()

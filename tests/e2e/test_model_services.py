@@ -6,6 +6,7 @@ the service's name through the portal as uvicorn serves it (its load published a
 - A service whose replicas have two minutes of walltime rolls them over under a steady client: no failed request, and
   never fewer ready replicas than its minimum.
 - Under load it scales up to max, and back down to min after its idle time.
+- A replica whose server stops answering (hung, the job alive) is replaced after three failed health checks.
 - With min 0, the first request is answered 503 with Retry-After and wakes it; a later one is answered. A member of
   the service's group uses it (their usage, on the owner's replica); someone outside gets 404.
 
@@ -13,17 +14,22 @@ The tests run the keeper's rounds and the poll themselves, as beat would (every 
 
 from __future__ import annotations
 
+import contextlib
+import os
+import re
+import signal
 import subprocess
 import threading
 import time
 from collections.abc import Iterator
+from datetime import timedelta
 from typing import Any
 
 import httpx
 import pytest
 
 from jobs.models import ApiToken, LLMSession, ModelService, ProxyRequest, State
-from jobs.services import actions, keep
+from jobs.services import actions, health, keep
 from jobs.tasks import cancel_session, poll_account, submit_session
 from portal import ssh
 from tests.conftest import LAUNCH, SMOLLM2_LAUNCH
@@ -223,3 +229,39 @@ def test_a_service_with_min_0_wakes_on_its_first_request_for_its_group_only(
     row = ProxyRequest.objects.get(user=shared_user, status=200)
     assert str(row.session_id) == replica and row.session.owner == owner
     assert not ProxyRequest.objects.filter(user=other_user).exists()
+
+
+def test_a_replica_whose_server_stops_answering_is_replaced(
+    portal_server: str, make: Any, owner: Any, monkeypatch: Any
+) -> None:
+    """Slurm still says running, but the server is hung (SIGSTOP: a wedged GPU, a deadlock): its health checks fail,
+    three in a row replace it, and the service answers by its name again."""
+    monkeypatch.setattr(health, "CHECK_EVERY", timedelta(seconds=1))
+    monkeypatch.setattr(health, "CHECK_TIMEOUT_S", 2.0)
+    service = make(min_replicas=1, max_replicas=1)
+    (first,) = keep_up(service)
+    hung = running(first)
+    assert hung.state == State.RUNNING
+    listening = subprocess.run(["ss", "-ltnpH", f"sport = :{hung.port}"], capture_output=True, text=True, check=True)
+    pids = {int(pid) for pid in re.findall(r"pid=(\d+)", listening.stdout)}
+    assert pids, listening.stdout
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+
+        def replaced() -> bool:
+            for pk in health.check_all():
+                cancel_session.apply(args=(pk,))
+            hung.refresh_from_db()
+            return hung.is_ended and ready_count(service) == 1
+
+        beat(service, replaced, timeout_s=120)
+    finally:
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+    assert hung.state == State.CANCELLED and "stopped answering" in hung.end_reason, (hung.state, hung.end_reason)
+    token = ApiToken.issue(owner, "after")[1]
+    answered = httpx.post(f"{portal_server}/api/v1/chat/completions", json=CHAT, timeout=60,
+                          headers={"Authorization": f"Bearer {token}"})  # fmt: skip
+    assert answered.status_code == 200, answered.text

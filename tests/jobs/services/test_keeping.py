@@ -12,7 +12,7 @@ from django.utils import timezone
 
 from catalog.models import ClusterAccount
 from jobs.models import LLMSession, ModelService, ReplicaLoad, State, transition
-from jobs.services import actions, keep, scaling, timing
+from jobs.services import actions, health, keep, scaling, timing
 from tests.conftest import LAUNCH
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -126,3 +126,31 @@ def test_a_service_with_min_0_lets_its_last_replica_go_only_after_the_idle_time(
     keep.reconcile(service.pk)
     service.refresh_from_db()
     assert service.keeps == 0 and LLMSession.objects.get(pk=pk).draining_since is not None
+
+
+def test_a_replica_that_stops_answering_its_health_check_is_replaced(make: Any, monkeypatch: Any) -> None:
+    monkeypatch.setattr(health, "CHECK_EVERY", timedelta(0))  # every round checks
+    service = make(min_replicas=2, max_replicas=2)
+    first, second = keep.reconcile(service.pk).created
+    for port, pk in ((9, first), (10, second)):
+        run(pk, port)
+    LLMSession.objects.filter(service=service).update(ready_at=timezone.now() - timedelta(minutes=1))
+    hung = {first}
+    asked: list[str] = []
+
+    def answers(replica: LLMSession) -> bool:
+        asked.append(str(replica.pk))
+        return str(replica.pk) not in hung
+
+    assert health.check_all(answers) == [] and sorted(asked) == sorted([first, second])
+    assert health.check_all(answers) == []  # two failures in a row: a moment of load, a restart
+    hung.clear()
+    assert health.check_all(answers) == []  # it answered again: the count starts over
+    hung.add(first)
+    for _ in range(health.UNHEALTHY_AFTER - 1):
+        assert health.check_all(answers) == []
+    assert health.check_all(answers) == [first]  # the third in a row: given up on, for the task to scancel
+    replaced = LLMSession.objects.get(pk=first)
+    assert replaced.cancel_requested_at is not None and replaced.draining_since is not None
+    (replacement,) = keep.reconcile(service.pk).created  # and the keeper launches another
+    assert replacement not in (first, second)

@@ -51,6 +51,12 @@ def test_the_affinity_key_is_the_head_of_the_prompt() -> None:
     later_turn = affinity.key_of("chat/completions", chat("You are terse.", "hi", "and then?"))
     assert first_turn and first_turn == later_turn  # a conversation's turns share their head
     assert affinity.key_of("chat/completions", chat("You are verbose.", "hi")) != first_turn
+    # A short system prompt: the first question is part of the key, so a chat's conversations spread.
+    assert affinity.key_of("chat/completions", chat("You are terse.", "hello")) != first_turn
+    # A long one (past PREFIX_CHARS) is the key whatever is asked: a script's requests share the replica caching it.
+    long = "Follow these rules. " * 200
+    key = affinity.key_of("chat/completions", chat(long, "hi"))
+    assert key == affinity.key_of("chat/completions", chat(long, "what else?"))
     anthropic = {"system": "You are terse.", "messages": [{"role": "user", "content": "hi"}]}
     assert affinity.key_of("messages", anthropic) != affinity.key_of("messages", {**anthropic, "system": "Other."})
     assert affinity.key_of("completions", {"prompt": "x" * 3000 + "a"}) == affinity.key_of(
@@ -58,7 +64,8 @@ def test_the_affinity_key_is_the_head_of_the_prompt() -> None:
     )  # the same long preamble
     explicit = {**chat("a", "b"), "prompt_cache_key": "team-7"}
     assert affinity.key_of("chat/completions", explicit) == affinity.key_of("responses", {"prompt_cache_key": "team-7"})
-    garbage: list[Any] = [None, [], {"messages": "no"}, {"messages": []}, {"input": 5}, {"prompt": {"a": 1}}]
+    garbage: list[Any] = [None, [], {"messages": "no"}, {"messages": []}, {"input": 5}, {"prompt": {"a": 1}},
+                          {"messages": [{"no": "role"}]}, {"prompt": [1, 2, 3]}]  # fmt: skip
     for payload in garbage:
         for route in ("chat/completions", "messages", "responses", "completions", "embeddings"):
             assert affinity.key_of(route, payload) == ""
