@@ -240,6 +240,10 @@ def _group(name: str | None) -> str:
     return name or "(no group)"
 
 
+def _service(name: str | None) -> str:
+    return name or "(not a service)"
+
+
 DIMENSIONS = {
     d.name: d
     for d in (
@@ -255,6 +259,8 @@ DIMENSIONS = {
         Dimension("partition", "Partition", ("partition__name", "cluster__slug"), show=_partition),
         Dimension("gpu_type", "GPU type", ("gpu_type__name",)),
         Dimension("model", "Model", ("variant__model__name",)),
+        # A model service's replicas: whoever made the requests, the GPU-hours are the service's (its owner's).
+        Dimension("service", "Service", ("service__name",), show=_service),
     )
 }
 SESSION = Dimension("session", "Session", ("id",), show=_first)

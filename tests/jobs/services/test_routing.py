@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import threading
 from collections import Counter
+from datetime import timedelta
 from typing import Any
 
 import httpx
@@ -19,12 +20,14 @@ from catalog.models import ClusterAccount
 from jobs.models import LLMSession, ModelService, ReplicaLoad, State
 from jobs.operations import metrics
 from jobs.services import actions, affinity, keep, load, replicas
+from jobs.usage import figures
+from jobs.usage.figures import Period, Scope
 from jobs.use import targets
 from tests.asgi import Portal, bearer
 from tests.conftest import LAUNCH
 from tests.jobs.operations.conftest import parse
 from tests.jobs.services.test_services import ready
-from tests.jobs.use.upstream import ANSWER, Server, answering, token_of
+from tests.jobs.use.upstream import ANSWER, Server, answering, recorded, token_of
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -210,3 +213,24 @@ def test_each_process_publishes_its_open_requests_reads_the_others_and_metrics_s
     load.publish({})  # nothing open here any more: this process's rows go
     assert not ReplicaLoad.objects.filter(worker=load.WORKER).exists()
     load.publish({})
+
+
+def test_a_grantees_requests_are_theirs_and_the_gpu_hours_the_services(
+    account: ClusterAccount, owner: Any, shared_user: Any, lab: Any, server: Server,
+    django_capture_on_commit_callbacks: Any,
+) -> None:  # fmt: skip
+    with django_capture_on_commit_callbacks(execute=False):
+        service = actions.create(owner, "llama-lab", LAUNCH, audience="groups", groups=[lab])
+    (replica,) = ready(service, (9,))
+    LLMSession.objects.filter(pk=replica.pk).update(started_at=timezone.now() - timedelta(hours=2))
+    reply = Portal(bearer(token_of(shared_user))).post("/api/v1/chat/completions", json=chat("s", "hi"))
+    assert reply.status_code == 200
+    row = recorded(session=replica, status=200)
+    assert row.user_id == shared_user.pk  # the grantee's request, in their usage
+    period = Period.all_time()
+    by_service = {r.key: r.tally for r in figures.table(Scope(period), "service")}
+    assert by_service["llama-lab"].requests == 1 and by_service["llama-lab"].gpu_hours >= 1.9
+    theirs = {r.key: r.tally for r in figures.table(Scope(period, user_id=shared_user.pk), "service")}
+    assert theirs["llama-lab"].requests == 1 and theirs["llama-lab"].gpu_hours == 0  # the replica is not theirs
+    owners = {r.key: r.tally for r in figures.table(Scope(period, user_id=owner.pk), "service")}
+    assert owners["llama-lab"].gpu_hours >= 1.9 and owners["llama-lab"].requests == 0
