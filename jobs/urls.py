@@ -3,6 +3,9 @@ batch/views.py, services/pages.py)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
+from django.http import HttpResponseBase
 from django.urls import include, path
 
 from jobs.batch import views as batches
@@ -12,6 +15,16 @@ from jobs.use import openai_batches, proxy
 from jobs.use import views as use
 
 app_name = "jobs"
+# The chat's routes, after a session's path and a service's alike.
+CHAT: list[tuple[str, Callable[..., HttpResponseBase], str]] = [
+    ("chat/", use.chat, "chat"),
+    ("chat/new", use.new_conversation, "chat-new"),
+    ("chat/<int:conversation_id>/save", use.save_exchange, "chat-save"),
+    ("chat/<int:conversation_id>/truncate", use.truncate, "chat-truncate"),
+    ("chat/<int:conversation_id>/send", use.send_without_js, "chat-send"),
+    ("chat/<int:conversation_id>/manage", use.manage_conversation, "chat-manage"),
+    ("chat/<int:conversation_id>/export", use.export, "chat-export"),
+]
 urlpatterns = [
     path("launch/", sessions.launch_view, name="launch"),
     path("sessions/", sessions.session_list, name="sessions"),
@@ -31,13 +44,9 @@ urlpatterns = [
     path("clusters/accounts/", sessions.cluster_accounts, name="accounts"),
     path("clusters/accounts/<int:pk>/test", sessions.account_test, name="account-test"),
     path("sessions/<uuid:pk>/v1/<path:path>", proxy.session_proxy, name="session-proxy"),
-    path("sessions/<uuid:pk>/chat/", use.chat, name="chat"),
-    path("sessions/<uuid:pk>/chat/new", use.new_conversation, name="chat-new"),
-    path("sessions/<uuid:pk>/chat/<int:conversation_id>/save", use.save_exchange, name="chat-save"),
-    path("sessions/<uuid:pk>/chat/<int:conversation_id>/truncate", use.truncate, name="chat-truncate"),
-    path("sessions/<uuid:pk>/chat/<int:conversation_id>/send", use.send_without_js, name="chat-send"),
-    path("sessions/<uuid:pk>/chat/<int:conversation_id>/manage", use.manage_conversation, name="chat-manage"),
-    path("sessions/<uuid:pk>/chat/<int:conversation_id>/export", use.export, name="chat-export"),
+    *[path(f"sessions/<uuid:pk>/{route}", view, name=name) for route, view, name in CHAT],
+    path("services/<str:name>/v1/<path:path>", proxy.service_proxy, name="service-proxy"),
+    *[path(f"services/<str:name>/{route}", view, name=f"service-{name}") for route, view, name in CHAT],
     # OpenAI's Files and Batch API (use/openai_batches.py), before the proxy's catch-all.
     path("api/v1/files", openai_batches.files, name="api-files"),
     path("api/v1/files/<str:file_id>", openai_batches.file_detail, name="api-file"),

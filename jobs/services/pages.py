@@ -73,6 +73,7 @@ def _detail(request: HtmxHttpRequest, service: ModelService, form: ScaleForm | N
         "groups": sorted(service.groups.values_list("name", flat=True)),
         "manages": manages(request, service),
         "sees_all": sees_all(request.user),
+        "chats": service.may_use(request.user),  # support staff see the page, but chat only with what they may use
         "form": form or ScaleForm(instance=service),
         "polling": service.running or bool(seen.replicas),
     }

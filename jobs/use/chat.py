@@ -1,10 +1,11 @@
 """The chat's rules, apart from its pages: Markdown to safe HTML, the history sent to the model, a conversation's
-title, saving a reply with its timings and the tool calls it asked for, asking without streaming, and the export
-formats."""
+title, saving a reply with its timings and the tool calls it asked for, asking without streaming, the replica of a
+service a conversation goes to, and the export formats."""
 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -14,7 +15,10 @@ import markdown
 import nh3
 
 from jobs.cluster import backend
-from jobs.models import ChatMessage, Conversation, LLMSession, ProxyRequest
+from jobs.models import ChatMessage, Conversation, LLMSession, ModelService, ProxyRequest
+from jobs.operations import metrics
+from jobs.services import actions as service_actions
+from jobs.services import affinity, replicas, timing
 from jobs.usage.records import Meter, save
 from jobs.use import targets
 from portal import outbound
@@ -34,6 +38,7 @@ ASK_TIMEOUT_S = 600  # a long prompt on a big model can take minutes
 # misbehaving: the rest is dropped rather than stored.
 MAX_TOOL_CALLS = 64
 TOOL_NAME_CHARS = TOOL_ID_CHARS = 256
+CONVERSATION_ID = re.compile(r"[0-9]{1,18}")  # a conversation's pk as the page sends it (X-Conversation)
 
 
 def render_markdown(text: str) -> str:
@@ -222,6 +227,46 @@ def ask(
     _name_after(conversation, question)
     conversation.save()
     targets.touch(str(session.pk))
+
+
+def to_service(user_pk: int, name: str, conversation: str) -> tuple[targets.Replicas | None, str]:
+    """The service `name` for the browser chat of this user (its ready replicas; None when they may not use it, as
+    for a name that does not exist; targets.NotReady raised when none is ready) and the affinity key of the
+    conversation the page named: every turn of one conversation goes to one replica, whose server holds the
+    conversation in its prompt cache. A conversation that is not the user's own with this service is not honoured
+    (""): the request goes by its prompt, as the API's.
+
+    The service is looked up by name only: on this route a session alias of the user's spelt like the service (which
+    targets.find would take first) must not stand in for it."""
+    found = targets._by_service(targets.Holder(user_pk), name, "chat")
+    if found is None or not CONVERSATION_ID.fullmatch(conversation):
+        return found, ""
+    mine = Conversation.objects.filter(pk=int(conversation), owner_id=user_pk, service_id=found.service_pk).exists()
+    return found, affinity.conversation_key(conversation) if mine else ""
+
+
+def ask_service(
+    service: ModelService, conversation: Conversation, question: str, max_tokens: int, temperature: float,
+    user_pk: int,
+) -> str:  # fmt: skip
+    """The plain-form send to a service: ask() of the replica the conversation goes to (as the streamed send's),
+    counted in its load. Returns "" once asked, else why not: no replica is ready (the service is woken, and the
+    answer says when to try again), or the user may no longer use it."""
+    try:
+        found, key = to_service(user_pk, service.name, str(conversation.pk))
+    except targets.NotReady as waiting:
+        service_actions.wake(waiting.service_pk)
+        return f"{service.name} is starting: try again in about {timing.ready_in_s(waiting.service_pk)} s."
+    target, decision = targets.pick(found, key) if found is not None else (None, "")
+    if found is None or target is None:
+        return f"{service.name} is not available."
+    metrics.service_routed(found.service, decision)
+    replicas.begin(target.pk)
+    try:
+        ask(LLMSession.objects.get(pk=target.pk), conversation, question, max_tokens, temperature, user_pk)
+    finally:
+        replicas.end(target.pk)
+    return ""
 
 
 def export_markdown(conversation: Conversation, served_model: str) -> str:

@@ -7,9 +7,10 @@ uploads. Here, for those routes:
 1. the host is checked against ALLOWED_HOSTS;
 2. the caller is authenticated from the headers alone, in one trip to the proxy's threads: a personal API token
    (/api/v1/; `Authorization: Bearer`, or `x-api-key` as Anthropic's clients send it), or the signed-in session
-   cookie (/sessions/<uuid>/v1/). The session is looked up in the same trip: the one the browser's path names, or
-   for a token the model its previous request named (the body, which names it, is not read yet), which the view
-   uses when the body names the same, and else looks up what it names;
+   cookie (/sessions/<uuid>/v1/, /services/<name>/v1/). The session is looked up in the same trip: the one the
+   browser's path names (a service's ready replicas, and whether the conversation the chat names is the user's own
+   with it), or for a token the model its previous request named (the body, which names it, is not read yet), which
+   the view uses when the body names the same, and else looks up what it names;
 3. a token is held to PORTAL_API_REQUESTS_PER_MINUTE, and its user, all their tokens together, to
    PORTAL_API_USER_REQUESTS_PER_MINUTE (allowance.py);
 4. only then is the body read, and at most PORTAL_MAX_REQUEST_BYTES of it, whether it declared its length or is
@@ -54,7 +55,7 @@ from django.views.decorators.debug import sensitive_variables
 from catalog.runtime_rules import API_ROUTES, OPENAI
 from jobs.batch import files
 from jobs.models import token_digest
-from jobs.use import allowance, targets
+from jobs.use import allowance, chat, targets
 from jobs.use.headers import DATA_ONLY, api_error, data_only, error_body
 from portal import bodies
 
@@ -68,11 +69,14 @@ App = Callable[[Any, Any, Any], Awaitable[None]]
 
 API = re.compile(r"/api/v1/")
 BROWSER = re.compile(r"/sessions/([0-9a-fA-F-]{36})/v1/")
+SERVICE = re.compile(r"/services/([A-Za-z0-9][A-Za-z0-9_.-]{0,62})/v1/")  # the browser's chat with a service
 BODY = "portal.body"  # the request body, read here (empty for an UPLOAD)
 UPLOAD = "portal.upload"  # an upload to the Files API, read here into a temporary file (binary, at its start)
 HOLDER = "portal.holder"  # the API token's holder (targets.Holder), looked up here
 USER = "portal.user"  # the signed-in user's pk (the browser's route), looked up here
 TARGET = "portal.target"  # (the key looked up, what targets.find found: Target, Replicas, None, Ambiguous or NotReady)
+AFFINITY = "portal.affinity"  # a service's browser chat: its conversation's affinity key, "" when none is honoured
+CONVERSATION = "x-conversation"  # the header in which the chat page names its conversation
 TOKEN = "portal.token"  # the API token's digest, under which the model it names is remembered (remember())
 REMEMBERED = 10_000  # tokens whose last model is kept; past that the memory starts over
 FILES = "/api/v1/files"  # OpenAI's Files API: uploads up to PORTAL_BATCH_MAX_BYTES
@@ -87,7 +91,7 @@ def served_here(view: V) -> V:
 
 
 def guards(path: str) -> bool:
-    return bool(API.match(path) or BROWSER.match(path))
+    return bool(API.match(path) or BROWSER.match(path) or SERVICE.match(path))
 
 
 def admitted(request: HttpRequest) -> Mapping[str, Any] | None:
@@ -135,14 +139,21 @@ async def guard(app: App, scope: Scope, receive: Receive, send: Send) -> None:
         extra[HOLDER], extra[TOKEN] = holder, digest
         if guess is not None:
             extra[TARGET] = guess, found
-    else:
-        browser = BROWSER.match(scope["path"])
-        assert browser is not None
+    elif browser := BROWSER.match(scope["path"]):
         signed_in = await targets.run(_browser_door, headers.get("cookie", ""), browser[1])
         if signed_in is None:
             await _reply(send, api, 401, "sign in first", "authentication_error")
             return
         extra[USER], extra[TARGET] = signed_in[0], (browser[1], signed_in[1])
+    else:
+        service = SERVICE.match(scope["path"])
+        assert service is not None
+        to_service = await targets.run(_service_door, headers.get("cookie", ""), service[1],
+                                       headers.get(CONVERSATION, ""))  # fmt: skip
+        if to_service is None:
+            await _reply(send, api, 401, "sign in first", "authentication_error")
+            return
+        extra[USER], extra[TARGET], extra[AFFINITY] = to_service[0], (service[1], to_service[1]), to_service[2]
     uploading = HOLDER in extra and scope["path"] == FILES and scope["method"] == "POST"
     limit, refusal = settings.PORTAL_MAX_REQUEST_BYTES, ""
     if uploading:  # only once the caller is known: a token that is not valid never sends a large body
@@ -263,7 +274,7 @@ def _host_allowed(host: str) -> bool:
 def api_of(path: str) -> str:
     """The API whose shape a route's answers take (OpenAI's, or Anthropic's for the Messages routes), from its path
     alone: the door answers before anything else is known."""
-    prefix = API.match(path) or BROWSER.match(path)
+    prefix = API.match(path) or BROWSER.match(path) or SERVICE.match(path)
     route = API_ROUTES.get(path[prefix.end() :].strip("/")) if prefix else None
     return route.api if route else OPENAI
 
@@ -314,6 +325,21 @@ def _browser_door(cookie: str, session_pk: str) -> tuple[int, targets.Target | t
         return user_pk, targets.target(targets.Holder(user_pk), session_pk, "chat")
     except targets.Ambiguous as exc:  # not for a uuid; the view answers it as it would have
         return user_pk, exc
+
+
+@sensitive_variables("cookie")
+def _service_door(
+    cookie: str, name: str, conversation: str
+) -> tuple[int, targets.Replicas | targets.NotReady | None, str] | None:
+    """The signed-in user, the service the path names as the chat finds it for them (None: not theirs to use), and
+    their conversation's affinity key (chat.to_service); None when nobody is signed in."""
+    user_pk = bodies.signed_in(cookie)
+    if user_pk is None:
+        return None
+    try:
+        return user_pk, *chat.to_service(user_pk, name, conversation)
+    except targets.NotReady as exc:  # the view wakes the service, and holds the request or answers 503
+        return user_pk, exc, ""
 
 
 class _Csrf(CsrfViewMiddleware):

@@ -30,9 +30,9 @@ from jobs.services import actions as service_actions
 from jobs.services import affinity, replicas, timing
 from jobs.sessions.access import shared_with
 from jobs.usage.records import Meter, save
+from jobs.use import chat, targets
 from jobs.use import relay as relay_module
-from jobs.use import targets
-from jobs.use.guard import BODY, HOLDER, TARGET, USER, admitted, refused, remember, served_here
+from jobs.use.guard import AFFINITY, BODY, HOLDER, TARGET, USER, admitted, refused, remember, served_here
 from jobs.use.headers import RELAYED_TYPES, api_error, data_only, error_body, openai_error
 from jobs.use.targets import Target
 from portal import outbound
@@ -298,6 +298,43 @@ async def session_proxy(request: HttpRequest, door: Mapping[str, Any], pk: Any, 
     return await _forward(request, target, route, body, meter)
 
 
+@served_here
+@_at_the_door
+@sensitive_variables("door")
+async def service_proxy(request: HttpRequest, door: Mapping[str, Any], name: str, path: str) -> HttpResponseBase:
+    """The browser's route to a service: /services/<name>/v1/<path>, signed in with the session cookie (CSRF applies),
+    for those who may use it. The door looked up its ready replicas and the affinity key of the conversation the page
+    named (X-Conversation); the request goes to that conversation's replica, with a failover to another as the API's,
+    and a service with no replica ready is woken and answered 503 with Retry-After, which the page turns into "try
+    again in N s". Its use is the chatting user's, on the replica that answered."""
+    route = _route(request, path)
+    if isinstance(route, JsonResponse):
+        return route
+    api, body = route.api, door[BODY]
+    user_pk, (_, found), key = door[USER], door[TARGET], door[AFFINITY]
+    if isinstance(found, targets.NotReady):
+        waiting = functools.partial(chat.to_service, user_pk, name, request.headers.get("x-conversation", ""))
+        held = await _not_ready(api, found, waiting)
+        if isinstance(held, JsonResponse):
+            return held
+        found, key = held
+    if not isinstance(found, targets.Replicas):
+        return api_error(api, 404, "no such service", "invalid_request_error")
+    try:
+        payload = json.loads(body) if body else None
+    except json.JSONDecodeError:
+        return api_error(api, 400, "the request body is not JSON", "invalid_request_error")
+    # No conversation of the user's named: routed by the prompt's head, as the API routes it.
+    target = _replica_for(found, key or affinity.key_of(route.name, payload))
+    if target is None:
+        return api_error(api, 404, "no such service", "invalid_request_error")
+
+    def meter_of(replica: Target, sent: bytes) -> Meter:
+        return Meter(replica.pk, user_pk, "chat", route.name, bytes_in=len(sent), tokens=route.tokens)
+
+    return await _forward_or_fail_over(request, found, target, route, payload, meter_of)
+
+
 def _running_models(user_pk: int) -> list[dict[str, Any]]:
     """Every name a script can use as the model now, each with the session it names (targets.target's rules): each
     running session by its alias (else its uuid), then each model by its catalog name, NAME:QUANT always and NAME
@@ -376,7 +413,7 @@ async def api_proxy(request: HttpRequest, door: Mapping[str, Any], path: str) ->
                          "NAME:QUANT) that one of your sessions runs; GET /api/v1/models lists them",
                          "invalid_request_error")  # fmt: skip
     replicas_of = found if isinstance(found, targets.Replicas) else None
-    target = _replica_for(replicas_of, route, payload) if replicas_of is not None else found
+    target = _replica_for(replicas_of, affinity.key_of(route.name, payload)) if replicas_of is not None else found
     if target is None:
         return api_error(api, 404, f"no running session of yours answers to {model!r}; GET /api/v1/models lists "
                          "the names you can use", "invalid_request_error", "model_not_found")  # fmt: skip
@@ -391,10 +428,11 @@ def _found_named(holder: targets.Holder, model: Any) -> Target | targets.Replica
     return targets.find(holder, model) if isinstance(model, str) and model else None
 
 
-def _replica_for(replicas_of: targets.Replicas, route: ApiRoute, payload: Any) -> Target | None:
-    """The replica of a service that takes this request: by its affinity key (the prompt's head), else the least
-    loaded (replicas.choose); the decision is counted in /metrics."""
-    target, decision = targets.pick(replicas_of, affinity.key_of(route.name, payload))
+def _replica_for(replicas_of: targets.Replicas, key: str) -> Target | None:
+    """The replica of a service that takes this request: by its affinity key (the API's: the prompt's head; the
+    browser chat's: its conversation), else the least loaded (replicas.choose); the decision is counted in
+    /metrics."""
+    target, decision = targets.pick(replicas_of, key)
     if target is not None:
         metrics.service_routed(replicas_of.service, decision)
         _note_use(target)

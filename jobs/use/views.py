@@ -1,9 +1,11 @@
-"""The pages for using a running model: the chat of a session (conversations, a no-JavaScript send, export) and the
-personal API tokens scripts use. The chat's rules live in chat.py; the streaming itself goes through proxy.py."""
+"""The pages for using a running model: the chat of a session or of a model service (conversations, a no-JavaScript
+send, export) and the personal API tokens scripts use. The chat's rules live in chat.py; the streaming itself goes
+through proxy.py."""
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from typing import Any
 from uuid import UUID
 
@@ -17,31 +19,89 @@ from django.utils import timezone
 from django.views.decorators.debug import sensitive_variables
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
-from jobs.models import ApiToken, Conversation, LLMSession
+from jobs.models import ApiToken, Conversation, LLMSession, ModelService
+from jobs.services import overview
 from jobs.sessions.access import get_session_to_chat
 from jobs.use import chat as rules
 from portal.bodies import takes_uploads
 from portal.htmx import HtmxHttpRequest, render_page
 
 
-def _chat_of(request: HtmxHttpRequest, pk: UUID) -> tuple[LLMSession, QuerySet[Conversation]]:
-    """The session, if the user may chat with it, and the conversations on it they see: their own (the owner does
-    not see those of the people the session is shared with, nor they the owner's), or all of them for support."""
+@dataclass(frozen=True)
+class Place:
+    """What a chat is with: a session (/sessions/<uuid>/chat/...) or a model service by its name
+    (/services/<name>/chat/...), and the conversations on it the user sees. The pages, the rules and the script are
+    the same for both; only their URLs and the proxy route they stream through differ."""
+
+    session: LLMSession | None
+    service: ModelService | None
+    conversations: QuerySet[Conversation]
+
+    @property
+    def serving(self) -> bool:
+        """Whether it takes new questions: a running session, or a service not stopped (with a replica ready or not:
+        the proxy wakes it, and the page says when to try again)."""
+        return self.service.running if self.service is not None else bool(self.session and self.session.serving)
+
+    @property
+    def model(self) -> str:
+        """The model as the page names it in requests (the proxy sends the server's own name on)."""
+        if self.service is not None:
+            return self.service.name
+        assert self.session is not None
+        return self.session.served_model_name
+
+    def url(self, name: str, *more: Any) -> str:
+        """One of the chat's routes by its name for a session's (chat, chat-new, chat-save, ...; proxy: the browser's
+        proxy route), each a service's of the same name after `service-`."""
+        if self.service is not None:
+            return reverse(f"jobs:service-{name}", args=[self.service.name, *more])
+        assert self.session is not None
+        return reverse("jobs:session-proxy" if name == "proxy" else f"jobs:{name}", args=[self.session.pk, *more])
+
+    def urls(self, conversation: Conversation | None) -> dict[str, str]:
+        """Every route the page links or posts to, by the name the template uses."""
+        urls = {"new": self.url("chat-new"), "api": self.url("proxy", "chat/completions")}
+        if conversation is not None:
+            urls.update({name: self.url(f"chat-{name}", conversation.pk)
+                         for name in ("save", "truncate", "send", "manage", "export")})  # fmt: skip
+        return urls
+
+    def create(self, owner: Any, system_prompt: str) -> Conversation:
+        return Conversation.objects.create(
+            session=self.session, service=self.service, owner=owner, system_prompt=system_prompt
+        )
+
+
+def _chat_of(request: HtmxHttpRequest, pk: UUID | None, name: str | None) -> Place:
+    """The session or service, if the user may chat with it, and the conversations on it they see.
+
+    A session's: their own (the owner does not see those of the people the session is shared with, nor they the
+    owner's), or all of them for support staff. A service's: those who may use it (ModelService.may_use, the proxy's
+    rule), each their own only; support staff who may not use it get 404 here, as from its proxy route."""
+    if name is not None:
+        service = ModelService.objects.usable_by(request.user).filter(name=name).select_related("owner").first()
+        if service is None:
+            raise Http404("no such service")
+        return Place(None, service, service.conversations.filter(owner_id=request.user.pk))
+    assert pk is not None
     session, sees_every = get_session_to_chat(request, pk)
     conversations = session.conversations.all()
-    return session, conversations if sees_every else conversations.filter(owner_id=request.user.pk)
+    return Place(session, None, conversations if sees_every else conversations.filter(owner_id=request.user.pk))
 
 
-def _conversation(request: HtmxHttpRequest, pk: UUID, conversation_id: int) -> tuple[LLMSession, Conversation]:
-    session, conversations = _chat_of(request, pk)
-    conversation = conversations.filter(pk=conversation_id).first()
+def _conversation(
+    request: HtmxHttpRequest, pk: UUID | None, name: str | None, conversation_id: int
+) -> tuple[Place, Conversation]:
+    place = _chat_of(request, pk, name)
+    conversation = place.conversations.filter(pk=conversation_id).first()
     if conversation is None:
         raise Http404("no such conversation")
-    return session, conversation
+    return place, conversation
 
 
-def _chat_url(session: LLMSession, conversation: Conversation | None = None) -> str:
-    url = reverse("jobs:chat", args=[session.pk])
+def _chat_url(place: Place, conversation: Conversation | None = None) -> str:
+    url = place.url("chat")
     return f"{url}?c={conversation.pk}" if conversation else url
 
 
@@ -52,38 +112,46 @@ def _number(value: Any, default: float, low: float, high: float) -> float:
         return default
 
 
+# Each chat view serves a session's chat (pk, from /sessions/<uuid>/chat/...) and a service's (name, from
+# /services/<name>/chat/...): one set of views, rules and templates for both.
+
+
 @login_required
 @require_GET
-def chat(request: HtmxHttpRequest, pk: UUID) -> HttpResponse:
-    session, mine = _chat_of(request, pk)
-    conversations = list(mine)
+def chat(request: HtmxHttpRequest, pk: UUID | None = None, name: str | None = None) -> HttpResponse:
+    place = _chat_of(request, pk, name)
+    conversations = list(place.conversations)
     current = next((c for c in conversations if str(c.pk) == request.GET.get("c")), None) or (
         conversations[0] if conversations else None
     )
     history = [rules.shown(m) for m in current.messages.all()] if current else []
-    context = {"s": session, "conversations": conversations, "current": current, "history": history}
+    context = {
+        "place": place, "s": place.session, "service": place.service, "conversations": conversations,
+        "current": current, "history": history, "urls": place.urls(current),
+        "launch": overview.launch_of(place.service) if place.service is not None else {},
+    }  # fmt: skip
     return render_page(request, "jobs/chat.html", context)
 
 
 @login_required
 @require_POST
-def new_conversation(request: HtmxHttpRequest, pk: UUID) -> HttpResponse:
-    session, _ = _chat_of(request, pk)
-    conversation = Conversation.objects.create(
-        session=session, owner=request.user, system_prompt=request.POST.get("system_prompt", "")
-    )
+def new_conversation(request: HtmxHttpRequest, pk: UUID | None = None, name: str | None = None) -> HttpResponse:
+    place = _chat_of(request, pk, name)
+    conversation = place.create(request.user, request.POST.get("system_prompt", ""))
     if request.headers.get("accept", "").startswith("application/json"):
-        return JsonResponse({"id": conversation.pk, "url": _chat_url(session, conversation)})
-    return HttpResponseRedirect(_chat_url(session, conversation))
+        return JsonResponse({"id": conversation.pk, "url": _chat_url(place, conversation)})
+    return HttpResponseRedirect(_chat_url(place, conversation))
 
 
 @takes_uploads("PORTAL_MAX_REQUEST_BYTES")  # the question may be as long as the proxy took it (portal/bodies.py)
 @login_required
 @require_POST
-def save_exchange(request: HtmxHttpRequest, pk: UUID, conversation_id: int) -> JsonResponse:
+def save_exchange(
+    request: HtmxHttpRequest, conversation_id: int, pk: UUID | None = None, name: str | None = None
+) -> JsonResponse:
     """After the browser streamed a reply: store the question and the answer with its timings and tool calls; return
     safe HTML."""
-    _, conversation = _conversation(request, pk, conversation_id)
+    _, conversation = _conversation(request, pk, name, conversation_id)
     try:
         data = json.loads(request.body)
         question, reply = str(data["user"]), str(data["assistant"])
@@ -101,9 +169,11 @@ def save_exchange(request: HtmxHttpRequest, pk: UUID, conversation_id: int) -> J
 
 @login_required
 @require_POST
-def truncate(request: HtmxHttpRequest, pk: UUID, conversation_id: int) -> JsonResponse:
+def truncate(
+    request: HtmxHttpRequest, conversation_id: int, pk: UUID | None = None, name: str | None = None
+) -> JsonResponse:
     """Regenerate / edit-and-resend: forget the messages from this one on."""
-    _, conversation = _conversation(request, pk, conversation_id)
+    _, conversation = _conversation(request, pk, name, conversation_id)
     try:
         first = int(request.POST.get("from", ""))
     except ValueError:
@@ -116,44 +186,57 @@ def truncate(request: HtmxHttpRequest, pk: UUID, conversation_id: int) -> JsonRe
 
 @login_required
 @require_POST
-def send_without_js(request: HtmxHttpRequest, pk: UUID, conversation_id: int) -> HttpResponse:
-    """The plain-form send: ask the model without streaming, store both messages, show the page again."""
-    session, conversation = _conversation(request, pk, conversation_id)
+def send_without_js(
+    request: HtmxHttpRequest, conversation_id: int, pk: UUID | None = None, name: str | None = None
+) -> HttpResponse:
+    """The plain-form send: ask the model without streaming, store both messages, show the page again. A service
+    with no replica ready says when to try again instead."""
+    place, conversation = _conversation(request, pk, name, conversation_id)
     text = (request.POST.get("message") or "").strip()
-    if text and session.serving:
+    if text and place.serving:
         max_tokens = int(_number(request.POST.get("max_tokens"), 512, 1, 32768))
         temperature = _number(request.POST.get("temperature"), 0.7, 0, 2)
-        rules.ask(session, conversation, text, max_tokens, temperature, request.user.pk)
-    return HttpResponseRedirect(_chat_url(session, conversation))
+        if place.service is not None:
+            why_not = rules.ask_service(place.service, conversation, text, max_tokens, temperature, request.user.pk)
+            if why_not:
+                messages.warning(request, why_not)
+        else:
+            assert place.session is not None
+            rules.ask(place.session, conversation, text, max_tokens, temperature, request.user.pk)
+    return HttpResponseRedirect(_chat_url(place, conversation))
 
 
 @login_required
 @require_POST
-def manage_conversation(request: HtmxHttpRequest, pk: UUID, conversation_id: int) -> HttpResponse:
-    session, conversation = _conversation(request, pk, conversation_id)
+def manage_conversation(
+    request: HtmxHttpRequest, conversation_id: int, pk: UUID | None = None, name: str | None = None
+) -> HttpResponse:
+    place, conversation = _conversation(request, pk, name, conversation_id)
     if "delete" in request.POST:
         conversation.delete()
-        return HttpResponseRedirect(_chat_url(session))
+        return HttpResponseRedirect(_chat_url(place))
     title = (request.POST.get("title") or "").strip()[:200]
     if title:
         conversation.title = title
         conversation.save(update_fields=["title", "updated_at"])
-    return HttpResponseRedirect(_chat_url(session, conversation))
+    return HttpResponseRedirect(_chat_url(place, conversation))
 
 
 @login_required
 @require_GET
-def export(request: HtmxHttpRequest, pk: UUID, conversation_id: int) -> HttpResponse:
-    session, conversation = _conversation(request, pk, conversation_id)
-    name = f"chat-{conversation.pk}"
+def export(
+    request: HtmxHttpRequest, conversation_id: int, pk: UUID | None = None, name: str | None = None
+) -> HttpResponse:
+    place, conversation = _conversation(request, pk, name, conversation_id)
+    filename = f"chat-{conversation.pk}"
     if request.GET.get("format") == "md":
-        text = rules.export_markdown(conversation, session.served_model_name)
+        text = rules.export_markdown(conversation, place.model)
         response = HttpResponse(text, content_type="text/markdown; charset=utf-8")
-        response["Content-Disposition"] = f'attachment; filename="{name}.md"'
+        response["Content-Disposition"] = f'attachment; filename="{filename}.md"'
         return response
-    data = rules.export_json(conversation, session.served_model_name)
+    data = rules.export_json(conversation, place.model)
     response = JsonResponse(data, json_dumps_params={"indent": 2})
-    response["Content-Disposition"] = f'attachment; filename="{name}.json"'
+    response["Content-Disposition"] = f'attachment; filename="{filename}.json"'
     return response
 
 

@@ -10,6 +10,7 @@
   var send = document.getElementById("send"), stop = document.getElementById("stop");
   var regenerate = document.getElementById("regenerate"), edit = document.getElementById("edit");
   var csrf = form.querySelector("input[name=csrfmiddlewaretoken]").value;
+  var notice = document.getElementById("chat-notice");
   var controller = null;
   var MAX_TOOL_CALLS = 64;  // as many as the server keeps (jobs/use/chat.py)
 
@@ -121,11 +122,13 @@
     var body = reply.querySelector(".body");
     var text = "", calls = [], started = performance.now(), first = null, usage = null;
     controller = new AbortController();
+    notice.hidden = true;
     busy(true);
     try {
       var response = await fetch(form.dataset.api, {
         method: "POST", signal: controller.signal,
-        headers: { "Content-Type": "application/json", "X-CSRFToken": csrf },
+        // The conversation: a service's route sends each of its turns to the same replica (its prompt cache).
+        headers: { "Content-Type": "application/json", "X-CSRFToken": csrf, "X-Conversation": form.dataset.conversation },
         body: JSON.stringify({
           model: form.dataset.model, messages: messages, stream: true, stream_options: { include_usage: true },
           temperature: parseFloat(document.getElementById("id_temperature").value),
@@ -133,6 +136,8 @@
           max_tokens: parseInt(document.getElementById("id_max_tokens").value, 10),
         }),
       });
+      var wait = response.status === 503 ? parseInt(response.headers.get("Retry-After") || "", 10) : NaN;
+      if (wait > 0) { starting(userText, reply, wait); return; }
       if (!response.ok) { var err = await response.json(); throw new Error(err.error ? err.error.message : response.statusText); }
       var reader = response.body.getReader(), decoder = new TextDecoder(), buffer = "";
       for (;;) {
@@ -184,6 +189,17 @@
         (stats.tokens_per_s ? stats.tokens_per_s.toFixed(1) + " tokens/s · " : "") + (stats.completion_tokens || 0) + " tokens";
       reply.appendChild(line);
     }
+    controller = null;
+    busy(false);
+  }
+
+  // A service with no replica ready yet (503 with Retry-After): nothing was asked, so nothing is kept; the question
+  // goes back into the box and the page says when to send it again.
+  function starting(userText, reply, wait) {
+    reply.remove();
+    if (userText) { list.lastElementChild.remove(); input.value = userText; }
+    notice.textContent = "The model is starting: try again in about " + wait + " s.";
+    notice.hidden = false;
     controller = null;
     busy(false);
   }

@@ -6,7 +6,8 @@ staff without the support permission, and support staff.
 The routes come from the URL configuration: a route that is not in the matrix fails
 test_every_route_that_names_something_or_serves_the_api_is_in_the_matrix until its row says who reaches it. Pages
 are asked through Django's test client; the door's routes (jobs/use/guard.py: /api/v1/ and /sessions/<uuid>/v1/)
-through the ASGI application as uvicorn serves it (tests/asgi.py), which needs committed rows."""
+through the ASGI application as uvicorn serves it (tests/asgi.py), which needs committed rows. The browser's routes
+to /sessions/<uuid>/v1/ and /services/<name>/v1/ are the door's too."""
 
 from __future__ import annotations
 
@@ -47,6 +48,10 @@ GRANTEE = "alan"  # one user, under a grant of each kind in turn (chat_grant, ap
 OWNER = frozenset({"owner"})
 OWNER_AND_SUPPORT = frozenset({"owner", "support_user"})
 CHATTERS = frozenset({"owner", "support_user", "chat_grant"})
+# The lab's members: the owner and alan, whatever his grants of the session. Support staff see the service's page but
+# chat only with what they may use, as its proxy route lets them.
+MEMBERS = frozenset({"owner", "chat_grant", "api_grant", "expired", "revoked"})
+ALAN = MEMBERS - OWNER
 
 # Who reaches each page that names something, by route name. Those a session is shared with reach its chat, never
 # its page, log, grants, batch runs or controls; support staff reach what the owner does, but share nothing on.
@@ -71,11 +76,17 @@ PAGES: dict[str, frozenset[str]] = {
     "service": frozenset({"owner", "support_user", "chat_grant", "api_grant", "expired", "revoked"}),
     "service-scale": OWNER,
     "service-stop": OWNER,
+    "service-chat": MEMBERS,
+    "service-chat-new": MEMBERS,
 }
 # A conversation's routes: who reaches the owner's conversation, and who the grantee's own (never the owner).
 CONVERSATIONS: dict[str, tuple[frozenset[str], frozenset[str]]] = {
     name: (OWNER_AND_SUPPORT, frozenset({"chat_grant", "support_user"}))
     for name in ("chat-save", "chat-truncate", "chat-send", "chat-manage", "chat-export")
+}
+# A conversation with the service: its owner's alone, whoever else may use the service (support staff included).
+SERVICE_CONVERSATIONS: dict[str, tuple[frozenset[str], frozenset[str]]] = {
+    f"service-{name}": (OWNER, ALAN) for name in CONVERSATIONS
 }
 # Asked last, in this order, since they change what the others see (delete refuses a running session).
 ACTS = ["unshare", "delete", "batch-stop", "cancel", "service-stop"]
@@ -119,6 +130,9 @@ DOOR = [
           model="ada/lab-model") for name in OTHER_ROUTES],
     Ask("session-proxy", "the browser's messages to the session", CHATTERS, "POST",
         "/sessions/{session}/v1/messages", browser=True),
+    # The lab's service, which has no replica ready: its members are answered 503 with Retry-After, the rest 404.
+    Ask("service-proxy", "the browser's chat with the service", MEMBERS, "POST",
+        f"/services/{SERVICE}/v1/chat/completions", browser=True),
     Ask("api-files", "the files list holding the owner's file", OWNER, "GET", "/api/v1/files", listed=("id", "{file}")),
     Ask("api-file", "the owner's file", OWNER, "GET", "/api/v1/files/{file}"),
     Ask("api-file", "the owner's batch's output file", OWNER, "GET", "/api/v1/files/file-output-{run}"),
@@ -158,7 +172,7 @@ def routes() -> dict[str, str]:
 
 def test_every_route_that_names_something_or_serves_the_api_is_in_the_matrix() -> None:
     found = routes()
-    assert set(found) == set(PAGES) | set(CONVERSATIONS) | {ask.route for ask in DOOR}, (
+    assert set(found) == set(PAGES) | set(CONVERSATIONS) | set(SERVICE_CONVERSATIONS) | {ask.route for ask in DOOR}, (
         "add each new route to the matrix with who may reach it"
     )
     for name, pattern in found.items():
@@ -176,6 +190,8 @@ class World:
     owners_chat: Conversation
     members_chat: Conversation
     file: BatchFile
+    owners_service_chat: Conversation
+    members_service_chat: Conversation
 
     def names(self) -> dict[str, str]:
         return {"session": str(self.session.pk), "run": self.run.pk.hex, "file": f"file-{self.file.pk.hex}"}
@@ -213,7 +229,7 @@ def world(
     assert form.checked is not None
     with django_capture_on_commit_callbacks(execute=False):
         session = actions.launch(owner, {**LAUNCH, "purpose": "batch"}, batch=form.checked)
-        services.create(owner, SERVICE, LAUNCH, audience="groups", groups=owner.groups.all())
+        service = services.create(owner, SERVICE, LAUNCH, audience="groups", groups=owner.groups.all())
     transition(session.pk, State.RUNNING, cause="test", host="127.0.0.1", port=closed_port(), alias="lab-model")
     upload = own_file(owner, "ada/lab-model")
     BatchRun.objects.filter(session=session).update(input_file=upload)
@@ -230,6 +246,8 @@ def world(
         owners_chat=Conversation.objects.create(session=session, owner=owner),
         members_chat=Conversation.objects.create(session=session, owner=shared_user),
         file=upload,
+        owners_service_chat=Conversation.objects.create(service=service, owner=owner),
+        members_service_chat=Conversation.objects.create(service=service, owner=shared_user),
     )
 
 
@@ -295,13 +313,18 @@ def test_each_role_reaches_exactly_the_pages_it_may(
                       role in owners))  # fmt: skip
         asked.append((f"{name} (the grantee's conversation)", page_url(found[name], world, world.members_chat),
                       role in members))  # fmt: skip
+    for name, (owners, members) in SERVICE_CONVERSATIONS.items():
+        asked.append((f"{name} (the owner's conversation)", page_url(found[name], world, world.owners_service_chat),
+                      role in owners))  # fmt: skip
+        asked.append((f"{name} (alan's conversation)", page_url(found[name], world, world.members_service_chat),
+                      role in members))  # fmt: skip
     asked.sort(key=lambda a: ACTS.index(a[0]) if a[0] in ACTS else -1)  # stable: the others keep their order
     wrong = [f"{what} {url}: {'refused' if may else 'reached'}" for what, url, may in asked
              if page_reached(client, url) != may]  # fmt: skip
     assert not wrong, "\n".join(wrong)
     if role not in OWNER_AND_SUPPORT:  # nothing changed by those who may not
         assert LLMSession.objects.get(pk=world.session.pk).state == State.RUNNING
-        assert SessionShare.objects.count() == 1 and Conversation.objects.filter(owner=world.session.owner).count() == 1
+        assert SessionShare.objects.count() == 1 and Conversation.objects.filter(owner=world.session.owner).count() == 2
 
 
 def door_reached(reply: httpx.Response, listed: tuple[str, str]) -> bool:
