@@ -1,7 +1,8 @@
-"""A model service's routing (issue 28) against two real llama-servers: affinity against round robin, and what the
-router itself adds to the first token. A benchmark, not a test.
+"""A model service's routing (issue 28) against two real llama-servers: affinity against round robin, what the
+router itself adds to the first token, and a rollover under a steady client. A benchmark, not a test.
 
     .venv/bin/python bench/services.py [--conversations 8] [--turns 6] [--slots 3] [--rounds 2] [--requests 400]
+        [--rollover-rate 5] [--rollover-seconds 30] [--rollover-at 10] [--phases 1,2,3]
 
 Two llama-servers (scripts/build-llama-cpp) on loopback are the replicas of a service, each with its prompt cache
 (`cache_prompt`, llama-server's default) in `--slots` slots of its own and no host-memory cache (`--cache-ram 0`),
@@ -26,6 +27,17 @@ real model does on a GPU) and reading it from the cache tens.
 2. The router's own cost: time to first token through a service of two replicas against the same server named by a
    session's alias, request by request in turn (bench/proxy.py's `measure`). Both replicas name that one server, so
    what differs is the lookup and the choice alone. Target: the service's p50 within 0.3 ms of the alias's.
+3. A rollover under a steady client: `--rollover-rate` streaming requests a second (open loop: each sent on time
+   whatever the others do) to a service of one replica on the first server, for `--rollover-seconds`. Beside it, in a
+   process of its own, the keeper's own round (jobs/services/keep.py's `reconcile`, every second rather than every
+   PORTAL_POLL_INTERVAL_S) on that service, its replica's walltime set to end `--rollover-at` seconds plus the lead
+   time (timing.lead) after the start: so the keeper launches the successor (`_roll_over`), hands over once it is
+   ready (`_hand_over`: the old replica drains) and has the old one cancelled once no portal process has published a
+   request open on it (`_drain_done`, by load.site_inflight). What Slurm and the cancel task do is played by the bench:
+   the successor's job runs (RUNNING, the second server's address and key), and the cancelled replica's server is
+   terminated and its row CANCELLED with no host. Printed: when each step happened, requests sent and failed (a
+   status other than 200, or a stream that ends without [DONE]; target 0), which server answered, and time to first
+   token p50 and worst overall, before the handover, within 5 s either side of it and after.
 """
 
 from __future__ import annotations
@@ -64,6 +76,10 @@ from bench.proxy import (  # noqa: E402
 TARGET_AFFINITY_RATIO = 0.5  # affinity's TTFT p50 against round robin's, at most
 TARGET_ROUTER_MS = 0.3  # a service's TTFT p50 beyond a single session's, at most
 SERVICE, SAME = "bench-lab", "bench-same"  # the services: two servers; two replicas naming one server
+ROLL = "bench-roll"  # the service rolled over: one replica, then its successor on the other server
+# The services' launch (the launch form's fields), as the keeper launches a successor from it: the session rows'.
+ROLL_LAUNCH = {"cluster": "local", "partition": "gpu", "gpu": "a100-80g", "gpus": 1, "model": "tiny-llama",
+               "quant": "F16", "runtime": "llama.cpp", "context": 1024, "walltime": 60}  # fmt: skip
 REPLICAS = ("replica-a", "replica-b")  # the servers' aliases (-a), which their answers name as `model`
 TOPICS = (  # what the system prompts and questions are made of
     "cluster node partition walltime queue scheduler allocation account budget quota storage scratch project "
@@ -95,17 +111,21 @@ def start_llama(model: Path, alias: str, port: int, key: str, slots: int) -> sub
 
 
 def add_services(keys: dict[str, str]) -> None:
-    """SERVICE, whose replicas are the sessions of the two servers, and SAME, whose two replicas both name the first
-    server; replicas are copies of those sessions (their key and address), with fixed uuids so that the ring, and so
-    which replica each conversation goes to, is the same in every run."""
-    names = {SERVICE: [keys[REPLICAS[0] + ":pk"], keys[REPLICAS[1] + ":pk"]], SAME: [keys[REPLICAS[0] + ":pk"]] * 2}
+    """SERVICE, whose replicas are the sessions of the two servers, SAME, whose two replicas both name the first
+    server, and ROLL, whose one replica names the first server (its successor, the second, comes in the rollover);
+    replicas are copies of those sessions (their key and address), with fixed uuids so that the ring, and so which
+    replica each conversation goes to, is the same in every run. Each keeps as many replicas as it has, launched from
+    ROLL_LAUNCH (only the rollover's keeper launches one)."""
+    first, second = keys[REPLICAS[0] + ":pk"], keys[REPLICAS[1] + ":pk"]
+    names = {SERVICE: [first, second], SAME: [first] * 2, ROLL: [first]}
     script = f"""
 import django, uuid; django.setup()
 from django.contrib.auth import get_user_model
 from jobs.models import LLMSession, ModelService
 owner = get_user_model().objects.get(username="bench")
 for name, sessions in {names!r}.items():
-    service = ModelService.objects.create(name=name, owner=owner, launch={{}}, min_replicas=2, max_replicas=2)
+    service = ModelService.objects.create(name=name, owner=owner, launch={ROLL_LAUNCH!r}, min_replicas=len(sessions),
+                                          max_replicas=len(sessions))
     for i, pk in enumerate(sessions):
         replica = LLMSession.objects.get(pk=pk)
         replica.pk = uuid.uuid5(uuid.NAMESPACE_URL, f"bench/{{name}}/{{i}}")
@@ -273,7 +293,12 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=400, help="requests per path, the router's cost")
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--width", type=int, default=256)
+    parser.add_argument("--rollover-rate", type=float, default=5.0, help="requests/s, the rollover's client")
+    parser.add_argument("--rollover-seconds", type=float, default=30.0, help="how long the client sends")
+    parser.add_argument("--rollover-at", type=float, default=10.0, help="seconds in: the successor is launched")
+    parser.add_argument("--phases", default="1,2,3", help="which to run: 1 affinity, 2 router's cost, 3 rollover")
     args = parser.parse_args()
+    phases = {int(p) for p in args.phases.split(",")}
     if not (LLAMA_BIN / "llama-server").exists():
         raise SystemExit(f"llama-server is not built ({LLAMA_BIN}): run scripts/build-llama-cpp first")
     portal_cpus = split_cpus()
@@ -288,20 +313,29 @@ def main() -> None:
     try:
         for name in ("portal", "round-robin"):
             wait_up(here(ports[name], "/healthz"))
-        modes = {"affinity": ports["portal"], "round robin": ports["round-robin"]}
-        phases = {mode: Phase() for mode in modes}
-        for round_ in range(args.rounds):
-            for mode in list(modes) if round_ % 2 == 0 else reversed(list(modes)):
-                url = here(modes[mode], "/api/v1/chat/completions")
-                run_phase(servers, model, url, token, args, phases[mode])
-        report_affinity(phases, args)
-        processes = start_servers(model, servers, args.slots)
-        try:
-            router_cost(ports, keys, token, args.requests)
-        finally:
-            stop(processes)
+        if 1 in phases:
+            affinity_against_round_robin(ports, servers, model, token, args)
+        if 2 in phases:
+            processes = start_servers(model, servers, args.slots)
+            try:
+                router_cost(ports, keys, token, args.requests)
+            finally:
+                stop(processes)
+        if 3 in phases:
+            rollover(ports, keys, token, model, args)
     finally:
         stop(portals)
+
+
+def affinity_against_round_robin(ports: dict[str, int], servers: dict[str, tuple[int, str]], model: Path, token: str,
+                                 args: argparse.Namespace) -> None:  # fmt: skip
+    modes = {"affinity": ports["portal"], "round robin": ports["round-robin"]}
+    phases = {mode: Phase() for mode in modes}
+    for round_ in range(args.rounds):
+        for mode in list(modes) if round_ % 2 == 0 else reversed(list(modes)):
+            url = here(modes[mode], "/api/v1/chat/completions")
+            run_phase(servers, model, url, token, args, phases[mode])
+    report_affinity(phases, args)
 
 
 def report_affinity(phases: dict[str, Phase], args: argparse.Namespace) -> None:
@@ -353,6 +387,161 @@ def router_cost(ports: dict[str, int], keys: dict[str, str], token: str, request
     added = results["service"]["ttft_p50_ms"] - results["alias"]["ttft_p50_ms"]
     met = "yes" if added <= TARGET_ROUTER_MS else "NO"
     print(f"the service's TTFT p50 beyond the alias's: {added:+.2f} ms (target <= {TARGET_ROUTER_MS} ms): met {met}")
+
+
+# The keeper's rounds in a process of their own (the keep_services task's part): jobs/services/keep.py's reconcile
+# every `every` seconds on ROLL. Its replica's walltime is set to end `at` seconds plus the lead time from now, so that
+# the keeper's own rule launches the successor at `at` (launching.create, a row with `replaces`); what Slurm and the
+# cancel task would do is played here: the successor's job runs on the second server (RUNNING, its address and that
+# server's key), and a replica the round hands to be cancelled has its server terminated and its row CANCELLED with
+# no host. Each step is printed as a JSON line with its wall-clock time.
+KEEPER = """
+import django, json, os, signal, sys, time; django.setup()
+from datetime import timedelta
+from django.utils import timezone
+from jobs.models import LLMSession, ModelService, State, transition
+from jobs.services import keep, timing
+at, seconds, every, port, key_from, pid = {args!r}
+service = ModelService.objects.get(name={roll!r})
+(old,) = LLMSession.objects.filter(service=service)
+ends = timezone.now() + timedelta(seconds=at) + timing.lead(service)
+LLMSession.objects.filter(pk=old.pk).update(started_at=ends - timedelta(minutes=old.walltime_min))
+def event(name, **more):
+    print(json.dumps({{"event": name, "at": time.time(), **more}}), flush=True)
+event("ready", lead_s=timing.lead(service).total_seconds())
+sys.stdin.readline()  # the client has started
+deadline, handed = time.time() + seconds, False
+while time.time() < deadline:
+    done = keep.reconcile(service.pk)
+    for pk in done.created:
+        event("successor launched", by="keep.reconcile (_roll_over)")
+        sealed = LLMSession.objects.values_list("api_key_encrypted", flat=True).get(pk=key_from)
+        LLMSession.objects.filter(pk=pk).update(api_key_encrypted=sealed, job_id="bench-successor")
+        transition(pk, State.RUNNING, cause="bench: its job runs and its server answers", host="127.0.0.1", port=port,
+                   started_at=timezone.now())
+        event("successor ready")
+    if LLMSession.objects.filter(pk=old.pk, draining_since__isnull=False).exists() and not handed:
+        handed = True
+        event("handover", by="keep.reconcile (_hand_over)")
+    for pk in done.cancel:
+        event("drained", by="keep.reconcile (_drain_done)")
+        os.kill(pid, signal.SIGTERM)
+        transition(pk, State.CANCELLED, cause="bench: scancel", host="")
+        event("ended")
+        deadline = min(deadline, time.time() + 1)
+    time.sleep(every)
+"""
+
+
+@dataclass
+class Sent:
+    at: float  # wall-clock time the request was sent
+    ttft: float | None  # None: no token
+    server: str  # the llama-server that answered (its alias)
+    error: str = ""  # a status other than 200 or a broken stream
+
+
+async def steady(url: str, token: str, rate: float, seconds: float) -> list[Sent]:
+    """`rate` streaming requests a second to ROLL for `seconds`, each sent on time whatever the others do (open
+    loop); a request failed if its status is not 200 or its stream ends without [DONE]."""
+    sent: list[Sent] = []
+
+    async def one_request(client: httpx.AsyncClient, i: int) -> None:
+        at, start = time.time(), time.perf_counter()
+        first, server, finished, error = None, "", False, ""
+        body = {"model": ROLL, "stream": True, "max_tokens": 16, "temperature": 0,
+                "messages": [{"role": "user", "content": f"Question {i}: say something."}]}  # fmt: skip
+        try:
+            async with client.stream("POST", url, json=body) as response:
+                if response.status_code != 200:
+                    error = f"HTTP {response.status_code}"
+                    await response.aread()
+                async for line in response.aiter_lines():
+                    if line.startswith("data: {"):
+                        first = first or time.perf_counter() - start
+                        server = json.loads(line[6:]).get("model", server)
+                    finished = finished or line.startswith("data: [DONE]")
+        except httpx.HTTPError as exc:
+            error = f"{type(exc).__name__}: {exc}"
+        sent.append(Sent(at, first, server, error or ("" if finished else "the stream ended without [DONE]")))
+
+    limits = httpx.Limits(max_connections=200, max_keepalive_connections=50)
+    async with httpx.AsyncClient(timeout=60, limits=limits, headers={"Authorization": f"Bearer {token}"}) as client:
+        for i in range(3):  # warm-up: the first lookups and connections, not counted
+            await one_request(client, -1 - i)
+        sent.clear()
+        begin, tasks = time.perf_counter(), []
+        for i in range(round(rate * seconds)):
+            await asyncio.sleep(max(0.0, begin + i / rate - time.perf_counter()))
+            tasks.append(asyncio.create_task(one_request(client, i)))
+        await asyncio.gather(*tasks)
+    return sorted(sent, key=lambda s: s.at)
+
+
+def rollover(ports: dict[str, int], keys: dict[str, str], token: str, model: Path, args: argparse.Namespace) -> None:
+    """A rollover of ROLL under a steady client: the keeper's rounds (KEEPER) beside `steady`."""
+    servers = {alias: (ports[alias], keys[alias]) for alias in REPLICAS}
+    processes = start_servers(model, servers, args.slots)
+    keeper_args = (args.rollover_at, args.rollover_seconds + 10, 1.0, ports[REPLICAS[1]], keys[REPLICAS[1] + ":pk"],
+                   processes[0].pid)  # fmt: skip
+    script = KEEPER.format(args=keeper_args, roll=ROLL)
+    keeper = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, env=portal_env(), stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        assert keeper.stdin is not None and keeper.stdout is not None
+        lead = json.loads(keeper.stdout.readline())["lead_s"]
+        keeper.stdin.write("go\n")
+        keeper.stdin.flush()
+        url = here(ports["portal"], "/api/v1/chat/completions")
+        begin = time.time()
+        sent = asyncio.run(steady(url, token, args.rollover_rate, args.rollover_seconds))
+        keeper.stdin.close()
+        events = {e["event"]: e["at"] - begin for e in map(json.loads, keeper.stdout.read().splitlines())}
+        keeper.wait(timeout=30)
+    finally:
+        if keeper.poll() is None:
+            keeper.terminate()
+        stop(processes)
+    report_rollover(sent, events, begin, lead, args)
+
+
+def report_rollover(sent: list[Sent], events: dict[str, float], begin: float, lead: float,
+                    args: argparse.Namespace) -> None:  # fmt: skip
+    print(f"\n3. a rollover under a steady client: {args.rollover_rate:g} streaming requests/s for "
+          f"{args.rollover_seconds:g} s to {ROLL!r} through /api/v1 (16 tokens each); the keeper's own round "
+          f"(keep.reconcile, every 1 s in a process of its own) with the replica's walltime set to end "
+          f"{args.rollover_at:g} s + its lead ({lead:.0f} s) after the start; the bench plays Slurm (the successor "
+          f"RUNNING on {REPLICAS[1]}) and the cancel task (the old replica's llama-server terminated, its row "
+          f"CANCELLED with no host)")  # fmt: skip
+    for name in ("successor launched", "successor ready", "handover", "drained", "ended"):
+        print(f"  {name:<19} at {events[name]:6.1f} s" if name in events else f"  {name:<19} NOT SEEN")
+    failed = [s for s in sent if s.error]
+    by_server = {alias: sum(1 for s in sent if s.server == alias) for alias in REPLICAS}
+    late = sum(1 for s in sent if s.server == REPLICAS[0] and s.at > begin + events.get("handover", 1e9))
+    print(f"requests sent {len(sent)}, failed {len(failed)}; answered by {by_server}; sent after the handover and "
+          f"answered by the old replica: {late}")  # fmt: skip
+    for s in failed[:5]:
+        print(f"  failed at {s.at - begin:.1f} s: {s.error}")
+    if "handover" not in events:
+        print("no handover: no figures around it")
+        return
+    handover = begin + events["handover"]
+    groups = {
+        "overall": sent,
+        "before (sent > 5 s before the handover)": [s for s in sent if s.at < handover - 5],
+        "during (within +-5 s of the handover)": [s for s in sent if abs(s.at - handover) <= 5],
+        "after (sent > 5 s after)": [s for s in sent if s.at > handover + 5],
+    }
+    ms = {name: [s.ttft * 1000 for s in group if s.ttft is not None] for name, group in groups.items()}
+    print(f"{'requests':<40} {'n':>4} {'TTFT p50 ms':>11} {'worst ms':>9}")
+    for name, ttfts in ms.items():
+        if ttfts:
+            print(f"{name:<40} {len(ttfts):>4} {statistics.median(ttfts):>11.1f} {max(ttfts):>9.1f}")
+    during, before = ms["during (within +-5 s of the handover)"], ms["before (sent > 5 s before the handover)"]
+    if during and before:
+        print(f"TTFT p50 during / before: {statistics.median(during) / statistics.median(before):.2f}x; the worst "
+              f"during the handover: {max(during):.1f} ms")  # fmt: skip
+    print(f"failed requests: {len(failed)} (target 0): met {'yes' if not failed else 'NO'}")
 
 
 if __name__ == "__main__":
