@@ -2,10 +2,11 @@
 
 Django's session, CSRF, auth and messages middleware each hop to a thread and back twice per request. The API
 authenticates with bearer tokens and sets no cookies, so none of them does anything there, and skipping them takes
-about 1.7 ms off every request's time to first token (bench/proxy.py). Both routes to model servers (/api/v1/ and
-/sessions/<uuid>/v1/) pass the proxy's door first (jobs/use/guard.py), and their views serve nothing that did not: a
-request from elsewhere (WSGI, Django's test client) is refused, so tests call this application (tests/asgi.py). Every
-other HTTP request has its body bounded before Django reads it (portal/bodies.py): no route takes an unbounded upload.
+about 1.7 ms off every request's time to first token (bench/proxy.py). The routes to model servers (/api/v1/,
+/sessions/<uuid>/v1/ and /services/<name>/v1/) pass the proxy's door first (jobs/use/guard.py), and their views
+serve nothing that did not: a request from elsewhere (WSGI, Django's test client) is refused, so tests call this
+application (tests/asgi.py). Every other HTTP request has its body bounded before Django reads it (portal/bodies.py):
+no route takes an unbounded upload.
 """
 
 from __future__ import annotations

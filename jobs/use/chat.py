@@ -238,7 +238,7 @@ def to_service(user_pk: int, name: str, conversation: str) -> tuple[targets.Repl
 
     The service is looked up by name only: on this route a session alias of the user's spelt like the service (which
     targets.find would take first) must not stand in for it."""
-    found = targets._by_service(targets.Holder(user_pk), name, "chat")
+    found = targets.by_service(targets.Holder(user_pk), name, "chat")
     if found is None or not CONVERSATION_ID.fullmatch(conversation):
         return found, ""
     mine = Conversation.objects.filter(pk=int(conversation), owner_id=user_pk, service_id=found.service_pk).exists()

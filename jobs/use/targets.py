@@ -387,7 +387,7 @@ class NotReady(Exception):
         self.service, self.service_pk = service, service_pk
 
 
-def _by_service(user: Holder, name: str, route: str) -> Replicas | None:
+def by_service(user: Holder, name: str, route: str) -> Replicas | None:
     """The running service `name` and its ready replicas, if the user may use it; None when there is no such service
     or they may not (the same 404 as a name that does not exist). Raises NotReady when none of its replicas is."""
     found = _fetch_one("service", _service_params(user.user_pk, name))
@@ -461,7 +461,7 @@ def find(user: Holder, key: str, route: str = "api", note: bool = True) -> Targe
     if row is None:
         row = _by_name(user, key)
     if row is None and OWNER_SEPARATOR not in key:
-        service = _by_service(user, key, route)
+        service = by_service(user, key, route)
         if service is not None:
             return service
     if row is None:
@@ -479,7 +479,7 @@ def _target_of(
         :11
     ]
     networks, runtime = row[11], row[17]
-    if int(owner_pk) != user.user_pk and not service:  # a service's replicas: _by_service checked who may use it
+    if int(owner_pk) != user.user_pk and not service:  # a service's replicas: by_service checked who may use it
         support = by_uuid and (user.sees_all if user.sees_all is not None else sees_all(user.user_pk))
         if not support and not _shared(pk_value, user.user_pk, route):
             return None
