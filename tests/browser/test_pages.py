@@ -31,6 +31,7 @@ from jobs.models import (
     ChatMessage,
     Conversation,
     LLMSession,
+    ModelService,
     PartitionState,
     ProxyRequest,
     SessionEvent,
@@ -80,6 +81,15 @@ LEFT_OUT = {
     "jobs:batch-stop": "POST only",
     "jobs:site-usage-csv": "a download (CSV)",
     "jobs:metrics": "Prometheus text for a scraper",
+    "jobs:service-scale": "POST only (the Scale form, on the service's page)",
+    "jobs:service-stop": "POST only",
+    "jobs:service-proxy": "the model server's API through the proxy, by the service's name (JSON)",
+    "jobs:service-chat-new": "POST only",
+    "jobs:service-chat-save": "the chat's script saves an exchange (JSON)",
+    "jobs:service-chat-truncate": "the chat's script (JSON)",
+    "jobs:service-chat-send": "POST only (the chat without JavaScript)",
+    "jobs:service-chat-manage": "POST only (rename, delete)",
+    "jobs:service-chat-export": "a download (JSON or Markdown)",
     "admin:login": "Django's own sign-in; the portal's is visited and admins use it",
     "admin:logout": "POST only",
     "admin:password_change": "Django's own password form (portal users' passwords are set by admins)",
@@ -133,6 +143,7 @@ class Site:
     running: LLMSession
     ended: LLMSession
     batch: BatchRun
+    service: ModelService
 
 
 @dataclass(frozen=True)
@@ -167,6 +178,16 @@ def visits(site: Site) -> list[Visit]:
         Visit("jobs:log", "session-log", "ada", reverse("jobs:log", args=[ended])),
         Visit("jobs:accounts", "accounts", "ada", reverse("jobs:accounts")),
         Visit("jobs:chat", "chat", "ada", reverse("jobs:chat", args=[running])),
+        Visit("jobs:services", "services", "ada", reverse("jobs:services")),
+        Visit("jobs:service", "service", "ada", reverse("jobs:service", args=[site.service.name])),
+        Visit("jobs:service", "service-member", "alan", reverse("jobs:service", args=[site.service.name])),
+        Visit(
+            "jobs:service-new",
+            "service-new",
+            "ada",
+            f"{reverse('jobs:service-new')}?{model}&cluster=local&partition=gpu&gpu=a100-80g&gpus=1",
+        ),
+        Visit("jobs:service-chat", "service-chat", "ada", reverse("jobs:service-chat", args=[site.service.name])),
         Visit("jobs:tokens", "tokens", "ada", reverse("jobs:tokens")),
         Visit("jobs:batches", "batches", "ada", reverse("jobs:batches")),
         Visit("jobs:batch", "batch", "ada", reverse("jobs:batch", args=[site.batch.pk])),
@@ -324,7 +345,24 @@ def site(account: ClusterAccount, owner: Any, other_user: Any, shared_user: Any,
         for gres in {g.gpu_type.gres_type or g.gpu_type.name for g in partition.node_groups.all()}:
             PartitionState.objects.create(partition=partition, gres_type=gres, total_gpus=16, idle_gpus=5,
                                           pending_jobs=2, refreshed_at=now)  # fmt: skip
-    return Site(running=running, ended=ended, batch=batch)
+    # A lab's model service: two ready replicas (one draining, its successor taking over), one queued, a chat.
+    service = ModelService.objects.create(name="lab-llama", owner=owner, audience=ModelService.Audience.GROUPS,
+                                          launch={"cluster": "local", "partition": "gpu", "gpu": "a100-80g", "gpus": 1,
+                                                  "model": "tiny-llama", "quant": "F16", "runtime": "llama.cpp",
+                                                  "context": 1024, "walltime": 120},
+                                          min_replicas=2, max_replicas=4, desired_replicas=2)  # fmt: skip
+    service.groups.set([lab])
+    old = session(owner, account, State.RUNNING, job_id="4400", node_list="gpu-a100-01", host="127.0.0.1", port=9,
+                  started_at=now - timedelta(minutes=115), ready_at=now - timedelta(minutes=114), walltime_min=120,
+                  service=service, draining_since=now - timedelta(seconds=20))  # fmt: skip
+    session(owner, account, State.RUNNING, job_id="4401", node_list="gpu-a100-02", host="127.0.0.1", port=9,
+            started_at=now - timedelta(minutes=3), ready_at=now - timedelta(minutes=2), walltime_min=120,
+            service=service, replaces=old)  # fmt: skip
+    session(owner, account, State.QUEUED, job_id="4402", slurm_reason="Resources", walltime_min=120, service=service)
+    talk = Conversation.objects.create(service=service, owner=owner, title="Lab FAQ")
+    ChatMessage.objects.create(conversation=talk, role="user", content="Where are the lab's datasets?")
+    ChatMessage.objects.create(conversation=talk, role="assistant", content="Under `/project/lab/datasets`.")
+    return Site(running=running, ended=ended, batch=batch, service=service)
 
 
 # What the page says of itself, measured in the browser.
