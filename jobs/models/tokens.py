@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import hashlib
+import re
 import secrets
+from collections.abc import Iterable
+from datetime import datetime
 
 from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.contrib.auth.models import User
 from django.core.exceptions import ValidationError
 from django.db import models, transaction
+from django.utils import timezone
 from django.views.decorators.debug import sensitive_variables
 
 
@@ -53,6 +57,11 @@ class ApiToken(HashedToken):
     hint = models.CharField(
         max_length=16, editable=False, help_text="The token's first characters, to tell tokens apart."
     )
+    # A scoped token (issue 29): only these model names (as the caller spells them: a service's name, a session's
+    # alias or uuid, a catalog name, owner/alias), until its expiry, at its own rate. Empty, None: no such limit.
+    allowed_models = models.JSONField(default=list, blank=True)
+    expires_at = models.DateTimeField(null=True, blank=True)
+    requests_per_minute = models.PositiveIntegerField(null=True, blank=True)
 
     class Meta(HashedToken.Meta):
         pass
@@ -60,12 +69,34 @@ class ApiToken(HashedToken):
     def __str__(self) -> str:
         return f"{self.name} ({self.hint}…)"
 
+    @property
+    def expired(self) -> bool:
+        return self.expires_at is not None and self.expires_at <= timezone.now()
+
+    def describe(self) -> str:
+        """Its state and scope in a line: active or revoked or expired, the models, the expiry, its own rate."""
+        if self.revoked_at:
+            return f"revoked {timezone.localtime(self.revoked_at):%Y-%m-%d}"
+        parts = [f"expired {timezone.localtime(self.expires_at):%Y-%m-%d %H:%M}" if self.expired and self.expires_at
+                 else "active"]  # fmt: skip
+        if self.allowed_models:
+            parts.append("only " + ", ".join(self.allowed_models))
+        if self.expires_at and not self.expired:
+            parts.append(f"until {timezone.localtime(self.expires_at):%Y-%m-%d %H:%M}")
+        if self.requests_per_minute:
+            parts.append(f"{self.requests_per_minute} requests a minute")
+        return "; ".join(parts)
+
     @classmethod
     @sensitive_variables("token")
-    def issue(cls, user: User, name: str) -> tuple[ApiToken, str]:
+    def issue(
+        cls, user: User, name: str, *, allowed_models: Iterable[str] = (), expires_at: datetime | None = None,
+        requests_per_minute: int | None = None,
+    ) -> tuple[ApiToken, str]:  # fmt: skip
         """A new token; the plain text is returned once and never stored. A ValidationError when the user already
         holds PORTAL_MAX_API_TOKENS_PER_USER tokens in force (their user row is locked meanwhile, so two at once
-        cannot both take the last place)."""
+        cannot both take the last place), or when its scope is not one a token can have (check_scope)."""
+        allowed = check_scope(allowed_models, expires_at, requests_per_minute)
         with transaction.atomic():
             get_user_model().objects.select_for_update().filter(pk=user.pk).first()
             held = cls.objects.filter(user=user, revoked_at__isnull=True).count()
@@ -75,7 +106,35 @@ class ApiToken(HashedToken):
                     "one that is no longer used first."
                 )
             token, columns = cls.new_token()
-            return cls.objects.create(user=user, name=name, **columns), token
+            made = cls.objects.create(user=user, name=name, allowed_models=allowed, expires_at=expires_at,
+                                      requests_per_minute=requests_per_minute, **columns)  # fmt: skip
+            return made, token
+
+
+MAX_ALLOWED_MODELS = 20
+# What a name of a model can be as a caller spells it: a service's or catalog name, an alias, a uuid, owner/alias,
+# NAME:QUANT. Checked so that a scope holds names, not text that could mean anything else where it is shown.
+ALLOWED_MODEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:/@+-]{0,199}\Z")
+
+
+def check_scope(
+    allowed_models: Iterable[str], expires_at: datetime | None, requests_per_minute: int | None
+) -> list[str]:
+    """A token's scope as it is stored (its model names, in order, once each), or a ValidationError saying what is
+    wrong with it."""
+    names = list(dict.fromkeys(name.strip() for name in allowed_models if name.strip()))
+    if len(names) > MAX_ALLOWED_MODELS:
+        raise ValidationError(f"At most {MAX_ALLOWED_MODELS} model names per token.")
+    bad = [name for name in names if not ALLOWED_MODEL.match(name)]
+    if bad:
+        raise ValidationError(f"Not a model's name: {bad[0][:80]!r} (letters, digits and . _ : / @ + -).")
+    if expires_at is not None and expires_at <= timezone.now():
+        raise ValidationError("The expiry must be in the future.")
+    site = settings.PORTAL_API_REQUESTS_PER_MINUTE
+    if requests_per_minute is not None and not (1 <= requests_per_minute <= (site or requests_per_minute)):
+        raise ValidationError(f"A token's own rate is 1 to {site} requests a minute (the site's limit)."
+                              if site else "A token's own rate is at least 1 request a minute.")  # fmt: skip
+    return names
 
 
 class ScrapeToken(HashedToken):

@@ -203,16 +203,21 @@ async def _admit(scope: Scope, app: App, receive: Receive, send: Send) -> None:
     await app(scope, replay, send)
 
 
+def _per_token(holder: targets.Holder) -> int:
+    """The token's own rate where it has one (never above the site's, checked when it was issued), else the site's."""
+    return holder.requests_per_minute or settings.PORTAL_API_REQUESTS_PER_MINUTE
+
+
 def _wait_s(holder: targets.Holder) -> int:
     if holder.token_pk is None:
         return 0
-    return allowance.wait_s(f"api-token:{holder.token_pk}", settings.PORTAL_API_REQUESTS_PER_MINUTE,
+    return allowance.wait_s(f"api-token:{holder.token_pk}", _per_token(holder),
                             (f"api-user:{holder.user_pk}", settings.PORTAL_API_USER_REQUESTS_PER_MINUTE))  # fmt: skip
 
 
 def _rate_exceeded(holder: targets.Holder) -> str:
     """Which count _wait_s found full: the token's, or its user's."""
-    per_token = settings.PORTAL_API_REQUESTS_PER_MINUTE
+    per_token = _per_token(holder)
     if allowance.full(f"api-token:{holder.token_pk}", per_token):
         return f"this token made more than {per_token} requests a minute"
     return f"your tokens together made more than {settings.PORTAL_API_USER_REQUESTS_PER_MINUTE} requests a minute"

@@ -77,3 +77,9 @@ def api_error(
 def openai_error(status: int, message: str, kind: str, code: str | None = None) -> JsonResponse:
     """The portal's own answer on these routes, in OpenAI's error shape."""
     return api_error(OPENAI, status, message, kind, code)
+
+
+def not_allowed(api: str, allowed_models: tuple[str, ...]) -> JsonResponse:
+    """A scoped token naming a model outside its scope."""
+    return api_error(api, 403, f"this token may only use {', '.join(allowed_models)}", "permission_error",
+                     "model_not_allowed")  # fmt: skip

@@ -30,6 +30,7 @@ from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.debug import sensitive_variables
 from django.views.decorators.http import require_GET, require_http_methods
 
+from catalog.runtime_rules import OPENAI
 from jobs.batch import actions, inputs, outputs, staging
 from jobs.batch import files as kept
 from jobs.batch.forms import BatchForm, Checked, limits
@@ -37,7 +38,7 @@ from jobs.models import BatchFile, BatchRun, LLMSession
 from jobs.sessions.forms import LaunchForm
 from jobs.use import targets
 from jobs.use.guard import BODY, HOLDER, UPLOAD, admitted, refused
-from jobs.use.headers import openai_error
+from jobs.use.headers import not_allowed, openai_error
 from portal import ssh, streaming
 from portal.errors import messages_of
 
@@ -320,6 +321,8 @@ def batches(request: HttpRequest, holder: targets.Holder, user: User) -> HttpRes
         return openai_error(400, "every line's body must name the same model: one of your running sessions (its "
                             "uuid or alias, or the model's catalog name)", "invalid_request_error")  # fmt: skip
     model = named.pop()
+    if not holder.may_name(model):
+        return not_allowed(OPENAI, holder.allowed_models)
     with upload.content.open("rb") as raw:
         try:
             requests, summary = _check(raw)

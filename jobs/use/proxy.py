@@ -33,7 +33,7 @@ from jobs.usage.records import Meter, save
 from jobs.use import chat, targets
 from jobs.use import relay as relay_module
 from jobs.use.guard import AFFINITY, BODY, HOLDER, TARGET, USER, admitted, refused, remember, served_here
-from jobs.use.headers import RELAYED_TYPES, api_error, data_only, error_body, openai_error
+from jobs.use.headers import RELAYED_TYPES, api_error, data_only, error_body, not_allowed, openai_error
 from jobs.use.targets import Target
 from portal import outbound
 
@@ -389,6 +389,8 @@ async def api_proxy(request: HttpRequest, door: Mapping[str, Any], path: str) ->
         return api_error(api, 400, "the request body is not JSON", "invalid_request_error")
     model = payload.get("model") if isinstance(payload, dict) else None
     holder: targets.Holder = door[HOLDER]
+    if route.name != "models" and isinstance(model, str) and model and not holder.may_name(model):
+        return not_allowed(api, holder.allowed_models)  # before any lookup: a scoped token wakes nothing else
     ahead = door.get(TARGET)
     try:
         if ahead is not None and ahead[0] == model:
@@ -407,7 +409,8 @@ async def api_proxy(request: HttpRequest, door: Mapping[str, Any], path: str) ->
                 return found
     remember(door, model)
     if route.name == "models":
-        return JsonResponse({"object": "list", "data": await targets.run(_running_models, holder.user_pk)})
+        listed = await targets.run(_running_models, holder.user_pk)
+        return JsonResponse({"object": "list", "data": [m for m in listed if holder.may_name(m["id"])]})
     if not isinstance(model, str) or not model:
         return api_error(api, 400, "name the model: a session's uuid or alias, or a model's catalog name (NAME or "
                          "NAME:QUANT) that one of your sessions runs; GET /api/v1/models lists them",

@@ -15,6 +15,7 @@ grantee's own, whichever of their sessions happens to be running.
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
 from collections.abc import Callable, Collection
 from concurrent.futures import ThreadPoolExecutor
@@ -61,6 +62,13 @@ class Holder:
     user_pk: int
     sees_all: bool | None = None  # None: not asked yet (asked only when the session is someone else's)
     token_pk: int | None = field(default=None, compare=False)  # the API token it came with
+    # A scoped token's limits (ApiToken): the model names it may use (empty: any) and its own rate (None: the site's).
+    allowed_models: tuple[str, ...] = field(default=(), compare=False)
+    requests_per_minute: int | None = field(default=None, compare=False)
+
+    def may_name(self, model: str) -> bool:
+        """Whether this caller's token may name `model` (as it spells it)."""
+        return not self.allowed_models or model in self.allowed_models
 
 
 @dataclass(frozen=True)
@@ -129,9 +137,11 @@ def _sql(vendor: str) -> dict[str, str]:
 
     holder = (
         f"SELECT t.{_col(ApiToken, 'id')}, t.{_col(ApiToken, 'user')}, {_sees_all_sql(user)}, "
-        f"t.{_col(ApiToken, 'last_used_at')} FROM {_q(token)} t JOIN {_q(user._meta.db_table)} u "
+        f"t.{_col(ApiToken, 'last_used_at')}, t.{_col(ApiToken, 'allowed_models')}, "
+        f"t.{_col(ApiToken, 'requests_per_minute')} FROM {_q(token)} t JOIN {_q(user._meta.db_table)} u "
         f"ON u.{_col(user, 'id')} = t.{_col(ApiToken, 'user')} "
         f"WHERE t.{_col(ApiToken, 'digest')} = %s AND t.{_col(ApiToken, 'revoked_at')} IS NULL "
+        f"AND (t.{_col(ApiToken, 'expires_at')} IS NULL OR t.{_col(ApiToken, 'expires_at')} > %s) "
         f"AND u.{_col(user, 'is_active')} = %s"
     )
     columns = (
@@ -290,18 +300,25 @@ def _db_datetime(value: datetime) -> Any:
 
 @sensitive_variables("token")
 def holder(token: str) -> Holder | None:
-    """The active user a personal API token belongs to, unless it is revoked; notes its use once a minute."""
+    """The active user a personal API token belongs to, with the token's scope, unless it is revoked or expired; notes
+    its use once a minute."""
     if not token.startswith(ApiToken.PREFIX):
         return None
-    row = _fetch_one("holder", [*SEE_ALL_PARAMS, token_digest(token), True])
+    now = timezone.now()
+    row = _fetch_one("holder", [*SEE_ALL_PARAMS, token_digest(token), _db_datetime(now), True])
     if row is None:
         return None
-    token_pk, user_pk, sees_all, last_used = row
-    now = timezone.now()
+    token_pk, user_pk, sees_all, last_used, allowed, rate = row
     last_used = _aware(last_used)
     if last_used is None or now - last_used > TOKEN_USED_EVERY:
         _execute("touch_token", [_db_datetime(now), token_pk])
-    return Holder(int(user_pk), bool(sees_all), int(token_pk))
+    return Holder(int(user_pk), bool(sees_all), int(token_pk), _names(allowed), int(rate) if rate else None)
+
+
+def _names(stored: Any) -> tuple[str, ...]:
+    """A scoped token's model names as the column holds them (JSON text on SQLite; a list from PostgreSQL's jsonb)."""
+    names = json.loads(stored) if isinstance(stored, str | bytes) else stored
+    return tuple(str(name) for name in names) if isinstance(names, list) else ()
 
 
 def touch(session_pk: str) -> None:

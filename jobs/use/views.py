@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 from uuid import UUID
 
+from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.core.exceptions import ValidationError
@@ -246,6 +248,7 @@ def export(
 def api_tokens(request: HtmxHttpRequest) -> HttpResponse:
     """Create (shown once), list and revoke personal API tokens."""
     created = ""
+    asked: dict[str, str] = {}
     if request.method == "POST":
         if "revoke" in request.POST:
             ApiToken.objects.filter(pk=request.POST.get("revoke") or 0, user_id=request.user.pk).update(
@@ -253,14 +256,37 @@ def api_tokens(request: HtmxHttpRequest) -> HttpResponse:
             )
             messages.info(request, "Token revoked: scripts using it are refused from now on.")
             return HttpResponseRedirect(reverse("jobs:tokens"))
-        name = (request.POST.get("name") or "").strip()[:100]
+        asked = {key: (request.POST.get(key) or "").strip() for key in ("name", "models", "days", "rate")}
+        name = asked["name"][:100]
         if not name:
             messages.error(request, "Give the token a name, e.g. the machine or script that uses it.")
         else:
             try:
-                _, created = ApiToken.issue(request.user, name)
+                _, created = ApiToken.issue(request.user, name, **_scope(asked))
             except ValidationError as exc:
                 messages.error(request, " ".join(exc.messages))
+            else:
+                asked = {}
     tokens = ApiToken.objects.filter(user_id=request.user.pk)
     base = request.build_absolute_uri(reverse("jobs:api", args=["x"])).removesuffix("/x")
-    return render_page(request, "jobs/tokens.html", {"tokens": tokens, "created": created, "base": base})
+    context = {"tokens": tokens, "created": created, "base": base, "asked": asked,
+               "site_rate": settings.PORTAL_API_REQUESTS_PER_MINUTE}  # fmt: skip
+    return render_page(request, "jobs/tokens.html", context)
+
+
+def _scope(asked: dict[str, str]) -> dict[str, Any]:
+    """The token form's limits as ApiToken.issue takes them; a ValidationError for a number that is not one."""
+    numbers = {}
+    for key in ("days", "rate"):
+        try:
+            numbers[key] = int(asked[key]) if asked[key] else None
+        except ValueError:
+            raise ValidationError(f"{asked[key][:20]!r} is not a whole number.") from None
+    days = numbers["days"]
+    if days is not None and not 1 <= days <= 3650:
+        raise ValidationError("A token expires after 1 to 3,650 days.")
+    return {
+        "allowed_models": asked["models"].replace(",", " ").split(),
+        "expires_at": timezone.now() + timedelta(days=days) if days is not None else None,
+        "requests_per_minute": numbers["rate"],
+    }

@@ -208,8 +208,9 @@ def test_a_service_with_min_0_wakes_on_its_first_request_for_its_group_only(
 ) -> None:
     service = make(min_replicas=0, max_replicas=1, audience="groups", groups=[lab])
     assert keep_up(service) == []  # nothing kept until asked
-    member = httpx.Client(base_url=portal_server, headers={"Authorization": f"Bearer "
-                          f"{ApiToken.issue(shared_user, 'member')[1]}"}, timeout=60)  # fmt: skip
+    # The member's token is scoped to the service (issue 29's scoped tokens, through the real parts too).
+    scoped = ApiToken.issue(shared_user, "member", allowed_models=["llama-lab"])[1]
+    member = httpx.Client(base_url=portal_server, headers={"Authorization": f"Bearer {scoped}"}, timeout=60)
     outsider = httpx.Client(base_url=portal_server, headers={"Authorization": f"Bearer "
                             f"{ApiToken.issue(other_user, 'outsider')[1]}"}, timeout=60)  # fmt: skip
     with member, outsider:
@@ -220,6 +221,9 @@ def test_a_service_with_min_0_wakes_on_its_first_request_for_its_group_only(
         beat(service, lambda: ready_count(service) == 1, timeout_s=120)
         answered = member.post("/api/v1/chat/completions", json=CHAT)
         assert answered.status_code == 200, answered.text
+        assert [m["id"] for m in member.get("/api/v1/models").json()["data"]] == ["llama-lab"]
+        elsewhere = member.post("/api/v1/chat/completions", json={**CHAT, "model": "tiny-llama"})
+        assert (elsewhere.status_code, elsewhere.json()["error"]["code"]) == (403, "model_not_allowed")
         assert outsider.post("/api/v1/chat/completions", json=CHAT).status_code == 404
     # The member's request is theirs in the usage records, on the owner's replica (whose GPU-hours are the owner's).
     deadline = time.monotonic() + 10
