@@ -81,6 +81,11 @@ IPV6_ADDRESS = AllowList(r"^[0-9A-Fa-f:.]{2,45}\Z", "Enter an IPv6 address such 
 MODEL_NAME = AllowList(
     r"^[A-Za-z0-9][A-Za-z0-9_.+-]*\Z", "Model names use letters, digits, '.', '_', '+' and '-' (no spaces)."
 )
+# A model as an API caller names it (a service's or catalog name, an alias, a uuid, owner/alias, NAME:QUANT): what a
+# scoped API token may hold (jobs/models/tokens.py). Never reaches a shell; kept here with the other allow-lists.
+CALLER_MODEL_NAME = AllowList(
+    r"^[A-Za-z0-9][A-Za-z0-9_.:/@+-]*\Z", "A model's name uses letters, digits and '. _ : / @ + -'.", max_length=200
+)
 ABSOLUTE_PATH = AllowList(
     r"^/[A-Za-z0-9_.+@/-]*\Z", "Use an absolute path of letters, digits and '_ . + @ / -' (no spaces or quotes)."
 )

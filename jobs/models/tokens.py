@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import re
 import secrets
 from collections.abc import Iterable
 from datetime import datetime
@@ -15,6 +14,8 @@ from django.core.exceptions import ValidationError
 from django.db import models, transaction
 from django.utils import timezone
 from django.views.decorators.debug import sensitive_variables
+
+from portal.shellsafe import CALLER_MODEL_NAME
 
 
 def token_digest(token: str) -> str:
@@ -112,9 +113,6 @@ class ApiToken(HashedToken):
 
 
 MAX_ALLOWED_MODELS = 20
-# What a name of a model can be as a caller spells it: a service's or catalog name, an alias, a uuid, owner/alias,
-# NAME:QUANT. Checked so that a scope holds names, not text that could mean anything else where it is shown.
-ALLOWED_MODEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:/@+-]{0,199}\Z")
 
 
 def check_scope(
@@ -125,7 +123,8 @@ def check_scope(
     names = list(dict.fromkeys(name.strip() for name in allowed_models if name.strip()))
     if len(names) > MAX_ALLOWED_MODELS:
         raise ValidationError(f"At most {MAX_ALLOWED_MODELS} model names per token.")
-    bad = [name for name in names if not ALLOWED_MODEL.match(name)]
+    # Names, not text that could mean anything else where a scope is shown.
+    bad = [name for name in names if not CALLER_MODEL_NAME.accepts(name)]
     if bad:
         raise ValidationError(f"Not a model's name: {bad[0][:80]!r} (letters, digits and . _ : / @ + -).")
     if expires_at is not None and expires_at <= timezone.now():
