@@ -104,7 +104,7 @@ async def _forward(
     relaying = False
     try:
         try:
-            upstream = await client.send(upstream_request, stream=True)
+            upstream = await _sent(client, upstream_request)
         except httpx.TimeoutException as exc:
             timed_out = api_error(api, 504, f"the model server on {target.node_list} did not answer in time",
                                   "upstream_timeout")  # fmt: skip
@@ -170,6 +170,17 @@ async def _forward(
     response = StreamingHttpResponse(relay(), status=upstream.status_code, content_type=content_type)
     response["X-Accel-Buffering"] = "no"  # nginx in front must not buffer server-sent events
     return response
+
+
+async def _sent(client: httpx.AsyncClient, upstream_request: httpx.Request) -> httpx.Response:
+    """The server's answer to the request. A kept-alive connection the server closed just as the pool handed it out
+    (llama-server closes idle ones; the close can cross the reuse) ends with no answer at all: the request did not
+    reach the server, so it goes once more, on a new connection (as browsers and urllib3 retry such a reuse)."""
+    try:
+        return await client.send(upstream_request, stream=True)
+    except httpx.RemoteProtocolError:
+        log.info("the model server closed a kept-alive connection as it was reused; sending again")
+        return await client.send(upstream_request, stream=True)
 
 
 async def _forward_or_fail_over(

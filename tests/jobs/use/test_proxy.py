@@ -92,6 +92,26 @@ def test_only_json_and_event_streams_are_relayed(server: Server, running: LLMSes
     assert "sandbox" in reply.headers["content-security-policy"]
 
 
+def test_a_kept_alive_connection_the_server_closed_as_it_was_reused_is_sent_again_once(
+    server: Server, running: LLMSession, owner: Any
+) -> None:
+    closes = [True]
+
+    def closed_once(request: httpx.Request) -> httpx.Response:
+        if closes:  # as httpcore reports a reused connection the server had just closed
+            closes.pop()
+            raise httpx.RemoteProtocolError("Server disconnected without sending a response.", request=request)
+        return answering(200, json.dumps(ANSWER).encode(), "application/json")(request)
+
+    server.answer = closed_once
+    api = Portal(bearer(token_of(owner)))
+    reply = api.post("/api/v1/chat/completions", json=CHAT)
+    assert reply.status_code == 200 and reply.json() == ANSWER and len(server.got) == 2
+    server.answer = lambda request: (_ for _ in ()).throw(httpx.RemoteProtocolError("gone", request=request))
+    refused = api.post("/api/v1/chat/completions", json=CHAT)  # twice in a row: the server's, not the pool's
+    assert (refused.status_code, refused.json()["error"]["type"]) == (502, "upstream_error") and len(server.got) == 4
+
+
 def test_an_error_page_is_quoted_from_its_first_bytes_and_never_read_whole(
     server: Server, running: LLMSession, owner: Any
 ) -> None:
