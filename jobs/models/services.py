@@ -18,7 +18,7 @@ from django.core.validators import MaxValueValidator, MinValueValidator, RegexVa
 from django.db import models
 from django.db.models import Count, Q
 
-from jobs.models.sessions import State
+from jobs.models.sessions import SERVING_STATES, LLMSession
 
 # Site services are used by everyone signed in: creating one takes this permission (superusers have it).
 RUN_SITE_SERVICE = ("run_site_service", "jobs")
@@ -42,8 +42,14 @@ class ServiceQuerySet(models.QuerySet["ModelService"]):
         return self.select_related("owner").annotate(ready=Count("replicas", filter=ready))
 
 
-# A replica that takes requests now: running, with an address (host not empty), and not draining.
-READY_REPLICA = {"state": State.RUNNING, "draining_since__isnull": True}
+# A replica that takes requests now, as the proxy routes them (jobs/use/targets.py): serving (running, or unknown while
+# its server still answers), with an address (host not empty: the query adds it), and not draining.
+READY_REPLICA = {"state__in": tuple(sorted(SERVING_STATES)), "draining_since__isnull": True}
+
+
+def takes_requests(replica: LLMSession) -> bool:
+    """READY_REPLICA's rule on a loaded row."""
+    return replica.state in SERVING_STATES and bool(replica.host) and replica.draining_since is None
 
 
 class ModelService(models.Model):

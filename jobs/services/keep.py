@@ -25,6 +25,7 @@ from django.db import transaction
 from django.utils import timezone
 
 from jobs.models import LIVE_STATES, LLMSession, ModelService, State
+from jobs.models.services import takes_requests
 from jobs.services import load, scaling, timing
 from jobs.sessions import launching, lifecycle
 
@@ -63,7 +64,7 @@ def reconcile(service_pk: int) -> Round:
         _drain_done(service, live, inflight, now, done)
         live = [r for r in live if r.cancel_requested_at is None]
         _hand_over(live, now)
-        scaling.decide(service, [r for r in live if _ready(r)], inflight, now)
+        scaling.decide(service, [r for r in live if takes_requests(r)], inflight, now)
         _roll_over(service, live, now, created)
         serving = [r for r in live if r.draining_since is None]
         succeeded = {r.replaces_id for r in serving if r.replaces_id is not None}
@@ -74,10 +75,6 @@ def reconcile(service_pk: int) -> Round:
         elif missing < 0:
             _scale_down(service, counted, inflight, -missing, now, done)
     return done
-
-
-def _ready(replica: LLMSession) -> bool:
-    return replica.state == State.RUNNING and bool(replica.host) and replica.draining_since is None
 
 
 def _drain_done(
@@ -101,7 +98,7 @@ def _hand_over(live: list[LLMSession], now: datetime) -> None:
     by_pk = {r.pk: r for r in live}
     for replica in live:
         old = by_pk.get(replica.replaces_id) if replica.replaces_id else None
-        if old is not None and old.draining_since is None and _ready(replica):
+        if old is not None and old.draining_since is None and takes_requests(replica):
             LLMSession.objects.filter(pk=old.pk, draining_since__isnull=True).update(draining_since=now)
             old.draining_since = now
             log.info("replica %s is ready: %s drains", replica.pk, old.pk)
@@ -113,7 +110,7 @@ def _roll_over(service: ModelService, live: list[LLMSession], now: datetime, cre
     followed = {r.replaces_id for r in live if r.replaces_id is not None}
     for replica in live:
         ends = replica.ends_at
-        if not _ready(replica) or replica.pk in followed or ends is None or ends - now > lead:
+        if not takes_requests(replica) or replica.pk in followed or ends is None or ends - now > lead:
             continue
         if failing(service):
             return
@@ -141,9 +138,9 @@ def _scale_down(
     service: ModelService, counted: list[LLMSession], inflight: dict[str, int], extra: int, now: datetime, done: Round
 ) -> None:  # fmt: skip
     """Fewer replicas are kept: those not ready yet are cancelled first, then the least loaded ready ones drain."""
-    order = sorted(counted, key=lambda r: (_ready(r), inflight.get(str(r.pk), 0), -r.created_at.timestamp()))
+    order = sorted(counted, key=lambda r: (takes_requests(r), inflight.get(str(r.pk), 0), -r.created_at.timestamp()))
     for replica in order[:extra]:
-        if _ready(replica):
+        if takes_requests(replica):
             LLMSession.objects.filter(pk=replica.pk, draining_since__isnull=True).update(draining_since=now)
         else:
             _cancel(replica, f"the service {service.name} scaled down", f"not needed by its service {service.name}",

@@ -13,7 +13,8 @@ from typing import Any
 from django.db.models import Count
 from django.utils import timezone
 
-from jobs.models import LIVE_STATES, LLMSession, ModelService, ProxyRequest, State
+from jobs.models import LIVE_STATES, LLMSession, ModelService, ProxyRequest
+from jobs.models.services import takes_requests
 from jobs.services import load
 from jobs.sessions.forms import LaunchForm, values_of
 
@@ -62,15 +63,9 @@ class Overview:
 
 
 def time_left_s(replica: LLMSession, now: datetime) -> int | None:
-    """Seconds before Slurm's time limit stops the replica's job (from its real start)."""
-    if replica.started_at is None:
-        return None
-    return max(0, int(replica.walltime_min * 60 - (now - replica.started_at).total_seconds()))
-
-
-def is_ready(replica: LLMSession) -> bool:
-    """READY_REPLICA's rule (jobs/models/services.py) on a loaded row."""
-    return replica.state == State.RUNNING and bool(replica.host) and replica.draining_since is None
+    """Seconds before Slurm's time limit stops the replica's job (LLMSession.ends_at)."""
+    ends = replica.ends_at
+    return None if ends is None else max(0, int((ends - now).total_seconds()))
 
 
 def overviews(services: Iterable[ModelService]) -> list[Overview]:
@@ -100,7 +95,7 @@ def overviews(services: Iterable[ModelService]) -> list[Overview]:
             uuid=pk, owner_id=r.owner_id, state=r.state, state_label=r.get_state_display(),
             job_id=r.job_id or None, node_list=r.node_list or None, inflight=inflight.get(pk, 0),
             requests_per_min=rates.get(pk, 0), time_left_s=time_left_s(r, now), draining=r.draining_since is not None,
-            replaces=str(r.replaces_id) if r.replaces_id else None, ready=is_ready(r),
+            replaces=str(r.replaces_id) if r.replaces_id else None, ready=takes_requests(r),
         ))  # fmt: skip
     return [Overview(service, by_service.get(service.pk, [])) for service in services]
 

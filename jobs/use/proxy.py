@@ -374,10 +374,10 @@ def _running_models(user_pk: int) -> list[dict[str, Any]]:
          "served_model": s.served_model_name, "shared": s.owner_id != user_pk}
         for name, s in names.items()
     ]  # fmt: skip
-    # Then the services the caller may use that have a replica ready: each once, by its name.
-    for service in ModelService.objects.filter(stopped_at__isnull=True).select_related("owner"):
-        ready = service.replicas.filter(state__in=SERVING_STATES).exclude(host="").count()
-        if ready and service.name not in names and service.may_use(user):
+    # Then the services the caller may use that have a replica ready: each once, by its name (one query).
+    for service in ModelService.objects.usable_by(user).filter(stopped_at__isnull=True).with_ready():
+        ready: int = service.ready  # type: ignore[attr-defined]  # with_ready()'s annotation
+        if ready and service.name not in names:
             listed.append({"id": service.name, "object": "model", "created": int(service.created_at.timestamp()),
                            "owned_by": service.owner.get_username(), "service": True, "replicas": ready})  # fmt: skip
     return listed

@@ -29,6 +29,7 @@ import httpx
 import pytest
 
 from jobs.models import ApiToken, LLMSession, ModelService, ProxyRequest, State
+from jobs.models.services import READY_REPLICA
 from jobs.services import actions, health, keep
 from jobs.tasks import cancel_session, poll_account, submit_session
 from portal import ssh
@@ -51,9 +52,8 @@ def keep_up(service: ModelService) -> list[str]:
 
 
 def ready_count(service: ModelService) -> int:
-    """Replicas that take new requests now: running, with an address, not draining."""
-    ready = LLMSession.objects.filter(service=service, state=State.RUNNING, draining_since__isnull=True)
-    return ready.exclude(host="").count()
+    """Replicas that take new requests now (READY_REPLICA: serving, with an address, not draining)."""
+    return LLMSession.objects.filter(service=service, **READY_REPLICA).exclude(host="").count()
 
 
 def beat(service: ModelService, until: Any, timeout_s: float, samples: list[int] | None = None) -> None:
