@@ -14,15 +14,16 @@ demo:
 
 # The whole suite: the unit tests on every core (as test-fast), then the e2e (real Slurm over SSH, real PostgreSQL
 # and Redis) and Chromium tests one at a time, since they share the one local cluster; then the database-bound
-# catalog tests, the proxy's plain-SQL lookups, the model services (their SQL and row locks) and the migrations once
-# more with PostgreSQL as the database and Redis as the broker and cache, as in production.
+# catalog tests, the proxy's plain-SQL lookups, the shared counts in both stores, the model services and allocations
+# (their SQL and row locks), the usage summaries and the migrations once more with PostgreSQL as the database and
+# Redis as the broker and cache, as in production.
 test: venv
 	scripts/local-cluster up
 	scripts/local-services up
 	scripts/browser-deps
 	PORTAL_VAR_DIR=$(CURDIR)/var/test $(BIN)/pytest -n auto -m "not e2e and not browser"
 	PORTAL_VAR_DIR=$(CURDIR)/var/test $(BIN)/pytest -m "e2e or browser"
-	set -a && . var/local-services/env && set +a && PORTAL_VAR_DIR=$(CURDIR)/var/test $(BIN)/pytest -p no:cacheprovider tests/catalog tests/jobs/use/test_targets.py tests/jobs/sessions/test_sharing.py tests/jobs/sessions/test_listing.py tests/jobs/usage tests/jobs/operations tests/jobs/services tests/test_migrations.py
+	set -a && . var/local-services/env && set +a && PORTAL_VAR_DIR=$(CURDIR)/var/test $(BIN)/pytest -p no:cacheprovider tests/catalog tests/jobs/use/test_targets.py tests/jobs/use/test_shared_counts.py tests/jobs/use/test_fairshare.py tests/jobs/sessions/test_sharing.py tests/jobs/sessions/test_listing.py tests/jobs/usage tests/jobs/operations tests/jobs/services tests/jobs/allocations tests/test_migrations.py
 
 # Unit tests only, for a quick loop while editing (no cluster needed), one pytest-xdist worker a core.
 test-fast: venv

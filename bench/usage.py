@@ -1,18 +1,22 @@
-"""My usage and Site usage over 100,000 proxy requests, against a plain SQL aggregate of the same rows. A benchmark,
-not a test.
+"""My usage and Site usage over a million proxy requests, against a plain SQL aggregate of the same rows, and what
+recording a request costs. A benchmark, not a test.
 
-    .venv/bin/python bench/usage.py [--requests 100000] [--sessions 300] [--users 40] [--repeat 7]
+    .venv/bin/python bench/usage.py [--requests 1000000] [--sessions 300] [--users 40] [--repeat 21] [--record 2000]
 
 Seeds a throwaway database: SQLite in a scratch directory, and PostgreSQL too when DATABASE_URL is set (a database
 of its own, created there and dropped after, as the test suite does; the role needs CREATEDB). The rows: --users
 users in six groups, --sessions sessions over the last 90 days (1 to 4 GPUs, 1 to 48 hours, a few deleted), and
 --requests proxy requests inside their runs, most by the owner and the rest by others (shared sessions), with
-realistic times to first token, speeds and a few errors; plus batch runs. Each row is bulk-created.
+realistic times to first token, speeds and a few errors; plus batch runs. The rows are bulk-created in batches, then
+summarised once (jobs/usage/rollups.py, as beat does every PORTAL_USAGE_SUMMARY_S; it also deletes the raw rows past
+PORTAL_USAGE_RAW_DAYS, a few of the oldest).
 
-Timed, server side with Django's test client (median of --repeat, after one warm-up): My usage of the busiest user,
-Site usage by user, group and model, and its CSV. The baseline, in the same run on the same rows, is the least any
-usage page must do: `SELECT user_id, COUNT(*), SUM(prompt_tokens), SUM(completion_tokens) FROM jobs_proxyrequest
-GROUP BY user_id`. Printed: milliseconds and the ratio to the baseline.
+Timed, server side with Django's test client (p50 and p95 of --repeat, after one warm-up, and the queries each makes):
+My usage of the busiest user, Site usage by user, group, model and month, and its CSV. The baseline, in the same run
+on the same rows, is the least a page reading every request row must do: `SELECT user_id, COUNT(*),
+SUM(prompt_tokens), SUM(completion_tokens) FROM jobs_proxyrequest GROUP BY user_id`. Printed: milliseconds and the
+p50's ratio to the baseline's. Then recording a request: records.save of --record rows, one at a time as the proxy
+writes them (one INSERT each, nothing else: the summaries are built by beat), p50 and p95 per row.
 """
 
 from __future__ import annotations
@@ -35,14 +39,19 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 
-def median_ms(action: Callable[[], Any], repeat: int) -> float:
-    action()  # warm-up: connections, templates, the database's caches
+BATCH = 20_000  # rows bulk-created at a time: a million model instances at once would not fit in memory
+
+
+def percentiles_ms(action: Callable[[], Any], repeat: int) -> tuple[float, float]:
+    """p50 and p95 of `repeat` runs, after a warm-up (connections, templates, the database's caches)."""
+    action()
     times = []
     for _ in range(repeat):
         start = time.perf_counter()
         action()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1000
+        times.append((time.perf_counter() - start) * 1000)
+    cuts = statistics.quantiles(times, n=20, method="inclusive")
+    return statistics.median(times), cuts[-1]
 
 
 def seed(args: argparse.Namespace) -> Any:
@@ -88,7 +97,10 @@ def seed(args: argparse.Namespace) -> Any:
             api_key_encrypted="unused",
         ))  # fmt: skip
     sessions = LLMSession.objects.bulk_create(sessions, batch_size=500)
-    requests = []
+    # The requests' figures first, as plain tuples, then the rows in the order of their moments, as the proxy appends
+    # them: the newest rows (those the summaries do not hold yet) lie together at the table's end, as on a site.
+    counts: dict[int, int] = {}
+    made = []
     for _ in range(args.requests):
         session = sessions[int(rng.paretovariate(1.2)) % len(sessions)]  # a few busy sessions, many quiet ones
         end = session.ended_at or now
@@ -98,15 +110,22 @@ def seed(args: argparse.Namespace) -> Any:
         failed = rng.random() < 0.02
         completion = 0 if failed else rng.randint(1, 800)
         streamed = rng.random() < 0.8
-        requests.append(ProxyRequest(
-            session=session, user=user, at=at, route="api" if rng.random() < 0.6 else "chat",
-            endpoint="chat/completions", status=rng.choice([429, 500, 502]) if failed else 200,
-            prompt_tokens=0 if failed else rng.randint(5, 4000), completion_tokens=completion,
-            ttft_ms=rng.lognormvariate(5, 1) if streamed and not failed else None,
-            duration_ms=rng.uniform(50, 20000), tokens_per_s=None if failed or completion < 2 else rng.uniform(5, 300),
-            bytes_in=rng.randint(100, 20000), bytes_out=rng.randint(100, 200000),
+        made.append((
+            at, session.pk, user.pk, "api" if rng.random() < 0.6 else "chat",
+            rng.choice([429, 500, 502]) if failed else 200, 0 if failed else rng.randint(5, 4000), completion,
+            rng.lognormvariate(5, 1) if streamed and not failed else None, rng.uniform(50, 20000),
+            None if failed or completion < 2 else rng.uniform(5, 300), rng.randint(100, 20000),
+            rng.randint(100, 200000),
         ))  # fmt: skip
-    ProxyRequest.objects.bulk_create(requests, batch_size=5000)
+        counts[user.pk] = counts.get(user.pk, 0) + 1
+    made.sort(key=lambda figures: figures[0])
+    fields = ("at", "session_id", "user_id", "route", "status", "prompt_tokens", "completion_tokens", "ttft_ms",
+              "duration_ms", "tokens_per_s", "bytes_in", "bytes_out")  # fmt: skip
+    for first in range(0, len(made), BATCH):
+        rows = [ProxyRequest(endpoint="chat/completions", **dict(zip(fields, one, strict=True)))
+                for one in made[first : first + BATCH]]  # fmt: skip
+        ProxyRequest.objects.bulk_create(rows, batch_size=5000)
+    del made
     runs = []
     for s in rng.sample(sessions, min(50, len(sessions))):
         runs.append(BatchRun(
@@ -116,13 +135,33 @@ def seed(args: argparse.Namespace) -> Any:
             started_at=s.started_at,
         ))  # fmt: skip
     BatchRun.objects.bulk_create(runs)
-    with connection.cursor() as cursor:  # statistics, as autovacuum keeps them on a database in use
-        cursor.execute("ANALYZE")
-    counts: dict[int, int] = {}
-    for r in requests:
-        counts[r.user_id] = counts.get(r.user_id, 0) + 1
+    analyse(connection)
     busiest = max(counts, key=lambda pk: counts[pk])
     return User.objects.get(pk=busiest), counts[busiest]
+
+
+def analyse(connection: Any) -> None:
+    with connection.cursor() as cursor:  # statistics, as autovacuum keeps them on a database in use
+        cursor.execute("ANALYZE")
+
+
+def recording(args: argparse.Namespace, user: Any) -> tuple[float, float]:
+    """records.save of --record rows, one at a time: p50 and p95 per row (ms)."""
+    from jobs.models import LLMSession
+    from jobs.usage.records import Meter, save
+
+    session = LLMSession.objects.filter(owner=user).first() or LLMSession.objects.first()
+    assert session is not None
+    times = []
+    for _ in range(args.record):
+        meter = Meter(str(session.pk), user.pk, "api", "chat/completions", bytes_in=300)
+        meter.begin(200, "application/json")
+        meter.feed(b'{"choices": [], "usage": {"prompt_tokens": 11, "completion_tokens": 7}}')
+        row = meter.finish()
+        start = time.perf_counter()
+        save(row)
+        times.append((time.perf_counter() - start) * 1000)
+    return statistics.median(times), statistics.quantiles(times, n=20, method="inclusive")[-1]
 
 
 def measure(args: argparse.Namespace) -> None:
@@ -136,7 +175,10 @@ def measure(args: argparse.Namespace) -> None:
     from django.contrib.auth.models import User
     from django.db import connection
     from django.test import Client
-    from django.test.utils import setup_test_environment
+    from django.test.utils import CaptureQueriesContext, setup_test_environment
+    from django.utils import timezone
+
+    from jobs.usage import rollups
 
     setup_test_environment()  # the test client's host name is allowed
     # Pages render without collectstatic's manifest, as in the tests.
@@ -150,7 +192,12 @@ def measure(args: argparse.Namespace) -> None:
         started = time.perf_counter()
         busiest, busiest_requests = seed(args)
         seeded_s = time.perf_counter() - started
+        started = time.perf_counter()
+        rollups.summarise()
+        summarised_s = time.perf_counter() - started
+        analyse(connection)
         admin = User.objects.create_superuser("bench-admin", "admin@example.edu", None)
+        since = (timezone.localdate() - timedelta(days=35)).isoformat()
         mine, site = Client(), Client()
         mine.force_login(busiest)
         site.force_login(admin)
@@ -170,21 +217,27 @@ def measure(args: argparse.Namespace) -> None:
 
             return get
 
-        base = median_ms(baseline, args.repeat)
+        base, base_p95 = percentiles_ms(baseline, args.repeat)
         timed = [
-            (f"/usage/ (busiest user: {busiest_requests:,} requests)", page(mine, "/usage/")),
-            ("/usage/site/?by=user", page(site, "/usage/site/?by=user")),
-            ("/usage/site/?by=group", page(site, "/usage/site/?by=group")),
-            ("/usage/site/?by=model", page(site, "/usage/site/?by=model")),
-            ("/usage/site.csv?by=user", page(site, "/usage/site.csv?by=user")),
+            (f"/usage/ (busiest user: {busiest_requests:,} requests)", mine, "/usage/"),
+            ("/usage/site/?by=user", site, "/usage/site/?by=user"),
+            ("/usage/site/?by=group", site, "/usage/site/?by=group"),
+            ("/usage/site/?by=model", site, "/usage/site/?by=model"),
+            ("/usage/site/?by=month", site, "/usage/site/?by=month"),
+            ("/usage/site.csv?by=user", site, "/usage/site.csv?by=user"),
+            ("/usage/site/?by=user&since=<35 days ago> (days)", site, f"/usage/site/?by=user&since={since}"),
         ]
         print(f"\n{backend}: {args.requests:,} requests, {args.sessions} sessions, {args.users} users "
-              f"(seeded in {seeded_s:.1f} s); median of {args.repeat}")  # fmt: skip
-        print(f"{'what':<46} {'ms':>9} {'x baseline':>11}")
-        print(f"{'baseline: GROUP BY user_id (plain SQL)':<46} {base:>9.1f} {1:>11.1f}")
-        for name, action in timed:
-            ms = median_ms(action, args.repeat)
-            print(f"{name:<46} {ms:>9.1f} {ms / base:>11.1f}")
+              f"(seeded in {seeded_s:.1f} s, summarised in {summarised_s:.1f} s); {args.repeat} runs each")  # fmt: skip
+        print(f"{'what':<52} {'p50 ms':>8} {'p95 ms':>8} {'queries':>8} {'x baseline':>11}")
+        print(f"{'baseline: GROUP BY user_id (plain SQL)':<52} {base:>8.1f} {base_p95:>8.1f} {1:>8} {1:>11.2f}")
+        for name, client, url in timed:
+            p50, p95 = percentiles_ms(page(client, url), args.repeat)
+            with CaptureQueriesContext(connection) as queries:
+                page(client, url)()
+            print(f"{name:<52} {p50:>8.1f} {p95:>8.1f} {len(queries):>8} {p50 / base:>11.2f}")
+        p50, p95 = recording(args, busiest)
+        print(f"{'recording a request: records.save, per row':<52} {p50:>8.2f} {p95:>8.2f} {1:>8}")
     finally:
         connection.creation.destroy_test_db(connection.settings_dict["NAME"], verbosity=0)
         shutil.rmtree(scratch, ignore_errors=True)
@@ -192,10 +245,11 @@ def measure(args: argparse.Namespace) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--requests", type=int, default=100_000)
+    parser.add_argument("--requests", type=int, default=1_000_000)
     parser.add_argument("--sessions", type=int, default=300)
     parser.add_argument("--users", type=int, default=40)
-    parser.add_argument("--repeat", type=int, default=7)
+    parser.add_argument("--repeat", type=int, default=21)
+    parser.add_argument("--record", type=int, default=2000, help="requests recorded one at a time")
     parser.add_argument("--here", action="store_true", help="one backend in this process, as the environment says")
     args = parser.parse_args()
     if args.here:
@@ -203,7 +257,7 @@ def main() -> None:
         return
     # Each backend in a process of its own: Django's settings are read once per process.
     flags = [f"--requests={args.requests}", f"--sessions={args.sessions}", f"--users={args.users}",
-             f"--repeat={args.repeat}", "--here"]  # fmt: skip
+             f"--repeat={args.repeat}", f"--record={args.record}", "--here"]  # fmt: skip
     sqlite = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
     subprocess.run([sys.executable, __file__, *flags], env=sqlite, check=True)
     if os.environ.get("DATABASE_URL"):

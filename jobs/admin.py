@@ -17,6 +17,7 @@ from catalog.models import ClusterAccount
 from jobs.batch.actions import stop_run
 from jobs.models import (
     LIVE_STATES,
+    Allocation,
     BatchEvent,
     BatchRun,
     GroupSource,
@@ -94,6 +95,17 @@ class BatchEventInline(admin.TabularInline[BatchEvent, BatchRun]):
 
     def has_add_permission(self, request: HttpRequest, obj: BatchRun | None = None) -> bool:
         return False
+
+
+@admin.register(Allocation)
+class AllocationAdmin(admin.ModelAdmin[Allocation]):
+    """Set here or with `manage.py allocations set`; what each has spent is on Site usage and in /metrics."""
+
+    list_display = ["holder_label", "cluster", "gpu_hours", "tokens", "period", "starts_on", "ends_on", "action"]
+    list_filter = ["period", "action", "cluster"]
+    search_fields = ["user__username", "group__name", "slurm_account"]
+    filter_horizontal = ["managers"]
+    readonly_fields = ["soft_mailed_for", "spent_mailed_for", "created_at", "updated_at"]
 
 
 @admin.register(ModelService)

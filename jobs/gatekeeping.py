@@ -20,7 +20,7 @@ from typing import Any
 from catalog import add_model, inventory
 from catalog.models import Cluster, ClusterAccount, ClusterRuntime
 from catalog.runtime_rules import RUNTIMES
-from jobs.cluster import capacity, jobscript, layout, login, remote
+from jobs.cluster import capacity, jobscript, layout, login, measured, remote
 from jobs.sessions import groups
 from portal import gate
 
@@ -31,6 +31,7 @@ def verbs() -> list[gate.Verb]:
     """Every verb of the portal's, in one list (tests/jobs/test_gatekeeping.py checks none is missing)."""
     return [
         *remote.VERBS,
+        *measured.VERBS,
         *capacity.VERBS,
         *login.VERBS,
         *groups.VERBS,

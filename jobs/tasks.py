@@ -5,7 +5,7 @@ jobs.batch.progress.after_poll, which records the batch runs it read.
 
 Beat runs poll_clusters, watch_sessions and keep_services (every PORTAL_POLL_INTERVAL_S), refresh_partitions (every
 PORTAL_QUEUE_REFRESH_S), sync_groups (every PORTAL_GROUP_SYNC_S), rediscover (every PORTAL_DISCOVER_EVERY_S,
-when set) and expire_files (every PORTAL_FILES_SWEEP_S).
+when set), expire_files (every PORTAL_FILES_SWEEP_S) and summarise_usage (every PORTAL_USAGE_SUMMARY_S).
 Task names are explicit, so moving code never strands a queued message.
 """
 
@@ -25,12 +25,14 @@ from django.db import connections
 
 from catalog import discover, inventory
 from catalog.models import Cluster
+from jobs.allocations import mail as allocation_mail
 from jobs.batch import files, progress, staging
 from jobs.cluster import capacity, logs
 from jobs.models import LLMSession, State
 from jobs.operations import metrics
 from jobs.services import health, keep
-from jobs.sessions import groups, lifecycle, listing, notify
+from jobs.sessions import groups, lifecycle, listing, measuring, notify
+from jobs.usage import rollups
 from portal import ssh
 
 log = logging.getLogger(__name__)
@@ -184,6 +186,13 @@ def fetch_log(session_id: str) -> None:
     logs.refresh(LLMSession.objects.select_related("account__cluster").get(pk=session_id))
 
 
+@shared_task(name="jobs.measure_sessions", ignore_result=True, soft_time_limit=240, time_limit=300)
+def measure_sessions() -> int:
+    """Beat: the measured figures of the sessions due (jobs/sessions/measuring.py), one bounded read of a job's log
+    each."""
+    return measuring.measure_due()
+
+
 @shared_task(name="jobs.refresh_partitions", ignore_result=True)
 def refresh_partitions() -> int:
     """Beat: idle GPUs and pending demand of every cluster with a service account or one marked trusted, one SSH
@@ -252,6 +261,20 @@ def stop_batch(self: Task[Any, Any], run_id: str) -> bool:
     if not staging.stop(run_id):
         raise self.retry(countdown=_backoff_s(self.request.retries))
     return True
+
+
+@shared_task(name="jobs.mail_allocations", ignore_result=True, soft_time_limit=60, time_limit=90)
+def mail_allocations() -> int:
+    """Beat: mail the holders and managers of allocations at their soft threshold or spent (once per period each)."""
+    return allocation_mail.send_due()
+
+
+@shared_task(name="jobs.summarise_usage", ignore_result=True, soft_time_limit=540, time_limit=600)
+def summarise_usage() -> int:
+    """Beat: summarise the proxy's request rows for the usage pages, catching up after downtime a few days per
+    transaction, and delete the raw rows past PORTAL_USAGE_RAW_DAYS (jobs/usage/rollups.py). Idempotent: whole days
+    are rebuilt under a lock on the watermark, so a run cut short or run twice leaves the same figures."""
+    return rollups.summarise()
 
 
 @shared_task(name="jobs.expire_files", ignore_result=True)

@@ -257,11 +257,15 @@ PORTAL_MAX_SESSIONS_PER_USER = env_int("PORTAL_MAX_SESSIONS_PER_USER", 0, minimu
 PORTAL_MAX_GPUS_PER_USER = env_int("PORTAL_MAX_GPUS_PER_USER", 0, minimum=0)
 # How many requests one API token may make a minute (0: no limit); past it the API answers 429 with Retry-After. All of
 # one user's tokens together are held to PORTAL_API_USER_REQUESTS_PER_MINUTE (by default the same: more tokens are not
-# more requests).
+# more requests). Counted across every web process (jobs/models/counts.py).
 PORTAL_API_REQUESTS_PER_MINUTE = env_int("PORTAL_API_REQUESTS_PER_MINUTE", 600, minimum=0)
 PORTAL_API_USER_REQUESTS_PER_MINUTE = env_int(
     "PORTAL_API_USER_REQUESTS_PER_MINUTE", PORTAL_API_REQUESTS_PER_MINUTE, minimum=0
 )
+# Fair share on shared servers (a session shared with others, a model service): requests one user may have in flight
+# on one at once, through the browser and the API together (0: no cap); past it, 429 with Retry-After. A service may
+# set its own. Counted, like the limits above, in Redis where REDIS_URL is set, else in the database.
+PORTAL_MAX_INFLIGHT_PER_USER = env_int("PORTAL_MAX_INFLIGHT_PER_USER", 4, minimum=0)
 # Model services (docs/services.md). Each portal process publishes the requests it has open per replica this often
 # (milliseconds), for the others' routing and the keeper's scaling (0: never, as in the unit tests). A request to a
 # service with no ready replica is held up to PORTAL_SERVICE_HOLD_S seconds when one is expected ready by then, else
@@ -291,6 +295,16 @@ PORTAL_FILES_MAX_BYTES_PER_USER = env_int("PORTAL_FILES_MAX_BYTES_PER_USER", 1 <
 PORTAL_FILES_MAX_PER_USER = env_int("PORTAL_FILES_MAX_PER_USER", 100, minimum=1)
 PORTAL_FILES_RETENTION_DAYS = env_int("PORTAL_FILES_RETENTION_DAYS", 30, minimum=0)
 PORTAL_FILES_SWEEP_S = env_int("PORTAL_FILES_SWEEP_S", 3600, minimum=60)
+# Usage (docs/usage.md): beat summarises the proxy's request rows every PORTAL_USAGE_SUMMARY_S into the rollups the
+# usage pages read, and deletes the raw rows older than PORTAL_USAGE_RAW_DAYS once they are summarised (at least two
+# days: a request is recorded when its reply ends, and its day is summarised again then).
+PORTAL_USAGE_SUMMARY_S = env_int("PORTAL_USAGE_SUMMARY_S", 600, minimum=60)
+PORTAL_USAGE_RAW_DAYS = env_int("PORTAL_USAGE_RAW_DAYS", 90, minimum=2)
+# Allocations (jobs/allocations/): how long each web process keeps what it found about token allocations before asking
+# the database again (an allocation's overspend is at most what this lets through), and how often the beat mails
+# those at their soft threshold or spent.
+PORTAL_ALLOCATION_CHECK_S = env_int("PORTAL_ALLOCATION_CHECK_S", 5, minimum=0)
+PORTAL_ALLOCATION_MAIL_S = env_int("PORTAL_ALLOCATION_MAIL_S", 300, minimum=10)
 DATA_UPLOAD_MAX_MEMORY_SIZE = PORTAL_MAX_REQUEST_BYTES
 
 # Email for session notifications; EMAIL_URL-style settings come from the environment.
@@ -371,6 +385,10 @@ CELERY_BEAT_SCHEDULE: dict[str, dict[str, object]] = {
     },
     "refresh-partitions": {"task": "jobs.refresh_partitions", "schedule": float(PORTAL_QUEUE_REFRESH_S)},
     "expire-files": {"task": "jobs.expire_files", "schedule": float(PORTAL_FILES_SWEEP_S)},
+    "summarise-usage": {"task": "jobs.summarise_usage", "schedule": float(PORTAL_USAGE_SUMMARY_S)},
+    "mail-allocations": {"task": "jobs.mail_allocations", "schedule": float(PORTAL_ALLOCATION_MAIL_S)},
+    # Sessions' measured figures (jobs/sessions/measuring.py): a ready session's within half a minute.
+    "measure-sessions": {"task": "jobs.measure_sessions", "schedule": 30.0, "options": {"expires": 30.0}},
     "keep-services": {
         "task": "jobs.keep_services",
         "schedule": float(PORTAL_POLL_INTERVAL_S),

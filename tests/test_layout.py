@@ -16,20 +16,17 @@ REPO = Path(__file__).resolve().parent.parent
 APPS = ("portal", "catalog", "jobs")
 # The project's wiring sits above both apps; the rest of portal is infrastructure they share.
 WIRING = {"portal.urls", "portal.asgi", "portal.wsgi", "portal.celery"}
+# jobs' subpackages that act (everything but the models and the allocations, which only read the models).
+ACTING = ("jobs.cluster", "jobs.sessions", "jobs.use", "jobs.batch", "jobs.usage", "jobs.operations", "jobs.tasks",
+          "jobs.services")  # fmt: skip
 # Who may import whom, as package prefixes: a module under the key may not import one under any listed prefix.
 FORBIDDEN = {
     "portal": ("catalog", "jobs"),
     "catalog": ("jobs",),
-    "jobs.models": (
-        "jobs.cluster",
-        "jobs.sessions",
-        "jobs.use",
-        "jobs.batch",
-        "jobs.usage",
-        "jobs.operations",
-        "jobs.tasks",
-        "jobs.services",
-    ),
+    "jobs.models": (*ACTING, "jobs.allocations"),
+    # Allocations sit below everything that asks them (the launch, the proxy's door, the usage pages, the metrics):
+    # they read only the models.
+    "jobs.allocations": ACTING,
     "jobs.cluster": ("jobs.sessions", "jobs.use", "jobs.batch", "jobs.usage", "jobs.tasks", "jobs.services"),
     "jobs.sessions": ("jobs.use", "jobs.batch", "jobs.services"),
     # Model services sit above the sessions (a replica is a session launched and cancelled through their actions)

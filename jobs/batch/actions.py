@@ -16,7 +16,7 @@ from django.utils import timezone
 
 from jobs import tasks
 from jobs.batch.forms import Checked, run_columns
-from jobs.models import BatchRun, LLMSession, State
+from jobs.models import BatchRun, LLMSession, State, active_shares
 from jobs.sessions import actions
 
 
@@ -51,18 +51,27 @@ def _add_run(session: LLMSession, batch: Checked, ends_session: bool, **extra: A
 
 def start_run(session: LLMSession, batch: Checked, **extra: Any) -> BatchRun:
     """A batch run on a running session: recorded, then sent to the cluster, where the job starts its runner beside
-    the server. The session stays up for chat and the API; by default the run leaves one of its slots free."""
+    the server. The session stays up for chat and the API; by default the run leaves one of its slots free, and on a
+    server others use too (shared_server) always, whatever it asked for: its runner talks to the server on the node,
+    past the proxy's fair share, so the room for chat is kept by its own concurrency."""
     if session.state != State.RUNNING:
         raise ValidationError(f"The session is {session.get_state_display()}: a run needs it running.")
     if batch.columns.get("replicas", 1) > 1:
         raise ValidationError("Replicas are for batch launches; a run on a session uses its server.")
     with transaction.atomic():
         run = _add_run(session, batch, ends_session=False, **extra)
-        if batch.columns.get("concurrency") is None and session.parallel > 1:
-            BatchRun.objects.filter(pk=run.pk).update(concurrency=session.parallel - 1)
+        if session.parallel > 1 and (batch.columns.get("concurrency") is None or shared_server(session)):
+            room = session.parallel - 1
+            BatchRun.objects.filter(pk=run.pk, concurrency__gt=room).update(concurrency=room)
         transaction.on_commit(lambda: tasks.stage_batch.delay(str(run.pk)))
     run.refresh_from_db()
     return run
+
+
+def shared_server(session: LLMSession) -> bool:
+    """Whether others than the session's owner use its server now: a grant is in force on it, or it is a service's
+    replica."""
+    return session.service_id is not None or session.shares.filter(active_shares()).exists()
 
 
 def stop_run(run: BatchRun) -> None:

@@ -20,8 +20,8 @@ from django.utils import timezone
 from catalog.models import Cluster, ClusterAccount, GPUType, Partition
 from catalog.plans import Option
 from jobs.cluster import jobscript
-from jobs.models import LLMSession, PartitionState
-from portal import gate, rates, shellsafe, ssh
+from jobs.models import LLMSession, PartitionState, counts
+from portal import gate, shellsafe, ssh
 from portal.slurm import sbatch, sinfo, squeue
 from portal.slurm.errors import SlurmParseError
 
@@ -179,7 +179,7 @@ def probe_walltime(walltime_min: int, partition_max_min: int) -> int:
 def _may_ask(asker: int | None) -> bool:
     """A user's wizard asks Slurm at most PORTAL_WIZARD_SLURM_PER_MINUTE new questions a minute (cache hits are
     free); past it, options show the portal's own facts without Slurm's estimate."""
-    return asker is None or not rates.wait_s(f"slurm-questions:{asker}", settings.PORTAL_WIZARD_SLURM_PER_MINUTE)
+    return asker is None or counts.take([(f"slurm-questions:{asker}", settings.PORTAL_WIZARD_SLURM_PER_MINUTE)]) is None
 
 
 def slurm_estimate(

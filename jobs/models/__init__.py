@@ -1,13 +1,16 @@
 """The jobs app's models, by concern: sessions and their events (sessions.py), partition state (capacity.py), API
 and scrape tokens (tokens.py), chat (chat.py), batch runs, their events and the pace finished runs measured
-(batch.py), sharing (sharing.py), usage (usage.py).
+(batch.py), sharing (sharing.py), usage (usage.py), allocations (allocations.py), the counts every web
+process shares (counts.py).
 
 May import: catalog, portal. Never the rest of jobs.
 """
 
+from jobs.models.allocations import Allocation
 from jobs.models.batch import BatchEvent, BatchFile, BatchRun, Pace, measured_pace, transition_run
 from jobs.models.capacity import PartitionState
 from jobs.models.chat import ChatMessage, Conversation
+from jobs.models.counts import InFlight, SharedCount
 from jobs.models.services import RUN_SITE_SERVICE, ModelService, ReplicaLoad
 from jobs.models.sessions import (
     END_STATES,
@@ -26,7 +29,16 @@ from jobs.models.sessions import (
 )
 from jobs.models.sharing import GroupSource, SessionShare, active_shares, granted_to
 from jobs.models.tokens import ApiToken, ScrapeToken, token_digest
-from jobs.models.usage import SITE_USAGE_DENIED, SPEED_BOUNDS, TTFT_BOUNDS_MS, ProxyRequest, sees_site_usage
+from jobs.models.usage import (
+    SITE_USAGE_DENIED,
+    SPEED_BOUNDS,
+    TTFT_BOUNDS_MS,
+    ProxyRequest,
+    UsageRollup,
+    UsageWatermark,
+    UsageWindow,
+    sees_site_usage,
+)
 
 __all__ = [
     "END_STATES",
@@ -40,6 +52,7 @@ __all__ = [
     "SITE_USAGE_DENIED",
     "SPEED_BOUNDS",
     "TTFT_BOUNDS_MS",
+    "Allocation",
     "ApiToken",
     "BatchEvent",
     "BatchFile",
@@ -47,6 +60,7 @@ __all__ = [
     "ChatMessage",
     "Conversation",
     "GroupSource",
+    "InFlight",
     "LLMSession",
     "ModelService",
     "Pace",
@@ -57,7 +71,11 @@ __all__ = [
     "ScrapeToken",
     "SessionEvent",
     "SessionShare",
+    "SharedCount",
     "State",
+    "UsageRollup",
+    "UsageWatermark",
+    "UsageWindow",
     "active_shares",
     "granted_to",
     "measured_pace",

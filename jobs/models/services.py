@@ -47,6 +47,11 @@ class ServiceQuerySet(models.QuerySet["ModelService"]):
 READY_REPLICA = {"state__in": tuple(sorted(SERVING_STATES)), "draining_since__isnull": True}
 
 
+def inflight_cap(own: int | None) -> int:
+    """The requests one user may have in flight on a service at once: its own cap, else the site's (0: no cap)."""
+    return settings.PORTAL_MAX_INFLIGHT_PER_USER if own is None else own
+
+
 def takes_requests(replica: LLMSession) -> bool:
     """READY_REPLICA's rule on a loaded row."""
     return replica.state in SERVING_STATES and bool(replica.host) and replica.draining_since is None
@@ -84,6 +89,12 @@ class ModelService(models.Model):
         default=15.0, validators=[MinValueValidator(0.0), MaxValueValidator(60 * 24 * 7)],
         help_text="How long one fewer replica must have been enough before one is removed (down to min).",
     )  # fmt: skip
+    # Fair share (jobs/use/fairshare.py): requests one user may have in flight on the service at once, past which they
+    # are answered 429 with Retry-After. Empty: the site's PORTAL_MAX_INFLIGHT_PER_USER.
+    max_inflight_per_user = models.PositiveSmallIntegerField(
+        null=True, blank=True, validators=[MaxValueValidator(1024)],
+        help_text="Requests one user may have in flight on it at once (0: no cap); empty: the site's default.",
+    )  # fmt: skip
     # How many replicas the keeper keeps now, between min and max: raised under load, lowered when idle, raised from
     # 0 by a request when min is 0. Not edited by hand: scale() sets min and max, and this follows within them.
     desired_replicas = models.PositiveSmallIntegerField(default=0, editable=False)
@@ -91,6 +102,9 @@ class ModelService(models.Model):
     quiet_since = models.DateTimeField(null=True, blank=True, editable=False)  # one fewer enough since
     created_at = models.DateTimeField(auto_now_add=True)
     stopped_at = models.DateTimeField(null=True, blank=True, help_text="Stopped: no replica is kept up any more.")
+    # Why the keeper's last launch of a replica was refused (the owner's allocation or limits, a catalog change);
+    # empty once one launches. Shown on the service's page: otherwise only the workers' log would say.
+    launch_refused = models.TextField(blank=True, editable=False)
 
     objects = ServiceQuerySet.as_manager()
 
@@ -111,6 +125,10 @@ class ModelService(models.Model):
     @property
     def running(self) -> bool:
         return self.stopped_at is None
+
+    @property
+    def inflight_cap(self) -> int:
+        return inflight_cap(self.max_inflight_per_user)
 
     @property
     def keeps(self) -> int:

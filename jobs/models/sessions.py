@@ -144,6 +144,10 @@ class LLMSession(models.Model):
     # The job's report of its node-local copy of the weights (staging.sh stage_model, staging.json): state, bytes,
     # total, seconds, where from and to. Empty while nothing was staged.
     staging = models.JSONField(default=dict, blank=True, editable=False)
+    # What the server said it allocated and how fast it answered, read from the job's log (jobs/cluster/measured.py:
+    # FIELDS, and devices); measured_at: when it was last read. Empty until read.
+    measured = models.JSONField(default=dict, blank=True, editable=False)
+    measured_at = models.DateTimeField(null=True, blank=True, editable=False)
     last_activity_at = models.DateTimeField(null=True, blank=True)
     idle_cancel_min = models.PositiveIntegerField(
         "cancel after idle minutes",

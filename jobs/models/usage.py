@@ -64,3 +64,81 @@ class ProxyRequest(models.Model):
     @property
     def failed(self) -> bool:
         return self.status >= 400
+
+
+class UsageRollup(models.Model):
+    """Proxy requests summarised (jobs/usage/rollups.py) so that the usage figures never read every row: per local day
+    or month, broken down per session and user, per user alone or per session alone. A row holds either the tallies of
+    one API route (metric empty) or one bucket of a histogram (metric "ttft" or "speed", no route): how many successful
+    requests fell in it and the smallest and largest value seen there."""
+
+    class Grain(models.TextChoices):
+        DAY = "day", "day"
+        MONTH = "month", "month"
+
+    class Breakdown(models.TextChoices):
+        SESSION_USER = "session_user", "per session and user"
+        USER = "user", "per user"  # the site's tables by user or group read these
+        SESSION = "session", "per session"  # and by model, cluster, ..., month these
+
+    class Metric(models.TextChoices):
+        TALLIES = "", "tallies"
+        TTFT = "ttft", "time to first token (ms)"  # buckets of TTFT_BOUNDS_MS
+        SPEED = "speed", "tokens/s"  # buckets of SPEED_BOUNDS
+
+    breakdown = models.CharField(max_length=12, choices=Breakdown.choices)
+    grain = models.CharField(max_length=5, choices=Grain.choices)
+    start = models.DateField()  # the day, or the month's first day, in the portal's time zone when summarised
+    session = models.ForeignKey(LLMSession, on_delete=models.CASCADE, null=True, related_name="+")
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, null=True, related_name="+")
+    endpoint = models.CharField(max_length=32, blank=True)  # ProxyRequest.endpoint; empty on histogram rows
+    metric = models.CharField(max_length=5, choices=Metric.choices, blank=True)
+    bucket = models.PositiveSmallIntegerField(null=True)
+    requests = models.PositiveBigIntegerField(default=0)  # a histogram row: the requests in its bucket
+    errors = models.PositiveBigIntegerField(default=0)
+    prompt_tokens = models.PositiveBigIntegerField(default=0)
+    completion_tokens = models.PositiveBigIntegerField(default=0)
+    cached_tokens = models.PositiveBigIntegerField(default=0)
+    bytes_in = models.PositiveBigIntegerField(default=0)
+    bytes_out = models.PositiveBigIntegerField(default=0)
+    low = models.FloatField(null=True)
+    high = models.FloatField(null=True)
+
+    class Meta:
+        indexes = [
+            models.Index(fields=["breakdown", "grain", "start"], name="rollup_breakdown_idx"),
+            models.Index(fields=["user", "breakdown", "grain", "start"], name="rollup_user_idx"),
+            models.Index(fields=["session", "breakdown", "grain", "start"], name="rollup_session_idx"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.breakdown} {self.grain} {self.start} {self.metric or self.endpoint}"
+
+
+class UsageWindow(models.Model):
+    """A clock-aligned 15-minute window in which at least one request to a session started (the GPU-hours with
+    traffic), with the first and last of them: whether a window at the edge of a run had a request inside it."""
+
+    session = models.ForeignKey(LLMSession, on_delete=models.CASCADE, related_name="+")
+    start = models.DateTimeField()
+    day = models.DateField()  # the local day of `start`, in the portal's time zone when summarised
+    first_at = models.DateTimeField()
+    last_at = models.DateTimeField()
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["session", "start"], name="usage_window_unique")]
+        indexes = [models.Index(fields=["day"], name="usage_window_day_idx")]
+
+    def __str__(self) -> str:
+        return f"{self.session_id} {self.start:%Y-%m-%d %H:%M}"
+
+
+class UsageWatermark(models.Model):
+    """One row: the rollups hold every request that started before `until` and whose id is at most
+    `last_request_id`; the figures read the raw rows for the rest."""
+
+    until = models.DateTimeField()
+    last_request_id = models.BigIntegerField(default=0)
+
+    def __str__(self) -> str:
+        return f"summarised until {self.until:%Y-%m-%d %H:%M} (request {self.last_request_id})"

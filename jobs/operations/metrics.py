@@ -38,6 +38,7 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from jobs.allocations import report as allocation_report
 from jobs.models import (
     LIVE_STATES,
     TTFT_BOUNDS_MS,
@@ -160,7 +161,8 @@ def submitted(outcome: str) -> None:
 
 class DatabaseCollector(Collector):
     """What the database says now, read at each scrape with a fixed handful of aggregate queries (one per family or
-    pair of families, however many sessions and clusters). Every host reports the same figures: add up one host's."""
+    pair of families, however many sessions and clusters; and a few per allocation, of which a site has tens). Every
+    host reports the same figures: add up one host's."""
 
     def collect(self) -> Iterator[Metric]:
         sessions = GaugeMetricFamily("portal_sessions", "Sessions by state and cluster.", labels=["state", "cluster"])
@@ -223,6 +225,7 @@ class DatabaseCollector(Collector):
         recent.add_metric(["true"], hour["failed"])
         yield recent
         yield from _services(now)
+        yield from _allocations(now)
 
 
 def _services(now: datetime) -> Iterator[Metric]:
@@ -242,6 +245,28 @@ def _services(now: datetime) -> Iterator[Metric]:
     for row in fresh.values("session__service__name").annotate(n=Sum("inflight")).order_by():
         inflight.add_metric([row["session__service__name"]], row["n"] or 0)
     yield inflight
+
+
+def _allocations(now: datetime) -> Iterator[Metric]:
+    """Each allocation in force: its limit, what is spent and what is left in its current period, by unit (gpu_hours,
+    tokens). A few queries per allocation: a site has tens of them, not thousands."""
+    labels = ["allocation", "unit"]
+    limit = GaugeMetricFamily("portal_allocation_limit", "What an allocation allows per period.", labels=labels)
+    spent = GaugeMetricFamily("portal_allocation_spent", "What an allocation has spent in its current period "
+                              "(GPU-hours: used, and reserved by live sessions).", labels=labels)  # fmt: skip
+    left = GaugeMetricFamily("portal_allocation_remaining", "What is left of an allocation until it resets.",
+                             labels=labels)  # fmt: skip
+    for standing in allocation_report.of_site(now):
+        name = standing.allocation.holder_key
+        if standing.allocation.gpu_hours is not None:
+            limit.add_metric([name, "gpu_hours"], float(standing.allocation.gpu_hours))
+            spent.add_metric([name, "gpu_hours"], standing.gpu_hours)
+            left.add_metric([name, "gpu_hours"], standing.gpu_hours_left or 0.0)
+        if standing.allocation.tokens is not None:
+            limit.add_metric([name, "tokens"], standing.allocation.tokens)
+            spent.add_metric([name, "tokens"], standing.tokens)
+            left.add_metric([name, "tokens"], standing.tokens_left or 0)
+    yield from (limit, spent, left)
 
 
 def exposition() -> tuple[bytes, str]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Mapping
+from types import EllipsisType
 from typing import Any
 
 from django.contrib.auth.models import Group, User
@@ -33,6 +34,7 @@ def create(
     groups: Iterable[Group] = (),
     target_inflight: int | None = None,
     idle_minutes: float | None = None,
+    max_inflight_per_user: int | None = None,
 ) -> ModelService:
     """A new service; its replicas are launched once it is committed. The launch is checked now, by the launch form,
     as the replicas will be launched."""
@@ -52,7 +54,7 @@ def create(
         raise ValidationError({"groups": "Only groups you are a member of."})
     service = ModelService(name=name, owner=owner, launch=_stored(form), min_replicas=min_replicas,
                            max_replicas=max(min_replicas, 1) if max_replicas is None else max_replicas,
-                           audience=audience)  # fmt: skip
+                           audience=audience, max_inflight_per_user=max_inflight_per_user)  # fmt: skip
     if target_inflight is not None:
         service.target_inflight = target_inflight
     if idle_minutes is not None:
@@ -81,16 +83,20 @@ PER_SESSION = ("alias",)
 
 def scale(
     service: ModelService, min_replicas: int, max_replicas: int, *, target_inflight: int | None = None,
-    idle_minutes: float | None = None,
+    idle_minutes: float | None = None, max_inflight_per_user: int | EllipsisType | None = ...,
 ) -> None:  # fmt: skip
-    """New bounds (and optionally a new target and idle time); the keeper moves the replicas within them."""
+    """New bounds (and optionally a new target, idle time and fair-share cap: None for the site's, ... to keep it);
+    the keeper moves the replicas within them."""
     service.min_replicas, service.max_replicas = min_replicas, max_replicas
     if target_inflight is not None:
         service.target_inflight = target_inflight
     if idle_minutes is not None:
         service.idle_minutes = idle_minutes
+    if not isinstance(max_inflight_per_user, EllipsisType):
+        service.max_inflight_per_user = max_inflight_per_user
     service.full_clean()
-    service.save(update_fields=["min_replicas", "max_replicas", "target_inflight", "idle_minutes"])
+    service.save(update_fields=["min_replicas", "max_replicas", "target_inflight", "idle_minutes",
+                                "max_inflight_per_user"])  # fmt: skip
     transaction.on_commit(tasks.keep_services.delay)
 
 

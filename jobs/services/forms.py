@@ -15,14 +15,16 @@ from jobs.models import RUN_SITE_SERVICE, ModelService
 from jobs.sessions.forms import LaunchForm
 
 REPLICAS = ["min_replicas", "max_replicas", "target_inflight", "idle_minutes"]
+SCALED = [*REPLICAS, "max_inflight_per_user"]  # what scale() changes
 
 
 class ScaleForm(forms.ModelForm[ModelService]):
     class Meta:
         model = ModelService
-        fields = REPLICAS
+        fields = SCALED
         labels = {"min_replicas": "Min replicas", "max_replicas": "Max replicas",
-                  "target_inflight": "Target in flight", "idle_minutes": "Idle minutes"}  # fmt: skip
+                  "target_inflight": "Target in flight", "idle_minutes": "Idle minutes",
+                  "max_inflight_per_user": "Max in flight per user"}  # fmt: skip
 
 
 class ServiceForm(forms.ModelForm[ModelService]):
@@ -31,7 +33,7 @@ class ServiceForm(forms.ModelForm[ModelService]):
 
     class Meta:
         model = ModelService
-        fields = ["name", *REPLICAS, "audience", "groups"]
+        fields = ["name", *SCALED, "audience", "groups"]
         labels = ScaleForm.Meta.labels
         widgets = {"audience": forms.RadioSelect, "groups": forms.CheckboxSelectMultiple}
 
@@ -52,7 +54,8 @@ class ServiceForm(forms.ModelForm[ModelService]):
         data = self.cleaned_data
         return {"min_replicas": data["min_replicas"], "max_replicas": data["max_replicas"],
                 "audience": data["audience"], "groups": list(data["groups"]),
-                "target_inflight": data["target_inflight"], "idle_minutes": data["idle_minutes"]}  # fmt: skip
+                "target_inflight": data["target_inflight"], "idle_minutes": data["idle_minutes"],
+                "max_inflight_per_user": data["max_inflight_per_user"]}  # fmt: skip
 
 
 def may_run_site_service(user: User) -> bool:

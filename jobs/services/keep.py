@@ -155,9 +155,12 @@ def _cancel(replica: LLMSession, cause: str, end_reason: str, done: Round) -> No
 def _launch(service: ModelService, replaces: LLMSession | None = None) -> LLMSession | None:
     try:
         session, _new = launching.create(service.owner, service.launch, with_session=_member_of(service, replaces))
-    except ValidationError as exc:  # the owner's limits, a catalog change: in the log, tried again next round
-        log.warning("service %s could not launch a replica: %s", service.name, exc)
+    except ValidationError as exc:  # the owner's allocation or limits, a catalog change: tried again next round
+        reason = " ".join(exc.messages)
+        log.warning("service %s could not launch a replica: %s", service.name, reason)
+        ModelService.objects.filter(pk=service.pk).exclude(launch_refused=reason).update(launch_refused=reason)
         return None
+    ModelService.objects.filter(pk=service.pk).exclude(launch_refused="").update(launch_refused="")
     return session
 
 

@@ -128,6 +128,7 @@ def describe(service: ModelService) -> dict[str, Any]:
         "max": service.max_replicas,
         "target_inflight": service.target_inflight,
         "idle_minutes": service.idle_minutes,
+        "max_inflight_per_user": service.max_inflight_per_user,  # None: the site's
         "desired": service.desired_replicas,
         "keeps": service.keeps,
         "ready": seen.ready,

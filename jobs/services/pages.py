@@ -88,7 +88,8 @@ def service_scale(request: HtmxHttpRequest, name: str) -> HttpResponse:
         data = form.cleaned_data
         try:
             actions.scale(service, data["min_replicas"], data["max_replicas"], target_inflight=data["target_inflight"],
-                          idle_minutes=data["idle_minutes"])  # fmt: skip
+                          idle_minutes=data["idle_minutes"],
+                          max_inflight_per_user=data["max_inflight_per_user"])  # fmt: skip
         except ValidationError as exc:
             service.refresh_from_db()
             add_errors([form], exc)

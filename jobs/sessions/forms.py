@@ -40,6 +40,7 @@ from catalog.models import (
     VariantLocation,
 )
 from catalog.quant import canonical_quant
+from jobs.allocations import check as allocations
 from jobs.models import LIVE_STATES, LLMSession, Purpose
 from jobs.sessions import limits
 
@@ -282,6 +283,7 @@ class LaunchForm(ChoicesForm):
         data["nodes"] = data.get("nodes") or 1
         _check_runtime_fits(cluster_runtime, location, data["nodes"], data["gpus"])
         limits.check(self.user, cluster, data["gpus"] * data["nodes"])
+        allocations.check_launch(self.user, account, cluster, data["gpus"] * data["nodes"], data["walltime"])
         cpus, memory_gib = group.share_for(data["gpus"])
         data["cpus"] = data.get("cpus") or cpus
         data["memory_gib"] = data.get("memory_gib") or memory_gib

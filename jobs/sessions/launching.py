@@ -11,6 +11,7 @@ from django.contrib.auth.models import User
 from django.core.exceptions import ValidationError
 from django.db import IntegrityError, transaction
 
+from jobs.allocations import check as allocations
 from jobs.models import LLMSession, State
 from jobs.sessions import limits
 from jobs.sessions.forms import LaunchForm, form_errors
@@ -41,7 +42,10 @@ def create(
         with transaction.atomic():
             # Checked again under a lock on the user: two launches at once cannot both take the last place.
             User.objects.select_for_update().filter(pk=user.pk).first()
-            limits.check(user, columns["cluster"], columns["gpus_per_node"] * columns["nodes"] * replicas)
+            gpus = columns["gpus_per_node"] * columns["nodes"] * replicas
+            limits.check(user, columns["cluster"], gpus)
+            account, cluster = columns["account"], columns["cluster"]
+            allocations.check_launch(user, account, cluster, gpus, columns["walltime_min"], lock=True)
             session = LLMSession.objects.create(owner=user, request_token=request_token, **columns)
             session.events.create(to_state=State.PENDING, cause=f"requested by {user.get_username()}")
             if with_session is not None:

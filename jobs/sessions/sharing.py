@@ -111,7 +111,7 @@ def with_shares(sessions: QuerySet[LLMSession]) -> QuerySet[LLMSession]:
 
 def annotate(sessions: list[LLMSession]) -> None:
     """Sets `use` on each session for its card: who made how many requests on it and their tokens (usage Rows,
-    most requests first); one query."""
+    most requests first); two queries."""
     found = figures.by_user_on_session([s.pk for s in sessions])
     for s in sessions:
         s.use = found.get(s.pk, [])  # type: ignore[attr-defined]

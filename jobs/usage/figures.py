@@ -3,13 +3,16 @@ the sessions' Slurm run times and the batch runs' token counts. Plain functions 
 the command line present them (tables.py).
 
 Every figure is built from a *cube*: the tallies of each combination of a few keys (a day, a user, a model, ...),
-read in four queries whatever the number of rows, then rolled up in Python:
+read in four queries whatever the number of rows (and one for where the summaries stand), then rolled up in Python:
 
 1. requests, grouped by the keys and by the buckets (TTFT_BOUNDS_MS, SPEED_BOUNDS) their time to first token and
    tokens/s fall in: counts, errors, tokens, and each bucket's smallest and largest value;
 2. the sessions that ran in the period, with their GPUs, Slurm start and end, and keys;
 3. per session (and day): how many clock-aligned 15-minute windows had a request start in them (the traffic);
 4. batch runs' tokens, grouped by the keys.
+
+Queries 1 and 3 read the summaries of rollups.py for the whole days and months of the period and the raw request rows
+for the rest (the last minutes, mostly), both in one query.
 
 Everything in a tally adds up across rows, percentiles included: bucket counts add, and the percentile is
 interpolated from them at the end (never by loading the rows).
@@ -35,18 +38,20 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, date, datetime, time, timedelta
+from datetime import date, datetime, timedelta
+from functools import cached_property
 from typing import Any
 
-from django.db.models import Case, Count, F, Func, IntegerField, Max, Min, Q, QuerySet, Sum, Value, When
+from django.db.models import Count, F, Max, Min, Q, QuerySet, Sum
 from django.db.models.functions import Coalesce, TruncDate
 from django.utils import timezone
 
-from jobs.models import SPEED_BOUNDS, TTFT_BOUNDS_MS, BatchRun, LLMSession, ProxyRequest
+from jobs.models import SPEED_BOUNDS, TTFT_BOUNDS_MS, BatchRun, LLMSession, ProxyRequest, UsageRollup, UsageWindow
+from jobs.models.summaries import EPOCH, Cover, Mark, midnight
+from jobs.usage import rollups
+from jobs.usage.rollups import WINDOW, QuarterHour, window_start
 
-WINDOW = timedelta(minutes=15)  # the traffic windows' length; clock-aligned
 WINDOW_HOURS = WINDOW.total_seconds() / 3600
-EPOCH = datetime(2000, 1, 1, tzinfo=UTC)  # before any row: "all time" starts here
 
 Key = tuple[Any, ...]
 
@@ -91,11 +96,6 @@ class Period:
         """Every local day the period touches, in order."""
         first, last = self.first_day, self.last_day
         return [first + timedelta(days=i) for i in range((last - first).days + 1)] if self.end > self.start else []
-
-
-def midnight(day: date) -> datetime:
-    """The start of a day in the portal's time zone."""
-    return timezone.make_aware(datetime.combine(day, time.min))
 
 
 @dataclass
@@ -282,8 +282,30 @@ class Scope:
     user_id: int | None = None
     session_ids: tuple[Any, ...] | None = None
 
-    def requests(self) -> QuerySet[ProxyRequest]:
-        rows = ProxyRequest.objects.filter(at__gte=self.period.start, at__lt=self.period.end)
+    @cached_property
+    def mark(self) -> Mark:
+        """Where the summaries stand: read once for all the queries of the figures of this scope."""
+        return Mark.read()
+
+    def cover(self, months: bool) -> Cover:
+        """How the period splits between summaries (by month where `months` allows) and raw rows."""
+        return Cover.of(self.period.start, self.period.end, months, self.mark)
+
+    def requests(self, cover: Cover) -> QuerySet[ProxyRequest]:
+        """The raw request rows in the scope that no summary of `cover` holds."""
+        return cover.raw(ProxyRequest.objects.all(), user_id=self.user_id, session_ids=self.session_ids)
+
+    def rollups(self, cover: Cover, keys: Sequence[str]) -> QuerySet[UsageRollup]:
+        """The summaries in the scope that `cover` reads, of the breakdown that has `keys` (the smallest that does:
+        per user or per session alone when the keys and the scope ask for no more)."""
+        person = self.user_id is not None or any(name in DIMENSIONS and DIMENSIONS[name].person for name in keys)
+        sessions = self.session_ids is not None or any(
+            name == SESSION.name or (name in DIMENSIONS and not DIMENSIONS[name].person) for name in keys
+        )
+        breakdown = rollups.Breakdown.SESSION if sessions or not person else rollups.Breakdown.USER
+        if person and sessions:
+            breakdown = rollups.Breakdown.SESSION_USER
+        rows = cover.rollups(UsageRollup.objects.filter(breakdown=breakdown))
         if self.user_id is not None:
             rows = rows.filter(user_id=self.user_id)
         if self.session_ids is not None:
@@ -311,28 +333,6 @@ class Scope:
         return runs
 
 
-def _bucket(name: str, bounds: Sequence[float]) -> Case:
-    """The bucket a successful request's value falls in; NULL for failed requests and missing values."""
-    whens = [When(Q(status__gte=400) | Q(**{f"{name}__isnull": True}), then=Value(None))]
-    whens += [When(**{f"{name}__lt": bound}, then=Value(i)) for i, bound in enumerate(bounds)]
-    return Case(*whens, default=Value(len(bounds)), output_field=IntegerField())
-
-
-class QuarterHour(Func):
-    """The clock-aligned 15-minute window a moment falls in, counted in windows since 1970. The same windows in UTC as
-    in any time zone (they all differ from UTC by whole quarters of an hour), so no time zone is needed, and the SQL
-    is native on both databases (Django's own date functions are Python functions called per row on SQLite)."""
-
-    output_field = IntegerField()
-    template = "CAST(FLOOR(EXTRACT(EPOCH FROM %(expressions)s) / 900) AS bigint)"
-
-    def as_sqlite(self, compiler: Any, connection: Any, **extra: Any) -> tuple[str, list[Any]]:
-        # The format goes as a parameter: a literal '%s' would be taken for one.
-        seconds = Func(Value("%s"), *self.get_source_expressions(), function="strftime")
-        sql, params = compiler.compile(seconds)
-        return f"(CAST({sql} AS INTEGER) / 900)", list(params)
-
-
 def _aliases(keys: Sequence[str], paths_of: Callable[[Dimension], list[str]], day: Any) -> dict[str, Any]:
     """values() arguments for the keys: k<i>_<j> for the j-th path of the i-th key, `day` as given."""
     found: dict[str, Any] = {}
@@ -357,33 +357,22 @@ def _key(row: dict[str, Any], keys: Sequence[str]) -> Key:
 
 
 def _add_requests(cells: dict[Key, Tally], scope: Scope, keys: Sequence[str]) -> None:
-    """Query 1: requests by the keys and by their TTFT and speed buckets."""
-    aliases = _aliases(keys, Dimension.request_paths, TruncDate("at"))
-    rows = (
-        scope.requests()
-        .values(**aliases, tb=_bucket("ttft_ms", TTFT_BOUNDS_MS), sb=_bucket("tokens_per_s", SPEED_BOUNDS))
-        .annotate(
-            n=Count("id"),
-            errors=Count("id", filter=Q(status__gte=400)),
-            prompt=Sum("prompt_tokens"),
-            completion=Sum("completion_tokens"),
-            ttft_lo=Min("ttft_ms"),
-            ttft_hi=Max("ttft_ms"),
-            speed_lo=Min("tokens_per_s"),
-            speed_hi=Max("tokens_per_s"),
-        )
-        .order_by()  # the model's ordering would otherwise join the GROUP BY
-    )
-    for row in rows:
+    """Query 1: requests by the keys, their tallies and their TTFT and speed buckets, from the summaries and the raw
+    rows they do not hold (by month where no key is the day)."""
+    cover = scope.cover(months=DAY not in keys)
+    raw = scope.requests(cover)
+    raw_keys = _aliases(keys, Dimension.request_paths, TruncDate("at"))
+    summaries = rollups.summed(scope.rollups(cover, keys), _aliases(keys, Dimension.request_paths, F("start")))
+    for row in rollups.together([summaries, rollups.raw_rows(raw, raw_keys)]):
         tally = cells[_key(row, keys)]
-        tally.requests += row["n"]
-        tally.errors += row["errors"]
-        tally.prompt_tokens += row["prompt"] or 0
-        tally.completion_tokens += row["completion"] or 0
-        if row["tb"] is not None:
-            tally.ttft.add(row["tb"], row["n"], row["ttft_lo"], row["ttft_hi"])
-        if row["sb"] is not None:
-            tally.speed.add(row["sb"], row["n"], row["speed_lo"], row["speed_hi"])
+        for metric, bucket, n, low, high in rollups.buckets_of(row):
+            (tally.ttft if metric == rollups.Metric.TTFT else tally.speed).add(bucket, n, low, high)
+        if not rollups.counts_tallies(row):
+            continue
+        tally.requests += row["x_requests"]
+        tally.errors += row["x_errors"]
+        tally.prompt_tokens += row["x_prompt_tokens"] or 0
+        tally.completion_tokens += row["x_completion_tokens"] or 0
 
 
 @dataclass
@@ -414,14 +403,28 @@ def _add_sessions(cells: dict[Key, Tally], scope: Scope, keys: Sequence[str]) ->
             end = min(row["ended_at"] or period.end, period.end)
             run = runs[row["pk"]] = _Run(row["gpus_per_node"] * row["nodes"], start, end)
         run.keys.add(_key(row, other))
-    traffic: Iterable[dict[str, Any]] = (
-        ProxyRequest.objects.filter(session__in=sessions.values("pk"), at__gte=period.start, at__lt=period.end)
+    # The summarised windows in the run (rollups.py: a window at its edge had a request inside it when its last
+    # request came after the start, or its first before the end), then those of the raw rows after them. first and
+    # last are a window's start for the summaries, a request's moment for the raw rows: _split only asks in which
+    # window they fall.
+    cover = scope.cover(months=False)
+    summarised = (
+        cover.windows(UsageWindow.objects.filter(session__in=sessions.values("pk")))
+        .filter(last_at__gte=F("session__started_at"))
+        .filter(Q(session__ended_at__isnull=True) | Q(first_at__lt=F("session__ended_at")))
+        .values("session", *(["day"] if by_day else []))
+        .annotate(windows=Count("id"), first=Min("start"), last=Max("start"))
+        .order_by()
+    )
+    raw = (
+        cover.raw(ProxyRequest.objects.all(), session_ids=sessions.values("pk"), late=False)
         .filter(at__gte=F("session__started_at"))
         .filter(Q(session__ended_at__isnull=True) | Q(at__lt=F("session__ended_at")))
         .values("session", **({"day": TruncDate("at")} if by_day else {}))
         .annotate(windows=Count(QuarterHour("at"), distinct=True), first=Min("at"), last=Max("at"))
         .order_by()
     )
+    traffic: Iterable[dict[str, Any]] = rollups.together([summarised, raw])
     for row in traffic:
         run = runs.get(row["session"])
         if run is None:
@@ -448,12 +451,6 @@ def _with_day(base: Key, keys: Sequence[str], day: date | None) -> Key:
     return (*base[:i], day, *base[i:])
 
 
-def _window_start(moment: datetime) -> datetime:
-    """The clock-aligned 15-minute window holding `moment` (as QuarterHour counts them)."""
-    moment = moment.astimezone(UTC)
-    return moment.replace(minute=moment.minute - moment.minute % 15, second=0, microsecond=0)
-
-
 def _split(run: _Run, by_day: bool) -> tuple[dict[date | None, float], dict[date | None, float]]:
     """A run's reserved hours and hours with traffic, per local day (or all under None). The hours with traffic are a
     quarter hour per window with a request, less the parts of the first and last windows outside the run when they
@@ -470,11 +467,11 @@ def _split(run: _Run, by_day: bool) -> tuple[dict[date | None, float], dict[date
         reserved[None] = (run.end - run.start).total_seconds() / 3600
     used: dict[date | None, float] = {day: windows * WINDOW_HOURS for day, windows in run.windows.items()}
     if run.first is not None and run.last is not None:
-        first_window = _window_start(run.start)
+        first_window = window_start(run.start)
         if run.first < first_window + WINDOW:
             day: date | None = timezone.localdate(first_window) if by_day else None
             used[day] = used.get(day, 0.0) - (run.start - first_window).total_seconds() / 3600
-        last_window = _window_start(run.end)
+        last_window = window_start(run.end)
         if run.last >= last_window and run.end > last_window:
             day = timezone.localdate(last_window) if by_day else None
             used[day] = used.get(day, 0.0) - (last_window + WINDOW - run.end).total_seconds() / 3600
@@ -596,22 +593,19 @@ class RouteUse:
 
 def by_route(scope: Scope) -> list[RouteUse]:
     """The scope's requests by the API route they used (chat completions, Anthropic's messages, responses, ...),
-    most used first; one query."""
-    rows = (
-        scope.requests()
-        .values("endpoint")
-        .annotate(
-            n=Count("id"),
-            errors=Count("id", filter=Q(status__gte=400)),
-            prompt=Sum("prompt_tokens"),
-            cached=Sum("cached_tokens"),
-            completion=Sum("completion_tokens"),
-        )
-        .order_by()
-    )
-    found = [RouteUse(row["endpoint"], row["n"], row["errors"], row["prompt"] or 0, row["cached"] or 0,
-                      row["completion"] or 0) for row in rows]  # fmt: skip
-    return sorted(found, key=lambda use: (-use.requests, use.endpoint))
+    most used first; one query (and one for where the summaries stand, unless the scope has read it)."""
+    cover = scope.cover(months=True)
+    keys = {"k_endpoint": F("endpoint")}
+    summaries = scope.rollups(cover, []).filter(metric=rollups.Metric.TALLIES)
+    rows = rollups.together([rollups.summed(summaries, keys), rollups.raw_rows(scope.requests(cover), keys)])
+    figures = ("x_requests", "x_errors", "x_prompt_tokens", "x_cached_tokens", "x_completion_tokens")
+    found: dict[str, list[int]] = {}
+    for row in rows:
+        sums = found.setdefault(row["k_endpoint"], [0] * len(figures))
+        for i, name in enumerate(figures):
+            sums[i] += row[name] or 0
+    uses = [RouteUse(endpoint, *sums) for endpoint, sums in found.items()]
+    return sorted(uses, key=lambda use: (-use.requests, use.endpoint))
 
 
 def by_week(days: list[Row]) -> list[Row]:
@@ -622,14 +616,15 @@ def by_week(days: list[Row]) -> list[Row]:
 
 def for_sessions(session_ids: Iterable[Any], period: Period | None = None) -> dict[Any, Tally]:
     """Per session: its requests (by anyone), tokens, percentiles, reserved GPU-hours and those with traffic, its
-    batch runs' tokens; four queries for any number of sessions."""
+    batch runs' tokens; five queries for any number of sessions."""
     scope = Scope(period or Period.all_time(), session_ids=tuple(session_ids))
     return {key[0]: tally for key, tally in cube(scope, [SESSION.name]).items()}
 
 
 def by_user_on_session(session_ids: Iterable[Any]) -> dict[Any, list[Row]]:
     """Per session: who made how many requests on it (Row.key is their user name), with their tokens, errors and
-    percentiles, most requests first; one query for any number of sessions."""
+    percentiles, most requests first; two queries (where the summaries stand, then the requests) for any number of
+    sessions."""
     cells: dict[Key, Tally] = defaultdict(Tally)
     _add_requests(cells, Scope(Period.all_time(), session_ids=tuple(session_ids)), [SESSION.name, "user"])
     found: dict[Any, list[Row]] = {}

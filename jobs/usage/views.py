@@ -11,6 +11,7 @@ from django.http import HttpResponse
 from django.shortcuts import render
 from django.views.decorators.http import require_GET
 
+from jobs.allocations import report as allocation_report
 from jobs.models import SITE_USAGE_DENIED, sees_site_usage
 from jobs.usage import chart, figures, tables
 from jobs.usage.forms import PeriodForm, SiteForm
@@ -59,6 +60,7 @@ def my_usage(request: HtmxHttpRequest) -> HttpResponse:
         "chart": usage_chart(usage.days),
         "sees_site": sees_site_usage(request.user),
         "month_choices": MONTH_CHOICES,
+        "allocations": [allocation_report.shown(s) for s in allocation_report.of_user(request.user)],
     }
     return render_page(request, "jobs/usage.html", context)
 
@@ -109,6 +111,7 @@ def site_usage(request: HtmxHttpRequest) -> HttpResponse:
         "by": by,
         "groupings": [(name, tables.key_label(name), urlencode({**kept, "by": name})) for name in figures.BY],
         "keep": [(name, value) for name, value in request.GET.items() if name in ("by", "sort", "dir")],
+        "allocations": [] if request.htmx else [allocation_report.shown(s) for s in allocation_report.of_site()],
     }
     return render_page(request, "jobs/site_usage.html", context, "table")
 

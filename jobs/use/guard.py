@@ -11,8 +11,10 @@ uploads. Here, for those routes:
    browser's path names (a service's ready replicas, and whether the conversation the chat names is the user's own
    with it), or for a token the model its previous request named (the body, which names it, is not read yet), which
    the view uses when the body names the same, and else looks up what it names;
-3. a token is held to PORTAL_API_REQUESTS_PER_MINUTE, and its user, all their tokens together, to
-   PORTAL_API_USER_REQUESTS_PER_MINUTE (allowance.py);
+3. a token is held to its rate (PORTAL_API_REQUESTS_PER_MINUTE, or its own), and its user, all their tokens
+   together, to PORTAL_API_USER_REQUESTS_PER_MINUTE (allowance.py), counted in the store every web process shares
+   in the same trip as step 2's lookup; and a caller whose allocation has spent its tokens (token or browser alike)
+   is refused there too (jobs/allocations/door.py, which asks the database at most every few seconds);
 4. only then is the body read, and at most PORTAL_MAX_REQUEST_BYTES of it, whether it declared its length or is
    chunked (portal/bodies.py reads it, as it reads every other route's). An upload to the Files API, only from a
    caller step 2 let in, may be as large as a batch file (PORTAL_BATCH_MAX_BYTES) within what is left of its owner's
@@ -40,6 +42,7 @@ import logging
 import re
 import tempfile
 from collections.abc import Awaitable, Callable, Mapping, MutableMapping
+from dataclasses import dataclass
 from typing import IO, Any, TypeVar
 
 from django.conf import settings
@@ -53,6 +56,7 @@ from django.utils.log import log_response
 from django.views.decorators.debug import sensitive_variables
 
 from catalog.runtime_rules import API_ROUTES, OPENAI
+from jobs.allocations import door as allocation_door
 from jobs.batch import files
 from jobs.models import token_digest
 from jobs.use import allowance, chat, targets
@@ -126,15 +130,13 @@ async def guard(app: App, scope: Scope, receive: Receive, send: Send) -> None:
         credential = _credential(headers)
         digest = token_digest(credential) if credential else ""
         guess = _models.get(digest) if digest and scope["method"] == "POST" else None
-        holder, found = await targets.run(_api_door, credential, guess)
+        holder, found, refused = await targets.run(_api_door, credential, guess)
         if holder is None:
             await _reply(send, api, 401, "a valid personal API token is needed (Authorization: Bearer hpcllm_…, or "
                          "x-api-key: hpcllm_…)", "authentication_error", "invalid_api_key")  # fmt: skip
             return
-        wait_s = _wait_s(holder)
-        if wait_s:
-            await _reply(send, api, 429, f"{_rate_exceeded(holder)}; try again in {wait_s} s", "requests",
-                         "rate_limit_exceeded", retry_after=wait_s)  # fmt: skip
+        if refused is not None:
+            await refused.reply(send, api)
             return
         extra[HOLDER], extra[TOKEN] = holder, digest
         if guess is not None:
@@ -144,6 +146,9 @@ async def guard(app: App, scope: Scope, receive: Receive, send: Send) -> None:
         if signed_in is None:
             await _reply(send, api, 401, "sign in first", "authentication_error")
             return
+        if isinstance(signed_in, _Refused):
+            await signed_in.reply(send, api)
+            return
         extra[USER], extra[TARGET] = signed_in[0], (browser[1], signed_in[1])
     else:
         service = SERVICE.match(scope["path"])
@@ -152,6 +157,9 @@ async def guard(app: App, scope: Scope, receive: Receive, send: Send) -> None:
                                        headers.get(CONVERSATION, ""))  # fmt: skip
         if to_service is None:
             await _reply(send, api, 401, "sign in first", "authentication_error")
+            return
+        if isinstance(to_service, _Refused):
+            await to_service.reply(send, api)
             return
         extra[USER], extra[TARGET], extra[AFFINITY] = to_service[0], (service[1], to_service[1]), to_service[2]
     uploading = HOLDER in extra and scope["path"] == FILES and scope["method"] == "POST"
@@ -201,26 +209,6 @@ async def _admit(scope: Scope, app: App, receive: Receive, send: Send) -> None:
         return await receive()
 
     await app(scope, replay, send)
-
-
-def _per_token(holder: targets.Holder) -> int:
-    """The token's own rate where it has one (never above the site's, checked when it was issued), else the site's."""
-    return holder.requests_per_minute or settings.PORTAL_API_REQUESTS_PER_MINUTE
-
-
-def _wait_s(holder: targets.Holder) -> int:
-    if holder.token_pk is None:
-        return 0
-    return allowance.wait_s(f"api-token:{holder.token_pk}", _per_token(holder),
-                            (f"api-user:{holder.user_pk}", settings.PORTAL_API_USER_REQUESTS_PER_MINUTE))  # fmt: skip
-
-
-def _rate_exceeded(holder: targets.Holder) -> str:
-    """Which count _wait_s found full: the token's, or its user's."""
-    per_token = _per_token(holder)
-    if allowance.full(f"api-token:{holder.token_pk}", per_token):
-        return f"this token made more than {per_token} requests a minute"
-    return f"your tokens together made more than {settings.PORTAL_API_USER_REQUESTS_PER_MINUTE} requests a minute"
 
 
 async def _upload_limit(holder: targets.Holder) -> tuple[int, str]:
@@ -306,26 +294,58 @@ def remember(scope: Mapping[str, Any], model: Any) -> None:
         _models[digest] = model
 
 
+@dataclass(frozen=True)
+class _Refused:
+    """A caller the door knows, refused for now with 429: over a rate (allowance.py), or an allocation of theirs has
+    spent its tokens (jobs/allocations/door.py)."""
+
+    message: str
+    wait_s: int
+    kind: str
+    code: str
+
+    async def reply(self, send: Send, api: str) -> None:
+        await _reply(send, api, 429, self.message, self.kind, self.code, retry_after=self.wait_s)
+
+
+def _spent(user_pk: int) -> _Refused | None:
+    found = allocation_door.refusal(user_pk)
+    if found is None:
+        return None
+    return _Refused(found.message, found.retry_after_s, "insufficient_quota", "insufficient_quota")
+
+
 @sensitive_variables("token")
-def _api_door(token: str, guess: str | None) -> tuple[targets.Holder | None, Any]:
-    """The token's holder, and the session (or service) `guess` names for them (not noted as used: the request may
-    name another); an error the lookup raised is handed on for the view to raise."""
+def _api_door(token: str, guess: str | None) -> tuple[targets.Holder | None, Any, _Refused | None]:
+    """The token's holder; why it is refused for now (an allocation spent, else the request counted under its rates:
+    allowance.refusal), or None; and the session (or service) `guess` names for them (not noted as used: the request
+    may name another), an error the lookup raised handed on for the view to raise."""
     holder = targets.holder(token) if token else None
-    if holder is None or guess is None:
-        return holder, None
+    if holder is None:
+        return None, None, None
+    refused = _spent(holder.user_pk)
+    if refused is None and (over_rate := allowance.refusal(holder)) is not None:
+        message, wait_s = over_rate
+        refused = _Refused(f"{message}; try again in {wait_s} s", wait_s, "requests", "rate_limit_exceeded")
+    if refused is not None or guess is None:
+        return holder, None, refused
     try:
-        return holder, targets.find(holder, guess, "api", note=False)
+        return holder, targets.find(holder, guess, "api", note=False), None
     except (targets.Ambiguous, targets.NotReady) as exc:
-        return holder, exc
+        return holder, exc, None
 
 
 @sensitive_variables("cookie")
-def _browser_door(cookie: str, session_pk: str) -> tuple[int, targets.Target | targets.Ambiguous | None] | None:
+def _browser_door(
+    cookie: str, session_pk: str
+) -> tuple[int, targets.Target | targets.Ambiguous | None] | _Refused | None:
     """The signed-in user, and the session the path names as targets.target finds it for them on the chat route
-    (None: not theirs to use); None when nobody is signed in."""
+    (None: not theirs to use); None when nobody is signed in; why they are refused for now (their tokens spent)."""
     user_pk = bodies.signed_in(cookie)
     if user_pk is None:
         return None
+    if (refused := _spent(user_pk)) is not None:
+        return refused
     try:
         return user_pk, targets.target(targets.Holder(user_pk), session_pk, "chat")
     except targets.Ambiguous as exc:  # not for a uuid; the view answers it as it would have
@@ -335,12 +355,15 @@ def _browser_door(cookie: str, session_pk: str) -> tuple[int, targets.Target | t
 @sensitive_variables("cookie")
 def _service_door(
     cookie: str, name: str, conversation: str
-) -> tuple[int, targets.Replicas | targets.NotReady | None, str] | None:
+) -> tuple[int, targets.Replicas | targets.NotReady | None, str] | _Refused | None:
     """The signed-in user, the service the path names as the chat finds it for them (None: not theirs to use), and
-    their conversation's affinity key (chat.to_service); None when nobody is signed in."""
+    their conversation's affinity key (chat.to_service); None when nobody is signed in; why they are refused for now
+    (their tokens spent)."""
     user_pk = bodies.signed_in(cookie)
     if user_pk is None:
         return None
+    if (refused := _spent(user_pk)) is not None:
+        return refused
     try:
         return user_pk, *chat.to_service(user_pk, name, conversation)
     except targets.NotReady as exc:  # the view wakes the service, and holds the request or answers 503

@@ -30,7 +30,7 @@ from jobs.services import actions as service_actions
 from jobs.services import affinity, replicas, timing
 from jobs.sessions.access import shared_with
 from jobs.usage.records import Meter, save
-from jobs.use import chat, targets
+from jobs.use import chat, fairshare, targets
 from jobs.use import relay as relay_module
 from jobs.use.guard import AFFINITY, BODY, HOLDER, TARGET, USER, admitted, refused, remember, served_here
 from jobs.use.headers import RELAYED_TYPES, api_error, data_only, error_body, not_allowed, openai_error
@@ -306,7 +306,8 @@ async def session_proxy(request: HttpRequest, door: Mapping[str, Any], pk: Any, 
             return api_error(route.api, 400, "the request body is not JSON", "invalid_request_error")
         body = rewritten
     meter = Meter(target.pk, user_pk, "chat", route.name, bytes_in=len(body), tokens=route.tokens)
-    return await _forward(request, target, route, body, meter)
+    share = fairshare.of_session(user_pk, target)
+    return await fairshare.within(share, route.api, lambda: _forward(request, target, route, body, meter))
 
 
 @served_here
@@ -343,7 +344,12 @@ async def service_proxy(request: HttpRequest, door: Mapping[str, Any], name: str
     def meter_of(replica: Target, sent: bytes) -> Meter:
         return Meter(replica.pk, user_pk, "chat", route.name, bytes_in=len(sent), tokens=route.tokens)
 
-    return await _forward_or_fail_over(request, found, target, route, payload, meter_of)
+    replicas_of = found
+    return await fairshare.within(
+        fairshare.of_service(user_pk, replicas_of),
+        api,
+        lambda: _forward_or_fail_over(request, replicas_of, target, route, payload, meter_of),
+    )
 
 
 def _running_models(user_pk: int) -> list[dict[str, Any]]:
@@ -435,7 +441,12 @@ async def api_proxy(request: HttpRequest, door: Mapping[str, Any], path: str) ->
     def meter_of(replica: Target, sent: bytes) -> Meter:
         return Meter(replica.pk, holder.user_pk, "api", route.name, bytes_in=len(sent), tokens=route.tokens)
 
-    return await _forward_or_fail_over(request, replicas_of, target, route, payload if body else None, meter_of)
+    share = (fairshare.of_service(holder.user_pk, replicas_of) if replicas_of is not None
+             else fairshare.of_session(holder.user_pk, target))  # fmt: skip
+    sent = payload if body else None
+    return await fairshare.within(
+        share, api, lambda: _forward_or_fail_over(request, replicas_of, target, route, sent, meter_of)
+    )
 
 
 def _found_named(holder: targets.Holder, model: Any) -> Target | targets.Replicas | None:

@@ -84,6 +84,8 @@ class Target:
     runtime: str = ""  # the runtime's kind (catalog.runtime_rules): which API routes its server answers
     service: str = ""  # the model service it is a replica of, when the caller named the service
     activity_due: bool = field(default=False, compare=False)  # looked up with note=False: its use is to be noted
+    # Used by others than its owner: a grant is in force, or the caller is not the owner (fair share: fairshare.py).
+    shared: bool = field(default=False, compare=False)
 
 
 # Lookups before each forwarded request run here; the threads live as long as the process, and so do their
@@ -150,7 +152,7 @@ def _sql(vendor: str) -> dict[str, str]:
         f"m.{_col(ModelCard, 'name')}, v.{_col(ModelVariant, 'quantization')}, c.{_col(Cluster, 'node_networks')}, "
         f"c.{_col(Cluster, 'login_host')}, c.{_col(Cluster, 'ssh_port')}, c.{_col(Cluster, 'host_key')}, "
         f"a.{_col(ClusterAccount, 'username')}, a.{_col(ClusterAccount, 'private_key_encrypted')}, "
-        f"r.{_col(Runtime, 'kind')}"
+        f"r.{_col(Runtime, 'kind')}, {_grants_sql(s('id'))}"
     )
     joins = (
         f"FROM {_q(session)} s "
@@ -211,6 +213,17 @@ def _sql(vendor: str) -> dict[str, str]:
     }
 
 
+def _grants_sql(session: str) -> str:
+    """Two columns: whether a grant that never expires is in force on `session`, and the latest expiry of the others
+    not revoked (compared with the time in Python, so that the statements take no parameter before their own)."""
+    share, expires = _q(SessionShare._meta.db_table), _col(SessionShare, "expires_at")
+    grants = (
+        f"FROM {share} gs WHERE gs.{_col(SessionShare, 'session')} = {session} "
+        f"AND gs.{_col(SessionShare, 'revoked_at')} IS NULL"
+    )
+    return f"EXISTS (SELECT 1 {grants} AND gs.{expires} IS NULL), (SELECT MAX(gs.{expires}) {grants})"
+
+
 def _service_sql(user: type[models.Model]) -> str:
     """Parameters: SERVICE_PARAMS."""
     groups, user_groups = _through(ModelService, "groups"), _through(user, "groups")
@@ -225,7 +238,7 @@ def _service_sql(user: type[models.Model]) -> str:
         f"OR sv.{_col(ModelService, 'audience')} = %s "
         f"OR (sv.{_col(ModelService, 'audience')} = %s AND EXISTS ({member}))) "
         f"AND EXISTS (SELECT 1 FROM {_q(user._meta.db_table)} u WHERE u.{_col(user, 'id')} = %s "
-        f"AND u.{_col(user, 'is_active')} = %s) "
+        f"AND u.{_col(user, 'is_active')} = %s), sv.{_col(ModelService, 'max_inflight_per_user')} "
         f"FROM {_q(ModelService._meta.db_table)} sv WHERE sv.{_col(ModelService, 'name')} = %s "
         f"AND sv.{_col(ModelService, 'stopped_at')} IS NULL"
     )
@@ -394,6 +407,7 @@ class Replicas:
     service_pk: int
     ready: dict[str, Target]  # taking requests
     draining: dict[str, Target]  # ready but draining: used only when no other is ready
+    max_inflight_per_user: int | None = None  # the service's own fair-share cap; None: the site's
 
 
 class NotReady(Exception):
@@ -422,7 +436,7 @@ def by_service(user: Holder, name: str, route: str) -> Replicas | None:
             (ready if row[-1] is None else draining)[replica.pk] = replica
     if not ready and not draining:
         raise NotReady(name, service_pk)
-    return Replicas(name, service_pk, ready, draining)
+    return Replicas(name, service_pk, ready, draining, None if found[2] is None else int(found[2]))
 
 
 def pick(replicas: Replicas, key: str = "", exclude: Collection[str] = ()) -> tuple[Target | None, str]:
@@ -495,7 +509,7 @@ def _target_of(
     pk_value, owner_pk, state, host, port, key_encrypted, node_list, last_activity, access, model, quantization = row[
         :11
     ]
-    networks, runtime = row[11], row[17]
+    networks, runtime, never_expiring, latest_expiry = row[11], row[17], row[18], row[19]
     if int(owner_pk) != user.user_pk and not service:  # a service's replicas: by_service checked who may use it
         support = by_uuid and (user.sees_all if user.sees_all is not None else sees_all(user.user_pk))
         if not support and not _shared(pk_value, user.user_pk, route):
@@ -515,5 +529,11 @@ def _target_of(
         due = last_activity is None or now - last_activity > ACTIVITY_EVERY
         if due and note:
             _execute("touch_session", [_db_datetime(now), pk_value])
+    latest_expiry = _aware(latest_expiry)
+    shared = (
+        int(owner_pk) != user.user_pk
+        or bool(never_expiring)
+        or (latest_expiry is not None and latest_expiry > timezone.now())
+    )
     return Target(str(uuid.UUID(str(pk_value))), state, base, secret, served_model_name(model, quantization), node_list,
-                  runtime, service, activity_due=due and not note)  # fmt: skip
+                  runtime, service, activity_due=due and not note, shared=shared)  # fmt: skip

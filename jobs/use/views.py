@@ -21,10 +21,11 @@ from django.utils import timezone
 from django.views.decorators.debug import sensitive_variables
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
-from jobs.models import ApiToken, Conversation, LLMSession, ModelService
+from jobs.models import ApiToken, Conversation, LLMSession, ModelService, active_shares
 from jobs.services import overview
 from jobs.sessions.access import get_session_to_chat
 from jobs.use import chat as rules
+from jobs.use import fairshare
 from portal.bodies import takes_uploads
 from portal.htmx import HtmxHttpRequest, render_page
 
@@ -198,14 +199,31 @@ def send_without_js(
     if text and place.serving:
         max_tokens = int(_number(request.POST.get("max_tokens"), 512, 1, 32768))
         temperature = _number(request.POST.get("temperature"), 0.7, 0, 2)
-        if place.service is not None:
-            why_not = rules.ask_service(place.service, conversation, text, max_tokens, temperature, request.user.pk)
-            if why_not:
-                messages.warning(request, why_not)
-        else:
-            assert place.session is not None
-            rules.ask(place.session, conversation, text, max_tokens, temperature, request.user.pk)
+        share = _share(place, request.user.pk)
+        with fairshare.holding(share, rules.ASK_TIMEOUT_S + fairshare.LEASE_S) as room:
+            if not room:
+                assert share is not None
+                messages.warning(request, fairshare.refusal(share).capitalize() + ".")
+            elif place.service is not None:
+                why_not = rules.ask_service(place.service, conversation, text, max_tokens, temperature,
+                                            request.user.pk)  # fmt: skip
+                if why_not:
+                    messages.warning(request, why_not)
+            else:
+                assert place.session is not None
+                rules.ask(place.session, conversation, text, max_tokens, temperature, request.user.pk)
     return HttpResponseRedirect(_chat_url(place, conversation))
+
+
+def _share(place: Place, user_pk: int) -> fairshare.Share | None:
+    """The fair share the plain-form send counts under, as the proxy's route to the same place would."""
+    if place.service is not None:
+        service = place.service
+        return fairshare.service_share(user_pk, service.pk, service.name, service.max_inflight_per_user)
+    assert place.session is not None
+    session = place.session
+    shared = session.owner_id != user_pk or session.shares.filter(active_shares()).exists()
+    return fairshare.session_share(user_pk, str(session.pk), shared)
 
 
 @login_required

@@ -26,6 +26,7 @@ from playwright.sync_api import Browser, BrowserContext, Page, expect
 from catalog.models import Cluster, ClusterAccount, GPUType, ModelVariant, Partition, Runtime
 from jobs.cluster.logs import LogTail
 from jobs.models import (
+    Allocation,
     ApiToken,
     BatchRun,
     ChatMessage,
@@ -315,6 +316,10 @@ def site(account: ClusterAccount, owner: Any, other_user: Any, shared_user: Any,
     )  # fmt: skip
 
     ApiToken.issue(owner, "laptop")
+    # Allocations on My usage (the lab's, near its end) and Site usage (both).
+    Allocation.objects.create(group=lab, gpu_hours=100, tokens=1_000_000, period="month", soft_percent=1)
+    Allocation.objects.create(slurm_account="pi_smith", gpu_hours=2000, period="term", starts_on=now.date(),
+                              ends_on=now.date() + timedelta(days=120))  # fmt: skip
     revoked, _ = ApiToken.issue(owner, "analysis-script-on-the-cluster-login-node")
     ApiToken.objects.filter(pk=revoked.pk).update(revoked_at=now, last_used_at=now - timedelta(days=2))
 

@@ -99,6 +99,10 @@ PORT="$(free_port "$ADDR")"
 # default, a site's older build may not; the runtime's and the cluster's flags come after, so they can say --no-jinja.
 TASK_FLAGS=(--jinja)
 [ "${EMBEDDINGS:-0}" = 1 ] && TASK_FLAGS=(--embeddings --pooling mean)
+# Its buffer sizes (weights, KV, compute per device), which the portal reads from this log as the session's measured
+# figures (jobs/cluster/measured.py), print at verbosity 4 in builds since late 2025; older builds print them anyway
+# and ignore the variable. A -lv among the cluster's flags still wins.
+export LLAMA_ARG_LOG_VERBOSITY="${LLAMA_ARG_LOG_VERBOSITY:-4}"
 log "starting llama-server on $ADDR:$PORT (model $MODEL_PATH, $PARALLEL slot(s) of $CONTEXT tokens)"
 "$SERVER_BIN" "${TASK_FLAGS[@]}" "${DEFAULT_FLAGS[@]}" -m "$MODEL_PATH" -a "$SERVED_NAME" -c "$((CONTEXT * PARALLEL))" -ngl "$GPU_LAYERS" \
   --parallel "$PARALLEL" --host "$ADDR" --port "$PORT" --api-key-file "$SESSION_DIR/$API_KEY_FILE" --no-webui \

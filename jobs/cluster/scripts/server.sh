@@ -79,6 +79,18 @@ write_connection() {
     '{"host": "%s", "port": %d, "node": "%s", "job_id": "%s", "restarts": %d, "key": "%s"}' \
     "$1" "$2" "${SLURMD_NODENAME:-$(hostname -s)}" "${SLURM_JOB_ID:-}" "$RESTARTS" "$key")"
   log "ready at $1:$2"
+  log_gpu_memory
+}
+
+# The job's GPUs' used memory once the model is loaded, one figure a GPU, for the portal's measured figures
+# (jobs/cluster/measured.py reads this line from the log); nothing without nvidia-smi.
+log_gpu_memory() {
+  local used
+  command -v nvidia-smi >/dev/null 2>&1 && [ -n "${CUDA_VISIBLE_DEVICES:-}" ] || return 0
+  used="$(timeout 10 nvidia-smi -i "$CUDA_VISIBLE_DEVICES" --query-gpu=memory.used --format=csv,noheader,nounits \
+    2>/dev/null | tr -d ' ' | paste -sd, - | sed 's/,/, /g')"
+  [[ "$used" =~ ^[0-9]+(,\ [0-9]+)*$ ]] && log "nvidia-smi memory.used MiB: $used"
+  return 0
 }
 
 # LABEL NAME: a server of a model directory on one node, on a Unix socket ($SOCKET, NAME.sock) in the private run

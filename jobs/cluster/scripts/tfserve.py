@@ -33,6 +33,17 @@ Send = Callable[[Message], Awaitable[None]]
 App = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 DONE = b"data: [DONE]\n\n"
+# The peak of what torch allocated on each GPU, printed to the job's log when it grows: the portal reads it as the
+# session's measured total where nvidia-smi says nothing (jobs/cluster/measured.py TORCH_PEAK_LINE).
+TORCH_PEAK_LINE = "tfserve: torch.cuda.max_memory_allocated MiB:"
+
+
+def torch_peak_mib() -> list[int]:
+    """torch.cuda.max_memory_allocated of each GPU in MiB; empty without torch loaded or without CUDA."""
+    torch = sys.modules.get("torch")
+    if torch is None or not torch.cuda.is_available():
+        return []
+    return [int(torch.cuda.max_memory_allocated(i)) >> 20 for i in range(torch.cuda.device_count())]
 
 
 class OpenAIShape:
@@ -43,6 +54,7 @@ class OpenAIShape:
         self.served_name = served_name
         self.model = model
         self.created = int(time.time())
+        self.peak_mib = 0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -70,6 +82,13 @@ class OpenAIShape:
             await send(message)
 
         await self.app(scope, receive, send_fixed)
+        self._log_peak()
+
+    def _log_peak(self) -> None:
+        peaks = torch_peak_mib()
+        if sum(peaks) > self.peak_mib:
+            self.peak_mib = sum(peaks)
+            print(TORCH_PEAK_LINE, ", ".join(map(str, peaks)), flush=True)
 
     async def _pinned(self, scope: Scope, receive: Receive) -> tuple[Scope, Receive]:
         """The request with its JSON body's model set to the one the server was started with."""

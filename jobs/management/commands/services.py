@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import time
-from argparse import ArgumentParser
+from argparse import ArgumentParser, ArgumentTypeError
 from typing import Any
 
 from django.contrib.auth.models import Group
@@ -22,6 +22,19 @@ from jobs.services.overview import describe
 from jobs.sessions.forms import LaunchForm
 from portal.errors import text_of
 from portal.users import find_user
+
+
+def inflight_cap(value: str) -> int | None:
+    """--max-inflight-per-user: a number (0: no cap), or "site" for the site's default."""
+    if value == "site":
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise ArgumentTypeError(f"{value!r} is neither a number nor 'site'") from None
+
+
+INFLIGHT_HELP = "requests one user may have in flight on it at once (0: no cap; 'site': the site's default)"
 
 
 def find_service(name: str) -> ModelService:
@@ -50,6 +63,7 @@ class Command(BaseCommand):
             type=float,
             help="how long one replica fewer must have been enough before one is removed (default 15)",
         )
+        p.add_argument("--max-inflight-per-user", type=inflight_cap, help=INFLIGHT_HELP + " (default: 'site')")
         who = p.add_mutually_exclusive_group()
         who.add_argument("--group", action="append", default=[], help="members of this group may use it (repeat)")
         who.add_argument("--site", action="store_true", help="everyone signed in may use it (needs the permission)")
@@ -65,6 +79,7 @@ class Command(BaseCommand):
         p.add_argument("--max", type=int, required=True)
         p.add_argument("--target-inflight", type=int)
         p.add_argument("--idle-minutes", type=float)
+        p.add_argument("--max-inflight-per-user", type=inflight_cap, default=..., help=INFLIGHT_HELP)
         p = sub.add_parser("stop", help="keep no replica up any more; cancel the live ones")
         p.add_argument("name")
         p.add_argument("--wait", action="store_true", help="until every replica has ended")
@@ -88,7 +103,8 @@ class Command(BaseCommand):
         audience = "site" if o["site"] else "groups" if groups else "owner"
         service = actions.create(owner, o["name"], launch, min_replicas=o["min"], max_replicas=o["max"],
                                  audience=audience, groups=groups, target_inflight=o["target_inflight"],
-                                 idle_minutes=o["idle_minutes"])  # fmt: skip
+                                 idle_minutes=o["idle_minutes"],
+                                 max_inflight_per_user=o["max_inflight_per_user"])  # fmt: skip
         self._print(service, o["json"])
 
     def _list(self, o: dict[str, Any]) -> None:
@@ -107,7 +123,7 @@ class Command(BaseCommand):
     def _scale(self, o: dict[str, Any]) -> None:
         service = find_service(o["name"])
         actions.scale(service, o["min"], o["max"], target_inflight=o["target_inflight"],
-                      idle_minutes=o["idle_minutes"])  # fmt: skip
+                      idle_minutes=o["idle_minutes"], max_inflight_per_user=o["max_inflight_per_user"])  # fmt: skip
         self._print(service, False)
 
     def _stop(self, o: dict[str, Any]) -> None:

@@ -23,7 +23,7 @@ from django.utils.datastructures import MultiValueDict
 
 from jobs.batch import actions as batch_actions
 from jobs.batch.forms import BatchForm, Checked
-from jobs.cluster import jobscript, logs
+from jobs.cluster import jobscript, logs, measured
 from jobs.models import END_STATES, LLMSession, State
 from jobs.sessions import actions
 from jobs.sessions.access import find_session, with_relations
@@ -74,6 +74,7 @@ def describe(session: LLMSession) -> dict[str, Any]:
         "owner": session.owner.get_username(),
         **values_of(session, LaunchForm),
         **{name: value.isoformat() if hasattr(value, "isoformat") else value or None for name, value in life.items()},
+        "measured": measured.clean(session.measured) or None,  # what its server said (measured.FIELDS)
     }
 
 

@@ -24,9 +24,9 @@ from jobs.cluster.capacity import (
     recommend,
     refresh_cluster,
 )
-from jobs.models import LLMSession, PartitionState
+from jobs.models import LLMSession, PartitionState, counts
 from jobs.tasks import refresh_partitions
-from portal import rates, ssh
+from portal import ssh
 from tests.conftest import HOST_KEY
 
 
@@ -155,7 +155,7 @@ def test_a_users_wizard_asks_slurm_only_so_often(
 ) -> None:  # fmt: skip
     account, variant = local_setup
     settings.PORTAL_WIZARD_SLURM_PER_MINUTE = 3
-    monkeypatch.setattr(rates, "clock", lambda: 1_800_000_015.0)  # all in one minute's window
+    monkeypatch.setattr(counts, "clock", lambda: 1_800_000_015.0)  # all in one minute's window
     options = [o for o in plans(request_for(variant, "llama.cpp", 1024), variant) if o.fit.fits][:1]
     views = [
         queue_views(options, walltime, account_for=lambda c: account, asker=7)[0] for walltime in (30, 60, 90, 120)

@@ -175,9 +175,10 @@ def test_the_database_figures_by_state_and_cluster_in_a_fixed_number_of_queries(
     for state, done in ((BatchRun.State.RUNNING, 4), (BatchRun.State.RUNNING, 1), (BatchRun.State.FINISHED, 10)):
         BatchRun.objects.create(owner=owner, session=sessions[1], name="p.txt", input_format="text", endpoint="chat/"
                                 "completions", prompts=10, done=done, failed=1, requests="x", state=state)  # fmt: skip
-    with django_assert_num_queries(7):  # sessions, waits, batch runs, histories, last hour's requests, services (2)
+    # sessions, waits, batch runs, histories, last hour's requests, services (2), allocations (none here)
+    with django_assert_num_queries(8):
         collected = list(metrics.DatabaseCollector().collect())
-    assert len(collected) == 9
+    assert len(collected) == 12  # with the allocations' three families
     found = scrape()
     on = {key[1]: value for key, value in found.items() if key[0] == "portal_sessions"}
     assert on == {

@@ -154,3 +154,24 @@ def test_a_replica_that_stops_answering_its_health_check_is_replaced(make: Any, 
     assert replaced.cancel_requested_at is not None and replaced.draining_since is not None
     (replacement,) = keep.reconcile(service.pk).created  # and the keeper launches another
     assert replacement not in (first, second)
+
+
+def test_a_replica_its_owners_allocation_refuses_is_not_launched_and_the_service_says_why(
+    make: Any, owner: Any, client: Any
+) -> None:
+    from jobs.models import Allocation
+
+    service = make(min_replicas=1, max_replicas=1)
+    allocation = Allocation.objects.create(user=owner, gpu_hours=0, period="month")  # set afterwards
+    assert keep.reconcile(service.pk).created == []
+    service.refresh_from_db()
+    assert "the allocation of user ada has 0 of 0 GPU-hours left this month" in service.launch_refused
+    client.force_login(owner)
+    assert (
+        "The last replica could not be launched: This launch reserves"
+        in client.get(f"/services/{service.name}/").content.decode()
+    )
+    allocation.delete()
+    assert len(keep.reconcile(service.pk).created) == 1
+    service.refresh_from_db()
+    assert service.launch_refused == ""

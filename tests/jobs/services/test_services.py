@@ -13,9 +13,10 @@ from typing import Any
 
 import httpx
 import pytest
+from django.conf import settings
 from django.contrib.auth.models import Group, Permission
 from django.core.exceptions import ValidationError
-from django.core.management import call_command
+from django.core.management import CommandError, call_command
 from django.utils import timezone
 
 from catalog.models import ClusterAccount
@@ -197,3 +198,24 @@ def test_the_command_line_creates_shows_scales_and_stops_a_service(
     service = ModelService.objects.get(name="llama-lab")
     assert (service.min_replicas, service.running) == (2, False)
     assert LLMSession.objects.get(pk=made).cancel_requested_at is not None
+
+
+def test_a_services_fair_share_cap_is_set_from_the_command_line_and_kept_when_not_named(
+    account: ClusterAccount, owner: Any, django_capture_on_commit_callbacks: Any
+) -> None:
+    flags = ["--cluster", "local", "--partition", "gpu", "--gpu", "a100-80g", "--gpus", "1", "--model", "tiny-llama",
+             "--quant", "F16", "--runtime", "llama.cpp", "--context", "1024"]  # fmt: skip
+    with django_capture_on_commit_callbacks(execute=False):
+        call_command("services", "create", "llama-lab", "--user", owner.username, *flags, "--max-inflight-per-user",
+                     "3", stdout=StringIO())  # fmt: skip
+        service = ModelService.objects.get(name="llama-lab")
+        assert (service.max_inflight_per_user, service.inflight_cap) == (3, 3)
+        call_command("services", "scale", "llama-lab", "--min", "1", "--max", "2", stdout=StringIO())
+        service.refresh_from_db()
+        assert service.max_inflight_per_user == 3  # not named: kept
+        call_command("services", "scale", "llama-lab", "--min", "1", "--max", "2", "--max-inflight-per-user", "site",
+                     stdout=StringIO())  # fmt: skip
+        service.refresh_from_db()
+        assert service.max_inflight_per_user is None and service.inflight_cap == settings.PORTAL_MAX_INFLIGHT_PER_USER
+        with pytest.raises(CommandError, match="neither a number nor 'site'"):
+            call_command("services", "scale", "llama-lab", "--min", "1", "--max", "2", "--max-inflight-per-user", "x")

@@ -177,13 +177,14 @@ def test_the_usage_pages_take_a_fixed_number_of_queries(
             request(session, usage_user if minute % 2 else owner, f"2025-03-0{1 + i % 9} 10:{minute:02}")
         batch_run(session, owner, f"2025-03-0{1 + i % 9} 10:30", prompt=1, completion=1)
     signed_in(client, owner)
-    # The browser session and user, the figures' four, the routes' one, and the user's and their groups' permissions
-    # (the link to Site usage). The CSV has no routes' table.
-    with django_assert_num_queries(9):
+    # The browser session and user, the figures' four, the routes' one, where the summaries stand (for each of the
+    # two), the user's and their groups' permissions (the link to Site usage), and the allocations (none here). The
+    # CSV has no routes' table and no allocations.
+    with django_assert_num_queries(12):
         client.get("/usage/", PERIOD)
     signed_in(client, usage_user)
     for by in ("user", "group", "model", "month"):
-        with django_assert_num_queries(9):
+        with django_assert_num_queries(12):
             client.get("/usage/site/", {**PERIOD, "by": by})
-        with django_assert_num_queries(8):
+        with django_assert_num_queries(9):
             client.get("/usage/site.csv", {**PERIOD, "by": by})

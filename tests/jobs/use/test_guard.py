@@ -9,8 +9,7 @@ from typing import Any
 
 import pytest
 
-from jobs.models import ApiToken
-from portal import rates
+from jobs.models import ApiToken, counts
 from portal.asgi import application
 from tests.asgi import browser
 
@@ -102,7 +101,7 @@ def test_a_token_is_held_to_its_requests_a_minute(
     owner: Any, other_user: Any, settings: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     settings.PORTAL_API_REQUESTS_PER_MINUTE = 3
-    monkeypatch.setattr(rates, "clock", lambda: 1_800_000_015.0)  # one minute's window, 45 s left in it
+    monkeypatch.setattr(counts, "clock", lambda: 1_800_000_015.0)  # one minute's window, 45 s left in it
     token, other = token_of(owner), token_of(other_user)
     statuses = [Call("/api/v1/models", [b""], "GET", authorization=f"Bearer {token}").run() for _ in range(4)]
     assert [status for status, _, _ in statuses] == [200, 200, 200, 429]
@@ -115,7 +114,7 @@ def test_a_users_tokens_together_are_held_to_the_users_requests_a_minute(
     owner: Any, other_user: Any, settings: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     settings.PORTAL_API_REQUESTS_PER_MINUTE, settings.PORTAL_API_USER_REQUESTS_PER_MINUTE = 3, 4
-    monkeypatch.setattr(rates, "clock", lambda: 1_800_000_075.0)  # another minute than the test above
+    monkeypatch.setattr(counts, "clock", lambda: 1_800_000_075.0)  # another minute than the test above
     tokens = [token_of(owner) for _ in range(3)]
     statuses = [Call("/api/v1/models", [b""], "GET", authorization=f"Bearer {tokens[n % 3]}").run() for n in range(5)]
     assert [status for status, _, _ in statuses] == [200, 200, 200, 200, 429]  # no token made more than two

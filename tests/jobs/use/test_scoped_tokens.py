@@ -14,8 +14,7 @@ from django.core.management import call_command
 from django.test import Client
 from django.utils import timezone
 
-from jobs.models import ApiToken, LLMSession
-from portal import rates
+from jobs.models import ApiToken, LLMSession, counts
 from tests.asgi import Portal, bearer
 from tests.jobs.use.upstream import Server
 
@@ -57,7 +56,7 @@ def test_a_token_with_its_own_rate_is_held_to_it(
     owner: Any, running: LLMSession, server: Server, settings: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     settings.PORTAL_API_REQUESTS_PER_MINUTE = 100
-    monkeypatch.setattr(rates, "clock", lambda: 1_800_000_135.0)  # a minute of its own
+    monkeypatch.setattr(counts, "clock", lambda: 1_800_000_135.0)  # a minute of its own
     api = Portal(bearer(ApiToken.issue(owner, "slow", requests_per_minute=2)[1]))
     statuses = [api.get("/api/v1/models") for _ in range(3)]
     assert [r.status_code for r in statuses] == [200, 200, 429]
