@@ -100,6 +100,11 @@ SERVICE_NOT_READY = Counter(
     "portal_service_not_ready", "Requests to a service with no ready replica: held until one was, or answered 503.",
     ["service", "outcome"],
 )  # fmt: skip
+PROXY_REFUSED = Counter(
+    "portal_proxy_refused", "Requests answered 429 before any model server saw them, by reason: rate (a token's or "
+    "its user's requests a minute), allocation (an allocation's tokens spent), fair_share (the user's requests in "
+    "flight on a shared session or service).", ["reason"],
+)  # fmt: skip
 SUBMIT_OUTCOMES = frozenset({"retry", "failed", "cancelled", "not claimed"})  # otherwise a job id: "submitted"
 # A submit that failed: the session left submitting for failed (lifecycle.submit, and the task giving up). Pending is
 # listed too, though nothing fails a session before its claim today, so that such a failure would be counted.
@@ -121,6 +126,10 @@ def observe_request(
     if ttft_s is not None:
         PROXY_TTFT.labels(route).observe(ttft_s)
     PROXY_DURATION.labels(route, endpoint).observe(duration_s)
+
+
+def proxy_refused(reason: str) -> None:
+    PROXY_REFUSED.labels(reason).inc()
 
 
 def service_routed(service: str, decision: str) -> None:

@@ -24,6 +24,7 @@ from django.http import HttpResponseBase, StreamingHttpResponse
 
 from jobs.models import counts
 from jobs.models.services import inflight_cap
+from jobs.operations import metrics
 from jobs.use import targets
 from jobs.use.headers import api_error
 
@@ -80,6 +81,8 @@ def holding(share: Share | None, lease_s: float) -> Iterator[bool]:
     """within() for a synchronous request (the chat's plain-form send, which asks the server from a view): whether
     the user has room, counted until the block ends; nothing renews it, so the lease covers the whole request."""
     ticket = counts.enter(share.name, share.cap, lease_s) if share is not None else None
+    if share is not None and ticket is None:
+        metrics.proxy_refused("fair_share")
     try:
         yield share is None or ticket is not None
     finally:
@@ -94,6 +97,7 @@ async def within(share: Share | None, api: str, answer: Callable[[], Awaitable[H
         return await answer()
     ticket = await targets.run(counts.enter, share.name, share.cap, LEASE_S)
     if ticket is None:
+        metrics.proxy_refused("fair_share")
         return api_error(api, 429, refusal(share), "requests", "too_many_requests_in_flight",
                          retry_after=RETRY_AFTER_S)  # fmt: skip
     held = _Held(ticket)

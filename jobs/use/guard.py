@@ -59,6 +59,7 @@ from catalog.runtime_rules import API_ROUTES, OPENAI
 from jobs.allocations import door as allocation_door
 from jobs.batch import files
 from jobs.models import token_digest
+from jobs.operations import metrics
 from jobs.use import allowance, chat, targets
 from jobs.use.headers import DATA_ONLY, api_error, data_only, error_body
 from portal import bodies
@@ -303,8 +304,10 @@ class _Refused:
     wait_s: int
     kind: str
     code: str
+    reason: str  # portal_proxy_refused's label
 
     async def reply(self, send: Send, api: str) -> None:
+        metrics.proxy_refused(self.reason)
         await _reply(send, api, 429, self.message, self.kind, self.code, retry_after=self.wait_s)
 
 
@@ -312,7 +315,7 @@ def _spent(user_pk: int) -> _Refused | None:
     found = allocation_door.refusal(user_pk)
     if found is None:
         return None
-    return _Refused(found.message, found.retry_after_s, "insufficient_quota", "insufficient_quota")
+    return _Refused(found.message, found.retry_after_s, "insufficient_quota", "insufficient_quota", "allocation")
 
 
 @sensitive_variables("token")
@@ -326,7 +329,7 @@ def _api_door(token: str, guess: str | None) -> tuple[targets.Holder | None, Any
     refused = _spent(holder.user_pk)
     if refused is None and (over_rate := allowance.refusal(holder)) is not None:
         message, wait_s = over_rate
-        refused = _Refused(f"{message}; try again in {wait_s} s", wait_s, "requests", "rate_limit_exceeded")
+        refused = _Refused(f"{message}; try again in {wait_s} s", wait_s, "requests", "rate_limit_exceeded", "rate")
     if refused is not None or guess is None:
         return holder, None, refused
     try:

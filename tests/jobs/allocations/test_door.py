@@ -11,6 +11,7 @@ from django.utils import timezone
 
 from jobs.allocations import door
 from jobs.models import Allocation, ApiToken, LLMSession, ProxyRequest
+from jobs.operations import metrics
 from tests.asgi import Portal, bearer, browser
 from tests.jobs.use.upstream import Server
 
@@ -29,6 +30,7 @@ def test_spent_tokens_are_answered_429_with_the_reset_on_every_route_of_their_us
     ProxyRequest.objects.create(session=running, user=owner, route="api", endpoint="chat/completions", status=200,
                                 prompt_tokens=4, completion_tokens=6, duration_ms=5, at=timezone.now())  # fmt: skip
     chat = Portal(browser(owner))
+    refused_before = metrics.PROXY_REFUSED.labels("allocation")._value.get()
     refusals = [
         api.post("/api/v1/chat/completions", json=ASK),
         api.post("/api/v1/messages", json=ASK),
@@ -40,6 +42,7 @@ def test_spent_tokens_are_answered_429_with_the_reset_on_every_route_of_their_us
         assert "allocation of user ada has spent its 10 tokens this week (" in refused.text  # the first request's too
         assert " used); it resets on " in refused.text
     assert refusals[0].json()["error"]["code"] == "insufficient_quota"
+    assert metrics.PROXY_REFUSED.labels("allocation")._value.get() == refused_before + 3  # /metrics counts them
     assert refusals[1].json()["type"] == "error"  # Anthropic's shape on its route
     before = len(server.got)
     running.shares.create(user=other_user, created_by=owner)

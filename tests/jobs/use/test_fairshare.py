@@ -21,6 +21,7 @@ from catalog.models import ClusterAccount
 from jobs.batch import actions as batch_actions
 from jobs.batch.forms import BatchForm
 from jobs.models import Conversation, InFlight, LLMSession, ModelService, SessionShare, counts
+from jobs.operations import metrics
 from jobs.services import actions as service_actions
 from jobs.use import fairshare
 from tests.asgi import bearer, browser, client, run
@@ -90,8 +91,10 @@ def test_a_users_third_stream_on_a_shared_session_gets_429_while_another_user_is
             holding.set()
             return replies, owners
 
+    refused_before = metrics.PROXY_REFUSED.labels("fair_share")._value.get()
     replies, owners = run(three_and_another())
     assert [r.status_code for r in replies] == [200, 200, 429] and owners.status_code == 200
+    assert metrics.PROXY_REFUSED.labels("fair_share")._value.get() == refused_before + 1  # /metrics counts it
     refused = replies[2]
     assert refused.headers["retry-after"] == str(fairshare.RETRY_AFTER_S)
     error = refused.json()["error"]

@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from jobs.models import ApiToken, counts
+from jobs.operations import metrics
 from portal.asgi import application
 from tests.asgi import browser
 
@@ -103,8 +104,10 @@ def test_a_token_is_held_to_its_requests_a_minute(
     settings.PORTAL_API_REQUESTS_PER_MINUTE = 3
     monkeypatch.setattr(counts, "clock", lambda: 1_800_000_015.0)  # one minute's window, 45 s left in it
     token, other = token_of(owner), token_of(other_user)
+    refused_before = metrics.PROXY_REFUSED.labels("rate")._value.get()
     statuses = [Call("/api/v1/models", [b""], "GET", authorization=f"Bearer {token}").run() for _ in range(4)]
     assert [status for status, _, _ in statuses] == [200, 200, 200, 429]
+    assert metrics.PROXY_REFUSED.labels("rate")._value.get() == refused_before + 1  # /metrics counts it
     _, headers, body = statuses[-1]
     assert body["error"]["code"] == "rate_limit_exceeded" and headers["retry-after"] == "45"
     assert Call("/api/v1/models", [b""], "GET", authorization=f"Bearer {other}").run()[0] == 200  # per token
