@@ -42,6 +42,7 @@ from datetime import date, datetime, timedelta
 from functools import cached_property
 from typing import Any
 
+from django.db import connection
 from django.db.models import Count, F, Max, Min, Q, QuerySet, Sum
 from django.db.models.functions import Coalesce, TruncDate
 from django.utils import timezone
@@ -292,8 +293,14 @@ class Scope:
         return Cover.of(self.period.start, self.period.end, months, self.mark)
 
     def requests(self, cover: Cover) -> QuerySet[ProxyRequest]:
-        """The raw request rows in the scope that no summary of `cover` holds."""
-        return cover.raw(ProxyRequest.objects.all(), user_id=self.user_id, session_ids=self.session_ids)
+        """The raw request rows in the scope that no summary of `cover` holds. On SQLite they are found by their ids
+        first, so that the joins a figure's keys add (session, model, cluster) start from those few rows: otherwise
+        SQLite may start from the sessions and read every request of each through another index (My usage at a
+        million requests: 210 ms for its 400 raw rows, against 14 ms this way; bench/usage.py)."""
+        found = cover.raw(ProxyRequest.objects.all(), user_id=self.user_id, session_ids=self.session_ids)
+        if connection.vendor != "sqlite":  # PostgreSQL starts from the few rows by itself, and the detour slowed it
+            return found
+        return ProxyRequest.objects.filter(pk__in=found.values("pk"))
 
     def rollups(self, cover: Cover, keys: Sequence[str]) -> QuerySet[UsageRollup]:
         """The summaries in the scope that `cover` reads, of the breakdown that has `keys` (the smallest that does:
