@@ -31,6 +31,7 @@ from catalog.models import (
     NodeGroup,
     Partition,
     Runtime,
+    SiteMeasurement,
     VariantLocation,
 )
 from catalog.yaml_io import CatalogImportError
@@ -432,6 +433,24 @@ class ModelVariantAdmin(admin.ModelAdmin[ModelVariant]):
     search_fields = ["model__name", "quantization"]
     list_select_related = ["model"]
     inlines = [VariantLocationInline]
+
+
+@admin.register(SiteMeasurement)
+class SiteMeasurementAdmin(admin.ModelAdmin[SiteMeasurement]):
+    """What sessions measured here, as the jobs app keeps them (`manage.py estimate --check-measured` compares them
+    with the estimate). Read only; an admin may delete a row that is no honest measurement (its session's owner
+    writes the log it came from)."""
+
+    list_display = ["variant", "runtime", "context", "parallel", "gpu_type", "gpus_per_node", "nodes", "measured_at"]
+    list_filter = ["runtime", "gpu_type"]
+    search_fields = ["variant__model__name", "source"]
+    list_select_related = ["variant__model", "gpu_type"]
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: SiteMeasurement | None = None) -> bool:
+        return False
 
 
 @admin.register(VariantLocation)

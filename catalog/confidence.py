@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from catalog.architecture import Architecture
-from catalog.estimate import Estimate, EstimateError, Request, estimate
+from catalog.estimate import Estimate, EstimateError, Request, estimate, ubatch_logits_in
 from catalog.quant import QUANTS, canonical_quant
 from catalog.training import TRAINING, PurposeRequest, estimate_purpose
 
@@ -83,16 +83,46 @@ def _flash(text: str) -> bool | None:
     return None
 
 
+# AutoAWQ's benchmark table (examples/benchmark.py's output, in AutoAWQ's README and transformers' AWQ docs): a
+# row reads "| kernel | batch | prefill | decode | ...", spaced as the table pads it.
+AWQ_TABLE = re.compile(r"(?:GEMM|GEMV|ExLlama\w*|Marlin)\W*\|\s*(\d+)\s*\|\s*(\d+)\s*\|\s*(\d+)\s*\|", re.IGNORECASE)
+PROMPT = re.compile(r"(?:prefill|input) (\d[\d,]*)|(\d[\d,]*)[- ]token prompt")
+DECODE = re.compile(r"decode (\d[\d,]*)")
+CACHE = re.compile(r"max_seq_len\W{0,3}(\d[\d,]*)")
+
+
+def _number(text: str) -> int:
+    return int(text.replace(",", ""))
+
+
 def request_of(row: dict[str, str]) -> Request:
     """The measurement's setup as its row states it: the columns, plus what the source quotes of the benchmark's
-    prompt length ("prefill 2048", "input 30720", an AutoAWQ table's prefill column) and vLLM's profiled batch."""
+    prompt length ("prefill 2048", "input 30720", a 30,000-token prompt, an AutoAWQ table's prefill column), vLLM's
+    profiled batch, and for AutoAWQ's fused modules (runtime_detail) the length of their preallocated cache: a
+    max_seq_len the source states, else the decode length, which AutoAWQ's examples/benchmark.py (the command under
+    its README's tables) gave the fused modules as their cache (from_quantized(max_new_tokens=n_generate) in 0.1.x,
+    max_seq_len=n_generate in 0.2.x); for llama.cpp and ollama, whether the build it names reserved logits for a
+    whole micro-batch (catalog.estimate.ubatch_logits_in: "llama.cpp b2961" did)."""
     arch = Architecture(
         float(row["params_b"]), int(row["layers"]), int(row["hidden"]), int(row["heads"]),
         int(row["kv_heads"]), int(row["head_dim"]), int(row["vocab"]),
         ffn_size=int(row["ffn"]) if row.get("ffn") else None,
     )  # fmt: skip
+    source = row["source"]
     batched = re.search(r"max_num_batched_tokens \((\d+)", row["parallel"])
-    prompt = re.search(r"(?:prefill|input) (\d+)|(\d+)-token prompt|GEMM \| \d+ \| (\d+) \|", row["source"])
+    table = AWQ_TABLE.search(source)
+    stated = PROMPT.search(source)
+    prompt = _number(next(g for g in stated.groups() if g)) if stated else int(table[2]) if table else None
+    decode = DECODE.search(source)
+    generated = _number(decode[1]) if decode else int(table[3]) if table else None
+    detail = row.get("runtime_detail", "").casefold()
+    fused = "fused" in detail.replace("unfused", "")
+    cache_stated = CACHE.search(source)
+    cache = None
+    if fused and cache_stated:
+        cache = _number(cache_stated[1])
+    elif fused and generated:
+        cache = max(generated, prompt or 0)
     return Request(
         arch=arch,
         quant=row["quant"],
@@ -102,7 +132,10 @@ def request_of(row: dict[str, str]) -> Request:
         flash_attn=_flash(row["flash_attn"]),
         gpus_per_node=_leading_int(row["gpus"]) or 1,
         batch_tokens=int(batched[1]) if batched else None,
-        prompt_tokens=int(next(g for g in prompt.groups() if g)) if prompt else None,
+        prompt_tokens=prompt,
+        cache_tokens=cache,
+        fused_modules=fused,
+        ubatch_logits=ubatch_logits_in(row.get("runtime_detail", "")),
     )
 
 

@@ -1,13 +1,16 @@
 """Every way the catalog offers to run a model variant: (cluster, partition, GPU type, GPUs per node, nodes) with the
-smallest layout that fits each node group, its per-GPU use and headroom."""
+smallest layout that fits each node group, its per-GPU use and headroom; and what sessions of it measured on this
+site, beside the estimate (site_measured, compared in catalog/measured.py)."""
 
 from __future__ import annotations
 
+from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
+from catalog import measured
 from catalog.estimate import Estimate, EstimateError, Layout, Request, estimate, fit, smallest_layout
-from catalog.models import ClusterRuntime, ModelVariant, NodeGroup, VariantLocation
+from catalog.models import ClusterRuntime, ModelVariant, NodeGroup, SiteMeasurement, VariantLocation
 from catalog.runtime_rules import rules_for
 
 
@@ -104,3 +107,55 @@ def smallest_per_gpu_type(options: list[Option]) -> list[Option]:
             seen.add(option.node_group.gpu_type.name)
             chosen.append(option)
     return chosen
+
+
+def site_measured(request: Request, variant: ModelVariant) -> measured.Beside:
+    """The site's measurements beside an estimate of a catalog variant: the medians of the newest sessions of the same
+    variant and runtime (memory for the request's context and parallel requests, per GPU type and layout; speed per
+    GPU type) and the estimator's error on them. One query."""
+    rows = SiteMeasurement.objects.filter(variant=variant, runtime=request.runtime).select_related("gpu_type")
+    return measured.compare(request, [row.run() for row in rows[: measured.NEWEST]])
+
+
+@dataclass(frozen=True)
+class Checked:
+    """One choice the site measured (variant, runtime, context, parallel requests) on one GPU type and layout."""
+
+    variant: ModelVariant
+    runtime: str
+    context: int
+    parallel: int
+    figures: measured.SiteFigures
+
+    @property
+    def label(self) -> str:
+        return f"{self.variant.model.name} {self.variant.quantization}, {self.runtime}, context {self.context}" + (
+            f" x {self.parallel}" if self.parallel > 1 else ""
+        )
+
+
+def check_measured() -> list[Checked]:
+    """Every choice the site measured, beside the estimate for it (`estimate --check-measured`); the caller picks
+    those the estimator is off on (figures.off). One query, however many sessions."""
+    rows = SiteMeasurement.objects.select_related("gpu_type", "variant__model").order_by(
+        "variant__model__name", "variant__quantization", "runtime", "-measured_at"
+    )
+    runs: dict[tuple[int, str], list[measured.Run]] = defaultdict(list)
+    choices: dict[tuple[int, str], set[tuple[int, int]]] = defaultdict(set)
+    variants: dict[int, ModelVariant] = {}
+    for row in rows.iterator(chunk_size=2000):
+        key = (row.variant_id, row.runtime)
+        if len(runs[key]) < measured.NEWEST:
+            runs[key].append(row.run())
+            choices[key].add((row.context, row.parallel))
+            variants[row.variant_id] = row.variant
+    checked = []
+    for (variant_id, runtime), found in runs.items():
+        variant = variants[variant_id]
+        for context, parallel in sorted(choices[(variant_id, runtime)]):
+            request = request_for(variant, runtime, context, parallel=parallel)
+            checked += [
+                Checked(variant, runtime, context, parallel, figures)
+                for figures in measured.compare(request, found).figures
+            ]
+    return checked

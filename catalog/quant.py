@@ -33,9 +33,13 @@ class Quant:
     formats: tuple[str, ...]
     embed_bits: float = 16.0  # the input token-embedding table
     output_bits: float = 16.0  # the output head, where it is not tied to the embedding
-    # bitsandbytes and AWQ/GPTQ dequantise a layer's weight to 16 bit for prompts longer than a few tokens (bnb
-    # matmul_4bit; AutoAWQ above 1024 tokens): a transient copy of the largest matrix, in this many bits.
+    # bitsandbytes and AWQ/GPTQ dequantise a layer's weight to 16 bit for prompts longer than a few tokens: a
+    # transient copy of the largest matrix, in this many bits, from this many tokens in one forward on (bnb's
+    # matmul_4bit for more than one row; AutoAWQ's WQLinear_GEMM from batch x tokens >= 1024,
+    # awq/modules/linear/gemm.py FP16_MATMUL_HEURISTIC_CONDITION; below that its split-k GEMM writes 8 partial
+    # outputs of tokens x outputs, smaller than the copy).
     dequant_bits: float = 0.0
+    dequant_from_tokens: int = 2
 
 
 _GGUF = ("gguf", "ollama")
@@ -57,7 +61,10 @@ def group_bits(bits: int, group: int) -> float:
 
 def _grouped(method: str, bits: int, group: int) -> Quant:
     suffix = "" if group == 128 else f"-G{group}"
-    return Quant(f"{method}{suffix}", group_bits(bits, group), _HF, dequant_bits=16.0)
+    # AutoAWQ dequantises from 1024 tokens; the GPTQ exllama kernel reconstructs the weight from 50 rows on
+    # (MAX_Q_GEMM_ROWS in its q_gemm.cu, as AutoGPTQ and vLLM ship it).
+    from_tokens = 1024 if method == "AWQ" else 50
+    return Quant(f"{method}{suffix}", group_bits(bits, group), _HF, dequant_bits=16.0, dequant_from_tokens=from_tokens)
 
 
 BNB_ABSMAX = 32 / 64  # fp32 absmax per 64 weights (bitsandbytes' default 4-bit block size)

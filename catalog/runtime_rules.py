@@ -72,6 +72,8 @@ class RuntimeRules:
     stages_weights: bool = True
     # How its sessions read a model's tool calls, in words (catalog/toolcalls.py decides whether a model's can).
     tool_calls: str = ""
+    # How its server loads LoRA adapters of a fine-tune run (docs/finetune.md, serving); "": it cannot.
+    lora: str = ""
 
     @property
     def serves_embeddings(self) -> bool:
@@ -127,6 +129,7 @@ RUNTIMES: dict[str, RuntimeRules] = {
             job_files=("rpcrelay.py",),
             rpc_binary=True,
             kv_quant=True,
+            lora="--lora with the adapter converted to GGUF, chosen per request",
         ),
         RuntimeRules(
             "ollama",
@@ -160,6 +163,7 @@ RUNTIMES: dict[str, RuntimeRules] = {
             routes=VLLM_ROUTES,
             job_files=("keyproxy.py",),
             splits_heads=True,
+            lora="--enable-lora --lora-modules",
         ),
         RuntimeRules(
             "transformers",

@@ -38,7 +38,6 @@ from catalog.architecture import Architecture
 from catalog.estimate import (
     CUDA_CONTEXT_GIB,
     GIB,
-    TRANSFORMERS_WORKSPACE_GIB,
     Estimate,
     EstimateError,
     Request,
@@ -69,6 +68,10 @@ ADAPTER_BYTES = 4
 BF16, FP32 = 2, 4
 # Logits of every position for the loss: bf16 logits, their float32 upcast and the float32 gradient.
 LOSS_LOGIT_BYTES = BF16 + FP32 + FP32
+# What a training process holds beyond the tensors counted here (cuBLAS workspaces of the forward and backward
+# passes, autograd's and the optimizer's temporaries, allocator rounding), per GPU: the 0.45 GiB the published
+# fine-tuning runs (catalog/reference/finetune-measurements.csv) were checked with when serving used the same figure.
+TRAINING_WORKSPACE_GIB = 0.45
 # The RAG embedding model and reranker: BAAI/bge-m3 and bge-reranker-v2-m3 (XLM-RoBERTa large: 568M parameters,
 # 24 layers, 1024 hidden, 4096 FFN) in fp16, each encoding a batch of 32 passages of 512 tokens at a time.
 RAG_MODEL_PARAMS = 568e6
@@ -220,12 +223,12 @@ def _training(req: PurposeRequest) -> Estimate:
     else:
         per_gpu_bytes = [(states + activations) / gpus] * gpus
         act_total = activations
-    per_gpu = [b / GIB + CUDA_CONTEXT_GIB + TRANSFORMERS_WORKSPACE_GIB for b in per_gpu_bytes]
+    per_gpu = [b / GIB + CUDA_CONTEXT_GIB + TRAINING_WORKSPACE_GIB for b in per_gpu_bytes]
     method = PURPOSES[req.purpose]
     return Estimate(
         weights_gib=weights / GIB,
         kv_cache_gib=0.0,
-        compute_gib=act_total / GIB + TRANSFORMERS_WORKSPACE_GIB * gpus,
+        compute_gib=act_total / GIB + TRAINING_WORKSPACE_GIB * gpus,
         overhead_gib=CUDA_CONTEXT_GIB * gpus,
         per_gpu_gib=per_gpu,
         extra_gib=tuple(

@@ -27,6 +27,7 @@ module_name = _validator(shellsafe.MODULE_NAME)
 compute_capability = _validator(shellsafe.COMPUTE_CAPABILITY)
 stage_target = _validator(shellsafe.STAGE_TARGET)
 tag = _validator(shellsafe.TAG)
+adapter_suffix = _validator(shellsafe.ADAPTER_SUFFIX)
 unix_username = _validator(shellsafe.UNIX_USERNAME)
 
 

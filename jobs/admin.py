@@ -240,3 +240,7 @@ class ScrapeTokenAdmin(admin.ModelAdmin[ScrapeToken]):
     def revoke(self, request: HttpRequest, queryset: QuerySet[ScrapeToken]) -> None:
         revoked = queryset.filter(revoked_at__isnull=True).update(revoked_at=timezone.now())
         messages.info(request, f"Revoked {revoked} scrape token{'s' if revoked != 1 else ''}.")
+
+
+# Fine-tune runs and training environments register themselves beside their concern.
+from jobs.finetune import admin as finetune_admin  # noqa: E402, F401

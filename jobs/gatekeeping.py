@@ -48,18 +48,22 @@ def _pinned(cluster: Cluster) -> dict[str, list[str]]:
     modules: set[str] = set()
     default_flags: set[str] = set()
     extra_flags: set[str] = set()
+    converters = {jobscript.quoted("")}
     for row in ClusterRuntime.objects.filter(cluster=cluster).select_related("runtime"):
         binaries.add(jobscript.quoted(row.binary))
         rpc_binaries.add(jobscript.quoted(row.rpc_binary))
         modules.add(jobscript.quoted(tuple(row.modules.split())))
         default_flags.add(jobscript.quoted(tuple(shlex.split(row.runtime.default_flags))))
         extra_flags.add(jobscript.quoted(tuple(shlex.split(row.extra_flags))))
+        if row.runtime.kind == "llama.cpp":  # a fine-tune run converts its adapter with the converter beside it
+            converters.add(jobscript.quoted(jobscript.lora_converter(row.binary)))
     return {
         "SERVER_BIN": sorted(binaries),
         "RPC_BIN": sorted(rpc_binaries),
         "MODULES": sorted(modules),
         "DEFAULT_FLAGS": sorted(default_flags),
         "EXTRA_FLAGS": sorted(extra_flags),
+        "LORA_CONVERTER": sorted(converters),
     }
 
 
@@ -68,7 +72,10 @@ def job_rules(cluster: Cluster) -> dict[str, Any]:
     launched = sorted(name for name, rules in RUNTIMES.items() if rules.launchable)
     return {
         "body_starts": jobscript.BODY_STARTS,
-        "bodies": sorted(hashlib.sha256(jobscript.body(name).encode()).hexdigest() for name in launched),
+        "bodies": sorted(
+            hashlib.sha256(text.encode()).hexdigest()
+            for text in [*(jobscript.body(name) for name in launched), jobscript.trainer_body()]
+        ),
         "header": jobscript.header_rules(_pinned(cluster)),
     }
 

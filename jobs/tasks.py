@@ -28,6 +28,7 @@ from catalog.models import Cluster
 from jobs.allocations import mail as allocation_mail
 from jobs.batch import files, progress, staging
 from jobs.cluster import capacity, logs
+from jobs.finetune import lifecycle as finetunes
 from jobs.models import LLMSession, State
 from jobs.operations import metrics
 from jobs.services import health, keep
@@ -261,6 +262,48 @@ def stop_batch(self: Task[Any, Any], run_id: str) -> bool:
     if not staging.stop(run_id):
         raise self.retry(countdown=_backoff_s(self.request.retries))
     return True
+
+
+@shared_task(bind=True, name="jobs.submit_finetune", max_retries=SUBMIT_MAX_RETRIES, acks_late=True)
+def submit_finetune(self: Task[Any, Any], run_id: str) -> str:
+    """Submit a fine-tune run's job (jobs/finetune/lifecycle.submit), as a session's: transient failures retried with
+    backoff, then the run failed with the reason; a cancel asked for meanwhile follows once the job id is known."""
+    submitted = finetunes.submit(run_id, self.request.id)
+    if submitted.retry:
+        log.warning("submit of fine-tune run %s will be retried: %s", run_id, submitted.message)
+        try:
+            raise self.retry(countdown=_backoff_s(self.request.retries))
+        except MaxRetriesExceededError:
+            finetunes.fail(run_id, f"could not submit after {SUBMIT_MAX_RETRIES + 1} attempts: {submitted.message}")
+            return "failed"
+    if submitted.cancel_now:
+        cancel_finetune.delay(run_id)
+    return submitted.outcome
+
+
+@shared_task(name="jobs.poll_finetunes", ignore_result=True, soft_time_limit=120, time_limit=150)
+def poll_finetunes() -> int:
+    """Beat: a new submit for runs whose submit was lost, then one poll per account with live fine-tune runs (their
+    jobs and their trainers' progress)."""
+    for run_id in finetunes.lost_submits():
+        submit_finetune.delay(run_id)
+    for account_id in finetunes.accounts_to_poll():
+        poll_finetune_account.apply_async((account_id,), expires=settings.PORTAL_POLL_INTERVAL_S * 2)
+    return len(finetunes.accounts_to_poll())
+
+
+@shared_task(name="jobs.poll_finetune_account", ignore_result=True, soft_time_limit=90, time_limit=120)
+def poll_finetune_account(account_id: int) -> int:
+    return finetunes.poll(account_id)
+
+
+@shared_task(bind=True, name="jobs.cancel_finetune", max_retries=40, acks_late=True)
+def cancel_finetune(self: Task[Any, Any], run_id: str) -> str:
+    """scancel a fine-tune run's job, then confirm through polls until Slurm says it has ended."""
+    ended = finetunes.cancel(run_id)
+    if ended is None:
+        raise self.retry(countdown=3)
+    return ended
 
 
 @shared_task(name="jobs.mail_allocations", ignore_result=True, soft_time_limit=60, time_limit=90)

@@ -1,5 +1,5 @@
 """Every route of the jobs app; the views live with their concern (sessions/views.py, use/views.py, use/proxy.py,
-batch/views.py, services/pages.py)."""
+batch/views.py, services/pages.py, finetune/views.py)."""
 
 from __future__ import annotations
 
@@ -9,9 +9,10 @@ from django.http import HttpResponseBase
 from django.urls import include, path
 
 from jobs.batch import views as batches
+from jobs.finetune import views as finetunes
 from jobs.services import pages as services
 from jobs.sessions import views as sessions
-from jobs.use import openai_batches, proxy
+from jobs.use import openai_batches, openai_finetunes, proxy
 from jobs.use import views as use
 
 app_name = "jobs"
@@ -59,6 +60,21 @@ urlpatterns = [
         {"action": "cancel"},
         name="api-batch-cancel",
     ),
+    # OpenAI's fine-tuning API (use/openai_finetunes.py), before the proxy's catch-all too.
+    path("api/v1/fine_tuning/jobs", openai_finetunes.fine_tuning_jobs, name="api-ft-jobs"),
+    path("api/v1/fine_tuning/jobs/<str:job_id>", openai_finetunes.job_detail, name="api-ft-job"),
+    path(
+        "api/v1/fine_tuning/jobs/<str:job_id>/cancel",
+        openai_finetunes.job_detail,
+        {"action": "cancel"},
+        name="api-ft-job-cancel",
+    ),
+    path("api/v1/fine_tuning/jobs/<str:job_id>/events", openai_finetunes.job_events, name="api-ft-job-events"),
+    path(
+        "api/v1/fine_tuning/jobs/<str:job_id>/checkpoints",
+        openai_finetunes.job_checkpoints,
+        name="api-ft-job-checkpoints",
+    ),
     path("api/v1/<path:path>", proxy.api_proxy, name="api"),
     path("tokens/", use.api_tokens, name="tokens"),
     path("batch/", batches.batch_list, name="batches"),
@@ -67,6 +83,11 @@ urlpatterns = [
     path("batch/<uuid:pk>/output/<str:fmt>", batches.batch_output, name="batch-output"),
     path("batch/<uuid:pk>/stop", batches.stop_run, name="batch-stop"),
     path("sessions/<uuid:pk>/batch/new", batches.new_session_run, name="session-batch-new"),
+    path("finetune/", finetunes.finetune_list, name="finetunes"),
+    path("finetune/new/", finetunes.finetune_new, name="finetune-new"),
+    path("finetune/<uuid:pk>/", finetunes.finetune_detail, name="finetune"),
+    path("finetune/<uuid:pk>/cancel", finetunes.finetune_cancel, name="finetune-cancel"),
+    path("finetune/<uuid:pk>/adapter.tar.gz", finetunes.finetune_adapter, name="finetune-adapter"),
     path("", include("jobs.usage.urls")),
     path("", include("jobs.operations.urls")),
 ]

@@ -288,6 +288,12 @@ PORTAL_MAX_REQUEST_BYTES = env_int("PORTAL_MAX_REQUEST_BYTES", 8 << 20, minimum=
 PORTAL_BATCH_MAX_BYTES = env_int("PORTAL_BATCH_MAX_BYTES", 100 << 20, minimum=1024)
 PORTAL_BATCH_MAX_LINE_BYTES = env_int("PORTAL_BATCH_MAX_LINE_BYTES", 1 << 20, minimum=1024)
 PORTAL_BATCH_MAX_PROMPTS = env_int("PORTAL_BATCH_MAX_PROMPTS", 100_000, minimum=1)
+# A fine-tune run's training data (docs/finetune.md): the largest file and the most examples it may hold; its lines are
+# bounded as a prompts file's are (PORTAL_BATCH_MAX_LINE_BYTES).
+PORTAL_FINETUNE_MAX_BYTES = env_int("PORTAL_FINETUNE_MAX_BYTES", 100 << 20, minimum=1024)
+PORTAL_FINETUNE_MAX_EXAMPLES = env_int("PORTAL_FINETUNE_MAX_EXAMPLES", 100_000, minimum=1)
+# The largest adapter directory a run's page downloads (a full fine-tune's is the whole model).
+PORTAL_ADAPTER_DOWNLOAD_MAX_BYTES = env_int("PORTAL_ADAPTER_DOWNLOAD_MAX_BYTES", 4 << 30, minimum=1024)
 # Files uploaded through the OpenAI Files API (docs/batch.md): what one user may keep (bytes and files), and how long a
 # file is kept (days; 0: until deleted) unless its upload asked for less (expires_after). Beat deletes expired files
 # every PORTAL_FILES_SWEEP_S, except those a batch that has not ended still uses.
@@ -378,6 +384,7 @@ CELERY_TASK_TIME_LIMIT = env_int("PORTAL_TASK_TIME_LIMIT_S", 180, minimum=1)
 CELERY_BEAT_SCHEDULE_FILENAME = str(VAR_DIR / "celerybeat-schedule")
 CELERY_BEAT_SCHEDULE: dict[str, dict[str, object]] = {
     "poll-clusters": {"task": "jobs.poll_clusters", "schedule": float(PORTAL_POLL_INTERVAL_S)},
+    "poll-finetunes": {"task": "jobs.poll_finetunes", "schedule": float(PORTAL_POLL_INTERVAL_S)},
     "watch-sessions": {
         "task": "jobs.watch_sessions",
         "schedule": float(PORTAL_POLL_INTERVAL_S),

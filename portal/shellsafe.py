@@ -110,6 +110,11 @@ STAGE_TARGET = AllowList(
     expands=("$TMPDIR",),
 )
 TAG = AllowList(r"^[a-z0-9][a-z0-9-]*\Z", "Tags use lowercase letters, digits and '-'.")
+# A fine-tune run's suffix: a part of its adapter's model name (ft:<base>:<user>:<suffix>:<id>), which its job's values
+# carry.
+ADAPTER_SUFFIX = AllowList(
+    r"^[A-Za-z0-9][A-Za-z0-9_.-]*\Z", "A suffix uses letters, digits, '.', '_' and '-' only.", max_length=40
+)
 
 # What the portal names itself: a session's or batch run's id (a uuid4's text), a Slurm job id (an array task's
 # too), an upload's checksum.

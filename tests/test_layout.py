@@ -18,7 +18,7 @@ APPS = ("portal", "catalog", "jobs")
 WIRING = {"portal.urls", "portal.asgi", "portal.wsgi", "portal.celery"}
 # jobs' subpackages that act (everything but the models and the allocations, which only read the models).
 ACTING = ("jobs.cluster", "jobs.sessions", "jobs.use", "jobs.batch", "jobs.usage", "jobs.operations", "jobs.tasks",
-          "jobs.services")  # fmt: skip
+          "jobs.services", "jobs.finetune")  # fmt: skip
 # Who may import whom, as package prefixes: a module under the key may not import one under any listed prefix.
 FORBIDDEN = {
     "portal": ("catalog", "jobs"),
@@ -27,22 +27,33 @@ FORBIDDEN = {
     # Allocations sit below everything that asks them (the launch, the proxy's door, the usage pages, the metrics):
     # they read only the models.
     "jobs.allocations": ACTING,
-    "jobs.cluster": ("jobs.sessions", "jobs.use", "jobs.batch", "jobs.usage", "jobs.tasks", "jobs.services"),
-    "jobs.sessions": ("jobs.use", "jobs.batch", "jobs.services"),
+    "jobs.cluster": (
+        "jobs.sessions",
+        "jobs.use",
+        "jobs.batch",
+        "jobs.usage",
+        "jobs.tasks",
+        "jobs.services",
+        "jobs.finetune",
+    ),
+    "jobs.sessions": ("jobs.use", "jobs.batch", "jobs.services", "jobs.finetune"),
+    # Fine-tune runs sit above the sessions and batch runs: a run takes the launch's fields and checks, and its data is
+    # read with the prompts files' line reader; nothing below imports them.
+    "jobs.finetune": ("jobs.use", "jobs.services"),
     # Model services sit above the sessions (a replica is a session launched and cancelled through their actions)
     # and below the proxy, which routes a request naming a service to one of its replicas.
     "jobs.services": ("jobs.use", "jobs.batch"),
     # Batch runs sit above the sessions: a batch launch is a launch with its run added, a run is seen through its
     # session's access rule, and the runs' progress is recorded from what the sessions' poll read (by its caller,
     # the tasks). The OpenAI Batch API (jobs.use) is above them.
-    "jobs.batch": ("jobs.use",),
+    "jobs.batch": ("jobs.use", "jobs.finetune"),
     # The proxy's meter feeds the operators' metrics (usage -> operations); the sessions' pages and the proxy read
     # the usage figures (sessions, use -> usage). The "Site usage" permission both check lives in jobs.models.
-    "jobs.usage": ("jobs.sessions", "jobs.use", "jobs.batch"),
-    "jobs.operations": ("jobs.usage", "jobs.sessions", "jobs.use", "jobs.batch"),
+    "jobs.usage": ("jobs.sessions", "jobs.use", "jobs.batch", "jobs.finetune"),
+    "jobs.operations": ("jobs.usage", "jobs.sessions", "jobs.use", "jobs.batch", "jobs.finetune"),
 }
 # Only these modules enqueue Celery tasks by importing jobs.tasks (besides the URL and command entry points).
-ENQUEUE = {"jobs.sessions.actions", "jobs.batch.actions", "jobs.services.actions"}
+ENQUEUE = {"jobs.sessions.actions", "jobs.batch.actions", "jobs.services.actions", "jobs.finetune.actions"}
 
 
 def modules() -> dict[str, Path]:

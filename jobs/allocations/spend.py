@@ -1,10 +1,10 @@
 """What an allocation has spent in its current period.
 
-GPU-hours: the sessions charged to it (their owner is its user or in its group, or their job runs under its Slurm
-account; on its cluster when it names one) created in the period. A live session is charged its worst case, GPUs times
-walltime, reserved when it was launched; an ended one what it used, GPUs times the time its job ran (none if it never
-started): so what a session did not use returns when it ends. Model services' replicas are sessions of the service's
-owner, so a service charges its owner's allocations.
+GPU-hours: the sessions and fine-tune runs charged to it (their owner is its user or in its group, or their job runs
+under its Slurm account; on its cluster when it names one) created in the period. A live one is charged its worst
+case, GPUs times walltime, reserved when it was launched; an ended one what it used, GPUs times the time its job ran
+(none if it never started): so what it did not use returns when it ends. Model services' replicas are sessions of the
+service's owner, so a service charges its owner's allocations.
 
 Tokens: prompt and completion tokens of the requests its users made through the portal in the period (its user, its
 group's members, or everyone who may submit with its Slurm account).
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
+from typing import TypeVar
 
 from django.contrib.auth.models import User
 from django.db.models import Case, F, Q, QuerySet, Sum, When
@@ -21,8 +22,10 @@ from django.utils import timezone
 
 from catalog.models import Cluster, ClusterAccount
 from jobs.allocations.periods import Window, current
-from jobs.models import LIVE_STATES, Allocation, LLMSession, ProxyRequest, UsageRollup
+from jobs.models import LIVE_STATES, Allocation, FineTuneRun, LLMSession, ProxyRequest, UsageRollup
 from jobs.models.summaries import Cover, Mark
+
+Charged = TypeVar("Charged", LLMSession, FineTuneRun)
 
 
 @dataclass(frozen=True)
@@ -74,17 +77,23 @@ def _share(used: float, limit: float) -> float:
     return 100.0 * used / limit
 
 
-def sessions_of(allocation: Allocation) -> QuerySet[LLMSession]:
-    """Every session charged to the allocation, in any period (deleted ones too: their GPU-hours were spent)."""
+def charged_rows(model: type[Charged], allocation: Allocation) -> QuerySet[Charged]:
+    """Every session (or fine-tune run) charged to the allocation, in any period (deleted sessions too: their
+    GPU-hours were spent)."""
+    rows = model.objects.all()
     if allocation.user_id is not None:
-        rows = LLMSession.objects.filter(owner_id=allocation.user_id)
+        rows = rows.filter(owner_id=allocation.user_id)
     elif allocation.group_id is not None:
-        rows = LLMSession.objects.filter(owner__groups=allocation.group_id)
+        rows = rows.filter(owner__groups=allocation.group_id)
     else:
-        rows = LLMSession.objects.filter(charged_to(allocation.slurm_account, "account__", "cluster__"))
+        rows = rows.filter(charged_to(allocation.slurm_account, "account__", "cluster__"))
     if allocation.cluster_id is not None:
         rows = rows.filter(cluster_id=allocation.cluster_id)
     return rows
+
+
+def sessions_of(allocation: Allocation) -> QuerySet[LLMSession]:
+    return charged_rows(LLMSession, allocation)
 
 
 def charged_to(slurm_account: str, account: str = "", cluster: str = "cluster__") -> Q:
@@ -105,15 +114,28 @@ def users_of(allocation: Allocation) -> QuerySet[User]:
     return User.objects.filter(Q(cluster_accounts__in=accounts) | Q(shared_cluster_accounts__in=accounts)).distinct()
 
 
-def gpu_hours(sessions: QuerySet[LLMSession], window: Window) -> tuple[float, float]:
-    """GPU-hours charged by the sessions created in the window, and of them reserved by live ones."""
-    rows = sessions.filter(created_at__gte=window.start, created_at__lt=window.resets_at).values_list(
-        "state", "gpus_per_node", "nodes", "walltime_min", "started_at", "ended_at"
-    )
+def gpu_hours(allocation: Allocation, window: Window) -> tuple[float, float]:
+    """GPU-hours charged by the sessions and fine-tune runs created in the window, and of them reserved by live ones.
+    A fine-tune run that Slurm requeued (its own checkpoint at the time limit, or a preemption) may run for its
+    walltime once per start."""
+    created = {"created_at__gte": window.start, "created_at__lt": window.resets_at}
+    sessions = sessions_of(allocation).filter(**created)
+    runs = charged_rows(FineTuneRun, allocation).filter(**created)
+    rows = [
+        (state in LIVE_STATES, gpus_per_node * nodes, walltime_min, started_at, ended_at)
+        for state, gpus_per_node, nodes, walltime_min, started_at, ended_at in sessions.values_list(
+            "state", "gpus_per_node", "nodes", "walltime_min", "started_at", "ended_at"
+        )
+    ] + [
+        (state in FineTuneRun.LIVE_STATES, gpus_per_node, walltime_min * (1 + restarts), started_at, finished_at)
+        for state, gpus_per_node, walltime_min, restarts, started_at, finished_at in runs.values_list(
+            "state", "gpus_per_node", "walltime_min", "restarts", "started_at", "finished_at"
+        )
+    ]
     charged = reserved = 0.0
-    for state, gpus_per_node, nodes, walltime_min, started_at, ended_at in rows:
-        gpus, walltime_h = gpus_per_node * nodes, walltime_min / 60
-        if state in LIVE_STATES:
+    for live, gpus, walltime_min, started_at, ended_at in rows:
+        walltime_h = walltime_min / 60
+        if live:
             reserved += gpus * walltime_h
         elif started_at is not None and ended_at is not None:
             charged += gpus * min(walltime_h, max(0.0, (ended_at - started_at).total_seconds() / 3600))
@@ -145,7 +167,7 @@ def standing(allocation: Allocation, now: datetime | None = None) -> Standing | 
         return None
     charged = reserved = 0.0
     if allocation.gpu_hours is not None:
-        charged, reserved = gpu_hours(sessions_of(allocation), window)
+        charged, reserved = gpu_hours(allocation, window)
     spent_tokens = tokens(allocation, window, now) if allocation.tokens is not None else 0
     return Standing(allocation, window, charged, reserved, spent_tokens)
 

@@ -1,7 +1,8 @@
 """Files uploaded through the OpenAI Files API (jobs/use/openai_batches.py): kept within their owner's quota
 (PORTAL_FILES_MAX_BYTES_PER_USER, PORTAL_FILES_MAX_PER_USER), deleted on request (files.delete) or once they expire
 (PORTAL_FILES_RETENTION_DAYS, or sooner as their upload asked: the beat task jobs.expire_files runs sweep()), and never
-while a batch that has not ended names them as its input."""
+while a batch that has not ended names them as its input. A fine-tune run keeps its own copy of its training data, so
+the files it was started from may go at any time."""
 
 from __future__ import annotations
 
@@ -71,7 +72,14 @@ def expiry(created_at: datetime, asked_s: int | None = None) -> datetime | None:
     return created_at + min(limits) if limits else None
 
 
-def store(owner: User, content: File[bytes], filename: str, size: int, expires_after_s: int | None = None) -> BatchFile:
+def store(
+    owner: User,
+    content: File[bytes],
+    filename: str,
+    size: int,
+    expires_after_s: int | None = None,
+    purpose: str = "batch",
+) -> BatchFile:
     """Keep a checked upload as its owner's file, if it fits their quota; QuotaExceeded otherwise.
 
     One user's uploads are kept one at a time (their user row is locked; SQLite's writers take turns anyway), so two
@@ -84,7 +92,7 @@ def store(owner: User, content: File[bytes], filename: str, size: int, expires_a
             raise QuotaExceeded(no_room_for_files())
         if size > left.bytes:
             raise QuotaExceeded(f"a file of {size:,} bytes does not fit: {no_room_for_bytes(left.bytes)}")
-        stored = BatchFile(owner=owner, filename=filename[:200], size_bytes=size)
+        stored = BatchFile(owner=owner, filename=filename[:200], size_bytes=size, purpose=purpose)
         stored.expires_at = expiry(timezone.now(), expires_after_s)
         stored.content.save("input.jsonl", content, save=False)
         try:

@@ -132,11 +132,8 @@ def _with_system(messages: list[dict[str, Any]], system_prompt: str) -> list[dic
     return [{"role": "system", "content": system_prompt}, *messages]
 
 
-def _parse_line(fmt: str, text: str, number: int, options: Options) -> tuple[str, str, dict[str, Any]]:
-    """(id, url, body) of one line, or ValueError with what is wrong."""
-    if fmt == "text":
-        messages = _with_system([{"role": "user", "content": text}], options.system_prompt)
-        return f"line-{number}", "/v1/chat/completions", {**options.defaults, "messages": messages}
+def json_object(text: str) -> dict[str, Any]:
+    """A line as the JSON object it must be, or ValueError saying why not (a fine-tune run's data is read so too)."""
     try:
         obj = json.loads(text)
     except json.JSONDecodeError as exc:
@@ -145,6 +142,15 @@ def _parse_line(fmt: str, text: str, number: int, options: Options) -> tuple[str
         raise ValueError("invalid JSON (nested too deeply)") from None
     if not isinstance(obj, dict):
         raise ValueError("each line must be a JSON object")
+    return obj
+
+
+def _parse_line(fmt: str, text: str, number: int, options: Options) -> tuple[str, str, dict[str, Any]]:
+    """(id, url, body) of one line, or ValueError with what is wrong."""
+    if fmt == "text":
+        messages = _with_system([{"role": "user", "content": text}], options.system_prompt)
+        return f"line-{number}", "/v1/chat/completions", {**options.defaults, "messages": messages}
+    obj = json_object(text)
     if fmt == "openai":
         unknown = sorted(set(obj) - {"custom_id", "method", "url", "body"})
         if unknown:

@@ -27,6 +27,9 @@ SCRIPTS_DIR = Path(__file__).resolve().parent / "scripts"
 JOB_PARTS = ("skeleton.sh", "server.sh", "keyproxy.sh", "staging.sh", "batch.sh")
 # What a job that works through batch runs needs beside its script (docs/batch.md).
 BATCH_FILES = ("batchrun.py", "supervisor.py")
+# A fine-tune run's job (docs/finetune.md): the skeleton, then the trainer's part, which runs finetune.py beside it.
+TRAINER_PARTS = ("skeleton.sh", "finetune.sh")
+TRAINER_FILES = ("finetune.py",)
 
 
 class RenderError(ValueError):
@@ -70,6 +73,17 @@ class JobSpec:
     gpu_layers: int = 999
     gpu_memory_utilization: float = 0.90
     ready_timeout_s: int = 1800
+    # A fine-tune run's job: the trainer (TRAINER_PARTS) on the runtime's Python ($SERVER_BIN) instead of a server,
+    # warned this many seconds before its time limit (--signal=B:USR1@N) to save a checkpoint, and requeued then.
+    trainer: bool = False
+    signal_s: int = 0
+    # LoRA adapters the server loads (docs/finetune.md, serving): the fine-tune runs' uuids, whose directories beside
+    # this one hold them (llama.cpp: the GGUF the run converted; vLLM: the PEFT directory, its module named by the
+    # uuid), in this order (llama-server's adapter ids); vLLM's --max-lora-rank, at least the largest rank.
+    adapters: tuple[str, ...] = ()
+    max_lora_rank: int = 0
+    # A fine-tune run: llama.cpp's convert_lora_to_gguf.py, run at the end with the trainer's Python ("": no GGUF).
+    lora_converter: str = ""
 
 
 def _check(allowed: shellsafe.AllowList, value: str, what: str) -> str:
@@ -107,6 +121,10 @@ def sbatch_directives(spec: JobSpec) -> list[str]:
         f"--output={layout.NAMES.job_log}",
         "--open-mode=append",
     ]
+    if spec.signal_s:
+        lines.append(f"--signal=B:USR1@{_positive(spec.signal_s, 'signal lead')}")
+    if spec.trainer:
+        lines.append("--requeue")  # where a site's JobRequeue=0 would not let a preempted run, or the job, requeue
     if _rules(spec.runtime).exclusive_on(spec.nodes):
         lines.append("--exclusive=user")
     return [f"#SBATCH {line}" for line in lines]
@@ -140,17 +158,34 @@ def assignments(spec: JobSpec) -> list[str]:
         "READY_TIMEOUT_S": _positive(spec.ready_timeout_s, "ready timeout"),
         "STAGE_TO": _check(shellsafe.STAGE_TARGET, spec.stage_to, "staging directory") if spec.stage_to else "",
         "STAGE_KEEP": int(spec.stage_keep),
+        "MAX_LORA_RANK": spec.max_lora_rank if spec.adapters else 0,
+        "LORA_CONVERTER": _converter(spec.lora_converter),
     }
     lines = [f"{name}={shlex.quote(str(value))}" for name, value in scalars.items()]
     lines += [
         f"MODULES={_array(spec.modules)}",
         f"DEFAULT_FLAGS={_array(spec.default_flags)}",
         f"EXTRA_FLAGS={_array(spec.extra_flags)}",
+        f"ADAPTER_RUNS={_array(tuple(_check(shellsafe.UUID, run, 'adapter run id') for run in spec.adapters))}",
     ]
     for line in lines:
         if "\n" in line or "\x00" in line:
             raise RenderError("values must not contain newlines or NUL bytes")
     return lines
+
+
+def _converter(path: str) -> str:
+    if path and not (shellsafe.ABSOLUTE_PATH.accepts(path) and path.endswith(".py")):
+        raise RenderError(f"{path!r} is not the absolute path of llama.cpp's LoRA converter")
+    return path
+
+
+def lora_converter(llama_server: str) -> str:
+    """Where llama.cpp's LoRA converter is installed beside a llama-server binary: scripts/build-llama-cpp puts the
+    converter of the same sources in <prefix>/convert/ beside <prefix>/bin/ ("" for a binary found on the PATH)."""
+    if not llama_server.startswith("/"):
+        return ""
+    return str(Path(llama_server).parent.parent / "convert" / "convert_lora_to_gguf.py")
 
 
 def _parser(name: str) -> str:
@@ -177,16 +212,19 @@ def render(spec: JobSpec) -> str:
         raise RenderError(f"{rules.label} cannot serve embeddings")
     if spec.nodes > 1 and rules.rpc_binary and not spec.rpc_binary:
         raise RenderError(f"a {spec.runtime} session over several nodes needs the cluster's ggml-rpc-server binary")
+    if spec.trainer and (spec.nodes > 1 or spec.replicas > 1 or spec.batch_run):
+        raise RenderError("a fine-tune run trains on one node, with no batch run")
+    what = "fine-tune run" if spec.trainer else "session"
     header = [
         "#!/bin/bash",
         *sbatch_directives(spec),
-        f"# Rendered by HPC LLM Portal for session {spec.session_id}; templates: jobs/cluster/scripts/.",
+        f"# Rendered by HPC LLM Portal for {what} {spec.session_id}; templates: jobs/cluster/scripts/.",
         "# Every value below is validated and shell-quoted; the code after it only reads these variables.",
         layout.prelude().rstrip("\n"),
         *assignments(spec),
         "",
     ]
-    return "\n".join(header) + body(spec.runtime)
+    return "\n".join(header) + (trainer_body() if spec.trainer else body(spec.runtime))
 
 
 def body(runtime: str) -> str:
@@ -194,12 +232,17 @@ def body(runtime: str) -> str:
     return "".join((SCRIPTS_DIR / name).read_text() for name in (*JOB_PARTS, _rules(runtime).job_script))
 
 
+def trainer_body() -> str:
+    """The static part of a fine-tune run's job script."""
+    return "".join((SCRIPTS_DIR / name).read_text() for name in TRAINER_PARTS)
+
+
 # --- what a restricted key's gate accepts as a job script (portal/gate.py) ----------------------------------------
 
 BODY_STARTS = "# ---- skeleton.sh"  # the body's first line: the gate hashes from here
 # One word as shlex.quote writes it: plain safe characters, or single quotes with a quote written '"'"'.
 _QUOTED = r"(?:[A-Za-z0-9_@%+=:,./-]+|'[^']*(?:'\"'\"'[^']*)*')"
-_ARRAYS = ("MODULES", "DEFAULT_FLAGS", "EXTRA_FLAGS")
+_ARRAYS = ("MODULES", "DEFAULT_FLAGS", "EXTRA_FLAGS", "ADAPTER_RUNS")
 
 
 def header_rules(pinned: dict[str, list[str]]) -> list[str]:
@@ -221,8 +264,9 @@ def header_rules(pinned: dict[str, list[str]]) -> list[str]:
         "output": re.escape(layout.NAMES.job_log),
         "open-mode": "append",
         "exclusive": "user",
+        "signal": f"B:USR1@{word}",
     }
-    rules = ["^#!/bin/bash\\Z", "^\\Z", "^# [^\\n]*\\Z"]
+    rules = ["^#!/bin/bash\\Z", "^\\Z", "^# [^\\n]*\\Z", "^#SBATCH --requeue\\Z"]
     rules += [f"^#SBATCH --{re.escape(option)}={value}\\Z" for option, value in sbatch.items()]
     rules += [f"^{re.escape(line)}\\Z" for line in layout.prelude().rstrip("\n").split("\n")]
     sample = JobSpec(str(uuid.UUID(int=0)), "llama.cpp", "p", "", 1, 1, "g", "", 1, 1, 1, "b", "n", 1, 1)
@@ -230,6 +274,9 @@ def header_rules(pinned: dict[str, list[str]]) -> list[str]:
     for name in names:
         if name in pinned:
             rules.append(f"^{name}=(?:{'|'.join(re.escape(value) for value in pinned[name])})\\Z")
+        elif name == "ADAPTER_RUNS":  # uuids alone: the job side makes paths of them
+            run = shellsafe.inner(shellsafe.UUID)
+            rules.append(f"^{name}=\\((?:{run}(?: {run})*)?\\)\\Z")
         elif name in _ARRAYS:
             rules.append(f"^{name}=\\((?:{_QUOTED}(?: {_QUOTED})*)?\\)\\Z")
         else:
@@ -242,10 +289,10 @@ def quoted(value: str | tuple[str, ...]) -> str:
     return _array(value) if isinstance(value, tuple) else shlex.quote(value)
 
 
-def extra_files(runtime: str, batch: bool = False) -> dict[str, str]:
+def extra_files(runtime: str, batch: bool = False, trainer: bool = False) -> dict[str, str]:
     """The helpers staged next to the job script in the session directory (the key proxy, the RPC relay, the batch
-    runner and its supervisor)."""
-    names = [*_rules(runtime).job_files, *(BATCH_FILES if batch else ())]
+    runner and its supervisor; a fine-tune run's trainer alone)."""
+    names = list(TRAINER_FILES) if trainer else [*_rules(runtime).job_files, *(BATCH_FILES if batch else ())]
     return {name: (SCRIPTS_DIR / name).read_text() for name in names}
 
 

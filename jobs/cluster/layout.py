@@ -55,6 +55,17 @@ class Names:
     start_mark: str = "start"  # the run's files are all there: the job may start its runner
     stop_mark: str = "stop"  # asked to stop: the job stops the runner, what is done is kept
     run_error_file: str = "error"  # why the job gave the run up
+    # Fine-tune runs (docs/finetune.md): a run's job has a directory named by the run's uuid, as a session's is (so
+    # the same submit, poll, cancel and log commands serve it), holding the checked data and the run's settings that
+    # the portal stages, and what the trainer writes: its progress, checkpoints and, at the end, the adapter.
+    train_file: str = "train.jsonl"
+    valid_file: str = "valid.jsonl"
+    train_config_file: str = "finetune.json"
+    train_progress_file: str = "train-progress.json"
+    checkpoints_dir: str = "checkpoints"
+    adapter_dir: str = "adapter"
+    # The adapter as llama.cpp loads it (--lora), converted at the run's end by llama.cpp's own converter.
+    adapter_gguf: str = "adapter.gguf"
 
 
 NAMES = Names()

@@ -44,6 +44,8 @@ vLLM (one line per worker process; a worker's later line replaces its earlier on
 The portal's own lines (the job side's, hence also the owner's to forge, checked the same way):
     server.sh    "portal: nvidia-smi memory.used MiB: 1234, 5678"     -> total_gib (the GPUs' used memory)
     tfserve.py   "tfserve: torch.cuda.max_memory_allocated MiB: 1234, 5678" -> total_gib where nvidia-smi is silent
+Where neither is there, total_gib is the sum of the server's buffers; `total_from` says which it is
+(catalog.measured.TOTAL_FROM: nvidia-smi, torch, buffers), since the estimate's figure for each differs.
 
 Plain Python, no Django.
 """
@@ -53,16 +55,18 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Any, TypeGuard
+from typing import Any
 
+from catalog.measured import FIELDS as FIELDS
+from catalog.measured import MAX_GIB as MAX_GIB
+from catalog.measured import MAX_TOKENS_PER_S as MAX_TOKENS_PER_S
+from catalog.measured import TOTAL_FROM, figure
 from jobs.cluster import layout
 from portal import gate, shellsafe
 from portal.slurm.cli import PLAIN
 
-# THE names of a session's measured figures (LLMSession.measured, its page, `sessions show --json`).
-FIELDS = ("weights_gib", "kv_gib", "compute_gib", "total_gib", "prompt_tokens_per_s", "tokens_per_s")
-MAX_GIB = 65536.0  # a figure above this (64 TiB) is no session's: refused
-MAX_TOKENS_PER_S = 1e7
+# The figures' names (FIELDS), their bounds and what a total can be are the catalog's (catalog/measured.py), which
+# compares them with the estimate.
 MAX_DEVICES = 64
 LINE_CHARS = 300  # every line the command prints is cut to this; a longer one is not a server's line here
 MAX_TEXT_CHARS = 2 << 20
@@ -206,8 +210,8 @@ class _Speed:
 
 def parse(text: str) -> dict[str, Any]:
     """The figures in what MEASURE printed (or any log text): FIELDS that were found, each a number, and `devices`
-    (device -> weights_gib, kv_gib, compute_gib) where the server named them. Empty when nothing was found. Never
-    raises on any input."""
+    (device -> weights_gib, kv_gib, compute_gib) where the server named them, and `total_from` with a total. Empty when
+    nothing was found. Never raises on any input."""
     llama = _Llama()
     vllm: dict[str, dict[str, float]] = {}  # worker -> kind -> GiB
     prompt, generated = _Speed(), _Speed()
@@ -244,11 +248,11 @@ def parse(text: str) -> dict[str, Any]:
         found.update(_llama_totals(llama.devices))
     elif vllm:
         found.update(_vllm_totals(vllm))
-    total = gpu_used if gpu_used is not None else torch_peak
+    total, total_from = (gpu_used, "nvidia-smi") if gpu_used is not None else (torch_peak, "torch")
     if total is None and found:
-        total = sum(found.get(name, 0.0) for name in ("weights_gib", "kv_gib", "compute_gib"))
+        total, total_from = sum(found.get(name, 0.0) for name in ("weights_gib", "kv_gib", "compute_gib")), "buffers"
     if total is not None and total <= MAX_GIB:
-        found["total_gib"] = total
+        found["total_gib"], found["total_from"] = total, total_from
     for name, speed in (("prompt_tokens_per_s", prompt), ("tokens_per_s", generated)):
         if (value := speed.per_s()) is not None:
             found[name] = value
@@ -302,32 +306,29 @@ def _vllm_totals(workers: dict[str, dict[str, float]]) -> dict[str, Any]:
     return found
 
 
-def _finite(value: object) -> TypeGuard[int | float]:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-
-
 _DEVICE_NAME = re.compile(rf"{_DEVICE}|[A-Za-z][A-Za-z0-9_]{{0,40}}(?: node [0-9]{{1,4}})?")
 
 
 def clean(raw: object) -> dict[str, Any]:
-    """Only the known fields, each a finite non-negative number in range, rounded; `devices` likewise. What parse()
-    returns and what the database holds both pass here, so a page never shows anything else."""
+    """Only the known fields, each a finite non-negative number in range, rounded (catalog.measured.figure), with
+    `total_from` when it is one of TOTAL_FROM; `devices` likewise. What parse() returns and what the database holds
+    both pass here, so a page never shows anything else."""
     if not isinstance(raw, dict):
         return {}
     figures: dict[str, Any] = {}
     for name in FIELDS:
-        value = raw.get(name)
-        most = MAX_TOKENS_PER_S if name.endswith("_per_s") else MAX_GIB
-        if _finite(value) and 0 <= value <= most:
-            figures[name] = round(float(value), 6 if name.endswith("_gib") else 2)
+        if (value := figure(name, raw.get(name))) is not None:
+            figures[name] = round(value, 6 if name.endswith("_gib") else 2)
+    if "total_gib" in figures and raw.get("total_from") in TOTAL_FROM:
+        figures["total_from"] = raw["total_from"]
     devices = raw.get("devices")
     if isinstance(devices, dict) and figures:
         kept = {}
         for device, kinds in list(devices.items())[:MAX_DEVICES]:
             if not (isinstance(device, str) and _DEVICE_NAME.fullmatch(device) and isinstance(kinds, dict)):
                 continue
-            numbers = {k: kinds.get(k) for k in ("weights_gib", "kv_gib", "compute_gib") if k in kinds}
-            good = {k: round(float(v), 6) for k, v in numbers.items() if _finite(v) and 0 <= v <= MAX_GIB}
+            numbers = {k: figure(k, kinds.get(k)) for k in ("weights_gib", "kv_gib", "compute_gib")}
+            good = {k: round(v, 6) for k, v in numbers.items() if v is not None}
             if good:
                 kept[device] = good
         if kept:

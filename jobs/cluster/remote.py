@@ -26,7 +26,7 @@ from portal.slurm.errors import SlurmParseError
 from portal.slurm.hostlist import expand_hostlist
 from portal.slurm.records import parse_job_records, parse_key_values
 from portal.slurm.sacct import SACCT_OPTIONS, parse_sacct
-from portal.slurm.sbatch import parse_sbatch_parsable
+from portal.slurm.sbatch import parse_sbatch_parsable, sbatch_error
 from portal.slurm.squeue import SQUEUE_FIELDS, SQUEUE_FORMAT, QueuedJob, parse_squeue
 
 # Exit codes of the submit script that mean "try again later".
@@ -104,7 +104,11 @@ def _named(name: str) -> str:
 
 # What a restricted key's gate lets an upload hold (portal/gate.py): the layout's files, the job script, the session
 # key, the portal's own helpers byte for byte, and a batch launch's requests.
-_HELPERS = sorted({name for rules in RUNTIMES.values() for name in rules.job_files} | set(jobscript.BATCH_FILES))
+_HELPERS = sorted(
+    {name for rules in RUNTIMES.values() for name in rules.job_files}
+    | set(jobscript.BATCH_FILES)
+    | set(jobscript.TRAINER_FILES)
+)
 _HELPER_NAMES = "^(?:" + "|".join(re.escape(name) for name in _HELPERS) + ")\\Z"
 _UUID_PART = shellsafe.inner(shellsafe.UUID)
 SUBMIT_UPLOAD = gate.Upload(
@@ -113,6 +117,10 @@ SUBMIT_UPLOAD = gate.Upload(
         (_named(layout.NAMES.api_key_file), "key"),
         (_HELPER_NAMES, "helper"),
         (f"^{re.escape(layout.NAMES.batch_dir)}/{_UUID_PART}/{re.escape(layout.NAMES.requests_file)}\\Z", "data"),
+        # A fine-tune run's checked data and settings (jobs/finetune/lifecycle.py).
+        (_named(layout.NAMES.train_file), "data"),
+        (_named(layout.NAMES.valid_file), "data"),
+        (_named(layout.NAMES.train_config_file), "data"),
     )
 )
 STAGE_UPLOAD = gate.Upload(
@@ -285,6 +293,7 @@ for pair in "$@"; do
   if [ -f "$d/$CONNECTION_FILE" ]; then head -c 4096 -- "$d/$CONNECTION_FILE" | section connection "$sid"; fi
   if [ -f "$d/$STAGING_FILE" ]; then head -c 4096 -- "$d/$STAGING_FILE" | section staging "$sid"; fi
   if [ -f "$d/$ERROR_FILE" ]; then head -c 2000 -- "$d/$ERROR_FILE" | section error "$sid"; fi
+  if [ -f "$d/$TRAIN_PROGRESS_FILE" ]; then head -c 32768 -- "$d/$TRAIN_PROGRESS_FILE" | section training "$sid"; fi
   # A run's folder is named by the portal, but the job's owner may make others: only a uuid goes on a header.
   for f in "$d/$BATCH_DIR"/*/"$PROGRESS_FILE"; do
     r=${f%/*} && r=${r##*/}
@@ -511,6 +520,29 @@ def sbatch_is_transient(stderr: str) -> bool:
     return bool(_TRANSIENT_SBATCH.search(stderr))
 
 
+@dataclass(frozen=True)
+class SubmitReply:
+    """What the submit script's answer means: the job (or the cancel mark it found), a reason to try again later, or
+    Slurm's refusal of the job itself, which trying again cannot change."""
+
+    outcome: SubmitOutcome | None = None
+    retry: str = ""
+    refused: str = ""
+
+
+def read_submit(exit_code: int, stdout: str, stderr: str) -> SubmitReply:
+    """The submit script's exit code and output (SUBMIT_SCRIPT), read for a session's or a fine-tune run's submit."""
+    if exit_code == 0:
+        try:
+            return SubmitReply(parse_submit(stdout))
+        except SlurmParseError as exc:
+            return SubmitReply(retry=str(exc))
+    message = sbatch_error(stderr) if stderr.strip() else f"exit code {exit_code}"
+    if exit_code == 64 and not sbatch_is_transient(stderr):
+        return SubmitReply(refused=message)
+    return SubmitReply(retry=message)
+
+
 CANCEL = gate.Verb("cancel", CANCEL_SCRIPT, args=(shellsafe.UUID,), more=shellsafe.JOB_ID)
 
 
@@ -557,7 +589,15 @@ HAS_RESULTS = gate.Verb(
 RESULTS = gate.Verb(
     "results", script(_RESULTS_FILE + 'exec cat "$f"\n'), args=(shellsafe.UUID, shellsafe.UUID, shellsafe.RESULTS_KIND)
 )
-VERBS = (SUBMIT, STAGE, STOP, CANCEL, SCANCEL, WATCH, POLL, LISTING, LOG, HAS_RESULTS, RESULTS)
+# A fine-tune run's adapter, downloaded from its page (jobs/finetune/download.py): its size in KiB (nothing when there
+# is none), then the directory as a gzipped tar on standard output.
+ADAPTER_SIZE = gate.Verb(
+    "adapter-size",
+    script('d="$SESSIONS_DIR/$1/$ADAPTER_DIR"\nif [ -d "$d" ]; then du -sk "$d" | cut -f1; fi\n'),
+    args=(shellsafe.UUID,),
+)
+ADAPTER = gate.Verb("adapter", script('exec tar -C "$SESSIONS_DIR/$1" -czf - "$ADAPTER_DIR"\n'), args=(shellsafe.UUID,))
+VERBS = (SUBMIT, STAGE, STOP, CANCEL, SCANCEL, WATCH, POLL, LISTING, LOG, HAS_RESULTS, RESULTS, ADAPTER_SIZE, ADAPTER)
 
 
 @dataclass
@@ -576,6 +616,7 @@ class PollResult:
     progress: dict[str, dict[str, object]] = field(default_factory=dict)  # batch run id -> its progress.json
     staging: dict[str, dict[str, object]] = field(default_factory=dict)  # session id -> its staging.json
     batch_errors: dict[str, str] = field(default_factory=dict)  # batch run id -> why the job gave its runner up
+    training: dict[str, dict[str, object]] = field(default_factory=dict)  # fine-tune run id -> its trainer's progress
     positions: dict[tuple[str, str], int] = field(default_factory=dict)  # (partition, job id) -> place in its queue
     # Node name -> the names it answers to: itself, Slurm's NodeAddr and NodeHostName.
     node_names: dict[str, set[str]] = field(default_factory=dict)
@@ -648,6 +689,9 @@ def parse_poll(text: str, frame: str) -> PollResult:
         elif kind == "staging" and len(args) == 1 and shellsafe.UUID.accepts(args[0]):
             if (data := _json_object(content)) is not None:
                 result.staging[args[0]] = data
+        elif kind == "training" and len(args) == 1 and shellsafe.UUID.accepts(args[0]):
+            if (data := _json_object(content)) is not None:
+                result.training[args[0]] = data
         elif kind == "progress" and len(args) == 2 and all(map(shellsafe.UUID.accepts, args)):
             if (data := _json_object(content)) is not None:
                 result.progress[args[1]] = data

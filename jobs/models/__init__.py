@@ -11,6 +11,7 @@ from jobs.models.batch import BatchEvent, BatchFile, BatchRun, Pace, measured_pa
 from jobs.models.capacity import PartitionState
 from jobs.models.chat import ChatMessage, Conversation
 from jobs.models.counts import InFlight, SharedCount
+from jobs.models.finetune import FineTuneEvent, FineTuneRun, TrainingRuntime, transition_finetune
 from jobs.models.services import RUN_SITE_SERVICE, ModelService, ReplicaLoad
 from jobs.models.sessions import (
     END_STATES,
@@ -59,6 +60,8 @@ __all__ = [
     "BatchRun",
     "ChatMessage",
     "Conversation",
+    "FineTuneEvent",
+    "FineTuneRun",
     "GroupSource",
     "InFlight",
     "LLMSession",
@@ -73,6 +76,7 @@ __all__ = [
     "SessionShare",
     "SharedCount",
     "State",
+    "TrainingRuntime",
     "UsageRollup",
     "UsageWatermark",
     "UsageWindow",
@@ -83,5 +87,6 @@ __all__ = [
     "served_model_name",
     "token_digest",
     "transition",
+    "transition_finetune",
     "transition_run",
 ]

@@ -175,6 +175,9 @@ class LLMSession(models.Model):
         "self", null=True, blank=True, on_delete=models.SET_NULL, related_name="successors", editable=False
     )
 
+    # Fine-tune runs' adapters the server loads beside the base weights, called by each run's model name (ft:...).
+    adapters = models.ManyToManyField("jobs.FineTuneRun", blank=True, related_name="sessions")
+
     class Meta:
         verbose_name = "session"
         ordering = ["-created_at"]
@@ -241,6 +244,12 @@ class LLMSession(models.Model):
     @property
     def served_model_name(self) -> str:
         return served_model_name(self.variant.model.name, self.variant.quantization)
+
+    @property
+    def adapter_names(self) -> str:
+        """The adapters it loads, by their model names, comma-separated (the launch form's `adapter`)."""
+        # Sorted here, not by the database, so that a prefetch of the adapters (access.with_adapters) serves it.
+        return ",".join(run.model_name for run in sorted(self.adapters.all(), key=lambda run: run.pk))
 
     @property
     def name_for_others(self) -> str:

@@ -25,6 +25,7 @@ from django.contrib.auth.models import User
 from django.core import validators
 from django.core.exceptions import ValidationError
 from django.db import models
+from django.db.models import QuerySet
 from django.utils.html import format_html, format_html_join
 from django.utils.safestring import SafeString
 
@@ -41,10 +42,11 @@ from catalog.models import (
 )
 from catalog.quant import canonical_quant
 from jobs.allocations import check as allocations
-from jobs.models import LIVE_STATES, LLMSession, Purpose
+from jobs.models import LIVE_STATES, FineTuneRun, LLMSession, Purpose
 from jobs.sessions import limits
 
 DEFAULT_CONTEXT = 4096  # tokens, or the model's maximum when that is less
+MAX_ADAPTERS = 8  # LoRA adapters one session loads
 
 _RANGE_VALIDATORS = (validators.MinValueValidator, validators.MaxValueValidator, validators.MaxLengthValidator)
 
@@ -57,18 +59,25 @@ def kept(path: str, field: forms.Field | None = None, **overrides: Any) -> forms
     default and choices; `overrides` change any of them.
     """
     if field is None:
-        column = LLMSession._meta.get_field(path)
-        assert isinstance(column, models.Field)
-        limits: dict[str, Any] = {}
-        for validator in column.validators:
-            if isinstance(validator, validators.MinValueValidator):
-                limits["min_value"] = max(validator.limit_value, limits.get("min_value", validator.limit_value))
-            elif isinstance(validator, validators.MaxValueValidator):
-                limits["max_value"] = min(validator.limit_value, limits.get("max_value", validator.limit_value))
-        others = [v for v in column.validators if not isinstance(v, _RANGE_VALIDATORS)]
-        field = column.formfield(**limits, validators=others, **overrides)
-        assert field is not None
+        field = column_field(LLMSession, path, **overrides)
     field.kept_as = path  # type: ignore[attr-defined]
+    return field
+
+
+def column_field(model: type[models.Model], name: str, **overrides: Any) -> forms.Field:
+    """A form field made from a model's column: its type, limits (from its validators), label, help text, default
+    and choices; `overrides` change any of them. (A fine-tune run's hyperparameters come from their columns so.)"""
+    column = model._meta.get_field(name)
+    assert isinstance(column, models.Field)
+    limits: dict[str, Any] = {}
+    for validator in column.validators:
+        if isinstance(validator, validators.MinValueValidator):
+            limits["min_value"] = max(validator.limit_value, limits.get("min_value", validator.limit_value))
+        elif isinstance(validator, validators.MaxValueValidator):
+            limits["max_value"] = min(validator.limit_value, limits.get("max_value", validator.limit_value))
+    others = [v for v in column.validators if not isinstance(v, _RANGE_VALIDATORS)]
+    field = column.formfield(**limits, validators=others, **overrides)
+    assert field is not None
     return field
 
 
@@ -104,6 +113,25 @@ class ContextInput(forms.NumberInput):
 
 def _error(field: str, message: str) -> ValidationError:
     return ValidationError({field: message})
+
+
+class NamesField(forms.CharField):
+    """Names as a comma-separated list, or several values of the field (the command line's repeated flag): a tuple
+    of the names, each once, in their order."""
+
+    repeatable = True  # manage.py sessions launch takes the flag more than once
+
+    def to_python(self, value: Any) -> Any:
+        if isinstance(value, list | tuple):
+            value = ",".join(str(v) for v in value)
+        return super().to_python(value)
+
+    def clean(self, value: Any) -> tuple[str, ...]:
+        text = super().clean(value)
+        return tuple(dict.fromkeys(name.strip() for name in str(text or "").split(",") if name.strip()))
+
+    def prepare_value(self, value: Any) -> Any:
+        return ",".join(value) if isinstance(value, list | tuple) else value
 
 
 class ChoicesForm(forms.Form):
@@ -228,13 +256,23 @@ class LaunchForm(ChoicesForm):
     parallel = kept("parallel", required=False, initial=None)
     cpus = kept("cpus_per_node", required=False, label="CPUs per node", help_text="default: the GPUs' share")
     memory_gib = kept("memory_gib", required=False, label="memory per node (GiB)", help_text="default: the GPUs' share")
+    adapter = kept(
+        "adapter_names",
+        NamesField(
+            required=False, max_length=2000, label="LoRA adapters",
+            help_text="fine-tune runs' adapters to load, by their model names (ft:...), comma-separated",
+        ),
+    )  # fmt: skip
 
-    # The catalog objects clean() found, by the session column that holds them.
+    # The catalog objects clean() found, by the session column that holds them; the fine-tune runs whose adapters
+    # the session loads (kept as LLMSession.adapters, set once the session exists).
     objects: dict[str, models.Model]
+    adapters: list[FineTuneRun]
 
     def __init__(self, *args: Any, user: User, **kwargs: Any) -> None:
         super().__init__(*args, user=user, **kwargs)
         self.objects = {}
+        self.adapters = []
 
     def clean(self) -> dict[str, Any]:
         data = forms.Form.clean(self) or {}
@@ -283,6 +321,7 @@ class LaunchForm(ChoicesForm):
         data["nodes"] = data.get("nodes") or 1
         _check_runtime_fits(cluster_runtime, location, data["nodes"], data["gpus"])
         limits.check(self.user, cluster, data["gpus"] * data["nodes"])
+        self.adapters = self._check_adapters(data, cluster_runtime, account)
         allocations.check_launch(self.user, account, cluster, data["gpus"] * data["nodes"], data["walltime"])
         cpus, memory_gib = group.share_for(data["gpus"])
         data["cpus"] = data.get("cpus") or cpus
@@ -297,14 +336,81 @@ class LaunchForm(ChoicesForm):
         }
         return data
 
+    def _check_adapters(
+        self, data: dict[str, Any], cluster_runtime: ClusterRuntime, account: ClusterAccount
+    ) -> list[FineTuneRun]:
+        """The fine-tune runs the `adapter` names, each a completed LoRA or QLoRA run of the caller's of this model,
+        its adapter in the home of this cluster user (the run's directory), for a runtime that loads adapters; else
+        the reason."""
+        names: tuple[str, ...] = data.get("adapter") or ()
+        if not names:
+            return []
+        why_not = why_no_adapters(cluster_runtime.runtime.rules, data["purpose"])
+        if why_not:
+            raise _error("adapter", why_not)
+        if len(names) > MAX_ADAPTERS:
+            raise _error("adapter", f"A session loads at most {MAX_ADAPTERS} adapters.")
+        assert self.user is not None
+        mine = {run.model_name: run for run in runs_of(self.user)}
+        runs = []
+        for name in names:
+            run = mine.get(name)
+            if run is None:
+                raise _error("adapter", f"You have no fine-tune run named {name!r}; `finetune list` shows yours.")
+            why_not = adapter_refusal(run, self.card, account)
+            if why_not:
+                raise _error("adapter", why_not)
+            runs.append(run)
+        return runs
+
     def session_columns(self) -> dict[str, Any]:
-        """What the session keeps: each plain field under its column, and the catalog objects clean() found."""
+        """What the session keeps: each plain field under its column, and the catalog objects clean() found (the
+        adapters are the launch's to set once the session exists: `adapters`)."""
         columns: dict[str, Any] = dict(self.objects)
         for name, field in self.fields.items():
             path = kept_as(field)
-            if "." not in path:
+            if "." not in path and not isinstance(field, NamesField):
                 columns[path] = self.cleaned_data.get(name)
         return columns
+
+
+def why_no_adapters(rules: runtime_rules.RuntimeRules, purpose: str) -> str:
+    """Why a session of this runtime and purpose loads no LoRA adapters; "" when it may."""
+    if not rules.lora:
+        able = " or ".join(runtime_rules.RUNTIMES[kind].label for kind in runtime_rules.kinds_with("lora"))
+        return f"{rules.label} cannot load LoRA adapters; choose {able}."
+    if purpose == Purpose.EMBEDDINGS:
+        return "An embeddings session loads no LoRA adapters."
+    return ""
+
+
+def runs_of(user: User) -> QuerySet[FineTuneRun]:
+    """The user's fine-tune runs, with what their model names and refusals read."""
+    return FineTuneRun.objects.filter(owner=user).select_related("variant__model", "owner", "account", "cluster")
+
+
+def adapter_refusal(run: FineTuneRun, card: ModelCard, account: ClusterAccount | None = None) -> str:
+    """Why a session of this model, submitted through this account (through any, when None), cannot load the run's
+    adapter; "" when it can: a completed LoRA or QLoRA run of the model, its adapter in the account's home."""
+    name = run.model_name
+    if run.state != FineTuneRun.State.COMPLETED:
+        return f"{name} is {run.state}: only a completed run has an adapter to load."
+    if run.method == FineTuneRun.Method.FULL:
+        return f"{name} fine-tuned the whole model: it has no adapter to load."
+    if run.variant.model_id != card.pk:
+        return f"{name} is an adapter of {run.variant.model.name}, not of {card.name}."
+    if account is not None and (run.cluster_id != account.cluster_id or run.account.username != account.username):
+        return (
+            f"{name}'s adapter is in the home of {run.account.username} on {run.cluster.name}: launch on that cluster "
+            "with that account."
+        )
+    return ""
+
+
+def loadable_adapters(user: User, card: ModelCard) -> list[FineTuneRun]:
+    """The user's fine-tune runs whose adapters a session of this model may load (on the runs' own clusters): what
+    the launch's `adapter` accepts, newest first."""
+    return [run for run in runs_of(user).order_by("-created_at") if not adapter_refusal(run, card)]
 
 
 class HiddenLaunch:

@@ -47,6 +47,7 @@ def create(
             account, cluster = columns["account"], columns["cluster"]
             allocations.check_launch(user, account, cluster, gpus, columns["walltime_min"], lock=True)
             session = LLMSession.objects.create(owner=user, request_token=request_token, **columns)
+            session.adapters.set(form.adapters)
             session.events.create(to_state=State.PENDING, cause=f"requested by {user.get_username()}")
             if with_session is not None:
                 with_session(session)

@@ -30,8 +30,7 @@ from jobs.models import END_STATES, POLLED_STATES, BatchRun, LLMSession, Purpose
 from jobs.operations import metrics
 from jobs.sessions import listed_nodes, notify, queue_order, staging
 from portal import crypto, nodenet, shellsafe, ssh
-from portal.slurm import jobstates, sbatch, times
-from portal.slurm.errors import SlurmParseError
+from portal.slurm import jobstates, times
 from portal.slurm.squeue import QueuedJob
 
 log = logging.getLogger(__name__)
@@ -50,6 +49,8 @@ def job_spec(session: LLMSession) -> jobscript.JobSpec:
     if stage_to.startswith("/dev/shm"):
         # A copy in memory counts against the job's memory (its cgroup on most sites): ask for room for it too.
         memory_gib += math.ceil(session.variant.size_gib)
+    # The adapters in one order (llama-server numbers them so), with their ranks.
+    runs = dict(session.adapters.order_by("pk").values_list("pk", "lora_rank"))
     return jobscript.JobSpec(
         session_id=str(session.pk),
         runtime=session.runtime.kind,
@@ -80,7 +81,18 @@ def job_spec(session: LLMSession) -> jobscript.JobSpec:
         modules=tuple(cluster_runtime.modules.split()),
         default_flags=tuple(shlex.split(session.runtime.default_flags)),
         extra_flags=tuple(shlex.split(cluster_runtime.extra_flags)),
+        adapters=tuple(str(pk) for pk in runs),
+        max_lora_rank=max_lora_rank(max(runs.values(), default=0)),
     )
+
+
+# The ranks vLLM takes as --max-lora-rank (vllm/config/lora.py's MaxLoRARanks, 0.32).
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+def max_lora_rank(rank: int) -> int:
+    """vLLM's --max-lora-rank for adapters of this rank at most: the smallest it takes that holds them."""
+    return next((r for r in VLLM_LORA_RANKS if r >= rank), VLLM_LORA_RANKS[-1])
 
 
 # --- submit ---------------------------------------------------------------------------------------------------
@@ -159,31 +171,27 @@ def submit(session_id: str, claim: str | None) -> Submitted:
             fail(session_id, f"cannot log in to {session.cluster.name}: {exc}", {State.SUBMITTING})
             return Submitted("failed")
         return Submitted("retry", f"SSH: {exc}")
-    if result.exit_code == 0:
-        try:
-            outcome = remote.parse_submit(result.stdout)
-        except SlurmParseError as exc:
-            return Submitted("retry", str(exc))
-        if outcome.cancelled:  # a cancel marked the session on the cluster first: sbatch was never called
-            why = "cancelled while it was being submitted; no job was created"
-            transition(session_id, State.CANCELLED, cause=why, allowed_from={State.SUBMITTING}, end_reason=why)
-            return Submitted("cancelled")
-        cause = f"found job {outcome.job_id} submitted earlier" if outcome.existing else "sbatch accepted the job"
-        moved = transition(
-            session_id,
-            State.QUEUED,
-            cause=f"{cause} (job {outcome.job_id})",
-            allowed_from={State.SUBMITTING},
-            job_id=outcome.job_id,
-            submit_claim="",
-        )
-        cancel_now = moved and LLMSession.objects.filter(pk=session_id, cancel_requested_at__isnull=False).exists()
-        return Submitted(outcome.job_id, cancel_now=cancel_now)
-    message = sbatch.sbatch_error(result.stderr) if result.stderr.strip() else f"exit code {result.exit_code}"
-    if result.exit_code == 64 and not remote.sbatch_is_transient(result.stderr):
-        fail(session_id, f"Slurm refused the job: {message}", {State.SUBMITTING})
+    reply = remote.read_submit(result.exit_code, result.stdout, result.stderr)
+    if reply.refused:
+        fail(session_id, f"Slurm refused the job: {reply.refused}", {State.SUBMITTING})
         return Submitted("failed")
-    return Submitted("retry", message)
+    if (outcome := reply.outcome) is None:
+        return Submitted("retry", reply.retry)
+    if outcome.cancelled:  # a cancel marked the session on the cluster first: sbatch was never called
+        why = "cancelled while it was being submitted; no job was created"
+        transition(session_id, State.CANCELLED, cause=why, allowed_from={State.SUBMITTING}, end_reason=why)
+        return Submitted("cancelled")
+    cause = f"found job {outcome.job_id} submitted earlier" if outcome.existing else "sbatch accepted the job"
+    moved = transition(
+        session_id,
+        State.QUEUED,
+        cause=f"{cause} (job {outcome.job_id})",
+        allowed_from={State.SUBMITTING},
+        job_id=outcome.job_id,
+        submit_claim="",
+    )
+    cancel_now = moved and LLMSession.objects.filter(pk=session_id, cancel_requested_at__isnull=False).exists()
+    return Submitted(outcome.job_id, cancel_now=cancel_now)
 
 
 def lost_submits() -> list[str]:

@@ -7,20 +7,24 @@ bounded SSH command a session. A cluster that cannot be reached leaves the figur
 next round. Speeds come from the server's own per-request timings where its log has them (llama-server); where it
 does not (vLLM logs only throughput over intervals, transformers nothing), from the proxy's records of the
 session's requests (ProxyRequest: generation tokens over the time after the first token, prompt tokens over the time
-to it), which include the network between the portal and the node.
+to it), which include the network between the portal and the node. The same figures are kept for the catalog as the
+site's measurement of the session's choices (keep_for_the_site), which the wizard, the estimate command and the
+plans show beside the estimate (catalog/measured.py).
 """
 
 from __future__ import annotations
 
 import logging
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
+from django.db import transaction
 from django.db.models import ExpressionWrapper, F, FloatField, Q, Sum
 from django.utils import timezone
 
+from catalog.models import SiteMeasurement
 from jobs.cluster import measured
-from jobs.models import END_STATES, LLMSession, ProxyRequest, State
+from jobs.models import END_STATES, LLMSession, ProxyRequest, Purpose, State
 from portal import ssh
 
 log = logging.getLogger(__name__)
@@ -60,8 +64,26 @@ def measure(session: LLMSession) -> dict[str, Any] | None:
     figures = measured.parse(result.stdout) if result.ok else {}
     if not ("prompt_tokens_per_s" in figures or "tokens_per_s" in figures):
         figures = measured.clean({**figures, **proxy_speeds(session)})
-    LLMSession.objects.filter(pk=session.pk).update(measured=figures, measured_at=timezone.now())
+    now = timezone.now()
+    with transaction.atomic():
+        LLMSession.objects.filter(pk=session.pk).update(measured=figures, measured_at=now)
+        keep_for_the_site(session, figures, now)
     return figures
+
+
+def keep_for_the_site(session: LLMSession, figures: dict[str, Any], at: datetime) -> None:
+    """The figures as the site's measurement of the session's choices (the catalog's SiteMeasurement), which every
+    estimate of the same choices shows beside it. An embeddings server is sized otherwise: it counts for nothing."""
+    if session.purpose == Purpose.EMBEDDINGS:
+        figures = {}
+    devices = figures.get("devices") or {}
+    SiteMeasurement.keep(
+        f"session:{session.pk}", figures, at,
+        variant_id=session.variant_id, runtime=session.runtime.kind, context=session.context_length,
+        parallel=session.parallel, gpu_type_id=session.gpu_type_id, gpus_per_node=session.gpus_per_node,
+        nodes=session.nodes, on_host=bool(devices) and all(measured.is_host(device) for device in devices),
+        total_from=figures.get("total_from", ""),
+    )  # fmt: skip
 
 
 def measure_due() -> int:

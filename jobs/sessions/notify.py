@@ -7,6 +7,7 @@ import logging
 from datetime import timedelta
 
 from django.conf import settings
+from django.contrib.auth.base_user import AbstractBaseUser
 from django.core.mail import send_mail
 from django.utils import timezone
 
@@ -17,12 +18,18 @@ EXPIRY_WARNING = timedelta(minutes=15)
 
 
 def _send(session: LLMSession, subject: str, body: str) -> None:
-    if not session.owner.email:
+    send_to(session.owner, subject, body)
+
+
+def send_to(user: AbstractBaseUser, subject: str, body: str) -> None:
+    """One mail to a user with an address (a fine-tune run's end is mailed so too)."""
+    address = getattr(user, "email", "")
+    if not address:
         return
     try:
-        send_mail(subject, body, settings.DEFAULT_FROM_EMAIL, [session.owner.email])
+        send_mail(subject, body, settings.DEFAULT_FROM_EMAIL, [address])
     except OSError as exc:  # a mail server that is down must not break polling
-        log.warning("could not email %s about %s: %s", session.owner.email, session.pk, exc)
+        log.warning("could not email %s about %s: %s", address, subject, exc)
 
 
 def session_running(session_id: str) -> bool:

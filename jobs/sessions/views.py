@@ -4,6 +4,7 @@ relaunch, log, delete), and the cluster accounts they launch with."""
 from __future__ import annotations
 
 import secrets
+from collections.abc import Mapping
 from typing import Any
 from urllib.parse import urlencode
 from uuid import UUID
@@ -56,7 +57,8 @@ def launch_view(request: HtmxHttpRequest) -> HttpResponse:
         request.session[LAST_LAUNCH] = {name: request.POST.get(name, "") for name in ChoicesForm.base_fields}
         messages.success(request, "Session created: submitting it to Slurm.")
         return HttpResponseRedirect(reverse("jobs:sessions") + f"#s-{session.pk}")
-    params: dict[str, Any] = dict(request.GET.items()) or dict(request.session.get(LAST_LAUNCH, {}))
+    # The QueryDict itself: the adapters' checkboxes send several values of one name.
+    params: Mapping[str, Any] = request.GET or dict(request.session.get(LAST_LAUNCH, {}))
     state = wizard.build(request.user, params)
     return render_page(request, "jobs/launch.html", {"w": state, "token": secrets.token_urlsafe(16)}, "wizard")
 
@@ -98,6 +100,7 @@ def session_card(request: HtmxHttpRequest, pk: UUID) -> HttpResponse:
 def session_detail(request: HtmxHttpRequest, pk: UUID) -> HttpResponse:
     session = _card(request, pk)
     context = {"s": session, "events": session.events.all(), "form": sharing.ShareForm(request.user)}
+    context["adapters"] = session.adapters.select_related("variant__model", "owner").order_by("pk")
     context["past_shares"] = session.shares.exclude(pk__in=[g.pk for g in session.active_shares])[:50]
     return render_page(request, "jobs/session_detail.html", context)
 
@@ -166,8 +169,9 @@ def session_delete(request: HtmxHttpRequest, pk: UUID) -> HttpResponse:
 @login_required
 @require_GET
 def session_relaunch(request: HtmxHttpRequest, pk: UUID) -> HttpResponse:
-    """The wizard again, with this session's choices."""
-    values = values_of(get_session_for(request, pk), ChoicesForm)
+    """The wizard again, with this session's choices and adapters."""
+    session = get_session_for(request, pk)
+    values = {**values_of(session, ChoicesForm), "adapter": session.adapter_names}
     query = urlencode({name: value for name, value in values.items() if value not in (None, "")})
     return HttpResponseRedirect(reverse("jobs:launch") + "?" + query)
 

@@ -8,23 +8,35 @@ import contextlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
+from urllib.parse import urlencode
 
 from django import forms
 from django.conf import settings
 from django.contrib.auth.models import User
 from django.db.models import Q, QuerySet
+from django.http import QueryDict
 from django.template.defaultfilters import floatformat
+from django.utils.safestring import SafeString
 
 from catalog import runtime_rules
 from catalog.confidence import purpose_confidence
 from catalog.estimate import Estimate, EstimateError, Request, estimate, fit
+from catalog.measured import Beside, SiteFigures, Speed
 from catalog.models import Cluster, ClusterAccount, GPUType, ModelCard, ModelVariant
-from catalog.plans import Option, plans, request_for
+from catalog.plans import Option, plans, request_for, site_measured
 from catalog.toolcalls import ToolCalls, session_tool_calls
 from catalog.training import PURPOSES, TRAINING, PurposeRequest, estimate_purpose
 from jobs.cluster.capacity import QueueView, queue_views
-from jobs.models import Pace, Purpose, measured_pace
-from jobs.sessions.forms import ChoicesForm, HiddenLaunch, available_runtimes
+from jobs.models import FineTuneRun, Pace, Purpose, measured_pace
+from jobs.sessions.forms import (
+    ChoicesForm,
+    HiddenLaunch,
+    LaunchForm,
+    adapter_refusal,
+    available_runtimes,
+    loadable_adapters,
+    why_no_adapters,
+)
 
 # The model list's filters: wizard-only, not part of a launch.
 FILTERS = ("q", "tag", "license", "max_params_b")
@@ -62,6 +74,11 @@ class OptionRow:
         None  # the option's launch: every field hidden, but the account when there are several
     )
     pace: Pace | None = None  # for batch runs: what finished runs of the variant on this GPU type did
+    # A fine-tune plan the portal runs (one GPU, an account that may use the partition): the new run's page, with
+    # where it runs filled in (docs/finetune.md).
+    finetune_query: str = ""
+    measured: SiteFigures | None = None  # what sessions of the same choices measured in this layout
+    speed: Speed | None = None  # how fast sessions of the variant and runtime answered on this GPU type
 
 
 @dataclass
@@ -82,7 +99,22 @@ class WizardState:
     errors: list[str] = field(default_factory=list)
     plan: str = ""  # a purpose the wizard sizes but does not launch (PLANS), or ""
     confidence: str = ""  # how sure the estimate is: the nearest published measurements and the error on them
+    measured: Beside | None = None  # what sessions of the same choices measured here, and the error on it
     tools: ToolCalls | None = None  # whether a session of the choices calls tools (not asked of embeddings)
+    # The user's fine-tune runs whose adapters a session of the choices may load (none: the runtime or purpose loads
+    # none), and those chosen, which every option's launch carries.
+    adapters: list[FineTuneRun] = field(default_factory=list)
+    chosen_adapters: list[FineTuneRun] = field(default_factory=list)
+
+    @property
+    def adapter_menu(self) -> SafeString:
+        """The adapters as checkboxes in step 1 (a GET form: they work without JavaScript)."""
+        menu = forms.CheckboxSelectMultiple(choices=[(run.model_name, run.model_name) for run in self.adapters])
+        return menu.render("adapter", [run.model_name for run in self.chosen_adapters], {"id": "id_adapter"})
+
+    @property
+    def adapter_field(self) -> forms.Field:
+        return LaunchForm.base_fields["adapter"]
 
     @property
     def ready(self) -> bool:
@@ -153,6 +185,7 @@ def build(user: User, params: Mapping[str, Any], errors: list[str] | None = None
         state.values, state.variant = state.form.cleaned_data, state.form.variant
     if state.values["purpose"] != Purpose.EMBEDDINGS:
         state.tools = session_tool_calls(state.values["runtime"], card.tool_call_parser, card.family)
+    _offer_adapters(state, user, params)
     _estimate_and_options(state, user)
     return state
 
@@ -162,6 +195,21 @@ def _offer_models(form: ChoicesForm, cards: list[ModelCard], chosen: ModelCard |
     choices = [("", f"choose a model ({len(cards)} match)")]
     choices += [(c.name, f"{c.name} · {floatformat(c.params_b, -2)}B · {c.license or 'licence?'}") for c in shown]
     form.fields["model"].widget = forms.Select(choices=choices, attrs={"required": True})
+
+
+def _offer_adapters(state: WizardState, user: User, params: Mapping[str, Any]) -> None:
+    """The adapters the launch form would accept for these choices, and which of them the parameters choose (as a
+    launch names them: checkboxes, or a refused launch's comma list)."""
+    if state.plan or why_no_adapters(runtime_rules.rules_for(state.values["runtime"]), state.values["purpose"]):
+        return
+    assert state.card is not None
+    state.adapters = loadable_adapters(user, state.card)
+    values = params.getlist("adapter") if isinstance(params, QueryDict) else params.get("adapter")
+    try:
+        names = set(state.adapter_field.clean(values))
+    except forms.ValidationError:
+        names = set()
+    state.chosen_adapters = [run for run in state.adapters if run.model_name in names]
 
 
 def _offer_purposes(form: ChoicesForm, plan: str) -> None:
@@ -200,6 +248,8 @@ def _estimate_and_options(state: WizardState, user: User) -> None:
         return
     _draw(state)
     state.confidence = purpose_confidence(PurposeRequest(request, state.plan or "inference")).summary()
+    if not state.plan:
+        state.measured = site_measured(request, variant)
     usable: dict[int, list[ClusterAccount]] = {}
 
     def accounts_on(cluster: Cluster) -> list[ClusterAccount]:
@@ -220,23 +270,36 @@ def _estimate_and_options(state: WizardState, user: User) -> None:
     )
     views.sort(key=lambda v: (not v.recommended, not v.option.fit.fits, v.option.gpus, -v.option.fit.headroom_gib))
     choices = {name: values.get(name) for name in ChoicesForm.base_fields}
+    choices["adapter"] = tuple(run.model_name for run in state.chosen_adapters)
     paces: dict[int, Pace | None] = {}
     for view in views:
         partition = view.option.node_group.partition
         everyone = accounts_on(partition.cluster)
         accounts = [a for a in everyone if partition.takes(a.effective_slurm_account)]
         if view.option.fit.fits and state.plan:
-            state.fitting.append(OptionRow(view, selectable=False, why_not=_plan_note(state, view.option)))
+            row = OptionRow(view, selectable=False, why_not=_plan_note(state, view.option))
+            if state.plan in TRAINING and view.option.gpus_per_node * view.option.nodes == 1 and accounts:
+                row.finetune_query = _finetune_query(view, choices, state.plan)
+            state.fitting.append(row)
         elif view.option.fit.fits:
             # The launch's own limits, shown where they apply rather than after a refused Launch.
             too_long = values["walltime"] > partition.max_walltime_min
             why_not = f"{partition.name} allows at most {partition.max_walltime_min} minutes" if too_long else ""
             if everyone and not accounts:
                 why_not = f"{partition.name} takes only the Slurm accounts {', '.join(partition.allowed_account_list)}"
+            # The chosen adapters are in a cluster user's home: only that user's accounts on that cluster load them.
+            refused = [_adapters_refused(state, a) for a in accounts]
+            if accounts and all(refused) and not why_not:
+                why_not = refused[0].rstrip(".")
+            accounts = [a for a, why in zip(accounts, refused, strict=True) if not why]
             if state.form.errors:  # the options are for the defaults the estimate fell back on, not a launch
                 why_not = "correct the choices above to launch"
             launch = _launch(view, choices, accounts) if accounts and not why_not else None
             row = OptionRow(view, selectable=launch is not None, why_not=why_not, accounts=accounts, launch=launch)
+            if state.measured is not None:
+                gpu_name = view.option.node_group.gpu_type.name
+                row.measured = state.measured.for_layout(gpu_name, view.option.gpus_per_node, view.option.nodes)
+                row.speed = state.measured.speeds.get(gpu_name)
             if values.get("purpose") == "batch":
                 gpu = view.option.node_group.gpu_type
                 if gpu.pk not in paces:
@@ -245,6 +308,13 @@ def _estimate_and_options(state: WizardState, user: User) -> None:
             state.fitting.append(row)
         else:
             state.not_fitting.append(OptionRow(view, selectable=False, why_not=_why_not(view, state)))
+
+
+def _adapters_refused(state: WizardState, account: ClusterAccount) -> str:
+    """Why a launch through this account cannot load the chosen adapters (the launch form's reason), or ""."""
+    assert state.card is not None
+    reasons = (adapter_refusal(run, state.card, account) for run in state.chosen_adapters)
+    return next((why for why in reasons if why), "")
 
 
 def _plan_request(plan: str, request: Request) -> tuple[Request, Callable[[Request], Estimate]]:
@@ -267,6 +337,14 @@ def _plan_note(state: WizardState, option: Option) -> str:
     if state.plan in TRAINING:
         return f"A plan: fine-tuning runs as your own Slurm job (sbatch {ask})."
     return f"A plan: launch the chat model and an embeddings session, or one job holding both (sbatch {ask})."
+
+
+def _finetune_query(view: QueueView, choices: dict[str, Any], plan: str) -> str:
+    group = view.option.node_group
+    where = {"model": choices.get("model") or "", "cluster": group.partition.cluster.slug,
+             "partition": group.partition.name, "gpu": group.gpu_type.name, "gpus": 1, "method": plan,
+             "walltime": choices.get("walltime") or ""}  # fmt: skip
+    return urlencode(where)
 
 
 def _launch(view: QueueView, choices: dict[str, Any], accounts: list[ClusterAccount]) -> HiddenLaunch:

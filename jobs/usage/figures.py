@@ -38,7 +38,7 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import date, datetime, timedelta
+from datetime import date, datetime, timedelta, tzinfo
 from functools import cached_property
 from typing import Any
 
@@ -266,7 +266,8 @@ DIMENSIONS = {
 }
 SESSION = Dimension("session", "Session", ("id",), show=_first)
 DAY = "day"  # the local day: a key of its own (GPU-hours are split across days, not grouped)
-MONTH = "month"  # a table's rows by month: the days rolled up
+MONTH = "month"  # the local month (its first day): requests from the months' summaries where whole, days split alike
+TIME = (DAY, MONTH)
 BY = (MONTH, *DIMENSIONS)  # what a table may be grouped by
 
 
@@ -344,7 +345,7 @@ def _aliases(keys: Sequence[str], paths_of: Callable[[Dimension], list[str]], da
     """values() arguments for the keys: k<i>_<j> for the j-th path of the i-th key, `day` as given."""
     found: dict[str, Any] = {}
     for i, name in enumerate(keys):
-        if name == DAY:
+        if name in TIME:
             found[f"k{i}_0"] = day
             continue
         for j, path in enumerate(paths_of(_dimension(name))):
@@ -357,6 +358,8 @@ def _key(row: dict[str, Any], keys: Sequence[str]) -> Key:
     for i, name in enumerate(keys):
         if name == DAY:
             parts.append(row[f"k{i}_0"])
+        elif name == MONTH:  # a day, or a month's summary (its first day)
+            parts.append(row[f"k{i}_0"].replace(day=1))
         else:
             dim = _dimension(name)
             parts.append(dim.show(*(row[f"k{i}_{j}"] for j in range(len(dim.paths)))))
@@ -369,8 +372,9 @@ def _add_requests(cells: dict[Key, Tally], scope: Scope, keys: Sequence[str]) ->
     cover = scope.cover(months=DAY not in keys)
     raw = scope.requests(cover)
     raw_keys = _aliases(keys, Dimension.request_paths, TruncDate("at"))
-    summaries = rollups.summed(scope.rollups(cover, keys), _aliases(keys, Dimension.request_paths, F("start")))
-    for row in rollups.together([summaries, rollups.raw_rows(raw, raw_keys)]):
+    sums = ("prompt_tokens", "completion_tokens")
+    summaries = rollups.summed(scope.rollups(cover, keys), _aliases(keys, Dimension.request_paths, F("start")), sums)
+    for row in rollups.together([summaries, rollups.raw_rows(raw, raw_keys, sums)]):
         tally = cells[_key(row, keys)]
         for metric, bucket, n, low, high in rollups.buckets_of(row):
             (tally.ttft if metric == rollups.Metric.TTFT else tally.speed).add(bucket, n, low, high)
@@ -398,16 +402,19 @@ class _Run:
 def _add_sessions(cells: dict[Key, Tally], scope: Scope, keys: Sequence[str]) -> None:
     """Queries 2 and 3: the sessions' reserved GPU-hours and those with traffic, split across days when a key is the
     day (the day key is left out of the sessions' own keys and filled in by the split)."""
-    period, by_day = scope.period, DAY in keys
-    other = [k for k in keys if k != DAY]
+    period, by_day = scope.period, any(k in TIME for k in keys)
+    other = [k for k in keys if k not in TIME]
     sessions = scope.sessions()
     runs: dict[Any, _Run] = {}
-    columns = ["pk", "gpus_per_node", "nodes", "started_at", "ended_at"]
-    for row in sessions.values(*columns, **_aliases(other, Dimension.session_paths, None)).order_by():
+    columns = ["pk", "gpus_per_node", "nodes"]
+    moments = {"x_started": rollups.stored(F("started_at")), "x_ended": rollups.stored(F("ended_at"))}
+    for row in sessions.values(*columns, **moments, **_aliases(other, Dimension.session_paths, None)).order_by():
         run = runs.get(row["pk"])
         if run is None:
-            start = max(row["started_at"], period.start)
-            end = min(row["ended_at"] or period.end, period.end)
+            started, ended = rollups.moment(row["x_started"]), rollups.moment(row["x_ended"])
+            assert started is not None  # scope.sessions() are those that started
+            start = max(started, period.start)
+            end = min(ended or period.end, period.end)
             run = runs[row["pk"]] = _Run(row["gpus_per_node"] * row["nodes"], start, end)
         run.keys.add(_key(row, other))
     # The summarised windows in the run (rollups.py: a window at its edge had a request inside it when its last
@@ -420,7 +427,7 @@ def _add_sessions(cells: dict[Key, Tally], scope: Scope, keys: Sequence[str]) ->
         .filter(last_at__gte=F("session__started_at"))
         .filter(Q(session__ended_at__isnull=True) | Q(first_at__lt=F("session__ended_at")))
         .values("session", *(["day"] if by_day else []))
-        .annotate(windows=Count("id"), first=Min("start"), last=Max("start"))
+        .annotate(windows=Count("id"), first=rollups.stored(Min("start")), last=rollups.stored(Max("start")))
         .order_by()
     )
     raw = (
@@ -428,21 +435,26 @@ def _add_sessions(cells: dict[Key, Tally], scope: Scope, keys: Sequence[str]) ->
         .filter(at__gte=F("session__started_at"))
         .filter(Q(session__ended_at__isnull=True) | Q(at__lt=F("session__ended_at")))
         .values("session", **({"day": TruncDate("at")} if by_day else {}))
-        .annotate(windows=Count(QuarterHour("at"), distinct=True), first=Min("at"), last=Max("at"))
+        .annotate(
+            windows=Count(QuarterHour("at"), distinct=True),
+            first=rollups.stored(Min("at")),
+            last=rollups.stored(Max("at")),
+        )
         .order_by()
     )
-    traffic: Iterable[dict[str, Any]] = rollups.together([summarised, raw])
-    for row in traffic:
-        run = runs.get(row["session"])
-        if run is None:
+    for row in rollups.together([summarised, raw]):
+        if (run := runs.get(row["session"])) is None:
             continue
         run.windows[row.get("day")] += row["windows"]
-        run.first = row["first"] if run.first is None else min(run.first, row["first"])
-        run.last = row["last"] if run.last is None else max(run.last, row["last"])
+        first, last = rollups.moment(row["first"]), rollups.moment(row["last"])
+        assert first is not None and last is not None  # a group has a row
+        run.first = first if run.first is None else min(run.first, first)
+        run.last = last if run.last is None else max(run.last, last)
+    zone = timezone.get_current_timezone()  # read once: reading it costs more than a run's split
     for pk, run in runs.items():
         if run.end <= run.start:
             continue
-        reserved, used = _split(run, by_day)
+        reserved, used = _split(run, by_day, zone)
         for day in reserved.keys() | used.keys():
             for base in run.keys:
                 tally = cells[_with_day(base, keys, day)]
@@ -452,35 +464,36 @@ def _add_sessions(cells: dict[Key, Tally], scope: Scope, keys: Sequence[str]) ->
 
 
 def _with_day(base: Key, keys: Sequence[str], day: date | None) -> Key:
-    if DAY not in keys:
-        return base
-    i = list(keys).index(DAY)
-    return (*base[:i], day, *base[i:])
+    for i, name in enumerate(keys):
+        if name in TIME:
+            assert day is not None  # split by day when a key is the time
+            return (*base[:i], day if name == DAY else day.replace(day=1), *base[i:])
+    return base
 
 
-def _split(run: _Run, by_day: bool) -> tuple[dict[date | None, float], dict[date | None, float]]:
+def _split(run: _Run, by_day: bool, zone: tzinfo) -> tuple[dict[date | None, float], dict[date | None, float]]:
     """A run's reserved hours and hours with traffic, per local day (or all under None). The hours with traffic are a
     quarter hour per window with a request, less the parts of the first and last windows outside the run when they
     had one."""
     reserved: dict[date | None, float] = {}
     if by_day:
-        each = timezone.localdate(run.start)
-        while midnight(each) < run.end:
-            overlap = min(run.end, midnight(each + timedelta(days=1))) - max(run.start, midnight(each))
-            if overlap > timedelta(0):
-                reserved[each] = overlap.total_seconds() / 3600
+        each = run.start.astimezone(zone).date()
+        while (start := midnight(each, zone)) < run.end:
             each += timedelta(days=1)
+            overlap = min(run.end, midnight(each, zone)) - max(run.start, start)
+            if overlap > timedelta(0):
+                reserved[each - timedelta(days=1)] = overlap.total_seconds() / 3600
     else:
         reserved[None] = (run.end - run.start).total_seconds() / 3600
     used: dict[date | None, float] = {day: windows * WINDOW_HOURS for day, windows in run.windows.items()}
     if run.first is not None and run.last is not None:
         first_window = window_start(run.start)
         if run.first < first_window + WINDOW:
-            day: date | None = timezone.localdate(first_window) if by_day else None
+            day: date | None = first_window.astimezone(zone).date() if by_day else None
             used[day] = used.get(day, 0.0) - (run.start - first_window).total_seconds() / 3600
         last_window = window_start(run.end)
         if run.last >= last_window and run.end > last_window:
-            day = timezone.localdate(last_window) if by_day else None
+            day = last_window.astimezone(zone).date() if by_day else None
             used[day] = used.get(day, 0.0) - (last_window + WINDOW - run.end).total_seconds() / 3600
     return reserved, {day: max(0.0, hours) for day, hours in used.items()}
 
@@ -501,7 +514,7 @@ def _add_runs(cells: dict[Key, Tally], scope: Scope, keys: Sequence[str]) -> Non
 
 
 def cube(scope: Scope, keys: Sequence[str]) -> dict[Key, Tally]:
-    """The tallies of each combination of `keys` (names of DIMENSIONS, "session" or "day") in the scope: four
+    """The tallies of each combination of `keys` (names of DIMENSIONS, "session", "day" or "month") in the scope: four
     queries (the module's docstring lists them), whatever the number of rows."""
     cells: dict[Key, Tally] = defaultdict(Tally)
     _add_requests(cells, scope, keys)
@@ -536,7 +549,7 @@ class Row:
 def table(scope: Scope, by: str) -> list[Row]:
     """The scope's usage grouped `by` a dimension or by month, in the order of the keys."""
     if by == MONTH:
-        months = rollup(cube(scope, [DAY]), lambda key: f"{key[0]:%Y-%m}")
+        months = rollup(cube(scope, [MONTH]), lambda key: f"{key[0]:%Y-%m}")
         return [Row(month, tally) for month, tally in sorted(months.items())]
     cells = cube(scope, [by])
     return [Row(key[0], cells[key]) for key in sorted(cells, key=lambda k: (k[0] is None, str(k[0])))]
@@ -604,8 +617,11 @@ def by_route(scope: Scope) -> list[RouteUse]:
     cover = scope.cover(months=True)
     keys = {"k_endpoint": F("endpoint")}
     summaries = scope.rollups(cover, []).filter(metric=rollups.Metric.TALLIES)
-    rows = rollups.together([rollups.summed(summaries, keys), rollups.raw_rows(scope.requests(cover), keys)])
-    figures = ("x_requests", "x_errors", "x_prompt_tokens", "x_cached_tokens", "x_completion_tokens")
+    read = ("prompt_tokens", "cached_tokens", "completion_tokens")
+    rows = rollups.together(
+        [rollups.summed(summaries, keys, read), rollups.raw_rows(scope.requests(cover), keys, read)]
+    )
+    figures = ("x_requests", "x_errors", *(f"x_{name}" for name in read))
     found: dict[str, list[int]] = {}
     for row in rows:
         sums = found.setdefault(row["k_endpoint"], [0] * len(figures))

@@ -25,15 +25,16 @@ columns, so the figures add them up alike and recording a request costs what it 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 from django.conf import settings
 from django.db import transaction
 from django.db.models import (
-    Case,
+    CharField,
     Count,
+    ExpressionWrapper,
     F,
     Func,
     IntegerField,
@@ -43,7 +44,6 @@ from django.db.models import (
     QuerySet,
     Sum,
     Value,
-    When,
 )
 from django.utils import timezone
 
@@ -98,25 +98,58 @@ class QuarterHour(Func):
         return f"(CAST({sql} AS INTEGER) / 900)", list(params)
 
 
-def _bucket(name: str, bounds: tuple[float, ...]) -> Case:
+def stored(expression: Any) -> ExpressionWrapper[Any]:
+    """A moment as the database returns it, without Django's conversion (moment() reads it): on SQLite the
+    conversion (text to an aware datetime) cost more than reading the rows for the usage figures' thousands of
+    session and window moments (bench/usage.py)."""
+    return ExpressionWrapper(expression, output_field=CharField())
+
+
+def moment(value: datetime | str | None) -> datetime | None:
+    """A moment from stored(): PostgreSQL's driver returns an aware datetime; SQLite the UTC text Django wrote, or for
+    a column itself (not an aggregate of it) the naive datetime its driver parsed that text into."""
+    if value is None:
+        return None
+    found = value if isinstance(value, datetime) else datetime.fromisoformat(value)
+    return found if found.tzinfo is not None else found.replace(tzinfo=UTC)
+
+
+class Bucket(Func):
     """The bucket a successful request's value falls in (bucket i holds values below bounds[i] and not below
-    bounds[i - 1]); NULL for failed requests and missing values."""
-    whens = [When(Q(status__gte=400) | Q(**{f"{name}__isnull": True}), then=Value(None))]
-    whens += [When(**{f"{name}__lt": bound}, then=Value(i)) for i, bound in enumerate(bounds)]
-    return Case(*whens, default=Value(len(bounds)), output_field=IntegerField())
+    bounds[i - 1]); NULL for failed requests and missing values. One CASE written from the two compiled columns:
+    built as Case(When(Q...)) it resolved a filter per bound, which cost the usage pages more than their queries
+    (bench/usage.py)."""
+
+    output_field = IntegerField()
+
+    def __init__(self, name: str, bounds: tuple[float, ...]) -> None:
+        super().__init__(F(name), F("status"))
+        self.bounds = bounds
+
+    def as_sql(self, compiler: Any, connection: Any, **extra: Any) -> tuple[str, list[Any]]:  # type: ignore[override]
+        value, status = (compiler.compile(expression) for expression in self.get_source_expressions())
+        (value_sql, value_params), (status_sql, status_params) = value, status
+        sql = [f"CASE WHEN ({status_sql} >= 400 OR {value_sql} IS NULL) THEN NULL"]
+        params = [*status_params, *value_params]
+        for i, bound in enumerate(self.bounds):
+            sql.append(f"WHEN {value_sql} < %s THEN {i}")
+            params += [*value_params, bound]
+        sql.append(f"ELSE {len(self.bounds)} END")
+        return " ".join(sql), params
 
 
 # What every row of raw_rows and summed has after its keys, in this order (their UNION ALL lines them up): the kind
 # of row (RAW or a Metric), the TTFT and speed buckets, the tallies, and each histogram's smallest and largest value.
-def raw_rows(rows: QuerySet[ProxyRequest], keys: Mapping[str, Any]) -> QuerySet[Any]:
-    """Raw request rows grouped by `keys` and by the buckets of their TTFT and speed, in one pass."""
+def raw_rows(rows: QuerySet[ProxyRequest], keys: Mapping[str, Any], sums: Sequence[str] = SUMMED) -> QuerySet[Any]:
+    """Raw request rows grouped by `keys` and by the buckets of their TTFT and speed, in one pass; of the SUMMED
+    figures, those in `sums` (a figure that shows fewer reads fewer)."""
     (_, ttft, ttft_bounds), (_, speed, speed_bounds) = HISTOGRAMS
     return (
-        rows.values(**keys, x_metric=Value(RAW), x_tb=_bucket(ttft, ttft_bounds), x_sb=_bucket(speed, speed_bounds))
+        rows.values(**keys, x_metric=Value(RAW), x_tb=Bucket(ttft, ttft_bounds), x_sb=Bucket(speed, speed_bounds))
         .annotate(
             x_requests=Count("id"),
             x_errors=Count("id", filter=Q(status__gte=400)),
-            **{f"x_{name}": Sum(name) for name in SUMMED},
+            **{f"x_{name}": Sum(name) for name in sums},
             x_ttft_low=Min(ttft),
             x_ttft_high=Max(ttft),
             x_speed_low=Min(speed),
@@ -126,14 +159,14 @@ def raw_rows(rows: QuerySet[ProxyRequest], keys: Mapping[str, Any]) -> QuerySet[
     )
 
 
-def summed(rollups: QuerySet[UsageRollup], keys: Mapping[str, Any]) -> QuerySet[Any]:
+def summed(rollups: QuerySet[UsageRollup], keys: Mapping[str, Any], sums: Sequence[str] = SUMMED) -> QuerySet[Any]:
     """Summaries added up by `keys`, with the columns of raw_rows (a histogram row's bucket and values in both)."""
     return (
         rollups.values(**keys, x_metric=F("metric"), x_tb=F("bucket"), x_sb=F("bucket"))
         .annotate(
             x_requests=Sum("requests"),
             x_errors=Sum("errors"),
-            **{f"x_{name}": Sum(name) for name in SUMMED},
+            **{f"x_{name}": Sum(name) for name in sums},
             x_ttft_low=Min("low"),
             x_ttft_high=Max("high"),
             x_speed_low=Min("low"),

@@ -190,6 +190,8 @@ def ask(
         "max_tokens": max_tokens,
         "temperature": temperature,
     }
+    if session.runtime.kind == "llama.cpp" and session.adapters.exists():  # the base weights, as the proxy asks
+        payload["lora"] = [{"id": adapter, "scale": scale} for adapter, scale in targets.BASE_WEIGHTS]
     meter = Meter(str(session.pk), user_pk, ProxyRequest.Route.CHAT, "chat/completions")
     base = backend.base_url(session)
     try:

@@ -84,7 +84,7 @@ AFFINITY = "portal.affinity"  # a service's browser chat: its conversation's aff
 CONVERSATION = "x-conversation"  # the header in which the chat page names its conversation
 TOKEN = "portal.token"  # the API token's digest, under which the model it names is remembered (remember())
 REMEMBERED = 10_000  # tokens whose last model is kept; past that the memory starts over
-FILES = "/api/v1/files"  # OpenAI's Files API: uploads up to PORTAL_BATCH_MAX_BYTES
+FILES = "/api/v1/files"  # OpenAI's Files API: uploads up to PORTAL_BATCH_MAX_BYTES (PORTAL_FINETUNE_MAX_BYTES)
 SERVED_HERE = "served_at_the_door"
 V = TypeVar("V")
 
@@ -213,14 +213,16 @@ async def _admit(scope: Scope, app: App, receive: Receive, send: Send) -> None:
 
 
 async def _upload_limit(holder: targets.Holder) -> tuple[int, str]:
-    """The bytes an upload to the Files API may send (a batch file, within what is left of its owner's quota) and
-    what a refusal says; -1 when the owner may keep no more files."""
+    """The bytes an upload to the Files API may send (a batch file or training data, whose purpose is in the body
+    not yet read: the larger of their limits, each checked by the view; within what is left of its owner's quota)
+    and what a refusal says; -1 when the owner may keep no more files."""
     left = await targets.run(files.room, holder.user_pk)
     if left.files < 1:
         return -1, f"no more files: {files.no_room_for_files()}"
-    if left.bytes < settings.PORTAL_BATCH_MAX_BYTES:
+    largest = max(settings.PORTAL_BATCH_MAX_BYTES, settings.PORTAL_FINETUNE_MAX_BYTES)
+    if left.bytes < largest:
         return left.bytes + bodies.FORM_ROOM, files.no_room_for_bytes(left.bytes)
-    return settings.PORTAL_BATCH_MAX_BYTES + bodies.FORM_ROOM, ""
+    return largest + bodies.FORM_ROOM, ""
 
 
 async def _spooled(receive: Receive, limit: int) -> IO[bytes]:

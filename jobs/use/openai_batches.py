@@ -34,6 +34,8 @@ from catalog.runtime_rules import OPENAI
 from jobs.batch import actions, inputs, outputs, staging
 from jobs.batch import files as kept
 from jobs.batch.forms import BatchForm, Checked, limits
+from jobs.finetune import data as training
+from jobs.finetune.forms import limits as training_limits
 from jobs.models import BatchFile, BatchRun, LLMSession
 from jobs.sessions.forms import LaunchForm
 from jobs.use import targets
@@ -44,6 +46,7 @@ from portal.errors import messages_of
 
 OUTPUT_PREFIX = "file-output-"
 WINDOW = "24h"
+BATCH, FINE_TUNE = "batch", "fine-tune"  # the purposes of the files the portal takes
 
 
 def _body(request: HttpRequest) -> bytes:
@@ -154,10 +157,14 @@ def _input_error(exc: inputs.InputError) -> JsonResponse:
 @require_http_methods(["GET", "POST"])
 @_tokened
 def files(request: HttpRequest, holder: targets.Holder, user: User) -> HttpResponseBase:
-    """POST: upload a batch input file (multipart `file`, `purpose` and optionally `expires_after`), checked line by
-    line at once and kept within the caller's quota. GET: the caller's files."""
+    """POST: upload a batch input file or fine-tuning data (multipart `file`, `purpose` and optionally
+    `expires_after`), checked line by line at once as a batch's prompts or a fine-tune run's training data, and kept
+    within the caller's quota. GET: the caller's files (of one `purpose`, if asked)."""
     if request.method == "GET":
-        uploads = BatchFile.objects.filter(owner=user)[:1000]
+        uploads = BatchFile.objects.filter(owner=user)
+        if purpose := request.GET.get("purpose"):
+            uploads = uploads.filter(purpose=purpose)
+        uploads = uploads[:1000]
         return JsonResponse({"object": "list", "data": [_file_object(u) for u in uploads], "has_more": False})
     door = admitted(request)
     spool = door.get(UPLOAD) if door else None
@@ -170,8 +177,9 @@ def files(request: HttpRequest, holder: targets.Holder, user: User) -> HttpRespo
         return openai_error(400, f"send the file as multipart/form-data: {exc}", "invalid_request_error")
     upload = uploaded.get("file")
     try:
-        if fields.get("purpose") != "batch":
-            return openai_error(400, "purpose must be 'batch' (the only files the portal takes)",
+        purpose = fields.get("purpose")
+        if purpose not in (BATCH, FINE_TUNE):
+            return openai_error(400, f"purpose must be {BATCH!r} or {FINE_TUNE!r} (the only files the portal takes)",
                                 "invalid_request_error")  # fmt: skip
         if upload is None:
             return openai_error(400, "no file in the request (the multipart field is `file`)", "invalid_request_error")
@@ -180,13 +188,16 @@ def files(request: HttpRequest, holder: targets.Holder, user: User) -> HttpRespo
         except ValueError as exc:
             return openai_error(400, str(exc), "invalid_request_error")
         try:
-            with open(os.devnull, "wb") as nowhere:  # the check only: a batch checks its file again when it starts
-                inputs.normalize(upload, nowhere, inputs.Options(format="openai"), limits())
+            with open(os.devnull, "wb") as nowhere:  # the check only: a batch or a run checks it again when it starts
+                if purpose == BATCH:
+                    inputs.normalize(upload, nowhere, inputs.Options(format="openai"), limits())
+                else:
+                    training.check(upload, nowhere, training_limits())
         except inputs.InputError as exc:
             return _input_error(exc)
         upload.seek(0)
         try:
-            stored = kept.store(user, upload, upload.name or "input.jsonl", upload.size or 0, expires_after_s)
+            stored = kept.store(user, upload, upload.name or "input.jsonl", upload.size or 0, expires_after_s, purpose)
         except kept.QuotaExceeded as exc:
             return openai_error(400, str(exc), "invalid_request_error", "quota_exceeded")
     finally:
@@ -311,6 +322,9 @@ def batches(request: HttpRequest, holder: targets.Holder, user: User) -> HttpRes
     upload = _own_file(user, str(payload.get("input_file_id", "")))
     if upload is None:
         return openai_error(404, f"no file {payload.get('input_file_id')!r}", "invalid_request_error", "file_not_found")
+    if upload.purpose != BATCH:
+        return openai_error(400, f"{payload['input_file_id']} was uploaded for {upload.purpose}, not batch",
+                            "invalid_request_error", "invalid_file")  # fmt: skip
     if payload.get("completion_window", WINDOW) != WINDOW:
         return openai_error(400, f"completion_window must be {WINDOW}", "invalid_request_error")
     metadata = payload.get("metadata") or {}

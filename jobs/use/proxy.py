@@ -243,6 +243,8 @@ def _rewrite_model(body: bytes, target: Target) -> bytes | None:
 def _with_model(payload: Any, target: Target) -> bytes:
     if isinstance(payload, dict):
         payload["model"] = target.served_model
+        if target.lora is not None:  # llama-server with adapters: the named one, or none (the base weights)
+            payload["lora"] = [{"id": adapter, "scale": scale} for adapter, scale in target.lora]
     return json.dumps(payload).encode()
 
 
@@ -356,7 +358,7 @@ def _running_models(user_pk: int) -> list[dict[str, Any]]:
     """Every name a script can use as the model now, each with the session it names (targets.target's rules): each
     running session by its alias (else its uuid), then each model by its catalog name, NAME:QUANT always and NAME
     where it runs in one quantisation only, naming the newest such session; then each session shared with the caller
-    for the API as owner/alias (else its uuid)."""
+    for the API as owner/alias (else its uuid); then the adapters those sessions loaded, by their model names."""
     serving = LLMSession.objects.filter(owner_id=user_pk, state__in=SERVING_STATES).exclude(host="")
     sessions = list(serving.select_related("variant__model").order_by("-created_at"))
     names: dict[str, LLMSession] = {}
@@ -371,9 +373,17 @@ def _running_models(user_pk: int) -> list[dict[str, Any]]:
         for quant, s in quants.items():
             names.setdefault(f"{name}:{quant}", s)
     user = get_user_model().objects.get(pk=user_pk)
-    shared = shared_with(user, api=True).filter(state__in=SERVING_STATES).exclude(host="").order_by("-created_at")
+    shared = list(shared_with(user, api=True).filter(state__in=SERVING_STATES).exclude(host="").order_by("-created_at"))
     for s in shared:
         names.setdefault(s.name_for_others, s)  # owner/alias or uuid: never one of the caller's own names
+    # The fine-tune runs' adapters these sessions loaded, by the runs' model names (ft:...), in by_adapter's order:
+    # the caller's own sessions first, the newest first.
+    by_pk = {s.pk: s for s in [*sessions, *shared]}
+    order = {pk: (s.owner_id != user_pk, -s.created_at.timestamp()) for pk, s in by_pk.items()}
+    links = LLMSession.adapters.through.objects.filter(llmsession__in=list(by_pk)) if by_pk else None
+    loaded = links.select_related("finetunerun__owner", "finetunerun__variant__model") if links is not None else []
+    for link in sorted(loaded, key=lambda link: order[link.llmsession_id]):
+        names.setdefault(link.finetunerun.model_name, by_pk[link.llmsession_id])
     listed = [
         {"id": name, "object": "model", "created": int(s.created_at.timestamp()),
          "owned_by": s.owner.get_username() if s.owner_id != user_pk else "hpc-llm-portal", "session": str(s.pk),

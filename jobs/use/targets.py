@@ -15,6 +15,7 @@ grantee's own, whichever of their sessions happens to be running.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import uuid
 from collections.abc import Callable, Collection
@@ -43,6 +44,7 @@ from jobs.models import (
     SEE_ALL_SESSIONS,
     SERVING_STATES,
     ApiToken,
+    FineTuneRun,
     LLMSession,
     ModelService,
     SessionShare,
@@ -86,6 +88,10 @@ class Target:
     activity_due: bool = field(default=False, compare=False)  # looked up with note=False: its use is to be noted
     # Used by others than its owner: a grant is in force, or the caller is not the owner (fair share: fairshare.py).
     shared: bool = field(default=False, compare=False)
+    # llama-server with adapters: the request's `lora` field, [(adapter id, scale)], which the proxy always sends (a
+    # slot keeps the adapters of its last request that named any): the one the caller named (ft:...) at 1, else the
+    # base weights (every adapter at 0). None: a server without adapters, or vLLM (its module is the served_model).
+    lora: tuple[tuple[int, float], ...] | None = None
 
 
 # Lookups before each forwarded request run here; the threads live as long as the process, and so do their
@@ -152,7 +158,7 @@ def _sql(vendor: str) -> dict[str, str]:
         f"m.{_col(ModelCard, 'name')}, v.{_col(ModelVariant, 'quantization')}, c.{_col(Cluster, 'node_networks')}, "
         f"c.{_col(Cluster, 'login_host')}, c.{_col(Cluster, 'ssh_port')}, c.{_col(Cluster, 'host_key')}, "
         f"a.{_col(ClusterAccount, 'username')}, a.{_col(ClusterAccount, 'private_key_encrypted')}, "
-        f"r.{_col(Runtime, 'kind')}, {_grants_sql(s('id'))}"
+        f"r.{_col(Runtime, 'kind')}, {_grants_sql(s('id'))}, {_adapters_sql(s('id'))}"
     )
     joins = (
         f"FROM {_q(session)} s "
@@ -222,6 +228,12 @@ def _grants_sql(session: str) -> str:
         f"AND gs.{_col(SessionShare, 'revoked_at')} IS NULL"
     )
     return f"EXISTS (SELECT 1 {grants} AND gs.{expires} IS NULL), (SELECT MAX(gs.{expires}) {grants})"
+
+
+def _adapters_sql(session: str) -> str:
+    """Whether the session loaded fine-tune runs' adapters (LLMSession.adapters)."""
+    through = _through(LLMSession, "adapters")
+    return f"EXISTS (SELECT 1 FROM {_q(through._meta.db_table)} la WHERE la.{_col(through, 'llmsession')} = {session})"
 
 
 def _service_sql(user: type[models.Model]) -> str:
@@ -479,6 +491,8 @@ def find(user: Holder, key: str, route: str = "api", note: bool = True) -> Targe
 
     The session's last activity is noted when it is due, unless `note` is false (a lookup ahead of knowing whether the
     request will use it): then the Target says so (activity_due), and the caller notes it (touch) if it uses it."""
+    if key.startswith(ADAPTER_PREFIX):
+        return by_adapter(user, key, route, note)
     row, by_uuid = None, False
     try:
         pk = uuid.UUID(key)
@@ -500,6 +514,39 @@ def find(user: Holder, key: str, route: str = "api", note: bool = True) -> Targe
     return _target_of(user, row, route, note=note, by_uuid=by_uuid, service="")
 
 
+BASE_WEIGHTS = ((0, 0.0),)  # llama-server's `lora`: adapters it does not list are at scale 0
+ADAPTER_PREFIX = "ft:"  # a fine-tune run's model name (FineTuneRun.model_name), as OpenAI names fine-tuned models
+
+
+def by_adapter(user: Holder, name: str, route: str = "api", note: bool = True) -> Target | None:
+    """The session a fine-tune run's model name reaches: the caller's newest running session that loaded the run's
+    adapter, else the newest one shared with them (for this route); None when there is none they may use. The Target
+    names the adapter as its server knows it: vLLM's LoRA module (the run's uuid), llama-server's adapter id.
+
+    Rarer than the other names, so ORM queries here, then the same access rule as every session (_target_of)."""
+    parts = name.split(":")
+    if len(parts) != 5:
+        return None
+    _, base, owner, suffix, _short = parts
+    runs = FineTuneRun.objects.filter(owner__username=owner, suffix=suffix, variant__model__name=base)
+    run = next((r for r in runs.select_related("owner", "variant__model") if r.model_name == name), None)
+    if run is None:
+        return None
+    loaded = LLMSession.objects.filter(adapters=run, state__in=SERVING_STATES).exclude(host="")
+    candidates = sorted(loaded.values_list("pk", "owner_id", "created_at"),
+                        key=lambda c: (c[1] != user.user_pk, -c[2].timestamp()))  # fmt: skip
+    for pk, _owner, _created in candidates:
+        row = _fetch_one("by_pk", [LLMSession._meta.pk.get_db_prep_value(pk, connection)])
+        found = _target_of(user, row, route, note=note, by_uuid=False, service="")
+        if found is None:
+            continue
+        if found.runtime == "vllm":
+            return dataclasses.replace(found, served_model=str(run.pk))
+        ids = list(FineTuneRun.objects.filter(sessions=pk).order_by("pk").values_list("pk", flat=True))
+        return dataclasses.replace(found, lora=((ids.index(run.pk), 1.0),))
+    return None
+
+
 @sensitive_variables("secret")
 def _target_of(
     user: Holder, row: tuple[Any, ...] | None, route: str, *, note: bool, by_uuid: bool, service: str
@@ -509,7 +556,7 @@ def _target_of(
     pk_value, owner_pk, state, host, port, key_encrypted, node_list, last_activity, access, model, quantization = row[
         :11
     ]
-    networks, runtime, never_expiring, latest_expiry = row[11], row[17], row[18], row[19]
+    networks, runtime, never_expiring, latest_expiry, adapters = row[11], row[17], row[18], row[19], row[20]
     if int(owner_pk) != user.user_pk and not service:  # a service's replicas: by_service checked who may use it
         support = by_uuid and (user.sees_all if user.sees_all is not None else sees_all(user.user_pk))
         if not support and not _shared(pk_value, user.user_pk, route):
@@ -536,4 +583,5 @@ def _target_of(
         or (latest_expiry is not None and latest_expiry > timezone.now())
     )
     return Target(str(uuid.UUID(str(pk_value))), state, base, secret, served_model_name(model, quantization), node_list,
-                  runtime, service, activity_due=due and not note, shared=shared)  # fmt: skip
+                  runtime, service, activity_due=due and not note, shared=shared,
+                  lora=BASE_WEIGHTS if adapters and runtime == "llama.cpp" else None)  # fmt: skip

@@ -23,7 +23,7 @@ from django.urls import URLPattern, URLResolver, get_resolver, reverse
 from django.utils import timezone
 from playwright.sync_api import Browser, BrowserContext, Page, expect
 
-from catalog.models import Cluster, ClusterAccount, GPUType, ModelVariant, Partition, Runtime
+from catalog.models import Cluster, ClusterAccount, ClusterRuntime, GPUType, ModelVariant, Partition, Runtime
 from jobs.cluster.logs import LogTail
 from jobs.models import (
     Allocation,
@@ -31,6 +31,7 @@ from jobs.models import (
     BatchRun,
     ChatMessage,
     Conversation,
+    FineTuneRun,
     LLMSession,
     ModelService,
     PartitionState,
@@ -39,6 +40,7 @@ from jobs.models import (
     SessionShare,
     State,
 )
+from jobs.sessions.measuring import keep_for_the_site
 from tests.conftest import REPO
 from tests.e2e.test_worker import worker_env
 from tests.worker import PortalServer
@@ -77,9 +79,16 @@ LEFT_OUT = {
     "jobs:api-batches": "OpenAI's Batch API (JSON)",
     "jobs:api-batch": "OpenAI's Batch API (JSON)",
     "jobs:api-batch-cancel": "OpenAI's Batch API: cancel (JSON)",
+    "jobs:api-ft-jobs": "OpenAI's fine-tuning API (JSON)",
+    "jobs:api-ft-job": "OpenAI's fine-tuning API (JSON)",
+    "jobs:api-ft-job-cancel": "OpenAI's fine-tuning API: cancel (JSON)",
+    "jobs:api-ft-job-events": "OpenAI's fine-tuning API: events (JSON)",
+    "jobs:api-ft-job-checkpoints": "OpenAI's fine-tuning API: checkpoints (JSON)",
+    "jobs:finetune-adapter": "a download (the adapter as .tar.gz), streamed from the cluster",
     "jobs:api": "the OpenAI-compatible API (JSON)",
     "jobs:batch-output": "a download, streamed from the cluster",
     "jobs:batch-stop": "POST only",
+    "jobs:finetune-cancel": "POST only",
     "jobs:site-usage-csv": "a download (CSV)",
     "jobs:metrics": "Prometheus text for a scraper",
     "jobs:service-scale": "POST only (the Scale form, on the service's page)",
@@ -145,6 +154,7 @@ class Site:
     ended: LLMSession
     batch: BatchRun
     service: ModelService
+    finetune: FineTuneRun
 
 
 @dataclass(frozen=True)
@@ -194,6 +204,9 @@ def visits(site: Site) -> list[Visit]:
         Visit("jobs:batch", "batch", "ada", reverse("jobs:batch", args=[site.batch.pk])),
         Visit("jobs:batch-new", "batch-new", "ada", batch_launch),
         Visit("jobs:session-batch-new", "session-batch-new", "ada", reverse("jobs:session-batch-new", args=[running])),
+        Visit("jobs:finetunes", "finetunes", "ada", reverse("jobs:finetunes")),
+        Visit("jobs:finetune", "finetune", "ada", reverse("jobs:finetune", args=[site.finetune.pk])),
+        Visit("jobs:finetune-new", "finetune-new", "ada", f"{reverse('jobs:finetune-new')}?model=tiny-llama"),
         Visit("jobs:usage", "usage", "ada", reverse("jobs:usage")),
         Visit("jobs:usage", "usage-newcomer", "alan", reverse("jobs:usage")),
         Visit("jobs:site-usage", "site-usage", "admin", reverse("jobs:site-usage")),
@@ -261,6 +274,11 @@ def site(account: ClusterAccount, owner: Any, other_user: Any, shared_user: Any,
     running = session(owner, account, State.RUNNING, job_id="4242", node_list="gpu-a100-01", host="127.0.0.1",
                       port=9, started_at=now - timedelta(hours=2), ready_at=now - timedelta(hours=2), alias="ada-tiny",
                       walltime_min=480, idle_cancel_min=60)  # fmt: skip
+    # What its server measured, kept as the worker keeps it: the wizard (launch-options) shows it beside the estimate
+    measured = {"weights_gib": 0.0002, "kv_gib": 0.00024, "compute_gib": 0.02, "total_gib": 0.02044,
+                "total_from": "buffers", "tokens_per_s": 410.5, "prompt_tokens_per_s": 2200.0}  # fmt: skip
+    LLMSession.objects.filter(pk=running.pk).update(measured=measured, measured_at=now)
+    keep_for_the_site(running, measured, now)
     for before, after, cause in ((State.PENDING, State.QUEUED, "submitted as job 4242"),
                                  (State.QUEUED, State.STARTING, "the job started on gpu-a100-01"),
                                  (State.STARTING, State.RUNNING, "the server answered its health check")):  # fmt: skip
@@ -367,7 +385,20 @@ def site(account: ClusterAccount, owner: Any, other_user: Any, shared_user: Any,
     talk = Conversation.objects.create(service=service, owner=owner, title="Lab FAQ")
     ChatMessage.objects.create(conversation=talk, role="user", content="Where are the lab's datasets?")
     ChatMessage.objects.create(conversation=talk, role="assistant", content="Under `/project/lab/datasets`.")
-    return Site(running=running, ended=ended, batch=batch, service=service)
+    # A LoRA run halfway through its steps, requeued once, with its loss curve and a validation loss.
+    losses = [[s, round(2.6 / (1 + s / 40), 4), round(2.8 / (1 + s / 45), 4) if s % 50 == 0 else None]
+              for s in range(1, 121)]  # fmt: skip
+    finetune = FineTuneRun.objects.create(
+        owner=owner, account=account, cluster=local, partition=running.partition, gpu_type=running.gpu_type,
+        gpus_per_node=1, cpus_per_node=4, memory_gib=16, walltime_min=120, variant=running.variant,
+        runtime=ClusterRuntime.objects.get(cluster=local, runtime__kind="transformers"), suffix="support-bot",
+        name="support-chats.jsonl", data_format="chat", train_examples=1200, valid_examples=60,
+        dataset_sha256="9f" * 32, planned_steps=225, precision="bf16", estimate_gib=6.2,
+        state=FineTuneRun.State.RUNNING, job_id="4500", node_list="gpu-a100-01", step=120, epoch=1.6, train_loss=1.12,
+        valid_loss=1.31, tokens_per_s=5400.0, peak_memory_gib=5.8, restarts=1, resumed_from_step=100,
+        started_at=now - timedelta(minutes=30), progress_at=now, losses=losses,
+    )  # fmt: skip
+    return Site(running=running, ended=ended, batch=batch, service=service, finetune=finetune)
 
 
 # What the page says of itself, measured in the browser.

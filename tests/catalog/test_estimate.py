@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
+from io import StringIO
 from typing import Any
 
 import pytest
 import yaml
+from django.core.management import call_command
+from django.core.management.base import CommandError
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -14,6 +18,7 @@ from catalog import confidence
 from catalog.architecture import Architecture
 from catalog.estimate import (
     GIB,
+    TRANSFORMERS_BUFFERS_GIB,
     EstimateError,
     Request,
     estimate,
@@ -147,7 +152,8 @@ def test_without_flash_attention_llama_cpps_compute_buffer_grows_with_context() 
     short, long = (estimate(Request(arch, "Q4_K_M", "llama.cpp", c, flash_attn=False)) for c in (4096, 32768))
     assert long.compute_gib > 4 * short.compute_gib
     flash = [estimate(Request(arch, "Q4_K_M", "llama.cpp", c, flash_attn=True)).compute_gib for c in (4096, 32768)]
-    assert flash[0] == flash[1]
+    # With flash attention only the f16 KQ mask grows with the context: 2 bytes per cell and token of a micro-batch.
+    assert flash[1] - flash[0] == pytest.approx((32768 - 4096) * 512 * 2 / GIB)
 
 
 @given(
@@ -194,8 +200,9 @@ def test_a_mixture_of_experts_loads_every_expert_and_computes_with_the_used_ones
     dense_shape = replace(MIXTRAL, experts=None, experts_used=None)
     dense = estimate(Request(dense_shape, "Q4_K_M", "llama.cpp", 4096))
     assert moe.weights_gib == pytest.approx(dense.weights_gib)  # all 8 experts' weights are in memory
-    # The compute buffer holds each token's 2 experts' FFN activations (2 x 14336) and the router's 8 logits.
-    extra = 512 * (2 * 2 * 14336 - 2 * 14336 + 8) * 4 / GIB
+    # The compute buffer holds each token's 2 experts' FFN rows (gate, up, product: 3 x 2 x 14336) and the router's
+    # 8 logits, where the dense shape holds one FFN's.
+    extra = 512 * (3 * 2 * 14336 - 3 * 14336 + 8) * 4 / GIB
     assert moe.compute_gib - dense.compute_gib == pytest.approx(extra)
     assert any("mixture of 8 experts, 2 per token" in note for note in moe.notes)
     with pytest.raises(EstimateError, match="experts used"):
@@ -236,3 +243,134 @@ def test_a_gguf_keeps_its_token_embedding_in_ram_and_a_tied_one_twice() -> None:
     table = 128256 * 2048 * 6.5625 / 8 / GIB  # tied: the table takes the output head's Q6_K
     assert est.host_gib == pytest.approx(table)
     assert est.weights_gib - est.host_gib == pytest.approx((1.24e9 - 128256 * 2048) * 4.8 / 8 / GIB + table)
+
+
+def runtime_total(est: Any) -> float:
+    """What torch.cuda.max_memory_allocated sums over the GPUs: the estimate less the CUDA contexts."""
+    return float(est.gpu_total_gib - est.context_gib * len(est.per_gpu_gib))
+
+
+VICUNA_7B = Architecture(6.74, 32, 4096, 32, 32, 128, 32000, ffn_size=11008)  # Llama 2 7B shape: no GQA
+MISTRAL_7B = Architecture(7.24, 32, 4096, 32, 8, 128, 32002, ffn_size=14336)
+LLAMA_3_8B = Architecture(8.03, 32, 4096, 32, 8, 128, 128256, ffn_size=14336)
+
+
+def test_awqs_fused_modules_preallocate_their_cache_and_score_the_prompt_in_float32() -> None:
+    """AutoAWQ README benchmark (0.1.6, RTX 4090): "Vicuna | 7B | GEMV | 1 | 2048 | 2048 | ... | 6.15 GB"; its
+    examples/benchmark.py sized the fused cache to the decode length (2048), which rolls while decoding."""
+    fused = Request(VICUNA_7B, "AWQ", "transformers", 4096, prompt_tokens=2048, cache_tokens=2048, fused_modules=True)
+    est = estimate(fused)
+    assert est.kv_cache_gib == pytest.approx(32 * 2048 * 4096 * 2 * 2 / GIB) == pytest.approx(1.0)
+    assert runtime_total(est) == pytest.approx(6.15, rel=0.10)
+    # The prompt's scores: 16-bit, their float32 copy and its float32 softmax, 10 bytes each, 32 heads x 2048^2.
+    assert est.compute_gib > 32 * 2048**2 * 10 / GIB
+    # A cache twice as long costs exactly its own size: the prompt's activations do not change.
+    longer = estimate(replace(fused, cache_tokens=4096))
+    assert runtime_total(longer) - runtime_total(est) == pytest.approx(1.0)
+    assert "preallocated for 2048 tokens" in est.notes[1] and "fused" in est.notes[1]
+
+
+def test_a_dynamic_cache_holds_only_the_prompt_while_the_prompt_is_computed() -> None:
+    """transformers docs, quantization/awq.md, "Unfused module" table: TheBloke/Mistral-7B-OpenOrca-AWQ, prefill 2048
+    + decode 2048: 5.73 GB. The prefill's peak sees the prompt's KV (2048 tokens), not the 4096 the cache reaches."""
+    unfused = Request(MISTRAL_7B, "AWQ", "transformers", 4096, prompt_tokens=2048, flash_attn=False)
+    est = estimate(unfused)
+    assert runtime_total(est) == pytest.approx(5.73, rel=0.10)
+    assert est.kv_cache_gib == pytest.approx(32 * 4096 * 1024 * 2 * 2 / GIB)  # where the cache ends
+    assert "the peak comes at the prefill" in est.notes[1]
+    # The 2048 generated tokens' KV arrives after the prompt's activations are gone: the peak is the same without them.
+    assert runtime_total(est) == pytest.approx(runtime_total(estimate(replace(unfused, context=2048))))
+    # One token in, 2048 out: the cache at its largest is the peak.
+    decode = estimate(replace(unfused, prompt_tokens=1, context=2049))
+    assert "the last decode step" in decode.notes[1]
+
+
+def test_a_mixture_of_experts_under_transformers_runs_each_expert_on_its_share_of_the_tokens() -> None:
+    """AutoAWQ README, Multi-GPU (2x RTX 4090): "Mixtral | 46.7B | GEMM | 1 | 4096 | 4096 | ... | 34.65 GB", each
+    GPU's torch.cuda.max_memory_allocated summed; each GPU holds the prompt's activations of its own layers."""
+    mixtral = replace(MIXTRAL, max_context=None)
+    request = Request(
+        mixtral, "AWQ", "transformers", 8192, prompt_tokens=4096, cache_tokens=4096, fused_modules=True,
+        gpus_per_node=2,
+    )  # fmt: skip
+    est = estimate(request)
+    assert runtime_total(est) == pytest.approx(34.65, rel=0.10)
+    assert est.per_gpu_gib[0] == pytest.approx(est.per_gpu_gib[1], rel=0.01)
+    # With flash attention the MLP is the peak: 2 of 8 experts' share of 30,000 tokens, not every token's 2 experts.
+    long = Request(mixtral, "AWQ", "transformers", 30000, flash_attn=True)
+    dense_width = replace(mixtral, experts=None, experts_used=None, ffn_size=2 * 14336)
+    assert estimate(long).compute_gib < estimate(replace(long, arch=dense_width)).compute_gib / 2
+
+
+def test_flash_attention_2_at_a_long_prompt_holds_the_mlp_and_the_prompts_cache_only() -> None:
+    """Llama-3-8B, bf16, flash_attention_2, a 30,000-token prompt. No tokens x tokens scores, no K/V repeated over
+    the heads; the peak is one layer's SwiGLU over the prompt (three 30,000 x 14,336 tensors) beside the layer's
+    input, residual and normed input, over the weights and the prompt's KV cache. The same accounting meets the
+    published FA2 runs of the Qwen2.5 speed benchmark (QW02 in the reference rows; Qwen2.5-1.5B-Instruct there:
+    input 30720 + 2048 generated, 5.62 GB, transformers 4.46, torch.cuda.max_memory_allocated)."""
+    est = estimate(Request(LLAMA_3_8B, "bf16", "transformers", 32000, prompt_tokens=30000, flash_attn=True))
+    kv_prompt = 32 * 30000 * 1024 * 2 * 2
+    activations = 30000 * (3 * 14336 + 3 * 4096) * 2 + 128256 * 6  # the MLP's moment, the last position's logits
+    expected = est.weights_gib + (kv_prompt + activations) / GIB + TRANSFORMERS_BUFFERS_GIB
+    assert runtime_total(est) == pytest.approx(expected, rel=1e-6)
+    assert runtime_total(est) < 22.0  # before: 23.0, with the whole context's cache and 0.45 GiB of RoPE tables
+    eager = estimate(Request(LLAMA_3_8B, "bf16", "transformers", 32000, prompt_tokens=30000, flash_attn=False))
+    assert eager.compute_gib > 30000**2 * 32 * 8 / GIB  # eager attention does hold the scores
+    qwen = Architecture(1.54, 28, 1536, 12, 2, 128, 151936, ffn_size=8960, tied_embeddings=True)
+    published = estimate(Request(qwen, "bf16", "transformers", 32768, prompt_tokens=30720, flash_attn=True))
+    assert runtime_total(published) == pytest.approx(5.62, rel=0.10)
+
+
+def test_sdpa_on_a_static_cache_builds_the_mask_that_flash_attention_never_does() -> None:
+    static = Request(LLAMA_3_8B, "bf16", "transformers", 65536, prompt_tokens=60000, cache_tokens=65536)
+    sdpa, flash = estimate(static), estimate(replace(static, flash_attn=True))
+    mask_gib = 60000 * 65536 * 2 / GIB  # 16-bit, prompt x cache: 7.3 GiB, more than the MLP's moment
+    assert sdpa.compute_gib > mask_gib > flash.compute_gib
+    assert sdpa.kv_cache_gib == flash.kv_cache_gib == pytest.approx(32 * 65536 * 1024 * 4 / GIB)
+    dynamic = estimate(replace(static, cache_tokens=None))  # no mask without a static cache (the causal shortcut)
+    assert dynamic.compute_gib < mask_gib
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"cache_tokens": 1024}, "must hold the prompt and every generated token"),
+        ({"fused_modules": True, "cache_tokens": 1024}, "must hold the prompt"),
+        ({"fused_modules": True, "quant": "GPTQ-INT4"}, "not an AWQ quantisation"),
+        ({"fused_modules": True, "flash_attn": True}, "turn flash attention off"),
+        ({"runtime": "vllm", "cache_tokens": 4096}, "transformers options"),
+    ],
+)
+def test_impossible_caches_and_fusions_are_refused(change: dict[str, Any], message: str) -> None:
+    base: dict[str, Any] = {"arch": MISTRAL_7B, "quant": "AWQ", "runtime": "transformers", "context": 4096}
+    with pytest.raises(EstimateError, match=message):
+        estimate(Request(**{**base, "prompt_tokens": 2048, **change}))
+
+
+def test_a_rows_benchmark_setup_is_read_from_its_table_and_runtime_detail() -> None:
+    row = {
+        "params_b": "46.7", "layers": "32", "hidden": "4096", "heads": "32", "kv_heads": "8", "head_dim": "128",
+        "vocab": "32000", "ffn": "14336", "runtime": "transformers", "quant": "AWQ", "context": "8192",
+        "parallel": "1", "flash_attn": "off", "gpus": "2x RTX 4090",
+        "runtime_detail": "AutoAWQ 0.2.x (fused modules, KV prealloc)",
+        "source": '"| Mixtral | 46.7B | GEMV        |            1 |             4096 |            4096 |  1985.78 |"',
+    }  # fmt: skip
+    request = confidence.request_of(row)
+    assert (request.prompt_tokens, request.cache_tokens, request.fused_modules) == (4096, 4096, True)
+    unfused = confidence.request_of({**row, "runtime_detail": "AutoAWQ (unfused)", "source": "a 30,000-token prompt"})
+    assert (unfused.prompt_tokens, unfused.cache_tokens, unfused.fused_modules) == (30000, None, False)
+
+
+def test_the_estimate_command_takes_a_preallocated_cache_and_fused_modules(db: None) -> None:
+    vicuna = [
+        "--params-b", "6.74", "--layers", "32", "--hidden-size", "4096", "--attention-heads", "32", "--kv-heads", "32",
+        "--head-dim", "128", "--vocab-size", "32000", "--ffn-size", "11008", "--quant", "AWQ",
+        "--runtime", "transformers", "--context", "4096", "--prompt-tokens", "2048", "--fused-modules", "on",
+    ]  # fmt: skip
+    out = StringIO()
+    call_command("estimate", *vicuna, "--cache-tokens", "2048", "--json", stdout=out)
+    data = json.loads(out.getvalue())
+    assert data["kv_cache_gib"] == pytest.approx(1.0, abs=0.001)
+    assert any("preallocated for 2048 tokens" in note for note in data["notes"])
+    with pytest.raises(CommandError, match="must hold the prompt"):
+        call_command("estimate", *vicuna, "--cache-tokens", "1024", stdout=StringIO())

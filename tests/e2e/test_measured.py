@@ -1,10 +1,12 @@
 """Measured figures end to end: SmolLM2-135M on the local cluster, in llama-server and in vLLM's CPU build, asked real
 questions through the portal's API; the worker's read of the job's log (jobs/sessions/measuring.py) then holds the
 weights, KV and compute figures the server logged (CPU buffers here) and the speeds of those requests, shown on the
-session's page and by `sessions show --json`."""
+session's page and by `sessions show --json`; and the wizard for the same choices shows them beside its estimate,
+with the estimator's error on each part it estimates the same way."""
 
 from __future__ import annotations
 
+import html
 import json
 import re
 from io import StringIO
@@ -15,11 +17,14 @@ from django.core.management import call_command
 from django.test import Client
 from django.urls import reverse
 
+from catalog.estimate import estimate
+from catalog.plans import request_for
 from jobs.cluster import backend, layout
 from jobs.models import ApiToken, LLMSession
 from jobs.sessions import measuring
 from jobs.tasks import measure_sessions
 from portal import ssh
+from portal.units import gib_text
 from tests.e2e.sessions import cancel_all_jobs, drive, shell
 from tests.e2e.test_real_model import QUESTION, RUNTIMES, launch_smollm2
 
@@ -34,9 +39,11 @@ def mib(log: str, pattern: str) -> float:
 @pytest.mark.parametrize("runtime", ["llama.cpp", "vllm"])
 def test_a_sessions_measured_figures_are_what_its_server_logged(
     runtime: str, portal_server: str, local_catalog: dict[str, Any], smollm2_hf: str, owner: Any,
-    django_capture_on_commit_callbacks: Any,
+    django_capture_on_commit_callbacks: Any, settings: Any,
 ) -> None:  # fmt: skip
     import openai
+
+    settings.PORTAL_WIZARD_ASKS_SLURM = False  # the wizard's part here is the estimate, not the queue
 
     session = launch_smollm2(
         owner, django_capture_on_commit_callbacks, local_catalog, runtime=runtime, quant=RUNTIMES[runtime][0]
@@ -82,6 +89,28 @@ def test_a_sessions_measured_figures_are_what_its_server_logged(
         web.force_login(owner)
         page = web.get(reverse("jobs:session", args=[session.pk])).content.decode()
         assert 'id="measured"' in page and f"KV cache {figures['kv_gib']:.3f} GiB" in page
+
+        # The wizard for the same choices: the measured figures beside the estimate, and the estimator's error
+        variant = session.variant
+        choices = {"model": variant.model.name, "quant": variant.quantization, "runtime": runtime,
+                   "context": str(session.context_length)}  # fmt: skip
+        wizard = html.unescape(web.get(reverse("jobs:launch"), choices).content.decode())
+        assert 'id="measured-here"' in wizard, wizard[-3000:]
+        line = wizard.split(f'data-gpu="{session.gpu_type.name}">', 1)[1].split("</li>", 1)[0]
+        assert "1 session:" in line, line
+        est = estimate(request_for(session.variant, runtime, session.context_length))
+        # in host memory llama-server maps the GGUF file's tensors once: the estimate's weights are the file's size
+        file_weights = session.variant.size_gib if runtime == "llama.cpp" else est.weights_gib
+        error = file_weights / figures["weights_gib"] - 1
+        assert f"weights <strong>{gib_text(figures['weights_gib'])}</strong> (estimate {error:+.0%})" in line, line
+        if runtime == "llama.cpp":
+            assert "(host memory: no GPU used)" in line, line  # llama-server's buffers said CPU
+            error = est.kv_cache_gib / figures["kv_gib"] - 1
+            assert f"KV cache <strong>{gib_text(figures['kv_gib'])}</strong> (estimate {error:+.0%})" in line, line
+            error = est.compute_gib / figures["compute_gib"] - 1
+            assert f"compute <strong>{gib_text(figures['compute_gib'])}</strong> (estimate {error:+.0%})" in line
+        else:  # vLLM's KV cache is what it was given, not what the context needs: shown, not compared
+            assert f"KV cache <strong>{gib_text(figures['kv_gib'])}</strong>," in line, line
 
         assert measuring.due() == []  # read: not again before MEASURE_EVERY
     finally:

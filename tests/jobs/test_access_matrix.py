@@ -1,7 +1,7 @@
 """Who reaches what: every route that names something of someone's (a session, a conversation, a batch run, a grant,
-a cluster account) and every route of the API (/api/v1/), for every role: anonymous, the owner, another user, the
-user the session is shared with under a chat grant, an API grant, a grant that expired and one that was revoked,
-staff without the support permission, and support staff.
+a cluster account, a fine-tune run) and every route of the API (/api/v1/), for every role: anonymous, the owner,
+another user, the user the session is shared with under a chat grant, an API grant, a grant that expired and one that
+was revoked, staff without the support permission, and support staff.
 
 The routes come from the URL configuration: a route that is not in the matrix fails
 test_every_route_that_names_something_or_serves_the_api_is_in_the_matrix until its row says who reaches it. Pages
@@ -29,11 +29,21 @@ from django.test import Client
 from django.urls import URLPattern, URLResolver, get_resolver, resolve
 from django.utils import timezone
 
-from catalog.models import ClusterAccount
+from catalog.models import ClusterAccount, ClusterRuntime
 from catalog.runtime_rules import API_ROUTES
 from jobs.batch import actions, staging
 from jobs.cluster import login
-from jobs.models import ApiToken, BatchFile, BatchRun, Conversation, LLMSession, SessionShare, State, transition
+from jobs.models import (
+    ApiToken,
+    BatchFile,
+    BatchRun,
+    Conversation,
+    FineTuneRun,
+    LLMSession,
+    SessionShare,
+    State,
+    transition,
+)
 from jobs.services import actions as services
 from jobs.use import guard
 from tests.asgi import Portal, bearer, browser
@@ -70,6 +80,9 @@ PAGES: dict[str, frozenset[str]] = {
     "batch-output": OWNER_AND_SUPPORT,
     "batch-stop": OWNER_AND_SUPPORT,
     "session-batch-new": OWNER_AND_SUPPORT,
+    "finetune": OWNER_AND_SUPPORT,  # a fine-tune run: its owner's (and support staff's), never shared
+    "finetune-cancel": OWNER_AND_SUPPORT,
+    "finetune-adapter": OWNER,  # its adapter: what the owner's data trained, theirs alone
     "account-test": OWNER,  # a cluster account: its user's alone
     # The owner's model service for the lab, which alan is in (whatever his grants of the session): its page is for
     # those who may use it and support staff; scaling and stopping it, its owner's alone.
@@ -89,7 +102,7 @@ SERVICE_CONVERSATIONS: dict[str, tuple[frozenset[str], frozenset[str]]] = {
     f"service-{name}": (OWNER, ALAN) for name in CONVERSATIONS
 }
 # Asked last, in this order, since they change what the others see (delete refuses a running session).
-ACTS = ["unshare", "delete", "batch-stop", "cancel", "service-stop"]
+ACTS = ["unshare", "delete", "batch-stop", "cancel", "service-stop", "finetune-cancel"]
 
 
 @dataclass(frozen=True)
@@ -148,6 +161,16 @@ DOOR = [
     Ask("api-batches", "a batch on the session by the bare alias", OWNER, "POST", "/api/v1/batches", model="lab-model"),
     Ask("api-batch", "the owner's batch", OWNER, "GET", "/api/v1/batches/batch_{run}"),
     Ask("api-batch-cancel", "cancelling the owner's batch", OWNER, "POST", "/api/v1/batches/batch_{run}/cancel"),
+    # OpenAI's fine-tuning API: the owner's fine-tune run (as a job), its events and checkpoints, their alone; a job
+    # from the owner's file (a batch file: refused with why, to the owner; a stranger's 404).
+    Ask("api-ft-jobs", "the jobs list holding the owner's run", OWNER, "GET", "/api/v1/fine_tuning/jobs",
+        listed=("id", "{ftjob}")),
+    Ask("api-ft-jobs", "a job from the owner's file", OWNER, "POST", "/api/v1/fine_tuning/jobs"),
+    Ask("api-ft-job", "the owner's run as a job", OWNER, "GET", "/api/v1/fine_tuning/jobs/{ftjob}"),
+    Ask("api-ft-job-events", "the owner's run's events", OWNER, "GET", "/api/v1/fine_tuning/jobs/{ftjob}/events"),
+    Ask("api-ft-job-checkpoints", "the owner's run's checkpoints", OWNER, "GET",
+        "/api/v1/fine_tuning/jobs/{ftjob}/checkpoints"),
+    Ask("api-ft-job-cancel", "cancelling the owner's run", OWNER, "POST", "/api/v1/fine_tuning/jobs/{ftjob}/cancel"),
 ]  # fmt: skip
 
 
@@ -192,9 +215,11 @@ class World:
     file: BatchFile
     owners_service_chat: Conversation
     members_service_chat: Conversation
+    finetune: FineTuneRun
 
     def names(self) -> dict[str, str]:
-        return {"session": str(self.session.pk), "run": self.run.pk.hex, "file": f"file-{self.file.pk.hex}"}
+        return {"session": str(self.session.pk), "run": self.run.pk.hex, "file": f"file-{self.file.pk.hex}",
+                "ftjob": f"ftjob-{self.finetune.pk.hex}"}  # fmt: skip
 
 
 def closed_port() -> int:
@@ -248,6 +273,25 @@ def world(
         file=upload,
         owners_service_chat=Conversation.objects.create(service=service, owner=owner),
         members_service_chat=Conversation.objects.create(service=service, owner=shared_user),
+        finetune=finetune_run(session),
+    )
+
+
+def finetune_run(session: LLMSession) -> FineTuneRun:
+    """The owner's fine-tune run where the session runs (a row as the form would make it; nothing submitted)."""
+    install = ClusterRuntime.objects.get(cluster=session.cluster, runtime__kind="transformers")
+    where = {name: getattr(session, name) for name in ("owner", "account", "cluster", "partition", "gpu_type",
+                                                       "gpus_per_node", "cpus_per_node", "memory_gib", "walltime_min",
+                                                       "variant")}  # fmt: skip
+    return FineTuneRun.objects.create(
+        **where,
+        runtime=install,
+        name="toy.jsonl",
+        data_format="chat",
+        train_examples=4,
+        dataset_sha256="0" * 64,
+        planned_steps=4,
+        precision="bf16",
     )
 
 
@@ -276,6 +320,7 @@ def as_role(role: str, world: World, request: pytest.FixtureRequest) -> Any:
 def page_url(pattern: str, world: World, conversation: Conversation | None = None) -> str:
     values = {
         "pk": world.run.pk if pattern.startswith("/batch/") else world.session.pk,
+        **({"pk": world.finetune.pk} if pattern.startswith("/finetune/") else {}),
         "conversation_id": conversation.pk if conversation else "",
         "share_pk": world.grant.pk,
         "fmt": "jsonl",
@@ -352,6 +397,8 @@ def test_each_role_reaches_exactly_what_it_may_through_the_door(
         if ask.route == "api-batches" and ask.method == "POST":
             mine = f"file-{own_file(user, model).pk.hex}" if user is not None else "file-x"
             reply = portal.post(path, json={"input_file_id": mine, "endpoint": "/v1/chat/completions"})
+        elif ask.route == "api-ft-jobs" and ask.method == "POST":
+            reply = portal.post(path, json={"model": "tiny-llama", "training_file": names["file"]})
         elif ask.method == "POST":
             body = {"model": model, "messages": [{"role": "user", "content": "hi"}]}
             reply = portal.post(path, json=body)
@@ -365,3 +412,4 @@ def test_each_role_reaches_exactly_what_it_may_through_the_door(
     if role != "owner":
         assert BatchRun.objects.count() == 1 and BatchRun.objects.get().stop_requested_at is None
         assert LLMSession.objects.get(pk=world.session.pk).state == State.RUNNING
+        assert FineTuneRun.objects.get().state == FineTuneRun.State.QUEUED

@@ -1,4 +1,6 @@
-"""`manage.py estimate`: GPU memory for a model from the catalog or from explicit architecture numbers."""
+"""`manage.py estimate`: GPU memory for a model from the catalog or from explicit architecture numbers, beside what
+sessions of the same choices measured on this site; `--check-measured`: every choice the site measured where the
+estimator is off."""
 
 from __future__ import annotations
 
@@ -10,11 +12,12 @@ from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError
 
-from catalog import architecture
+from catalog import architecture, measured
 from catalog.architecture import Architecture
 from catalog.confidence import purpose_confidence
 from catalog.estimate import Estimate, EstimateError, Request, fit, smallest_layout
 from catalog.models import GPUType, ModelCard, ModelVariant
+from catalog.plans import check_measured, site_measured
 from catalog.quant import canonical_quant
 from catalog.runtime_rules import RUNTIMES
 from catalog.training import OPTIMIZER_STATES, PURPOSES, PurposeRequest, estimate_purpose
@@ -43,8 +46,8 @@ class Command(BaseCommand):
             kind = architecture.field_type(field)
             parser.add_argument(_flag(field), type=_yes_no if kind is bool else kind)
         parser.add_argument("--file-gib", type=float, help="the weights file's size, if known")
-        parser.add_argument("--runtime", required=True, choices=list(RUNTIMES))
-        parser.add_argument("--context", type=int, required=True)
+        parser.add_argument("--runtime", choices=list(RUNTIMES), help="required but with --check-measured")
+        parser.add_argument("--context", type=int, help="required but with --check-measured")
         parser.add_argument("--parallel", type=int, default=1)
         parser.add_argument("--kv-type", default="f16")
         parser.add_argument("--flash-attn", choices=["on", "off"])
@@ -52,7 +55,19 @@ class Command(BaseCommand):
             "--batch-tokens", "--ubatch", dest="batch_tokens", type=int,
             help="tokens per step: llama.cpp -ub (default 512), vLLM max_num_batched_tokens (default 8192)",
         )  # fmt: skip
-        parser.add_argument("--prompt-tokens", type=int, help="the longest prompt (transformers; default: the context)")
+        parser.add_argument(
+            "--prompt-tokens", type=int,
+            help="the longest prompt (transformers; default: the context); the rest of the context is generated",
+        )  # fmt: skip
+        parser.add_argument(
+            "--cache-tokens", type=int,
+            help="transformers: a KV cache preallocated for this many tokens per sequence (StaticCache's "
+            "max_cache_len, AutoAWQ's fused max_seq_len); default: a dynamic cache, or the context when fused",
+        )  # fmt: skip
+        parser.add_argument(
+            "--fused-modules", choices=["on", "off"], default="off",
+            help="transformers with AWQ: AutoAWQ's fused modules (do_fuse / fuse_layers)",
+        )  # fmt: skip
         parser.add_argument("--gpus", type=int, default=1, help="GPUs in all")
         parser.add_argument("--gpus-per-node", type=int, help="default: the catalog's for --gpu, else 1")
         gpu = parser.add_mutually_exclusive_group()
@@ -68,10 +83,21 @@ class Command(BaseCommand):
         parser.add_argument("--optimizer", choices=list(OPTIMIZER_STATES), default="adamw")
         parser.add_argument("--checkpointing", choices=["on", "off"], default="on", help="gradient checkpointing")
         parser.add_argument("--mixed-precision", action="store_true", help="full fine-tuning with fp32 master weights")
+        parser.add_argument(
+            "--check-measured", action="store_true",
+            help=f"list every choice sessions measured on this site where the estimate is off by more than "
+            f"{measured.OFF_BY:.0%}",
+        )  # fmt: skip
         parser.add_argument("--json", action="store_true")
 
     def handle(self, *args: Any, **o: Any) -> None:
-        request, usable, per_node = self._request(o)
+        if o["check_measured"]:
+            self._check_measured(o["json"])
+            return
+        missing = [_flag(name) for name in ("runtime", "context") if o[name] is None]
+        if missing:
+            raise CommandError(f"give {' and '.join(missing)} (or --check-measured)")
+        request, usable, per_node, variant = self._request(o)
         purpose = PurposeRequest(
             request, o["purpose"], lora_rank=o["lora_rank"], lora_targets=o["lora_targets"], optimizer=o["optimizer"],
             double_quant=o["double_quant"] == "on",
@@ -97,6 +123,11 @@ class Command(BaseCommand):
             "notes": est.notes,
             "confidence": purpose_confidence(purpose).summary(),
         }
+        beside = None
+        if variant is not None and o["purpose"] == "inference":  # sessions serve: a plan's figures are not theirs
+            beside = site_measured(request, variant)
+            beside = beside.on(o["gpu"]) if o["gpu"] else beside
+            result["measured"] = beside.as_dict()
         if usable is not None:
             verdict = fit(est, usable)
             layout = smallest_layout(request, usable, per_node, max_nodes=64, estimator=sized)
@@ -111,9 +142,11 @@ class Command(BaseCommand):
             self.stdout.write(json.dumps(result, indent=2))
         else:
             self._table(result)
+            self._measured_table(beside)
 
-    def _request(self, o: dict[str, Any]) -> tuple[Request, float | None, int]:
+    def _request(self, o: dict[str, Any]) -> tuple[Request, float | None, int, ModelVariant | None]:
         file_gib = o["file_gib"]
+        variant: ModelVariant | None = None
         if o["model"]:
             card = ModelCard.objects.filter(name=o["model"]).first()
             if card is None:
@@ -162,9 +195,11 @@ class Command(BaseCommand):
             flash_attn=flash,
             batch_tokens=o["batch_tokens"],
             prompt_tokens=o["prompt_tokens"],
+            cache_tokens=o["cache_tokens"],
+            fused_modules=o["fused_modules"] == "on",
             file_size_gib=file_gib,
         )
-        return replace(request, gpus_per_node=min(gpus, per_node), nodes=nodes), usable, per_node
+        return replace(request, gpus_per_node=min(gpus, per_node), nodes=nodes), usable, per_node, variant
 
     def _table(self, r: dict[str, Any]) -> None:
         parts = [k for k in r if k.endswith("_gib") and k not in ("total_gib", "host_gib", "per_gpu_gib", "usable_gib")]
@@ -187,3 +222,29 @@ class Command(BaseCommand):
             self.stdout.write(f"{'':>12}  {note}")
         if r["confidence"]:
             self.stdout.write(f"{'how sure':>12}: {r['confidence']}")
+
+    def _measured_table(self, beside: measured.Beside | None) -> None:
+        for figures in beside.figures if beside else ():
+            self.stdout.write(f"{'measured':>12}: {figures.summary()}")
+            if figures.off:
+                self.stdout.write(f"{'':>12}  {figures.advice()}")
+        for speed in beside.speeds.values() if beside else ():
+            self.stdout.write(f"{'speed':>12}: {speed.summary()}")
+
+    def _check_measured(self, as_json: bool) -> None:
+        checked = check_measured()
+        off = [c for c in checked if c.figures.off]
+        if as_json:
+            cases = [{"model": c.variant.model.name, "quant": c.variant.quantization, "runtime": c.runtime,
+                      "context": c.context, "parallel": c.parallel, **c.figures.as_dict()} for c in off]  # fmt: skip
+            report = {"threshold": measured.OFF_BY, "checked": len(checked), "off": cases}
+            self.stdout.write(json.dumps(report, indent=2))
+            return
+        for case in off:
+            self.stdout.write(f"{case.label}, {case.figures.summary()}")
+            self.stdout.write(f"    {case.figures.advice()}")
+        self.stdout.write(
+            f"{len(off)} of {len(checked)} measured choice(s) off by more than {measured.OFF_BY:.0%}"
+            if off
+            else f"the estimate is within {measured.OFF_BY:.0%} of every measured choice ({len(checked)})"
+        )

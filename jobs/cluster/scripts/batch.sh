@@ -3,11 +3,14 @@
 # restart policy for both kinds); the shell starts it, and ends a batch launch's job with its run.
 
 # [--run RUN --concurrency N] --server URL...: supervisor.py, with the layout's names it needs in its environment.
+# A llama-server with adapters is asked for its base weights by every request (a slot keeps its last request's).
 batch_supervisor() {
+  local base=()
+  [ "${RUNTIME:-}" != llama.cpp ] || [ -z "${ADAPTER_RUNS[*]:-}" ] || base=(--base-weights)
   REQUESTS_FILE=$REQUESTS_FILE RESULTS_FILE=$RESULTS_FILE PROGRESS_FILE=$PROGRESS_FILE OUTPUT_FILE=$OUTPUT_FILE \
     CONCURRENCY_FILE=$CONCURRENCY_FILE START_MARK=$START_MARK STOP_MARK=$STOP_MARK RUN_ERROR_FILE=$RUN_ERROR_FILE \
     python3 "$SESSION_DIR/supervisor.py" --batch-dir "$SESSION_DIR/$BATCH_DIR" --runner "$SESSION_DIR/batchrun.py" \
-    --key-file "$SESSION_DIR/$API_KEY_FILE" --model "$SERVED_NAME" --interval "${BATCH_LOOK_S:-1}" "$@" &
+    --key-file "$SESSION_DIR/$API_KEY_FILE" --model "$SERVED_NAME" --interval "${BATCH_LOOK_S:-1}" "${base[@]}" "$@" &
   SUPERVISOR_PID=$!
   CHILDREN+=("$SUPERVISOR_PID")
 }

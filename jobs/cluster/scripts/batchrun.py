@@ -159,6 +159,7 @@ class Runner:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
         self.key = args.key_file.read_text().strip()
+        self.base_weights = {"lora": [{"id": 0, "scale": 0.0}]} if args.base_weights else {}  # unlisted: at 0
         self.servers = [Server(url) for url in args.server]
         self.results = Results(args.results)
         self.index = read_requests(args.requests)
@@ -206,7 +207,7 @@ class Runner:
                 return
             line, offset, attempts = item
             request = self.request(offset)
-            body = json.dumps({**request["body"], "model": self.args.model}).encode()
+            body = json.dumps({**request["body"], "model": self.args.model, **self.base_weights}).encode()
             start = time.monotonic()
             record: dict[str, Any] = {"line": line, "id": request["id"], "attempts": attempts + 1}
             try:
@@ -294,6 +295,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--server", action="append", required=True, help="http://HOST:PORT; once per replica")
     parser.add_argument("--key-file", type=Path, required=True)
     parser.add_argument("--model", required=True, help="the name the servers answer to")
+    parser.add_argument(
+        "--base-weights", action="store_true",
+        help="a llama-server that loaded LoRA adapters: ask for none (a slot keeps the adapters of its last request)",
+    )  # fmt: skip
     parser.add_argument("--concurrency", type=int, default=1, help="requests in flight per server")
     parser.add_argument("--attempts", type=int, default=4, help="tries per request for errors that may pass")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds for one answer")

@@ -103,10 +103,11 @@ TASK_FLAGS=(--jinja)
 # figures (jobs/cluster/measured.py), print at verbosity 4 in builds since late 2025; older builds print them anyway
 # and ignore the variable. A -lv among the cluster's flags still wins.
 export LLAMA_ARG_LOG_VERBOSITY="${LLAMA_ARG_LOG_VERBOSITY:-4}"
+lora_args llama.cpp
 log "starting llama-server on $ADDR:$PORT (model $MODEL_PATH, $PARALLEL slot(s) of $CONTEXT tokens)"
 "$SERVER_BIN" "${TASK_FLAGS[@]}" "${DEFAULT_FLAGS[@]}" -m "$MODEL_PATH" -a "$SERVED_NAME" -c "$((CONTEXT * PARALLEL))" -ngl "$GPU_LAYERS" \
   --parallel "$PARALLEL" --host "$ADDR" --port "$PORT" --api-key-file "$SESSION_DIR/$API_KEY_FILE" --no-webui \
-  "${RPC_ARGS[@]}" "${EXTRA_FLAGS[@]}" &
+  "${RPC_ARGS[@]}" "${LORA_ARGS[@]}" "${EXTRA_FLAGS[@]}" &
 SERVER_PID=$!
 CHILDREN+=("$SERVER_PID")
 # /health answers 503 while the model loads and 200 once it is loaded.

@@ -123,3 +123,28 @@ serve_until_end() {
   log "the server exited"
   exit 0
 }
+
+# RUNTIME: LORA_ARGS, the flags that load the fine-tune runs' adapters ($ADAPTER_RUNS, their directories beside this
+# one in $SESSIONS_DIR): llama.cpp each run's GGUF at scale 0, the base weights, unless a request's `lora` field
+# applies it (the proxy sends one with every request: a slot keeps its last); vLLM each PEFT directory as a LoRA
+# module named by the run's uuid.
+lora_args() {
+  local run dir
+  LORA_ARGS=()
+  [ -n "${ADAPTER_RUNS[*]:-}" ] || return 0
+  for run in "${ADAPTER_RUNS[@]}"; do
+    [[ "$run" =~ ^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$ ]] || fail "bad adapter run '$run'"
+    dir="$SESSIONS_DIR/$run"
+    case "$1" in
+      llama.cpp)
+        [ -f "$dir/$ADAPTER_GGUF" ] || fail "the adapter of fine-tune run $run has no GGUF for llama.cpp ($dir)"
+        LORA_ARGS+=(--lora-scaled "$dir/$ADAPTER_GGUF:0") ;;
+      vllm)
+        [ -f "$dir/$ADAPTER_DIR/adapter_config.json" ] || fail "fine-tune run $run has no adapter in $dir"
+        LORA_ARGS+=(--lora-modules "$run=$dir/$ADAPTER_DIR") ;;
+    esac
+  done
+  [ "$1" != vllm ] ||
+    LORA_ARGS=(--enable-lora --max-lora-rank "$MAX_LORA_RANK" --max-loras "${#ADAPTER_RUNS[@]}" "${LORA_ARGS[@]}")
+  log "loading ${#ADAPTER_RUNS[@]} LoRA adapter(s): ${ADAPTER_RUNS[*]}"
+}

@@ -99,7 +99,7 @@ class Supervisor:
             "--requests", str(self.file(run, "REQUESTS_FILE")), "--results", str(self.file(run, "RESULTS_FILE")),
             "--progress", str(self.file(run, "PROGRESS_FILE")), "--output", str(self.file(run, "OUTPUT_FILE")),
             *servers, "--key-file", str(self.args.key_file), "--model", self.args.model,
-            "--concurrency", str(self.concurrency(run)),
+            "--concurrency", str(self.concurrency(run)), *(["--base-weights"] if self.args.base_weights else []),
         ]  # fmt: skip
         run.runner = subprocess.Popen(argv)
 
@@ -192,6 +192,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--run", default="", help="a batch launch's run: supervise it alone and end with it")
     parser.add_argument("--concurrency", type=int, default=1, help="unless the run's folder says otherwise")
     parser.add_argument("--interval", type=float, default=1.0, help="seconds between looks")
+    parser.add_argument("--base-weights", action="store_true", help="llama-server with adapters: none for the runs")
     return parser.parse_args(argv)
 
 

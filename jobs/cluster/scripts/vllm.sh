@@ -24,10 +24,11 @@ else
   fi
 fi
 
+lora_args vllm
 log "starting vLLM on $SOCKET (model $MODEL_PATH, max length $CONTEXT)"
 "${SERVE[@]}" "${DEFAULT_FLAGS[@]}" --served-model-name "$SERVED_NAME" --uds "$SOCKET" \
   --tensor-parallel-size "$GPUS_PER_NODE" --max-model-len "$CONTEXT" "${TASK_FLAGS[@]}" \
-  --gpu-memory-utilization "$GPU_MEMORY_UTILIZATION" "${EXTRA_FLAGS[@]}" &
+  --gpu-memory-utilization "$GPU_MEMORY_UTILIZATION" "${LORA_ARGS[@]}" "${EXTRA_FLAGS[@]}" &
 SERVER_PID=$!
 CHILDREN+=("$SERVER_PID")
 

@@ -26,7 +26,7 @@ from jobs.batch.forms import BatchForm, Checked
 from jobs.cluster import jobscript, logs, measured
 from jobs.models import END_STATES, LLMSession, State
 from jobs.sessions import actions
-from jobs.sessions.access import find_session, with_relations
+from jobs.sessions.access import find_session, with_adapters, with_relations
 from jobs.sessions.forms import LaunchForm, form_errors, values_of
 from jobs.sessions.lifecycle import job_spec
 from portal import ssh
@@ -63,6 +63,8 @@ def add_launch_flags(
             kwargs["type"] = int
         elif isinstance(field, forms.FloatField):
             kwargs["type"] = float
+        if getattr(field, "repeatable", False):
+            kwargs["action"] = "append"  # --adapter A --adapter B, or --adapter A,B
         parser.add_argument(_flag(name), **kwargs)
 
 
@@ -163,7 +165,7 @@ class Command(BaseCommand):
             time.sleep(0.25)  # the watch shows Running within a second of the health check: do not add another
 
     def _list(self, o: dict[str, Any]) -> None:
-        sessions = with_relations()
+        sessions = with_adapters(with_relations())
         if o["user"]:
             sessions = sessions.filter(owner=find_user(o["user"]))
         if not o["all"]:

@@ -145,3 +145,10 @@ def test_a_second_runner_of_the_same_run_is_refused(server: str, tmp_path: Path)
         first.send_signal(signal.SIGTERM)
         first.wait(timeout=30)
     assert os.path.exists(run_dir / "results.jsonl")
+
+
+def test_on_a_llama_server_with_adapters_every_request_asks_for_the_base_weights(server: str, tmp_path: Path) -> None:
+    run_dir = prepare(tmp_path, ["a", "b"])
+    done = subprocess.run([*command(run_dir, server), "--base-weights"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert [s["lora"] for s in Model.seen] == [[{"id": 0, "scale": 0.0}]] * 2  # adapters it does not list: at 0

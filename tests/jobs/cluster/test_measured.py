@@ -75,12 +75,13 @@ def test_two_gpus_of_a_2024_build_add_up_and_nvidia_smi_gives_the_total() -> Non
     assert found["weights_gib"] == round((19639.69 + 19388.27) / 1024, 6)
     assert found["kv_gib"] == round((656 + 624) / 1024, 6)
     assert found["compute_gib"] == round((324.01 + 344.02) / 1024, 6)
-    assert found["total_gib"] == round((21427 + 21151) / 1024, 6)
+    assert found["total_gib"] == round((21427 + 21151) / 1024, 6) and found["total_from"] == "nvidia-smi"
     assert "prompt_tokens_per_s" not in found
 
 
 def test_vllm_on_cpu_gives_its_checkpoint_and_kv_cache() -> None:
-    assert figures("vllm-0.32.0-cpu.log") == {"weights_gib": 0.25, "kv_gib": 0.06, "total_gib": 0.31}
+    assert figures("vllm-0.32.0-cpu.log") == {"weights_gib": 0.25, "kv_gib": 0.06, "total_gib": 0.31,
+                                              "total_from": "buffers"}  # fmt: skip
 
 
 def test_vllm_tensor_parallel_adds_its_workers() -> None:
@@ -91,7 +92,7 @@ def test_vllm_tensor_parallel_adds_its_workers() -> None:
 
 def test_vllm_v0_gives_weights_activations_and_kv_cache() -> None:
     assert figures("vllm-0.8-v0.log") == {"weights_gib": 14.99, "kv_gib": 54.56, "compute_gib": 1.42,
-                                          "total_gib": 70.97}  # fmt: skip
+                                          "total_gib": 70.97, "total_from": "buffers"}  # fmt: skip
 
 
 def test_a_restarted_server_counts_its_last_start() -> None:
@@ -104,7 +105,7 @@ def test_a_restarted_server_counts_its_last_start() -> None:
 def test_the_transformers_peak_is_the_total_where_nvidia_smi_is_silent() -> None:
     tfserve = load_tfserve()
     assert tfserve.TORCH_PEAK_LINE == measured.TORCH_PEAK_LINE
-    assert measured.parse(f"{tfserve.TORCH_PEAK_LINE} 1024, 2048\n") == {"total_gib": 3.0}
+    assert measured.parse(f"{tfserve.TORCH_PEAK_LINE} 1024, 2048\n") == {"total_gib": 3.0, "total_from": "torch"}
 
 
 @pytest.mark.parametrize(
@@ -144,7 +145,7 @@ def test_a_huge_answer_is_read_only_to_its_bound() -> None:
 @given(st.text(max_size=2000))
 def test_any_text_parses_to_known_finite_figures_only(text: str) -> None:
     found = measured.parse(text)
-    assert set(found) <= {*measured.FIELDS, "devices"}
+    assert set(found) <= {*measured.FIELDS, "devices", "total_from"}
     assert all(0 <= found[name] <= measured.MAX_TOKENS_PER_S for name in measured.FIELDS if name in found)
 
 
@@ -155,6 +156,9 @@ def test_what_is_kept_passes_clean_again_and_clean_drops_anything_else() -> None
     hostile = {"weights_gib": "1", "kv_gib": True, "total_gib": float("nan"), "tokens_per_s": -1.0, "x": 1,
                "compute_gib": 0.5, "devices": devices}  # fmt: skip
     assert measured.clean(hostile) == {"compute_gib": 0.5, "devices": {"CUDA0": {"weights_gib": 2.0}}}
+    # what a total is: one of the catalog's words, and only beside a total
+    assert measured.clean({"total_gib": 1, "total_from": "<script>"}) == {"total_gib": 1.0}
+    assert measured.clean({"total_from": "torch"}) == {}
     assert measured.clean([1, 2]) == {} and measured.clean(None) == {}
 
 
@@ -196,4 +200,4 @@ def test_the_jobs_gpu_line_is_the_one_the_portal_reads(tmp_path: Path) -> None:
     env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "CUDA_VISIBLE_DEVICES": "0,1"}
     done = jobside.run(tmp_path, "log_gpu_memory", env=env)
     assert done.returncode == 0, done.stderr
-    assert measured.parse(done.stdout) == {"total_gib": round((21427 + 21151) / 1024, 6)}
+    assert measured.parse(done.stdout) == {"total_gib": round((21427 + 21151) / 1024, 6), "total_from": "nvidia-smi"}

@@ -120,6 +120,15 @@ def test_a_launch_ends_with_its_run_once_the_runner_finished(batch_dir: Path) ->
     assert starts(run) == 1 and (run / NAMES.output_file).exists()
     argv = (run / "argv").read_text().split("\n")
     assert argv[argv.index("--concurrency") + 1] == "7" and argv[argv.index("--model") + 1] == "served"
+    assert "--base-weights" not in argv
+
+
+def test_a_llama_server_with_adapters_has_its_runners_ask_for_the_base_weights(batch_dir: Path) -> None:
+    run = add_run(batch_dir, "ok", start=False)
+    done = subprocess.run(supervise(batch_dir, "--run", run.name, "--base-weights"), env=layout_env(),
+                          capture_output=True, text=True, timeout=30)  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "--base-weights" in (run / "argv").read_text().split("\n")
 
 
 def test_a_runner_that_stops_is_started_again_and_goes_on(batch_dir: Path) -> None:

@@ -10,8 +10,9 @@ from typing import Any
 import pytest
 from django.utils import timezone
 
-from catalog.models import ClusterAccount
-from jobs.models import LLMSession, ProxyRequest, State
+from catalog.measured import FIELDS
+from catalog.models import ClusterAccount, SiteMeasurement
+from jobs.models import LLMSession, ProxyRequest, Purpose, State
 from jobs.sessions import measuring
 from jobs.sessions.actions import launch
 from portal import ssh
@@ -64,7 +65,7 @@ def test_without_timings_in_the_log_the_proxys_records_give_the_speeds(
     figures = measuring.measure(session)
     # generation: 200 tokens over 50/25 + 150/50 = 5 s; the prompt: 100 computed tokens over 0.5 s (streams only)
     speeds = {"prompt_tokens_per_s": 200.0, "tokens_per_s": 40.0}
-    assert figures == {"weights_gib": 0.25, "kv_gib": 0.06, "total_gib": 0.31, **speeds}
+    assert figures == {"weights_gib": 0.25, "kv_gib": 0.06, "total_gib": 0.31, "total_from": "buffers", **speeds}
 
 
 def test_a_cluster_that_cannot_be_asked_leaves_the_figures_as_they_were(
@@ -108,3 +109,38 @@ def test_the_page_and_the_command_line_show_the_measured_figures(session: LLMSes
     page = client.get(reverse("jobs:session", args=[session.pk])).content.decode()
     assert "weights 4.300 GiB, KV cache 1.000 GiB" in page and "generation 114.6 tokens/s" in page
     assert "<code>CUDA0</code>: kv 1.000 GiB" in page and "<script>" not in page
+
+
+def test_a_sessions_figures_are_kept_as_the_sites_measurement_of_its_choices(
+    session: LLMSession, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cluster_says(monkeypatch, (DATA / "llama-server-0.3.36-cpu.log").read_text())
+    figures = measuring.measure(session)
+    assert figures is not None
+    row = SiteMeasurement.objects.get(source=f"session:{session.pk}")
+    choices = (row.variant_id, row.runtime, row.context, row.parallel, row.gpu_type_id, row.gpus_per_node, row.nodes)
+    assert choices == (session.variant_id, "llama.cpp", 1024, 1, session.gpu_type_id, 1, 1)
+    # CPU buffers only: a session in host memory, its total the sum of the server's buffers
+    assert row.on_host and row.total_from == "buffers"
+    assert row.figures == {name: figures[name] for name in FIELDS if name in figures} and "devices" not in row.figures
+    # read again with nothing in the log: the site forgets it as the session does
+    cluster_says(monkeypatch, "nothing here\n")
+    assert measuring.measure(session) == {}
+    assert not SiteMeasurement.objects.exists()
+
+
+def test_a_gpu_sessions_buffers_are_not_host_memory(session: LLMSession, monkeypatch: pytest.MonkeyPatch) -> None:
+    cluster_says(monkeypatch, (DATA / "llama-server-b3600-2gpu.log").read_text())
+    measuring.measure(session)
+    row = SiteMeasurement.objects.get()
+    assert not row.on_host and row.total_from == "nvidia-smi"
+
+
+def test_an_embeddings_session_is_no_measurement_of_serving(
+    session: LLMSession, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    LLMSession.objects.filter(pk=session.pk).update(purpose=Purpose.EMBEDDINGS)
+    session.refresh_from_db()
+    cluster_says(monkeypatch, (DATA / "llama-server-0.3.36-cpu.log").read_text())
+    assert measuring.measure(session)
+    assert not SiteMeasurement.objects.exists()

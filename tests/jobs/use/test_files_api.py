@@ -108,7 +108,7 @@ def test_a_large_upload_is_kept_without_ever_being_held_in_memory(owner: Any, se
 
 
 def test_an_upload_past_the_batch_file_limit_stops_being_read(owner: Any, settings: Any) -> None:
-    settings.PORTAL_BATCH_MAX_BYTES = 1024
+    settings.PORTAL_BATCH_MAX_BYTES = settings.PORTAL_FINETUNE_MAX_BYTES = 1024  # the door takes the larger
     chunked = Upload(1000, words=2000)
     reply = Portal(bearer(token_of(owner))).post("/api/v1/files", content=chunked, headers=MULTIPART)
     assert reply.status_code == 413 and chunked.read < 200  # the file's limit and the form's 1 MiB

@@ -20,7 +20,7 @@ from django.test import AsyncClient, Client
 from django.urls import URLPattern, URLResolver, get_resolver
 
 from jobs.models import LLMSession, ProxyRequest
-from jobs.use import guard, openai_batches, proxy
+from jobs.use import guard, openai_batches, openai_finetunes, proxy
 from tests.asgi import Portal, bearer, browser, client, run
 from tests.jobs.use.upstream import ANSWER, Server, answering, recorded, token_of
 
@@ -211,7 +211,8 @@ def test_no_view_of_the_proxys_routes_serves_a_request_that_did_not_come_through
     """Django's test client reaches the views without the door, as WSGI or any other way around portal.asgi would:
     each refuses, though the caller is signed in and has a valid token (or the method is not one the route takes)."""
     routes = door_routes()
-    assert {view.__module__ for _, view in routes} == {proxy.__name__, openai_batches.__name__} and len(routes) >= 8
+    modules = {proxy.__name__, openai_batches.__name__, openai_finetunes.__name__}
+    assert {view.__module__ for _, view in routes} == modules and len(routes) >= 13
     token = token_of(owner)
     wsgi = Client(HTTP_AUTHORIZATION=f"Bearer {token}")
     wsgi.force_login(owner)
