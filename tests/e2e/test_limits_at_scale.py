@@ -1,4 +1,4 @@
-"""Limits that hold when the site scales out (issue 29): two uvicorn workers on PostgreSQL and Redis hold a token to
+"""Limits that hold when the site scales out (issue 29): two uvicorn processes on PostgreSQL and Redis hold a token to
 its requests a minute together, and count every answered call once in the usage records and /metrics; and fair share
 on a real shared session on the local cluster: a user's third stream at once is refused while another user's request
 is served."""
@@ -87,9 +87,11 @@ def free_port() -> int:
 
 
 @pytest.fixture
-def scaled_out(local_services: dict[str, str], tmp_path: Path) -> Iterator[tuple[str, dict[str, str], str]]:
-    """A fresh PostgreSQL database, the stand-in server, and the portal under `uvicorn --workers 2` with Redis;
-    yields the portal's URL, the tokens and the database's URL."""
+def scaled_out(local_services: dict[str, str], tmp_path: Path) -> Iterator[tuple[list[str], dict[str, str], str]]:
+    """A fresh PostgreSQL database, the stand-in server, and the portal scaled out as the README says: two uvicorn
+    processes on PostgreSQL and Redis (each on a port of its own, so that the test, not the kernel's choice of which
+    worker accepts, sends half the calls to each: `uvicorn --workers 2` on one socket let one worker take all of them
+    on a quiet machine); yields the two processes' URLs, the tokens and the database's URL."""
     admin_url = local_services["DATABASE_URL"]
     name = f"portal_e2e_{uuid.uuid4().hex[:10]}"
     with psycopg.connect(admin_url, autocommit=True) as conn:
@@ -107,22 +109,25 @@ def scaled_out(local_services: dict[str, str], tmp_path: Path) -> Iterator[tuple
                               cwd=REPO, env=env, capture_output=True, text=True)  # fmt: skip
         assert made.returncode == 0, made.stderr
         tokens = json.loads(made.stdout.strip().splitlines()[-1])
-        port = free_port()
-        processes.append(subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "portal.asgi:application", "--port", str(port), "--workers", "2",
-             "--lifespan", "off", "--log-level", "warning"],
-            cwd=REPO, env=env, start_new_session=True,
-        ))  # fmt: skip
-        url = f"http://127.0.0.1:{port}"
+        urls = []
+        for _ in range(2):
+            port = free_port()
+            processes.append(subprocess.Popen(
+                [sys.executable, "-m", "uvicorn", "portal.asgi:application", "--port", str(port),
+                 "--lifespan", "off", "--log-level", "warning"],
+                cwd=REPO, env=env, start_new_session=True,
+            ))  # fmt: skip
+            urls.append(f"http://127.0.0.1:{port}")
         deadline = time.monotonic() + 60
-        while True:
-            try:
-                httpx.get(f"{url}/healthz", timeout=1)
-                break
-            except httpx.TransportError:
-                assert time.monotonic() < deadline, "uvicorn did not start"
-                time.sleep(0.1)
-        yield url, tokens, database_url
+        for url in urls:
+            while True:
+                try:
+                    httpx.get(f"{url}/healthz", timeout=1)
+                    break
+                except httpx.TransportError:
+                    assert time.monotonic() < deadline, "uvicorn did not start"
+                    time.sleep(0.1)
+        yield urls, tokens, database_url
     finally:
         for process in processes:
             if process.poll() is None:
@@ -147,19 +152,19 @@ def metric(text: str, name: str, **labels: str) -> float:
 
 
 def test_two_workers_on_postgres_and_redis_hold_a_token_to_its_rate_and_count_each_answer_once(
-    scaled_out: tuple[str, dict[str, str], str], tmp_path: Path
+    scaled_out: tuple[list[str], dict[str, str], str], tmp_path: Path
 ) -> None:
-    url, tokens, database_url = scaled_out
+    urls, tokens, database_url = scaled_out
     headers = {"Authorization": f"Bearer {tokens['token']}"}
     body = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}]}
 
     async def at_once() -> list[httpx.Response]:
-        # A connection per call, so that the kernel spreads them over both workers' accept queues.
-        async def one() -> httpx.Response:
+        # Half the calls to each process: were the limit counted per process, each would let all its calls through.
+        async def one(url: str) -> httpx.Response:
             async with httpx.AsyncClient(base_url=url, timeout=60, trust_env=False) as api:
                 return await api.post("/api/v1/chat/completions", json=body, headers=headers)
 
-        return await asyncio.gather(*(one() for _ in range(2 * PER_MINUTE)))
+        return await asyncio.gather(*(one(urls[i % 2]) for i in range(2 * PER_MINUTE)))
 
     in_one_minute()
     replies = asyncio.run(at_once())
@@ -175,10 +180,10 @@ def test_two_workers_on_postgres_and_redis_hold_a_token_to_its_rate_and_count_ea
         ]:
             assert time.monotonic() < deadline, rows
             time.sleep(0.2)
-    scraped = httpx.get(f"{url}/metrics", headers={"Authorization": f"Bearer {tokens['scrape']}"}, timeout=30).text
+    scraped = httpx.get(f"{urls[0]}/metrics", headers={"Authorization": f"Bearer {tokens['scrape']}"}, timeout=30).text
     answered = metric(scraped, "portal_proxy_requests_total", route="api", endpoint="chat/completions", status="2xx")
     assert answered == PER_MINUTE
-    # Both workers answered some (each writes its counters to a file of its own): the limit held across them.
+    # Both processes counted (each writes its counters to a file of its own), and /metrics adds them up.
     assert len(list((tmp_path / "var" / "metrics").glob("counter_*.db"))) >= 2
 
 
