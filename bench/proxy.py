@@ -18,11 +18,14 @@ missing) and (5) through a bare TCP relay (`relay`: bytes in, bytes out, on the 
   node's key check); the table also shows keyproxy.py alone, so what each hop adds is seen apart.
 
 Printed per server and path: stream throughput (tokens/s from the first token to the last), end-to-end tokens/s
-(request to last token), time to first token p50/p99 and what each path adds, and llama-server's own decode rate
-(its `timings`). The relay shows what any hop costs on a small machine: the client and the server share one half of
-the CPUs and every proxy the other, and a second CPU reading the stream slows llama-server's own decoding (by a
-sixth to a quarter on this machine's two vCPUs, through the relay as through the portal), so throughput against
-direct measures the machine as much as the proxy, and against the relay the portal's own. Then the most concurrent
+(request to last token), time to first token p50/p99 and what each path adds, for the paths through the portal its
+CPU time per request (`CPU ms`: all its threads, read from /proc before and after each request and its deferred
+usage row; the portal's own cost, which a busy machine's scheduling delays do not inflate as they inflate the
+clocks), and llama-server's own decode rate (its `timings`). The relay shows what any hop costs on a small
+machine: the client and the server share one half of the CPUs and every proxy the other, and a second CPU reading
+the stream slows llama-server's own decoding (by a sixth to a quarter on this machine's two vCPUs, through the relay
+as through the portal), so throughput against direct measures the machine as much as the proxy, and against the
+relay the portal's own. Then the most concurrent
 streams the portal held open at once without an error (streams of 150 tokens at 10 tokens/s, so that they overlap) with
 the portal's memory per stream (its RSS at the peak less before, over the streams); last, the targets of issue 18
 beside the figures: against llama-server, through both portal routes, <= 1.5 ms added TTFT at p50 and <= 5 ms at p99
@@ -331,6 +334,23 @@ async def one(client: httpx.AsyncClient, url: str, headers: dict[str, str], body
     return Stream((first or end) - start, end - start, count, decode)
 
 
+PORTAL_PATHS = ("portal", "browser", "chat", "messages")  # the paths the portal serves: its CPU is read on these
+SETTLE_S = 0.005  # after a stream through the portal, for its deferred work (the usage row) to count to that request
+_portal_pid: int | None = None
+
+
+def cpu_ns(pid: int) -> int:
+    """The CPU time all threads of a process have run (Linux's schedstat, in ns): the portal's cost of a request,
+    which a busy machine's scheduling delays do not inflate as they inflate the wall-clock times."""
+    total = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            total += int((task / "schedstat").read_text().split()[0])
+        except (FileNotFoundError, ProcessLookupError):  # a thread that ended
+            continue
+    return total
+
+
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(len(ordered) * q))]
@@ -346,11 +366,17 @@ async def measure(
     the model to name on a path, where it is not the body's (the portal names a session, the server its model)."""
     clients = {name: httpx.AsyncClient(timeout=120) for name in paths}
     streams: dict[str, list[Stream]] = {name: [] for name in paths}
+    cpu: dict[str, list[int]] = {name: [] for name in paths if name in PORTAL_PATHS}
     try:
         for round_ in range(3 + requests):  # three rounds warm up connections, caches and the first lookups
             for name, (url, headers) in paths.items():
                 sent = {**body, "model": models[name]} if models and name in models else body
+                counted = _portal_pid is not None and name in cpu and round_ >= 3
+                before = cpu_ns(_portal_pid) if counted and _portal_pid else 0
                 stream = await one(clients[name], url, headers, sent)
+                if counted and _portal_pid:
+                    await asyncio.sleep(SETTLE_S)
+                    cpu[name].append(cpu_ns(_portal_pid) - before)
                 if round_ >= 3:
                     streams[name].append(stream)
     finally:
@@ -365,6 +391,8 @@ async def measure(
             "ttft_p50_ms": statistics.median(ttfts) * 1000,
             "ttft_p99_ms": percentile(ttfts, 0.99) * 1000,
         }
+        if cpu.get(name):
+            results[name]["cpu_ms"] = statistics.fmean(cpu[name]) / 1e6
         decodes = [s.decode for s in measured if s.decode]
         if decodes:
             results[name]["decode"] = statistics.median(decodes)
@@ -452,13 +480,13 @@ def table(title: str, results: dict[str, dict[str, float]]) -> None:
     base = results["direct"]
     print(f"\n{title}")
     header = ("path", "stream tok/s", "ratio", "e2e tok/s", "ratio", "TTFT p50 ms", "added", "TTFT p99 ms", "added")
-    print("{:<7} {:>12} {:>6} {:>10} {:>6} {:>11} {:>6} {:>11} {:>6}".format(*header))
+    print("{:<7} {:>12} {:>6} {:>10} {:>6} {:>11} {:>6} {:>11} {:>6} {:>8}".format(*header, "CPU ms"))
     for name, r in results.items():
         print(
             f"{name:<7} {r['stream']:>12.0f} {r['stream'] / base['stream']:>6.3f} {r['end_to_end']:>10.0f} "
             f"{r['end_to_end'] / base['end_to_end']:>6.3f} {r['ttft_p50_ms']:>11.2f} "
             f"{r['ttft_p50_ms'] - base['ttft_p50_ms']:>6.2f} {r['ttft_p99_ms']:>11.2f} "
-            f"{r['ttft_p99_ms'] - base['ttft_p99_ms']:>6.2f}"
+            f"{r['ttft_p99_ms'] - base['ttft_p99_ms']:>6.2f}" + (f" {r['cpu_ms']:>8.2f}" if "cpu_ms" in r else "")
         )
 
 
@@ -530,7 +558,9 @@ def main() -> None:
     token, keys = prepare_portal({"fast": ports["fast"], "llama": ports["llama"], "vllm": ports["keyproxy"]})
     key_file.write_text(keys["llama"])
     vllm_key_file.write_text(keys["vllm"])
+    global _portal_pid
     processes = [start_backend(ports["fast"]), start_portal(ports["portal"])]
+    _portal_pid = processes[1].pid
     pin(processes[-1], proxy_cpus)
     llama = start_llama_server(ports["llama"], key_file)
     if llama:

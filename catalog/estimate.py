@@ -113,9 +113,15 @@ HIDDEN_COPIES = 4
 MLP_COPIES = 3
 # A transformers decoder layer (modeling_llama.LlamaDecoderLayer.forward) keeps, while its MLP runs, the layer's input
 # (the model's loop still holds it), the residual after attention and the normed MLP input; while attention runs,
-# the input and its normed copy.
-TF_MLP_HIDDEN_COPIES = 3
-TF_ATTENTION_HIDDEN_COPIES = 2
+# the input and its normed copy. Beside them, for every layer after the first, the embedding's output: the model's
+# forward keeps `inputs_embeds` referenced for the whole pass (LlamaModel.forward: `hidden_states = inputs_embeds`,
+# then the layer loop rebinds hidden_states only). Measured on transformers 4.51.3 (the tensors alive at the prefill's
+# peak, docs/estimator.md): 4 hidden-size copies beside the SwiGLU's three ffn-wide tensors.
+TF_MLP_HIDDEN_COPIES = 4
+TF_ATTENTION_HIDDEN_COPIES = 3
+# RoPE's cos and sin for the pass's positions, tokens x head_dim each in the model's dtype, computed once per forward
+# (LlamaModel.forward: position_embeddings = self.rotary_emb(...)) and held until it returns.
+TF_ROPE_TABLES = 2
 # Eager attention (transformers attn_implementation="eager"): the 16-bit scores with the mask added, their float32
 # softmax and the 16-bit copy back, held at once: 8 bytes per score (modeling_llama.eager_attention_forward:
 # softmax(..., dtype=float32).to(query.dtype)). Beside them the 16-bit causal mask, batch x tokens x keys, built once
@@ -138,7 +144,7 @@ BF16 = 2
 ROUTER_BYTES_PER_EXPERT = 4
 ONE_HOT_BYTES = 8
 # What a transformers process holds beyond weights, KV cache and the activations above, per GPU: cuBLAS's workspace
-# (8-32 MiB a stream, CUBLAS_WORKSPACE_CONFIG), the step's RoPE cos/sin, the sampler's buffers, allocator rounding.
+# (8-32 MiB a stream, CUBLAS_WORKSPACE_CONFIG), the sampler's buffers, allocator rounding (RoPE: TF_ROPE_TABLES).
 # The published runs show 0.08-0.16 GiB over weights plus KV cache at prompts of 1-80 tokens (transformers 4.46-4.51:
 # QW01, QW05, QW08; TF01), 0.14 GiB in AutoAWQ's benchmark, whose examples/benchmark.py warm-up multiplies two
 # 4096 x 4096 float32 matrices (fused Mistral 7B: 4.00 GB over 3.86 GiB of weights). Older transformers (Llama's
@@ -578,6 +584,7 @@ def transformers_layer_bytes(
     """The peak of one decoder layer's forward over `batch` sequences of `tokens` new tokens that attend to `keys`
     positions (the prompt at prefill; the cache at a decode step; a static cache's whole length), on the GPU that runs
     the layer: the larger of two moments.
+    Both hold RoPE's cos/sin tables for the pass and, after the first layer, the embedding's output.
     1. Attention: the layer's input and its normed copy; Q, K and V, and Q and K rotated; the attention's output. K
        and V repeated to every query head where the kernel does not take grouped heads (modeling_llama.repeat_kv for
        eager and SDPA, torch.repeat_interleave in AutoAWQ's fused attention; flash-attention 2 takes them grouped).
@@ -613,7 +620,8 @@ def transformers_layer_bytes(
         mlp += MLP_COPIES * t * ffn * BF16
     if q.dequant_bits and t >= q.dequant_from_tokens:  # while the MLP's own matrices run
         mlp += largest_matrix(arch) * q.dequant_bits / 8
-    return max(attn, mlp)
+    rope = t * TF_ROPE_TABLES * head_dim * BF16  # held through both moments
+    return max(attn, mlp) + rope
 
 
 def _transformers(req: Request) -> Estimate:

@@ -3,7 +3,7 @@ from __future__ import annotations
 from typing import Any
 
 from django.apps import AppConfig
-from django.db.models.signals import post_migrate
+from django.db.models.signals import post_delete, post_migrate
 
 SUPPORT_GROUP = "Session support"  # the group an admin puts support staff in (docs/admin-guide.md)
 USAGE_GROUP = "Site usage"  # those who see every user's usage and the site dashboard, not their sessions
@@ -15,6 +15,14 @@ class JobsConfig(AppConfig):
 
     def ready(self) -> None:
         post_migrate.connect(ensure_support_group, sender=self)
+        from django.conf import settings
+
+        from jobs.models import LLMSession
+        from jobs.usage import rollups
+
+        # Their summaries go with them (on_delete CASCADE): a new revision of the summaries.
+        for model in (LLMSession, settings.AUTH_USER_MODEL):
+            post_delete.connect(rollups.deleted_with_summaries, sender=model, dispatch_uid=f"usage-deleted-{model}")
         from jobs import gatekeeping
 
         gatekeeping.install()  # a restricted key's gate, installed on first use (portal/gate.py)

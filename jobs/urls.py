@@ -88,6 +88,10 @@ urlpatterns = [
     path("finetune/<uuid:pk>/", finetunes.finetune_detail, name="finetune"),
     path("finetune/<uuid:pk>/cancel", finetunes.finetune_cancel, name="finetune-cancel"),
     path("finetune/<uuid:pk>/adapter.tar.gz", finetunes.finetune_adapter, name="finetune-adapter"),
+    path("finetune/<uuid:pk>/compare/", finetunes.finetune_compare, name="finetune-compare"),
+    path("finetune/<uuid:pk>/compare/<uuid:comparison>/", finetunes.finetune_comparison, name="finetune-comparison"),
+    path("finetune/<uuid:pk>/share", finetunes.finetune_share, name="finetune-share"),
+    path("finetune/<uuid:pk>/share/<int:share_pk>/revoke", finetunes.finetune_unshare, name="finetune-unshare"),
     path("", include("jobs.usage.urls")),
     path("", include("jobs.operations.urls")),
 ]

@@ -80,10 +80,10 @@ class NoResults(Exception):
     """The run has answered nothing yet."""
 
 
-def results(run: BatchRun) -> tuple[bool, Iterator[bytes]]:
+def results(run: BatchRun, max_record_bytes: int | None = None) -> tuple[bool, Iterator[bytes]]:
     """The run's result records as lines streamed from the cluster, and whether they are in input order (the whole
-    output of a finished run) or in the order they were answered (so far). Raises NoResults, or ssh.SSHError when
-    the cluster cannot be asked."""
+    output of a finished run) or in the order they were answered (so far); each line at most `max_record_bytes`
+    (outputs.lines). Raises NoResults, or ssh.SSHError when the cluster cannot be asked."""
     finished = run.state == BatchRun.State.FINISHED
     args = [str(run.session_id), str(run.pk), "output" if finished else "results"]
     account = run.session.account
@@ -91,4 +91,4 @@ def results(run: BatchRun) -> tuple[bool, Iterator[bytes]]:
     if asked.stdout.strip() != "yes":
         raise NoResults("the run has answered nothing yet")
     read = gate.command(remote.RESULTS, args, gated=account.restricted)
-    return finished, outputs.lines(ssh.pool.read(account.ssh_target(), read))
+    return finished, outputs.lines(ssh.pool.read(account.ssh_target(), read), max_record_bytes)

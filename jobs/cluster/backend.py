@@ -23,6 +23,7 @@ import select
 import socket
 import threading
 import time
+from functools import lru_cache
 
 import httpx
 from django.db import close_old_connections
@@ -104,6 +105,13 @@ def server_url(host: str, port: int, networks: str) -> httpx.URL | None:
         log.warning("no URL for %r: not an IP address inside the compute-node networks (%s)", host,
                     networks or "none set")  # fmt: skip
         return None
+    return http_url(host, port)
+
+
+@lru_cache(maxsize=4096)
+def http_url(host: str, port: int) -> httpx.URL:
+    """http://host:port for an address already checked: made once per address (httpx parses the URL it builds from
+    its parts again, about 40 µs of every proxied request's lookup), and shared, since an httpx.URL never changes."""
     return httpx.URL(scheme="http", host=host, port=port)
 
 
@@ -134,7 +142,7 @@ def forwarded_url(target: ssh.SSHTarget, host: str, port: int, session_pk: str, 
         if _sweeper is None:
             _sweeper = threading.Thread(target=_sweep_forever, name="forward-sweeper", daemon=True)
             _sweeper.start()
-    return httpx.URL(scheme="http", host="127.0.0.1", port=known[0].local_port)
+    return http_url("127.0.0.1", known[0].local_port)
 
 
 HEALTH_MAX_BYTES = 64 * 1024  # a health check answers a few bytes of JSON

@@ -13,9 +13,11 @@ from django.db import IntegrityError, transaction
 from django.utils.datastructures import MultiValueDict
 
 from jobs import tasks
+from jobs.allocations import check as allocations
 from jobs.finetune import lifecycle
 from jobs.finetune.forms import FineTuneForm
 from jobs.models import FineTuneRun
+from jobs.sessions import limits
 from jobs.sessions.forms import form_errors
 
 
@@ -36,6 +38,11 @@ def create(
     try:
         with transaction.atomic():
             run = FineTuneRun(owner=user, request_token=request_token, **form.run_columns)
+            # Checked again under a lock on the user, as a launch is (jobs/sessions/launching.py): two starts at
+            # once cannot both take the last GPU the user may hold or the last GPU-hours of an allocation.
+            User.objects.select_for_update().filter(pk=user.pk).first()
+            limits.check(user, run.cluster, run.gpus_per_node)
+            allocations.check_launch(user, run.account, run.cluster, run.gpus_per_node, run.walltime_min, lock=True)
             run.train_file.save("train.jsonl", File(checked.train), save=False)
             if checked.valid is not None:
                 run.valid_file.save("valid.jsonl", File(checked.valid), save=False)

@@ -9,9 +9,21 @@ from django.db.models import QuerySet
 from django.http import HttpRequest
 
 from jobs.finetune import actions
-from jobs.models import FineTuneEvent, FineTuneRun, TrainingRuntime
+from jobs.models import FineTuneEvent, FineTuneRun, FineTuneShare, TrainingRuntime
 
 FILES = ("train_file", "valid_file")  # private storage: the owner's data, never offered as a link
+
+
+class FineTuneShareInline(admin.TabularInline[FineTuneShare, FineTuneRun]):
+    """Whom the owner shared the adapter with; the owner shares and revokes on the run's page."""
+
+    model = FineTuneShare
+    extra = 0
+    can_delete = False
+    fields = readonly_fields = ("user", "group", "created_by", "created_at", "expires_at", "revoked_at")
+
+    def has_add_permission(self, request: HttpRequest, obj: FineTuneRun | None = None) -> bool:
+        return False
 
 
 class FineTuneEventInline(admin.TabularInline[FineTuneEvent, FineTuneRun]):
@@ -32,7 +44,7 @@ class FineTuneRunAdmin(admin.ModelAdmin[FineTuneRun]):
     list_filter = ["state", "method", "cluster"]
     search_fields = ["id", "owner__username", "name", "job_id"]
     list_select_related = ["owner", "variant__model"]
-    inlines = [FineTuneEventInline]
+    inlines = [FineTuneShareInline, FineTuneEventInline]
     actions = ["cancel_runs"]
     exclude = list(FILES)
 

@@ -30,6 +30,7 @@ class Report:
     epoch: float = 0.0
     train_loss: float | None = None
     valid_loss: float | None = None
+    base_valid_loss: float | None = None  # before training: the base model's (the trainer's step 0)
     tokens_per_s: float = 0.0
     peak_memory_gib: float | None = None
     precision: str = ""
@@ -111,6 +112,7 @@ def clean(raw: Any, planned: int) -> Report | None:
         epoch=_float(raw.get("epoch"), 1e6) or 0.0,
         train_loss=_float(raw.get("train_loss"), MAX_LOSS),
         valid_loss=_float(raw.get("valid_loss"), MAX_LOSS),
+        base_valid_loss=_float(raw.get("base_valid_loss"), MAX_LOSS),
         tokens_per_s=_float(raw.get("tokens_per_s"), 1e9) or 0.0,
         peak_memory_gib=_float(raw.get("peak_memory_gib"), 1e5),
         precision=_one_of(raw.get("precision"), PRECISIONS),
@@ -135,6 +137,8 @@ def run_fields(report: Report) -> dict[str, Any]:
         "resumed_from_step": report.resumed_from,
         "losses": report.points,
     }
+    if report.base_valid_loss is not None:  # a report without it (an older trainer's) keeps what was measured
+        fields["base_valid_loss"] = report.base_valid_loss
     if report.result:
         fields["result"] = {**report.result, "precision": report.result["precision"] or report.precision}
     return fields

@@ -1,7 +1,7 @@
 """The jobs app's models, by concern: sessions and their events (sessions.py), partition state (capacity.py), API
 and scrape tokens (tokens.py), chat (chat.py), batch runs, their events and the pace finished runs measured
-(batch.py), sharing (sharing.py), usage (usage.py), allocations (allocations.py), the counts every web
-process shares (counts.py).
+(batch.py), fine-tune runs (finetune.py) and their comparisons (comparisons.py), sharing (sharing.py), usage
+(usage.py), allocations (allocations.py), the counts every web process shares (counts.py).
 
 May import: catalog, portal. Never the rest of jobs.
 """
@@ -10,6 +10,7 @@ from jobs.models.allocations import Allocation
 from jobs.models.batch import BatchEvent, BatchFile, BatchRun, Pace, measured_pace, transition_run
 from jobs.models.capacity import PartitionState
 from jobs.models.chat import ChatMessage, Conversation
+from jobs.models.comparisons import FineTuneComparison
 from jobs.models.counts import InFlight, SharedCount
 from jobs.models.finetune import FineTuneEvent, FineTuneRun, TrainingRuntime, transition_finetune
 from jobs.models.services import RUN_SITE_SERVICE, ModelService, ReplicaLoad
@@ -28,7 +29,7 @@ from jobs.models.sessions import (
     served_model_name,
     transition,
 )
-from jobs.models.sharing import GroupSource, SessionShare, active_shares, granted_to
+from jobs.models.sharing import FineTuneShare, GroupSource, SessionShare, active_shares, granted_to, reaching
 from jobs.models.tokens import ApiToken, ScrapeToken, token_digest
 from jobs.models.usage import (
     SITE_USAGE_DENIED,
@@ -60,8 +61,10 @@ __all__ = [
     "BatchRun",
     "ChatMessage",
     "Conversation",
+    "FineTuneComparison",
     "FineTuneEvent",
     "FineTuneRun",
+    "FineTuneShare",
     "GroupSource",
     "InFlight",
     "LLMSession",
@@ -83,6 +86,7 @@ __all__ = [
     "active_shares",
     "granted_to",
     "measured_pace",
+    "reaching",
     "sees_site_usage",
     "served_model_name",
     "token_digest",

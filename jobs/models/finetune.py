@@ -133,6 +133,8 @@ class FineTuneRun(models.Model):
     epoch = models.FloatField(default=0.0)
     train_loss = models.FloatField(null=True, blank=True)
     valid_loss = models.FloatField(null=True, blank=True)
+    # The validation loss before training (the trainer's evaluation at step 0): the base model's, beside the adapter's.
+    base_valid_loss = models.FloatField(null=True, blank=True)
     tokens_per_s = models.FloatField(default=0.0)
     peak_memory_gib = models.FloatField(null=True, blank=True)
     restarts = models.PositiveIntegerField(default=0, help_text="starts of the job after its first (requeues)")

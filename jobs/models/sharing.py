@@ -1,4 +1,6 @@
-"""Sharing a running session with named users or a group: who may use it, how, and until when."""
+"""Sharing with named users or a group: a running session (who may use it, how, and until when) and a fine-tune run's
+adapter (who may see the run, download the adapter and load it in their own sessions). Both are grants of one shape
+(Grant): whom, by whom, since when, until when, revoked when."""
 
 from __future__ import annotations
 
@@ -12,34 +14,53 @@ from django.db import models
 from django.db.models import Q
 from django.utils import timezone
 
+from jobs.models.finetune import FineTuneRun
 from jobs.models.sessions import LLMSession
 from portal import shellsafe
 
 
-class SessionShare(models.Model):
-    """One grant: a session's owner lets a user, or every member of a group, chat with its model in the browser,
-    call it from scripts, or both. A revoked or expired grant stays as a record of who had access when."""
+class Grant(models.Model):
+    """What every grant holds: whom it names (a user or a group, never both), who made it and when, until when it
+    runs (none: until revoked), and when it was revoked. A revoked or expired grant stays as a record of who had
+    access when. Reverse accessors are left off: the grants are reached from what they share."""
 
-    session = models.ForeignKey(LLMSession, on_delete=models.CASCADE, related_name="shares")
     user = models.ForeignKey(
-        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.CASCADE, related_name="shared_sessions"
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.CASCADE, related_name="+"
     )
-    group = models.ForeignKey(Group, null=True, blank=True, on_delete=models.CASCADE, related_name="shared_sessions")
-    chat = models.BooleanField("chat in the browser", default=True)
-    api = models.BooleanField("API (scripts)", default=True)
+    group = models.ForeignKey(Group, null=True, blank=True, on_delete=models.CASCADE, related_name="+")
     created_by = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="+")
     created_at = models.DateTimeField(auto_now_add=True)
     expires_at = models.DateTimeField(null=True, blank=True)
     revoked_at = models.DateTimeField(null=True, blank=True)
 
     class Meta:
+        abstract = True
+
+    @property
+    def grantee(self) -> str:
+        return f"group {self.group.name}" if self.group_id and self.group else str(self.user)
+
+
+def names_a_user_or_a_group(name: str) -> models.CheckConstraint:
+    """A grant's constraint that it names one user or one group (each table's own name for it)."""
+    return models.CheckConstraint(
+        condition=(Q(user__isnull=False) & Q(group__isnull=True)) | (Q(user__isnull=True) & Q(group__isnull=False)),
+        name=name,
+    )
+
+
+class SessionShare(Grant):
+    """A session's owner lets a user, or every member of a group, chat with its model in the browser, call it from
+    scripts, or both."""
+
+    session = models.ForeignKey(LLMSession, on_delete=models.CASCADE, related_name="shares")
+    chat = models.BooleanField("chat in the browser", default=True)
+    api = models.BooleanField("API (scripts)", default=True)
+
+    class Meta:
         ordering = ["created_at", "pk"]
         constraints = [
-            models.CheckConstraint(
-                condition=(Q(user__isnull=False) & Q(group__isnull=True))
-                | (Q(user__isnull=True) & Q(group__isnull=False)),
-                name="share_names_a_user_or_a_group",
-            ),
+            names_a_user_or_a_group("share_names_a_user_or_a_group"),
             models.CheckConstraint(condition=Q(chat=True) | Q(api=True), name="share_grants_something"),
         ]
         indexes = [models.Index(fields=["session", "revoked_at"], name="share_session_idx")]
@@ -48,24 +69,40 @@ class SessionShare(models.Model):
         return f"{self.session_id} with {self.grantee}"
 
     @property
-    def grantee(self) -> str:
-        return f"group {self.group.name}" if self.group_id and self.group else str(self.user)
-
-    @property
     def access(self) -> str:
         return " and ".join(name for name, on in (("chat", self.chat), ("API", self.api)) if on)
 
 
+class FineTuneShare(Grant):
+    """A fine-tune run's owner lets a user, or every member of a group, see the run's page, download its adapter and
+    load the adapter in their own sessions of the base model (docs/finetune.md, sharing)."""
+
+    run = models.ForeignKey(FineTuneRun, on_delete=models.CASCADE, related_name="shares")
+
+    class Meta:
+        ordering = ["created_at", "pk"]
+        verbose_name = "fine-tune run share"
+        constraints = [names_a_user_or_a_group("finetune_share_names_a_user_or_a_group")]
+        indexes = [models.Index(fields=["run", "revoked_at"], name="finetune_share_run_idx")]
+
+    def __str__(self) -> str:
+        return f"{self.run_id} with {self.grantee}"
+
+
 def active_shares(moment: datetime | None = None) -> Q:
-    """The grants in force now, as a filter on SessionShare."""
+    """The grants in force now, as a filter on SessionShare or FineTuneShare."""
     moment = moment or timezone.now()
     return Q(revoked_at__isnull=True) & (Q(expires_at__isnull=True) | Q(expires_at__gt=moment))
 
 
+def reaching(user: User, moment: datetime | None = None) -> Q:
+    """The grants in force that reach `user`, by name or through one of their groups, as a filter on either kind."""
+    return active_shares(moment) & (Q(user=user.pk) | Q(group__in=user.groups.values("pk")))
+
+
 def granted_to(user: User, moment: datetime | None = None) -> models.QuerySet[SessionShare]:
-    """The grants in force that reach `user`, by name or through one of their groups."""
-    groups = user.groups.values("pk")
-    return SessionShare.objects.filter(active_shares(moment), Q(user=user.pk) | Q(group__in=groups))
+    """The session grants in force that reach `user`."""
+    return SessionShare.objects.filter(reaching(user, moment))
 
 
 class GroupSource(models.Model):

@@ -50,10 +50,11 @@ class Mark:
 
     until: datetime = EPOCH
     last_request_id: int = 0
+    revision: str = ""  # UsageWatermark.revision: "" before the first run, when nothing may be remembered
 
     @classmethod
     def read(cls) -> Mark:
-        found = UsageWatermark.objects.filter(pk=1).values_list("until", "last_request_id").first()
+        found = UsageWatermark.objects.filter(pk=1).values_list("until", "last_request_id", "revision").first()
         return cls(*found) if found else cls()
 
 
@@ -119,11 +120,16 @@ class Cover:
             found |= Q(grain=grain, start__gte=first, start__lte=last)
         return rows.filter(found)
 
+    @property
+    def windows_from(self) -> datetime | None:
+        """Where the units' traffic windows start (None: no unit)."""
+        return midnight(self.units[0][1]) if self.units else None
+
     def windows(self, rows: QuerySet[UsageWindow]) -> QuerySet[UsageWindow]:
         """The summarised traffic windows of the units."""
-        if not self.units:
+        if self.windows_from is None:
             return rows.none()
-        return rows.filter(start__gte=midnight(self.units[0][1]), start__lt=self.summarised_until)
+        return rows.filter(start__gte=self.windows_from, start__lt=self.summarised_until)
 
     def raw(
         self, rows: QuerySet[ProxyRequest], *, user_id: int | None = None, session_ids: Any = None, late: bool = True

@@ -139,6 +139,9 @@ class UsageWatermark(models.Model):
 
     until = models.DateTimeField()
     last_request_id = models.BigIntegerField(default=0)
+    # New at every run that changes the summaries: what a figure read from them stays right while it is the same
+    # (jobs/usage/memo.py). Random, never a count, so that it never comes back after a rollback.
+    revision = models.CharField(max_length=32, blank=True)
 
     def __str__(self) -> str:
         return f"summarised until {self.until:%Y-%m-%d %H:%M} (request {self.last_request_id})"

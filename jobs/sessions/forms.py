@@ -25,7 +25,7 @@ from django.contrib.auth.models import User
 from django.core import validators
 from django.core.exceptions import ValidationError
 from django.db import models
-from django.db.models import QuerySet
+from django.db.models import Q, QuerySet
 from django.utils.html import format_html, format_html_join
 from django.utils.safestring import SafeString
 
@@ -42,7 +42,7 @@ from catalog.models import (
 )
 from catalog.quant import canonical_quant
 from jobs.allocations import check as allocations
-from jobs.models import LIVE_STATES, FineTuneRun, LLMSession, Purpose
+from jobs.models import LIVE_STATES, FineTuneRun, FineTuneShare, LLMSession, Purpose, reaching
 from jobs.sessions import limits
 
 DEFAULT_CONTEXT = 4096  # tokens, or the model's maximum when that is less
@@ -339,9 +339,9 @@ class LaunchForm(ChoicesForm):
     def _check_adapters(
         self, data: dict[str, Any], cluster_runtime: ClusterRuntime, account: ClusterAccount
     ) -> list[FineTuneRun]:
-        """The fine-tune runs the `adapter` names, each a completed LoRA or QLoRA run of the caller's of this model,
-        its adapter in the home of this cluster user (the run's directory), for a runtime that loads adapters; else
-        the reason."""
+        """The fine-tune runs the `adapter` names, each a completed LoRA or QLoRA run of this model, the caller's or
+        shared with them, its adapter in the home of this cluster user (the run's directory), for a runtime that
+        loads adapters; else the reason."""
         names: tuple[str, ...] = data.get("adapter") or ()
         if not names:
             return []
@@ -356,7 +356,11 @@ class LaunchForm(ChoicesForm):
         for name in names:
             run = mine.get(name)
             if run is None:
-                raise _error("adapter", f"You have no fine-tune run named {name!r}; `finetune list` shows yours.")
+                raise _error(
+                    "adapter",
+                    f"You have no fine-tune run named {name!r}, and nobody shares one of that name with you; the "
+                    "fine-tune runs' page lists yours and those shared with you.",
+                )
             why_not = adapter_refusal(run, self.card, account)
             if why_not:
                 raise _error("adapter", why_not)
@@ -385,8 +389,11 @@ def why_no_adapters(rules: runtime_rules.RuntimeRules, purpose: str) -> str:
 
 
 def runs_of(user: User) -> QuerySet[FineTuneRun]:
-    """The user's fine-tune runs, with what their model names and refusals read."""
-    return FineTuneRun.objects.filter(owner=user).select_related("variant__model", "owner", "account", "cluster")
+    """The fine-tune runs whose adapters the user may name in a launch: their own, and completed runs others share
+    with them in a grant in force (jobs/finetune/sharing.py); with what their model names and refusals read."""
+    shared = FineTuneShare.objects.filter(reaching(user)).values("run")
+    runs = FineTuneRun.objects.filter(Q(owner=user) | Q(pk__in=shared, state=FineTuneRun.State.COMPLETED))
+    return runs.select_related("variant__model", "owner", "account", "cluster")
 
 
 def adapter_refusal(run: FineTuneRun, card: ModelCard, account: ClusterAccount | None = None) -> str:
@@ -400,16 +407,18 @@ def adapter_refusal(run: FineTuneRun, card: ModelCard, account: ClusterAccount |
     if run.variant.model_id != card.pk:
         return f"{name} is an adapter of {run.variant.model.name}, not of {card.name}."
     if account is not None and (run.cluster_id != account.cluster_id or run.account.username != account.username):
+        # A session's job reads the adapter from its own cluster user's home; the portal copies none between homes.
         return (
             f"{name}'s adapter is in the home of {run.account.username} on {run.cluster.name}: launch on that cluster "
-            "with that account."
+            "with that account (or a lab account of the same cluster user). Another cluster user's session cannot "
+            "read it there: download it from the run's page to use it elsewhere."
         )
     return ""
 
 
 def loadable_adapters(user: User, card: ModelCard) -> list[FineTuneRun]:
-    """The user's fine-tune runs whose adapters a session of this model may load (on the runs' own clusters): what
-    the launch's `adapter` accepts, newest first."""
+    """The fine-tune runs (the user's and those shared with them) whose adapters a session of this model may load (on
+    the runs' own clusters): what the launch's `adapter` accepts, newest first."""
     return [run for run in runs_of(user).order_by("-created_at") if not adapter_refusal(run, card)]
 
 

@@ -1,5 +1,6 @@
-"""What one user may hold on a cluster at a time: live sessions and the GPUs they hold. The cluster's own limits
-(catalog) win over the site's defaults (settings); neither set means no limit."""
+"""What one user may hold on a cluster at a time: live sessions, and the GPUs their live sessions and fine-tune runs
+hold (a run trains on its GPU as a session serves on its). The cluster's own limits (catalog) win over the site's
+defaults (settings); neither set means no limit."""
 
 from __future__ import annotations
 
@@ -9,11 +10,12 @@ from django.core.exceptions import ValidationError
 from django.db.models import F, Sum
 
 from catalog.models import Cluster
-from jobs.models import LIVE_STATES, LLMSession
+from jobs.models import LIVE_STATES, FineTuneRun, LLMSession
 
 
 def check(user: User, cluster: Cluster, gpus: int) -> None:
-    """Refuse, with the limit and what is in use, a launch that would take the user past a limit."""
+    """Refuse, with the limit and what is in use, a launch (a session's, or a fine-tune run's through its launch
+    fields) that would take the user past a limit."""
     live = LLMSession.objects.filter(owner=user, cluster=cluster, state__in=LIVE_STATES)
     max_sessions = cluster.max_sessions_per_user or settings.PORTAL_MAX_SESSIONS_PER_USER
     if max_sessions:
@@ -24,9 +26,12 @@ def check(user: User, cluster: Cluster, gpus: int) -> None:
             raise ValidationError({"cluster": message})
     max_gpus = cluster.max_gpus_per_user or settings.PORTAL_MAX_GPUS_PER_USER
     if max_gpus:
-        in_use = live.aggregate(gpus=Sum(F("gpus_per_node") * F("nodes")))["gpus"] or 0
-        if in_use + gpus > max_gpus:
+        serving = live.aggregate(gpus=Sum(F("gpus_per_node") * F("nodes")))["gpus"] or 0
+        runs = FineTuneRun.objects.filter(owner=user, cluster=cluster, state__in=FineTuneRun.LIVE_STATES)
+        training = runs.aggregate(gpus=Sum("gpus_per_node"))["gpus"] or 0
+        if serving + training + gpus > max_gpus:
             more = f"{gpus} more GPU{'s' if gpus != 1 else ''}"
-            total = f"{in_use + gpus} in use on {cluster.name}"
-            message = f"{more} would make {total}; one user may hold at most {max_gpus} there."
+            total = f"{serving + training + gpus} in use on {cluster.name}"
+            held = f" ({serving} held by your sessions, {training} by your fine-tune runs)" if training else ""
+            message = f"{more} would make {total}{held}; one user may hold at most {max_gpus} there."
             raise ValidationError({"gpus": message})

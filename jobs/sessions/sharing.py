@@ -6,30 +6,34 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 from django import forms
 from django.contrib.auth import get_user_model
 from django.contrib.auth.models import Group, User
-from django.db import transaction
+from django.db import models, transaction
 from django.db.models import Prefetch, QuerySet
 from django.utils import timezone
 
-from jobs.models import END_STATES, LLMSession, SessionShare, active_shares, granted_to
+from jobs.models import END_STATES, FineTuneShare, LLMSession, SessionShare, active_shares, granted_to
 from jobs.usage import figures
 
 MAX_NAMES = 50  # users named in one grant
+AnyGrant = TypeVar("AnyGrant", SessionShare, FineTuneShare)
 
 
-class ShareForm(forms.Form):
+class GrantForm(forms.Form):
+    """Whom a grant names and until when: users of the owner's groups and one of those groups, checked the same way
+    for everything an owner shares (a session here, a fine-tune run's adapter in jobs/finetune/sharing.py)."""
+
+    thing = "session"  # what is shared, as the form's messages name it
+
     users = forms.CharField(
         required=False,
         max_length=2000,
         help_text="User names of members of your groups, separated by commas or spaces.",
     )
     group = forms.ModelChoiceField(queryset=Group.objects.none(), required=False, empty_label="(no group)")
-    chat = forms.BooleanField(required=False, initial=True, label="chat in the browser")
-    api = forms.BooleanField(required=False, initial=True, label="API (scripts)")
     days = forms.IntegerField(
         required=False, min_value=1, max_value=365, label="expires after (days)", help_text="Empty: until revoked."
     )
@@ -51,7 +55,7 @@ class ShareForm(forms.Form):
         if len(names) > MAX_NAMES:
             raise forms.ValidationError(f"Name at most {MAX_NAMES} users at once, or share with a group.")
         if self.owner.get_username() in names:
-            raise forms.ValidationError("The session is yours already: name others.")
+            raise forms.ValidationError(f"The {self.thing} is yours already: name others.")
         reachable = get_user_model().objects.filter(username__in=names, is_active=True)
         if not self.owner.is_superuser:
             reachable = reachable.filter(groups__in=self.owner.groups.all()).distinct()
@@ -68,39 +72,50 @@ class ShareForm(forms.Form):
         data = super().clean() or {}
         if not data.get("users") and not data.get("group") and not self.errors:
             raise forms.ValidationError("Name users or choose a group to share with.")
+        return data
+
+
+class ShareForm(GrantForm):
+    chat = forms.BooleanField(required=False, initial=True, label="chat in the browser")
+    api = forms.BooleanField(required=False, initial=True, label="API (scripts)")
+    field_order = ["users", "group", "chat", "api", "days"]
+
+    def clean(self) -> dict[str, Any]:
+        data = super().clean()
         if not data.get("chat") and not data.get("api"):
             raise forms.ValidationError("Share the chat, the API, or both.")
         return data
 
 
 def share(session: LLMSession, by: User, data: dict[str, Any]) -> list[SessionShare]:
-    """Grants from a valid ShareForm: one per user and one for the group. A grantee who already holds a grant in
-    force gets the new one in its place (their access is what the owner chose last)."""
-    expires = timezone.now() + timedelta(days=data["days"]) if data.get("days") else None
+    """Grants from a valid ShareForm: one per user and one for the group."""
+    return grant(session.shares, by, data, chat=bool(data["chat"]), api=bool(data["api"]))
+
+
+def grant(shares: models.Manager[AnyGrant], by: User, data: dict[str, Any], **access: Any) -> list[AnyGrant]:
+    """Grants from a valid GrantForm through `shares` (the related manager of what is shared), one per user and one
+    for the group, with `access` (a grant's own columns). A grantee who already holds a grant in force gets the new
+    one in its place (their access is what the owner chose last)."""
+    now = timezone.now()
+    expires = now + timedelta(days=data["days"]) if data.get("days") else None
+    grantees = [{"user": user} for user in data.get("users") or []]
+    grantees += [{"group": data["group"]}] if data.get("group") else []
     created = []
     with transaction.atomic():
-        for user in data.get("users") or []:
-            created.append(_grant(session, by, expires, data, user=user))
-        if data.get("group"):
-            created.append(_grant(session, by, expires, data, group=data["group"]))
+        for grantee in grantees:
+            shares.filter(active_shares(now), **grantee).update(revoked_at=now)
+            created.append(shares.create(created_by=by, expires_at=expires, **grantee, **access))
     return created
 
 
-def _grant(session: LLMSession, by: User, expires: Any, data: dict[str, Any], **grantee: Any) -> SessionShare:
-    now = timezone.now()
-    session.shares.filter(active_shares(now), **grantee).update(revoked_at=now)
-    return SessionShare.objects.create(
-        session=session, created_by=by, chat=bool(data["chat"]), api=bool(data["api"]), expires_at=expires, **grantee
-    )
-
-
-def revoke(session: LLMSession, share_pk: Any) -> bool:
-    """Stop a grant now: the next request of those it reached is refused (the proxy checks every request)."""
+def revoke(shares: models.Manager[AnyGrant], share_pk: Any) -> bool:
+    """Stop a grant in `shares` now: the next request of those it reached is refused (the proxy checks every
+    request, a launch every adapter)."""
     try:
         pk = int(share_pk)
     except (TypeError, ValueError):
         return False
-    return bool(session.shares.filter(pk=pk, revoked_at__isnull=True).update(revoked_at=timezone.now()))
+    return bool(shares.filter(pk=pk, revoked_at__isnull=True).update(revoked_at=timezone.now()))
 
 
 def with_shares(sessions: QuerySet[LLMSession]) -> QuerySet[LLMSession]:
@@ -111,7 +126,7 @@ def with_shares(sessions: QuerySet[LLMSession]) -> QuerySet[LLMSession]:
 
 def annotate(sessions: list[LLMSession]) -> None:
     """Sets `use` on each session for its card: who made how many requests on it and their tokens (usage Rows,
-    most requests first); two queries."""
+    most requests first); three queries."""
     found = figures.by_user_on_session([s.pk for s in sessions])
     for s in sessions:
         s.use = found.get(s.pk, [])  # type: ignore[attr-defined]

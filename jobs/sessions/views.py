@@ -134,7 +134,7 @@ def session_share(request: HtmxHttpRequest, pk: UUID) -> HttpResponse:
 @require_POST
 def session_unshare(request: HtmxHttpRequest, pk: UUID, share_pk: int) -> HttpResponse:
     session = _owned(request, pk)
-    if sharing.revoke(session, share_pk):
+    if sharing.revoke(session.shares, share_pk):
         messages.info(request, "No longer shared: their next request is refused.")
     return HttpResponseRedirect(reverse("jobs:session", args=[session.pk]) + "#sharing")
 

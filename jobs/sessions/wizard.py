@@ -16,7 +16,8 @@ from django.contrib.auth.models import User
 from django.db.models import Q, QuerySet
 from django.http import QueryDict
 from django.template.defaultfilters import floatformat
-from django.utils.safestring import SafeString
+from django.utils.html import format_html_join
+from django.utils.safestring import SafeString, mark_safe
 
 from catalog import runtime_rules
 from catalog.confidence import purpose_confidence
@@ -108,9 +109,16 @@ class WizardState:
 
     @property
     def adapter_menu(self) -> SafeString:
-        """The adapters as checkboxes in step 1 (a GET form: they work without JavaScript)."""
-        menu = forms.CheckboxSelectMultiple(choices=[(run.model_name, run.model_name) for run in self.adapters])
-        return menu.render("adapter", [run.model_name for run in self.chosen_adapters], {"id": "id_adapter"})
+        """The adapters as checkboxes in step 1 (a GET form: they work without JavaScript), each box before its label
+        as the page's other checkboxes are (Django's widget puts the box inside a label, which a long name wraps)."""
+        chosen = {run.model_name for run in self.chosen_adapters}
+        return format_html_join(
+            "",
+            '<div class="check"><input type="checkbox" name="adapter" value="{}" id="id_adapter_{}"{}> '
+            '<label for="id_adapter_{}">{}</label></div>',
+            ((run.model_name, i, mark_safe(" checked") if run.model_name in chosen else "", i, run.model_name)
+             for i, run in enumerate(self.adapters)),
+        )  # fmt: skip
 
     @property
     def adapter_field(self) -> forms.Field:

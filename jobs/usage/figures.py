@@ -3,7 +3,8 @@ the sessions' Slurm run times and the batch runs' token counts. Plain functions 
 the command line present them (tables.py).
 
 Every figure is built from a *cube*: the tallies of each combination of a few keys (a day, a user, a model, ...),
-read in four queries whatever the number of rows (and one for where the summaries stand), then rolled up in Python:
+read in four queries whatever the number of rows (and one for where the summaries stand, and one for each kind of
+name the keys join: the users', the sessions'), then rolled up in Python:
 
 1. requests, grouped by the keys and by the buckets (TTFT_BOUNDS_MS, SPEED_BOUNDS) their time to first token and
    tokens/s fall in: counts, errors, tokens, and each bucket's smallest and largest value;
@@ -12,7 +13,8 @@ read in four queries whatever the number of rows (and one for where the summarie
 4. batch runs' tokens, grouped by the keys.
 
 Queries 1 and 3 read the summaries of rollups.py for the whole days and months of the period and the raw request rows
-for the rest (the last minutes, mostly), both in one query.
+for the rest (the last minutes, mostly), both in one query. What they read from the summaries is remembered until the
+summaries' next revision (memo.py), and the next views read only the raw rows.
 
 Everything in a tally adds up across rows, percentiles included: bucket counts add, and the percentile is
 interpolated from them at the end (never by loading the rows).
@@ -42,14 +44,24 @@ from datetime import date, datetime, timedelta, tzinfo
 from functools import cached_property
 from typing import Any
 
+from django.contrib.auth import get_user_model
 from django.db import connection
-from django.db.models import Count, F, Max, Min, Q, QuerySet, Sum
+from django.db.models import Count, F, Max, Min, Q, QuerySet, Sum, Value
 from django.db.models.functions import Coalesce, TruncDate
 from django.utils import timezone
 
-from jobs.models import SPEED_BOUNDS, TTFT_BOUNDS_MS, BatchRun, LLMSession, ProxyRequest, UsageRollup, UsageWindow
+from jobs.models import (
+    SPEED_BOUNDS,
+    TTFT_BOUNDS_MS,
+    BatchRun,
+    FineTuneRun,
+    LLMSession,
+    ProxyRequest,
+    UsageRollup,
+    UsageWindow,
+)
 from jobs.models.summaries import EPOCH, Cover, Mark, midnight
-from jobs.usage import rollups
+from jobs.usage import memo, rollups
 from jobs.usage.rollups import WINDOW, QuarterHour, window_start
 
 WINDOW_HOURS = WINDOW.total_seconds() / 3600
@@ -368,14 +380,37 @@ def _key(row: dict[str, Any], keys: Sequence[str]) -> Key:
 
 def _add_requests(cells: dict[Key, Tally], scope: Scope, keys: Sequence[str]) -> None:
     """Query 1: requests by the keys, their tallies and their TTFT and speed buckets, from the summaries and the raw
-    rows they do not hold (by month where no key is the day)."""
+    rows they do not hold (by month where no key is the day); and one query per kind of name the keys join (users,
+    sessions): which users' and sessions' summaries the figures hold, and what they are called.
+
+    What the summaries add up to is remembered while they stay as they are (memo.py) and their users and sessions are
+    called as they were: a user put in a group, a model renamed or a session deleted since, and they are read again.
+    The raw rows are read each time."""
     cover = scope.cover(months=DAY not in keys)
-    raw = scope.requests(cover)
-    raw_keys = _aliases(keys, Dimension.request_paths, TruncDate("at"))
     sums = ("prompt_tokens", "completion_tokens")
-    summaries = rollups.summed(scope.rollups(cover, keys), _aliases(keys, Dimension.request_paths, F("start")), sums)
-    for row in rollups.together([summaries, rollups.raw_rows(raw, raw_keys, sums)]):
-        tally = cells[_key(row, keys)]
+    summarised = scope.rollups(cover, keys)
+    summaries = rollups.summed(summarised, _aliases(keys, Dimension.request_paths, F("start")), sums)
+    raw = rollups.raw_rows(scope.requests(cover), _aliases(keys, Dimension.request_paths, TruncDate("at")), sums)
+    read = ("requests", cover.units, tuple(keys), scope.user_id, scope.session_ids)
+    kept: _Summarised | None = memo.kept(scope.mark.revision, read)
+    if kept is not None and _Names.of_ids(keys, kept.names) != kept.names:
+        kept = None
+    fresh: Iterable[dict[str, Any]] = raw
+    if kept is None:  # the summaries and the raw rows in one query, told apart by their kind (the raw rows' is RAW)
+        rows = list(rollups.together([summaries, raw]))
+        fresh = [row for row in rows if row["x_metric"] == rollups.RAW]
+        tallies = _tallies((row for row in rows if row["x_metric"] != rollups.RAW), keys)
+        kept = _Summarised(_Names.of_summaries(keys, summarised), tuple(tallies.items()))
+        memo.keep(scope.mark.revision, read, kept)
+    for key, tally in (*kept.tallies, *_tallies(fresh, keys).items()):
+        cells[key].add(tally)
+
+
+def _tallies(rows: Iterable[dict[str, Any]], keys: Sequence[str]) -> dict[Key, Tally]:
+    """Rows of rollups.raw_rows or summed added up by their keys."""
+    found: dict[Key, Tally] = defaultdict(Tally)
+    for row in rows:
+        tally = found[_key(row, keys)]
         for metric, bucket, n, low, high in rollups.buckets_of(row):
             (tally.ttft if metric == rollups.Metric.TTFT else tally.speed).add(bucket, n, low, high)
         if not rollups.counts_tallies(row):
@@ -384,6 +419,74 @@ def _add_requests(cells: dict[Key, Tally], scope: Scope, keys: Sequence[str]) ->
         tally.errors += row["x_errors"]
         tally.prompt_tokens += row["x_prompt_tokens"] or 0
         tally.completion_tokens += row["x_completion_tokens"] or 0
+    return found
+
+
+ID_BATCH = 2000  # ids named per query
+
+
+@dataclass(frozen=True)
+class _Names:
+    """The users and the sessions whose summaries a figure holds, with the values of its keys each has (several for
+    a user in several groups): when they are no longer the same, what was read from the summaries is not either."""
+
+    people: frozenset[tuple[Any, frozenset[tuple[Any, ...]]]] = frozenset()
+    sessions: frozenset[tuple[Any, frozenset[tuple[Any, ...]]]] = frozenset()
+
+    @classmethod
+    def of_summaries(cls, keys: Sequence[str], summarised: QuerySet[UsageRollup]) -> _Names:
+        """Those of the summaries: one query per kind of name the keys join."""
+        person, session = _kinds(keys)
+        return cls(
+            _names_of(get_user_model().objects.filter(pk__in=summarised.values("user_id")), person),
+            _names_of(LLMSession.objects.filter(pk__in=summarised.values("session_id")), session),
+        )
+
+    @classmethod
+    def of_ids(cls, keys: Sequence[str], names: _Names) -> _Names:
+        """The same users and sessions as `names`, as they are now: one query per kind (ID_BATCH ids at a time)."""
+        person, session = _kinds(keys)
+        return cls(
+            _names_of(get_user_model().objects.all(), person, [pk for pk, _ in names.people]),
+            _names_of(LLMSession.objects.all(), session, [pk for pk, _ in names.sessions]),
+        )
+
+
+def _kinds(keys: Sequence[str]) -> tuple[list[Dimension], list[Dimension]]:
+    """The keys' dimensions of a person, and those of a session. A session as a key is its id: nothing names it (and
+    one deleted gives the summaries a new revision: rollups.deleted_with_summaries)."""
+    dimensions = [_dimension(name) for name in keys if name not in (*TIME, SESSION.name)]
+    return [d for d in dimensions if d.person], [d for d in dimensions if not d.person]
+
+
+def _names_of(
+    rows: QuerySet[Any], dimensions: list[Dimension], ids: list[Any] | None = None
+) -> frozenset[tuple[Any, frozenset[tuple[Any, ...]]]]:
+    """Each row's id with the values of `dimensions` it has (as their `show` makes them); of the rows with `ids` when
+    given, in batches."""
+    if not dimensions:
+        return frozenset()
+    paths = [path for dim in dimensions for path in dim.paths]
+    found: dict[Any, set[tuple[Any, ...]]] = defaultdict(set)
+    batches = (
+        [rows] if ids is None else [rows.filter(pk__in=ids[i : i + ID_BATCH]) for i in range(0, len(ids), ID_BATCH)]
+    )
+    for batch in batches:
+        for pk, *values in batch.values_list("pk", *paths).order_by():
+            shown, at = [], 0
+            for dim in dimensions:
+                shown.append(dim.show(*values[at : at + len(dim.paths)]))
+                at += len(dim.paths)
+            found[pk].add(tuple(shown))
+    return frozenset((pk, frozenset(values)) for pk, values in found.items())
+
+
+@dataclass(frozen=True)
+class _Summarised:
+    """What a figure read from the summaries (memo.py): the tallies by key, and whose they are."""
+
+    names: _Names
+    tallies: tuple[tuple[Key, Tally], ...]
 
 
 @dataclass
@@ -399,6 +502,24 @@ class _Run:
     last: datetime | None = None
 
 
+@dataclass(frozen=True)
+class _WindowRow:
+    """A session's windows with a request (on a day, or in the whole period: day None), and the first and last."""
+
+    session: Any
+    day: date | None
+    windows: int
+    first: datetime
+    last: datetime
+    summarised: bool  # from the summaries (else from the raw rows)
+
+    @classmethod
+    def of(cls, row: dict[str, Any]) -> _WindowRow:
+        first, last = rollups.moment(row["first"]), rollups.moment(row["last"])
+        assert first is not None and last is not None  # a group has a row
+        return cls(row["session"], row.get("day"), row["windows"], first, last, bool(row["summarised"]))
+
+
 def _add_sessions(cells: dict[Key, Tally], scope: Scope, keys: Sequence[str]) -> None:
     """Queries 2 and 3: the sessions' reserved GPU-hours and those with traffic, split across days when a key is the
     day (the day key is left out of the sessions' own keys and filled in by the split)."""
@@ -406,11 +527,13 @@ def _add_sessions(cells: dict[Key, Tally], scope: Scope, keys: Sequence[str]) ->
     other = [k for k in keys if k not in TIME]
     sessions = scope.sessions()
     runs: dict[Any, _Run] = {}
+    ran = set()  # each session's Slurm start and end, as stored: what the windows read of the sessions
     columns = ["pk", "gpus_per_node", "nodes"]
     moments = {"x_started": rollups.stored(F("started_at")), "x_ended": rollups.stored(F("ended_at"))}
     for row in sessions.values(*columns, **moments, **_aliases(other, Dimension.session_paths, None)).order_by():
         run = runs.get(row["pk"])
         if run is None:
+            ran.add((row["pk"], row["x_started"], row["x_ended"]))
             started, ended = rollups.moment(row["x_started"]), rollups.moment(row["x_ended"])
             assert started is not None  # scope.sessions() are those that started
             start = max(started, period.start)
@@ -426,7 +549,7 @@ def _add_sessions(cells: dict[Key, Tally], scope: Scope, keys: Sequence[str]) ->
         cover.windows(UsageWindow.objects.filter(session__in=sessions.values("pk")))
         .filter(last_at__gte=F("session__started_at"))
         .filter(Q(session__ended_at__isnull=True) | Q(first_at__lt=F("session__ended_at")))
-        .values("session", *(["day"] if by_day else []))
+        .values("session", *(["day"] if by_day else []), summarised=Value(True))
         .annotate(windows=Count("id"), first=rollups.stored(Min("start")), last=rollups.stored(Max("start")))
         .order_by()
     )
@@ -434,7 +557,7 @@ def _add_sessions(cells: dict[Key, Tally], scope: Scope, keys: Sequence[str]) ->
         cover.raw(ProxyRequest.objects.all(), session_ids=sessions.values("pk"), late=False)
         .filter(at__gte=F("session__started_at"))
         .filter(Q(session__ended_at__isnull=True) | Q(at__lt=F("session__ended_at")))
-        .values("session", **({"day": TruncDate("at")} if by_day else {}))
+        .values("session", **({"day": TruncDate("at")} if by_day else {}), summarised=Value(False))
         .annotate(
             windows=Count(QuarterHour("at"), distinct=True),
             first=rollups.stored(Min("at")),
@@ -442,14 +565,23 @@ def _add_sessions(cells: dict[Key, Tally], scope: Scope, keys: Sequence[str]) ->
         )
         .order_by()
     )
-    for row in rollups.together([summarised, raw]):
-        if (run := runs.get(row["session"])) is None:
+    # The summarised windows are remembered while the summaries and these sessions' runs stay as they are (memo.py):
+    # on a table of the site, the largest query of all. The raw rows' are read each time.
+    read = ("windows", cover.windows_from, cover.summarised_until, by_day, frozenset(ran))
+    windows: tuple[_WindowRow, ...] | None = memo.kept(scope.mark.revision, read)
+    if windows is None:  # both in one query, told apart
+        rows = [_WindowRow.of(row) for row in rollups.together([summarised, raw])]
+        windows = tuple(row for row in rows if row.summarised)
+        memo.keep(scope.mark.revision, read, windows)
+        fresh = [row for row in rows if not row.summarised]
+    else:
+        fresh = [_WindowRow.of(row) for row in raw]
+    for row in (*windows, *fresh):
+        if (run := runs.get(row.session)) is None:
             continue
-        run.windows[row.get("day")] += row["windows"]
-        first, last = rollups.moment(row["first"]), rollups.moment(row["last"])
-        assert first is not None and last is not None  # a group has a row
-        run.first = first if run.first is None else min(run.first, first)
-        run.last = last if run.last is None else max(run.last, last)
+        run.windows[row.day] += row.windows
+        run.first = row.first if run.first is None else min(run.first, row.first)
+        run.last = row.last if run.last is None else max(run.last, row.last)
     zone = timezone.get_current_timezone()  # read once: reading it costs more than a run's split
     for pk, run in runs.items():
         if run.end <= run.start:
@@ -563,6 +695,36 @@ def table_total(by: str, rows: list[Row]) -> Tally | None:
     return total(row.tally for row in rows)
 
 
+@dataclass(frozen=True)
+class Training:
+    """Fine-tune runs in a scope: how many ran in the period and their GPU-hours there."""
+
+    runs: int = 0
+    gpu_hours: float = 0.0
+
+
+def training(scope: Scope) -> Training:
+    """The fine-tune runs (of the scope's user, or the site's) whose job ran in the period: their GPUs times the part
+    of their run inside it, from their first start to their end (or now), as a run's page counts it. One query over
+    the runs, none over the requests; a scope of sessions has none."""
+    if scope.session_ids is not None:
+        return Training()
+    period = scope.period
+    rows = FineTuneRun.objects.filter(started_at__isnull=False, started_at__lt=period.end).filter(
+        Q(finished_at__isnull=True) | Q(finished_at__gt=period.start)
+    )
+    if scope.user_id is not None:
+        rows = rows.filter(owner_id=scope.user_id)
+    runs, gpu_hours = 0, 0.0
+    for gpus, started, finished in rows.values_list("gpus_per_node", "started_at", "finished_at").order_by():
+        assert started is not None  # those that started
+        start, end = max(started, period.start), min(finished or period.end, period.end)
+        if end > start:
+            runs += 1
+            gpu_hours += gpus * (end - start).total_seconds() / 3600
+    return Training(runs, gpu_hours)
+
+
 @dataclass
 class MyUsage:
     """A user's usage over a period: the requests they made on any session (theirs or shared with them), the
@@ -613,20 +775,31 @@ class RouteUse:
 
 def by_route(scope: Scope) -> list[RouteUse]:
     """The scope's requests by the API route they used (chat completions, Anthropic's messages, responses, ...),
-    most used first; one query (and one for where the summaries stand, unless the scope has read it)."""
+    most used first; one query (and one for where the summaries stand, unless the scope has read it). What the
+    summaries hold is remembered while they stay as they are (memo.py); the raw rows are read each time."""
     cover = scope.cover(months=True)
     keys = {"k_endpoint": F("endpoint")}
     summaries = scope.rollups(cover, []).filter(metric=rollups.Metric.TALLIES)
     read = ("prompt_tokens", "cached_tokens", "completion_tokens")
-    rows = rollups.together(
-        [rollups.summed(summaries, keys, read), rollups.raw_rows(scope.requests(cover), keys, read)]
-    )
     figures = ("x_requests", "x_errors", *(f"x_{name}" for name in read))
+    raw = rollups.raw_rows(scope.requests(cover), keys, read)
+    remembered = ("routes", cover.units, scope.user_id, scope.session_ids)
+    summarised: tuple[tuple[str, tuple[int, ...]], ...] | None = memo.kept(scope.mark.revision, remembered)
+    fresh: Iterable[dict[str, Any]] = raw
+    if summarised is None:  # both in one query, told apart by their kind (the raw rows' is RAW)
+        rows = list(rollups.together([rollups.summed(summaries, keys, read), raw]))
+        fresh = [row for row in rows if row["x_metric"] == rollups.RAW]
+        summarised = tuple(
+            (row["k_endpoint"], tuple(row[name] or 0 for name in figures))
+            for row in rows
+            if row["x_metric"] != rollups.RAW
+        )
+        memo.keep(scope.mark.revision, remembered, summarised)
     found: dict[str, list[int]] = {}
-    for row in rows:
-        sums = found.setdefault(row["k_endpoint"], [0] * len(figures))
-        for i, name in enumerate(figures):
-            sums[i] += row[name] or 0
+    for endpoint, values in (*summarised, *((row["k_endpoint"], [row[name] for name in figures]) for row in fresh)):
+        sums = found.setdefault(endpoint, [0] * len(figures))
+        for i, value in enumerate(values):
+            sums[i] += value or 0
     uses = [RouteUse(endpoint, *sums) for endpoint, sums in found.items()]
     return sorted(uses, key=lambda use: (-use.requests, use.endpoint))
 
@@ -646,8 +819,8 @@ def for_sessions(session_ids: Iterable[Any], period: Period | None = None) -> di
 
 def by_user_on_session(session_ids: Iterable[Any]) -> dict[Any, list[Row]]:
     """Per session: who made how many requests on it (Row.key is their user name), with their tokens, errors and
-    percentiles, most requests first; two queries (where the summaries stand, then the requests) for any number of
-    sessions."""
+    percentiles, most requests first; three queries (where the summaries stand, the requests, then those users'
+    names) for any number of sessions."""
     cells: dict[Key, Tally] = defaultdict(Tally)
     _add_requests(cells, Scope(Period.all_time(), session_ids=tuple(session_ids)), [SESSION.name, "user"])
     found: dict[Any, list[Row]] = {}

@@ -25,6 +25,7 @@ columns, so the figures add them up alike and recording a request costs what it 
 from __future__ import annotations
 
 import logging
+import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
@@ -306,9 +307,20 @@ def _step(target: datetime, now: datetime) -> bool:
             _rebuild_day(day, until, last_id)
         for month in sorted({day.replace(day=1) for day in days | late_days}):
             _rebuild_month(month)
-        mark.until, mark.last_request_id = until, last_id
+        mark.until, mark.last_request_id, mark.revision = until, last_id, new_revision()
         mark.save()
         return True
+
+
+def new_revision() -> str:
+    """A new UsageWatermark.revision: random, so that none ever comes back (jobs/usage/memo.py)."""
+    return uuid.uuid4().hex
+
+
+def deleted_with_summaries(sender: Any, **kwargs: Any) -> None:
+    """A session or a user was deleted, and their summaries with them: what was remembered of the summaries is not
+    right anymore (post_delete, jobs/apps.py)."""
+    UsageWatermark.objects.filter(pk=1).update(revision=new_revision())
 
 
 def _retention_cutoff(now: datetime | None = None) -> datetime:

@@ -57,6 +57,7 @@ def my_usage(request: HtmxHttpRequest) -> HttpResponse:
         "total": tables.cells(usage.total),
         "tables": [(name, [(row.key, tables.cells(row.tally)) for row in rows]) for name, rows in by.items()],
         "routes": figures.by_route(figures.Scope(usage.period, user_id=request.user.pk)),
+        "training": figures.training(figures.Scope(usage.period, user_id=request.user.pk)),
         "chart": usage_chart(usage.days),
         "sees_site": sees_site_usage(request.user),
         "month_choices": MONTH_CHOICES,
@@ -112,6 +113,7 @@ def site_usage(request: HtmxHttpRequest) -> HttpResponse:
         "groupings": [(name, tables.key_label(name), urlencode({**kept, "by": name})) for name in figures.BY],
         "keep": [(name, value) for name, value in request.GET.items() if name in ("by", "sort", "dir")],
         "allocations": [] if request.htmx else [allocation_report.shown(s) for s in allocation_report.of_site()],
+        "training": None if request.htmx else figures.training(figures.Scope(period)),
     }
     return render_page(request, "jobs/site_usage.html", context, "table")
 

@@ -30,7 +30,7 @@ from django.utils.datastructures import MultiValueDict
 from django.views.decorators.http import require_GET, require_http_methods
 
 from catalog.runtime_rules import OPENAI
-from jobs.finetune import actions
+from jobs.finetune import actions, placement
 from jobs.finetune.forms import FineTuneForm
 from jobs.models import BatchFile, FineTuneRun
 from jobs.use import targets
@@ -189,6 +189,19 @@ def hyperparameters_from(payload: dict[str, Any]) -> dict[str, Any]:
     return columns
 
 
+def _placed(user: User, model: str, where: dict[str, Any]) -> dict[str, Any] | None:
+    """Where the wizard would train this run (placement.recommended), at the method and sequence length the metadata
+    gives (else the run's defaults); None when no plan fits or the metadata's are not valid values."""
+    method = str(where.get("method") or _default("method"))
+    if method not in FineTuneRun.Method.values:
+        return None
+    try:
+        length = int(where.get("max_seq_length") or _default("max_seq_length"))
+    except (TypeError, ValueError):
+        return None
+    return placement.recommended(user, model, method, length)
+
+
 def _training_file(user: User, file_id: Any, param: str) -> BatchFile | JsonResponse:
     upload = _own_file(user, str(file_id or ""))
     if upload is None:
@@ -236,10 +249,15 @@ def _create(request: HttpRequest, holder: targets.Holder, user: User) -> HttpRes
     if twice:
         return openai_error(400, f"{', '.join(twice)} both in hyperparameters and in metadata: give each once",
                             "invalid_request_error")  # fmt: skip
-    if "cluster" not in where:
-        return openai_error(400, "say where the run trains in metadata: cluster, partition, gpu, gpus and walltime "
-                            "(the launch form's fields; docs/finetune.md)", "invalid_request_error")  # fmt: skip
     name, colon, quant = model.rpartition(":")
+    if "cluster" not in where:  # the wizard's first plan for the method that fits, as a researcher would pick it
+        placed = _placed(user, name if colon else model, where)
+        if placed is None:
+            return openai_error(400, f"no partition you may use fits a {where.get('method') or 'lora'} run of "
+                                f"{model} on one GPU now; say where it trains in metadata: cluster, partition, gpu, "
+                                "gpus and walltime (the launch form's fields; docs/finetune.md)",
+                                "invalid_request_error")  # fmt: skip
+        where = {**placed, **where}
     data: dict[str, Any] = {**where, **columns, "model": name if colon else model, "quant": quant if colon else ""}
     data.update({"suffix": payload.get("suffix") or "", "seed": payload.get("seed")})
     opened: dict[str, File[bytes]] = {}

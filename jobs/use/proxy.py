@@ -35,6 +35,7 @@ from jobs.use import relay as relay_module
 from jobs.use.guard import AFFINITY, BODY, HOLDER, TARGET, USER, admitted, refused, remember, served_here
 from jobs.use.headers import RELAYED_TYPES, api_error, data_only, error_body, not_allowed, openai_error
 from jobs.use.targets import Target
+from jobs.use.transport import LeanTransport
 from portal import outbound
 
 log = logging.getLogger(__name__)
@@ -46,21 +47,21 @@ CONNECT_TIMEOUT_S = 10.0
 READ_TIMEOUT_S = 600.0  # a long prompt on a big model can take minutes before the first token
 TIMEOUTS = httpx.Timeout(READ_TIMEOUT_S, connect=CONNECT_TIMEOUT_S).as_dict()
 
-_clients: dict[int, httpx.AsyncClient] = {}
+_transports: dict[int, LeanTransport] = {}
 
 
-def _client() -> httpx.AsyncClient:
-    """One pooled client per event loop (uvicorn runs one loop per worker process).
+def _transport() -> httpx.AsyncBaseTransport:
+    """One pool of connections per event loop (uvicorn runs one loop per worker process): jobs/use/transport.py,
+    called directly rather than through an httpx.AsyncClient, whose redirects, cookies and auth steps a request to a
+    model server never uses but would pay for on every request.
 
     No limit on its connections: each serves one request of a client that uvicorn let in, so a cap here would only
     hold streams back behind others (1,000 at once through a worker is a target, bench/proxy.py)."""
     loop = id(asyncio.get_running_loop())
-    client = _clients.get(loop)
-    if client is None or client.is_closed:
-        limits = httpx.Limits(max_connections=None, max_keepalive_connections=100)
-        client = _clients[loop] = httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(**TIMEOUTS),
-                                                    trust_env=False)  # fmt: skip
-    return client
+    transport = _transports.get(loop)
+    if transport is None:
+        transport = _transports[loop] = LeanTransport()
+    return transport
 
 
 def _ended(meter: Meter, response: JsonResponse) -> JsonResponse:
@@ -92,19 +93,18 @@ async def _forward(
         return _ended(meter, unserved)
     headers = {k: v for k, v in request.headers.items() if k.lower() in FORWARDED_HEADERS}
     headers["authorization"] = f"Bearer {target.key}"
-    client = _client()
-    # Built as it is sent, not with client.build_request(), which merges the client's defaults (cookies, parameters,
-    # a base URL: none here) at a cost on every request's path; the timeouts go along as build_request() sets them.
-    # The URL from its parts: the route's own path, and the host and port were checked as an address.
-    upstream_request = httpx.Request(request.method or "GET", target.base.copy_with(path=route.upstream), content=body,
-                                     headers=headers, extensions={"timeout": TIMEOUTS})  # fmt: skip
+    transport = _transport()
+    # The timeouts go along as httpx's build_request() sets them. The URL from its parts: the route's own path, and
+    # the host and port were checked as an address.
+    upstream_request = httpx.Request(request.method or "GET", _upstream_url(target.base, route.upstream),
+                                     content=body, headers=headers, extensions={"timeout": TIMEOUTS})  # fmt: skip
     counted = bool(target.service)  # a replica's open requests, for choosing the least loaded (replicas.py)
     if counted:
         replicas.begin(target.pk)
     relaying = False
     try:
         try:
-            upstream = await _sent(client, upstream_request)
+            upstream = await _sent(transport, upstream_request)
         except httpx.TimeoutException as exc:
             timed_out = api_error(api, 504, f"the model server on {target.node_list} did not answer in time",
                                   "upstream_timeout")  # fmt: skip
@@ -172,15 +172,21 @@ async def _forward(
     return response
 
 
-async def _sent(client: httpx.AsyncClient, upstream_request: httpx.Request) -> httpx.Response:
+@functools.lru_cache(maxsize=4096)
+def _upstream_url(base: httpx.URL, path: str) -> httpx.URL:
+    """The server's URL for a route's path, made once per server and route (httpx.URL never changes)."""
+    return base.copy_with(path=path)
+
+
+async def _sent(transport: httpx.AsyncBaseTransport, upstream_request: httpx.Request) -> httpx.Response:
     """The server's answer to the request. A kept-alive connection the server closed just as the pool handed it out
     (llama-server closes idle ones; the close can cross the reuse) ends with no answer at all: the request did not
     reach the server, so it goes once more, on a new connection (as browsers and urllib3 retry such a reuse)."""
     try:
-        return await client.send(upstream_request, stream=True)
+        return await transport.handle_async_request(upstream_request)
     except httpx.RemoteProtocolError:
         log.info("the model server closed a kept-alive connection as it was reused; sending again")
-        return await client.send(upstream_request, stream=True)
+        return await transport.handle_async_request(upstream_request)
 
 
 async def _forward_or_fail_over(

@@ -9,6 +9,7 @@ chart's axes without a label twice."""
 
 from __future__ import annotations
 
+import json
 import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ import pytest
 from django.contrib import admin
 from django.contrib.auth.models import Group
 from django.core.cache import cache
+from django.core.files.base import ContentFile
 from django.urls import URLPattern, URLResolver, get_resolver, reverse
 from django.utils import timezone
 from playwright.sync_api import Browser, BrowserContext, Page, expect
@@ -31,6 +33,7 @@ from jobs.models import (
     BatchRun,
     ChatMessage,
     Conversation,
+    FineTuneComparison,
     FineTuneRun,
     LLMSession,
     ModelService,
@@ -89,6 +92,8 @@ LEFT_OUT = {
     "jobs:batch-output": "a download, streamed from the cluster",
     "jobs:batch-stop": "POST only",
     "jobs:finetune-cancel": "POST only",
+    "jobs:finetune-share": "POST only (the Sharing form, on a completed run's page)",
+    "jobs:finetune-unshare": "POST only",
     "jobs:site-usage-csv": "a download (CSV)",
     "jobs:metrics": "Prometheus text for a scraper",
     "jobs:service-scale": "POST only (the Scale form, on the service's page)",
@@ -155,6 +160,7 @@ class Site:
     batch: BatchRun
     service: ModelService
     finetune: FineTuneRun
+    comparison: FineTuneComparison
 
 
 @dataclass(frozen=True)
@@ -207,6 +213,18 @@ def visits(site: Site) -> list[Visit]:
         Visit("jobs:finetunes", "finetunes", "ada", reverse("jobs:finetunes")),
         Visit("jobs:finetune", "finetune", "ada", reverse("jobs:finetune", args=[site.finetune.pk])),
         Visit("jobs:finetune-new", "finetune-new", "ada", f"{reverse('jobs:finetune-new')}?model=tiny-llama"),
+        Visit(
+            "jobs:finetune-compare",
+            "finetune-compare",
+            "ada",
+            reverse("jobs:finetune-compare", args=[site.comparison.run_id]),
+        ),
+        Visit(
+            "jobs:finetune-comparison",
+            "finetune-comparison",
+            "ada",
+            reverse("jobs:finetune-comparison", args=[site.comparison.run_id, site.comparison.pk]),
+        ),
         Visit("jobs:usage", "usage", "ada", reverse("jobs:usage")),
         Visit("jobs:usage", "usage-newcomer", "alan", reverse("jobs:usage")),
         Visit("jobs:site-usage", "site-usage", "admin", reverse("jobs:site-usage")),
@@ -398,7 +416,28 @@ def site(account: ClusterAccount, owner: Any, other_user: Any, shared_user: Any,
         valid_loss=1.31, tokens_per_s=5400.0, peak_memory_gib=5.8, restarts=1, resumed_from_step=100,
         started_at=now - timedelta(minutes=30), progress_at=now, losses=losses,
     )  # fmt: skip
-    return Site(running=running, ended=ended, batch=batch, service=service, finetune=finetune)
+    # A completed run of the same model with a comparison on the validation data, its batch runs just started (the
+    # answers would be read from the cluster, which this test has not).
+    done = FineTuneRun.objects.get(pk=finetune.pk)
+    done.pk, done.state, done.suffix, done.base_valid_loss, done.step = None, "completed", "doors", 2.71, 225
+    done.save()
+    done = FineTuneRun.objects.get(pk=done.pk)
+    compared = []
+    for name, answered in (("support-chats.jsonl: validation data (base)", 0),
+                           (f"support-chats.jsonl: validation data ({done.model_name})", 1)):  # fmt: skip
+        run = BatchRun(owner=owner, session=running, name=name, input_format="jsonl", endpoint="/v1/chat/completions",
+                       prompts=60, defaults={"max_tokens": 256, "temperature": 0},
+                       state=BatchRun.State.RUNNING if answered else BatchRun.State.WAITING)  # fmt: skip
+        questions = [{"line": n, "id": f"example-{n}", "url": "/v1/chat/completions",
+                      "body": {"messages": [{"role": "user", "content": f"How do I reset my password ({n})?"}]}}
+                     for n in range(1, 61)]  # fmt: skip
+        run.requests.save("requests.jsonl", ContentFile("".join(json.dumps(q) + "\n" for q in questions)))
+        compared.append(run)
+    comparison = FineTuneComparison.objects.create(
+        owner=owner, run=done, source="validation", name="support-chats.jsonl: validation data", prompts=60,
+        base_batch=compared[0], adapter_batch=compared[1],
+    )  # fmt: skip
+    return Site(running=running, ended=ended, batch=batch, service=service, finetune=finetune, comparison=comparison)
 
 
 # What the page says of itself, measured in the browser.

@@ -3,7 +3,8 @@ learns an answer the base never gives (tests/e2e/test_finetune.py's toy data, tr
 job converts the adapter to GGUF with llama.cpp's own converter, and a llama.cpp session of the Q4_1 base loads it
 (and a vLLM session of the bf16 safetensors loads the PEFT directory): through the portal's API and the official
 openai client, the run's model name (ft:...) answers held-out prompts the tuned way, while the session's own name on
-the same server still reaches the base weights, before and after."""
+the same server still reaches the base weights, before and after; and the compare page's comparison, the same prompts
+as two batch runs on that session, shows the base's answers beside the adapter's."""
 
 from __future__ import annotations
 
@@ -11,11 +12,14 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from django.core.files.uploadedfile import SimpleUploadedFile
+from django.utils.datastructures import MultiValueDict
 
 from jobs.cluster import backend, layout
-from jobs.models import ApiToken, FineTuneRun, State
+from jobs.finetune import comparisons
+from jobs.models import ApiToken, BatchRun, FineTuneComparison, FineTuneRun, State
 from jobs.sessions.actions import launch
-from jobs.tasks import submit_session
+from jobs.tasks import stage_batch, submit_session
 from portal import ssh
 from tests.conftest import SMOLLM2_LAUNCH
 from tests.e2e import sessions
@@ -74,3 +78,19 @@ def test_a_session_answers_by_the_adapters_name_the_tuned_way_and_by_its_own_the
         after = ask(str(session.pk), prompt)  # the adapter of the request before is not left on
         assert TUNED in tuned, (prompt, tuned)
         assert TUNED not in before and TUNED not in after, (prompt, before, after)
+
+    # The compare page's comparison: the same prompts as two batch runs on this session, side by side.
+    questions = SimpleUploadedFile("held-out.txt", "\n".join(HELD_OUT).encode())
+    form = {"source": "prompts", "session": str(session.pk), "max_tokens": 24, "temperature": 0}
+    with django_capture_on_commit_callbacks(execute=False):
+        comparison = comparisons.start(owner, run, form, MultiValueDict({"prompts": [questions]}))
+    for batch in comparison.batches:
+        assert stage_batch.apply(args=(str(batch.pk),)).get() == "staged"
+    sessions.drive(session, lambda s: FineTuneComparison.objects.get(pk=comparison.pk).is_ended, 300)
+    comparison = FineTuneComparison.objects.get(pk=comparison.pk)
+    assert [(b.state, b.done) for b in comparison.batches] == [(BatchRun.State.FINISHED, 2)] * 2
+    page = comparisons.rows(comparison, 1)
+    assert not page.problems and [row.prompt for row in page.rows] == HELD_OUT
+    for row in page.rows:
+        assert row.base is not None and row.adapter is not None
+        assert TUNED in row.adapter.text and TUNED not in row.base.text, row

@@ -91,6 +91,7 @@ def test_a_lora_run_of_smollm2_trains_its_planned_steps_and_writes_an_adapter(
     run = drive(run, lambda r: r.is_ended)
     assert run.state == FineTuneRun.State.COMPLETED, run.end_reason
     assert run.step == run.planned_steps == 6 and run.train_loss is not None and run.valid_loss is not None
+    assert run.base_valid_loss is not None and run.base_valid_loss > run.valid_loss  # step 0's evaluation: the base
     assert [p[0] for p in run.losses if p[1] is not None] == [1, 2, 3, 4, 5, 6]
     assert run.result["steps"] == 6 and run.result["device"] == "cpu" and run.result["precision"] == "fp32"
     assert {"torch", "transformers", "peft", "trl"} <= set(run.result["versions"])

@@ -19,8 +19,8 @@ from tests.jobs.use.upstream import Server
 @pytest.fixture
 def server(monkeypatch: pytest.MonkeyPatch) -> Server:
     fake = Server()
-    upstream = httpx.AsyncClient(transport=httpx.MockTransport(fake.handle))
-    monkeypatch.setattr(proxy, "_client", lambda: upstream)
+    upstream = httpx.MockTransport(fake.handle)
+    monkeypatch.setattr(proxy, "_transport", lambda: upstream)
     return fake
 
 

@@ -38,6 +38,7 @@ from jobs.models import (
     BatchFile,
     BatchRun,
     Conversation,
+    FineTuneComparison,
     FineTuneRun,
     LLMSession,
     SessionShare,
@@ -80,9 +81,17 @@ PAGES: dict[str, frozenset[str]] = {
     "batch-output": OWNER_AND_SUPPORT,
     "batch-stop": OWNER_AND_SUPPORT,
     "session-batch-new": OWNER_AND_SUPPORT,
-    "finetune": OWNER_AND_SUPPORT,  # a fine-tune run: its owner's (and support staff's), never shared
+    # A fine-tune run: its owner's (and support staff's); a session's grants share none of it (the run's own grants
+    # do, for a completed run: tests/jobs/finetune/test_sharing.py).
+    "finetune": OWNER_AND_SUPPORT,
     "finetune-cancel": OWNER_AND_SUPPORT,
-    "finetune-adapter": OWNER,  # its adapter: what the owner's data trained, theirs alone
+    "finetune-adapter": OWNER,  # its adapter: what the owner's data trained, not support staff's
+    "finetune-share": OWNER,  # only the owner shares it on (support staff may look, not hand it on)
+    "finetune-unshare": OWNER,
+    # Its comparisons: seen by support staff as the run is; a new one is started by the owner alone
+    # (tests/jobs/finetune/test_compare.py).
+    "finetune-compare": OWNER_AND_SUPPORT,
+    "finetune-comparison": OWNER_AND_SUPPORT,
     "account-test": OWNER,  # a cluster account: its user's alone
     # The owner's model service for the lab, which alan is in (whatever his grants of the session): its page is for
     # those who may use it and support staff; scaling and stopping it, its owner's alone.
@@ -216,6 +225,7 @@ class World:
     owners_service_chat: Conversation
     members_service_chat: Conversation
     finetune: FineTuneRun
+    comparison: FineTuneComparison
 
     def names(self) -> dict[str, str]:
         return {"session": str(self.session.pk), "run": self.run.pk.hex, "file": f"file-{self.file.pk.hex}",
@@ -259,11 +269,12 @@ def world(
     upload = own_file(owner, "ada/lab-model")
     BatchRun.objects.filter(session=session).update(input_file=upload)
 
-    def no_results(run: BatchRun) -> tuple[bool, Iterator[Any]]:
+    def no_results(run: BatchRun, max_record_bytes: int | None = None) -> tuple[bool, Iterator[Any]]:
         return True, iter(())
 
     monkeypatch.setattr(staging, "results", no_results)
     monkeypatch.setattr(login, "check", lambda account: login.LoginCheck(True, "checked"))
+    finetune, run = finetune_run(session), BatchRun.objects.get(session=session)
     return World(
         session=LLMSession.objects.get(pk=session.pk),
         run=BatchRun.objects.get(session=session),
@@ -273,7 +284,11 @@ def world(
         file=upload,
         owners_service_chat=Conversation.objects.create(service=service, owner=owner),
         members_service_chat=Conversation.objects.create(service=service, owner=shared_user),
-        finetune=finetune_run(session),
+        finetune=finetune,
+        # The run's comparison, its two batch runs (the same row here: only who reaches it is asked).
+        comparison=FineTuneComparison.objects.create(
+            owner=owner, run=finetune, source="prompts", name="q.txt", prompts=2, base_batch=run, adapter_batch=run
+        ),
     )
 
 
@@ -323,6 +338,7 @@ def page_url(pattern: str, world: World, conversation: Conversation | None = Non
         **({"pk": world.finetune.pk} if pattern.startswith("/finetune/") else {}),
         "conversation_id": conversation.pk if conversation else "",
         "share_pk": world.grant.pk,
+        "comparison": world.comparison.pk,
         "fmt": "jsonl",
         "name": SERVICE,
     }

@@ -207,7 +207,9 @@ class Runner:
                 return
             line, offset, attempts = item
             request = self.request(offset)
-            body = json.dumps({**request["body"], "model": self.args.model, **self.base_weights}).encode()
+            # A body that names its model (a fine-tune comparison's adapter run: the adapter's name, and llama-server's
+            # `lora` for it) keeps it; the portal's checked prompts never do (jobs/batch/inputs.py).
+            body = json.dumps({"model": self.args.model, **self.base_weights, **request["body"]}).encode()
             start = time.monotonic()
             record: dict[str, Any] = {"line": line, "id": request["id"], "attempts": attempts + 1}
             try:

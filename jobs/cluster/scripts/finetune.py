@@ -6,7 +6,9 @@ environment, started by finetune.sh with the run's files in its directory. It de
   (never a quiet fallback to LoRA);
 - where to go on from: the newest whole checkpoint (one torn by a kill mid-save is removed), so a requeued job
   trains exactly the planned steps in all (max_steps);
-- when to stop early: at Slurm's warning (USR1, from finetune.sh) or TERM, with a checkpoint saved at that step.
+- when to stop early: at Slurm's warning (USR1, from finetune.sh) or TERM, with a checkpoint saved at that step;
+- the base model's validation loss: evaluated once before the first step (step 0, where LoRA's B matrices are zero,
+  so the adapter changes nothing yet), and kept from the progress file by a start that goes on from a checkpoint.
 
 It writes its progress (step, epoch, losses, tokens/s, peak memory, the loss curve, and at the end the adapter's
 record) to a JSON file, atomically, which the portal reads as hostile input. Exit codes: 0 every planned step
@@ -171,6 +173,17 @@ def last_of(history: list[dict[str, Any]], key: str) -> float | None:
     return None
 
 
+def earlier_base_loss(path: str) -> float | None:
+    """The base model's validation loss an earlier start of this run measured, from its progress file."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            report = json.load(f)
+    except (OSError, ValueError):
+        return None
+    value = report.get("base_valid_loss") if isinstance(report, dict) else None
+    return _number(value) if not isinstance(value, bool) else None
+
+
 def peak_memory_gib(cuda: bool) -> float:
     if cuda:
         import torch
@@ -289,6 +302,13 @@ def train(settings: dict[str, Any], args: argparse.Namespace, stop: Stop) -> int
     )
     print(f"finetune.py: {method} on {'cuda' if cuda else 'cpu'} in {precision}, steps {start_step + 1} to "
           f"{settings['planned_steps']}" + (f" from {resume[0]}" if resume else ""), flush=True)  # fmt: skip
+    progress.base_valid_loss = earlier_base_loss(args.progress)
+    if "validation" in files and progress.base_valid_loss is None and not resume:
+        # Step 0: the base model on the validation data, for the compare page's base against adapter.
+        progress.evaluating_base = True
+        progress.base_valid_loss = _number(trainer.evaluate().get("eval_loss"))
+        progress.evaluating_base = False
+        print(f"finetune.py: the base model's validation loss is {progress.base_valid_loss}", flush=True)
     trainer.train(resume_from_checkpoint=resume[0] if resume else None)
     step = trainer.state.global_step
     if step < settings["planned_steps"]:
@@ -329,6 +349,8 @@ class Progress(_callback_base()):  # type: ignore[misc]
         self.step, self.epoch, self.tokens = start, 0.0, 0
         self.began = time.monotonic()
         self.tokens_at_start: int | None = None
+        self.base_valid_loss: float | None = None
+        self.evaluating_base = False  # the evaluation at step 0: not a step, and no start of the clock
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
         if self.stop.signal:
@@ -337,6 +359,8 @@ class Progress(_callback_base()):  # type: ignore[misc]
         return control
 
     def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any) -> Any:
+        if self.evaluating_base:
+            return control
         self.history, self.step, self.epoch = state.log_history, state.global_step, state.epoch or 0.0
         self.tokens = int(getattr(state, "num_input_tokens_seen", 0) or 0)
         if self.tokens_at_start is None:
@@ -370,6 +394,7 @@ class Progress(_callback_base()):  # type: ignore[misc]
             "epoch": _number(self.epoch, 4),
             "train_loss": last_of(self.history, "loss"),
             "valid_loss": last_of(self.history, "eval_loss"),
+            "base_valid_loss": self.base_valid_loss,
             "tokens_per_s": _number(self.tokens_per_s(), 1),
             "peak_memory_gib": _number(peak_memory_gib(self.cuda), 3),
             "precision": self.precision,

@@ -1,13 +1,17 @@
-"""`manage.py finetune create|list|show|cancel`: fine-tune runs from the command line (docs/finetune.md).
+"""`manage.py finetune create|list|show|cancel|share|unshare|compare|comparison`: fine-tune runs from the command line
+(docs/finetune.md).
 
 create takes the fine-tune form's fields as flags (jobs/finetune/forms.py: the launch's where-fields, the method and
 hyperparameters, the data files as paths) and goes through actions.create(), the same checks and tasks as the page; a
 Celery worker (and beat, for polling) must run for a run to move. --json prints a run with its record and history.
+share and unshare grant and revoke a completed run's adapter for users or a group on its owner's behalf, through the
+page's form (jobs/finetune/sharing.py).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import time
 from argparse import ArgumentParser
@@ -15,23 +19,26 @@ from pathlib import Path
 from typing import Any
 
 from django import forms
+from django.contrib.auth.models import Group
 from django.core.exceptions import ValidationError
 from django.core.files.uploadedfile import UploadedFile
 from django.core.management.base import BaseCommand, CommandError
 from django.utils.datastructures import MultiValueDict
 
-from jobs.finetune import actions
+from jobs.finetune import actions, comparisons, sharing
 from jobs.finetune.forms import FineTuneForm
+from jobs.finetune.sharing import AdapterShareForm
 from jobs.management.commands.sessions import add_launch_flags
-from jobs.models import FineTuneRun
+from jobs.models import FineTuneComparison, FineTuneRun
+from jobs.sessions.forms import form_errors
 from portal.errors import text_of
 from portal.users import find_user
 
 # What a run's report shows beyond its settings: where it is in its life and what its trainer reported.
 REPORT = ("state", "job_id", "node_list", "slurm_reason", "end_reason", "step", "planned_steps", "epoch", "train_loss",
-          "valid_loss", "tokens_per_s", "peak_memory_gib", "estimate_gib", "restarts", "resumed_from_step", "precision",
-          "train_examples", "valid_examples", "dataset_sha256", "created_at", "submitted_at", "started_at",
-          "finished_at")  # fmt: skip
+          "valid_loss", "base_valid_loss", "tokens_per_s", "peak_memory_gib", "estimate_gib", "restarts",
+          "resumed_from_step", "precision", "train_examples", "valid_examples", "dataset_sha256", "created_at",
+          "submitted_at", "started_at", "finished_at")  # fmt: skip
 SETTINGS = ("method", "epochs", "learning_rate", "lora_rank", "lora_alpha", "lora_dropout", "target_modules",
             "max_seq_length", "batch_size", "gradient_accumulation", "gradient_checkpointing", "checkpoint_every",
             "seed", "suffix", "data_format", "name")  # fmt: skip
@@ -60,6 +67,57 @@ def describe(run: FineTuneRun, events: bool = False) -> dict[str, Any]:
     return out
 
 
+def _group(name: str | None) -> int | None:
+    if not name:
+        return None
+    group = Group.objects.filter(name=name).first()
+    if group is None:
+        raise CommandError(f"there is no group {name!r}")
+    return group.pk
+
+
+class AskedFlags(forms.Form):
+    """The compare form's fields that are flags as they are (the prompts file, its format, the sampling); the
+    source (--validation) and the session (--session, default the newest) are flags of their own."""
+
+
+AskedFlags.base_fields = {name: comparisons.CompareForm.base_fields[name] for name in comparisons.ASKED}
+
+
+def describe_comparison(comparison: FineTuneComparison, page: int | None = None) -> dict[str, Any]:
+    """A comparison as --json prints it: what it compared, its two batch runs, and a page of answers side by side."""
+    run = comparison.run
+    out: dict[str, Any] = {
+        "uuid": str(comparison.pk),
+        "run": str(run.pk),
+        "base": run.variant.model.name,
+        "adapter": run.model_name,
+        "source": comparison.source,
+        "name": comparison.name,
+        "prompts": comparison.prompts,
+        "session": str(comparison.base_batch.session_id),
+        "valid_loss": {"base": run.base_valid_loss, "adapter": run.valid_loss},
+        "batches": {
+            who: {"uuid": str(b.pk), "state": b.state, "done": b.done, "failed": b.failed}
+            for who, b in (("base", comparison.base_batch), ("adapter", comparison.adapter_batch))
+        },
+    }
+    if page is not None:
+        shown = comparisons.rows(comparison, page)
+        out["page"], out["pages"], out["problems"] = shown.number, shown.pages, shown.problems
+        out["rows"] = [
+            {
+                "line": row.line,
+                "prompt": row.prompt,
+                "reference": row.reference,
+                "base": None if row.base is None else dataclasses.asdict(row.base),
+                "adapter": None if row.adapter is None else dataclasses.asdict(row.adapter),
+            }
+            for row in shown.rows
+        ]
+    return out
+
+
 def find_run(text: str) -> FineTuneRun:
     try:
         return FineTuneRun.objects.select_related("owner", "variant__model", "cluster", "partition", "gpu_type").get(
@@ -70,7 +128,7 @@ def find_run(text: str) -> FineTuneRun:
 
 
 class Command(BaseCommand):
-    help = "Create, list, show and cancel fine-tune runs."
+    help = "Create, list, show, cancel and share fine-tune runs."
 
     def add_arguments(self, parser: ArgumentParser) -> None:
         sub = parser.add_subparsers(dest="action", required=True)
@@ -89,6 +147,29 @@ class Command(BaseCommand):
         p.add_argument("--json", action="store_true")
         p = sub.add_parser("cancel")
         p.add_argument("uuid")
+        p.add_argument("--json", action="store_true")
+        days = AdapterShareForm.base_fields["days"]
+        for action, what in (("share", "share the adapter with"), ("unshare", "stop sharing the adapter with")):
+            p = sub.add_parser(action, help=f"{what} users or a group, for the run's owner")
+            p.add_argument("uuid")
+            p.add_argument("--user", action="append", default=[], help="a portal user (again for more)")
+            p.add_argument("--group", help="a portal group, by name")
+            if action == "share":
+                p.add_argument("--days", type=int, help=f"{days.label}; {days.help_text}")
+            else:
+                p.add_argument("--all", action="store_true", help="every grant in force")
+        p = sub.add_parser("compare", help="the same prompts through the base and the adapter, side by side")
+        p.add_argument("uuid", help="the fine-tune run")
+        add_launch_flags(p, AskedFlags, optional=True)
+        p.add_argument("--validation", action="store_true", help="the run's validation data as the prompts")
+        p.add_argument("--session", help="the running session that loaded the adapter (default: the newest)")
+        p.add_argument("--wait", action="store_true", help="wait until both batch runs have ended")
+        p.add_argument("--timeout", type=int, default=3600, help="seconds to --wait")
+        p.add_argument("--page", type=int, default=1, help=f"the answers shown, {comparisons.PAGE_SIZE} a page")
+        p.add_argument("--json", action="store_true")
+        p = sub.add_parser("comparison", help="show a comparison's answers side by side")
+        p.add_argument("uuid", help="the comparison")
+        p.add_argument("--page", type=int, default=1)
         p.add_argument("--json", action="store_true")
 
     def handle(self, *args: Any, **options: Any) -> None:
@@ -149,6 +230,96 @@ class Command(BaseCommand):
         actions.cancel(run)
         run.refresh_from_db()
         self._print(run, o["json"])
+
+    def _share(self, o: dict[str, Any]) -> None:
+        run = find_run(o["uuid"])
+        data = {"users": " ".join(o["user"]), "group": _group(o["group"]), "days": o["days"]}
+        form = AdapterShareForm(run.owner, {k: v for k, v in data.items() if v not in (None, "")})
+        if not form.is_valid():
+            raise form_errors(form)
+        sharing.share(run, run.owner, form.cleaned_data)
+        self._grants(run)
+
+    def _unshare(self, o: dict[str, Any]) -> None:
+        run = find_run(o["uuid"])
+        if not (o["user"] or o["group"] or o["all"]):
+            raise CommandError("name --user or --group, or --all")
+        in_force, _ = sharing.grants_of(run)
+        named = set(o["user"])
+        for grant in in_force:
+            user_named = grant.user is not None and grant.user.get_username() in named
+            if o["all"] or user_named or (grant.group is not None and grant.group.name == o["group"]):
+                sharing.revoke(run, grant.pk)
+        self._grants(run)
+
+    def _grants(self, run: FineTuneRun) -> None:
+        in_force, _ = sharing.grants_of(run)
+        for grant in in_force:
+            until = grant.expires_at.isoformat() if grant.expires_at else "until revoked"
+            self.stdout.write(f"shared with {grant.grantee} ({until})")
+        if not in_force:
+            self.stdout.write(f"{run.model_name} is not shared")
+
+    def _compare(self, o: dict[str, Any]) -> None:
+        run = find_run(o["uuid"])
+        sessions = comparisons.sessions_for(run)
+        session = sessions.filter(pk=o["session"]).first() if o["session"] else sessions.first()
+        data = {name: o[name] for name in comparisons.ASKED if name != "prompts" and o[name] is not None}
+        data["source"] = FineTuneComparison.Source.VALIDATION if o["validation"] else FineTuneComparison.Source.PROMPTS
+        data["session"] = str(session.pk) if session else ""
+        with contextlib.ExitStack() as stack:
+            files: MultiValueDict[str, Any] = MultiValueDict()
+            if o["prompts"] and not o["validation"]:
+                path = Path(o["prompts"])
+                try:
+                    upload = UploadedFile(path.open("rb"), name=path.name, size=path.stat().st_size)
+                except OSError as exc:
+                    raise CommandError(f"cannot read {path}: {exc.strerror}") from None
+                files["prompts"] = stack.enter_context(upload)
+            comparison = comparisons.start(run.owner, run, data, files)
+        if not o["json"]:
+            self.stdout.write(f"comparison {comparison.pk} created: {comparison.prompts} prompts, two batch runs")
+        if o["wait"]:
+            deadline = time.monotonic() + o["timeout"]
+            while not comparison.is_ended:
+                if time.monotonic() > deadline:
+                    raise CommandError(f"gave up waiting after {o['timeout']}s")
+                time.sleep(1)
+                comparison = comparisons.of_run(run).get(pk=comparison.pk)
+        self._print_comparison(comparison, o["json"], o["page"] if o["wait"] else None)
+
+    def _comparison(self, o: dict[str, Any]) -> None:
+        try:
+            comparison = FineTuneComparison.objects.select_related(
+                "run__variant__model", "run__owner", "base_batch__session__cluster", "adapter_batch__session__cluster"
+            ).get(pk=o["uuid"])
+        except (FineTuneComparison.DoesNotExist, ValidationError, ValueError):
+            raise CommandError(f"no comparison {o['uuid']!r}") from None
+        self._print_comparison(comparison, o["json"], o["page"])
+
+    def _print_comparison(self, comparison: FineTuneComparison, as_json: bool, page: int | None) -> None:
+        report = describe_comparison(comparison, page)
+        if as_json:
+            self.stdout.write(json.dumps(report, indent=2))
+            return
+        loss = report["valid_loss"]
+        what = f"{report['prompts']} prompts ({report['name']})"
+        self.stdout.write(f"{report['adapter']} against {report['base']}: {what}")
+        self.stdout.write(f"validation loss: base {loss['base']}, adapter {loss['adapter']}")
+        for who, b in report["batches"].items():
+            self.stdout.write(f"{who}: batch run {b['uuid']} {b['state']}, {b['done']} answered, {b['failed']} failed")
+        for problem in report.get("problems", []):
+            self.stdout.write(problem)
+        for row in report.get("rows", []):
+            self.stdout.write(f"--- line {row['line']}: {row['prompt']}")
+            if row["reference"] is not None:
+                self.stdout.write(f"  reference: {row['reference']}")
+            for who in ("base", "adapter"):
+                answer = row[who]
+                text = "(not answered yet)" if answer is None else answer["error"] or answer["text"]
+                self.stdout.write(f"  {who}: {text}")
+        if "pages" in report:
+            self.stdout.write(f"page {report['page']} of {report['pages']}")
 
     def _print(self, run: FineTuneRun, as_json: bool, events: bool = False) -> None:
         report = describe(run, events)

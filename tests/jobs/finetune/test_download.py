@@ -1,6 +1,6 @@
 """A run's adapter downloaded from its page: the cluster's two commands (sized, then archived) run for real against a
 directory laid out as the trainer leaves it, and the page streams the archive as an attachment to the run's owner
-alone, refusing one that is not there or too large."""
+and those they shared it with, refusing one that is not there or too large."""
 
 from __future__ import annotations
 
@@ -13,10 +13,11 @@ from typing import Any
 
 import pytest
 from django.test import Client
+from django.utils import timezone
 
 from catalog.models import ClusterAccount
 from jobs.cluster import layout, remote
-from jobs.models import FineTuneRun, transition_finetune
+from jobs.models import FineTuneRun, FineTuneShare, transition_finetune
 from portal import gate, ssh
 
 Start = Callable[..., FineTuneRun]
@@ -93,3 +94,17 @@ def test_an_adapter_that_is_not_there_or_too_large_is_refused_with_why(
     reply = client.get(f"/finetune/{queued.pk}/adapter.tar.gz")
     assert reply.status_code == 409 and "not ended" in reply.content.decode()
     assert "Download the adapter" not in client.get(f"/finetune/{queued.pk}/").content.decode()
+
+
+def test_those_it_is_shared_with_download_it_until_the_grant_ends(
+    done: FineTuneRun, client: Client, owner: Any, shared_user: Any
+) -> None:
+    grant = FineTuneShare.objects.create(run=done, user=shared_user, created_by=owner)
+    client.force_login(shared_user)
+    assert "Download the adapter" in client.get(f"/finetune/{done.pk}/").content.decode()
+    reply = client.get(f"/finetune/{done.pk}/adapter.tar.gz")
+    assert reply.status_code == 200 and reply["Content-Type"] == "application/gzip"
+    with tarfile.open(fileobj=io.BytesIO(reply.getvalue()), mode="r:gz") as tar:
+        assert "adapter/adapter_model.safetensors" in tar.getnames()
+    FineTuneShare.objects.filter(pk=grant.pk).update(revoked_at=timezone.now())
+    assert client.get(f"/finetune/{done.pk}/adapter.tar.gz").status_code == 404

@@ -16,6 +16,7 @@ from asgiref.sync import sync_to_async
 from django.utils import timezone
 
 from catalog.models import ModelVariant
+from jobs.finetune import placement
 from jobs.models import ApiToken, BatchFile, FineTuneRun, transition_finetune
 from tests.asgi import Portal, bearer, run, sdk_client
 
@@ -100,7 +101,6 @@ def test_a_job_is_a_fine_tune_run_with_openais_hyperparameters_and_the_metadatas
 @pytest.mark.parametrize(
     ("changes", "status", "message"),
     [
-        ({"metadata": {"project": "p"}}, 400, "say where the run trains in metadata"),
         ({"hyperparameters": {"n_epochs": 0}}, 400, "n_epochs must be a whole number"),
         ({"hyperparameters": {"lora_rank": 4}}, 400, "unknown lora_rank"),
         ({"hyperparameters": {"n_epochs": 2}, "metadata": {**WHERE, "epochs": "3"}}, 400, "epochs both in"),
@@ -117,6 +117,29 @@ def test_a_job_that_cannot_run_is_refused_in_openais_shape_with_the_reason(
 ) -> None:
     reply = create(api(owner), **changes)
     assert reply.status_code == status and message in reply.json()["error"]["message"], reply.text
+    assert not FineTuneRun.objects.exists()
+
+
+def test_without_a_placement_the_run_trains_where_the_wizards_first_plan_fits(
+    owner: Any, safetensors: ModelVariant
+) -> None:
+    reply = create(api(owner), metadata={"project": "p", "lora_rank": "4"})
+    assert reply.status_code == 200, reply.text
+    found = FineTuneRun.objects.select_related("cluster", "partition", "gpu_type").get()
+    # The wizard's LoRA plan for tiny-llama at the run's sequence length: the one partition here, one of its GPUs.
+    plan = placement.recommended(owner, "tiny-llama", "lora", found.max_seq_length)
+    assert plan is not None and plan["gpus"] == "1"
+    assert (found.cluster.slug, found.partition.name, found.gpu_type.name) == (plan["cluster"], plan["partition"],
+                                                                              plan["gpu"])  # fmt: skip
+    assert (found.lora_rank, reply.json()["metadata"]["project"]) == (4, "p")
+
+
+def test_without_a_placement_and_no_plan_that_fits_the_job_is_refused_with_how_to_place_it(
+    safetensors: ModelVariant, django_user_model: Any
+) -> None:
+    nowhere = django_user_model.objects.create_user("newcomer")  # no cluster account yet: no partition to use
+    reply = create(api(nowhere), metadata={"project": "p"})
+    assert reply.status_code == 400 and "say where it trains in metadata" in reply.json()["error"]["message"]
     assert not FineTuneRun.objects.exists()
 
 

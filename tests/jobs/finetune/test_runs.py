@@ -25,7 +25,7 @@ from tests.jobs.finetune.conftest import WHERE
 from tests.jobs.test_gatekeeping import table_of
 
 Start = Callable[..., FineTuneRun]
-QUERIES = 3  # My fine-tune runs: the session, the user, the runs with their models and owners
+QUERIES = 4  # My fine-tune runs: the session, the user, the runs with their models and owners, those shared with me
 
 
 def test_a_run_is_created_with_its_checked_data_and_planned_steps(start: Start, owner: Any) -> None:

@@ -251,7 +251,7 @@ def test_my_sessions_lists_usable_services_and_marks_replicas(
 ) -> None:
     first, _ = running(service)
     signed_in(client, owner)
-    with django_assert_num_queries(9):  # as without services: the services with their ready replicas are one query
+    with django_assert_num_queries(10):  # as without services: the services with their ready replicas are one query
         text = client.get("/sessions/").content.decode()
     assert "Services you can use" in text and 'href="/services/llama-lab/"' in text and "2 of 2" in text
     card = text[text.index(f'id="s-{first.pk}"') :]

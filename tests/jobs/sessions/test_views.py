@@ -142,8 +142,9 @@ def test_my_sessions_lists_cards_and_polls_only_while_something_can_change(
     owner_client: Client, session: LLMSession, django_assert_num_queries: Any
 ) -> None:
     # the auth session, the user, the sessions with their relations, their runs, their grants, who used them (where
-    # the usage summaries stand, then the requests), the sessions shared with the user, and the services they may use
-    with django_assert_num_queries(9):
+    # the usage summaries stand, the requests, then those users' names), the sessions shared with the user, and the
+    # services they may use
+    with django_assert_num_queries(10):
         page = owner_client.get("/sessions/")
     text = page.content.decode()
     assert f'id="s-{session.pk}"' in text and 'hx-trigger="every 3s"' in text
@@ -159,7 +160,7 @@ def test_the_query_count_does_not_grow_with_the_number_of_sessions(
     with django_capture_on_commit_callbacks(execute=False):
         for _ in range(5):
             launch(owner, LAUNCH)
-    with django_assert_num_queries(9):
+    with django_assert_num_queries(10):
         owner_client.get("/sessions/")
 
 

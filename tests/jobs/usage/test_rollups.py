@@ -19,7 +19,7 @@ from django.test.utils import CaptureQueriesContext
 
 from jobs import tasks
 from jobs.models import LLMSession, ProxyRequest, UsageRollup, UsageWatermark, UsageWindow
-from jobs.usage import figures, rollups
+from jobs.usage import figures, memo, rollups
 from jobs.usage.figures import Period, Scope
 from tests.jobs.usage.conftest import at, batch_run, request
 
@@ -130,6 +130,55 @@ def test_a_request_recorded_late_counts_at_once_and_its_traffic_after_the_next_r
     assert later.traffic_gpu_hours == pytest.approx(before.traffic_gpu_hours + 4 * 0.25)  # a window on 4 GPUs
     summarised = everything(period, rows)
     assert summarised == from_raw_rows(period, rows)
+
+
+def test_the_figures_read_again_from_what_was_remembered_are_the_same(rows: list[LLMSession]) -> None:
+    rollups.summarise(SUMMARISED_AT)
+    for period in (*PERIODS.values(), CUT):
+        first = everything(period, rows)
+        with CaptureQueriesContext(connection) as again:
+            assert everything(period, rows) == first
+        read = " ".join(query["sql"] for query in again.captured_queries)
+        assert "jobs_usagerollup" not in read and "jobs_usagewindow" not in read  # the summaries were not read twice
+        assert first == from_raw_rows(period, rows)
+        rollups.summarise(SUMMARISED_AT)  # the summaries again, for the next period
+
+
+def test_a_change_of_names_users_or_runs_after_a_read_shows_at_once(
+    rows: list[LLMSession], owner: Any, other_user: Any
+) -> None:
+    """What was read from the summaries is remembered with whose it was and what they were called (memo.py)."""
+    period = PERIODS["all time"]
+    rollups.summarise(SUMMARISED_AT)
+    everything(period, rows)  # remembered
+    other_user.groups.add(Group.objects.get(name="vision-lab"))  # a user put in a group
+    owner.username = "ada-lovelace"  # renamed
+    owner.save()
+    variant = rows[1].variant
+    variant.model.name = "GPT-2 (renamed)"
+    variant.model.save()
+    rows[0].ended_at = at("2025-03-01 20:00")  # a run that ended earlier (as Slurm corrected it)
+    rows[0].save()
+    now = everything(period, rows)
+    memo.forget()
+    assert now == everything(period, rows)  # as read with nothing remembered
+    assert "ada-lovelace" in now["site", "user"] and "GPT-2 (renamed)" in now["site", "model"]
+    users = now["site", "user"]
+    assert (
+        now["site", "group"]["vision-lab"].requests
+        == users["ada-lovelace"].requests + users[other_user.username].requests
+    )
+
+
+def test_a_session_deleted_after_a_read_leaves_the_figures_at_once(rows: list[LLMSession]) -> None:
+    period = PERIODS["all time"]
+    rollups.summarise(SUMMARISED_AT)
+    everything(period, rows)  # remembered
+    LLMSession.objects.filter(pk=rows[2].pk).delete()  # with its summaries
+    kept = [rows[0], rows[1], rows[3]]
+    now = everything(period, kept)
+    memo.forget()
+    assert now == everything(period, kept)  # as read with nothing remembered
 
 
 def test_summarising_again_or_after_downtime_gives_the_same_summaries(rows: list[LLMSession]) -> None:

@@ -13,8 +13,9 @@ from django.contrib.auth.models import Group
 from django.test import Client
 
 from jobs.apps import USAGE_GROUP
-from jobs.models import LLMSession
-from tests.jobs.usage.conftest import batch_run, request
+from jobs.models import FineTuneRun, LLMSession
+from tests.jobs.test_access_matrix import finetune_run
+from tests.jobs.usage.conftest import at, batch_run, request
 
 PERIOD = {"since": "2025-01-01", "until": "2025-05-31"}
 MakeSession = Callable[..., LLMSession]
@@ -177,14 +178,38 @@ def test_the_usage_pages_take_a_fixed_number_of_queries(
             request(session, usage_user if minute % 2 else owner, f"2025-03-0{1 + i % 9} 10:{minute:02}")
         batch_run(session, owner, f"2025-03-0{1 + i % 9} 10:30", prompt=1, completion=1)
     signed_in(client, owner)
-    # The browser session and user, the figures' four, the routes' one, where the summaries stand (for each of the
-    # two), the user's and their groups' permissions (the link to Site usage), and the allocations (none here). The
-    # CSV has no routes' table and no allocations.
-    with django_assert_num_queries(12):
+    # The browser session and user, the figures' four and the names their keys join (the sessions' or the users';
+    # none by month), the routes' one, where the summaries stand (for each of the two), the user's and their groups'
+    # permissions (the link to Site usage), the allocations (none here) and the fine-tune runs' GPU-hours. The CSV
+    # has no routes' table, no allocations and no fine-tune runs.
+    with django_assert_num_queries(14):
         client.get("/usage/", PERIOD)
     signed_in(client, usage_user)
     for by in ("user", "group", "model", "month"):
-        with django_assert_num_queries(12):
+        with django_assert_num_queries(13 + (by != "month")):
             client.get("/usage/site/", {**PERIOD, "by": by})
-        with django_assert_num_queries(9):
+        with django_assert_num_queries(9 + (by != "month")):
             client.get("/usage/site.csv", {**PERIOD, "by": by})
+
+
+def trained(session: LLMSession, start: str, end: str) -> FineTuneRun:
+    """A fine-tune run of the session's owner, where the session ran, whose job ran from `start` to `end`."""
+    run = finetune_run(session)
+    FineTuneRun.objects.filter(pk=run.pk).update(
+        state=FineTuneRun.State.COMPLETED, started_at=at(start), finished_at=at(end)
+    )
+    return run
+
+
+def test_the_usage_pages_show_fine_tune_runs_gpu_hours_in_the_period(
+    client: Client, rows: dict[str, LLMSession], owner: Any, usage_user: Any
+) -> None:
+    trained(rows["mine"], "2025-03-02 10:00", "2025-03-02 11:30")
+    trained(rows["mine"], "2024-12-31 23:00", "2025-01-01 01:00")  # one of its two hours in the period (2 GPUs)
+    trained(rows["mine"], "2024-06-01 10:00", "2024-06-01 12:00")  # before it
+    signed_in(client, owner)
+    page = client.get("/usage/", PERIOD).content.decode()
+    assert "Fine-tune runs: <strong>5.00 GPU-hours</strong> of 2 runs in this period" in page
+    assert "none ran in this period" in client.get("/usage/", {"since": "2025-04-01"}).content.decode()
+    signed_in(client, usage_user)
+    assert "<strong>5.00 GPU-hours</strong> of 2 runs" in client.get("/usage/site/", PERIOD).content.decode()

@@ -2,7 +2,7 @@
 (its key, never the caller's credentials), what comes back (only data, streamed as it comes, and recorded), and that
 its views serve nothing that did not come through the door.
 
-The session's server is a stand-in for the network (httpx's MockTransport in place of the proxy's pooled client); the
+The session's server is a stand-in for the network (httpx's MockTransport in place of the proxy's pooled transport); the
 session's address is a loopback port nothing is sent to."""
 
 from __future__ import annotations

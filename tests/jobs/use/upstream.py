@@ -1,5 +1,5 @@
 """A session's model server as the proxy's tests stand it in (httpx's MockTransport in place of the proxy's pooled
-client), and what those tests ask of the portal's records."""
+transport), and what those tests ask of the portal's records."""
 
 from __future__ import annotations
 
