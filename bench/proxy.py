@@ -653,7 +653,7 @@ def main() -> None:
         else:
             print(f"\nllama-server is not built ({LLAMA_BIN}): run scripts/build-llama-cpp to measure it too")
             figures.append(Target("added TTFT and throughput, llama-server", "see above", "not built", None))
-        if vllm:
+        if vllm and args.vllm_requests > 0:  # --vllm-requests 0 leaves vLLM out
             key = {"Authorization": f"Bearer {keys['vllm']}"}
             wait_up(here(ports["vllm"], "/health"), key, timeout_s=300)
             body = {"model": keys["served_name"], "messages": message, "stream": True, "max_tokens": args.vllm_tokens,
@@ -669,7 +669,8 @@ def main() -> None:
                 run_paths(vllm_paths, body, args.vllm_requests, models={"portal": "vllm"}),
             )
         else:
-            print(f"\nvLLM or SmolLM2 as safetensors is missing ({VLLM_PYTHON}, {SMOLLM2_HF}): run local-cluster up")
+            print("\nvLLM left out (--vllm-requests 0)" if vllm else f"\nvLLM or SmolLM2 as safetensors is missing "
+                  f"({VLLM_PYTHON}, {SMOLLM2_HF}): run local-cluster up")  # fmt: skip
         print()
         held, per_stream = 0, 0.0
         rss_before = rss_bytes(processes[1].pid)
