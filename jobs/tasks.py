@@ -1,7 +1,8 @@
 """The Celery tasks: thin wrappers that take ids, call the plain functions that do the work (jobs/sessions/lifecycle.py,
 jobs/batch/, jobs/cluster/), and decide what follows: a retry with backoff for transient errors, a cancel after a
-submit. Every account poll they make (poll_account, the watch's, a cancel's) is followed by
-jobs.batch.progress.after_poll, which records the batch runs it read.
+submit. Every account poll they make (poll_account, the watch's, a cancel's) is followed by after_poll:
+jobs.batch.progress.after_poll, which records the batch runs it read, then the fine-tune comparisons that wait for
+(or are to end) a session it polled.
 
 Beat runs poll_clusters, watch_sessions and keep_services (every PORTAL_POLL_INTERVAL_S), refresh_partitions (every
 PORTAL_QUEUE_REFRESH_S), sync_groups (every PORTAL_GROUP_SYNC_S), rediscover (every PORTAL_DISCOVER_EVERY_S,
@@ -11,6 +12,7 @@ Task names are explicit, so moving code never strands a queued message.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -21,13 +23,14 @@ from celery.exceptions import MaxRetriesExceededError
 from django.conf import settings
 from django.core.cache import cache
 from django.core.exceptions import ValidationError
-from django.db import connections
+from django.db import connections, transaction
 
 from catalog import discover, inventory
 from catalog.models import Cluster
 from jobs.allocations import mail as allocation_mail
 from jobs.batch import files, progress, staging
 from jobs.cluster import capacity, logs
+from jobs.finetune import advancing
 from jobs.finetune import lifecycle as finetunes
 from jobs.models import LLMSession, State
 from jobs.operations import metrics
@@ -92,6 +95,8 @@ def poll_clusters() -> int:
         cancel_session.delay(session_id)
     for run_id in staging.lost():
         stage_batch.delay(run_id)
+    for comparison_id in advancing.to_advance():  # a session that ended unpolled (its submit refused) included
+        advance_comparison.delay(comparison_id)
     planned = listing.plan()
     for cluster_id in planned.clusters:
         poll_cluster.apply_async((cluster_id,), expires=settings.PORTAL_POLL_INTERVAL_S * 2)
@@ -155,7 +160,7 @@ def watch_sessions() -> int:
 
 def _watch_one(account_id: int, seconds: float) -> int:
     try:
-        return lifecycle.watch(account_id, seconds, after_poll=progress.after_poll)
+        return lifecycle.watch(account_id, seconds, after_poll=after_poll)
     except Exception:  # one account's trouble must not end the others' watch; the regular poll still runs
         log.exception("watching the sessions of account %s failed", account_id)
         return 0
@@ -168,14 +173,42 @@ def poll_account(account_id: int) -> dict[str, int]:
     """One account's poll (lifecycle.poll), then its batch runs from what it read (the engine sits above the
     sessions, so the poll leaves them to its caller)."""
     polled = lifecycle.poll(account_id)
-    progress.after_poll(polled)
+    after_poll(polled)
     return polled.counts
+
+
+def after_poll(polled: lifecycle.Polled) -> None:
+    """What an account's poll read: on its batch runs, then on the comparisons with a session of their own among
+    the sessions polled (a comparison waits for it to run, and ends it once both batch runs have)."""
+    progress.after_poll(polled)
+    for comparison_id in advancing.to_advance(polled.session_ids):
+        try:
+            _advance(comparison_id)
+        except Exception:  # one comparison's trouble must not stop the poll's others; beat asks again
+            log.exception("moving comparison %s along failed", comparison_id)
+
+
+def _advance(comparison_id: str) -> str:
+    """advancing.advance, then what it asks sent on once its writes have committed: the batch runs it started to
+    the cluster, the session it ended to scancel."""
+    step = advancing.advance(comparison_id)
+    for run_id in step.staged:
+        transaction.on_commit(functools.partial(stage_batch.delay, run_id))
+    if step.cancel:
+        transaction.on_commit(functools.partial(cancel_session.delay, step.cancel))
+    return step.outcome
+
+
+@shared_task(name="jobs.advance_comparison", ignore_result=True, acks_late=True)
+def advance_comparison(comparison_id: str) -> str:
+    """A comparison that launched its session, moved along (advancing.advance: each step claimed once)."""
+    return _advance(comparison_id)
 
 
 @shared_task(bind=True, name="jobs.cancel_session", max_retries=40, acks_late=True)
 def cancel_session(self: Task[Any, Any], session_id: str) -> str:
     """scancel the session's job, then confirm through polls until Slurm says it has ended."""
-    ended = lifecycle.cancel(session_id, after_poll=progress.after_poll)
+    ended = lifecycle.cancel(session_id, after_poll=after_poll)
     if ended is None:
         raise self.retry(countdown=3)
     return ended

@@ -17,7 +17,7 @@ import select
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 import paramiko
@@ -28,6 +28,7 @@ DEFAULT_CONNECT_TIMEOUT_S = 10.0
 DEFAULT_COMMAND_TIMEOUT_S = 60.0
 DEFAULT_MAX_OUTPUT_BYTES = 1 << 20
 KEEPALIVE_S = 30
+STREAM_CHUNK_TIMEOUT_S = 300.0  # a streamed standard input: the most one chunk may wait for the command to take it
 
 
 class SSHError(Exception):
@@ -215,7 +216,7 @@ def _run_on(
     target: SSHTarget,
     command: str,
     timeout_s: float,
-    stdin: bytes | None,
+    stdin: bytes | Iterable[bytes] | None,
     max_output_bytes: int,
 ) -> CommandResult:
     """Run one command on an open connection, draining stdout and stderr together so neither can block."""
@@ -231,8 +232,10 @@ def _run_on(
     deadline = time.monotonic() + timeout_s
     try:
         channel.exec_command(command)
-        if stdin:
+        if isinstance(stdin, bytes):
             channel.sendall(stdin)
+        elif stdin is not None:
+            _send_stream(channel, stdin, timeout_s)
         channel.shutdown_write()
         while True:
             remaining = deadline - time.monotonic()
@@ -261,6 +264,22 @@ def _run_on(
         stderr=err.decode("utf-8", errors="replace"),
         truncated=truncated,
     )
+
+
+def _send_stream(channel: paramiko.Channel, chunks: Iterable[bytes], timeout_s: float) -> None:
+    """Send chunks as they come (another command's output, too large to hold), each within timeout_s; stop early,
+    without an error, once the command has exited or closed its input (it says why: its exit status and output)."""
+    channel.settimeout(min(timeout_s, STREAM_CHUNK_TIMEOUT_S))
+    for chunk in chunks:
+        if channel.exit_status_ready() or channel.closed:
+            break
+        try:
+            channel.sendall(chunk)
+        except OSError:
+            if channel.exit_status_ready() or channel.closed or channel.eof_received:
+                break
+            raise
+    channel.settimeout(None)
 
 
 def _take(buffer: bytearray, chunk: bytes, limit: int) -> bool:
@@ -305,7 +324,7 @@ class SSHPool:
         command: str,
         *,
         timeout_s: float = DEFAULT_COMMAND_TIMEOUT_S,
-        stdin: bytes | None = None,
+        stdin: bytes | Iterable[bytes] | None = None,
         max_output_bytes: int = DEFAULT_MAX_OUTPUT_BYTES,
     ) -> CommandResult:
         client = self.client(target)

@@ -82,8 +82,14 @@ class JobSpec:
     # uuid), in this order (llama-server's adapter ids); vLLM's --max-lora-rank, at least the largest rank.
     adapters: tuple[str, ...] = ()
     max_lora_rank: int = 0
+    # Those of the adapters copied into this cluster user's home ($ADAPTERS_DIR/<uuid>: another cluster user's runs
+    # shared with the session's owner, jobs/sessions/adapter_copies.py) rather than beside this session's directory.
+    copied_adapters: tuple[str, ...] = ()
     # A fine-tune run: llama.cpp's convert_lora_to_gguf.py, run at the end with the trainer's Python ("": no GGUF).
     lora_converter: str = ""
+    # A fine-tune run that trains another run's adapter further: that run's uuid, whose directory beside this one
+    # holds the adapter the trainer starts from ("": a new adapter).
+    parent_run: str = ""
 
 
 def _check(allowed: shellsafe.AllowList, value: str, what: str) -> str:
@@ -160,6 +166,7 @@ def assignments(spec: JobSpec) -> list[str]:
         "STAGE_KEEP": int(spec.stage_keep),
         "MAX_LORA_RANK": spec.max_lora_rank if spec.adapters else 0,
         "LORA_CONVERTER": _converter(spec.lora_converter),
+        "PARENT_RUN": _check(shellsafe.UUID, spec.parent_run, "parent run id") if spec.parent_run else "",
     }
     lines = [f"{name}={shlex.quote(str(value))}" for name, value in scalars.items()]
     lines += [
@@ -167,11 +174,18 @@ def assignments(spec: JobSpec) -> list[str]:
         f"DEFAULT_FLAGS={_array(spec.default_flags)}",
         f"EXTRA_FLAGS={_array(spec.extra_flags)}",
         f"ADAPTER_RUNS={_array(tuple(_check(shellsafe.UUID, run, 'adapter run id') for run in spec.adapters))}",
+        f"COPIED_ADAPTERS={_array(tuple(_copied(run, spec.adapters) for run in spec.copied_adapters))}",
     ]
     for line in lines:
         if "\n" in line or "\x00" in line:
             raise RenderError("values must not contain newlines or NUL bytes")
     return lines
+
+
+def _copied(run: str, adapters: tuple[str, ...]) -> str:
+    if run not in adapters:
+        raise RenderError(f"copied adapter {run!r} is not one of the session's adapters")
+    return _check(shellsafe.UUID, run, "adapter run id")
 
 
 def _converter(path: str) -> str:
@@ -242,7 +256,7 @@ def trainer_body() -> str:
 BODY_STARTS = "# ---- skeleton.sh"  # the body's first line: the gate hashes from here
 # One word as shlex.quote writes it: plain safe characters, or single quotes with a quote written '"'"'.
 _QUOTED = r"(?:[A-Za-z0-9_@%+=:,./-]+|'[^']*(?:'\"'\"'[^']*)*')"
-_ARRAYS = ("MODULES", "DEFAULT_FLAGS", "EXTRA_FLAGS", "ADAPTER_RUNS")
+_ARRAYS = ("MODULES", "DEFAULT_FLAGS", "EXTRA_FLAGS", "ADAPTER_RUNS", "COPIED_ADAPTERS")
 
 
 def header_rules(pinned: dict[str, list[str]]) -> list[str]:
@@ -274,9 +288,11 @@ def header_rules(pinned: dict[str, list[str]]) -> list[str]:
     for name in names:
         if name in pinned:
             rules.append(f"^{name}=(?:{'|'.join(re.escape(value) for value in pinned[name])})\\Z")
-        elif name == "ADAPTER_RUNS":  # uuids alone: the job side makes paths of them
+        elif name in ("ADAPTER_RUNS", "COPIED_ADAPTERS"):  # uuids alone: the job side makes paths of them
             run = shellsafe.inner(shellsafe.UUID)
             rules.append(f"^{name}=\\((?:{run}(?: {run})*)?\\)\\Z")
+        elif name == "PARENT_RUN":  # a uuid or nothing, as ADAPTER_RUNS: the job reads the adapter in this home
+            rules.append(f"^{name}=(?:{shellsafe.inner(shellsafe.UUID)}|'')\\Z")
         elif name in _ARRAYS:
             rules.append(f"^{name}=\\((?:{_QUOTED}(?: {_QUOTED})*)?\\)\\Z")
         else:

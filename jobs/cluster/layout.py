@@ -19,6 +19,9 @@ from portal.shellsafe import UUID
 
 PORTAL_DIR = ".hpc-llm-portal"  # in the cluster account's home; 0700
 SESSIONS_DIR = f"{PORTAL_DIR}/sessions"
+# Adapters of other cluster users' fine-tune runs, copied here for this user's sessions (docs/finetune.md, sharing):
+# one directory each, named by the run's uuid, holding what the run's directory holds of it (ADAPTER_DIR, the GGUF).
+ADAPTERS_DIR = f"{PORTAL_DIR}/adapters"
 
 
 @dataclass(frozen=True)
@@ -92,7 +95,11 @@ def in_shell(relative: str) -> str:
 
 def assignments() -> dict[str, str]:
     """Shell variable -> its value as a shell word (already quoted)."""
-    values = {"PORTAL_DIR": in_shell(PORTAL_DIR), "SESSIONS_DIR": in_shell(SESSIONS_DIR)}
+    values = {
+        "PORTAL_DIR": in_shell(PORTAL_DIR),
+        "SESSIONS_DIR": in_shell(SESSIONS_DIR),
+        "ADAPTERS_DIR": in_shell(ADAPTERS_DIR),
+    }
     values.update({field.name.upper(): shlex.quote(getattr(NAMES, field.name)) for field in fields(Names)})
     return values
 

@@ -17,9 +17,10 @@ import shlex
 import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from catalog.runtime_rules import RUNTIMES
-from jobs.cluster import jobscript, layout, slurm
+from jobs.cluster import adaptercopy, jobscript, layout, slurm
 from portal import gate, shellsafe
 from portal.slurm.cli import PLAIN, SlurmCli
 from portal.slurm.errors import SlurmParseError
@@ -597,7 +598,46 @@ ADAPTER_SIZE = gate.Verb(
     args=(shellsafe.UUID,),
 )
 ADAPTER = gate.Verb("adapter", script('exec tar -C "$SESSIONS_DIR/$1" -czf - "$ADAPTER_DIR"\n'), args=(shellsafe.UUID,))
-VERBS = (SUBMIT, STAGE, STOP, CANCEL, SCANCEL, WATCH, POLL, LISTING, LOG, HAS_RESULTS, RESULTS, ADAPTER_SIZE, ADAPTER)
+# A shared adapter copied into the home of a session's cluster user when it is another than the run's
+# (jobs/sessions/adapter_copies.py): on the run's account its size and checksum, then its files (ADAPTER_DIR and the
+# GGUF) as a gzipped tar; on the session's, the checksum of the copy it holds, and the unpacking of the tar into
+# $ADAPTERS_DIR/RUN (jobs/cluster/adaptercopy.py, whose text the scripts carry: a login host's python3 runs it).
+ADAPTER_COPY_PROGRAM = Path(adaptercopy.__file__).read_text()
+if "\nHPC_LLM_PORTAL_PY\n" in ADAPTER_COPY_PROGRAM:
+    raise RuntimeError("adaptercopy.py must not hold its heredoc's terminator")
+_WITH_PROGRAM = f"IFS= read -r -d '' prog <<'HPC_LLM_PORTAL_PY' || true\n{ADAPTER_COPY_PROGRAM}\nHPC_LLM_PORTAL_PY\n"
+ADAPTER_MANIFEST = gate.Verb(
+    "adapter-manifest",
+    script(_WITH_PROGRAM + 'exec python3 -c "$prog" manifest "$SESSIONS_DIR/$1" "$ADAPTER_DIR" "$ADAPTER_GGUF"\n'),
+    args=(shellsafe.UUID,),
+)
+ADAPTER_BUNDLE = gate.Verb(
+    "adapter-bundle",
+    script(
+        'cd "$SESSIONS_DIR/$1" 2>/dev/null && [ -d "$ADAPTER_DIR" ] || { echo "the run has no adapter" >&2; exit 3; }\n'
+        'set -- "$ADAPTER_DIR"\n[ ! -f "$ADAPTER_GGUF" ] || set -- "$@" "$ADAPTER_GGUF"\nexec tar -czf - -- "$@"\n'
+    ),
+    args=(shellsafe.UUID,),
+)
+ADAPTER_COPIED = gate.Verb(
+    "adapter-copied",
+    script(_WITH_PROGRAM + 'exec python3 -c "$prog" recorded "$ADAPTERS_DIR/$1"\n'),
+    args=(shellsafe.UUID,),
+)
+ADAPTER_RECEIVE = gate.Verb(
+    "adapter-receive",
+    script(
+        _WITH_PROGRAM
+        + 'umask 077\nmkdir -p "$PORTAL_DIR" && chmod 700 "$PORTAL_DIR" || exit 3\n'
+        + 'exec python3 -c "$prog" receive "$ADAPTERS_DIR/$1" "$2" "$3" "$ADAPTER_DIR" "$ADAPTER_GGUF"\n'
+    ),
+    args=(shellsafe.UUID, shellsafe.SHA256, shellsafe.COUNT),
+)
+ADAPTER_COPY_REFUSED = adaptercopy.REFUSED  # the copy cannot be made as it is (the scripts' own refusals exit so too)
+VERBS = (
+    SUBMIT, STAGE, STOP, CANCEL, SCANCEL, WATCH, POLL, LISTING, LOG, HAS_RESULTS, RESULTS, ADAPTER_SIZE, ADAPTER,
+    ADAPTER_MANIFEST, ADAPTER_BUNDLE, ADAPTER_COPIED, ADAPTER_RECEIVE,
+)  # fmt: skip
 
 
 @dataclass

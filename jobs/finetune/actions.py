@@ -48,10 +48,11 @@ def create(
                 run.valid_file.save("valid.jsonl", File(checked.valid), save=False)
             run.save()
             split = f", {run.valid_examples} to validate" if run.valid_examples else ""
+            further = f", training further {run.parent.model_name}" if run.parent is not None else ""
             run.events.create(
                 to_state=run.state,
                 reason=f"requested by {user.get_username()}: {run.get_method_display()} of {run.variant} on "
-                f"{run.train_examples} examples from {run.name}{split}, {run.planned_steps} steps"[:500],
+                f"{run.train_examples} examples from {run.name}{split}, {run.planned_steps} steps{further}"[:500],
             )
             transaction.on_commit(lambda: tasks.submit_finetune.delay(str(run.pk)))
     except IntegrityError:

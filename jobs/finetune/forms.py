@@ -6,6 +6,10 @@ cluster, partition, GPU type and count, account, walltime, CPUs, memory), and La
 transformers runtime, where the trainer runs: the account, the partition's accounts and time limit, the GPUs, the model
 on the cluster, the user's limits and allocations. The method and hyperparameters come from FineTuneRun's columns
 (their limits, labels and help), and the training data is checked line by line (data.py) before anything is created.
+
+A run may train further from one of the user's own completed LoRA or QLoRA runs (`from`: its uuid or model name,
+ft:...): it takes the parent's base variant and adapter shape (INHERITED), and where it ran unless it is told
+otherwise, on the parent's cluster and cluster user, whose home holds the adapter.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from __future__ import annotations
 import copy
 import math
 import tempfile
+import uuid
 from dataclasses import dataclass, field
 from typing import IO, Any
 
@@ -24,7 +29,7 @@ from django.core.files.uploadedfile import UploadedFile
 from django.db import models
 
 from catalog.estimate import Estimate, EstimateError, Request, fit
-from catalog.models import ClusterRuntime, GPUType, ModelCard, ModelVariant
+from catalog.models import ClusterAccount, ClusterRuntime, GPUType, ModelCard, ModelVariant
 from catalog.training import PurposeRequest, estimate_purpose
 from jobs.batch import inputs
 from jobs.finetune import data
@@ -41,6 +46,12 @@ HYPERPARAMETERS = (
 BF16_FROM = (8, 0)  # compute capability from which a GPU computes in bf16 (Ampere); fp16 before (V100: 7.0)
 BOOLEANS = ("gradient_checkpointing",)  # a choice of on and off below: a flag left out keeps the default
 SIGNAL_LEAD_MAX_S = 300  # Slurm's warning before the time limit: room for a checkpoint of a large model
+PARENT = "from"  # the run whose adapter a run trains further: the page's ?from=, `finetune create --from`
+# The adapter's shape, which a run that trains it further keeps: PEFT loads the parent's adapter_config.json, so
+# another rank, alpha, dropout or set of target modules would be another adapter, not this one trained further.
+INHERITED = ("lora_rank", "lora_alpha", "lora_dropout", "target_modules")
+# Where the parent ran, which a run that trains it further takes unless it names a cluster: the launch's fields.
+PLACEMENT = ("cluster", "partition", "gpu", "gpus", "account", "walltime", "cpus", "memory_gib")
 
 
 def limits() -> inputs.Limits:
@@ -102,9 +113,70 @@ def _data_fields() -> dict[str, forms.Field]:
     }
 
 
+def continuable(user: User, model: str = "") -> models.QuerySet[FineTuneRun]:
+    """The user's own runs whose adapters a run may train further (completed, LoRA or QLoRA), of `model` if named,
+    newest first."""
+    runs = FineTuneRun.objects.filter(owner=user, state=FineTuneRun.State.COMPLETED).exclude(
+        method=FineTuneRun.Method.FULL
+    )
+    if model:
+        runs = runs.filter(variant__model__name=model)
+    return runs.select_related("variant__model", "owner", "cluster", "partition", "gpu_type", "account")
+
+
+def own_run(user: User, name: str) -> FineTuneRun | None:
+    """The user's own run that `name` names: its uuid, or its model name (FineTuneRun.model_name, ft:...); None for
+    anything else, another user's run (shared or not) included."""
+    runs = FineTuneRun.objects.filter(owner=user).select_related(
+        "variant__model", "owner", "cluster", "partition", "gpu_type", "account"
+    )
+    parts = name.split(":")
+    if len(parts) == 5 and parts[0] == "ft":
+        _, base, owner, suffix, short = parts
+        if owner != user.get_username() or len(short) != 8:
+            return None
+        found = runs.filter(variant__model__name=base, suffix=suffix)
+        return next((run for run in found if run.model_name == name), None)
+    try:
+        return runs.filter(pk=uuid.UUID(name)).first()
+    except ValueError:
+        return None
+
+
+def parent_refusal(run: FineTuneRun) -> str:
+    """Why a run cannot train the run's adapter further; "" when it can."""
+    name = run.model_name
+    if run.state != FineTuneRun.State.COMPLETED:
+        return f"{name} is {run.state}: only a completed run has an adapter to train further."
+    if run.method == FineTuneRun.Method.FULL:
+        return f"{name} fine-tuned the whole model: it has no adapter to train further; train from its base."
+    return ""
+
+
+def parent_values(run: FineTuneRun) -> dict[str, Any]:
+    """The fields a run that trains the run's adapter further takes from it unless it is given them: the base
+    variant, the method, the adapter's shape and where it ran (the form's initial values for ?from=)."""
+    return {
+        PARENT: str(run.pk),
+        "model": run.variant.model.name,
+        "quant": run.variant.quantization,
+        "cluster": run.cluster.slug,
+        "partition": run.partition.name,
+        "gpu": run.gpu_type.name,
+        "gpus": run.gpus_per_node,
+        "account": run.account_id,
+        "walltime": run.walltime_min,
+        "cpus": run.cpus_per_node,
+        "memory_gib": run.memory_gib,
+        "method": run.method,
+        **{name: getattr(run, name) for name in INHERITED},
+    }
+
+
 class FineTuneForm(forms.Form):
-    """A fine-tune run: where (the launch's fields), how (the method and hyperparameters), on what (the data). Its
-    fields are set below the class, from where each is defined."""
+    """A fine-tune run: where (the launch's fields), how (the method and hyperparameters), on what (the data), and
+    the run whose adapter it trains further, if any. Its fields are set below the class, from where each is
+    defined."""
 
     checked: Checked | None = None
     estimate: Estimate | None = None
@@ -113,11 +185,48 @@ class FineTuneForm(forms.Form):
         super().__init__(*args, **kwargs)
         self.user = user
         self.run_columns: dict[str, Any] = {}
+        self.parent: FineTuneRun | None = None
+        named = str(self.data.get(PARENT) or "").strip() if self.is_bound else ""
+        if named:
+            self.parent = own_run(user, named)
+            if self.parent is not None:
+                self.data = self._with_parents(self.parent)
+
+    def _with_parents(self, parent: FineTuneRun) -> Any:
+        """The data, with what it leaves out taken from the parent: its base and shape, and where it ran (but its
+        CPUs and memory where the data names another partition or GPU type)."""
+        data = self.data.copy()  # type: ignore[attr-defined]  # a QueryDict or a dict: both copy
+        given = {name for name in self.fields if data.get(name) not in (None, "")}
+        inherited = parent_values(parent)
+        names = ["model", "quant", "method", *INHERITED]
+        if data.get("cluster") in (None, "", parent.cluster.slug):  # another cluster is refused in clean()
+            elsewhere = {"partition", "gpu"} & given  # the parent's CPUs and memory are its partition's share
+            names += [n for n in PLACEMENT if not (elsewhere and n in ("cpus", "memory_gib"))]
+        for name in names:
+            if name not in given:
+                data[name] = inherited[name]
+        return data
+
+    def clean_from(self) -> FineTuneRun | None:
+        named = str(self.cleaned_data.get(PARENT) or "").strip()
+        if not named:
+            return None
+        if self.parent is None:
+            raise ValidationError(
+                f"You have no fine-tune run {named!r}: a run trains further only from one of your own completed runs "
+                "(by its uuid or its model name, ft:...), not from one shared with you."
+            )
+        why_not = parent_refusal(self.parent)
+        if why_not:
+            raise ValidationError(why_not)
+        return self.parent
 
     def clean(self) -> dict[str, Any]:
         cleaned = super().clean() or {}
         if self.errors:
             return cleaned
+        if self.parent is not None:
+            self._check_parent(cleaned, self.parent)
         for name in HYPERPARAMETERS:  # left out: the column's default (the command line's flags are optional)
             if cleaned.get(name) in (None, ""):
                 column = FineTuneRun._meta.get_field(name)
@@ -127,6 +236,8 @@ class FineTuneForm(forms.Form):
         if launch is None:
             return cleaned
         objects = launch.objects
+        if self.parent is not None:
+            self._check_parents_home(objects["account"], self.parent)
         variant, gpu = launch.variant, objects["gpu_type"]
         assert isinstance(variant, ModelVariant) and isinstance(gpu, GPUType)
         install = ClusterRuntime.objects.get(cluster_id=objects["cluster"].pk, runtime_id=objects["runtime"].pk)
@@ -149,9 +260,53 @@ class FineTuneForm(forms.Form):
             "planned_steps": data.planned_steps(checked.columns["train_examples"], per_step, cleaned["epochs"]),
             "precision": precision_of(gpu),
             "estimate_gib": round(max(self.estimate.per_gpu_gib), 3),
+            "parent": self.parent,
         }
         self.checked = checked
         return cleaned
+
+    def _check_parent(self, cleaned: dict[str, Any], parent: FineTuneRun) -> None:
+        """A run that trains an adapter further is of the parent's base variant, by LoRA or QLoRA, with its shape."""
+        name, problems = parent.model_name, {}
+        variant = parent.variant
+        if cleaned["model"] != variant.model.name or (
+            cleaned.get("quant") and cleaned["quant"].lower() != variant.quantization.lower()
+        ):
+            problems["model"] = (
+                f"{name} is an adapter of {variant.model.name} {variant.quantization}: a run that trains it further "
+                "trains on that base."
+            )
+        if cleaned["cluster"] != parent.cluster.slug:
+            problems["cluster"] = (
+                f"{name}'s adapter is in the home of {parent.account.username} on {parent.cluster.name}: a run that "
+                f"trains it further runs there (the portal copies no adapter between clusters)."
+            )
+        if cleaned["method"] == FineTuneRun.Method.FULL:
+            problems["method"] = f"Training {name} further trains its adapter: choose LoRA or QLoRA, not full."
+        for column in INHERITED:
+            kept = getattr(parent, column)
+            if cleaned[column] != kept:
+                label = self.fields[column].label or column
+                problems[column] = (
+                    f"{name} has {label} {kept}: a run that trains it further keeps its adapter's shape (leave "
+                    f"{column} out, or give {kept})."
+                )
+        if problems:
+            raise ValidationError(problems)
+
+    def _check_parents_home(self, account: Any, parent: FineTuneRun) -> None:
+        """The parent's adapter is in its cluster user's home (on its cluster: _check_parent), where the job reads
+        it."""
+        assert isinstance(account, ClusterAccount)
+        where = f"{parent.account.username} on {parent.cluster.name}"
+        if account.cluster_id != parent.cluster_id or account.username != parent.account.username:
+            raise ValidationError(
+                {
+                    "account": f"{parent.model_name}'s adapter is in the home of {where}: a run that trains it "
+                    f"further runs as {parent.account.username} (that account, or a lab account of the same cluster "
+                    "user)."
+                }
+            )
 
     def _placement(self, cleaned: dict[str, Any]) -> LaunchForm | None:
         """The launch form's checks of where it runs, on the cluster's PyTorch environment (the safetensors variant
@@ -300,6 +455,13 @@ FineTuneForm.base_fields = FineTuneForm.declared_fields = {
     **_data_fields(),
     "suffix": column_field(FineTuneRun, "suffix"),
     "notify": column_field(FineTuneRun, "notify_email"),
+    PARENT: forms.CharField(
+        required=False,
+        max_length=200,
+        label="train further from",
+        help_text="one of your completed LoRA or QLoRA runs, by its uuid or model name (ft:...): its base, adapter "
+        "shape and cluster",
+    ),
 }
 
 

@@ -68,6 +68,7 @@ def job_spec(run: FineTuneRun) -> jobscript.JobSpec:
         trainer=True,
         signal_s=signal_lead_s(run.walltime_min),
         lora_converter=converter_of(run),
+        parent_run=str(run.parent_id or ""),
     )
 
 
@@ -81,8 +82,10 @@ def converter_of(run: FineTuneRun) -> str:
 
 
 def settings_file(run: FineTuneRun) -> str:
-    """The run's settings as the trainer reads them (one JSON object, every key of SETTINGS and the run's id)."""
-    return json.dumps({"run": str(run.pk), **{name: getattr(run, name) for name in SETTINGS}}, sort_keys=True)
+    """The run's settings as the trainer reads them (one JSON object, every key of SETTINGS, the run's id and its
+    parent's, "" when it trains a new adapter)."""
+    ids = {"run": str(run.pk), "parent": str(run.parent_id or "")}
+    return json.dumps({**ids, **{name: getattr(run, name) for name in SETTINGS}}, sort_keys=True)
 
 
 def _claim(run_id: str, claim: str | None) -> bool:

@@ -19,7 +19,17 @@ from django.views.decorators.http import require_GET, require_http_methods, requ
 from jobs.finetune import actions, comparisons, download, sharing
 from jobs.finetune.chart import loss_svg
 from jobs.finetune.comparisons import CompareForm
-from jobs.finetune.forms import DATA, HYPERPARAMETERS, WHERE, FineTuneForm, steps_text
+from jobs.finetune.forms import (
+    DATA,
+    HYPERPARAMETERS,
+    PARENT,
+    WHERE,
+    FineTuneForm,
+    continuable,
+    own_run,
+    parent_values,
+    steps_text,
+)
 from jobs.models import FineTuneRun
 from jobs.sessions.access import sees_all
 from portal import ssh, streaming
@@ -66,19 +76,33 @@ def finetune_new(request: HtmxHttpRequest) -> HttpResponse:
             return render_page(request, "jobs/finetune_new.html", _new_context(form, messages_of(exc)))
         messages.success(request, f"Fine-tune run of {run.planned_steps} steps created: submitting its job to Slurm.")
         return HttpResponseRedirect(reverse("jobs:finetune", args=[run.pk]))
-    form = FineTuneForm(initial=request.GET.dict(), user=request.user)
-    return render_page(request, "jobs/finetune_new.html", _new_context(form, []))
+    initial = request.GET.dict()
+    parent = own_run(request.user, initial.get(PARENT, "")) if initial.get(PARENT) else None
+    if parent is not None:  # ?from=: the parent's base, shape and where it ran, as the form would take them
+        initial = {**parent_values(parent), **initial}
+    form = FineTuneForm(initial=initial, user=request.user)
+    return render_page(request, "jobs/finetune_new.html", _new_context(form, [], parent))
 
 
-def _new_context(form: FineTuneForm, errors: list[str]) -> dict[str, Any]:
-    """The form in groups: where it runs (the launch's fields), how, on what data, and the notices."""
+def _new_context(form: FineTuneForm, errors: list[str], parent: FineTuneRun | None = None) -> dict[str, Any]:
+    """The form in groups: where it runs (the launch's fields), how, on what data, and the notices; the run it
+    trains further (its `from`, a hidden field), or the user's adapters it could (a choice that reloads the page)."""
     groups = [
         ("Where it runs", WHERE),
         ("Method and hyperparameters", (*HYPERPARAMETERS, "suffix")),
         ("Training data", DATA),
         ("Notices", ("notify",)),
     ]
-    return {"form": form, "errors": errors, "groups": [(legend, [form[n] for n in names]) for legend, names in groups]}
+    parent = parent or form.parent
+    model = str(form["model"].value() or "")
+    return {
+        "form": form,
+        "errors": errors,
+        "groups": [(legend, [form[n] for n in names]) for legend, names in groups],
+        "parent": parent,
+        "parent_field": form[PARENT],
+        "continuable": [] if parent else list(continuable(form.user, model)[:100]),
+    }
 
 
 @login_required
@@ -96,6 +120,8 @@ def finetune_detail(request: HtmxHttpRequest, pk: UUID) -> HttpResponse:
         "chart": loss_svg(run.losses, run.planned_steps),
         "steps_text": steps_text(run.train_examples, run.examples_per_step, run.epochs),
         "versions": sorted((run.result.get("versions") or {}).items()),
+        # The run it trained further from: linked for those who may see it (its owner's runs are theirs).
+        "parent_visible": run.parent_id is not None and (owns or sees_all(request.user)),
     }
     if owns and not request.htmx:
         context["shares"], context["past_shares"] = sharing.grants_of(run)
@@ -182,7 +208,11 @@ def finetune_compare(request: HtmxHttpRequest, pk: UUID) -> HttpResponse:
         except ValidationError as exc:
             errors = messages_of(exc)
         else:
-            messages.success(request, f"Comparing on {comparison.prompts} prompts: two batch runs on the session.")
+            if comparison.state == comparison.State.WAITING:
+                where = "it starts its two batch runs once the session it launched runs, and ends that session after"
+                messages.success(request, f"Comparing on {comparison.prompts} prompts: {where}.")
+            else:
+                messages.success(request, f"Comparing on {comparison.prompts} prompts: two batch runs on the session.")
             return HttpResponseRedirect(reverse("jobs:finetune-comparison", args=[run.pk, comparison.pk]))
     # Unbound, with what was sent: a refusal's reasons are in `errors`, and checking the prompts again is not needed.
     initial = request.POST.dict() if request.method == "POST" else request.GET.dict()

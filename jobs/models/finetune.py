@@ -68,6 +68,12 @@ class FineTuneRun(models.Model):
     variant = models.ForeignKey(ModelVariant, on_delete=models.PROTECT, related_name="finetune_runs")
     runtime = models.ForeignKey(ClusterRuntime, on_delete=models.PROTECT, related_name="finetune_runs")
     notify_email = models.BooleanField("email me", default=False, help_text="when the run ends")
+    # The completed LoRA or QLoRA run whose adapter this one trains further (docs/finetune.md, training further): its
+    # base, adapter shape and cluster user are this run's. PROTECT: a run that started from an adapter keeps saying
+    # which one; a parent that vanished (SET_NULL) would make it look trained from the base weights alone.
+    parent = models.ForeignKey(
+        "self", null=True, blank=True, on_delete=models.PROTECT, related_name="children", editable=False
+    )
 
     # The method and its hyperparameters: the form's fields take their limits, labels and help from these columns.
     method = models.CharField(max_length=10, choices=Method.choices, default=Method.LORA)

@@ -398,7 +398,8 @@ def runs_of(user: User) -> QuerySet[FineTuneRun]:
 
 def adapter_refusal(run: FineTuneRun, card: ModelCard, account: ClusterAccount | None = None) -> str:
     """Why a session of this model, submitted through this account (through any, when None), cannot load the run's
-    adapter; "" when it can: a completed LoRA or QLoRA run of the model, its adapter in the account's home."""
+    adapter; "" when it can: a completed LoRA or QLoRA run of the model on the account's cluster (in another cluster
+    user's home, the submit copies it into the account's)."""
     name = run.model_name
     if run.state != FineTuneRun.State.COMPLETED:
         return f"{name} is {run.state}: only a completed run has an adapter to load."
@@ -406,12 +407,12 @@ def adapter_refusal(run: FineTuneRun, card: ModelCard, account: ClusterAccount |
         return f"{name} fine-tuned the whole model: it has no adapter to load."
     if run.variant.model_id != card.pk:
         return f"{name} is an adapter of {run.variant.model.name}, not of {card.name}."
-    if account is not None and (run.cluster_id != account.cluster_id or run.account.username != account.username):
-        # A session's job reads the adapter from its own cluster user's home; the portal copies none between homes.
+    if account is not None and run.cluster_id != account.cluster_id:
+        # A session's job reads the adapter in its own cluster user's home: the submit copies it there from another
+        # cluster user's home of the same cluster (jobs/sessions/adapter_copies.py), never from another cluster.
         return (
-            f"{name}'s adapter is in the home of {run.account.username} on {run.cluster.name}: launch on that cluster "
-            "with that account (or a lab account of the same cluster user). Another cluster user's session cannot "
-            "read it there: download it from the run's page to use it elsewhere."
+            f"{name}'s adapter is on {run.cluster.name}: launch on that cluster (the portal copies an adapter between "
+            "cluster users' homes of one cluster, not between clusters), or download it from the run's page."
         )
     return ""
 

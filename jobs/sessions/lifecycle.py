@@ -28,6 +28,7 @@ from catalog.models import ClusterAccount, ClusterRuntime, VariantLocation
 from jobs.cluster import backend, jobscript, layout, remote
 from jobs.models import END_STATES, POLLED_STATES, BatchRun, LLMSession, Purpose, SessionEvent, State, transition
 from jobs.operations import metrics
+from jobs.sessions import adapter_copies as copies
 from jobs.sessions import listed_nodes, notify, queue_order, staging
 from portal import crypto, nodenet, shellsafe, ssh
 from portal.slurm import jobstates, times
@@ -49,8 +50,10 @@ def job_spec(session: LLMSession) -> jobscript.JobSpec:
     if stage_to.startswith("/dev/shm"):
         # A copy in memory counts against the job's memory (its cgroup on most sites): ask for room for it too.
         memory_gib += math.ceil(session.variant.size_gib)
-    # The adapters in one order (llama-server numbers them so), with their ranks.
+    # The adapters in one order (llama-server numbers them so), with their ranks; those of another cluster user's
+    # runs the submit copied into this one's home first (jobs/finetune/copies.py).
     runs = dict(session.adapters.order_by("pk").values_list("pk", "lora_rank"))
+    copied = tuple(str(run.pk) for run in copies.copied_adapters(session)) if runs else ()
     return jobscript.JobSpec(
         session_id=str(session.pk),
         runtime=session.runtime.kind,
@@ -82,6 +85,7 @@ def job_spec(session: LLMSession) -> jobscript.JobSpec:
         default_flags=tuple(shlex.split(session.runtime.default_flags)),
         extra_flags=tuple(shlex.split(cluster_runtime.extra_flags)),
         adapters=tuple(str(pk) for pk in runs),
+        copied_adapters=copied,
         max_lora_rank=max_lora_rank(max(runs.values(), default=0)),
     )
 
@@ -155,6 +159,19 @@ def submit(session_id: str, claim: str | None) -> Submitted:
     except Exception as exc:  # a catalog entry deleted under us
         fail(session_id, f"the catalog no longer describes this session: {exc}", {State.SUBMITTING})
         return Submitted("failed")
+    if spec.copied_adapters:
+        try:
+            copies.copy_adapters(session)
+        except copies.CopyRefused as exc:
+            fail(session_id, f"cannot copy a shared adapter into {session.account.username}'s home: {exc}",
+                 {State.SUBMITTING})  # fmt: skip
+            return Submitted("failed")
+        except ssh.SSHError as exc:
+            metrics.ssh_error(session.cluster.slug, "submit")
+            if not exc.transient:
+                fail(session_id, f"cannot copy a shared adapter: {exc}", {State.SUBMITTING})
+                return Submitted("failed")
+            return Submitted("retry", f"copying a shared adapter: {exc}")
     files = jobscript.extra_files(spec.runtime, batch=bool(spec.batch_run))
     if spec.batch_run:  # the checked requests go with the job: the runner reads them on the node
         with BatchRun.objects.get(pk=spec.batch_run).requests.open("rb") as requests:

@@ -124,8 +124,15 @@ class Histogram:
         self.buckets[bucket] = (n + count, min(lo, low), max(hi, high))
 
     def merge(self, other: Histogram) -> None:
+        # add() written out: a page's roll-ups merge thousands of histograms (bench/usage.py).
+        mine = self.buckets
         for bucket, (count, low, high) in other.buckets.items():
-            self.add(bucket, count, low, high)
+            found = mine.get(bucket)
+            if found is None:
+                mine[bucket] = (count, low, high)
+            else:
+                n, lo, hi = found
+                mine[bucket] = (n + count, lo if lo <= low else low, hi if hi >= high else high)
 
     @property
     def count(self) -> int:
@@ -388,15 +395,15 @@ def _add_requests(cells: dict[Key, Tally], scope: Scope, keys: Sequence[str]) ->
     The raw rows are read each time."""
     cover = scope.cover(months=DAY not in keys)
     sums = ("prompt_tokens", "completion_tokens")
-    summarised = scope.rollups(cover, keys)
-    summaries = rollups.summed(summarised, _aliases(keys, Dimension.request_paths, F("start")), sums)
-    raw = rollups.raw_rows(scope.requests(cover), _aliases(keys, Dimension.request_paths, TruncDate("at")), sums)
+    raw = rollups.raw_rows(scope.requests(cover), _aliases(keys, Dimension.request_paths, cover.local_day("at")), sums)
     read = ("requests", cover.units, tuple(keys), scope.user_id, scope.session_ids)
     kept: _Summarised | None = memo.kept(scope.mark.revision, read)
     if kept is not None and _Names.of_ids(keys, kept.names) != kept.names:
         kept = None
     fresh: Iterable[dict[str, Any]] = raw
     if kept is None:  # the summaries and the raw rows in one query, told apart by their kind (the raw rows' is RAW)
+        summarised = scope.rollups(cover, keys)
+        summaries = rollups.summed(summarised, _aliases(keys, Dimension.request_paths, F("start")), sums)
         rows = list(rollups.together([summaries, raw]))
         fresh = [row for row in rows if row["x_metric"] == rollups.RAW]
         tallies = _tallies((row for row in rows if row["x_metric"] != rollups.RAW), keys)
@@ -545,19 +552,11 @@ def _add_sessions(cells: dict[Key, Tally], scope: Scope, keys: Sequence[str]) ->
     # last are a window's start for the summaries, a request's moment for the raw rows: _split only asks in which
     # window they fall.
     cover = scope.cover(months=False)
-    summarised = (
-        cover.windows(UsageWindow.objects.filter(session__in=sessions.values("pk")))
-        .filter(last_at__gte=F("session__started_at"))
-        .filter(Q(session__ended_at__isnull=True) | Q(first_at__lt=F("session__ended_at")))
-        .values("session", *(["day"] if by_day else []), summarised=Value(True))
-        .annotate(windows=Count("id"), first=rollups.stored(Min("start")), last=rollups.stored(Max("start")))
-        .order_by()
-    )
     raw = (
         cover.raw(ProxyRequest.objects.all(), session_ids=sessions.values("pk"), late=False)
         .filter(at__gte=F("session__started_at"))
         .filter(Q(session__ended_at__isnull=True) | Q(at__lt=F("session__ended_at")))
-        .values("session", **({"day": TruncDate("at")} if by_day else {}), summarised=Value(False))
+        .values("session", **({"day": cover.local_day("at")} if by_day else {}), summarised=Value(False))
         .annotate(
             windows=Count(QuarterHour("at"), distinct=True),
             first=rollups.stored(Min("at")),
@@ -570,6 +569,14 @@ def _add_sessions(cells: dict[Key, Tally], scope: Scope, keys: Sequence[str]) ->
     read = ("windows", cover.windows_from, cover.summarised_until, by_day, frozenset(ran))
     windows: tuple[_WindowRow, ...] | None = memo.kept(scope.mark.revision, read)
     if windows is None:  # both in one query, told apart
+        summarised = (
+            cover.windows(UsageWindow.objects.filter(session__in=sessions.values("pk")))
+            .filter(last_at__gte=F("session__started_at"))
+            .filter(Q(session__ended_at__isnull=True) | Q(first_at__lt=F("session__ended_at")))
+            .values("session", *(["day"] if by_day else []), summarised=Value(True))
+            .annotate(windows=Count("id"), first=rollups.stored(Min("start")), last=rollups.stored(Max("start")))
+            .order_by()
+        )
         rows = [_WindowRow.of(row) for row in rollups.together([summarised, raw])]
         windows = tuple(row for row in rows if row.summarised)
         memo.keep(scope.mark.revision, read, windows)
@@ -741,13 +748,14 @@ class MyUsage:
 def my_usage(user_id: int, period: Period) -> MyUsage:
     """Four queries: one cube by (day, model, cluster), rolled up every way the page shows."""
     cells = cube(Scope(period, user_id=user_id), [DAY, "model", "cluster"])
-    months = rollup(cells, lambda key: f"{key[0]:%Y-%m}")
     models = rollup(cells, lambda key: key[1])
     clusters = rollup(cells, lambda key: key[2])
     days = rollup(cells, lambda key: key[0])
+    # Months and the total from the days (every cell is in one day): fewer tallies to add than from the cells.
+    months = rollup({(day,): tally for day, tally in days.items()}, lambda key: f"{key[0]:%Y-%m}")
     return MyUsage(
         period=period,
-        total=total(cells.values()),
+        total=total(months.values()),
         by_month=[Row(month, months[month]) for month in sorted(months)],
         by_model=[Row(name, models[name]) for name in sorted(models)],
         by_cluster=[Row(name, clusters[name]) for name in sorted(clusters)],
@@ -779,7 +787,6 @@ def by_route(scope: Scope) -> list[RouteUse]:
     summaries hold is remembered while they stay as they are (memo.py); the raw rows are read each time."""
     cover = scope.cover(months=True)
     keys = {"k_endpoint": F("endpoint")}
-    summaries = scope.rollups(cover, []).filter(metric=rollups.Metric.TALLIES)
     read = ("prompt_tokens", "cached_tokens", "completion_tokens")
     figures = ("x_requests", "x_errors", *(f"x_{name}" for name in read))
     raw = rollups.raw_rows(scope.requests(cover), keys, read)
@@ -787,6 +794,7 @@ def by_route(scope: Scope) -> list[RouteUse]:
     summarised: tuple[tuple[str, tuple[int, ...]], ...] | None = memo.kept(scope.mark.revision, remembered)
     fresh: Iterable[dict[str, Any]] = raw
     if summarised is None:  # both in one query, told apart by their kind (the raw rows' is RAW)
+        summaries = scope.rollups(cover, []).filter(metric=rollups.Metric.TALLIES)
         rows = list(rollups.together([rollups.summed(summaries, keys, read), raw]))
         fresh = [row for row in rows if row["x_metric"] == rollups.RAW]
         summarised = tuple(

@@ -4,7 +4,9 @@ list_events` and `fine_tuning.jobs.checkpoints.list`, on training data uploaded 
 (jobs/use/openai_batches.py checks it line by line as the run's page does, and keeps it within the caller's quota).
 
 A job is a fine-tune run (jobs/finetune/): `model` names the catalog model (NAME, or NAME:QUANT for one of its
-safetensors variants), and where it runs comes from `metadata` as for a batch launch: the fine-tune form's own fields
+safetensors variants), or one of the caller's completed runs by its model name (ft:...), whose adapter the run trains
+further (the form's `from`: its base, adapter shape and where it ran, unless the metadata says otherwise); where it
+runs comes from `metadata` as for a batch launch: the fine-tune form's own fields
 (cluster, partition, gpu, gpus, walltime, ... and the portal's hyperparameters such as lora_rank or max_seq_length),
 checked by that form, which is the launch form's checks. OpenAI's hyperparameters map onto the run's columns:
 n_epochs to its epochs, batch_size (examples per optimizer step) to its batch size and gradient accumulation,
@@ -31,7 +33,7 @@ from django.views.decorators.http import require_GET, require_http_methods
 
 from catalog.runtime_rules import OPENAI
 from jobs.finetune import actions, placement
-from jobs.finetune.forms import FineTuneForm
+from jobs.finetune.forms import PARENT, FineTuneForm, own_run
 from jobs.models import BatchFile, FineTuneRun
 from jobs.use import targets
 from jobs.use.headers import not_allowed, openai_error
@@ -48,7 +50,7 @@ STATUS = {
     FineTuneRun.State.CANCELLED: "cancelled",
 }
 # The form's fields that the request's own parameters fill (model, suffix, seed, the files): never the metadata's.
-OWN = frozenset({"model", "quant", "suffix", "seed", "training_file", "validation_file"})
+OWN = frozenset({"model", "quant", "suffix", "seed", "training_file", "validation_file", PARENT})
 FROM_METADATA = frozenset(FineTuneForm.base_fields) - OWN  # where it runs, and the portal's own hyperparameters
 OPENAI_HYPERPARAMETERS = ("n_epochs", "batch_size", "learning_rate_multiplier")
 MAX_METADATA_CHARS = 16_000
@@ -79,7 +81,8 @@ def job_object(run: FineTuneRun) -> dict[str, Any]:
     eta = run.eta_s
     hyperparameters = hyperparameters_of(run)
     return {
-        "id": f"{JOB}{run.pk.hex}", "object": "fine_tuning.job", "model": run.variant.model.name,
+        "id": f"{JOB}{run.pk.hex}", "object": "fine_tuning.job",
+        "model": run.parent.model_name if run.parent is not None else run.variant.model.name,  # as it was asked for
         "created_at": _at(run.created_at), "finished_at": _at(run.finished_at),
         "fine_tuned_model": run.model_name if status == "succeeded" else None,
         "organization_id": f"user-{run.owner_id}", "status": status, "seed": run.seed,
@@ -96,7 +99,7 @@ def job_object(run: FineTuneRun) -> dict[str, Any]:
 
 def _own_job(user: User, job_id: str) -> FineTuneRun | None:
     pk = _uuid_of(job_id, JOB)
-    runs = FineTuneRun.objects.select_related("variant__model", "owner")
+    runs = FineTuneRun.objects.select_related("variant__model", "owner", "parent__variant__model", "parent__owner")
     return runs.filter(pk=pk, owner=user).first() if pk else None
 
 
@@ -135,7 +138,9 @@ def fine_tuning_jobs(request: HttpRequest, holder: targets.Holder, user: User) -
     """POST: a fine-tune run from the training file the caller uploaded. GET: the caller's jobs, newest first."""
     if request.method == "POST":
         return _create(request, holder, user)
-    runs = FineTuneRun.objects.filter(owner=user).select_related("variant__model", "owner")
+    runs = FineTuneRun.objects.filter(owner=user).select_related(
+        "variant__model", "owner", "parent__variant__model", "parent__owner"
+    )
     after = _uuid_of(request.GET.get("after", ""), JOB)
     if after:
         anchor = runs.filter(pk=after).first()
@@ -224,10 +229,12 @@ def _create(request: HttpRequest, holder: targets.Holder, user: User) -> HttpRes
     model = payload.get("model")
     if not isinstance(model, str) or not model:
         return openai_error(400, "model must name a catalog model (NAME or NAME:QUANT)", "invalid_request_error")
-    if model.startswith("ft:"):
-        return openai_error(400, "training on from a fine-tuned model is not offered yet: name its base model",
-                            "invalid_request_error", "model_not_available")  # fmt: skip
-    if not holder.may_name(model):
+    parent = own_run(user, model) if model.startswith(targets.ADAPTER_PREFIX) else None
+    if model.startswith(targets.ADAPTER_PREFIX) and parent is None:  # another user's run is as one nobody has
+        return openai_error(404, f"The model {model!r} does not exist or you do not have access to it: a job trains "
+                            "further only from one of your own fine-tuned models.", "invalid_request_error",
+                            "model_not_found")  # fmt: skip
+    if not holder.may_name(parent.variant.model.name if parent else model):
         return not_allowed(OPENAI, holder.allowed_models)
     uploads: dict[str, BatchFile] = {}
     for param in ("training_file", "validation_file"):
@@ -250,7 +257,10 @@ def _create(request: HttpRequest, holder: targets.Holder, user: User) -> HttpRes
         return openai_error(400, f"{', '.join(twice)} both in hyperparameters and in metadata: give each once",
                             "invalid_request_error")  # fmt: skip
     name, colon, quant = model.rpartition(":")
-    if "cluster" not in where:  # the wizard's first plan for the method that fits, as a researcher would pick it
+    if parent is not None:  # the form takes the base, the adapter's shape and where it ran from the parent
+        where[PARENT] = str(parent.pk)
+        name, colon, quant = "", ":", ""
+    elif "cluster" not in where:  # the wizard's first plan for the method that fits, as a researcher would pick it
         placed = _placed(user, name if colon else model, where)
         if placed is None:
             return openai_error(400, f"no partition you may use fits a {where.get('method') or 'lora'} run of "

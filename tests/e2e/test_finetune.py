@@ -1,7 +1,8 @@
 """Fine-tune runs on the local cluster, end to end: a LoRA run of the real SmolLM2-135M-Instruct (its safetensors
 directory, scripts/fetch-models) on a toy dataset trains on the CPU with the torch runtime's transformers, PEFT and TRL
-(scripts/build-torch-runtimes), and writes its adapter; a run requeued mid-way (`scontrol requeue`, as a preemption
-would) goes on from its last checkpoint and ends with exactly the planned steps, counted from the trainer's state."""
+(scripts/build-torch-runtimes), and writes its adapter, which a second run trains further; a run requeued mid-way
+(`scontrol requeue`, as a preemption would) goes on from its last checkpoint and ends with exactly the planned steps,
+counted from the trainer's state."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from django.test import Client
 from django.utils.datastructures import MultiValueDict
 
 from jobs.cluster import layout
-from jobs.finetune import actions, lifecycle
+from jobs.finetune import actions, lifecycle, placement
 from jobs.models import FineTuneRun
 from jobs.tasks import submit_finetune
 from portal import ssh
@@ -45,7 +46,8 @@ def _clean_up() -> Iterator[None]:
 
 
 def start(owner: Any, local_catalog: dict[str, Any], capture: Any, **changes: Any) -> FineTuneRun:
-    local_account(owner, local_catalog)
+    if not owner.cluster_accounts.exists():
+        local_account(owner, local_catalog)
     data = b"".join(json.dumps(line).encode() + b"\n" for line in TOY)
     files = MultiValueDict({"training_file": [SimpleUploadedFile("toy.jsonl", data)]})
     where = {"model": "SmolLM2-135M-Instruct", "cluster": "local", "partition": "gpu", "gpu": "a100-80g", "gpus": 1,
@@ -82,7 +84,7 @@ def trained_steps(local: dict[str, Any], run: FineTuneRun) -> tuple[int, list[in
     return state["global_step"], [entry["step"] for entry in state["log_history"] if "loss" in entry]
 
 
-def test_a_lora_run_of_smollm2_trains_its_planned_steps_and_writes_an_adapter(
+def test_a_lora_run_of_smollm2_trains_its_planned_steps_writes_an_adapter_and_a_run_trains_it_further(
     owner: Any, local_catalog: dict[str, Any], smollm2_hf: str, django_capture_on_commit_callbacks: Any
 ) -> None:
     run = start(owner, local_catalog, django_capture_on_commit_callbacks, epochs=2, checkpoint_every=4,
@@ -101,6 +103,21 @@ def test_a_lora_run_of_smollm2_trains_its_planned_steps_and_writes_an_adapter(
     config = json.loads(run_file(local_catalog, run, layout.NAMES.adapter_dir, "adapter_config.json"))
     assert config["r"] == 4 and config["base_model_name_or_path"].endswith("SmolLM2-135M-Instruct")
     assert trained_steps(local_catalog, run) == (6, [1, 2, 3, 4, 5, 6])
+
+    # Trained further (this adapter, not a new one): a run from it on the same data for 3 more steps, its base, shape
+    # and place the parent's. Its step 0 evaluates the base with the parent's adapter switched off, on the same split.
+    child = start(owner, local_catalog, django_capture_on_commit_callbacks, epochs=1, checkpoint_every=3,
+                  validation_split=0.25, **{"from": run.model_name})  # fmt: skip
+    assert (child.parent_id, child.variant_id, child.lora_rank, child.planned_steps) == (run.pk, run.variant_id, 4, 3)
+    child = drive(child, lambda r: r.is_ended)
+    assert child.state == FineTuneRun.State.COMPLETED, child.end_reason
+    assert child.step == 3 and child.base_valid_loss == pytest.approx(run.base_valid_loss, abs=1e-3)
+    assert child.losses[0][1] < run.losses[0][1]  # its first step starts from the trained adapter
+    adapter = shell(local_catalog, f"ls ~/{layout.session_file(str(child.pk), layout.NAMES.adapter_dir)}").stdout
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= set(adapter.split())
+    assert json.loads(run_file(local_catalog, child, layout.NAMES.adapter_dir, "adapter_config.json"))["r"] == 4
+    log = run_file(local_catalog, child, layout.NAMES.job_log)
+    assert f"training further the adapter of fine-tune run {run.pk}" in log and f"/{run.pk}/adapter" in log
 
 
 def test_a_requeued_run_goes_on_from_its_checkpoint_and_trains_exactly_the_planned_steps(
@@ -146,18 +163,23 @@ def test_the_openai_clients_fine_tuning_calls_train_an_adapter_that_is_the_owner
             client.files.create(file=("bad.jsonl", json.dumps(TOY[0]).encode() + b'\n{"x": 1}\n'), purpose="fine-tune")
         data = b"".join(json.dumps(line).encode() + b"\n" for line in TOY)
         training = client.files.create(file=("toy.jsonl", data), purpose="fine-tune")
-        # Where it runs and the portal's own hyperparameters in the metadata; OpenAI's in hyperparameters: 8 examples
-        # in steps of 2, one epoch: 4 steps, checkpointed every 2, at 5 x the default learning rate (1e-3).
-        where = {"cluster": "local", "partition": "gpu", "gpu": "a100-80g", "gpus": "1", "walltime": "30"}
+        # The portal's own hyperparameters in the metadata, and no placement: the run trains where the wizard's first
+        # fitting plan puts it (jobs/finetune/placement.py). OpenAI's in hyperparameters: 8 examples in steps of 2,
+        # one epoch: 4 steps, checkpointed every 2, at 5 x the default learning rate (1e-3).
         portal_own = {key: str(value) for key, value in HYPERPARAMETERS.items()
                       if key not in ("batch_size", "gradient_accumulation", "learning_rate")}  # fmt: skip
         job = client.fine_tuning.jobs.create(
             model="SmolLM2-135M-Instruct", training_file=training.id, suffix="door", seed=3,
             hyperparameters={"n_epochs": 1, "batch_size": 2, "learning_rate_multiplier": 5},
-            metadata={**where, **portal_own, "checkpoint_every": "2", "project": "e2e"},
+            metadata={**portal_own, "checkpoint_every": "2", "project": "e2e"},
         )  # fmt: skip
         assert job.status == "validating_files" and job.training_file == training.id
         run = FineTuneRun.objects.get()
+        placed = placement.recommended(owner, "SmolLM2-135M-Instruct", "lora", 64)
+        assert placed is not None and placed["cluster"] == "local"
+        assert (run.cluster.slug, run.partition.name, run.gpu_type.name, run.gpus_per_node) == (
+            placed["cluster"], placed["partition"], placed["gpu"], 1,
+        )  # fmt: skip
         assert (run.planned_steps, run.batch_size, run.gradient_accumulation, run.lora_rank) == (4, 2, 1, 4)
         assert submit_finetune.apply(args=(str(run.pk),)).get() not in ("failed", "not claimed")  # the worker's part
         drive(run, lambda r: r.is_ended)

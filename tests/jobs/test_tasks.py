@@ -11,7 +11,6 @@ import pytest
 from django.core.cache import cache
 
 from jobs import tasks
-from jobs.batch import progress
 from jobs.sessions import lifecycle
 
 
@@ -24,8 +23,8 @@ def watched(monkeypatch: pytest.MonkeyPatch, settings: Any) -> list[tuple[int, s
     seen: list[tuple[int, str]] = []
 
     def watch(account_id: int, seconds: float, *, after_poll: lifecycle.AfterPoll) -> int:
-        # Each poll of the watch records the batch runs it read, as the poll task's does.
-        assert after_poll is progress.after_poll
+        # Each poll of the watch records the batch runs it read (and moves the comparisons on), as the poll task's does.
+        assert after_poll is tasks.after_poll
         seen.append((account_id, threading.current_thread().name))
         time.sleep(min(seconds, 1.5))
         return account_id

@@ -5,10 +5,12 @@ environment, started by finetune.sh with the run's files in its directory. It de
 - whether the method can run here: QLoRA needs CUDA and bitsandbytes, and stops with the reason if either is missing
   (never a quiet fallback to LoRA);
 - where to go on from: the newest whole checkpoint (one torn by a kill mid-save is removed), so a requeued job
-  trains exactly the planned steps in all (max_steps);
+  trains exactly the planned steps in all (max_steps); else, for a run that trains another run's adapter further,
+  that adapter (PEFT's, with its own shape), else a new LoRA adapter;
 - when to stop early: at Slurm's warning (USR1, from finetune.sh) or TERM, with a checkpoint saved at that step;
 - the base model's validation loss: evaluated once before the first step (step 0, where LoRA's B matrices are zero,
-  so the adapter changes nothing yet), and kept from the progress file by a start that goes on from a checkpoint.
+  so the adapter changes nothing yet; a parent's adapter is switched off for it), and kept from the progress file by
+  a start that goes on from a checkpoint.
 
 It writes its progress (step, epoch, losses, tokens/s, peak memory, the loss curve, and at the end the adapter's
 record) to a JSON file, atomically, which the portal reads as hostile input. Exit codes: 0 every planned step
@@ -41,6 +43,7 @@ METHODS = ("lora", "qlora", "full")
 # The run's settings the portal writes (finetune.json), each with its type; anything else there is refused.
 SETTINGS: dict[str, type | tuple[type, ...]] = {
     "run": str,
+    "parent": str,  # the run whose adapter this one trains further, "" for a new adapter
     "method": str,
     "planned_steps": int,
     "learning_rate": (int, float),
@@ -80,7 +83,29 @@ def read_settings(path: str) -> dict[str, Any]:
         raise Failure("the run's method or target modules are not the portal's")
     if data["precision"] not in ("bf16", "fp16") or min(data["planned_steps"], data["batch_size"]) < 1:
         raise Failure("the run's precision or steps are not the portal's")
+    if data["parent"] and (not _UUID.fullmatch(data["parent"]) or data["method"] == "full"):
+        raise Failure("the run's parent is not the portal's")
     return data
+
+
+_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+
+
+def adapter_source(settings: dict[str, Any], parent: str, resume: tuple[str, int] | None) -> str | None:
+    """Where the adapter it trains starts from: its own newest checkpoint when it goes on (a requeued run that trains
+    a parent's adapter further goes on from its own steps), else the parent's adapter directory, which finetune.sh
+    names for a run with a parent and only then, else nowhere (a new adapter)."""
+    if bool(parent) != bool(settings["parent"]):
+        raise Failure("the run's parent and the adapter the job names do not agree")
+    if parent and os.path.basename(os.path.dirname(os.path.normpath(parent))) != settings["parent"]:
+        raise Failure("the job names another run's adapter than the run's parent")
+    if resume is not None:
+        return resume[0]
+    if not parent:
+        return None
+    if not os.path.isfile(os.path.join(parent, "adapter_config.json")):
+        raise Failure(f"the adapter of the run it trains further, {settings['parent']}, is not in {parent}")
+    return parent
 
 
 def precision_for(planned: str, cuda: bool, bf16_supported: bool) -> str:
@@ -220,7 +245,7 @@ def train(settings: dict[str, Any], args: argparse.Namespace, stop: Stop) -> int
     import datasets
     import torch
     import transformers
-    from peft import LoraConfig
+    from peft import LoraConfig, PeftModel
     from trl import SFTConfig, SFTTrainer
 
     cuda = torch.cuda.is_available()
@@ -237,6 +262,7 @@ def train(settings: dict[str, Any], args: argparse.Namespace, stop: Stop) -> int
     os.makedirs(args.checkpoints, exist_ok=True)
     resume = last_checkpoint(args.checkpoints)
     start_step = resume[1] if resume else 0
+    source = adapter_source(settings, args.parent, resume) if settings["parent"] or args.parent else None
 
     load: dict[str, Any] = {"local_files_only": True}
     if method == "qlora":
@@ -251,7 +277,11 @@ def train(settings: dict[str, Any], args: argparse.Namespace, stop: Stop) -> int
         tokenizer.pad_token = tokenizer.eos_token
     model = transformers.AutoModelForCausalLM.from_pretrained(args.model, **load)
     peft_config = None
-    if method != "full":
+    if source is not None:
+        # The adapter it trains further (or its own checkpoint of it), with the shape it was saved with; the
+        # trainer's resume then loads that checkpoint's optimizer and scheduler as for any run.
+        model = PeftModel.from_pretrained(model, source, is_trainable=True)
+    elif method != "full":
         peft_config = LoraConfig(
             r=settings["lora_rank"],
             lora_alpha=settings["lora_alpha"],
@@ -300,13 +330,18 @@ def train(settings: dict[str, Any], args: argparse.Namespace, stop: Stop) -> int
         peft_config=peft_config,
         callbacks=[progress],
     )
+    origin = source or (resume[0] if resume else "")
     print(f"finetune.py: {method} on {'cuda' if cuda else 'cpu'} in {precision}, steps {start_step + 1} to "
-          f"{settings['planned_steps']}" + (f" from {resume[0]}" if resume else ""), flush=True)  # fmt: skip
+          f"{settings['planned_steps']}" + (f" from {origin}" if origin else ""), flush=True)  # fmt: skip
     progress.base_valid_loss = earlier_base_loss(args.progress)
     if "validation" in files and progress.base_valid_loss is None and not resume:
         # Step 0: the base model on the validation data, for the compare page's base against adapter.
         progress.evaluating_base = True
-        progress.base_valid_loss = _number(trainer.evaluate().get("eval_loss"))
+        if source is not None:  # the parent's adapter is trained already: its base without it
+            with trainer.model.disable_adapter():
+                progress.base_valid_loss = _number(trainer.evaluate().get("eval_loss"))
+        else:
+            progress.base_valid_loss = _number(trainer.evaluate().get("eval_loss"))
         progress.evaluating_base = False
         print(f"finetune.py: the base model's validation loss is {progress.base_valid_loss}", flush=True)
     trainer.train(resume_from_checkpoint=resume[0] if resume else None)
@@ -414,6 +449,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     for name in ("model", "config", "train", "valid", "progress", "checkpoints", "adapter", "error"):
         parser.add_argument(f"--{name}", required=True)
     parser.add_argument("--restarts", type=int, default=0)
+    parser.add_argument("--parent", default="", help="the adapter directory of the run this one trains further")
     return parser.parse_args(argv)
 
 

@@ -2,7 +2,9 @@
 # $SERVER_BIN is that environment's Python (the catalog's transformers runtime), which runs finetune.py from beside
 # this script: it reads the run's settings ($TRAIN_CONFIG_FILE) and data ($TRAIN_FILE, $VALID_FILE), goes on from the
 # newest whole checkpoint in $CHECKPOINTS_DIR when there is one, writes $TRAIN_PROGRESS_FILE as it goes and the
-# adapter into $ADAPTER_DIR at the end. Which step, which checkpoint, when to stop: finetune.py's to decide.
+# adapter into $ADAPTER_DIR at the end. Which step, which checkpoint, when to stop: finetune.py's to decide. A run
+# that trains another run's adapter further ($PARENT_RUN, that run's uuid) hands the trainer that run's $ADAPTER_DIR
+# beside this one; its own newest checkpoint, if any, still comes first.
 #
 # Slurm's warning before the time limit or a preemption (--signal=B:USR1@N) reaches this shell, which hands it to the
 # trainer: it saves a checkpoint and stops with code 75, and the job asks Slurm to requeue it, so the run goes on from
@@ -23,11 +25,19 @@ warned() {
 }
 trap warned USR1
 
+PARENT_ARGS=()
+if [ -n "${PARENT_RUN:-}" ]; then
+  [[ "$PARENT_RUN" =~ ^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$ ]] || fail "bad parent run '$PARENT_RUN'"
+  PARENT_ARGS=(--parent "$SESSIONS_DIR/$PARENT_RUN/$ADAPTER_DIR")
+  log "training further the adapter of fine-tune run $PARENT_RUN"
+fi
+
 log "fine-tune run $SESSION_ID on $(hostname -s): start $((RESTARTS + 1)), model $MODEL_PATH"
 "$SERVER_BIN" "$SESSION_DIR/finetune.py" --model "$MODEL_PATH" --config "$SESSION_DIR/$TRAIN_CONFIG_FILE" \
   --train "$SESSION_DIR/$TRAIN_FILE" --valid "$SESSION_DIR/$VALID_FILE" \
   --progress "$SESSION_DIR/$TRAIN_PROGRESS_FILE" --checkpoints "$SESSION_DIR/$CHECKPOINTS_DIR" \
-  --adapter "$SESSION_DIR/$ADAPTER_DIR" --error "$SESSION_DIR/$ERROR_FILE" --restarts "$RESTARTS" &
+  --adapter "$SESSION_DIR/$ADAPTER_DIR" --error "$SESSION_DIR/$ERROR_FILE" --restarts "$RESTARTS" \
+  ${PARENT_ARGS[@]+"${PARENT_ARGS[@]}"} &
 TRAINER_PID=$!
 CHILDREN+=("$TRAINER_PID")
 while :; do

@@ -125,16 +125,19 @@ serve_until_end() {
 }
 
 # RUNTIME: LORA_ARGS, the flags that load the fine-tune runs' adapters ($ADAPTER_RUNS, their directories beside this
-# one in $SESSIONS_DIR): llama.cpp each run's GGUF at scale 0, the base weights, unless a request's `lora` field
-# applies it (the proxy sends one with every request: a slot keeps its last); vLLM each PEFT directory as a LoRA
-# module named by the run's uuid.
+# one in $SESSIONS_DIR, or for those in $COPIED_ADAPTERS the portal's copy in $ADAPTERS_DIR): llama.cpp each run's
+# GGUF at scale 0, the base weights, unless a request's `lora` field applies it (the proxy sends one with every
+# request: a slot keeps its last); vLLM each PEFT directory as a LoRA module named by the run's uuid.
 lora_args() {
-  local run dir
+  local run dir copied
   LORA_ARGS=()
   [ -n "${ADAPTER_RUNS[*]:-}" ] || return 0
   for run in "${ADAPTER_RUNS[@]}"; do
     [[ "$run" =~ ^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$ ]] || fail "bad adapter run '$run'"
     dir="$SESSIONS_DIR/$run"
+    for copied in "${COPIED_ADAPTERS[@]:-}"; do
+      [ "$copied" != "$run" ] || dir="$ADAPTERS_DIR/$run"
+    done
     case "$1" in
       llama.cpp)
         [ -f "$dir/$ADAPTER_GGUF" ] || fail "the adapter of fine-tune run $run has no GGUF for llama.cpp ($dir)"

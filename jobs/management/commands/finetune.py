@@ -2,7 +2,8 @@
 (docs/finetune.md).
 
 create takes the fine-tune form's fields as flags (jobs/finetune/forms.py: the launch's where-fields, the method and
-hyperparameters, the data files as paths) and goes through actions.create(), the same checks and tasks as the page; a
+hyperparameters, the data files as paths, --from the run whose adapter it trains further) and goes through
+actions.create(), the same checks and tasks as the page; a
 Celery worker (and beat, for polling) must run for a run to move. --json prints a run with its record and history.
 share and unshare grant and revoke a completed run's adapter for users or a group on its owner's behalf, through the
 page's form (jobs/finetune/sharing.py).
@@ -54,6 +55,9 @@ def describe(run: FineTuneRun, events: bool = False) -> dict[str, Any]:
         "owner": run.owner.get_username(),
         "base": f"{run.variant.model.name}:{run.variant.quantization}",
         "where": f"{run.cluster.slug}/{run.partition.name} {run.gpus_per_node} x {run.gpu_type.name}",
+        # The run whose adapter this one trained further (docs/finetune.md); None for a new adapter.
+        "parent": str(run.parent_id) if run.parent_id else None,
+        "parent_model": run.parent.model_name if run.parent is not None else None,
         **{name: getattr(run, name) for name in SETTINGS},
         **{name: plain(getattr(run, name)) for name in REPORT},
         "gpu_hours": round(run.gpu_hours, 4),
@@ -95,11 +99,14 @@ def describe_comparison(comparison: FineTuneComparison, page: int | None = None)
         "source": comparison.source,
         "name": comparison.name,
         "prompts": comparison.prompts,
-        "session": str(comparison.base_batch.session_id),
+        "state": comparison.state,
+        "reason": comparison.reason,
+        "session": str(comparison.batches[0].session_id if comparison.batches else comparison.launched_session_id),
+        "launched_session": str(comparison.launched_session_id) if comparison.launched_session_id else None,
         "valid_loss": {"base": run.base_valid_loss, "adapter": run.valid_loss},
         "batches": {
             who: {"uuid": str(b.pk), "state": b.state, "done": b.done, "failed": b.failed}
-            for who, b in (("base", comparison.base_batch), ("adapter", comparison.adapter_batch))
+            for who, b in zip(("base", "adapter"), comparison.batches, strict=False)
         },
     }
     if page is not None:
@@ -120,9 +127,9 @@ def describe_comparison(comparison: FineTuneComparison, page: int | None = None)
 
 def find_run(text: str) -> FineTuneRun:
     try:
-        return FineTuneRun.objects.select_related("owner", "variant__model", "cluster", "partition", "gpu_type").get(
-            pk=text
-        )
+        return FineTuneRun.objects.select_related(
+            "owner", "variant__model", "cluster", "partition", "gpu_type", "parent__variant__model", "parent__owner"
+        ).get(pk=text)
     except (FineTuneRun.DoesNotExist, ValidationError, ValueError):
         raise CommandError(f"no fine-tune run {text!r}") from None
 
@@ -134,7 +141,9 @@ class Command(BaseCommand):
         sub = parser.add_subparsers(dest="action", required=True)
         p = sub.add_parser("create", help="check the data and start a run")
         p.add_argument("--user", required=True, help="the portal user who owns the run")
-        add_launch_flags(p, FineTuneForm)
+        # Optional flags, checked by the form: with --from (a run's uuid or model name) the model and where it runs
+        # are the parent's unless given.
+        add_launch_flags(p, FineTuneForm, optional=True)
         p.add_argument("--wait", action="store_true", help="wait until the run has ended")
         p.add_argument("--timeout", type=int, default=3600, help="seconds to --wait")
         p.add_argument("--json", action="store_true")
@@ -162,7 +171,11 @@ class Command(BaseCommand):
         p.add_argument("uuid", help="the fine-tune run")
         add_launch_flags(p, AskedFlags, optional=True)
         p.add_argument("--validation", action="store_true", help="the run's validation data as the prompts")
-        p.add_argument("--session", help="the running session that loaded the adapter (default: the newest)")
+        where = p.add_mutually_exclusive_group()
+        where.add_argument("--session", help="the running session that loaded the adapter (default: the newest)")
+        where.add_argument(
+            "--launch", action="store_true", help="launch a session for the comparison, ended when both runs have"
+        )
         p.add_argument("--wait", action="store_true", help="wait until both batch runs have ended")
         p.add_argument("--timeout", type=int, default=3600, help="seconds to --wait")
         p.add_argument("--page", type=int, default=1, help=f"the answers shown, {comparisons.PAGE_SIZE} a page")
@@ -207,7 +220,9 @@ class Command(BaseCommand):
             raise CommandError(f"the run {run.state}: {run.end_reason}")
 
     def _list(self, o: dict[str, Any]) -> None:
-        runs = FineTuneRun.objects.select_related("owner", "variant__model", "cluster", "partition", "gpu_type")
+        runs = FineTuneRun.objects.select_related(
+            "owner", "variant__model", "cluster", "partition", "gpu_type", "parent__variant__model", "parent__owner"
+        )
         if o["user"]:
             runs = runs.filter(owner=find_user(o["user"]))
         if not o["all"]:
@@ -266,7 +281,7 @@ class Command(BaseCommand):
         session = sessions.filter(pk=o["session"]).first() if o["session"] else sessions.first()
         data = {name: o[name] for name in comparisons.ASKED if name != "prompts" and o[name] is not None}
         data["source"] = FineTuneComparison.Source.VALIDATION if o["validation"] else FineTuneComparison.Source.PROMPTS
-        data["session"] = str(session.pk) if session else ""
+        data["session"] = comparisons.LAUNCH if o["launch"] else str(session.pk) if session else ""
         with contextlib.ExitStack() as stack:
             files: MultiValueDict[str, Any] = MultiValueDict()
             if o["prompts"] and not o["validation"]:
@@ -278,7 +293,8 @@ class Command(BaseCommand):
                 files["prompts"] = stack.enter_context(upload)
             comparison = comparisons.start(run.owner, run, data, files)
         if not o["json"]:
-            self.stdout.write(f"comparison {comparison.pk} created: {comparison.prompts} prompts, two batch runs")
+            how = "waiting for the session it launched" if comparison.launched_session_id else "two batch runs"
+            self.stdout.write(f"comparison {comparison.pk} created: {comparison.prompts} prompts, {how}")
         if o["wait"]:
             deadline = time.monotonic() + o["timeout"]
             while not comparison.is_ended:
@@ -306,6 +322,8 @@ class Command(BaseCommand):
         what = f"{report['prompts']} prompts ({report['name']})"
         self.stdout.write(f"{report['adapter']} against {report['base']}: {what}")
         self.stdout.write(f"validation loss: base {loss['base']}, adapter {loss['adapter']}")
+        if not report["batches"]:
+            self.stdout.write(f"{comparison.get_state_display()} {report['reason']}".strip())
         for who, b in report["batches"].items():
             self.stdout.write(f"{who}: batch run {b['uuid']} {b['state']}, {b['done']} answered, {b['failed']} failed")
         for problem in report.get("problems", []):

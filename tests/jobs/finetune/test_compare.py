@@ -18,8 +18,9 @@ from django.utils.datastructures import MultiValueDict
 from hypothesis import given
 from hypothesis import strategies as st
 
+from jobs import tasks
 from jobs.batch import inputs, staging
-from jobs.finetune import compare, comparisons, progress
+from jobs.finetune import advancing, compare, comparisons, progress
 from jobs.models import BatchRun, FineTuneComparison, FineTuneRun, LLMSession, State, transition
 from jobs.sessions.actions import launch
 from tests.conftest import LAUNCH
@@ -177,7 +178,7 @@ def test_a_comparison_runs_the_validation_prompts_as_two_batch_runs_on_the_sessi
     assert response.status_code == 302 and str(comparison.pk) in response["Location"]
     assert len(staged) == 2  # each batch run is staged once the comparison is committed
     assert (comparison.source, comparison.prompts) == ("validation", adapter.valid_examples)
-    base, tuned = comparison.base_batch, comparison.adapter_batch
+    base, tuned = comparison.batches
     assert base.session_id == tuned.session_id == session.pk and not base.ends_session
     assert base.defaults == {"max_tokens": 16, "temperature": 0}
     base_bodies = [json.loads(line)["body"] for line in base.requests.open("rb")]
@@ -215,7 +216,7 @@ def test_a_comparisons_page_shows_the_answers_side_by_side_escaped_with_the_refe
         return True, iter([json.dumps(forged).encode(), record(2)])
 
     monkeypatch.setattr(staging, "results", results)
-    BatchRun.objects.filter(pk=comparison.adapter_batch_id).update(done=2)  # the base's poll has counted none yet
+    BatchRun.objects.filter(pk=comparison.batches[1].pk).update(done=2)  # the base's poll has counted none yet
     url = f"/finetune/{adapter.pk}/compare/{comparison.pk}/"
     client.force_login(owner)
     page = client.get(url).content.decode()
@@ -259,3 +260,132 @@ def test_a_start_that_goes_on_from_a_checkpoint_keeps_the_base_loss_its_first_st
     for forged in ('{"base_valid_loss": true}', '{"base_valid_loss": "2"}', "[1]", "{"):
         path.write_text(forged)
         assert trainer.earlier_base_loss(str(path)) is None
+
+
+# --- a comparison that launches its own session ----------------------------------------------------------------------
+
+
+@pytest.fixture(autouse=True)
+def _no_slurm(settings: Any) -> None:
+    settings.PORTAL_WIZARD_ASKS_SLURM = False  # the launch is placed by the wizard: unit tests never reach a cluster
+
+
+def launched(adapter: FineTuneRun, owner: Any, client: Client, capture: Any) -> tuple[FineTuneComparison, list[Any]]:
+    client.force_login(owner)
+    form = {"source": "validation", "session": comparisons.LAUNCH, "max_tokens": 16, "temperature": 0}
+    with capture(execute=False) as enqueued:
+        response = client.post(f"/finetune/{adapter.pk}/compare/", form)
+    comparison = FineTuneComparison.objects.get()
+    assert response.status_code == 302 and str(comparison.pk) in response["Location"], response.content.decode()
+    return comparison, enqueued
+
+
+def test_without_a_session_the_page_offers_to_launch_one_that_loads_the_adapter(
+    adapter: FineTuneRun, owner: Any, client: Client, django_capture_on_commit_callbacks: Any
+) -> None:
+    client.force_login(owner)
+    page = client.get(f"/finetune/{adapter.pk}/compare/").content.decode()
+    assert f'<option value="{comparisons.LAUNCH}" selected>launch one for this comparison' in page
+    comparison, enqueued = launched(adapter, owner, client, django_capture_on_commit_callbacks)
+    assert len(enqueued) == 1  # the session's submit, through the sessions' own launch path
+    session = comparison.launched_session
+    assert session is not None and session.owner == owner and list(session.adapters.all()) == [adapter]
+    assert (session.variant, session.runtime.kind, session.walltime_min) == (
+        adapter.variant, "vllm", comparisons.LAUNCH_WALLTIME_MIN,
+    )  # fmt: skip
+    assert session.cluster == adapter.cluster and session.gpus_per_node == 1
+    reply = adapter.max_seq_length + 16  # the run's sequence length and a reply, not the model's whole context
+    assert session.context_length == min(adapter.variant.model.max_context, max(1024, -(-reply // 256) * 256))
+    assert comparison.state == FineTuneComparison.State.WAITING and comparison.batches == () and comparison.requests
+    assert not comparison.is_ended and not BatchRun.objects.exists()
+    page = client.get(f"/finetune/{adapter.pk}/compare/{comparison.pk}/").content.decode()
+    assert "waiting for its session" in page and "launched for this comparison" in page and 'hx-get="' in page
+    assert "waiting for its session" in client.get(f"/finetune/{adapter.pk}/compare/").content.decode()
+    assert session.pk not in [s.pk for s in comparisons.sessions_for(adapter)]  # not offered to another comparison
+
+
+def test_the_comparison_starts_its_batch_runs_once_its_session_runs_and_ends_it_after_them(
+    adapter: FineTuneRun, owner: Any, client: Client, django_capture_on_commit_callbacks: Any
+) -> None:
+    from jobs.sessions.lifecycle import Polled
+
+    comparison, _ = launched(adapter, owner, client, django_capture_on_commit_callbacks)
+    session = comparison.launched_session
+    assert session is not None
+    assert tasks.advance_comparison(str(comparison.pk)) == "waiting"
+    transition(session.pk, State.RUNNING, cause="test", host="127.0.0.1", port=8080)
+    with django_capture_on_commit_callbacks(execute=False) as staged:
+        tasks.after_poll(Polled(counts={}, session_ids=[str(session.pk)]))  # the poll's path
+    comparison.refresh_from_db()
+    assert comparison.state == FineTuneComparison.State.STARTED and len(staged) == 2
+    base, tuned = comparison.batches
+    assert base.session_id == tuned.session_id == session.pk and base.prompts == adapter.valid_examples
+    assert base.defaults == {"max_tokens": 16, "temperature": 0}
+    tuned_bodies = [json.loads(line)["body"] for line in tuned.requests.open("rb")]
+    assert all(body["model"] == str(adapter.pk) for body in tuned_bodies)  # vLLM's LoRA module
+    assert not comparison.requests  # the batch runs have their own copies
+    assert tasks.advance_comparison(str(comparison.pk)) == "running"  # started once, however often asked
+    assert BatchRun.objects.count() == 2
+    BatchRun.objects.filter(pk=base.pk).update(state=BatchRun.State.FINISHED)
+    assert tasks.advance_comparison(str(comparison.pk)) == "running"  # the adapter's still runs
+    BatchRun.objects.filter(pk=tuned.pk).update(state=BatchRun.State.FINISHED)
+    with django_capture_on_commit_callbacks(execute=False) as cancels:
+        assert tasks.advance_comparison(str(comparison.pk)) == "released"
+        assert tasks.advance_comparison(str(comparison.pk)) == "done"
+    assert len(cancels) == 1 and advancing.to_advance() == []  # ended once
+    session.refresh_from_db()
+    assert session.cancel_requested_at is not None
+
+
+def test_a_session_that_ends_before_it_runs_ends_the_comparison_with_the_reason(
+    adapter: FineTuneRun, owner: Any, client: Client, django_capture_on_commit_callbacks: Any
+) -> None:
+    from jobs.sessions import lifecycle
+
+    comparison, _ = launched(adapter, owner, client, django_capture_on_commit_callbacks)
+    assert comparison.launched_session is not None
+    lifecycle.fail(str(comparison.launched_session.pk), "sbatch: error: Invalid account")
+    assert tasks.advance_comparison(str(comparison.pk)) == "released"
+    comparison.refresh_from_db()
+    assert comparison.state == FineTuneComparison.State.FAILED and comparison.is_ended
+    assert "its session failed" in comparison.reason and "Invalid account" in comparison.reason
+    assert not comparison.requests and not BatchRun.objects.exists()
+    page = client.get(f"/finetune/{adapter.pk}/compare/{comparison.pk}/").content.decode()
+    assert "Invalid account" in page and 'hx-trigger="every 3s"' not in page
+
+
+def test_a_refused_launch_creates_nothing_and_says_why(
+    adapter: FineTuneRun, owner: Any, client: Client, settings: Any, django_capture_on_commit_callbacks: Any
+) -> None:
+    settings.PORTAL_MAX_SESSIONS_PER_USER = 1
+    with django_capture_on_commit_callbacks(execute=False):
+        launch(owner, LAUNCH)  # the user's one live session, without the adapter
+    client.force_login(owner)
+    form = {"source": "validation", "session": comparisons.LAUNCH}
+    page = client.post(f"/finetune/{adapter.pk}/compare/", form).content.decode()
+    assert "Cannot launch a session for the comparison: cluster: You have 1 live session" in page
+    assert not FineTuneComparison.objects.exists() and LLMSession.objects.count() == 1
+
+
+def test_a_comparison_on_the_users_own_session_never_ends_it(
+    adapter: FineTuneRun, session: LLMSession, owner: Any, django_capture_on_commit_callbacks: Any
+) -> None:
+    with django_capture_on_commit_callbacks(execute=False):
+        asked = {"source": "validation", "session": str(session.pk)}
+        comparison = comparisons.start(owner, adapter, asked, MultiValueDict())
+    BatchRun.objects.update(state=BatchRun.State.FINISHED)
+    assert advancing.to_advance() == [] and tasks.advance_comparison(str(comparison.pk)) == "nothing"
+    session.refresh_from_db()
+    assert session.state == State.RUNNING and session.cancel_requested_at is None
+
+
+def test_the_command_launches_a_session_for_the_comparison(
+    adapter: FineTuneRun, django_capture_on_commit_callbacks: Any
+) -> None:
+    out = StringIO()
+    with django_capture_on_commit_callbacks(execute=False):
+        call_command("finetune", "compare", str(adapter.pk), "--validation", "--launch", "--json", stdout=out)
+    report = json.loads(out.getvalue())
+    comparison = FineTuneComparison.objects.get(pk=report["uuid"])
+    assert report["state"] == "waiting" and report["batches"] == {}
+    assert report["launched_session"] == report["session"] == str(comparison.launched_session_id)

@@ -18,6 +18,7 @@ from tests.jobs.cluster import jobside
 PARTS = ("skeleton.sh", "finetune.sh")
 # The trainer's stand-in: what it does is $BEHAVE's; it notes its start, and the signals it gets.
 TRAINER = r"""#!/bin/bash
+echo "$*" >"$HOME/args"
 error=""
 while [ $# -gt 0 ]; do [ "$1" = --error ] && error=$2; shift; done
 echo started >"$HOME/started"
@@ -45,10 +46,11 @@ def home(tmp_path: Path) -> Path:
     return tmp_path
 
 
-def job(home: Path, behave: str) -> tuple[subprocess.Popen[str], Path]:
+def job(home: Path, behave: str, **more: str) -> tuple[subprocess.Popen[str], Path]:
     session = str(uuid.uuid4())
     directory = jobside.session_dir(home, session)
-    values = {"SESSION_ID": session, "SERVER_BIN": executable(home / "python", TRAINER), "MODEL_PATH": "/models/m"}
+    values = {"SESSION_ID": session, "SERVER_BIN": executable(home / "python", TRAINER), "MODEL_PATH": "/models/m",
+              **more}  # fmt: skip
     env = {"HOME": str(home), "PATH": f"{home / 'bin'}:{os.environ['PATH']}", "BEHAVE": behave,
            "SLURM_JOB_ID": "42"}  # fmt: skip
     process = subprocess.Popen(["bash", "-c", jobside.script(values, "", PARTS)], env=env, text=True,
@@ -60,6 +62,18 @@ def test_a_trainer_that_trained_every_step_ends_the_job_well(home: Path) -> None
     process, directory = job(home, "done")
     assert process.wait(30) == 0
     assert not (directory / layout.NAMES.error_file).exists()
+
+
+def test_a_run_with_a_parent_hands_the_trainer_the_parents_adapter_beside_its_own_directory(home: Path) -> None:
+    parent = str(uuid.uuid4())
+    process, directory = job(home, "done", PARENT_RUN=parent)
+    assert process.wait(30) == 0
+    adapter = jobside.session_dir(home, parent) / layout.NAMES.adapter_dir
+    assert (home / "args").read_text().split()[-2:] == ["--parent", str(adapter)]
+    process, _ = job(home, "done", PARENT_RUN="")
+    assert process.wait(30) == 0 and "--parent" not in (home / "args").read_text()
+    process, directory = job(home, "done", PARENT_RUN="../../etc")  # never a path: the gate takes none either
+    assert process.wait(30) == 1 and "bad parent run" in (directory / layout.NAMES.error_file).read_text()
 
 
 @pytest.mark.parametrize(("behave", "reason"), [("fails", "the data has no examples"),

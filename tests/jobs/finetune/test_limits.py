@@ -46,3 +46,31 @@ def test_a_run_is_refused_when_sessions_and_runs_hold_the_users_gpus(
     assert FineTuneRun.objects.filter(owner=owner).count() == 1
     ClusterAccount.objects.create(cluster=Cluster.objects.get(slug="local"), user=other_user, username="grace")
     assert start(user=other_user).state == FineTuneRun.State.QUEUED  # another user's runs are theirs
+
+
+def test_a_live_run_counts_in_the_users_live_session_limit_and_the_refusal_says_so(
+    start: Callable[..., FineTuneRun], owner: Any, settings: Any,
+    django_capture_on_commit_callbacks: Any,
+) -> None:  # fmt: skip
+    settings.PORTAL_MAX_SESSIONS_PER_USER = 2
+    run = start()  # queued: a job of the user's on the cluster
+    with django_capture_on_commit_callbacks(execute=False):
+        launch(owner, LAUNCH)
+    refused = LaunchForm(LAUNCH, user=owner)
+    assert not refused.is_valid()
+    message = " ".join(map(str, refused.errors["cluster"]))
+    assert "1 live session and 1 live fine-tune run (a fine-tune run counts as a session)" in message
+    with pytest.raises(ValidationError, match="a fine-tune run counts as a session"):
+        start()  # a run is refused by the same limit, checked again under the launch lock
+    transition_finetune(run.pk, FineTuneRun.State.COMPLETED, reason="trained")
+    assert LaunchForm(LAUNCH, user=owner).is_valid()  # an ended run holds no place
+
+
+def test_runs_alone_can_fill_the_live_session_limit(
+    start: Callable[..., FineTuneRun], owner: Any, settings: Any
+) -> None:
+    settings.PORTAL_MAX_SESSIONS_PER_USER = 1
+    start()
+    refused = LaunchForm(LAUNCH, user=owner)
+    assert not refused.is_valid()
+    assert "You have 0 live sessions and 1 live fine-tune run" in " ".join(map(str, refused.errors["cluster"]))

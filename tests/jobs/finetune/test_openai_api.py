@@ -105,7 +105,7 @@ def test_a_job_is_a_fine_tune_run_with_openais_hyperparameters_and_the_metadatas
         ({"hyperparameters": {"lora_rank": 4}}, 400, "unknown lora_rank"),
         ({"hyperparameters": {"n_epochs": 2}, "metadata": {**WHERE, "epochs": "3"}}, 400, "epochs both in"),
         ({"method": {"type": "dpo"}}, 400, "only supervised"),
-        ({"model": "ft:tiny-llama:ada::12345678"}, 400, "not offered yet"),
+        ({"model": "ft:tiny-llama:ada::12345678"}, 404, "does not exist or you do not have access to it"),
         ({"model": "tiny-llama:F16"}, 400, "quant: Fine-tuning trains from safetensors"),
         ({"metadata": {**WHERE, "gpus": "2"}}, 400, "gpus: A fine-tune run trains on one GPU"),
         ({"metadata": {**WHERE, "partition": "nowhere"}}, 400, "has no partition 'nowhere'"),
@@ -258,3 +258,50 @@ def test_the_openai_client_speaks_it(owner: Any, other_user: Any, safetensors: M
     assert [j.id for j in listed] == [job.id]
     assert events[0].message == "succeeded: trained 4 steps" and events[1].type == "metrics"
     assert [c.step_number for c in checkpoints] == [4, 2] and checkpoints[0].metrics.valid_loss == 1.0
+
+
+def finished(reply: Any, state: FineTuneRun.State = FineTuneRun.State.COMPLETED) -> FineTuneRun:
+    assert reply.status_code == 200, reply.text
+    run = FineTuneRun.objects.get(pk=reply.json()["id"].removeprefix("ftjob-"))
+    FineTuneRun.objects.filter(pk=run.pk).update(state=state, step=run.planned_steps)
+    run.refresh_from_db()
+    return run
+
+
+def test_a_job_from_a_fine_tuned_model_trains_its_adapter_further_where_it_trained(
+    owner: Any, safetensors: ModelVariant
+) -> None:
+    mine = api(owner)
+    parent = finished(create(mine, suffix="doors", metadata={**WHERE, "lora_rank": "4", "walltime": "45"}))
+    reply = create(mine, model=parent.model_name, metadata={}, hyperparameters={"n_epochs": 1})
+    assert reply.status_code == 200, reply.text
+    child = FineTuneRun.objects.get(parent=parent)
+    assert (child.variant, child.lora_rank, child.walltime_min, child.epochs) == (parent.variant, 4, 45, 1)
+    assert (child.cluster, child.partition, child.account) == (parent.cluster, parent.partition, parent.account)
+    assert reply.json()["model"] == parent.model_name  # the job names the model it was asked for, as OpenAI's does
+
+
+def test_a_job_from_a_fine_tuned_model_is_refused_unless_its_ones_own_completed_adapter_of_that_shape(
+    owner: Any, other_user: Any, safetensors: ModelVariant
+) -> None:
+    mine = api(owner)
+    parent = finished(create(mine, metadata={**WHERE, "lora_rank": "4"}))
+    failed = finished(create(mine), FineTuneRun.State.FAILED)
+    full = finished(create(mine, metadata={**WHERE, "method": "full"}))
+    count = FineTuneRun.objects.count()
+    for model, changes, message in [
+        (failed.model_name, {}, "is failed: only a completed run has an adapter to train further"),
+        (full.model_name, {}, "fine-tuned the whole model"),
+        (parent.model_name, {"metadata": {"lora_rank": "8"}}, "lora_rank: ft:tiny-llama:ada::"),
+        (parent.model_name, {"metadata": {"lora_rank": "8"}}, "keeps its adapter's shape"),
+        (parent.model_name + ":ckpt-step-2", {}, "does not exist"),
+    ]:
+        reply = create(mine, model=model, **{"metadata": {}, **changes})
+        assert reply.status_code in (400, 404) and message in reply.json()["error"]["message"], reply.text
+    stranger = api(other_user)
+    reply = create(stranger, model=parent.model_name, metadata={})
+    assert (reply.status_code, reply.json()["error"]["code"]) == (404, "model_not_found")
+    assert reply.json()["error"]["message"] == create(stranger, model="ft:nobody:x::1", metadata={}).json()["error"][
+        "message"
+    ].replace("ft:nobody:x::1", parent.model_name)  # the same answer as for a name nobody has
+    assert FineTuneRun.objects.count() == count

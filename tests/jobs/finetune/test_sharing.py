@@ -1,7 +1,7 @@
 """Sharing a fine-tune run's adapter (docs/finetune.md, sharing): the grants and whom they may name, what a grantee
 gets (the run's page read-only, the list's "Shared with me", loading the adapter in a launch through the same cluster
-user) and what they do not (controls, another cluster user's home, the owner's sessions), revoking and expiry, and
-the command line."""
+user, or another one's with a copy) and what they do not (controls, another cluster, the owner's sessions), revoking
+and expiry, and the command line."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from django.utils import timezone
 
 from catalog.models import Cluster, ClusterAccount, ModelCard
 from jobs.models import FineTuneRun, FineTuneShare, LLMSession, State, transition
+from jobs.sessions import adapter_copies as copies
 from jobs.sessions.actions import launch
 from jobs.sessions.forms import LaunchForm, loadable_adapters
 from jobs.use import targets
@@ -169,13 +170,24 @@ def test_a_grantee_loads_a_shared_adapter_through_the_same_cluster_user(
     assert session.owner == shared_user and list(session.adapters.all()) == [adapter]
 
 
-def test_a_grantee_under_another_cluster_user_is_told_why_not_and_how_to_get_it(
+def test_a_grantee_under_another_cluster_user_launches_with_a_copy_of_the_adapter(
+    adapter: FineTuneRun, owner: Any, shared_user: Any
+) -> None:
+    alans = ClusterAccount.objects.create(cluster=Cluster.objects.get(slug="local"), user=shared_user, username="alan")
+    share(signed_in(owner), adapter, users="alan")
+    session = launch(shared_user, {**LAUNCH, "adapter": adapter.model_name, "account": alans.pk})
+    assert list(session.adapters.all()) == [adapter]
+    assert [run.pk for run in copies.copied_adapters(session)] == [adapter.pk]  # the submit copies it into alan's home
+
+
+def test_a_grantee_on_another_cluster_is_told_why_not_and_how_to_get_it(
     adapter: FineTuneRun, owner: Any, shared_user: Any
 ) -> None:
     ClusterAccount.objects.create(cluster=Cluster.objects.get(slug="local"), user=shared_user, username="alan")
+    FineTuneRun.objects.filter(pk=adapter.pk).update(cluster=Cluster.objects.get(slug="v100"))  # trained over there
     share(signed_in(owner), adapter, users="alan")
     why = refusal(shared_user, adapter=adapter.model_name)
-    assert f"{adapter.model_name}'s adapter is in the home of ada on Local test cluster" in why
+    assert f"{adapter.model_name}'s adapter is on V100 cluster: launch on that cluster" in why, why
     assert "download it from the run's page" in why
 
 

@@ -54,15 +54,47 @@ def test_the_newest_whole_checkpoint_is_resumed_and_torn_ones_are_removed(tmp_pa
 
 def test_the_settings_file_must_be_the_portals(tmp_path: Path) -> None:
     settings: dict[str, Any] = {name: 1 for name in trainer.SETTINGS}
-    settings.update(run="r", method="lora", target_modules="all", precision="bf16", data_format="chat",
+    settings.update(run="r", parent="", method="lora", target_modules="all", precision="bf16", data_format="chat",
                     gradient_checkpointing=False, learning_rate=1e-4, lora_dropout=0.0)  # fmt: skip
     path = tmp_path / "finetune.json"
     path.write_text(json.dumps(settings))
     assert trainer.read_settings(str(path))["method"] == "lora"
-    for bad in ({**settings, "method": "rm -rf"}, {**settings, "extra": 1}, {**settings, "planned_steps": True}):
+    path.write_text(json.dumps({**settings, "parent": PARENT}))
+    assert trainer.read_settings(str(path))["parent"] == PARENT
+    without_parent = {k: v for k, v in settings.items() if k != "parent"}
+    for bad in ({**settings, "method": "rm -rf"}, {**settings, "extra": 1}, {**settings, "planned_steps": True},
+                without_parent, {**settings, "parent": "../../etc"}, {**settings, "parent": 1},
+                {**settings, "parent": PARENT, "method": "full"}):  # fmt: skip
         path.write_text(json.dumps(bad))
         with pytest.raises(trainer.Failure):
             trainer.read_settings(str(path))
+
+
+PARENT = "0b4e3a52-6f4c-4f7e-9a43-7d1c2b9e8f10"
+
+
+def test_a_run_with_a_parent_starts_from_its_adapter_unless_it_goes_on_from_its_own_checkpoint(
+    tmp_path: Path,
+) -> None:
+    adapter = tmp_path / "sessions" / PARENT / "adapter"
+    adapter.mkdir(parents=True)
+    (adapter / "adapter_config.json").write_text("{}")
+    settings = {"parent": PARENT}
+    assert trainer.adapter_source(settings, str(adapter), None) == str(adapter)
+    own = (str(tmp_path / "checkpoints" / "checkpoint-4"), 4)
+    assert trainer.adapter_source(settings, str(adapter), own) == own[0]  # a requeued run goes on from its own steps
+    assert trainer.adapter_source({"parent": ""}, "", None) is None  # a new adapter
+
+
+def test_the_parent_adapter_the_job_names_must_be_the_settings_parent_and_be_there(tmp_path: Path) -> None:
+    adapter = tmp_path / "sessions" / PARENT / "adapter"
+    with pytest.raises(trainer.Failure, match="is not in"):
+        trainer.adapter_source({"parent": PARENT}, str(adapter), None)  # trained, then removed from the home
+    cases = [({"parent": PARENT}, ""), ({"parent": ""}, str(adapter)),
+             ({"parent": PARENT}, str(tmp_path / "sessions" / "another" / "adapter"))]  # fmt: skip
+    for settings, named in cases:
+        with pytest.raises(trainer.Failure, match=r"parent|another run"):
+            trainer.adapter_source(settings, named, None)
 
 
 def test_the_loss_curve_is_thinned_to_a_bound_and_keeps_the_last_step() -> None:
