@@ -50,8 +50,8 @@ PARENT = "from"  # the run whose adapter a run trains further: the page's ?from=
 # The adapter's shape, which a run that trains it further keeps: PEFT loads the parent's adapter_config.json, so
 # another rank, alpha, dropout or set of target modules would be another adapter, not this one trained further.
 INHERITED = ("lora_rank", "lora_alpha", "lora_dropout", "target_modules")
-# Where the parent ran, which a run that trains it further takes unless it names a cluster: the launch's fields.
-PLACEMENT = ("cluster", "partition", "gpu", "gpus", "account", "walltime", "cpus", "memory_gib")
+# Where the parent ran, which a run that trains it further takes unless it names a cluster: WHERE less its base.
+PLACEMENT = tuple(name for name in WHERE if name not in ("model", "quant"))
 
 
 def limits() -> inputs.Limits:

@@ -16,8 +16,9 @@ import dataclasses
 import json
 import time
 from argparse import ArgumentParser
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from django import forms
 from django.contrib.auth.models import Group
@@ -134,6 +135,19 @@ def find_run(text: str) -> FineTuneRun:
         raise CommandError(f"no fine-tune run {text!r}") from None
 
 
+Ended = TypeVar("Ended", FineTuneRun, FineTuneComparison)
+
+
+def ended(read: Callable[[], Ended], timeout_s: int, what: str) -> Ended:
+    """--wait: what read() gives, once a second, until it has ended; past timeout_s, an error with its state."""
+    deadline = time.monotonic() + timeout_s
+    while not (found := read()).is_ended:
+        if time.monotonic() > deadline:
+            raise CommandError(f"gave up waiting after {timeout_s}s; the {what} is {found.state}")
+        time.sleep(1)
+    return found
+
+
 class Command(BaseCommand):
     help = "Create, list, show, cancel and share fine-tune runs."
 
@@ -209,12 +223,7 @@ class Command(BaseCommand):
         if not o["json"]:
             self.stdout.write(f"fine-tune run {run.pk} created ({run.planned_steps} steps); submitting")
         if o["wait"]:
-            deadline = time.monotonic() + o["timeout"]
-            while not run.is_ended:
-                if time.monotonic() > deadline:
-                    raise CommandError(f"gave up waiting after {o['timeout']}s; the run is {run.state}")
-                time.sleep(1)
-                run.refresh_from_db()
+            run = ended(lambda: FineTuneRun.objects.get(pk=run.pk), o["timeout"], "run")
         self._print(run, o["json"])
         if run.state in (FineTuneRun.State.FAILED, FineTuneRun.State.CANCELLED):
             raise CommandError(f"the run {run.state}: {run.end_reason}")
@@ -296,12 +305,7 @@ class Command(BaseCommand):
             how = "waiting for the session it launched" if comparison.launched_session_id else "two batch runs"
             self.stdout.write(f"comparison {comparison.pk} created: {comparison.prompts} prompts, {how}")
         if o["wait"]:
-            deadline = time.monotonic() + o["timeout"]
-            while not comparison.is_ended:
-                if time.monotonic() > deadline:
-                    raise CommandError(f"gave up waiting after {o['timeout']}s")
-                time.sleep(1)
-                comparison = comparisons.of_run(run).get(pk=comparison.pk)
+            comparison = ended(lambda: comparisons.of_run(run).get(pk=comparison.pk), o["timeout"], "comparison")
         self._print_comparison(comparison, o["json"], o["page"] if o["wait"] else None)
 
     def _comparison(self, o: dict[str, Any]) -> None:

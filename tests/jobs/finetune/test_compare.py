@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 from django.core.files.uploadedfile import SimpleUploadedFile
-from django.core.management import call_command
+from django.core.management import CommandError, call_command
 from django.test import Client
 from django.utils.datastructures import MultiValueDict
 from hypothesis import given
@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 from jobs import tasks
 from jobs.batch import inputs, staging
 from jobs.finetune import advancing, compare, comparisons, progress
+from jobs.management.commands import finetune as finetune_command
 from jobs.models import BatchRun, FineTuneComparison, FineTuneRun, LLMSession, State, transition
 from jobs.sessions.actions import launch
 from tests.conftest import LAUNCH
@@ -389,3 +390,17 @@ def test_the_command_launches_a_session_for_the_comparison(
     comparison = FineTuneComparison.objects.get(pk=report["uuid"])
     assert report["state"] == "waiting" and report["batches"] == {}
     assert report["launched_session"] == report["session"] == str(comparison.launched_session_id)
+
+
+def test_the_commands_wait_gives_up_with_the_state_and_returns_once_ended(
+    adapter: FineTuneRun, session: LLMSession, django_capture_on_commit_callbacks: Any
+) -> None:
+    out = StringIO()
+    with (
+        django_capture_on_commit_callbacks(execute=False),
+        pytest.raises(CommandError, match=r"gave up waiting after 0s; the comparison is started"),
+    ):
+        call_command("finetune", "compare", str(adapter.pk), "--validation", "--wait", "--timeout", "0", stdout=out)
+    comparison = FineTuneComparison.objects.get()
+    BatchRun.objects.update(state=BatchRun.State.FINISHED)
+    assert finetune_command.ended(lambda: FineTuneComparison.objects.get(pk=comparison.pk), 0, "comparison").is_ended
